@@ -1,0 +1,106 @@
+"""Per-sample gradients g_i = grad_theta l_i(theta), a chunk at a time, with ``torch.func``.
+
+For a chunk of B samples, :func:`per_sample_grads` returns the losses ``[B]`` and, per
+trainable parameter of shape ``S``, the stacked gradients ``[B, *S]``: one ``vmap`` over
+``grad`` of the single-sample loss, never one backward per sample. The model is called
+through ``functional_call`` on a wrapper module that holds ``(model, loss_fn)``, so any
+user ``loss_fn(model, batch)`` works unchanged; each vmapped call sees a batch of one.
+
+HF attention is switched to eager for the call (SDPA's mask code branches on data,
+which ``vmap`` refuses); see :func:`uma_callbacks.model_state.eager_attention`.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator, Mapping
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch.func import functional_call, grad_and_value, vmap
+
+from ..losses import LossFn
+from ..model_state import eager_attention
+from ..probe import map_tensors
+
+
+class _LossModule(torch.nn.Module):
+    """``forward(batch) = loss_fn(model, batch)``: lets ``functional_call`` swap the model's
+    parameters while the user's loss function calls the model as usual."""
+
+    def __init__(self, model: torch.nn.Module, loss_fn: LossFn) -> None:
+        super().__init__()
+        self.model = model
+        self._loss_fn = loss_fn
+
+    def forward(self, batch: Any) -> torch.Tensor:
+        return self._loss_fn(self.model, batch)
+
+
+def flatten_params(tensors: Mapping[str, torch.Tensor]) -> torch.Tensor:
+    """Concatenate ``{name: tensor}`` (model order) into one vector ``[P]``."""
+    return torch.cat([t.reshape(-1) for t in tensors.values()])
+
+
+@dataclass
+class PerSampleGradients:
+    """Output of :func:`per_sample_grads` for one chunk.
+
+    Attributes:
+        losses: ``[B]`` per-sample losses (detached).
+        grads: ``{param name: [B, *param.shape]}``.
+    """
+
+    losses: torch.Tensor
+    grads: dict[str, torch.Tensor]
+
+    def sq_norms(self) -> dict[str, torch.Tensor]:
+        """``{param name: [B]}`` squared norms ||g_{i,p}||^2 of each sample's gradient."""
+        return {n: g.reshape(g.shape[0], -1).pow(2).sum(dim=1) for n, g in self.grads.items()}
+
+    def flat(self) -> torch.Tensor:
+        """The stacked gradients as one matrix ``G [B, P]`` (a copy)."""
+        return torch.cat([g.reshape(g.shape[0], -1) for g in self.grads.values()], dim=1)
+
+
+def per_sample_grads(
+    model: torch.nn.Module,
+    loss_fn: LossFn,
+    batch: Any,
+    params: Mapping[str, torch.Tensor] | None = None,
+) -> PerSampleGradients:
+    """Per-sample losses and gradients of a chunk, by ``vmap(grad_and_value)``.
+
+    Args:
+        model: the model (its parameters are read, never written).
+        loss_fn: ``loss_fn(model, batch) -> Tensor[B]``.
+        batch: a chunk of B samples (dict/list/tuple of tensors, batch dim 0).
+        params: ``{name: tensor}`` to differentiate; default the trainable parameters.
+
+    Returns:
+        :class:`PerSampleGradients` with ``losses [B]`` and ``grads {name: [B, *shape]}``.
+    """
+    if params is None:
+        params = {n: p for n, p in model.named_parameters() if p.requires_grad}
+    wrapper = _LossModule(model, loss_fn)
+    detached = {f"model.{n}": p.detach() for n, p in params.items()}
+
+    def one_sample_loss(theta: dict[str, torch.Tensor], sample: Any) -> torch.Tensor:
+        one = map_tensors(sample, lambda t: t.unsqueeze(0))
+        return functional_call(wrapper, theta, (one,), strict=False).reshape(())
+
+    with eager_attention(model):
+        grads, losses = vmap(grad_and_value(one_sample_loss), in_dims=(None, 0))(detached, batch)
+    return PerSampleGradients(
+        losses=losses.detach(),
+        grads={n: grads[f"model.{n}"] for n in params},
+    )
+
+
+def iter_per_sample_grads(
+    model: torch.nn.Module, loss_fn: LossFn, chunks: Iterator[Any]
+) -> Iterator[PerSampleGradients]:
+    """:func:`per_sample_grads` for each chunk of ``chunks`` (a generator, one chunk alive)."""
+    params = {n: p for n, p in model.named_parameters() if p.requires_grad}
+    for chunk in chunks:
+        yield per_sample_grads(model, loss_fn, chunk, params)

@@ -1,0 +1,13 @@
+"""Metrics: pure computations on ``(model, batches, loss_fn)``, one family per module.
+
+``METRICS`` maps each string name (as used in ``UMACallback(metrics=[...])``) to its class.
+"""
+
+from .base import Cost, Metric, MetricResult
+from .gradient_flow import GradientFlow
+
+METRICS: dict[str, type[Metric]] = {
+    GradientFlow.name: GradientFlow,
+}
+
+__all__ = ["METRICS", "Cost", "GradientFlow", "Metric", "MetricResult"]

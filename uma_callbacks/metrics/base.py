@@ -1,0 +1,342 @@
+"""The metric contract: :class:`Metric`, :class:`MetricResult`, :class:`Cost`.
+
+A metric is a pure computation on ``(model, batches, loss_fn)``. It never imports a
+trigger, the journal or a tracker. :meth:`Metric.compute` wraps the subclass's
+``_compute`` with everything every metric needs:
+
+- the model comes back exactly as it went in (weights, ``training`` flags,
+  ``requires_grad``, ``.grad``, attention implementation) and the global RNG state is
+  untouched (``torch.random.fork_rng``);
+- time, peak memory and the chunk size used land in ``result.meta``;
+- sums over the probe go through a :class:`~uma_callbacks.distributed.Collective`, so
+  that a probe sharded over ranks gives the single-process numbers.
+"""
+
+from __future__ import annotations
+
+import abc
+import math
+import time
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any, ClassVar
+
+import numpy as np
+import torch
+
+from ..distributed import Collective, LocalCollective
+from ..losses import LossFn, resolve_loss_fn
+from ..model_state import preserved_model_state
+from ..probe import count_samples, split_batch
+
+#: Allowed values of :attr:`MetricResult.status`.
+STATUSES = ("ok", "error", "skipped", "timeout", "cached")
+
+
+class MetricTimeout(RuntimeError):
+    """Raised between chunks when a metric runs past its ``timeout_seconds``."""
+
+
+@dataclass(frozen=True)
+class Cost:
+    """What a metric holds in memory, read by :class:`~uma_callbacks.budget.MemoryBudget`.
+
+    With ``P`` the bytes of the trainable parameters and ``A`` the activation bytes of one
+    sample's forward+backward, a chunk of ``B`` samples needs about
+
+    ``fixed = param_copies * P`` and ``per_sample = per_sample_grads * P + A * (1 + hvp)``,
+
+    where ``hvp`` is 1 when the metric takes double-backward products (the graph of the
+    first backward is kept).
+
+    Attributes:
+        per_sample_grads: holds one gradient per sample of a chunk ([B, P]).
+        hvp: takes Hessian-vector products by double backward.
+        param_copies: full copies of the parameters held at once (accumulators, saved
+            weights, directions, Lanczos vectors count here).
+        forward_only: needs no backward at all (landscape evaluation).
+    """
+
+    per_sample_grads: bool = False
+    hvp: bool = False
+    param_copies: float = 0.0
+    forward_only: bool = False
+
+    def bytes_needed(self, param_bytes: int, sample_activation_bytes: int, chunk: int) -> int:
+        """Estimated peak bytes of one chunk of ``chunk`` samples (see class docstring)."""
+        fixed = self.param_copies * param_bytes
+        per_sample = (param_bytes if self.per_sample_grads else 0) + sample_activation_bytes * (
+            (1 if self.forward_only else 2) + (1 if self.hvp else 0)
+        )
+        return int(fixed + per_sample * chunk)
+
+
+@dataclass
+class MetricResult:
+    """The outcome of one metric on one snapshot.
+
+    Attributes:
+        name: the metric's string name (``"fisher"``, ``"gradient_flow"``, ...).
+        scalars: ``dict[str, float]``; per-layer keys are ``layers/<module>/<scalar>``,
+            per-parameter keys ``params/<param name>/<scalar>``.
+        arrays: ``dict[str, np.ndarray]`` (``top_eigenvalues``, ``grid_losses``, ...).
+        meta: seconds, peak_bytes, chunk_size, matvecs, seeds, probe fingerprint, ...
+        tensors: large named tensors (e.g. the Fisher diagonal, per parameter), kept on
+            CPU and written as ``.safetensors`` by the journal when asked.
+        status: one of :data:`STATUSES`.
+        error: for ``status != "ok"``: ``{"type", "message", "traceback"}``.
+    """
+
+    name: str
+    scalars: dict[str, float] = field(default_factory=dict)
+    arrays: dict[str, np.ndarray] = field(default_factory=dict)
+    meta: dict[str, Any] = field(default_factory=dict)
+    tensors: dict[str, torch.Tensor] = field(default_factory=dict)
+    status: str = "ok"
+    error: dict[str, str] | None = None
+
+    @property
+    def ok(self) -> bool:
+        """True when the metric produced its values (computed now or read from cache)."""
+        return self.status in ("ok", "cached")
+
+    def to_json_dict(self) -> dict[str, Any]:
+        """A JSON-serialisable view (arrays as nested lists, tensors left out)."""
+        return {
+            "name": self.name,
+            "status": self.status,
+            "scalars": {k: _json_float(v) for k, v in self.scalars.items()},
+            "arrays": {k: np.asarray(v).tolist() for k, v in self.arrays.items()},
+            "meta": _jsonable(self.meta),
+            "error": self.error,
+        }
+
+    @classmethod
+    def from_json_dict(cls, data: Mapping[str, Any]) -> MetricResult:
+        """Inverse of :meth:`to_json_dict` (tensors are not part of the JSON form)."""
+        return cls(
+            name=data["name"],
+            scalars={k: float(v) if v is not None else math.nan for k, v in data.get("scalars", {}).items()},
+            arrays={k: np.asarray(v, dtype=np.float64) for k, v in data.get("arrays", {}).items()},
+            meta=dict(data.get("meta", {})),
+            status=data.get("status", "ok"),
+            error=data.get("error"),
+        )
+
+
+def _json_float(value: float) -> float | None:
+    value = float(value)
+    return value if math.isfinite(value) else None
+
+
+def _jsonable(obj: Any) -> Any:
+    if isinstance(obj, Mapping):
+        return {str(k): _jsonable(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [_jsonable(v) for v in obj]
+    if isinstance(obj, (np.integer,)):
+        return int(obj)
+    if isinstance(obj, (np.floating, float)):
+        return _json_float(obj)
+    if isinstance(obj, np.ndarray):
+        return obj.tolist()
+    if isinstance(obj, torch.Tensor):
+        return obj.detach().cpu().tolist()
+    if obj is None or isinstance(obj, (str, int, bool)):
+        return obj
+    return str(obj)
+
+
+@dataclass
+class ComputeContext:
+    """Everything ``Metric._compute`` may use; built by :meth:`Metric.compute`.
+
+    Attributes:
+        model: the model, in eval mode for the duration.
+        batches: the local (this rank's) probe batches.
+        loss_fn: per-sample loss ``loss_fn(model, batch) -> Tensor[B]``.
+        chunk_size: the most samples processed at once.
+        collective: sums across ranks (identity in one process).
+        meta: filled by the metric (matvecs, seeds, ...) and returned in the result.
+        deadline: ``time.monotonic()`` value past which :meth:`check_time` raises.
+    """
+
+    model: torch.nn.Module
+    batches: Sequence[Any]
+    loss_fn: LossFn
+    chunk_size: int
+    collective: Collective
+    meta: dict[str, Any] = field(default_factory=dict)
+    deadline: float | None = None
+    progress: dict[str, Any] = field(default_factory=dict)
+
+    def trainable_params(self) -> dict[str, torch.Tensor]:
+        """``{name: parameter}`` of the parameters with ``requires_grad``, in model order."""
+        return {n: p for n, p in self.model.named_parameters() if p.requires_grad}
+
+    def chunks(self) -> Iterator[Any]:
+        """The local probe, re-cut into chunks of at most ``chunk_size`` samples."""
+        for batch in self.batches:
+            yield from split_batch(batch, self.chunk_size)
+
+    @property
+    def n_local(self) -> int:
+        """Samples in this rank's share of the probe."""
+        return sum(count_samples(b) for b in self.batches)
+
+    def n_total(self) -> int:
+        """Samples in the whole probe (summed over ranks)."""
+        return int(self.collective.sum_scalar(float(self.n_local)))
+
+    def check_time(self, **progress: Any) -> None:
+        """Raise :class:`MetricTimeout` when past the deadline; record ``progress`` first."""
+        self.progress.update(progress)
+        if self.deadline is not None and time.monotonic() > self.deadline:
+            raise MetricTimeout(f"timed out; progress: {self.progress}")
+
+
+class Metric(abc.ABC):
+    """Base class: one family of diagnostics computed on one model snapshot.
+
+    Subclasses set the class attributes and implement :meth:`_compute`, which fills a
+    :class:`MetricResult` from a :class:`ComputeContext`. Constructor arguments are
+    validated at construction (``ValueError`` naming the field and the allowed values)
+    and recorded by :meth:`config` (the cache key).
+
+    Attributes:
+        name: the string name used in ``metrics=[...]`` and in log keys ``uma/<name>/...``.
+        cost: what the metric holds in memory (:class:`Cost`).
+        reduce: per sufficient statistic, its reduction across ranks (always ``"sum"``).
+        needs_grad: whether the metric back-propagates (so the probe needs labels).
+    """
+
+    name: ClassVar[str] = ""
+    cost: ClassVar[Cost] = Cost()
+    reduce: ClassVar[Mapping[str, str]] = {}
+    needs_grad: ClassVar[bool] = True
+
+    def __init__(self, *, chunk_size: int | None = None, timeout_seconds: float | None = None) -> None:
+        if chunk_size is not None:
+            check_positive_int(f"{type(self).__name__}.chunk_size", chunk_size)
+        if timeout_seconds is not None and not (
+            isinstance(timeout_seconds, (int, float)) and timeout_seconds > 0
+        ):
+            raise ValueError(
+                f"{type(self).__name__}.timeout_seconds must be a positive number or None; got {timeout_seconds!r}"
+            )
+        self.chunk_size = chunk_size
+        self.timeout_seconds = timeout_seconds
+
+    # ------------------------------------------------------------------ public API
+    def config(self) -> dict[str, Any]:
+        """The metric's configuration as JSON-able values (part of the cache key)."""
+        out: dict[str, Any] = {"metric": self.name}
+        for key, value in sorted(vars(self).items()):
+            if key.startswith("_") or key in ("chunk_size", "timeout_seconds"):
+                continue
+            out[key] = _config_value(value)
+        return out
+
+    def compute(
+        self,
+        model: torch.nn.Module,
+        batches: Sequence[Any],
+        loss_fn: LossFn | None = None,
+        *,
+        collective: Collective | None = None,
+        chunk_size: int | None = None,
+        timeout_seconds: float | None = None,
+        peak_meter: Callable[[], Any] | None = None,
+    ) -> MetricResult:
+        """Compute the metric on ``model`` over the probe ``batches``.
+
+        Args:
+            model: any ``nn.Module``; HF models with ``logits`` output get a default loss.
+            batches: list of batches (dicts of tensors with a leading batch dim, or
+                anything ``loss_fn`` takes).
+            loss_fn: ``loss_fn(model, batch) -> Tensor[B]`` of per-sample losses; ``None``
+                picks the HF default (see :mod:`uma_callbacks.losses`).
+            collective: cross-rank sums; ``None`` for one process.
+            chunk_size: samples per chunk (overrides the constructor's); ``None`` means
+                the constructor's, else the whole batch.
+            timeout_seconds: overrides the constructor's time limit.
+            peak_meter: a context-manager factory measuring peak bytes (from
+                :mod:`uma_callbacks.budget`); ``None`` uses the default meter.
+
+        Returns:
+            The :class:`MetricResult`; exceptions propagate (``MetricSuite`` isolates them).
+
+        Raises:
+            ValueError: empty probe.
+        """
+        from ..budget import PeakMemory  # local: budget imports metrics for planning
+
+        if not batches:
+            raise ValueError(f"{type(self).__name__}.compute: batches is empty; the probe needs samples")
+        resolved_loss = resolve_loss_fn(model, loss_fn)
+        chunk = chunk_size or self.chunk_size or max(count_samples(b) for b in batches)
+        limit = timeout_seconds if timeout_seconds is not None else self.timeout_seconds
+        meter = (peak_meter or PeakMemory)(_model_device(model))
+        started = time.perf_counter()
+        with preserved_model_state(model), meter:
+            ctx = ComputeContext(
+                model=model,
+                batches=list(batches),
+                loss_fn=resolved_loss,
+                chunk_size=int(chunk),
+                collective=collective or LocalCollective(),
+                deadline=None if limit is None else time.monotonic() + limit,
+            )
+            model.eval()
+            result = self._compute(ctx)
+        result.meta.update(ctx.meta)
+        result.meta.setdefault("chunk_size", int(chunk))
+        result.meta["seconds"] = time.perf_counter() - started
+        result.meta["peak_bytes"] = int(meter.peak_bytes)
+        result.meta["n_samples"] = ctx.n_local if collective is None else ctx.n_total()
+        result.meta["config"] = self.config()
+        return result
+
+    @abc.abstractmethod
+    def _compute(self, ctx: ComputeContext) -> MetricResult:
+        """Compute on the context; return a result with scalars/arrays/meta filled."""
+
+    def __repr__(self) -> str:
+        args = ", ".join(f"{k}={v!r}" for k, v in self.config().items() if k != "metric")
+        return f"{type(self).__name__}({args})"
+
+
+def _config_value(value: Any) -> Any:
+    if isinstance(value, (str, int, float, bool)) or value is None:
+        return value
+    if isinstance(value, (list, tuple)):
+        return [_config_value(v) for v in value]
+    if isinstance(value, Mapping):
+        return {str(k): _config_value(v) for k, v in value.items()}
+    if isinstance(value, torch.Tensor):
+        return f"tensor{tuple(value.shape)}"
+    return repr(value)
+
+
+def _model_device(model: torch.nn.Module) -> torch.device:
+    for p in model.parameters():
+        return p.device
+    return torch.device("cpu")
+
+
+def check_positive_int(field_name: str, value: Any) -> None:
+    """Raise ``ValueError`` unless ``value`` is an int >= 1 (bools are refused)."""
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise ValueError(f"{field_name} must be a positive integer; got {value!r}")
+
+
+def check_choice(field_name: str, value: Any, allowed: Sequence[Any]) -> None:
+    """Raise ``ValueError`` naming the field and the allowed values unless ``value`` is one."""
+    if value not in allowed:
+        raise ValueError(f"{field_name} must be one of {tuple(allowed)!r}; got {value!r}")
+
+
+def module_of(param_name: str) -> str:
+    """The owning module's name: ``"model.layers.0.mlp.up_proj.weight"`` -> ``"model.layers.0.mlp.up_proj"``."""
+    return param_name.rpartition(".")[0] or param_name
+

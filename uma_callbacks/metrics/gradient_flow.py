@@ -1,0 +1,192 @@
+"""Gradient flow: norms and signal-to-noise per parameter and per module, and the noise scale."""
+
+from __future__ import annotations
+
+import math
+from collections import defaultdict
+
+import numpy as np
+import torch
+
+from ..linalg.per_sample import per_sample_grads
+from ..model_state import eager_attention
+from .base import ComputeContext, Cost, Metric, MetricResult, check_choice, module_of
+
+ACCUMULATE_DTYPES = ("float32", "float64")
+
+
+class GradientFlow(Metric):
+    r"""Gradient norms per parameter and module, their signal-to-noise, and the noise scale.
+
+    N probe samples with per-sample gradients g_i [P]; for a parameter tensor p,
+    g_{i,p} is its block. Sufficient statistics (summed across ranks):
+    ``grad_sum`` = sum_i g_i [P] and ``sq_norm_sum[p]`` = sum_i ||g_{i,p}||^2.
+
+    - G = grad_sum / N (the probe-loss gradient); ``params/<p>/norm`` = ||G_p||;
+    - V_p = (sq_norm_sum[p] - N ||G_p||^2) / (N - 1) (unbiased total variance of g_{i,p});
+      ``params/<p>/snr`` = ||G_p||^2 / V_p;
+    - per module m (the parameters it owns directly): ``layers/<m>/norm`` =
+      sqrt(sum_{p in m} ||G_p||^2), ``layers/<m>/snr`` = sum ||G_p||^2 / sum V_p;
+    - ``total_norm`` = ||G||; ``noise_scale`` = sum_p V_p / ||G||^2 (McCandlish et al.
+      2018, "An Empirical Model of Large-Batch Training", B_simple);
+    - ``layers/<m>/vanishing`` (1.0/0.0) when the module's norm is below
+      ``vanishing_ratio`` x the median module norm, ``layers/<m>/exploding`` above
+      ``exploding_ratio`` x the median; ``n_vanishing_layers``, ``n_exploding_layers``.
+
+    Per-sample gradients come a chunk at a time from ``vmap(grad)``
+    (:func:`~uma_callbacks.linalg.per_sample.per_sample_grads`). The squared norms are
+    summed in float64; ``grad_sum`` in the parameters' dtype or float64
+    (``accumulate_dtype``). With float32, V_p carries a relative error of about
+    1e-7 x snr from the cancellation in its formula.
+
+    Args:
+        vanishing_ratio: a module is vanishing below this fraction of the median norm.
+        exploding_ratio: a module is exploding above this multiple of the median norm.
+        accumulate_dtype: ``"float32"`` (the parameters' dtype when wider) or ``"float64"``.
+        chunk_size: samples per ``vmap`` call (default: the whole probe batch).
+        timeout_seconds: stop between chunks past this time.
+
+    Raises:
+        ValueError: a ratio not positive, ``vanishing_ratio >= exploding_ratio``, or an
+            unknown ``accumulate_dtype``.
+
+    Example:
+        >>> import torch
+        >>> model = torch.nn.Linear(3, 2)
+        >>> batch = {"x": torch.randn(4, 3), "y": torch.randn(4, 2)}
+        >>> loss = lambda m, b: ((m(b["x"]) - b["y"]) ** 2).sum(-1)
+        >>> r = GradientFlow().compute(model, [batch], loss)
+        >>> sorted(k for k in r.scalars if "/" not in k)
+        ['n_exploding_layers', 'n_vanishing_layers', 'noise_scale', 'total_norm']
+    """
+
+    name = "gradient_flow"
+    cost = Cost(per_sample_grads=True, param_copies=1.0)
+    reduce = {"grad_sum": "sum", "sq_norm_sum": "sum", "loss_sum": "sum", "n": "sum"}
+
+    def __init__(
+        self,
+        vanishing_ratio: float = 1e-3,
+        exploding_ratio: float = 1e3,
+        accumulate_dtype: str = "float32",
+        *,
+        chunk_size: int | None = None,
+        timeout_seconds: float | None = None,
+    ) -> None:
+        super().__init__(chunk_size=chunk_size, timeout_seconds=timeout_seconds)
+        for field_name, value in (("vanishing_ratio", vanishing_ratio), ("exploding_ratio", exploding_ratio)):
+            if isinstance(value, bool) or not isinstance(value, (int, float)) or not value > 0:
+                raise ValueError(f"GradientFlow.{field_name} must be a positive number; got {value!r}")
+        if vanishing_ratio >= exploding_ratio:
+            raise ValueError(
+                f"GradientFlow.vanishing_ratio must be below exploding_ratio; got {vanishing_ratio!r} >= {exploding_ratio!r}"
+            )
+        check_choice("GradientFlow.accumulate_dtype", accumulate_dtype, ACCUMULATE_DTYPES)
+        self.vanishing_ratio = float(vanishing_ratio)
+        self.exploding_ratio = float(exploding_ratio)
+        self.accumulate_dtype = accumulate_dtype
+
+    def _compute(self, ctx: ComputeContext) -> MetricResult:
+        params = ctx.trainable_params()
+        if not params:
+            raise ValueError("GradientFlow: the model has no trainable parameters")
+        grad_sum = {n: torch.zeros_like(p, dtype=_acc_dtype(p.dtype, self.accumulate_dtype)) for n, p in params.items()}
+        names = list(params)
+        sq_norm_sum = torch.zeros(len(names), dtype=torch.float64, device=next(iter(params.values())).device)
+        loss_sum = torch.zeros(1, dtype=torch.float64, device=sq_norm_sum.device)
+        n_chunks = 0
+        with eager_attention(ctx.model, ctx.meta):
+            for chunk in ctx.chunks():
+                psg = per_sample_grads(ctx.model, ctx.loss_fn, chunk, params)
+                sq = psg.sq_norms()
+                sq_norm_sum += torch.stack([sq[n].to(torch.float64).sum() for n in names])
+                for n in names:
+                    grad_sum[n] += psg.grads[n].sum(dim=0).to(grad_sum[n].dtype)
+                loss_sum += psg.losses.to(torch.float64).sum()
+                del psg, sq
+                n_chunks += 1
+                ctx.check_time(chunks_done=n_chunks)
+        ctx.collective.sum_([*grad_sum.values(), sq_norm_sum, loss_sum])
+        n = ctx.n_total()
+        ctx.meta["per_sample_method"] = "vmap(grad)"
+        return gradient_flow_from_sums(
+            names, grad_sum, sq_norm_sum, n, self.vanishing_ratio, self.exploding_ratio, loss_sum.item() / n
+        )
+
+
+def _acc_dtype(param_dtype: torch.dtype, accumulate_dtype: str) -> torch.dtype:
+    if accumulate_dtype == "float64" or param_dtype == torch.float64:
+        return torch.float64
+    return torch.float32
+
+
+def gradient_flow_from_sums(
+    names: list[str],
+    grad_sum: dict[str, torch.Tensor],
+    sq_norm_sum: torch.Tensor,
+    n: int,
+    vanishing_ratio: float,
+    exploding_ratio: float,
+    mean_loss: float,
+) -> MetricResult:
+    """The :class:`GradientFlow` scalars from its sufficient statistics (see the class).
+
+    Args:
+        names: parameter names, in the order of ``sq_norm_sum``.
+        grad_sum: ``{name: sum_i g_{i,p}}``.
+        sq_norm_sum: ``[len(names)]`` float64, sum_i ||g_{i,p}||^2.
+        n: number of samples N.
+        vanishing_ratio: see :class:`GradientFlow`.
+        exploding_ratio: see :class:`GradientFlow`.
+        mean_loss: the probe loss L, reported as ``loss``.
+
+    Returns:
+        A :class:`MetricResult` named ``gradient_flow``.
+    """
+    scalars: dict[str, float] = {}
+    mean_sq = {}
+    variance = {}
+    for i, name in enumerate(names):
+        g = grad_sum[name].to(torch.float64) / n
+        m2 = float(g.pow(2).sum())
+        v = (float(sq_norm_sum[i]) - n * m2) / (n - 1) if n > 1 else math.nan
+        v = max(v, 0.0) if not math.isnan(v) else v
+        mean_sq[name], variance[name] = m2, v
+        scalars[f"params/{name}/norm"] = math.sqrt(m2)
+        scalars[f"params/{name}/snr"] = _ratio(m2, v)
+    modules: dict[str, list[str]] = defaultdict(list)
+    for name in names:
+        modules[module_of(name)].append(name)
+    module_norms = {}
+    for module, members in modules.items():
+        m2 = sum(mean_sq[p] for p in members)
+        v = sum(variance[p] for p in members)
+        module_norms[module] = math.sqrt(m2)
+        scalars[f"layers/{module}/norm"] = math.sqrt(m2)
+        scalars[f"layers/{module}/snr"] = _ratio(m2, v)
+    median = float(np.median(list(module_norms.values())))
+    n_vanishing = n_exploding = 0
+    for module, norm in module_norms.items():
+        vanishing = norm < vanishing_ratio * median
+        exploding = norm > exploding_ratio * median
+        scalars[f"layers/{module}/vanishing"] = float(vanishing)
+        scalars[f"layers/{module}/exploding"] = float(exploding)
+        n_vanishing += vanishing
+        n_exploding += exploding
+    total_m2 = sum(mean_sq.values())
+    total_v = sum(variance.values())
+    scalars["total_norm"] = math.sqrt(total_m2)
+    scalars["noise_scale"] = _ratio(total_v, total_m2)
+    scalars["n_vanishing_layers"] = float(n_vanishing)
+    scalars["n_exploding_layers"] = float(n_exploding)
+    scalars["loss"] = mean_loss
+    scalars["median_layer_norm"] = median
+    return MetricResult(name="gradient_flow", scalars=scalars, meta={"n_modules": len(modules)})
+
+
+def _ratio(num: float, den: float) -> float:
+    if math.isnan(num) or math.isnan(den):
+        return math.nan
+    if den == 0:
+        return math.inf if num > 0 else math.nan
+    return num / den

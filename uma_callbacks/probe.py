@@ -1,0 +1,271 @@
+"""The probe: a frozen, seeded set of batches, identical for every checkpoint.
+
+Every checkpoint of a run is measured on the same samples, so that a change in a
+metric is a change in the model, not in the data. A probe is built once (from a
+``datasets.Dataset``, a ``DataLoader``, a list of batches, or texts with a tokenizer),
+moved to CPU, and identified by a SHA-256 :attr:`Probe.fingerprint` over every tensor's
+dtype, shape and bytes, so any changed token changes it.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from collections.abc import Callable, Iterable, Mapping, Sequence
+from typing import Any
+
+import numpy as np
+import torch
+
+
+def count_samples(batch: Any) -> int:
+    """Number of samples in a batch: the leading dim of its first tensor."""
+    tensor = _first_tensor(batch)
+    if tensor is None:
+        raise ValueError(f"cannot count samples in a batch of type {type(batch).__name__}: no tensor in it")
+    return int(tensor.shape[0]) if tensor.dim() > 0 else 1
+
+
+def _first_tensor(batch: Any) -> torch.Tensor | None:
+    if isinstance(batch, torch.Tensor):
+        return batch
+    if isinstance(batch, Mapping):
+        for value in batch.values():
+            found = _first_tensor(value)
+            if found is not None:
+                return found
+    if isinstance(batch, (list, tuple)):
+        for value in batch:
+            found = _first_tensor(value)
+            if found is not None:
+                return found
+    return None
+
+
+def map_tensors(batch: Any, fn: Callable[[torch.Tensor], Any]) -> Any:
+    """Apply ``fn`` to every tensor in a nested dict/list/tuple batch."""
+    if isinstance(batch, torch.Tensor):
+        return fn(batch)
+    if isinstance(batch, Mapping):
+        return type(batch)({k: map_tensors(v, fn) for k, v in batch.items()}) if isinstance(
+            batch, dict
+        ) else {k: map_tensors(v, fn) for k, v in batch.items()}
+    if isinstance(batch, tuple):
+        return tuple(map_tensors(v, fn) for v in batch)
+    if isinstance(batch, list):
+        return [map_tensors(v, fn) for v in batch]
+    return batch
+
+
+def split_batch(batch: Any, chunk_size: int) -> list[Any]:
+    """Cut a batch into consecutive chunks of at most ``chunk_size`` samples (dim 0)."""
+    n = count_samples(batch)
+    if n <= chunk_size:
+        return [batch]
+    return [map_tensors(batch, lambda t, s=start: t[s : s + chunk_size]) for start in range(0, n, chunk_size)]
+
+
+def select_samples(batch: Any, index: torch.Tensor | Sequence[int]) -> Any:
+    """The samples at ``index`` (dim 0) of every tensor of a batch."""
+    idx = torch.as_tensor(index, dtype=torch.long)
+    return map_tensors(batch, lambda t: t.index_select(0, idx.to(t.device)))
+
+
+def move_batch(batch: Any, device: torch.device | str) -> Any:
+    """The batch with every tensor on ``device``."""
+    return map_tensors(batch, lambda t: t.to(device))
+
+
+def fingerprint_batches(batches: Iterable[Any]) -> str:
+    """SHA-256 hex over each tensor's key path, dtype, shape and raw bytes."""
+    digest = hashlib.sha256()
+
+    def visit(obj: Any, path: str) -> None:
+        if isinstance(obj, torch.Tensor):
+            t = obj.detach().cpu().contiguous()
+            digest.update(f"{path}|{t.dtype}|{tuple(t.shape)}|".encode())
+            digest.update(t.view(torch.uint8).numpy().tobytes() if t.numel() else b"")
+        elif isinstance(obj, Mapping):
+            for key in sorted(obj, key=str):
+                visit(obj[key], f"{path}/{key}")
+        elif isinstance(obj, (list, tuple)):
+            for i, value in enumerate(obj):
+                visit(value, f"{path}[{i}]")
+        else:
+            digest.update(f"{path}={json.dumps(obj, default=str)}".encode())
+
+    for i, batch in enumerate(batches):
+        visit(batch, f"#{i}")
+    return digest.hexdigest()
+
+
+def pad_collate(features: Sequence[Mapping[str, Any]], pad_token_id: int = 0) -> dict[str, torch.Tensor]:
+    """Collate tokenised samples, right-padding ``input_ids`` (pad id), ``attention_mask`` (0)
+    and ``labels`` (-100) to the longest sample. Other keys are stacked as tensors."""
+    keys = list(features[0].keys())
+    out: dict[str, torch.Tensor] = {}
+    for key in keys:
+        values = [torch.as_tensor(f[key]) for f in features]
+        if values[0].dim() == 0:
+            out[key] = torch.stack(values)
+            continue
+        longest = max(v.shape[0] for v in values)
+        fill = {"labels": -100, "attention_mask": 0, "input_ids": pad_token_id}.get(key, 0)
+        padded = torch.full((len(values), longest, *values[0].shape[1:]), fill, dtype=values[0].dtype)
+        for i, v in enumerate(values):
+            padded[i, : v.shape[0]] = v
+        out[key] = padded
+    return out
+
+
+class Probe:
+    """Frozen batches on CPU, with a fingerprint.
+
+    Args:
+        batches: list of batches (dicts of tensors, leading batch dim).
+        name: a label (e.g. the task), used by multi-probe metrics.
+
+    Raises:
+        ValueError: no batches, or a batch with no samples.
+
+    Example:
+        >>> p = Probe([{"x": torch.zeros(3, 2)}])
+        >>> p.n_samples, len(p.fingerprint)
+        (3, 64)
+    """
+
+    def __init__(self, batches: Sequence[Any], name: str = "probe") -> None:
+        batches = [move_batch(b, "cpu") for b in batches]
+        if not batches:
+            raise ValueError("probe must hold at least one sample; got no batches")
+        if any(count_samples(b) == 0 for b in batches):
+            raise ValueError("probe batches must each hold at least one sample; got an empty batch")
+        self.batches: list[Any] = batches
+        self.name = name
+        self.fingerprint: str = fingerprint_batches(batches)
+
+    @property
+    def n_samples(self) -> int:
+        """Samples over all batches."""
+        return sum(count_samples(b) for b in self.batches)
+
+    def to(self, device: torch.device | str) -> list[Any]:
+        """The batches on ``device`` (the probe itself stays on CPU)."""
+        return [move_batch(b, device) for b in self.batches]
+
+    def shard(self, rank: int, world_size: int) -> list[Any]:
+        """Rank ``rank``'s samples: sample i goes to rank i % world_size (batches re-cut).
+
+        The union over ranks is exactly the probe, whatever ``world_size``.
+        """
+        out = []
+        offset = 0
+        for batch in self.batches:
+            n = count_samples(batch)
+            mine = [i for i in range(n) if (offset + i) % world_size == rank]
+            offset += n
+            if mine:
+                out.append(select_samples(batch, mine))
+        return out
+
+    def __repr__(self) -> str:
+        return f"Probe(name={self.name!r}, n_samples={self.n_samples}, fingerprint={self.fingerprint[:12]})"
+
+    # ------------------------------------------------------------------ builders
+    @classmethod
+    def from_dataset(
+        cls,
+        dataset: Any,
+        size: int,
+        batch_size: int = 8,
+        seed: int = 42,
+        collate_fn: Callable[[list[Any]], Any] | None = None,
+        name: str = "probe",
+    ) -> Probe:
+        """``size`` samples drawn without replacement from a map-style dataset with ``seed``.
+
+        Args:
+            dataset: anything with ``__len__`` and ``__getitem__`` returning a dict
+                (a ``datasets.Dataset``, a ``torch.utils.data.Dataset``, a list).
+            size: samples in the probe (capped at ``len(dataset)``).
+            batch_size: samples per probe batch.
+            seed: picks the samples (``numpy.random.default_rng(seed)``).
+            collate_fn: builds a batch from a list of samples; default :func:`pad_collate`.
+            name: the probe's label.
+
+        Raises:
+            ValueError: ``size`` or ``batch_size`` not positive, or the dataset is empty.
+        """
+        if isinstance(size, bool) or not isinstance(size, int) or size < 1:
+            raise ValueError(f"probe_size must be a positive integer; got {size!r}")
+        if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
+            raise ValueError(f"probe batch_size must be a positive integer; got {batch_size!r}")
+        n = len(dataset)
+        if n == 0:
+            raise ValueError("probe dataset is empty; it must hold at least one sample")
+        rng = np.random.default_rng(seed)
+        index = np.sort(rng.choice(n, size=min(size, n), replace=False)).tolist()
+        collate = collate_fn or pad_collate
+        samples = [_strip_text_columns(dataset[int(i)]) for i in index]
+        batches = [collate(samples[s : s + batch_size]) for s in range(0, len(samples), batch_size)]
+        return cls(batches, name=name)
+
+    @classmethod
+    def from_dataloader(cls, dataloader: Iterable[Any], size: int, name: str = "probe") -> Probe:
+        """The first batches of a dataloader, cut to exactly ``size`` samples.
+
+        Raises:
+            ValueError: ``size`` not positive or the dataloader yields nothing.
+        """
+        if isinstance(size, bool) or not isinstance(size, int) or size < 1:
+            raise ValueError(f"probe_size must be a positive integer; got {size!r}")
+        batches, taken = [], 0
+        for batch in dataloader:
+            batch = move_batch(batch, "cpu")
+            n = count_samples(batch)
+            if taken + n > size:
+                batch = select_samples(batch, list(range(size - taken)))
+                n = size - taken
+            batches.append(batch)
+            taken += n
+            if taken >= size:
+                break
+        if not batches:
+            raise ValueError("probe dataloader yielded no batches; the probe needs samples")
+        return cls(batches, name=name)
+
+    @classmethod
+    def from_texts(
+        cls,
+        texts: Sequence[str],
+        tokenizer: Any,
+        max_length: int = 128,
+        batch_size: int = 8,
+        name: str = "probe",
+    ) -> Probe:
+        """Tokenise ``texts`` for causal LM: ``labels`` = ``input_ids`` with padding set to -100.
+
+        Raises:
+            ValueError: no texts.
+        """
+        if not texts:
+            raise ValueError("probe texts must hold at least one text; got none")
+        batches = []
+        for s in range(0, len(texts), batch_size):
+            enc = tokenizer(
+                list(texts[s : s + batch_size]),
+                truncation=True,
+                max_length=max_length,
+                padding=True,
+                return_tensors="pt",
+            )
+            labels = enc["input_ids"].clone()
+            labels[enc["attention_mask"] == 0] = -100
+            batches.append({"input_ids": enc["input_ids"], "attention_mask": enc["attention_mask"], "labels": labels})
+        return cls(batches, name=name)
+
+
+def _strip_text_columns(sample: Any) -> Any:
+    if isinstance(sample, Mapping):
+        return {k: v for k, v in sample.items() if not isinstance(v, str)}
+    return sample
