@@ -1,8 +1,42 @@
-"""uma-callbacks: training-geometry diagnostics as Trainer callbacks and Accelerate hooks."""
+"""uma-callbacks: training-geometry diagnostics as Trainer callbacks and Accelerate hooks.
 
+Fisher information, gradient flow, curvature and loss-landscape slices, computed on a
+frozen probe when a checkpoint is saved, journalled locally and logged to W&B or MLflow.
+"""
+
+from .budget import MemoryBudget
+from .config import UMAConfig
 from .metrics import METRICS, Metric, MetricResult
 from .probe import Probe
+from .records import Record
+from .suite import MetricSuite
 
 __version__ = "0.1.0"
 
-__all__ = ["METRICS", "Metric", "MetricResult", "Probe", "__version__"]
+_LAZY = {
+    "UMACallback": ("callback", "UMACallback"),
+}
+
+
+def __getattr__(name: str):
+    # the callback imports transformers: load it when first asked for
+    if name in _LAZY:
+        import importlib
+
+        module, attr = _LAZY[name]
+        return getattr(importlib.import_module(f".{module}", __name__), attr)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+
+__all__ = [
+    "METRICS",
+    "MemoryBudget",
+    "Metric",
+    "MetricResult",
+    "MetricSuite",
+    "Probe",
+    "Record",
+    "UMACallback",
+    "UMAConfig",
+    "__version__",
+]

@@ -125,3 +125,44 @@ def available_bytes(device: torch.device | str = "cpu") -> int:
     except OSError:
         pass
     return int(os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_AVPHYS_PAGES"))
+
+
+class MemoryBudget:
+    """How much memory the diagnostics may take on top of what training holds.
+
+    Args:
+        max_bytes: the budget in bytes.
+        max_gb: the budget in GiB (alternative to ``max_bytes``).
+        device: the device it applies to (default: the model's).
+        margin: fraction of free memory kept back when no explicit budget is given.
+
+    Raises:
+        ValueError: both or a non-positive size, or a margin outside [0, 1).
+    """
+
+    def __init__(
+        self,
+        max_bytes: int | None = None,
+        max_gb: float | None = None,
+        device: torch.device | str | None = None,
+        margin: float = 0.2,
+    ) -> None:
+        if max_bytes is not None and max_gb is not None:
+            raise ValueError("MemoryBudget takes max_bytes or max_gb, not both")
+        for field_name, value in (("max_bytes", max_bytes), ("max_gb", max_gb)):
+            if value is not None and (isinstance(value, bool) or not isinstance(value, (int, float)) or not value > 0):
+                raise ValueError(f"MemoryBudget.{field_name} must be a positive number or None; got {value!r}")
+        if isinstance(margin, bool) or not isinstance(margin, (int, float)) or not 0 <= margin < 1:
+            raise ValueError(f"MemoryBudget.margin must be in [0, 1); got {margin!r}")
+        self.max_bytes = int(max_bytes) if max_bytes is not None else (int(max_gb * 2**30) if max_gb else None)
+        self.device = torch.device(device) if device is not None else None
+        self.margin = float(margin)
+
+    def limit_bytes(self, device: torch.device | str | None = None) -> int:
+        """The budget in bytes: the explicit one, else free memory minus the margin."""
+        if self.max_bytes is not None:
+            return self.max_bytes
+        return int(available_bytes(device or self.device or "cpu") * (1 - self.margin))
+
+    def __repr__(self) -> str:
+        return f"MemoryBudget(max_bytes={self.max_bytes}, device={self.device}, margin={self.margin})"

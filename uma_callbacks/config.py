@@ -1,0 +1,137 @@
+"""``UMAConfig``: what to measure, on what, and where it goes; validated at construction."""
+
+from __future__ import annotations
+
+import difflib
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+from .metrics import METRICS, Metric
+
+#: Tracker names accepted in ``trackers=[...]`` (or ``report_to``).
+TRACKER_NAMES = ("mlflow", "wandb")
+
+
+def _closest(name: str, allowed: Sequence[str]) -> str:
+    match = difflib.get_close_matches(str(name), list(allowed), n=1)
+    return f" (did you mean {match[0]!r}?)" if match else ""
+
+
+def build_metric(spec: str | Metric) -> Metric:
+    """A metric object from its string name (default settings) or the object itself.
+
+    Raises:
+        ValueError: unknown name, listing the known ones.
+    """
+    if isinstance(spec, Metric):
+        return spec
+    if isinstance(spec, str) and spec in METRICS:
+        return METRICS[spec]()
+    raise ValueError(
+        f"metrics entries must be a Metric or one of {tuple(sorted(METRICS))!r}; got {spec!r}"
+        + (_closest(spec, sorted(METRICS)) if isinstance(spec, str) else "")
+    )
+
+
+def _positive_int(field_name: str, value: Any, allow_none: bool = False) -> None:
+    if value is None and allow_none:
+        return
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise ValueError(f"UMAConfig.{field_name} must be a positive integer{' or None' if allow_none else ''}; got {value!r}")
+
+
+@dataclass
+class UMAConfig:
+    """Configuration of the callbacks, the hook and the backfill.
+
+    Attributes:
+        metrics: metric objects or names from :data:`uma_callbacks.metrics.METRICS`.
+        probe_size: samples in the frozen probe.
+        probe_batch_size: samples per probe batch.
+        every_n_steps: also measure every N optimizer steps (between saves); None: saves only.
+        trackers: None (follow ``args.report_to``), ``[]`` (journal only), or names from
+            :data:`TRACKER_NAMES` and/or sink objects.
+        output_dir: journal folder; None: ``<args.output_dir>/uma``.
+        memory_budget: None (what the device has free, minus a margin), a number of GB,
+            or a :class:`~uma_callbacks.budget.MemoryBudget`.
+        seed: picks the probe samples and seeds every stochastic estimator.
+        timeout_seconds: per-metric time limit (checked between chunks).
+        use_cache: reuse journalled results for the same (checkpoint, config, probe).
+        save_tensors: also write large tensors (the Fisher diagonal) as safetensors.
+        draw_figures: draw PNG figures (needs matplotlib).
+        loss_fn: ``loss_fn(model, batch) -> Tensor[B]``; None for the HF default.
+
+    Raises:
+        ValueError: any field out of range, naming the field and the allowed values.
+    """
+
+    metrics: Sequence[str | Metric] = ("gradient_flow",)
+    probe_size: int = 64
+    probe_batch_size: int = 8
+    every_n_steps: int | None = None
+    trackers: Sequence[Any] | None = None
+    output_dir: str | None = None
+    memory_budget: Any = None
+    seed: int = 42
+    timeout_seconds: float | None = None
+    use_cache: bool = True
+    save_tensors: bool = False
+    draw_figures: bool = True
+    loss_fn: Callable[..., Any] | None = None
+    metric_objects: list[Metric] = field(init=False, repr=False)
+
+    def __post_init__(self) -> None:
+        if isinstance(self.metrics, (str, Metric)):
+            self.metrics = [self.metrics]
+        if not isinstance(self.metrics, Sequence) or len(self.metrics) == 0:
+            raise ValueError(f"UMAConfig.metrics must be a non-empty list of metric names or objects; got {self.metrics!r}")
+        self.metric_objects = [build_metric(m) for m in self.metrics]
+        names = [m.name for m in self.metric_objects]
+        duplicates = sorted({n for n in names if names.count(n) > 1})
+        if duplicates:
+            raise ValueError(f"UMAConfig.metrics lists {duplicates} more than once; give each metric once")
+        _positive_int("probe_size", self.probe_size)
+        _positive_int("probe_batch_size", self.probe_batch_size)
+        _positive_int("every_n_steps", self.every_n_steps, allow_none=True)
+        if isinstance(self.seed, bool) or not isinstance(self.seed, int) or self.seed < 0:
+            raise ValueError(f"UMAConfig.seed must be a non-negative integer; got {self.seed!r}")
+        if self.timeout_seconds is not None and (
+            isinstance(self.timeout_seconds, bool)
+            or not isinstance(self.timeout_seconds, (int, float))
+            or not self.timeout_seconds > 0
+        ):
+            raise ValueError(f"UMAConfig.timeout_seconds must be a positive number or None; got {self.timeout_seconds!r}")
+        if self.trackers is not None:
+            if isinstance(self.trackers, str):
+                self.trackers = [self.trackers]
+            for tracker in self.trackers:
+                if isinstance(tracker, str) and tracker not in TRACKER_NAMES:
+                    raise ValueError(
+                        f"UMAConfig.trackers entries must be sink objects or one of {TRACKER_NAMES!r}; got {tracker!r}"
+                        + _closest(tracker, TRACKER_NAMES)
+                    )
+                if not isinstance(tracker, str) and not callable(getattr(tracker, "log_record", None)):
+                    raise ValueError(
+                        f"UMAConfig.trackers entries must be one of {TRACKER_NAMES!r} or have log_record(); got {tracker!r}"
+                    )
+        if self.memory_budget is not None:
+            from .budget import MemoryBudget  # noqa: PLC0415
+
+            if isinstance(self.memory_budget, (int, float)) and not isinstance(self.memory_budget, bool):
+                if not self.memory_budget > 0:
+                    raise ValueError(f"UMAConfig.memory_budget must be a positive number of GB; got {self.memory_budget!r}")
+            elif not isinstance(self.memory_budget, MemoryBudget):
+                raise ValueError(
+                    f"UMAConfig.memory_budget must be None, a number of GB or a MemoryBudget; got {self.memory_budget!r}"
+                )
+        if self.loss_fn is not None and not callable(self.loss_fn):
+            raise ValueError(f"UMAConfig.loss_fn must be callable(model, batch) -> Tensor[B]; got {self.loss_fn!r}")
+        for flag in ("use_cache", "save_tensors", "draw_figures"):
+            if not isinstance(getattr(self, flag), bool):
+                raise ValueError(f"UMAConfig.{flag} must be True or False; got {getattr(self, flag)!r}")
+
+    @property
+    def metric_names(self) -> list[str]:
+        """The enabled metrics' string names, in order."""
+        return [m.name for m in self.metric_objects]

@@ -1,0 +1,285 @@
+"""Run the enabled metrics on one snapshot: cache, isolate failures, journal, deliver.
+
+For each metric, in order:
+
+1. cache: a journalled ``ok`` record under (checkpoint fingerprint, metric config, probe
+   fingerprint) is reused (status ``cached``, nothing computed);
+2. compute on this rank's share of the probe; an exception becomes an ``error`` record
+   (type, message, traceback), a time-out a ``timeout`` record, and training goes on;
+   all ranks agree on failure (one all-reduce), so none waits on a failed one;
+3. memory is released (``gc.collect``, ``torch.cuda.empty_cache``);
+4. rank 0 writes the files and the journal line, draws the figures, and delivers the
+   record to every sink; a sink that fails is reported once and retried on the next
+   delivery (``uma sync`` replays whatever a sink missed).
+
+This is the one place that catches metric failures.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+import traceback
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+
+from .budget import release_memory
+from .distributed import Collective, LocalCollective
+from .journal import Journal, cache_key
+from .losses import LossFn
+from .metrics.base import Metric, MetricResult, MetricTimeout
+from .probe import Probe, move_batch
+from .records import Record
+
+logger = logging.getLogger(__name__)
+
+Drawer = Callable[[MetricResult, Any], list[Any]]
+
+
+@dataclass
+class MetricSuite:
+    """The enabled metrics, and where their results go.
+
+    Attributes:
+        metrics: the metric objects, run in order.
+        journal: the durable record (rank 0 only); ``None`` keeps nothing on disk.
+        sinks: trackers fed from the journal (rank 0 only).
+        collective: cross-rank sums; ``None`` for one process.
+        loss_fn: per-sample loss; ``None`` for the HF default.
+        use_cache: reuse journalled results for the same key.
+        draw_figures: draw PNGs (needs matplotlib; skipped with a note if absent).
+        source: written into each record (``callback``, ``backfill``, ...).
+    """
+
+    metrics: Sequence[Metric]
+    journal: Journal | None = None
+    sinks: list[Any] = field(default_factory=list)
+    collective: Collective | None = None
+    loss_fn: LossFn | None = None
+    use_cache: bool = True
+    draw_figures: bool = True
+    source: str = "callback"
+    chunk_sizes: dict[str, int] = field(default_factory=dict)
+    planner: Any = None
+    _failed_sinks: set[str] = field(default_factory=set)
+
+    @property
+    def is_main(self) -> bool:
+        """Whether this process logs (world rank 0)."""
+        return (self.collective or LocalCollective()).rank == 0
+
+    def run(
+        self,
+        model: torch.nn.Module,
+        probe: Probe,
+        step: int,
+        checkpoint: str = "",
+        context: dict[str, Any] | None = None,
+    ) -> list[Record]:
+        """Measure ``model`` on ``probe`` and return one record per metric.
+
+        Args:
+            model: the snapshot (left exactly as found).
+            probe: the frozen probe; each rank takes its shard.
+            step: the checkpoint's global step.
+            checkpoint: the weights fingerprint (cache key part); empty disables the cache.
+            context: extra fields for metrics that need them (``previous_weights``).
+
+        Returns:
+            The records, in metric order.
+        """
+        collective = self.collective or LocalCollective()
+        device = _device_of(model)
+        shard = probe.shard(collective.rank, collective.world_size) if collective.world_size > 1 else probe.batches
+        local_batches = [move_batch(b, device) for b in shard]
+        records = []
+        for metric in self.metrics:
+            record = self._run_one(metric, model, local_batches, probe, step, checkpoint, collective, context or {})
+            records.append(record)
+        return records
+
+    def _run_one(
+        self,
+        metric: Metric,
+        model: torch.nn.Module,
+        batches: list[Any],
+        probe: Probe,
+        step: int,
+        checkpoint: str,
+        collective: Collective,
+        context: dict[str, Any],
+    ) -> Record:
+        key = cache_key(checkpoint, metric.config(), probe.fingerprint) if checkpoint else ""
+        cached = self._cached(key, collective)
+        if cached is not None:
+            record = Record(**{**cached.to_dict(), "step": int(step), "status": "cached", "source": self.source})
+            record.cache_key = key
+            logger.info("uma: %s at step %d read from cache", metric.name, step)
+            self._deliver(record)
+            return record
+        started = time.perf_counter()
+        result = self._compute(metric, model, batches, collective, context)
+        result.meta.setdefault("seconds", time.perf_counter() - started)
+        result.meta["probe_fingerprint"] = probe.fingerprint
+        result.meta["world_size"] = collective.world_size
+        result.meta["timestamp_ms"] = int(time.time() * 1000)
+        release_memory(_device_of(model))
+        record = Record(
+            step=int(step),
+            metric=metric.name,
+            status=result.status,
+            scalars=dict(result.scalars),
+            meta=dict(result.to_json_dict()["meta"]),
+            error=result.error,
+            cache_key=key,
+            checkpoint=checkpoint,
+            probe=probe.fingerprint,
+            source=self.source,
+        )
+        if self.is_main and self.journal is not None:
+            record.files = self._write_files(result, step)
+            self.journal.append(record)
+        if result.status != "ok":
+            logger.warning(
+                "uma: metric %s at step %d: %s: %s",
+                metric.name,
+                step,
+                result.status,
+                (result.error or {}).get("message", ""),
+            )
+        self._deliver(record)
+        return record
+
+    def _cached(self, key: str, collective: Collective) -> Record | None:
+        if not (self.use_cache and key):
+            return None
+        hit = None
+        if self.is_main and self.journal is not None:
+            hit = self.journal.lookup(key)
+        # every rank must take the same branch: rank 0 decides
+        if collective.world_size > 1:
+            agreed = collective.sum_scalar(1.0 if hit is not None else 0.0) > 0
+            if not agreed:
+                return None
+            if hit is None:  # other ranks: a placeholder, they neither log nor return values
+                return Record(step=0, metric="", status="cached", cache_key=key)
+        return hit
+
+    def _compute(
+        self,
+        metric: Metric,
+        model: torch.nn.Module,
+        batches: list[Any],
+        collective: Collective,
+        context: dict[str, Any],
+    ) -> MetricResult:
+        failure: BaseException | None = None
+        result: MetricResult | None = None
+        try:
+            prepare = getattr(metric, "prepare", None)
+            if prepare is not None:
+                prepare(context)
+            result = metric.compute(
+                model,
+                batches,
+                self.loss_fn,
+                collective=collective if collective.world_size > 1 else None,
+                chunk_size=self.chunk_sizes.get(metric.name),
+            )
+        except Exception as err:  # isolate: a broken metric never stops training
+            failure = err
+        failed_anywhere = collective.any_(failure is not None) if collective.world_size > 1 else failure is not None
+        if not failed_anywhere and result is not None:
+            return result
+        if failure is None:
+            failure = RuntimeError("the metric failed on another rank")
+        status = "timeout" if isinstance(failure, MetricTimeout) else ("skipped" if _is_skip(failure) else "error")
+        return MetricResult(
+            name=metric.name,
+            status=status,
+            meta={"config": metric.config()},
+            error={
+                "type": type(failure).__name__,
+                "message": str(failure),
+                "traceback": "".join(traceback.format_exception(type(failure), failure, failure.__traceback__))[-4000:],
+            },
+        )
+
+    def _write_files(self, result: MetricResult, step: int) -> list[str]:
+        assert self.journal is not None
+        files = self.journal.write_files(result, step) if result.status == "ok" else []
+        if self.draw_figures and result.status == "ok":
+            try:
+                from . import plots
+            except ImportError:  # matplotlib is an optional extra
+                return files
+            paths = plots.draw_result(result, self.journal.root / f"step-{int(step)}")
+            files += self.journal.add_files(paths)
+        return files
+
+    def _deliver(self, record: Record) -> None:
+        if not self.is_main or self.journal is None:
+            return
+        for sink in self.sinks:
+            deliver(self.journal, sink, [record], self._failed_sinks)
+
+    def deliver_pending(self) -> int:
+        """Replay every journalled record a sink has not received yet; returns how many went."""
+        if not self.is_main or self.journal is None:
+            return 0
+        records = self.journal.records()
+        return sum(deliver(self.journal, sink, records, self._failed_sinks) for sink in self.sinks)
+
+
+def deliver(journal: Journal, sink: Any, records: Sequence[Record], failed: set[str] | None = None) -> int:
+    """Send the records ``sink`` has not yet received (per the journal's delivery log).
+
+    A sink error is logged (once per sink while it keeps failing) and the record stays
+    pending; nothing is lost, and the next call retries.
+
+    Returns:
+        The number of records delivered now.
+    """
+    failed = failed if failed is not None else set()
+    try:
+        sink.start()
+        run = sink.run_id()
+        done = journal.delivered(sink.name, run)
+    except Exception as err:  # a tracker outage must not stop training
+        _report_sink_failure(sink, err, failed)
+        return 0
+    sent = 0
+    for record in records:
+        if record.record_id in done or not record.metric:
+            continue
+        try:
+            sink.log_record(record, journal.root)
+        except Exception as err:  # a tracker outage must not stop training
+            _report_sink_failure(sink, err, failed)
+            return sent
+        journal.mark_delivered(sink.name, run, record.record_id)
+        done.add(record.record_id)
+        sent += 1
+    if sent and sink.name in failed:
+        failed.discard(sink.name)
+        logger.warning("uma: sink %s is back; pending records delivered", sink.name)
+    return sent
+
+
+def _report_sink_failure(sink: Any, err: BaseException, failed: set[str]) -> None:
+    if sink.name not in failed:
+        logger.warning("uma: sink %s failed (%s: %s); records stay in the journal", sink.name, type(err).__name__, err)
+        failed.add(sink.name)
+
+
+def _is_skip(err: BaseException) -> bool:
+    return getattr(err, "uma_skip", False)
+
+
+def _device_of(model: torch.nn.Module) -> torch.device:
+    for p in model.parameters():
+        return p.device
+    return torch.device("cpu")
