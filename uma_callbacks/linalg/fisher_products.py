@@ -1,0 +1,362 @@
+r"""Fisher sufficient statistics and matrix-free Fisher-vector products over a chunked probe.
+
+N rows (samples, or samples x MC label draws) with per-sample gradients g_i [P]. One pass
+over the chunks accumulates, per parameter p,
+
+    diag_sum_p = sum_i g_{i,p}^2,   grad_sum_p = sum_i g_{i,p} (optional),
+
+and keeps the per-row squared norms ||g_{i,p}||^2 (N x n_params floats, float64). The
+Fisher-vector product F v = (1/N) sum_i g_i (g_i^T v) is two contractions per chunk,
+u = G_c v [B] and G_c^T u [P], on either of two chunk representations:
+
+- :class:`StackedGrads`: ``vmap(grad)`` per-sample gradients ``{name: [B, *shape]}``
+  (any model, any ``loss_fn``);
+- :class:`~uma_callbacks.linalg.linear_factors.LinearFactors`: per-layer activations and
+  output gradients, when every trainable parameter is an ``nn.Linear`` weight/bias
+  (no [B, P] stack is ever built for 2-D inputs).
+
+The representations of all chunks are cached when they fit ``cache_bytes``; otherwise
+each product recomputes them chunk by chunk (one forward+backward per chunk and
+product; reverse mode only, since forward-mode AD has no rule for ``silu_backward``).
+
+float32 accumulators use Kahan-compensated summation of the per-chunk sums, so their
+error does not grow with the number of chunks.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from collections.abc import Callable, Iterable, Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any, Protocol
+
+import torch
+
+from ..losses import IGNORE_INDEX, LossFn, model_inputs
+from ..probe import count_samples, map_tensors, select_samples
+from .linear_factors import LinearFactors, linear_factors
+from .per_sample import PerSampleGradients, per_sample_grads
+
+#: Ways to get per-sample gradients: ``auto`` picks ``linear`` when the model allows it.
+METHODS = ("auto", "vmap", "linear")
+
+
+class ChunkGradients(Protocol):
+    """What the Fisher needs from one chunk's per-sample gradients (B rows)."""
+
+    losses: torch.Tensor
+    n: int
+    names: list[str]
+
+    def nbytes(self) -> int: ...
+    def square_stats(self) -> tuple[dict[str, torch.Tensor], torch.Tensor]: ...
+    def grad_sums(self) -> dict[str, torch.Tensor]: ...
+    def dot(self, v: Mapping[str, torch.Tensor]) -> torch.Tensor: ...
+    def weighted_sum(self, u: torch.Tensor) -> dict[str, torch.Tensor]: ...
+
+
+class StackedGrads:
+    """:class:`ChunkGradients` over ``vmap(grad)`` output ``{name: [B, *shape]}``."""
+
+    def __init__(self, psg: PerSampleGradients) -> None:
+        self.losses = psg.losses
+        self.grads = psg.grads
+        self.names = list(psg.grads)
+        self.n = int(psg.losses.shape[0])
+
+    def nbytes(self) -> int:
+        """Bytes of the stacked gradients."""
+        return sum(g.numel() * g.element_size() for g in self.grads.values())
+
+    def square_stats(self) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
+        """``({name: sum_i g_{i,p}^2}, [B, n_params] float64 ||g_{i,p}||^2)``."""
+        sums, norms = {}, []
+        for name, g in self.grads.items():
+            sq = g.square()
+            sums[name] = sq.sum(0)
+            norms.append(sq.reshape(self.n, -1).sum(1).double())
+            del sq
+        return sums, torch.stack(norms, dim=1)
+
+    def grad_sums(self) -> dict[str, torch.Tensor]:
+        """``{name: sum_i g_{i,p}}``."""
+        return {n: g.sum(0) for n, g in self.grads.items()}
+
+    def dot(self, v: Mapping[str, torch.Tensor]) -> torch.Tensor:
+        """``u [B]``, u_i = g_i^T v."""
+        return sum(g.reshape(self.n, -1) @ v[n].reshape(-1).to(g.dtype) for n, g in self.grads.items())
+
+    def weighted_sum(self, u: torch.Tensor) -> dict[str, torch.Tensor]:
+        """``{name: sum_i u_i g_{i,p}}``."""
+        return {n: torch.tensordot(u.to(g.dtype), g, dims=1) for n, g in self.grads.items()}
+
+
+def chunk_gradients(
+    model: torch.nn.Module,
+    loss_fn: LossFn,
+    chunk: Any,
+    params: Mapping[str, torch.Tensor],
+    param_map: Mapping[str, tuple[str, str]] | None,
+    verify: bool = False,
+) -> ChunkGradients:
+    """Per-sample gradients of one chunk: linear factors when ``param_map`` is given, else vmap.
+
+    Raises:
+        ValueError: ``param_map`` given but a run-time check of the linear path fails
+            (``verify`` also checks the factors against autograd's summed gradient).
+    """
+    if param_map is not None:
+        factors, reason = linear_factors(model, loss_fn, chunk, param_map, params if verify else None)
+        if factors is None:
+            raise ValueError(f"method='linear' does not apply: {reason}; use method='vmap'")
+        return factors
+    return StackedGrads(per_sample_grads(model, loss_fn, chunk, params))
+
+
+class _Kahan:
+    """Compensated running sum of same-shaped tensors (Kahan 1965)."""
+
+    def __init__(self, like: torch.Tensor, dtype: torch.dtype) -> None:
+        self.total = torch.zeros_like(like, dtype=dtype)
+        self._comp = torch.zeros_like(self.total) if dtype != torch.float64 else None
+
+    def add(self, x: torch.Tensor) -> None:
+        x = x.to(self.total.dtype)
+        if self._comp is None:
+            self.total += x
+            return
+        y = x - self._comp
+        t = self.total + y
+        self._comp = (t - self.total) - y
+        self.total = t
+
+
+@dataclass
+class FisherSums:
+    """Local (this rank's) sufficient statistics; see the module docstring.
+
+    Attributes:
+        names: parameter names, model order.
+        diag_sum: ``{name: sum_i g_{i,p}^2}`` in the accumulation dtype.
+        grad_sum: ``{name: sum_i g_{i,p}}`` or ``None``.
+        sq_norms: ``[N_local, n_params]`` float64, ||g_{i,p}||^2 per row.
+        loss_sum: sum of the rows' losses (float64).
+        rows: N_local (samples x draws).
+        cache: every chunk's :class:`ChunkGradients` when they fitted, else ``None``.
+        chunks: the (label-sampled) chunks, to recompute products when not cached.
+        param_map: the linear factors' map when they were used, else ``None`` (vmap).
+        fallback: why the linear factors were given up for vmap ("" when they were not).
+    """
+
+    names: list[str]
+    diag_sum: dict[str, torch.Tensor]
+    grad_sum: dict[str, torch.Tensor] | None
+    sq_norms: torch.Tensor
+    loss_sum: float
+    rows: int
+    cache: list[ChunkGradients] | None
+    chunks: list[Any] = field(default_factory=list)
+    param_map: dict[str, tuple[str, str]] | None = None
+    fallback: str = ""
+
+
+def accumulate_fisher(
+    model: torch.nn.Module,
+    loss_fn: LossFn,
+    chunks: Iterable[Any],
+    params: Mapping[str, torch.Tensor],
+    *,
+    param_map: Mapping[str, tuple[str, str]] | None = None,
+    accumulate_dtype: torch.dtype = torch.float32,
+    want_grad_sum: bool = False,
+    cache_bytes: int = 0,
+    on_chunk: Callable[[int], None] | None = None,
+    auto_fallback: bool = False,
+) -> FisherSums:
+    """One pass over ``chunks``: the :class:`FisherSums` of the per-sample gradients.
+
+    Args:
+        model: the model (read only).
+        loss_fn: per-sample loss ``[B]``.
+        chunks: batches of at most the chunk size (already label-sampled for MC).
+        params: ``{name: parameter}`` to differentiate.
+        param_map: :func:`~uma_callbacks.linalg.linear_factors.linear_param_map` output to
+            use linear factors; ``None`` for vmap.
+        accumulate_dtype: dtype of ``diag_sum``/``grad_sum`` (at least the parameters').
+        want_grad_sum: also accumulate ``grad_sum``.
+        cache_bytes: keep every chunk's gradients while their total stays under this.
+        on_chunk: called with the number of chunks done (time checks).
+        auto_fallback: when the linear factors fail their checks on the first chunk
+            (which also verifies them against autograd), use vmap instead of raising.
+
+    Returns:
+        :class:`FisherSums`.
+
+    Raises:
+        FloatingPointError: a gradient (or its square) is NaN or Inf; names the parameter.
+        ValueError: the linear factors do not apply and ``auto_fallback`` is false.
+    """
+    names = list(params)
+    diag: dict[str, _Kahan] = {}
+    gsum: dict[str, _Kahan] = {}
+    norms, kept, loss_sum, rows, used = [], [], 0.0, 0, 0
+    cache: list[ChunkGradients] | None = []
+    fallback = ""
+    for index, chunk in enumerate(chunks):
+        try:
+            rep = chunk_gradients(model, loss_fn, chunk, params, param_map, verify=index == 0)
+        except ValueError as err:
+            if not (auto_fallback and index == 0 and param_map is not None):
+                raise
+            param_map, fallback = None, str(err)
+            rep = chunk_gradients(model, loss_fn, chunk, params, None)
+        sums, sq = rep.square_stats()
+        _check_finite(sq, names)
+        for name in names:
+            if name not in diag:
+                dtype = torch.promote_types(accumulate_dtype, params[name].dtype)
+                diag[name] = _Kahan(sums[name], dtype)
+                if want_grad_sum:
+                    gsum[name] = _Kahan(sums[name], dtype)
+            diag[name].add(sums[name])
+        if want_grad_sum:
+            for name, g in rep.grad_sums().items():
+                gsum[name].add(g)
+        norms.append(sq)
+        loss_sum += float(rep.losses.double().sum())
+        rows += rep.n
+        kept.append(chunk)
+        if cache is not None:
+            used += rep.nbytes()
+            if used <= cache_bytes:
+                cache.append(rep)
+            else:
+                cache = None
+        del rep, sums
+        if on_chunk is not None:
+            on_chunk(index + 1)
+    if rows == 0:
+        raise ValueError("accumulate_fisher: no samples in the chunks")
+    return FisherSums(
+        names=names,
+        diag_sum={n: k.total for n, k in diag.items()},
+        grad_sum={n: k.total for n, k in gsum.items()} if want_grad_sum else None,
+        sq_norms=torch.cat(norms, dim=0),
+        loss_sum=loss_sum,
+        rows=rows,
+        cache=cache,
+        chunks=kept,
+        param_map=dict(param_map) if param_map is not None else None,
+        fallback=fallback,
+    )
+
+
+def _check_finite(sq_norms: torch.Tensor, names: Sequence[str]) -> None:
+    bad = ~torch.isfinite(sq_norms)
+    if bool(bad.any()):
+        col = int(bad.any(dim=0).nonzero()[0])
+        raise FloatingPointError(
+            f"non-finite per-sample gradient (NaN or Inf, or a square overflowing) in parameter {names[col]!r}"
+        )
+
+
+def fisher_matvec(
+    sums: FisherSums,
+    model: torch.nn.Module,
+    loss_fn: LossFn,
+    params: Mapping[str, torch.Tensor],
+    n_total: int,
+    all_reduce: Callable[[list[torch.Tensor]], None],
+) -> Callable[[torch.Tensor], torch.Tensor]:
+    """The product ``v [P] -> F v [P]``, F = (1/N) sum_i g_i g_i^T, summed over ranks.
+
+    Each call sums this rank's sum_i g_i (g_i^T v) over its chunks (cached, or recomputed
+    one chunk at a time), all-reduces it with ``all_reduce`` and divides by the global
+    row count ``n_total``. Vectors are flat in model order (``[P]``, any float dtype).
+    """
+    shapes = [params[n].shape for n in sums.names]
+    sizes = [s.numel() for s in shapes]
+
+    def reps() -> Iterable[ChunkGradients]:
+        if sums.cache is not None:
+            yield from sums.cache
+            return
+        for chunk in sums.chunks:
+            yield chunk_gradients(model, loss_fn, chunk, params, sums.param_map)
+
+    def matvec(v: torch.Tensor) -> torch.Tensor:
+        parts = dict(zip(sums.names, (p.view(s) for p, s in zip(torch.split(v, sizes), shapes))))
+        out = torch.zeros_like(v)
+        for rep in reps():
+            u = rep.dot(parts)
+            contrib = rep.weighted_sum(u)
+            out += torch.cat([contrib[n].reshape(-1).to(v.dtype) for n in sums.names])
+        all_reduce([out])
+        return out / n_total
+
+    return matvec
+
+
+def sample_mc_labels(model: torch.nn.Module, batch: Any, seed: int, draw: int = 0) -> Any:
+    """The batch with ``labels`` drawn from the model's own predictive distribution.
+
+    Causal LMs (``logits [B, T, V]``): label t (t >= 1) is drawn from softmax(logits[:, t-1])
+    wherever the given label is not ``-100`` (ignored positions stay ignored). Classification
+    (``logits [B, C]``, integer labels): one class per example. Each sample draws from its own
+    generator, seeded from (``seed``, ``draw``, the bytes of the sample's inputs), so the
+    draws do not depend on how the probe is chunked or sharded.
+
+    Args:
+        model: returns an output with ``.logits`` (or a tuple whose first item is logits).
+        batch: a dict with ``labels`` and the model's inputs.
+        seed: the recorded MC seed.
+        draw: index of the draw (for several draws per sample).
+
+    Returns:
+        A shallow copy of ``batch`` with new ``labels`` (same dtype and device).
+
+    Raises:
+        ValueError: the batch is not a dict with ``labels``, the output has no logits, or
+            the labels are not integer class labels.
+    """
+    if not isinstance(batch, Mapping) or "labels" not in batch:
+        raise ValueError(
+            "FisherInformation.kind='mc' samples labels from the model: it needs HF-style batches "
+            "(dicts with 'labels') and a model output with .logits; use kind='empirical' otherwise"
+        )
+    labels = batch["labels"]
+    if labels.is_floating_point():
+        raise ValueError("FisherInformation.kind='mc' needs integer class labels; got float labels (regression)")
+    with torch.no_grad():
+        outputs = model(**model_inputs(batch))
+    logits = getattr(outputs, "logits", None)
+    if logits is None and isinstance(outputs, (tuple, list)):
+        logits = outputs[0]
+    if not isinstance(logits, torch.Tensor):
+        raise ValueError("FisherInformation.kind='mc' needs a model output with .logits")
+    probs = torch.softmax(logits.detach().double(), dim=-1)
+    n = count_samples(batch)
+    inputs = {k: v for k, v in batch.items() if k != "labels"}
+    new = labels.clone()
+    for i in range(n):
+        gen = torch.Generator(device=probs.device).manual_seed(_sample_seed(select_samples(inputs, [i]), seed, draw))
+        if logits.dim() == 3:
+            drawn = torch.multinomial(probs[i, :-1], 1, generator=gen).squeeze(-1)
+            keep = labels[i, 1:] != IGNORE_INDEX
+            new[i, 1:] = torch.where(keep, drawn.to(labels.dtype), labels[i, 1:])
+        else:
+            new[i] = torch.multinomial(probs[i], 1, generator=gen).squeeze(-1).to(labels.dtype)
+    out = dict(batch)
+    out["labels"] = new
+    return out
+
+
+def _sample_seed(sample: Any, seed: int, draw: int) -> int:
+    digest = hashlib.sha256(f"{seed}|{draw}|".encode())
+
+    def visit(t: torch.Tensor) -> torch.Tensor:
+        digest.update(t.detach().cpu().contiguous().view(torch.uint8).numpy().tobytes())
+        return t
+
+    map_tensors(sample, visit)
+    return int.from_bytes(digest.digest()[:8], "little") & ((1 << 63) - 1)

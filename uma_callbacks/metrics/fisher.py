@@ -1,0 +1,362 @@
+r"""Fisher information: diagonal, trace per parameter and layer, top eigenvalues, importance masks."""
+
+from __future__ import annotations
+
+import logging
+import math
+from collections import defaultdict
+from collections.abc import Mapping
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+from ..linalg.fisher_products import METHODS, FisherSums, accumulate_fisher, fisher_matvec, sample_mc_labels
+from ..linalg.lanczos import lanczos_top_k
+from ..linalg.linear_factors import linear_param_map
+from ..model_state import eager_attention
+from .base import ComputeContext, Cost, Metric, MetricResult, check_choice, check_positive_int, module_of
+
+logger = logging.getLogger(__name__)
+
+KINDS = ("empirical", "mc")
+ACCUMULATE_DTYPES = ("float32", "float64")
+#: Lanczos keeps its basis in float64 while it takes at most this many bytes, else float32.
+LANCZOS_FLOAT64_BYTES = 1 << 29
+
+
+class FisherInformation(Metric):
+    r"""Empirical or Monte-Carlo Fisher: diagonal, traces, top eigenvalues.
+
+    N probe samples, per-sample gradients g_i [P] of the per-sample losses l_i.
+
+    - ``kind="empirical"``: F = (1/N) sum_i g_i g_i^T with the probe's own labels.
+    - ``kind="mc"`` ("true" Fisher): the same over N x M rows, the gradients of the losses at
+      labels drawn from the model's own predictive distribution (per token for causal LMs,
+      per example for classification), M = ``mc_samples`` draws per sample. Its expectation
+      over the draws is the GGN; for classification E[F] = (1/N) sum_i J_i^T (diag(p_i) -
+      p_i p_i^T) J_i. Needs HF-style batches (dicts with ``labels``) and outputs with
+      ``.logits``; the loss (the user's ``loss_fn`` if given) is evaluated at the drawn
+      labels, so it must be the model's negative log-likelihood. Draws are seeded from
+      ``seed`` and each sample's input bytes (independent of chunking and sharding).
+
+    Outputs (R = N, or N x M for MC):
+
+    - ``tensors``: ``{param name: diag [*shape]}`` with diag = (1/R) sum_i g_i^2, on CPU, when
+      ``keep_diagonal``;
+    - ``trace`` = (1/R) sum_i ||g_i||^2; ``trace_stderr`` = std_i(||g_i||^2) / sqrt(R) (two-pass);
+      ``params/<p>/trace``, ``layers/<module>/trace`` (sum over the module's own parameters);
+    - ``top_eigenvalues`` [k] (descending) by Lanczos with full reorthogonalisation on the
+      matrix-free F v = (1/R) sum_i g_i (g_i^T v) (each product all-reduced over ranks);
+      ``effective_rank`` = exp(-sum_j q_j log q_j), q = lambda / sum(lambda), and
+      ``condition_number`` = lambda_1 / lambda_k over the computed top-k. F has rank <= R:
+      k is capped at R (``meta["top_k_capped"]``, a warning);
+    - with ``top_percent``: ``top_percent_mass`` (share of the trace held by the top-p%
+      entries of the diagonal) and ``layers/<module>/top_percent_fraction`` (share of the
+      module's entries in that mask; see :func:`top_percent_mask`).
+
+    Per-sample gradients: ``method="linear"`` (per-layer factors, models made of
+    ``nn.Linear`` only; no [B, P] stack), ``"vmap"`` (``torch.func``, any model) or
+    ``"auto"``. Products reuse the chunks' gradients when they fit ``cache_bytes``, else
+    recompute them chunk by chunk per product (``meta["cached"]``). float32 accumulators
+    are Kahan-compensated; ``accumulate_dtype="float64"`` sums in float64.
+
+    Args:
+        kind: ``"empirical"`` or ``"mc"``.
+        top_k: eigenvalues wanted (>= 1), or ``None`` for no spectrum.
+        mc_samples: label draws per sample for ``kind="mc"``.
+        seed: seeds the MC draws and the Lanczos start vector.
+        accumulate_dtype: ``"float32"`` or ``"float64"``.
+        keep_diagonal: return the diagonal in ``result.tensors``.
+        top_percent: in (0, 100]: importance-mask scalars for the top-p% entries.
+        method: ``"auto"``, ``"vmap"`` or ``"linear"``.
+        cache_bytes: the most bytes of per-sample gradients kept for the products.
+        lanczos_tol: relative residual tolerance of the Ritz values.
+        max_matvecs: the most Lanczos products (default ``max(3k, k + 30)``).
+        chunk_size: samples per chunk.
+        timeout_seconds: stop between chunks past this time.
+
+    Raises:
+        ValueError: a field out of range or not among its allowed values (named).
+
+    Example:
+        >>> import torch
+        >>> model = torch.nn.Linear(3, 2)
+        >>> batch = {"x": torch.randn(6, 3), "y": torch.randn(6, 2)}
+        >>> loss = lambda m, b: ((m(b["x"]) - b["y"]) ** 2).sum(-1)
+        >>> r = FisherInformation(top_k=2).compute(model, [batch], loss)
+        >>> r.arrays["top_eigenvalues"].shape, r.meta["per_sample_method"]
+        ((2,), 'linear')
+    """
+
+    name = "fisher"
+    cost = Cost(per_sample_grads=True, param_copies=2.0)
+    reduce = {"diag_sum": "sum", "sq_norm_sum": "sum", "sq_norm_dev": "sum", "rows": "sum", "matvec": "sum"}
+
+    def __init__(
+        self,
+        kind: str = "empirical",
+        top_k: int | None = 10,
+        *,
+        mc_samples: int = 1,
+        seed: int = 0,
+        accumulate_dtype: str = "float32",
+        keep_diagonal: bool = False,
+        top_percent: float | None = None,
+        method: str = "auto",
+        cache_bytes: int = 1 << 30,
+        lanczos_tol: float = 1e-6,
+        max_matvecs: int | None = None,
+        chunk_size: int | None = None,
+        timeout_seconds: float | None = None,
+    ) -> None:
+        super().__init__(chunk_size=chunk_size, timeout_seconds=timeout_seconds)
+        check_choice("FisherInformation.kind", kind, KINDS)
+        if top_k is not None:
+            check_positive_int("FisherInformation.top_k", top_k)
+        check_positive_int("FisherInformation.mc_samples", mc_samples)
+        if isinstance(seed, bool) or not isinstance(seed, int):
+            raise ValueError(f"FisherInformation.seed must be an integer; got {seed!r}")
+        check_choice("FisherInformation.accumulate_dtype", accumulate_dtype, ACCUMULATE_DTYPES)
+        check_choice("FisherInformation.method", method, METHODS)
+        if top_percent is not None:
+            check_percent("FisherInformation.top_percent", top_percent)
+        if isinstance(cache_bytes, bool) or not isinstance(cache_bytes, int) or cache_bytes < 0:
+            raise ValueError(f"FisherInformation.cache_bytes must be a non-negative integer; got {cache_bytes!r}")
+        if isinstance(lanczos_tol, bool) or not isinstance(lanczos_tol, (int, float)) or not lanczos_tol > 0:
+            raise ValueError(f"FisherInformation.lanczos_tol must be a positive number; got {lanczos_tol!r}")
+        if max_matvecs is not None:
+            check_positive_int("FisherInformation.max_matvecs", max_matvecs)
+        self.kind = kind
+        self.top_k = top_k
+        self.mc_samples = mc_samples
+        self.seed = seed
+        self.accumulate_dtype = accumulate_dtype
+        self.keep_diagonal = bool(keep_diagonal)
+        self.top_percent = None if top_percent is None else float(top_percent)
+        self.method = method
+        self.cache_bytes = cache_bytes
+        self.lanczos_tol = float(lanczos_tol)
+        self.max_matvecs = max_matvecs
+
+    def _compute(self, ctx: ComputeContext) -> MetricResult:
+        with eager_attention(ctx.model, ctx.meta):
+            stats = gather_fisher(
+                ctx, self.kind, self.seed, self.mc_samples, self.method, self.accumulate_dtype, self.cache_bytes
+            )
+            scalars = trace_scalars(stats)
+            arrays: dict[str, np.ndarray] = {}
+            if self.top_k is not None:
+                eig = self._spectrum(ctx, stats)
+                arrays["top_eigenvalues"] = eig
+                scalars.update(spectrum_scalars(eig))
+        diag = {n: d / stats.rows for n, d in stats.diag_sum.items()}
+        if self.top_percent is not None:
+            scalars.update(mask_scalars(diag, top_percent_mask(diag, self.top_percent)))
+        tensors = {n: d.detach().cpu() for n, d in diag.items()} if self.keep_diagonal else {}
+        return MetricResult(name=self.name, scalars=scalars, arrays=arrays, tensors=tensors)
+
+    def _spectrum(self, ctx: ComputeContext, stats: GlobalFisher) -> np.ndarray:
+        params = ctx.trainable_params()
+        dim = sum(p.numel() for p in params.values())
+        k = min(self.top_k, stats.rows, dim)
+        if k < self.top_k:
+            ctx.meta["top_k_capped"] = f"top_k={self.top_k} capped at {k}: F has rank <= {stats.rows} rows"
+            logger.warning("FisherInformation: %s", ctx.meta["top_k_capped"])
+        max_iter = self.max_matvecs or max(3 * k, k + 30)
+        wide = any(p.dtype == torch.float64 for p in params.values())
+        dtype = torch.float64 if wide or dim * 8 * (max_iter + 1) <= LANCZOS_FLOAT64_BYTES else torch.float32
+        matvec = fisher_matvec(
+            stats.local,
+            ctx.model,
+            ctx.loss_fn,
+            params,
+            stats.rows,
+            ctx.collective.sum_,
+        )
+        device = next(iter(params.values())).device
+        result = lanczos_top_k(
+            matvec, dim, k, max_iter=max_iter, tol=self.lanczos_tol, seed=self.seed, dtype=dtype, device=device
+        )
+        ctx.meta.update(
+            matvecs=result.matvecs,
+            lanczos_converged=result.converged,
+            lanczos_dtype=str(dtype).replace("torch.", ""),
+            top_k=int(result.eigenvalues.numel()),
+        )
+        return result.eigenvalues.double().cpu().numpy()
+
+
+@dataclass
+class GlobalFisher:
+    """Fisher statistics summed over ranks (what every Fisher metric reports from).
+
+    Attributes:
+        local: this rank's :class:`FisherSums` (cache and chunks for products).
+        diag_sum: ``{name: sum_i g_{i,p}^2}`` over all rows of all ranks.
+        grad_sum: ``{name: sum_i g_{i,p}}`` over all ranks, or ``None``.
+        sq_norm_sum: ``[n_params]`` float64, sum_i ||g_{i,p}||^2.
+        sq_norm_dev: sum_i (||g_i||^2 - trace)^2 (float64, two-pass).
+        rows: R, the global row count; loss: mean row loss.
+    """
+
+    local: FisherSums
+    diag_sum: dict[str, torch.Tensor]
+    grad_sum: dict[str, torch.Tensor] | None
+    sq_norm_sum: torch.Tensor
+    sq_norm_dev: float
+    rows: int
+    loss: float
+
+
+def gather_fisher(
+    ctx: ComputeContext,
+    kind: str,
+    seed: int,
+    mc_samples: int,
+    method: str,
+    accumulate_dtype: str,
+    cache_bytes: int,
+    want_grad_sum: bool = False,
+) -> GlobalFisher:
+    """Accumulate the Fisher statistics of ``ctx``'s probe and all-reduce them.
+
+    Raises:
+        ValueError: fewer than 2 samples in the probe, no trainable parameters,
+            ``method="linear"`` on a model it does not fit, or ``kind="mc"`` on batches
+            without labels or a model without logits.
+    """
+    params = ctx.trainable_params()
+    if not params:
+        raise ValueError("FisherInformation: the model has no trainable parameters")
+    n_total = ctx.n_total()
+    if n_total < 2:
+        raise ValueError(f"FisherInformation: the probe has n_samples={n_total}; it needs at least 2 samples")
+    param_map = None if method == "vmap" else linear_param_map(ctx.model, params)
+    if method == "linear" and param_map is None:
+        raise ValueError("FisherInformation.method='linear' needs every trainable parameter in an nn.Linear")
+    chunks = ctx.chunks()
+    if kind == "mc":
+        chunks = (sample_mc_labels(ctx.model, c, seed, d) for c in ctx.chunks() for d in range(mc_samples))
+        ctx.meta.update(seed=seed, mc_samples=mc_samples)
+    acc = torch.float64 if accumulate_dtype == "float64" else torch.float32
+    local = accumulate_fisher(
+        ctx.model,
+        ctx.loss_fn,
+        chunks,
+        params,
+        param_map=param_map,
+        accumulate_dtype=acc,
+        want_grad_sum=want_grad_sum,
+        cache_bytes=cache_bytes,
+        on_chunk=lambda i: ctx.check_time(chunks_done=i),
+        auto_fallback=method == "auto",
+    )
+    if local.fallback:
+        ctx.meta["linear_fallback"] = local.fallback
+    col = local.sq_norms.sum(0)
+    head = torch.tensor([float(local.rows), local.loss_sum], dtype=torch.float64, device=col.device)
+    diag = dict(local.diag_sum)
+    grad = dict(local.grad_sum) if local.grad_sum is not None else None
+    ctx.collective.sum_([*diag.values(), *(grad or {}).values(), col, head])
+    rows = int(round(float(head[0])))
+    trace = float(col.sum()) / rows
+    dev = torch.tensor([float((local.sq_norms.sum(1) - trace).square().sum())], dtype=torch.float64)
+    ctx.collective.sum_([dev])
+    ctx.meta.update(
+        kind=kind,
+        rows=rows,
+        per_sample_method="linear" if local.param_map is not None else "vmap(grad)",
+        cached=local.cache is not None,
+    )
+    return GlobalFisher(local, diag, grad, col, float(dev[0]), rows, float(head[1]) / rows)
+
+
+def trace_scalars(stats: GlobalFisher) -> dict[str, float]:
+    """``trace``, ``trace_stderr``, ``loss``, ``params/<p>/trace`` and ``layers/<m>/trace``."""
+    r = stats.rows
+    per_param = (stats.sq_norm_sum / r).tolist()
+    trace = float(stats.sq_norm_sum.sum()) / r
+    scalars = {
+        "trace": trace,
+        "trace_stderr": math.sqrt(stats.sq_norm_dev / (r - 1) / r) if r > 1 else math.nan,
+        "loss": stats.loss,
+    }
+    layers: dict[str, float] = defaultdict(float)
+    for name, value in zip(stats.local.names, per_param):
+        scalars[f"params/{name}/trace"] = value
+        layers[module_of(name)] += value
+    scalars.update({f"layers/{m}/trace": v for m, v in layers.items()})
+    return scalars
+
+
+def spectrum_scalars(eigenvalues: np.ndarray) -> dict[str, float]:
+    """``effective_rank`` and ``condition_number`` over the computed top-k (descending).
+
+    effective_rank = exp(-sum_j q_j log q_j), q_j = lambda_j / sum(lambda) (negative
+    round-off clipped to 0); condition_number = lambda_1 / lambda_k (inf when lambda_k <= 0).
+
+    Example:
+        >>> spectrum_scalars(np.array([2.0, 2.0]))
+        {'effective_rank': 2.0, 'condition_number': 1.0}
+    """
+    lam = np.clip(np.asarray(eigenvalues, dtype=np.float64), 0.0, None)
+    total = lam.sum()
+    if total <= 0:
+        return {"effective_rank": math.nan, "condition_number": math.nan}
+    q = lam[lam > 0] / total
+    eff = float(np.exp(-(q * np.log(q)).sum()))
+    cond = float(lam[0] / lam[-1]) if lam[-1] > 0 else math.inf
+    return {"effective_rank": eff, "condition_number": cond}
+
+
+def check_percent(field_name: str, value: object) -> None:
+    """Raise ``ValueError`` unless ``value`` is a number in (0, 100]."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 < value <= 100:
+        raise ValueError(f"{field_name} must be a number in (0, 100]; got {value!r}")
+
+
+def top_percent_mask(diagonal: Mapping[str, torch.Tensor], top_percent: float) -> dict[str, torch.Tensor]:
+    """Masks of the ceil(p% x P) entries with the largest Fisher diagonal, over all parameters.
+
+    Ties at the threshold are broken by position (model order), so exactly that many
+    entries are kept.
+
+    Args:
+        diagonal: ``{param name: diag [*shape]}`` (e.g. ``result.tensors``).
+        top_percent: p in (0, 100].
+
+    Returns:
+        ``{param name: bool mask [*shape]}``.
+
+    Raises:
+        ValueError: ``top_percent`` out of range.
+
+    Example:
+        >>> m = top_percent_mask({"w": torch.tensor([3.0, 1.0, 2.0, 0.0])}, 50)
+        >>> m["w"].tolist()
+        [True, False, True, False]
+    """
+    check_percent("top_percent", top_percent)
+    flat = torch.cat([d.detach().reshape(-1).double() for d in diagonal.values()])
+    k = min(flat.numel(), math.ceil(flat.numel() * top_percent / 100 - 1e-9))
+    keep = torch.zeros(flat.numel(), dtype=torch.bool, device=flat.device)
+    keep[torch.topk(flat, k, sorted=False).indices] = True
+    out, start = {}, 0
+    for name, d in diagonal.items():
+        out[name] = keep[start : start + d.numel()].reshape(d.shape)
+        start += d.numel()
+    return out
+
+
+def mask_scalars(diagonal: Mapping[str, torch.Tensor], masks: Mapping[str, torch.Tensor]) -> dict[str, float]:
+    """``top_percent_mass`` (share of sum(diag) inside the masks) and ``layers/<m>/top_percent_fraction``."""
+    total = sum(float(d.double().sum()) for d in diagonal.values())
+    kept = sum(float(d.double()[masks[n]].sum()) for n, d in diagonal.items())
+    counts: dict[str, list[int]] = defaultdict(lambda: [0, 0])
+    for name, m in masks.items():
+        counts[module_of(name)][0] += int(m.sum())
+        counts[module_of(name)][1] += m.numel()
+    out = {"top_percent_mass": kept / total if total > 0 else math.nan}
+    out.update({f"layers/{mod}/top_percent_fraction": k / n for mod, (k, n) in counts.items()})
+    return out

@@ -1,0 +1,173 @@
+r"""Fisher overlap between named probes (tasks): importance-mask Jaccard, diagonal cosine, conflict."""
+
+from __future__ import annotations
+
+import dataclasses
+import itertools
+import math
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+import torch
+
+from ..distributed import shard
+from ..linalg.fisher_products import METHODS
+from ..model_state import eager_attention
+from ..probe import fingerprint_batches
+from .base import ComputeContext, Cost, Metric, MetricResult, check_choice, check_positive_int
+from .fisher import ACCUMULATE_DTYPES, KINDS, check_percent, gather_fisher, top_percent_mask
+
+
+def mask_jaccard(a: Mapping[str, torch.Tensor], b: Mapping[str, torch.Tensor]) -> float:
+    """|A & B| / |A | B| of two ``{name: bool mask}`` sets (nan when both are empty).
+
+    Example:
+        >>> mask_jaccard({"w": torch.tensor([True, True, False])}, {"w": torch.tensor([True, False, True])})
+        0.3333333333333333
+    """
+    inter = sum(int((a[n] & b[n]).sum()) for n in a)
+    union = sum(int((a[n] | b[n]).sum()) for n in a)
+    return inter / union if union else math.nan
+
+
+def diagonal_cosine(a: Mapping[str, torch.Tensor], b: Mapping[str, torch.Tensor]) -> float:
+    """cos(F_a, F_b) = <F_a, F_b> / (||F_a|| ||F_b||) of two Fisher diagonals (in [0, 1])."""
+    dot = sum(float((a[n].double() * b[n].double()).sum()) for n in a)
+    na = math.sqrt(sum(float(a[n].double().square().sum()) for n in a))
+    nb = math.sqrt(sum(float(b[n].double().square().sum()) for n in b))
+    return dot / (na * nb) if na > 0 and nb > 0 else math.nan
+
+
+def fisher_weighted_conflict(
+    fisher_a: Mapping[str, torch.Tensor],
+    fisher_b: Mapping[str, torch.Tensor],
+    grad_a: Mapping[str, torch.Tensor],
+    grad_b: Mapping[str, torch.Tensor],
+) -> float:
+    r"""Minus the cosine of two mean gradients in the metric of the tasks' shared Fisher.
+
+    With w_j = sqrt(F_{a,j} F_{b,j}) (the geometric mean of the two Fisher diagonals, so a
+    coordinate counts only where both tasks care about it) and the mean gradients
+    G_a = (1/N_a) sum_i g_i over task a (likewise G_b),
+
+        conflict = - sum_j w_j G_{a,j} G_{b,j} / sqrt(sum_j w_j G_{a,j}^2 * sum_j w_j G_{b,j}^2).
+
+    In [-1, 1]: +1 when the tasks pull the parameters both rely on in opposite
+    directions, -1 when in the same direction, 0 when orthogonal; nan when a weighted
+    norm is zero.
+
+    Example:
+        >>> f = {"w": torch.tensor([1.0, 1.0])}
+        >>> fisher_weighted_conflict(f, f, {"w": torch.tensor([1.0, 0.0])}, {"w": torch.tensor([-1.0, 0.0])})
+        1.0
+    """
+    dot = na = nb = 0.0
+    for n in fisher_a:
+        w = (fisher_a[n].double() * fisher_b[n].double()).clamp(min=0).sqrt()
+        ga, gb = grad_a[n].double(), grad_b[n].double()
+        dot += float((w * ga * gb).sum())
+        na += float((w * ga.square()).sum())
+        nb += float((w * gb.square()).sum())
+    return -dot / math.sqrt(na * nb) if na > 0 and nb > 0 else math.nan
+
+
+class FisherOverlap(Metric):
+    r"""How much two or more tasks share their important parameters, and whether they conflict.
+
+    Each task t is its own probe (list of batches, given at construction): its Fisher
+    diagonal F_t = (1/N_t) sum_i g_i^2 (``kind`` as in
+    :class:`~uma_callbacks.metrics.fisher.FisherInformation`) and mean gradient
+    G_t = (1/N_t) sum_i g_i. For every pair (a, b), in the order given:
+
+    - ``pairs/<a>/<b>/jaccard``: Jaccard overlap of the top-``top_percent``% masks
+      (:func:`~uma_callbacks.metrics.fisher.top_percent_mask`);
+    - ``pairs/<a>/<b>/cosine``: :func:`diagonal_cosine` of F_a and F_b;
+    - ``pairs/<a>/<b>/conflict``: :func:`fisher_weighted_conflict`;
+
+    and per task ``tasks/<t>/trace`` = sum_j F_{t,j} and ``tasks/<t>/loss``. The suite's probe
+    (the ``batches`` argument of :meth:`compute`) is not used; with kind ``"mc"`` the mean
+    gradients G_t still use the tasks' own labels (MC scores average to zero). Each rank takes every
+    world_size-th batch of each task, so a sharded run equals one process.
+
+    Args:
+        tasks: ``{task name: batches}``, at least two tasks of at least two samples.
+        top_percent: p in (0, 100] for the masks.
+        kind: ``"empirical"`` or ``"mc"``.
+        mc_samples: label draws per sample for ``"mc"``.
+        seed: MC seed.
+        method: per-sample gradients, as in ``FisherInformation``.
+        accumulate_dtype: ``"float32"`` or ``"float64"``.
+        chunk_size: samples per chunk.
+        timeout_seconds: stop between chunks past this time.
+
+    Raises:
+        ValueError: fewer than two tasks, an empty task, a task name with ``/``, or a bad field.
+    """
+
+    name = "fisher_overlap"
+    cost = Cost(per_sample_grads=True, param_copies=4.0)
+    reduce = {"diag_sum": "sum", "grad_sum": "sum", "sq_norm_sum": "sum", "rows": "sum"}
+
+    def __init__(
+        self,
+        tasks: Mapping[str, Sequence[Any]],
+        top_percent: float = 5.0,
+        *,
+        kind: str = "empirical",
+        mc_samples: int = 1,
+        seed: int = 0,
+        method: str = "auto",
+        accumulate_dtype: str = "float32",
+        chunk_size: int | None = None,
+        timeout_seconds: float | None = None,
+    ) -> None:
+        super().__init__(chunk_size=chunk_size, timeout_seconds=timeout_seconds)
+        if not isinstance(tasks, Mapping) or len(tasks) < 2:
+            raise ValueError(f"FisherOverlap.tasks must map at least two task names to batches; got {tasks!r:.80}")
+        for task, batches in tasks.items():
+            if not isinstance(task, str) or not task or "/" in task:
+                raise ValueError(f"FisherOverlap.tasks names must be non-empty strings without '/'; got {task!r}")
+            if not batches:
+                raise ValueError(f"FisherOverlap.tasks[{task!r}] has no batches")
+        check_percent("FisherOverlap.top_percent", top_percent)
+        check_choice("FisherOverlap.kind", kind, KINDS)
+        check_positive_int("FisherOverlap.mc_samples", mc_samples)
+        check_choice("FisherOverlap.method", method, METHODS)
+        check_choice("FisherOverlap.accumulate_dtype", accumulate_dtype, ACCUMULATE_DTYPES)
+        self._tasks = {k: list(v) for k, v in tasks.items()}
+        self.task_fingerprints = {k: fingerprint_batches(v) for k, v in self._tasks.items()}
+        self.top_percent = float(top_percent)
+        self.kind = kind
+        self.mc_samples = mc_samples
+        self.seed = seed
+        self.method = method
+        self.accumulate_dtype = accumulate_dtype
+
+    def compute(self, model: torch.nn.Module, batches: Sequence[Any] | None = None, loss_fn=None, **kwargs: Any) -> MetricResult:
+        """:meth:`Metric.compute` on the tasks; ``batches`` (the suite's probe) is ignored and may be ``None``."""
+        return super().compute(model, batches or next(iter(self._tasks.values())), loss_fn, **kwargs)
+
+    def _compute(self, ctx: ComputeContext) -> MetricResult:
+        fisher, grads, scalars = {}, {}, {}
+        rank, world = ctx.collective.rank, ctx.collective.world_size
+        with eager_attention(ctx.model, ctx.meta):
+            for task, batches in self._tasks.items():
+                sub = dataclasses.replace(ctx, batches=shard(batches, rank, world), meta={})
+                stats = gather_fisher(
+                    sub, self.kind, self.seed, self.mc_samples, self.method, self.accumulate_dtype, 0, True
+                )
+                fisher[task] = {n: d / stats.rows for n, d in stats.diag_sum.items()}
+                if self.kind == "mc":  # MC scores average to 0: the task gradient uses the true labels
+                    stats_g = gather_fisher(sub, "empirical", self.seed, 1, self.method, self.accumulate_dtype, 0, True)
+                    grads[task] = {n: g / stats_g.rows for n, g in stats_g.grad_sum.items()}
+                else:
+                    grads[task] = {n: g / stats.rows for n, g in stats.grad_sum.items()}
+                scalars[f"tasks/{task}/trace"] = float(stats.sq_norm_sum.sum()) / stats.rows
+                scalars[f"tasks/{task}/loss"] = stats.loss
+                ctx.meta[f"tasks/{task}/rows"] = stats.rows
+        masks = {t: top_percent_mask(f, self.top_percent) for t, f in fisher.items()}
+        for a, b in itertools.combinations(self._tasks, 2):
+            scalars[f"pairs/{a}/{b}/jaccard"] = mask_jaccard(masks[a], masks[b])
+            scalars[f"pairs/{a}/{b}/cosine"] = diagonal_cosine(fisher[a], fisher[b])
+            scalars[f"pairs/{a}/{b}/conflict"] = fisher_weighted_conflict(fisher[a], fisher[b], grads[a], grads[b])
+        return MetricResult(name=self.name, scalars=scalars)
