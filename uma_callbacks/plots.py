@@ -1,0 +1,168 @@
+"""Figures drawn from results only (never from a model): PNG files next to the journal.
+
+- ``gradient_flow``: per-module gradient norm bars (log scale), vanishing/exploding in colour;
+- ``fisher`` / ``hessian``: the top eigenvalues (log scale when all positive), and for
+  Fisher the per-module traces;
+- ``landscape``: heatmap with contours of ``grid_losses`` (2-D) or the curve (1-D);
+- ``interpolation``: the path loss against t, with the linear chord between the endpoints.
+
+matplotlib is imported here only (the ``[plots]`` extra), with the Agg backend.
+"""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from .metrics.base import MetricResult
+
+
+def _pyplot() -> Any:
+    import matplotlib
+
+    matplotlib.use("Agg", force=False)
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+def draw_result(result: MetricResult, folder: str | Path) -> list[Path]:
+    """Draw every figure this result supports into ``folder``; returns the PNG paths."""
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    drawers = {
+        "gradient_flow": _gradient_flow,
+        "fisher": _spectrum_and_layers,
+        "hessian": _spectrum_and_layers,
+        "landscape": _landscape,
+        "interpolation": _interpolation,
+    }
+    drawer = drawers.get(result.name)
+    if drawer is None:
+        return []
+    return drawer(result, folder)
+
+
+def _layer_values(scalars: dict[str, float], suffix: str) -> dict[str, float]:
+    out = {}
+    for key, value in scalars.items():
+        if key.startswith("layers/") and key.endswith("/" + suffix):
+            out[key[len("layers/") : -len(suffix) - 1]] = value
+    return out
+
+
+def _bar_chart(values: dict[str, float], title: str, ylabel: str, path: Path, colors: list[str] | None = None) -> Path:
+    plt = _pyplot()
+    names = list(values)
+    heights = [max(v, 1e-30) if math.isfinite(v) else 0.0 for v in values.values()]
+    fig, ax = plt.subplots(figsize=(max(6, 0.28 * len(names) + 2), 4.5))
+    ax.bar(range(len(names)), heights, color=colors or "tab:blue")
+    ax.set_yscale("log")
+    ax.set_xticks(range(len(names)))
+    ax.set_xticklabels(names, rotation=90, fontsize=6)
+    ax.set_ylabel(ylabel)
+    ax.set_title(title)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
+def _gradient_flow(result: MetricResult, folder: Path) -> list[Path]:
+    norms = _layer_values(result.scalars, "norm")
+    if not norms:
+        return []
+    colors = []
+    for name in norms:
+        if result.scalars.get(f"layers/{name}/vanishing"):
+            colors.append("tab:orange")
+        elif result.scalars.get(f"layers/{name}/exploding"):
+            colors.append("tab:red")
+        else:
+            colors.append("tab:blue")
+    title = f"gradient norm per module (total {result.scalars.get('total_norm', float('nan')):.3g})"
+    return [_bar_chart(norms, title, "||grad L||", folder / "gradient_flow-layers.png", colors)]
+
+
+def _spectrum_and_layers(result: MetricResult, folder: Path) -> list[Path]:
+    paths = []
+    eig = result.arrays.get("top_eigenvalues")
+    if eig is not None and np.size(eig):
+        plt = _pyplot()
+        eig = np.asarray(eig, dtype=float)
+        fig, ax = plt.subplots(figsize=(5, 3.5))
+        ax.plot(np.arange(1, eig.size + 1), eig, "o-")
+        if np.all(eig > 0):
+            ax.set_yscale("log")
+        ax.set_xlabel("index k")
+        ax.set_ylabel("eigenvalue")
+        ax.set_title(f"{result.name}: top {eig.size} eigenvalues")
+        fig.tight_layout()
+        path = folder / f"{result.name}-spectrum.png"
+        fig.savefig(path, dpi=110)
+        plt.close(fig)
+        paths.append(path)
+    traces = _layer_values(result.scalars, "trace")
+    if traces:
+        paths.append(_bar_chart(traces, f"{result.name} trace per module", "trace", folder / f"{result.name}-layers.png"))
+    return paths
+
+
+def _landscape(result: MetricResult, folder: Path) -> list[Path]:
+    grid = result.arrays.get("grid_losses")
+    if grid is None:
+        return []
+    plt = _pyplot()
+    grid = np.asarray(grid, dtype=float)
+    alphas = np.asarray(result.arrays.get("alphas", np.arange(grid.shape[0])), dtype=float)
+    path = folder / "landscape.png"
+    if grid.ndim == 1 or min(grid.shape) == 1:
+        fig, ax = plt.subplots(figsize=(5, 3.5))
+        ax.plot(alphas, grid.reshape(-1), "o-")
+        ax.set_xlabel("alpha")
+        ax.set_ylabel("loss")
+    else:
+        betas = np.asarray(result.arrays.get("betas", np.arange(grid.shape[1])), dtype=float)
+        fig, ax = plt.subplots(figsize=(5.5, 4.5))
+        mesh = ax.pcolormesh(betas, alphas, grid, shading="auto", cmap="viridis")
+        finite = grid[np.isfinite(grid)]
+        if finite.size and finite.max() > finite.min():
+            ax.contour(betas, alphas, grid, levels=12, colors="white", linewidths=0.6)
+        fig.colorbar(mesh, ax=ax, label="loss")
+        ax.plot([0], [0], "r+", markersize=10)
+        ax.set_xlabel("beta (d2)")
+        ax.set_ylabel("alpha (d1)")
+    ax.set_title(f"loss landscape (roughness {result.scalars.get('roughness', float('nan')):.3g})")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return [path]
+
+
+def _interpolation(result: MetricResult, folder: Path) -> list[Path]:
+    ts = result.arrays.get("ts")
+    losses = result.arrays.get("path_losses")
+    if ts is None or losses is None:
+        return []
+    plt = _pyplot()
+    ts = np.asarray(ts, dtype=float)
+    losses = np.asarray(losses, dtype=float)
+    fig, ax = plt.subplots(figsize=(5, 3.5))
+    ax.plot(ts, losses, "o-", label="path")
+    start, end = result.scalars.get("loss_start"), result.scalars.get("loss_end")
+    if start is not None and end is not None:
+        ax.plot([0, 1], [start, end], "k--", label="chord")
+    ax.axvline(0, color="grey", lw=0.5)
+    ax.axvline(1, color="grey", lw=0.5)
+    ax.set_xlabel("t (0: previous checkpoint, 1: this one)")
+    ax.set_ylabel("loss")
+    ax.set_title(f"interpolation (barrier {result.scalars.get('barrier_height', float('nan')):.3g})")
+    ax.legend()
+    fig.tight_layout()
+    path = folder / "interpolation.png"
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return [path]
