@@ -216,7 +216,11 @@ class MetricSuite:
                 from . import plots
             except ImportError:  # matplotlib is an optional extra
                 return files
-            paths = plots.draw_result(result, self.journal.root / f"step-{int(step)}")
+            try:
+                paths = plots.draw_result(result, self.journal.root / f"step-{int(step)}")
+            except Exception as err:  # a figure is never worth a lost record
+                logger.warning("uma: could not draw %s at step %d (%s: %s)", result.name, step, type(err).__name__, err)
+                return files
             files += self.journal.add_files(paths)
         return files
 
