@@ -297,23 +297,24 @@ def fisher_matvec(
     return matvec
 
 
-def sample_mc_labels(model: torch.nn.Module, batch: Any, seed: int, draw: int = 0) -> Any:
-    """The batch with ``labels`` drawn from the model's own predictive distribution.
+def sample_mc_labels(model: torch.nn.Module, batch: Any, seed: int, draws: int = 1) -> list[Any]:
+    """Copies of the batch with ``labels`` drawn from the model's own predictive distribution.
 
     Causal LMs (``logits [B, T, V]``): label t (t >= 1) is drawn from softmax(logits[:, t-1])
     wherever the given label is not ``-100`` (ignored positions stay ignored). Classification
-    (``logits [B, C]``, integer labels): one class per example. Each sample draws from its own
-    generator, seeded from (``seed``, ``draw``, the bytes of the sample's inputs), so the
-    draws do not depend on how the probe is chunked or sharded.
+    (``logits [B, C]``, integer labels): one class per example. One forward serves all
+    draws. Each sample draws from its own generator, seeded from (``seed``, ``draws``, the
+    bytes of the sample's inputs), so the draws do not depend on how the probe is chunked
+    or sharded.
 
     Args:
         model: returns an output with ``.logits`` (or a tuple whose first item is logits).
         batch: a dict with ``labels`` and the model's inputs.
         seed: the recorded MC seed.
-        draw: index of the draw (for several draws per sample).
+        draws: label draws per sample.
 
     Returns:
-        A shallow copy of ``batch`` with new ``labels`` (same dtype and device).
+        ``draws`` shallow copies of ``batch`` with new ``labels`` (same dtype and device).
 
     Raises:
         ValueError: the batch is not a dict with ``labels``, the output has no logits, or
@@ -335,19 +336,29 @@ def sample_mc_labels(model: torch.nn.Module, batch: Any, seed: int, draw: int = 
     if not isinstance(logits, torch.Tensor):
         raise ValueError("FisherInformation.kind='mc' needs a model output with .logits")
     probs = torch.softmax(logits.detach().double(), dim=-1)
-    n = count_samples(batch)
     inputs = {k: v for k, v in batch.items() if k != "labels"}
-    new = labels.clone()
-    for i in range(n):
-        gen = torch.Generator(device=probs.device).manual_seed(_sample_seed(select_samples(inputs, [i]), seed, draw))
+    new = [labels.clone() for _ in range(draws)]
+    for i in range(count_samples(batch)):
+        gen = torch.Generator(device=probs.device).manual_seed(_sample_seed(select_samples(inputs, [i]), seed, draws))
         if logits.dim() == 3:
-            drawn = torch.multinomial(probs[i, :-1], 1, generator=gen).squeeze(-1)
+            drawn = torch.multinomial(probs[i, :-1], draws, replacement=True, generator=gen)  # [T-1, draws]
             keep = labels[i, 1:] != IGNORE_INDEX
-            new[i, 1:] = torch.where(keep, drawn.to(labels.dtype), labels[i, 1:])
+            for d in range(draws):
+                new[d][i, 1:] = torch.where(keep, drawn[:, d].to(labels.dtype), labels[i, 1:])
         else:
-            new[i] = torch.multinomial(probs[i], 1, generator=gen).squeeze(-1).to(labels.dtype)
-    out = dict(batch)
-    out["labels"] = new
+            drawn = torch.multinomial(probs[i], draws, replacement=True, generator=gen).to(labels.dtype)
+            for d in range(draws):
+                new[d][i] = drawn[d]
+    return [{**batch, "labels": lab} for lab in new]
+
+
+def group_draws(labeled: list[Any], rows: int) -> list[Any]:
+    """Concatenate consecutive label-drawn copies of a chunk into batches of at most ``rows`` rows."""
+    per = max(1, rows // count_samples(labeled[0]))
+    out = []
+    for start in range(0, len(labeled), per):
+        group = labeled[start : start + per]
+        out.append(group[0] if len(group) == 1 else {k: torch.cat([g[k] for g in group]) if isinstance(v, torch.Tensor) else v for k, v in group[0].items()})
     return out
 
 

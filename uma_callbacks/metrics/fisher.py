@@ -11,7 +11,14 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from ..linalg.fisher_products import METHODS, FisherSums, accumulate_fisher, fisher_matvec, sample_mc_labels
+from ..linalg.fisher_products import (
+    METHODS,
+    FisherSums,
+    accumulate_fisher,
+    fisher_matvec,
+    group_draws,
+    sample_mc_labels,
+)
 from ..linalg.lanczos import lanczos_top_k
 from ..linalg.linear_factors import linear_param_map
 from ..model_state import eager_attention
@@ -237,7 +244,11 @@ def gather_fisher(
         raise ValueError("FisherInformation.method='linear' needs every trainable parameter in an nn.Linear")
     chunks = ctx.chunks()
     if kind == "mc":
-        chunks = (sample_mc_labels(ctx.model, c, seed, d) for c in ctx.chunks() for d in range(mc_samples))
+        chunks = (
+            group
+            for c in ctx.chunks()
+            for group in group_draws(sample_mc_labels(ctx.model, c, seed, mc_samples), ctx.chunk_size)
+        )
         ctx.meta.update(seed=seed, mc_samples=mc_samples)
     acc = torch.float64 if accumulate_dtype == "float64" else torch.float32
     local = accumulate_fisher(
