@@ -74,8 +74,11 @@ def _parse_line(line: str) -> dict[str, Any] | None:
 def append_line(path: Path, payload: dict[str, Any]) -> None:
     """Append one self-checking JSON line atomically (one write, O_APPEND, fsync)."""
     data = _checked_line(payload)
-    fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
+    fd = os.open(path, os.O_RDWR | os.O_APPEND | os.O_CREAT, 0o644)
     try:
+        size = os.fstat(fd).st_size
+        if size and os.pread(fd, 1, size - 1) != b"\n":
+            data = b"\n" + data  # a torn last line (kill -9 mid-write) stays on a line of its own
         os.write(fd, data)
         os.fsync(fd)
     finally:

@@ -229,7 +229,10 @@ class Metric(abc.ABC):
 
     # ------------------------------------------------------------------ public API
     def config(self) -> dict[str, Any]:
-        """The metric's configuration as JSON-able values (part of the cache key)."""
+        """The metric's configuration as JSON-able values (part of the cache key).
+
+        Every public attribute is configuration; keep state in ``_private`` attributes.
+        """
         out: dict[str, Any] = {"metric": self.name}
         for key, value in sorted(vars(self).items()):
             if key.startswith("_") or key in ("chunk_size", "timeout_seconds"):

@@ -1,0 +1,107 @@
+"""MetricSuite: failures isolated, cache hits, sink outages lose nothing."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from tests.cases import mlp_case
+from uma_callbacks.integrations.base import MemorySink, Sink
+from uma_callbacks.journal import Journal
+from uma_callbacks.metrics import GradientFlow
+from uma_callbacks.metrics.base import ComputeContext, Metric, MetricResult
+from uma_callbacks.probe import Probe
+from uma_callbacks.snapshot import weights_fingerprint
+from uma_callbacks.suite import MetricSuite
+
+
+class Counting(Metric):
+    name = "counting"
+
+    def __init__(self):
+        super().__init__()
+        self._calls = 0  # private: public attributes are configuration (the cache key)
+
+    @property
+    def calls(self):
+        return self._calls
+
+    def _compute(self, ctx: ComputeContext) -> MetricResult:
+        self._calls += 1
+        return MetricResult(name=self.name, scalars={"calls": float(self._calls)})
+
+
+class Broken(Metric):
+    name = "broken"
+
+    def _compute(self, ctx):
+        raise FloatingPointError("NaN in gradient of fc1.weight")
+
+
+class FlakySink(Sink):
+    name = "flaky"
+
+    def __init__(self):
+        super().__init__()
+        self.down = True
+        self.got = []
+
+    def run_id(self):
+        return "r"
+
+    def log_record(self, record, root):
+        if self.down:
+            raise ConnectionError("tracker unreachable")
+        self.got.append((record.step, record.metric))
+
+
+def _setup(tmp_path, metrics, sinks=()):
+    model, batches, loss_fn = mlp_case(dtype=torch.float64)
+    suite = MetricSuite(metrics=metrics, journal=Journal(tmp_path), sinks=list(sinks), loss_fn=loss_fn, draw_figures=False)
+    return suite, model, Probe(batches)
+
+
+def test_failure_becomes_error_record_and_others_run(tmp_path):
+    suite, model, probe = _setup(tmp_path, [Broken(), GradientFlow()])
+    records = suite.run(model, probe, step=1, checkpoint="c1")
+    assert [r.status for r in records] == ["error", "ok"]
+    assert records[0].error["type"] == "FloatingPointError" and "fc1.weight" in records[0].error["message"]
+    assert [r.status for r in suite.journal.records()] == ["error", "ok"]
+
+
+def test_cache_hit_computes_nothing(tmp_path):
+    counting = Counting()
+    suite, model, probe = _setup(tmp_path, [counting])
+    fp = weights_fingerprint(model)
+    first = suite.run(model, probe, step=1, checkpoint=fp)
+    second = suite.run(model, probe, step=1, checkpoint=fp)
+    assert counting.calls == 1
+    assert first[0].status == "ok" and second[0].status == "cached"
+    assert second[0].scalars == first[0].scalars
+    with torch.no_grad():
+        model.fc1.weight.add_(1.0)
+    suite.run(model, probe, step=2, checkpoint=weights_fingerprint(model))
+    assert counting.calls == 2
+
+
+def test_sink_outage_loses_nothing(tmp_path, caplog):
+    sink, memory = FlakySink(), MemorySink()
+    suite, model, probe = _setup(tmp_path, [Counting()], sinks=[sink, memory])
+    suite.run(model, probe, step=1, checkpoint="a")
+    suite.run(model, probe, step=2, checkpoint="b")
+    assert sink.got == [] and len(memory.records) == 2
+    assert sum("tracker unreachable" in m for m in caplog.messages) == 1  # one warning, not one per record
+    sink.down = False
+    assert suite.deliver_pending() == 2
+    assert sink.got == [(1, "counting"), (2, "counting")]
+    assert suite.deliver_pending() == 0  # idempotent: nothing delivered twice
+    assert len(memory.records) == 2
+
+
+def test_sink_without_name_is_refused():
+    class Nameless(Sink):
+        def log_record(self, record, root):
+            pass
+
+    with pytest.raises(NotImplementedError, match="name"):
+        Nameless()
