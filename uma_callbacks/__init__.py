@@ -15,6 +15,11 @@ __version__ = "0.1.0"
 
 _LAZY = {
     "UMACallback": ("callback", "UMACallback"),
+    "analyze_models": ("analyze", "analyze_models"),
+    "AnalysisResults": ("analyze", "AnalysisResults"),
+    "ResultCache": ("analyze", "ResultCache"),
+    "UnifiedConfig": ("unified_config", "UnifiedConfig"),
+    "backfill": ("backfill", "backfill"),
 }
 
 
@@ -30,6 +35,11 @@ def __getattr__(name: str):
 
 __all__ = [
     "METRICS",
+    "AnalysisResults",
+    "ResultCache",
+    "UnifiedConfig",
+    "analyze_models",
+    "backfill",
     "MemoryBudget",
     "Metric",
     "MetricResult",

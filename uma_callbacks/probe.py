@@ -269,3 +269,83 @@ def _strip_text_columns(sample: Any) -> Any:
     if isinstance(sample, Mapping):
         return {k: v for k, v in sample.items() if not isinstance(v, str)}
     return sample
+
+
+# ---------------------------------------------------------------------- on disk
+#: File names of a saved probe, next to the journal (``<output_dir>/uma/``).
+PROBE_TENSORS = "probe.safetensors"
+PROBE_META = "probe.json"
+
+
+def save_probe(probe: Probe, root: str | Any) -> None:
+    """Write ``probe`` as ``<root>/probe.safetensors`` + ``<root>/probe.json`` (no pickle).
+
+    The offline backfill (``uma backfill RUN_DIR``) rebuilds the very same probe from
+    these two files; ``probe.json`` holds the fingerprint, which :func:`load_probe`
+    checks. Only batches that are flat dicts of tensors can be saved.
+
+    Args:
+        probe: the frozen probe.
+        root: the folder (usually the journal root, ``<output_dir>/uma``; created).
+
+    Raises:
+        ValueError: a batch is not a flat ``{str: Tensor}`` dict.
+    """
+    import os
+    from pathlib import Path
+
+    from safetensors.torch import save_file
+
+    folder = Path(root)
+    folder.mkdir(parents=True, exist_ok=True)
+    tensors: dict[str, torch.Tensor] = {}
+    layout: list[list[str]] = []
+    for i, batch in enumerate(probe.batches):
+        if not isinstance(batch, Mapping) or not all(
+            isinstance(k, str) and isinstance(v, torch.Tensor) for k, v in batch.items()
+        ):
+            raise ValueError(
+                f"save_probe: batch {i} must be a flat dict of tensors to be saved; got {type(batch).__name__}"
+            )
+        layout.append(list(batch.keys()))
+        for key, value in batch.items():
+            tensors[f"{i}/{key}"] = value.detach().cpu().contiguous()
+    meta = {"fingerprint": probe.fingerprint, "name": probe.name, "n_samples": probe.n_samples, "layout": layout}
+    tmp = folder / (PROBE_TENSORS + ".tmp")
+    save_file(tensors, str(tmp), metadata={"fingerprint": probe.fingerprint})
+    os.replace(tmp, folder / PROBE_TENSORS)
+    tmp_meta = folder / (PROBE_META + ".tmp")
+    tmp_meta.write_text(json.dumps(meta, indent=1), encoding="utf-8")
+    os.replace(tmp_meta, folder / PROBE_META)
+
+
+def load_probe(root: str | Any) -> Probe:
+    """The probe :func:`save_probe` wrote under ``root``, fingerprint checked.
+
+    Args:
+        root: the folder holding ``probe.safetensors`` and ``probe.json``.
+
+    Returns:
+        The probe, with the same batches, keys order and fingerprint.
+
+    Raises:
+        FileNotFoundError: no saved probe under ``root``.
+        ValueError: the files disagree with the recorded fingerprint (damaged or edited).
+    """
+    from pathlib import Path
+
+    from safetensors.torch import load_file
+
+    folder = Path(root)
+    if not (folder / PROBE_TENSORS).is_file() or not (folder / PROBE_META).is_file():
+        raise FileNotFoundError(f"no saved probe ({PROBE_TENSORS} + {PROBE_META}) in {folder}")
+    meta = json.loads((folder / PROBE_META).read_text(encoding="utf-8"))
+    tensors = load_file(str(folder / PROBE_TENSORS))
+    batches = [{key: tensors[f"{i}/{key}"] for key in keys} for i, keys in enumerate(meta["layout"])]
+    probe = Probe(batches, name=meta.get("name", "probe"))
+    if probe.fingerprint != meta.get("fingerprint"):
+        raise ValueError(
+            f"saved probe in {folder} has fingerprint {probe.fingerprint[:12]} but probe.json records "
+            f"{str(meta.get('fingerprint'))[:12]}: the files are damaged or were edited"
+        )
+    return probe

@@ -1,0 +1,190 @@
+"""The ``uma`` command: ``uma backfill``, ``uma report``, ``uma sync``.
+
+Exit codes: 0 all done; 1 some checkpoint or metric failed (the others were processed;
+a summary lists the reasons); 2 bad input (missing folder, no checkpoints, no probe,
+bad option).
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+from pathlib import Path
+from typing import Any
+
+_BACKFILL_EPILOG = """examples:
+  # measure Fisher and a landscape slice at every checkpoint-*/ of a Trainer run,
+  # on the probe the live callback saved, into the run's MLflow run
+  uma backfill runs/demo --metrics fisher,landscape \\
+      --mlflow-run 3f2c... --tracking-uri sqlite:///runs/demo/mlflow.db
+
+  # same, joining the MLflow run the journal already delivered to
+  uma backfill runs/demo --metrics fisher --trackers mlflow
+
+  # a run without a saved probe: rebuild it from texts (tokenizer from the checkpoints)
+  uma backfill runs/demo --metrics gradient_flow --texts probe.txt --probe-size 32 --seed 42
+
+  # into an existing W&B run
+  uma backfill runs/demo --metrics fisher --wandb-run abc123
+
+The probe: --probe-from-journal (default when no --texts) reads <journal>/probe.safetensors,
+which the live callback saves at train begin; its fingerprint must match the journal's
+records (--new-probe overrides). Rerunning is safe: finished (checkpoint, metric) pairs
+come from the journal and no tracker point is logged twice.
+"""
+
+_REPORT_EPILOG = """examples:
+  uma report runs/demo                 # writes runs/demo/uma/report.png and report.html
+  uma report runs/demo --out /tmp/rep  # elsewhere
+"""
+
+_SYNC_EPILOG = """examples:
+  # replay every journalled record the MLflow run has not received yet
+  uma sync runs/demo --mlflow-run 3f2c... --tracking-uri sqlite:///runs/demo/mlflow.db
+  uma sync runs/demo --trackers mlflow   # the run the journal last delivered to
+  uma sync runs/demo --wandb-run abc123
+"""
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The argument parser of ``uma`` (subcommands backfill, report, sync)."""
+    parser = argparse.ArgumentParser(
+        prog="uma",
+        description="Training-geometry diagnostics over saved checkpoints and journals.",
+        epilog="run `uma <command> --help` for each command's options and examples",
+    )
+    sub = parser.add_subparsers(dest="command", required=True)
+    fmt = argparse.RawDescriptionHelpFormatter
+
+    bf = sub.add_parser("backfill", help="measure saved checkpoints and log at their steps", epilog=_BACKFILL_EPILOG,
+                        formatter_class=fmt, description="Measure every checkpoint of RUN_DIR at its own global step.")
+    bf.add_argument("run_dir", help="run folder with checkpoint-*/ (or Accelerate state) folders")
+    bf.add_argument("--metrics", default="gradient_flow", help="comma-separated metric names (default gradient_flow)")
+    _tracker_args(bf)
+    probe = bf.add_mutually_exclusive_group()
+    probe.add_argument("--probe-from-journal", action="store_true", help="use the probe saved in the journal (default)")
+    probe.add_argument("--texts", help="text file (one sample per line) to build the probe from")
+    bf.add_argument("--tokenizer", help="tokenizer folder for --texts (default: the checkpoints')")
+    bf.add_argument("--probe-size", type=int, default=64, help="probe samples drawn from --texts (default 64)")
+    bf.add_argument("--probe-batch-size", type=int, default=8, help="samples per probe batch (default 8)")
+    bf.add_argument("--max-length", type=int, default=128, help="token truncation for --texts (default 128)")
+    bf.add_argument("--seed", type=int, default=42, help="draws the probe samples (default 42)")
+    bf.add_argument("--new-probe", action="store_true", help="accept a probe the journal's records do not carry")
+    bf.add_argument("--output-dir", help="journal folder (default RUN_DIR/uma)")
+    bf.add_argument("--no-trajectory", action="store_true", help="skip the checkpoint-trajectory record")
+    bf.add_argument("--no-cache", action="store_true", help="recompute even what the journal holds")
+    bf.add_argument("--no-figures", action="store_true", help="do not draw PNG figures")
+    bf.add_argument("--device", help="cpu, cuda, cuda:1 ... (default: cuda if available)")
+    bf.set_defaults(func=_backfill)
+
+    rp = sub.add_parser("report", help="multi-panel PNG + HTML page of the journal", epilog=_REPORT_EPILOG,
+                        formatter_class=fmt, description="Draw every metric's main scalars across steps.")
+    rp.add_argument("run_dir", help="run folder (or its uma/ journal folder)")
+    rp.add_argument("--out", help="output folder (default: the journal folder)")
+    rp.set_defaults(func=_report)
+
+    sy = sub.add_parser("sync", help="replay journalled records a tracker missed", epilog=_SYNC_EPILOG,
+                        formatter_class=fmt, description="Deliver every journalled record a tracker has not received.")
+    sy.add_argument("run_dir", help="run folder (or its uma/ journal folder)")
+    _tracker_args(sy)
+    sy.set_defaults(func=_sync)
+    return parser
+
+
+def _tracker_args(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--trackers", default="", help="comma-separated: mlflow, wandb")
+    parser.add_argument("--mlflow-run", help="existing MLflow run id to log into")
+    parser.add_argument("--tracking-uri", help="MLflow tracking URI (e.g. sqlite:///runs/demo/mlflow.db)")
+    parser.add_argument("--wandb-run", help="existing W&B run id to log into (resumed)")
+
+
+def _split(text: str) -> list[str]:
+    return [t.strip() for t in (text or "").split(",") if t.strip()]
+
+
+def _backfill(args: argparse.Namespace) -> int:
+    from .backfill import backfill
+
+    texts = None
+    if args.texts:
+        path = Path(args.texts)
+        if not path.is_file():
+            raise FileNotFoundError(f"--texts file {path} does not exist")
+        texts = [line for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
+    summary = backfill(
+        args.run_dir,
+        metrics=_split(args.metrics),
+        texts=texts,
+        tokenizer=args.tokenizer,
+        probe_size=args.probe_size,
+        probe_batch_size=args.probe_batch_size,
+        max_length=args.max_length,
+        seed=args.seed,
+        trackers=_split(args.trackers),
+        mlflow_run_id=args.mlflow_run,
+        tracking_uri=args.tracking_uri,
+        wandb_run_id=args.wandb_run,
+        output_dir=args.output_dir,
+        trajectory=not args.no_trajectory,
+        use_cache=not args.no_cache,
+        check_probe=not args.new_probe,
+        draw_figures=not args.no_figures,
+        device=args.device,
+    )
+    print(summary.describe())
+    return 0 if summary.ok else 1
+
+
+def _report(args: argparse.Namespace) -> int:
+    from .report import write_report
+
+    png, page = write_report(args.run_dir, args.out)
+    print(f"report: {png}\nreport: {page}")
+    return 0
+
+
+def _sync(args: argparse.Namespace) -> int:
+    from tqdm.auto import tqdm
+
+    from .backfill import resolve_sinks
+    from .report import find_journal
+    from .suite import deliver
+
+    journal = find_journal(args.run_dir)
+    run_dir = journal.root.parent if journal.root.name == "uma" else journal.root
+    sinks = resolve_sinks(_split(args.trackers), args.mlflow_run, args.tracking_uri, args.wandb_run, journal, run_dir)
+    if not sinks:
+        raise ValueError("sync: no tracker given; pass --mlflow-run/--tracking-uri, --wandb-run or --trackers")
+    records = journal.records()
+    failed: set[str] = set()
+    total = 0
+    for sink in sinks:
+        sent = 0
+        for record in tqdm(records, desc=f"uma sync {sink.name}", unit="rec"):
+            sent += deliver(journal, sink, [record], failed)
+        sink.finish()
+        print(f"sync: {sent} record(s) delivered to {sink.name} run {sink.run_id()}")
+        total += sent
+    return 1 if failed else 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Entry point of the ``uma`` console script; returns the exit code."""
+    logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(message)s")
+    for noisy in ("mlflow", "alembic", "httpx", "urllib3"):
+        logging.getLogger(noisy).setLevel(logging.ERROR)
+    args = build_parser().parse_args(argv)
+    try:
+        return int(args.func(args))
+    except (FileNotFoundError, ValueError) as err:
+        print(f"uma {args.command}: error: {err}", file=sys.stderr)
+        return 2
+
+
+def _run() -> Any:  # pragma: no cover - python -m uma_callbacks.cli
+    raise SystemExit(main())
+
+
+if __name__ == "__main__":  # pragma: no cover
+    _run()

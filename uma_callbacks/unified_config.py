@@ -1,0 +1,237 @@
+"""``UnifiedConfig``: the predecessor's configuration (seed/ docs), mapped onto our engine.
+
+Every field the predecessor documented is accepted with its default, so old scripts and
+``UnifiedConfig(**json.load(f))`` keep working. An unknown field raises ``ValueError``
+naming the closest valid one. :meth:`UnifiedConfig.to_uma` maps it:
+
+==============================  ================================================
+``compute_fisher``              ``FisherInformation(kind=fisher_method, top_k=fisher_top_k)``
+                                (``"exact"`` -> ``kind="mc"``; no spectrum without
+                                ``compute_fisher_eigenvalues``)
+``compute_gradients``           ``GradientFlow()`` (with ``compute_gradient_flow``)
+``compute_loss_landscape``      ``LossLandscape(n_points, span, normalization)`` when available
+``compute_all``                 every metric this version has
+``num_samples``                 probe size; ``batch_size`` -> probe batch size
+``fisher_batch_size``           Fisher chunk size; ``max_seq_length`` -> text truncation
+``max_memory_gb``               ``MemoryBudget`` in GB; ``timeout_seconds`` -> per metric
+``seed`` / ``use_cache`` / ``force_recompute`` / ``save_plots`` / ``output_dir``  as named
+==============================  ================================================
+
+Fields with no counterpart (``compute_mechanistic``, ``enable_qkov_interference``, ...)
+are stored; when set away from their default they are listed in one warning.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import logging
+import warnings
+from dataclasses import dataclass
+from typing import Any
+
+from .metrics import METRICS
+
+logger = logging.getLogger(__name__)
+
+#: Fields :meth:`UnifiedConfig.to_uma` uses; the others are stored only.
+MAPPED_FIELDS = frozenset(
+    {
+        "model_name", "base_model", "device", "dtype", "dataset_name", "dataset_split", "num_samples",
+        "max_seq_length", "batch_size", "compute_all", "compute_fisher", "compute_gradients",
+        "compute_loss_landscape", "fisher_method", "fisher_batch_size", "compute_fisher_eigenvalues",
+        "fisher_top_k", "loss_landscape_n_points", "loss_landscape_span", "loss_landscape_normalization",
+        "compute_gradient_flow", "aggressive_cleanup", "max_memory_gb", "seed", "output_dir", "save_results",
+        "save_plots", "verbose", "use_cache", "force_recompute", "skip_on_error", "timeout_seconds",
+    }
+)
+NORMALIZATIONS = ("filter", "layer", "global")
+FISHER_METHODS = ("empirical", "exact", "mc")
+_warned: set[frozenset[str]] = set()
+
+
+@dataclass(init=False)
+class UnifiedConfig:
+    """The predecessor's configuration, field for field (see the module docstring for the mapping).
+
+    Raises:
+        ValueError: an unknown field (with the closest valid name) or a value out of range.
+
+    Example:
+        >>> UnifiedConfig(compute_fisher=True, seed=1).to_uma()["metric_names"]
+        ['fisher']
+    """
+
+    # model
+    model_name: str | None = None
+    base_model: str | None = None
+    device: str = "auto"
+    dtype: str = "auto"
+    # data
+    dataset_name: str = "openwebtext"
+    dataset_split: str = "train"
+    num_samples: int = 1000
+    max_seq_length: int = 512
+    # batch sizes
+    batch_size: int = 32
+    max_batch_size: int = 256
+    min_batch_size: int = 4
+    adaptive_batch_sizing: bool = True
+    # metric selection
+    compute_all: bool = False
+    compute_fisher: bool = False
+    compute_gradients: bool = False
+    compute_information_theory: bool = False
+    compute_representations: bool = False
+    compute_mechanistic: bool = False
+    compute_modularity: bool = False
+    compute_lottery: bool = False
+    compute_bombshell: bool = False
+    compute_loss_landscape: bool = False
+    compute_qkov: bool = False
+    # Fisher
+    fisher_n_samples: int = 1000
+    fisher_method: str = "empirical"
+    fisher_batch_size: int = 128
+    compute_fisher_eigenvalues: bool = True
+    fisher_top_k: int = 20
+    enable_qkov_interference: bool = True
+    enable_cross_task_conflicts: bool = True
+    # loss landscape
+    loss_landscape_n_points: int = 25
+    loss_landscape_span: float = 0.1
+    loss_landscape_normalization: str = "layer"
+    loss_landscape_batches: int = 10
+    # gradients
+    gradient_trajectory_steps: int = 100
+    compute_gradient_flow: bool = True
+    compute_gradient_pathology: bool = True
+    # memory
+    aggressive_cleanup: bool = True
+    enable_memory_tracking: bool = False
+    max_memory_gb: float = 70.0
+    # reproducibility
+    seed: int = 42
+    deterministic: bool = True
+    # output
+    output_dir: str = "./analysis_results"
+    save_results: bool = True
+    save_plots: bool = False
+    verbose: bool = True
+    # advanced
+    use_cache: bool = True
+    force_recompute: bool = False
+    skip_on_error: bool = True
+    timeout_seconds: int | None = None
+
+    def __init__(self, **kwargs: Any) -> None:
+        names = [f.name for f in dataclasses.fields(self)]
+        for key in kwargs:
+            if key not in names:
+                match = difflib.get_close_matches(key, names, n=1)
+                hint = f" (did you mean {match[0]!r}?)" if match else ""
+                raise ValueError(f"UnifiedConfig has no field {key!r}{hint}; valid fields: {', '.join(names)}")
+        for f in dataclasses.fields(self):
+            setattr(self, f.name, kwargs.get(f.name, f.default))
+        self.validate()
+
+    def validate(self) -> None:
+        """Check the mapped fields' values.
+
+        Raises:
+            ValueError: naming the field and the allowed values.
+        """
+        for name in ("num_samples", "batch_size", "fisher_batch_size", "fisher_top_k", "max_seq_length"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise ValueError(f"UnifiedConfig.{name} must be a positive integer; got {value!r}")
+        n = self.loss_landscape_n_points
+        if isinstance(n, bool) or not isinstance(n, int) or n < 1:
+            raise ValueError(f"UnifiedConfig.loss_landscape_n_points must be a positive integer; got {n!r}")
+        if self.loss_landscape_normalization not in NORMALIZATIONS:
+            raise ValueError(
+                f"UnifiedConfig.loss_landscape_normalization must be one of {NORMALIZATIONS!r}; "
+                f"got {self.loss_landscape_normalization!r}"
+            )
+        if self.fisher_method not in FISHER_METHODS:
+            raise ValueError(f"UnifiedConfig.fisher_method must be one of {FISHER_METHODS!r}; got {self.fisher_method!r}")
+        if isinstance(self.seed, bool) or not isinstance(self.seed, int) or self.seed < 0:
+            raise ValueError(f"UnifiedConfig.seed must be a non-negative integer; got {self.seed!r}")
+        if not (isinstance(self.loss_landscape_span, (int, float)) and self.loss_landscape_span > 0):
+            raise ValueError(f"UnifiedConfig.loss_landscape_span must be a positive number; got {self.loss_landscape_span!r}")
+
+    def to_dict(self) -> dict[str, Any]:
+        """All fields (``dataclasses.asdict`` works too)."""
+        return dataclasses.asdict(self)
+
+    def unmapped_settings(self) -> list[str]:
+        """Fields set away from their default that have no counterpart here."""
+        return sorted(
+            f.name
+            for f in dataclasses.fields(self)
+            if f.name not in MAPPED_FIELDS and getattr(self, f.name) != f.default
+        )
+
+    def metrics(self) -> list[Any]:
+        """The metric objects this configuration enables (in a fixed order)."""
+        self.validate()
+        wanted: list[Any] = []
+        everything = self.compute_all
+        if (everything or self.compute_gradients) and self.compute_gradient_flow:
+            wanted.append(METRICS["gradient_flow"]())
+        if everything or self.compute_fisher:
+            kind = "mc" if self.fisher_method in ("exact", "mc") else "empirical"
+            top_k = self.fisher_top_k if self.compute_fisher_eigenvalues else None
+            wanted.append(METRICS["fisher"](kind=kind, top_k=top_k, seed=self.seed, chunk_size=self.fisher_batch_size))
+        if everything and "hessian" in METRICS:
+            wanted.append(METRICS["hessian"]())
+        if everything or self.compute_loss_landscape:
+            if "landscape" in METRICS:
+                wanted.append(
+                    METRICS["landscape"](
+                        n_points=self.loss_landscape_n_points,
+                        span=float(self.loss_landscape_span),
+                        normalization=self.loss_landscape_normalization,
+                    )
+                )
+            else:
+                wanted.append(_Unavailable("landscape"))
+        for metric in wanted:
+            if self.timeout_seconds is not None and hasattr(metric, "timeout_seconds"):
+                metric.timeout_seconds = self.timeout_seconds
+        return wanted
+
+    def to_uma(self) -> dict[str, Any]:
+        """The engine settings: ``metrics``, ``metric_names``, probe size, seed, cache, budget, ...
+
+        Warns once (per distinct set) about fields that are set but have no counterpart.
+        """
+        unmapped = frozenset(self.unmapped_settings())
+        if unmapped and unmapped not in _warned:
+            _warned.add(unmapped)
+            warnings.warn(
+                "UnifiedConfig: these fields are stored but have no counterpart in uma-callbacks: "
+                + ", ".join(sorted(unmapped)),
+                UserWarning,
+                stacklevel=2,
+            )
+        metrics = self.metrics()
+        return {
+            "metrics": metrics,
+            "metric_names": [m.name for m in metrics],
+            "probe_size": self.num_samples,
+            "probe_batch_size": self.batch_size,
+            "max_length": self.max_seq_length,
+            "seed": self.seed,
+            "use_cache": self.use_cache and not self.force_recompute,
+            "draw_figures": bool(self.save_plots),
+            "memory_budget_gb": self.max_memory_gb,
+            "timeout_seconds": self.timeout_seconds,
+        }
+
+
+class _Unavailable:
+    """Placeholder for a metric this version does not have: it becomes an error entry."""
+
+    def __init__(self, name: str) -> None:
+        self.name = name
