@@ -119,11 +119,13 @@ class _Kahan:
     def __init__(self, like: torch.Tensor, dtype: torch.dtype) -> None:
         self.total = torch.zeros_like(like, dtype=dtype)
         self._comp = torch.zeros_like(self.total) if dtype != torch.float64 else None
+        self._empty = True
 
     def add(self, x: torch.Tensor) -> None:
         x = x.to(self.total.dtype)
-        if self._comp is None:
-            self.total += x
+        if self._empty or self._comp is None:
+            self.total = x.clone() if self._empty else self.total.add_(x)
+            self._empty = False
             return
         y = x - self._comp
         t = self.total + y
@@ -284,13 +286,17 @@ def fisher_matvec(
         for chunk in sums.chunks:
             yield chunk_gradients(model, loss_fn, chunk, params, sums.param_map)
 
+    work = {n: params[n].dtype for n in sums.names}
+
     def matvec(v: torch.Tensor) -> torch.Tensor:
-        parts = dict(zip(sums.names, (p.view(s) for p, s in zip(torch.split(v, sizes), shapes))))
-        out = torch.zeros_like(v)
+        pieces = zip(sums.names, torch.split(v, sizes), shapes)
+        parts = {n: p.view(s).to(work[n]) for n, p, s in pieces}  # one cast per product
+        acc: dict[str, torch.Tensor] = {}
         for rep in reps():
-            u = rep.dot(parts)
-            contrib = rep.weighted_sum(u)
-            out += torch.cat([contrib[n].reshape(-1).to(v.dtype) for n in sums.names])
+            contrib = rep.weighted_sum(rep.dot(parts))
+            for n in sums.names:
+                acc[n] = contrib[n] if n not in acc else acc[n].add_(contrib[n])
+        out = torch.cat([acc[n].reshape(-1).to(v.dtype) for n in sums.names])
         all_reduce([out])
         return out / n_total
 

@@ -125,10 +125,10 @@ class LinearFactors:
         u = torch.zeros(self.n, dtype=self.losses.dtype, device=self.losses.device)
         for layer in self._layers:
             if layer.weight is not None:
-                av = layer.a @ v[layer.weight].to(layer.a.dtype).T  # [B, T, out]
+                av = layer.a @ v[layer.weight].T  # [B, T, out]
                 u = u + (av * layer.d).sum((1, 2)).to(u.dtype)
             if layer.bias is not None:
-                u = u + (layer.d.sum(1) @ v[layer.bias].to(layer.d.dtype)).to(u.dtype)
+                u = u + (layer.d.sum(1) @ v[layer.bias]).to(u.dtype)
         return u
 
     def weighted_sum(self, u: torch.Tensor) -> dict[str, torch.Tensor]:

@@ -1,0 +1,66 @@
+"""FisherOverlap against per-task float64 oracles."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+from tests.cases import mlp_case
+from tests.oracles import oracle_per_sample_grads, param_slices
+from uma_callbacks.metrics.fisher import top_percent_mask
+from uma_callbacks.metrics.fisher_overlap import (
+    FisherOverlap,
+    diagonal_cosine,
+    fisher_weighted_conflict,
+    mask_jaccard,
+)
+
+
+def _per_task(model, batches, loss_fn):
+    _, G = oracle_per_sample_grads(model, batches, loss_fn)
+    sl = param_slices(model)
+    return {n: (G**2).mean(0)[s] for n, s in sl.items()}, {n: G.mean(0)[s] for n, s in sl.items()}
+
+
+@pytest.mark.parametrize("method", ["auto", "vmap"])
+def test_overlap_matches_oracle(method):
+    model, batches, loss_fn = mlp_case(n_batches=2, batch_size=5)
+    tasks = {"math": [batches[0]], "code": [batches[1]]}
+    got = FisherOverlap(tasks, top_percent=20, method=method, chunk_size=2).compute(model, None, loss_fn)
+    fa, ga = _per_task(model, tasks["math"], loss_fn)
+    fb, gb = _per_task(model, tasks["code"], loss_fn)
+    assert got.scalars["tasks/math/trace"] == pytest.approx(sum(float(f.sum()) for f in fa.values()), rel=1e-6)
+    ma, mb = top_percent_mask(fa, 20), top_percent_mask(fb, 20)
+    assert got.scalars["pairs/math/code/jaccard"] == pytest.approx(mask_jaccard(ma, mb), rel=1e-12)
+    assert got.scalars["pairs/math/code/cosine"] == pytest.approx(diagonal_cosine(fa, fb), rel=1e-6)
+    w = {n: (fa[n] * fb[n]).sqrt() for n in fa}
+    dot = sum(float((w[n] * ga[n] * gb[n]).sum()) for n in w)
+    na = sum(float((w[n] * ga[n] ** 2).sum()) for n in w)
+    nb = sum(float((w[n] * gb[n] ** 2).sum()) for n in w)
+    assert got.scalars["pairs/math/code/conflict"] == pytest.approx(-dot / math.sqrt(na * nb), rel=1e-6)
+    assert got.scalars["pairs/math/code/conflict"] == pytest.approx(fisher_weighted_conflict(fa, fb, ga, gb), rel=1e-6)
+
+
+def test_overlap_of_a_task_with_itself():
+    model, batches, loss_fn = mlp_case()
+    got = FisherOverlap({"a": batches, "b": batches}, top_percent=10).compute(model, None, loss_fn)
+    assert got.scalars["pairs/a/b/jaccard"] == 1.0
+    assert got.scalars["pairs/a/b/cosine"] == pytest.approx(1.0)
+    assert got.scalars["pairs/a/b/conflict"] == pytest.approx(-1.0)
+
+
+@pytest.mark.parametrize(
+    "kwargs, field",
+    [
+        ({"tasks": {"a": [{"x": torch.zeros(2, 3)}]}}, "tasks"),
+        ({"tasks": {"a/b": [1], "c": [1]}}, "tasks"),
+        ({"tasks": {"a": [], "c": [1]}}, "tasks"),
+        ({"tasks": {"a": [1], "c": [1]}, "top_percent": 0}, "top_percent"),
+        ({"tasks": {"a": [1], "c": [1]}, "kind": "exact"}, "kind"),
+    ],
+)
+def test_bad_config_names_the_field(kwargs, field):
+    with pytest.raises(ValueError, match=field):
+        FisherOverlap(**kwargs)
