@@ -1,0 +1,64 @@
+"""The ``uma`` command: help with examples, exit codes, backfill, report and sync."""
+
+from __future__ import annotations
+
+import base64
+import re
+
+import pytest
+
+from tests.test_checkpoints import fake_trainer_run
+from tests.trainer_cases import tiny_lm_dataset
+from uma_callbacks.cli import build_parser, main
+from uma_callbacks.journal import Journal
+from uma_callbacks.probe import Probe, save_probe
+
+
+@pytest.mark.parametrize("command", ["backfill", "report", "sync"])
+def test_every_command_has_help_with_examples(command, capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        build_parser().parse_args([command, "--help"])
+    assert exit_info.value.code == 0
+    out = capsys.readouterr().out
+    assert "examples:" in out and f"uma {command}" in out
+
+
+def test_missing_folder_and_empty_folder_exit_2(tmp_path, capsys):
+    assert main(["backfill", str(tmp_path / "nope"), "--metrics", "fisher"]) == 2
+    assert "does not exist" in capsys.readouterr().err
+    (tmp_path / "empty").mkdir()
+    assert main(["backfill", str(tmp_path / "empty")]) == 2
+    assert "no checkpoints" in capsys.readouterr().err
+    assert main(["report", str(tmp_path / "empty")]) == 2
+
+
+@pytest.mark.slow
+def test_backfill_with_a_corrupt_checkpoint_then_report_and_sync(tmp_path, capsys):
+    mlflow = pytest.importorskip("mlflow")
+    from mlflow.tracking import MlflowClient
+
+    run = fake_trainer_run(tmp_path / "run", steps=(1, 2, 3))
+    save_probe(Probe.from_dataset(tiny_lm_dataset(n=4, seed=5), 4), run / "uma")
+    (run / "checkpoint-3" / "model.safetensors").write_bytes(b"\x01" * 64)
+    code = main(["backfill", str(run), "--metrics", "gradient_flow", "--no-figures", "--probe-from-journal"])
+    out = capsys.readouterr().out
+    assert code == 1
+    assert "error at step 3" in out and "cannot read weights" in out
+    assert re.search(r"2 checkpoint|3 checkpoint", out)
+
+    assert main(["report", str(run)]) == 0
+    page = (run / "uma" / "report.html").read_text()
+    png = (run / "uma" / "report.png").read_bytes()
+    assert base64.b64encode(png).decode() in page
+    assert "gradient_flow/total_norm" in page and "<table>" in page and "Errors" in page
+
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    client = MlflowClient(uri)
+    run_id = client.create_run(client.create_experiment("sync")).info.run_id
+    assert main(["sync", str(run), "--mlflow-run", run_id, "--tracking-uri", uri]) == 0
+    steps = sorted(m.step for m in client.get_metric_history(run_id, "uma/gradient_flow/total_norm"))
+    assert steps == [1, 2]
+    assert main(["sync", str(run), "--mlflow-run", run_id, "--tracking-uri", uri]) == 0
+    assert "0 record(s) delivered" in capsys.readouterr().out
+    assert sorted(m.step for m in client.get_metric_history(run_id, "uma/gradient_flow/total_norm")) == [1, 2]
+    assert len(Journal(run / "uma").delivered("mlflow", run_id)) >= 3
