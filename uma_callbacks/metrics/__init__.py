@@ -6,10 +6,26 @@
 from .base import Cost, Metric, MetricResult
 from .fisher import FisherInformation
 from .gradient_flow import GradientFlow
+from .hessian import HessianSpectrum
+from .interpolation import CheckpointInterpolation
+from .landscape import LossLandscape
 
 METRICS: dict[str, type[Metric]] = {
     GradientFlow.name: GradientFlow,
+    HessianSpectrum.name: HessianSpectrum,
+    LossLandscape.name: LossLandscape,
+    CheckpointInterpolation.name: CheckpointInterpolation,
     FisherInformation.name: FisherInformation,
 }
 
-__all__ = ["METRICS", "Cost", "FisherInformation", "GradientFlow", "Metric", "MetricResult"]
+__all__ = [
+    "METRICS",
+    "CheckpointInterpolation",
+    "Cost",
+    "FisherInformation",
+    "GradientFlow",
+    "HessianSpectrum",
+    "LossLandscape",
+    "Metric",
+    "MetricResult",
+]

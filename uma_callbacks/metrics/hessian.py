@@ -1,0 +1,242 @@
+"""Hessian spectrum: top-k eigenvalues by Lanczos, trace by Hutchinson, spectrum scalars."""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+
+import numpy as np
+import torch
+
+from ..linalg.hutchinson import hutchinson_trace
+from ..linalg.hvp import HessianOperator, split_flat
+from ..linalg.lanczos import lanczos_top_k
+from ..model_state import eager_attention
+from .base import ComputeContext, Cost, Metric, MetricResult, check_positive_int
+
+
+class HessianSpectrum(Metric):
+    r"""Top eigenvalues and trace of the Hessian of the probe loss.
+
+    N probe samples, L = (1/N) sum_i l_i, H = nabla^2 L [P, P], applied matrix-free by
+    double backward (:class:`~uma_callbacks.linalg.hvp.HessianOperator`; the products
+    are summed over chunks and ranks, then divided by the global N).
+
+    - ``top_eigenvalues [k]``: the k algebraically largest eigenvalues, descending, by
+      Lanczos with full reorthogonalisation (Lanczos 1950; for networks Ghorbani et al.
+      2019, Papyan 2020), stopped when every Ritz residual is below ``tol * |lambda_1|``
+      or after ``max_iter`` products (``meta["lanczos_converged"]`` says which).
+    - ``trace`` = (1/m) sum_j z_j^T H z_j over m Rademacher probes (Hutchinson 1989),
+      ``trace_stderr`` its standard error.
+    - ``top_eigenvalue`` = lambda_1.
+    - ``effective_rank`` = exp(-sum_j p_j log p_j) with p_j = |lambda_j| / sum_l |lambda_l|
+      over the computed top-k. Negative eigenvalues count by magnitude: a Hessian away
+      from a minimum has some, and the entropy needs a distribution.
+    - ``condition_number`` = lambda_1 / lambda_k over the computed top-k when
+      lambda_k > 0; ``inf`` when lambda_k <= 0 (the top-k block is not positive definite).
+
+    Attention implementations without a double backward (SDPA, flash) are switched to
+    eager for the computation and restored after (``meta["attn_implementation"]``).
+
+    Memory: the Lanczos basis holds up to ``max_iter`` vectors [P] (default
+    ``max(3k, k + 30)``) in the parameters' dtype (float32 at least) on
+    ``basis_device``; the products hold the double-backward graph of one chunk (of
+    every local chunk with ``cache_graph=True``).
+
+    Args:
+        top_k: number of eigenvalues k.
+        hutchinson_samples: Rademacher probes m for the trace; 0 skips the trace.
+        return_eigenvectors: also return the Ritz vectors as
+            ``result.tensors["eigvec_<j>/<param name>"]`` (j = 0 is lambda_1), on CPU;
+            :func:`eigenvector_directions` turns them into landscape directions.
+        tol: relative Ritz-residual tolerance of Lanczos.
+        seed: seeds the Lanczos start vector; the Hutchinson probes use ``seed + 1``.
+        max_iter: the most Lanczos products (default ``max(3k, k + 30)``, at most P).
+        cache_graph: keep the first-backward graph across products (see
+            :mod:`~uma_callbacks.linalg.hvp`); ``None``: when the local probe is one chunk.
+        basis_device: where the Lanczos basis lives (``"cpu"`` saves accelerator memory).
+        chunk_size: samples per double backward.
+        timeout_seconds: stop between products past this time.
+
+    Raises:
+        ValueError: ``top_k < 1``, ``hutchinson_samples`` negative or 1, ``tol`` not
+            positive, ``max_iter`` not a positive integer.
+
+    Example:
+        >>> lin = torch.nn.Linear(3, 1).double()
+        >>> batch = {"x": torch.randn(8, 3, dtype=torch.float64), "y": torch.randn(8, 1, dtype=torch.float64)}
+        >>> loss = lambda m, b: ((m(b["x"]) - b["y"]) ** 2).sum(-1)
+        >>> r = HessianSpectrum(top_k=2, hutchinson_samples=4).compute(lin, [batch], loss)
+        >>> r.arrays["top_eigenvalues"].shape, r.meta["lanczos_converged"]
+        ((2,), True)
+    """
+
+    name = "hessian"
+    #: default config: basis of max(3k, k + 30) = 40 vectors, plus the accumulator and a product.
+    cost = Cost(hvp=True, param_copies=42.0)
+    reduce = {"hvp": "sum", "n": "sum"}
+
+    def __init__(
+        self,
+        top_k: int = 10,
+        hutchinson_samples: int = 50,
+        return_eigenvectors: bool = False,
+        tol: float = 1e-5,
+        seed: int = 0,
+        max_iter: int | None = None,
+        cache_graph: bool | None = None,
+        basis_device: str | None = None,
+        *,
+        chunk_size: int | None = None,
+        timeout_seconds: float | None = None,
+    ) -> None:
+        super().__init__(chunk_size=chunk_size, timeout_seconds=timeout_seconds)
+        check_positive_int("HessianSpectrum.top_k", top_k)
+        if (
+            isinstance(hutchinson_samples, bool)
+            or not isinstance(hutchinson_samples, int)
+            or hutchinson_samples < 0
+            or hutchinson_samples == 1
+        ):
+            raise ValueError(
+                "HessianSpectrum.hutchinson_samples must be 0 (no trace) or an integer >= 2 "
+                f"(the standard error needs two probes); got {hutchinson_samples!r}"
+            )
+        if isinstance(tol, bool) or not isinstance(tol, (int, float)) or not tol > 0:
+            raise ValueError(f"HessianSpectrum.tol must be a positive number; got {tol!r}")
+        if max_iter is not None:
+            check_positive_int("HessianSpectrum.max_iter", max_iter)
+        if not isinstance(seed, int) or isinstance(seed, bool):
+            raise ValueError(f"HessianSpectrum.seed must be an integer; got {seed!r}")
+        self.top_k = top_k
+        self.hutchinson_samples = hutchinson_samples
+        self.return_eigenvectors = bool(return_eigenvectors)
+        self.tol = float(tol)
+        self.seed = seed
+        self.max_iter = max_iter
+        self.cache_graph = cache_graph
+        self.basis_device = basis_device
+
+    def _compute(self, ctx: ComputeContext) -> MetricResult:
+        params = ctx.trainable_params()
+        if not params:
+            raise ValueError("HessianSpectrum: the model has no trainable parameters")
+        first = next(iter(params.values()))
+        device = first.device
+        dtype = torch.float64 if any(p.dtype == torch.float64 for p in params.values()) else torch.float32
+        n = ctx.n_total()
+        hut = None
+        with eager_attention(ctx.model, ctx.meta):
+            op = HessianOperator(
+                ctx.model,
+                ctx.loss_fn,
+                list(ctx.chunks()),
+                params,
+                n,
+                collective=ctx.collective,
+                cache_graph=self.cache_graph,
+                on_matvec=lambda m: ctx.check_time(matvecs=m),
+            )
+            try:
+                lz = lanczos_top_k(
+                    op.matvec,
+                    op.dim,
+                    self.top_k,
+                    max_iter=self.max_iter,
+                    tol=self.tol,
+                    seed=self.seed,
+                    dtype=dtype,
+                    device=device,
+                    basis_device=self.basis_device,
+                    return_vectors=self.return_eigenvectors,
+                )
+                lanczos_matvecs = op.matvecs
+                if self.hutchinson_samples:
+                    hut = hutchinson_trace(
+                        op.matvec, op.dim, self.hutchinson_samples, seed=self.seed + 1, dtype=dtype, device=device
+                    )
+            finally:
+                op.close()
+        eigenvalues = lz.eigenvalues.to(torch.float64).cpu()
+        scalars = spectrum_scalars(eigenvalues.tolist())
+        if hut is not None:
+            scalars["trace"] = hut.trace
+            scalars["trace_stderr"] = hut.stderr
+        result = MetricResult(name=self.name, scalars=scalars, arrays={"top_eigenvalues": eigenvalues.numpy()})
+        if lz.eigenvectors is not None:
+            for j in range(lz.eigenvectors.shape[1]):
+                vec = _fix_sign(lz.eigenvectors[:, j])
+                for name, piece in zip(params, split_flat(vec, list(params.values()))):
+                    result.tensors[f"eigvec_{j}/{name}"] = piece.detach().to(params[name].dtype).cpu().contiguous()
+        ctx.meta.update(
+            matvecs=op.matvecs,
+            lanczos_matvecs=lanczos_matvecs,
+            hutchinson_matvecs=op.matvecs - lanczos_matvecs,
+            lanczos_converged=bool(lz.converged),
+            lanczos_residuals=lz.residuals.to(torch.float64).cpu().tolist(),
+            seeds={"lanczos": self.seed, "hutchinson": self.seed + 1},
+            hvp_method="double_backward",
+            cache_graph=op.cache_graph,
+            n_params=op.dim,
+        )
+        return result
+
+
+def spectrum_scalars(eigenvalues: Sequence[float]) -> dict[str, float]:
+    """``top_eigenvalue``, ``effective_rank`` and ``condition_number`` of a top-k spectrum.
+
+    Args:
+        eigenvalues: lambda_1 >= ... >= lambda_k (descending; any sign).
+
+    Returns:
+        The scalars defined in :class:`HessianSpectrum`; NaN for an empty or all-zero list.
+
+    Example:
+        >>> s = spectrum_scalars([4.0, 2.0, 2.0])
+        >>> round(s["effective_rank"], 6), s["condition_number"]
+        (2.828427, 2.0)
+    """
+    lam = np.asarray(list(eigenvalues), dtype=np.float64)
+    if lam.size == 0:
+        return {"top_eigenvalue": math.nan, "effective_rank": math.nan, "condition_number": math.nan}
+    mags = np.abs(lam)
+    total = mags.sum()
+    if total > 0:
+        p = mags[mags > 0] / total
+        effective_rank = float(np.exp(-(p * np.log(p)).sum()))
+    else:
+        effective_rank = math.nan
+    last = lam[-1]
+    condition = float(lam[0] / last) if last > 0 else math.inf
+    return {"top_eigenvalue": float(lam[0]), "effective_rank": effective_rank, "condition_number": condition}
+
+
+def eigenvector_directions(result: MetricResult, count: int = 2) -> list[dict[str, torch.Tensor]]:
+    """The top ``count`` Hessian eigenvectors of a result as ``{param name: tensor}`` dicts.
+
+    Args:
+        result: a ``HessianSpectrum(return_eigenvectors=True)`` result.
+        count: how many (1 or 2 for a landscape).
+
+    Returns:
+        ``count`` dicts, the j-th holding ``result.tensors["eigvec_<j>/<name>"]``.
+
+    Raises:
+        ValueError: the result holds fewer than ``count`` eigenvectors.
+    """
+    out: list[dict[str, torch.Tensor]] = []
+    for j in range(count):
+        prefix = f"eigvec_{j}/"
+        found = {k[len(prefix) :]: v for k, v in result.tensors.items() if k.startswith(prefix)}
+        if not found:
+            raise ValueError(
+                f"eigenvector_directions: the result has no {prefix}* tensors; "
+                "compute it with HessianSpectrum(return_eigenvectors=True, top_k>=count)"
+            )
+        out.append(found)
+    return out
+
+
+def _fix_sign(vector: torch.Tensor) -> torch.Tensor:
+    """The eigenvector with its largest-magnitude entry positive (a deterministic sign)."""
+    return vector if vector[vector.abs().argmax()] >= 0 else -vector

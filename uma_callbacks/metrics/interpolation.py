@@ -1,0 +1,181 @@
+"""Checkpoint interpolation: the probe loss on the segment from the previous checkpoint."""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping
+from typing import Any
+
+import numpy as np
+import torch
+
+from ..linalg.weights import flat_norm, moved_weights
+from .base import ComputeContext, Cost, Metric, MetricResult, check_positive_int
+from .landscape import _local_chunks, probe_loss_sum
+
+
+class CheckpointInterpolation(Metric):
+    r"""L along the line from the previous checkpoint theta_0 to the current theta.
+
+    L(t) = (1/N) sum_i l_i((1 - t) theta_0 + t theta) for t in
+    linspace(-extend, 1 + extend, n), with t = 0 and t = 1 always on the path (grid points
+    within 1e-9 of them are snapped to them, or they are inserted), as in Goodfellow et
+    al. 2015, "Qualitatively characterizing neural network optimization problems".
+    Weights are set by ``torch.lerp`` from one saved copy of theta (exact at both
+    endpoints) and restored bit for bit afterwards, also on error.
+
+    Scalars: ``loss_start`` = L(0), ``loss_end`` = L(1) (the current model's loss),
+    ``barrier_height`` = max over t in [0, 1] of L(t) - ((1 - t) L(0) + t L(1)) (>= 0;
+    0 for a convex path), ``distance`` = ||theta - theta_0|| over the trainable
+    parameters. Arrays: ``ts [n']``, ``path_losses [n']``.
+
+    The previous weights come from the constructor or :meth:`set_previous`; without them
+    :meth:`compute` raises ``ValueError`` (the suite records it). Only the trainable
+    parameters are interpolated; other entries of the state dict (buffers) are ignored.
+
+    Args:
+        n_points: n, >= 2 (13 with ``extend=0.1`` puts a point every 0.1).
+        extend: how far past each end the path goes (>= 0).
+        previous: the previous checkpoint's weights ``{param name: tensor}``, or None.
+        previous_label: a name for them (step, path), recorded in the config and meta.
+        n_batches: use only the first ``n_batches`` local probe batches.
+        chunk_size: samples per forward pass.
+        timeout_seconds: stop between path points past this time.
+
+    Raises:
+        ValueError: ``n_points < 2``, ``extend`` negative, ``n_batches < 1``.
+
+    Example:
+        >>> lin = torch.nn.Linear(2, 1).double()
+        >>> prev = {k: v.detach() + 0.1 for k, v in lin.named_parameters()}
+        >>> batch = {"x": torch.randn(6, 2, dtype=torch.float64), "y": torch.randn(6, 1, dtype=torch.float64)}
+        >>> loss = lambda m, b: ((m(b["x"]) - b["y"]) ** 2).sum(-1)
+        >>> r = CheckpointInterpolation(n_points=5, extend=0.0, previous=prev).compute(lin, [batch], loss)
+        >>> r.arrays["ts"].tolist(), round(r.scalars["distance"], 6)
+        ([0.0, 0.25, 0.5, 0.75, 1.0], 0.173205)
+    """
+
+    name = "interpolation"
+    cost = Cost(forward_only=True, param_copies=2.0)
+    reduce = {"path_loss_sums": "sum", "n": "sum"}
+    needs_grad = False
+
+    def __init__(
+        self,
+        n_points: int = 13,
+        extend: float = 0.1,
+        previous: Mapping[str, torch.Tensor] | None = None,
+        previous_label: str | None = None,
+        n_batches: int | None = None,
+        *,
+        chunk_size: int | None = None,
+        timeout_seconds: float | None = None,
+    ) -> None:
+        super().__init__(chunk_size=chunk_size, timeout_seconds=timeout_seconds)
+        check_positive_int("CheckpointInterpolation.n_points", n_points)
+        if n_points < 2:
+            raise ValueError(f"CheckpointInterpolation.n_points must be >= 2; got {n_points!r}")
+        if isinstance(extend, bool) or not isinstance(extend, (int, float)) or not (extend >= 0 and math.isfinite(extend)):
+            raise ValueError(f"CheckpointInterpolation.extend must be a number >= 0; got {extend!r}")
+        if n_batches is not None:
+            check_positive_int("CheckpointInterpolation.n_batches", n_batches)
+        self.n_points = n_points
+        self.extend = float(extend)
+        self.n_batches = n_batches
+        self.previous_label: str | None = None
+        self._previous: dict[str, torch.Tensor] | None = None
+        if previous is not None:
+            self.set_previous(previous, previous_label)
+
+    def set_previous(self, state_dict: Mapping[str, torch.Tensor] | None, label: str | None = None) -> None:
+        """Give (or clear, with None) the previous checkpoint's weights.
+
+        Args:
+            state_dict: ``{param name: tensor}`` (e.g. ``model.state_dict()`` or a
+                safetensors file loaded with ``safetensors.torch.load_file``); kept by
+                reference (detached), moved to the model's device at compute time.
+            label: a name for them (e.g. ``"checkpoint-500"``), part of the config.
+
+        Raises:
+            ValueError: not a dict of tensors.
+        """
+        if state_dict is None:
+            self._previous, self.previous_label = None, None
+            return
+        if not isinstance(state_dict, Mapping) or not all(isinstance(v, torch.Tensor) for v in state_dict.values()):
+            raise ValueError("CheckpointInterpolation.previous must be a dict {param name: tensor}")
+        self._previous = {k: v.detach() for k, v in state_dict.items()}
+        self.previous_label = label
+
+    @property
+    def has_previous(self) -> bool:
+        """Whether previous weights are set."""
+        return self._previous is not None
+
+    def path_ts(self) -> np.ndarray:
+        """The t values: linspace(-extend, 1 + extend, n) with 0 and 1 snapped or inserted."""
+        ts = np.linspace(-self.extend, 1.0 + self.extend, self.n_points)
+        for anchor in (0.0, 1.0):
+            near = np.abs(ts - anchor) < 1e-9
+            if near.any():
+                ts[near] = anchor
+            else:
+                ts = np.sort(np.append(ts, anchor))
+        return ts
+
+    def _compute(self, ctx: ComputeContext) -> MetricResult:
+        if self._previous is None:
+            raise ValueError(
+                "CheckpointInterpolation needs the previous checkpoint's weights: pass previous= "
+                "or call set_previous(state_dict) (there is none before the first checkpoint)"
+            )
+        params = ctx.trainable_params()
+        missing = [n for n in params if n not in self._previous]
+        bad = [n for n, p in params.items() if n in self._previous and self._previous[n].shape != p.shape]
+        if missing or bad:
+            raise ValueError(
+                f"CheckpointInterpolation.previous must hold every trainable parameter with its shape; "
+                f"missing {missing[:5]}, mis-shaped {bad[:5]}"
+            )
+        chunks, n_local = _local_chunks(ctx, self.n_batches)
+        n = int(ctx.collective.sum_scalar(float(n_local)))
+        ts = self.path_ts()
+        sums = torch.zeros(len(ts), dtype=torch.float64)
+        targets = list(params.values())
+        start = [self._previous[k].to(device=p.device, dtype=p.dtype) for k, p in params.items()]
+        with moved_weights(targets) as mover:
+            distance = flat_norm([s - t for s, t in zip(start, mover.theta)])
+            for j, t in enumerate(ts):
+                mover.set_lerp(start, float(t))
+                sums[j] = probe_loss_sum(ctx, chunks)
+                ctx.check_time(path_points_done=j + 1)
+        del start
+        ctx.collective.sum_([sums])
+        losses = (sums / n).numpy()
+        ctx.meta.update(previous_label=self.previous_label, forward_passes=len(ts) * len(chunks))
+        return interpolation_result(ts, losses, distance)
+
+
+def interpolation_result(ts: np.ndarray, losses: np.ndarray, distance: float) -> MetricResult:
+    """The :class:`CheckpointInterpolation` scalars from the path (ts must contain 0 and 1).
+
+    Args:
+        ts: ``[n']`` ascending, containing 0.0 and 1.0.
+        losses: ``[n']`` L(t).
+        distance: ||theta - theta_0||.
+
+    Returns:
+        A :class:`MetricResult` named ``interpolation``.
+    """
+    ts, losses = np.asarray(ts, np.float64), np.asarray(losses, np.float64)
+    start = float(losses[np.flatnonzero(ts == 0.0)[0]])
+    end = float(losses[np.flatnonzero(ts == 1.0)[0]])
+    inside = (ts >= 0.0) & (ts <= 1.0)
+    chord = (1.0 - ts[inside]) * start + ts[inside] * end
+    scalars: dict[str, Any] = {
+        "barrier_height": float(np.max(losses[inside] - chord)),
+        "loss_start": start,
+        "loss_end": end,
+        "distance": float(distance),
+    }
+    return MetricResult(name="interpolation", scalars=scalars, arrays={"ts": ts, "path_losses": losses})

@@ -1,0 +1,456 @@
+"""Loss landscape: the probe loss on a 2-D (or 1-D) slice through the weights."""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+import numpy as np
+import torch
+
+from ..linalg.hvp import HessianOperator, split_flat
+from ..linalg.lanczos import lanczos_top_k
+from ..linalg.weights import WeightMover, flat_dot, flat_norm, moved_weights
+from ..model_state import eager_attention
+from ..probe import count_samples, split_batch
+from .base import ComputeContext, Cost, Metric, MetricResult, check_choice, check_positive_int
+
+NORMALIZATIONS = ("filter", "layer", "global")
+MODES = ("stored", "lean")
+#: entries of one generated block of a random direction (bounds lean mode's extra memory).
+BLOCK_NUMEL = 1 << 16
+
+
+class LossLandscape(Metric):
+    r"""The probe loss on the plane theta + a d1 + b d2 (Li et al. 2018).
+
+    L(a, b) = (1/N) sum_i l_i(theta + a d1 + b d2) for a, b in linspace(-span, span, n),
+    n odd so that theta is the centre ``grid_losses[n // 2, n // 2]`` (evaluated at theta
+    bit for bit). With ``dims=1`` the slice is L(a) = L(theta + a d1), n points.
+
+    Directions:
+
+    - random (``directions=None``): d_k Gaussian, drawn per parameter tensor from a
+      generator seeded by (``seed + k``, tensor index), then normalised as in Li et al.
+      2018, "Visualizing the Loss Landscape of Neural Nets": ``"filter"`` scales each
+      output row r of a weight (``w[r]``; a filter for convolutions) to ||d_r|| =
+      ||theta_r||; ``"layer"`` each tensor to ||d_t|| = ||theta_t||; ``"global"`` the whole
+      vector to ||d|| = ||theta||. 1-D parameters (biases, norm weights) get d = 0 unless
+      ``include_1d_params`` (then each is one row). A zero-norm row or tensor of theta
+      (Qwen2's zero-initialised biases) gets a zero direction: no division by zero.
+    - given: one or two dicts ``{param name: tensor}`` covering every trainable
+      parameter, used as given (no normalisation).
+    - ``"hessian"``: the top ``dims`` Hessian eigenvectors (unit norm, by Lanczos on
+      double-backward products, ``hessian_tol``), used as given.
+
+    Scalars: ``center_loss`` = L(0, 0); ``roughness`` = mean |L(x) - L(y)| over grid
+    neighbours x, y (horizontal and vertical pairs); ``orthogonality`` = cos(d1, d2)
+    (2-D only); ``loss_mean``, ``loss_std`` (population std) over the grid. Arrays:
+    ``grid_losses [n, n]`` (rows a, columns b; ``[n]`` for 1-D), ``alphas [n]``,
+    ``betas [n]`` (``[1]`` = [0.0] for 1-D).
+
+    Evaluation: forward passes only, under ``torch.no_grad()``; per point the local
+    per-sample losses are summed in float64; the [n, n] sums are all-reduced once and
+    divided by the global N. The weights are moved in place from one saved copy of theta
+    (:mod:`~uma_callbacks.linalg.weights`) and restored bit for bit, also on error.
+
+    Memory (P = parameter bytes): ``mode="stored"`` keeps theta, d1 and d2 (3 P; fastest);
+    ``mode="lean"`` keeps only theta and regenerates each tensor's directions from its
+    seed, a block of ``BLOCK_NUMEL`` entries at a time, at every point (1 P plus blocks;
+    two Gaussian draws per parameter per point). Given and Hessian directions are held as
+    given whatever the mode.
+
+    Args:
+        n_points: n, odd, >= 3.
+        span: the grid covers [-span, span] in each direction (> 0).
+        normalization: ``"filter"``, ``"layer"`` or ``"global"`` (random directions).
+        directions: None (random), ``"hessian"``, or one or two dicts name -> tensor.
+        dims: 1 or 2 (default: 2, or the number of given directions).
+        include_1d_params: also perturb 1-D parameters (random directions).
+        seed: base seed of the random directions (d_k uses ``seed + k``).
+        n_batches: use only the first ``n_batches`` local probe batches.
+        mode: ``"stored"`` or ``"lean"`` (see Memory).
+        hessian_tol: Lanczos tolerance for ``directions="hessian"``.
+        chunk_size: samples per forward pass.
+        timeout_seconds: stop between grid points past this time.
+
+    Raises:
+        ValueError: even or small ``n_points``, ``span <= 0``, unknown ``normalization``
+            or ``mode``, bad ``dims``, malformed ``directions`` (here or, for names and
+            shapes, at compute time), ``n_batches < 1``.
+
+    Example:
+        >>> lin = torch.nn.Linear(2, 1).double()
+        >>> batch = {"x": torch.randn(6, 2, dtype=torch.float64), "y": torch.randn(6, 1, dtype=torch.float64)}
+        >>> loss = lambda m, b: ((m(b["x"]) - b["y"]) ** 2).sum(-1)
+        >>> r = LossLandscape(n_points=5, span=0.5).compute(lin, [batch], loss)
+        >>> r.arrays["grid_losses"].shape, bool(r.scalars["center_loss"] == r.arrays["grid_losses"][2, 2])
+        ((5, 5), True)
+    """
+
+    name = "landscape"
+    cost = Cost(forward_only=True, param_copies=3.0)
+    reduce = {"grid_loss_sums": "sum", "n": "sum"}
+    needs_grad = False
+
+    def __init__(
+        self,
+        n_points: int = 21,
+        span: float = 1.0,
+        normalization: str = "filter",
+        directions: Any = None,
+        dims: int | None = None,
+        include_1d_params: bool = False,
+        seed: int = 0,
+        n_batches: int | None = None,
+        mode: str = "stored",
+        hessian_tol: float = 1e-4,
+        *,
+        chunk_size: int | None = None,
+        timeout_seconds: float | None = None,
+    ) -> None:
+        super().__init__(chunk_size=chunk_size, timeout_seconds=timeout_seconds)
+        check_positive_int("LossLandscape.n_points", n_points)
+        if n_points < 3 or n_points % 2 == 0:
+            raise ValueError(
+                f"LossLandscape.n_points must be odd and >= 3 (the grid is centred on theta); got {n_points!r}"
+            )
+        if isinstance(span, bool) or not isinstance(span, (int, float)) or not span > 0 or not math.isfinite(span):
+            raise ValueError(f"LossLandscape.span must be a positive number; got {span!r}")
+        check_choice("LossLandscape.normalization", normalization, NORMALIZATIONS)
+        check_choice("LossLandscape.mode", mode, MODES)
+        given = _check_directions(directions)
+        if dims is None:
+            dims = len(given) if given else 2
+        check_choice("LossLandscape.dims", dims, (1, 2))
+        if given and len(given) != dims:
+            raise ValueError(f"LossLandscape.directions must hold {dims} dict(s) for dims={dims}; got {len(given)}")
+        if n_batches is not None:
+            check_positive_int("LossLandscape.n_batches", n_batches)
+        if not isinstance(seed, int) or isinstance(seed, bool):
+            raise ValueError(f"LossLandscape.seed must be an integer; got {seed!r}")
+        self.n_points = n_points
+        self.span = float(span)
+        self.normalization = normalization
+        self.directions = directions
+        self.dims = dims
+        self.include_1d_params = bool(include_1d_params)
+        self.seed = seed
+        self.n_batches = n_batches
+        self.mode = mode
+        self.hessian_tol = float(hessian_tol)
+        self._given = given
+
+    def _compute(self, ctx: ComputeContext) -> MetricResult:
+        params = ctx.trainable_params()
+        if not params:
+            raise ValueError("LossLandscape: the model has no trainable parameters")
+        chunks, n_local = _local_chunks(ctx, self.n_batches)
+        n = int(ctx.collective.sum_scalar(float(n_local)))
+        coords = np.linspace(-self.span, self.span, self.n_points)
+        coords[self.n_points // 2] = 0.0
+        alphas = coords
+        betas = coords if self.dims == 2 else np.zeros(1)
+        if self._given:
+            names, dirs = _given_directions(self._given, params)
+            ctx.meta["directions"] = "given"
+        elif self.directions == "hessian":
+            names, dirs = _hessian_directions(ctx, params, self.dims, self.seed, self.hessian_tol)
+            ctx.meta["directions"] = "hessian"
+        else:
+            names, dirs = None, None
+            ctx.meta["directions"] = "random"
+        sums = torch.zeros(len(alphas), len(betas), dtype=torch.float64)
+        if dirs is not None:
+            targets = [params[k] for k in names]
+            cosine = _cosine(dirs) if self.dims == 2 else math.nan
+            with moved_weights(targets) as mover:
+                _evaluate_grid(ctx, chunks, alphas, betas, sums, lambda a, b: mover.set_combination((a, b), dirs))
+            ctx.meta["mode"] = "stored"
+        else:
+            names = [k for k, p in params.items() if self.include_1d_params or p.dim() >= 2]
+            if not names:
+                raise ValueError("LossLandscape: no parameter of 2 or more dims; set include_1d_params=True")
+            targets = [params[k] for k in names]
+            with moved_weights(targets) as mover:
+                rand = _RandomDirections(mover.theta, self.dims, self.seed, self.normalization)
+                cosine = rand.cosine() if self.dims == 2 else math.nan
+                if self.mode == "stored":
+                    stored = rand.materialise()
+                    setter = lambda a, b: mover.set_combination((a, b), stored)  # noqa: E731
+                else:
+                    setter = lambda a, b: rand.set_point(mover, (a, b))  # noqa: E731
+                _evaluate_grid(ctx, chunks, alphas, betas, sums, setter)
+                del rand
+            ctx.meta["mode"] = self.mode
+            ctx.meta["seeds"] = {f"d{k + 1}": self.seed + k for k in range(self.dims)}
+        ctx.collective.sum_([sums])
+        grid = (sums / n).numpy()
+        if self.dims == 1:
+            grid = grid[:, 0]
+        ctx.meta.update(n_perturbed_params=len(names), forward_passes=int(sums.numel()) * len(chunks))
+        return landscape_result(grid, alphas, betas if self.dims == 2 else np.zeros(1), cosine)
+
+
+def landscape_result(grid: np.ndarray, alphas: np.ndarray, betas: np.ndarray, cosine: float) -> MetricResult:
+    """The :class:`LossLandscape` scalars from ``grid [n, n]`` (or ``[n]``) and the axes.
+
+    Args:
+        grid: losses, rows along alphas, columns along betas.
+        alphas: ``[n]``.
+        betas: ``[n]`` (``[1]`` for 1-D).
+        cosine: cos(d1, d2), or NaN for 1-D (then ``orthogonality`` is left out).
+
+    Returns:
+        A :class:`MetricResult` named ``landscape``.
+    """
+    grid = np.asarray(grid, dtype=np.float64)
+    c = grid.shape[0] // 2
+    diffs = [np.abs(np.diff(grid, axis=ax)).ravel() for ax in range(grid.ndim)]
+    scalars = {
+        "center_loss": float(grid[(c,) * grid.ndim]),
+        "roughness": float(np.concatenate(diffs).mean()),
+        "loss_mean": float(grid.mean()),
+        "loss_std": float(grid.std()),
+    }
+    if not math.isnan(cosine):
+        scalars["orthogonality"] = float(cosine)
+    arrays = {"grid_losses": grid, "alphas": np.asarray(alphas, np.float64), "betas": np.asarray(betas, np.float64)}
+    return MetricResult(name="landscape", scalars=scalars, arrays=arrays)
+
+
+# ---------------------------------------------------------------------- evaluation
+def _local_chunks(ctx: ComputeContext, n_batches: int | None) -> tuple[list[Any], int]:
+    batches = ctx.batches if n_batches is None else ctx.batches[:n_batches]
+    chunks = [c for b in batches for c in split_batch(b, ctx.chunk_size)]
+    return chunks, sum(count_samples(b) for b in batches)
+
+
+def probe_loss_sum(ctx: ComputeContext, chunks: Sequence[Any]) -> torch.Tensor:
+    """sum_i l_i over the local ``chunks`` (float64 scalar), by forward passes under no_grad."""
+    with torch.no_grad():
+        losses = [ctx.loss_fn(ctx.model, chunk).reshape(-1).to(torch.float64) for chunk in chunks]
+    return torch.cat(losses).sum().cpu() if losses else torch.zeros((), dtype=torch.float64)
+
+
+def _evaluate_grid(ctx, chunks, alphas, betas, sums: torch.Tensor, set_point) -> None:
+    done = 0
+    for i, a in enumerate(alphas):
+        for j, b in enumerate(betas):
+            set_point(float(a), float(b))
+            sums[i, j] = probe_loss_sum(ctx, chunks)
+            done += 1
+            ctx.check_time(grid_points_done=done)
+
+
+# ---------------------------------------------------------------------- given directions
+def _check_directions(directions: Any) -> list[Mapping[str, torch.Tensor]]:
+    """Validate the form of ``directions`` at construction; return the given dicts (or [])."""
+    if directions is None or (isinstance(directions, str) and directions in ("random", "hessian")):
+        return []
+    if isinstance(directions, str):
+        raise ValueError(
+            f"LossLandscape.directions must be None, 'random', 'hessian' or one or two dicts; got {directions!r}"
+        )
+    given = [directions] if isinstance(directions, Mapping) else list(directions) if isinstance(
+        directions, (list, tuple)
+    ) else None
+    if not given or len(given) > 2:
+        raise ValueError(
+            f"LossLandscape.directions must be one or two dicts {{param name: tensor}}; got {type(directions).__name__}"
+        )
+    for k, d in enumerate(given):
+        if not isinstance(d, Mapping) or not d or not all(isinstance(v, torch.Tensor) for v in d.values()):
+            raise ValueError(f"LossLandscape.directions[{k}] must be a non-empty dict {{param name: tensor}}")
+    return given
+
+
+def _given_directions(given, params: Mapping[str, torch.Tensor]) -> tuple[list[str], list[list[torch.Tensor]]]:
+    names = list(params)
+    out = []
+    for k, d in enumerate(given):
+        missing = [n for n in names if n not in d]
+        unknown = [n for n in d if n not in params]
+        if missing or unknown:
+            raise ValueError(
+                f"LossLandscape.directions[{k}] must cover exactly the trainable parameters; "
+                f"missing {missing[:5]}{'...' if len(missing) > 5 else ''}, unknown {unknown[:5]}"
+            )
+        bad = [(n, tuple(d[n].shape), tuple(p.shape)) for n, p in params.items() if d[n].shape != p.shape]
+        if bad:
+            raise ValueError(f"LossLandscape.directions[{k}] has mis-shaped tensors (name, got, want): {bad[:5]}")
+        out.append([d[n].detach().to(device=p.device, dtype=p.dtype) for n, p in params.items()])
+    return names, out
+
+
+def _hessian_directions(ctx, params, dims: int, seed: int, tol: float) -> tuple[list[str], list[list[torch.Tensor]]]:
+    chunks = list(ctx.chunks())
+    with eager_attention(ctx.model, ctx.meta):
+        op = HessianOperator(ctx.model, ctx.loss_fn, chunks, params, ctx.n_total(), collective=ctx.collective)
+        dtype = torch.float64 if any(p.dtype == torch.float64 for p in params.values()) else torch.float32
+        device = next(iter(params.values())).device
+        try:
+            lz = lanczos_top_k(op.matvec, op.dim, dims, tol=tol, seed=seed, dtype=dtype, device=device, return_vectors=True)
+        finally:
+            op.close()
+    ctx.meta["hessian_eigenvalues"] = lz.eigenvalues.tolist()
+    ctx.meta["hessian_matvecs"] = op.matvecs
+    values = list(params.values())
+    dirs = []
+    for k in range(dims):
+        vec = lz.eigenvectors[:, k]
+        vec = vec if vec[vec.abs().argmax()] >= 0 else -vec
+        dirs.append([piece.to(p.dtype).clone() for piece, p in zip(split_flat(vec, values), values)])
+    return list(params), dirs
+
+
+def _cosine(dirs: Sequence[Sequence[torch.Tensor]]) -> float:
+    den = flat_norm(dirs[0]) * flat_norm(dirs[1])
+    return flat_dot(dirs[0], dirs[1]) / den if den > 0 else math.nan
+
+
+# ---------------------------------------------------------------------- random directions
+class _RandomDirections:
+    """Gaussian directions regenerated from per-tensor seeds, with their normalisation.
+
+    Direction k of tensor i is drawn block by block (whole rows, at most ``BLOCK_NUMEL``
+    entries) from a generator seeded with ``_tensor_seed(seed + k, i)`` on the tensor's
+    device; ``materialise`` and ``set_point`` produce the same numbers. One pass at
+    construction computes per-row statistics (||d_r||^2, <d1_r, d2_r>) and the scales.
+    """
+
+    def __init__(self, theta: Sequence[torch.Tensor], dims: int, seed: int, normalization: str) -> None:
+        self.theta = list(theta)
+        self.dims = dims
+        self.seeds = [[_tensor_seed(seed + k, i) for i in range(len(self.theta))] for k in range(dims)]
+        row_sq: list[list[torch.Tensor]] = [[] for _ in range(dims)]  # per k, per tensor: [rows] sum_r d^2
+        dots = []  # per tensor: [rows] <d1_r, d2_r>
+        for i, t in enumerate(self.theta):
+            gens = [self._generator(k, i) for k in range(dims)]
+            shape = _row_shape(t)
+            sq = [torch.zeros(shape[0], dtype=torch.float64, device=t.device) for _ in range(dims)]
+            dot = torch.zeros(shape[0], dtype=torch.float64, device=t.device)
+            for start, stop in _blocks(shape):
+                draws = [
+                    _draw(gens[k], torch.empty(stop - start, shape[1], dtype=t.dtype, device=t.device)).to(torch.float64)
+                    for k in range(dims)
+                ]
+                for k in range(dims):
+                    sq[k][start:stop] = draws[k].pow(2).sum(1)
+                if dims == 2:
+                    dot[start:stop] = (draws[0] * draws[1]).sum(1)
+            for k in range(dims):
+                row_sq[k].append(sq[k])
+            dots.append(dot)
+        theta_sq = [t.reshape(_row_shape(t)).to(torch.float64).pow(2).sum(1) for t in self.theta]
+        scales64: list[list[torch.Tensor]] = []  # [k][i]: [rows] (filter) or [1] (layer, global)
+        for k in range(dims):
+            if normalization == "filter":
+                scales = [_safe_ratio(ts, ds) for ts, ds in zip(theta_sq, row_sq[k])]
+            elif normalization == "layer":
+                scales = [_safe_ratio(ts.sum(), ds.sum()).reshape(1) for ts, ds in zip(theta_sq, row_sq[k])]
+            else:
+                g = _safe_ratio(sum(ts.sum() for ts in theta_sq), sum(ds.sum() for ds in row_sq[k]))
+                scales = [g.reshape(1) for _ in theta_sq]
+            scales64.append(scales)
+        # per k, per tensor: a float (one scale) or a [rows, 1] tensor in the tensor's dtype
+        self.scales: list[list[float | torch.Tensor]] = [
+            [float(s) if s.numel() == 1 else s.to(t.dtype).unsqueeze(1) for s, t in zip(sk, self.theta)]
+            for sk in scales64
+        ]
+        self._cosine = math.nan
+        if dims == 2:
+            num = sum(float((s1 * s2 * d).sum()) for s1, s2, d in zip(scales64[0], scales64[1], dots))
+            n1 = sum(float((s * s * q).sum()) for s, q in zip(scales64[0], row_sq[0]))
+            n2 = sum(float((s * s * q).sum()) for s, q in zip(scales64[1], row_sq[1]))
+            if n1 > 0 and n2 > 0:
+                self._cosine = num / math.sqrt(n1 * n2)
+        self._buffer: torch.Tensor | None = None
+
+    def cosine(self) -> float:
+        """cos(d1, d2) of the normalised directions (NaN for 1-D or zero directions)."""
+        return self._cosine
+
+    def _generator(self, k: int, i: int) -> torch.Generator:
+        return torch.Generator(device=self.theta[i].device).manual_seed(self.seeds[k][i])
+
+    def materialise(self) -> list[list[torch.Tensor]]:
+        """d_k as full tensors shaped like theta (``mode="stored"``)."""
+        out = []
+        for k in range(self.dims):
+            dk = []
+            for i, t in enumerate(self.theta):
+                d = torch.empty(t.shape, dtype=t.dtype, device=t.device)
+                rows, gen, scale = _rows(d), self._generator(k, i), self.scales[k][i]
+                for start, stop in _blocks(rows.shape):
+                    block = _draw(gen, rows[start:stop])
+                    block.mul_(scale if isinstance(scale, float) else scale[start:stop])
+                dk.append(d)
+            out.append(dk)
+        return out
+
+    def set_point(self, mover: WeightMover, coeffs: Sequence[float]) -> None:
+        """p <- theta + sum_k c_k d_k, regenerating each block of d_k (``mode="lean"``)."""
+
+        def add(i: int, p: torch.Tensor) -> None:
+            work = p if p.is_contiguous() else p.contiguous()
+            rows = _rows(work)
+            buffer = self._buffer_for(p)
+            for k, c in enumerate(coeffs):
+                if c == 0.0:
+                    continue
+                gen, scale = self._generator(k, i), self.scales[k][i]
+                for start, stop in _blocks(rows.shape):
+                    target = rows[start:stop]
+                    draw = _draw(gen, buffer[: target.numel()].view(target.shape))
+                    if isinstance(scale, float):
+                        target.add_(draw, alpha=c * scale)
+                    else:
+                        target.add_(draw.mul_(scale[start:stop]), alpha=c)
+            if work is not p:
+                p.copy_(work)
+
+        mover.set_per_tensor(add)
+
+    def _buffer_for(self, p: torch.Tensor) -> torch.Tensor:
+        b = self._buffer
+        if b is None or b.dtype != p.dtype or b.device != p.device:
+            self._buffer = b = torch.empty(BLOCK_NUMEL, dtype=p.dtype, device=p.device)
+        return b
+
+
+def _tensor_seed(seed: int, index: int) -> int:
+    """A 63-bit seed for tensor ``index`` of a direction seeded ``seed`` (SeedSequence mixing)."""
+    return int(np.random.SeedSequence([seed & 0xFFFFFFFF, index]).generate_state(2, dtype=np.uint32).view(np.uint64)[0]) >> 1
+
+
+def _row_shape(t: torch.Tensor) -> tuple[int, int]:
+    """``(rows, row_numel)``: output rows of a weight; one row for 0-D/1-D tensors."""
+    return (t.shape[0], t.numel() // max(1, t.shape[0])) if t.dim() >= 2 else (1, t.numel())
+
+
+def _rows(t: torch.Tensor) -> torch.Tensor:
+    """A contiguous ``t`` viewed as ``[rows, row_numel]`` (see :func:`_row_shape`)."""
+    return t.view(_row_shape(t))
+
+
+def _blocks(shape: tuple[int, int] | torch.Size) -> list[tuple[int, int]]:
+    """Row ranges ``[start, stop)`` of at most ``BLOCK_NUMEL`` entries (at least one row)."""
+    rows, width = shape[0], shape[1]
+    per = max(1, BLOCK_NUMEL // max(1, width))
+    return [(s, min(s + per, rows)) for s in range(0, rows, per)]
+
+
+def _draw(gen: torch.Generator, out: torch.Tensor) -> torch.Tensor:
+    """Fill the contiguous ``out`` with standard normal draws from ``gen``; return it."""
+    if out.dtype in (torch.float32, torch.float64):
+        return torch.randn(out.shape, generator=gen, out=out)
+    return out.copy_(torch.randn(out.shape, generator=gen, dtype=torch.float32, device=out.device))
+
+
+def _safe_ratio(theta_sq: torch.Tensor, d_sq: torch.Tensor) -> torch.Tensor:
+    """||theta|| / ||d|| elementwise, 0 where either norm is 0 (no division by zero)."""
+    theta_sq, d_sq = torch.as_tensor(theta_sq, dtype=torch.float64), torch.as_tensor(d_sq, dtype=torch.float64)
+    ok = (theta_sq > 0) & (d_sq > 0)
+    return torch.where(ok, theta_sq.sqrt() / torch.where(ok, d_sq, torch.ones_like(d_sq)).sqrt(), torch.zeros_like(d_sq))
