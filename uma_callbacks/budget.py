@@ -15,6 +15,7 @@ from __future__ import annotations
 import gc
 import logging
 import os
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -127,17 +128,79 @@ def available_bytes(device: torch.device | str = "cpu") -> int:
     return int(os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_AVPHYS_PAGES"))
 
 
+class BudgetExceeded(RuntimeError):
+    """The metric cannot fit the budget even at ``min_batch_size``: recorded as skipped."""
+
+    uma_skip = True
+
+
+#: Error texts of allocation failures on CPU and accelerators (besides the exception types).
+_OOM_TEXTS = ("out of memory", "can't allocate memory", "not enough memory", "cannot allocate memory")
+
+
+def is_out_of_memory(err: BaseException) -> bool:
+    """Whether ``err`` is an allocation failure (CUDA OOM, ``MemoryError``, CPU allocator)."""
+    if isinstance(err, MemoryError):
+        return True
+    oom_type = getattr(torch.cuda, "OutOfMemoryError", None)
+    if oom_type is not None and isinstance(err, oom_type):
+        return True
+    return isinstance(err, RuntimeError) and any(t in str(err).lower() for t in _OOM_TEXTS)
+
+
+@dataclass
+class Plan:
+    """The budget's decision for one metric.
+
+    Attributes:
+        chunk_size: samples per chunk (``None``: nothing fits, skip).
+        mode: the metric's memory mode (see ``Metric.memory_modes``).
+        limit_bytes: the budget.
+        fixed_bytes: what the mode holds whatever the chunk (parameter copies).
+        per_sample_bytes: what each sample of a chunk adds (gradients, activations).
+        reason: why it was skipped, when it was.
+    """
+
+    chunk_size: int | None
+    mode: str
+    limit_bytes: int
+    fixed_bytes: int
+    per_sample_bytes: int
+    reason: str = ""
+
+    def as_meta(self) -> dict[str, Any]:
+        """The plan's fields for ``result.meta``."""
+        return {
+            "planned_chunk_size": self.chunk_size,
+            "memory_mode": self.mode,
+            "budget_bytes": self.limit_bytes,
+            "planned_fixed_bytes": self.fixed_bytes,
+            "planned_per_sample_bytes": self.per_sample_bytes,
+        }
+
+
 class MemoryBudget:
     """How much memory the diagnostics may take on top of what training holds.
+
+    Each metric states its cost (:class:`~uma_callbacks.metrics.base.Cost`) as fixed bytes
+    (copies of the parameters) plus bytes per sample of a chunk (a per-sample gradient,
+    activations of one sample's forward and backward, measured once on the model). The
+    budget picks the fastest memory mode and the largest chunk with
+    ``fixed + per_sample * chunk <= limit``, within [``min_batch_size``, ``max_batch_size``].
+    On an allocation failure the chunk is halved and the metric retried, down to
+    ``min_batch_size`` (``adaptive_batch_sizing``); then the metric is skipped with the reason.
 
     Args:
         max_bytes: the budget in bytes.
         max_gb: the budget in GiB (alternative to ``max_bytes``).
         device: the device it applies to (default: the model's).
         margin: fraction of free memory kept back when no explicit budget is given.
+        min_batch_size: the smallest chunk worth running.
+        max_batch_size: the largest chunk (None: the probe batch).
+        adaptive_batch_sizing: halve the chunk and retry on an allocation failure.
 
     Raises:
-        ValueError: both or a non-positive size, or a margin outside [0, 1).
+        ValueError: both or a non-positive size, a margin outside [0, 1), bad batch sizes.
     """
 
     def __init__(
@@ -146,7 +209,20 @@ class MemoryBudget:
         max_gb: float | None = None,
         device: torch.device | str | None = None,
         margin: float = 0.2,
+        min_batch_size: int = 1,
+        max_batch_size: int | None = None,
+        adaptive_batch_sizing: bool = True,
     ) -> None:
+        for field_name, value in (("min_batch_size", min_batch_size), ("max_batch_size", max_batch_size)):
+            if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 1):
+                raise ValueError(f"MemoryBudget.{field_name} must be a positive integer; got {value!r}")
+        if max_batch_size is not None and max_batch_size < min_batch_size:
+            raise ValueError(
+                f"MemoryBudget.max_batch_size must be >= min_batch_size; got {max_batch_size} < {min_batch_size}"
+            )
+        self.min_batch_size = min_batch_size
+        self.max_batch_size = max_batch_size
+        self.adaptive_batch_sizing = bool(adaptive_batch_sizing)
         if max_bytes is not None and max_gb is not None:
             raise ValueError("MemoryBudget takes max_bytes or max_gb, not both")
         for field_name, value in (("max_bytes", max_bytes), ("max_gb", max_gb)):
@@ -165,4 +241,144 @@ class MemoryBudget:
         return int(available_bytes(device or self.device or "cpu") * (1 - self.margin))
 
     def __repr__(self) -> str:
-        return f"MemoryBudget(max_bytes={self.max_bytes}, device={self.device}, margin={self.margin})"
+        return (
+            f"MemoryBudget(max_bytes={self.max_bytes}, device={self.device}, margin={self.margin}, "
+            f"min_batch_size={self.min_batch_size}, max_batch_size={self.max_batch_size})"
+        )
+
+    def plan(self, metric: Any, param_bytes_: int, sample_bytes: int, largest_chunk: int, device: Any = None) -> Plan:
+        """Pick the memory mode and chunk for ``metric`` (see the class docstring).
+
+        Args:
+            metric: a ``Metric`` (its ``memory_modes()`` are tried in order).
+            param_bytes_: bytes of the trainable parameters.
+            sample_bytes: measured activation bytes of one sample's forward+backward.
+            largest_chunk: the most samples a chunk can hold (the largest probe batch).
+            device: where it runs (for the free-memory default).
+
+        Returns:
+            The :class:`Plan`; ``chunk_size`` is None when no mode fits ``min_batch_size``.
+        """
+        limit = self.limit_bytes(device)
+        top = min(largest_chunk, self.max_batch_size or largest_chunk)
+        best: Plan | None = None
+        for mode, cost in metric.memory_modes():
+            fixed = cost.bytes_needed(param_bytes_, sample_bytes, 0)
+            per_sample = max(1, cost.bytes_needed(param_bytes_, sample_bytes, 1) - fixed)
+            chunk = min(top, (limit - fixed) // per_sample) if limit > fixed else 0
+            plan = Plan(int(chunk) if chunk >= self.min_batch_size else None, mode, limit, fixed, per_sample)
+            if plan.chunk_size is not None:
+                return plan
+            best = best or plan
+        assert best is not None
+        best.reason = (
+            f"memory budget {limit / 2**20:.1f} MiB is too small for {metric.name}: its leanest plan "
+            f"({best.mode}) needs {best.fixed_bytes / 2**20:.1f} MiB fixed + {best.per_sample_bytes / 2**20:.2f} MiB "
+            f"per sample, at least {self.min_batch_size} sample(s)"
+        )
+        return best
+
+
+def measure_sample_bytes(model: torch.nn.Module, loss_fn: Any, batch: Any) -> int:
+    """Peak bytes of one sample's forward and backward (activations and their gradients).
+
+    The first sample of ``batch`` is run once under :class:`PeakMemory`, with gradients
+    taken by ``torch.autograd.grad`` (no ``.grad`` is written); the parameter gradients'
+    own bytes are subtracted (the cost model counts them apart).
+    """
+    from .probe import select_samples
+
+    one = select_samples(batch, [0])
+    params = [p for p in model.parameters() if p.requires_grad]
+    from .model_state import preserved_model_state
+
+    with preserved_model_state(model):
+        model.eval()
+        with PeakMemory(_device_of(model)) as meter:
+            loss = loss_fn(model, one).sum()
+            grads = torch.autograd.grad(loss, params, allow_unused=True)
+            del loss, grads
+    return max(0, meter.peak_bytes - param_bytes(model))
+
+
+def _device_of(model: torch.nn.Module) -> torch.device:
+    for p in model.parameters():
+        return p.device
+    return torch.device("cpu")
+
+
+def compute_within_budget(
+    metric: Any,
+    model: torch.nn.Module,
+    batches: list[Any],
+    loss_fn: Any,
+    budget: MemoryBudget | None,
+    *,
+    collective: Any = None,
+    chunk_size: int | None = None,
+) -> Any:
+    """``metric.compute`` with the chunk the budget plans, halving it on allocation failures.
+
+    Without a budget (and without ``chunk_size``), the metric runs at its own chunk size
+    and an allocation failure still halves it (from the largest probe batch) down to 1.
+
+    Returns:
+        The ``MetricResult``, with ``chunk_size``, ``retries`` and the plan in ``meta``.
+
+    Raises:
+        BudgetExceeded: no chunk of at least ``min_batch_size`` fits (before or after retries).
+    """
+    from .losses import resolve_loss_fn
+    from .probe import count_samples
+
+    largest = max(count_samples(b) for b in batches)
+    plan_meta: dict[str, Any] = {}
+    min_chunk = budget.min_batch_size if budget is not None else 1
+    adaptive = budget.adaptive_batch_sizing if budget is not None else True
+    chunk = chunk_size or getattr(metric, "chunk_size", None)
+    if budget is not None and chunk is None:
+        sample_bytes = 0
+        if getattr(metric, "needs_grad", True) or any(c.forward_only for _, c in metric.memory_modes()):
+            sample_bytes = measure_sample_bytes(model, resolve_loss_fn(model, loss_fn), batches[0])
+        if collective is not None and getattr(collective, "world_size", 1) > 1:
+            # every rank must plan the same chunk: use the mean measurement
+            sample_bytes = int(collective.sum_scalar(float(sample_bytes)) / collective.world_size)
+        plan = budget.plan(metric, param_bytes(model), sample_bytes, largest, _device_of(model))
+        plan_meta = plan.as_meta()
+        plan_meta["measured_sample_bytes"] = sample_bytes
+        if plan.chunk_size is None:
+            raise BudgetExceeded(plan.reason)
+        metric.use_memory_mode(plan.mode)
+        chunk = plan.chunk_size
+    chunk = chunk or largest
+    retries = 0
+    while True:
+        try:
+            result = metric.compute(model, batches, loss_fn, collective=collective, chunk_size=chunk)
+            break
+        except Exception as err:  # only allocation failures are handled here
+            if not is_out_of_memory(err):
+                raise
+            release_memory(_device_of(model))
+            distributed = collective is not None and getattr(collective, "world_size", 1) > 1
+            if not adaptive or distributed or chunk // 2 < min_chunk:
+                raise BudgetExceeded(
+                    f"{metric.name} ran out of memory at chunk {chunk} after {retries} retries "
+                    f"(min_batch_size {min_chunk}): {err}"
+                ) from err
+            logger.warning("uma: %s ran out of memory at chunk %d; retrying at %d", metric.name, chunk, chunk // 2)
+            chunk //= 2
+            retries += 1
+    result.meta.update(plan_meta)
+    result.meta["chunk_size"] = chunk
+    result.meta["retries"] = retries
+    return result
+
+
+def as_budget(value: Any) -> MemoryBudget:
+    """``None`` -> the device's free memory minus a margin; a number -> that many GiB."""
+    if value is None:
+        return MemoryBudget()
+    if isinstance(value, MemoryBudget):
+        return value
+    return MemoryBudget(max_gb=float(value))

@@ -227,6 +227,27 @@ class Metric(abc.ABC):
         self.chunk_size = chunk_size
         self.timeout_seconds = timeout_seconds
 
+    # ------------------------------------------------------------------ memory
+    def memory_modes(self) -> list[tuple[str, Cost]]:
+        """``[(mode, cost)]`` this metric can run in, fastest first (the budget picks one).
+
+        The default is one mode, ``"default"``, with the class's :attr:`cost`. A metric
+        with a leaner way of computing the same numbers (per-parameter-group
+        accumulation, directions regenerated from seeds, a saved copy on CPU) lists it
+        after, and applies it in :meth:`use_memory_mode`. A mode never changes results.
+        """
+        return [("default", self.cost)]
+
+    def use_memory_mode(self, mode: str) -> None:
+        """Switch to one of :meth:`memory_modes` (the default has nothing to switch).
+
+        Raises:
+            ValueError: unknown mode.
+        """
+        allowed = [m for m, _ in self.memory_modes()]
+        check_choice(f"{type(self).__name__} memory mode", mode, allowed)
+        self._memory_mode = mode
+
     # ------------------------------------------------------------------ public API
     def config(self) -> dict[str, Any]:
         """The metric's configuration as JSON-able values (part of the cache key).
