@@ -1,17 +1,36 @@
 """The sink protocol: what a tracker integration implements.
 
 A sink receives :class:`~uma_callbacks.records.Record` objects (already journalled) and
-the journal root for their files. Only world rank 0 calls a sink. A sink must be
-idempotent per (run, step, key): delivering the same record twice adds no points.
+the journal root for their files. The engine calls, on world rank 0 only:
+
+1. :meth:`Sink.start` -- open or join the run; called before every delivery, so it must
+   be cheap once started (and may raise: the record stays pending in the journal);
+2. :meth:`Sink.run_id` -- with :attr:`Sink.name`, the key of the journal's delivery log:
+   a record already delivered to ``(name, run_id)`` is never sent again;
+3. :meth:`Sink.log_params` -- once per run: metric configs, probe fingerprint;
+4. :meth:`Sink.log_record` -- one record: ``record.log_values()`` at ``record.step`` (the
+   checkpoint's global step, never the tracker's own counter), its files
+   (``root / f`` for ``f`` in ``record.files``), and its error when
+   ``record.status`` is not ``ok``/``cached``;
+5. :meth:`Sink.finish` -- only for runs the sink opened itself.
+
+Rules: never raise for a record you already hold (idempotent per (run, step, key):
+delivering the same record twice adds no points -- the delivery log covers replays
+across processes, keep a set for the ones within a process); import your tracker's
+package inside the sink, not at module level; anything that raises is reported once as a
+warning and retried at the next delivery, training goes on.
 
 To plug in your own tracker, subclass :class:`Sink` and pass an instance in
-``UMACallback(trackers=[MySink()])``::
+``UMACallback(trackers=[MySink()])`` or ``attach(accelerator, trackers=[MySink()])``::
 
     class PrintSink(Sink):
         name = "print"
 
         def log_record(self, record, root):
             print(record.step, record.log_values())
+
+Any object with ``name``, ``start``, ``run_id``, ``log_record``, ``log_params`` and
+``finish`` works (duck typing); subclassing gives the no-op defaults.
 """
 
 from __future__ import annotations
@@ -21,6 +40,34 @@ from pathlib import Path
 from typing import Any
 
 from uma_callbacks.records import Record
+
+#: Tracker name -> (importable package, pip extra).
+TRACKER_PACKAGES: dict[str, tuple[str, str]] = {"mlflow": ("mlflow", "mlflow"), "wandb": ("wandb", "wandb")}
+
+
+def require_tracker(name: str) -> None:
+    """Fail fast, without importing it, when a tracker's package is missing.
+
+    Args:
+        name: a key of :data:`TRACKER_PACKAGES`.
+
+    Raises:
+        ValueError: unknown tracker name, listing the known ones.
+        ModuleNotFoundError: the package is not installed (names the pip extra).
+    """
+    import importlib.util  # noqa: PLC0415
+
+    if name not in TRACKER_PACKAGES:
+        raise ValueError(f"trackers entries must be one of {tuple(TRACKER_PACKAGES)!r}; got {name!r}")
+    package, extra = TRACKER_PACKAGES[name]
+    try:
+        spec = importlib.util.find_spec(package)
+    except (ImportError, ValueError):  # a broken or blocked module (sys.modules entry None)
+        spec = None
+    if spec is None:
+        raise ModuleNotFoundError(
+            f"the {name!r} tracker needs the {package} package: pip install 'uma-callbacks[{extra}]'"
+        )
 
 
 class Sink(abc.ABC):

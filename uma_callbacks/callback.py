@@ -30,6 +30,7 @@ import numpy as np
 import torch
 from transformers import TrainerCallback
 
+from .budget import as_budget
 from .config import TRACKER_NAMES, UMAConfig
 from .distributed import current_collective
 from .journal import Journal
@@ -104,6 +105,7 @@ class UMACallback(TrainerCallback):
             **kwargs,
         )
         _check_probe_source(probe)
+        _check_tracker_packages(self.config.trackers)
         self._probe_source = probe
         self.probe: Probe | None = None
         self.journal: Journal | None = None
@@ -133,13 +135,20 @@ class UMACallback(TrainerCallback):
             use_cache=self.config.use_cache,
             draw_figures=self.config.draw_figures,
             source="callback",
+            budget=as_budget(self.config.memory_budget),
         )
         for sink in self.sinks:
             try:
                 sink.start()
                 sink.log_params(self._params())
             except Exception as err:  # a tracker outage must not stop training
-                logger.warning("uma: sink %s could not start (%s); journal only for now", sink.name, err)
+                logger.warning(
+                    "uma: sink %s could not start (%s: %s); journal only for now, `uma sync` replays it later",
+                    sink.name,
+                    type(err).__name__,
+                    err,
+                )
+                self.suite._failed_sinks.add(sink.name)  # one warning, not one per checkpoint
 
     def on_step_end(self, args, state, control, model=None, **kwargs):
         n = self.config.every_n_steps
@@ -163,6 +172,9 @@ class UMACallback(TrainerCallback):
         if model is None or self.suite is None or self.probe is None or step in self._measured:
             return
         self._measured.add(step)
+        if self.suite.collective is not None and self.suite.collective.world_size > 1:
+            # every rank has finished writing the checkpoint before anyone measures or reads it
+            self.suite.collective.barrier()
         fingerprint = weights_fingerprint(model) if self.config.use_cache else ""
         logger.info("uma: measuring %s at step %d", ", ".join(self.config.metric_names), step)
         self.records.extend(self.suite.run(model, self.probe, step=step, checkpoint=fingerprint))
@@ -227,8 +239,17 @@ def make_sink(name: str, fallback_dir: str | os.PathLike[str] | None = None) -> 
     if name == "wandb":
         from .integrations.wandb import WandbSink
 
-        return WandbSink()
+        return WandbSink(dir=fallback_dir)
     raise ValueError(f"trackers entries must be one of {TRACKER_NAMES!r}; got {name!r}")
+
+
+def _check_tracker_packages(trackers: Sequence[Any] | None) -> None:
+    """Raise at construction when a named tracker's package is missing (names the extra)."""
+    from .integrations.base import require_tracker
+
+    for tracker in trackers or ():
+        if isinstance(tracker, str):
+            require_tracker(tracker)
 
 
 def _is_batch(obj: Mapping[str, Any]) -> bool:

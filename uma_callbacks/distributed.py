@@ -92,3 +92,122 @@ def is_main_process() -> bool:
 def shard(items: Sequence[Any], rank: int, world_size: int) -> list[Any]:
     """Rank ``rank``'s share of ``items``: every ``world_size``-th item from ``rank`` on."""
     return list(items[rank::world_size])
+
+
+class PeerFailure(RuntimeError):
+    """Raised inside a metric on a healthy rank when another rank's metric has failed."""
+
+
+#: Header slots of :class:`AgreeingCollective` (one float64 each, summed over ranks).
+_CONTINUE, _FAILED, _DONE, _NUMEL, _NUMEL_SQ = range(5)
+
+
+class AgreeingCollective(Collective):
+    """A collective that lets every rank agree on a metric's failure without hanging.
+
+    The problem: a metric calls :meth:`sum_` a few times (once for gradient flow, once per
+    Lanczos matvec for spectra). If rank 1 raises *before* a call that rank 0 makes, rank 0
+    blocks in that all-reduce; a later "did anyone fail?" all-reduce from rank 1 would be
+    matched against rank 0's pending data reduction (silently wrong sums, or a hang).
+
+    The protocol: every data reduction is preceded by a header all-reduce of 5 float64
+    ``[continue, failed, done, numel, numel^2]``, and every rank ends the metric with one
+    *terminal* header: ``done`` after a normal return, ``failed`` after an exception.
+    Each rank therefore issues the same kind of call (a 5-element header) at every position
+    of its sequence, so headers always pair up, and every rank reads the *same* summed
+    header:
+
+    - all ``continue`` with equal ``numel`` (``R * sum n^2 == (sum n)^2``): reduce the data;
+    - all ``done``: the metric succeeded everywhere;
+    - anything else (a ``failed``, a mix of ``done`` and ``continue`` -- ranks disagree on
+      the number of reductions -- or unequal sizes): the metric failed everywhere. Ranks
+      still inside the metric get :class:`PeerFailure` from :meth:`sum_` (and from any later
+      call, without communicating), and nobody sends another header.
+
+    The first non-unanimous header ends the protocol on all ranks at once, so no rank waits
+    for a reduction that will never come. On failure, :meth:`conclude` also shares the
+    first failing rank's error (type and message, as UTF-8 bytes in an integer tensor; no
+    pickle) so rank 0 can journal it. Cost: one 40-byte all-reduce per data reduction, plus
+    one per metric.
+
+    What it cannot cover: a rank that never returns (an infinite loop, a dead peer). Metrics
+    check their ``timeout_seconds`` between chunks (a :class:`MetricTimeout` is a failure
+    like any other); beyond that the process group's own timeout applies
+    (``init_process_group(timeout=...)``; ``torchrun`` then tears the job down).
+
+    Args:
+        inner: the real collective (e.g. :class:`TorchDistributedCollective`).
+    """
+
+    def __init__(self, inner: Collective) -> None:
+        self.inner = inner
+        self.rank = inner.rank
+        self.world_size = inner.world_size
+        self.concluded = False
+        self.failed_anywhere = False
+        self.reductions = 0
+
+    def _header(self, slot: int, numel: int = 0) -> torch.Tensor:
+        header = torch.zeros(5, dtype=torch.float64)
+        header[slot] = 1.0
+        header[_NUMEL] = float(numel)
+        header[_NUMEL_SQ] = float(numel) ** 2
+        self.inner.sum_([header])
+        return header
+
+    def sum_(self, tensors: Sequence[torch.Tensor]) -> None:
+        """Sum ``tensors`` over ranks, after agreeing that every rank is still healthy.
+
+        Raises:
+            PeerFailure: another rank failed, or the ranks disagree on what to reduce.
+        """
+        if self.concluded:
+            raise PeerFailure("the metric already failed on another rank")
+        numel = sum(int(t.numel()) for t in tensors)
+        header = self._header(_CONTINUE, numel)
+        world = float(self.world_size)
+        same_size = abs(world * header[_NUMEL_SQ].item() - header[_NUMEL].item() ** 2) < 0.5
+        if header[_CONTINUE].item() == world and same_size:
+            self.inner.sum_(tensors)
+            self.reductions += 1
+            return
+        self.concluded, self.failed_anywhere = True, True
+        if header[_CONTINUE].item() == world:
+            raise PeerFailure(f"ranks reduce tensors of different sizes at reduction {self.reductions + 1}")
+        if header[_FAILED].item() > 0:
+            raise PeerFailure(f"the metric failed on {int(header[_FAILED].item())} other rank(s)")
+        raise PeerFailure(f"ranks disagree on the number of reductions (this rank made {self.reductions + 1})")
+
+    def barrier(self) -> None:
+        """Wait for every rank."""
+        self.inner.barrier()
+
+    def conclude(self, failed: bool) -> bool:
+        """End the protocol for this metric; True when it failed on any rank."""
+        if not self.concluded:
+            header = self._header(_FAILED if failed else _DONE)
+            self.concluded = True
+            self.failed_anywhere = header[_DONE].item() != float(self.world_size)
+        return self.failed_anywhere
+
+    def share_failure(self, error: BaseException | None, limit: int = 2000) -> tuple[int, str]:
+        """After :meth:`conclude` returned True: ``(rank, "Type: message")`` of the lowest
+        rank whose metric raised on its own (not :class:`PeerFailure`); ``(-1, "")`` if none.
+
+        Every rank must call it (two all-reduces).
+        """
+        own = error is not None and not isinstance(error, PeerFailure)
+        flags = torch.zeros(self.world_size, dtype=torch.float64)
+        flags[self.rank] = 1.0 if own else 0.0
+        self.inner.sum_([flags])
+        culprits = [r for r in range(self.world_size) if flags[r].item() > 0]
+        if not culprits:
+            return -1, ""
+        first = culprits[0]
+        text = torch.zeros(limit, dtype=torch.int32)
+        if self.rank == first and error is not None:
+            raw = f"{type(error).__name__}: {error}".encode("utf-8", errors="replace")[:limit]
+            text[: len(raw)] = torch.tensor(list(raw), dtype=torch.int32)
+        self.inner.sum_([text])
+        raw_bytes = bytes(int(v) for v in text.tolist() if v > 0)
+        return first, raw_bytes.decode("utf-8", errors="replace")

@@ -6,7 +6,8 @@ For each metric, in order:
    fingerprint) is reused (status ``cached``, nothing computed);
 2. compute on this rank's share of the probe; an exception becomes an ``error`` record
    (type, message, traceback), a time-out a ``timeout`` record, and training goes on;
-   all ranks agree on failure (one all-reduce), so none waits on a failed one;
+   all ranks agree on failure (:class:`~uma_callbacks.distributed.AgreeingCollective`:
+   every reduction is preceded by a tiny status all-reduce), so none waits on a failed one;
 3. memory is released (``gc.collect``, ``torch.cuda.empty_cache``);
 4. rank 0 writes the files and the journal line, draws the figures, and delivers the
    record to every sink; a sink that fails is reported once and retried on the next
@@ -26,8 +27,8 @@ from typing import Any
 
 import torch
 
-from .budget import release_memory
-from .distributed import Collective, LocalCollective
+from .budget import MemoryBudget, compute_within_budget, release_memory
+from .distributed import AgreeingCollective, Collective, LocalCollective, PeerFailure
 from .journal import Journal, cache_key
 from .losses import LossFn
 from .metrics.base import Metric, MetricResult, MetricTimeout
@@ -52,6 +53,8 @@ class MetricSuite:
         use_cache: reuse journalled results for the same key.
         draw_figures: draw PNGs (needs matplotlib; skipped with a note if absent).
         source: written into each record (``callback``, ``backfill``, ...).
+        chunk_sizes: fixed chunk size per metric name (skips planning for that metric).
+        budget: plans each metric's memory mode and chunk, and retries smaller on OOM.
     """
 
     metrics: Sequence[Metric]
@@ -63,7 +66,7 @@ class MetricSuite:
     draw_figures: bool = True
     source: str = "callback"
     chunk_sizes: dict[str, int] = field(default_factory=dict)
-    planner: Any = None
+    budget: MemoryBudget | None = None
     _failed_sinks: set[str] = field(default_factory=set)
 
     @property
@@ -178,20 +181,34 @@ class MetricSuite:
     ) -> MetricResult:
         failure: BaseException | None = None
         result: MetricResult | None = None
+        # several ranks: every reduction is guarded, so a rank that fails anywhere in the
+        # metric (even before a reduction the others are waiting in) fails it on all ranks
+        guarded = AgreeingCollective(collective) if collective.world_size > 1 else None
         try:
             prepare = getattr(metric, "prepare", None)
             if prepare is not None:
                 prepare(context)
-            result = metric.compute(
+            result = compute_within_budget(
+                metric,
                 model,
                 batches,
                 self.loss_fn,
-                collective=collective if collective.world_size > 1 else None,
+                self.budget,
+                collective=guarded,
                 chunk_size=self.chunk_sizes.get(metric.name),
             )
         except Exception as err:  # isolate: a broken metric never stops training
             failure = err
-        failed_anywhere = collective.any_(failure is not None) if collective.world_size > 1 else failure is not None
+        if guarded is None:
+            failed_anywhere = failure is not None
+        else:
+            failed_anywhere = guarded.conclude(failure is not None)
+            if failed_anywhere:
+                culprit, message = guarded.share_failure(failure)
+                if failure is None or isinstance(failure, PeerFailure):
+                    where = f"rank {culprit}: {message}" if culprit >= 0 else "ranks disagreed"
+                    text = f"the metric failed on another rank ({where})"
+                    failure = MetricTimeout(text) if message.startswith("MetricTimeout:") else PeerFailure(text)
         if not failed_anywhere and result is not None:
             return result
         if failure is None:
