@@ -35,7 +35,7 @@ from .config import TRACKER_NAMES, UMAConfig
 from .distributed import current_collective
 from .journal import Journal
 from .metrics.base import Metric
-from .probe import Probe, count_samples, pad_collate
+from .probe import Probe, count_samples, pad_collate, save_probe
 from .snapshot import weights_fingerprint
 from .suite import MetricSuite
 
@@ -125,6 +125,10 @@ class UMACallback(TrainerCallback):
         root = Path(self.config.output_dir or os.path.join(args.output_dir, "uma"))
         if collective.rank == 0:
             self.journal = Journal(root, save_tensors=self.config.save_tensors)
+            try:
+                save_probe(self.probe, root)  # `uma backfill` rebuilds the very same probe from it
+            except ValueError as err:  # custom batch types: the backfill then needs the probe passed in
+                logger.warning("uma: the probe was not saved for backfills (%s)", err)
             self.sinks = self._resolve_sinks(args, root)
         self.suite = MetricSuite(
             metrics=self.config.metric_objects,

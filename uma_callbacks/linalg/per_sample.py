@@ -56,7 +56,8 @@ class PerSampleGradients:
 
     def sq_norms(self) -> dict[str, torch.Tensor]:
         """``{param name: [B]}`` squared norms ||g_{i,p}||^2 of each sample's gradient."""
-        return {n: g.reshape(g.shape[0], -1).pow(2).sum(dim=1) for n, g in self.grads.items()}
+        # a norm reduction, not g**2: no temporary as large as the gradients
+        return {n: torch.linalg.vector_norm(g.reshape(g.shape[0], -1), dim=1).pow(2) for n, g in self.grads.items()}
 
     def flat(self) -> torch.Tensor:
         """The stacked gradients as one matrix ``G [B, P]`` (a copy)."""
