@@ -30,7 +30,7 @@ import numpy as np
 import torch
 from transformers import TrainerCallback
 
-from .budget import as_budget
+from .budget import as_budget, param_bytes
 from .config import TRACKER_NAMES, UMAConfig
 from .distributed import current_collective
 from .journal import Journal
@@ -113,6 +113,7 @@ class UMACallback(TrainerCallback):
         self.sinks: list[Any] = []
         self._own_sinks: list[Any] = []
         self._measured: set[int] = set()
+        self._previous: tuple[int, dict[str, torch.Tensor]] | None = None
         self.records: list[Any] = []
 
     # ------------------------------------------------------------------ events
@@ -181,7 +182,24 @@ class UMACallback(TrainerCallback):
             self.suite.collective.barrier()
         fingerprint = weights_fingerprint(model) if self.config.use_cache else ""
         logger.info("uma: measuring %s at step %d", ", ".join(self.config.metric_names), step)
-        self.records.extend(self.suite.run(model, self.probe, step=step, checkpoint=fingerprint))
+        context = {}
+        if self._previous is not None:
+            context = {"previous_weights": self._previous[1], "previous_label": f"step-{self._previous[0]}"}
+        self.records.extend(self.suite.run(model, self.probe, step=step, checkpoint=fingerprint, context=context))
+        if "interpolation" in self.config.metric_names:
+            self._previous = self._keep_weights(model, step)
+
+    def _keep_weights(self, model: torch.nn.Module, step: int) -> tuple[int, dict[str, torch.Tensor]] | None:
+        """A CPU copy of the trainable weights for the next interpolation, if host memory allows."""
+        self._previous = None  # free the older copy first
+        needed = param_bytes(model)
+        budget = as_budget(None).limit_bytes("cpu")
+        if needed > budget:
+            logger.warning(
+                "uma: previous checkpoint not kept for interpolation: needs %.0f MiB, %.0f MiB free", needed / 2**20, budget / 2**20
+            )
+            return None
+        return step, {n: p.detach().to("cpu", copy=True) for n, p in model.named_parameters() if p.requires_grad}
 
     def _build_probe(self, train_dataloader: Any, eval_dataloader: Any, collate: Any) -> Probe:
         source = self._probe_source

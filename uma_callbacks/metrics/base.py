@@ -37,6 +37,13 @@ class MetricTimeout(RuntimeError):
     """Raised between chunks when a metric runs past its ``timeout_seconds``."""
 
 
+class MetricSkipped(RuntimeError):
+    """Raised when a metric has nothing to measure yet (e.g. no previous checkpoint):
+    the suite records ``status="skipped"`` with the message as the reason."""
+
+    uma_skip = True
+
+
 @dataclass(frozen=True)
 class Cost:
     """What a metric holds in memory, read by :class:`~uma_callbacks.budget.MemoryBudget`.
