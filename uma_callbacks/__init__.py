@@ -15,11 +15,11 @@ __version__ = "0.1.0"
 
 _LAZY = {
     "UMACallback": ("callback", "UMACallback"),
+    "attach": ("accelerate_hook", "attach"),
     "analyze_models": ("analyze", "analyze_models"),
     "AnalysisResults": ("analyze", "AnalysisResults"),
     "ResultCache": ("analyze", "ResultCache"),
     "UnifiedConfig": ("unified_config", "UnifiedConfig"),
-    "backfill": ("backfill", "backfill"),
 }
 
 
@@ -39,7 +39,6 @@ __all__ = [
     "ResultCache",
     "UnifiedConfig",
     "analyze_models",
-    "backfill",
     "MemoryBudget",
     "Metric",
     "MetricResult",
@@ -49,4 +48,5 @@ __all__ = [
     "UMACallback",
     "UMAConfig",
     "__version__",
+    "attach",
 ]

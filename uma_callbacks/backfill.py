@@ -27,8 +27,6 @@ from __future__ import annotations
 import hashlib
 import logging
 import os
-import sys
-import types
 import time
 import traceback
 from collections.abc import Callable, Mapping, Sequence
@@ -502,13 +500,3 @@ def _wandb_sink(run_id: str | None) -> Any:
 
 __all__ = ["PAIR_METRICS", "BackfillSummary", "Trajectory", "backfill", "trajectory_scalars"]
 
-
-class _CallableModule(types.ModuleType):
-    """``uma_callbacks.backfill`` is both this module and the function: importing the
-    submodule rebinds the package attribute to the module, so the module forwards calls."""
-
-    def __call__(self, *args: Any, **kwargs: Any) -> BackfillSummary:
-        return backfill(*args, **kwargs)
-
-
-sys.modules[__name__].__class__ = _CallableModule
