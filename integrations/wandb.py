@@ -1,0 +1,238 @@
+"""W&B sink: the ``uma/*`` history on its own ``uma/step`` axis, figures, tables, artifacts.
+
+The run is the one ``report_to=["wandb"]`` opened (``wandb.run``, joined at
+``on_train_begin``), a run object the user gives (e.g. Accelerate's
+``accelerator.get_tracker("wandb", unwrap=True)``), or a new run opened at :meth:`start`
+(``wandb.init``; the mode follows ``WANDB_MODE``, so ``offline`` needs no network).
+
+The x-axis: W&B drops a ``step=`` lower than the run's current step, and
+``wandb.log(commit=False)`` inside ``on_save`` lands on the next history row. So the sink
+never passes ``step=``: it binds ``uma/*`` to ``uma/step`` (``define_metric("uma/*",
+step_metric="uma/step")``, plus each exact key as it first appears, since exact
+definitions outrank the ``"*"`` glob the Trainer's ``WandbCallback`` defines) and logs
+each record as one committed row holding ``uma/step`` and the record's values.
+
+Per record, in that one row:
+
+- scalars ``uma/<metric>/<scalar>`` (and ``seconds``, ``peak_mb``);
+- figures: each PNG in ``record.files`` as ``uma/<metric>/figures/<name>`` (a
+  ``wandb.Image``: landscape heatmap, spectrum, gradient flow per layer);
+- per-module values as a ``wandb.Table`` ``uma/<metric>/modules`` with columns
+  ``step, module, metric, value`` (from the ``layers/<module>/<scalar>`` scalars);
+
+then the record's files (JSON, npz, PNG, safetensors) as an artifact of type
+``uma-results`` named ``uma-<run id>-<metric>-step-<N>``. Errors go to the run summary
+(``uma/<metric>/status``, ``uma/<metric>/error``).
+
+Idempotent per (run, step, key): the journal's delivery log skips records delivered in an
+earlier process, and the sink keeps the (step, key) pairs it logged in this one.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import os
+import re
+from pathlib import Path
+from typing import Any
+
+from uma_callbacks.records import PREFIX, Record
+
+from .base import Sink
+
+logger = logging.getLogger(__name__)
+
+_INSTALL = "WandbSink needs wandb: pip install 'uma-callbacks[wandb]'"
+#: The step metric every ``uma/*`` key is plotted against.
+STEP_KEY = f"{PREFIX}/step"
+_LAYER_KEY = re.compile(r"^layers/(?P<module>.+)/(?P<scalar>[^/]+)$")
+_ARTIFACT_SAFE = re.compile(r"[^A-Za-z0-9_.-]+")
+
+
+def _import_wandb() -> Any:
+    try:
+        import wandb  # the only place the package is imported
+    except ImportError as err:
+        raise ModuleNotFoundError(_INSTALL) from err
+    if wandb is None:  # pragma: no cover - sys.modules entry blocked
+        raise ModuleNotFoundError(_INSTALL)
+    return wandb
+
+
+class WandbSink(Sink):
+    """Log records to a W&B run.
+
+    Args:
+        run: a ``wandb`` Run to log to; ``None`` joins ``wandb.run`` if one is open, else
+            opens a run at :meth:`start`.
+        project: project of a new run (default ``WANDB_PROJECT``, else ``uma-callbacks``).
+        run_name: name of a new run.
+        dir: folder of a new run's files when ``WANDB_DIR`` is unset.
+        log_artifacts: upload each record's files as an artifact.
+        init_kwargs: more keyword arguments for ``wandb.init`` (``entity``, ``tags``, ...).
+
+    Raises:
+        ModuleNotFoundError: wandb is not installed (names the pip extra).
+    """
+
+    name = "wandb"
+
+    def __init__(
+        self,
+        run: Any = None,
+        project: str | None = None,
+        run_name: str | None = None,
+        dir: str | os.PathLike[str] | None = None,  # noqa: A002 (wandb's own name)
+        log_artifacts: bool = True,
+        init_kwargs: dict[str, Any] | None = None,
+    ) -> None:
+        super().__init__()
+        self._wandb = _import_wandb()
+        self._run = run
+        self._project = project
+        self._run_name = run_name
+        self._dir = dir
+        self._log_artifacts = log_artifacts
+        self._init_kwargs = dict(init_kwargs or {})
+        self._own = False
+        self._bound_run: str | None = None
+        self._defined: set[str] = set()
+        self._logged: set[tuple[int, str]] = set()
+        self._init_error: BaseException | None = None
+
+    # ------------------------------------------------------------------ run
+    def capture_active_run(self) -> bool:
+        """Join ``wandb.run`` (the run ``report_to=["wandb"]`` opened), if one is open."""
+        active = self._wandb.run
+        if self._run is None and active is not None:
+            self._run = active
+            return True
+        return False
+
+    def start(self) -> None:
+        """Join or open the run, and bind ``uma/*`` to ``uma/step``.
+
+        A failed ``wandb.init`` is remembered and raised again at once on later calls
+        (no retry per checkpoint: an unreachable server would stall training each time);
+        the records stay in the journal for ``uma sync``.
+
+        Raises:
+            Exception: whatever ``wandb.init`` raised.
+        """
+        if self._run is None:
+            self.capture_active_run()
+        if self._run is None:
+            if self._init_error is not None:
+                raise RuntimeError(f"wandb.init failed earlier: {self._init_error}") from self._init_error
+            kwargs: dict[str, Any] = {
+                "project": self._project or os.environ.get("WANDB_PROJECT") or "uma-callbacks",
+                "name": self._run_name,
+                **self._init_kwargs,
+            }
+            # read WANDB_DIR now: wandb caches its settings from the first run in a process
+            folder = os.environ.get("WANDB_DIR") or self._dir
+            if folder is not None:
+                Path(folder).mkdir(parents=True, exist_ok=True)
+                kwargs.setdefault("dir", str(folder))
+            try:
+                self._run = self._wandb.init(**kwargs)
+            except Exception as err:  # remembered, re-raised to the caller that reports it
+                self._init_error = err
+                raise
+            self._own = True
+            logger.info("uma: opened W&B run %s (mode %s)", self._run.id, os.environ.get("WANDB_MODE", "online"))
+        if self._bound_run != self._run.id:
+            self._run.define_metric(STEP_KEY)
+            self._run.define_metric(f"{PREFIX}/*", step_metric=STEP_KEY)
+            self._bound_run = self._run.id
+            self._defined = set()
+
+    def run_id(self) -> str:
+        """The W&B run id (empty before :meth:`start`)."""
+        return str(self._run.id) if self._run is not None else ""
+
+    @property
+    def run(self) -> Any:
+        """The wandb Run (after :meth:`start`)."""
+        return self._run
+
+    @property
+    def owns_run(self) -> bool:
+        """Whether this sink opened the run (and :meth:`finish` closes it)."""
+        return self._own
+
+    # ------------------------------------------------------------------ writes
+    def _bind(self, key: str) -> None:
+        if key not in self._defined:
+            self._run.define_metric(key, step_metric=STEP_KEY)
+            self._defined.add(key)
+
+    def log_record(self, record: Record, root: Path) -> None:
+        """Log one record as one row on the ``uma/step`` axis (see the module docstring)."""
+        self.start()
+        wandb = self._wandb
+        step = int(record.step)
+        row: dict[str, Any] = {}
+        for key, value in record.log_values().items():
+            if math.isfinite(value) and (step, key) not in self._logged:
+                row[key] = value
+        pngs = [Path(root) / rel for rel in record.files if rel.endswith(".png")]
+        for path in pngs:
+            key = f"{PREFIX}/{record.metric}/figures/{_figure_name(record.metric, path)}"
+            if path.is_file() and (step, key) not in self._logged:
+                row[key] = wandb.Image(str(path), caption=f"{record.metric} at step {step}")
+        table_key = f"{PREFIX}/{record.metric}/modules"
+        rows = _module_rows(record)
+        if rows and (step, table_key) not in self._logged:
+            row[table_key] = wandb.Table(columns=["step", "module", "metric", "value"], data=rows)
+        if row:
+            for key in row:
+                self._bind(key)
+            self._run.log({STEP_KEY: step, **row})
+            self._logged.update((step, key) for key in row)
+        if record.status not in ("ok", "cached"):
+            message = (record.error or {}).get("message", "")
+            self._run.summary[f"{PREFIX}/{record.metric}/status"] = record.status
+            self._run.summary[f"{PREFIX}/{record.metric}/error"] = f"step {step}: {message}"[:5000]
+        artifact_key = f"artifact:{record.metric}"
+        files = [Path(root) / rel for rel in record.files if (Path(root) / rel).is_file()]
+        if self._log_artifacts and files and (step, artifact_key) not in self._logged:
+            name = _ARTIFACT_SAFE.sub("-", f"uma-{self.run_id()}-{record.metric}-step-{step}")
+            artifact = wandb.Artifact(name=name, type="uma-results", metadata={"step": step, "metric": record.metric})
+            for path in files:
+                artifact.add_file(str(path), name=f"step-{step}/{path.name}")
+            self._run.log_artifact(artifact)
+            self._logged.add((step, artifact_key))
+
+    def log_params(self, params: dict[str, Any]) -> None:
+        """Merge ``params`` into the run config under ``uma.`` (existing keys kept)."""
+        self.start()
+        fresh = {f"uma.{k}": v for k, v in params.items() if f"uma.{k}" not in set(self._run.config.keys())}
+        if fresh:
+            self._run.config.update(fresh, allow_val_change=True)
+
+    def finish(self) -> None:
+        """Finish the run if this sink opened it (flushes the run file)."""
+        if self._own and self._run is not None:
+            self._run.finish()
+            self._run = None
+            self._own = False
+            self._bound_run = None
+
+
+def _figure_name(metric: str, path: Path) -> str:
+    stem = path.stem
+    for prefix in (f"{metric}-", f"{metric}_"):
+        if stem.startswith(prefix):
+            return stem[len(prefix) :]
+    return stem
+
+
+def _module_rows(record: Record) -> list[list[Any]]:
+    rows = []
+    for key, value in sorted(record.scalars.items()):
+        match = _LAYER_KEY.match(key)
+        if match and isinstance(value, (int, float)) and math.isfinite(value):
+            rows.append([int(record.step), match["module"], match["scalar"], float(value)])
+    return rows

@@ -1,0 +1,97 @@
+"""MLflowSink against a real SQLite store in ``tmp_path``, read back with ``MlflowClient``."""
+
+from __future__ import annotations
+
+import sys
+
+import pytest
+
+from uma_callbacks.journal import Journal
+from uma_callbacks.records import Record
+from uma_callbacks.suite import deliver
+
+mlflow = pytest.importorskip("mlflow")
+
+
+def _record(root, step, metric="gradient_flow", status="ok", **scalars):
+    folder = root / f"step-{step}"
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / f"{metric}.json").write_text("{}")
+    return Record(
+        step=step,
+        metric=metric,
+        status=status,
+        scalars=scalars or {"total_norm": 1.0 + step, "layers/model.fc/norm": 0.5 * step},
+        meta={"seconds": 0.25},
+        files=[f"step-{step}/{metric}.json"],
+        cache_key=f"key-{step}-{metric}",
+        error=None if status == "ok" else {"type": "RuntimeError", "message": "boom", "traceback": ""},
+    )
+
+
+@pytest.fixture
+def store(tmp_path):
+    from uma_callbacks.integrations.mlflow import default_tracking_uri
+
+    return default_tracking_uri(tmp_path)
+
+
+def test_same_checkpoint_twice_adds_no_points(tmp_path, store):
+    from mlflow.tracking import MlflowClient
+
+    from uma_callbacks.integrations.mlflow import MLflowSink
+
+    journal = Journal(tmp_path / "uma")
+    records = [_record(journal.root, 3), _record(journal.root, 6)]
+    for r in records:
+        journal.append(r)
+    sink = MLflowSink(tracking_uri=store)
+    assert deliver(journal, sink, records) == 2
+    assert deliver(journal, sink, records) == 0  # the delivery log
+    for r in records:  # the sink itself, same process: reads each key's history once
+        sink.log_record(r, journal.root)
+    # a new process (fresh sink, fresh journal folder) joining the same run: still no new points
+    again = MLflowSink(run_id=sink.run_id(), tracking_uri=store)
+    fresh = Journal(tmp_path / "elsewhere")
+    assert deliver(fresh, again, [_record(journal.root, 3)]) == 1
+    client = MlflowClient(store)
+    for key, expected in (
+        ("uma/gradient_flow/total_norm", [(3, 4.0), (6, 7.0)]),
+        ("uma/gradient_flow/layers/model.fc/norm", [(3, 1.5), (6, 3.0)]),
+        ("uma/gradient_flow/seconds", [(3, 0.25), (6, 0.25)]),
+    ):
+        assert sorted((m.step, m.value) for m in client.get_metric_history(sink.run_id(), key)) == expected
+    arts = [f.path for f in client.list_artifacts(sink.run_id(), "uma/step-3")]
+    assert arts == ["uma/step-3/gradient_flow.json"]
+
+
+def test_params_and_error_tags(tmp_path, store):
+    from mlflow.tracking import MlflowClient
+
+    from uma_callbacks.integrations.mlflow import MLflowSink
+
+    journal = Journal(tmp_path / "uma")
+    sink = MLflowSink(tracking_uri=store, experiment_name="uma-params")
+    sink.log_params({"probe_fingerprint": "abc123", "fisher.config": {"metric": "fisher", "top_k": 4}})
+    sink.log_params({"probe_fingerprint": "abc123"})  # logged once, no error on repeat
+    failed = _record(journal.root, 4, metric="fisher", status="error", trace=float("nan"))
+    failed.files = []
+    journal.append(failed)
+    deliver(journal, sink, [failed])
+    run = MlflowClient(store).get_run(sink.run_id())
+    assert run.data.params["uma.probe_fingerprint"] == "abc123"
+    assert "'top_k': 4" in run.data.params["uma.fisher.config"]
+    assert run.data.tags["uma.fisher.status"] == "error"
+    assert run.data.tags["uma.fisher.error"] == "step 4: boom"
+    assert "uma/fisher/trace" not in run.data.metrics  # a NaN is never logged
+
+
+def test_missing_mlflow_fails_at_construction_naming_the_extra(monkeypatch):
+    from uma_callbacks import UMACallback
+    from uma_callbacks.integrations.mlflow import MLflowSink
+
+    monkeypatch.setitem(sys.modules, "mlflow", None)
+    with pytest.raises(ModuleNotFoundError, match=r"pip install 'uma-callbacks\[mlflow\]'"):
+        UMACallback(trackers=["mlflow"])
+    with pytest.raises(ModuleNotFoundError, match=r"uma-callbacks\[mlflow\]"):
+        MLflowSink()
