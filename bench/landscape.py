@@ -1,0 +1,232 @@
+"""Benchmark: LossLandscape against plain forward passes and the loss-landscapes package.
+
+Qwen2 from config (hidden 128, 2 layers, 4 heads, vocab 2000, intermediate 512), one
+probe batch of 16 x 128 tokens, float32 on CPU:
+
+- time of an n x n grid (25 x 25; 7 x 7 with ``--quick``) in both modes (``stored``:
+  theta, d1, d2 held; ``lean``: only theta held, directions regenerated per point)
+  against n^2 plain forward passes + per-sample losses of the same batch, under
+  ``torch.no_grad()`` (medians over interleaved rounds, so machine load hits all alike);
+- ``loss_landscapes.random_plane`` (3.0.6) on the same grid where installed: time only
+  (that release shifts odd grid columns, scales distance inversely and divides by zero
+  on Qwen2's zero-initialised biases; when it raises on the stock model we report the
+  error and time it on a copy whose zero biases are nudged to 1e-3);
+- peak extra memory: the peak resident set during the grid minus the peak during one
+  plain forward of the same batch (3 x 3 grids: the peak does not grow with n), over
+  the parameter bytes. Measured in a child process started with
+  ``MALLOC_MMAP_THRESHOLD_=65536``: glibc then serves every allocation >= 64 KiB by mmap
+  and returns it when freed, so the resident set follows the live tensors and no peak
+  hides in reused heap. (Not for the timings: an mmap per tensor slows forwards down.)
+
+Run ``python bench/landscape.py [--quick]``; it ends with ``name=value`` summary lines.
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import os
+import subprocess
+import sys
+import statistics
+import time
+
+import torch
+
+from uma_callbacks.budget import PeakMemory, param_bytes, release_memory
+from uma_callbacks.losses import causal_lm_per_sample_loss, hf_per_sample_loss
+from uma_callbacks.metrics import LossLandscape
+
+MEMORY_ENV = {"MALLOC_MMAP_THRESHOLD_": "65536"}
+
+
+def qwen2_setup():
+    from transformers import Qwen2Config, Qwen2ForCausalLM
+
+    torch.manual_seed(0)
+    config = Qwen2Config(
+        vocab_size=2000, hidden_size=128, intermediate_size=512, num_hidden_layers=2,
+        num_attention_heads=4, num_key_value_heads=4, max_position_embeddings=256, tie_word_embeddings=False,
+    )
+    model = Qwen2ForCausalLM(config).eval()
+    gen = torch.Generator().manual_seed(0)
+    ids = torch.randint(0, 2000, (16, 128), generator=gen)
+    return model, [{"input_ids": ids, "attention_mask": torch.ones_like(ids), "labels": ids}]
+
+
+def plain_forwards(model, batches, count: int):
+    def run():
+        with torch.no_grad():
+            for _ in range(count):
+                for b in batches:
+                    hf_per_sample_loss(model, b).sum().item()
+
+    return run
+
+
+def landscape(model, batches, n: int, mode: str):
+    metric = LossLandscape(n_points=n, span=1.0, normalization="filter", mode=mode, seed=0)
+    return lambda: metric.compute(model, batches, hf_per_sample_loss)
+
+
+class _Logits(torch.nn.Module):
+    """``forward(input_ids) -> logits``: the interface loss-landscapes' ``Loss`` metric calls."""
+
+    def __init__(self, model: torch.nn.Module) -> None:
+        super().__init__()
+        self.model = model
+
+    def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
+        return self.model(input_ids=input_ids).logits
+
+
+def loss_landscapes_plane(model, batches, n: int):
+    import loss_landscapes
+    from loss_landscapes.metrics import Loss
+
+    batch = batches[0]
+    metric = Loss(lambda logits, labels: causal_lm_per_sample_loss(logits, labels).mean(), batch["input_ids"], batch["labels"])
+    wrapped = _Logits(model)
+
+    def run():
+        with torch.no_grad():
+            return loss_landscapes.random_plane(wrapped, metric, distance=1.0, steps=n, normalization="filter", deepcopy_model=True)
+
+    return run
+
+
+def timeall(fns: dict, repeats: int, warmups: list) -> dict:
+    """Median seconds of each function over interleaved rounds, after the warm-up calls."""
+    for fn in warmups:
+        fn()
+    times: dict = {k: [] for k in fns}
+    for _ in range(repeats):
+        for key, fn in fns.items():
+            start = time.perf_counter()
+            fn()
+            times[key].append(time.perf_counter() - start)
+    return {k: statistics.median(v) for k, v in times.items()}
+
+
+def setpoint_ms(model, repeats: int = 20) -> dict[str, float]:
+    """Milliseconds to set one grid point, per mode, without the forward pass."""
+    from uma_callbacks.linalg.weights import moved_weights
+    from uma_callbacks.metrics.landscape import _RandomDirections
+
+    out = {}
+    params = [p for p in model.parameters() if p.dim() >= 2]
+    with moved_weights(params) as mover:
+        rand = _RandomDirections(mover.theta, 2, 0, "filter")
+        stored = rand.materialise()
+        for mode, fn in (
+            ("stored", lambda: mover.set_combination((0.3, -0.2), stored)),
+            ("lean", lambda: rand.set_point(mover, (0.3, -0.2))),
+        ):
+            fn()
+            start = time.perf_counter()
+            for _ in range(repeats):
+                fn()
+            out[mode] = (time.perf_counter() - start) / repeats * 1e3
+    return out
+
+
+def peak_of(fn) -> int:
+    release_memory()
+    with PeakMemory("cpu") as meter:
+        fn()
+    return meter.peak_bytes
+
+
+def memory_main() -> None:
+    """Child process: print ``peak_<what>=<bytes>`` for a plain forward and both grids."""
+    model, batches = qwen2_setup()
+    plain_forwards(model, batches, 1)()  # warm-up (lazy inits, thread pools)
+    landscape(model, batches, 3, "lean")()
+    forward = max(peak_of(plain_forwards(model, batches, 1)) for _ in range(2))
+    for mode in ("stored", "lean"):
+        release_memory()
+        print(f"peak_{mode}={landscape(model, batches, 3, mode)().meta['peak_bytes']}")
+    print(f"peak_forward={forward}")
+
+
+def measure_memory_in_child() -> dict[str, int]:
+    env = dict(os.environ, **MEMORY_ENV)
+    out = subprocess.run([sys.executable, __file__, "--memory", "--threads", str(torch.get_num_threads())], env=env, capture_output=True, text=True, check=True)
+    return {line.split("=")[0][5:]: int(line.split("=")[1]) for line in out.stdout.splitlines() if line.startswith("peak_")}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--quick", action="store_true", help="5 x 5 grid (< 60 s)")
+    parser.add_argument("--threads", type=int, default=1, help="torch intra-op threads (0: torch's default)")
+    parser.add_argument("--memory", action="store_true", help=argparse.SUPPRESS)  # the child process
+    args = parser.parse_args()
+    if args.memory:
+        memory_main()
+        return
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    n = 5 if args.quick else 25
+    repeats = 3 if args.quick else 1
+    model, batches = qwen2_setup()
+    pbytes = param_bytes(model)
+    print(f"Qwen2 {sum(p.numel() for p in model.parameters())} params ({pbytes / 2**20:.1f} MiB), "
+          f"batch 16x128, grid {n}x{n}, threads {torch.get_num_threads()}")
+
+    fns = {
+        "forwards": plain_forwards(model, batches, n * n),
+        "stored": landscape(model, batches, n, "stored"),
+        "lean": landscape(model, batches, n, "lean"),
+    }
+    lossland_status = "not installed"
+    try:
+        import loss_landscapes  # noqa: F401
+    except ImportError:
+        pass
+    else:
+        try:
+            loss_landscapes_plane(model, batches, 3)()
+            fns["loss_landscapes"] = loss_landscapes_plane(model, batches, n)
+            lossland_status = "ok"
+        except ZeroDivisionError as err:  # its filter normalisation divides by Qwen2's zero biases
+            lossland_status = f"{type(err).__name__} on the stock model; timed with zero biases set to 1e-3"
+            nudged = copy.deepcopy(model)
+            with torch.no_grad():
+                for p in nudged.parameters():
+                    if p.dim() == 1 and p.abs().sum() == 0:
+                        p.fill_(1e-3)
+            fns["loss_landscapes"] = loss_landscapes_plane(nudged, batches, n)
+    warmups = [plain_forwards(model, batches, 2), landscape(model, batches, 3, "stored"), landscape(model, batches, 3, "lean")]
+    times = timeall(fns, repeats, warmups)
+    for key, sec in times.items():
+        print(f"  {key:16s} {sec:8.3f} s  ({sec / (n * n) * 1e3:.1f} ms per point)")
+    print(f"  loss-landscapes: {lossland_status}")
+
+    per_point = setpoint_ms(model)
+    forward_ms = times["forwards"] / (n * n) * 1e3
+    print(f"  setting one point: stored {per_point['stored']:.2f} ms, lean {per_point['lean']:.2f} ms "
+          f"(a plain forward: {forward_ms:.1f} ms)")
+    peaks = measure_memory_in_child()
+    forward_peak = peaks["forward"]
+    print(f"  peak: plain forward {forward_peak / 2**20:.1f} MiB, grid stored {peaks['stored'] / 2**20:.1f} MiB, "
+          f"lean {peaks['lean'] / 2**20:.1f} MiB; params {pbytes / 2**20:.1f} MiB")
+
+    print(f"landscape_grid={n}x{n}")
+    print(f"landscape_seconds={times['stored']:.3f}")
+    print(f"landscape_lean_seconds={times['lean']:.3f}")
+    print(f"landscape_forwards_seconds={times['forwards']:.3f}")
+    print(f"landscape_over_forwards={times['stored'] / times['forwards']:.3f}")
+    print(f"landscape_lean_over_forwards={times['lean'] / times['forwards']:.3f}")
+    print(f"landscape_setpoint_ms={per_point['stored']:.3f}")
+    print(f"landscape_lean_setpoint_ms={per_point['lean']:.3f}")
+    print(f"landscape_forward_ms={forward_ms:.3f}")
+    if "loss_landscapes" in times:
+        print(f"loss_landscapes_seconds={times['loss_landscapes']:.3f}")
+        print(f"loss_landscapes_over_landscape={times['loss_landscapes'] / times['stored']:.3f}")
+    print(f"loss_landscapes_status={lossland_status.split(' ')[0]}")
+    print(f"landscape_peak_extra_over_params={(peaks['stored'] - forward_peak) / pbytes:.3f}")
+    print(f"landscape_lean_peak_extra_over_params={(peaks['lean'] - forward_peak) / pbytes:.3f}")
+
+
+if __name__ == "__main__":
+    main()
