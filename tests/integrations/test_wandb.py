@@ -175,18 +175,26 @@ def test_unknown_tracker_name_is_refused():
         make_sink("neptune")
 
 
-@pytest.mark.slow
 def test_wandb_init_failure_warns_once_and_keeps_the_journal(tmp_path, offline_wandb, monkeypatch, caplog):
+    """The callback's own events (no Trainer needed): start fails, two checkpoints, one warning."""
+    from types import SimpleNamespace
+
+    from tests.trainer_cases import tiny_lm
     from uma_callbacks import UMACallback
 
     def broken_init(*args, **kwargs):
         raise wandb.errors.CommError("no route to api.wandb.ai")
 
     monkeypatch.setattr(wandb, "init", broken_init)
-    cb = UMACallback(metrics=["gradient_flow"], probe=tiny_lm_dataset(n=8), probe_size=8, trackers=["wandb"])
+    cb = UMACallback(metrics=["gradient_flow"], probe=tiny_lm_dataset(n=8), probe_size=8, trackers=["wandb"],
+                     draw_figures=False, use_cache=False)  # fmt: skip
+    args = SimpleNamespace(output_dir=str(tmp_path / "out"), report_to="none")
+    model = tiny_lm()
     with caplog.at_level(logging.WARNING, logger="uma_callbacks"):
-        trainer, losses = run_trainer(tmp_path / "out", callbacks=[cb])
-    assert trainer.state.global_step == 6 and len(losses) == 6
+        cb.on_train_begin(args, SimpleNamespace(global_step=0), None, model=model)
+        for step in (3, 6):
+            cb.on_save(args, SimpleNamespace(global_step=step), None, model=model)
+        cb.on_train_end(args, SimpleNamespace(global_step=6), None, model=model)
     warnings = [r for r in caplog.records if r.levelno >= logging.WARNING and "wandb" in r.getMessage()]
     assert len(warnings) == 1, [w.getMessage() for w in warnings]
     assert "no route" in warnings[0].getMessage()
