@@ -32,7 +32,7 @@ import torch
 
 from uma_callbacks.linalg.hvp import HessianOperator
 from uma_callbacks.linalg.lanczos import lanczos_top_k
-from uma_callbacks.losses import causal_lm_per_sample_loss, hf_per_sample_loss
+from uma_callbacks.losses import hf_per_sample_loss
 from uma_callbacks.model_state import eager_attention
 
 ACCURACY = 1e-4
@@ -43,8 +43,14 @@ def qwen2_setup(seq: int = 16, batch: int = 4):
 
     torch.manual_seed(0)
     config = Qwen2Config(
-        vocab_size=128, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-        num_attention_heads=2, num_key_value_heads=2, max_position_embeddings=64, tie_word_embeddings=False,
+        vocab_size=128,
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=2,
+        num_key_value_heads=2,
+        max_position_embeddings=64,
+        tie_word_embeddings=False,
     )
     config._attn_implementation = "eager"
     model = Qwen2ForCausalLM(config).double().eval()
@@ -145,7 +151,9 @@ def pyhessian_top_k(model, batches, k: int, max_iter: int):
     try:
         torch.manual_seed(0)
         start = time.perf_counter()
-        h = ph.hessian(Shifted(model), torch.nn.CrossEntropyLoss(), data=(batch["input_ids"], targets), cuda=False)
+        h = ph.hessian(
+            Shifted(model), torch.nn.CrossEntropyLoss(), data=(batch["input_ids"], targets), cuda=False
+        )
         values, _ = h.eigenvalues(maxIter=max_iter, tol=ACCURACY, top_n=k)
         seconds = time.perf_counter() - start
     finally:
@@ -157,7 +165,9 @@ def pyhessian_top_k(model, batches, k: int, max_iter: int):
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="shorter sequences, tighter caps (< 60 s)")
-    parser.add_argument("--power-cap", type=int, default=None, help="most products per eigenvalue (power iteration)")
+    parser.add_argument(
+        "--power-cap", type=int, default=None, help="most products per eigenvalue (power iteration)"
+    )
     parser.add_argument("--threads", type=int, default=1, help="torch intra-op threads")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
@@ -174,8 +184,12 @@ def main() -> None:
         for _ in range(10):
             op.matvec(torch.ones(op.dim, dtype=torch.float64))
         hvp_seconds = (time.perf_counter() - start) / 10
-        print(f"Qwen2 {op.dim} params, batch {tuple(batches[0]['input_ids'].shape)}, one HVP {hvp_seconds * 1e3:.1f} ms")
-        print(f"reference top-10 ({ref.matvecs} products, converged {ref.converged}): {np.round(reference, 5).tolist()}")
+        print(
+            f"Qwen2 {op.dim} params, batch {tuple(batches[0]['input_ids'].shape)}, one HVP {hvp_seconds * 1e3:.1f} ms"
+        )
+        print(
+            f"reference top-10 ({ref.matvecs} products, converged {ref.converged}): {np.round(reference, 5).tolist()}"
+        )
         summary = {}
         for k in (1, 10):
             steps = lanczos_steps_to_accuracy(op, k, reference, 150)
@@ -185,9 +199,11 @@ def main() -> None:
             start = time.perf_counter()
             values, products, converged = power_iteration_deflation(op.matvec, op.dim, k, reference, cap)
             power_seconds = time.perf_counter() - start
-            print(f"top-{k}: Lanczos {steps} HVPs, {lanczos_seconds:.2f} s, err {rel_err(lz.eigenvalues.numpy(), reference[:k]):.1e}; "
-                  f"power+deflation {products} HVPs ({converged}/{k} within {ACCURACY:g}), {power_seconds:.2f} s, "
-                  f"err {rel_err(values, reference[:k]):.1e}")
+            print(
+                f"top-{k}: Lanczos {steps} HVPs, {lanczos_seconds:.2f} s, err {rel_err(lz.eigenvalues.numpy(), reference[:k]):.1e}; "
+                f"power+deflation {products} HVPs ({converged}/{k} within {ACCURACY:g}), {power_seconds:.2f} s, "
+                f"err {rel_err(values, reference[:k]):.1e}"
+            )
             summary[k] = (steps, lanczos_seconds, products, power_seconds, converged)
     pyh = None
     try:
@@ -200,8 +216,10 @@ def main() -> None:
             values, products, seconds = pyhessian_top_k(model, batches, k, cap)
             order_ok = bool(np.all(np.diff(values) <= 0))
             pyh[k] = (products, seconds, rel_err(np.sort(values)[::-1], reference[:k]))
-            print(f"pyhessian top-{k}: {products} HVPs, {seconds:.2f} s, sorted {order_ok}, "
-                  f"err (sorted) {pyh[k][2]:.1e}, values {np.round(values, 5).tolist()}")
+            print(
+                f"pyhessian top-{k}: {products} HVPs, {seconds:.2f} s, sorted {order_ok}, "
+                f"err (sorted) {pyh[k][2]:.1e}, values {np.round(values, 5).tolist()}"
+            )
     for k in (1, 10):
         steps, ls, products, ps, converged = summary[k]
         print(f"hessian_lanczos_hvps_top{k}={steps}")

@@ -26,9 +26,9 @@ from __future__ import annotations
 import argparse
 import copy
 import os
+import statistics
 import subprocess
 import sys
-import statistics
 import time
 
 import torch
@@ -45,8 +45,14 @@ def qwen2_setup():
 
     torch.manual_seed(0)
     config = Qwen2Config(
-        vocab_size=2000, hidden_size=128, intermediate_size=512, num_hidden_layers=2,
-        num_attention_heads=4, num_key_value_heads=4, max_position_embeddings=256, tie_word_embeddings=False,
+        vocab_size=2000,
+        hidden_size=128,
+        intermediate_size=512,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=4,
+        max_position_embeddings=256,
+        tie_word_embeddings=False,
     )
     model = Qwen2ForCausalLM(config).eval()
     gen = torch.Generator().manual_seed(0)
@@ -85,12 +91,18 @@ def loss_landscapes_plane(model, batches, n: int):
     from loss_landscapes.metrics import Loss
 
     batch = batches[0]
-    metric = Loss(lambda logits, labels: causal_lm_per_sample_loss(logits, labels).mean(), batch["input_ids"], batch["labels"])
+    metric = Loss(
+        lambda logits, labels: causal_lm_per_sample_loss(logits, labels).mean(),
+        batch["input_ids"],
+        batch["labels"],
+    )
     wrapped = _Logits(model)
 
     def run():
         with torch.no_grad():
-            return loss_landscapes.random_plane(wrapped, metric, distance=1.0, steps=n, normalization="filter", deepcopy_model=True)
+            return loss_landscapes.random_plane(
+                wrapped, metric, distance=1.0, steps=n, normalization="filter", deepcopy_model=True
+            )
 
     return run
 
@@ -151,8 +163,18 @@ def memory_main() -> None:
 
 def measure_memory_in_child() -> dict[str, int]:
     env = dict(os.environ, **MEMORY_ENV)
-    out = subprocess.run([sys.executable, __file__, "--memory", "--threads", str(torch.get_num_threads())], env=env, capture_output=True, text=True, check=True)
-    return {line.split("=")[0][5:]: int(line.split("=")[1]) for line in out.stdout.splitlines() if line.startswith("peak_")}
+    out = subprocess.run(
+        [sys.executable, __file__, "--memory", "--threads", str(torch.get_num_threads())],
+        env=env,
+        capture_output=True,
+        text=True,
+        check=True,
+    )
+    return {
+        line.split("=")[0][5:]: int(line.split("=")[1])
+        for line in out.stdout.splitlines()
+        if line.startswith("peak_")
+    }
 
 
 def main() -> None:
@@ -170,8 +192,10 @@ def main() -> None:
     repeats = 3 if args.quick else 1
     model, batches = qwen2_setup()
     pbytes = param_bytes(model)
-    print(f"Qwen2 {sum(p.numel() for p in model.parameters())} params ({pbytes / 2**20:.1f} MiB), "
-          f"batch 16x128, grid {n}x{n}, threads {torch.get_num_threads()}")
+    print(
+        f"Qwen2 {sum(p.numel() for p in model.parameters())} params ({pbytes / 2**20:.1f} MiB), "
+        f"batch 16x128, grid {n}x{n}, threads {torch.get_num_threads()}"
+    )
 
     fns = {
         "forwards": plain_forwards(model, batches, n * n),
@@ -196,7 +220,11 @@ def main() -> None:
                     if p.dim() == 1 and p.abs().sum() == 0:
                         p.fill_(1e-3)
             fns["loss_landscapes"] = loss_landscapes_plane(nudged, batches, n)
-    warmups = [plain_forwards(model, batches, 2), landscape(model, batches, 3, "stored"), landscape(model, batches, 3, "lean")]
+    warmups = [
+        plain_forwards(model, batches, 2),
+        landscape(model, batches, 3, "stored"),
+        landscape(model, batches, 3, "lean"),
+    ]
     times = timeall(fns, repeats, warmups)
     for key, sec in times.items():
         print(f"  {key:16s} {sec:8.3f} s  ({sec / (n * n) * 1e3:.1f} ms per point)")
@@ -204,12 +232,16 @@ def main() -> None:
 
     per_point = setpoint_ms(model)
     forward_ms = times["forwards"] / (n * n) * 1e3
-    print(f"  setting one point: stored {per_point['stored']:.2f} ms, lean {per_point['lean']:.2f} ms "
-          f"(a plain forward: {forward_ms:.1f} ms)")
+    print(
+        f"  setting one point: stored {per_point['stored']:.2f} ms, lean {per_point['lean']:.2f} ms "
+        f"(a plain forward: {forward_ms:.1f} ms)"
+    )
     peaks = measure_memory_in_child()
     forward_peak = peaks["forward"]
-    print(f"  peak: plain forward {forward_peak / 2**20:.1f} MiB, grid stored {peaks['stored'] / 2**20:.1f} MiB, "
-          f"lean {peaks['lean'] / 2**20:.1f} MiB; params {pbytes / 2**20:.1f} MiB")
+    print(
+        f"  peak: plain forward {forward_peak / 2**20:.1f} MiB, grid stored {peaks['stored'] / 2**20:.1f} MiB, "
+        f"lean {peaks['lean'] / 2**20:.1f} MiB; params {pbytes / 2**20:.1f} MiB"
+    )
 
     print(f"landscape_grid={n}x{n}")
     print(f"landscape_seconds={times['stored']:.3f}")

@@ -52,7 +52,7 @@ def run_ranks(world_size: int, fn: Callable[[int, Collective], Any]) -> list[Any
     def target(rank: int) -> None:
         try:
             results[rank] = fn(rank, ThreadCollective(rank, world_size, shared))
-        except BaseException as err:  # re-raised in the main thread below
+        except BaseException as err:  # noqa: BLE001 - re-raised in the main thread below
             errors.append(err)
             shared["barrier"].abort()
 
@@ -96,7 +96,11 @@ def test_hvp_matches_dense_hessian_mlp(chunk_size, cache_graph, mlp_hessian):
 
 def test_hvp_qwen2_chunking_and_cache_agree():
     model, batches, loss_fn = TINY_CASES[1].build(dtype=torch.float64)
-    v = torch.randn(sum(p.numel() for p in model.parameters()), dtype=torch.float64, generator=torch.Generator().manual_seed(0))
+    v = torch.randn(
+        sum(p.numel() for p in model.parameters()),
+        dtype=torch.float64,
+        generator=torch.Generator().manual_seed(0),
+    )
     with eager_attention(model):
         ref = _operator(model, batches, loss_fn, cache_graph=True).matvec(v)
         op = _operator(model, batches, loss_fn, chunk_size=2, cache_graph=False)
@@ -109,7 +113,11 @@ def test_hvp_sharded_over_two_ranks_equals_one_process():
     model, batches, loss_fn = TINY_CASES[1].build(dtype=torch.float64)
     probe = Probe(batches)
     params = dict(model.named_parameters())
-    v = torch.randn(sum(p.numel() for p in params.values()), dtype=torch.float64, generator=torch.Generator().manual_seed(3))
+    v = torch.randn(
+        sum(p.numel() for p in params.values()),
+        dtype=torch.float64,
+        generator=torch.Generator().manual_seed(3),
+    )
     with eager_attention(model):
         single = HessianOperator(model, loss_fn, probe.batches, params, probe.n_samples).matvec(v)
     models = [TINY_CASES[1].build(dtype=torch.float64)[0] for _ in range(2)]
@@ -117,7 +125,9 @@ def test_hvp_sharded_over_two_ranks_equals_one_process():
     def rank_fn(rank: int, coll: Collective) -> torch.Tensor:
         m = models[rank]
         with eager_attention(m):
-            op = HessianOperator(m, loss_fn, probe.shard(rank, 2), dict(m.named_parameters()), probe.n_samples, collective=coll)
+            op = HessianOperator(
+                m, loss_fn, probe.shard(rank, 2), dict(m.named_parameters()), probe.n_samples, collective=coll
+            )
             return op.matvec(v)
 
     out = run_ranks(2, rank_fn)

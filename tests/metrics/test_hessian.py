@@ -105,14 +105,16 @@ def test_top_k_matches_eigvalsh(case, dense):
 def test_hutchinson_trace_within_three_stderr(case, dense):
     model, batches, loss_fn = _build(case)
     exact = dense[case].trace().item()
-    r = HessianSpectrum(top_k=1, hutchinson_samples=60, max_iter=4, cache_graph=True).compute(model, batches, loss_fn)
+    r = HessianSpectrum(top_k=1, hutchinson_samples=60, max_iter=4, cache_graph=True).compute(
+        model, batches, loss_fn
+    )
     assert abs(r.scalars["trace"] - exact) < 3 * r.scalars["trace_stderr"]
     assert r.meta["hutchinson_matvecs"] == 60
     assert r.meta["seeds"] == {"lanczos": 0, "hutchinson": 1}
 
 
 def test_sdpa_gives_the_eager_eigenvalues():
-    kwargs = dict(top_k=3, hutchinson_samples=4, tol=1e-9, max_iter=60, cache_graph=True)
+    kwargs = {"top_k": 3, "hutchinson_samples": 4, "tol": 1e-9, "max_iter": 60, "cache_graph": True}
     sdpa_model, batches, loss_fn = _build("qwen2_ragged", attn="sdpa")
     eager_model, _, _ = _build("qwen2_ragged", attn="eager")
     a = HessianSpectrum(**kwargs).compute(sdpa_model, batches, loss_fn)
@@ -153,13 +155,16 @@ def test_model_comes_back_unchanged():
 
 
 def test_probe_sharded_over_two_ranks_equals_one_process():
-    kwargs = dict(top_k=3, hutchinson_samples=6, tol=1e-9, max_iter=30)
+    kwargs = {"top_k": 3, "hutchinson_samples": 6, "tol": 1e-9, "max_iter": 30}
     model, batches, loss_fn = _build("mlp_custom_loss")
     single = HessianSpectrum(**kwargs).compute(model, batches, loss_fn)
     probe = Probe(batches)
     models = [_build("mlp_custom_loss")[0] for _ in range(2)]
     out = run_ranks(
-        2, lambda rank, coll: HessianSpectrum(**kwargs).compute(models[rank], probe.shard(rank, 2), loss_fn, collective=coll)
+        2,
+        lambda rank, coll: HessianSpectrum(**kwargs).compute(
+            models[rank], probe.shard(rank, 2), loss_fn, collective=coll
+        ),
     )
     for r in out:
         np.testing.assert_allclose(r.arrays["top_eigenvalues"], single.arrays["top_eigenvalues"], rtol=1e-9)

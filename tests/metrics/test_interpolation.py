@@ -23,7 +23,10 @@ def _one_thread():
 
 def _previous(model, seed=0, scale=0.05):
     gen = torch.Generator().manual_seed(seed)
-    return {n: p.detach() + scale * torch.randn(p.shape, generator=gen, dtype=p.dtype) for n, p in model.named_parameters()}
+    return {
+        n: p.detach() + scale * torch.randn(p.shape, generator=gen, dtype=p.dtype)
+        for n, p in model.named_parameters()
+    }
 
 
 def direct_path_loss(model, batches, loss_fn, previous, t) -> float:
@@ -66,15 +69,19 @@ def _double_well(model, batch):
 
 def test_barrier_between_two_minima():
     model = _Scalar(1.0)
-    r = CheckpointInterpolation(n_points=11, extend=0.0, previous={"w": torch.tensor([-1.0], dtype=torch.float64)}).compute(
-        model, [torch.zeros(3)], _double_well
-    )
+    r = CheckpointInterpolation(
+        n_points=11, extend=0.0, previous={"w": torch.tensor([-1.0], dtype=torch.float64)}
+    ).compute(model, [torch.zeros(3)], _double_well)
     assert r.scalars["loss_start"] == 0.0 and r.scalars["loss_end"] == 0.0
     assert r.scalars["barrier_height"] == pytest.approx(1.0, abs=1e-12)  # t = 0.5 -> w = 0
     assert r.scalars["distance"] == pytest.approx(2.0)
     # a convex path has no barrier
-    flat = CheckpointInterpolation(n_points=11, extend=0.0, previous={"w": torch.tensor([0.9], dtype=torch.float64)})
-    assert flat.compute(model, [torch.zeros(3)], _double_well).scalars["barrier_height"] == pytest.approx(0.0, abs=1e-12)
+    flat = CheckpointInterpolation(
+        n_points=11, extend=0.0, previous={"w": torch.tensor([0.9], dtype=torch.float64)}
+    )
+    assert flat.compute(model, [torch.zeros(3)], _double_well).scalars["barrier_height"] == pytest.approx(
+        0.0, abs=1e-12
+    )
 
 
 def test_without_previous_weights_raises_a_clear_error():
@@ -121,7 +128,12 @@ def test_registered_by_name():
 
 @pytest.mark.parametrize(
     "kwargs, field",
-    [({"n_points": 1}, "n_points"), ({"extend": -0.1}, "extend"), ({"n_batches": 0}, "n_batches"), ({"previous": [1]}, "previous")],
+    [
+        ({"n_points": 1}, "n_points"),
+        ({"extend": -0.1}, "extend"),
+        ({"n_batches": 0}, "n_batches"),
+        ({"previous": [1]}, "previous"),
+    ],
 )
 def test_bad_config_names_the_field(kwargs, field):
     with pytest.raises(ValueError, match=f"CheckpointInterpolation.{field}"):

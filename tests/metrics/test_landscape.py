@@ -58,7 +58,9 @@ def test_grid_equals_direct_evaluation_for_given_directions(case):
     assert grid.shape == (3, 3)
     for i, a in enumerate(r.arrays["alphas"]):
         for j, b in enumerate(r.arrays["betas"]):
-            assert grid[i, j] == pytest.approx(direct_loss(model, batches, loss_fn, (a, b), (d1, d2)), rel=1e-10)
+            assert grid[i, j] == pytest.approx(
+                direct_loss(model, batches, loss_fn, (a, b), (d1, d2)), rel=1e-10
+            )
     assert r.scalars["center_loss"] == oracle_probe_loss(model, batches, loss_fn)
     assert grid[1, 1] == r.scalars["center_loss"]
     assert _unchanged(model, before)
@@ -72,7 +74,7 @@ def test_grid_equals_direct_evaluation_for_given_directions(case):
 @pytest.mark.parametrize("normalization", ["filter", "layer", "global"])
 def test_random_directions_stored_and_lean_agree_and_match_direct(normalization):
     model, batches, loss_fn = TINY_CASES[0].build(dtype=torch.float64)
-    kwargs = dict(n_points=5, span=1.0, normalization=normalization, seed=4)
+    kwargs = {"n_points": 5, "span": 1.0, "normalization": normalization, "seed": 4}
     stored = LossLandscape(mode="stored", **kwargs).compute(model, batches, loss_fn)
     lean = LossLandscape(mode="lean", **kwargs).compute(model, batches, loss_fn)
     np.testing.assert_allclose(lean.arrays["grid_losses"], stored.arrays["grid_losses"], rtol=1e-12)
@@ -85,7 +87,9 @@ def test_random_directions_stored_and_lean_agree_and_match_direct(normalization)
     for k in range(2):
         full[k].update(dict(zip(names, d[k])))
     a, b = stored.arrays["alphas"][0], stored.arrays["betas"][3]
-    assert stored.arrays["grid_losses"][0, 3] == pytest.approx(direct_loss(model, batches, loss_fn, (a, b), full), rel=1e-10)
+    assert stored.arrays["grid_losses"][0, 3] == pytest.approx(
+        direct_loss(model, batches, loss_fn, (a, b), full), rel=1e-10
+    )
     assert stored.meta["seeds"] == {"d1": 4, "d2": 5}
 
 
@@ -99,7 +103,9 @@ def test_normalisations():
     for t, d in zip(theta, layer):
         assert d.norm().item() == pytest.approx(t.norm().item(), rel=1e-12)
     glob = _RandomDirections(theta, 1, 0, "global").materialise()[0]
-    assert math.sqrt(sum(d.pow(2).sum() for d in glob)) == pytest.approx(math.sqrt(sum(t.pow(2).sum() for t in theta)))
+    assert math.sqrt(sum(d.pow(2).sum() for d in glob)) == pytest.approx(
+        math.sqrt(sum(t.pow(2).sum() for t in theta))
+    )
     # the same seed gives the same directions; other seeds others
     again = _RandomDirections(theta, 1, 0, "filter").materialise()[0]
     assert all(torch.equal(x, y) for x, y in zip(filt, again))
@@ -108,20 +114,30 @@ def test_normalisations():
 
 def test_zero_norm_biases_do_not_divide_by_zero():
     """Qwen2's q/k/v biases start at zero: their direction is zero, never NaN."""
-    from tests.cases import ragged_lm_batches
     from transformers import Qwen2Config, Qwen2ForCausalLM
+
+    from tests.cases import ragged_lm_batches
     from uma_callbacks.losses import hf_per_sample_loss
 
     torch.manual_seed(0)
-    cfg = Qwen2Config(vocab_size=40, hidden_size=16, intermediate_size=24, num_hidden_layers=1,
-                      num_attention_heads=2, num_key_value_heads=1, max_position_embeddings=32)
+    cfg = Qwen2Config(
+        vocab_size=40,
+        hidden_size=16,
+        intermediate_size=24,
+        num_hidden_layers=1,
+        num_attention_heads=2,
+        num_key_value_heads=1,
+        max_position_embeddings=32,
+    )
     model = Qwen2ForCausalLM(cfg).double()
     assert model.model.layers[0].self_attn.q_proj.bias.abs().sum() == 0
     biases = [p.detach() for n, p in model.named_parameters() if n.endswith("bias")]
     for norm in ("filter", "layer"):
         dirs = _RandomDirections(biases, 1, 0, norm).materialise()[0]
         assert all(torch.equal(d, torch.zeros_like(d)) for d in dirs)
-    r = LossLandscape(n_points=3, include_1d_params=True, mode="lean").compute(model, ragged_lm_batches(n_batches=1), hf_per_sample_loss)
+    r = LossLandscape(n_points=3, include_1d_params=True, mode="lean").compute(
+        model, ragged_lm_batches(n_batches=1), hf_per_sample_loss
+    )
     assert np.isfinite(r.arrays["grid_losses"]).all()
 
 
@@ -165,7 +181,9 @@ def test_one_dimensional_slice_and_n_batches():
     assert r.arrays["grid_losses"].shape == (5,) and r.arrays["betas"].tolist() == [0.0]
     assert "orthogonality" not in r.scalars
     np.testing.assert_array_equal(r.arrays["alphas"], np.linspace(-2, 2, 5))
-    assert r.arrays["grid_losses"][4] == pytest.approx(direct_loss(model, batches[:1], loss_fn, (2.0,), (d1,)), rel=1e-10)
+    assert r.arrays["grid_losses"][4] == pytest.approx(
+        direct_loss(model, batches[:1], loss_fn, (2.0,), (d1,)), rel=1e-10
+    )
     assert r.meta["n_samples"] == 10  # the probe; the slice used only its first batch
 
 
@@ -181,7 +199,12 @@ def test_sharded_over_two_ranks_equals_one_process():
     single = LossLandscape(n_points=3, mode="lean").compute(model, batches, loss_fn)
     probe = Probe(batches)
     models = [TINY_CASES[0].build(dtype=torch.float64)[0] for _ in range(2)]
-    out = run_ranks(2, lambda rank, c: LossLandscape(n_points=3, mode="lean").compute(models[rank], probe.shard(rank, 2), loss_fn, collective=c))
+    out = run_ranks(
+        2,
+        lambda rank, c: LossLandscape(n_points=3, mode="lean").compute(
+            models[rank], probe.shard(rank, 2), loss_fn, collective=c
+        ),
+    )
     for r in out:
         np.testing.assert_allclose(r.arrays["grid_losses"], single.arrays["grid_losses"], rtol=1e-12)
 
@@ -192,7 +215,9 @@ def test_scalars_from_a_known_grid():
     diffs = [1, 2, 1, 2, 0, 0, 1, 2, 1, 1, 1, 1]  # horizontal then vertical neighbours
     assert r.scalars["roughness"] == pytest.approx(np.mean(np.abs(diffs)))
     assert r.scalars["center_loss"] == 1.0 and r.scalars["orthogonality"] == 0.25
-    assert r.scalars["loss_mean"] == pytest.approx(grid.mean()) and r.scalars["loss_std"] == pytest.approx(grid.std())
+    assert r.scalars["loss_mean"] == pytest.approx(grid.mean()) and r.scalars["loss_std"] == pytest.approx(
+        grid.std()
+    )
 
 
 def test_registered_by_name():
@@ -222,7 +247,10 @@ def test_bad_config_names_the_field(kwargs, field):
 
 
 def test_normalization_message_lists_the_choices():
-    with pytest.raises(ValueError, match=r"LossLandscape.normalization must be one of \('filter', 'layer', 'global'\); got 'x'"):
+    with pytest.raises(
+        ValueError,
+        match=r"LossLandscape.normalization must be one of \('filter', 'layer', 'global'\); got 'x'",
+    ):
         LossLandscape(normalization="x")
 
 

@@ -147,7 +147,10 @@ class HessianOperator:
         self.matvecs += 1
         if self.on_matvec is not None:
             self.on_matvec(self.matvecs)
-        return [piece.view(p.shape) for piece, p in zip(torch.split(flat, [p.numel() for p in self.params]), self.params)]
+        return [
+            piece.view(p.shape)
+            for piece, p in zip(torch.split(flat, [p.numel() for p in self.params]), self.params)
+        ]
 
     def close(self) -> None:
         """Free the cached graphs (also done when the operator is garbage-collected)."""

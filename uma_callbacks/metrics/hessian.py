@@ -153,7 +153,12 @@ class HessianSpectrum(Metric):
                 lanczos_matvecs = op.matvecs
                 if self.hutchinson_samples:
                     hut = hutchinson_trace(
-                        op.matvec, op.dim, self.hutchinson_samples, seed=self.seed + 1, dtype=dtype, device=device
+                        op.matvec,
+                        op.dim,
+                        self.hutchinson_samples,
+                        seed=self.seed + 1,
+                        dtype=dtype,
+                        device=device,
                     )
             finally:
                 op.close()
@@ -162,12 +167,16 @@ class HessianSpectrum(Metric):
         if hut is not None:
             scalars["trace"] = hut.trace
             scalars["trace_stderr"] = hut.stderr
-        result = MetricResult(name=self.name, scalars=scalars, arrays={"top_eigenvalues": eigenvalues.numpy()})
+        result = MetricResult(
+            name=self.name, scalars=scalars, arrays={"top_eigenvalues": eigenvalues.numpy()}
+        )
         if lz.eigenvectors is not None:
             for j in range(lz.eigenvectors.shape[1]):
                 vec = _fix_sign(lz.eigenvectors[:, j])
                 for name, piece in zip(params, split_flat(vec, list(params.values()))):
-                    result.tensors[f"eigvec_{j}/{name}"] = piece.detach().to(params[name].dtype).cpu().contiguous()
+                    result.tensors[f"eigvec_{j}/{name}"] = (
+                        piece.detach().to(params[name].dtype).cpu().contiguous()
+                    )
         ctx.meta.update(
             matvecs=op.matvecs,
             lanczos_matvecs=lanczos_matvecs,

@@ -9,7 +9,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from ..linalg.weights import flat_norm, moved_weights
+from ..linalg.weights import moved_weights
 from .base import ComputeContext, Cost, Metric, MetricResult, check_positive_int
 from .landscape import _local_chunks, probe_loss_sum
 
@@ -75,7 +75,11 @@ class CheckpointInterpolation(Metric):
         check_positive_int("CheckpointInterpolation.n_points", n_points)
         if n_points < 2:
             raise ValueError(f"CheckpointInterpolation.n_points must be >= 2; got {n_points!r}")
-        if isinstance(extend, bool) or not isinstance(extend, (int, float)) or not (extend >= 0 and math.isfinite(extend)):
+        if (
+            isinstance(extend, bool)
+            or not isinstance(extend, (int, float))
+            or not (extend >= 0 and math.isfinite(extend))
+        ):
             raise ValueError(f"CheckpointInterpolation.extend must be a number >= 0; got {extend!r}")
         if n_batches is not None:
             check_positive_int("CheckpointInterpolation.n_batches", n_batches)
@@ -102,7 +106,9 @@ class CheckpointInterpolation(Metric):
         if state_dict is None:
             self._previous, self.previous_label = None, None
             return
-        if not isinstance(state_dict, Mapping) or not all(isinstance(v, torch.Tensor) for v in state_dict.values()):
+        if not isinstance(state_dict, Mapping) or not all(
+            isinstance(v, torch.Tensor) for v in state_dict.values()
+        ):
             raise ValueError("CheckpointInterpolation.previous must be a dict {param name: tensor}")
         self._previous = {k: v.detach() for k, v in state_dict.items()}
         self.previous_label = label
@@ -144,7 +150,9 @@ class CheckpointInterpolation(Metric):
         targets = list(params.values())
         start = [self._previous[k].to(device=p.device, dtype=p.dtype) for k, p in params.items()]
         with moved_weights(targets) as mover:
-            distance = flat_norm([s - t for s, t in zip(start, mover.theta)])
+            distance = math.sqrt(
+                sum(float((s - t).to(torch.float64).pow(2).sum()) for s, t in zip(start, mover.theta))
+            )
             for j, t in enumerate(ts):
                 mover.set_lerp(start, float(t))
                 sums[j] = probe_loss_sum(ctx, chunks)

@@ -116,7 +116,12 @@ class LossLandscape(Metric):
             raise ValueError(
                 f"LossLandscape.n_points must be odd and >= 3 (the grid is centred on theta); got {n_points!r}"
             )
-        if isinstance(span, bool) or not isinstance(span, (int, float)) or not span > 0 or not math.isfinite(span):
+        if (
+            isinstance(span, bool)
+            or not isinstance(span, (int, float))
+            or not span > 0
+            or not math.isfinite(span)
+        ):
             raise ValueError(f"LossLandscape.span must be a positive number; got {span!r}")
         check_choice("LossLandscape.normalization", normalization, NORMALIZATIONS)
         check_choice("LossLandscape.mode", mode, MODES)
@@ -125,7 +130,9 @@ class LossLandscape(Metric):
             dims = len(given) if given else 2
         check_choice("LossLandscape.dims", dims, (1, 2))
         if given and len(given) != dims:
-            raise ValueError(f"LossLandscape.directions must hold {dims} dict(s) for dims={dims}; got {len(given)}")
+            raise ValueError(
+                f"LossLandscape.directions must hold {dims} dict(s) for dims={dims}; got {len(given)}"
+            )
         if n_batches is not None:
             check_positive_int("LossLandscape.n_batches", n_batches)
         if not isinstance(seed, int) or isinstance(seed, bool):
@@ -166,7 +173,9 @@ class LossLandscape(Metric):
             targets = [params[k] for k in names]
             cosine = _cosine(dirs) if self.dims == 2 else math.nan
             with moved_weights(targets) as mover:
-                _evaluate_grid(ctx, chunks, alphas, betas, sums, lambda a, b: mover.set_combination((a, b), dirs))
+                _evaluate_grid(
+                    ctx, chunks, alphas, betas, sums, lambda a, b: mover.set_combination((a, b), dirs)
+                )
             ctx.meta["mode"] = "stored"
         else:
             names = [k for k, p in params.items() if self.include_1d_params or p.dim() >= 2]
@@ -178,9 +187,9 @@ class LossLandscape(Metric):
                 cosine = rand.cosine() if self.dims == 2 else math.nan
                 if self.mode == "stored":
                     stored = rand.materialise()
-                    setter = lambda a, b: mover.set_combination((a, b), stored)  # noqa: E731
+                    setter = lambda a, b: mover.set_combination((a, b), stored)
                 else:
-                    setter = lambda a, b: rand.set_point(mover, (a, b))  # noqa: E731
+                    setter = lambda a, b: rand.set_point(mover, (a, b))
                 _evaluate_grid(ctx, chunks, alphas, betas, sums, setter)
                 del rand
             ctx.meta["mode"] = self.mode
@@ -216,7 +225,11 @@ def landscape_result(grid: np.ndarray, alphas: np.ndarray, betas: np.ndarray, co
     }
     if not math.isnan(cosine):
         scalars["orthogonality"] = float(cosine)
-    arrays = {"grid_losses": grid, "alphas": np.asarray(alphas, np.float64), "betas": np.asarray(betas, np.float64)}
+    arrays = {
+        "grid_losses": grid,
+        "alphas": np.asarray(alphas, np.float64),
+        "betas": np.asarray(betas, np.float64),
+    }
     return MetricResult(name="landscape", scalars=scalars, arrays=arrays)
 
 
@@ -253,9 +266,13 @@ def _check_directions(directions: Any) -> list[Mapping[str, torch.Tensor]]:
         raise ValueError(
             f"LossLandscape.directions must be None, 'random', 'hessian' or one or two dicts; got {directions!r}"
         )
-    given = [directions] if isinstance(directions, Mapping) else list(directions) if isinstance(
-        directions, (list, tuple)
-    ) else None
+    given = (
+        [directions]
+        if isinstance(directions, Mapping)
+        else list(directions)
+        if isinstance(directions, (list, tuple))
+        else None
+    )
     if not given or len(given) > 2:
         raise ValueError(
             f"LossLandscape.directions must be one or two dicts {{param name: tensor}}; got {type(directions).__name__}"
@@ -266,7 +283,9 @@ def _check_directions(directions: Any) -> list[Mapping[str, torch.Tensor]]:
     return given
 
 
-def _given_directions(given, params: Mapping[str, torch.Tensor]) -> tuple[list[str], list[list[torch.Tensor]]]:
+def _given_directions(
+    given, params: Mapping[str, torch.Tensor]
+) -> tuple[list[str], list[list[torch.Tensor]]]:
     names = list(params)
     out = []
     for k, d in enumerate(given):
@@ -279,19 +298,25 @@ def _given_directions(given, params: Mapping[str, torch.Tensor]) -> tuple[list[s
             )
         bad = [(n, tuple(d[n].shape), tuple(p.shape)) for n, p in params.items() if d[n].shape != p.shape]
         if bad:
-            raise ValueError(f"LossLandscape.directions[{k}] has mis-shaped tensors (name, got, want): {bad[:5]}")
+            raise ValueError(
+                f"LossLandscape.directions[{k}] has mis-shaped tensors (name, got, want): {bad[:5]}"
+            )
         out.append([d[n].detach().to(device=p.device, dtype=p.dtype) for n, p in params.items()])
     return names, out
 
 
-def _hessian_directions(ctx, params, dims: int, seed: int, tol: float) -> tuple[list[str], list[list[torch.Tensor]]]:
+def _hessian_directions(
+    ctx, params, dims: int, seed: int, tol: float
+) -> tuple[list[str], list[list[torch.Tensor]]]:
     chunks = list(ctx.chunks())
     with eager_attention(ctx.model, ctx.meta):
         op = HessianOperator(ctx.model, ctx.loss_fn, chunks, params, ctx.n_total(), collective=ctx.collective)
         dtype = torch.float64 if any(p.dtype == torch.float64 for p in params.values()) else torch.float32
         device = next(iter(params.values())).device
         try:
-            lz = lanczos_top_k(op.matvec, op.dim, dims, tol=tol, seed=seed, dtype=dtype, device=device, return_vectors=True)
+            lz = lanczos_top_k(
+                op.matvec, op.dim, dims, tol=tol, seed=seed, dtype=dtype, device=device, return_vectors=True
+            )
         finally:
             op.close()
     ctx.meta["hessian_eigenvalues"] = lz.eigenvalues.tolist()
@@ -333,7 +358,9 @@ class _RandomDirections:
             dot = torch.zeros(shape[0], dtype=torch.float64, device=t.device)
             for start, stop in _blocks(shape):
                 draws = [
-                    _draw(gens[k], torch.empty(stop - start, shape[1], dtype=t.dtype, device=t.device)).to(torch.float64)
+                    _draw(gens[k], torch.empty(stop - start, shape[1], dtype=t.dtype, device=t.device)).to(
+                        torch.float64
+                    )
                     for k in range(dims)
                 ]
                 for k in range(dims):
@@ -422,7 +449,14 @@ class _RandomDirections:
 
 def _tensor_seed(seed: int, index: int) -> int:
     """A 63-bit seed for tensor ``index`` of a direction seeded ``seed`` (SeedSequence mixing)."""
-    return int(np.random.SeedSequence([seed & 0xFFFFFFFF, index]).generate_state(2, dtype=np.uint32).view(np.uint64)[0]) >> 1
+    return (
+        int(
+            np.random.SeedSequence([seed & 0xFFFFFFFF, index])
+            .generate_state(2, dtype=np.uint32)
+            .view(np.uint64)[0]
+        )
+        >> 1
+    )
 
 
 def _row_shape(t: torch.Tensor) -> tuple[int, int]:
@@ -451,6 +485,11 @@ def _draw(gen: torch.Generator, out: torch.Tensor) -> torch.Tensor:
 
 def _safe_ratio(theta_sq: torch.Tensor, d_sq: torch.Tensor) -> torch.Tensor:
     """||theta|| / ||d|| elementwise, 0 where either norm is 0 (no division by zero)."""
-    theta_sq, d_sq = torch.as_tensor(theta_sq, dtype=torch.float64), torch.as_tensor(d_sq, dtype=torch.float64)
+    theta_sq, d_sq = (
+        torch.as_tensor(theta_sq, dtype=torch.float64),
+        torch.as_tensor(d_sq, dtype=torch.float64),
+    )
     ok = (theta_sq > 0) & (d_sq > 0)
-    return torch.where(ok, theta_sq.sqrt() / torch.where(ok, d_sq, torch.ones_like(d_sq)).sqrt(), torch.zeros_like(d_sq))
+    return torch.where(
+        ok, theta_sq.sqrt() / torch.where(ok, d_sq, torch.ones_like(d_sq)).sqrt(), torch.zeros_like(d_sq)
+    )
