@@ -7,10 +7,18 @@ The run is the one ``report_to=["mlflow"]`` opened (its id is captured at
 
 Idempotent per (run, key, step): before logging a key, the sink reads that key's
 history once and skips steps already present, so replaying a checkpoint adds no points.
+A write that fails forgets those keys' history, so the retry re-reads it from the server.
+
+A tracking server that is down must not stall training: MLflow's own HTTP defaults
+retry one call for about four minutes (7 retries, backoff factor 2, 120 s timeout;
+measured 245 s against a closed port). For ``http(s)://`` and ``databricks`` URIs this
+sink's calls run with :data:`HTTP_DEFAULTS` (2 retries, backoff factor 1, 10 s timeout;
+a refused connection fails in about 2 s) unless the user set those variables.
 """
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import math
 import os
@@ -26,6 +34,43 @@ logger = logging.getLogger(__name__)
 _INSTALL = "MLflowSink needs mlflow: pip install 'uma-callbacks[mlflow]'"
 #: MLflow's limit on a param value's length.
 _PARAM_MAX = 500
+#: MLflow HTTP settings for this sink's calls to a remote store (variables already set win).
+HTTP_DEFAULTS = {
+    "MLFLOW_HTTP_REQUEST_MAX_RETRIES": "2",
+    "MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR": "1",
+    "MLFLOW_HTTP_REQUEST_TIMEOUT": "10",
+}
+
+
+@contextlib.contextmanager
+def bounded_http(uri: str | None):
+    """Apply :data:`HTTP_DEFAULTS` (those not set by the user) for a remote ``uri``, and undo after."""
+    remote = str(uri or "").startswith(("http://", "https://", "databricks"))
+    missing = {k: v for k, v in HTTP_DEFAULTS.items() if remote and k not in os.environ}
+    os.environ.update(missing)
+    try:
+        yield
+    finally:
+        for key in missing:
+            os.environ.pop(key, None)
+
+
+class _BoundedClient:
+    """An ``MlflowClient`` whose every call runs under :func:`bounded_http`."""
+
+    def __init__(self, client: Any, uri: str | None) -> None:
+        self._inner, self._uri = client, uri
+
+    def __getattr__(self, name: str) -> Any:
+        attr = getattr(self._inner, name)
+        if not callable(attr):
+            return attr
+
+        def call(*args: Any, **kwargs: Any) -> Any:
+            with bounded_http(self._uri):
+                return attr(*args, **kwargs)
+
+        return call
 
 
 def _import_mlflow() -> Any:
@@ -104,7 +149,7 @@ class MLflowSink(Sink):
             else:
                 uri = self._mlflow.get_tracking_uri()
         self._tracking_uri = uri
-        self._client = self._mlflow.tracking.MlflowClient(tracking_uri=uri)
+        self._client = _BoundedClient(self._mlflow.tracking.MlflowClient(tracking_uri=uri), uri)
         if self._run_id is None:
             experiment = self._client.get_experiment_by_name(self._experiment_name)
             experiment_id = (
@@ -148,9 +193,15 @@ class MLflowSink(Sink):
             if record.step in steps:
                 continue
             metrics.append(MlflowMetric(key, value, timestamp or _now_ms(), record.step))
-            steps.add(record.step)
-        for start in range(0, len(metrics), 900):  # the batch API caps at 1000 entries
-            self._client.log_batch(self._run_id, metrics=metrics[start : start + 900])
+        try:
+            for start in range(0, len(metrics), 900):  # the batch API caps at 1000 entries
+                self._client.log_batch(self._run_id, metrics=metrics[start : start + 900])
+        except Exception:
+            for metric in metrics:  # unknown what reached the server: re-read on the retry
+                self._history.pop(metric.key, None)
+            raise
+        for metric in metrics:
+            self._history[metric.key].add(record.step)
         if record.status not in ("ok", "cached"):
             message = (record.error or {}).get("message", "")
             self._client.set_tag(self._run_id, f"uma.{record.metric}.status", record.status)

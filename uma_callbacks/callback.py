@@ -141,6 +141,7 @@ class UMACallback(TrainerCallback):
             draw_figures=self.config.draw_figures,
             source="callback",
             budget=as_budget(self.config.memory_budget),
+            timeout_seconds=self.config.timeout_seconds,
         )
         for sink in self.sinks:
             try:

@@ -10,8 +10,11 @@ For each metric, in order:
    every reduction is preceded by a tiny status all-reduce), so none waits on a failed one;
 3. memory is released (``gc.collect``, ``torch.cuda.empty_cache``);
 4. rank 0 writes the files and the journal line, draws the figures, and delivers the
-   record to every sink; a sink that fails is reported once and retried on the next
-   delivery (``uma sync`` replays whatever a sink missed).
+   record to every sink; a sink that fails is reported once and, at the next delivery,
+   gets every record it missed (``uma sync`` replays them too);
+5. SIGTERM during a metric stops it at its next time check: an ``interrupted`` record
+   is journalled, then the signal goes on to the previous handler
+   (:mod:`uma_callbacks.interrupt`).
 
 This is the one place that catches metric failures.
 """
@@ -29,6 +32,7 @@ import torch
 
 from .budget import MemoryBudget, compute_within_budget, release_memory
 from .distributed import AgreeingCollective, Collective, LocalCollective, PeerFailure
+from .interrupt import MetricInterrupted, deferred_sigterm, redeliver_if_requested
 from .journal import Journal, cache_key
 from .losses import LossFn
 from .metrics.base import Metric, MetricResult, MetricTimeout
@@ -55,6 +59,7 @@ class MetricSuite:
         source: written into each record (``callback``, ``backfill``, ...).
         chunk_sizes: fixed chunk size per metric name (skips planning for that metric).
         budget: plans each metric's memory mode and chunk, and retries smaller on OOM.
+        timeout_seconds: time limit for each metric that has none of its own.
     """
 
     metrics: Sequence[Metric]
@@ -67,6 +72,7 @@ class MetricSuite:
     source: str = "callback"
     chunk_sizes: dict[str, int] = field(default_factory=dict)
     budget: MemoryBudget | None = None
+    timeout_seconds: float | None = None
     _failed_sinks: set[str] = field(default_factory=set)
 
     @property
@@ -145,6 +151,7 @@ class MetricSuite:
         if self.is_main and self.journal is not None:
             record.files = self._write_files(result, step)
             self.journal.append(record)
+        redeliver_if_requested()  # SIGTERM during the metric: terminate now that it is journalled
         if result.status != "ok":
             logger.warning(
                 "uma: metric %s at step %d: %s: %s",
@@ -184,21 +191,28 @@ class MetricSuite:
         # several ranks: every reduction is guarded, so a rank that fails anywhere in the
         # metric (even before a reduction the others are waiting in) fails it on all ranks
         guarded = AgreeingCollective(collective) if collective.world_size > 1 else None
+        own_limit = getattr(metric, "timeout_seconds", None)
         try:
+            if own_limit is None and self.timeout_seconds is not None:
+                metric.timeout_seconds = self.timeout_seconds  # not part of the cache key
             prepare = getattr(metric, "prepare", None)
             if prepare is not None:
                 prepare(context)
-            result = compute_within_budget(
-                metric,
-                model,
-                batches,
-                self.loss_fn,
-                self.budget,
-                collective=guarded,
-                chunk_size=self.chunk_sizes.get(metric.name),
-            )
+            with deferred_sigterm():
+                result = compute_within_budget(
+                    metric,
+                    model,
+                    batches,
+                    self.loss_fn,
+                    self.budget,
+                    collective=guarded,
+                    chunk_size=self.chunk_sizes.get(metric.name),
+                )
         except Exception as err:  # isolate: a broken metric never stops training
             failure = err
+        finally:
+            if own_limit is None and self.timeout_seconds is not None:
+                metric.timeout_seconds = None
         if guarded is None:
             failed_anywhere = failure is not None
         else:
@@ -214,10 +228,15 @@ class MetricSuite:
         if failure is None:
             failure = RuntimeError("the metric failed on another rank")
         status = "timeout" if isinstance(failure, MetricTimeout) else ("skipped" if _is_skip(failure) else "error")
+        if isinstance(failure, MetricInterrupted):
+            status = "interrupted"
+        meta: dict[str, Any] = {"config": metric.config()}
+        if getattr(failure, "progress", None):
+            meta["progress"] = dict(failure.progress)  # type: ignore[union-attr]
         return MetricResult(
             name=metric.name,
             status=status,
-            meta={"config": metric.config()},
+            meta=meta,
             error={
                 "type": type(failure).__name__,
                 "message": str(failure),
@@ -245,7 +264,9 @@ class MetricSuite:
         if not self.is_main or self.journal is None:
             return
         for sink in self.sinks:
-            deliver(self.journal, sink, [record], self._failed_sinks)
+            # a sink that failed earlier gets everything it missed, not only this record
+            records = self.journal.records() if sink.name in self._failed_sinks else [record]
+            deliver(self.journal, sink, records, self._failed_sinks)
 
     def deliver_pending(self) -> int:
         """Replay every journalled record a sink has not received yet; returns how many went."""

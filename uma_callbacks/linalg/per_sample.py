@@ -37,6 +37,21 @@ class _LossModule(torch.nn.Module):
         return self._loss_fn(self.model, batch)
 
 
+def check_finite_losses(losses: torch.Tensor) -> None:
+    """Raise ``FloatingPointError`` naming the samples whose loss is NaN or Inf.
+
+    A NaN loss would otherwise turn every statistic into NaN and reach the dashboard as
+    a plausible-looking gap; it becomes an error record instead.
+    """
+    finite = torch.isfinite(losses.detach())
+    if not bool(finite.all()):
+        bad = (~finite).reshape(-1).nonzero().reshape(-1).tolist()
+        raise FloatingPointError(
+            f"the per-sample loss is NaN/Inf for sample(s) {bad[:8]} of a probe chunk of {finite.numel()} "
+            "(weights are finite: check the inputs, the labels and the loss function)"
+        )
+
+
 def flatten_params(tensors: Mapping[str, torch.Tensor]) -> torch.Tensor:
     """Concatenate ``{name: tensor}`` (model order) into one vector ``[P]``."""
     return torch.cat([t.reshape(-1) for t in tensors.values()])
@@ -92,6 +107,7 @@ def per_sample_grads(
 
     with eager_attention(model):
         grads, losses = vmap(grad_and_value(one_sample_loss), in_dims=(None, 0))(detached, batch)
+    check_finite_losses(losses)
     return PerSampleGradients(
         losses=losses.detach(),
         grads={n: grads[f"model.{n}"] for n in params},

@@ -25,16 +25,23 @@ import numpy as np
 import torch
 
 from ..distributed import Collective, LocalCollective
+from ..interrupt import MetricInterrupted, interrupt_requested
 from ..losses import LossFn, resolve_loss_fn
 from ..model_state import preserved_model_state
 from ..probe import count_samples, split_batch
 
 #: Allowed values of :attr:`MetricResult.status`.
-STATUSES = ("ok", "error", "skipped", "timeout", "cached")
+STATUSES = ("ok", "error", "skipped", "timeout", "cached", "interrupted")
 
 
 class MetricTimeout(RuntimeError):
-    """Raised between chunks when a metric runs past its ``timeout_seconds``."""
+    """Raised between chunks when a metric runs past its ``timeout_seconds``.
+
+    Attributes:
+        progress: what the metric had done (``chunks_done``, ``matvecs``, ...).
+    """
+
+    progress: dict[str, Any] = {}
 
 
 class MetricSkipped(RuntimeError):
@@ -196,10 +203,21 @@ class ComputeContext:
         return int(self.collective.sum_scalar(float(self.n_local)))
 
     def check_time(self, **progress: Any) -> None:
-        """Raise :class:`MetricTimeout` when past the deadline; record ``progress`` first."""
+        """Record ``progress``; stop the metric if it is past its deadline or SIGTERM arrived.
+
+        Raises:
+            MetricTimeout: past the deadline (carries ``progress``).
+            MetricInterrupted: SIGTERM during the metric (see :mod:`uma_callbacks.interrupt`).
+        """
         self.progress.update(progress)
-        if self.deadline is not None and time.monotonic() > self.deadline:
-            raise MetricTimeout(f"timed out; progress: {self.progress}")
+        stop: RuntimeError | None = None
+        if interrupt_requested():
+            stop = MetricInterrupted(f"interrupted by SIGTERM; progress: {self.progress}")
+        elif self.deadline is not None and time.monotonic() > self.deadline:
+            stop = MetricTimeout(f"timed out; progress: {self.progress}")
+        if stop is not None:
+            stop.progress = dict(self.progress)  # type: ignore[attr-defined]
+            raise stop
 
 
 class Metric(abc.ABC):
@@ -299,12 +317,15 @@ class Metric(abc.ABC):
 
         Raises:
             ValueError: empty probe.
+            FloatingPointError: a parameter holds NaN/Inf (named), or a per-sample loss is
+                NaN/Inf (the samples named).
         """
         from ..budget import PeakMemory  # local: budget imports metrics for planning
 
         if not batches:
             raise ValueError(f"{type(self).__name__}.compute: batches is empty; the probe needs samples")
-        resolved_loss = resolve_loss_fn(model, loss_fn)
+        check_finite_weights(model)
+        resolved_loss = _finite_loss(resolve_loss_fn(model, loss_fn))
         chunk = chunk_size or self.chunk_size or max(count_samples(b) for b in batches)
         limit = timeout_seconds if timeout_seconds is not None else self.timeout_seconds
         meter = (peak_meter or PeakMemory)(_model_device(model))
@@ -335,6 +356,36 @@ class Metric(abc.ABC):
     def __repr__(self) -> str:
         args = ", ".join(f"{k}={v!r}" for k, v in self.config().items() if k != "metric")
         return f"{type(self).__name__}({args})"
+
+
+def check_finite_weights(model: torch.nn.Module) -> None:
+    """Raise ``FloatingPointError`` naming the first parameter holding NaN or Inf.
+
+    One float64 sum per tensor (NaN/Inf propagate; no temporary of the tensor's size).
+    """
+    for name, p in model.named_parameters():
+        if not bool(torch.isfinite(p.detach().sum(dtype=torch.float64))):
+            bad = int((~torch.isfinite(p.detach())).sum())
+            raise FloatingPointError(
+                f"parameter {name!r} holds {bad} NaN/Inf value(s) of {p.numel()}; the metrics need finite weights"
+            )
+
+
+def _finite_loss(loss_fn: LossFn) -> LossFn:
+    """``loss_fn`` that raises ``FloatingPointError`` on a NaN/Inf per-sample loss.
+
+    Inside ``torch.func`` transforms (``vmap``) the values are not inspectable; the
+    per-sample gradient code checks what ``vmap`` returns instead.
+    """
+    from ..linalg.per_sample import check_finite_losses
+
+    def checked(model: torch.nn.Module, batch: Any) -> torch.Tensor:
+        out = loss_fn(model, batch)
+        if isinstance(out, torch.Tensor) and not torch._C._functorch.is_functorch_wrapped_tensor(out):
+            check_finite_losses(out)
+        return out
+
+    return checked
 
 
 def _config_value(value: Any) -> Any:

@@ -183,8 +183,16 @@ class FisherInformation(Metric):
             ctx.collective.sum_,
         )
         device = next(iter(params.values())).device
+        counted = {"matvecs": 0}
+
+        def timed_matvec(v: torch.Tensor) -> torch.Tensor:
+            out = matvec(v)
+            counted["matvecs"] += 1
+            ctx.check_time(matvecs=counted["matvecs"])
+            return out
+
         result = lanczos_top_k(
-            matvec, dim, k, max_iter=max_iter, tol=self.lanczos_tol, seed=self.seed, dtype=dtype, device=device
+            timed_matvec, dim, k, max_iter=max_iter, tol=self.lanczos_tol, seed=self.seed, dtype=dtype, device=device
         )
         ctx.meta.update(
             matvecs=result.matvecs,

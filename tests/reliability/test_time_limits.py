@@ -1,0 +1,72 @@
+"""Time limits: every metric checks its deadline between chunks, products or grid points.
+
+A metric past its ``timeout_seconds`` becomes a ``timeout`` record with its progress;
+the suite applies ``UMAConfig.timeout_seconds`` to metrics without a limit of their own.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from tests.cases import qwen2_case
+from tests.reliability.test_model_safety import _build
+from tests.trainer_cases import run_trainer
+from uma_callbacks import UMACallback
+from uma_callbacks.journal import Journal
+from uma_callbacks.metrics import METRICS
+from uma_callbacks.metrics.base import MetricTimeout
+from uma_callbacks.probe import Probe
+from uma_callbacks.suite import MetricSuite
+
+
+@pytest.mark.parametrize("name", sorted(METRICS))
+def test_every_metric_stops_at_its_deadline_with_its_progress(name):
+    model, batches, loss_fn = qwen2_case(dtype=torch.float32)
+    metric = _build(name, model)
+    with pytest.raises(MetricTimeout) as info:
+        metric.compute(model, batches, loss_fn, chunk_size=1, timeout_seconds=1e-9)
+    assert info.value.progress, "no progress recorded"
+
+
+def test_fisher_lanczos_products_are_timed_too():
+    from uma_callbacks.metrics import FisherInformation
+
+    model, batches, loss_fn = qwen2_case(dtype=torch.float32)
+    calls = []
+    original = FisherInformation._spectrum
+
+    def spectrum(self, ctx, stats):  # the accumulation is done: only the products remain
+        calls.append(True)
+        ctx.deadline = 0.0
+        return original(self, ctx, stats)
+
+    FisherInformation._spectrum = spectrum
+    try:
+        with pytest.raises(MetricTimeout) as info:
+            FisherInformation(top_k=2).compute(model, batches, loss_fn)
+    finally:
+        FisherInformation._spectrum = original
+    assert calls and info.value.progress.get("matvecs") == 1
+
+
+def test_suite_applies_the_config_limit_and_keeps_the_metrics_own(tmp_path):
+    model, batches, loss_fn = qwen2_case(dtype=torch.float32)
+    unlimited = METRICS["gradient_flow"]()
+    own = METRICS["landscape"](n_points=3, timeout_seconds=3600)
+    suite = MetricSuite([unlimited, own], journal=Journal(tmp_path), loss_fn=loss_fn, draw_figures=False,
+                        timeout_seconds=1e-9)
+    records = suite.run(model, Probe(batches), step=5)
+    assert [r.status for r in records] == ["timeout", "ok"]
+    assert records[0].meta["progress"] and records[0].error["type"] == "MetricTimeout"
+    assert unlimited.timeout_seconds is None  # the metric object is left as given
+    assert [r.status for r in Journal(tmp_path).records()] == ["timeout", "ok"]
+
+
+@pytest.mark.slow
+def test_callback_timeout_becomes_a_record_and_training_goes_on(tmp_path):
+    cb = UMACallback(metrics=["gradient_flow"], probe_size=8, trackers=[], draw_figures=False, timeout_seconds=1e-9)
+    trainer, losses = run_trainer(tmp_path / "run", callbacks=[cb], max_steps=2, save_steps=2)
+    assert trainer.state.global_step == 2 and len(losses) == 2
+    (record,) = Journal(tmp_path / "run" / "uma").records()
+    assert record.status == "timeout" and record.meta["progress"]
