@@ -82,8 +82,10 @@ def main() -> None:
     parser.add_argument("--metrics", default="gradient_flow,fisher")
     args = parser.parse_args()
     logging.disable(logging.WARNING)
-    vocab, hidden, layers, seq = 2000, 128, 2, 128
-    steps, save_steps, probe = (60, 30, 32) if args.quick else (400, 100, 64)
+    if args.quick:
+        vocab, hidden, layers, seq, steps, save_steps, probe = 1000, 64, 2, 64, 60, 30, 16
+    else:
+        vocab, hidden, layers, seq, steps, save_steps, probe = 2000, 128, 2, 128, 400, 100, 64
     names = [m for m in args.metrics.split(",") if m in METRICS]
     tmp = tempfile.mkdtemp(prefix="uma-bench-")
     try:
