@@ -108,8 +108,8 @@ def _run_ranks(world, metrics_for_rank):
 
 @pytest.mark.parametrize(
     "world, fail_rank, fail_after",
-    [(2, 1, 0), (2, 0, 0), (2, 1, 2), (2, 1, 3), (3, 2, 1), (3, 1, 0)],
-    ids=["r1-before-first", "r0-before-first", "r1-midway", "r1-after-all", "3ranks-r2-midway", "3ranks-r1-first"],
+    [(2, 1, 0), (2, 0, 0), (2, 1, 2), (2, 1, 3), (3, 2, 1)],
+    ids=["r1-before-first", "r0-before-first", "r1-midway", "r1-after-all", "3ranks-r2-midway"],
 )
 def test_failure_on_one_rank_is_agreed_by_all_and_the_next_metric_is_right(world, fail_rank, fail_after):
     out, (model, batches, loss_fn) = _run_ranks(

@@ -348,13 +348,20 @@ def attach(
         ModuleNotFoundError: a named tracker's package is missing (names the pip extra).
 
     Example:
+        >>> import tempfile
         >>> from accelerate import Accelerator
         >>> acc = Accelerator(cpu=True)
-        >>> batches = [{"x": torch.zeros(2, 3)}]
-        >>> handle = attach(acc, ["gradient_flow"], batches, trackers=[], global_step=0, output_dir=None,
+        >>> model = acc.prepare(torch.nn.Linear(3, 1))
+        >>> batches = [{"x": torch.randn(4, 3)}]
+        >>> out = tempfile.mkdtemp()
+        >>> handle = attach(acc, ["gradient_flow"], batches, trackers=[], output_dir=out + "/uma",
         ...                 loss_fn=lambda m, b: m(b["x"]).sum(-1), draw_figures=False)
-        >>> handle.step
-        0
+        >>> handle.step = 100  # the global step of the next save
+        >>> _ = acc.save_state(out + "/ckpt")
+        >>> [(r.step, r.metric, r.status) for r in handle.records]
+        [(100, 'gradient_flow', 'ok')]
+        >>> read_state(out + "/ckpt")["step"]
+        100
         >>> handle.remove()
     """
     from .callback import _check_tracker_packages  # noqa: PLC0415
