@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import difflib
+import os
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -105,6 +106,8 @@ class UMAConfig:
         if self.trackers is not None:
             if isinstance(self.trackers, str):
                 self.trackers = [self.trackers]
+            if not isinstance(self.trackers, Sequence):
+                raise ValueError(f"UMAConfig.trackers must be None or a list of names/sink objects; got {self.trackers!r}")
             for tracker in self.trackers:
                 if isinstance(tracker, str) and tracker not in TRACKER_NAMES:
                     raise ValueError(
@@ -125,6 +128,8 @@ class UMAConfig:
                 raise ValueError(
                     f"UMAConfig.memory_budget must be None, a number of GB or a MemoryBudget; got {self.memory_budget!r}"
                 )
+        if self.output_dir is not None and not isinstance(self.output_dir, (str, os.PathLike)):
+            raise ValueError(f"UMAConfig.output_dir must be None or a path; got {self.output_dir!r}")
         if self.loss_fn is not None and not callable(self.loss_fn):
             raise ValueError(f"UMAConfig.loss_fn must be callable(model, batch) -> Tensor[B]; got {self.loss_fn!r}")
         for flag in ("use_cache", "save_tensors", "draw_figures"):

@@ -26,6 +26,7 @@ from __future__ import annotations
 import dataclasses
 import difflib
 import logging
+import math
 import warnings
 from dataclasses import dataclass
 from typing import Any
@@ -157,7 +158,13 @@ class UnifiedConfig:
             raise ValueError(f"UnifiedConfig.fisher_method must be one of {FISHER_METHODS!r}; got {self.fisher_method!r}")
         if isinstance(self.seed, bool) or not isinstance(self.seed, int) or self.seed < 0:
             raise ValueError(f"UnifiedConfig.seed must be a non-negative integer; got {self.seed!r}")
-        if not (isinstance(self.loss_landscape_span, (int, float)) and self.loss_landscape_span > 0):
+        for name in ("max_memory_gb", "timeout_seconds"):
+            value = getattr(self, name)
+            if name == "timeout_seconds" and value is None:
+                continue
+            if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 < value < math.inf:
+                raise ValueError(f"UnifiedConfig.{name} must be a positive number; got {value!r}")
+        if not (isinstance(self.loss_landscape_span, (int, float)) and 0 < self.loss_landscape_span < math.inf):
             raise ValueError(f"UnifiedConfig.loss_landscape_span must be a positive number; got {self.loss_landscape_span!r}")
 
     def to_dict(self) -> dict[str, Any]:
