@@ -3,10 +3,12 @@
 Qwen2 from config (hidden 128, 2 layers, 4 heads, vocab 2000, intermediate 512), one
 probe batch of 16 x 128 tokens, float32 on CPU:
 
-- time of an n x n grid (25 x 25; 7 x 7 with ``--quick``) in both modes (``stored``:
+- time of an n x n grid (25 x 25; 5 x 5 with ``--quick``) in both modes (``stored``:
   theta, d1, d2 held; ``lean``: only theta held, directions regenerated per point)
   against n^2 plain forward passes + per-sample losses of the same batch, under
-  ``torch.no_grad()`` (medians over interleaved rounds, so machine load hits all alike);
+  ``torch.no_grad()``. The plain forwards are paired with the grid's: one is timed just
+  before each forward the grid makes, inside the same run, so machine load (this is a
+  shared machine) hits both alike; ratio = (run time - plain time) / plain time;
 - ``loss_landscapes.random_plane`` (3.0.6) on the same grid where installed: time only
   (that release shifts odd grid columns, scales distance inversely and divides by zero
   on Qwen2's zero-initialised biases; when it raises on the stock model we report the
@@ -70,23 +72,51 @@ def plain_forwards(model, batches, count: int):
     return run
 
 
-def landscape(model, batches, n: int, mode: str):
+class PairedForward:
+    """Times one plain forward (+ per-sample losses) of the same batch just before each
+    forward the contender makes, so that machine load hits both alike (paired per point).
+    ``plain`` accumulates the plain forwards' seconds."""
+
+    def __init__(self, model: torch.nn.Module, batch: dict) -> None:
+        self.model, self.batch, self.plain = model, batch, 0.0
+
+    def __deepcopy__(self, memo: dict) -> PairedForward:
+        return self  # loss-landscapes deep-copies the wrapper holding us: keep one counter
+
+    def __call__(self) -> None:
+        start = time.perf_counter()
+        with torch.no_grad():
+            hf_per_sample_loss(self.model, self.batch).sum().item()
+        self.plain += time.perf_counter() - start
+
+
+def landscape(model, batches, n: int, mode: str, paired: PairedForward | None = None):
     metric = LossLandscape(n_points=n, span=1.0, normalization="filter", mode=mode, seed=0)
-    return lambda: metric.compute(model, batches, hf_per_sample_loss)
+
+    def loss_fn(m, batch):
+        if paired is not None:
+            paired()
+        return hf_per_sample_loss(m, batch)
+
+    return lambda: metric.compute(model, batches, loss_fn)
 
 
 class _Logits(torch.nn.Module):
     """``forward(input_ids) -> logits``: the interface loss-landscapes' ``Loss`` metric calls."""
 
-    def __init__(self, model: torch.nn.Module) -> None:
+    def __init__(self, model: torch.nn.Module, paired: PairedForward | None = None) -> None:
         super().__init__()
         self.model = model
+        self._paired = paired
 
     def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
+        if self._paired is not None:
+            self._paired.model = self.model  # its deep copy, perturbed like ours
+            self._paired()
         return self.model(input_ids=input_ids).logits
 
 
-def loss_landscapes_plane(model, batches, n: int):
+def loss_landscapes_plane(model, batches, n: int, paired: PairedForward | None = None):
     import loss_landscapes
     from loss_landscapes.metrics import Loss
 
@@ -96,7 +126,7 @@ def loss_landscapes_plane(model, batches, n: int):
         batch["input_ids"],
         batch["labels"],
     )
-    wrapped = _Logits(model)
+    wrapped = _Logits(model, paired)
 
     def run():
         with torch.no_grad():
@@ -105,19 +135,6 @@ def loss_landscapes_plane(model, batches, n: int):
             )
 
     return run
-
-
-def timeall(fns: dict, repeats: int, warmups: list) -> dict:
-    """Median seconds of each function over interleaved rounds, after the warm-up calls."""
-    for fn in warmups:
-        fn()
-    times: dict = {k: [] for k in fns}
-    for _ in range(repeats):
-        for key, fn in fns.items():
-            start = time.perf_counter()
-            fn()
-            times[key].append(time.perf_counter() - start)
-    return {k: statistics.median(v) for k, v in times.items()}
 
 
 def setpoint_ms(model, repeats: int = 20) -> dict[str, float]:
@@ -189,7 +206,7 @@ def main() -> None:
     if args.threads:
         torch.set_num_threads(args.threads)
     n = 5 if args.quick else 25
-    repeats = 3 if args.quick else 1
+    repeats = 1  # paired timings need no rounds; raise for medians
     model, batches = qwen2_setup()
     pbytes = param_bytes(model)
     print(
@@ -197,12 +214,9 @@ def main() -> None:
         f"batch 16x128, grid {n}x{n}, threads {torch.get_num_threads()}"
     )
 
-    fns = {
-        "forwards": plain_forwards(model, batches, n * n),
-        "stored": landscape(model, batches, n, "stored"),
-        "lean": landscape(model, batches, n, "lean"),
-    }
-    lossland_status = "not installed"
+    # each contender's grid, with one plain forward of the same batch timed just before
+    # each of its forwards (paired per point): ratio = (total - plain) / plain
+    lossland_status, lossland_model = "not installed", None
     try:
         import loss_landscapes  # noqa: F401
     except ImportError:
@@ -210,25 +224,39 @@ def main() -> None:
     else:
         try:
             loss_landscapes_plane(model, batches, 3)()
-            fns["loss_landscapes"] = loss_landscapes_plane(model, batches, n)
-            lossland_status = "ok"
+            lossland_model, lossland_status = model, "ok"
         except ZeroDivisionError as err:  # its filter normalisation divides by Qwen2's zero biases
             lossland_status = f"{type(err).__name__} on the stock model; timed with zero biases set to 1e-3"
-            nudged = copy.deepcopy(model)
+            lossland_model = copy.deepcopy(model)
             with torch.no_grad():
-                for p in nudged.parameters():
+                for p in lossland_model.parameters():
                     if p.dim() == 1 and p.abs().sum() == 0:
                         p.fill_(1e-3)
-            fns["loss_landscapes"] = loss_landscapes_plane(nudged, batches, n)
-    warmups = [
-        plain_forwards(model, batches, 2),
-        landscape(model, batches, 3, "stored"),
-        landscape(model, batches, 3, "lean"),
-    ]
-    times = timeall(fns, repeats, warmups)
-    for key, sec in times.items():
-        print(f"  {key:16s} {sec:8.3f} s  ({sec / (n * n) * 1e3:.1f} ms per point)")
+    plain_forwards(model, batches, 2)()  # warm-up
+    landscape(model, batches, 3, "stored")()
+    landscape(model, batches, 3, "lean")()
+    times, plain = {}, {}
+    for key in ("stored", "lean", "loss_landscapes"):
+        if key == "loss_landscapes" and lossland_model is None:
+            continue
+        totals, plains = [], []
+        for _ in range(repeats):
+            paired = PairedForward(model, batches[0])
+            if key == "loss_landscapes":
+                fn = loss_landscapes_plane(lossland_model, batches, n, paired)
+            else:
+                fn = landscape(model, batches, n, key, paired)
+            start = time.perf_counter()
+            fn()
+            totals.append(time.perf_counter() - start - paired.plain)
+            plains.append(paired.plain)
+        times[key], plain[key] = statistics.median(totals), statistics.median(plains)
+        print(
+            f"  {key:16s} {times[key]:8.3f} s  ({times[key] / (n * n) * 1e3:.1f} ms per point; "
+            f"paired plain forwards {plain[key]:.3f} s, ratio {times[key] / plain[key]:.3f})"
+        )
     print(f"  loss-landscapes: {lossland_status}")
+    times["forwards"] = plain["stored"]
 
     per_point = setpoint_ms(model)
     forward_ms = times["forwards"] / (n * n) * 1e3
@@ -247,13 +275,14 @@ def main() -> None:
     print(f"landscape_seconds={times['stored']:.3f}")
     print(f"landscape_lean_seconds={times['lean']:.3f}")
     print(f"landscape_forwards_seconds={times['forwards']:.3f}")
-    print(f"landscape_over_forwards={times['stored'] / times['forwards']:.3f}")
-    print(f"landscape_lean_over_forwards={times['lean'] / times['forwards']:.3f}")
+    print(f"landscape_over_forwards={times['stored'] / plain['stored']:.3f}")
+    print(f"landscape_lean_over_forwards={times['lean'] / plain['lean']:.3f}")
     print(f"landscape_setpoint_ms={per_point['stored']:.3f}")
     print(f"landscape_lean_setpoint_ms={per_point['lean']:.3f}")
     print(f"landscape_forward_ms={forward_ms:.3f}")
     if "loss_landscapes" in times:
         print(f"loss_landscapes_seconds={times['loss_landscapes']:.3f}")
+        print(f"loss_landscapes_over_forwards={times['loss_landscapes'] / plain['loss_landscapes']:.3f}")
         print(f"loss_landscapes_over_landscape={times['loss_landscapes'] / times['stored']:.3f}")
     print(f"loss_landscapes_status={lossland_status.split(' ')[0]}")
     print(f"landscape_peak_extra_over_params={(peaks['stored'] - forward_peak) / pbytes:.3f}")
