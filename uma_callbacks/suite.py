@@ -121,6 +121,9 @@ class MetricSuite:
         collective: Collective,
         context: dict[str, Any],
     ) -> Record:
+        prepare = getattr(metric, "prepare", None)
+        if prepare is not None:  # takes what the trigger knows (previous weights); it only stores, never raises
+            prepare(context)
         key = cache_key(checkpoint, metric.config(), probe.fingerprint) if checkpoint else ""
         cached = self._cached(key, collective)
         if cached is not None:
@@ -195,9 +198,6 @@ class MetricSuite:
         try:
             if own_limit is None and self.timeout_seconds is not None:
                 metric.timeout_seconds = self.timeout_seconds  # not part of the cache key
-            prepare = getattr(metric, "prepare", None)
-            if prepare is not None:
-                prepare(context)
             with deferred_sigterm():
                 result = compute_within_budget(
                     metric,

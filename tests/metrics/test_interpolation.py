@@ -8,6 +8,8 @@ import numpy as np
 import pytest
 import torch
 
+from uma_callbacks.metrics.base import MetricSkipped
+
 from tests.cases import TINY_CASES
 from tests.oracles import oracle_probe_loss
 from uma_callbacks.metrics import METRICS, CheckpointInterpolation
@@ -88,7 +90,7 @@ def test_without_previous_weights_raises_a_clear_error():
     model, batches, loss_fn = TINY_CASES[0].build(dtype=torch.float64)
     metric = CheckpointInterpolation()
     assert not metric.has_previous
-    with pytest.raises(ValueError, match="previous checkpoint"):
+    with pytest.raises(MetricSkipped, match="previous checkpoint"):
         metric.compute(model, batches, loss_fn)
     metric.set_previous(_previous(model), label="checkpoint-10")
     assert metric.has_previous and metric.config()["previous_label"] == "checkpoint-10"

@@ -10,7 +10,7 @@ import numpy as np
 import torch
 
 from ..linalg.weights import moved_weights
-from .base import ComputeContext, Cost, Metric, MetricResult, check_positive_int
+from .base import ComputeContext, Cost, Metric, MetricResult, MetricSkipped, check_positive_int
 from .landscape import _local_chunks, probe_loss_sum
 
 
@@ -113,6 +113,16 @@ class CheckpointInterpolation(Metric):
         self._previous = {k: v.detach() for k, v in state_dict.items()}
         self.previous_label = label
 
+    def prepare(self, context: Mapping[str, Any]) -> None:
+        """Take the previous checkpoint from a trigger's context, when it has one.
+
+        The callback and the backfill pass ``{"previous_weights": {name: tensor},
+        "previous_label": "step-<N>"}``; weights given at construction stay otherwise.
+        """
+        previous = context.get("previous_weights")
+        if previous is not None:
+            self.set_previous(previous, context.get("previous_label"))
+
     @property
     def has_previous(self) -> bool:
         """Whether previous weights are set."""
@@ -131,9 +141,9 @@ class CheckpointInterpolation(Metric):
 
     def _compute(self, ctx: ComputeContext) -> MetricResult:
         if self._previous is None:
-            raise ValueError(
-                "CheckpointInterpolation needs the previous checkpoint's weights: pass previous= "
-                "or call set_previous(state_dict) (there is none before the first checkpoint)"
+            raise MetricSkipped(
+                "no previous checkpoint yet: CheckpointInterpolation needs its weights (the callback and "
+                "the backfill pass them from the second checkpoint on; or pass previous=/set_previous())"
             )
         params = ctx.trainable_params()
         missing = [n for n in params if n not in self._previous]
