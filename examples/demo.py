@@ -34,7 +34,7 @@ def demo_metrics() -> list:
     for name, kwargs in (
         ("gradient_flow", {}),
         ("fisher", {"top_k": 5}),
-        ("hessian", {"top_k": 3}),
+        ("hessian", {"top_k": 3, "hutchinson_samples": 10}),
         ("landscape", {"n_points": 7, "span": 0.5}),
         ("interpolation", {"n_points": 9}),
     ):
@@ -88,12 +88,14 @@ def main(argv: list[str] | None = None) -> int:
         disable_tqdm=True,
         seed=0,
     )
-    callback = UMACallback(metrics=demo_metrics(), probe=eval_ds, probe_size=args.probe_size, seed=42)
+    callback = UMACallback(
+        metrics=demo_metrics(), probe=eval_ds, probe_size=args.probe_size, probe_batch_size=args.probe_size, seed=42
+    )
     Trainer(model=model, args=training_args, train_dataset=train_ds, callbacks=[callback]).train()
 
     run_id = callback.sinks[0].run_id() if callback.sinks else "?"
     steps = sorted({r.step for r in callback.records})
-    failed = [f"{r.metric}@{r.step}: {r.error and r.error.get('message')}" for r in callback.records if not r.status in ("ok", "cached")]
+    failed = [f"{r.metric}@{r.step}: {r.error and r.error.get('message')}" for r in callback.records if r.status == "error"]
     print()
     print(f"done in {time.time() - started:.0f} s; measured checkpoints at steps {steps}")
     print(f"metrics: {', '.join(callback.config.metric_names)}; failures: {failed or 'none'}")
