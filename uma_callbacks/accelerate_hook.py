@@ -40,6 +40,7 @@ from typing import Any
 
 import torch
 
+from .budget import as_budget
 from .config import UMAConfig
 from .distributed import Collective, current_collective
 from .journal import Journal
@@ -143,6 +144,8 @@ class UMAHandle:
             use_cache=config.use_cache,
             draw_figures=config.draw_figures,
             source="accelerate",
+            budget=as_budget(config.memory_budget),
+            timeout_seconds=config.timeout_seconds,
         )
         self._sinks_ready = False
         self._own_sinks: list[Any] = []
