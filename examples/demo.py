@@ -34,13 +34,26 @@ def demo_metrics() -> list:
     for name, kwargs in (
         ("gradient_flow", {}),
         ("fisher", {"top_k": 5}),
-        ("hessian", {"top_k": 3, "hutchinson_samples": 10}),
-        ("landscape", {"n_points": 7, "span": 0.5}),
+        ("hessian", {"top_k": 2, "hutchinson_samples": 4, "tol": 1e-3, "max_iter": 12}),
+        ("landscape", {"n_points": 5, "span": 0.5}),
         ("interpolation", {"n_points": 9}),
     ):
         if name in METRICS:
             wanted.append(METRICS[name](**kwargs))
     return wanted
+
+
+def check_mlflow(tracking_uri: str, run_id: str, callback: UMACallback) -> None:
+    """Read the run back with ``MlflowClient``: every checkpoint step carries the journal's values."""
+    from mlflow.tracking import MlflowClient
+
+    client = MlflowClient(tracking_uri)
+    journal = {(r.step, r.metric): r for r in callback.journal.records()} if callback.journal else {}
+    for key in ("uma/gradient_flow/total_norm", "uma/gradient_flow/noise_scale", "uma/fisher/trace"):
+        history = sorted((m.step, m.value) for m in client.get_metric_history(run_id, key))
+        metric, scalar = key.split("/")[1], key.split("/", 2)[2]
+        same = all(journal[(step, metric)].scalars[scalar] == value for step, value in history)
+        print(f"MLflow {key}: steps {[s for s, _ in history]}, equal to the journal: {same}")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -49,7 +62,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--out", default="runs/demo", help="run folder (checkpoints, journal, mlflow.db)")
     parser.add_argument("--steps", type=int, default=300)
     parser.add_argument("--save-steps", type=int, default=100)
-    parser.add_argument("--probe-size", type=int, default=32)
+    parser.add_argument("--probe-size", type=int, default=16)
     args = parser.parse_args(argv)
 
     logging.basicConfig(level=logging.INFO, format="%(message)s")
@@ -77,7 +90,7 @@ def main(argv: list[str] | None = None) -> int:
     training_args = TrainingArguments(
         output_dir=str(out),
         max_steps=args.steps,
-        per_device_train_batch_size=16,
+        per_device_train_batch_size=8,
         learning_rate=3e-3,
         warmup_steps=20,
         logging_steps=25,
@@ -98,6 +111,7 @@ def main(argv: list[str] | None = None) -> int:
     failed = [f"{r.metric}@{r.step}: {r.error and r.error.get('message')}" for r in callback.records if r.status == "error"]
     print()
     print(f"done in {time.time() - started:.0f} s; measured checkpoints at steps {steps}")
+    check_mlflow(tracking_uri, run_id, callback)
     print(f"metrics: {', '.join(callback.config.metric_names)}; failures: {failed or 'none'}")
     print(f"journal: {callback.journal.root if callback.journal else '-'}")
     print(f"MLflow run {run_id} in {tracking_uri}")
