@@ -12,6 +12,16 @@ os.environ.setdefault("WANDB_SILENT", "true")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 
+@pytest.fixture(autouse=True, scope="session")
+def _one_thread():
+    """Tiny models: one intra-op thread is faster, and immune to an oversubscribed CPU.
+    (Subprocesses the tests start, torchrun included, keep their own defaults.)"""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
 @pytest.fixture(autouse=True)
 def _seeded():
     torch.manual_seed(0)

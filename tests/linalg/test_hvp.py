@@ -17,15 +17,6 @@ from uma_callbacks.model_state import eager_attention
 from uma_callbacks.probe import Probe, split_batch
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Tiny models: one intra-op thread (faster, and immune to oversubscribed CPUs)."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
 class ThreadCollective(Collective):
     """Test double for R ranks as R Python threads: ``sum_`` adds every rank's tensors
     (in rank order, so every rank gets the same bits)."""

@@ -24,14 +24,6 @@ from uma_callbacks.probe import Probe
 QWEN2_TRAINABLE = "model.layers.0."
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
 def _build(case_name: str, attn: str = "sdpa"):
     if case_name == "mlp_custom_loss":
         return TINY_CASES[0].build(dtype=torch.float64)

@@ -15,14 +15,6 @@ from tests.oracles import oracle_probe_loss
 from uma_callbacks.metrics import METRICS, CheckpointInterpolation
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
 def _previous(model, seed=0, scale=0.05):
     gen = torch.Generator().manual_seed(seed)
     return {

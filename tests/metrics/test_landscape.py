@@ -17,14 +17,6 @@ from uma_callbacks.metrics.landscape import _RandomDirections, landscape_result
 from uma_callbacks.probe import Probe
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
 def _random_dirs(model, seed):
     gen = torch.Generator().manual_seed(seed)
     return {n: torch.randn(p.shape, generator=gen, dtype=p.dtype) * 0.1 for n, p in model.named_parameters()}
