@@ -44,7 +44,7 @@ def test_default_probe_is_drawn_from_train_data_without_touching_training(tmp_pa
 
 
 def test_failing_metric_is_recorded_and_training_goes_on(tmp_path):
-    mlflow = pytest.importorskip("mlflow")
+    pytest.importorskip("mlflow")
     from mlflow.tracking import MlflowClient
 
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"

@@ -34,7 +34,7 @@ def test_missing_folder_and_empty_folder_exit_2(tmp_path, capsys):
 
 @pytest.mark.slow
 def test_backfill_with_a_corrupt_checkpoint_then_report_and_sync(tmp_path, capsys):
-    mlflow = pytest.importorskip("mlflow")
+    pytest.importorskip("mlflow")
     from mlflow.tracking import MlflowClient
 
     run = fake_trainer_run(tmp_path / "run", steps=(1, 2, 3))

@@ -34,7 +34,7 @@ import torch
 
 from ..losses import IGNORE_INDEX, LossFn, model_inputs
 from ..probe import count_samples, map_tensors, select_samples
-from .linear_factors import LinearFactors, linear_factors
+from .linear_factors import linear_factors
 from .per_sample import PerSampleGradients, per_sample_grads
 
 #: Ways to get per-sample gradients: ``auto`` picks ``linear`` when the model allows it.
