@@ -100,10 +100,18 @@ class PeakMemory:
         self.peak_bytes = max(0, peak - self._start)
 
 
-def release_memory(device: torch.device | str | None = None) -> None:
-    """Free what a metric left: ``gc.collect()`` and, on CUDA, ``empty_cache()``."""
-    gc.collect()
-    if torch.cuda.is_available() and (device is None or torch.device(device).type == "cuda"):
+def release_memory(device: torch.device | str | None = None, full: bool = False) -> None:
+    """Free what a metric left, and on CUDA return cached blocks (``empty_cache()``).
+
+    A full ``gc.collect()`` costs about 0.3 s in a process that has imported
+    transformers and a tracker, so it runs only when asked (``full``: aggressive cleanup,
+    or after a failure, whose traceback cycle holds the failed frames' tensors) or on
+    CUDA; otherwise the young generations are collected (microseconds). CPU tensors
+    outside reference cycles are freed as soon as the metric returns.
+    """
+    on_cuda = torch.cuda.is_available() and (device is None or torch.device(device).type == "cuda")
+    gc.collect() if (full or on_cuda) else gc.collect(1)
+    if on_cuda:
         torch.cuda.empty_cache()
 
 
@@ -246,27 +254,47 @@ class MemoryBudget:
             f"min_batch_size={self.min_batch_size}, max_batch_size={self.max_batch_size})"
         )
 
-    def plan(self, metric: Any, param_bytes_: int, sample_bytes: int, largest_chunk: int, device: Any = None) -> Plan:
+    def plan(
+        self,
+        metric: Any,
+        param_bytes_: int,
+        sample_bytes: int,
+        largest_chunk: int,
+        device: Any = None,
+        *,
+        n_params: int | None = None,
+        n_samples: int | None = None,
+    ) -> Plan:
         """Pick the memory mode and chunk for ``metric`` (see the class docstring).
 
         Args:
-            metric: a ``Metric`` (its ``memory_modes()`` are tried in order).
+            metric: a ``Metric`` (its ``memory_modes()`` are tried in order, fastest first).
             param_bytes_: bytes of the trainable parameters.
             sample_bytes: measured activation bytes of one sample's forward+backward.
             largest_chunk: the most samples a chunk can hold (the largest probe batch).
-            device: where it runs (for the free-memory default).
+            device: where it runs (for the free-memory default; host-side copies count
+                only when it is the CPU).
+            n_params: entries of the trainable parameters (default: bytes / 4).
+            n_samples: local probe samples (default: ``largest_chunk``).
 
         Returns:
             The :class:`Plan`; ``chunk_size`` is None when no mode fits ``min_batch_size``.
         """
         limit = self.limit_bytes(device)
         top = min(largest_chunk, self.max_batch_size or largest_chunk)
+        where = torch.device(device) if device is not None else (self.device or torch.device("cpu"))
+        sizes = {
+            "n_params": n_params,
+            "n_samples": largest_chunk if n_samples is None else n_samples,
+            "on_host": where.type == "cpu",
+        }
         best: Plan | None = None
         for mode, cost in metric.memory_modes():
-            fixed = cost.bytes_needed(param_bytes_, sample_bytes, 0)
-            per_sample = max(1, cost.bytes_needed(param_bytes_, sample_bytes, 1) - fixed)
+            fixed = cost.bytes_needed(param_bytes_, sample_bytes, 0, **sizes)
+            per_sample = max(1, cost.bytes_needed(param_bytes_, sample_bytes, 1, **sizes) - fixed)
             chunk = min(top, (limit - fixed) // per_sample) if limit > fixed else 0
-            plan = Plan(int(chunk) if chunk >= self.min_batch_size else None, mode, limit, fixed, per_sample)
+            smallest = min(self.min_batch_size, top)  # a probe batch below min_batch_size runs whole
+            plan = Plan(int(chunk) if chunk >= smallest else None, mode, limit, fixed, per_sample)
             if plan.chunk_size is not None:
                 return plan
             best = best or plan
@@ -280,11 +308,13 @@ class MemoryBudget:
 
 
 def measure_sample_bytes(model: torch.nn.Module, loss_fn: Any, batch: Any) -> int:
-    """Peak bytes of one sample's forward and backward (activations and their gradients).
+    """A: bytes of one sample's activations, as the forward keeps them for the backward.
 
-    The first sample of ``batch`` is run once under :class:`PeakMemory`, with gradients
-    taken by ``torch.autograd.grad`` (no ``.grad`` is written); the parameter gradients'
-    own bytes are subtracted (the cost model counts them apart).
+    The first sample of ``batch`` is run once: the forward (graph kept) under
+    :class:`PeakMemory` gives A; a backward by ``torch.autograd.grad`` follows (no
+    ``.grad`` is written) and its peak above the forward's end, less the parameter
+    gradients (the cost model counts those apart), raises A if it is larger. The cost
+    model counts A once for a forward-only metric and twice with a backward.
     """
     from .probe import select_samples
 
@@ -294,11 +324,13 @@ def measure_sample_bytes(model: torch.nn.Module, loss_fn: Any, batch: Any) -> in
 
     with preserved_model_state(model):
         model.eval()
-        with PeakMemory(_device_of(model)) as meter:
+        device = _device_of(model)
+        with PeakMemory(device) as forward:
             loss = loss_fn(model, one).sum()
+        with PeakMemory(device) as backward:
             grads = torch.autograd.grad(loss, params, allow_unused=True)
             del loss, grads
-    return max(0, meter.peak_bytes - param_bytes(model))
+    return max(forward.peak_bytes, backward.peak_bytes - param_bytes(model), 0)
 
 
 def _device_of(model: torch.nn.Module) -> torch.device:
@@ -343,7 +375,11 @@ def compute_within_budget(
         if collective is not None and getattr(collective, "world_size", 1) > 1:
             # every rank must plan the same chunk: use the mean measurement
             sample_bytes = int(collective.sum_scalar(float(sample_bytes)) / collective.world_size)
-        plan = budget.plan(metric, param_bytes(model), sample_bytes, largest, _device_of(model))
+        n_params = sum(p.numel() for p in model.parameters() if p.requires_grad)
+        n_samples = sum(count_samples(b) for b in batches)
+        plan = budget.plan(
+            metric, param_bytes(model), sample_bytes, largest, _device_of(model), n_params=n_params, n_samples=n_samples
+        )
         plan_meta = plan.as_meta()
         plan_meta["measured_sample_bytes"] = sample_bytes
         if plan.chunk_size is None:
@@ -359,7 +395,7 @@ def compute_within_budget(
         except Exception as err:  # only allocation failures are handled here
             if not is_out_of_memory(err):
                 raise
-            release_memory(_device_of(model))
+            release_memory(_device_of(model), full=True)
             distributed = collective is not None and getattr(collective, "world_size", 1) > 1
             if not adaptive or distributed or chunk // 2 < min_chunk:
                 raise BudgetExceeded(

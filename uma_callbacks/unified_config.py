@@ -13,7 +13,9 @@ naming the closest valid one. :meth:`UnifiedConfig.to_uma` maps it:
 ``compute_all``                 every metric this version has
 ``num_samples``                 probe size; ``batch_size`` -> probe batch size
 ``fisher_batch_size``           Fisher chunk size; ``max_seq_length`` -> text truncation
-``max_memory_gb``               ``MemoryBudget`` in GB; ``timeout_seconds`` -> per metric
+``max_memory_gb``               ``MemoryBudget(max_gb=...)`` (``memory_budget()``), with
+                                ``min_batch_size``, ``max_batch_size``,
+                                ``adaptive_batch_sizing``; ``timeout_seconds`` -> per metric
 ``seed`` / ``use_cache`` / ``force_recompute`` / ``save_plots`` / ``output_dir``  as named
 ==============================  ================================================
 
@@ -42,7 +44,8 @@ MAPPED_FIELDS = frozenset(
         "max_seq_length", "batch_size", "compute_all", "compute_fisher", "compute_gradients",
         "compute_loss_landscape", "fisher_method", "fisher_batch_size", "compute_fisher_eigenvalues",
         "fisher_top_k", "loss_landscape_n_points", "loss_landscape_span", "loss_landscape_normalization",
-        "compute_gradient_flow", "aggressive_cleanup", "max_memory_gb", "seed", "output_dir", "save_results",
+        "compute_gradient_flow", "aggressive_cleanup", "max_memory_gb", "min_batch_size", "max_batch_size",
+        "adaptive_batch_sizing", "enable_memory_tracking", "seed", "output_dir", "save_results",
         "save_plots", "verbose", "use_cache", "force_recompute", "skip_on_error", "timeout_seconds",
     }
 )
@@ -142,7 +145,15 @@ class UnifiedConfig:
         Raises:
             ValueError: naming the field and the allowed values.
         """
-        for name in ("num_samples", "batch_size", "fisher_batch_size", "fisher_top_k", "max_seq_length"):
+        if isinstance(self.max_batch_size, int) and isinstance(self.min_batch_size, int):
+            if self.max_batch_size < self.min_batch_size:
+                raise ValueError(
+                    f"UnifiedConfig.max_batch_size must be >= min_batch_size; got {self.max_batch_size} < {self.min_batch_size}"
+                )
+        for name in (
+            "num_samples", "batch_size", "fisher_batch_size", "fisher_top_k", "max_seq_length", "min_batch_size",
+            "max_batch_size",
+        ):
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
                 raise ValueError(f"UnifiedConfig.{name} must be a positive integer; got {value!r}")
@@ -208,6 +219,25 @@ class UnifiedConfig:
                 metric.timeout_seconds = self.timeout_seconds
         return wanted
 
+    def memory_budget(self) -> Any:
+        """The :class:`~uma_callbacks.budget.MemoryBudget` of ``max_memory_gb``,
+        ``min_batch_size``, ``max_batch_size`` and ``adaptive_batch_sizing`` (halve the chunk
+        on an allocation failure). ``aggressive_cleanup`` and ``enable_memory_tracking``
+        need no setting: memory is released after every metric and every result records
+        its measured peak (``meta["peak_bytes"]``, logged as ``uma/<metric>/peak_mb``).
+
+        Raises:
+            ValueError: ``min_batch_size``/``max_batch_size`` not positive or out of order.
+        """
+        from .budget import MemoryBudget
+
+        return MemoryBudget(
+            max_gb=float(self.max_memory_gb),
+            min_batch_size=self.min_batch_size,
+            max_batch_size=self.max_batch_size,
+            adaptive_batch_sizing=bool(self.adaptive_batch_sizing),
+        )
+
     def to_uma(self) -> dict[str, Any]:
         """The engine settings: ``metrics``, ``metric_names``, probe size, seed, cache, budget, ...
 
@@ -233,6 +263,7 @@ class UnifiedConfig:
             "use_cache": self.use_cache and not self.force_recompute,
             "draw_figures": bool(self.save_plots),
             "memory_budget_gb": self.max_memory_gb,
+            "memory_budget": self.memory_budget(),
             "timeout_seconds": self.timeout_seconds,
         }
 

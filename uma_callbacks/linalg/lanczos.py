@@ -127,8 +127,8 @@ def lanczos_top_k(
     kk = min(k, ritz_vals.numel())
     vectors = None
     if return_vectors:
-        q = basis[: ritz_vecs_t.shape[0]].to(device).T
-        vectors = q @ ritz_vecs_t[:, :kk].to(device)
+        q = basis[: ritz_vecs_t.shape[0]].T
+        vectors = (q @ ritz_vecs_t[:, :kk].to(basis_device)).to(device)
     return LanczosResult(
         eigenvalues=ritz_vals[:kk].clone(),
         eigenvectors=vectors,
@@ -140,11 +140,14 @@ def lanczos_top_k(
 
 def _orthogonalise(w: torch.Tensor, basis: torch.Tensor, device: torch.device | str) -> torch.Tensor:
     """w minus its projection on the rows of ``basis [m, P]``, twice (block classical
-    Gram-Schmidt, repeated: two matrix-vector products per pass instead of 2m vector ops)."""
-    q = basis.to(device)
+    Gram-Schmidt, repeated: two matrix-vector products per pass instead of 2m vector ops).
+
+    The projection runs where the basis lives (a CPU basis is never copied to the
+    accelerator: w travels instead, [P] each way)."""
+    w = w.to(basis.device)
     for _ in range(2):
-        w = w - q.T @ (q @ w)
-    return w
+        w = w - basis.T @ (basis @ w)
+    return w.to(device)
 
 
 def _tridiag_eigh(alphas: list[float], betas: list[float], dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:

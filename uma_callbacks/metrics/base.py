@@ -55,32 +55,92 @@ class MetricSkipped(RuntimeError):
 class Cost:
     """What a metric holds in memory, read by :class:`~uma_callbacks.budget.MemoryBudget`.
 
-    With ``P`` the bytes of the trainable parameters and ``A`` the activation bytes of one
-    sample's forward+backward, a chunk of ``B`` samples needs about
+    With ``P`` the bytes of the trainable parameters, ``n`` their number of entries, ``A``
+    the activation bytes of one sample's forward+backward and ``N`` the local probe
+    samples, a chunk of ``B`` samples needs about ``fixed + per_sample * B`` with
 
-    ``fixed = param_copies * P`` and ``per_sample = per_sample_grads * P + A * (1 + hvp)``,
-
-    where ``hvp`` is 1 when the metric takes double-backward products (the graph of the
-    first backward is kept).
+    - ``fixed = param_copies * P + vectors * n * w + probe_grads * N * P + fixed_bytes``
+      (``w`` = max(``vector_itemsize``, the parameters' bytes per entry): flat vectors such
+      as a Lanczos basis or float32 accumulators of bf16 weights), plus the same terms
+      with ``host_`` when the budget's device is the host itself;
+    - ``per_sample = per_sample_grads * P + A * (1 + backward + hvp)``, where a metric that
+      back-propagates counts A twice (activations and their gradients) and ``hvp`` adds one
+      for the kept double-backward graph.
 
     Attributes:
         per_sample_grads: holds one gradient per sample of a chunk ([B, P]).
-        hvp: takes Hessian-vector products by double backward.
-        param_copies: full copies of the parameters held at once (accumulators, saved
-            weights, directions, Lanczos vectors count here).
+        hvp: takes Hessian-vector products by double backward (the graph of the first
+            backward is kept).
+        param_copies: full copies of the parameters held at once, in their dtype
+            (accumulators, saved weights, directions).
         forward_only: needs no backward at all (landscape evaluation).
+        vectors: flat vectors of ``n`` entries held at once (Lanczos basis, products).
+        vector_itemsize: bytes per entry of those vectors (at least the parameters').
+        probe_grads: holds a gradient for every local probe sample (cached Fisher rows).
+        probe_graph_samples: holds the activations and first-backward graph of every local
+            probe sample (a cached Hessian graph), ``N * A * 3``.
+        fixed_bytes: any other fixed bytes.
+        host_param_copies: parameter copies kept in host memory (free on an accelerator).
+        host_vectors: flat vectors kept in host memory (a CPU Lanczos basis).
+        extra_bytes: ``f(n, bytes per parameter entry, N) -> bytes`` for fixed memory that
+            depends on the model or probe size (a Lanczos basis whose length and dtype
+            follow the model, a gradient cache bounded by a byte limit).
+        host_extra_bytes: the same, for host memory (counted only on a CPU budget).
     """
 
     per_sample_grads: bool = False
     hvp: bool = False
     param_copies: float = 0.0
     forward_only: bool = False
+    vectors: float = 0.0
+    vector_itemsize: int = 4
+    probe_grads: bool = False
+    probe_graph_samples: bool = False
+    fixed_bytes: int = 0
+    host_param_copies: float = 0.0
+    host_vectors: float = 0.0
+    extra_bytes: Callable[[int, float, int], int] | None = None
+    host_extra_bytes: Callable[[int, float, int], int] | None = None
 
-    def bytes_needed(self, param_bytes: int, sample_activation_bytes: int, chunk: int) -> int:
-        """Estimated peak bytes of one chunk of ``chunk`` samples (see class docstring)."""
-        fixed = self.param_copies * param_bytes
+    def bytes_needed(
+        self,
+        param_bytes: int,
+        sample_activation_bytes: int,
+        chunk: int,
+        *,
+        n_params: int | None = None,
+        n_samples: int = 0,
+        on_host: bool = True,
+    ) -> int:
+        """Estimated peak bytes of one chunk of ``chunk`` samples (see class docstring).
+
+        Args:
+            param_bytes: P.
+            sample_activation_bytes: A.
+            chunk: B.
+            n_params: n (default: P / 4, float32 parameters).
+            n_samples: N, the local probe samples (for ``probe_*`` terms).
+            on_host: the budget's device is the host, so ``host_*`` terms count.
+        """
+        n = n_params if n_params else max(1, param_bytes // 4)
+        itemsize = max(self.vector_itemsize, param_bytes / n if n else 4.0)
+        copies = self.param_copies + (self.host_param_copies if on_host else 0.0)
+        vectors = self.vectors + (self.host_vectors if on_host else 0.0)
+        backward = 0 if self.forward_only else 1
+        param_itemsize = param_bytes / n if n else 4.0
+        extra = self.extra_bytes(n, param_itemsize, n_samples) if self.extra_bytes else 0
+        if on_host and self.host_extra_bytes:
+            extra += self.host_extra_bytes(n, param_itemsize, n_samples)
+        fixed = (
+            extra
+            + copies * param_bytes
+            + vectors * n * itemsize
+            + (n_samples * param_bytes if self.probe_grads else 0)
+            + (n_samples * sample_activation_bytes * (2 + backward) if self.probe_graph_samples else 0)
+            + self.fixed_bytes
+        )
         per_sample = (param_bytes if self.per_sample_grads else 0) + sample_activation_bytes * (
-            (1 if self.forward_only else 2) + (1 if self.hvp else 0)
+            1 + backward + (1 if self.hvp else 0)
         )
         return int(fixed + per_sample * chunk)
 

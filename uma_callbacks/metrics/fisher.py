@@ -147,11 +147,56 @@ class FisherInformation(Metric):
         self.lanczos_tol = float(lanczos_tol)
         self.max_matvecs = max_matvecs
 
+    def memory_modes(self) -> list[tuple[str, Cost]]:
+        """Fastest first: ``"cached"`` (every row's gradient kept for the Lanczos products,
+        when they fit ``cache_bytes``), ``"streamed"`` (recomputed chunk by chunk per
+        product), ``"streamed_cpu_basis"`` (the Lanczos basis in host memory; helps on an
+        accelerator only). Each counts the accumulators (3 vectors in the accumulation
+        dtype, 1 copy in the parameters'), one chunk's per-sample gradients and the
+        Lanczos basis: ``max_iter`` vectors in the Lanczos dtype plus 4 of work (and 2 in
+        the parameters' dtype).
+        Not done: per-parameter-group accumulation (the rows of the whole model are
+        needed for the products).
+        """
+        acc = 8 if self.accumulate_dtype == "float64" else 4
+        base = {"per_sample_grads": True, "param_copies": 1.0, "vectors": 3.0, "vector_itemsize": acc}
+        basis, work = self._lanczos_bytes, self._lanczos_work_bytes
+
+        def cached(n: int, itemsize: float, n_samples: int) -> int:
+            rows = n_samples * self.mc_samples * n * itemsize
+            return int(rows if rows <= self.cache_bytes else 0) + basis(n, itemsize, n_samples) + work(n, itemsize, n_samples)
+
+        def streamed(n: int, itemsize: float, n_samples: int) -> int:
+            return basis(n, itemsize, n_samples) + work(n, itemsize, n_samples)
+
+        modes = [("cached", Cost(**base, extra_bytes=cached)), ("streamed", Cost(**base, extra_bytes=streamed))]
+        if self.top_k is not None:
+            modes.append(("streamed_cpu_basis", Cost(**base, extra_bytes=work, host_extra_bytes=basis)))
+        return modes
+
+    def _lanczos_shape(self, n: int, itemsize: float, n_samples: int) -> tuple[int, int]:
+        """``(max_iter, bytes per entry)`` of the Lanczos basis (as :meth:`_spectrum` picks them)."""
+        if self.top_k is None:
+            return 0, 0
+        k = min(self.top_k, max(1, n_samples * self.mc_samples), n)
+        max_iter = max(min(self.max_matvecs or max(3 * k, k + 30), n), k)
+        wide = itemsize >= 8 or n * 8 * (max_iter + 1) <= LANCZOS_FLOAT64_BYTES
+        return max_iter, 8 if wide else 4
+
+    def _lanczos_bytes(self, n: int, itemsize: float, n_samples: int) -> int:
+        max_iter, size = self._lanczos_shape(n, itemsize, n_samples)
+        return max_iter * n * size
+
+    def _lanczos_work_bytes(self, n: int, itemsize: float, n_samples: int) -> int:
+        max_iter, size = self._lanczos_shape(n, itemsize, n_samples)
+        # v, w, the product's float result and its scaled copy; the cast of v and the accumulator
+        return int(4 * n * size + 2 * n * itemsize) if max_iter else 0
+
     def _compute(self, ctx: ComputeContext) -> MetricResult:
+        ctx.meta["memory_mode"] = getattr(self, "_memory_mode", "cached")
         with eager_attention(ctx.model, ctx.meta):
-            stats = gather_fisher(
-                ctx, self.kind, self.seed, self.mc_samples, self.method, self.accumulate_dtype, self.cache_bytes
-            )
+            cache = self.cache_bytes if getattr(self, "_memory_mode", "cached").startswith("cached") else 0
+            stats = gather_fisher(ctx, self.kind, self.seed, self.mc_samples, self.method, self.accumulate_dtype, cache)
             scalars = trace_scalars(stats)
             arrays: dict[str, np.ndarray] = {}
             if self.top_k is not None:
@@ -191,8 +236,17 @@ class FisherInformation(Metric):
             ctx.check_time(matvecs=counted["matvecs"])
             return out
 
+        basis_device = "cpu" if getattr(self, "_memory_mode", "").endswith("cpu_basis") else None
         result = lanczos_top_k(
-            timed_matvec, dim, k, max_iter=max_iter, tol=self.lanczos_tol, seed=self.seed, dtype=dtype, device=device
+            timed_matvec,
+            dim,
+            k,
+            max_iter=max_iter,
+            tol=self.lanczos_tol,
+            seed=self.seed,
+            dtype=dtype,
+            device=device,
+            basis_device=basis_device,
         )
         ctx.meta.update(
             matvecs=result.matvecs,

@@ -86,6 +86,12 @@ class GradientFlow(Metric):
         self.exploding_ratio = float(exploding_ratio)
         self.accumulate_dtype = accumulate_dtype
 
+    def memory_modes(self) -> list[tuple[str, Cost]]:
+        """One mode: ``grad_sum`` (one vector in the accumulation dtype), one chunk's
+        per-sample gradients [B, P] and the per-tensor sums of a chunk (one copy)."""
+        acc = 8 if self.accumulate_dtype == "float64" else 4
+        return [("default", Cost(per_sample_grads=True, param_copies=1.0, vectors=1.0, vector_itemsize=acc))]
+
     def _compute(self, ctx: ComputeContext) -> MetricResult:
         params = ctx.trainable_params()
         if not params:

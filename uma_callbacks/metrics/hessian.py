@@ -117,10 +117,39 @@ class HessianSpectrum(Metric):
         self.cache_graph = cache_graph
         self.basis_device = basis_device
 
+    def memory_modes(self) -> list[tuple[str, Cost]]:
+        """Fastest first: ``"device"`` (the Lanczos basis on ``basis_device``, graphs
+        cached as ``cache_graph`` says), ``"uncached_graph"`` (only with
+        ``cache_graph=True``: each product re-runs its chunk) and ``"cpu_basis"`` (the
+        basis in host memory; helps on an accelerator only). Each counts the basis
+        (``max_iter`` vectors in float32, float64 for float64 models), about 8 work
+        vectors (Lanczos, Hutchinson, the product's accumulator) and one chunk's
+        double-backward graph; a cached graph of every chunk counts N samples.
+        """
+        on_cpu = self.basis_device is not None and torch.device(self.basis_device).type == "cpu"
+        basis = self._basis_bytes
+        device_basis = {"host_extra_bytes": basis} if on_cpu else {"extra_bytes": basis}
+        common = {"hvp": True, "vectors": 8.0, "vector_itemsize": 4}
+        modes = [("device", Cost(**common, probe_graph_samples=self.cache_graph is True, **device_basis))]
+        if self.cache_graph is True:
+            modes.append(("uncached_graph", Cost(**common, **device_basis)))
+        if not on_cpu:
+            modes.append(("cpu_basis", Cost(**common, host_extra_bytes=basis)))
+        return modes
+
+    def _basis_bytes(self, n: int, itemsize: float, n_samples: int) -> int:
+        k = min(self.top_k, n)
+        max_iter = max(min(self.max_iter or max(3 * k, k + 30), n), k)
+        return int(max_iter * n * max(4.0, itemsize))
+
     def _compute(self, ctx: ComputeContext) -> MetricResult:
         params = ctx.trainable_params()
         if not params:
             raise ValueError("HessianSpectrum: the model has no trainable parameters")
+        mode = getattr(self, "_memory_mode", "device")
+        cache_graph = False if mode == "uncached_graph" else self.cache_graph
+        basis_device = "cpu" if mode == "cpu_basis" else self.basis_device
+        ctx.meta["memory_mode"] = mode
         first = next(iter(params.values()))
         device = first.device
         dtype = torch.float64 if any(p.dtype == torch.float64 for p in params.values()) else torch.float32
@@ -134,7 +163,7 @@ class HessianSpectrum(Metric):
                 params,
                 n,
                 collective=ctx.collective,
-                cache_graph=self.cache_graph,
+                cache_graph=cache_graph,
                 on_matvec=lambda m: ctx.check_time(matvecs=m),
             )
             try:
@@ -147,7 +176,7 @@ class HessianSpectrum(Metric):
                     seed=self.seed,
                     dtype=dtype,
                     device=device,
-                    basis_device=self.basis_device,
+                    basis_device=basis_device,
                     return_vectors=self.return_eigenvectors,
                 )
                 lanczos_matvecs = op.matvecs

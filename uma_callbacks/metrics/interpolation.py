@@ -56,7 +56,9 @@ class CheckpointInterpolation(Metric):
     """
 
     name = "interpolation"
-    cost = Cost(forward_only=True, param_copies=2.0)
+    #: the saved theta (1 P) and the previous weights on the model's device (1 P when they
+    #: come from host memory or another dtype; counted always).
+    cost = Cost(forward_only=True, param_copies=2.0, fixed_bytes=3 * 8 << 16)
     reduce = {"path_loss_sums": "sum", "n": "sum"}
     needs_grad = False
 
@@ -160,9 +162,7 @@ class CheckpointInterpolation(Metric):
         targets = list(params.values())
         start = [self._previous[k].to(device=p.device, dtype=p.dtype) for k, p in params.items()]
         with moved_weights(targets) as mover:
-            distance = math.sqrt(
-                sum(float((s - t).to(torch.float64).pow(2).sum()) for s, t in zip(start, mover.theta))
-            )
+            distance = math.sqrt(sum(_sq_distance(s, t) for s, t in zip(start, mover.theta)))
             for j, t in enumerate(ts):
                 mover.set_lerp(start, float(t))
                 sums[j] = probe_loss_sum(ctx, chunks)
@@ -172,6 +172,16 @@ class CheckpointInterpolation(Metric):
         losses = (sums / n).numpy()
         ctx.meta.update(previous_label=self.previous_label, forward_passes=len(ts) * len(chunks))
         return interpolation_result(ts, losses, distance)
+
+
+def _sq_distance(a: torch.Tensor, b: torch.Tensor, block: int = 1 << 16) -> float:
+    """||a - b||^2 in float64, ``block`` entries at a time (no full-size temporaries)."""
+    fa, fb = a.reshape(-1), b.reshape(-1)
+    total = 0.0
+    for start in range(0, fa.numel(), block):
+        d = fa[start : start + block].to(torch.float64) - fb[start : start + block].to(torch.float64)
+        total += float(d.pow(2).sum())
+    return total
 
 
 def interpolation_result(ts: np.ndarray, losses: np.ndarray, distance: float) -> MetricResult:

@@ -149,10 +149,34 @@ class LossLandscape(Metric):
         self.hessian_tol = float(hessian_tol)
         self._given = given
 
+    def memory_modes(self) -> list[tuple[str, Cost]]:
+        """Fastest first. Random directions: ``"stored"`` (theta + ``dims`` directions,
+        (1 + dims) P) then ``"lean"`` (theta only, 1 P, plus a few blocks); with
+        ``mode="lean"`` only ``"lean"``. Given directions: theta + their copies; Hessian
+        directions add a double-backward Lanczos (32 basis vectors and the graph).
+        Forward passes of one chunk besides (no backward).
+        """
+        blocks = 8 * BLOCK_NUMEL * 8
+        if self._given or self.directions == "hessian":
+            hessian = self.directions == "hessian"
+            cost = Cost(
+                forward_only=not hessian,
+                hvp=hessian,
+                param_copies=1.0 + self.dims,
+                vectors=40.0 if hessian else 0.0,
+                fixed_bytes=blocks,
+            )
+            return [("stored", cost)]
+        lean = ("lean", Cost(forward_only=True, param_copies=1.0, fixed_bytes=blocks))
+        if self.mode == "lean":
+            return [lean]
+        return [("stored", Cost(forward_only=True, param_copies=1.0 + self.dims, fixed_bytes=blocks)), lean]
+
     def _compute(self, ctx: ComputeContext) -> MetricResult:
         params = ctx.trainable_params()
         if not params:
             raise ValueError("LossLandscape: the model has no trainable parameters")
+        mode = getattr(self, "_memory_mode", self.mode)
         chunks, n_local = _local_chunks(ctx, self.n_batches)
         n = int(ctx.collective.sum_scalar(float(n_local)))
         coords = np.linspace(-self.span, self.span, self.n_points)
@@ -185,14 +209,14 @@ class LossLandscape(Metric):
             with moved_weights(targets) as mover:
                 rand = _RandomDirections(mover.theta, self.dims, self.seed, self.normalization)
                 cosine = rand.cosine() if self.dims == 2 else math.nan
-                if self.mode == "stored":
+                if mode == "stored":
                     stored = rand.materialise()
                     setter = lambda a, b: mover.set_combination((a, b), stored)
                 else:
                     setter = lambda a, b: rand.set_point(mover, (a, b))
                 _evaluate_grid(ctx, chunks, alphas, betas, sums, setter)
                 del rand
-            ctx.meta["mode"] = self.mode
+            ctx.meta["mode"] = mode
             ctx.meta["seeds"] = {f"d{k + 1}": self.seed + k for k in range(self.dims)}
         ctx.collective.sum_([sums])
         grid = (sums / n).numpy()
@@ -370,7 +394,7 @@ class _RandomDirections:
             for k in range(dims):
                 row_sq[k].append(sq[k])
             dots.append(dot)
-        theta_sq = [t.reshape(_row_shape(t)).to(torch.float64).pow(2).sum(1) for t in self.theta]
+        theta_sq = [_row_sq(t) for t in self.theta]
         scales64: list[list[torch.Tensor]] = []  # [k][i]: [rows] (filter) or [1] (layer, global)
         for k in range(dims):
             if normalization == "filter":
@@ -462,6 +486,16 @@ def _tensor_seed(seed: int, index: int) -> int:
 def _row_shape(t: torch.Tensor) -> tuple[int, int]:
     """``(rows, row_numel)``: output rows of a weight; one row for 0-D/1-D tensors."""
     return (t.shape[0], t.numel() // max(1, t.shape[0])) if t.dim() >= 2 else (1, t.numel())
+
+
+def _row_sq(t: torch.Tensor) -> torch.Tensor:
+    """``[rows]`` float64 sum of squares of each row, a block of rows at a time (no
+    float64 copy of the whole tensor)."""
+    rows = t.reshape(_row_shape(t))
+    out = torch.empty(rows.shape[0], dtype=torch.float64, device=t.device)
+    for start, stop in _blocks(rows.shape):
+        out[start:stop] = rows[start:stop].to(torch.float64).pow(2).sum(1)
+    return out
 
 
 def _rows(t: torch.Tensor) -> torch.Tensor:
