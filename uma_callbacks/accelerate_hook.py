@@ -144,6 +144,7 @@ class UMAHandle:
             use_cache=config.use_cache,
             draw_figures=config.draw_figures,
             source="accelerate",
+            aggressive_cleanup=self.config.aggressive_cleanup,
             budget=as_budget(config.memory_budget),
             timeout_seconds=config.timeout_seconds,
         )

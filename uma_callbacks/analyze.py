@@ -216,6 +216,7 @@ def analyze_models(
         paths, metrics=available, probe=probe, steps={str(c.path.resolve()): c.step for c in checkpoints}, output_dir=cache.root, trackers=[], trajectory=False,
         use_cache=settings["use_cache"], check_probe=False, draw_figures=settings["draw_figures"], loss_fn=loss_fn,
         device=None if config.device == "auto" else config.device, progress=bool(config.verbose), source_name="analyze",
+        memory_budget=settings["memory_budget"], aggressive_cleanup=bool(config.aggressive_cleanup),
     ) if available else None
     results = AnalysisResults(config=config, probe_fingerprint=probe.fingerprint)
     by_step: dict[int, list[Record]] = {}

@@ -55,6 +55,7 @@ from .metrics.base import Metric
 from .probe import Probe, load_probe
 from .records import Record
 from .snapshot import weights_fingerprint
+from .budget import as_budget
 from .suite import MetricSuite, deliver
 
 logger = logging.getLogger(__name__)
@@ -155,6 +156,8 @@ def backfill(
     prefetch: bool = True,
     progress: bool = True,
     source_name: str = "backfill",
+    memory_budget: Any = None,
+    aggressive_cleanup: bool = False,
 ) -> BackfillSummary:
     """Measure every checkpoint of a run and log the results at each checkpoint's step.
 
@@ -188,6 +191,8 @@ def backfill(
         prefetch: read the next checkpoint on a background thread.
         progress: show a tqdm bar with ETA.
         source_name: written into each record's ``source``.
+        memory_budget: None (free memory minus a margin), GiB, or a ``MemoryBudget``.
+        aggressive_cleanup: a full ``gc.collect()`` after every metric.
 
     Returns:
         A :class:`BackfillSummary`.
@@ -213,7 +218,8 @@ def backfill(
         check_probe_matches(probe_obj, [journal] + ([Journal(run_dir / "uma")] if (run_dir / "uma").is_dir() else []))
     sinks = resolve_sinks(trackers, mlflow_run_id, tracking_uri, wandb_run_id, journal, run_dir)
     common = dict(journal=journal, sinks=sinks, loss_fn=loss_fn, use_cache=use_cache, draw_figures=draw_figures,
-                  source=source_name, chunk_sizes=dict(chunk_sizes or {}))
+                  source=source_name, chunk_sizes=dict(chunk_sizes or {}), budget=as_budget(memory_budget),
+                  aggressive_cleanup=aggressive_cleanup)
     suite = MetricSuite(metrics=single, **common)
     pair_suite = MetricSuite(metrics=pair, **common)
     for sink in sinks:

@@ -140,6 +140,7 @@ class UMACallback(TrainerCallback):
             use_cache=self.config.use_cache,
             draw_figures=self.config.draw_figures,
             source="callback",
+            aggressive_cleanup=self.config.aggressive_cleanup,
             budget=as_budget(self.config.memory_budget),
             timeout_seconds=self.config.timeout_seconds,
         )

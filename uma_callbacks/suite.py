@@ -59,6 +59,7 @@ class MetricSuite:
         source: written into each record (``callback``, ``backfill``, ...).
         chunk_sizes: fixed chunk size per metric name (skips planning for that metric).
         budget: plans each metric's memory mode and chunk, and retries smaller on OOM.
+        aggressive_cleanup: a full ``gc.collect()`` after every metric (see ``release_memory``).
         timeout_seconds: time limit for each metric that has none of its own.
     """
 
@@ -72,6 +73,7 @@ class MetricSuite:
     source: str = "callback"
     chunk_sizes: dict[str, int] = field(default_factory=dict)
     budget: MemoryBudget | None = None
+    aggressive_cleanup: bool = False
     timeout_seconds: float | None = None
     _failed_sinks: set[str] = field(default_factory=set)
 
@@ -138,7 +140,7 @@ class MetricSuite:
         result.meta["probe_fingerprint"] = probe.fingerprint
         result.meta["world_size"] = collective.world_size
         result.meta["timestamp_ms"] = int(time.time() * 1000)
-        release_memory(_device_of(model))
+        release_memory(_device_of(model), full=self.aggressive_cleanup or result.status != "ok")
         record = Record(
             step=int(step),
             metric=metric.name,
