@@ -41,7 +41,7 @@ SENTENCES = [
     "Fisher information measures parameter importance.",
     "Gradient noise sets the useful batch size.",
 ]
-MEMORY_ENV = {"MALLOC_MMAP_THRESHOLD_": "65536", "OMP_NUM_THREADS": "2"}
+MEMORY_ENV = {"MALLOC_MMAP_THRESHOLD_": "65536", "OMP_NUM_THREADS": "1"}
 
 
 def model_dir() -> Path:
@@ -78,8 +78,8 @@ def settings(quick: bool) -> dict[str, dict]:
     """Small metric settings (hessian top_k=2 with few Hutchinson probes, a 3x3 landscape)."""
     return {
         "gradient_flow": {},
-        "fisher": {"top_k": 2, "max_matvecs": 3 if quick else 12},
-        "hessian": {"top_k": 2, "hutchinson_samples": 2, "max_iter": 3 if quick else 10},
+        "fisher": {"top_k": 2, "max_matvecs": 2 if quick else 12},
+        "hessian": {"top_k": 2, "hutchinson_samples": 0 if quick else 4, "max_iter": 2 if quick else 10},
         "landscape": {"n_points": 3},
         "interpolation": {"n_points": 3},
     }
@@ -98,7 +98,7 @@ def _child_setting(name: str, setting: str, quick: bool) -> None:
     from uma_callbacks.losses import resolve_loss_fn
     from uma_callbacks.metrics import METRICS
 
-    torch.set_num_threads(2)
+    torch.set_num_threads(1)  # two children share two cores
     model, batches = build(2 if quick else 8)
     kwargs = settings(quick)[name]
 
@@ -108,7 +108,8 @@ def _child_setting(name: str, setting: str, quick: bool) -> None:
             metric.set_previous({n: p.detach().clone() + 1e-3 for n, p in model.named_parameters()})
         return metric
 
-    make().compute(model, batches, None, chunk_size=1)  # warm-up
+    if not quick or setting == "none":  # warm-up (quick: once per child, before the first setting)
+        make().compute(model, batches, None, chunk_size=1)
     metric = make()
     P = param_bytes(model)
     n = sum(p.numel() for p in model.parameters() if p.requires_grad)
@@ -128,7 +129,7 @@ def _child_setting(name: str, setting: str, quick: bool) -> None:
                 "peak": result.meta["peak_bytes"],
                 "params": P,
                 "chunk": result.meta["chunk_size"],
-                "mode": result.meta.get("memory_mode", "default"),
+                "mode": result.meta.get("memory_mode", result.meta.get("mode", "default")),
                 "budget": budget.max_bytes if budget else None,
                 "seconds": time.perf_counter() - started,
                 "setting": setting,
