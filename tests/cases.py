@@ -103,3 +103,22 @@ class Case:
 
 
 TINY_CASES = [Case("mlp_custom_loss", mlp_case), Case("qwen2_ragged", qwen2_case)]
+
+
+def bert_case(dtype: torch.dtype = torch.float64, seed: int = 0):
+    """``(model, batches, loss_fn)``: a tiny BERT sequence classifier on padded batches with masks."""
+    from transformers import BertConfig, BertForSequenceClassification
+
+    torch.manual_seed(seed)
+    config = BertConfig(
+        vocab_size=30, hidden_size=16, num_hidden_layers=1, num_attention_heads=2, intermediate_size=24,
+        max_position_embeddings=16, num_labels=3, hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0,
+    )
+    model = BertForSequenceClassification(config).to(dtype)
+    gen = torch.Generator().manual_seed(seed)
+    batches = []
+    for lengths in ([7, 5, 3], [7, 7, 2]):
+        ids = torch.randint(1, 30, (3, 7), generator=gen)
+        mask = torch.tensor([[1] * n + [0] * (7 - n) for n in lengths])
+        batches.append({"input_ids": ids * mask, "attention_mask": mask, "labels": torch.randint(0, 3, (3,), generator=gen)})
+    return model, batches, hf_per_sample_loss

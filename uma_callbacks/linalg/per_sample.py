@@ -12,6 +12,8 @@ which ``vmap`` refuses); see :func:`uma_callbacks.model_state.eager_attention`.
 
 from __future__ import annotations
 
+import contextlib
+
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
 from typing import Any
@@ -50,6 +52,32 @@ def check_finite_losses(losses: torch.Tensor) -> None:
             f"the per-sample loss is NaN/Inf for sample(s) {bad[:8]} of a probe chunk of {finite.numel()} "
             "(weights are finite: check the inputs, the labels and the loss function)"
         )
+
+
+#: transformers' shortcuts that skip building an attention mask when no token is padded;
+#: they test ``padding_mask.all()``, a data-dependent branch that ``vmap`` refuses.
+_MASK_SHORTCUTS = ("_ignore_bidirectional_mask_sdpa", "_ignore_causal_mask_sdpa")
+
+
+@contextlib.contextmanager
+def _materialised_hf_masks() -> Iterator[None]:
+    """Within the block, transformers always builds the attention mask (never the
+    "no padding, skip the mask" shortcut). The mask it builds is exact, so results are the
+    same; only the branch on the data, which ``vmap`` cannot take, is avoided. Encoder
+    models (BERT) take that branch even with eager attention. Restored on exit."""
+    try:
+        from transformers import masking_utils
+    except ImportError:  # transformers is optional for plain nn.Modules
+        yield
+        return
+    saved = {name: getattr(masking_utils, name) for name in _MASK_SHORTCUTS if hasattr(masking_utils, name)}
+    try:
+        for name in saved:
+            setattr(masking_utils, name, lambda *args, **kwargs: False)
+        yield
+    finally:
+        for name, fn in saved.items():
+            setattr(masking_utils, name, fn)
 
 
 def flatten_params(tensors: Mapping[str, torch.Tensor]) -> torch.Tensor:
@@ -105,7 +133,7 @@ def per_sample_grads(
         one = map_tensors(sample, lambda t: t.unsqueeze(0))
         return functional_call(wrapper, theta, (one,), strict=False).reshape(())
 
-    with eager_attention(model):
+    with eager_attention(model), _materialised_hf_masks():
         grads, losses = vmap(grad_and_value(one_sample_loss), in_dims=(None, 0))(detached, batch)
     check_finite_losses(losses)
     return PerSampleGradients(
