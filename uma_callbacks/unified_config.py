@@ -158,8 +158,11 @@ class UnifiedConfig:
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
                 raise ValueError(f"UnifiedConfig.{name} must be a positive integer; got {value!r}")
         n = self.loss_landscape_n_points
-        if isinstance(n, bool) or not isinstance(n, int) or n < 1:
-            raise ValueError(f"UnifiedConfig.loss_landscape_n_points must be a positive integer; got {n!r}")
+        if isinstance(n, bool) or not isinstance(n, int) or n < 3 or n % 2 == 0:
+            raise ValueError(
+                f"UnifiedConfig.loss_landscape_n_points must be an odd integer >= 3 (the grid is centred on the "
+                f"weights); got {n!r}"
+            )
         if self.loss_landscape_normalization not in NORMALIZATIONS:
             raise ValueError(
                 f"UnifiedConfig.loss_landscape_normalization must be one of {NORMALIZATIONS!r}; "
