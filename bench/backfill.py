@@ -26,8 +26,10 @@ import torch  # noqa: E402
 
 from uma_callbacks.backfill import backfill  # noqa: E402
 from uma_callbacks.checkpoints import build_model, discover_checkpoints, load_into, load_weights  # noqa: E402
+from uma_callbacks.journal import Journal  # noqa: E402
 from uma_callbacks.metrics import GradientFlow  # noqa: E402
 from uma_callbacks.probe import Probe  # noqa: E402
+from uma_callbacks.snapshot import weights_fingerprint  # noqa: E402
 from uma_callbacks.suite import MetricSuite  # noqa: E402
 
 
@@ -59,16 +61,18 @@ def main() -> int:
         make_run(root, n, hidden, layers, vocab)
         ckpts = discover_checkpoints(root)
         model = build_model(ckpts[0].path)
-        suite = MetricSuite([GradientFlow()], journal=None, use_cache=False, draw_figures=False)
+        # "compute" is everything the backfill does for a checkpoint once its weights are read:
+        # copy them into the model, fingerprint them, measure, journal the record
+        suite = MetricSuite([GradientFlow()], journal=Journal(Path(tmp) / "journal0"), use_cache=False, draw_figures=False)
         suite.run(model, probe, step=0)  # warm-up (first-call overheads)
         load_s, compute_s = [], []
         for c in ckpts:
             t = time.perf_counter()
             weights = load_weights(c.path)
             load_s.append(time.perf_counter() - t)
-            load_into(model, weights)
             t = time.perf_counter()
-            suite.run(model, probe, step=c.step)
+            load_into(model, weights)
+            suite.run(model, probe, step=c.step, checkpoint=weights_fingerprint(model))
             compute_s.append(time.perf_counter() - t)
         t = time.perf_counter()
         backfill(root, metrics=[GradientFlow()], probe=probe, trajectory=False, draw_figures=False, progress=False,
