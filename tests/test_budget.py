@@ -292,3 +292,25 @@ def test_unified_config_maps_onto_the_budget():
 def test_probe_batch_below_min_batch_size_runs_whole():
     plan = MemoryBudget(max_gb=1, min_batch_size=4).plan(GradientFlow(), 10**4, 100, largest_chunk=2)
     assert plan.chunk_size == 2
+
+
+def test_budget_below_one_whole_gradient_picks_grouped_fisher():
+    """When not even one sample's gradient of the whole model fits beside the rest, the plan
+    picks Fisher's per-parameter-group mode, which gives the same numbers."""
+    model, batches, loss_fn = wide_case(n=12)
+    n = sum(p.numel() for p in model.parameters())
+    P = param_bytes(model)
+    sizes = {"n_params": n, "n_samples": 12}
+    fisher = METRICS["fisher"](top_k=2)
+    modes = dict(fisher.memory_modes())
+    limit = modes["grouped"].bytes_needed(P, 0, 2, **sizes) + 2**10  # grouped fits 2 samples, no other mode 1
+    assert all(modes[m].bytes_needed(P, 0, 1, **sizes) > limit for m in modes if m != "grouped")
+    plan = MemoryBudget(max_bytes=limit).plan(fisher, P, 0, largest_chunk=12, n_params=n, n_samples=12)
+    assert (plan.mode, plan.chunk_size) == ("grouped", 2)
+    fisher.use_memory_mode(plan.mode)
+    grouped = fisher.compute(model, batches, loss_fn, chunk_size=plan.chunk_size)
+    assert grouped.meta["memory_mode"] == "grouped"
+    fast = METRICS["fisher"](top_k=2).compute(model, batches, loss_fn)
+    for key, value in fast.scalars.items():
+        assert grouped.scalars[key] == pytest.approx(value, rel=1e-5, abs=1e-9), key
+    assert grouped.arrays["top_eigenvalues"] == pytest.approx(fast.arrays["top_eigenvalues"], rel=1e-5)

@@ -292,3 +292,26 @@ def test_spectrum_scalars():
         {"effective_rank": float(np.exp(-(0.8 * np.log(0.8) + 0.2 * np.log(0.2)))), "condition_number": 4.0}
     )
     assert spectrum_scalars(np.array([1.0, 0.0]))["condition_number"] == float("inf")
+
+
+@pytest.mark.parametrize("case", TINY_CASES, ids=str)
+def test_grouped_memory_mode_gives_the_same_fisher(case):
+    """Per-parameter-group accumulation (the leanest memory mode) changes memory, not numbers."""
+    from uma_callbacks.linalg.fisher_products import parameter_groups
+
+    model, batches, loss_fn = case.build(dtype=torch.float64)
+    want = _oracle(case)
+    metric = FisherInformation(top_k=TOP_K, keep_diagonal=True, chunk_size=2)
+    assert [m for m, _ in metric.memory_modes()][-1] == "grouped"
+    metric.use_memory_mode("grouped")
+    got = metric.compute(model, batches, loss_fn)
+    assert got.meta["memory_mode"] == "grouped" and got.meta["parameter_groups"] > 1
+    for key, value in want["scalars"].items():
+        assert got.scalars[key] == pytest.approx(value, rel=1e-6), key
+    for name, d in want["diag"].items():
+        atol = 1e-9 * float(d.abs().max())
+        torch.testing.assert_close(got.tensors[name].reshape(-1), d, rtol=1e-6, atol=atol, msg=name)
+    np.testing.assert_allclose(got.arrays["top_eigenvalues"], want["eig"][:TOP_K], rtol=1e-6)
+    params = dict(model.named_parameters())
+    groups = parameter_groups(params, 4)
+    assert [n for g in groups for n in g] == list(params) and 1 < len(groups) <= 4

@@ -160,6 +160,33 @@ class FisherSums:
     chunks: list[Any] = field(default_factory=list)
     param_map: dict[str, tuple[str, str]] | None = None
     fallback: str = ""
+    groups: list[list[str]] | None = None
+
+
+def parameter_groups(params: Mapping[str, torch.Tensor], n_groups: int) -> list[list[str]]:
+    """Split the parameter names (model order) into at most ``n_groups`` consecutive groups
+    of about equal size (a tensor larger than the share stays whole, in its own group)."""
+    names = list(params)
+    total = sum(params[n].numel() for n in names)
+    share = max(1, -(-total // max(1, n_groups)))
+    groups: list[list[str]] = [[]]
+    size = 0
+    for name in names:
+        numel = params[name].numel()
+        if groups[-1] and size + numel > share and len(groups) < n_groups:
+            groups.append([])
+            size = 0
+        groups[-1].append(name)
+        size += numel
+    return groups
+
+
+def _grouped_chunk(
+    model: torch.nn.Module, loss_fn: LossFn, chunk: Any, params: Mapping[str, torch.Tensor], groups: list[list[str]]
+) -> Iterable[tuple[list[str], ChunkGradients]]:
+    """Per-sample gradients of one chunk, one parameter group at a time (one group alive)."""
+    for group in groups:
+        yield group, chunk_gradients(model, loss_fn, chunk, {n: params[n] for n in group}, None)
 
 
 def accumulate_fisher(
@@ -174,6 +201,7 @@ def accumulate_fisher(
     cache_bytes: int = 0,
     on_chunk: Callable[[int], None] | None = None,
     auto_fallback: bool = False,
+    groups: list[list[str]] | None = None,
 ) -> FisherSums:
     """One pass over ``chunks``: the :class:`FisherSums` of the per-sample gradients.
 
@@ -190,6 +218,8 @@ def accumulate_fisher(
         on_chunk: called with the number of chunks done (time checks).
         auto_fallback: when the linear factors fail their checks on the first chunk
             (which also verifies them against autograd), use vmap instead of raising.
+        groups: per-sample gradients one parameter group at a time (vmap, nothing
+            cached): a chunk holds [B, largest group] instead of [B, P]; the sums are the same.
 
     Returns:
         :class:`FisherSums`.
@@ -204,6 +234,8 @@ def accumulate_fisher(
     norms, kept, loss_sum, rows, used = [], [], 0.0, 0, 0
     cache: list[ChunkGradients] | None = []
     fallback = ""
+    if groups is not None:
+        return _accumulate_grouped(model, loss_fn, chunks, params, groups, accumulate_dtype, want_grad_sum, on_chunk)
     for index, chunk in enumerate(chunks):
         try:
             rep = chunk_gradients(model, loss_fn, chunk, params, param_map, verify=index == 0)
@@ -253,6 +285,64 @@ def accumulate_fisher(
     )
 
 
+def _accumulate_grouped(
+    model: torch.nn.Module,
+    loss_fn: LossFn,
+    chunks: Iterable[Any],
+    params: Mapping[str, torch.Tensor],
+    groups: list[list[str]],
+    accumulate_dtype: torch.dtype,
+    want_grad_sum: bool,
+    on_chunk: Callable[[int], None] | None,
+) -> FisherSums:
+    """:func:`accumulate_fisher` a parameter group at a time (same sums, less memory)."""
+    names = list(params)
+    column = {n: i for i, n in enumerate(names)}
+    diag: dict[str, _Kahan] = {}
+    gsum: dict[str, _Kahan] = {}
+    norms, kept, loss_sum, rows = [], [], 0.0, 0
+    for index, chunk in enumerate(chunks):
+        sq_all: torch.Tensor | None = None
+        for g_index, (group, rep) in enumerate(_grouped_chunk(model, loss_fn, chunk, params, groups)):
+            sums, sq = rep.square_stats()
+            _check_finite(sq, group)
+            if sq_all is None:
+                sq_all = torch.zeros(rep.n, len(names), dtype=torch.float64, device=sq.device)
+            sq_all[:, [column[n] for n in group]] = sq
+            for name in group:
+                if name not in diag:
+                    dtype = torch.promote_types(accumulate_dtype, params[name].dtype)
+                    diag[name] = _Kahan(sums[name], dtype)
+                    if want_grad_sum:
+                        gsum[name] = _Kahan(sums[name], dtype)
+                diag[name].add(sums[name])
+            if want_grad_sum:
+                for name, g in rep.grad_sums().items():
+                    gsum[name].add(g)
+            if g_index == 0:
+                loss_sum += float(rep.losses.double().sum())
+                rows += rep.n
+            del rep, sums, sq
+        assert sq_all is not None
+        norms.append(sq_all)
+        kept.append(chunk)
+        if on_chunk is not None:
+            on_chunk(index + 1)
+    if rows == 0:
+        raise ValueError("accumulate_fisher: no samples in the chunks")
+    return FisherSums(
+        names=names,
+        diag_sum={n: diag[n].total for n in names},
+        grad_sum={n: gsum[n].total for n in names} if want_grad_sum else None,
+        sq_norms=torch.cat(norms, dim=0),
+        loss_sum=loss_sum,
+        rows=rows,
+        cache=None,
+        chunks=kept,
+        groups=groups,
+    )
+
+
 def _check_finite(sq_norms: torch.Tensor, names: Sequence[str]) -> None:
     bad = ~torch.isfinite(sq_norms)
     if bool(bad.any()):
@@ -288,10 +378,25 @@ def fisher_matvec(
 
     work = {n: params[n].dtype for n in sums.names}
 
+    def grouped_contributions(parts: Mapping[str, torch.Tensor]) -> Iterable[dict[str, torch.Tensor]]:
+        # two passes per chunk and group: u_i = sum_groups g_{i,G}^T v_G, then sum_i u_i g_{i,G}
+        assert sums.groups is not None
+        for chunk in sums.chunks:
+            u = sum(rep.dot(parts) for _, rep in _grouped_chunk(model, loss_fn, chunk, params, sums.groups))
+            for _, rep in _grouped_chunk(model, loss_fn, chunk, params, sums.groups):
+                yield rep.weighted_sum(u)
+
     def matvec(v: torch.Tensor) -> torch.Tensor:
         pieces = zip(sums.names, torch.split(v, sizes), shapes)
         parts = {n: p.view(s).to(work[n]) for n, p, s in pieces}  # one cast per product
         acc: dict[str, torch.Tensor] = {}
+        if sums.groups is not None:
+            for contrib in grouped_contributions(parts):
+                for n, c in contrib.items():
+                    acc[n] = c if n not in acc else acc[n].add_(c)
+            out = torch.cat([acc[n].reshape(-1).to(v.dtype) for n in sums.names])
+            all_reduce([out])
+            return out / n_total
         for rep in reps():
             contrib = rep.weighted_sum(rep.dot(parts))
             for n in sums.names:

@@ -86,6 +86,8 @@ class Cost:
             depends on the model or probe size (a Lanczos basis whose length and dtype
             follow the model, a gradient cache bounded by a byte limit).
         host_extra_bytes: the same, for host memory (counted only on a CPU budget).
+        per_sample_grad_fraction: the share of P a per-sample gradient holds at once
+            (per-parameter-group accumulation holds one group at a time).
     """
 
     per_sample_grads: bool = False
@@ -101,6 +103,7 @@ class Cost:
     host_vectors: float = 0.0
     extra_bytes: Callable[[int, float, int], int] | None = None
     host_extra_bytes: Callable[[int, float, int], int] | None = None
+    per_sample_grad_fraction: float = 1.0
 
     def bytes_needed(
         self,
@@ -139,7 +142,7 @@ class Cost:
             + (n_samples * sample_activation_bytes * (2 + backward) if self.probe_graph_samples else 0)
             + self.fixed_bytes
         )
-        per_sample = (param_bytes if self.per_sample_grads else 0) + sample_activation_bytes * (
+        per_sample = (param_bytes * self.per_sample_grad_fraction if self.per_sample_grads else 0) + sample_activation_bytes * (
             1 + backward + (1 if self.hvp else 0)
         )
         return int(fixed + per_sample * chunk)

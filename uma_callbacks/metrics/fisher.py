@@ -17,6 +17,7 @@ from ..linalg.fisher_products import (
     accumulate_fisher,
     fisher_matvec,
     group_draws,
+    parameter_groups,
     sample_mc_labels,
 )
 from ..linalg.lanczos import lanczos_top_k
@@ -31,6 +32,8 @@ ACCUMULATE_DTYPES = ("float32", "float64")
 #: Lanczos keeps its basis in float64 for float64 models or while it takes at most this many bytes,
 #: else float32 (enough for 1e-4 relative eigenvalues; the basis dominates Lanczos's time).
 LANCZOS_FLOAT64_BYTES = 1 << 25
+#: Parameter groups of the ``"grouped"`` memory mode (per-sample gradients of one group at a time).
+PARAMETER_GROUPS = 4
 
 
 class FisherInformation(Metric):
@@ -155,8 +158,11 @@ class FisherInformation(Metric):
         dtype, 1 copy in the parameters'), one chunk's per-sample gradients and the
         Lanczos basis: ``max_iter`` vectors in the Lanczos dtype plus 4 of work (and 2 in
         the parameters' dtype).
-        Not done: per-parameter-group accumulation (the rows of the whole model are
-        needed for the products).
+        Last, ``"grouped"``: per-sample gradients of one parameter group at a time
+        (:data:`PARAMETER_GROUPS` groups of about equal size, so about P / 4 per sample;
+        a tensor larger than that stays whole), the same sums; each Lanczos product then
+        recomputes every group twice per chunk (u_i = sum_G g_{i,G}^T v_G, then
+        sum_i u_i g_{i,G}), so it is the slowest.
         """
         acc = 8 if self.accumulate_dtype == "float64" else 4
         base = {"per_sample_grads": True, "param_copies": 1.0, "vectors": 3.0, "vector_itemsize": acc}
@@ -172,6 +178,8 @@ class FisherInformation(Metric):
         modes = [("cached", Cost(**base, extra_bytes=cached)), ("streamed", Cost(**base, extra_bytes=streamed))]
         if self.top_k is not None:
             modes.append(("streamed_cpu_basis", Cost(**base, extra_bytes=work, host_extra_bytes=basis)))
+        grouped = {**base, "per_sample_grad_fraction": 1.0 / PARAMETER_GROUPS}
+        modes.append(("grouped", Cost(**grouped, extra_bytes=streamed)))
         return modes
 
     def _lanczos_shape(self, n: int, itemsize: float, n_samples: int) -> tuple[int, int]:
@@ -195,8 +203,12 @@ class FisherInformation(Metric):
     def _compute(self, ctx: ComputeContext) -> MetricResult:
         ctx.meta["memory_mode"] = getattr(self, "_memory_mode", "cached")
         with eager_attention(ctx.model, ctx.meta):
-            cache = self.cache_bytes if getattr(self, "_memory_mode", "cached").startswith("cached") else 0
-            stats = gather_fisher(ctx, self.kind, self.seed, self.mc_samples, self.method, self.accumulate_dtype, cache)
+            mode = getattr(self, "_memory_mode", "cached")
+            cache = self.cache_bytes if mode.startswith("cached") else 0
+            groups = PARAMETER_GROUPS if mode == "grouped" else None
+            stats = gather_fisher(
+                ctx, self.kind, self.seed, self.mc_samples, self.method, self.accumulate_dtype, cache, groups=groups
+            )
             scalars = trace_scalars(stats)
             arrays: dict[str, np.ndarray] = {}
             if self.top_k is not None:
@@ -288,6 +300,7 @@ def gather_fisher(
     accumulate_dtype: str,
     cache_bytes: int,
     want_grad_sum: bool = False,
+    groups: int | None = None,
 ) -> GlobalFisher:
     """Accumulate the Fisher statistics of ``ctx``'s probe and all-reduce them.
 
@@ -302,7 +315,7 @@ def gather_fisher(
     n_total = ctx.n_total()
     if n_total < 2:
         raise ValueError(f"FisherInformation: the probe has n_samples={n_total}; it needs at least 2 samples")
-    param_map = None if method == "vmap" else linear_param_map(ctx.model, params)
+    param_map = None if (method == "vmap" or groups) else linear_param_map(ctx.model, params)
     if method == "linear" and param_map is None:
         raise ValueError("FisherInformation.method='linear' needs every trainable parameter in an nn.Linear")
     chunks = ctx.chunks()
@@ -325,7 +338,10 @@ def gather_fisher(
         cache_bytes=cache_bytes,
         on_chunk=lambda i: ctx.check_time(chunks_done=i),
         auto_fallback=method == "auto",
+        groups=parameter_groups(params, groups) if groups else None,
     )
+    if groups:
+        ctx.meta["parameter_groups"] = len(local.groups or [])
     if local.fallback:
         ctx.meta["linear_fallback"] = local.fallback
     col = local.sq_norms.sum(0)
