@@ -246,16 +246,7 @@ def accumulate_fisher(
             rep = chunk_gradients(model, loss_fn, chunk, params, None)
         sums, sq = rep.square_stats()
         _check_finite(sq, names)
-        for name in names:
-            if name not in diag:
-                dtype = torch.promote_types(accumulate_dtype, params[name].dtype)
-                diag[name] = _Kahan(sums[name], dtype)
-                if want_grad_sum:
-                    gsum[name] = _Kahan(sums[name], dtype)
-            diag[name].add(sums[name])
-        if want_grad_sum:
-            for name, g in rep.grad_sums().items():
-                gsum[name].add(g)
+        _add_chunk_sums(diag, gsum if want_grad_sum else None, rep, sums, params, accumulate_dtype)
         norms.append(sq)
         loss_sum += float(rep.losses.double().sum())
         rows += rep.n
@@ -285,6 +276,28 @@ def accumulate_fisher(
     )
 
 
+def _add_chunk_sums(
+    diag: dict[str, _Kahan],
+    gsum: dict[str, _Kahan] | None,
+    rep: ChunkGradients,
+    sums: Mapping[str, torch.Tensor],
+    params: Mapping[str, torch.Tensor],
+    accumulate_dtype: torch.dtype,
+) -> None:
+    """Add one chunk's sum_i g_{i,p}^2 (and sum_i g_{i,p} when ``gsum`` is kept) to the
+    compensated accumulators, creating them (in at least the parameter's dtype) on first use."""
+    for name, value in sums.items():
+        if name not in diag:
+            dtype = torch.promote_types(accumulate_dtype, params[name].dtype)
+            diag[name] = _Kahan(value, dtype)
+            if gsum is not None:
+                gsum[name] = _Kahan(value, dtype)
+        diag[name].add(value)
+    if gsum is not None:
+        for name, g in rep.grad_sums().items():
+            gsum[name].add(g)
+
+
 def _accumulate_grouped(
     model: torch.nn.Module,
     loss_fn: LossFn,
@@ -309,16 +322,7 @@ def _accumulate_grouped(
             if sq_all is None:
                 sq_all = torch.zeros(rep.n, len(names), dtype=torch.float64, device=sq.device)
             sq_all[:, [column[n] for n in group]] = sq
-            for name in group:
-                if name not in diag:
-                    dtype = torch.promote_types(accumulate_dtype, params[name].dtype)
-                    diag[name] = _Kahan(sums[name], dtype)
-                    if want_grad_sum:
-                        gsum[name] = _Kahan(sums[name], dtype)
-                diag[name].add(sums[name])
-            if want_grad_sum:
-                for name, g in rep.grad_sums().items():
-                    gsum[name].add(g)
+            _add_chunk_sums(diag, gsum if want_grad_sum else None, rep, sums, params, accumulate_dtype)
             if g_index == 0:
                 loss_sum += float(rep.losses.double().sum())
                 rows += rep.n
