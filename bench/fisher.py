@@ -22,7 +22,7 @@ import time
 
 import torch
 
-from uma_callbacks.losses import hf_per_sample_loss
+from uma_callbacks.core.losses import hf_per_sample_loss
 from uma_callbacks.metrics import FisherInformation
 
 

@@ -40,7 +40,7 @@ def main() -> None:
 
     from transformers import Qwen2Config, Qwen2ForCausalLM
 
-    from uma_callbacks.budget import MemoryBudget, compute_within_budget, param_bytes
+    from uma_callbacks.engine.budget import MemoryBudget, compute_within_budget, param_bytes
     from uma_callbacks.metrics import FisherInformation, LossLandscape
 
     device = torch.device("cpu" if args.tiny or not torch.cuda.is_available() else "cuda")

@@ -32,8 +32,8 @@ import torch
 
 from uma_callbacks.linalg.hvp import HessianOperator
 from uma_callbacks.linalg.lanczos import lanczos_top_k
-from uma_callbacks.losses import hf_per_sample_loss
-from uma_callbacks.model_state import eager_attention
+from uma_callbacks.core.losses import hf_per_sample_loss
+from uma_callbacks.core.model_state import eager_attention
 
 ACCURACY = 1e-4
 

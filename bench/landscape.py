@@ -35,8 +35,8 @@ import time
 
 import torch
 
-from uma_callbacks.budget import PeakMemory, param_bytes, release_memory
-from uma_callbacks.losses import causal_lm_per_sample_loss, hf_per_sample_loss
+from uma_callbacks.engine.budget import PeakMemory, param_bytes, release_memory
+from uma_callbacks.core.losses import causal_lm_per_sample_loss, hf_per_sample_loss
 from uma_callbacks.metrics import LossLandscape
 
 MEMORY_ENV = {"MALLOC_MMAP_THRESHOLD_": "65536"}

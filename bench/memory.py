@@ -94,8 +94,8 @@ def child(name: str, quick: bool) -> None:
 def _child_setting(name: str, setting: str, quick: bool) -> None:
     import torch
 
-    from uma_callbacks.budget import MemoryBudget, compute_within_budget, measure_sample_bytes, param_bytes
-    from uma_callbacks.losses import resolve_loss_fn
+    from uma_callbacks.engine.budget import MemoryBudget, compute_within_budget, measure_sample_bytes, param_bytes
+    from uma_callbacks.core.losses import resolve_loss_fn
     from uma_callbacks.metrics import METRICS
 
     torch.set_num_threads(1)  # two children share two cores

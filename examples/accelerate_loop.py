@@ -63,7 +63,7 @@ def main(argv: list[str] | None = None) -> dict:
     from torch.utils.data import DataLoader
 
     from uma_callbacks import attach
-    from uma_callbacks.probe import pad_collate
+    from uma_callbacks.engine.probe import pad_collate
 
     vocab, out = 50, Path(args.out)
     accelerator = Accelerator(cpu=True)

@@ -5,6 +5,6 @@ Each tracker lives in its own module and imports its package only when used:
 (``uma_callbacks.integrations.wandb``). The protocol is :class:`~.base.Sink`.
 """
 
-from .base import MemorySink, Sink
+from uma_callbacks.integrations.base import MemorySink, Sink
 
 __all__ = ["MemorySink", "Sink"]

@@ -1,6 +1,6 @@
 """The sink protocol: what a tracker integration implements.
 
-A sink receives :class:`~uma_callbacks.records.Record` objects (already journalled) and
+A sink receives :class:`~uma_callbacks.engine.records.Record` objects (already journalled) and
 the journal root for their files. The engine calls, on world rank 0 only:
 
 1. :meth:`Sink.start` -- open or join the run; called before every delivery, so it must
@@ -39,7 +39,7 @@ import abc
 from pathlib import Path
 from typing import Any
 
-from uma_callbacks.records import Record
+from uma_callbacks.engine.records import Record
 
 #: Tracker name -> (importable package, pip extra).
 TRACKER_PACKAGES: dict[str, tuple[str, str]] = {"mlflow": ("mlflow", "mlflow"), "wandb": ("wandb", "wandb")}

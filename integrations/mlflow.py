@@ -25,9 +25,9 @@ import os
 from pathlib import Path
 from typing import Any
 
-from uma_callbacks.records import Record
+from uma_callbacks.engine.records import Record
 
-from .base import Sink
+from uma_callbacks.integrations.base import Sink
 
 logger = logging.getLogger(__name__)
 

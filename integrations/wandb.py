@@ -37,9 +37,9 @@ import re
 from pathlib import Path
 from typing import Any
 
-from uma_callbacks.records import PREFIX, Record
+from uma_callbacks.engine.records import PREFIX, Record
 
-from .base import Sink
+from uma_callbacks.integrations.base import Sink
 
 logger = logging.getLogger(__name__)
 

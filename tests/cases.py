@@ -8,8 +8,8 @@ from typing import Any
 
 import torch
 
-from uma_callbacks.losses import hf_per_sample_loss
-from uma_callbacks.probe import count_samples, select_samples
+from uma_callbacks.core.losses import hf_per_sample_loss
+from uma_callbacks.engine.probe import count_samples, select_samples
 
 
 def split_samples(batch: Any) -> list[Any]:

@@ -15,8 +15,8 @@ import torch
 
 from tests.cases import mlp_case
 from uma_callbacks import attach
-from uma_callbacks.accelerate_hook import STATE_FILE, AcceleratorTrackerSink, read_state
-from uma_callbacks.journal import Journal
+from uma_callbacks.triggers.accelerate import STATE_FILE, AcceleratorTrackerSink, read_state
+from uma_callbacks.engine.journal import Journal
 from uma_callbacks.metrics import GradientFlow
 
 accelerate = pytest.importorskip("accelerate")
@@ -206,7 +206,7 @@ def test_example_under_accelerate_launch_two_processes(tmp_path):
         sys.path.remove(str(REPO / "examples"))
     from safetensors.torch import load_file
 
-    from uma_callbacks.probe import Probe, pad_collate
+    from uma_callbacks.engine.probe import Probe, pad_collate
 
     probe = Probe.from_dataset(random_token_rows(8, 12, 50, seed=1), 8, batch_size=8, seed=42, collate_fn=pad_collate)
     assert probe.fingerprint == records[0].probe

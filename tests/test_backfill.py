@@ -15,9 +15,9 @@ import pytest
 
 from tests.test_checkpoints import fake_trainer_run, tiny_model
 from tests.trainer_cases import run_trainer, tiny_lm_dataset
-from uma_callbacks.backfill import backfill
-from uma_callbacks.journal import Journal
-from uma_callbacks.probe import Probe, load_probe, save_probe
+from uma_callbacks.triggers.backfill import backfill
+from uma_callbacks.engine.journal import Journal
+from uma_callbacks.engine.probe import Probe, load_probe, save_probe
 
 pytestmark = pytest.mark.slow
 mlflow = pytest.importorskip("mlflow")
@@ -91,7 +91,7 @@ def test_probe_mismatch_is_a_clear_error(trained):
 
 _SLOW_SCRIPT = """
 import sys, time
-from uma_callbacks.backfill import backfill
+from uma_callbacks.triggers.backfill import backfill
 from uma_callbacks.metrics import FisherInformation
 
 class SlowFisher(FisherInformation):

@@ -9,11 +9,11 @@ import pytest
 import torch
 
 from tests.metrics.test_contract import SMALL, _build
-from uma_callbacks.budget import BudgetExceeded, MemoryBudget, PeakMemory, compute_within_budget, param_bytes
-from uma_callbacks.journal import Journal
+from uma_callbacks.engine.budget import BudgetExceeded, MemoryBudget, PeakMemory, compute_within_budget, param_bytes
+from uma_callbacks.engine.journal import Journal
 from uma_callbacks.metrics import METRICS, GradientFlow
-from uma_callbacks.probe import Probe
-from uma_callbacks.suite import MetricSuite
+from uma_callbacks.engine.probe import Probe
+from uma_callbacks.engine.suite import MetricSuite
 
 
 class Wide(torch.nn.Module):
@@ -97,7 +97,7 @@ def _metric(name, model):
 
 def _tight_budget(metric, model, batches, loss_fn, samples=4):
     """A budget that fits the metric's fastest mode with about ``samples`` samples a chunk."""
-    from uma_callbacks.budget import measure_sample_bytes
+    from uma_callbacks.engine.budget import measure_sample_bytes
 
     sample = measure_sample_bytes(model, loss_fn, batches[0])
     n = sum(p.numel() for p in model.parameters())
@@ -236,7 +236,7 @@ def test_oom_below_min_batch_size_is_a_skip(tmp_path):
 
 
 def test_cpu_allocation_failure_is_recognised():
-    from uma_callbacks.budget import is_out_of_memory
+    from uma_callbacks.engine.budget import is_out_of_memory
 
     assert is_out_of_memory(MemoryError())
     assert is_out_of_memory(RuntimeError("[enforce fail at alloc_cpu.cpp:117] DefaultCPUAllocator: can't allocate memory"))

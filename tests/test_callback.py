@@ -9,7 +9,7 @@ import torch
 
 from tests.trainer_cases import run_trainer, tiny_lm_dataset
 from uma_callbacks import UMACallback
-from uma_callbacks.journal import Journal
+from uma_callbacks.engine.journal import Journal
 from uma_callbacks.metrics import GradientFlow
 from uma_callbacks.metrics.base import ComputeContext, Metric, MetricResult
 

@@ -15,8 +15,8 @@ from uma_callbacks.checkpoints import (
     discover_checkpoints,
     load_into,
     load_weights,
-    trajectory_scalars,
 )
+from uma_callbacks.metrics.trajectory import trajectory_scalars
 
 
 def tiny_model(seed: int = 0, hidden: int = 16, vocab: int = 50):

@@ -10,8 +10,8 @@ import pytest
 from tests.test_checkpoints import fake_trainer_run
 from tests.trainer_cases import tiny_lm_dataset
 from uma_callbacks.cli import build_parser, main
-from uma_callbacks.journal import Journal
-from uma_callbacks.probe import Probe, save_probe
+from uma_callbacks.engine.journal import Journal
+from uma_callbacks.engine.probe import Probe, save_probe
 
 
 @pytest.mark.parametrize("command", ["backfill", "report", "sync"])

@@ -21,11 +21,11 @@ import pytest
 import torch
 
 from tests.cases import mlp_case
-from uma_callbacks.distributed import AgreeingCollective, Collective, PeerFailure
+from uma_callbacks.core.distributed import AgreeingCollective, Collective, PeerFailure
 from uma_callbacks.metrics import GradientFlow
 from uma_callbacks.metrics.base import ComputeContext, Metric, MetricResult
-from uma_callbacks.probe import Probe
-from uma_callbacks.suite import MetricSuite
+from uma_callbacks.engine.probe import Probe
+from uma_callbacks.engine.suite import MetricSuite
 
 REPO = Path(__file__).resolve().parents[1]
 

@@ -6,7 +6,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from uma_callbacks.losses import causal_lm_per_sample_loss, classification_per_sample_loss, hf_per_sample_loss
+from uma_callbacks.core.losses import causal_lm_per_sample_loss, classification_per_sample_loss, hf_per_sample_loss
 
 
 def test_causal_lm_loss_shifts_and_ignores():

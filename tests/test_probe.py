@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from tests.trainer_cases import tiny_lm_dataset
-from uma_callbacks.probe import Probe, count_samples, pad_collate, split_batch
+from uma_callbacks.engine.probe import Probe, count_samples, pad_collate, split_batch
 
 
 def test_from_dataset_is_seeded_and_frozen():

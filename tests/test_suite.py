@@ -7,12 +7,12 @@ import torch
 
 from tests.cases import mlp_case
 from uma_callbacks.integrations.base import MemorySink, Sink
-from uma_callbacks.journal import Journal
+from uma_callbacks.engine.journal import Journal
 from uma_callbacks.metrics import GradientFlow
 from uma_callbacks.metrics.base import ComputeContext, Metric, MetricResult
-from uma_callbacks.probe import Probe
-from uma_callbacks.snapshot import weights_fingerprint
-from uma_callbacks.suite import MetricSuite
+from uma_callbacks.engine.probe import Probe
+from uma_callbacks.engine.snapshot import weights_fingerprint
+from uma_callbacks.engine.suite import MetricSuite
 
 
 class Counting(Metric):

@@ -4,22 +4,22 @@ Fisher information, gradient flow, curvature and loss-landscape slices, computed
 frozen probe when a checkpoint is saved, journalled locally and logged to W&B or MLflow.
 """
 
-from .budget import MemoryBudget
-from .config import UMAConfig
-from .metrics import METRICS, Metric, MetricResult
-from .probe import Probe
-from .records import Record
-from .suite import MetricSuite
+from uma_callbacks.engine.budget import MemoryBudget
+from uma_callbacks.config import UMAConfig
+from uma_callbacks.metrics import METRICS, Metric, MetricResult
+from uma_callbacks.engine.probe import Probe
+from uma_callbacks.engine.records import Record
+from uma_callbacks.engine.suite import MetricSuite
 
 __version__ = "0.1.0"
 
 _LAZY = {
-    "UMACallback": ("callback", "UMACallback"),
-    "attach": ("accelerate_hook", "attach"),
-    "analyze_models": ("analyze", "analyze_models"),
-    "AnalysisResults": ("analyze", "AnalysisResults"),
-    "ResultCache": ("analyze", "ResultCache"),
-    "UnifiedConfig": ("unified_config", "UnifiedConfig"),
+    "UMACallback": ("triggers.trainer", "UMACallback"),
+    "attach": ("triggers.accelerate", "attach"),
+    "analyze_models": ("legacy.analyze", "analyze_models"),
+    "AnalysisResults": ("legacy.analyze", "AnalysisResults"),
+    "ResultCache": ("legacy.analyze", "ResultCache"),
+    "UnifiedConfig": ("legacy.unified_config", "UnifiedConfig"),
 }
 
 

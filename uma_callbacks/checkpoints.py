@@ -30,7 +30,6 @@ from typing import Any
 
 import torch
 
-from .metrics.base import ComputeContext, Cost, Metric, MetricResult
 
 #: The Trainer's marker of a checkpoint folder still being written.
 INCOMPLETE_SENTINEL = "checkpoint-is-incomplete.txt"
@@ -296,80 +295,3 @@ def load_into(model: torch.nn.Module, weights: Mapping[str, torch.Tensor]) -> No
             state[name].copy_(tensor)
 
 
-# ---------------------------------------------------------------------- trajectory
-def trajectory_scalars(
-    current: Mapping[str, torch.Tensor],
-    first: Mapping[str, torch.Tensor],
-    previous: Mapping[str, torch.Tensor] | None = None,
-    before_previous: Mapping[str, torch.Tensor] | None = None,
-) -> dict[str, float]:
-    r"""Where the weights went, in float64.
-
-    With theta_t the flattened parameters of checkpoint t (names common to all given):
-
-    - ``distance_from_first`` = ||theta_t - theta_0||;
-    - ``update_norm`` = ||u_t||, u_t = theta_t - theta_{t-1} (needs ``previous``);
-    - ``update_cosine`` = <u_t, u_{t-1}> / (||u_t|| ||u_{t-1}||) (needs ``before_previous``;
-      NaN when an update is zero).
-
-    Args:
-        current: ``{name: tensor}`` of checkpoint t.
-        first: the first checkpoint's.
-        previous: checkpoint t-1's, or None.
-        before_previous: checkpoint t-2's, or None.
-
-    Returns:
-        The scalars that the given checkpoints define.
-
-    Example:
-        >>> a, b, c = ({"w": torch.tensor([float(x), 0.0])} for x in (0, 1, 3))
-        >>> trajectory_scalars(c, a, b, a)
-        {'distance_from_first': 3.0, 'update_norm': 2.0, 'update_cosine': 1.0}
-    """
-    names = [n for n in current if n in first]
-    dist = sum(float(((current[n].double() - first[n].double()) ** 2).sum()) for n in names)
-    out = {"distance_from_first": math.sqrt(dist)}
-    if previous is None:
-        return out
-    names = [n for n in names if n in previous]
-    upd_sq = dot = prev_sq = 0.0
-    for n in names:
-        u = current[n].double() - previous[n].double()
-        upd_sq += float((u * u).sum())
-        if before_previous is not None and n in before_previous:
-            v = previous[n].double() - before_previous[n].double()
-            dot += float((u * v).sum())
-            prev_sq += float((v * v).sum())
-    out["update_norm"] = math.sqrt(upd_sq)
-    if before_previous is not None:
-        denom = math.sqrt(upd_sq * prev_sq)
-        out["update_cosine"] = dot / denom if denom > 0 else math.nan
-    return out
-
-
-class Trajectory(Metric):
-    """Checkpoint-pair geometry: :func:`trajectory_scalars` of the model against earlier checkpoints.
-
-    The reference weights come through :meth:`prepare` (``context["first_weights"]``,
-    ``["previous_weights"]``, ``["before_previous_weights"]``); the probe is not used.
-    """
-
-    name = "trajectory"
-    cost = Cost(param_copies=3.0, forward_only=True)
-    needs_grad = False
-
-    def __init__(self) -> None:
-        super().__init__()
-        self._context: dict[str, Any] = {}
-
-    def prepare(self, context: Mapping[str, Any]) -> None:
-        """Take the reference weights for the next :meth:`compute`."""
-        self._context = dict(context)
-
-    def _compute(self, ctx: ComputeContext) -> MetricResult:
-        current = {n: p.detach() for n, p in ctx.model.named_parameters()}
-        first = self._context.get("first_weights") or current
-        scalars = trajectory_scalars(
-            current, first, self._context.get("previous_weights"), self._context.get("before_previous_weights")
-        )
-        return MetricResult(name=self.name, scalars=scalars)

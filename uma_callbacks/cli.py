@@ -104,7 +104,7 @@ def _split(text: str) -> list[str]:
 
 
 def _backfill(args: argparse.Namespace) -> int:
-    from .backfill import backfill
+    from uma_callbacks.triggers.backfill import backfill
 
     texts = None
     if args.texts:
@@ -137,7 +137,7 @@ def _backfill(args: argparse.Namespace) -> int:
 
 
 def _report(args: argparse.Namespace) -> int:
-    from .report import write_report
+    from uma_callbacks.report import write_report
 
     png, page = write_report(args.run_dir, args.out)
     print(f"report: {png}\nreport: {page}")
@@ -147,9 +147,9 @@ def _report(args: argparse.Namespace) -> int:
 def _sync(args: argparse.Namespace) -> int:
     from tqdm.auto import tqdm
 
-    from .backfill import resolve_sinks
-    from .report import find_journal
-    from .suite import deliver
+    from uma_callbacks.triggers.backfill import resolve_sinks
+    from uma_callbacks.report import find_journal
+    from uma_callbacks.engine.suite import deliver
 
     journal = find_journal(args.run_dir)
     run_dir = journal.root.parent if journal.root.name == "uma" else journal.root

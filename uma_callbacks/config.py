@@ -8,7 +8,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-from .metrics import METRICS, Metric
+from uma_callbacks.metrics import METRICS, Metric
 
 #: Tracker names accepted in ``trackers=[...]`` (or ``report_to``).
 TRACKER_NAMES = ("mlflow", "wandb")
@@ -55,7 +55,7 @@ class UMAConfig:
             :data:`TRACKER_NAMES` and/or sink objects.
         output_dir: journal folder; None: ``<args.output_dir>/uma``.
         memory_budget: None (what the device has free, minus a margin), a number of GB,
-            or a :class:`~uma_callbacks.budget.MemoryBudget`.
+            or a :class:`~uma_callbacks.engine.budget.MemoryBudget`.
         seed: picks the probe samples and seeds every stochastic estimator.
         timeout_seconds: per-metric time limit (checked between chunks).
         use_cache: reuse journalled results for the same (checkpoint, config, probe).
@@ -122,7 +122,7 @@ class UMAConfig:
                         f"UMAConfig.trackers entries must be one of {TRACKER_NAMES!r} or have log_record(); got {tracker!r}"
                     )
         if self.memory_budget is not None:
-            from .budget import MemoryBudget  # noqa: PLC0415
+            from uma_callbacks.engine.budget import MemoryBudget  # noqa: PLC0415
 
             if isinstance(self.memory_budget, (int, float)) and not isinstance(self.memory_budget, bool):
                 if not self.memory_budget > 0:

@@ -15,7 +15,7 @@ import os
 from pathlib import Path
 from typing import Any
 
-from .journal import JOURNAL_FILE, Journal
+from uma_callbacks.engine.journal import JOURNAL_FILE, Journal
 
 
 def collect_series(journal: Journal) -> dict[str, dict[int, float]]:
@@ -32,6 +32,28 @@ def collect_series(journal: Journal) -> dict[str, dict[int, float]]:
                 continue
             series.setdefault(f"{record.metric}/{key}", {})[int(record.step)] = float(value)
     return dict(sorted(series.items()))
+
+
+def collect_results(journal: Journal) -> dict[str, list[tuple[int, Any]]]:
+    """``{metric: [(step, MetricResult)]}`` of the ``ok`` records, in step order, arrays included.
+
+    A later record for the same (metric, step) replaces an earlier one.
+    """
+    latest: dict[tuple[str, int], Any] = {}
+    for record in journal.records():
+        if record.status == "ok":
+            latest[(record.metric, int(record.step))] = record
+    out: dict[str, list[tuple[int, Any]]] = {}
+    for (metric, step), record in sorted(latest.items(), key=lambda kv: (kv[0][0], kv[0][1])):
+        out.setdefault(metric, []).append((step, journal.load_result(record)))
+    return out
+
+
+def draw_trends(results: dict[str, list[tuple[int, Any]]], out: Path) -> list[Path]:
+    """The across-checkpoint figures the metric families registered (needs matplotlib)."""
+    from uma_callbacks.plots import draw_trends as draw
+
+    return draw(results, out)
 
 
 def find_journal(path: str | os.PathLike[str]) -> Journal:
@@ -96,15 +118,21 @@ def write_report(source: str | os.PathLike[str], out_dir: str | os.PathLike[str]
     series = collect_series(journal)
     out = Path(out_dir) if out_dir is not None else journal.root
     png = draw_report(series, out / "report.png", title=f"uma report: {Path(source).resolve().name}")
+    trends = draw_trends(collect_results(journal), out)
     errors = [r for r in journal.records() if r.status not in ("ok", "cached")]
-    page = _html(series, png, errors)
+    page = _html(series, png, errors, trends)
     html_path = out / "report.html"
     html_path.write_text(page, encoding="utf-8")
     return png, html_path
 
 
-def _html(series: dict[str, dict[int, float]], png: Path, errors: list[Any]) -> str:
+def _html(series: dict[str, dict[int, float]], png: Path, errors: list[Any], trends: list[Path] = ()) -> str:
     image = base64.b64encode(png.read_bytes()).decode("ascii")
+    extra = "".join(
+        f"<h2>{html.escape(p.stem)}</h2><img alt='{html.escape(p.stem)}' "
+        f"src='data:image/png;base64,{base64.b64encode(p.read_bytes()).decode('ascii')}'/>"
+        for p in trends
+    )
     steps = sorted({s for points in series.values() for s in points})
     head = "".join(f"<th>{html.escape(name)}</th>" for name in series)
     rows = []
@@ -124,7 +152,8 @@ def _html(series: dict[str, dict[int, float]], png: Path, errors: list[Any]) -> 
         "td,th{border:1px solid #ccc;padding:2px 6px;text-align:right}</style></head><body>"
         "<h1>uma report</h1>"
         f"<img alt='metrics across steps' src='data:image/png;base64,{image}'/>"
-        f"<h2>Values</h2><table><tr><th>step</th>{head}</tr>{''.join(rows)}</table>"
+        + extra
+        + f"<h2>Values</h2><table><tr><th>step</th>{head}</tr>{''.join(rows)}</table>"
         + (f"<h2>Errors</h2><ul>{error_items}</ul>" if error_items else "")
         + "</body></html>"
     )

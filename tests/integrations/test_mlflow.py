@@ -6,9 +6,9 @@ import sys
 
 import pytest
 
-from uma_callbacks.journal import Journal
-from uma_callbacks.records import Record
-from uma_callbacks.suite import deliver
+from uma_callbacks.engine.journal import Journal
+from uma_callbacks.engine.records import Record
+from uma_callbacks.engine.suite import deliver
 
 mlflow = pytest.importorskip("mlflow")
 

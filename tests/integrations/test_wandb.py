@@ -9,8 +9,8 @@ import pytest
 
 from tests.integrations.wandb_runfile import artifacts, history_rows, metric_definitions, read_records, run_file
 from tests.trainer_cases import run_trainer, tiny_lm_dataset
-from uma_callbacks.journal import Journal
-from uma_callbacks.records import Record
+from uma_callbacks.engine.journal import Journal
+from uma_callbacks.engine.records import Record
 
 wandb = pytest.importorskip("wandb")
 
@@ -115,7 +115,7 @@ def _record(tmp_path, step=3):
 
 def test_same_record_twice_adds_one_row_own_run(tmp_path, offline_wandb):
     from uma_callbacks.integrations.wandb import WandbSink
-    from uma_callbacks.suite import deliver
+    from uma_callbacks.engine.suite import deliver
 
     journal = Journal(tmp_path / "uma")
     sink = WandbSink(project="uma-test")
@@ -167,7 +167,7 @@ def test_report_to_resolution_none_one_both_or_own_sink(tmp_path):
 
 def test_unknown_tracker_name_is_refused():
     from uma_callbacks import UMACallback
-    from uma_callbacks.callback import make_sink
+    from uma_callbacks.triggers.trainer import make_sink
 
     with pytest.raises(ValueError, match="trackers"):
         UMACallback(trackers=["wandbb"])

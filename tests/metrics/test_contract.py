@@ -7,6 +7,7 @@ import torch
 
 from tests.cases import qwen2_case
 from uma_callbacks.metrics import METRICS
+from uma_callbacks.metrics.base import CheckpointState, History
 
 #: small settings per metric name so the contract check stays fast
 SMALL = {
@@ -18,14 +19,16 @@ SMALL = {
 
 
 def _build(name, model):
-    metric = METRICS[name](**SMALL.get(name, {}))
-    if name == "interpolation":
-        previous = {n: p.detach().clone() + 0.01 for n, p in model.named_parameters()}
-        if hasattr(metric, "set_previous"):
-            metric.set_previous(previous)
-        elif hasattr(metric, "prepare"):
-            metric.prepare({"previous_weights": previous})
-    return metric
+    return METRICS[name](**SMALL.get(name, {}))
+
+
+def _history(model) -> History:
+    """Two earlier checkpoints and a first one, near the model's weights (for every metric that asks)."""
+    states = [
+        CheckpointState(step, {n: p.detach().clone() + 0.01 * k for n, p in model.named_parameters()}, f"fp{k}")
+        for k, step in ((1, 20), (2, 10), (3, 0))
+    ]
+    return History(previous=tuple(states[:2]), first=states[2])
 
 
 @pytest.mark.parametrize("name", sorted(METRICS))
@@ -40,7 +43,7 @@ def test_model_comes_back_exactly_as_it_went_in(name):
     rng = torch.get_rng_state()
     metric = _build(name, model)
     torch.set_rng_state(rng)
-    result = metric.compute(model, batches, loss_fn)
+    result = metric.compute(model, batches, loss_fn, history=_history(model))
     assert result.status == "ok"
     after = model.state_dict()
     assert all(torch.equal(before[n], after[n]) for n in before), "weights changed"
@@ -57,5 +60,5 @@ def test_existing_grads_survive(name):
     model, batches, loss_fn = qwen2_case(dtype=torch.float32)
     loss_fn(model, batches[0]).sum().backward()
     grads = {n: p.grad.clone() for n, p in model.named_parameters()}
-    _build(name, model).compute(model, batches, loss_fn)
+    _build(name, model).compute(model, batches, loss_fn, history=_history(model))
     assert all(torch.equal(p.grad, grads[n]) for n, p in model.named_parameters())

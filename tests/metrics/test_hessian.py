@@ -15,8 +15,8 @@ from tests.linalg.test_hvp import run_ranks
 from tests.oracles import oracle_hessian
 from uma_callbacks.metrics import METRICS, HessianSpectrum
 from uma_callbacks.metrics.hessian import eigenvector_directions, spectrum_scalars
-from uma_callbacks.model_state import eager_attention
-from uma_callbacks.probe import Probe
+from uma_callbacks.core.model_state import eager_attention
+from uma_callbacks.engine.probe import Probe
 
 # Qwen2: only decoder layer 0 is trainable (~2k parameters), so the dense oracle stays
 # affordable; the gradient still flows through layer 1, the norm and the head, and the

@@ -14,7 +14,7 @@ from tests.linalg.test_hvp import run_ranks
 from tests.oracles import oracle_probe_loss
 from uma_callbacks.metrics import METRICS, LossLandscape
 from uma_callbacks.metrics.landscape import _RandomDirections, landscape_result
-from uma_callbacks.probe import Probe
+from uma_callbacks.engine.probe import Probe
 
 
 def _random_dirs(model, seed):
@@ -109,7 +109,7 @@ def test_zero_norm_biases_do_not_divide_by_zero():
     from transformers import Qwen2Config, Qwen2ForCausalLM
 
     from tests.cases import ragged_lm_batches
-    from uma_callbacks.losses import hf_per_sample_loss
+    from uma_callbacks.core.losses import hf_per_sample_loss
 
     torch.manual_seed(0)
     cfg = Qwen2Config(

@@ -17,16 +17,16 @@ from pathlib import Path
 
 import pytest
 
-from uma_callbacks.journal import Journal, append_line, read_lines
-from uma_callbacks.records import Record
+from uma_callbacks.engine.journal import Journal, append_line, read_lines
+from uma_callbacks.engine.records import Record
 
 REPO = Path(__file__).resolve().parents[2]
 ENV = {**os.environ, "PYTHONPATH": str(REPO)}
 
 _APPENDER = """
 import sys
-from uma_callbacks.journal import Journal
-from uma_callbacks.records import Record
+from uma_callbacks.engine.journal import Journal
+from uma_callbacks.engine.records import Record
 journal = Journal(sys.argv[1])
 for i in range(100000):
     # big lines, so that a kill lands inside a write more often
@@ -90,10 +90,10 @@ def test_torn_last_line_is_skipped_reported_and_the_next_append_survives(tmp_pat
 _SIGTERM_SCRIPT = """
 import sys, time
 import torch
-from uma_callbacks.journal import Journal
+from uma_callbacks.engine.journal import Journal
 from uma_callbacks.metrics.base import Metric, MetricResult
-from uma_callbacks.probe import Probe
-from uma_callbacks.suite import MetricSuite
+from uma_callbacks.engine.probe import Probe
+from uma_callbacks.engine.suite import MetricSuite
 
 class Slow(Metric):
     name = "slow"
@@ -144,8 +144,8 @@ def test_suite_restores_the_sigterm_handler_it_found(tmp_path):
     import torch
 
     from uma_callbacks.metrics import GradientFlow
-    from uma_callbacks.probe import Probe
-    from uma_callbacks.suite import MetricSuite
+    from uma_callbacks.engine.probe import Probe
+    from uma_callbacks.engine.suite import MetricSuite
 
     def mine(signum, frame):  # a user's handler
         raise AssertionError("not called here")

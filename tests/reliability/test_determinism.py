@@ -16,10 +16,10 @@ _SCRIPT = """
 import sys, torch
 from tests.cases import qwen2_case
 from tests.reliability.test_model_safety import _build
-from uma_callbacks.journal import Journal
+from uma_callbacks.engine.journal import Journal
 from uma_callbacks.metrics import METRICS
-from uma_callbacks.probe import Probe
-from uma_callbacks.suite import MetricSuite
+from uma_callbacks.engine.probe import Probe
+from uma_callbacks.engine.suite import MetricSuite
 
 model, batches, loss_fn = qwen2_case(dtype=torch.float32)
 metrics = [_build(name, model) for name in sorted(METRICS)]

@@ -25,8 +25,8 @@ def _build(name, model):
             metric.set_previous({n: p.detach().clone() + 0.01 for n, p in model.named_parameters()})
     return metric
 from uma_callbacks.metrics import METRICS
-from uma_callbacks.suite import MetricSuite
-from uma_callbacks.probe import Probe
+from uma_callbacks.engine.suite import MetricSuite
+from uma_callbacks.engine.probe import Probe
 
 
 class Boom(RuntimeError):
@@ -110,7 +110,7 @@ def test_model_restored_after_a_failure_midway(name):
 
 
 def test_suite_turns_a_midway_failure_into_an_error_record_and_restores_the_model(tmp_path):
-    from uma_callbacks.journal import Journal
+    from uma_callbacks.engine.journal import Journal
 
     model, batches, loss_fn = _prepared_model()
     metrics = [_build(n, model) for n in ("gradient_flow", "landscape", "fisher")]

@@ -16,7 +16,7 @@ from transformers import TrainerCallback
 from tests.reliability.servers import MlflowServer, free_port
 from tests.trainer_cases import run_trainer
 from uma_callbacks import UMACallback
-from uma_callbacks.journal import Journal
+from uma_callbacks.engine.journal import Journal
 
 pytest.importorskip("mlflow")
 

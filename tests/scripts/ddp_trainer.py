@@ -25,7 +25,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[2]))  # the repo root, f
 from tests.trainer_cases import tiny_lm, tiny_lm_dataset, training_args  # noqa: E402
 from uma_callbacks.metrics import METRICS  # noqa: E402
 from uma_callbacks.metrics.base import ComputeContext, Metric, MetricResult  # noqa: E402
-from uma_callbacks.probe import Probe, pad_collate  # noqa: E402
+from uma_callbacks.engine.probe import Probe, pad_collate  # noqa: E402
 
 PROBE_SIZE = 12
 

@@ -22,9 +22,9 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
 from tests.trainer_cases import tiny_lm_dataset  # noqa: E402
-from uma_callbacks.distributed import current_collective  # noqa: E402
-from uma_callbacks.probe import Probe, pad_collate  # noqa: E402
-from uma_callbacks.suite import MetricSuite  # noqa: E402
+from uma_callbacks.core.distributed import current_collective  # noqa: E402
+from uma_callbacks.engine.probe import Probe, pad_collate  # noqa: E402
+from uma_callbacks.engine.suite import MetricSuite  # noqa: E402
 
 
 def main() -> None:

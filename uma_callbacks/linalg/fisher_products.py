@@ -32,10 +32,10 @@ from typing import Any, Protocol
 
 import torch
 
-from ..losses import IGNORE_INDEX, LossFn, model_inputs
-from ..probe import count_samples, map_tensors, select_samples
-from .linear_factors import linear_factors
-from .per_sample import PerSampleGradients, per_sample_grads
+from uma_callbacks.core.losses import IGNORE_INDEX, LossFn, model_inputs
+from uma_callbacks.core.batches import count_samples, map_tensors, select_samples
+from uma_callbacks.linalg.linear_factors import linear_factors
+from uma_callbacks.linalg.per_sample import PerSampleGradients, per_sample_grads
 
 #: Ways to get per-sample gradients: ``auto`` picks ``linear`` when the model allows it.
 METHODS = ("auto", "vmap", "linear")

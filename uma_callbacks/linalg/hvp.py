@@ -27,8 +27,8 @@ from typing import Any
 
 import torch
 
-from ..distributed import Collective, LocalCollective
-from ..losses import LossFn
+from uma_callbacks.core.distributed import Collective, LocalCollective
+from uma_callbacks.core.losses import LossFn
 
 
 def split_flat(vector: torch.Tensor, like: Sequence[torch.Tensor]) -> list[torch.Tensor]:
@@ -56,7 +56,7 @@ class HessianOperator:
     Every rank must call :meth:`matvec` the same number of times with the same vector
     (Lanczos and Hutchinson draw their vectors from recorded seeds, so they do).
     The caller keeps attention switched to a double-backward-capable implementation
-    (:func:`~uma_callbacks.model_state.eager_attention`) while the operator is used.
+    (:func:`~uma_callbacks.core.model_state.eager_attention`) while the operator is used.
 
     Args:
         model: the model; its parameters are read, never written; no ``.grad`` is set.

@@ -7,7 +7,7 @@ through ``functional_call`` on a wrapper module that holds ``(model, loss_fn)``,
 user ``loss_fn(model, batch)`` works unchanged; each vmapped call sees a batch of one.
 
 HF attention is switched to eager for the call (SDPA's mask code branches on data,
-which ``vmap`` refuses); see :func:`uma_callbacks.model_state.eager_attention`.
+which ``vmap`` refuses); see :func:`uma_callbacks.core.model_state.eager_attention`.
 """
 
 from __future__ import annotations
@@ -21,9 +21,9 @@ from typing import Any
 import torch
 from torch.func import functional_call, grad_and_value, vmap
 
-from ..losses import LossFn
-from ..model_state import eager_attention
-from ..probe import map_tensors
+from uma_callbacks.core.losses import LossFn
+from uma_callbacks.core.model_state import eager_attention
+from uma_callbacks.core.batches import map_tensors
 
 
 class _LossModule(torch.nn.Module):

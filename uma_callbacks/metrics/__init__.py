@@ -3,12 +3,13 @@
 ``METRICS`` maps each string name (as used in ``UMACallback(metrics=[...])``) to its class.
 """
 
-from .base import Cost, Metric, MetricResult
-from .fisher import FisherInformation
-from .gradient_flow import GradientFlow
-from .hessian import HessianSpectrum
-from .interpolation import CheckpointInterpolation
-from .landscape import LossLandscape
+from uma_callbacks.metrics.base import Cost, Metric, MetricResult
+from uma_callbacks.metrics.fisher import FisherInformation
+from uma_callbacks.metrics.gradient_flow import GradientFlow
+from uma_callbacks.metrics.hessian import HessianSpectrum
+from uma_callbacks.metrics.interpolation import CheckpointInterpolation
+from uma_callbacks.metrics.landscape import LossLandscape
+from uma_callbacks.metrics.trajectory import Trajectory
 
 METRICS: dict[str, type[Metric]] = {
     GradientFlow.name: GradientFlow,
@@ -16,6 +17,7 @@ METRICS: dict[str, type[Metric]] = {
     LossLandscape.name: LossLandscape,
     CheckpointInterpolation.name: CheckpointInterpolation,
     FisherInformation.name: FisherInformation,
+    Trajectory.name: Trajectory,
 }
 
 __all__ = [
@@ -28,4 +30,5 @@ __all__ = [
     "LossLandscape",
     "Metric",
     "MetricResult",
+    "Trajectory",
 ]

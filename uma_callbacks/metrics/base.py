@@ -8,7 +8,7 @@ trigger, the journal or a tracker. :meth:`Metric.compute` wraps the subclass's
   ``requires_grad``, ``.grad``, attention implementation) and the global RNG state is
   untouched (``torch.random.fork_rng``);
 - time, peak memory and the chunk size used land in ``result.meta``;
-- sums over the probe go through a :class:`~uma_callbacks.distributed.Collective`, so
+- sums over the probe go through a :class:`~uma_callbacks.core.distributed.Collective`, so
   that a probe sharded over ranks gives the single-process numbers.
 """
 
@@ -24,11 +24,11 @@ from typing import Any, ClassVar
 import numpy as np
 import torch
 
-from ..distributed import Collective, LocalCollective
-from ..interrupt import MetricInterrupted, interrupt_requested
-from ..losses import LossFn, resolve_loss_fn
-from ..model_state import preserved_model_state
-from ..probe import count_samples, split_batch
+from uma_callbacks.core.distributed import Collective, LocalCollective
+from uma_callbacks.core.interrupt import MetricInterrupted, interrupt_requested
+from uma_callbacks.core.losses import LossFn, resolve_loss_fn
+from uma_callbacks.core.model_state import eager_attention, preserved_model_state
+from uma_callbacks.core.batches import count_samples, split_batch
 
 #: Allowed values of :attr:`MetricResult.status`.
 STATUSES = ("ok", "error", "skipped", "timeout", "cached", "interrupted")
@@ -53,7 +53,7 @@ class MetricSkipped(RuntimeError):
 
 @dataclass(frozen=True)
 class Cost:
-    """What a metric holds in memory, read by :class:`~uma_callbacks.budget.MemoryBudget`.
+    """What a metric holds in memory, read by :class:`~uma_callbacks.engine.budget.MemoryBudget`.
 
     With ``P`` the bytes of the trainable parameters, ``n`` their number of entries, ``A``
     the activation bytes of one sample's forward+backward and ``N`` the local probe
@@ -224,6 +224,45 @@ def _jsonable(obj: Any) -> Any:
     return str(obj)
 
 
+@dataclass(frozen=True)
+class CheckpointState:
+    """An earlier checkpoint as a metric sees it.
+
+    Attributes:
+        step: its global step.
+        weights: ``{param name: tensor}`` of every parameter (CPU copies, never the model's own).
+        fingerprint: its weights fingerprint (part of the cache key of results that use it).
+    """
+
+    step: int
+    weights: Mapping[str, torch.Tensor]
+    fingerprint: str = ""
+
+    @property
+    def label(self) -> str:
+        """``step-<N>``."""
+        return f"step-{self.step}"
+
+
+@dataclass(frozen=True)
+class History:
+    """The earlier checkpoints a metric asked for (:attr:`Metric.history_needed`, :attr:`Metric.needs_first`).
+
+    Attributes:
+        previous: the most recent earlier checkpoints, most recent first (at most
+            ``history_needed`` of them; fewer at the start of a run).
+        first: the first checkpoint measured in this run (``None`` when this is the first,
+            or when the metric did not ask for it).
+    """
+
+    previous: tuple[CheckpointState, ...] = ()
+    first: CheckpointState | None = None
+
+    def fingerprints(self) -> list[str]:
+        """The fingerprints this history is made of (first last), for cache keys."""
+        return [s.fingerprint for s in self.previous] + ([self.first.fingerprint] if self.first else [])
+
+
 @dataclass
 class ComputeContext:
     """Everything ``Metric._compute`` may use; built by :meth:`Metric.compute`.
@@ -236,6 +275,7 @@ class ComputeContext:
         collective: sums across ranks (identity in one process).
         meta: filled by the metric (matvecs, seeds, ...) and returned in the result.
         deadline: ``time.monotonic()`` value past which :meth:`check_time` raises.
+        history: the earlier checkpoints the metric declared it needs.
     """
 
     model: torch.nn.Module
@@ -246,6 +286,7 @@ class ComputeContext:
     meta: dict[str, Any] = field(default_factory=dict)
     deadline: float | None = None
     progress: dict[str, Any] = field(default_factory=dict)
+    history: History = field(default_factory=History)
 
     def trainable_params(self) -> dict[str, torch.Tensor]:
         """``{name: parameter}`` of the parameters with ``requires_grad``, in model order."""
@@ -270,7 +311,7 @@ class ComputeContext:
 
         Raises:
             MetricTimeout: past the deadline (carries ``progress``).
-            MetricInterrupted: SIGTERM during the metric (see :mod:`uma_callbacks.interrupt`).
+            MetricInterrupted: SIGTERM during the metric (see :mod:`uma_callbacks.core.interrupt`).
         """
         self.progress.update(progress)
         stop: RuntimeError | None = None
@@ -294,14 +335,26 @@ class Metric(abc.ABC):
     Attributes:
         name: the string name used in ``metrics=[...]`` and in log keys ``uma/<name>/...``.
         cost: what the metric holds in memory (:class:`Cost`).
-        reduce: per sufficient statistic, its reduction across ranks (always ``"sum"``).
         needs_grad: whether the metric back-propagates (so the probe needs labels).
+        needs_eager_attention: HF attention is switched to ``"eager"`` for the computation
+            and back after (SDPA's mask code branches on data, which ``vmap`` and double
+            backward refuse; attention probabilities exist only in eager attention);
+            ``meta["attn_implementation"]`` says when it was switched.
+        history_needed: how many earlier checkpoints the metric compares against (0: none);
+            the session keeps that many (CPU copies) and passes them as ``ctx.history``.
+        needs_first: the metric also compares against the first checkpoint of the run.
+
+    Cross-rank reduction: every statistic a metric sums over probe samples goes through
+    ``ctx.collective`` (a sum all-reduce), so a probe sharded over ranks gives the
+    single-process numbers; metrics keep sums and counts, never means, until the end.
     """
 
     name: ClassVar[str] = ""
     cost: ClassVar[Cost] = Cost()
-    reduce: ClassVar[Mapping[str, str]] = {}
     needs_grad: ClassVar[bool] = True
+    needs_eager_attention: ClassVar[bool] = False
+    history_needed: ClassVar[int] = 0
+    needs_first: ClassVar[bool] = False
 
     def __init__(self, *, chunk_size: int | None = None, timeout_seconds: float | None = None) -> None:
         if chunk_size is not None:
@@ -359,6 +412,7 @@ class Metric(abc.ABC):
         chunk_size: int | None = None,
         timeout_seconds: float | None = None,
         peak_meter: Callable[[], Any] | None = None,
+        history: History | None = None,
     ) -> MetricResult:
         """Compute the metric on ``model`` over the probe ``batches``.
 
@@ -367,13 +421,13 @@ class Metric(abc.ABC):
             batches: list of batches (dicts of tensors with a leading batch dim, or
                 anything ``loss_fn`` takes).
             loss_fn: ``loss_fn(model, batch) -> Tensor[B]`` of per-sample losses; ``None``
-                picks the HF default (see :mod:`uma_callbacks.losses`).
+                picks the HF default (see :mod:`uma_callbacks.core.losses`).
             collective: cross-rank sums; ``None`` for one process.
             chunk_size: samples per chunk (overrides the constructor's); ``None`` means
                 the constructor's, else the whole batch.
             timeout_seconds: overrides the constructor's time limit.
             peak_meter: a context-manager factory measuring peak bytes (from
-                :mod:`uma_callbacks.budget`); ``None`` uses the default meter.
+                :mod:`uma_callbacks.engine.budget`); ``None`` uses the default meter.
 
         Returns:
             The :class:`MetricResult`; exceptions propagate (``MetricSuite`` isolates them).
@@ -383,7 +437,7 @@ class Metric(abc.ABC):
             FloatingPointError: a parameter holds NaN/Inf (named), or a per-sample loss is
                 NaN/Inf (the samples named).
         """
-        from ..budget import PeakMemory  # local: budget imports metrics for planning
+        from uma_callbacks.core.peak_memory import PeakMemory  # local: budget imports metrics for planning
 
         if not batches:
             raise ValueError(f"{type(self).__name__}.compute: batches is empty; the probe needs samples")
@@ -401,9 +455,14 @@ class Metric(abc.ABC):
                 chunk_size=int(chunk),
                 collective=collective or LocalCollective(),
                 deadline=None if limit is None else time.monotonic() + limit,
+                history=history or History(),
             )
             model.eval()
-            result = self._compute(ctx)
+            if self.needs_eager_attention:
+                with eager_attention(model, ctx.meta):
+                    result = self._compute(ctx)
+            else:
+                result = self._compute(ctx)
         result.meta.update(ctx.meta)
         result.meta.setdefault("chunk_size", int(chunk))
         result.meta["seconds"] = time.perf_counter() - started
@@ -440,7 +499,7 @@ def _finite_loss(loss_fn: LossFn) -> LossFn:
     Inside ``torch.func`` transforms (``vmap``) the values are not inspectable; the
     per-sample gradient code checks what ``vmap`` returns instead.
     """
-    from ..linalg.per_sample import check_finite_losses
+    from uma_callbacks.linalg.per_sample import check_finite_losses
 
     def checked(model: torch.nn.Module, batch: Any) -> torch.Tensor:
         out = loss_fn(model, batch)

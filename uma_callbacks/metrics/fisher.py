@@ -11,7 +11,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from ..linalg.fisher_products import (
+from uma_callbacks.linalg.fisher_products import (
     METHODS,
     FisherSums,
     accumulate_fisher,
@@ -20,10 +20,9 @@ from ..linalg.fisher_products import (
     parameter_groups,
     sample_mc_labels,
 )
-from ..linalg.lanczos import lanczos_top_k
-from ..linalg.linear_factors import linear_param_map
-from ..model_state import eager_attention
-from .base import ComputeContext, Cost, Metric, MetricResult, check_choice, check_positive_int, module_of
+from uma_callbacks.linalg.lanczos import lanczos_top_k
+from uma_callbacks.linalg.linear_factors import linear_param_map
+from uma_callbacks.metrics.base import ComputeContext, Cost, Metric, MetricResult, check_choice, check_positive_int, module_of
 
 logger = logging.getLogger(__name__)
 
@@ -101,8 +100,8 @@ class FisherInformation(Metric):
     """
 
     name = "fisher"
+    needs_eager_attention = True
     cost = Cost(per_sample_grads=True, param_copies=2.0)
-    reduce = {"diag_sum": "sum", "sq_norm_sum": "sum", "sq_norm_dev": "sum", "rows": "sum", "matvec": "sum"}
 
     def __init__(
         self,
@@ -202,19 +201,18 @@ class FisherInformation(Metric):
 
     def _compute(self, ctx: ComputeContext) -> MetricResult:
         ctx.meta["memory_mode"] = getattr(self, "_memory_mode", "cached")
-        with eager_attention(ctx.model, ctx.meta):
-            mode = getattr(self, "_memory_mode", "cached")
-            cache = self.cache_bytes if mode.startswith("cached") else 0
-            groups = PARAMETER_GROUPS if mode == "grouped" else None
-            stats = gather_fisher(
-                ctx, self.kind, self.seed, self.mc_samples, self.method, self.accumulate_dtype, cache, groups=groups
-            )
-            scalars = trace_scalars(stats)
-            arrays: dict[str, np.ndarray] = {}
-            if self.top_k is not None:
-                eig = self._spectrum(ctx, stats)
-                arrays["top_eigenvalues"] = eig
-                scalars.update(spectrum_scalars(eig))
+        mode = getattr(self, "_memory_mode", "cached")
+        cache = self.cache_bytes if mode.startswith("cached") else 0
+        groups = PARAMETER_GROUPS if mode == "grouped" else None
+        stats = gather_fisher(
+            ctx, self.kind, self.seed, self.mc_samples, self.method, self.accumulate_dtype, cache, groups=groups
+        )
+        scalars = trace_scalars(stats)
+        arrays: dict[str, np.ndarray] = {}
+        if self.top_k is not None:
+            eig = self._spectrum(ctx, stats)
+            arrays["top_eigenvalues"] = eig
+            scalars.update(spectrum_scalars(eig))
         diag = {n: d / stats.rows for n, d in stats.diag_sum.items()}
         if self.top_percent is not None:
             scalars.update(mask_scalars(diag, top_percent_mask(diag, self.top_percent)))

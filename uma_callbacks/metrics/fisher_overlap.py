@@ -10,12 +10,11 @@ from typing import Any
 
 import torch
 
-from ..distributed import shard
-from ..linalg.fisher_products import METHODS
-from ..model_state import eager_attention
-from ..probe import fingerprint_batches
-from .base import ComputeContext, Cost, Metric, MetricResult, check_choice, check_positive_int
-from .fisher import ACCUMULATE_DTYPES, KINDS, check_percent, gather_fisher, top_percent_mask
+from uma_callbacks.core.distributed import shard
+from uma_callbacks.linalg.fisher_products import METHODS
+from uma_callbacks.core.batches import fingerprint_batches
+from uma_callbacks.metrics.base import ComputeContext, Cost, Metric, MetricResult, check_choice, check_positive_int
+from uma_callbacks.metrics.fisher import ACCUMULATE_DTYPES, KINDS, check_percent, gather_fisher, top_percent_mask
 
 
 def mask_jaccard(a: Mapping[str, torch.Tensor], b: Mapping[str, torch.Tensor]) -> float:
@@ -105,8 +104,8 @@ class FisherOverlap(Metric):
     """
 
     name = "fisher_overlap"
+    needs_eager_attention = True
     cost = Cost(per_sample_grads=True, param_copies=4.0)
-    reduce = {"diag_sum": "sum", "grad_sum": "sum", "sq_norm_sum": "sum", "rows": "sum"}
 
     def __init__(
         self,
@@ -150,21 +149,20 @@ class FisherOverlap(Metric):
     def _compute(self, ctx: ComputeContext) -> MetricResult:
         fisher, grads, scalars = {}, {}, {}
         rank, world = ctx.collective.rank, ctx.collective.world_size
-        with eager_attention(ctx.model, ctx.meta):
-            for task, batches in self._tasks.items():
-                sub = dataclasses.replace(ctx, batches=shard(batches, rank, world), meta={})
-                stats = gather_fisher(
-                    sub, self.kind, self.seed, self.mc_samples, self.method, self.accumulate_dtype, 0, True
-                )
-                fisher[task] = {n: d / stats.rows for n, d in stats.diag_sum.items()}
-                if self.kind == "mc":  # MC scores average to 0: the task gradient uses the true labels
-                    stats_g = gather_fisher(sub, "empirical", self.seed, 1, self.method, self.accumulate_dtype, 0, True)
-                    grads[task] = {n: g / stats_g.rows for n, g in stats_g.grad_sum.items()}
-                else:
-                    grads[task] = {n: g / stats.rows for n, g in stats.grad_sum.items()}
-                scalars[f"tasks/{task}/trace"] = float(stats.sq_norm_sum.sum()) / stats.rows
-                scalars[f"tasks/{task}/loss"] = stats.loss
-                ctx.meta[f"tasks/{task}/rows"] = stats.rows
+        for task, batches in self._tasks.items():
+            sub = dataclasses.replace(ctx, batches=shard(batches, rank, world), meta={})
+            stats = gather_fisher(
+                sub, self.kind, self.seed, self.mc_samples, self.method, self.accumulate_dtype, 0, True
+            )
+            fisher[task] = {n: d / stats.rows for n, d in stats.diag_sum.items()}
+            if self.kind == "mc":  # MC scores average to 0: the task gradient uses the true labels
+                stats_g = gather_fisher(sub, "empirical", self.seed, 1, self.method, self.accumulate_dtype, 0, True)
+                grads[task] = {n: g / stats_g.rows for n, g in stats_g.grad_sum.items()}
+            else:
+                grads[task] = {n: g / stats.rows for n, g in stats.grad_sum.items()}
+            scalars[f"tasks/{task}/trace"] = float(stats.sq_norm_sum.sum()) / stats.rows
+            scalars[f"tasks/{task}/loss"] = stats.loss
+            ctx.meta[f"tasks/{task}/rows"] = stats.rows
         masks = {t: top_percent_mask(f, self.top_percent) for t, f in fisher.items()}
         for a, b in itertools.combinations(self._tasks, 2):
             scalars[f"pairs/{a}/{b}/jaccard"] = mask_jaccard(masks[a], masks[b])

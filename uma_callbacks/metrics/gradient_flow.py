@@ -8,9 +8,8 @@ from collections import defaultdict
 import numpy as np
 import torch
 
-from ..linalg.per_sample import per_sample_grads
-from ..model_state import eager_attention
-from .base import ComputeContext, Cost, Metric, MetricResult, check_choice, module_of
+from uma_callbacks.linalg.per_sample import per_sample_grads
+from uma_callbacks.metrics.base import ComputeContext, Cost, Metric, MetricResult, check_choice, module_of
 
 ACCUMULATE_DTYPES = ("float32", "float64")
 
@@ -61,8 +60,8 @@ class GradientFlow(Metric):
     """
 
     name = "gradient_flow"
+    needs_eager_attention = True
     cost = Cost(per_sample_grads=True, param_copies=1.0)
-    reduce = {"grad_sum": "sum", "sq_norm_sum": "sum", "loss_sum": "sum", "n": "sum"}
 
     def __init__(
         self,
@@ -101,17 +100,16 @@ class GradientFlow(Metric):
         sq_norm_sum = torch.zeros(len(names), dtype=torch.float64, device=next(iter(params.values())).device)
         loss_sum = torch.zeros(1, dtype=torch.float64, device=sq_norm_sum.device)
         n_chunks = 0
-        with eager_attention(ctx.model, ctx.meta):
-            for chunk in ctx.chunks():
-                psg = per_sample_grads(ctx.model, ctx.loss_fn, chunk, params)
-                sq = psg.sq_norms()
-                sq_norm_sum += torch.stack([sq[n].to(torch.float64).sum() for n in names])
-                for n in names:
-                    grad_sum[n] += psg.grads[n].sum(dim=0).to(grad_sum[n].dtype)
-                loss_sum += psg.losses.to(torch.float64).sum()
-                del psg, sq
-                n_chunks += 1
-                ctx.check_time(chunks_done=n_chunks)
+        for chunk in ctx.chunks():
+            psg = per_sample_grads(ctx.model, ctx.loss_fn, chunk, params)
+            sq = psg.sq_norms()
+            sq_norm_sum += torch.stack([sq[n].to(torch.float64).sum() for n in names])
+            for n in names:
+                grad_sum[n] += psg.grads[n].sum(dim=0).to(grad_sum[n].dtype)
+            loss_sum += psg.losses.to(torch.float64).sum()
+            del psg, sq
+            n_chunks += 1
+            ctx.check_time(chunks_done=n_chunks)
         ctx.collective.sum_([*grad_sum.values(), sq_norm_sum, loss_sum])
         n = ctx.n_total()
         ctx.meta["per_sample_method"] = "vmap(grad)"

@@ -8,11 +8,10 @@ from collections.abc import Sequence
 import numpy as np
 import torch
 
-from ..linalg.hutchinson import hutchinson_trace
-from ..linalg.hvp import HessianOperator, split_flat
-from ..linalg.lanczos import lanczos_top_k
-from ..model_state import eager_attention
-from .base import ComputeContext, Cost, Metric, MetricResult, check_positive_int
+from uma_callbacks.linalg.hutchinson import hutchinson_trace
+from uma_callbacks.linalg.hvp import HessianOperator, split_flat
+from uma_callbacks.linalg.lanczos import lanczos_top_k
+from uma_callbacks.metrics.base import ComputeContext, Cost, Metric, MetricResult, check_positive_int
 
 
 class HessianSpectrum(Metric):
@@ -72,9 +71,9 @@ class HessianSpectrum(Metric):
     """
 
     name = "hessian"
+    needs_eager_attention = True
     #: default config: basis of max(3k, k + 30) = 40 vectors, plus the accumulator and a product.
     cost = Cost(hvp=True, param_copies=42.0)
-    reduce = {"hvp": "sum", "n": "sum"}
 
     def __init__(
         self,
@@ -155,42 +154,41 @@ class HessianSpectrum(Metric):
         dtype = torch.float64 if any(p.dtype == torch.float64 for p in params.values()) else torch.float32
         n = ctx.n_total()
         hut = None
-        with eager_attention(ctx.model, ctx.meta):
-            op = HessianOperator(
-                ctx.model,
-                ctx.loss_fn,
-                list(ctx.chunks()),
-                params,
-                n,
-                collective=ctx.collective,
-                cache_graph=cache_graph,
-                on_matvec=lambda m: ctx.check_time(matvecs=m),
+        op = HessianOperator(
+            ctx.model,
+            ctx.loss_fn,
+            list(ctx.chunks()),
+            params,
+            n,
+            collective=ctx.collective,
+            cache_graph=cache_graph,
+            on_matvec=lambda m: ctx.check_time(matvecs=m),
+        )
+        try:
+            lz = lanczos_top_k(
+                op.matvec,
+                op.dim,
+                self.top_k,
+                max_iter=self.max_iter,
+                tol=self.tol,
+                seed=self.seed,
+                dtype=dtype,
+                device=device,
+                basis_device=basis_device,
+                return_vectors=self.return_eigenvectors,
             )
-            try:
-                lz = lanczos_top_k(
+            lanczos_matvecs = op.matvecs
+            if self.hutchinson_samples:
+                hut = hutchinson_trace(
                     op.matvec,
                     op.dim,
-                    self.top_k,
-                    max_iter=self.max_iter,
-                    tol=self.tol,
-                    seed=self.seed,
+                    self.hutchinson_samples,
+                    seed=self.seed + 1,
                     dtype=dtype,
                     device=device,
-                    basis_device=basis_device,
-                    return_vectors=self.return_eigenvectors,
                 )
-                lanczos_matvecs = op.matvecs
-                if self.hutchinson_samples:
-                    hut = hutchinson_trace(
-                        op.matvec,
-                        op.dim,
-                        self.hutchinson_samples,
-                        seed=self.seed + 1,
-                        dtype=dtype,
-                        device=device,
-                    )
-            finally:
-                op.close()
+        finally:
+            op.close()
         eigenvalues = lz.eigenvalues.to(torch.float64).cpu()
         scalars = spectrum_scalars(eigenvalues.tolist())
         if hut is not None:

@@ -9,9 +9,9 @@ from typing import Any
 import numpy as np
 import torch
 
-from ..linalg.weights import moved_weights
-from .base import ComputeContext, Cost, Metric, MetricResult, MetricSkipped, check_positive_int
-from .landscape import _local_chunks, probe_loss_sum
+from uma_callbacks.linalg.weights import moved_weights
+from uma_callbacks.metrics.base import ComputeContext, Cost, Metric, MetricResult, MetricSkipped, check_positive_int
+from uma_callbacks.metrics.landscape import _local_chunks, probe_loss_sum
 
 
 class CheckpointInterpolation(Metric):
@@ -29,8 +29,9 @@ class CheckpointInterpolation(Metric):
     0 for a convex path), ``distance`` = ||theta - theta_0|| over the trainable
     parameters. Arrays: ``ts [n']``, ``path_losses [n']``.
 
-    The previous weights come from the constructor or :meth:`set_previous`; without them
-    :meth:`compute` raises ``ValueError`` (the suite records it). Only the trainable
+    The previous weights come from the constructor or :meth:`set_previous`, else from the
+    session's checkpoint history (``history_needed = 1``); without either the metric is
+    skipped (first checkpoint). Only the trainable
     parameters are interpolated; other entries of the state dict (buffers) are ignored.
 
     Args:
@@ -59,8 +60,8 @@ class CheckpointInterpolation(Metric):
     #: the saved theta (1 P) and the previous weights on the model's device (1 P when they
     #: come from host memory or another dtype; counted always).
     cost = Cost(forward_only=True, param_copies=2.0, fixed_bytes=3 * 8 << 16)
-    reduce = {"path_loss_sums": "sum", "n": "sum"}
     needs_grad = False
+    history_needed = 1
 
     def __init__(
         self,
@@ -115,16 +116,6 @@ class CheckpointInterpolation(Metric):
         self._previous = {k: v.detach() for k, v in state_dict.items()}
         self.previous_label = label
 
-    def prepare(self, context: Mapping[str, Any]) -> None:
-        """Take the previous checkpoint from a trigger's context, when it has one.
-
-        The callback and the backfill pass ``{"previous_weights": {name: tensor},
-        "previous_label": "step-<N>"}``; weights given at construction stay otherwise.
-        """
-        previous = context.get("previous_weights")
-        if previous is not None:
-            self.set_previous(previous, context.get("previous_label"))
-
     @property
     def has_previous(self) -> bool:
         """Whether previous weights are set."""
@@ -142,14 +133,17 @@ class CheckpointInterpolation(Metric):
         return ts
 
     def _compute(self, ctx: ComputeContext) -> MetricResult:
-        if self._previous is None:
+        previous, label = self._previous, self.previous_label
+        if previous is None and ctx.history.previous:
+            previous, label = ctx.history.previous[0].weights, ctx.history.previous[0].label
+        if previous is None:
             raise MetricSkipped(
-                "no previous checkpoint yet: CheckpointInterpolation needs its weights (the callback and "
-                "the backfill pass them from the second checkpoint on; or pass previous=/set_previous())"
+                "no previous checkpoint yet: CheckpointInterpolation needs its weights (every trigger passes "
+                "them from the second checkpoint on; or pass previous=/set_previous())"
             )
         params = ctx.trainable_params()
-        missing = [n for n in params if n not in self._previous]
-        bad = [n for n, p in params.items() if n in self._previous and self._previous[n].shape != p.shape]
+        missing = [n for n in params if n not in previous]
+        bad = [n for n, p in params.items() if n in previous and previous[n].shape != p.shape]
         if missing or bad:
             raise ValueError(
                 f"CheckpointInterpolation.previous must hold every trainable parameter with its shape; "
@@ -160,7 +154,7 @@ class CheckpointInterpolation(Metric):
         ts = self.path_ts()
         sums = torch.zeros(len(ts), dtype=torch.float64)
         targets = list(params.values())
-        start = [self._previous[k].to(device=p.device, dtype=p.dtype) for k, p in params.items()]
+        start = [previous[k].to(device=p.device, dtype=p.dtype) for k, p in params.items()]
         with moved_weights(targets) as mover:
             distance = math.sqrt(sum(_sq_distance(s, t) for s, t in zip(start, mover.theta)))
             for j, t in enumerate(ts):
@@ -170,7 +164,7 @@ class CheckpointInterpolation(Metric):
         del start
         ctx.collective.sum_([sums])
         losses = (sums / n).numpy()
-        ctx.meta.update(previous_label=self.previous_label, forward_passes=len(ts) * len(chunks))
+        ctx.meta.update(previous_label=label, forward_passes=len(ts) * len(chunks))
         return interpolation_result(ts, losses, distance)
 
 

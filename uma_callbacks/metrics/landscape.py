@@ -9,12 +9,12 @@ from typing import Any
 import numpy as np
 import torch
 
-from ..linalg.hvp import HessianOperator, split_flat
-from ..linalg.lanczos import lanczos_top_k
-from ..linalg.weights import WeightMover, flat_dot, flat_norm, moved_weights
-from ..model_state import eager_attention
-from ..probe import count_samples, split_batch
-from .base import ComputeContext, Cost, Metric, MetricResult, check_choice, check_positive_int
+from uma_callbacks.linalg.hvp import HessianOperator, split_flat
+from uma_callbacks.linalg.lanczos import lanczos_top_k
+from uma_callbacks.linalg.weights import WeightMover, flat_dot, flat_norm, moved_weights
+from uma_callbacks.core.model_state import eager_attention
+from uma_callbacks.core.batches import count_samples, split_batch
+from uma_callbacks.metrics.base import ComputeContext, Cost, Metric, MetricResult, check_choice, check_positive_int
 
 NORMALIZATIONS = ("filter", "layer", "global")
 MODES = ("stored", "lean")
@@ -91,7 +91,6 @@ class LossLandscape(Metric):
 
     name = "landscape"
     cost = Cost(forward_only=True, param_copies=3.0)
-    reduce = {"grid_loss_sums": "sum", "n": "sum"}
     needs_grad = False
 
     def __init__(

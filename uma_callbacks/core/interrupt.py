@@ -1,6 +1,6 @@
 """SIGTERM during a metric: stop at the metric's next time check, journal it, then terminate.
 
-While :class:`~uma_callbacks.suite.MetricSuite` computes a metric in the main thread,
+While :class:`~uma_callbacks.engine.suite.MetricSuite` computes a metric in the main thread,
 SIGTERM only sets a flag (:func:`deferred_sigterm`). The metric's next
 :meth:`~uma_callbacks.metrics.base.ComputeContext.check_time` (between chunks, products,
 grid points) raises :class:`MetricInterrupted`; the model is restored as after any

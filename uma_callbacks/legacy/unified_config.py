@@ -33,7 +33,7 @@ import warnings
 from dataclasses import dataclass
 from typing import Any
 
-from .metrics import METRICS
+from uma_callbacks.metrics import METRICS
 
 logger = logging.getLogger(__name__)
 
@@ -223,7 +223,7 @@ class UnifiedConfig:
         return wanted
 
     def memory_budget(self) -> Any:
-        """The :class:`~uma_callbacks.budget.MemoryBudget` of ``max_memory_gb``,
+        """The :class:`~uma_callbacks.engine.budget.MemoryBudget` of ``max_memory_gb``,
         ``min_batch_size``, ``max_batch_size`` and ``adaptive_batch_sizing`` (halve the chunk
         on an allocation failure). ``aggressive_cleanup`` and ``enable_memory_tracking``
         need no setting: memory is released after every metric and every result records
@@ -232,7 +232,7 @@ class UnifiedConfig:
         Raises:
             ValueError: ``min_batch_size``/``max_batch_size`` not positive or out of order.
         """
-        from .budget import MemoryBudget
+        from uma_callbacks.engine.budget import MemoryBudget
 
         return MemoryBudget(
             max_gb=float(self.max_memory_gb),

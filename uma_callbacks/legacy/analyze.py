@@ -31,10 +31,10 @@ from typing import Any
 
 import numpy as np
 
-from .journal import JOURNAL_FILE, Journal, append_line, read_lines
-from .probe import Probe
-from .records import Record
-from .unified_config import UnifiedConfig
+from uma_callbacks.engine.journal import JOURNAL_FILE, Journal, append_line, read_lines
+from uma_callbacks.engine.probe import Probe
+from uma_callbacks.engine.records import Record
+from uma_callbacks.legacy.unified_config import UnifiedConfig
 
 #: Our metric names -> the predecessor's result keys.
 RESULT_NAMES = {
@@ -94,7 +94,7 @@ class AnalysisResults:
 
 
 class ResultCache:
-    """The analysis cache: a :class:`~uma_callbacks.journal.Journal` plus a path index.
+    """The analysis cache: a :class:`~uma_callbacks.engine.journal.Journal` plus a path index.
 
     Args:
         cache_dir: the folder (``<output_dir>/cache``).
@@ -192,8 +192,8 @@ def analyze_models(
         ValueError: empty ``model_paths``, bad config, or no data to build the probe from.
         RuntimeError: a metric failed and ``config.skip_on_error`` is False.
     """
-    from .backfill import backfill, resolve_probe
-    from .checkpoints import discover_checkpoints
+    from uma_callbacks.triggers.backfill import backfill, resolve_probe
+    from uma_callbacks.checkpoints import discover_checkpoints
 
     if not model_paths:
         raise ValueError("analyze_models: model_paths is empty; give at least one local model folder")

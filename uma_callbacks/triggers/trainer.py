@@ -30,14 +30,14 @@ import numpy as np
 import torch
 from transformers import TrainerCallback
 
-from .budget import as_budget, param_bytes
-from .config import TRACKER_NAMES, UMAConfig
-from .distributed import current_collective
-from .journal import Journal
-from .metrics.base import Metric
-from .probe import Probe, count_samples, pad_collate, save_probe
-from .snapshot import weights_fingerprint
-from .suite import MetricSuite
+from uma_callbacks.engine.budget import as_budget, param_bytes
+from uma_callbacks.config import TRACKER_NAMES, UMAConfig
+from uma_callbacks.core.distributed import current_collective
+from uma_callbacks.engine.journal import Journal
+from uma_callbacks.metrics.base import Metric
+from uma_callbacks.engine.probe import Probe, count_samples, pad_collate, save_probe
+from uma_callbacks.engine.snapshot import weights_fingerprint
+from uma_callbacks.engine.suite import MetricSuite
 
 logger = logging.getLogger(__name__)
 
@@ -257,11 +257,11 @@ def make_sink(name: str, fallback_dir: str | os.PathLike[str] | None = None) -> 
         ModuleNotFoundError: the tracker's package is missing (names the pip extra).
     """
     if name == "mlflow":
-        from .integrations.mlflow import MLflowSink
+        from uma_callbacks.integrations.mlflow import MLflowSink
 
         return MLflowSink(fallback_dir=fallback_dir)
     if name == "wandb":
-        from .integrations.wandb import WandbSink
+        from uma_callbacks.integrations.wandb import WandbSink
 
         return WandbSink(dir=fallback_dir)
     raise ValueError(f"trackers entries must be one of {TRACKER_NAMES!r}; got {name!r}")
@@ -269,7 +269,7 @@ def make_sink(name: str, fallback_dir: str | os.PathLike[str] | None = None) -> 
 
 def _check_tracker_packages(trackers: Sequence[Any] | None) -> None:
     """Raise at construction when a named tracker's package is missing (names the extra)."""
-    from .integrations.base import require_tracker
+    from uma_callbacks.integrations.base import require_tracker
 
     for tracker in trackers or ():
         if isinstance(tracker, str):

@@ -40,15 +40,15 @@ from typing import Any
 
 import torch
 
-from .budget import as_budget
-from .config import UMAConfig
-from .distributed import Collective, current_collective
-from .journal import Journal
-from .metrics.base import Metric
-from .probe import Probe, pad_collate
-from .records import Record
-from .snapshot import weights_fingerprint
-from .suite import MetricSuite
+from uma_callbacks.engine.budget import as_budget
+from uma_callbacks.config import UMAConfig
+from uma_callbacks.core.distributed import Collective, current_collective
+from uma_callbacks.engine.journal import Journal
+from uma_callbacks.metrics.base import Metric
+from uma_callbacks.engine.probe import Probe, pad_collate
+from uma_callbacks.engine.records import Record
+from uma_callbacks.engine.snapshot import weights_fingerprint
+from uma_callbacks.engine.suite import MetricSuite
 
 logger = logging.getLogger(__name__)
 
@@ -112,7 +112,7 @@ class UMAHandle:
             carry files).
         journal: the journal (rank 0; ``None`` elsewhere).
         probe: the frozen probe.
-        suite: the :class:`~uma_callbacks.suite.MetricSuite`.
+        suite: the :class:`~uma_callbacks.engine.suite.MetricSuite`.
     """
 
     def __init__(
@@ -238,7 +238,7 @@ class UMAHandle:
                 self.suite._failed_sinks.add(sink.name)
 
     def _resolve_sinks(self) -> list[Any]:
-        from .callback import make_sink  # noqa: PLC0415 (transformers loads only when needed)
+        from uma_callbacks.triggers.trainer import make_sink  # noqa: PLC0415 (transformers loads only when needed)
 
         requested = self.config.trackers
         if requested is not None:
@@ -262,11 +262,11 @@ def sink_for_tracker(tracker: Any) -> Any:
     name = getattr(tracker, "name", "")
     native = getattr(tracker, "tracker", None)
     if name == "wandb" and native is not None:
-        from .integrations.wandb import WandbSink  # noqa: PLC0415
+        from uma_callbacks.integrations.wandb import WandbSink  # noqa: PLC0415
 
         return WandbSink(run=native)
     if name == "mlflow" and native is not None:
-        from .integrations.mlflow import MLflowSink  # noqa: PLC0415
+        from uma_callbacks.integrations.mlflow import MLflowSink  # noqa: PLC0415
 
         import mlflow  # noqa: PLC0415 (the accelerator already imported it)
 
@@ -329,7 +329,7 @@ def attach(
         accelerator: the ``accelerate.Accelerator``.
         metrics: metric objects or names (``"gradient_flow"``, ``"fisher"``, ...).
         probe: a :class:`Probe`, a list of batches, a map-style dataset (sampled with
-            ``seed``, padded by :func:`~uma_callbacks.probe.pad_collate`) or an
+            ``seed``, padded by :func:`~uma_callbacks.engine.probe.pad_collate`) or an
             *unprepared* DataLoader (its first batches). Every rank must build the same
             probe (checked across ranks); each then measures its own shard.
         global_step: a callable returning the global step at save time (e.g.
@@ -368,7 +368,7 @@ def attach(
         100
         >>> handle.remove()
     """
-    from .callback import _check_tracker_packages  # noqa: PLC0415
+    from uma_callbacks.triggers.trainer import _check_tracker_packages  # noqa: PLC0415
 
     if config.get("every_n_steps") is not None:
         raise ValueError("attach: every_n_steps is not supported (no step events); call handle.measure(step) instead")

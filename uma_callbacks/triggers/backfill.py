@@ -7,7 +7,7 @@
    read while the current one is measured) into a model built once from ``config.json``;
 2. measures it on the *same* frozen probe the live callback used (rebuilt from
    ``<journal>/probe.safetensors``, or from the data and seed given; its fingerprint is
-   checked against the journal's records) with a :class:`~uma_callbacks.suite.MetricSuite`
+   checked against the journal's records) with a :class:`~uma_callbacks.engine.suite.MetricSuite`
    (``source="backfill"``) at the checkpoint's own global step;
 3. measures the checkpoint-pair metrics against the previous checkpoint: the
    :class:`Trajectory` record (distance from the first checkpoint, norm and cosine of
@@ -38,25 +38,24 @@ from typing import Any
 import numpy as np
 import torch
 
-from .checkpoints import (
+from uma_callbacks.checkpoints import (
     Checkpoint,
-    Trajectory,
     architecture_of,
     build_model,
     discover_checkpoints,
     load_into,
     load_weights,
     read_config,
-    trajectory_scalars,
 )
-from .config import build_metric
-from .journal import DELIVERIES_FILE, Journal, read_lines
-from .metrics.base import Metric
-from .probe import Probe, load_probe
-from .records import Record
-from .snapshot import weights_fingerprint
-from .budget import as_budget
-from .suite import MetricSuite, deliver
+from uma_callbacks.config import build_metric
+from uma_callbacks.metrics.trajectory import Trajectory, trajectory_scalars
+from uma_callbacks.engine.journal import DELIVERIES_FILE, Journal, read_lines
+from uma_callbacks.metrics.base import Metric
+from uma_callbacks.engine.probe import Probe, load_probe
+from uma_callbacks.engine.records import Record
+from uma_callbacks.engine.snapshot import weights_fingerprint
+from uma_callbacks.engine.budget import as_budget
+from uma_callbacks.engine.suite import MetricSuite, deliver
 
 logger = logging.getLogger(__name__)
 
@@ -463,7 +462,7 @@ def resolve_sinks(
         if not isinstance(tracker, str):
             sinks.append(tracker)
         elif tracker == "mlflow":
-            from .integrations.mlflow import MLflowSink
+            from uma_callbacks.integrations.mlflow import MLflowSink
 
             run_id = mlflow_run_id or delivered_run(journal, "mlflow")
             uri = tracking_uri or os.environ.get("MLFLOW_TRACKING_URI") or _local_store(run_dir, journal.root)
@@ -492,10 +491,10 @@ def _local_store(run_dir: Path, root: Path) -> str | None:
 def _wandb_sink(run_id: str | None) -> Any:
     import inspect
 
-    from .callback import make_sink
+    from uma_callbacks.triggers.trainer import make_sink
 
     if run_id:
-        from .integrations.wandb import WandbSink
+        from uma_callbacks.integrations.wandb import WandbSink
 
         if "run_id" in inspect.signature(WandbSink).parameters:
             return WandbSink(run_id=run_id)

@@ -31,8 +31,8 @@ from typing import Any
 
 import numpy as np
 
-from .metrics.base import MetricResult
-from .records import Record
+from uma_callbacks.metrics.base import MetricResult
+from uma_callbacks.engine.records import Record
 
 logger = logging.getLogger(__name__)
 

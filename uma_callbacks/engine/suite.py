@@ -6,7 +6,7 @@ For each metric, in order:
    fingerprint) is reused (status ``cached``, nothing computed);
 2. compute on this rank's share of the probe; an exception becomes an ``error`` record
    (type, message, traceback), a time-out a ``timeout`` record, and training goes on;
-   all ranks agree on failure (:class:`~uma_callbacks.distributed.AgreeingCollective`:
+   all ranks agree on failure (:class:`~uma_callbacks.core.distributed.AgreeingCollective`:
    every reduction is preceded by a tiny status all-reduce), so none waits on a failed one;
 3. memory is released (``gc.collect``, ``torch.cuda.empty_cache``);
 4. rank 0 writes the files and the journal line, draws the figures, and delivers the
@@ -14,7 +14,7 @@ For each metric, in order:
    gets every record it missed (``uma sync`` replays them too);
 5. SIGTERM during a metric stops it at its next time check: an ``interrupted`` record
    is journalled, then the signal goes on to the previous handler
-   (:mod:`uma_callbacks.interrupt`).
+   (:mod:`uma_callbacks.core.interrupt`).
 
 This is the one place that catches metric failures.
 """
@@ -30,14 +30,14 @@ from typing import Any
 
 import torch
 
-from .budget import MemoryBudget, compute_within_budget, release_memory
-from .distributed import AgreeingCollective, Collective, LocalCollective, PeerFailure
-from .interrupt import MetricInterrupted, deferred_sigterm, redeliver_if_requested
-from .journal import Journal, cache_key
-from .losses import LossFn
-from .metrics.base import Metric, MetricResult, MetricTimeout
-from .probe import Probe, move_batch
-from .records import Record
+from uma_callbacks.engine.budget import MemoryBudget, compute_within_budget, release_memory
+from uma_callbacks.core.distributed import AgreeingCollective, Collective, LocalCollective, PeerFailure
+from uma_callbacks.core.interrupt import MetricInterrupted, deferred_sigterm, redeliver_if_requested
+from uma_callbacks.engine.journal import Journal, cache_key
+from uma_callbacks.core.losses import LossFn
+from uma_callbacks.metrics.base import Metric, MetricResult, MetricTimeout
+from uma_callbacks.engine.probe import Probe, move_batch
+from uma_callbacks.engine.records import Record
 
 logger = logging.getLogger(__name__)
 
@@ -251,7 +251,7 @@ class MetricSuite:
         files = self.journal.write_files(result, step) if result.status == "ok" else []
         if self.draw_figures and result.status == "ok":
             try:
-                from . import plots
+                from uma_callbacks import plots
             except ImportError:  # matplotlib is an optional extra
                 return files
             try:

@@ -13,11 +13,12 @@ from __future__ import annotations
 
 import math
 from pathlib import Path
+from collections.abc import Callable
 from typing import Any
 
 import numpy as np
 
-from .metrics.base import MetricResult
+from uma_callbacks.metrics.base import MetricResult
 
 
 def _pyplot() -> Any:
@@ -29,21 +30,81 @@ def _pyplot() -> Any:
     return plt
 
 
+#: ``{metric name: drawer(result, folder) -> [png paths]}``; a family's module adds its own
+#: with :func:`register_drawer`.
+DRAWERS: dict[str, Callable[[MetricResult, Path], list[Path]]] = {}
+
+
+def register_drawer(*names: str) -> Callable[[Callable[[MetricResult, Path], list[Path]]], Callable[[MetricResult, Path], list[Path]]]:
+    """Decorator: draw results of the metrics ``names`` with the decorated function."""
+
+    def wrap(fn: Callable[[MetricResult, Path], list[Path]]) -> Callable[[MetricResult, Path], list[Path]]:
+        for name in names:
+            DRAWERS[name] = fn
+        return fn
+
+    return wrap
+
+
 def draw_result(result: MetricResult, folder: str | Path) -> list[Path]:
     """Draw every figure this result supports into ``folder``; returns the PNG paths."""
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
-    drawers = {
-        "gradient_flow": _gradient_flow,
-        "fisher": _spectrum_and_layers,
-        "hessian": _spectrum_and_layers,
-        "landscape": _landscape,
-        "interpolation": _interpolation,
-    }
-    drawer = drawers.get(result.name)
+    drawer = DRAWERS.get(result.name)
     if drawer is None:
         return []
     return drawer(result, folder)
+
+
+#: ``{metric name: drawer(results, folder) -> [png paths]}`` for figures across checkpoints
+#: (``uma report``): ``results`` are ``(step, MetricResult)`` pairs of ``ok`` records in step
+#: order, read back from the journal (arrays from the step's ``.npz``/``.json`` when present).
+TREND_DRAWERS: dict[str, Callable[[list[tuple[int, MetricResult]], Path], list[Path]]] = {}
+
+
+def register_trend(*names: str) -> Callable[[Callable[..., list[Path]]], Callable[..., list[Path]]]:
+    """Decorator: draw the across-checkpoint figure of the metrics ``names`` in ``uma report``."""
+
+    def wrap(fn: Callable[..., list[Path]]) -> Callable[..., list[Path]]:
+        for name in names:
+            TREND_DRAWERS[name] = fn
+        return fn
+
+    return wrap
+
+
+def draw_trends(results: dict[str, list[tuple[int, MetricResult]]], folder: str | Path) -> list[Path]:
+    """Draw every registered across-checkpoint figure for which ``results`` has data."""
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    paths: list[Path] = []
+    for name, drawer in TREND_DRAWERS.items():
+        if results.get(name):
+            paths += drawer(results[name], folder)
+    return paths
+
+
+def heatmap(matrix: np.ndarray, title: str, xlabel: str, ylabel: str, path: Path, colorbar_label: str = "") -> Path:
+    """A labelled heatmap of ``matrix [rows, cols]`` (integer ticks) saved to ``path``."""
+    plt = _pyplot()
+    matrix = np.asarray(matrix, dtype=float)
+    rows, cols = matrix.shape
+    fig, ax = plt.subplots(figsize=(max(4.0, 0.35 * cols + 2), max(3.0, 0.3 * rows + 1.5)))
+    image = ax.imshow(matrix, aspect="auto", cmap="viridis", interpolation="nearest")
+    ax.set_title(title)
+    ax.set_xlabel(xlabel)
+    ax.set_ylabel(ylabel)
+    if cols <= 32:
+        ax.set_xticks(range(cols))
+    if rows <= 32:
+        ax.set_yticks(range(rows))
+    bar = fig.colorbar(image, ax=ax)
+    if colorbar_label:
+        bar.set_label(colorbar_label)
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+    return path
 
 
 def _layer_values(scalars: dict[str, float], suffix: str) -> dict[str, float]:
@@ -71,6 +132,7 @@ def _bar_chart(values: dict[str, float], title: str, ylabel: str, path: Path, co
     return path
 
 
+@register_drawer("gradient_flow")
 def _gradient_flow(result: MetricResult, folder: Path) -> list[Path]:
     norms = _layer_values(result.scalars, "norm")
     if not norms:
@@ -87,6 +149,7 @@ def _gradient_flow(result: MetricResult, folder: Path) -> list[Path]:
     return [_bar_chart(norms, title, "||grad L||", folder / "gradient_flow-layers.png", colors)]
 
 
+@register_drawer("fisher", "hessian")
 def _spectrum_and_layers(result: MetricResult, folder: Path) -> list[Path]:
     paths = []
     eig = result.arrays.get("top_eigenvalues")
@@ -111,6 +174,7 @@ def _spectrum_and_layers(result: MetricResult, folder: Path) -> list[Path]:
     return paths
 
 
+@register_drawer("landscape")
 def _landscape(result: MetricResult, folder: Path) -> list[Path]:
     grid = result.arrays.get("grid_losses")
     if grid is None:
@@ -142,6 +206,7 @@ def _landscape(result: MetricResult, folder: Path) -> list[Path]:
     return [path]
 
 
+@register_drawer("interpolation")
 def _interpolation(result: MetricResult, folder: Path) -> list[Path]:
     ts = result.arrays.get("ts")
     losses = result.arrays.get("path_losses")

@@ -18,85 +18,16 @@ import numpy as np
 import torch
 
 
-def count_samples(batch: Any) -> int:
-    """Number of samples in a batch: the leading dim of its first tensor."""
-    tensor = _first_tensor(batch)
-    if tensor is None:
-        raise ValueError(f"cannot count samples in a batch of type {type(batch).__name__}: no tensor in it")
-    return int(tensor.shape[0]) if tensor.dim() > 0 else 1
+from uma_callbacks.core.batches import (  # noqa: F401 (re-exported)
+    _first_tensor,
+    count_samples,
+    fingerprint_batches,
+    map_tensors,
+    move_batch,
+    select_samples,
+    split_batch,
+)
 
-
-def _first_tensor(batch: Any) -> torch.Tensor | None:
-    if isinstance(batch, torch.Tensor):
-        return batch
-    if isinstance(batch, Mapping):
-        for value in batch.values():
-            found = _first_tensor(value)
-            if found is not None:
-                return found
-    if isinstance(batch, (list, tuple)):
-        for value in batch:
-            found = _first_tensor(value)
-            if found is not None:
-                return found
-    return None
-
-
-def map_tensors(batch: Any, fn: Callable[[torch.Tensor], Any]) -> Any:
-    """Apply ``fn`` to every tensor in a nested dict/list/tuple batch."""
-    if isinstance(batch, torch.Tensor):
-        return fn(batch)
-    if isinstance(batch, Mapping):
-        return type(batch)({k: map_tensors(v, fn) for k, v in batch.items()}) if isinstance(
-            batch, dict
-        ) else {k: map_tensors(v, fn) for k, v in batch.items()}
-    if isinstance(batch, tuple):
-        return tuple(map_tensors(v, fn) for v in batch)
-    if isinstance(batch, list):
-        return [map_tensors(v, fn) for v in batch]
-    return batch
-
-
-def split_batch(batch: Any, chunk_size: int) -> list[Any]:
-    """Cut a batch into consecutive chunks of at most ``chunk_size`` samples (dim 0)."""
-    n = count_samples(batch)
-    if n <= chunk_size:
-        return [batch]
-    return [map_tensors(batch, lambda t, s=start: t[s : s + chunk_size]) for start in range(0, n, chunk_size)]
-
-
-def select_samples(batch: Any, index: torch.Tensor | Sequence[int]) -> Any:
-    """The samples at ``index`` (dim 0) of every tensor of a batch."""
-    idx = torch.as_tensor(index, dtype=torch.long)
-    return map_tensors(batch, lambda t: t.index_select(0, idx.to(t.device)))
-
-
-def move_batch(batch: Any, device: torch.device | str) -> Any:
-    """The batch with every tensor on ``device``."""
-    return map_tensors(batch, lambda t: t.to(device))
-
-
-def fingerprint_batches(batches: Iterable[Any]) -> str:
-    """SHA-256 hex over each tensor's key path, dtype, shape and raw bytes."""
-    digest = hashlib.sha256()
-
-    def visit(obj: Any, path: str) -> None:
-        if isinstance(obj, torch.Tensor):
-            t = obj.detach().cpu().contiguous()
-            digest.update(f"{path}|{t.dtype}|{tuple(t.shape)}|".encode())
-            digest.update(t.view(torch.uint8).numpy().tobytes() if t.numel() else b"")
-        elif isinstance(obj, Mapping):
-            for key in sorted(obj, key=str):
-                visit(obj[key], f"{path}/{key}")
-        elif isinstance(obj, (list, tuple)):
-            for i, value in enumerate(obj):
-                visit(value, f"{path}[{i}]")
-        else:
-            digest.update(f"{path}={json.dumps(obj, default=str)}".encode())
-
-    for i, batch in enumerate(batches):
-        visit(batch, f"#{i}")
-    return digest.hexdigest()
 
 
 def pad_collate(features: Sequence[Mapping[str, Any]], pad_token_id: int = 0) -> dict[str, torch.Tensor]:

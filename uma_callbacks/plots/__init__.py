@@ -1,0 +1,18 @@
+"""Figures drawn from results only (never from a model): PNG files next to the journal.
+
+matplotlib is imported only inside this package (the ``[plots]`` extra), with the Agg
+backend. Each metric family registers its drawer (:func:`register_drawer`) in its own
+module here; :func:`draw_result` dispatches on the result's metric name.
+"""
+
+from uma_callbacks.plots.core import (
+    DRAWERS,
+    TREND_DRAWERS,
+    draw_result,
+    draw_trends,
+    heatmap,
+    register_drawer,
+    register_trend,
+)
+
+__all__ = ["DRAWERS", "TREND_DRAWERS", "draw_result", "draw_trends", "heatmap", "register_drawer", "register_trend"]
