@@ -3,7 +3,9 @@
 ``METRICS`` maps each string name (as used in ``UMACallback(metrics=[...])``) to its class.
 """
 
+from uma_callbacks.metrics.attention import AttentionHeads
 from uma_callbacks.metrics.base import Cost, Metric, MetricResult
+from uma_callbacks.metrics.circuits import Circuits
 from uma_callbacks.metrics.fisher import FisherInformation
 from uma_callbacks.metrics.gradient_flow import GradientFlow
 from uma_callbacks.metrics.hessian import HessianSpectrum
@@ -18,11 +20,15 @@ METRICS: dict[str, type[Metric]] = {
     CheckpointInterpolation.name: CheckpointInterpolation,
     FisherInformation.name: FisherInformation,
     Trajectory.name: Trajectory,
+    AttentionHeads.name: AttentionHeads,
+    Circuits.name: Circuits,
 }
 
 __all__ = [
     "METRICS",
+    "AttentionHeads",
     "CheckpointInterpolation",
+    "Circuits",
     "Cost",
     "FisherInformation",
     "GradientFlow",
