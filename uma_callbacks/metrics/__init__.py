@@ -9,8 +9,10 @@ from uma_callbacks.metrics.circuits import Circuits
 from uma_callbacks.metrics.fisher import FisherInformation
 from uma_callbacks.metrics.gradient_flow import GradientFlow
 from uma_callbacks.metrics.hessian import HessianSpectrum
+from uma_callbacks.metrics.information import InformationTheory
 from uma_callbacks.metrics.interpolation import CheckpointInterpolation
 from uma_callbacks.metrics.landscape import LossLandscape
+from uma_callbacks.metrics.representations import Representations
 from uma_callbacks.metrics.trajectory import Trajectory
 
 METRICS: dict[str, type[Metric]] = {
@@ -20,6 +22,8 @@ METRICS: dict[str, type[Metric]] = {
     CheckpointInterpolation.name: CheckpointInterpolation,
     FisherInformation.name: FisherInformation,
     Trajectory.name: Trajectory,
+    Representations.name: Representations,
+    InformationTheory.name: InformationTheory,
     AttentionHeads.name: AttentionHeads,
     Circuits.name: Circuits,
 }
@@ -33,8 +37,10 @@ __all__ = [
     "FisherInformation",
     "GradientFlow",
     "HessianSpectrum",
+    "InformationTheory",
     "LossLandscape",
     "Metric",
     "MetricResult",
+    "Representations",
     "Trajectory",
 ]
