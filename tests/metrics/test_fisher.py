@@ -73,17 +73,24 @@ def test_fisher_matches_oracle_for_every_chunk_size(case):
     assert runs[0].scalars["condition_number"] == pytest.approx(lam[0] / lam[-1], rel=1e-6)
 
 
-@pytest.mark.parametrize("method", ["linear", "vmap"])
+METHOD_NAMES = {"linear": "linear", "vmap": "vmap(grad)", "hooks": "hooks", "auto": "hooks"}
+
+
+@pytest.mark.parametrize("method", ["linear", "vmap", "hooks"])
 @pytest.mark.parametrize("cache_bytes", [1 << 30, 0])
-def test_both_gradient_methods_cached_or_recomputed_match_oracle(method, cache_bytes):
+def test_every_gradient_method_cached_or_recomputed_matches_oracle(method, cache_bytes):
+    """Several chunks: the Gram's off-diagonal blocks come from the cached chunks; without
+    the cache the spectrum falls back to Lanczos (recomputing the chunks per product)."""
     case = TINY_CASES[0]
     model, batches, loss_fn = case.build(dtype=torch.float64)
     got = FisherInformation(top_k=TOP_K, method=method, cache_bytes=cache_bytes, chunk_size=3).compute(
         model, batches, loss_fn
     )
     want = _oracle(case)
-    assert got.meta["per_sample_method"] == ("linear" if method == "linear" else "vmap(grad)")
+    assert got.meta["per_sample_method"] == METHOD_NAMES[method]
     assert got.meta["cached"] is (cache_bytes > 0)
+    gram = cache_bytes > 0 and method != "linear"
+    assert got.meta["spectrum_method"] == ("gram" if gram else "lanczos")
     assert got.scalars["trace"] == pytest.approx(want["scalars"]["trace"], rel=1e-6)
     np.testing.assert_allclose(got.arrays["top_eigenvalues"], want["eig"][:TOP_K], rtol=1e-6)
 
@@ -104,12 +111,13 @@ def _seq_loss(model, batch):
     return ((model(batch["x"]) - batch["y"]) ** 2).sum((1, 2))
 
 
-def test_linear_factors_on_sequence_inputs_match_oracle():
+@pytest.mark.parametrize("method", ["linear", "hooks"])
+def test_linear_factors_on_sequence_inputs_match_oracle(method):
     torch.manual_seed(1)
     model = _SeqMLP().double()
     batches = [{"x": torch.randn(4, 5, 3, dtype=torch.float64), "y": torch.randn(4, 5, 2, dtype=torch.float64)}]
-    got = FisherInformation(top_k=3, keep_diagonal=True).compute(model, batches, _seq_loss)
-    assert got.meta["per_sample_method"] == "linear"
+    got = FisherInformation(top_k=3, keep_diagonal=True, method=method).compute(model, batches, _seq_loss)
+    assert got.meta["per_sample_method"] == method
     want = oracle_fisher(model, batches, _seq_loss)
     assert got.scalars["trace"] == pytest.approx(want["scalars"]["trace"], rel=1e-6)
     for name, d in want["diag"].items():
@@ -124,8 +132,8 @@ def test_auto_falls_back_to_vmap_when_a_parameter_is_used_outside_its_layer():
         return loss_fn(m, b) + (m.head.bias**2).sum()  # bias used outside nn.Linear.forward
 
     got = FisherInformation(top_k=2).compute(model, batches, loss_with_extra)
-    assert got.meta["per_sample_method"] == "vmap(grad)"
-    assert "head.bias" in got.meta["linear_fallback"]
+    assert got.meta["per_sample_method"] == "hooks+vmap(grad)"
+    assert got.meta["vmap_params"] == {"head.bias": "used outside its layers' forward"}
     want = oracle_fisher(model, batches, loss_with_extra)
     assert got.scalars["trace"] == pytest.approx(want["scalars"]["trace"], rel=1e-6)
     with pytest.raises(ValueError, match="method='linear'"):

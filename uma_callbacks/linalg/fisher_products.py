@@ -13,7 +13,14 @@ u = G_c v [B] and G_c^T u [P], on either of two chunk representations:
   (any model, any ``loss_fn``);
 - :class:`~uma_callbacks.linalg.linear_factors.LinearFactors`: per-layer activations and
   output gradients, when every trainable parameter is an ``nn.Linear`` weight/bias
-  (no [B, P] stack is ever built for 2-D inputs).
+  (no [B, P] stack is ever built for 2-D inputs);
+- :class:`~uma_callbacks.linalg.layer_grads.LayerGradients`: per-layer factors from one
+  ordinary backward with hooks (Linear, Conv1D, Embedding, LayerNorm, RMSNorm; ``vmap``
+  for the rest), reduced a layer at a time (the default, ``method="hooks"``).
+
+The Gram matrix K = G G^T [N, N] (K_ij = g_i^T g_j) is formed in the same pass when asked
+(every chunk's diagonal block; the blocks between chunks from the cached representations):
+the non-zero eigenvalues of F = G^T G / N are those of K / N, all N of them exactly.
 
 The representations of all chunks are cached when they fit ``cache_bytes``; otherwise
 each product recomputes them chunk by chunk (one forward+backward per chunk and
@@ -34,11 +41,12 @@ import torch
 
 from uma_callbacks.core.losses import IGNORE_INDEX, LossFn, model_inputs
 from uma_callbacks.core.batches import count_samples, map_tensors, select_samples
+from uma_callbacks.linalg.layer_grads import HookPlan, LayerGradients, layer_gradients
 from uma_callbacks.linalg.linear_factors import linear_factors
 from uma_callbacks.linalg.per_sample import PerSampleGradients, per_sample_grads
 
-#: Ways to get per-sample gradients: ``auto`` picks ``linear`` when the model allows it.
-METHODS = ("auto", "vmap", "linear")
+#: Ways to get per-sample gradients: ``auto`` is ``hooks`` (per-layer rules, vmap for the rest).
+METHODS = ("auto", "vmap", "linear", "hooks")
 
 
 class ChunkGradients(Protocol):
@@ -90,6 +98,16 @@ class StackedGrads:
         """``{name: sum_i u_i g_{i,p}}``."""
         return {n: torch.tensordot(u.to(g.dtype), g, dims=1) for n, g in self.grads.items()}
 
+    def gram(self) -> torch.Tensor:
+        """``G G^T [B, B]`` float64."""
+        return self.cross_gram(self)
+
+    def cross_gram(self, other: StackedGrads) -> torch.Tensor:
+        """``G_self G_other^T`` float64."""
+        return sum(
+            (g.reshape(self.n, -1) @ other.grads[n].reshape(other.n, -1).T).double() for n, g in self.grads.items()
+        )
+
 
 def chunk_gradients(
     model: torch.nn.Module,
@@ -98,13 +116,17 @@ def chunk_gradients(
     params: Mapping[str, torch.Tensor],
     param_map: Mapping[str, tuple[str, str]] | None,
     verify: bool = False,
+    plan: HookPlan | None = None,
 ) -> ChunkGradients:
-    """Per-sample gradients of one chunk: linear factors when ``param_map`` is given, else vmap.
+    """Per-sample gradients of one chunk: hooks when ``plan`` is given, linear factors when
+    ``param_map`` is, else vmap.
 
     Raises:
         ValueError: ``param_map`` given but a run-time check of the linear path fails
             (``verify`` also checks the factors against autograd's summed gradient).
     """
+    if plan is not None:
+        return layer_gradients(model, loss_fn, chunk, params, plan)
     if param_map is not None:
         factors, reason = linear_factors(model, loss_fn, chunk, param_map, params if verify else None)
         if factors is None:
@@ -148,6 +170,11 @@ class FisherSums:
         chunks: the (label-sampled) chunks, to recompute products when not cached.
         param_map: the linear factors' map when they were used, else ``None`` (vmap).
         fallback: why the linear factors were given up for vmap ("" when they were not).
+        groups: the parameter groups of the grouped mode, else ``None``.
+        plan: the hooks plan when the hooks were used, else ``None``.
+        vmapped: names whose per-sample gradients came from vmap within the hooks path.
+        gram: ``[N_local, N_local]`` float64 G G^T when asked and computable (one chunk, or
+            every chunk cached), else ``None``.
     """
 
     names: list[str]
@@ -161,6 +188,16 @@ class FisherSums:
     param_map: dict[str, tuple[str, str]] | None = None
     fallback: str = ""
     groups: list[list[str]] | None = None
+    plan: HookPlan | None = None
+    vmapped: list[str] = field(default_factory=list)
+    gram: torch.Tensor | None = None
+
+    @property
+    def method(self) -> str:
+        """How the per-sample gradients were computed (``meta["per_sample_method"]``)."""
+        if self.plan is not None:
+            return "hooks+vmap(grad)" if self.vmapped else "hooks"
+        return "linear" if self.param_map is not None else "vmap(grad)"
 
 
 def parameter_groups(params: Mapping[str, torch.Tensor], n_groups: int) -> list[list[str]]:
@@ -202,6 +239,9 @@ def accumulate_fisher(
     on_chunk: Callable[[int], None] | None = None,
     auto_fallback: bool = False,
     groups: list[list[str]] | None = None,
+    plan: HookPlan | None = None,
+    want_diag: bool = True,
+    want_gram: bool = False,
 ) -> FisherSums:
     """One pass over ``chunks``: the :class:`FisherSums` of the per-sample gradients.
 
@@ -220,6 +260,9 @@ def accumulate_fisher(
             (which also verifies them against autograd), use vmap instead of raising.
         groups: per-sample gradients one parameter group at a time (vmap, nothing
             cached): a chunk holds [B, largest group] instead of [B, P]; the sums are the same.
+        plan: a :func:`~uma_callbacks.linalg.layer_grads.hook_plan` to use the hooks path.
+        want_diag: accumulate ``diag_sum`` (else it is empty: traces only, ghost norms).
+        want_gram: also form the Gram matrix G G^T (see the module docstring).
 
     Returns:
         :class:`FisherSums`.
@@ -234,19 +277,30 @@ def accumulate_fisher(
     norms, kept, loss_sum, rows, used = [], [], 0.0, 0, 0
     cache: list[ChunkGradients] | None = []
     fallback = ""
+    grams: list[torch.Tensor] | None = [] if want_gram else None
+    vmapped: set[str] = set()
     if groups is not None:
         return _accumulate_grouped(model, loss_fn, chunks, params, groups, accumulate_dtype, want_grad_sum, on_chunk)
     for index, chunk in enumerate(chunks):
         try:
-            rep = chunk_gradients(model, loss_fn, chunk, params, param_map, verify=index == 0)
+            rep = chunk_gradients(model, loss_fn, chunk, params, param_map, verify=index == 0, plan=plan)
         except ValueError as err:
             if not (auto_fallback and index == 0 and param_map is not None):
                 raise
             param_map, fallback = None, str(err)
             rep = chunk_gradients(model, loss_fn, chunk, params, None)
-        sums, sq = rep.square_stats()
+        if isinstance(rep, LayerGradients):
+            sums, sq, chunk_gsum, gram = rep.reduce(want_diag, want_grad_sum, want_gram)
+            vmapped.update(rep.vmapped)
+        else:
+            sums, sq = rep.square_stats()
+            sums = sums if want_diag else {}
+            chunk_gsum = rep.grad_sums() if want_grad_sum else None
+            gram = rep.gram() if want_gram and hasattr(rep, "gram") else None
         _check_finite(sq, names)
-        _add_chunk_sums(diag, gsum if want_grad_sum else None, rep, sums, params, accumulate_dtype)
+        _add_chunk_sums(diag, gsum if want_grad_sum else None, chunk_gsum, sums, params, accumulate_dtype)
+        if grams is not None:
+            grams = grams + [gram] if gram is not None else None
         norms.append(sq)
         loss_sum += float(rep.losses.double().sum())
         rows += rep.n
@@ -273,13 +327,42 @@ def accumulate_fisher(
         chunks=kept,
         param_map=dict(param_map) if param_map is not None else None,
         fallback=fallback,
+        plan=plan,
+        vmapped=[n for n in names if n in vmapped],
+        gram=_full_gram(grams, cache),
     )
+
+
+def _full_gram(blocks: list[torch.Tensor] | None, cache: list[ChunkGradients] | None) -> torch.Tensor | None:
+    """G G^T from the chunks' diagonal blocks, with the blocks between chunks from the cache;
+    ``None`` when a block is missing (several chunks, not all cached)."""
+    if blocks is None or not blocks:
+        return None
+    if len(blocks) == 1:
+        return blocks[0]
+    if cache is None or len(cache) != len(blocks) or not all(hasattr(r, "cross_gram") for r in cache):
+        return None
+    rows = []
+    for i, rep in enumerate(cache):
+        row = []
+        for j, other in enumerate(cache):
+            if i == j:
+                row.append(blocks[i])
+            elif j > i:
+                row.append(rep.cross_gram(other))
+            else:
+                row.append(None)
+        rows.append(row)
+    for i in range(len(cache)):
+        for j in range(i):
+            rows[i][j] = rows[j][i].T
+    return torch.cat([torch.cat(r, dim=1) for r in rows], dim=0)
 
 
 def _add_chunk_sums(
     diag: dict[str, _Kahan],
     gsum: dict[str, _Kahan] | None,
-    rep: ChunkGradients,
+    chunk_gsum: Mapping[str, torch.Tensor] | None,
     sums: Mapping[str, torch.Tensor],
     params: Mapping[str, torch.Tensor],
     accumulate_dtype: torch.dtype,
@@ -288,13 +371,12 @@ def _add_chunk_sums(
     compensated accumulators, creating them (in at least the parameter's dtype) on first use."""
     for name, value in sums.items():
         if name not in diag:
-            dtype = torch.promote_types(accumulate_dtype, params[name].dtype)
-            diag[name] = _Kahan(value, dtype)
-            if gsum is not None:
-                gsum[name] = _Kahan(value, dtype)
+            diag[name] = _Kahan(value, torch.promote_types(accumulate_dtype, params[name].dtype))
         diag[name].add(value)
-    if gsum is not None:
-        for name, g in rep.grad_sums().items():
+    if gsum is not None and chunk_gsum is not None:
+        for name, g in chunk_gsum.items():
+            if name not in gsum:
+                gsum[name] = _Kahan(g, torch.promote_types(accumulate_dtype, params[name].dtype))
             gsum[name].add(g)
 
 
@@ -322,7 +404,8 @@ def _accumulate_grouped(
             if sq_all is None:
                 sq_all = torch.zeros(rep.n, len(names), dtype=torch.float64, device=sq.device)
             sq_all[:, [column[n] for n in group]] = sq
-            _add_chunk_sums(diag, gsum if want_grad_sum else None, rep, sums, params, accumulate_dtype)
+            chunk_gsum = rep.grad_sums() if want_grad_sum else None
+            _add_chunk_sums(diag, gsum if want_grad_sum else None, chunk_gsum, sums, params, accumulate_dtype)
             if g_index == 0:
                 loss_sum += float(rep.losses.double().sum())
                 rows += rep.n
@@ -378,7 +461,7 @@ def fisher_matvec(
             yield from sums.cache
             return
         for chunk in sums.chunks:
-            yield chunk_gradients(model, loss_fn, chunk, params, sums.param_map)
+            yield chunk_gradients(model, loss_fn, chunk, params, sums.param_map, plan=sums.plan)
 
     work = {n: params[n].dtype for n in sums.names}
 

@@ -133,7 +133,8 @@ def per_sample_grads(
         one = map_tensors(sample, lambda t: t.unsqueeze(0))
         return functional_call(wrapper, theta, (one,), strict=False).reshape(())
 
-    with eager_attention(model), _materialised_hf_masks():
+    # no graph to parameters left out of ``params`` (grad ignores the outer no_grad)
+    with eager_attention(model), _materialised_hf_masks(), torch.no_grad():
         grads, losses = vmap(grad_and_value(one_sample_loss), in_dims=(None, 0))(detached, batch)
     check_finite_losses(losses)
     return PerSampleGradients(

@@ -21,6 +21,7 @@ from uma_callbacks.linalg.fisher_products import (
     sample_mc_labels,
 )
 from uma_callbacks.linalg.lanczos import lanczos_top_k
+from uma_callbacks.linalg.layer_grads import hook_plan
 from uma_callbacks.linalg.linear_factors import linear_param_map
 from uma_callbacks.metrics.base import ComputeContext, Cost, Metric, MetricResult, check_choice, check_positive_int, module_of
 
@@ -33,6 +34,9 @@ ACCUMULATE_DTYPES = ("float32", "float64")
 LANCZOS_FLOAT64_BYTES = 1 << 25
 #: Parameter groups of the ``"grouped"`` memory mode (per-sample gradients of one group at a time).
 PARAMETER_GROUPS = 4
+#: The spectrum comes from the exact Gram matrix G G^T / R up to this many rows R (float64
+#: [R, R]: 128 MiB at 4096), from Lanczos above it.
+GRAM_MAX_ROWS = 4096
 
 
 class FisherInformation(Metric):
@@ -56,8 +60,13 @@ class FisherInformation(Metric):
       ``keep_diagonal``;
     - ``trace`` = (1/R) sum_i ||g_i||^2; ``trace_stderr`` = std_i(||g_i||^2) / sqrt(R) (two-pass);
       ``params/<p>/trace``, ``layers/<module>/trace`` (sum over the module's own parameters);
-    - ``top_eigenvalues`` [k] (descending) by Lanczos with full reorthogonalisation on the
-      matrix-free F v = (1/R) sum_i g_i (g_i^T v) (each product all-reduced over ranks);
+    - ``top_eigenvalues`` [k] (descending): F = G^T G / R has rank <= R and its non-zero
+      eigenvalues are exactly those of the R x R Gram matrix G G^T / R, formed in the same
+      pass (``meta["spectrum_method"] = "gram"``; all R eigenvalues in
+      ``arrays["gram_eigenvalues"]``); on several ranks, above :data:`GRAM_MAX_ROWS` rows,
+      or when the chunks' gradients do not fit ``cache_bytes``, by Lanczos with full
+      reorthogonalisation on the matrix-free F v = (1/R) sum_i g_i (g_i^T v) (each product
+      all-reduced over ranks; ``"lanczos"``);
       ``effective_rank`` = exp(-sum_j q_j log q_j), q = lambda / sum(lambda), and
       ``condition_number`` = lambda_1 / lambda_k over the computed top-k. F has rank <= R:
       k is capped at R (``meta["top_k_capped"]``, a warning);
@@ -65,11 +74,16 @@ class FisherInformation(Metric):
       entries of the diagonal) and ``layers/<module>/top_percent_fraction`` (share of the
       module's entries in that mask; see :func:`top_percent_mask`).
 
-    Per-sample gradients: ``method="linear"`` (per-layer factors, models made of
-    ``nn.Linear`` only; no [B, P] stack), ``"vmap"`` (``torch.func``, any model) or
-    ``"auto"``. Products reuse the chunks' gradients when they fit ``cache_bytes``, else
-    recompute them chunk by chunk per product (``meta["cached"]``). float32 accumulators
-    are Kahan-compensated; ``accumulate_dtype="float64"`` sums in float64.
+    Per-sample gradients: ``method="hooks"`` (one ordinary backward with per-layer rules
+    for Linear, GPT-2 Conv1D, Embedding, LayerNorm and HF RMSNorm, ``vmap`` for the other
+    parameters; see :mod:`~uma_callbacks.linalg.layer_grads`), ``"linear"`` (per-layer
+    factors, models made of ``nn.Linear`` only), ``"vmap"`` (``torch.func``, any model) or
+    ``"auto"`` (hooks); ``meta["per_sample_method"]`` says which ran. Without
+    ``keep_diagonal``/``top_percent`` the diagonal is not formed (the traces come from
+    per-sample norms, by ghost kernels where cheaper). Products reuse the chunks' gradients
+    when they fit ``cache_bytes``, else recompute them chunk by chunk per product
+    (``meta["cached"]``). float32 accumulators are Kahan-compensated;
+    ``accumulate_dtype="float64"`` sums in float64.
 
     Args:
         kind: ``"empirical"`` or ``"mc"``.
@@ -79,8 +93,9 @@ class FisherInformation(Metric):
         accumulate_dtype: ``"float32"`` or ``"float64"``.
         keep_diagonal: return the diagonal in ``result.tensors``.
         top_percent: in (0, 100]: importance-mask scalars for the top-p% entries.
-        method: ``"auto"``, ``"vmap"`` or ``"linear"``.
-        cache_bytes: the most bytes of per-sample gradients kept for the products.
+        method: ``"auto"``, ``"hooks"``, ``"vmap"`` or ``"linear"``.
+        cache_bytes: the most bytes of per-sample gradients kept for the products (a
+            memory knob: not part of the configuration).
         lanczos_tol: relative residual tolerance of the Ritz values.
         max_matvecs: the most Lanczos products (default ``max(3k, k + 30)``).
         chunk_size: samples per chunk.
@@ -95,8 +110,8 @@ class FisherInformation(Metric):
         >>> batch = {"x": torch.randn(6, 3), "y": torch.randn(6, 2)}
         >>> loss = lambda m, b: ((m(b["x"]) - b["y"]) ** 2).sum(-1)
         >>> r = FisherInformation(top_k=2).compute(model, [batch], loss)
-        >>> r.arrays["top_eigenvalues"].shape, r.meta["per_sample_method"]
-        ((2,), 'linear')
+        >>> r.arrays["top_eigenvalues"].shape, r.meta["per_sample_method"], r.meta["spectrum_method"]
+        ((2,), 'hooks', 'gram')
     """
 
     name = "fisher"
@@ -145,7 +160,7 @@ class FisherInformation(Metric):
         self.keep_diagonal = bool(keep_diagonal)
         self.top_percent = None if top_percent is None else float(top_percent)
         self.method = method
-        self.cache_bytes = cache_bytes
+        self._cache_bytes = cache_bytes
         self.lanczos_tol = float(lanczos_tol)
         self.max_matvecs = max_matvecs
 
@@ -169,7 +184,7 @@ class FisherInformation(Metric):
 
         def cached(n: int, itemsize: float, n_samples: int) -> int:
             rows = n_samples * self.mc_samples * n * itemsize
-            return int(rows if rows <= self.cache_bytes else 0) + basis(n, itemsize, n_samples) + work(n, itemsize, n_samples)
+            return int(rows if rows <= self._cache_bytes else 0) + basis(n, itemsize, n_samples) + work(n, itemsize, n_samples)
 
         def streamed(n: int, itemsize: float, n_samples: int) -> int:
             return basis(n, itemsize, n_samples) + work(n, itemsize, n_samples)
@@ -202,15 +217,32 @@ class FisherInformation(Metric):
     def _compute(self, ctx: ComputeContext) -> MetricResult:
         ctx.meta["memory_mode"] = getattr(self, "_memory_mode", "cached")
         mode = getattr(self, "_memory_mode", "cached")
-        cache = self.cache_bytes if mode.startswith("cached") else 0
+        cache = self._cache_bytes if mode.startswith("cached") else 0
         groups = PARAMETER_GROUPS if mode == "grouped" else None
+        want_gram = (
+            self.top_k is not None
+            and ctx.collective.world_size == 1
+            and ctx.n_local * self.mc_samples <= GRAM_MAX_ROWS
+        )
         stats = gather_fisher(
-            ctx, self.kind, self.seed, self.mc_samples, self.method, self.accumulate_dtype, cache, groups=groups
+            ctx,
+            self.kind,
+            self.seed,
+            self.mc_samples,
+            self.method,
+            self.accumulate_dtype,
+            cache,
+            groups=groups,
+            want_diag=self.keep_diagonal or self.top_percent is not None,
+            want_gram=want_gram,
         )
         scalars = trace_scalars(stats)
         arrays: dict[str, np.ndarray] = {}
         if self.top_k is not None:
-            eig = self._spectrum(ctx, stats)
+            if stats.local.gram is not None:
+                eig = self._gram_spectrum(ctx, stats, arrays)
+            else:
+                eig = self._spectrum(ctx, stats)
             arrays["top_eigenvalues"] = eig
             scalars.update(spectrum_scalars(eig))
         diag = {n: d / stats.rows for n, d in stats.diag_sum.items()}
@@ -218,6 +250,18 @@ class FisherInformation(Metric):
             scalars.update(mask_scalars(diag, top_percent_mask(diag, self.top_percent)))
         tensors = {n: d.detach().cpu() for n, d in diag.items()} if self.keep_diagonal else {}
         return MetricResult(name=self.name, scalars=scalars, arrays=arrays, tensors=tensors)
+
+    def _gram_spectrum(self, ctx: ComputeContext, stats: GlobalFisher, arrays: dict[str, np.ndarray]) -> np.ndarray:
+        """The top-k of all R eigenvalues of G G^T / R (float64 ``eigvalsh``, exact)."""
+        gram = stats.local.gram.double().cpu()
+        every = torch.linalg.eigvalsh((gram + gram.T) / (2 * stats.rows)).flip(0)
+        k = min(self.top_k, stats.rows)
+        if k < self.top_k:
+            ctx.meta["top_k_capped"] = f"top_k={self.top_k} capped at {k}: F has rank <= {stats.rows} rows"
+            logger.warning("FisherInformation: %s", ctx.meta["top_k_capped"])
+        arrays["gram_eigenvalues"] = every.numpy()
+        ctx.meta.update(spectrum_method="gram", matvecs=0, top_k=k)
+        return every[:k].numpy()
 
     def _spectrum(self, ctx: ComputeContext, stats: GlobalFisher) -> np.ndarray:
         params = ctx.trainable_params()
@@ -259,6 +303,7 @@ class FisherInformation(Metric):
             basis_device=basis_device,
         )
         ctx.meta.update(
+            spectrum_method="lanczos",
             matvecs=result.matvecs,
             lanczos_converged=result.converged,
             lanczos_dtype=str(dtype).replace("torch.", ""),
@@ -299,8 +344,14 @@ def gather_fisher(
     cache_bytes: int,
     want_grad_sum: bool = False,
     groups: int | None = None,
+    *,
+    want_diag: bool = True,
+    want_gram: bool = False,
 ) -> GlobalFisher:
     """Accumulate the Fisher statistics of ``ctx``'s probe and all-reduce them.
+
+    ``want_diag=False`` leaves ``diag_sum`` empty (traces only); ``want_gram`` forms this
+    rank's Gram matrix G G^T in ``local.gram`` when it can (see ``accumulate_fisher``).
 
     Raises:
         ValueError: fewer than 2 samples in the probe, no trainable parameters,
@@ -313,9 +364,10 @@ def gather_fisher(
     n_total = ctx.n_total()
     if n_total < 2:
         raise ValueError(f"FisherInformation: the probe has n_samples={n_total}; it needs at least 2 samples")
-    param_map = None if (method == "vmap" or groups) else linear_param_map(ctx.model, params)
-    if method == "linear" and param_map is None:
+    param_map = linear_param_map(ctx.model, params) if method == "linear" and not groups else None
+    if method == "linear" and param_map is None and not groups:
         raise ValueError("FisherInformation.method='linear' needs every trainable parameter in an nn.Linear")
+    plan = hook_plan(ctx.model, params) if method in ("auto", "hooks") and not groups else None
     chunks = ctx.chunks()
     if kind == "mc":
         chunks = (
@@ -335,8 +387,11 @@ def gather_fisher(
         want_grad_sum=want_grad_sum,
         cache_bytes=cache_bytes,
         on_chunk=lambda i: ctx.check_time(chunks_done=i),
-        auto_fallback=method == "auto",
+        auto_fallback=False,
         groups=parameter_groups(params, groups) if groups else None,
+        plan=plan,
+        want_diag=want_diag,
+        want_gram=want_gram,
     )
     if groups:
         ctx.meta["parameter_groups"] = len(local.groups or [])
@@ -354,9 +409,11 @@ def gather_fisher(
     ctx.meta.update(
         kind=kind,
         rows=rows,
-        per_sample_method="linear" if local.param_map is not None else "vmap(grad)",
+        per_sample_method=local.method,
         cached=local.cache is not None,
     )
+    if local.vmapped:
+        ctx.meta["vmap_params"] = {n: (plan.reasons.get(n, "") if plan else "") for n in local.vmapped}
     return GlobalFisher(local, diag, grad, col, float(dev[0]), rows, float(head[1]) / rows)
 
 

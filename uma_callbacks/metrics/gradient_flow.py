@@ -8,10 +8,13 @@ from collections import defaultdict
 import numpy as np
 import torch
 
+from uma_callbacks.linalg.layer_grads import hook_plan, layer_gradients
 from uma_callbacks.linalg.per_sample import per_sample_grads
 from uma_callbacks.metrics.base import ComputeContext, Cost, Metric, MetricResult, check_choice, module_of
 
 ACCUMULATE_DTYPES = ("float32", "float64")
+#: ``auto`` is ``hooks``: per-layer rules in one ordinary backward, vmap for the rest.
+METHODS = ("auto", "hooks", "vmap")
 
 
 class GradientFlow(Metric):
@@ -32,8 +35,12 @@ class GradientFlow(Metric):
       ``vanishing_ratio`` x the median module norm, ``layers/<m>/exploding`` above
       ``exploding_ratio`` x the median; ``n_vanishing_layers``, ``n_exploding_layers``.
 
-    Per-sample gradients come a chunk at a time from ``vmap(grad)``
-    (:func:`~uma_callbacks.linalg.per_sample.per_sample_grads`). The squared norms are
+    Per-sample gradients come a chunk at a time, by default (``method="auto"`` or
+    ``"hooks"``) from one ordinary backward with per-layer rules, reduced a layer at a time
+    to sum_i g_i and ||g_{i,p}||^2 (:mod:`~uma_callbacks.linalg.layer_grads`; parameters
+    without a rule by ``vmap``), or all by ``vmap(grad)`` (``method="vmap"``,
+    :func:`~uma_callbacks.linalg.per_sample.per_sample_grads`); ``meta["per_sample_method"]``
+    says which. The squared norms are
     summed in float64; ``grad_sum`` in the parameters' dtype or float64
     (``accumulate_dtype``). With float32, V_p carries a relative error of about
     1e-7 x snr from the cancellation in its formula.
@@ -42,6 +49,7 @@ class GradientFlow(Metric):
         vanishing_ratio: a module is vanishing below this fraction of the median norm.
         exploding_ratio: a module is exploding above this multiple of the median norm.
         accumulate_dtype: ``"float32"`` (the parameters' dtype when wider) or ``"float64"``.
+        method: ``"auto"``, ``"hooks"`` or ``"vmap"``.
         chunk_size: samples per ``vmap`` call (default: the whole probe batch).
         timeout_seconds: stop between chunks past this time.
 
@@ -69,6 +77,7 @@ class GradientFlow(Metric):
         exploding_ratio: float = 1e3,
         accumulate_dtype: str = "float32",
         *,
+        method: str = "auto",
         chunk_size: int | None = None,
         timeout_seconds: float | None = None,
     ) -> None:
@@ -81,15 +90,21 @@ class GradientFlow(Metric):
                 f"GradientFlow.vanishing_ratio must be below exploding_ratio; got {vanishing_ratio!r} >= {exploding_ratio!r}"
             )
         check_choice("GradientFlow.accumulate_dtype", accumulate_dtype, ACCUMULATE_DTYPES)
+        check_choice("GradientFlow.method", method, METHODS)
+        self.method = method
         self.vanishing_ratio = float(vanishing_ratio)
         self.exploding_ratio = float(exploding_ratio)
         self.accumulate_dtype = accumulate_dtype
 
     def memory_modes(self) -> list[tuple[str, Cost]]:
         """One mode: ``grad_sum`` (one vector in the accumulation dtype), one chunk's
-        per-sample gradients [B, P] and the per-tensor sums of a chunk (one copy)."""
+        per-sample gradients and the per-tensor sums of a chunk (one copy). The hooks path
+        holds one layer's [B, *shape] at a time, counted as half of [B, P] (the largest
+        layer of a model is rarely more; vmap holds all of [B, P])."""
         acc = 8 if self.accumulate_dtype == "float64" else 4
-        return [("default", Cost(per_sample_grads=True, param_copies=1.0, vectors=1.0, vector_itemsize=acc))]
+        fraction = 1.0 if self.method == "vmap" else 0.5
+        cost = Cost(per_sample_grads=True, param_copies=1.0, vectors=1.0, vector_itemsize=acc, per_sample_grad_fraction=fraction)
+        return [("default", cost)]
 
     def _compute(self, ctx: ComputeContext) -> MetricResult:
         params = ctx.trainable_params()
@@ -100,19 +115,36 @@ class GradientFlow(Metric):
         sq_norm_sum = torch.zeros(len(names), dtype=torch.float64, device=next(iter(params.values())).device)
         loss_sum = torch.zeros(1, dtype=torch.float64, device=sq_norm_sum.device)
         n_chunks = 0
+        plan = hook_plan(ctx.model, params) if self.method != "vmap" else None
+        vmapped: set[str] = set()
         for chunk in ctx.chunks():
-            psg = per_sample_grads(ctx.model, ctx.loss_fn, chunk, params)
-            sq = psg.sq_norms()
-            sq_norm_sum += torch.stack([sq[n].to(torch.float64).sum() for n in names])
-            for n in names:
-                grad_sum[n] += psg.grads[n].sum(dim=0).to(grad_sum[n].dtype)
-            loss_sum += psg.losses.to(torch.float64).sum()
-            del psg, sq
+            if plan is not None:
+                rep = layer_gradients(ctx.model, ctx.loss_fn, chunk, params, plan)
+                _, norms, sums, _ = rep.reduce(want_diag=False, want_sum=True)
+                sq_norm_sum += norms.sum(0)
+                for n in names:
+                    grad_sum[n] += sums[n].to(grad_sum[n].dtype)
+                loss_sum += rep.losses.to(torch.float64).sum()
+                vmapped.update(rep.vmapped)
+                del rep, norms, sums
+            else:
+                psg = per_sample_grads(ctx.model, ctx.loss_fn, chunk, params)
+                sq = psg.sq_norms()
+                sq_norm_sum += torch.stack([sq[n].to(torch.float64).sum() for n in names])
+                for n in names:
+                    grad_sum[n] += psg.grads[n].sum(dim=0).to(grad_sum[n].dtype)
+                loss_sum += psg.losses.to(torch.float64).sum()
+                del psg, sq
             n_chunks += 1
             ctx.check_time(chunks_done=n_chunks)
         ctx.collective.sum_([*grad_sum.values(), sq_norm_sum, loss_sum])
         n = ctx.n_total()
-        ctx.meta["per_sample_method"] = "vmap(grad)"
+        if plan is None:
+            ctx.meta["per_sample_method"] = "vmap(grad)"
+        else:
+            ctx.meta["per_sample_method"] = "hooks+vmap(grad)" if vmapped else "hooks"
+            if vmapped:
+                ctx.meta["vmap_params"] = {p: plan.reasons.get(p, "") for p in names if p in vmapped}
         return gradient_flow_from_sums(
             names, grad_sum, sq_norm_sum, n, self.vanishing_ratio, self.exploding_ratio, loss_sum.item() / n
         )
