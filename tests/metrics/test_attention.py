@@ -355,3 +355,20 @@ def test_real_minilm_encoder():
     assert 0 < result.scalars["mean_entropy"] < 1 and 0 < result.scalars["bos_fraction"] < 1
     circuits = METRICS["circuits"]().compute(model, [batch], loss_fn=lambda m, b: torch.zeros(2))
     assert circuits.arrays["k_composition"].shape == (72, 72) and circuits.meta["tied_fallback"]
+
+
+def test_heatmaps_and_trend_figure(tmp_path):
+    pytest.importorskip("matplotlib")
+    from uma_callbacks.plots import TREND_DRAWERS, draw_result, draw_trends
+    from uma_callbacks.plots import attention as _registers  # noqa: F401
+
+    model = qwen2_gqa()
+    result = AttentionHeads(induction_len=4, n_induction_seqs=2).compute(model, _lm_batches())
+    paths = draw_result(result, tmp_path / "step")
+    assert sorted(p.name for p in paths) == sorted(f"attention-{k}.png" for k in ("entropy", "prev_token", "bos", "induction"))
+    circuits = METRICS["circuits"]().compute(model, _lm_batches())
+    assert len(draw_result(circuits, tmp_path / "step")) == 4
+    assert "attention" in TREND_DRAWERS
+    series = [(10, result), (20, AttentionHeads(induction_len=4, n_induction_seqs=2, seed=1).compute(model, _lm_batches()))]
+    trend = draw_trends({"attention": series}, tmp_path / "report")
+    assert [p.name for p in trend] == ["attention-induction-trend.png"] and trend[0].stat().st_size > 1000
