@@ -14,5 +14,6 @@ from uma_callbacks.plots.core import (
     register_drawer,
     register_trend,
 )
+from uma_callbacks.plots import attention as _attention  # noqa: F401 (registers its figures)
 
 __all__ = ["DRAWERS", "TREND_DRAWERS", "draw_result", "draw_trends", "heatmap", "register_drawer", "register_trend"]
