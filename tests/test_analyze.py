@@ -66,13 +66,13 @@ def test_pattern_1_compare_checkpoints_then_cache_hits(tmp_path):
 
 
 def test_unified_config_accepts_every_seed_field_and_json():
-    config = UnifiedConfig(compute_qkov=True, aggressive_cleanup=True, loss_landscape_batches=5)
+    config = UnifiedConfig(enable_qkov_interference=False, aggressive_cleanup=True, loss_landscape_batches=5)
     same = UnifiedConfig(**json.loads(json.dumps(dataclasses.asdict(config))))
     assert same == config
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         settings = config.to_uma()
-    assert any("compute_qkov" in str(w.message) for w in caught)
+    assert any("enable_qkov_interference" in str(w.message) for w in caught)
     assert settings["metric_names"] == [] and settings["seed"] == 42
 
 

@@ -372,3 +372,16 @@ def test_heatmaps_and_trend_figure(tmp_path):
     series = [(10, result), (20, AttentionHeads(induction_len=4, n_induction_seqs=2, seed=1).compute(model, _lm_batches()))]
     trend = draw_trends({"attention": series}, tmp_path / "report")
     assert [p.name for p in trend] == ["attention-induction-trend.png"] and trend[0].stat().st_size > 1000
+
+
+def test_unified_config_mechanistic_and_qkov():
+    import warnings
+
+    from uma_callbacks.legacy.unified_config import UnifiedConfig
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # mapped: no "no counterpart" warning
+        both = UnifiedConfig(compute_mechanistic=True, seed=7).to_uma()["metrics"]
+        qkov = UnifiedConfig(compute_qkov=True).to_uma()["metric_names"]
+    assert [m.name for m in both] == ["attention", "circuits"] and both[0].seed == 7
+    assert qkov == ["circuits"]

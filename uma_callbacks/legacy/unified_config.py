@@ -10,6 +10,8 @@ naming the closest valid one. :meth:`UnifiedConfig.to_uma` maps it:
                                 ``compute_fisher_eigenvalues``)
 ``compute_gradients``           ``GradientFlow()`` (with ``compute_gradient_flow``)
 ``compute_loss_landscape``      ``LossLandscape(n_points, span, normalization)`` when available
+``compute_mechanistic``         ``AttentionHeads(seed=seed)`` and ``Circuits()``
+``compute_qkov``                ``Circuits()``
 ``compute_all``                 every metric this version has
 ``num_samples``                 probe size; ``batch_size`` -> probe batch size
 ``fisher_batch_size``           Fisher chunk size; ``max_seq_length`` -> text truncation
@@ -19,7 +21,7 @@ naming the closest valid one. :meth:`UnifiedConfig.to_uma` maps it:
 ``seed`` / ``use_cache`` / ``force_recompute`` / ``save_plots`` / ``output_dir``  as named
 ==============================  ================================================
 
-Fields with no counterpart (``compute_mechanistic``, ``enable_qkov_interference``, ...)
+Fields with no counterpart (``enable_qkov_interference``, ``compute_lottery``, ...)
 are stored; when set away from their default they are listed in one warning.
 """
 
@@ -43,6 +45,7 @@ MAPPED_FIELDS = frozenset(
         "model_name", "base_model", "device", "dtype", "dataset_name", "dataset_split", "num_samples",
         "max_seq_length", "batch_size", "compute_all", "compute_fisher", "compute_gradients",
         "compute_loss_landscape", "fisher_method", "fisher_batch_size", "compute_fisher_eigenvalues",
+        "compute_mechanistic", "compute_qkov",
         "fisher_top_k", "loss_landscape_n_points", "loss_landscape_span", "loss_landscape_normalization",
         "compute_gradient_flow", "aggressive_cleanup", "max_memory_gb", "min_batch_size", "max_batch_size",
         "adaptive_batch_sizing", "enable_memory_tracking", "seed", "output_dir", "save_results",
@@ -217,6 +220,10 @@ class UnifiedConfig:
                 )
             else:
                 wanted.append(_Unavailable("landscape"))
+        if everything or self.compute_mechanistic:
+            wanted.append(METRICS["attention"](seed=self.seed))
+        if everything or self.compute_mechanistic or self.compute_qkov:
+            wanted.append(METRICS["circuits"]())
         for metric in wanted:
             if self.timeout_seconds is not None and hasattr(metric, "timeout_seconds"):
                 metric.timeout_seconds = self.timeout_seconds
