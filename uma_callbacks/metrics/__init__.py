@@ -7,12 +7,16 @@ from uma_callbacks.metrics.attention import AttentionHeads
 from uma_callbacks.metrics.base import Cost, Metric, MetricResult
 from uma_callbacks.metrics.circuits import Circuits
 from uma_callbacks.metrics.fisher import FisherInformation
+from uma_callbacks.metrics.fisher_overlap import FisherOverlap
 from uma_callbacks.metrics.gradient_flow import GradientFlow
 from uma_callbacks.metrics.hessian import HessianSpectrum
 from uma_callbacks.metrics.information import InformationTheory
 from uma_callbacks.metrics.interpolation import CheckpointInterpolation
 from uma_callbacks.metrics.landscape import LossLandscape
+from uma_callbacks.metrics.modularity import Modularity
+from uma_callbacks.metrics.pruning import LotteryTickets
 from uma_callbacks.metrics.representations import Representations
+from uma_callbacks.metrics.task_vectors import TaskVectors
 from uma_callbacks.metrics.trajectory import Trajectory
 
 METRICS: dict[str, type[Metric]] = {
@@ -26,6 +30,10 @@ METRICS: dict[str, type[Metric]] = {
     InformationTheory.name: InformationTheory,
     AttentionHeads.name: AttentionHeads,
     Circuits.name: Circuits,
+    FisherOverlap.name: FisherOverlap,
+    TaskVectors.name: TaskVectors,
+    LotteryTickets.name: LotteryTickets,
+    Modularity.name: Modularity,
 }
 
 __all__ = [
@@ -35,12 +43,16 @@ __all__ = [
     "Circuits",
     "Cost",
     "FisherInformation",
+    "FisherOverlap",
     "GradientFlow",
     "HessianSpectrum",
     "InformationTheory",
     "LossLandscape",
+    "LotteryTickets",
     "Metric",
     "MetricResult",
+    "Modularity",
     "Representations",
+    "TaskVectors",
     "Trajectory",
 ]

@@ -1,4 +1,8 @@
-r"""Fisher overlap between named probes (tasks): importance-mask Jaccard, diagonal cosine, conflict."""
+r"""Fisher overlap between named probes (tasks): importance-mask Jaccard, diagonal cosine, conflict.
+
+Whole-model values per pair of tasks, and the same per module (task separability and
+interference where they happen).
+"""
 
 from __future__ import annotations
 
@@ -12,8 +16,16 @@ import torch
 
 from uma_callbacks.core.distributed import shard
 from uma_callbacks.linalg.fisher_products import METHODS
-from uma_callbacks.core.batches import fingerprint_batches
-from uma_callbacks.metrics.base import ComputeContext, Cost, Metric, MetricResult, check_choice, check_positive_int
+from uma_callbacks.core.batches import count_samples, fingerprint_batches, select_samples
+from uma_callbacks.metrics.base import (
+    ComputeContext,
+    Cost,
+    Metric,
+    MetricResult,
+    check_choice,
+    check_positive_int,
+    module_of,
+)
 from uma_callbacks.metrics.fisher import ACCUMULATE_DTYPES, KINDS, check_percent, gather_fisher, top_percent_mask
 
 
@@ -83,13 +95,21 @@ class FisherOverlap(Metric):
     - ``pairs/<a>/<b>/cosine``: :func:`diagonal_cosine` of F_a and F_b;
     - ``pairs/<a>/<b>/conflict``: :func:`fisher_weighted_conflict`;
 
-    and per task ``tasks/<t>/trace`` = sum_j F_{t,j} and ``tasks/<t>/loss``. The suite's probe
-    (the ``batches`` argument of :meth:`compute`) is not used; with kind ``"mc"`` the mean
-    gradients G_t still use the tasks' own labels (MC scores average to zero). Each rank takes every
-    world_size-th batch of each task, so a sharded run equals one process.
+    the same three restricted to the entries of each module m (its own parameters; the
+    masks stay the global ones): ``layers/<m>/pairs/<a>/<b>/jaccard`` (nan where neither
+    mask has an entry in m), ``layers/<m>/pairs/<a>/<b>/cosine`` and
+    ``layers/<m>/pairs/<a>/<b>/conflict``; and per task ``tasks/<t>/trace`` = sum_j F_{t,j}
+    and ``tasks/<t>/loss``. With ``tasks`` given, the suite's probe (the ``batches``
+    argument of :meth:`compute`) is not used and each rank takes every world_size-th batch
+    of each task, so a sharded run equals one process. With ``tasks=None`` (the string
+    form ``"fisher_overlap"``), the tasks are the two halves of the probe, ``even`` and
+    ``odd`` (the even- and odd-indexed samples of each probe batch): a split-half baseline,
+    the overlap that sampling noise alone leaves within one task. With kind ``"mc"`` the
+    mean gradients G_t still use the tasks' own labels (MC scores average to zero).
 
     Args:
-        tasks: ``{task name: batches}``, at least two tasks of at least two samples.
+        tasks: ``{task name: batches}``, at least two tasks of at least two samples; or None
+            for the probe's two halves.
         top_percent: p in (0, 100] for the masks.
         kind: ``"empirical"`` or ``"mc"``.
         mc_samples: label draws per sample for ``"mc"``.
@@ -100,7 +120,8 @@ class FisherOverlap(Metric):
         timeout_seconds: stop between chunks past this time.
 
     Raises:
-        ValueError: fewer than two tasks, an empty task, a task name with ``/``, or a bad field.
+        ValueError: fewer than two tasks, an empty task, a task name with ``/``, or a bad field;
+            at measure time, a task (or probe half) of fewer than two samples.
     """
 
     name = "fisher_overlap"
@@ -109,7 +130,7 @@ class FisherOverlap(Metric):
 
     def __init__(
         self,
-        tasks: Mapping[str, Sequence[Any]],
+        tasks: Mapping[str, Sequence[Any]] | None = None,
         top_percent: float = 5.0,
         *,
         kind: str = "empirical",
@@ -121,9 +142,9 @@ class FisherOverlap(Metric):
         timeout_seconds: float | None = None,
     ) -> None:
         super().__init__(chunk_size=chunk_size, timeout_seconds=timeout_seconds)
-        if not isinstance(tasks, Mapping) or len(tasks) < 2:
+        if tasks is not None and (not isinstance(tasks, Mapping) or len(tasks) < 2):
             raise ValueError(f"FisherOverlap.tasks must map at least two task names to batches; got {tasks!r:.80}")
-        for task, batches in tasks.items():
+        for task, batches in (tasks or {}).items():
             if not isinstance(task, str) or not task or "/" in task:
                 raise ValueError(f"FisherOverlap.tasks names must be non-empty strings without '/'; got {task!r}")
             if not batches:
@@ -133,8 +154,8 @@ class FisherOverlap(Metric):
         check_positive_int("FisherOverlap.mc_samples", mc_samples)
         check_choice("FisherOverlap.method", method, METHODS)
         check_choice("FisherOverlap.accumulate_dtype", accumulate_dtype, ACCUMULATE_DTYPES)
-        self._tasks = {k: list(v) for k, v in tasks.items()}
-        self.task_fingerprints = {k: fingerprint_batches(v) for k, v in self._tasks.items()}
+        self._tasks = {k: list(v) for k, v in tasks.items()} if tasks is not None else None
+        self.task_fingerprints = {k: fingerprint_batches(v) for k, v in (self._tasks or {}).items()}
         self.top_percent = float(top_percent)
         self.kind = kind
         self.mc_samples = mc_samples
@@ -143,14 +164,23 @@ class FisherOverlap(Metric):
         self.accumulate_dtype = accumulate_dtype
 
     def compute(self, model: torch.nn.Module, batches: Sequence[Any] | None = None, loss_fn=None, **kwargs: Any) -> MetricResult:
-        """:meth:`Metric.compute` on the tasks; ``batches`` (the suite's probe) is ignored and may be ``None``."""
-        return super().compute(model, batches or next(iter(self._tasks.values())), loss_fn, **kwargs)
+        """:meth:`Metric.compute`, the same signature; with ``tasks`` given, ``batches`` (the suite's
+        probe) is not used and may be ``None``."""
+        if not batches and self._tasks is not None:
+            batches = next(iter(self._tasks.values()))
+        return super().compute(model, batches, loss_fn, **kwargs)
+
+    def _local_tasks(self, ctx: ComputeContext) -> dict[str, list[Any]]:
+        """This rank's batches of each task (given tasks sharded; else the probe's halves)."""
+        if self._tasks is not None:
+            rank, world = ctx.collective.rank, ctx.collective.world_size
+            return {task: shard(batches, rank, world) for task, batches in self._tasks.items()}
+        return split_halves(ctx.batches)
 
     def _compute(self, ctx: ComputeContext) -> MetricResult:
         fisher, grads, scalars = {}, {}, {}
-        rank, world = ctx.collective.rank, ctx.collective.world_size
-        for task, batches in self._tasks.items():
-            sub = dataclasses.replace(ctx, batches=shard(batches, rank, world), meta={})
+        for task, batches in self._local_tasks(ctx).items():
+            sub = dataclasses.replace(ctx, batches=batches, meta={})
             stats = gather_fisher(
                 sub, self.kind, self.seed, self.mc_samples, self.method, self.accumulate_dtype, 0, True
             )
@@ -164,8 +194,44 @@ class FisherOverlap(Metric):
             scalars[f"tasks/{task}/loss"] = stats.loss
             ctx.meta[f"tasks/{task}/rows"] = stats.rows
         masks = {t: top_percent_mask(f, self.top_percent) for t, f in fisher.items()}
-        for a, b in itertools.combinations(self._tasks, 2):
-            scalars[f"pairs/{a}/{b}/jaccard"] = mask_jaccard(masks[a], masks[b])
-            scalars[f"pairs/{a}/{b}/cosine"] = diagonal_cosine(fisher[a], fisher[b])
-            scalars[f"pairs/{a}/{b}/conflict"] = fisher_weighted_conflict(fisher[a], fisher[b], grads[a], grads[b])
+        modules: dict[str, list[str]] = {}
+        for name in next(iter(fisher.values())):
+            modules.setdefault(module_of(name), []).append(name)
+        for a, b in itertools.combinations(fisher, 2):
+            scalars.update(_pair_scalars(f"pairs/{a}/{b}", list(fisher[a]), masks, fisher, grads, a, b))
+            for module, names in modules.items():
+                scalars.update(_pair_scalars(f"layers/{module}/pairs/{a}/{b}", names, masks, fisher, grads, a, b))
         return MetricResult(name=self.name, scalars=scalars)
+
+
+def _pair_scalars(prefix: str, names: list[str], masks, fisher, grads, a: str, b: str) -> dict[str, float]:
+    """``<prefix>/jaccard``, ``/cosine``, ``/conflict`` of tasks a and b over the parameters ``names``."""
+
+    def only(d: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        return {n: d[n] for n in names}
+
+    return {
+        f"{prefix}/jaccard": mask_jaccard(only(masks[a]), only(masks[b])),
+        f"{prefix}/cosine": diagonal_cosine(only(fisher[a]), only(fisher[b])),
+        f"{prefix}/conflict": fisher_weighted_conflict(only(fisher[a]), only(fisher[b]), only(grads[a]), only(grads[b])),
+    }
+
+
+def split_halves(batches: Sequence[Any]) -> dict[str, list[Any]]:
+    """``{"even": [...], "odd": [...]}``: the even- and odd-indexed samples of each batch.
+
+    Positions within a batch, so the split does not depend on how the probe's batches are
+    sharded over ranks. A batch of one sample gives nothing to ``odd``.
+
+    Example:
+        >>> halves = split_halves([{"x": torch.arange(5)}])
+        >>> halves["even"][0]["x"].tolist(), halves["odd"][0]["x"].tolist()
+        ([0, 2, 4], [1, 3])
+    """
+    out: dict[str, list[Any]] = {"even": [], "odd": []}
+    for batch in batches:
+        n = count_samples(batch)
+        for key, start in (("even", 0), ("odd", 1)):
+            if n > start:
+                out[key].append(select_samples(batch, list(range(start, n, 2))))
+    return out
