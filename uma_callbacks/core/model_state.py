@@ -3,10 +3,17 @@
 :func:`preserved_model_state` records, and restores on exit (also after an exception):
 
 - every module's ``training`` flag;
+- every module's ``_parameters`` and ``_buffers`` entries **by identity** (see
+  :func:`restored_tensors`): a module reachable under two names, one ``Parameter`` held by
+  two modules, tied embeddings -- whatever swapped an entry (``torch.func.functional_call``
+  leaves a shared module's entries as the detached plain tensors it was given, torch 2.13),
+  the very same ``nn.Parameter`` objects are put back, so an optimizer keeps updating them;
 - every parameter's ``requires_grad`` flag and ``.grad`` (the same tensor object, so a
   trainer's accumulated gradients survive; metrics take gradients functionally anyway);
 - the attention implementation of HF models (``config._attn_implementation``), which
   curvature metrics may switch to ``"eager"`` for a double backward;
+- HF activation (gradient) checkpointing, switched off for the block by
+  :func:`no_activation_checkpointing` and switched back after;
 - the global RNG state of CPU and every CUDA device (``torch.random.fork_rng``).
 
 Weights are not copied here (that would double the memory); the only metric that
@@ -31,17 +38,93 @@ def _attn_configs(model: torch.nn.Module) -> list[object]:
 
 
 @contextlib.contextmanager
+def restored_tensors(model: torch.nn.Module) -> Iterator[None]:
+    """Put every module's ``_parameters`` / ``_buffers`` entries back, by identity, on exit.
+
+    Each module (``model.modules()``, every shared module once) keeps its two dicts; on
+    exit an entry that is not the very object recorded (a plain tensor left by
+    ``functional_call``, a ``GradTrackingTensor`` of ``vmap``) is replaced by the
+    recorded one, entries added are removed and entries removed come back, in the
+    original order. Values are not copied: a recorded ``Parameter`` holds whatever its
+    storage holds.
+    """
+    saved = [(m, list(m._parameters.items()), list(m._buffers.items())) for m in model.modules()]
+    try:
+        yield
+    finally:
+        for module, params, buffers in saved:
+            for live, recorded in ((module._parameters, params), (module._buffers, buffers)):
+                if list(live.keys()) != [k for k, _ in recorded] or any(live[k] is not v for k, v in recorded):
+                    live.clear()
+                    live.update(recorded)
+
+
+def _require_grads_handles(model: torch.nn.Module) -> list[object]:
+    handles: list[object] = []
+    for module in model.modules():
+        for handle in list(getattr(module, "_require_grads_hooks", None) or []) + [
+            getattr(module, "_require_grads_hook", None)
+        ]:
+            if handle is not None and hasattr(handle, "hooks_dict_ref") and handle not in handles:
+                handles.append(handle)
+    return handles
+
+
+@contextlib.contextmanager
+def no_activation_checkpointing(model: torch.nn.Module) -> Iterator[bool]:
+    """Switch HF activation (gradient) checkpointing off for the block, and back on after.
+
+    With ``gradient_checkpointing=True`` the Trainer sets ``gradient_checkpointing`` on
+    the decoder layers and registers a forward hook on the input embeddings that calls
+    ``output.requires_grad_(True)`` -- which ``torch.func.vmap`` refuses. For the block,
+    every ``module.gradient_checkpointing`` that is true is set false and those hooks are
+    taken out of their module's hook dict; on exit both come back (the hooks under their
+    own ids, in their original order). The function computed is the same: checkpointing
+    only trades memory for recomputation. Yields whether anything was switched.
+    """
+    flagged = [m for m in model.modules() if getattr(m, "gradient_checkpointing", False) is True]
+    hook_dicts: list[tuple[dict, list]] = []
+    for handle in _require_grads_handles(model):
+        hooks = handle.hooks_dict_ref()  # type: ignore[attr-defined]
+        if hooks is not None and handle.id in hooks:  # type: ignore[attr-defined]
+            if all(hooks is not d for d, _ in hook_dicts):
+                hook_dicts.append((hooks, list(hooks.items())))
+            del hooks[handle.id]  # type: ignore[attr-defined]
+    for module in flagged:
+        module.gradient_checkpointing = False
+    try:
+        yield bool(flagged or hook_dicts)
+    finally:
+        for module in flagged:
+            module.gradient_checkpointing = True
+        for hooks, items in hook_dicts:
+            hooks.clear()
+            hooks.update(items)
+
+
+@contextlib.contextmanager
 def preserved_model_state(model: torch.nn.Module) -> Iterator[None]:
-    """Context manager restoring flags, grads, attention implementation and RNG state."""
+    """Context manager restoring tensors by identity, flags, grads, attention, checkpointing, RNG.
+
+    Example:
+        >>> blk = torch.nn.Linear(2, 2)
+        >>> model = torch.nn.Sequential(blk, blk)
+        >>> before = blk.weight
+        >>> with preserved_model_state(model):
+        ...     blk._parameters["weight"] = before.detach()
+        >>> blk.weight is before
+        True
+    """
     modes = [(m, m.training) for m in model.modules()]
     params = [(p, p.requires_grad, p.grad) for p in model.parameters()]
     attn = [(c, c._attn_implementation) for c in _attn_configs(model)]
     devices: list[int] = []
     if torch.cuda.is_available() and torch.cuda.is_initialized():
         devices = list(range(torch.cuda.device_count()))
-    with torch.random.fork_rng(devices=devices, enabled=True):
+    with torch.random.fork_rng(devices=devices, enabled=True), restored_tensors(model):
         try:
-            yield
+            with no_activation_checkpointing(model):
+                yield
         finally:
             for module, mode in modes:
                 module.training = mode
