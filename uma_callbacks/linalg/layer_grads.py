@@ -54,6 +54,9 @@ from uma_callbacks.linalg.per_sample import check_finite_losses, per_sample_grad
 
 #: rule names, in the order they are tried
 RULES = ("linear", "conv1d", "embedding", "layernorm", "rmsnorm")
+#: ``"auto"`` picks ghost kernels or per-sample gradients by flops; ``"always"``/``"never"``
+#: force one (tests: the results are the same either way).
+GHOST = "auto"
 
 
 def layer_rule(module: torch.nn.Module) -> str | None:
@@ -234,6 +237,8 @@ class _Outer:
         """Ghost kernels take fewer flops (and no more memory) than the per-sample gradients:
         per sample T^2 (p0 + p1) against T p0 p1 (the Gram: (BT)^2 (p0 + p1) against
         B T p0 p1 + B^2 p0 p1); the grad sum costs B T p0 p1 either way."""
+        if GHOST != "auto":
+            return GHOST == "always" and (not want_gram or (self.n * self.t) ** 2 <= self.n * self.p0 * self.p1)
         n, t, size, width = self.n, self.t, self.p0 * self.p1, self.p0 + self.p1
         if want_gram:
             if (n * t) ** 2 > n * size:

@@ -3,8 +3,10 @@
 For a chunk of B samples, :func:`per_sample_grads` returns the losses ``[B]`` and, per
 trainable parameter of shape ``S``, the stacked gradients ``[B, *S]``: one ``vmap`` over
 ``grad`` of the single-sample loss, never one backward per sample. The model is called
-through ``functional_call`` on a wrapper module that holds ``(model, loss_fn)``, so any
-user ``loss_fn(model, batch)`` works unchanged; each vmapped call sees a batch of one.
+with the parameters swapped in place for the call (:func:`swapped_parameters`: every slot
+holding a parameter, so a module used twice or tied weights see the same tensor, and the
+very same ``nn.Parameter`` objects are back afterwards), so any user
+``loss_fn(model, batch)`` works unchanged; each vmapped call sees a batch of one.
 
 HF attention is switched to eager for the call (SDPA's mask code branches on data,
 which ``vmap`` refuses); see :func:`uma_callbacks.core.model_state.eager_attention`.
@@ -19,24 +21,11 @@ from dataclasses import dataclass
 from typing import Any
 
 import torch
-from torch.func import functional_call, grad_and_value, vmap
+from torch.func import grad_and_value, vmap
 
 from uma_callbacks.core.losses import LossFn
 from uma_callbacks.core.model_state import eager_attention
 from uma_callbacks.core.batches import map_tensors
-
-
-class _LossModule(torch.nn.Module):
-    """``forward(batch) = loss_fn(model, batch)``: lets ``functional_call`` swap the model's
-    parameters while the user's loss function calls the model as usual."""
-
-    def __init__(self, model: torch.nn.Module, loss_fn: LossFn) -> None:
-        super().__init__()
-        self.model = model
-        self._loss_fn = loss_fn
-
-    def forward(self, batch: Any) -> torch.Tensor:
-        return self._loss_fn(self.model, batch)
 
 
 def check_finite_losses(losses: torch.Tensor) -> None:
@@ -78,6 +67,36 @@ def _materialised_hf_masks() -> Iterator[None]:
     finally:
         for name, fn in saved.items():
             setattr(masking_utils, name, fn)
+
+
+def parameter_slots(model: torch.nn.Module, params: Mapping[str, torch.Tensor]) -> dict[str, list[tuple[torch.nn.Module, str]]]:
+    """``{name: [(module, attribute)]}``: every place that holds each parameter object (a
+    module used twice, tied weights: one parameter, several slots)."""
+    by_id = {id(p): n for n, p in params.items()}
+    slots: dict[str, list[tuple[torch.nn.Module, str]]] = {n: [] for n in params}
+    seen: set[tuple[int, str]] = set()
+    for _, module in model.named_modules(remove_duplicate=False):
+        for attr, p in module._parameters.items():
+            if p is not None and id(p) in by_id and (id(module), attr) not in seen:
+                seen.add((id(module), attr))
+                slots[by_id[id(p)]].append((module, attr))
+    return slots
+
+
+@contextlib.contextmanager
+def swapped_parameters(slots: Mapping[str, list[tuple[torch.nn.Module, str]]], tensors: Mapping[str, torch.Tensor]) -> Iterator[None]:
+    """Within the block, every slot of each named parameter holds ``tensors[name]``; on exit
+    each slot holds its original ``nn.Parameter`` object again (even when the same module is
+    reached twice, where ``torch.func.functional_call`` restores a wrapped tensor)."""
+    saved = [(module, attr, module._parameters[attr]) for name in tensors for module, attr in slots[name]]
+    try:
+        for name, tensor in tensors.items():
+            for module, attr in slots[name]:
+                module._parameters[attr] = tensor
+        yield
+    finally:
+        for module, attr, original in saved:
+            module._parameters[attr] = original
 
 
 def flatten_params(tensors: Mapping[str, torch.Tensor]) -> torch.Tensor:
@@ -126,21 +145,19 @@ def per_sample_grads(
     """
     if params is None:
         params = {n: p for n, p in model.named_parameters() if p.requires_grad}
-    wrapper = _LossModule(model, loss_fn)
-    detached = {f"model.{n}": p.detach() for n, p in params.items()}
+    slots = parameter_slots(model, params)
+    detached = {n: p.detach() for n, p in params.items()}
 
     def one_sample_loss(theta: dict[str, torch.Tensor], sample: Any) -> torch.Tensor:
         one = map_tensors(sample, lambda t: t.unsqueeze(0))
-        return functional_call(wrapper, theta, (one,), strict=False).reshape(())
+        with swapped_parameters(slots, theta):
+            return loss_fn(model, one).reshape(())
 
     # no graph to parameters left out of ``params`` (grad ignores the outer no_grad)
     with eager_attention(model), _materialised_hf_masks(), torch.no_grad():
         grads, losses = vmap(grad_and_value(one_sample_loss), in_dims=(None, 0))(detached, batch)
     check_finite_losses(losses)
-    return PerSampleGradients(
-        losses=losses.detach(),
-        grads={n: grads[f"model.{n}"] for n in params},
-    )
+    return PerSampleGradients(losses=losses.detach(), grads={n: grads[n] for n in params})
 
 
 def iter_per_sample_grads(
