@@ -12,6 +12,7 @@ from uma_callbacks.metrics import GradientFlow
 from uma_callbacks.metrics.base import ComputeContext, Metric, MetricResult
 from uma_callbacks.engine.probe import Probe
 from uma_callbacks.engine.snapshot import weights_fingerprint
+from uma_callbacks.engine.delivery import Delivery
 from uma_callbacks.engine.suite import MetricSuite
 
 
@@ -57,7 +58,12 @@ class FlakySink(Sink):
 
 def _setup(tmp_path, metrics, sinks=()):
     model, batches, loss_fn = mlp_case(dtype=torch.float64)
-    suite = MetricSuite(metrics=metrics, journal=Journal(tmp_path), sinks=list(sinks), loss_fn=loss_fn, draw_figures=False)
+    journal = Journal(tmp_path)
+    delivery = Delivery(journal, list(sinks))
+    suite = MetricSuite(
+        metrics=metrics, journal=journal, on_record=lambda r: delivery.send([r]), loss_fn=loss_fn, draw_figures=False
+    )
+    suite.delivery = delivery  # the test reads it back
     return suite, model, Probe(batches)
 
 
@@ -92,9 +98,9 @@ def test_sink_outage_loses_nothing(tmp_path, caplog):
     assert sink.got == [] and len(memory.records) == 2
     assert sum("tracker unreachable" in m for m in caplog.messages) == 1  # one warning, not one per record
     sink.down = False
-    assert suite.deliver_pending() == 2
+    assert suite.delivery.send_pending() == 2
     assert sink.got == [(1, "counting"), (2, "counting")]
-    assert suite.deliver_pending() == 0  # idempotent: nothing delivered twice
+    assert suite.delivery.send_pending() == 0  # idempotent: nothing delivered twice
     assert len(memory.records) == 2
 
 

@@ -145,27 +145,24 @@ def _report(args: argparse.Namespace) -> int:
 
 
 def _sync(args: argparse.Namespace) -> int:
-    from tqdm.auto import tqdm
-
-    from uma_callbacks.triggers.backfill import resolve_sinks
+    from uma_callbacks.engine.delivery import Delivery
+    from uma_callbacks.engine.run_sinks import sinks_for_run
     from uma_callbacks.report import find_journal
-    from uma_callbacks.engine.suite import deliver
 
     journal = find_journal(args.run_dir)
     run_dir = journal.root.parent if journal.root.name == "uma" else journal.root
-    sinks = resolve_sinks(_split(args.trackers), args.mlflow_run, args.tracking_uri, args.wandb_run, journal, run_dir)
+    sinks = sinks_for_run(_split(args.trackers), journal, run_dir, args.mlflow_run, args.tracking_uri, args.wandb_run)
     if not sinks:
         raise ValueError("sync: no tracker given; pass --mlflow-run/--tracking-uri, --wandb-run or --trackers")
-    records = journal.records()
-    failed: set[str] = set()
-    total = 0
+    failed: list[str] = []
     for sink in sinks:
-        sent = 0
-        for record in tqdm(records, desc=f"uma sync {sink.name}", unit="rec"):
-            sent += deliver(journal, sink, [record], failed)
-        sink.finish()
-        print(f"sync: {sent} record(s) delivered to {sink.name} run {sink.run_id()}")
-        total += sent
+        delivery = Delivery(journal, [sink], [sink])
+        sent = delivery.send_pending()
+        failing = delivery.failing
+        delivery.finish()
+        failed += sorted(failing)
+        state = "FAILED, records stay in the journal" if failing else "ok"
+        print(f"sync: {sent} record(s) delivered to {sink.name} run {sink.run_id() or '?'} ({state})")
     return 1 if failed else 0
 
 

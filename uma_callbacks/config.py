@@ -1,4 +1,8 @@
-"""``UMAConfig``: what to measure, on what, and where it goes; validated at construction."""
+"""``UMAConfig``: what to measure, on what, and where it goes; validated at construction.
+
+The one configuration every trigger takes (``UMACallback``, ``attach``, ``backfill``, the
+``uma`` command); ``UnifiedConfig`` (the predecessor's) maps onto it.
+"""
 
 from __future__ import annotations
 
@@ -8,10 +12,17 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
+import inspect
+
+from uma_callbacks.integrations.registry import check_tracker, tracker_names
 from uma_callbacks.metrics import METRICS, Metric
 
-#: Tracker names accepted in ``trackers=[...]`` (or ``report_to``).
-TRACKER_NAMES = ("mlflow", "wandb")
+#: The built-in tracker names (more with :func:`uma_callbacks.integrations.register_sink`).
+TRACKER_NAMES = tracker_names()
+#: The per-metric time limit when none is given (seconds); ``UMAConfig(timeout_seconds=None)`` lifts it.
+DEFAULT_TIMEOUT_SECONDS = 900.0
+#: Seeds must fit the generators (``torch.Generator.manual_seed`` takes < 2**63).
+MAX_SEED = 2**63 - 1
 
 
 def _closest(name: str, allowed: Sequence[str]) -> str:
@@ -19,8 +30,12 @@ def _closest(name: str, allowed: Sequence[str]) -> str:
     return f" (did you mean {match[0]!r}?)" if match else ""
 
 
-def build_metric(spec: str | Metric) -> Metric:
+def build_metric(spec: str | Metric, seed: int | None = None) -> Metric:
     """A metric object from its string name (default settings) or the object itself.
+
+    Args:
+        spec: a name from :data:`~uma_callbacks.metrics.METRICS` or a metric object.
+        seed: for a name, the seed of the metric's estimators (when it takes one).
 
     Raises:
         ValueError: unknown name, listing the known ones.
@@ -28,7 +43,10 @@ def build_metric(spec: str | Metric) -> Metric:
     if isinstance(spec, Metric):
         return spec
     if isinstance(spec, str) and spec in METRICS:
-        return METRICS[spec]()
+        cls = METRICS[spec]
+        if seed is not None and "seed" in inspect.signature(cls).parameters:
+            return cls(seed=seed)
+        return cls()
     raise ValueError(
         f"metrics entries must be a Metric or one of {tuple(sorted(METRICS))!r}; got {spec!r}"
         + (_closest(spec, sorted(METRICS)) if isinstance(spec, str) else "")
@@ -56,8 +74,12 @@ class UMAConfig:
         output_dir: journal folder; None: ``<args.output_dir>/uma``.
         memory_budget: None (what the device has free, minus a margin), a number of GB,
             or a :class:`~uma_callbacks.engine.budget.MemoryBudget`.
-        seed: picks the probe samples and seeds every stochastic estimator.
-        timeout_seconds: per-metric time limit (checked between chunks).
+        seed: picks the probe samples and seeds the stochastic estimators of metrics given
+            by name (objects keep their own ``seed``).
+        timeout_seconds: per-metric time limit (checked between chunks) for metrics without
+            their own; default :data:`DEFAULT_TIMEOUT_SECONDS`, ``None`` for none.
+        chunk_sizes: ``{metric name: samples per chunk}`` instead of the budget's plan
+            (memory only: never part of a result's identity).
         use_cache: reuse journalled results for the same (checkpoint, config, probe).
         save_tensors: also write large tensors (the Fisher diagonal) as safetensors.
         draw_figures: draw PNG figures (needs matplotlib).
@@ -77,7 +99,8 @@ class UMAConfig:
     output_dir: str | None = None
     memory_budget: Any = None
     seed: int = 42
-    timeout_seconds: float | None = None
+    timeout_seconds: float | None = DEFAULT_TIMEOUT_SECONDS
+    chunk_sizes: dict[str, int] | None = None
     use_cache: bool = True
     save_tensors: bool = False
     draw_figures: bool = True
@@ -90,7 +113,9 @@ class UMAConfig:
             self.metrics = [self.metrics]
         if not isinstance(self.metrics, Sequence) or len(self.metrics) == 0:
             raise ValueError(f"UMAConfig.metrics must be a non-empty list of metric names or objects; got {self.metrics!r}")
-        self.metric_objects = [build_metric(m) for m in self.metrics]
+        if isinstance(self.seed, bool) or not isinstance(self.seed, int) or not 0 <= self.seed <= MAX_SEED:
+            raise ValueError(f"UMAConfig.seed must be an integer in [0, 2**63 - 1]; got {self.seed!r}")
+        self.metric_objects = [build_metric(m, seed=self.seed) for m in self.metrics]
         names = [m.name for m in self.metric_objects]
         duplicates = sorted({n for n in names if names.count(n) > 1})
         if duplicates:
@@ -98,8 +123,6 @@ class UMAConfig:
         _positive_int("probe_size", self.probe_size)
         _positive_int("probe_batch_size", self.probe_batch_size)
         _positive_int("every_n_steps", self.every_n_steps, allow_none=True)
-        if isinstance(self.seed, bool) or not isinstance(self.seed, int) or self.seed < 0:
-            raise ValueError(f"UMAConfig.seed must be a non-negative integer; got {self.seed!r}")
         if self.timeout_seconds is not None and (
             isinstance(self.timeout_seconds, bool)
             or not isinstance(self.timeout_seconds, (int, float))
@@ -112,14 +135,16 @@ class UMAConfig:
             if not isinstance(self.trackers, Sequence):
                 raise ValueError(f"UMAConfig.trackers must be None or a list of names/sink objects; got {self.trackers!r}")
             for tracker in self.trackers:
-                if isinstance(tracker, str) and tracker not in TRACKER_NAMES:
+                if isinstance(tracker, str) and tracker not in tracker_names():
                     raise ValueError(
-                        f"UMAConfig.trackers entries must be sink objects or one of {TRACKER_NAMES!r}; got {tracker!r}"
-                        + _closest(tracker, TRACKER_NAMES)
+                        f"UMAConfig.trackers entries must be sink objects or one of {tracker_names()!r}; got {tracker!r}"
+                        + _closest(tracker, tracker_names())
                     )
-                if not isinstance(tracker, str) and not callable(getattr(tracker, "log_record", None)):
+                if isinstance(tracker, str):
+                    check_tracker(tracker)  # a missing package fails now, naming the pip extra
+                elif not callable(getattr(tracker, "log_record", None)):
                     raise ValueError(
-                        f"UMAConfig.trackers entries must be one of {TRACKER_NAMES!r} or have log_record(); got {tracker!r}"
+                        f"UMAConfig.trackers entries must be one of {tracker_names()!r} or have log_record(); got {tracker!r}"
                     )
         if self.memory_budget is not None:
             from uma_callbacks.engine.budget import MemoryBudget  # noqa: PLC0415
@@ -131,6 +156,11 @@ class UMAConfig:
                 raise ValueError(
                     f"UMAConfig.memory_budget must be None, a number of GB or a MemoryBudget; got {self.memory_budget!r}"
                 )
+        if self.chunk_sizes is not None:
+            if not isinstance(self.chunk_sizes, dict):
+                raise ValueError(f"UMAConfig.chunk_sizes must be None or a dict {{metric name: int}}; got {self.chunk_sizes!r}")
+            for name, size in self.chunk_sizes.items():
+                _positive_int(f"chunk_sizes[{name!r}]", size)
         if self.output_dir is not None and not isinstance(self.output_dir, (str, os.PathLike)):
             raise ValueError(f"UMAConfig.output_dir must be None or a path; got {self.output_dir!r}")
         if self.loss_fn is not None and not callable(self.loss_fn):

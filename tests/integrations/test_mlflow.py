@@ -8,7 +8,7 @@ import pytest
 
 from uma_callbacks.engine.journal import Journal
 from uma_callbacks.engine.records import Record
-from uma_callbacks.engine.suite import deliver
+from uma_callbacks.engine.delivery import deliver
 
 mlflow = pytest.importorskip("mlflow")
 

@@ -115,7 +115,7 @@ def _record(tmp_path, step=3):
 
 def test_same_record_twice_adds_one_row_own_run(tmp_path, offline_wandb):
     from uma_callbacks.integrations.wandb import WandbSink
-    from uma_callbacks.engine.suite import deliver
+    from uma_callbacks.engine.delivery import deliver
 
     journal = Journal(tmp_path / "uma")
     sink = WandbSink(project="uma-test")
@@ -153,9 +153,11 @@ def test_report_to_resolution_none_one_both_or_own_sink(tmp_path):
     from uma_callbacks import UMACallback
     from uma_callbacks.integrations.base import MemorySink
 
+    from uma_callbacks.triggers.trainer import trainer_sinks
+
     def resolve(report_to, trackers=None):
         cb = UMACallback(metrics=["gradient_flow"], trackers=trackers)
-        return [s.name for s in cb._resolve_sinks(SimpleNamespace(report_to=report_to), tmp_path)]
+        return [s.name for s in trainer_sinks(SimpleNamespace(report_to=report_to), cb.config.trackers, tmp_path)[0]]
 
     assert resolve("none") == []  # journal only
     assert resolve(["tensorboard"]) == []  # trackers we do not know are the Trainer's business
@@ -167,7 +169,7 @@ def test_report_to_resolution_none_one_both_or_own_sink(tmp_path):
 
 def test_unknown_tracker_name_is_refused():
     from uma_callbacks import UMACallback
-    from uma_callbacks.triggers.trainer import make_sink
+    from uma_callbacks.integrations import make_sink
 
     with pytest.raises(ValueError, match="trackers"):
         UMACallback(trackers=["wandbb"])

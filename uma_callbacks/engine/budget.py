@@ -264,6 +264,7 @@ def compute_within_budget(
     *,
     collective: Any = None,
     chunk_size: int | None = None,
+    history: Any = None,
 ) -> Any:
     """``metric.compute`` with the chunk the budget plans, halving it on allocation failures.
 
@@ -306,7 +307,7 @@ def compute_within_budget(
     retries = 0
     while True:
         try:
-            result = metric.compute(model, batches, loss_fn, collective=collective, chunk_size=chunk)
+            result = metric.compute(model, batches, loss_fn, collective=collective, chunk_size=chunk, history=history)
             break
         except Exception as err:  # only allocation failures are handled here
             if not is_out_of_memory(err):

@@ -9,9 +9,8 @@ For each metric, in order:
    all ranks agree on failure (:class:`~uma_callbacks.core.distributed.AgreeingCollective`:
    every reduction is preceded by a tiny status all-reduce), so none waits on a failed one;
 3. memory is released (``gc.collect``, ``torch.cuda.empty_cache``);
-4. rank 0 writes the files and the journal line, draws the figures, and delivers the
-   record to every sink; a sink that fails is reported once and, at the next delivery,
-   gets every record it missed (``uma sync`` replays them too);
+4. rank 0 writes the files and the journal line, draws the figures, and hands the record
+   to ``on_record`` (the session delivers it to the sinks);
 5. SIGTERM during a metric stops it at its next time check: an ``interrupted`` record
    is journalled, then the signal goes on to the previous handler
    (:mod:`uma_callbacks.core.interrupt`).
@@ -33,6 +32,7 @@ import torch
 from uma_callbacks.engine.budget import MemoryBudget, compute_within_budget, release_memory
 from uma_callbacks.core.distributed import AgreeingCollective, Collective, LocalCollective, PeerFailure
 from uma_callbacks.core.interrupt import MetricInterrupted, deferred_sigterm, redeliver_if_requested
+from uma_callbacks.engine.history import CheckpointHistory
 from uma_callbacks.engine.journal import Journal, cache_key
 from uma_callbacks.core.losses import LossFn
 from uma_callbacks.metrics.base import Metric, MetricResult, MetricTimeout
@@ -51,7 +51,7 @@ class MetricSuite:
     Attributes:
         metrics: the metric objects, run in order.
         journal: the durable record (rank 0 only); ``None`` keeps nothing on disk.
-        sinks: trackers fed from the journal (rank 0 only).
+        on_record: called with each record once it is journalled (rank 0 only).
         collective: cross-rank sums; ``None`` for one process.
         loss_fn: per-sample loss; ``None`` for the HF default.
         use_cache: reuse journalled results for the same key.
@@ -65,7 +65,7 @@ class MetricSuite:
 
     metrics: Sequence[Metric]
     journal: Journal | None = None
-    sinks: list[Any] = field(default_factory=list)
+    on_record: Callable[[Record], Any] | None = None
     collective: Collective | None = None
     loss_fn: LossFn | None = None
     use_cache: bool = True
@@ -75,7 +75,6 @@ class MetricSuite:
     budget: MemoryBudget | None = None
     aggressive_cleanup: bool = False
     timeout_seconds: float | None = None
-    _failed_sinks: set[str] = field(default_factory=set)
 
     @property
     def is_main(self) -> bool:
@@ -88,7 +87,7 @@ class MetricSuite:
         probe: Probe,
         step: int,
         checkpoint: str = "",
-        context: dict[str, Any] | None = None,
+        history: CheckpointHistory | None = None,
     ) -> list[Record]:
         """Measure ``model`` on ``probe`` and return one record per metric.
 
@@ -97,7 +96,7 @@ class MetricSuite:
             probe: the frozen probe; each rank takes its shard.
             step: the checkpoint's global step.
             checkpoint: the weights fingerprint (cache key part); empty disables the cache.
-            context: extra fields for metrics that need them (``previous_weights``).
+            history: the earlier checkpoints, for metrics that compare against them.
 
         Returns:
             The records, in metric order.
@@ -108,7 +107,7 @@ class MetricSuite:
         local_batches = [move_batch(b, device) for b in shard]
         records = []
         for metric in self.metrics:
-            record = self._run_one(metric, model, local_batches, probe, step, checkpoint, collective, context or {})
+            record = self._run_one(metric, model, local_batches, probe, step, checkpoint, collective, history)
             records.append(record)
         return records
 
@@ -121,12 +120,12 @@ class MetricSuite:
         step: int,
         checkpoint: str,
         collective: Collective,
-        context: dict[str, Any],
+        history: CheckpointHistory | None,
     ) -> Record:
-        prepare = getattr(metric, "prepare", None)
-        if prepare is not None:  # takes what the trigger knows (previous weights); it only stores, never raises
-            prepare(context)
-        key = cache_key(checkpoint, metric.config(), probe.fingerprint) if checkpoint else ""
+        view = history.view(metric) if history is not None else None
+        # a result that compares checkpoints is identified by all the checkpoints it used
+        identity = "|".join([checkpoint, *view.fingerprints()]) if checkpoint and view is not None else checkpoint
+        key = cache_key(identity, metric.config(), probe.fingerprint) if checkpoint else ""
         cached = self._cached(key, collective)
         if cached is not None:
             record = Record(**{**cached.to_dict(), "step": int(step), "status": "cached", "source": self.source})
@@ -135,7 +134,10 @@ class MetricSuite:
             self._deliver(record)
             return record
         started = time.perf_counter()
-        result = self._compute(metric, model, batches, collective, context)
+        if history is not None and history.dropped and (metric.history_needed or metric.needs_first):
+            result = _skipped(metric, history.dropped)
+        else:
+            result = self._compute(metric, model, batches, collective, view)
         result.meta.setdefault("seconds", time.perf_counter() - started)
         result.meta["probe_fingerprint"] = probe.fingerprint
         result.meta["world_size"] = collective.world_size
@@ -158,7 +160,8 @@ class MetricSuite:
             self.journal.append(record)
         redeliver_if_requested()  # SIGTERM during the metric: terminate now that it is journalled
         if result.status != "ok":
-            logger.warning(
+            logger.log(
+                logging.INFO if result.status == "skipped" else logging.WARNING,
                 "uma: metric %s at step %d: %s: %s",
                 metric.name,
                 step,
@@ -189,7 +192,7 @@ class MetricSuite:
         model: torch.nn.Module,
         batches: list[Any],
         collective: Collective,
-        context: dict[str, Any],
+        history: Any,
     ) -> MetricResult:
         failure: BaseException | None = None
         result: MetricResult | None = None
@@ -209,6 +212,7 @@ class MetricSuite:
                     self.budget,
                     collective=guarded,
                     chunk_size=self.chunk_sizes.get(metric.name),
+                    history=history,
                 )
         except Exception as err:  # isolate: a broken metric never stops training
             failure = err
@@ -263,60 +267,17 @@ class MetricSuite:
         return files
 
     def _deliver(self, record: Record) -> None:
-        if not self.is_main or self.journal is None:
-            return
-        for sink in self.sinks:
-            # a sink that failed earlier gets everything it missed, not only this record
-            records = self.journal.records() if sink.name in self._failed_sinks else [record]
-            deliver(self.journal, sink, records, self._failed_sinks)
-
-    def deliver_pending(self) -> int:
-        """Replay every journalled record a sink has not received yet; returns how many went."""
-        if not self.is_main or self.journal is None:
-            return 0
-        records = self.journal.records()
-        return sum(deliver(self.journal, sink, records, self._failed_sinks) for sink in self.sinks)
+        if self.is_main and self.on_record is not None:
+            self.on_record(record)
 
 
-def deliver(journal: Journal, sink: Any, records: Sequence[Record], failed: set[str] | None = None) -> int:
-    """Send the records ``sink`` has not yet received (per the journal's delivery log).
-
-    A sink error is logged (once per sink while it keeps failing) and the record stays
-    pending; nothing is lost, and the next call retries.
-
-    Returns:
-        The number of records delivered now.
-    """
-    failed = failed if failed is not None else set()
-    try:
-        sink.start()
-        run = sink.run_id()
-        done = journal.delivered(sink.name, run)
-    except Exception as err:  # a tracker outage must not stop training
-        _report_sink_failure(sink, err, failed)
-        return 0
-    sent = 0
-    for record in records:
-        if record.record_id in done or not record.metric:
-            continue
-        try:
-            sink.log_record(record, journal.root)
-        except Exception as err:  # a tracker outage must not stop training
-            _report_sink_failure(sink, err, failed)
-            return sent
-        journal.mark_delivered(sink.name, run, record.record_id)
-        done.add(record.record_id)
-        sent += 1
-    if sent and sink.name in failed:
-        failed.discard(sink.name)
-        logger.warning("uma: sink %s is back; pending records delivered", sink.name)
-    return sent
-
-
-def _report_sink_failure(sink: Any, err: BaseException, failed: set[str]) -> None:
-    if sink.name not in failed:
-        logger.warning("uma: sink %s failed (%s: %s); records stay in the journal", sink.name, type(err).__name__, err)
-        failed.add(sink.name)
+def _skipped(metric: Metric, reason: str) -> MetricResult:
+    return MetricResult(
+        name=metric.name,
+        status="skipped",
+        meta={"config": metric.config()},
+        error={"type": "MetricSkipped", "message": reason, "traceback": ""},
+    )
 
 
 def _is_skip(err: BaseException) -> bool:

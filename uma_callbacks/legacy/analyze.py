@@ -192,8 +192,9 @@ def analyze_models(
         ValueError: empty ``model_paths``, bad config, or no data to build the probe from.
         RuntimeError: a metric failed and ``config.skip_on_error`` is False.
     """
-    from uma_callbacks.triggers.backfill import backfill, resolve_probe
     from uma_callbacks.checkpoints import discover_checkpoints
+    from uma_callbacks.engine.probe_source import build_probe
+    from uma_callbacks.triggers.backfill import backfill, load_tokenizer
 
     if not model_paths:
         raise ValueError("analyze_models: model_paths is empty; give at least one local model folder")
@@ -205,9 +206,10 @@ def analyze_models(
     if probe is None:
         if dataset is None and texts is None:
             dataset, texts = _local_data(config)
-        probe = resolve_probe(
-            dataset, [], checkpoints, texts, tokenizer, settings["probe_size"], settings["probe_batch_size"],
-            settings["max_length"], settings["seed"],
+        tok = load_tokenizer(tokenizer, [c.path for c in checkpoints]) if texts and dataset is None else None
+        probe = build_probe(
+            dataset, probe_size=settings["probe_size"], probe_batch_size=settings["probe_batch_size"],
+            seed=settings["seed"], texts=texts, tokenizer=tok, max_length=settings["max_length"], field="UnifiedConfig.dataset_name",
         )
     cache = ResultCache(Path(config.output_dir) / "cache")
     available = [m for m in settings["metrics"] if hasattr(m, "compute")]

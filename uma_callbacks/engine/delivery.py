@@ -1,0 +1,132 @@
+"""Delivery of journalled records to the sinks: start (and retry), params, failures, finish.
+
+The journal is the source of truth; a sink gets the records its delivery log does not
+hold yet. Sinks that failed (to start, or to take a record) are retried at the next
+delivery with everything they missed, so a tracker that is down at the start or
+mid-run loses nothing. One warning per outage, not one per record.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Sequence
+from typing import Any
+
+from uma_callbacks.engine.journal import Journal
+from uma_callbacks.engine.records import Record
+
+logger = logging.getLogger(__name__)
+
+
+class Delivery:
+    """The sinks of one session and their health.
+
+    Args:
+        journal: where records and the delivery log are (rank 0); ``None``: nothing is delivered.
+        sinks: the sink objects.
+        own: those whose runs this session opened (finished by :meth:`finish`).
+    """
+
+    def __init__(self, journal: Journal | None, sinks: Sequence[Any] = (), own: Sequence[Any] = ()) -> None:
+        self.journal = journal
+        self.sinks = list(sinks)
+        self.own = list(own)
+        self.params: dict[str, Any] = {}
+        self._failed: set[str] = set()
+        self._params_sent: set[str] = set()
+
+    @property
+    def failing(self) -> set[str]:
+        """Names of the sinks that failed at their last attempt."""
+        return set(self._failed)
+
+    def start(self, params: dict[str, Any]) -> None:
+        """Start every sink and log ``params`` once per sink (a failure is retried later)."""
+        self.params = dict(params)
+        for sink in self.sinks:
+            self._ensure_started(sink)
+
+    def send(self, records: Sequence[Record]) -> int:
+        """Deliver ``records``; a sink that failed earlier gets everything it missed too."""
+        if self.journal is None:
+            return 0
+        sent = 0
+        for sink in self.sinks:
+            pending = self.journal.records() if sink.name in self._failed else list(records)
+            sent += self._deliver(sink, pending)
+        return sent
+
+    def send_pending(self) -> int:
+        """Replay every journalled record a sink has not received yet; returns how many went."""
+        if self.journal is None:
+            return 0
+        records = self.journal.records()
+        return sum(self._deliver(sink, records) for sink in self.sinks)
+
+    def finish(self) -> None:
+        """Deliver what is pending, then finish the runs this session opened."""
+        self.send_pending()
+        for sink in self.own:
+            try:
+                sink.finish()
+            except Exception as err:  # a tracker outage must not fail the end of training
+                logger.warning("uma: sink %s did not finish cleanly (%s: %s)", sink.name, type(err).__name__, err)
+        self.own = []
+
+    # ------------------------------------------------------------------ internals
+    def _ensure_started(self, sink: Any) -> bool:
+        try:
+            sink.start()
+            if sink.name not in self._params_sent and self.params:
+                sink.log_params(self.params)
+                self._params_sent.add(sink.name)
+        except Exception as err:  # a tracker outage must not stop training
+            self._report(sink, err)
+            return False
+        return True
+
+    def _deliver(self, sink: Any, records: Sequence[Record]) -> int:
+        assert self.journal is not None
+        if not self._ensure_started(sink):
+            return 0
+        try:
+            run = sink.run_id()
+            done = self.journal.delivered(sink.name, run)
+        except Exception as err:  # a tracker outage must not stop training
+            self._report(sink, err)
+            return 0
+        sent = 0
+        for record in records:
+            if record.record_id in done or not record.metric:
+                continue
+            try:
+                sink.log_record(record, self.journal.root)
+            except Exception as err:  # the record stays pending; retried at the next delivery
+                self._report(sink, err)
+                return sent
+            self.journal.mark_delivered(sink.name, run, record.record_id)
+            done.add(record.record_id)
+            sent += 1
+        if sink.name in self._failed:
+            self._failed.discard(sink.name)
+            logger.warning("uma: sink %s is back; pending records delivered", sink.name)
+        return sent
+
+    def _report(self, sink: Any, err: BaseException) -> None:
+        if sink.name not in self._failed:
+            logger.warning(
+                "uma: sink %s failed (%s: %s); records stay in the journal and are retried at the next save "
+                "(`uma sync` replays them too)",
+                sink.name,
+                type(err).__name__,
+                err,
+            )
+            self._failed.add(sink.name)
+
+
+def deliver(journal: Journal, sink: Any, records: Sequence[Record]) -> int:
+    """Send the ``records`` one sink has not received yet; returns how many went now.
+
+    A failure is reported as a warning; the records stay pending in the journal.
+    """
+    return Delivery(journal, [sink])._deliver(sink, records)

@@ -1,0 +1,244 @@
+"""``Session``: everything the three triggers share, and ``measure(model, step)``.
+
+A session owns, for one run:
+
+- the **probe** (built by :func:`~uma_callbacks.engine.probe_source.build_probe`, saved as
+  ``probe.safetensors`` next to the journal so a backfill rebuilds the very same one);
+- the **journal** (world rank 0) and the **delivery** to the sinks (start and retry,
+  params, failures, finish);
+- the **suite** (cache, memory budget, time limit, failure isolation);
+- the **checkpoint history** that metrics comparing checkpoints declared they need.
+
+The triggers only adapt their events onto it: ``UMACallback`` (Trainer events),
+``attach`` (Accelerate's save-state pre-hook), ``backfill`` (checkpoints on disk)::
+
+    session = Session(config, root, source="callback")
+    session.open(probe, sinks, own_sinks)        # once, before the first measurement
+    session.measure(model, step)                 # at every checkpoint (every rank)
+    session.finish()                             # deliver what is pending, close our runs
+
+Every entry point leaves Python's, NumPy's and torch's global RNG states as it found them.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import random
+import time
+import traceback
+from collections.abc import Iterator, Mapping, Sequence
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from uma_callbacks.config import UMAConfig
+from uma_callbacks.core.distributed import Collective, current_collective
+from uma_callbacks.engine.budget import as_budget
+from uma_callbacks.engine.delivery import Delivery
+from uma_callbacks.engine.history import CheckpointHistory
+from uma_callbacks.engine.journal import Journal
+from uma_callbacks.engine.probe import Probe, count_samples, save_probe
+from uma_callbacks.engine.records import Record
+from uma_callbacks.engine.snapshot import weights_fingerprint
+from uma_callbacks.engine.suite import MetricSuite
+
+logger = logging.getLogger(__name__)
+
+
+@contextmanager
+def all_rngs_preserved() -> Iterator[None]:
+    """Restore Python's, NumPy's and torch's (CPU and CUDA) global RNG states on exit."""
+    py_state, np_state = random.getstate(), np.random.get_state()
+    devices = list(range(torch.cuda.device_count())) if torch.cuda.is_available() else []
+    with torch.random.fork_rng(devices=devices):
+        try:
+            yield
+        finally:
+            random.setstate(py_state)
+            np.random.set_state(np_state)
+
+
+class Session:
+    """One measuring session over a run's checkpoints.
+
+    Args:
+        config: what to measure and how (:class:`~uma_callbacks.config.UMAConfig`).
+        root: the journal folder (``<output_dir>/uma``).
+        source: written into each record (``callback``, ``accelerate``, ``backfill``, ``analyze``).
+        collective: cross-rank sums; ``None``: the current process group, if any.
+
+    Attributes:
+        probe: the frozen probe (after :meth:`open`).
+        journal: the journal (world rank 0; ``None`` elsewhere).
+        suite: the :class:`~uma_callbacks.engine.suite.MetricSuite`.
+        history: the :class:`~uma_callbacks.engine.history.CheckpointHistory`.
+        delivery: the sinks and their health (rank 0).
+        records: every record measured in this session, in order.
+    """
+
+    def __init__(
+        self, config: UMAConfig, root: str | os.PathLike[str], *, source: str, collective: Collective | None = None
+    ) -> None:
+        self.config = config
+        self.root = Path(root)
+        self.source = source
+        self.collective = collective or current_collective()
+        self.journal: Journal | None = (
+            Journal(self.root, save_tensors=config.save_tensors) if self.collective.rank == 0 else None
+        )
+        self.delivery = Delivery(self.journal)
+        self.history = CheckpointHistory(config.metric_objects)
+        self.suite = MetricSuite(
+            metrics=config.metric_objects,
+            journal=self.journal,
+            on_record=lambda record: self.delivery.send([record]),
+            collective=self.collective,
+            loss_fn=config.loss_fn,
+            use_cache=config.use_cache,
+            draw_figures=config.draw_figures,
+            source=source,
+            chunk_sizes=dict(config.chunk_sizes or {}),
+            budget=as_budget(config.memory_budget),
+            aggressive_cleanup=config.aggressive_cleanup,
+            timeout_seconds=config.timeout_seconds,
+        )
+        self.probe: Probe | None = None
+        self.records: list[Record] = []
+        self._measured: set[tuple[int, str]] = set()
+
+    @property
+    def is_main(self) -> bool:
+        """Whether this process journals and logs (world rank 0)."""
+        return self.collective.rank == 0
+
+    @property
+    def sinks(self) -> list[Any]:
+        """The sinks records go to (rank 0)."""
+        return self.delivery.sinks
+
+    # ------------------------------------------------------------------ lifecycle
+    def open(
+        self,
+        probe: Probe,
+        sinks: Sequence[Any] = (),
+        own_sinks: Sequence[Any] = (),
+        *,
+        save: bool = True,
+        params: Mapping[str, Any] | None = None,
+    ) -> None:
+        """Freeze the probe, save it for backfills, start the sinks and log the params.
+
+        Args:
+            probe: the probe every checkpoint is measured on.
+            sinks: where records go (rank 0).
+            own_sinks: those whose runs this session opened (finished by :meth:`finish`).
+            save: write ``probe.safetensors`` (a backfill reusing a saved probe does not).
+            params: more params to log with the metric configs.
+
+        Raises:
+            ValueError: the probe cannot be measured with the configured loss.
+        """
+        with all_rngs_preserved():
+            check_probe_usable(probe, self.config.loss_fn)
+            self.probe = probe
+            if not self.is_main:
+                return
+            if save:
+                try:
+                    save_probe(probe, self.root)  # `uma backfill` rebuilds the very same probe from it
+                except (ValueError, OSError, RuntimeError) as err:  # custom batches, full disk: backfills need the probe passed
+                    logger.warning("uma: the probe was not saved for backfills (%s: %s)", type(err).__name__, err)
+            self.delivery.sinks, self.delivery.own = list(sinks), list(own_sinks)
+            self.delivery.start(self.params(params))
+
+    def params(self, extra: Mapping[str, Any] | None = None) -> dict[str, Any]:
+        """What is logged once per run: the probe's identity and every metric's config."""
+        out: dict[str, Any] = {
+            "probe_fingerprint": self.probe.fingerprint if self.probe else "",
+            "probe_size": self.probe.n_samples if self.probe else 0,
+        }
+        out.update({f"{m.name}.config": m.config() for m in self.config.metric_objects})
+        out.update(extra or {})
+        return out
+
+    def measure(
+        self, model: torch.nn.Module, step: int, *, fingerprint: str | None = None, label: str = ""
+    ) -> list[Record]:
+        """Measure ``model`` at ``step`` (every rank calls it; a step is measured once).
+
+        Args:
+            model: the snapshot; left exactly as found.
+            step: the checkpoint's global step.
+            fingerprint: its weights fingerprint when the caller has it (else computed
+                when the cache is on).
+            label: tells apart two checkpoints claiming the same step (the backfill's folder).
+
+        Returns:
+            One record per metric (empty when the step was measured already).
+
+        Raises:
+            RuntimeError: :meth:`open` was not called.
+        """
+        if self.probe is None:
+            raise RuntimeError("Session.measure before Session.open: the probe is not frozen yet")
+        if (int(step), label) in self._measured:
+            return []
+        self._measured.add((int(step), label))
+        with all_rngs_preserved():
+            if self.collective.world_size > 1:
+                self.collective.barrier()  # every rank has written the checkpoint before anyone measures
+            if fingerprint is None:
+                fingerprint = weights_fingerprint(model) if self.config.use_cache else ""
+            logger.info("uma: measuring %s at step %d", ", ".join(self.config.metric_names), step)
+            records = self.suite.run(model, self.probe, step=int(step), checkpoint=fingerprint, history=self.history)
+            self.history.push(model, int(step), fingerprint)
+        self.records.extend(records)
+        return records
+
+    def record_error(self, step: int, what: str, err: BaseException, meta: Mapping[str, Any] | None = None) -> Record:
+        """Journal and deliver an error that is not a metric's (an unusable checkpoint)."""
+        record = Record(
+            step=int(step),
+            metric=what,
+            status="error",
+            error={
+                "type": type(err).__name__,
+                "message": str(err),
+                "traceback": "".join(traceback.format_exception(type(err), err, err.__traceback__))[-4000:],
+            },
+            meta={**dict(meta or {}), "timestamp_ms": int(time.time() * 1000)},
+            checkpoint=str((meta or {}).get("path", "")),
+            source=self.source,
+        )
+        if self.is_main and self.journal is not None:
+            with all_rngs_preserved():
+                self.journal.append(record)
+                self.delivery.send([record])
+        self.records.append(record)
+        return record
+
+    def finish(self) -> None:
+        """Deliver everything a sink missed, then finish the runs this session opened."""
+        if self.is_main:
+            with all_rngs_preserved():
+                self.delivery.finish()
+
+
+def check_probe_usable(probe: Probe, loss_fn: Any, needs_labels: bool = True) -> None:
+    """Refuse a probe that no metric could measure with the default loss.
+
+    Raises:
+        ValueError: no samples, or no ``labels`` for the default loss.
+    """
+    first = probe.batches[0]
+    if count_samples(first) == 0:
+        raise ValueError("probe: the probe has no samples")
+    if needs_labels and loss_fn is None and isinstance(first, Mapping) and "labels" not in first:
+        raise ValueError(
+            f"probe batches have no 'labels' (keys: {sorted(first)}); the default loss needs them: "
+            "add labels (e.g. DataCollatorForLanguageModeling) or pass loss_fn"
+        )
