@@ -36,8 +36,40 @@ METRICS: dict[str, type[Metric]] = {
     Modularity.name: Modularity,
 }
 
+
+def register_metric(cls: type[Metric], *, replace: bool = False) -> type[Metric]:
+    """Make a metric class usable by its string name in every trigger and the CLI.
+
+    Usable as a decorator. The class must subclass :class:`Metric` and set ``name``.
+
+    Raises:
+        ValueError: not a ``Metric`` subclass, no ``name``, or the name is taken by another
+            class (pass ``replace=True`` to override it).
+
+    Example:
+        >>> class Zero(Metric):
+        ...     name = "zero_example"
+        ...     def _compute(self, ctx):
+        ...         return MetricResult(self.name, scalars={"value": 0.0})
+        >>> register_metric(Zero) is Zero and METRICS["zero_example"] is Zero
+        True
+        >>> _ = METRICS.pop("zero_example")
+    """
+    if not (isinstance(cls, type) and issubclass(cls, Metric)):
+        raise ValueError(f"register_metric: expected a Metric subclass; got {cls!r}")
+    if not isinstance(cls.name, str) or not cls.name:
+        raise ValueError(f"register_metric: {cls.__name__}.name must be a non-empty string")
+    if METRICS.get(cls.name, cls) is not cls and not replace:
+        raise ValueError(
+            f"register_metric: the name {cls.name!r} is taken by {METRICS[cls.name].__name__}; pass replace=True"
+        )
+    METRICS[cls.name] = cls
+    return cls
+
+
 __all__ = [
     "METRICS",
+    "register_metric",
     "AttentionHeads",
     "CheckpointInterpolation",
     "Circuits",
