@@ -128,7 +128,7 @@ def test_small_budget_runs_small_chunks_and_peak_stays_under_it():
 
     env = {**__import__("os").environ, **MEMORY_ENV}
     out = subprocess.run(
-        [sys.executable, "-c", "from tests.test_budget import child_peaks; child_peaks()"],
+        [sys.executable, "-c", "from tests.engine.test_budget import child_peaks; child_peaks()"],
         env=env, capture_output=True, text=True, timeout=300, check=True,
     ).stdout
     rows = {line.split()[0]: line.split()[1:] for line in out.splitlines() if line.split() and line.split()[0] in METRICS}
