@@ -147,8 +147,11 @@ def _scan_run_folder(root: Path, steps: Mapping[str, int] | None) -> list[Checkp
         mapped = _mapped_step(child, steps)
         if child.name.startswith("checkpoint-") and _TRAILING_NUMBER.search(child.name):
             step = mapped if mapped is not None else _trainer_step(child)
+            kind = "trainer"
+            if step is None and not (child / INCOMPLETE_SENTINEL).exists():
+                step, kind = _uma_step(child), "accelerate"  # accelerate save_state into checkpoint-<N>/
             if step is not None:
-                found.append(Checkpoint(child, step, "trainer"))
+                found.append(Checkpoint(child, step, kind))
             continue
         step = mapped if mapped is not None else _uma_step(child)
         if step is not None:
