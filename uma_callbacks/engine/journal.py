@@ -4,15 +4,40 @@ Layout under ``<output_dir>/uma/``::
 
     journal.jsonl                 one self-checking line per record
     deliveries.jsonl              one line per (sink, run, record id) delivered
+    claims/<cache key>.lock       held (``flock``) while a process computes that key
     step-<N>/<metric>.json        the full result (scalars, arrays, meta)
     step-<N>/<metric>.npz         its arrays (numpy, ``allow_pickle=False`` on read)
     step-<N>/<metric>.safetensors its tensors (e.g. the Fisher diagonal), when kept
     step-<N>/<metric>-*.png       figures
 
-Each journal line is ``{"sha": sha256(payload)[:16], "record": payload}``; a line whose
-checksum does not match (a torn write after ``kill -9``) is skipped on read and counted
-in :attr:`Journal.bad_lines`. Lines are appended with one ``os.write`` on an
-``O_APPEND`` descriptor and ``fsync``-ed: a reader sees whole lines or a torn last one.
+Each journal line is ``{"sha": sha256(payload)[:16], "record": payload}``.
+
+Reading. A line whose checksum does not match (a torn write after ``kill -9``), and a
+line with a valid checksum whose payload does not have the record's shape
+(:func:`~uma_callbacks.engine.records.check_record_dict`: another version, a hand edit),
+is skipped and counted in :attr:`Journal.bad_lines` (with one warning). The journal is
+read incrementally: a :class:`Journal` keeps the records it has parsed and the byte
+offset it reached, and each :meth:`Journal.records` / :meth:`Journal.lookup` reads only
+what was appended since (by this process or another), so a cache lookup is a dict access,
+not a re-read of the file. A file that was replaced or truncated (a different inode, a
+shorter size, or changed bytes just before the offset) is read again from the start.
+
+Writing. Lines are appended with ``os.write`` on an ``O_APPEND`` descriptor, under an
+exclusive ``fcntl.flock`` of the file (so concurrent writers never interleave), and
+``fsync``-ed: a reader sees whole lines or a torn last one. A failed write (disk full,
+quota, I/O error) is cut back off the file (``ftruncate`` to the size before), so
+nothing half-written stays; the record is kept in memory (it is still returned by
+:meth:`Journal.records` and :meth:`Journal.lookup`), one warning is logged per outage,
+and the write is retried at the next append and at :meth:`Journal.flush`. Neither
+:meth:`Journal.append`, :meth:`Journal.mark_delivered` nor :meth:`Journal.write_files`
+raises ``OSError``.
+
+Why JSON lines and not SQLite: the journal is the one file users read, grep, copy and
+diff, and the sinks, ``uma sync``, ``uma report`` and the backfill already share it; the
+three things a database would add are here in a few lines each: the in-memory index
+(incremental reads), the writers' lock (``flock``), and the schema (typed check on read).
+Concurrent backfills split the work with :meth:`Journal.claim` (a per-key ``flock`` that
+the kernel releases if the process dies).
 
 The cache key is sha256 of (checkpoint fingerprint, metric config, probe fingerprint):
 a journalled ``ok`` record under the same key is a cache hit.
@@ -20,6 +45,8 @@ a journalled ``ok`` record under the same key is a cache hit.
 
 from __future__ import annotations
 
+import errno
+import fcntl
 import hashlib
 import json
 import logging
@@ -31,14 +58,17 @@ from typing import Any
 
 import numpy as np
 
+from uma_callbacks.engine.records import Record, RecordSchemaError, artifact_path, check_record_dict
 from uma_callbacks.metrics.base import MetricResult
-from uma_callbacks.engine.records import Record
 
 logger = logging.getLogger(__name__)
 
 JOURNAL_FILE = "journal.jsonl"
 DELIVERIES_FILE = "deliveries.jsonl"
+CLAIMS_DIR = "claims"
 _SAFE = re.compile(r"[^A-Za-z0-9_.-]+")
+#: Bytes before the read offset compared on each incremental read (detects a rewrite).
+_GUARD = 64
 
 
 def safe_name(name: str) -> str:
@@ -59,7 +89,8 @@ def _checked_line(payload: dict[str, Any]) -> bytes:
     return (json.dumps({"sha": sha, "record": payload}, sort_keys=True, separators=(",", ":")) + "\n").encode()
 
 
-def _parse_line(line: str) -> dict[str, Any] | None:
+def _parse_line(line: str | bytes) -> Any:
+    """The payload of an intact line, or None (torn, flipped byte, not our format)."""
     try:
         outer = json.loads(line)
         payload = outer["record"]
@@ -71,22 +102,52 @@ def _parse_line(line: str) -> dict[str, Any] | None:
     return payload
 
 
-def append_line(path: Path, payload: dict[str, Any]) -> None:
-    """Append one self-checking JSON line atomically (one write, O_APPEND, fsync)."""
-    data = _checked_line(payload)
+def _write_lines(path: Path, payloads: list[dict[str, Any]]) -> None:
+    """Append ``payloads`` as self-checking lines: one locked, fsync-ed append, all or nothing.
+
+    Raises:
+        OSError: the write failed; the file is cut back to its size before the call.
+    """
+    data = b"".join(_checked_line(p) for p in payloads)
     fd = os.open(path, os.O_RDWR | os.O_APPEND | os.O_CREAT, 0o644)
     try:
+        fcntl.flock(fd, fcntl.LOCK_EX)  # released by close
         size = os.fstat(fd).st_size
         if size and os.pread(fd, 1, size - 1) != b"\n":
             data = b"\n" + data  # a torn last line (kill -9 mid-write) stays on a line of its own
-        os.write(fd, data)
-        os.fsync(fd)
+        try:
+            view = memoryview(data)
+            while view:
+                written = os.write(fd, view)
+                if written <= 0:
+                    raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), str(path))
+                view = view[written:]
+            os.fsync(fd)
+        except OSError:
+            try:
+                os.ftruncate(fd, size)  # nothing half-written stays behind
+            except OSError as cut:
+                logger.warning("uma: could not cut a failed write off %s (%s); readers skip it as torn", path, cut)
+            raise
     finally:
         os.close(fd)
 
 
-def read_lines(path: Path) -> tuple[list[dict[str, Any]], int]:
-    """``(payloads, n_bad)``: every intact line of a journal file, and how many were not."""
+def append_line(path: Path, payload: dict[str, Any]) -> None:
+    """Append one self-checking JSON line atomically (one locked write, O_APPEND, fsync).
+
+    Raises:
+        OSError: the write failed (the file is left as it was).
+    """
+    _write_lines(Path(path), [payload])
+
+
+def read_lines(path: Path) -> tuple[list[Any], int]:
+    """``(payloads, n_bad)``: every intact line of a journal file, and how many were not.
+
+    Only checksums are checked here; :class:`Journal` also checks the record schema.
+    """
+    path = Path(path)
     if not path.exists():
         return [], 0
     good, bad = [], 0
@@ -102,12 +163,72 @@ def read_lines(path: Path) -> tuple[list[dict[str, Any]], int]:
     return good, bad
 
 
+class _LineLog:
+    """An append-only file of self-checking lines, read incrementally."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        self._inode: int | None = None
+        self._offset = 0
+        self._guard = b""
+        self.damaged = 0  # complete lines that failed the checksum
+        self.torn_tail = False  # an unterminated last line (being written, or cut by a crash)
+
+    def _reset(self) -> None:
+        self._inode, self._offset, self._guard, self.damaged, self.torn_tail = None, 0, b"", 0, False
+
+    def read_new(self) -> tuple[bool, list[Any]]:
+        """``(restarted, payloads appended since the last call)``; restarted: read from the start."""
+        try:
+            fh = open(self.path, "rb")  # noqa: SIM115 (closed below)
+        except FileNotFoundError:
+            restarted = self._inode is not None
+            self._reset()
+            return restarted, []
+        with fh:
+            st = os.fstat(fh.fileno())
+            restarted = False
+            if self._inode is not None and (
+                st.st_ino != self._inode
+                or st.st_size < self._offset
+                or os.pread(fh.fileno(), len(self._guard), self._offset - len(self._guard)) != self._guard
+            ):
+                self._reset()
+                restarted = True
+            self._inode = st.st_ino
+            fh.seek(self._offset)
+            data = fh.read(max(0, st.st_size - self._offset))
+        cut = data.rfind(b"\n") + 1
+        payloads = []
+        for line in data[:cut].split(b"\n"):
+            if not line.strip():
+                continue
+            payload = _parse_line(line)
+            if payload is None:
+                self.damaged += 1
+            else:
+                payloads.append(payload)
+        self._offset += cut
+        if cut:
+            self._guard = (self._guard + data[:cut])[-_GUARD:]
+        self.torn_tail = bool(data[cut:].strip())
+        return restarted, payloads
+
+
 class Journal:
     """Durable record + cache under ``root`` (usually ``<output_dir>/uma``).
 
     Args:
         root: the folder (created).
         save_tensors: write ``result.tensors`` as ``.safetensors`` files.
+
+    Attributes:
+        bad_lines: lines skipped at the last read: torn or altered (checksum) plus those
+            of a foreign shape (:attr:`foreign_lines`).
+        foreign_lines: lines with a valid checksum but not a record's shape.
+        refused_files: ``files`` entries refused so far (outside the folder, a symlink
+            out of it, not a file), by :meth:`resolve_file`.
+        pending: records not yet on disk (a failed write); retried by :meth:`flush`.
     """
 
     def __init__(self, root: str | os.PathLike[str], save_tensors: bool = False) -> None:
@@ -115,6 +236,18 @@ class Journal:
         self.root.mkdir(parents=True, exist_ok=True)
         self.save_tensors = save_tensors
         self.bad_lines = 0
+        self.foreign_lines = 0
+        self.refused_files: list[str] = []
+        self.pending: list[Record] = []
+        self._log = _LineLog(self.root / JOURNAL_FILE)
+        self._records: list[Record] = []
+        self._ok: dict[str, Record] = {}
+        self._warned_bad = 0
+        self._deliveries = _LineLog(self.root / DELIVERIES_FILE)
+        self._delivered: dict[tuple[str, str], set[str]] = {}
+        self._pending_deliveries: list[dict[str, str]] = []
+        self._write_error: str | None = None
+        self._claims: dict[str, int] = {}
 
     @property
     def path(self) -> Path:
@@ -123,28 +256,45 @@ class Journal:
 
     # ------------------------------------------------------------------ writes
     def write_files(self, result: MetricResult, step: int) -> list[str]:
-        """Write the result's JSON, npz and safetensors under ``step-<N>/``; relative paths."""
-        folder = self.root / f"step-{int(step)}"
-        folder.mkdir(parents=True, exist_ok=True)
-        base = safe_name(result.name)
-        files = []
-        json_path = folder / f"{base}.json"
-        _atomic_write_text(json_path, json.dumps(result.to_json_dict(), indent=1, allow_nan=False))
-        files.append(json_path)
-        if result.arrays:
-            npz_path = folder / f"{base}.npz"
-            tmp = npz_path.with_name(npz_path.name + ".tmp.npz")
-            np.savez(tmp, **{safe_name(k): np.asarray(v) for k, v in result.arrays.items()})
-            os.replace(tmp, npz_path)
-            files.append(npz_path)
-        if self.save_tensors and result.tensors:
-            from safetensors.torch import save_file
+        """Write the result's JSON, npz and safetensors under ``step-<N>/``; relative paths.
 
-            st_path = folder / f"{base}.safetensors"
-            tmp = st_path.with_name(st_path.name + ".tmp")
-            save_file({k: v.detach().cpu().contiguous() for k, v in result.tensors.items()}, str(tmp))
-            os.replace(tmp, st_path)
-            files.append(st_path)
+        A failing write (disk full) is a warning, never an exception: the files written
+        completely are returned, a partial one is removed.
+        """
+        from safetensors import SafetensorError
+
+        folder = self.root / f"step-{int(step)}"
+        base = safe_name(result.name)
+        files: list[Path] = []
+        tmp: Path | None = None
+        try:
+            folder.mkdir(parents=True, exist_ok=True)
+            json_path = folder / f"{base}.json"
+            tmp = json_path.with_name(json_path.name + ".tmp")
+            _atomic_write_text(json_path, json.dumps(result.to_json_dict(), indent=1, allow_nan=False), tmp)
+            files.append(json_path)
+            if result.arrays:
+                npz_path = folder / f"{base}.npz"
+                tmp = npz_path.with_name(npz_path.name + ".tmp.npz")
+                np.savez(tmp, **{safe_name(k): np.asarray(v) for k, v in result.arrays.items()})
+                os.replace(tmp, npz_path)
+                files.append(npz_path)
+            if self.save_tensors and result.tensors:
+                from safetensors.torch import save_file
+
+                st_path = folder / f"{base}.safetensors"
+                tmp = st_path.with_name(st_path.name + ".tmp")
+                save_file({k: v.detach().cpu().contiguous() for k, v in result.tensors.items()}, str(tmp))
+                os.replace(tmp, st_path)
+                files.append(st_path)
+            tmp = None
+        except (OSError, SafetensorError) as err:
+            self._write_failed(err, f"the files of {result.name} at step {step}")
+            if tmp is not None:
+                try:
+                    tmp.unlink(missing_ok=True)
+                except OSError as gone:
+                    logger.warning("uma: could not remove the partial file %s (%s)", tmp, gone)
         return [self._relative(p) for p in files]
 
     def add_files(self, paths: Iterable[Path]) -> list[str]:
@@ -159,39 +309,123 @@ class Journal:
         return resolved.relative_to(root).as_posix()
 
     def append(self, record: Record) -> None:
-        """Append a record line."""
-        append_line(self.path, record.to_dict())
+        """Append a record; on a failed write keep it pending (see the module docstring).
+
+        Raises:
+            RecordSchemaError: ``record`` would not read back (a field of the wrong type).
+        """
+        check_record_dict(record.to_dict())
+        self.pending.append(record)
+        self.flush()
+
+    def flush(self) -> bool:
+        """Write what earlier failed writes left pending; True when nothing is pending any more."""
+        try:
+            if self.pending:
+                _write_lines(self.path, [r.to_dict() for r in self.pending])
+                self.pending = []
+            if self._pending_deliveries:
+                _write_lines(self.root / DELIVERIES_FILE, self._pending_deliveries)
+                self._pending_deliveries = []
+        except OSError as err:
+            self._write_failed(err, f"{len(self.pending)} record(s), {len(self._pending_deliveries)} delivery note(s)")
+            return False
+        if self._write_error is not None:
+            logger.warning("uma: the journal %s is writable again; what was pending is written", self.path)
+            self._write_error = None
+        return True
+
+    def _write_failed(self, err: BaseException, what: str) -> None:
+        if self._write_error is None:
+            logger.warning(
+                "uma: cannot write to %s (%s: %s); %s kept in memory, retried at the next write; training goes on",
+                self.root,
+                type(err).__name__,
+                err,
+                what,
+            )
+        self._write_error = f"{type(err).__name__}: {err}"
 
     # ------------------------------------------------------------------ reads
+    def _refresh(self) -> None:
+        restarted, payloads = self._log.read_new()
+        if restarted:
+            self._records, self._ok, self.foreign_lines, self._warned_bad = [], {}, 0, 0
+        for payload in payloads:
+            try:
+                record = Record.from_dict(payload)
+            except RecordSchemaError as err:
+                self.foreign_lines += 1
+                logger.debug("uma: journal line skipped: %s", err)
+                continue
+            self._records.append(record)
+            if record.status == "ok" and record.cache_key:
+                self._ok[record.cache_key] = record
+        self.bad_lines = self._log.damaged + int(self._log.torn_tail) + self.foreign_lines
+        if self.bad_lines > self._warned_bad:
+            logger.warning(
+                "uma: %d damaged journal line(s) in %s were skipped (%d torn or altered, %d not a record)",
+                self.bad_lines,
+                self.path,
+                self.bad_lines - self.foreign_lines,
+                self.foreign_lines,
+            )
+            self._warned_bad = self.bad_lines
+
     def records(self) -> list[Record]:
-        """Every intact record, in write order (torn lines counted in :attr:`bad_lines`)."""
-        payloads, self.bad_lines = read_lines(self.path)
-        if self.bad_lines:
-            logger.warning("uma: %d damaged journal line(s) in %s were skipped", self.bad_lines, self.path)
-        return [Record.from_dict(p) for p in payloads]
+        """Every intact record, in write order, then those pending (bad lines in :attr:`bad_lines`)."""
+        self._refresh()
+        return self._records + self.pending
 
     def lookup(self, key: str) -> Record | None:
-        """The latest ``ok`` record under ``key``, if any."""
-        found = None
-        for record in self.records():
+        """The latest ``ok`` record under ``key``, if any (an index lookup, no re-read)."""
+        for record in reversed(self.pending):
             if record.cache_key == key and record.status == "ok":
-                found = record
-        return found
+                return record
+        self._refresh()
+        return self._ok.get(key)
+
+    def resolve_file(self, rel: Any) -> Path | None:
+        """The file a record names, if it may be read: inside :attr:`root`, resolved, a file.
+
+        Anything else (``/etc/passwd``, ``../x``, a symlink out of the folder, a missing
+        file) gives None; a refused entry is noted in :attr:`refused_files` and warned about.
+        """
+        path = artifact_path(self.root, rel)
+        if path is None:
+            self.refused_files.append(str(rel))
+            logger.warning("uma: journal file entry %r refused: not a file inside %s", rel, self.root)
+        return path
 
     def load_result(self, record: Record) -> MetricResult:
-        """The full :class:`MetricResult` of a record (JSON + npz + safetensors files)."""
-        json_files = [f for f in record.files if f.endswith(".json")]
-        if json_files:
-            data = json.loads((self.root / json_files[0]).read_text())
-            result = MetricResult.from_json_dict(data)
-        else:
+        """The full :class:`MetricResult` of a record (JSON + npz + safetensors files).
+
+        Only files inside the journal folder are read (:meth:`resolve_file`); a refused or
+        unreadable JSON file leaves the record's own scalars and meta.
+        """
+        result = None
+        for rel in record.files:
+            if not str(rel).endswith(".json"):
+                continue
+            path = self.resolve_file(rel)
+            if path is not None:
+                try:
+                    result = MetricResult.from_json_dict(json.loads(path.read_text(encoding="utf-8")))
+                except (OSError, ValueError, KeyError, TypeError) as err:
+                    logger.warning("uma: result file %s unreadable (%s); the record's scalars are used", path, err)
+            break
+        if result is None:
             result = MetricResult(name=record.metric, scalars=dict(record.scalars), meta=dict(record.meta))
         for rel in record.files:
-            path = self.root / rel
-            if rel.endswith(".npz") and path.exists():
+            if not str(rel).endswith((".npz", ".safetensors")):
+                continue
+            path = self.resolve_file(rel)
+            if path is None:
+                continue
+            if path.suffix == ".npz":
                 with np.load(path, allow_pickle=False) as data:
                     result.arrays.update({k: data[k] for k in data.files})
-            elif rel.endswith(".safetensors") and path.exists():
+            else:
                 from safetensors.torch import load_file
 
                 result.tensors.update(load_file(str(path)))
@@ -200,16 +434,73 @@ class Journal:
 
     # ------------------------------------------------------------------ deliveries
     def mark_delivered(self, sink: str, run: str, record_id: str) -> None:
-        """Note that ``record_id`` reached ``(sink, run)``."""
-        append_line(self.root / DELIVERIES_FILE, {"sink": sink, "run": run, "id": record_id})
+        """Note that ``record_id`` reached ``(sink, run)`` (kept in memory if the write fails)."""
+        self._delivered.setdefault((sink, run), set()).add(record_id)
+        self._pending_deliveries.append({"sink": sink, "run": run, "id": record_id})
+        self.flush()
 
     def delivered(self, sink: str, run: str) -> set[str]:
         """Record ids already delivered to ``(sink, run)``."""
-        payloads, _ = read_lines(self.root / DELIVERIES_FILE)
-        return {p["id"] for p in payloads if p.get("sink") == sink and p.get("run") == run}
+        restarted, payloads = self._deliveries.read_new()
+        if restarted:
+            self._delivered = {}
+            for p in self._pending_deliveries:
+                self._delivered.setdefault((p["sink"], p["run"]), set()).add(p["id"])
+        for p in payloads:
+            if isinstance(p, dict) and all(isinstance(p.get(k), str) for k in ("sink", "run", "id")):
+                self._delivered.setdefault((p["sink"], p["run"]), set()).add(p["id"])
+        return set(self._delivered.get((sink, run), set()))
+
+    # ------------------------------------------------------------------ work splitting
+    def claim(self, key: str) -> bool:
+        """Try to take ``key`` for this process; False while another process holds it.
+
+        A claim is an exclusive ``flock`` on ``claims/<key>.lock``, held until
+        :meth:`release` or the process ends (the kernel drops it even after ``kill -9``).
+        Two backfills of one run claim each key before computing it, and then look it up
+        (the other may have finished it meanwhile): each result is computed once. Where
+        the claim file cannot be created (disk full), the claim is granted (the work may
+        then be done twice, never lost). Claiming a key this process holds is True.
+        """
+        if key in self._claims:
+            return True
+        folder = self.root / CLAIMS_DIR
+        path = folder / f"{safe_name(key)}.lock"
+        for _ in range(10):
+            try:
+                folder.mkdir(exist_ok=True)
+                fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+            except OSError as err:
+                logger.warning("uma: cannot create the claim %s (%s); computing without it", path, err)
+                return True
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                os.close(fd)
+                return False
+            try:
+                same = os.stat(path).st_ino == os.fstat(fd).st_ino
+            except FileNotFoundError:
+                same = False
+            if same:
+                self._claims[key] = fd
+                return True
+            os.close(fd)  # the holder released (and removed) it between our open and lock: retry
+        return False
+
+    def release(self, key: str) -> None:
+        """Give up a claim taken with :meth:`claim` (no-op when not held)."""
+        fd = self._claims.pop(key, None)
+        if fd is None:
+            return
+        try:
+            (self.root / CLAIMS_DIR / f"{safe_name(key)}.lock").unlink(missing_ok=True)
+        except OSError as err:
+            logger.debug("uma: claim file of %s not removed (%s)", key, err)
+        os.close(fd)
 
 
-def _atomic_write_text(path: Path, text: str) -> None:
-    tmp = path.with_name(path.name + ".tmp")
+def _atomic_write_text(path: Path, text: str, tmp: Path | None = None) -> None:
+    tmp = tmp or path.with_name(path.name + ".tmp")
     tmp.write_text(text, encoding="utf-8")
     os.replace(tmp, path)

@@ -3,6 +3,12 @@
 A :class:`Record` is one metric's outcome at one step, in JSON form. Its log keys are
 ``uma/<metric>/<scalar>`` (DESIGN.md's logging contract), plus ``uma/<metric>/seconds``
 and ``uma/<metric>/peak_mb`` from its meta.
+
+Records read from disk are data from anywhere (another version, another tool, a hand
+edit): :meth:`Record.from_dict` checks every field's type against :data:`SCHEMA` and
+raises :class:`RecordSchemaError` on anything else, and :func:`artifact_path` is the
+only way from a record's ``files`` entry to a file: inside the journal root, resolved
+(symlinks too), or refused.
 """
 
 from __future__ import annotations
@@ -10,11 +16,90 @@ from __future__ import annotations
 import hashlib
 import json
 import math
+import os
 from dataclasses import asdict, dataclass, field
+from pathlib import Path
 from typing import Any
 
 #: The prefix of every logged key.
 PREFIX = "uma"
+#: Every status a record may carry.
+STATUSES = ("ok", "error", "skipped", "timeout", "cached", "interrupted")
+
+
+class RecordSchemaError(ValueError):
+    """A record read from disk does not have the record's shape (field, expected type, got)."""
+
+
+def _is_int(v: Any) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool)
+
+
+def _is_number_or_null(v: Any) -> bool:
+    return v is None or (isinstance(v, (int, float)) and not isinstance(v, bool))
+
+
+def _is_str_dict(v: Any, values: Any) -> bool:
+    return isinstance(v, dict) and all(isinstance(k, str) and values(x) for k, x in v.items())
+
+
+#: ``{field: (required, check, what is expected)}``: the record schema, checked on read.
+SCHEMA: dict[str, tuple[bool, Any, str]] = {
+    "step": (True, lambda v: _is_int(v) and -(2**63) <= v < 2**63, "a 64-bit integer"),
+    "metric": (True, lambda v: isinstance(v, str), "a string"),
+    "status": (True, lambda v: v in STATUSES, f"one of {STATUSES}"),
+    "scalars": (False, lambda v: _is_str_dict(v, _is_number_or_null), "an object of numbers (or null)"),
+    "meta": (False, lambda v: isinstance(v, dict) and all(isinstance(k, str) for k in v), "an object"),
+    "error": (False, lambda v: v is None or _is_str_dict(v, lambda x: isinstance(x, str)), "null or an object of strings"),
+    "files": (False, lambda v: isinstance(v, list) and all(isinstance(x, str) for x in v), "a list of strings"),
+    "cache_key": (False, lambda v: isinstance(v, str), "a string"),
+    "checkpoint": (False, lambda v: isinstance(v, str), "a string"),
+    "probe": (False, lambda v: isinstance(v, str), "a string"),
+    "source": (False, lambda v: isinstance(v, str), "a string"),
+}
+
+
+def check_record_dict(data: Any) -> None:
+    """Raise :class:`RecordSchemaError` unless ``data`` has the shape of :meth:`Record.to_dict`.
+
+    Unknown extra fields are allowed (a newer version may add some) and ignored.
+
+    Raises:
+        RecordSchemaError: not an object, a required field missing, or a field of the wrong type.
+    """
+    if not isinstance(data, dict):
+        raise RecordSchemaError(f"a record must be a JSON object; got {type(data).__name__}")
+    for name, (required, check, expected) in SCHEMA.items():
+        if name not in data:
+            if required:
+                raise RecordSchemaError(f"record field {name!r} is missing")
+            continue
+        if not check(data[name]):
+            raise RecordSchemaError(f"record field {name!r} must be {expected}; got {data[name]!r:.80}")
+
+
+def artifact_path(root: str | os.PathLike[str], rel: Any) -> Path | None:
+    """The file a record's ``files`` entry names, or None when it may not be read.
+
+    Only regular files inside ``root`` may be read or uploaded: ``rel`` must be a
+    relative string path and ``(root / rel).resolve()`` (symlinks followed) must lie
+    inside ``root.resolve()``. ``/etc/passwd``, ``../../x`` and a symlink pointing out of
+    the folder give None, as does a missing file.
+
+    Example:
+        >>> artifact_path("/tmp", "/etc/passwd") is None
+        True
+    """
+    if not isinstance(rel, str) or not rel or "\x00" in rel or os.path.isabs(rel):
+        return None
+    base = Path(root).resolve()
+    try:
+        path = (base / rel).resolve()
+    except (OSError, RuntimeError):  # a symlink loop
+        return None
+    if base not in path.parents or not path.is_file():
+        return None
+    return path
 
 
 def log_key(metric: str, scalar: str) -> str:
@@ -74,7 +159,12 @@ class Record:
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> Record:
-        """Inverse of :meth:`to_dict` (``None`` scalars read back as NaN)."""
+        """Inverse of :meth:`to_dict` (``None`` scalars read back as NaN), checked against :data:`SCHEMA`.
+
+        Raises:
+            RecordSchemaError: ``data`` does not have a record's shape (see :func:`check_record_dict`).
+        """
+        check_record_dict(data)
         kwargs = {k: data[k] for k in cls.__dataclass_fields__ if k in data}
         kwargs["scalars"] = {k: (math.nan if v is None else float(v)) for k, v in data.get("scalars", {}).items()}
         return cls(**kwargs)
