@@ -12,6 +12,13 @@ naming the closest valid one. :meth:`UnifiedConfig.to_uma` maps it:
 ``compute_loss_landscape``      ``LossLandscape(n_points, span, normalization)`` when available
 ``compute_mechanistic``         ``AttentionHeads(seed=seed)`` and ``Circuits()``
 ``compute_qkov``                ``Circuits()``
+``compute_representations``     ``Representations(seed=seed)``
+``compute_information_theory``  ``InformationTheory(seed=seed)``
+``compute_bombshell``           ``TaskVectors(base=base_model)`` (base: the first model
+                                measured when ``base_model`` is None)
+``compute_lottery``             ``LotteryTickets()``
+``compute_modularity``          ``Modularity(seed=seed)``, plus ``FisherOverlap(task_probes)``
+                                when ``task_probes`` names two or more task probes
 ``compute_all``                 every metric this version has
 ``num_samples``                 probe size; ``batch_size`` -> probe batch size
 ``fisher_batch_size``           Fisher chunk size; ``max_seq_length`` -> text truncation
@@ -21,7 +28,7 @@ naming the closest valid one. :meth:`UnifiedConfig.to_uma` maps it:
 ``seed`` / ``use_cache`` / ``force_recompute`` / ``save_plots`` / ``output_dir``  as named
 ==============================  ================================================
 
-Fields with no counterpart (``enable_qkov_interference``, ``compute_lottery``, ...)
+Fields with no counterpart (``enable_qkov_interference``, ``deterministic``, ...)
 are stored; when set away from their default they are listed in one warning.
 """
 
@@ -46,6 +53,8 @@ MAPPED_FIELDS = frozenset(
         "max_seq_length", "batch_size", "compute_all", "compute_fisher", "compute_gradients",
         "compute_loss_landscape", "fisher_method", "fisher_batch_size", "compute_fisher_eigenvalues",
         "compute_mechanistic", "compute_qkov",
+        "compute_representations", "compute_information_theory",
+        "compute_bombshell", "compute_lottery", "compute_modularity", "task_probes",
         "fisher_top_k", "loss_landscape_n_points", "loss_landscape_span", "loss_landscape_normalization",
         "compute_gradient_flow", "aggressive_cleanup", "max_memory_gb", "min_batch_size", "max_batch_size",
         "adaptive_batch_sizing", "enable_memory_tracking", "seed", "output_dir", "save_results",
@@ -96,6 +105,8 @@ class UnifiedConfig:
     compute_bombshell: bool = False
     compute_loss_landscape: bool = False
     compute_qkov: bool = False
+    #: ``{task name: batches}`` (two or more): FisherOverlap between them with compute_modularity
+    task_probes: dict | None = None
     # Fisher
     fisher_n_samples: int = 1000
     fisher_method: str = "empirical"
@@ -148,6 +159,7 @@ class UnifiedConfig:
         Raises:
             ValueError: naming the field and the allowed values.
         """
+        _check_task_probes(self.task_probes)
         if isinstance(self.max_batch_size, int) and isinstance(self.min_batch_size, int):
             if self.max_batch_size < self.min_batch_size:
                 raise ValueError(
@@ -220,14 +232,41 @@ class UnifiedConfig:
                 )
             else:
                 wanted.append(_Unavailable("landscape"))
+        if everything or self.compute_representations:
+            wanted.append(METRICS["representations"](seed=self.seed))
+        if everything or self.compute_information_theory:
+            wanted.append(METRICS["information"](seed=self.seed))
         if everything or self.compute_mechanistic:
             wanted.append(METRICS["attention"](seed=self.seed))
         if everything or self.compute_mechanistic or self.compute_qkov:
             wanted.append(METRICS["circuits"]())
+        wanted += self._weight_space_metrics(everything)
         for metric in wanted:
             if self.timeout_seconds is not None and hasattr(metric, "timeout_seconds"):
                 metric.timeout_seconds = self.timeout_seconds
         return wanted
+
+    def _weight_space_metrics(self, everything: bool) -> list[Any]:
+        """``compute_bombshell``, ``compute_lottery``, ``compute_modularity`` (issue 15)."""
+        out: list[Any] = []
+        if everything or self.compute_bombshell:
+            base = self.base_model
+            if base is not None:
+                from pathlib import Path
+
+                if not isinstance(base, str) or not base or not Path(base).exists():
+                    raise ValueError(
+                        f"UnifiedConfig.base_model must be a local checkpoint folder or .safetensors file for "
+                        f"compute_bombshell (never downloaded), or None for the first model; got {base!r}"
+                    )
+            out.append(METRICS["task_vectors"](base=base))
+        if everything or self.compute_lottery:
+            out.append(METRICS["pruning"]())
+        if everything or self.compute_modularity:
+            out.append(METRICS["modularity"](seed=self.seed))
+            if self.task_probes:
+                out.append(METRICS["fisher_overlap"]({k: list(v) for k, v in self.task_probes.items()}, seed=self.seed))
+        return out
 
     def memory_budget(self) -> Any:
         """The :class:`~uma_callbacks.engine.budget.MemoryBudget` of ``max_memory_gb``,
@@ -276,6 +315,22 @@ class UnifiedConfig:
             "memory_budget": self.memory_budget(),
             "timeout_seconds": self.timeout_seconds,
         }
+
+
+def _check_task_probes(task_probes: Any) -> None:
+    """``None`` or ``{task name: non-empty batches}`` with at least two tasks; else ``ValueError``."""
+    if task_probes is None:
+        return
+    if (
+        not isinstance(task_probes, dict)
+        or len(task_probes) < 2
+        or not all(isinstance(k, str) and k and "/" not in k for k in task_probes)
+        or not all(isinstance(v, (list, tuple)) and v for v in task_probes.values())
+    ):
+        raise ValueError(
+            "UnifiedConfig.task_probes must be None or a dict of at least two task names (no '/') to "
+            f"non-empty lists of batches; got {task_probes!r:.80}"
+        )
 
 
 class _Unavailable:
