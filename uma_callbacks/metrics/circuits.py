@@ -34,7 +34,9 @@ class Circuits(Metric):
       Factored: for A [d, d_h] with QR factor R_A [d_h, d_h], ||A X||_F = ||R_A X||_F, so
       with M1 = W_V1 W_O1 and M2 = A2 B2^T, ||M1 M2||_F = ||(R_V1 W_O1) (A2 R_B2^T)||_F, a
       d_h x d_h product per pair of heads (one [l2 H d_h, d] x [d, H d_h] product per
-      layer l2 for all earlier heads at once). Arrays [L H, L H], rows the writing head
+      layer l2 for all earlier heads at once). For ``k`` and ``v`` the product with A2
+      (W_K or W_V) is taken once per key/value head, then each query head of the group
+      applies its own d_h x d_h R_B2^T: grouped-query models pay H_kv / H of it. Arrays [L H, L H], rows the writing head
       h1 = l1 H + h, columns the reading head; 0 where l1 >= l2 (or a zero-norm head).
 
     Scalars: ``mean_ov_copying``, ``max_q_composition``, ``max_k_composition``,
@@ -42,7 +44,8 @@ class Circuits(Metric):
 
     Memory and time (d = H d_h, L layers): W_U W_E costs d^2 V multiply-adds in blocks of
     ``VOCAB_BLOCK`` rows; the left factors of all layers are L d^2 entries; the products
-    about (3/2) L^2 d^3 multiply-adds. Work dtype: float64 for float64 weights, else float32;
+    about (1 + 2 H_kv / H) L^2 d^3 / 2 multiply-adds (the exact all-pairs floor in factored
+    form: d d_h^2 per pair of heads and mode). Work dtype: float64 for float64 weights, else float32;
     eigenvalues in float64.
 
     Args:
@@ -73,29 +76,35 @@ class Circuits(Metric):
         work = torch.float64 if first.dtype == torch.float64 else torch.float32
         w_e, w_u, fallback = embedding_matrices(ctx.model)
         gram = unembed_embed(w_e, w_u, work)
+        n_all = len(layers) * n_heads
         ov = np.zeros((len(layers), n_heads))
-        lefts: list[torch.Tensor] = []
-        left_norms: list[torch.Tensor] = []
-        comps = {m: torch.zeros(len(layers) * n_heads, len(layers) * n_heads, dtype=torch.float64) for m in MODES}
+        lefts: torch.Tensor | None = None  # [L H, d_h, d]: R_V1 W_O1 of every head measured so far
+        left_norms = torch.zeros(n_all, dtype=work, device=first.device)
+        comps = {m: torch.zeros(n_all, n_all, dtype=torch.float64) for m in MODES}
         for layer in layers:
             f = head_factors(layer, work)
             ov[layer.index] = ov_copying(f.W_V, f.W_O, gram)
             r_q, r_k, r_v, r_o = (_r_factor(w) for w in (f.W_Q, f.W_K, f.W_V, f.W_O.transpose(1, 2)))
-            rights = {
-                "q": (f.W_Q @ r_k.transpose(1, 2), _fro(r_q @ r_k.transpose(1, 2))),
-                "k": (f.W_K @ r_q.transpose(1, 2), _fro(r_q @ r_k.transpose(1, 2))),
-                "v": (f.W_V @ r_o.transpose(1, 2), _fro(r_v @ r_o.transpose(1, 2))),
+            qk_norm, ov_norm = _fro(r_q @ r_k.transpose(1, 2)), _fro(r_v @ r_o.transpose(1, 2))
+            shared = [h * (layer.n_heads // layer.n_kv_heads) for h in range(layer.n_kv_heads)]
+            group = torch.tensor([layer.kv_head(h) for h in range(n_heads)])
+            every = torch.arange(n_heads)
+            rights = {  # M2 = A2 B2^T -> (A2 per distinct head, R_B2 per head, which A2 each head uses, ||M2||)
+                "q": (f.W_Q, r_k, every, qk_norm),
+                "k": (f.W_K[shared], r_q, group, qk_norm),
+                "v": (f.W_V[shared], r_o, group, ov_norm),
             }
-            if lefts:
-                left = torch.cat(lefts)  # [l2 H, d_h, d]
-                norms = torch.cat(left_norms)
-                for mode, (right, right_norm) in rights.items():
-                    block = composition_block(left, norms, right, right_norm)
-                    cols = slice(layer.index * n_heads, (layer.index + 1) * n_heads)
-                    comps[mode][: left.shape[0], cols] = block.to("cpu", torch.float64)
-            lefts.append(r_v @ f.W_O)
-            left_norms.append(rights["v"][1])
-            del f, rights
+            rows = layer.index * n_heads
+            if rows:
+                for mode, (a2, r_b2, which, norm) in rights.items():
+                    block = composition_block(lefts[:rows], left_norms[:rows], a2, r_b2, which, norm)
+                    comps[mode][:rows, rows : rows + n_heads] = block.to("cpu", torch.float64)
+            left = r_v @ f.W_O
+            if lefts is None:
+                lefts = torch.empty(n_all, *left.shape[1:], dtype=work, device=left.device)
+            lefts[rows : rows + n_heads] = left
+            left_norms[rows : rows + n_heads] = ov_norm
+            del f, rights, left
             ctx.check_time(layers_done=layer.index + 1)
         ctx.meta.update(n_layers=len(layers), n_heads=n_heads, tied_fallback=fallback, work_dtype=str(work))
         return circuits_result(ov, {m: c.numpy() for m, c in comps.items()}, n_heads)
@@ -143,23 +152,46 @@ def ov_copying(w_v: torch.Tensor, w_o: torch.Tensor, gram: torch.Tensor) -> np.n
 
 
 def composition_block(
-    left: torch.Tensor, left_norm: torch.Tensor, right: torch.Tensor, right_norm: torch.Tensor
+    left: torch.Tensor,
+    left_norm: torch.Tensor,
+    a2: torch.Tensor,
+    r_b2: torch.Tensor,
+    which: torch.Tensor,
+    right_norm: torch.Tensor,
 ) -> torch.Tensor:
-    """Composition scores of the heads of ``left`` into those of ``right``.
+    """Composition scores of the heads of ``left`` into the heads of one later layer.
+
+    With M2 = A2 B2^T and B2 = Q R_B2: ||M1 M2||_F = ||(R_V1 W_O1) A2 R_B2^T||_F. The
+    product with A2 is taken once per distinct A2 (a grouped-query key/value head serves
+    several query heads), then each reading head applies its own R_B2^T (d_h x d_h).
 
     Args:
         left: R_V1 W_O1 per writing head, [H1, d_h, d].
         left_norm: ||OV1||_F [H1].
-        right: A2 R_B2^T per reading head, [H2, d, d_h].
+        a2: the distinct A2 factors, [Ha, d, d_h].
+        r_b2: R_B2 per reading head, [H2, d_h, d_h].
+        which: [H2], the A2 each reading head uses.
         right_norm: ||M2||_F [H2].
 
     Returns:
         ``[H1, H2]``: ||M1 M2||_F / (||M1||_F ||M2||_F), 0 where a norm is 0.
     """
     h1, dh, d = left.shape
-    h2 = right.shape[0]
-    prod = left.reshape(h1 * dh, d) @ right.permute(1, 0, 2).reshape(d, h2 * dh)  # [H1 dh, H2 dh]
-    sq = prod.reshape(h1, dh, h2, dh).square().sum(dim=(1, 3))
+    ha, h2 = a2.shape[0], r_b2.shape[0]
+    flat = left.reshape(h1 * dh, d)
+    if ha == h2 and torch.equal(which, torch.arange(h2)):  # nothing shared: fold R_B2 into A2 first
+        right = (a2 @ r_b2.transpose(1, 2)).permute(1, 0, 2).reshape(d, h2 * dh)
+        sq = torch.linalg.vector_norm((flat @ right).view(h1, dh, h2, dh), dim=(1, 3)).square()
+    else:
+        prod = flat @ a2.permute(1, 0, 2).reshape(d, ha * dh)  # [H1 d_h, Ha d_h], once per shared A2
+        sq = torch.empty(h1, h2, dtype=left.dtype, device=left.device)
+        for g in range(ha):
+            heads = (which == g).nonzero().flatten().tolist()
+            if not heads:
+                continue
+            r_cat = r_b2[heads].reshape(len(heads) * dh, dh)
+            out = (prod[:, g * dh : (g + 1) * dh] @ r_cat.T).view(h1, dh, len(heads), dh)
+            sq[:, heads] = torch.linalg.vector_norm(out, dim=(1, 3)).square()
     denom = left_norm[:, None] * right_norm[None, :]
     return torch.where(denom > 0, sq.sqrt() / denom.clamp(min=torch.finfo(denom.dtype).tiny), torch.zeros_like(sq))
 
