@@ -31,15 +31,122 @@ To plug in your own tracker, subclass :class:`Sink` and pass an instance in
 
 Any object with ``name``, ``start``, ``run_id``, ``log_record``, ``log_params`` and
 ``finish`` works (duck typing); subclassing gives the no-op defaults.
+
+Helpers every sink here uses:
+
+- :func:`tracker_key`: the key a tracker receives for a ``uma/...`` key (stable,
+  documented, collision-free; see its docstring);
+- :func:`rng_preserved`: trackers draw from Python's ``random`` (MLflow's run names,
+  W&B ids) and may touch NumPy's or torch's global RNG; every public sink method here
+  runs inside it, so a training run's data order and dropout never depend on a tracker;
+- :func:`~uma_callbacks.engine.records.artifact_path`: a record's ``files`` entry is
+  uploaded only if it is a file inside the journal root (resolved, symlinks too).
 """
 
 from __future__ import annotations
 
 import abc
+import contextlib
+import functools
+import hashlib
+import logging
+import posixpath
+import random
+import re
+from collections.abc import Callable, Iterator
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
-from uma_callbacks.engine.records import Record
+from uma_callbacks.engine.records import Record, artifact_path
+
+logger = logging.getLogger(__name__)
+
+_F = TypeVar("_F", bound=Callable[..., Any])
+#: Characters every tracker accepts in a key (MLflow on any OS, W&B).
+_KEY_OK = re.compile(r"[^A-Za-z0-9_./ -]")
+#: MLflow's limit on a metric, param or tag key.
+KEY_MAX = 250
+
+
+def tracker_key(key: str) -> str:
+    """The key a tracker gets for ``key``: unchanged when valid everywhere, else a safe, unique form.
+
+    Valid keys use only ``A-Z a-z 0-9 _ . / - space``, are at most :data:`KEY_MAX`
+    characters, and are clean paths (no leading or trailing ``/``, no ``//``, no ``.`` or
+    ``..`` component: MLflow treats names as paths). Those are returned as they are, so
+    dashboards keep their keys. Any other key has each character outside that set replaced
+    by ``_``, the path cleaned, and ``-`` plus the first 10 hex digits of sha256(original
+    key) appended (the whole cut to :data:`KEY_MAX`): stable across processes and
+    versions, and two different keys never meet (a valid key cannot end in the hash of
+    another key short of a 40-bit hash collision).
+
+    Example:
+        >>> tracker_key("uma/gradient_flow/total_norm")
+        'uma/gradient_flow/total_norm'
+        >>> tracker_key("uma/gradient_flow/params/heads.c++.weight/norm")
+        'uma/gradient_flow/params/heads.c__.weight/norm-30f3c5aa80'
+    """
+    if _valid_key(key):
+        return key
+    digest = hashlib.sha256(key.encode("utf-8", "surrogatepass")).hexdigest()[:10]
+    parts = [p for p in _KEY_OK.sub("_", key).split("/") if p not in ("", ".", "..")]
+    cleaned = "/".join(parts) or "key"
+    return f"{cleaned[: KEY_MAX - 11]}-{digest}"
+
+
+def _valid_key(key: str) -> bool:
+    return (
+        isinstance(key, str)
+        and 0 < len(key) <= KEY_MAX
+        and not _KEY_OK.search(key)
+        and posixpath.normpath(key) == key
+        and not key.startswith(("/", ".."))
+        and key != "."
+    )
+
+
+@contextlib.contextmanager
+def rng_preserved() -> Iterator[None]:
+    """Restore Python's ``random``, NumPy's and torch's (CPU, initialised CUDA) global RNGs on exit."""
+    import numpy as np
+    import torch
+
+    py_state, np_state = random.getstate(), np.random.get_state()
+    devices: list[int] = []
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        devices = list(range(torch.cuda.device_count()))
+    with torch.random.fork_rng(devices=devices):
+        try:
+            yield
+        finally:
+            random.setstate(py_state)
+            np.random.set_state(np_state)
+
+
+def keeps_rng(method: _F) -> _F:
+    """Decorator: run ``method`` inside :func:`rng_preserved`."""
+
+    @functools.wraps(method)
+    def wrapper(*args: Any, **kwargs: Any) -> Any:
+        with rng_preserved():
+            return method(*args, **kwargs)
+
+    return wrapper  # type: ignore[return-value]
+
+
+def uploadable_files(root: Path, record: Record, refused: set[str] | None = None) -> list[Path]:
+    """The record's files that may be uploaded (:func:`artifact_path`); the others are warned about once."""
+    out = []
+    for rel in record.files:
+        path = artifact_path(root, rel)
+        if path is None:
+            if refused is None or rel not in refused:
+                logger.warning("uma: file %r of %s at step %s refused: not a file inside %s", rel, record.metric, record.step, root)
+            if refused is not None:
+                refused.add(rel)
+            continue
+        out.append(path)
+    return out
 
 #: Tracker name -> (importable package, pip extra).
 TRACKER_PACKAGES: dict[str, tuple[str, str]] = {"mlflow": ("mlflow", "mlflow"), "wandb": ("wandb", "wandb")}

@@ -9,6 +9,19 @@ Idempotent per (run, key, step): before logging a key, the sink reads that key's
 history once and skips steps already present, so replaying a checkpoint adds no points.
 A write that fails forgets those keys' history, so the retry re-reads it from the server.
 
+Keys go through :func:`~uma_callbacks.integrations.base.tracker_key` (what MLflow
+accepts; ``heads.c++.weight`` gets a safe, unique form). A batch MLflow refuses as
+invalid (``INVALID_PARAMETER_VALUE``) is sent again point by point: the points MLflow
+refuses are warned about once each and noted in :attr:`MLflowSink.rejected`, the others
+arrive (a refused point is never retried, so it cannot block the records after it).
+
+:meth:`MLflowSink.start` is retryable: it changes nothing until the run exists (client,
+run id and URI are set together at the end), so a start that failed (server down) is
+simply tried again at the next delivery; params given while it could not start are
+logged at the first start that works. Every public method keeps the global RNGs as they
+were (:func:`~uma_callbacks.integrations.base.rng_preserved`: MLflow names new runs with
+Python's ``random``). Only files inside the journal folder are uploaded.
+
 A tracking server that is down must not stall training: MLflow's own HTTP defaults
 retry one call for about four minutes (7 retries, backoff factor 2, 120 s timeout;
 measured 245 s against a closed port). For ``http(s)://`` and ``databricks`` URIs this
@@ -27,7 +40,7 @@ from typing import Any
 
 from uma_callbacks.engine.records import Record
 
-from uma_callbacks.integrations.base import Sink
+from uma_callbacks.integrations.base import Sink, keeps_rng, tracker_key, uploadable_files
 
 logger = logging.getLogger(__name__)
 
@@ -122,8 +135,13 @@ class MLflowSink(Sink):
         self._client: Any = None
         self._history: dict[str, set[int]] = {}
         self._params_logged: set[str] = set()
+        self._params_pending: dict[str, str] = {}
+        self._refused_files: set[str] = set()
+        #: ``{tracker key: MLflow's reason}`` of points MLflow refused (warned about once each).
+        self.rejected: dict[str, str] = {}
 
     # ------------------------------------------------------------------ run
+    @keeps_rng
     def capture_active_run(self) -> bool:
         """Join the fluent active run (the one ``MLflowCallback`` opened), if any."""
         active = self._mlflow.active_run()
@@ -133,12 +151,25 @@ class MLflowSink(Sink):
             return True
         return False
 
+    @keeps_rng
     def start(self) -> None:
+        """Join or create the run; a no-op once started, and retryable after a failure.
+
+        Nothing is kept from a failed attempt: the client, run id and URI are set only
+        once the run exists (created here on the first start that reaches the store).
+
+        Raises:
+            Exception: whatever MLflow raised (server down, bad URI); the next call retries.
+        """
         if self._client is not None:
             return
-        if self._run_id is None:
-            self.capture_active_run()
+        run_id = self._run_id
         uri = self._tracking_uri
+        if run_id is None:
+            active = self._mlflow.active_run()
+            if active is not None:
+                run_id = active.info.run_id
+                uri = uri or self._mlflow.get_tracking_uri()
         if uri is None:
             env_uri = os.environ.get("MLFLOW_TRACKING_URI")
             if env_uri:
@@ -148,16 +179,14 @@ class MLflowSink(Sink):
                 uri = default_tracking_uri(self._fallback_dir)
             else:
                 uri = self._mlflow.get_tracking_uri()
-        self._tracking_uri = uri
-        self._client = _BoundedClient(self._mlflow.tracking.MlflowClient(tracking_uri=uri), uri)
-        if self._run_id is None:
-            experiment = self._client.get_experiment_by_name(self._experiment_name)
-            experiment_id = (
-                experiment.experiment_id if experiment else self._client.create_experiment(self._experiment_name)
-            )
-            run = self._client.create_run(experiment_id, run_name=self._run_name)
-            self._run_id = run.info.run_id
-            logger.info("uma: opened MLflow run %s in %s", self._run_id, uri)
+        client = _BoundedClient(self._mlflow.tracking.MlflowClient(tracking_uri=uri), uri)
+        if run_id is None:
+            experiment = client.get_experiment_by_name(self._experiment_name)
+            experiment_id = experiment.experiment_id if experiment else client.create_experiment(self._experiment_name)
+            run_id = client.create_run(experiment_id, run_name=self._run_name).info.run_id
+            logger.info("uma: opened MLflow run %s in %s", run_id, uri)
+        self._client, self._run_id, self._tracking_uri = client, run_id, uri
+        self._flush_params()
 
     def run_id(self) -> str:
         return self._run_id or ""
@@ -180,49 +209,98 @@ class MLflowSink(Sink):
             self._history[key] = {m.step for m in history}
         return self._history[key]
 
+    @keeps_rng
     def log_record(self, record: Record, root: Path) -> None:
         from mlflow.entities import Metric as MlflowMetric  # noqa: PLC0415 (optional extra)
 
         self.start()
+        self._flush_params()
         timestamp = int(record.meta.get("timestamp_ms", 0)) or None
         metrics = []
         for key, value in record.log_values().items():
-            if not math.isfinite(value):
+            key = tracker_key(key)
+            if not math.isfinite(value) or key in self.rejected:
                 continue
             steps = self._steps_logged(key)
             if record.step in steps:
                 continue
             metrics.append(MlflowMetric(key, value, timestamp or _now_ms(), record.step))
-        try:
-            for start in range(0, len(metrics), 900):  # the batch API caps at 1000 entries
-                self._client.log_batch(self._run_id, metrics=metrics[start : start + 900])
-        except Exception:
-            for metric in metrics:  # unknown what reached the server: re-read on the retry
-                self._history.pop(metric.key, None)
-            raise
-        for metric in metrics:
-            self._history[metric.key].add(record.step)
+        for start in range(0, len(metrics), 900):  # the batch API caps at 1000 entries
+            self._log_batch(metrics[start : start + 900])
         if record.status not in ("ok", "cached"):
             message = (record.error or {}).get("message", "")
-            self._client.set_tag(self._run_id, f"uma.{record.metric}.status", record.status)
-            self._client.set_tag(self._run_id, f"uma.{record.metric}.error", f"step {record.step}: {message}"[:5000])
-        for rel in record.files:
-            path = Path(root) / rel
-            if path.is_file():
-                self._client.log_artifact(self._run_id, str(path), artifact_path=f"uma/step-{record.step}")
+            self._client.set_tag(self._run_id, tracker_key(f"uma.{record.metric}.status"), record.status)
+            self._client.set_tag(
+                self._run_id, tracker_key(f"uma.{record.metric}.error"), f"step {record.step}: {message}"[:5000]
+            )
+        for path in uploadable_files(Path(root), record, self._refused_files):
+            self._client.log_artifact(self._run_id, str(path), artifact_path=f"uma/step-{int(record.step)}")
 
+    def _log_batch(self, metrics: list[Any]) -> None:
+        """One batch; if MLflow refuses it as invalid, point by point (refused points noted, the rest sent)."""
+        if not metrics:
+            return
+        try:
+            self._client.log_batch(self._run_id, metrics=metrics)
+        except self._mlflow.exceptions.MlflowException as err:
+            self._forget(metrics)
+            if not _is_invalid(err) or len(metrics) == 1:
+                if _is_invalid(err):
+                    self._reject(metrics[0].key, err)
+                    return
+                raise
+            for metric in metrics:
+                try:
+                    self._client.log_batch(self._run_id, metrics=[metric])
+                except self._mlflow.exceptions.MlflowException as one:
+                    if not _is_invalid(one):
+                        self._forget([metric])
+                        raise
+                    self._reject(metric.key, one)
+                    continue
+                self._steps_logged(metric.key).add(metric.step)
+            return
+        except Exception:
+            self._forget(metrics)
+            raise
+        for metric in metrics:
+            self._history[metric.key].add(metric.step)
+
+    def _forget(self, metrics: list[Any]) -> None:
+        for metric in metrics:  # unknown what reached the server: re-read on the retry
+            self._history.pop(metric.key, None)
+
+    def _reject(self, key: str, err: BaseException) -> None:
+        if key not in self.rejected:
+            logger.error("uma: MLflow refused the key %r (%s); its points are skipped, the others go on", key, err)
+        self.rejected[key] = str(err)[:500]
+
+    @keeps_rng
     def log_params(self, params: dict[str, Any]) -> None:
-        self.start()
+        """Log ``uma.<key>`` params once per run; kept until a start works if MLflow is down."""
         for key, value in params.items():
-            key = f"uma.{key}"
-            if key in self._params_logged:
-                continue
-            text = str(value)[:_PARAM_MAX]
+            key = tracker_key(f"uma.{key}")
+            if key not in self._params_logged:
+                self._params_pending[key] = str(value)[:_PARAM_MAX]
+        self.start()
+        self._flush_params()
+
+    def _flush_params(self) -> None:
+        for key, text in list(self._params_pending.items()):
             try:
                 self._client.log_param(self._run_id, key, text)
-            except self._mlflow.exceptions.MlflowException as err:  # a param may not change value
+            except self._mlflow.exceptions.MlflowException as err:
+                if not _is_invalid(err):
+                    raise  # the store is down: kept pending, retried at the next call
+                # a param may not change value, or the value is refused: keep what MLflow has
                 logger.warning("uma: MLflow kept the earlier value of param %s (%s)", key, err)
             self._params_logged.add(key)
+            del self._params_pending[key]
+
+
+def _is_invalid(err: BaseException) -> bool:
+    """Whether MLflow refused the request itself (bad key or value), not failed to reach the store."""
+    return getattr(err, "error_code", "") == "INVALID_PARAMETER_VALUE"
 
 
 def _now_ms() -> int:

@@ -24,6 +24,13 @@ then the record's files (JSON, npz, PNG, safetensors) as an artifact of type
 ``uma-results`` named ``uma-<run id>-<metric>-step-<N>``. Errors go to the run summary
 (``uma/<metric>/status``, ``uma/<metric>/error``).
 
+Keys go through :func:`~uma_callbacks.integrations.base.tracker_key` (the same mapping
+as MLflow's, so both trackers show the same names). Only files inside the journal folder
+are logged. Every public method keeps the global RNGs as they were. A failed
+``wandb.init`` is retried, at most once per :attr:`WandbSink.retry_interval` seconds (an
+unreachable server costs ``WANDB_INIT_TIMEOUT`` per try), with nothing kept from the
+failed try.
+
 Idempotent per (run, step, key): the journal's delivery log skips records delivered in an
 earlier process, and the sink keeps the (step, key) pairs it logged in this one.
 """
@@ -34,12 +41,13 @@ import logging
 import math
 import os
 import re
+import time
 from pathlib import Path
 from typing import Any
 
 from uma_callbacks.engine.records import PREFIX, Record
 
-from uma_callbacks.integrations.base import Sink
+from uma_callbacks.integrations.base import Sink, keeps_rng, tracker_key, uploadable_files
 
 logger = logging.getLogger(__name__)
 
@@ -71,6 +79,8 @@ class WandbSink(Sink):
         dir: folder of a new run's files when ``WANDB_DIR`` is unset.
         log_artifacts: upload each record's files as an artifact.
         init_kwargs: more keyword arguments for ``wandb.init`` (``entity``, ``tags``, ...).
+        retry_interval: seconds after a failed ``wandb.init`` during which :meth:`start`
+            raises again at once instead of trying (0: try at every call).
 
     Raises:
         ModuleNotFoundError: wandb is not installed (names the pip extra).
@@ -86,6 +96,7 @@ class WandbSink(Sink):
         dir: str | os.PathLike[str] | None = None,  # noqa: A002 (wandb's own name)
         log_artifacts: bool = True,
         init_kwargs: dict[str, Any] | None = None,
+        retry_interval: float = 60.0,
     ) -> None:
         super().__init__()
         self._wandb = _import_wandb()
@@ -100,8 +111,12 @@ class WandbSink(Sink):
         self._defined: set[str] = set()
         self._logged: set[tuple[int, str]] = set()
         self._init_error: BaseException | None = None
+        self._failed_at = -math.inf
+        self.retry_interval = float(retry_interval)
+        self._refused_files: set[str] = set()
 
     # ------------------------------------------------------------------ run
+    @keeps_rng
     def capture_active_run(self) -> bool:
         """Join ``wandb.run`` (the run ``report_to=["wandb"]`` opened), if one is open."""
         active = self._wandb.run
@@ -110,12 +125,14 @@ class WandbSink(Sink):
             return True
         return False
 
+    @keeps_rng
     def start(self) -> None:
         """Join or open the run, and bind ``uma/*`` to ``uma/step``.
 
-        A failed ``wandb.init`` is remembered and raised again at once on later calls
-        (no retry per checkpoint: an unreachable server would stall training each time);
-        the records stay in the journal for ``uma sync``.
+        A failed ``wandb.init`` is raised again at once for :attr:`retry_interval`
+        seconds (an unreachable server would stall training at every checkpoint), then
+        tried again; the records stay in the journal meanwhile. Nothing of a failed try
+        is kept.
 
         Raises:
             Exception: whatever ``wandb.init`` raised.
@@ -123,7 +140,7 @@ class WandbSink(Sink):
         if self._run is None:
             self.capture_active_run()
         if self._run is None:
-            if self._init_error is not None:
+            if self._init_error is not None and time.monotonic() - self._failed_at < self.retry_interval:
                 raise RuntimeError(f"wandb.init failed earlier: {self._init_error}") from self._init_error
             kwargs: dict[str, Any] = {
                 "project": self._project or os.environ.get("WANDB_PROJECT") or "uma-callbacks",
@@ -136,10 +153,11 @@ class WandbSink(Sink):
                 Path(folder).mkdir(parents=True, exist_ok=True)
                 kwargs.setdefault("dir", str(folder))
             try:
-                self._run = self._wandb.init(**kwargs)
+                run = self._wandb.init(**kwargs)
             except Exception as err:  # remembered, re-raised to the caller that reports it
-                self._init_error = err
+                self._init_error, self._failed_at = err, time.monotonic()
                 raise
+            self._run, self._init_error = run, None
             self._own = True
             logger.info("uma: opened W&B run %s (mode %s)", self._run.id, os.environ.get("WANDB_MODE", "online"))
         if self._bound_run != self._run.id:
@@ -168,6 +186,7 @@ class WandbSink(Sink):
             self._run.define_metric(key, step_metric=STEP_KEY)
             self._defined.add(key)
 
+    @keeps_rng
     def log_record(self, record: Record, root: Path) -> None:
         """Log one record as one row on the ``uma/step`` axis (see the module docstring)."""
         self.start()
@@ -175,14 +194,15 @@ class WandbSink(Sink):
         step = int(record.step)
         row: dict[str, Any] = {}
         for key, value in record.log_values().items():
+            key = tracker_key(key)
             if math.isfinite(value) and (step, key) not in self._logged:
                 row[key] = value
-        pngs = [Path(root) / rel for rel in record.files if rel.endswith(".png")]
-        for path in pngs:
-            key = f"{PREFIX}/{record.metric}/figures/{_figure_name(record.metric, path)}"
-            if path.is_file() and (step, key) not in self._logged:
+        files = uploadable_files(Path(root), record, self._refused_files)
+        for path in (p for p in files if p.suffix == ".png"):
+            key = tracker_key(f"{PREFIX}/{record.metric}/figures/{_figure_name(record.metric, path)}")
+            if (step, key) not in self._logged:
                 row[key] = wandb.Image(str(path), caption=f"{record.metric} at step {step}")
-        table_key = f"{PREFIX}/{record.metric}/modules"
+        table_key = tracker_key(f"{PREFIX}/{record.metric}/modules")
         rows = _module_rows(record)
         if rows and (step, table_key) not in self._logged:
             row[table_key] = wandb.Table(columns=["step", "module", "metric", "value"], data=rows)
@@ -193,10 +213,9 @@ class WandbSink(Sink):
             self._logged.update((step, key) for key in row)
         if record.status not in ("ok", "cached"):
             message = (record.error or {}).get("message", "")
-            self._run.summary[f"{PREFIX}/{record.metric}/status"] = record.status
-            self._run.summary[f"{PREFIX}/{record.metric}/error"] = f"step {step}: {message}"[:5000]
+            self._run.summary[tracker_key(f"{PREFIX}/{record.metric}/status")] = record.status
+            self._run.summary[tracker_key(f"{PREFIX}/{record.metric}/error")] = f"step {step}: {message}"[:5000]
         artifact_key = f"artifact:{record.metric}"
-        files = [Path(root) / rel for rel in record.files if (Path(root) / rel).is_file()]
         if self._log_artifacts and files and (step, artifact_key) not in self._logged:
             name = _ARTIFACT_SAFE.sub("-", f"uma-{self.run_id()}-{record.metric}-step-{step}")
             artifact = wandb.Artifact(name=name, type="uma-results", metadata={"step": step, "metric": record.metric})
@@ -205,6 +224,7 @@ class WandbSink(Sink):
             self._run.log_artifact(artifact)
             self._logged.add((step, artifact_key))
 
+    @keeps_rng
     def log_params(self, params: dict[str, Any]) -> None:
         """Merge ``params`` into the run config under ``uma.`` (existing keys kept)."""
         self.start()
@@ -212,6 +232,7 @@ class WandbSink(Sink):
         if fresh:
             self._run.config.update(fresh, allow_val_change=True)
 
+    @keeps_rng
     def finish(self) -> None:
         """Finish the run if this sink opened it (flushes the run file)."""
         if self._own and self._run is not None:
