@@ -20,7 +20,7 @@ from uma_callbacks.engine.journal import Journal
 from uma_callbacks.metrics import GradientFlow
 
 accelerate = pytest.importorskip("accelerate")
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 
 
 def _accelerated(**kwargs):

@@ -21,7 +21,7 @@ from uma_callbacks.engine.probe import Probe, load_probe, save_probe
 
 pytestmark = pytest.mark.slow
 mlflow = pytest.importorskip("mlflow")
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 
 
 @pytest.fixture(scope="module")

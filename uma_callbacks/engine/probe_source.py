@@ -25,6 +25,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from uma_callbacks.engine.journal import Journal
 from uma_callbacks.engine.probe import Probe, load_probe, pad_collate
 
 
@@ -127,3 +128,38 @@ def build_probe(
         f"{field}: none given, no dataloader to draw it from, and no saved probe (probe.safetensors) in {where}; "
         "pass a dataset, batches or texts"
     )
+
+
+def load_tokenizer(tokenizer: Any, folders: Sequence[Path]) -> Any:
+    """A tokenizer object: ``tokenizer`` itself, its local folder, or the first checkpoint that has one.
+
+    Raises:
+        ValueError: none found.
+    """
+    if tokenizer is not None and not isinstance(tokenizer, (str, os.PathLike)):
+        return tokenizer
+    from transformers import AutoTokenizer
+
+    candidates = [Path(tokenizer)] if tokenizer is not None else list(folders)
+    for folder in candidates:
+        if (folder / "tokenizer_config.json").is_file() or (folder / "tokenizer.json").is_file():
+            return AutoTokenizer.from_pretrained(str(folder), local_files_only=True)
+    raise ValueError(f"tokenizer: no tokenizer files in {[str(c) for c in candidates]}; pass tokenizer=FOLDER")
+
+
+def check_probe_matches(probe: Probe, journals: Sequence[Journal]) -> None:
+    """Refuse a probe whose fingerprint the journals' measured records do not carry.
+
+    Raises:
+        ValueError: the journals hold results on other probes only.
+    """
+    known: set[str] = set()
+    for journal in journals:
+        known |= {r.probe for r in journal.records() if r.probe and r.status in ("ok", "cached")}
+    if known and probe.fingerprint not in known:
+        raise ValueError(
+            f"probe fingerprint {probe.fingerprint[:12]} differs from the journal's "
+            f"({', '.join(sorted(k[:12] for k in known))}): the run was measured on other data. "
+            "Rebuild it with the same data and seed (or from the saved probe.safetensors), "
+            "or pass check_probe=False (CLI: --new-probe) to measure on a new probe anyway"
+        )

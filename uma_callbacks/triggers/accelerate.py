@@ -1,39 +1,24 @@
 """``attach(accelerator, ...)``: measure the model whenever ``accelerator.save_state()`` runs.
 
-Custom Accelerate loops have no ``TrainerCallback`` events; they have
-``accelerator.register_save_state_pre_hook``, which calls ``hook(models, weights,
-output_dir)`` on every process inside ``save_state``, after the folder exists and before
-anything is written to it. :func:`attach` registers such a hook. At each ``save_state``:
+A thin adapter from Accelerate's save-state pre-hook (``hook(models, weights, output_dir)``,
+called on every process inside ``save_state``) onto a :class:`~uma_callbacks.session.Session`:
 
-1. the step is the **global step the user gives** (``handle.step = N`` before
-   ``save_state``, or ``attach(..., global_step=lambda: state.step)``): Accelerate's own
-   counters (``save_iteration``, ``accelerator.step``) count saves and micro-batches, not
-   optimizer steps, so they are never used;
-2. every rank runs the suite on its shard of the probe (sums all-reduced; only world rank
-   0 journals and logs), on the unwrapped model (``accelerator.unwrap_model``);
-3. rank 0 writes ``<output_dir>/uma_state.json`` (:data:`STATE_FILE`) into the
-   ``save_state`` folder: the step, the journal folder, the probe fingerprint and the
-   records, so a later backfill knows the folder's global step.
+1. the step is the **global step the user gives** (``handle.step = N`` or
+   ``attach(..., global_step=lambda: state.step)``; Accelerate's own counters count saves);
+2. every rank measures its shard of the probe on the unwrapped model; rank 0 journals and logs;
+3. rank 0 writes ``uma_state.json`` (the step, the journal, the records) and the model's
+   ``config.json`` into the folder, so ``uma backfill`` finds and rebuilds it alone.
 
-Sinks, on rank 0, resolved at the first save (after ``accelerator.init_trackers``):
-
-- ``trackers=None``: follow the accelerator's trackers: its W&B run and MLflow run are
-  joined by our own sinks (:class:`~uma_callbacks.integrations.wandb.WandbSink`,
-  :class:`~uma_callbacks.integrations.mlflow.MLflowSink`, for the ``uma/step`` axis,
-  figures, tables and artifacts); any other tracker goes through
-  :class:`AcceleratorTrackerSink` (``tracker.log(values, step=record.step)``);
-- ``trackers=[]``: journal only; names (``"wandb"``, ``"mlflow"``) and/or sink objects as
-  in ``UMACallback``.
-
-``handle.remove()`` undoes :func:`attach`: the hook is unregistered, pending records are
-delivered and the runs our sinks opened are finished.
+Sinks are resolved at the first save (after ``accelerator.init_trackers``): ``trackers=None``
+follows the accelerator's trackers (W&B and MLflow runs joined by our own sinks, others
+wrapped); ``handle.remove()`` unregisters the hook and finishes what we opened.
 """
 
 from __future__ import annotations
 
 import logging
 import os
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -153,6 +138,10 @@ class UMAHandle:
         if self.session.is_main and step is not None:
             at_step = records or [r for r in self.records if r.step == step]
             write_state(output_dir, step, self.root, self.probe.fingerprint, at_step)
+            config = getattr(model, "config", None)
+            if hasattr(config, "to_json_file") and not os.path.exists(os.path.join(output_dir, "config.json")):
+                # the backfill rebuilds the model from it (`uma backfill RUN` with no model factory)
+                config.to_json_file(os.path.join(output_dir, "config.json"))
 
     def _start_sinks(self) -> None:
         """Resolve the sinks at the first save (after ``accelerator.init_trackers``)."""

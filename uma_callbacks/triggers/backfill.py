@@ -19,23 +19,22 @@ import logging
 import os
 import time
 from collections.abc import Callable, Mapping, Sequence
-from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
 import torch
 
-from uma_callbacks.checkpoints import Checkpoint, architecture_of, build_model, discover_checkpoints, load_into, load_weights, read_config
+from uma_callbacks.checkpoints import Checkpoint, discover_checkpoints
 from uma_callbacks.config import UMAConfig
 from uma_callbacks.engine.journal import Journal
-from uma_callbacks.engine.probe import Probe
-from uma_callbacks.engine.probe_source import build_probe
+from uma_callbacks.engine.probe_source import build_probe, check_probe_matches, load_tokenizer
 from uma_callbacks.engine.records import Record
 from uma_callbacks.engine.run_sinks import sinks_for_run
 from uma_callbacks.metrics.base import Metric
 from uma_callbacks.metrics.trajectory import Trajectory, trajectory_scalars  # noqa: F401 (public here too)
 from uma_callbacks.session import Session
+from uma_callbacks.triggers.prefetch import ModelLoader, prefetched
 
 logger = logging.getLogger(__name__)
 
@@ -89,42 +88,6 @@ class BackfillSummary:
         lines += [f"  error at step {step} ({path}): {reason}" for path, step, reason in self.errors]
         lines += [f"  sink {name} failed: its records stay in the journal (`uma sync` replays them)" for name in self.sink_failures]
         return "\n".join(lines)
-
-
-@dataclass
-class _Loaded:
-    checkpoint: Checkpoint
-    config: dict[str, Any] | None = None
-    weights: dict[str, torch.Tensor] | None = None
-    error: BaseException | None = None
-    seconds: float = 0.0
-
-
-def _load(checkpoint: Checkpoint) -> _Loaded:
-    started = time.perf_counter()
-    try:
-        config = read_config(checkpoint.path)
-        weights = load_weights(checkpoint.path)
-        return _Loaded(checkpoint, config, weights, seconds=time.perf_counter() - started)
-    except Exception as err:  # reported as the checkpoint's error record
-        return _Loaded(checkpoint, error=err, seconds=time.perf_counter() - started)
-
-
-@dataclass
-class _Loaded:
-    checkpoint: Checkpoint
-    config: dict[str, Any] | None = None
-    weights: dict[str, torch.Tensor] | None = None
-    error: BaseException | None = None
-    seconds: float = 0.0
-
-
-def _load(checkpoint: Checkpoint) -> _Loaded:
-    started = time.perf_counter()
-    try:
-        return _Loaded(checkpoint, read_config(checkpoint.path), load_weights(checkpoint.path), seconds=time.perf_counter() - started)
-    except Exception as err:  # reported as the checkpoint's error record
-        return _Loaded(checkpoint, error=err, seconds=time.perf_counter() - started)
 
 
 # ---------------------------------------------------------------------- the loop
@@ -211,70 +174,32 @@ def backfill(
                  params={"backfill.metrics": cfg.metric_names})
     summary = BackfillSummary(checkpoints=checkpoints, journal=str(root))
     target = torch.device(device) if device is not None else torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    loader = _ModelLoader(model_factory, target)
+    loader = ModelLoader(model_factory, target)
     bar = _progress(len(checkpoints), progress)
-    with ThreadPoolExecutor(max_workers=1, thread_name_prefix="uma-prefetch") as pool:
-        pending: Future[_Loaded] | None = pool.submit(_load, checkpoints[0]) if prefetch else None
-        for i, ckpt in enumerate(checkpoints):
-            waited = time.perf_counter()
-            loaded = pending.result() if pending is not None else _load(ckpt)
-            waited = time.perf_counter() - waited
-            pending = pool.submit(_load, checkpoints[i + 1]) if prefetch and i + 1 < len(checkpoints) else None
-            t0 = time.perf_counter()
-            try:
-                model = loader.load(loaded)
-            except Exception as err:  # this checkpoint is unusable; the others go on
-                logger.warning("uma: checkpoint %s (step %d) skipped: %s: %s", ckpt.path, ckpt.step, type(err).__name__, err)
-                records = [session.record_error(ckpt.step, "checkpoint", err, {"path": str(ckpt.path)})]
-            else:
-                records = session.measure(model, ckpt.step, label=str(ckpt.path))
-            compute = time.perf_counter() - t0
-            summary.load_seconds += loaded.seconds
-            summary.compute_seconds += compute
-            summary.per_checkpoint[ckpt.step] = {"load": loaded.seconds, "compute": compute, "wait": waited}
-            _tally(summary, ckpt, records)
-            if bar is not None:
-                bar.set_postfix_str(f"step {ckpt.step}", refresh=False)
-                bar.update(1)
-            loaded.weights = None
+    for loaded, waited in prefetched(checkpoints, prefetch):
+        ckpt = loaded.checkpoint
+        t0 = time.perf_counter()
+        try:
+            model = loader.load(loaded)
+        except Exception as err:  # this checkpoint is unusable; the others go on
+            logger.warning("uma: checkpoint %s (step %d) skipped: %s: %s", ckpt.path, ckpt.step, type(err).__name__, err)
+            records = [session.record_error(ckpt.step, "checkpoint", err, {"path": str(ckpt.path)})]
+        else:
+            records = session.measure(model, ckpt.step, label=str(ckpt.path))
+        compute = time.perf_counter() - t0
+        summary.load_seconds += loaded.seconds
+        summary.compute_seconds += compute
+        summary.per_checkpoint[ckpt.step] = {"load": loaded.seconds, "compute": compute, "wait": waited}
+        _tally(summary, ckpt, records)
+        if bar is not None:
+            bar.set_postfix_str(f"step {ckpt.step}", refresh=False)
+            bar.update(1)
     if bar is not None:
         bar.close()
     session.finish()
     summary.sink_failures = sorted(session.delivery.failing)
     summary.seconds = time.perf_counter() - started
     return summary
-
-
-class _ModelLoader:
-    """One model, built from the first usable checkpoint's config, refilled with each one's weights."""
-
-    def __init__(self, factory: Callable[[Path, dict[str, Any]], torch.nn.Module] | None, device: torch.device) -> None:
-        self.factory, self.device = factory, device
-        self.model: torch.nn.Module | None = None
-        self.config: dict[str, Any] | None = None
-        self.arch: str | None = None
-
-    def load(self, loaded: _Loaded) -> torch.nn.Module:
-        """The model holding ``loaded``'s weights.
-
-        Raises:
-            Exception: the checkpoint could not be read, or is of another architecture.
-        """
-        if loaded.error is not None:
-            raise loaded.error
-        assert loaded.config is not None and loaded.weights is not None
-        arch = architecture_of(loaded.config)
-        if self.arch is not None and arch != self.arch:
-            raise ValueError(f"architecture {arch} differs from the run's {self.arch}; checkpoint skipped")
-        if self.model is None or loaded.config != self.config:
-            path = loaded.checkpoint.path
-            model = self.factory(path, loaded.config) if self.factory else build_model(path, loaded.config)
-            dtype = _weights_dtype(loaded.weights)
-            self.model = (model.to(dtype) if dtype is not None else model).to(self.device).eval()
-            self.config = loaded.config
-        load_into(self.model, loaded.weights)
-        self.arch = arch
-        return self.model
 
 
 def _tally(summary: BackfillSummary, ckpt: Checkpoint, records: list[Record]) -> None:
@@ -292,11 +217,6 @@ def _tally(summary: BackfillSummary, ckpt: Checkpoint, records: list[Record]) ->
             summary.errors.append((str(ckpt.path), ckpt.step, f"{label}{reason}"))
 
 
-def _weights_dtype(weights: Mapping[str, torch.Tensor]) -> torch.dtype | None:
-    dtypes = {t.dtype for t in weights.values() if t.is_floating_point()}
-    return dtypes.pop() if len(dtypes) == 1 else None
-
-
 def _progress(total: int, enabled: bool) -> Any:
     if not enabled:
         return None
@@ -305,42 +225,6 @@ def _progress(total: int, enabled: bool) -> Any:
     except ImportError:
         return None
     return tqdm(total=total, desc="uma backfill", unit="ckpt")
-
-
-# ---------------------------------------------------------------------- probe
-def load_tokenizer(tokenizer: Any, folders: Sequence[Path]) -> Any:
-    """A tokenizer object: ``tokenizer`` itself, its local folder, or the first checkpoint that has one.
-
-    Raises:
-        ValueError: none found.
-    """
-    if tokenizer is not None and not isinstance(tokenizer, (str, os.PathLike)):
-        return tokenizer
-    from transformers import AutoTokenizer
-
-    candidates = [Path(tokenizer)] if tokenizer is not None else list(folders)
-    for folder in candidates:
-        if (folder / "tokenizer_config.json").is_file() or (folder / "tokenizer.json").is_file():
-            return AutoTokenizer.from_pretrained(str(folder), local_files_only=True)
-    raise ValueError(f"tokenizer: no tokenizer files in {[str(c) for c in candidates]}; pass tokenizer=FOLDER")
-
-
-def check_probe_matches(probe: Probe, journals: Sequence[Journal]) -> None:
-    """Refuse a probe whose fingerprint the journals' measured records do not carry.
-
-    Raises:
-        ValueError: the journals hold results on other probes only.
-    """
-    known: set[str] = set()
-    for journal in journals:
-        known |= {r.probe for r in journal.records() if r.probe and r.status in ("ok", "cached")}
-    if known and probe.fingerprint not in known:
-        raise ValueError(
-            f"probe fingerprint {probe.fingerprint[:12]} differs from the journal's "
-            f"({', '.join(sorted(k[:12] for k in known))}): the run was measured on other data. "
-            "Rebuild it with the same data and seed (or from the saved probe.safetensors), "
-            "or pass check_probe=False (CLI: --new-probe) to measure on a new probe anyway"
-        )
 
 
 __all__ = ["PAIR_METRICS", "BackfillSummary", "Trajectory", "backfill", "trajectory_scalars"]
