@@ -241,6 +241,12 @@ def _run(model: torch.nn.Module, inputs: dict[str, torch.Tensor], causal_lm: boo
         return model(**inputs, **extra)
 
 
+def backbone(model: torch.nn.Module) -> torch.nn.Module:
+    """The transformer without its head (``model.base_model``): the probe pass needs no logits."""
+    base = getattr(model, "base_model", None)
+    return base if isinstance(base, torch.nn.Module) else model
+
+
 def _work_dtype(probs: torch.Tensor) -> torch.Tensor:
     return probs if probs.dtype in (torch.float32, torch.float64) else probs.float()
 
@@ -273,7 +279,7 @@ def probe_sums(
             weights, first = query_weights(inputs, causal)
             state["weights"], state["first"] = weights, first
             counts += (weights > 0).sum(dim=(1, 2)).to(torch.float64)
-            _run(ctx.model, inputs, causal and layers[0].layout != "bert")
+            _run(backbone(ctx.model), inputs, causal and layers[0].layout != "bert")
             ctx.check_time(chunks_done=done + 1)
     return sums, counts
 
