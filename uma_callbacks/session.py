@@ -34,6 +34,7 @@ from typing import Any
 
 import numpy as np
 import torch
+from safetensors import SafetensorError
 
 from uma_callbacks.config import UMAConfig
 from uma_callbacks.core.distributed import Collective, current_collective
@@ -150,7 +151,7 @@ class Session:
             if save:
                 try:
                     save_probe(probe, self.root)  # `uma backfill` rebuilds the very same probe from it
-                except (ValueError, OSError, RuntimeError) as err:  # custom batches, full disk: backfills need the probe passed
+                except (ValueError, OSError, RuntimeError, SafetensorError) as err:  # custom batches, full disk
                     logger.warning("uma: the probe was not saved for backfills (%s: %s)", type(err).__name__, err)
             self.delivery.sinks, self.delivery.own = list(sinks), list(own_sinks)
             self.delivery.start(self.params(params))

@@ -240,7 +240,8 @@ def save_probe(probe: Probe, root: str | Any) -> None:
             )
         layout.append(list(batch.keys()))
         for key, value in batch.items():
-            tensors[f"{i}/{key}"] = value.detach().cpu().contiguous()
+            # a copy each: safetensors refuses tensors sharing memory (labels = input_ids)
+            tensors[f"{i}/{key}"] = value.detach().to("cpu", copy=True).contiguous()
     meta = {"fingerprint": probe.fingerprint, "name": probe.name, "n_samples": probe.n_samples, "layout": layout}
     tmp = folder / (PROBE_TENSORS + ".tmp")
     save_file(tensors, str(tmp), metadata={"fingerprint": probe.fingerprint})

@@ -483,11 +483,15 @@ class Metric(abc.ABC):
 def check_finite_weights(model: torch.nn.Module) -> None:
     """Raise ``FloatingPointError`` naming the first parameter holding NaN or Inf.
 
-    One float64 sum per tensor (NaN/Inf propagate; no temporary of the tensor's size).
+    One sum per tensor in its own dtype (NaN/Inf propagate; no temporary of the tensor's
+    size); only a non-finite sum (NaN/Inf, or an overflow of large finite values) is
+    looked at entry by entry.
     """
     for name, p in model.named_parameters():
-        if not bool(torch.isfinite(p.detach().sum(dtype=torch.float64))):
+        if not bool(torch.isfinite(p.detach().sum())):
             bad = int((~torch.isfinite(p.detach())).sum())
+            if bad == 0:  # the sum overflowed; every entry is finite
+                continue
             raise FloatingPointError(
                 f"parameter {name!r} holds {bad} NaN/Inf value(s) of {p.numel()}; the metrics need finite weights"
             )
