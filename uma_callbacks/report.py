@@ -4,6 +4,12 @@ One multi-panel figure (one panel per ``<metric>/<scalar>`` with a top-level sca
 i.e. no per-layer keys), written as PNG, and a self-contained HTML page embedding that
 PNG (base64) above a table of the values (rows: steps; columns: scalars) and a list of
 the errors the journal holds.
+
+Everything on the page comes from the journal only, and the journal is data from disk:
+records are checked against the record schema on read (a foreign line is skipped, see
+:mod:`uma_callbacks.engine.journal`), files are read only from inside the journal folder,
+and every string written into the HTML goes through :func:`html.escape` (:func:`_e`),
+numbers included.
 """
 
 from __future__ import annotations
@@ -126,24 +132,29 @@ def write_report(source: str | os.PathLike[str], out_dir: str | os.PathLike[str]
     return png, html_path
 
 
+def _e(value: Any) -> str:
+    """``value`` as HTML text: every ``& < > " '`` escaped, whatever its type."""
+    return html.escape(str(value), quote=True)
+
+
 def _html(series: dict[str, dict[int, float]], png: Path, errors: list[Any], trends: list[Path] = ()) -> str:
     image = base64.b64encode(png.read_bytes()).decode("ascii")
     extra = "".join(
-        f"<h2>{html.escape(p.stem)}</h2><img alt='{html.escape(p.stem)}' "
+        f"<h2>{_e(p.stem)}</h2><img alt='{_e(p.stem)}' "
         f"src='data:image/png;base64,{base64.b64encode(p.read_bytes()).decode('ascii')}'/>"
         for p in trends
     )
     steps = sorted({s for points in series.values() for s in points})
-    head = "".join(f"<th>{html.escape(name)}</th>" for name in series)
+    head = "".join(f"<th>{_e(name)}</th>" for name in series)
     rows = []
     for step in steps:
         cells = "".join(
-            f"<td>{series[name][step]:.6g}</td>" if step in series[name] else "<td></td>" for name in series
+            f"<td>{_e(format(series[name][step], '.6g'))}</td>" if step in series[name] else "<td></td>"
+            for name in series
         )
-        rows.append(f"<tr><th>{step}</th>{cells}</tr>")
+        rows.append(f"<tr><th>{_e(step)}</th>{cells}</tr>")
     error_items = "".join(
-        f"<li>step {r.step} {html.escape(r.metric)}: {html.escape(r.status)}: "
-        f"{html.escape((r.error or {}).get('message', ''))}</li>"
+        f"<li>step {_e(r.step)} {_e(r.metric)}: {_e(r.status)}: {_e((r.error or {}).get('message', ''))}</li>"
         for r in errors
     )
     return (

@@ -408,11 +408,12 @@ class Journal:
             if not str(rel).endswith(".json"):
                 continue
             path = self.resolve_file(rel)
-            if path is not None:
-                try:
-                    result = MetricResult.from_json_dict(json.loads(path.read_text(encoding="utf-8")))
-                except (OSError, ValueError, KeyError, TypeError) as err:
-                    logger.warning("uma: result file %s unreadable (%s); the record's scalars are used", path, err)
+            if path is None:
+                continue
+            try:
+                result = MetricResult.from_json_dict(json.loads(path.read_text(encoding="utf-8")))
+            except (OSError, ValueError, KeyError, TypeError) as err:
+                logger.warning("uma: result file %s unreadable (%s); the record's scalars are used", path, err)
             break
         if result is None:
             result = MetricResult(name=record.metric, scalars=dict(record.scalars), meta=dict(record.meta))
