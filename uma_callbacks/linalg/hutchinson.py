@@ -65,6 +65,8 @@ def hutchinson_trace(
     seed: int = 0,
     dtype: torch.dtype = torch.float64,
     device: torch.device | str = "cpu",
+    matmat: Callable[[torch.Tensor], torch.Tensor] | None = None,
+    block_size: int = 1,
 ) -> HutchinsonResult:
     """Estimate tr(A) from ``n_samples`` Rademacher probes (see the module docstring).
 
@@ -75,6 +77,9 @@ def hutchinson_trace(
         seed: seeds the local probe generator.
         dtype: dtype of the probes passed to ``matvec``.
         device: device of the probes passed to ``matvec``.
+        matmat: ``Z [P, b] -> A Z`` to multiply ``block_size`` probes at once (the same
+            probes in the same order, so the same estimate up to rounding).
+        block_size: probes per ``matmat`` call.
 
     Returns:
         :class:`HutchinsonResult`.
@@ -94,10 +99,17 @@ def hutchinson_trace(
         raise ValueError(f"hutchinson_trace.dim must be >= 1; got {dim!r}")
     generator = torch.Generator(device="cpu").manual_seed(int(seed))
     samples = torch.empty(n_samples, dtype=torch.float64)
-    for j in range(n_samples):
-        z = rademacher(dim, generator, dtype).to(device)
-        az = matvec(z)
-        samples[j] = torch.dot(z.to(torch.float64), az.to(torch.float64)).item()
+    if matmat is not None and block_size > 1:
+        for start in range(0, n_samples, block_size):
+            count = min(block_size, n_samples - start)
+            z = torch.stack([rademacher(dim, generator, dtype) for _ in range(count)], dim=1).to(device)
+            az = matmat(z)
+            samples[start : start + count] = (z.to(torch.float64) * az.to(torch.float64)).sum(0).cpu()
+    else:
+        for j in range(n_samples):
+            z = rademacher(dim, generator, dtype).to(device)
+            az = matvec(z)
+            samples[j] = torch.dot(z.to(torch.float64), az.to(torch.float64)).item()
     trace, stderr = mean_and_stderr(samples)
     return HutchinsonResult(trace=trace, stderr=stderr, samples=samples, matvecs=n_samples, seed=int(seed))
 

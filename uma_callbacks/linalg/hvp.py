@@ -50,6 +50,12 @@ def split_flat(vector: torch.Tensor, like: Sequence[torch.Tensor]) -> list[torch
     return [piece.view(t.shape) for piece, t in zip(torch.split(vector, sizes), like)]
 
 
+def split_flat_rows(block: torch.Tensor, like: Sequence[torch.Tensor]) -> list[torch.Tensor]:
+    """Views of ``block [b, P]`` shaped ``[b, *t.shape]`` for each tensor of ``like``."""
+    sizes = [t.numel() for t in like]
+    return [piece.reshape(block.shape[0], *t.shape) for piece, t in zip(torch.split(block, sizes, dim=1), like)]
+
+
 class HessianOperator:
     r"""The matrix-free operator v [P] -> H v [P] of the probe loss (see the module docstring).
 
@@ -107,6 +113,8 @@ class HessianOperator:
         self.on_matvec = on_matvec
         self.dim = sum(p.numel() for p in self.params)
         self.matvecs = 0
+        self.batched = True
+        self.batch_error = ""
         self._graph: list[tuple[list[torch.Tensor], list[int]]] | None = None
 
     # ------------------------------------------------------------------ products
@@ -151,6 +159,47 @@ class HessianOperator:
             piece.view(p.shape)
             for piece, p in zip(torch.split(flat, [p.numel() for p in self.params]), self.params)
         ]
+
+    def matmat(self, block: torch.Tensor) -> torch.Tensor:
+        """H V for a block ``V [P, b]``: b products in one batched double backward
+        (``torch.autograd.grad(..., is_grads_batched=True)``, a vmap over the backward);
+        one product at a time when a backward op has no batching rule. Counts b products.
+
+        Returns:
+            ``[P, b]`` in the block's dtype and device.
+        """
+        b = block.shape[1]
+        if b == 1 or not self.batched:
+            return torch.stack([self.matvec(block[:, j]) for j in range(b)], dim=1)
+        pieces = [piece.to(p.dtype) for piece, p in zip(split_flat_rows(block.T, self.params), self.params)]
+        total = [torch.zeros(b, *p.shape, dtype=p.dtype, device=p.device) for p in self.params]
+        try:
+            for grads, index in self._gradients():
+                if index:
+                    with torch.enable_grad():
+                        parts = torch.autograd.grad(
+                            [grads[j] for j in index],
+                            self.params,
+                            grad_outputs=[pieces[j] for j in index],
+                            retain_graph=True,
+                            allow_unused=True,
+                            materialize_grads=True,
+                            is_grads_batched=True,
+                        )
+                    torch._foreach_add_(total, [part.detach() for part in parts])
+        except RuntimeError as err:  # no batching rule for some backward op: one at a time
+            self.batched = False
+            self.batch_error = str(err).splitlines()[0][:200]
+            return self.matmat(block)
+        if not self.cache_graph:
+            self._graph = None
+        flat = torch.cat([t.reshape(b, -1) for t in total], dim=1)
+        self.collective.sum_([flat])
+        flat.div_(self.n_total)
+        self.matvecs += b
+        if self.on_matvec is not None:
+            self.on_matvec(self.matvecs)
+        return flat.T.to(block.dtype).to(block.device)
 
     def close(self) -> None:
         """Free the cached graphs (also done when the operator is garbage-collected)."""

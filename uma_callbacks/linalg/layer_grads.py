@@ -371,8 +371,12 @@ def _merge(factors: list[Any]) -> Any:
         for f in factors[1:]:
             out = out.add(f)
         return out
-    if kinds <= {_Outer, _Rows}:  # an embedding tied to a linear head
-        return _merge([f.to_outer() if isinstance(f, _Rows) else f for f in factors])
+    if kinds <= {_Outer, _Rows}:  # an embedding tied to a linear head: the head's bmm, the rows added in place
+        outer = _merge([f for f in factors if isinstance(f, _Outer)])
+        total = outer.dense()
+        for rows in (f for f in factors if isinstance(f, _Rows)):
+            total.index_put_((rows.rb, rows.rv), rows.rows.to(total.dtype), accumulate=True)
+        return _Dense(total)
     total = factors[0].dense()
     for f in factors[1:]:
         total = total + f.dense()

@@ -10,7 +10,7 @@ import torch
 
 from uma_callbacks.linalg.hutchinson import hutchinson_trace
 from uma_callbacks.linalg.hvp import HessianOperator, split_flat
-from uma_callbacks.linalg.lanczos import lanczos_top_k
+from uma_callbacks.linalg.lanczos import block_lanczos_top_k, lanczos_top_k
 from uma_callbacks.metrics.base import ComputeContext, Cost, Metric, MetricResult, check_positive_int
 
 
@@ -22,9 +22,15 @@ class HessianSpectrum(Metric):
     are summed over chunks and ranks, then divided by the global N).
 
     - ``top_eigenvalues [k]``: the k algebraically largest eigenvalues, descending, by
-      Lanczos with full reorthogonalisation (Lanczos 1950; for networks Ghorbani et al.
-      2019, Papyan 2020), stopped when every Ritz residual is below ``tol * |lambda_1|``
-      or after ``max_iter`` products (``meta["lanczos_converged"]`` says which).
+      block Lanczos (:func:`~uma_callbacks.linalg.lanczos.block_lanczos_top_k`: b =
+      ``block_size`` products per step in one batched double backward, block
+      reorthogonalisation with a second pass only when needed; ``block_size=1`` is
+      classical Lanczos with full reorthogonalisation; Lanczos 1950, Golub & Underwood
+      1977; for networks Ghorbani et al. 2019, Papyan 2020), stopped when every Ritz
+      residual is below ``tol * |lambda_1|`` or after ``max_iter`` products
+      (``meta["lanczos_converged"]`` says which; ``meta["lanczos_residuals"]`` holds the
+      residual norms ||H y_i - theta_i y_i|| of the Ritz pairs and
+      ``meta["lanczos_relative_residuals"]`` the same divided by |lambda_1|).
     - ``trace`` = (1/m) sum_j z_j^T H z_j over m Rademacher probes (Hutchinson 1989),
       ``trace_stderr`` its standard error.
     - ``top_eigenvalue`` = lambda_1.
@@ -38,7 +44,7 @@ class HessianSpectrum(Metric):
     eager for the computation and restored after (``meta["attn_implementation"]``).
 
     Memory: the Lanczos basis holds up to ``max_iter`` vectors [P] (default
-    ``max(3k, k + 30)``) in the parameters' dtype (float32 at least) on
+    ``max(4k, k + 40)``; ``max(3k, k + 30)`` with ``block_size=1``) in the parameters' dtype (float32 at least) on
     ``basis_device``; the products hold the double-backward graph of one chunk (of
     every local chunk with ``cache_graph=True``).
 
@@ -50,10 +56,14 @@ class HessianSpectrum(Metric):
             :func:`eigenvector_directions` turns them into landscape directions.
         tol: relative Ritz-residual tolerance of Lanczos.
         seed: seeds the Lanczos start vector; the Hutchinson probes use ``seed + 1``.
-        max_iter: the most Lanczos products (default ``max(3k, k + 30)``, at most P).
+        max_iter: the most Lanczos products (default above, at most P).
         cache_graph: keep the first-backward graph across products (see
             :mod:`~uma_callbacks.linalg.hvp`); ``None``: when the local probe is one chunk.
-        basis_device: where the Lanczos basis lives (``"cpu"`` saves accelerator memory).
+            A memory knob: not part of the configuration.
+        basis_device: where the Lanczos basis lives (``"cpu"`` saves accelerator memory;
+            a memory knob, not part of the configuration).
+        block_size: products per Lanczos step (and per Hutchinson call), taken at once;
+            ``None``: ``min(top_k, 8)``; 1: classical Lanczos.
         chunk_size: samples per double backward.
         timeout_seconds: stop between products past this time.
 
@@ -86,6 +96,7 @@ class HessianSpectrum(Metric):
         cache_graph: bool | None = None,
         basis_device: str | None = None,
         *,
+        block_size: int | None = None,
         chunk_size: int | None = None,
         timeout_seconds: float | None = None,
     ) -> None:
@@ -107,14 +118,17 @@ class HessianSpectrum(Metric):
             check_positive_int("HessianSpectrum.max_iter", max_iter)
         if not isinstance(seed, int) or isinstance(seed, bool):
             raise ValueError(f"HessianSpectrum.seed must be an integer; got {seed!r}")
+        if block_size is not None:
+            check_positive_int("HessianSpectrum.block_size", block_size)
         self.top_k = top_k
         self.hutchinson_samples = hutchinson_samples
         self.return_eigenvectors = bool(return_eigenvectors)
         self.tol = float(tol)
         self.seed = seed
         self.max_iter = max_iter
-        self.cache_graph = cache_graph
-        self.basis_device = basis_device
+        self.block_size = block_size
+        self._cache_graph = cache_graph
+        self._basis_device = basis_device
 
     def memory_modes(self) -> list[tuple[str, Cost]]:
         """Fastest first: ``"device"`` (the Lanczos basis on ``basis_device``, graphs
@@ -125,12 +139,12 @@ class HessianSpectrum(Metric):
         vectors (Lanczos, Hutchinson, the product's accumulator) and one chunk's
         double-backward graph; a cached graph of every chunk counts N samples.
         """
-        on_cpu = self.basis_device is not None and torch.device(self.basis_device).type == "cpu"
+        on_cpu = self._basis_device is not None and torch.device(self._basis_device).type == "cpu"
         basis = self._basis_bytes
         device_basis = {"host_extra_bytes": basis} if on_cpu else {"extra_bytes": basis}
         common = {"hvp": True, "vectors": 8.0, "vector_itemsize": 4}
-        modes = [("device", Cost(**common, probe_graph_samples=self.cache_graph is True, **device_basis))]
-        if self.cache_graph is True:
+        modes = [("device", Cost(**common, probe_graph_samples=self._cache_graph is True, **device_basis))]
+        if self._cache_graph is True:
             modes.append(("uncached_graph", Cost(**common, **device_basis)))
         if not on_cpu:
             modes.append(("cpu_basis", Cost(**common, host_extra_bytes=basis)))
@@ -138,16 +152,23 @@ class HessianSpectrum(Metric):
 
     def _basis_bytes(self, n: int, itemsize: float, n_samples: int) -> int:
         k = min(self.top_k, n)
-        max_iter = max(min(self.max_iter or max(3 * k, k + 30), n), k)
-        return int(max_iter * n * max(4.0, itemsize))
+        max_iter = max(min(self.max_iter or self._default_max_iter(k), n), k)
+        block = self._block(k)
+        return int((max_iter + 2 * block) * n * max(4.0, itemsize))
+
+    def _block(self, k: int) -> int:
+        return self.block_size or (min(k, 8) if k > 1 else 1)
+
+    def _default_max_iter(self, k: int) -> int:
+        return max(3 * k, k + 30) if self._block(k) == 1 else max(4 * k, k + 40)
 
     def _compute(self, ctx: ComputeContext) -> MetricResult:
         params = ctx.trainable_params()
         if not params:
             raise ValueError("HessianSpectrum: the model has no trainable parameters")
         mode = getattr(self, "_memory_mode", "device")
-        cache_graph = False if mode == "uncached_graph" else self.cache_graph
-        basis_device = "cpu" if mode == "cpu_basis" else self.basis_device
+        cache_graph = False if mode == "uncached_graph" else self._cache_graph
+        basis_device = "cpu" if mode == "cpu_basis" else self._basis_device
         ctx.meta["memory_mode"] = mode
         first = next(iter(params.values()))
         device = first.device
@@ -164,19 +185,35 @@ class HessianSpectrum(Metric):
             cache_graph=cache_graph,
             on_matvec=lambda m: ctx.check_time(matvecs=m),
         )
+        block = self._block(min(self.top_k, op.dim))
         try:
-            lz = lanczos_top_k(
-                op.matvec,
-                op.dim,
-                self.top_k,
-                max_iter=self.max_iter,
-                tol=self.tol,
-                seed=self.seed,
-                dtype=dtype,
-                device=device,
-                basis_device=basis_device,
-                return_vectors=self.return_eigenvectors,
-            )
+            if block == 1:
+                lz = lanczos_top_k(
+                    op.matvec,
+                    op.dim,
+                    self.top_k,
+                    max_iter=self.max_iter,
+                    tol=self.tol,
+                    seed=self.seed,
+                    dtype=dtype,
+                    device=device,
+                    basis_device=basis_device,
+                    return_vectors=self.return_eigenvectors,
+                )
+            else:
+                lz = block_lanczos_top_k(
+                    op.matmat,
+                    op.dim,
+                    self.top_k,
+                    block_size=block,
+                    max_matvecs=self.max_iter or self._default_max_iter(min(self.top_k, op.dim)),
+                    tol=self.tol,
+                    seed=self.seed,
+                    dtype=dtype,
+                    device=device,
+                    basis_device=basis_device,
+                    return_vectors=self.return_eigenvectors,
+                )
             lanczos_matvecs = op.matvecs
             if self.hutchinson_samples:
                 hut = hutchinson_trace(
@@ -186,6 +223,8 @@ class HessianSpectrum(Metric):
                     seed=self.seed + 1,
                     dtype=dtype,
                     device=device,
+                    matmat=op.matmat,
+                    block_size=block,
                 )
         finally:
             op.close()
@@ -210,11 +249,18 @@ class HessianSpectrum(Metric):
             hutchinson_matvecs=op.matvecs - lanczos_matvecs,
             lanczos_converged=bool(lz.converged),
             lanczos_residuals=lz.residuals.to(torch.float64).cpu().tolist(),
+            lanczos_relative_residuals=(
+                lz.residuals.to(torch.float64).cpu() / max(float(eigenvalues.abs().max()), 1e-300)
+            ).tolist(),
+            lanczos_block_size=block,
+            hvp_batched=op.batched,
             seeds={"lanczos": self.seed, "hutchinson": self.seed + 1},
             hvp_method="double_backward",
             cache_graph=op.cache_graph,
             n_params=op.dim,
         )
+        if op.batch_error:
+            ctx.meta["hvp_batch_error"] = op.batch_error
         return result
 
 
