@@ -62,3 +62,37 @@ def test_backfill_with_a_corrupt_checkpoint_then_report_and_sync(tmp_path, capsy
     assert "0 record(s) delivered" in capsys.readouterr().out
     assert sorted(m.step for m in client.get_metric_history(run_id, "uma/gradient_flow/total_norm")) == [1, 2]
     assert len(Journal(run / "uma").delivered("mlflow", run_id)) >= 3
+
+
+def test_metric_options_on_the_command_line_and_in_a_file(tmp_path):
+    from uma_callbacks.metric_specs import metrics_from_file, parse_metric_spec
+
+    hessian = parse_metric_spec("hessian:top_k=2,hutchinson_samples=5")
+    assert (hessian.top_k, hessian.hutchinson_samples) == (2, 5)
+    pruning = parse_metric_spec("pruning:sparsities=[0.5,0.9]")
+    assert list(pruning.sparsities) == [0.5, 0.9]
+    assert list(parse_metric_spec("pruning:sparsities=0.5;0.8").sparsities) == [0.5, 0.8]
+    with pytest.raises(ValueError, match="takes no option.*top_kk"):
+        parse_metric_spec("hessian:top_kk=2")
+    with pytest.raises(ValueError, match="unknown metric 'hesian'"):
+        parse_metric_spec("hesian")
+    with pytest.raises(ValueError, match="top_k"):
+        parse_metric_spec("hessian:top_k=0")
+    path = tmp_path / "metrics.json"
+    path.write_text('{"metrics": {"hessian": {"top_k": 3}, "gradient_flow": {}}}')
+    assert [(m.name, getattr(m, "top_k", None)) for m in metrics_from_file(path)] == [("hessian", 3), ("gradient_flow", None)]
+
+
+def test_backfill_help_lists_every_metric_and_its_options(capsys):
+    from uma_callbacks.metrics import METRICS
+
+    with pytest.raises(SystemExit):
+        build_parser().parse_args(["backfill", "--help"])
+    out = capsys.readouterr().out
+    assert all(f"  {name}:" in out for name in METRICS) and "top_k=" in out
+
+
+def test_bad_metric_option_exits_2(tmp_path, capsys):
+    run = fake_trainer_run(tmp_path / "run", steps=(1,))
+    assert main(["backfill", str(run), "--metric", "hessian:top_k=-1", "--no-figures"]) == 2
+    assert "top_k" in capsys.readouterr().err

@@ -28,6 +28,10 @@ _BACKFILL_EPILOG = """examples:
   # into an existing W&B run
   uma backfill runs/demo --metrics fisher --wandb-run abc123
 
+  # metric options: a cheaper Hessian, pruning at two sparsities, task vectors from a base
+  uma backfill runs/demo --metric hessian:top_k=2,hutchinson_samples=5 \
+      --metric "pruning:sparsities=[0.5,0.9]" --metric task_vectors:base=runs/base-model
+
 The probe: --probe-from-journal (default when no --texts) reads <journal>/probe.safetensors,
 which the live callback saves at train begin; its fingerprint must match the journal's
 records (--new-probe overrides). Rerunning is safe: finished (checkpoint, metric) pairs
@@ -57,10 +61,17 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True)
     fmt = argparse.RawDescriptionHelpFormatter
 
-    bf = sub.add_parser("backfill", help="measure saved checkpoints and log at their steps", epilog=_BACKFILL_EPILOG,
+    from uma_callbacks.metric_specs import describe_metrics
+
+    bf = sub.add_parser("backfill", help="measure saved checkpoints and log at their steps",
+                        epilog=_BACKFILL_EPILOG + "\nmetrics and their options (defaults):\n" + describe_metrics(),
                         formatter_class=fmt, description="Measure every checkpoint of RUN_DIR at its own global step.")
     bf.add_argument("run_dir", help="run folder with checkpoint-*/ (or Accelerate state) folders")
-    bf.add_argument("--metrics", default="gradient_flow", help="comma-separated metric names (default gradient_flow)")
+    bf.add_argument("--metrics", default="", help="comma-separated metric names with default options (default gradient_flow)")
+    bf.add_argument("--metric", action="append", default=[], metavar="NAME:KEY=VALUE,...",
+                    help="one metric with options, e.g. hessian:top_k=2,hutchinson_samples=5 (repeatable; see the list below)")
+    bf.add_argument("--config", help="JSON file: {\"metrics\": {\"hessian\": {\"top_k\": 2}, ...}}")
+    bf.add_argument("--timeout", type=float, help="time limit per metric, in seconds")
     _tracker_args(bf)
     probe = bf.add_mutually_exclusive_group()
     probe.add_argument("--probe-from-journal", action="store_true", help="use the probe saved in the journal (default)")
@@ -112,9 +123,16 @@ def _backfill(args: argparse.Namespace) -> int:
         if not path.is_file():
             raise FileNotFoundError(f"--texts file {path} does not exist")
         texts = [line for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
+    from uma_callbacks.metric_specs import metrics_from_file, parse_metric_spec
+
+    metrics: list[Any] = list(_split(args.metrics)) + [parse_metric_spec(spec) for spec in args.metric]
+    if args.config:
+        metrics += metrics_from_file(args.config)
+    extra = {"timeout_seconds": args.timeout} if args.timeout is not None else {}
     summary = backfill(
         args.run_dir,
-        metrics=_split(args.metrics),
+        metrics=metrics or ["gradient_flow"],
+        **extra,
         texts=texts,
         tokenizer=args.tokenizer,
         probe_size=args.probe_size,

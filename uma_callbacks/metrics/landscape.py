@@ -144,7 +144,7 @@ class LossLandscape(Metric):
         self.include_1d_params = bool(include_1d_params)
         self.seed = seed
         self.n_batches = n_batches
-        self.mode = mode
+        self._mode = mode  # memory only: not part of the result's identity
         self.hessian_tol = float(hessian_tol)
         self._given = given
 
@@ -167,7 +167,7 @@ class LossLandscape(Metric):
             )
             return [("stored", cost)]
         lean = ("lean", Cost(forward_only=True, param_copies=1.0, fixed_bytes=blocks))
-        if self.mode == "lean":
+        if self._mode == "lean":
             return [lean]
         return [("stored", Cost(forward_only=True, param_copies=1.0 + self.dims, fixed_bytes=blocks)), lean]
 
@@ -175,7 +175,7 @@ class LossLandscape(Metric):
         params = ctx.trainable_params()
         if not params:
             raise ValueError("LossLandscape: the model has no trainable parameters")
-        mode = getattr(self, "_memory_mode", self.mode)
+        mode = getattr(self, "_memory_mode", self._mode)
         chunks, n_local = _local_chunks(ctx, self.n_batches)
         n = int(ctx.collective.sum_scalar(float(n_local)))
         coords = np.linspace(-self.span, self.span, self.n_points)
