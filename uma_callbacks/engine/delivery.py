@@ -8,6 +8,9 @@ mid-run loses nothing. One warning per outage, not one per record.
 
 from __future__ import annotations
 
+import dataclasses
+import hashlib
+import json
 import logging
 from collections.abc import Sequence
 from typing import Any
@@ -96,21 +99,34 @@ class Delivery:
             self._report(sink, err)
             return 0
         sent = 0
+        delivered_configs: dict[tuple[str, int], str] | None = None
         for record in records:
             if record.record_id in done or not record.metric:
                 continue
+            if delivered_configs is None:
+                delivered_configs = self._delivered_configs(done)
+            outgoing = kept_apart(record, delivered_configs)
             try:
-                sink.log_record(record, self.journal.root)
+                sink.log_record(outgoing, self.journal.root)
             except Exception as err:  # the record stays pending; retried at the next delivery
                 self._report(sink, err)
                 return sent
             self.journal.mark_delivered(sink.name, run, record.record_id)
             done.add(record.record_id)
+            delivered_configs.setdefault((outgoing.metric, int(record.step)), config_identity(record))
             sent += 1
         if sink.name in self._failed:
             self._failed.discard(sink.name)
             logger.warning("uma: sink %s is back; pending records delivered", sink.name)
         return sent
+
+    def _delivered_configs(self, done: set[str]) -> dict[tuple[str, int], str]:
+        assert self.journal is not None
+        out: dict[tuple[str, int], str] = {}
+        for record in self.journal.records():
+            if record.record_id in done and record.status in ("ok", "cached"):
+                out.setdefault((record.metric, int(record.step)), config_identity(record))
+        return out
 
     def _report(self, sink: Any, err: BaseException) -> None:
         if sink.name not in self._failed:
@@ -122,6 +138,34 @@ class Delivery:
                 err,
             )
             self._failed.add(sink.name)
+
+
+def config_identity(record: Record) -> str:
+    """A short hash of the metric configuration that produced ``record`` (``""`` if unknown)."""
+    config = record.meta.get("config") if isinstance(record.meta, dict) else None
+    if not config:
+        return ""
+    return hashlib.sha256(json.dumps(config, sort_keys=True, default=str).encode()).hexdigest()[:8]
+
+
+def kept_apart(record: Record, delivered: dict[tuple[str, int], str]) -> Record:
+    """``record``, or a copy logged as ``<metric>@<config hash>`` when the run already holds
+    another configuration's values of that metric at that step (never overwrite, never mix).
+
+    Example:
+        >>> r = Record(step=5, metric="hessian", status="ok", meta={"config": {"top_k": 2}})
+        >>> kept_apart(r, {("hessian", 5): "0123abcd"}).metric.startswith("hessian@")
+        True
+        >>> kept_apart(r, {}).metric
+        'hessian'
+    """
+    if record.status not in ("ok", "cached"):
+        return record
+    mine = config_identity(record)
+    theirs = delivered.get((record.metric, int(record.step)))
+    if theirs is None or not mine or not theirs or theirs == mine:
+        return record
+    return dataclasses.replace(record, metric=f"{record.metric}@{mine}")
 
 
 def deliver(journal: Journal, sink: Any, records: Sequence[Record]) -> int:
