@@ -13,8 +13,8 @@ Spectral clustering (Ng, Jordan & Weiss 2002): the k = ``n_clusters`` eigenvecto
 smallest eigenvalues of the normalised Laplacian L = I - D^{-1/2} A D^{-1/2} are the
 largest of N = D^{-1/2} A D^{-1/2}; for a bipartite graph the eigenpairs of N are
 (sigma, [u; v] / sqrt 2) with (sigma, u, v) the singular triplets of
-M = D_X^{-1/2} B D_Y^{-1/2}. So a truncated SVD of M (``scipy.sparse.linalg.svds``, a
-seeded start vector) gives the embedding: rows of U for X nodes, rows of V for Y nodes,
+M = D_X^{-1/2} B D_Y^{-1/2}. So a truncated SVD of M (randomised subspace iteration from a
+seeded block, :func:`top_singular`) gives the embedding: rows of U for X nodes, rows of V for Y nodes,
 each row scaled to unit length, then seeded k-means (k-means++, ``n_init`` restarts).
 
 Newman's modularity of a partition c of a weighted graph A with degrees k_i and
@@ -35,7 +35,6 @@ from dataclasses import dataclass
 import numpy as np
 import scipy.sparse as sp
 import torch
-from scipy.sparse.linalg import svds
 
 from uma_callbacks.metrics.base import ComputeContext, Cost, Metric, MetricResult, check_positive_int
 
@@ -155,6 +154,31 @@ def _kmeans_pp(x: np.ndarray, k: int, rng: np.random.Generator) -> np.ndarray:
     return centres
 
 
+def top_singular(
+    m: np.ndarray, k: int, seed: int, oversample: int = 10, iterations: int = 8
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """The top-k singular triplets of ``m [R, C]`` by randomised subspace iteration (Halko et al. 2011).
+
+    A seeded Gaussian block of k + ``oversample`` columns, ``iterations`` power iterations
+    (each re-orthonormalised by QR), then the SVD of the small projected matrix. Block
+    products (BLAS-3) instead of Lanczos matrix-vector products: a d 896 / 4864 MLP graph
+    takes a fraction of a second.
+
+    Returns:
+        ``(u [R, k], s [k], vt [k, C])``, s descending.
+    """
+    rng = np.random.default_rng(seed)
+    width = min(k + oversample, min(m.shape))
+    y = m @ rng.standard_normal((m.shape[1], width)).astype(m.dtype)
+    for _ in range(iterations):
+        q, _ = np.linalg.qr(y)
+        z, _ = np.linalg.qr(m.T @ q)
+        y = m @ z
+    q, _ = np.linalg.qr(y)
+    ub, s, vt = np.linalg.svd(q.T @ m, full_matrices=False)
+    return (q @ ub)[:, :k], s[:k], vt[:k]
+
+
 def spectral_coclusters(
     biadjacency: np.ndarray, n_clusters: int, seed: int, n_init: int = 4
 ) -> tuple[np.ndarray, np.ndarray]:
@@ -180,8 +204,7 @@ def spectral_coclusters(
     sx = np.where(dx > 0, 1.0 / np.sqrt(np.where(dx > 0, dx, 1.0)), 0.0).astype(np.float32)
     sy = np.where(dy > 0, 1.0 / np.sqrt(np.where(dy > 0, dy, 1.0)), 0.0).astype(np.float32)
     m = b * sx[:, None] * sy[None, :]
-    v0 = np.random.default_rng(seed).standard_normal(min(r, c)).astype(np.float32)
-    u, _, vt = svds(m, k=n_clusters, tol=1e-5, v0=v0)
+    u, _, vt = top_singular(m, n_clusters, seed)
     emb = np.concatenate([u, vt.T], 0).astype(np.float64)
     norms = np.linalg.norm(emb, axis=1, keepdims=True)
     emb = np.divide(emb, norms, out=np.zeros_like(emb), where=norms > 0)
