@@ -208,3 +208,25 @@ def test_bad_config_names_the_field(kwargs, field):
 
 def test_registered():
     assert METRICS["pruning"] is LotteryTickets
+
+
+@pytest.mark.slow
+def test_trainer_run_finds_the_early_bird_step_once(tmp_path):
+    """A tiny Qwen2 trained 12 steps, checkpoints every 2: the mask at 50% sparsity moves by less
+    than eb_threshold = 0.5 between checkpoints, so the early bird is found at the third
+    checkpoint (step 6), dated to the first (step 2), and logged there only."""
+    from tests.trainer_cases import run_trainer, tiny_lm_dataset
+    from uma_callbacks import UMACallback
+
+    cb = UMACallback(
+        metrics=[LotteryTickets(sparsities=[0.5, 0.9], eb_threshold=0.5, eb_patience=2)],
+        probe=tiny_lm_dataset(n=8, seed=1), probe_size=8, draw_figures=False, trackers=[],
+    )
+    run_trainer(tmp_path / "run", callbacks=[cb], max_steps=12, save_steps=2)
+    records = [r for r in cb.records if r.metric == "pruning"]
+    assert [r.step for r in records] == [2, 4, 6, 8, 10, 12] and all(r.status == "ok" for r in records)
+    assert "mask_distance_prev" not in records[0].scalars
+    assert all(0 <= r.scalars["mask_distance_prev"] < 0.5 for r in records[1:])
+    found = [(r.step, r.scalars["early_bird_step"]) for r in records if "early_bird_step" in r.scalars]
+    assert found == [(6, 2.0)]
+    assert all(r.scalars["sparsity/0.9/loss_ratio"] > 0 for r in records)

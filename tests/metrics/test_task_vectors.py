@@ -282,3 +282,29 @@ def test_model_restored_after_a_failure_midway_and_after_success():
 
 def test_registered():
     assert METRICS["task_vectors"] is TaskVectors and TaskVectors.needs_first
+
+
+@pytest.mark.slow
+def test_backfill_adds_task_vectors_and_pruning_at_every_checkpoint(tmp_path):
+    """A Trainer run's folder (checkpoints at steps 3 and 6), backfilled twice: by name (the base is
+    the first checkpoint, so task_vectors starts at the second) and with base= the initial model."""
+    from tests.trainer_cases import run_trainer, tiny_lm, tiny_lm_dataset
+    from uma_callbacks.engine.probe import Probe
+    from uma_callbacks.triggers.backfill import backfill
+
+    model = tiny_lm()
+    model.save_pretrained(tmp_path / "initial")
+    run_trainer(tmp_path / "run", model=model)
+    data = tiny_lm_dataset(n=8, seed=1)
+    probe = [{k: torch.tensor(data[k]) for k in ("input_ids", "attention_mask", "labels")}]
+    summary = backfill(tmp_path / "run", metrics=["task_vectors", "pruning"], probe=Probe(probe), trajectory=False,
+                       output_dir=tmp_path / "by_name", draw_figures=False, progress=False, trackers=[])
+    got = {(r.step, r.metric): r for r in summary.records}
+    assert got[(3, "pruning")].status == "ok" and got[(6, "pruning")].status == "ok"
+    assert "mask_distance_prev" in got[(6, "pruning")].scalars
+    assert got[(3, "task_vectors")].status == "skipped"
+    assert got[(6, "task_vectors")].status == "ok" and got[(6, "task_vectors")].scalars["norm"] > 0
+    based = backfill(tmp_path / "run", metrics=[TaskVectors(base=tmp_path / "initial")], probe=Probe(probe),
+                     trajectory=False, output_dir=tmp_path / "based", draw_figures=False, progress=False, trackers=[])
+    norms = {r.step: r.scalars["norm"] for r in based.records if r.metric == "task_vectors" and r.status == "ok"}
+    assert sorted(norms) == [3, 6] and 0 < norms[3] < norms[6]
