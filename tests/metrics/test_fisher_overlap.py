@@ -64,3 +64,43 @@ def test_overlap_of_a_task_with_itself():
 def test_bad_config_names_the_field(kwargs, field):
     with pytest.raises(ValueError, match=field):
         FisherOverlap(**kwargs)
+
+
+def test_per_module_values_match_the_oracle_restricted_to_each_module():
+    model, batches, loss_fn = mlp_case(n_batches=2, batch_size=5)
+    tasks = {"math": [batches[0]], "code": [batches[1]]}
+    got = FisherOverlap(tasks, top_percent=30).compute(model, None, loss_fn)
+    fa, ga = _per_task(model, tasks["math"], loss_fn)
+    fb, gb = _per_task(model, tasks["code"], loss_fn)
+    ma, mb = top_percent_mask(fa, 30), top_percent_mask(fb, 30)  # the global masks, restricted per module
+    for module in ("fc1", "fc2", "head"):
+        names = [f"{module}.weight", f"{module}.bias"]
+
+        def only(d):
+            return {n: d[n] for n in names}
+
+        key = f"layers/{module}/pairs/math/code"
+        inter = sum(int((ma[n] & mb[n]).sum()) for n in names)
+        union = sum(int((ma[n] | mb[n]).sum()) for n in names)
+        if union:
+            assert got.scalars[f"{key}/jaccard"] == pytest.approx(inter / union, rel=1e-12)
+        else:
+            assert math.isnan(got.scalars[f"{key}/jaccard"])
+        dot = sum(float((fa[n] * fb[n]).sum()) for n in names)
+        norm = math.sqrt(sum(float((fa[n] ** 2).sum()) for n in names) * sum(float((fb[n] ** 2).sum()) for n in names))
+        assert got.scalars[f"{key}/cosine"] == pytest.approx(dot / norm, rel=1e-6)
+        want = fisher_weighted_conflict(only(fa), only(fb), only(ga), only(gb))
+        assert got.scalars[f"{key}/conflict"] == pytest.approx(want, rel=1e-6)
+
+
+def test_default_tasks_are_the_probe_halves():
+    from uma_callbacks.metrics import METRICS
+    from uma_callbacks.metrics.fisher_overlap import split_halves
+
+    model, batches, loss_fn = mlp_case(n_batches=2, batch_size=5)
+    assert METRICS["fisher_overlap"] is FisherOverlap
+    got = FisherOverlap(top_percent=20).compute(model, batches, loss_fn)
+    halves = split_halves(batches)
+    want = FisherOverlap(halves, top_percent=20).compute(model, None, loss_fn)
+    assert [h["x"].shape[0] for h in halves["even"]] == [3, 3] and [h["x"].shape[0] for h in halves["odd"]] == [2, 2]
+    assert got.scalars == want.scalars and "pairs/even/odd/jaccard" in got.scalars
