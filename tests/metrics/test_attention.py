@@ -176,6 +176,28 @@ def test_causal_scores_match_hand_probabilities(name):
     assert result.scalars["bos_fraction"] == pytest.approx(result.arrays["bos"].mean(), rel=1e-12)
 
 
+def _left_padded(batches):
+    out = []
+    for b in batches:
+        ids, mask = torch.zeros_like(b["input_ids"]), torch.zeros_like(b["attention_mask"])
+        for i, n in enumerate(b["attention_mask"].sum(1).tolist()):
+            ids[i, -n:], mask[i, -n:] = b["input_ids"][i, :n], 1
+        out.append({"input_ids": ids, "attention_mask": mask})
+    return out
+
+
+@pytest.mark.parametrize("name", ["qwen2_gqa", "gpt2"])
+def test_left_padding_matches_hand_probabilities(name):
+    """Left padding; padding query rows carry no weight. In float32: with float64 weights,
+    transformers 5.24's eager Qwen2 softmax (in float32) turns float64's finfo.min mask into
+    -inf, so a fully masked padding row is NaN and the NaN reaches every later position."""
+    model = CAUSAL[name]().float()
+    batches = _left_padded(_lm_batches())
+    result = AttentionHeads(induction_len=4, n_induction_seqs=2).compute(model, batches)
+    for key, want in oracle_scores(model, batches).items():
+        np.testing.assert_allclose(result.arrays[key], want, rtol=2e-5, err_msg=key)
+
+
 def test_gqa_heads_read_their_key_value_head():
     model = qwen2_gqa()
     layers = find_attention_layers(model)

@@ -277,6 +277,8 @@ def probe_sums(
         first = state["first"].to(a.device)
         bos = a.gather(-1, first.view(-1, 1, 1, 1).expand(*a.shape[:-1], 1)).squeeze(-1)  # [b, H, T]
         for k, values in enumerate((ent, prev, bos)):
+            # padding query rows may be NaN (a fully masked row, left padding): weight 0, dropped
+            values = torch.where(w[k][:, None, :] > 0, values, torch.zeros((), dtype=values.dtype, device=values.device))
             sums[k, index] += torch.einsum("bht,bt->h", values, w[k]).to("cpu", torch.float64)
 
     with attention_hooks(layers, consume):
