@@ -80,6 +80,14 @@ class UMAConfig:
             their own; default :data:`DEFAULT_TIMEOUT_SECONDS`, ``None`` for none.
         chunk_sizes: ``{metric name: samples per chunk}`` instead of the budget's plan
             (memory only: never part of a result's identity).
+        overhead: the compute budget of a save as a fraction of the training wall time since
+            the last measured save (e.g. 0.05); work is scaled down to fit
+            (:mod:`~uma_callbacks.engine.time_budget`). None: no time budget.
+        seconds_per_save: the compute budget of a save in seconds (with ``overhead``, the
+            smaller of the two). None: no cap.
+        log_scalars: ``"<metric>/<scalar>"`` keys (e.g. ``"fisher/trace"``) also copied into
+            the Trainer's ``state.log_history`` at each measured step, so they show in the
+            console log next to the loss.
         use_cache: reuse journalled results for the same (checkpoint, config, probe).
         save_tensors: also write large tensors (the Fisher diagonal) as safetensors.
         draw_figures: draw PNG figures (needs matplotlib).
@@ -101,6 +109,9 @@ class UMAConfig:
     seed: int = 42
     timeout_seconds: float | None = DEFAULT_TIMEOUT_SECONDS
     chunk_sizes: dict[str, int] | None = None
+    overhead: float | None = None
+    seconds_per_save: float | None = None
+    log_scalars: Sequence[str] = ()
     use_cache: bool = True
     save_tensors: bool = False
     draw_figures: bool = True
@@ -156,6 +167,16 @@ class UMAConfig:
                 raise ValueError(
                     f"UMAConfig.memory_budget must be None, a number of GB or a MemoryBudget; got {self.memory_budget!r}"
                 )
+        for name in ("overhead", "seconds_per_save"):
+            value = getattr(self, name)
+            if value is not None and (
+                isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 < value < float("inf")
+            ):
+                raise ValueError(f"UMAConfig.{name} must be a positive finite number or None; got {value!r}")
+        if isinstance(self.log_scalars, str) or not all(
+            isinstance(k, str) and "/" in k for k in self.log_scalars
+        ):
+            raise ValueError(f"UMAConfig.log_scalars must be a list of '<metric>/<scalar>' keys; got {self.log_scalars!r}")
         if self.chunk_sizes is not None:
             if not isinstance(self.chunk_sizes, dict):
                 raise ValueError(f"UMAConfig.chunk_sizes must be None or a dict {{metric name: int}}; got {self.chunk_sizes!r}")

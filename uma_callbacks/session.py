@@ -25,6 +25,7 @@ from __future__ import annotations
 import logging
 import os
 import random
+import sys
 import time
 import traceback
 from collections.abc import Iterator, Mapping, Sequence
@@ -107,6 +108,7 @@ class Session:
             aggressive_cleanup=config.aggressive_cleanup,
             timeout_seconds=config.timeout_seconds,
         )
+        self.suite.progress = _Progress(self.is_main)
         self.probe: Probe | None = None
         self.records: list[Record] = []
         self._measured: set[tuple[int, str]] = set()
@@ -167,7 +169,13 @@ class Session:
         return out
 
     def measure(
-        self, model: torch.nn.Module, step: int, *, fingerprint: str | None = None, label: str = ""
+        self,
+        model: torch.nn.Module,
+        step: int,
+        *,
+        fingerprint: str | None = None,
+        label: str = "",
+        seconds: float | None = None,
     ) -> list[Record]:
         """Measure ``model`` at ``step`` (every rank calls it; a step is measured once).
 
@@ -177,6 +185,8 @@ class Session:
             fingerprint: its weights fingerprint when the caller has it (else computed
                 when the cache is on).
             label: tells apart two checkpoints claiming the same step (the backfill's folder).
+            seconds: the compute budget of this save (``None``: :meth:`compute_budget` with no
+                training time, i.e. ``seconds_per_save`` or no budget).
 
         Returns:
             One record per metric (empty when the step was measured already).
@@ -195,10 +205,24 @@ class Session:
             if fingerprint is None:
                 fingerprint = weights_fingerprint(model) if self.config.use_cache else ""
             logger.info("uma: measuring %s at step %d", ", ".join(self.config.metric_names), step)
-            records = self.suite.run(model, self.probe, step=int(step), checkpoint=fingerprint, history=self.history)
+            if seconds is None:
+                seconds = self.compute_budget(None)
+            records = self.suite.run(
+                model, self.probe, step=int(step), checkpoint=fingerprint, history=self.history, seconds=seconds
+            )
             self.history.push(model, int(step), fingerprint)
+        self.suite.progress.close()
         self.records.extend(records)
         return records
+
+    def compute_budget(self, train_seconds: float | None) -> float | None:
+        """The seconds this save may take: ``overhead`` x ``train_seconds`` and/or ``seconds_per_save``."""
+        limits = []
+        if self.config.overhead is not None and train_seconds is not None:
+            limits.append(self.config.overhead * train_seconds)
+        if self.config.seconds_per_save is not None:
+            limits.append(self.config.seconds_per_save)
+        return min(limits) if limits else None
 
     def record_error(self, step: int, what: str, err: BaseException, meta: Mapping[str, Any] | None = None) -> Record:
         """Journal and deliver an error that is not a metric's (an unusable checkpoint)."""
@@ -243,3 +267,45 @@ def check_probe_usable(probe: Probe, loss_fn: Any, needs_labels: bool = True) ->
             f"probe batches have no 'labels' (keys: {sorted(first)}); the default loss needs them: "
             "add labels (e.g. DataCollatorForLanguageModeling) or pass loss_fn"
         )
+
+
+class _Progress:
+    """One log line per metric start and end (seconds, status) through ``transformers``'
+    logging (shown at ``log_level="info"``), and a tqdm bar over the metrics when the
+    process has a terminal."""
+
+    def __init__(self, enabled: bool) -> None:
+        self.enabled = enabled
+        self._bar: Any = None
+        self._started = 0.0
+        try:
+            from transformers.utils import logging as hf_logging
+
+            self._log = hf_logging.get_logger("uma_callbacks")
+        except ImportError:  # transformers is a dependency; plain logging if it is broken
+            self._log = logger
+
+    def __call__(self, event: str, metric: str, step: int, record: Record | None) -> None:
+        if not self.enabled:
+            return
+        if event == "start":
+            self._started = time.perf_counter()
+            self._log.info("uma: step %d: %s started", step, metric)
+            if self._bar is None and sys.stderr.isatty():
+                from tqdm.auto import tqdm
+
+                self._bar = tqdm(desc=f"uma step {step}", unit="metric", leave=False)
+            if self._bar is not None:
+                self._bar.set_postfix_str(metric, refresh=True)
+            return
+        seconds = time.perf_counter() - self._started
+        status = record.status if record is not None else "?"
+        self._log.info("uma: step %d: %s %s in %.2f s", step, metric, status, seconds)
+        if self._bar is not None:
+            self._bar.update(1)
+
+    def close(self) -> None:
+        """Close the bar (end of a save)."""
+        if self._bar is not None:
+            self._bar.close()
+            self._bar = None

@@ -34,6 +34,7 @@ from uma_callbacks.core.distributed import AgreeingCollective, Collective, Local
 from uma_callbacks.core.interrupt import MetricInterrupted, deferred_sigterm, redeliver_if_requested
 from uma_callbacks.engine.history import CheckpointHistory
 from uma_callbacks.engine.journal import Journal, cache_key
+from uma_callbacks.engine.time_budget import UnitCosts, estimate_seconds, measure_unit_costs, scale_to, share_budget
 from uma_callbacks.core.losses import LossFn
 from uma_callbacks.metrics.base import Metric, MetricResult, MetricTimeout
 from uma_callbacks.engine.probe import Probe, move_batch
@@ -61,6 +62,8 @@ class MetricSuite:
         budget: plans each metric's memory mode and chunk, and retries smaller on OOM.
         aggressive_cleanup: a full ``gc.collect()`` after every metric (see ``release_memory``).
         timeout_seconds: time limit for each metric that has none of its own.
+        progress: called ``(event, metric name, step, record)`` at each metric's ``"start"``
+            and ``"end"`` (the record at the end).
     """
 
     metrics: Sequence[Metric]
@@ -75,6 +78,8 @@ class MetricSuite:
     budget: MemoryBudget | None = None
     aggressive_cleanup: bool = False
     timeout_seconds: float | None = None
+    progress: Callable[[str, str, int, Record | None], Any] | None = None
+    time_calibration: dict[str, float] = field(default_factory=dict)
 
     @property
     def is_main(self) -> bool:
@@ -88,6 +93,7 @@ class MetricSuite:
         step: int,
         checkpoint: str = "",
         history: CheckpointHistory | None = None,
+        seconds: float | None = None,
     ) -> list[Record]:
         """Measure ``model`` on ``probe`` and return one record per metric.
 
@@ -97,6 +103,8 @@ class MetricSuite:
             step: the checkpoint's global step.
             checkpoint: the weights fingerprint (cache key part); empty disables the cache.
             history: the earlier checkpoints, for metrics that compare against them.
+            seconds: the compute budget of this save (:mod:`~uma_callbacks.engine.time_budget`);
+                ``None``: every metric runs as configured.
 
         Returns:
             The records, in metric order.
@@ -105,11 +113,64 @@ class MetricSuite:
         device = _device_of(model)
         shard = probe.shard(collective.rank, collective.world_size) if collective.world_size > 1 else probe.batches
         local_batches = [move_batch(b, device) for b in shard]
+        plans = self._plan_time(model, local_batches, collective, seconds, history)
         records = []
-        for metric in self.metrics:
-            record = self._run_one(metric, model, local_batches, probe, step, checkpoint, collective, history)
+        for i, metric in enumerate(self.metrics):
+            planned, budget_meta = plans[i] if plans else (metric, None)
+            if self.progress is not None:
+                self.progress("start", metric.name, step, None)
+            record = self._run_one(planned, model, local_batches, probe, step, checkpoint, collective, history, budget_meta)
+            if self.progress is not None:
+                self.progress("end", metric.name, step, record)
             records.append(record)
         return records
+
+    def _plan_time(
+        self,
+        model: torch.nn.Module,
+        batches: list[Any],
+        collective: Collective,
+        seconds: float | None,
+        history: CheckpointHistory | None = None,
+    ) -> list[tuple[Metric, dict[str, Any] | None]]:
+        """Each metric fitted to its share of the compute budget (every rank decides alike)."""
+        if seconds is None:
+            return []
+        from uma_callbacks.core.losses import resolve_loss_fn
+        from uma_callbacks.core.model_state import preserved_model_state
+
+        with preserved_model_state(model):
+            units = measure_unit_costs(model, batches, resolve_loss_fn(model, self.loss_fn))
+        if collective.world_size > 1:  # the mean over ranks, so every rank scales alike
+            mean = torch.tensor([units.forward, units.backward, units.hvp], dtype=torch.float64)
+            collective.sum_([mean])
+            mean /= collective.world_size
+            units = UnitCosts(float(mean[0]), float(mean[1]), float(mean[2]), units.n_batches)
+        plans: list[tuple[Metric, dict[str, Any] | None]] = []
+        calibration = self.time_calibration
+        # metrics with nothing to compare against yet take no share
+        waiting = {
+            m.name for m in self.metrics
+            if m.history_needed and (history is None or not history.previous)
+        }  # fmt: skip
+        active = [m for m in self.metrics if m.name not in waiting]
+        shares = dict(zip([m.name for m in active], share_budget(active, units, seconds, calibration)))
+        for metric in self.metrics:
+            if metric.name in waiting:
+                plans.append((metric, None))
+                continue
+            share = shares[metric.name]
+            factor = calibration.get(metric.name, 1.0)
+            planned, changes = scale_to(metric, units, share / factor)
+            raw = estimate_seconds(planned, units)
+            predicted = raw * factor
+            plans.append((planned, {
+                "seconds": round(share, 4), "predicted_seconds": round(predicted, 4),
+                "scaled": changes, "fits": predicted <= 1.5 * share, "raw_predicted_seconds": raw,
+                "calibration": round(factor, 4),
+                "unit_costs": {"forward": units.forward, "backward": units.backward, "hvp": units.hvp},
+            }))  # fmt: skip
+        return plans
 
     def _run_one(
         self,
@@ -121,6 +182,7 @@ class MetricSuite:
         checkpoint: str,
         collective: Collective,
         history: CheckpointHistory | None,
+        budget_meta: dict[str, Any] | None = None,
     ) -> Record:
         view = history.view(metric) if history is not None else None
         # a result that compares checkpoints is identified by all the checkpoints it used
@@ -136,9 +198,23 @@ class MetricSuite:
         started = time.perf_counter()
         if history is not None and history.dropped and (metric.history_needed or metric.needs_first):
             result = _skipped(metric, history.dropped)
+        elif budget_meta is not None and not budget_meta["fits"]:
+            result = _skipped(
+                metric,
+                f"compute budget: {metric.name} needs about {budget_meta['predicted_seconds']:.2f} s even scaled down; "
+                f"its share of this save is {budget_meta['seconds']:.2f} s (raise overhead= or seconds_per_save=)",
+            )
         else:
-            result = self._compute(metric, model, batches, collective, view)
+            # a metric may overrun its share of the compute budget, within bounds: 3x, or 2 s more
+            budget_limit = None if budget_meta is None else max(3.0 * budget_meta["seconds"], budget_meta["seconds"] + 2.0)
+            result = self._compute(metric, model, batches, collective, view, budget_limit)
         result.meta.setdefault("seconds", time.perf_counter() - started)
+        if budget_meta is not None:
+            result.meta["compute_budget"] = budget_meta
+            if result.status == "ok" and budget_meta["raw_predicted_seconds"] > 0:
+                ratio = result.meta["seconds"] / budget_meta["raw_predicted_seconds"]
+                old = self.time_calibration.get(metric.name)
+                self.time_calibration[metric.name] = ratio if old is None else 0.5 * (old + ratio)
         result.meta["probe_fingerprint"] = probe.fingerprint
         result.meta["world_size"] = collective.world_size
         result.meta["timestamp_ms"] = int(time.time() * 1000)
@@ -193,6 +269,7 @@ class MetricSuite:
         batches: list[Any],
         collective: Collective,
         history: Any,
+        budget_limit: float | None = None,
     ) -> MetricResult:
         failure: BaseException | None = None
         result: MetricResult | None = None
@@ -200,9 +277,10 @@ class MetricSuite:
         # metric (even before a reduction the others are waiting in) fails it on all ranks
         guarded = AgreeingCollective(collective) if collective.world_size > 1 else None
         own_limit = getattr(metric, "timeout_seconds", None)
+        limits = [x for x in (own_limit if own_limit is not None else self.timeout_seconds, budget_limit) if x is not None]
         try:
-            if own_limit is None and self.timeout_seconds is not None:
-                metric.timeout_seconds = self.timeout_seconds  # not part of the cache key
+            if limits:
+                metric.timeout_seconds = min(limits)  # not part of the cache key
             with deferred_sigterm():
                 result = compute_within_budget(
                     metric,
@@ -217,8 +295,7 @@ class MetricSuite:
         except Exception as err:  # isolate: a broken metric never stops training
             failure = err
         finally:
-            if own_limit is None and self.timeout_seconds is not None:
-                metric.timeout_seconds = None
+            metric.timeout_seconds = own_limit
         if guarded is None:
             failed_anywhere = failure is not None
         else:

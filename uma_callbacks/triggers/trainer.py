@@ -18,6 +18,7 @@ one without it.
 from __future__ import annotations
 
 import os
+import time
 from collections.abc import Sequence
 from typing import Any
 
@@ -84,6 +85,7 @@ class UMACallback(TrainerCallback):
         check_probe_source(probe, "UMACallback.probe")
         self._probe_source = probe
         self.session: Session | None = None
+        self._since = time.monotonic()
 
     @property
     def records(self) -> list[Any]:
@@ -123,22 +125,35 @@ class UMACallback(TrainerCallback):
             sinks, own = trainer_sinks(args, cfg.trackers, root) if session.is_main else ([], [])
         session.open(probe, sinks, own)
         self.session = session
+        self._since = time.monotonic()
 
     def on_step_end(self, args, state, control, model=None, **kwargs):
         n = self.config.every_n_steps
         if n and state.global_step % n == 0 and not _is_save_step(args, state):
-            self._measure(model, state.global_step)
+            self._measure(model, state.global_step, state)
 
     def on_save(self, args, state, control, model=None, **kwargs):
-        self._measure(model, state.global_step)
+        self._measure(model, state.global_step, state)
 
     def on_train_end(self, args, state, control, model=None, **kwargs):
         if self.session is not None:
             self.session.finish()
 
-    def _measure(self, model: Any, step: int) -> None:
-        if model is not None and self.session is not None:
-            self.session.measure(model, step)
+    def _measure(self, model: Any, step: int, state: Any = None) -> None:
+        if model is None or self.session is None:
+            return
+        train_seconds = time.monotonic() - self._since
+        records = self.session.measure(model, step, seconds=self.session.compute_budget(train_seconds))
+        self._since = time.monotonic()  # the next budget counts training time only
+        if self.config.log_scalars and state is not None and records:
+            values = {
+                f"uma/{r.metric}/{name}": value
+                for r in records
+                for name, value in r.scalars.items()
+                if f"{r.metric}/{name}" in self.config.log_scalars and value == value
+            }
+            if values:
+                state.log_history.append({**values, "step": step})
 
 
 def trainer_sinks(args: Any, trackers: Sequence[Any] | None, root: str | os.PathLike[str]) -> tuple[list[Any], list[Any]]:

@@ -1,0 +1,70 @@
+"""The compute budget of a save: predictions, shares, scaling order, and a Trainer run."""
+
+from __future__ import annotations
+
+import pytest
+
+from uma_callbacks.engine.time_budget import UnitCosts, estimate_seconds, scale_to, share_budget
+from uma_callbacks.metrics import CheckpointInterpolation, GradientFlow, HessianSpectrum, LossLandscape
+
+UNITS = UnitCosts(forward=0.1, backward=0.3, hvp=0.75, n_batches=4)
+
+
+def test_hessian_scales_hutchinson_first_then_lanczos_then_top_k():
+    full = HessianSpectrum(top_k=10, hutchinson_samples=50)
+    assert estimate_seconds(full, UNITS) == pytest.approx((40 + 50) * 0.75)
+    fewer_probes, changes = scale_to(full, UNITS, 40 * 0.75 + 20 * 0.75)
+    assert list(changes) == ["hutchinson_samples"] and changes["hutchinson_samples"] == [50, 20]
+    assert full.hutchinson_samples == 50  # the configured metric is never changed
+    tight, changes = scale_to(full, UNITS, 10 * 0.75)
+    assert tight.hutchinson_samples == 4 and tight.top_k < 10 and estimate_seconds(tight, UNITS) <= 10 * 0.75 + 1e-9
+
+
+def test_landscape_and_interpolation_shrink_their_grid_keeping_it_odd():
+    grid, changes = scale_to(LossLandscape(n_points=21), UNITS, 49 * 0.1)
+    assert grid.n_points == 7 and grid.n_points % 2 == 1 and changes["n_points"] == [21, 7]
+    path, _ = scale_to(CheckpointInterpolation(n_points=13), UNITS, 9 * 0.1)
+    assert path.n_points == 7
+    fits, changes = scale_to(LossLandscape(n_points=5), UNITS, 100.0)
+    assert changes == {} and fits.n_points == 5
+
+
+def test_cheap_metrics_get_what_they_need_and_the_rest_is_shared():
+    metrics = [GradientFlow(), HessianSpectrum(), LossLandscape()]
+    shares = share_budget(metrics, UNITS, 10.0)
+    assert shares[0] == pytest.approx(estimate_seconds(metrics[0], UNITS))
+    assert shares[1] == pytest.approx(shares[2]) and sum(shares) == pytest.approx(10.0)
+    assert share_budget(metrics, UNITS, 1e6) == pytest.approx([estimate_seconds(m, UNITS) for m in metrics])
+
+
+def test_bad_budget_fields_are_value_errors():
+    from uma_callbacks import UMAConfig
+
+    for field, value in (("overhead", 0), ("overhead", -0.1), ("seconds_per_save", float("inf")), ("overhead", "5%")):
+        with pytest.raises(ValueError, match=f"UMAConfig.{field}"):
+            UMAConfig(**{field: value})
+
+
+@pytest.mark.slow
+def test_trainer_run_stays_within_its_budget_and_says_what_it_scaled(tmp_path):
+    from tests.trainer_cases import run_trainer, tiny_lm_dataset
+    from uma_callbacks import UMACallback
+
+    budget = 2.0
+    callback = UMACallback(
+        metrics=["gradient_flow", "hessian", "landscape"], probe=tiny_lm_dataset(n=8, seed=3), probe_size=8,
+        trackers=[], draw_figures=False, seconds_per_save=budget, log_scalars=["gradient_flow/total_norm"],
+    )  # fmt: skip
+    trainer, _ = run_trainer(tmp_path, callbacks=[callback], max_steps=4, save_steps=2)
+    for step in (2, 4):
+        records = [r for r in callback.records if r.step == step]
+        assert all("compute_budget" in r.meta for r in records)
+        spent = sum(r.meta.get("seconds", 0.0) for r in records)
+        # each metric may overrun its share by 3x or 2 s at most (then it stops, a timeout)
+        assert spent <= 3 * budget + 2 * len(records), [(r.metric, r.status, r.meta.get("seconds")) for r in records]
+        for record in records:  # what ran is what the plan said: the scaled settings are the record's config
+            for knob, (_, after) in record.meta["compute_budget"]["scaled"].items():
+                assert record.status != "ok" or record.meta["config"][knob] == after
+    logged = [entry for entry in trainer.state.log_history if "uma/gradient_flow/total_norm" in entry]
+    ok_steps = sorted(r.step for r in callback.records if r.metric == "gradient_flow" and r.status == "ok")
+    assert [entry["step"] for entry in logged] == ok_steps
