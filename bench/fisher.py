@@ -2,13 +2,15 @@
 
 All timings are medians of repeated runs in one process, on the same samples:
 
-- MLP 256-512-512-10 (ReLU, cross-entropy), batches of 32: ``FisherInformation(top_k=None)``
-  (the diagonal and traces; linear-factor path) against (a) a training forward+backward
-  of the same batches, (b) one backward per sample, (c) BackPACK ``SumGradSquared``;
+- MLP 256-512-512-10 (ReLU, cross-entropy), batches of 32: ``FisherInformation(top_k=None,
+  keep_diagonal=True)`` (the diagonal and traces; per-layer hooks) against (a) a training
+  forward+backward of the same batches, (b) one backward per sample, (c) BackPACK
+  ``SumGradSquared``;
 - Qwen2 from config (hidden 128, 2 layers, 4 heads, vocab 2000), batch 16 x 128 tokens:
-  the diagonal (vmap path) against a training forward+backward;
-- Lanczos: top-10 of the MLP's empirical Fisher against the dense answer (eigenvalues of
-  the Gram matrix G G^T / N), with the matvecs it took.
+  the diagonal (hooks) against a training forward+backward;
+- spectrum: top-10 of the MLP's empirical Fisher against the dense answer (eigenvalues of
+  the Gram matrix G G^T / N): by the Gram formed in the pass (the default), and by
+  Lanczos (forced: several chunks, nothing cached), with the matvecs it took.
 
 Run ``python bench/fisher.py [--quick]``; it ends with ``name=value`` summary lines.
 """
@@ -164,17 +166,22 @@ def main() -> None:
 
     G = torch.cat([per_sample_grads(model, ce_loss, b).flat().double() for b in batches])
     dense = torch.linalg.eigvalsh(G @ G.T / G.shape[0]).flip(0)[:10]
-    lz = FisherInformation(top_k=10, seed=0).compute(model, batches, ce_loss)
+    gram = FisherInformation(top_k=10, seed=0).compute(model, batches, ce_loss)
+    got = torch.tensor(gram.arrays["top_eigenvalues"], dtype=torch.float64)
+    rel_gram = float(((got - dense).abs() / dense).max())
+    print(f"Gram top-10 ({gram.meta['spectrum_method']}): max rel err {rel_gram:.1e}, {gram.meta['seconds']:.2f} s")
+    summary["fisher_gram_top10_max_rel_err"] = rel_gram
+    lz = FisherInformation(top_k=10, seed=0, cache_bytes=0).compute(model, batches, ce_loss, chunk_size=32)
     got = torch.tensor(lz.arrays["top_eigenvalues"], dtype=torch.float64)
     rel = float(((got - dense).abs() / dense).max())
-    print(f"Lanczos top-10: {lz.meta['matvecs']} matvecs, max rel err {rel:.1e}, {lz.meta['seconds']:.2f} s "
-          f"(cached={lz.meta['cached']}, {lz.meta['lanczos_dtype']})")
+    print(f"Lanczos top-10 ({lz.meta['spectrum_method']}): {lz.meta['matvecs']} matvecs, max rel err {rel:.1e}, "
+          f"{lz.meta['seconds']:.2f} s (cached={lz.meta['cached']}, {lz.meta['lanczos_dtype']})")
     summary["fisher_lanczos_top10_matvecs"] = lz.meta["matvecs"]
     summary["fisher_lanczos_top10_max_rel_err"] = rel
 
     # ---------------------------------------------------------------- Qwen2
     qmodel, qbatches = qwen2_setup()
-    qmetric = FisherInformation(top_k=None)
+    qmetric = FisherInformation(top_k=None, keep_diagonal=True)
     qt = timeall(
         {"fisher": lambda: qmetric.compute(qmodel, qbatches, hf_per_sample_loss),
          "train": train_steps(qmodel, qbatches, hf_per_sample_loss)},
