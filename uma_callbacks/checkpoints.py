@@ -12,14 +12,29 @@ Three layouts are recognised, and every checkpoint gets its own global step:
 - **Plain HF model folders** (``config.json`` + weights): given as an explicit list; the
   step is the mapping's, else the ``-<N>`` suffix of the name, else the list position.
 
-Weights are read with ``safetensors`` (single file or a sharded ``*.safetensors.index.json``).
-A ``pytorch_model.bin`` is read only with ``torch.load(weights_only=True)``; nothing is
-ever unpickled.
+:func:`discover_with_problems` also returns what it could not use as ``(path, reason)``
+pairs -- a ``trainer_state.json`` or ``uma_state.json`` that is not JSON or has no valid
+step, a symlink loop, a link that leads nowhere -- so a backfill can report each as an
+error record; :func:`discover_checkpoints` keeps its older contract (problems logged,
+two folders on one step refused). Two folders claiming one step are both returned by
+:func:`discover_with_problems`, told apart by their path.
+
+Weights are read with ``safetensors`` (single file or a sharded ``*.safetensors.index.json``,
+whose shard names must be plain file names inside the checkpoint folder: an index that
+points elsewhere is refused). A legacy ``pytorch_model.bin`` is read with
+``torch.load(weights_only=True)``: that is PyTorch's *restricted* unpickler, not no
+unpickling. It accepts only tensors and storages, the primitive containers (``dict``,
+``OrderedDict``, ``list``, ``tuple``, ``set``), numbers, strings, bytes, ``None`` and the
+few torch types on its allow-list (``torch.Size``, dtypes, devices, ...); a file naming
+any other global (``os.system``, ``builtins.eval``, a user class) makes ``torch.load``
+raise ``UnpicklingError`` before anything is called, and :func:`load_weights` turns that
+into a ``ValueError`` naming the file. Nothing else is unpickled here.
 """
 
 from __future__ import annotations
 
 import json
+import logging
 import math
 import os
 import re
@@ -30,6 +45,7 @@ from typing import Any
 
 import torch
 
+logger = logging.getLogger(__name__)
 
 #: The Trainer's marker of a checkpoint folder still being written.
 INCOMPLETE_SENTINEL = "checkpoint-is-incomplete.txt"
@@ -61,26 +77,36 @@ class Checkpoint:
         return self.path.name
 
 
+class _Problem(Exception):
+    """A folder that looks like a checkpoint but cannot be used (the reason is the message)."""
+
+
+def _read_step(path: Path, field: str) -> int:
+    """``int(json[field])`` of a state file; :class:`_Problem` naming the file and what is wrong."""
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, ValueError) as err:
+        raise _Problem(f"{path.name} is not readable JSON ({type(err).__name__}: {err})") from err
+    value = data.get(field) if isinstance(data, dict) else None
+    if isinstance(value, bool) or not isinstance(value, int) or not -(2**63) <= value < 2**63:
+        raise _Problem(f"{path.name} has no integer {field!r} (got {value!r:.60})")
+    return value
+
+
 def _trainer_step(folder: Path) -> int | None:
     if (folder / INCOMPLETE_SENTINEL).exists():
         return None
     state = folder / "trainer_state.json"
     if not state.is_file():
         return None
-    try:
-        return int(json.loads(state.read_text(encoding="utf-8"))["global_step"])
-    except (ValueError, KeyError, TypeError):
-        return None
+    return _read_step(state, "global_step")
 
 
 def _uma_step(folder: Path) -> int | None:
     path = folder / UMA_STATE
     if not path.is_file():
         return None
-    try:
-        return int(json.loads(path.read_text(encoding="utf-8"))["step"])
-    except (ValueError, KeyError, TypeError):
-        return None
+    return _read_step(path, "step")
 
 
 def _mapped_step(folder: Path, steps: Mapping[str, int] | None) -> int | None:
@@ -92,15 +118,70 @@ def _mapped_step(folder: Path, steps: Mapping[str, int] | None) -> int | None:
     return None
 
 
+def discover_with_problems(
+    source: str | os.PathLike[str] | Sequence[str | os.PathLike[str]],
+    steps: Mapping[str, int] | None = None,
+) -> tuple[list[Checkpoint], list[tuple[Path, str]]]:
+    """The checkpoints of a run folder (or list of folders), and what could not be used.
+
+    Args:
+        source: a run folder (holding ``checkpoint-*/`` or Accelerate state folders, or
+            itself one model folder), or a list of checkpoint / model folders.
+        steps: optional ``{folder name or path: step}`` overriding what is on disk.
+
+    Returns:
+        ``(checkpoints, problems)``: complete checkpoints sorted by ``(step, path)`` --
+        two folders claiming one step are both there, told apart by ``path`` -- and
+        ``(path, reason)`` for each folder that looks like a checkpoint but cannot be
+        used (a state file that is not JSON or has no step, a symlink loop, a dangling
+        link). Incomplete Trainer folders (still being written) are neither.
+
+    Raises:
+        FileNotFoundError: ``source`` (or a listed folder) does not exist.
+        ValueError: neither a checkpoint nor a problem was found.
+    """
+    problems: list[tuple[Path, str]] = []
+    if isinstance(source, (str, os.PathLike)):
+        root = Path(source)
+        if not root.is_dir():
+            raise FileNotFoundError(f"run folder {root} does not exist (or is not a folder)")
+        found = _scan_run_folder(root, steps, problems)
+        if not found and not problems:
+            raise ValueError(
+                f"no checkpoints in {root}: expected checkpoint-<N>/ folders with trainer_state.json, "
+                f"Accelerate save_state folders with {UMA_STATE}, or model folders with config.json"
+            )
+    else:
+        found = []
+        for position, item in enumerate(source):
+            folder = Path(item)
+            reason = _link_problem(folder)
+            if reason is not None:
+                problems.append((folder, reason))
+                continue
+            if not folder.is_dir():
+                raise FileNotFoundError(f"checkpoint folder {folder} does not exist (or is not a folder)")
+            try:
+                found.append(_classify(folder, steps, position))
+            except _Problem as err:
+                problems.append((folder, str(err)))
+        if not found and not problems:
+            raise ValueError("checkpoints: the list of checkpoint folders is empty")
+    found.sort(key=lambda c: (c.step, str(c.path)))
+    return found, problems
+
+
 def discover_checkpoints(
     source: str | os.PathLike[str] | Sequence[str | os.PathLike[str]],
     steps: Mapping[str, int] | None = None,
 ) -> list[Checkpoint]:
     """The checkpoints of a run folder (or an explicit list of folders), ordered by step.
 
+    :func:`discover_with_problems` with the older contract: the problems are logged as
+    warnings and left out, and two checkpoints on one step are refused.
+
     Args:
-        source: a run folder (holding ``checkpoint-*/`` or Accelerate state folders, or
-            itself one model folder), or a list of checkpoint / model folders.
+        source: a run folder or a list of checkpoint / model folders.
         steps: optional ``{folder name or path: step}`` overriding what is on disk.
 
     Returns:
@@ -110,26 +191,11 @@ def discover_checkpoints(
         FileNotFoundError: ``source`` (or a listed folder) does not exist.
         ValueError: no checkpoint was found, or two checkpoints claim the same step.
     """
-    if isinstance(source, (str, os.PathLike)):
-        root = Path(source)
-        if not root.is_dir():
-            raise FileNotFoundError(f"run folder {root} does not exist (or is not a folder)")
-        found = _scan_run_folder(root, steps)
-        if not found:
-            raise ValueError(
-                f"no checkpoints in {root}: expected checkpoint-<N>/ folders with trainer_state.json, "
-                f"Accelerate save_state folders with {UMA_STATE}, or model folders with config.json"
-            )
-    else:
-        found = []
-        for position, item in enumerate(source):
-            folder = Path(item)
-            if not folder.is_dir():
-                raise FileNotFoundError(f"checkpoint folder {folder} does not exist (or is not a folder)")
-            found.append(_classify(folder, steps, position))
-        if not found:
-            raise ValueError("checkpoints: the list of checkpoint folders is empty")
-    found.sort(key=lambda c: (c.step, c.name))
+    found, problems = discover_with_problems(source, steps)
+    for path, reason in problems:
+        logger.warning("uma: checkpoint %s skipped: %s", path, reason)
+    if not found:
+        raise ValueError(f"no usable checkpoints in {source}: " + "; ".join(f"{p}: {r}" for p, r in problems))
     seen: dict[int, Checkpoint] = {}
     for ckpt in found:
         if ckpt.step in seen:
@@ -141,24 +207,56 @@ def discover_checkpoints(
     return found
 
 
-def _scan_run_folder(root: Path, steps: Mapping[str, int] | None) -> list[Checkpoint]:
+def _link_problem(path: Path) -> str | None:
+    """Why a symlinked entry cannot be followed (a loop, a dangling link), else None."""
+    if not path.is_symlink():
+        return None
+    try:
+        path.resolve(strict=True)
+    except RuntimeError:
+        return "symlink loop"
+    except OSError as err:
+        if getattr(err, "errno", None) == 40:  # ELOOP
+            return "symlink loop"
+        return f"symlink leads nowhere ({os.readlink(path)})"
+    return None
+
+
+def _scan_run_folder(root: Path, steps: Mapping[str, int] | None, problems: list[tuple[Path, str]]) -> list[Checkpoint]:
     found = []
-    for child in sorted(p for p in root.iterdir() if p.is_dir()):
-        mapped = _mapped_step(child, steps)
-        if child.name.startswith("checkpoint-") and _TRAILING_NUMBER.search(child.name):
-            step = mapped if mapped is not None else _trainer_step(child)
-            kind = "trainer"
-            if step is None and not (child / INCOMPLETE_SENTINEL).exists():
-                step, kind = _uma_step(child), "accelerate"  # accelerate save_state into checkpoint-<N>/
-            if step is not None:
-                found.append(Checkpoint(child, step, kind))
+    for child in sorted(root.iterdir()):
+        reason = _link_problem(child)
+        if reason is not None:
+            if child.name.startswith("checkpoint-") or reason == "symlink loop":
+                problems.append((child, reason))
             continue
-        step = mapped if mapped is not None else _uma_step(child)
-        if step is not None:
-            found.append(Checkpoint(child, step, "accelerate"))
-    if not found and (root / "config.json").is_file():
-        found.append(_classify(root, steps, 0))
+        if not child.is_dir():
+            continue
+        try:
+            ckpt = _scan_child(child, steps)
+        except _Problem as err:
+            problems.append((child, str(err)))
+            continue
+        if ckpt is not None:
+            found.append(ckpt)
+    if not found and not problems and (root / "config.json").is_file():
+        try:
+            found.append(_classify(root, steps, 0))
+        except _Problem as err:
+            problems.append((root, str(err)))
     return found
+
+
+def _scan_child(child: Path, steps: Mapping[str, int] | None) -> Checkpoint | None:
+    mapped = _mapped_step(child, steps)
+    if child.name.startswith("checkpoint-") and _TRAILING_NUMBER.search(child.name):
+        step = mapped if mapped is not None else _trainer_step(child)
+        kind = "trainer"
+        if step is None and not (child / INCOMPLETE_SENTINEL).exists():
+            step, kind = _uma_step(child), "accelerate"  # accelerate save_state into checkpoint-<N>/
+        return Checkpoint(child, step, kind) if step is not None else None
+    step = mapped if mapped is not None else _uma_step(child)
+    return Checkpoint(child, step, "accelerate") if step is not None else None
 
 
 def _classify(folder: Path, steps: Mapping[str, int] | None, position: int) -> Checkpoint:
@@ -179,6 +277,7 @@ def weight_files(folder: str | os.PathLike[str]) -> list[Path]:
 
     Raises:
         FileNotFoundError: no weights in the folder.
+        ValueError: a sharded index that is not JSON, or names a shard outside the folder.
     """
     folder = Path(folder)
     single = folder / "model.safetensors"
@@ -186,8 +285,7 @@ def weight_files(folder: str | os.PathLike[str]) -> list[Path]:
         return [single]
     index = folder / "model.safetensors.index.json"
     if index.is_file():
-        shards = sorted(set(json.loads(index.read_text(encoding="utf-8"))["weight_map"].values()))
-        return [folder / s for s in shards]
+        return [folder / s for s in _shard_names(index)]
     loose = sorted(folder.glob("*.safetensors"))
     if loose:
         return loose
@@ -195,6 +293,35 @@ def weight_files(folder: str | os.PathLike[str]) -> list[Path]:
     if legacy.is_file():
         return [legacy]
     raise FileNotFoundError(f"no model weights (model.safetensors, shards or pytorch_model.bin) in {folder}")
+
+
+def _shard_names(index: Path) -> list[str]:
+    """The shard file names of a ``*.safetensors.index.json``: plain names in its own folder only.
+
+    Raises:
+        ValueError: not JSON, no ``weight_map`` object, or a shard name that is not a plain
+            file name (``/``, ``\\``, ``..``, absolute): it would read another folder's weights.
+    """
+    try:
+        weight_map = json.loads(index.read_text(encoding="utf-8"))["weight_map"]
+    except (OSError, UnicodeDecodeError, ValueError, KeyError, TypeError) as err:
+        raise ValueError(f"sharded index {index} is unreadable ({type(err).__name__}: {err})") from err
+    if not isinstance(weight_map, dict) or not all(isinstance(v, str) for v in weight_map.values()):
+        raise ValueError(f"sharded index {index}: 'weight_map' must be an object of shard file names")
+    names = sorted(set(weight_map.values()))
+    for name in names:
+        if (
+            not isinstance(name, str)
+            or name in ("", ".", "..")
+            or "/" in name
+            or "\\" in name
+            or "\x00" in name
+            or Path(name).name != name
+        ):
+            raise ValueError(
+                f"sharded index {index} names the shard {name!r} outside its checkpoint folder; refused"
+            )
+    return names
 
 
 def load_weights(folder: str | os.PathLike[str]) -> dict[str, torch.Tensor]:
