@@ -35,12 +35,12 @@ import time
 for _var in ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS"):
     os.environ.setdefault(_var, "1")
 
-import torch  # noqa: E402
+import torch
 
-from uma_callbacks.core.losses import hf_per_sample_loss  # noqa: E402
-from uma_callbacks.engine.budget import PeakMemory, param_bytes, release_memory  # noqa: E402
-from uma_callbacks.metrics import LotteryTickets, Modularity, TaskVectors  # noqa: E402
-from uma_callbacks.metrics.base import CheckpointState, History  # noqa: E402
+from uma_callbacks.core.losses import hf_per_sample_loss
+from uma_callbacks.engine.budget import PeakMemory, param_bytes, release_memory
+from uma_callbacks.metrics import LotteryTickets, Modularity, TaskVectors
+from uma_callbacks.metrics.base import CheckpointState, History
 
 MEMORY_ENV = {"MALLOC_MMAP_THRESHOLD_": "65536"}
 SPARSITIES = (0.5, 0.8, 0.9)

@@ -66,6 +66,10 @@ def test_bad_config_names_the_field(kwargs, field):
         FisherOverlap(**kwargs)
 
 
+def _restricted(names):
+    return lambda d: {n: d[n] for n in names}
+
+
 def test_per_module_values_match_the_oracle_restricted_to_each_module():
     model, batches, loss_fn = mlp_case(n_batches=2, batch_size=5)
     tasks = {"math": [batches[0]], "code": [batches[1]]}
@@ -75,10 +79,7 @@ def test_per_module_values_match_the_oracle_restricted_to_each_module():
     ma, mb = top_percent_mask(fa, 30), top_percent_mask(fb, 30)  # the global masks, restricted per module
     for module in ("fc1", "fc2", "head"):
         names = [f"{module}.weight", f"{module}.bias"]
-
-        def only(d):
-            return {n: d[n] for n in names}
-
+        only = _restricted(names)
         key = f"layers/{module}/pairs/math/code"
         inter = sum(int((ma[n] & mb[n]).sum()) for n in names)
         union = sum(int((ma[n] | mb[n]).sum()) for n in names)

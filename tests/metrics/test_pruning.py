@@ -25,7 +25,7 @@ from uma_callbacks.metrics.pruning import (
 def _oracle_keep(weights: list[np.ndarray], s: float) -> np.ndarray:
     """Flat keep mask: prune the round(s n) smallest |w| (stable sort: ties by position)."""
     flat = np.concatenate([np.abs(w).reshape(-1) for w in weights])
-    k = int(round(s * flat.size))
+    k = round(s * flat.size)
     keep = np.ones(flat.size, dtype=bool)
     keep[np.argsort(flat, kind="stable")[:k]] = False
     return keep

@@ -29,7 +29,7 @@ from uma_callbacks.metrics.task_vectors import (
 def numpy_ties(task_vectors: np.ndarray, density: float, lam: float = 1.0) -> np.ndarray:
     """Yadav et al. 2023, directly: ``task_vectors [T, P]`` -> lambda tau_m [P]."""
     t, p = task_vectors.shape
-    k = p - int(round((1 - density) * p))  # entries kept per task
+    k = p - round((1 - density) * p)  # entries kept per task
     trimmed = np.zeros_like(task_vectors)
     for i in range(t):
         top = np.argsort(-np.abs(task_vectors[i]), kind="stable")[:k]

@@ -14,9 +14,9 @@ from typing import Any
 
 import torch
 
+from uma_callbacks.core.batches import count_samples, fingerprint_batches, select_samples
 from uma_callbacks.core.distributed import shard
 from uma_callbacks.linalg.fisher_products import METHODS
-from uma_callbacks.core.batches import count_samples, fingerprint_batches, select_samples
 from uma_callbacks.metrics.base import (
     ComputeContext,
     Cost,
@@ -26,7 +26,13 @@ from uma_callbacks.metrics.base import (
     check_positive_int,
     module_of,
 )
-from uma_callbacks.metrics.fisher import ACCUMULATE_DTYPES, KINDS, check_percent, gather_fisher, top_percent_mask
+from uma_callbacks.metrics.fisher import (
+    ACCUMULATE_DTYPES,
+    KINDS,
+    check_percent,
+    gather_fisher,
+    top_percent_mask,
+)
 
 
 def mask_jaccard(a: Mapping[str, torch.Tensor], b: Mapping[str, torch.Tensor]) -> float:

@@ -346,7 +346,7 @@ class Modularity(Metric):
         if isinstance(seed, bool) or not isinstance(seed, int) or seed < 0:
             raise ValueError(f"Modularity.seed must be a non-negative integer; got {seed!r}")
         check_positive_int("Modularity.n_init", n_init)
-        if not isinstance(shuffle_baseline, bool):
+        if type(shuffle_baseline) is not bool:
             raise ValueError(f"Modularity.shuffle_baseline must be a bool; got {shuffle_baseline!r}")
         self.n_clusters = n_clusters
         self.seed = seed

@@ -84,7 +84,7 @@ def _magnitudes(weights: Sequence[torch.Tensor]) -> torch.Tensor:
 def pruned_flat(magnitudes: torch.Tensor, sparsity: float) -> torch.Tensor:
     """Bool ``[n]``: True at the k = round(sparsity n) smallest entries of ``magnitudes [n]`` (ties by position)."""
     n = magnitudes.numel()
-    k = int(round(sparsity * n))
+    k = round(sparsity * n)
     if k <= 0:
         return torch.zeros(n, dtype=torch.bool, device=magnitudes.device)
     if k >= n:

@@ -105,8 +105,8 @@ def ties_merge(
         The merged task vector, tensor by tensor (add it to theta_base).
 
     Example:
-        >>> ties_merge([[torch.tensor([1.0, -2.0, 0.1])], [torch.tensor([3.0, 1.0, -0.1])]], density=2 / 3)
-        [tensor([2., -2., 0.])]
+        >>> [t.tolist() for t in ties_merge([[torch.tensor([1.0, -2.0, 0.1])], [torch.tensor([3.0, 1.0, -0.1])]], 2 / 3)]
+        [[2.0, -2.0, 0.0]]
     """
     trimmed = [[t * m for t, m in zip(tv, trim_masks(tv, density))] for tv in task_vectors]
     signs = elected_signs(trimmed)
@@ -123,7 +123,7 @@ def ties_fractions(
     share of this model's trimmed update that survives the sign election.
 
     Example:
-        >>> a, b = [torch.tensor([1.0, 2.0, 0.0])], [torch.tensor([-1.0, 1.0, 5.0])]
+        >>> a, b = [torch.tensor([1.0, 2.0, 0.0])], [torch.tensor([-3.0, 1.0, 5.0])]
         >>> ties_fractions(a, b, elected_signs([a, b]))
         (0.5, 0.5)
     """
@@ -336,80 +336,104 @@ class TaskVectors(Metric):
         base: Mapping[str, torch.Tensor],
         others: Mapping[str, Mapping[str, torch.Tensor]],
     ) -> dict[str, float]:
+        """Fisher of this model, then for each other model its Fisher, TIES statistics and the
+        three merges' probe losses; the weights are set in place and restored on exit."""
         names = list(params)
         targets = [params[n] for n in names]
-        trainable = {n for n in names if params[n].requires_grad}
-        chunks, n_local = _local_chunks(ctx, self.n_batches)
-        n = ctx.collective.sum_scalar(float(n_local))
-        sub = ctx if self.n_batches is None else _with_batches(ctx, ctx.batches[: self.n_batches])
-        scalars: dict[str, float] = {}
         wide = torch.float64 if any(p.dtype == torch.float64 for p in targets) else torch.float32
-        acc = "float64" if wide == torch.float64 else "float32"
-
-        def put(i: int, p: torch.Tensor, value: Callable[[int], torch.Tensor]) -> None:
-            p.copy_(value(i).to(p.dtype))
-
-        def loss_at(set_value: Callable[[int], torch.Tensor]) -> float:
-            mover.set_per_tensor(lambda i, p: put(i, p, set_value))
-            total = probe_loss_sum(ctx, chunks).reshape(1)
-            ctx.collective.sum_([total])
-            return float(total[0]) / n
-
-        def fisher_here() -> tuple[dict[str, torch.Tensor], float]:
-            stats = gather_fisher(sub, "empirical", 0, 1, "auto", acc, 0)
-            return {k: (d / stats.rows).to(wide) for k, d in stats.diag_sum.items()}, stats.loss
-
         with moved_weights(targets) as mover:
-            theta = [t.to(wide) for t in mover.theta]
-            dev = [p.device for p in targets]
-
-            def on(source: Mapping[str, torch.Tensor], i: int) -> torch.Tensor:
-                return source[names[i]].to(device=dev[i], dtype=wide)
-
-            fisher_self, scalars["loss"] = fisher_here()
+            run = _MergeRun(self, ctx, mover, names, params, base, wide)
+            fisher_self, loss = run.fisher_here()
+            scalars: dict[str, float] = {"loss": loss}
             ctx.check_time(step="fisher_self")
-            tau = [theta[i] - on(base, i) for i in range(len(names))]
+            tau = [run.theta[i] - run.on(base, i) for i in range(len(names))]
             tau_sq = sum(float(t.double().square().sum()) for t in tau)
             trimmed = [t * m for t, m in zip(tau, trim_masks(tau, self.ties_density))]
             del tau
             for name, other in others.items():
-                prefix = f"others/{name}"
-                mover.set_per_tensor(lambda i, p: p.copy_(other[names[i]].to(device=p.device, dtype=p.dtype)))
-                fisher_other, scalars[f"{prefix}/loss"] = fisher_here()
-                ctx.check_time(step=f"fisher_{name}")
-                tau_o = [on(other, i) - on(base, i) for i in range(len(names))]
-                dot = sum(float((a.double() * b.double()).sum()) for a, b in zip(tau_o, _untrimmed(theta, base, on)))
-                sq_o = sum(float(t.double().square().sum()) for t in tau_o)
-                scalars[f"{prefix}/cosine"] = dot / math.sqrt(tau_sq * sq_o) if tau_sq > 0 and sq_o > 0 else math.nan
-                trimmed_o = [t * m for t, m in zip(tau_o, trim_masks(tau_o, self.ties_density))]
-                del tau_o
-                signs = elected_signs([trimmed, trimmed_o])
-                conflict, kept = ties_fractions(trimmed, trimmed_o, signs)
-                scalars[f"ties/{name}/conflict_fraction"], scalars[f"ties/{name}/kept_fraction"] = conflict, kept
-                merge = f"merge/{name}"
-                scalars[f"{merge}/average_loss"] = loss_at(lambda i: (theta[i] + on(other, i)) / 2)
-                ctx.check_time(step=f"average_{name}")
-                scalars[f"{merge}/ties_loss"] = loss_at(
-                    lambda i: on(base, i) + self.ties_lambda * disjoint_mean([trimmed[i], trimmed_o[i]], signs[i])
-                )
-                ctx.check_time(step=f"ties_{name}")
-                mean_f = _mean_entry([*fisher_self.values(), *fisher_other.values()])
-                floor = self.fisher_floor * mean_f
-
-                def fisher_value(i: int) -> torch.Tensor:
-                    k = names[i]
-                    fs = (fisher_self.get(k), fisher_other.get(k)) if k in trainable else (None, None)
-                    return fisher_merge([theta[i], on(other, i)], fs, floor)
-
-                scalars[f"{merge}/fisher_loss"] = loss_at(fisher_value)
-                ctx.check_time(step=f"fisher_merge_{name}")
-                del trimmed_o, signs, fisher_other
+                scalars.update(run.with_other(name, other, fisher_self, trimmed, tau_sq))
         ctx.meta.update(others=list(others), ties_density=self.ties_density)
         return scalars
 
 
-def _untrimmed(theta: Sequence[torch.Tensor], base: Mapping[str, torch.Tensor], on: Callable) -> list[torch.Tensor]:
-    return [theta[i] - on(base, i) for i in range(len(theta))]
+class _MergeRun:
+    """One :meth:`TaskVectors._merges` call: the saved theta, the probe chunks and the setters."""
+
+    def __init__(
+        self,
+        metric: TaskVectors,
+        ctx: ComputeContext,
+        mover: Any,
+        names: list[str],
+        params: Mapping[str, torch.Tensor],
+        base: Mapping[str, torch.Tensor],
+        wide: torch.dtype,
+    ) -> None:
+        self.metric, self.ctx, self.mover, self.names, self.base, self.wide = metric, ctx, mover, names, base, wide
+        self.trainable = {n for n in names if params[n].requires_grad}
+        self.theta = [t.to(wide) for t in mover.theta]
+        self.devices = [params[n].device for n in names]
+        self.chunks, n_local = _local_chunks(ctx, metric.n_batches)
+        self.n = ctx.collective.sum_scalar(float(n_local))
+        self.sub = ctx if metric.n_batches is None else _with_batches(ctx, ctx.batches[: metric.n_batches])
+        self.accumulate = "float64" if wide == torch.float64 else "float32"
+
+    def on(self, source: Mapping[str, torch.Tensor], i: int) -> torch.Tensor:
+        """Tensor i of ``source`` on its parameter's device, in the computation dtype."""
+        return source[self.names[i]].to(device=self.devices[i], dtype=self.wide)
+
+    def fisher_here(self) -> tuple[dict[str, torch.Tensor], float]:
+        """The diagonal empirical Fisher at the current weights and the probe loss there."""
+        stats = gather_fisher(self.sub, "empirical", 0, 1, "auto", self.accumulate, 0)
+        return {k: (d / stats.rows).to(self.wide) for k, d in stats.diag_sum.items()}, stats.loss
+
+    def loss_at(self, value: Callable[[int], torch.Tensor]) -> float:
+        """The probe loss with every parameter i set to ``value(i)``."""
+        self.mover.set_per_tensor(lambda i, p: p.copy_(value(i).to(p.dtype)))
+        total = probe_loss_sum(self.ctx, self.chunks).reshape(1)
+        self.ctx.collective.sum_([total])
+        return float(total[0]) / self.n
+
+    def with_other(
+        self,
+        name: str,
+        other: Mapping[str, torch.Tensor],
+        fisher_self: Mapping[str, torch.Tensor],
+        trimmed: list[torch.Tensor],
+        tau_sq: float,
+    ) -> dict[str, float]:
+        """The scalars against one other model (its Fisher is taken with its weights in place)."""
+        ctx, metric, count = self.ctx, self.metric, len(self.names)
+        out: dict[str, float] = {}
+        self.mover.set_per_tensor(lambda i, p: p.copy_(other[self.names[i]].to(device=p.device, dtype=p.dtype)))
+        fisher_other, out[f"others/{name}/loss"] = self.fisher_here()
+        ctx.check_time(step=f"fisher_{name}")
+        tau_o = [self.on(other, i) - self.on(self.base, i) for i in range(count)]
+        dot = sum(float((self.theta[i] - self.on(self.base, i)).double().mul(tau_o[i].double()).sum()) for i in range(count))
+        sq_o = sum(float(t.double().square().sum()) for t in tau_o)
+        out[f"others/{name}/cosine"] = dot / math.sqrt(tau_sq * sq_o) if tau_sq > 0 and sq_o > 0 else math.nan
+        trimmed_o = [t * m for t, m in zip(tau_o, trim_masks(tau_o, metric.ties_density))]
+        del tau_o
+        signs = elected_signs([trimmed, trimmed_o])
+        conflict, kept = ties_fractions(trimmed, trimmed_o, signs)
+        out[f"ties/{name}/conflict_fraction"], out[f"ties/{name}/kept_fraction"] = conflict, kept
+        merge = f"merge/{name}"
+        out[f"{merge}/average_loss"] = self.loss_at(lambda i: (self.theta[i] + self.on(other, i)) / 2)
+        ctx.check_time(step=f"average_{name}")
+        out[f"{merge}/ties_loss"] = self.loss_at(
+            lambda i: self.on(self.base, i) + metric.ties_lambda * disjoint_mean([trimmed[i], trimmed_o[i]], signs[i])
+        )
+        ctx.check_time(step=f"ties_{name}")
+        floor = metric.fisher_floor * _mean_entry([*fisher_self.values(), *fisher_other.values()])
+
+        def fisher_value(i: int) -> torch.Tensor:
+            key = self.names[i]
+            fishers = (fisher_self.get(key), fisher_other.get(key)) if key in self.trainable else (None, None)
+            return fisher_merge([self.theta[i], self.on(other, i)], fishers, floor)
+
+        out[f"{merge}/fisher_loss"] = self.loss_at(fisher_value)
+        ctx.check_time(step=f"fisher_merge_{name}")
+        return out
 
 
 def _mean_entry(tensors: Sequence[torch.Tensor]) -> float:
