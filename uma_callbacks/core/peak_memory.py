@@ -1,10 +1,26 @@
-"""Peak memory of a block of code: CUDA allocator statistics, or the process's VmHWM on CPU."""
+"""Peak memory of a block of code, without touching the process's own peak counters.
+
+Users watch ``ru_maxrss`` / ``VmHWM`` and ``torch.cuda.max_memory_allocated`` for their
+own runs, so this module never resets them (no ``/proc/self/clear_refs``, no
+``torch.cuda.reset_peak_memory_stats``). :class:`PeakMemory` instead reads the counter
+before and after the block, and samples the current level from a small thread meanwhile:
+
+- the block raised the process's high-water mark (``VmHWM`` on CPU,
+  ``max_memory_allocated`` on CUDA): the new mark is the block's peak, exactly
+  (``method`` ``"vmhwm_delta"`` / ``"cuda_max_delta"``);
+- it stayed below an earlier, higher mark: the peak is the highest level sampled
+  (``VmRSS`` / ``memory_allocated`` every :data:`SAMPLE_SECONDS`, and at entry and exit), a
+  lower bound that misses spikes shorter than the interval (``"rss_sampled"`` /
+  ``"cuda_sampled"``).
+
+The reported ``peak_bytes`` is that peak minus the level at entry.
+"""
 
 from __future__ import annotations
 
 import gc
 import logging
-import os
+import threading
 from typing import Any
 
 import torch
@@ -12,7 +28,8 @@ import torch
 logger = logging.getLogger(__name__)
 
 _STATUS = "/proc/self/status"
-_CLEAR_REFS = "/proc/self/clear_refs"
+#: Seconds between two samples of the current level (about 30 us of work each).
+SAMPLE_SECONDS = 0.005
 
 
 def _status_kib(field: str) -> int | None:
@@ -38,22 +55,34 @@ def cpu_peak_rss_bytes() -> int:
     return (kib or 0) * 1024
 
 
-def reset_cpu_peak() -> bool:
-    """Reset VmHWM to the current RSS; False where the kernel refuses."""
-    try:
-        with open(_CLEAR_REFS, "w") as fh:
-            fh.write("5")
-        return True
-    except OSError:
-        return False
+class _Sampler:
+    """A daemon thread keeping the maximum of ``read()`` until :meth:`stop`."""
+
+    def __init__(self, read: Any, interval: float) -> None:
+        self.read, self.interval = read, interval
+        self.maximum = read()
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, name="uma-peak-memory", daemon=True)
+        self._thread.start()
+
+    def _run(self) -> None:
+        while not self._stop.wait(self.interval):
+            self.maximum = max(self.maximum, self.read())
+
+    def stop(self) -> int:
+        self._stop.set()
+        self._thread.join()
+        self.maximum = max(self.maximum, self.read())
+        return self.maximum
 
 
 class PeakMemory:
-    """Context manager: ``peak_bytes`` = peak memory above the level at entry.
+    """Context manager: ``peak_bytes`` = peak memory above the level at entry (see the module docstring).
 
     Args:
         device: where the computation runs (``cuda`` uses allocator stats, else the
             process RSS).
+        interval: seconds between samples of the current level.
 
     Example:
         >>> with PeakMemory("cpu") as meter:
@@ -62,31 +91,45 @@ class PeakMemory:
         True
     """
 
-    def __init__(self, device: torch.device | str = "cpu") -> None:
+    def __init__(self, device: torch.device | str = "cpu", interval: float = SAMPLE_SECONDS) -> None:
         self.device = torch.device(device)
+        self.interval = interval
         self.peak_bytes = 0
         self.method = ""
         self._start = 0
+        self._mark = 0
+        self._sampler: _Sampler | None = None
 
     def __enter__(self) -> PeakMemory:
         if self.device.type == "cuda":
             torch.cuda.synchronize(self.device)
-            torch.cuda.reset_peak_memory_stats(self.device)
             self._start = torch.cuda.memory_allocated(self.device)
-            self.method = "cuda_max_allocated"
+            self._mark = torch.cuda.max_memory_allocated(self.device)
+            device = self.device
+            self._sampler = _Sampler(lambda: torch.cuda.memory_allocated(device), self.interval)
         else:
-            self._reset_ok = reset_cpu_peak()
             self._start = cpu_rss_bytes()
-            self.method = "vmhwm" if self._reset_ok else "vmhwm_unreset"
+            self._mark = cpu_peak_rss_bytes()
+            self._sampler = _Sampler(cpu_rss_bytes, self.interval)
         return self
 
     def __exit__(self, *exc: Any) -> None:
+        assert self._sampler is not None
         if self.device.type == "cuda":
             torch.cuda.synchronize(self.device)
-            peak = torch.cuda.max_memory_allocated(self.device)
+            sampled = self._sampler.stop()
+            mark = torch.cuda.max_memory_allocated(self.device)
+            kinds = ("cuda_max_delta", "cuda_sampled")
         else:
-            peak = cpu_peak_rss_bytes()
+            sampled = self._sampler.stop()
+            mark = cpu_peak_rss_bytes()
+            kinds = ("vmhwm_delta", "rss_sampled")
+        if mark > self._mark:
+            peak, self.method = mark, kinds[0]
+        else:
+            peak, self.method = sampled, kinds[1]
         self.peak_bytes = max(0, peak - self._start)
+        self._sampler = None
 
 
 def release_memory(device: torch.device | str | None = None, full: bool = False) -> None:

@@ -2,12 +2,10 @@
 
 Peaks are measured, not guessed:
 
-- CUDA: ``torch.cuda.max_memory_allocated`` after ``reset_peak_memory_stats``; the peak
-  reported is the maximum minus what was allocated at the start.
-- CPU: the process's peak resident set (``VmHWM`` in ``/proc/self/status``), reset by
-  writing ``5`` to ``/proc/self/clear_refs``; where that is not allowed, the peak of
-  ``VmRSS`` polled around the block (a lower bound). The peak reported is the high-water
-  mark minus the resident set at the start.
+- without resetting the process's own counters (``VmHWM``, CUDA peak stats): the new
+  high-water mark when the block raised it, else the highest level a sampling thread saw
+  (see :mod:`uma_callbacks.core.peak_memory`); the peak reported is that minus the level
+  at the start.
 """
 
 from __future__ import annotations
@@ -27,7 +25,6 @@ from uma_callbacks.core.peak_memory import (  # noqa: F401 (re-exported)
     cpu_peak_rss_bytes,
     cpu_rss_bytes,
     release_memory,
-    reset_cpu_peak,
 )
 
 
