@@ -96,3 +96,65 @@ def test_bad_metric_option_exits_2(tmp_path, capsys):
     run = fake_trainer_run(tmp_path / "run", steps=(1,))
     assert main(["backfill", str(run), "--metric", "hessian:top_k=-1", "--no-figures"]) == 2
     assert "top_k" in capsys.readouterr().err
+
+
+@pytest.mark.slow
+def test_backfill_finds_the_run_opened_through_the_env_uri_and_keeps_configs_apart(tmp_path, monkeypatch, capsys):
+    """The live run logged to a store named only by MLFLOW_TRACKING_URI; the CLI, without it,
+    logs into that very run, and another Hessian config neither overwrites the live files nor
+    the live MLflow value at the same step."""
+    pytest.importorskip("mlflow")
+    from mlflow.tracking import MlflowClient
+
+    from tests.trainer_cases import run_trainer
+    from uma_callbacks import UMACallback
+    from uma_callbacks.metrics import HessianSpectrum
+
+    uri = f"sqlite:///{tmp_path / 'elsewhere' / 'mlflow.db'}"
+    (tmp_path / "elsewhere").mkdir()
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
+    run = tmp_path / "run"
+    live = HessianSpectrum(top_k=2, hutchinson_samples=4)
+    callback = UMACallback(metrics=[live], probe=tiny_lm_dataset(n=4, seed=1), probe_size=4, trackers=["mlflow"],
+                           draw_figures=False)  # fmt: skip
+    run_trainer(run, callbacks=[callback], max_steps=2, save_steps=2)
+    run_id = callback.sinks[0].run_id()
+    live_trace = MlflowClient(uri).get_metric_history(run_id, "uma/hessian/trace")[0].value
+    live_json = (run / "uma" / "step-2" / "hessian.json").read_text()
+    monkeypatch.delenv("MLFLOW_TRACKING_URI")
+
+    code = main(["backfill", str(run), "--trackers", "mlflow", "--metric", "hessian:top_k=1,hutchinson_samples=6",
+                 "--no-trajectory", "--no-figures"])  # fmt: skip
+    out = capsys.readouterr().out
+    assert code == 0, out
+    client = MlflowClient(uri)
+    assert [m.value for m in client.get_metric_history(run_id, "uma/hessian/trace")] == [live_trace]
+    other = [k for k in client.get_run(run_id).data.metrics if k.startswith("uma/hessian-") and k.endswith("/trace")]
+    assert len(other) == 1 and client.get_metric_history(run_id, other[0])[0].step == 2
+    assert (run / "uma" / "step-2" / "hessian.json").read_text() == live_json  # the live file is untouched
+    assert not (run / "mlflow.db").exists() and not (run / "uma" / "mlflow.db").exists()
+
+
+def test_a_failing_sink_makes_the_backfill_exit_non_zero(tmp_path, capsys):
+    from uma_callbacks.integrations import Sink, register_sink
+    from uma_callbacks.integrations.registry import _REGISTERED
+
+    class Down(Sink):
+        name = "down_test"
+
+        def start(self):
+            raise ConnectionError("tracker unreachable")
+
+        def log_record(self, record, root):
+            raise AssertionError("never reached")
+
+    register_sink("down_test", Down)
+    try:
+        run = fake_trainer_run(tmp_path / "run", steps=(1,))
+        save_probe(Probe.from_dataset(tiny_lm_dataset(n=4, seed=5), 4), run / "uma")
+        code = main(["backfill", str(run), "--trackers", "down_test", "--no-figures", "--no-trajectory"])
+    finally:
+        _REGISTERED.pop("down_test", None)
+    captured = capsys.readouterr()
+    assert code == 1, captured
+    assert "sink down_test failed" in captured.out

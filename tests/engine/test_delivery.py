@@ -27,7 +27,7 @@ def test_another_config_at_the_same_step_is_logged_under_its_own_key(tmp_path):
     delivery.send([later])
     logged = [(r.step, r.metric, r.scalars["trace"]) for r in sink.records]
     assert logged[0] == (5, "hessian", -26.96)  # the live value keeps its key
-    assert logged[1][1].startswith("hessian@") and logged[1][2] == 35.5  # never under the live key
+    assert logged[1][1].startswith("hessian-") and logged[1][2] == 35.5  # never under the live key
     assert logged[2] == (6, "hessian", 30.0)  # a step nobody measured before: the plain key
     # a fresh delivery object (another process) sees the same from the journal
     again = MemorySink()

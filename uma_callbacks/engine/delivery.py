@@ -111,7 +111,7 @@ class Delivery:
             except Exception as err:  # the record stays pending; retried at the next delivery
                 self._report(sink, err)
                 return sent
-            self.journal.mark_delivered(sink.name, run, record.record_id)
+            self.journal.mark_delivered(sink.name, run, record.record_id, uri=_uri_of(sink))
             done.add(record.record_id)
             delivered_configs.setdefault((outgoing.metric, int(record.step)), config_identity(record))
             sent += 1
@@ -140,6 +140,11 @@ class Delivery:
             self._failed.add(sink.name)
 
 
+def _uri_of(sink: Any) -> str:
+    uri = getattr(sink, "tracking_uri", None)
+    return uri if isinstance(uri, str) else ""
+
+
 def config_identity(record: Record) -> str:
     """A short hash of the metric configuration that produced ``record`` (``""`` if unknown)."""
     config = record.meta.get("config") if isinstance(record.meta, dict) else None
@@ -149,12 +154,12 @@ def config_identity(record: Record) -> str:
 
 
 def kept_apart(record: Record, delivered: dict[tuple[str, int], str]) -> Record:
-    """``record``, or a copy logged as ``<metric>@<config hash>`` when the run already holds
+    """``record``, or a copy logged as ``<metric>-<config hash>`` when the run already holds
     another configuration's values of that metric at that step (never overwrite, never mix).
 
     Example:
         >>> r = Record(step=5, metric="hessian", status="ok", meta={"config": {"top_k": 2}})
-        >>> kept_apart(r, {("hessian", 5): "0123abcd"}).metric.startswith("hessian@")
+        >>> kept_apart(r, {("hessian", 5): "0123abcd"}).metric.startswith("hessian-")
         True
         >>> kept_apart(r, {}).metric
         'hessian'
@@ -165,7 +170,7 @@ def kept_apart(record: Record, delivered: dict[tuple[str, int], str]) -> Record:
     theirs = delivered.get((record.metric, int(record.step)))
     if theirs is None or not mine or not theirs or theirs == mine:
         return record
-    return dataclasses.replace(record, metric=f"{record.metric}@{mine}")
+    return dataclasses.replace(record, metric=f"{record.metric}-{mine}")
 
 
 def deliver(journal: Journal, sink: Any, records: Sequence[Record]) -> int:

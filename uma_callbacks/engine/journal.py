@@ -255,15 +255,15 @@ class Journal:
         return self.root / JOURNAL_FILE
 
     # ------------------------------------------------------------------ writes
-    def write_files(self, result: MetricResult, step: int) -> list[str]:
-        """Write the result's JSON, npz and safetensors under ``step-<N>/``; relative paths.
+    def write_files(self, result: MetricResult, step: int, subfolder: str = "") -> list[str]:
+        """Write the result's JSON, npz and safetensors under ``step-<N>/[subfolder/]``; relative paths.
 
         A failing write (disk full) is a warning, never an exception: the files written
         completely are returned, a partial one is removed.
         """
         from safetensors import SafetensorError
 
-        folder = self.root / f"step-{int(step)}"
+        folder = self.root / f"step-{int(step)}" / (safe_name(subfolder) if subfolder else "")
         base = safe_name(result.name)
         files: list[Path] = []
         tmp: Path | None = None
@@ -434,10 +434,17 @@ class Journal:
         return result
 
     # ------------------------------------------------------------------ deliveries
-    def mark_delivered(self, sink: str, run: str, record_id: str) -> None:
-        """Note that ``record_id`` reached ``(sink, run)`` (kept in memory if the write fails)."""
+    def mark_delivered(self, sink: str, run: str, record_id: str, uri: str = "") -> None:
+        """Note that ``record_id`` reached ``(sink, run)`` (kept in memory if the write fails).
+
+        ``uri`` is where that run lives (an MLflow tracking URI), so the offline tools find
+        the very run the live training logged to, however it was opened.
+        """
         self._delivered.setdefault((sink, run), set()).add(record_id)
-        self._pending_deliveries.append({"sink": sink, "run": run, "id": record_id})
+        entry = {"sink": sink, "run": run, "id": record_id}
+        if uri:
+            entry["uri"] = uri
+        self._pending_deliveries.append(entry)
         self.flush()
 
     def delivered(self, sink: str, run: str) -> set[str]:

@@ -33,7 +33,7 @@ from uma_callbacks.engine.budget import MemoryBudget, compute_within_budget, rel
 from uma_callbacks.core.distributed import AgreeingCollective, Collective, LocalCollective, PeerFailure
 from uma_callbacks.core.interrupt import MetricInterrupted, deferred_sigterm, redeliver_if_requested
 from uma_callbacks.engine.history import CheckpointHistory
-from uma_callbacks.engine.journal import Journal, cache_key
+from uma_callbacks.engine.journal import Journal, cache_key, safe_name
 from uma_callbacks.engine.time_budget import UnitCosts, estimate_seconds, measure_unit_costs, scale_to, share_budget
 from uma_callbacks.core.losses import LossFn
 from uma_callbacks.metrics.base import Metric, MetricResult, MetricTimeout
@@ -329,14 +329,20 @@ class MetricSuite:
 
     def _write_files(self, result: MetricResult, step: int) -> list[str]:
         assert self.journal is not None
-        files = self.journal.write_files(result, step) if result.status == "ok" else []
-        if self.draw_figures and result.status == "ok":
+        if result.status != "ok":
+            return []
+        # another configuration of this metric already has its files at this step: never
+        # overwrite them, write into step-<N>/<metric>-<config hash>/ instead
+        subfolder = _variant_folder(self.journal.root / f"step-{int(step)}", result)
+        files = self.journal.write_files(result, step, subfolder)
+        if self.draw_figures:
             try:
                 from uma_callbacks import plots
             except ImportError:  # matplotlib is an optional extra
                 return files
+            folder = self.journal.root / f"step-{int(step)}" / subfolder
             try:
-                paths = plots.draw_result(result, self.journal.root / f"step-{int(step)}")
+                paths = plots.draw_result(result, folder)
             except Exception as err:  # a figure is never worth a lost record
                 logger.warning("uma: could not draw %s at step %d (%s: %s)", result.name, step, type(err).__name__, err)
                 return files
@@ -346,6 +352,26 @@ class MetricSuite:
     def _deliver(self, record: Record) -> None:
         if self.is_main and self.on_record is not None:
             self.on_record(record)
+
+
+def _variant_folder(step_folder: Any, result: MetricResult) -> str:
+    """``""`` when ``step_folder`` holds no result of this metric or one of the same config,
+    else ``"<metric>-<config hash>"``."""
+    import hashlib
+    import json
+
+    existing = step_folder / f"{safe_name(result.name)}.json"
+    if not existing.is_file():
+        return ""
+    try:
+        theirs = json.loads(existing.read_text(encoding="utf-8")).get("meta", {}).get("config")
+    except (OSError, ValueError, AttributeError):  # unreadable: keep clear of it
+        theirs = None
+    mine = result.meta.get("config")
+    if theirs == json.loads(json.dumps(mine, default=str)):
+        return ""
+    digest = hashlib.sha256(json.dumps(mine, sort_keys=True, default=str).encode()).hexdigest()[:8]
+    return f"{result.name}-{digest}"
 
 
 def _skipped(metric: Metric, reason: str) -> MetricResult:
