@@ -50,6 +50,7 @@ import fcntl
 import hashlib
 import json
 import logging
+import math
 import os
 import re
 from collections.abc import Iterable
@@ -271,7 +272,7 @@ class Journal:
             folder.mkdir(parents=True, exist_ok=True)
             json_path = folder / f"{base}.json"
             tmp = json_path.with_name(json_path.name + ".tmp")
-            _atomic_write_text(json_path, json.dumps(result.to_json_dict(), indent=1, allow_nan=False), tmp)
+            _atomic_write_text(json_path, json.dumps(_json_safe(result.to_json_dict()), indent=1, allow_nan=False), tmp)
             files.append(json_path)
             if result.arrays:
                 npz_path = folder / f"{base}.npz"
@@ -506,6 +507,17 @@ class Journal:
         except OSError as err:
             logger.debug("uma: claim file of %s not removed (%s)", key, err)
         os.close(fd)
+
+
+def _json_safe(value: Any) -> Any:
+    """``value`` with every non-finite float (NaN, +-Inf, in meta too) as ``None``: strict JSON."""
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    if isinstance(value, dict):
+        return {k: _json_safe(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_json_safe(v) for v in value]
+    return value
 
 
 def _atomic_write_text(path: Path, text: str, tmp: Path | None = None) -> None:

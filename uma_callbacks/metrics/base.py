@@ -481,11 +481,12 @@ class Metric(abc.ABC):
 
 
 def check_finite_weights(model: torch.nn.Module) -> None:
-    """Raise ``FloatingPointError`` naming the first parameter holding NaN or Inf.
+    """Raise ``FloatingPointError`` naming the first parameter holding NaN or Inf, or buffer holding NaN.
 
     One sum per tensor in its own dtype (NaN/Inf propagate; no temporary of the tensor's
     size); only a non-finite sum (NaN/Inf, or an overflow of large finite values) is
-    looked at entry by entry.
+    looked at entry by entry. Floating-point buffers (BatchNorm ``running_var``, rotary
+    ``inv_freq``) are checked for NaN only: some models keep ``-inf`` masks in buffers.
     """
     for name, p in model.named_parameters():
         if not bool(torch.isfinite(p.detach().sum())):
@@ -494,6 +495,14 @@ def check_finite_weights(model: torch.nn.Module) -> None:
                 continue
             raise FloatingPointError(
                 f"parameter {name!r} holds {bad} NaN/Inf value(s) of {p.numel()}; the metrics need finite weights"
+            )
+    for name, b in model.named_buffers():
+        if b is None or not b.is_floating_point() or not bool(torch.isnan(b.detach().sum())):
+            continue
+        bad = int(torch.isnan(b.detach()).sum())
+        if bad:
+            raise FloatingPointError(
+                f"buffer {name!r} holds {bad} NaN value(s) of {b.numel()}; the metrics need finite model state"
             )
 
 
