@@ -115,17 +115,32 @@ def _layer_values(scalars: dict[str, float], suffix: str) -> dict[str, float]:
     return out
 
 
-def _bar_chart(values: dict[str, float], title: str, ylabel: str, path: Path, colors: list[str] | None = None) -> Path:
+#: Modules shown in a per-module bar chart (the largest values; the title says how many in all).
+TOP_MODULES = 40
+
+
+def _bar_chart(values: dict[str, float], title: str, xlabel: str, path: Path, colors: list[str] | None = None) -> Path:
+    """Horizontal bars with full module names, largest first: readable at 50+ modules (the
+    :data:`TOP_MODULES` largest are drawn; the title says how many there are in all)."""
     plt = _pyplot()
-    names = list(values)
-    heights = [max(v, 1e-30) if math.isfinite(v) else 0.0 for v in values.values()]
-    fig, ax = plt.subplots(figsize=(max(6, 0.28 * len(names) + 2), 4.5))
-    ax.bar(range(len(names)), heights, color=colors or "tab:blue")
-    ax.set_yscale("log")
-    ax.set_xticks(range(len(names)))
-    ax.set_xticklabels(names, rotation=90, fontsize=6)
-    ax.set_ylabel(ylabel)
-    ax.set_title(title)
+    items = list(values.items())
+    order = sorted(range(len(items)), key=lambda i: -items[i][1] if math.isfinite(items[i][1]) else math.inf)
+    shown = order[:TOP_MODULES]
+    names = [items[i][0] for i in shown]
+    widths = [max(items[i][1], 1e-30) if math.isfinite(items[i][1]) else 0.0 for i in shown]
+    bar_colors = [colors[i] for i in shown] if colors else "tab:blue"
+    longest = max((len(n) for n in names), default=10)
+    fig, ax = plt.subplots(figsize=(4.0 + 0.075 * longest, 1.0 + 0.24 * len(names)))
+    ax.barh(range(len(names)), widths, color=bar_colors)
+    ax.set_yticks(range(len(names)))
+    ax.set_yticklabels(names, fontsize=7)
+    ax.invert_yaxis()  # the largest on top
+    if all(w > 0 for w in widths) and max(widths) / max(min(widths), 1e-30) > 100:
+        ax.set_xscale("log")
+    ax.set_xlabel(xlabel)
+    more = f"\nlargest {len(names)} of {len(values)} modules" if len(values) > len(names) else ""
+    ax.set_title(title + more, fontsize=9, loc="left")
+    ax.grid(True, axis="x", alpha=0.3)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
@@ -146,7 +161,8 @@ def _gradient_flow(result: MetricResult, folder: Path) -> list[Path]:
         else:
             colors.append("tab:blue")
     title = f"gradient norm per module (total {result.scalars.get('total_norm', float('nan')):.3g})"
-    return [_bar_chart(norms, title, "||grad L||", folder / "gradient_flow-layers.png", colors)]
+    title += "\norange: vanishing, red: exploding" if any(c != "tab:blue" for c in colors) else ""
+    return [_bar_chart(norms, title, "gradient norm ||∇L|| of the module's parameters", folder / "gradient_flow-layers.png", colors)]
 
 
 @register_drawer("fisher", "hessian")
@@ -161,7 +177,8 @@ def _spectrum_and_layers(result: MetricResult, folder: Path) -> list[Path]:
         if np.all(eig > 0):
             ax.set_yscale("log")
         ax.set_xlabel("index k")
-        ax.set_ylabel("eigenvalue")
+        ax.set_xticks(np.arange(1, eig.size + 1) if eig.size <= 20 else np.linspace(1, eig.size, 10).round())
+        ax.set_ylabel("eigenvalue λ_k")
         ax.set_title(f"{result.name}: top {eig.size} eigenvalues")
         fig.tight_layout()
         path = folder / f"{result.name}-spectrum.png"
@@ -170,7 +187,8 @@ def _spectrum_and_layers(result: MetricResult, folder: Path) -> list[Path]:
         paths.append(path)
     traces = _layer_values(result.scalars, "trace")
     if traces:
-        paths.append(_bar_chart(traces, f"{result.name} trace per module", "trace", folder / f"{result.name}-layers.png"))
+        label = "Fisher trace (1/N) Σ‖g_i‖² of the module" if result.name == "fisher" else "trace"
+        paths.append(_bar_chart(traces, f"{result.name} trace per module", label, folder / f"{result.name}-layers.png"))
     return paths
 
 
@@ -186,8 +204,8 @@ def _landscape(result: MetricResult, folder: Path) -> list[Path]:
     if grid.ndim == 1 or min(grid.shape) == 1:
         fig, ax = plt.subplots(figsize=(5, 3.5))
         ax.plot(alphas, grid.reshape(-1), "o-")
-        ax.set_xlabel("alpha")
-        ax.set_ylabel("loss")
+        ax.set_xlabel("α (step along d1, in normalised units)")
+        ax.set_ylabel("probe loss L(θ + α d1)")
     else:
         betas = np.asarray(result.arrays.get("betas", np.arange(grid.shape[1])), dtype=float)
         fig, ax = plt.subplots(figsize=(5.5, 4.5))
@@ -195,10 +213,11 @@ def _landscape(result: MetricResult, folder: Path) -> list[Path]:
         finite = grid[np.isfinite(grid)]
         if finite.size and finite.max() > finite.min():
             ax.contour(betas, alphas, grid, levels=12, colors="white", linewidths=0.6)
-        fig.colorbar(mesh, ax=ax, label="loss")
-        ax.plot([0], [0], "r+", markersize=10)
-        ax.set_xlabel("beta (d2)")
-        ax.set_ylabel("alpha (d1)")
+        fig.colorbar(mesh, ax=ax, label="probe loss L(θ + α d1 + β d2)")
+        ax.plot([0], [0], "r+", markersize=10, label="θ (this checkpoint)")
+        ax.legend(loc="upper right", fontsize=7)
+        ax.set_xlabel("β (step along d2, in normalised units)")
+        ax.set_ylabel("α (step along d1, in normalised units)")
     ax.set_title(f"loss landscape (roughness {result.scalars.get('roughness', float('nan')):.3g})")
     fig.tight_layout()
     fig.savefig(path, dpi=110)
