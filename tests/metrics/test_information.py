@@ -184,6 +184,19 @@ def test_every_scalar_on_a_tiny_qwen2_matches_brute_force(alpha):
     assert result.meta["joint_input_side"] == ["tokens", "tokens"]  # 16 x 16 features > n
 
 
+def test_mi_input_on_the_first_mi_tokens_of_the_sample_matches_dense():
+    model, batches, loss_fn = qwen2_case(torch.float64)
+    result = InformationTheory(max_tokens=10_000, mi_tokens=12, seed=4).compute(model, batches, loss_fn)
+    states, emb, _, _ = _oracle(model, batches, 4)
+    kb = _unit_gram(emb[:12])
+    for i, x in enumerate(states):
+        ka = _unit_gram(x[:12])
+        expected = _dense_entropy(ka, 1.0) + _dense_entropy(kb, 1.0) - _dense_entropy(ka * kb, 1.0)
+        assert result.scalars[f"layers/{i}/mi_input"] == pytest.approx(expected, rel=REL)
+        assert result.scalars[f"layers/{i}/entropy"] == pytest.approx(_dense_entropy(_unit_gram(x), 1.0), rel=REL)
+    assert result.meta["n_tokens_mi_input"] == 12 and result.meta["n_tokens_used"] == emb.shape[0]
+
+
 def test_token_side_is_used_when_there_are_fewer_tokens_than_features():
     model, batches, loss_fn = qwen2_case(torch.float64)
     result = InformationTheory(max_tokens=9).compute(model, batches, loss_fn)
@@ -205,6 +218,7 @@ def test_a_plain_network_without_input_ids_gets_entropies_and_mi_input_only():
         ({"alpha": -1.0}, "alpha"),
         ({"alpha": float("inf")}, "alpha"),
         ({"max_tokens": 1}, "max_tokens"),
+        ({"mi_tokens": 1}, "mi_tokens"),
         ({"pid_bins": 1}, "pid_bins"),
         ({"pid_components": 0}, "pid_components"),
         ({"pid_layers": (0,)}, "pid_layers"),

@@ -263,3 +263,22 @@ def test_trainer_run_logs_both_families_to_mlflow(tmp_path, monkeypatch):
     assert [m.step for m in cka] == [4] and 0.0 < cka[0].value <= 1.0 + 1e-9
     assert [m.step for m in client.get_metric_history(run_id, "uma/information/layers/0/mi_target")] == [2, 4]
     assert math.isfinite(client.get_metric_history(run_id, "uma/information/output_entropy")[0].value)
+
+
+def test_states_of_checkpoints_this_object_measured_are_reused_with_the_same_values():
+    model, batches, loss_fn = qwen2_case(torch.float64)
+    metric = Representations(max_tokens=30)
+    weights = []
+    for k in range(3):  # three "checkpoints": measure, then move on
+        weights.append(CheckpointState(10 * k, {n: p.detach().clone() for n, p in model.named_parameters()}, f"fp{k}"))
+        history = History(tuple(weights[-2:-1]), weights[0] if k else None)
+        result = metric.compute(model, batches, loss_fn, history=history)
+        fresh = Representations(max_tokens=30).compute(model, batches, loss_fn, history=history)
+        assert result.meta.get("cka_reused", []) == (["prev", "first"] if k == 2 else ["prev"] if k == 1 else [])
+        assert result.scalars.keys() == fresh.scalars.keys()
+        for key, value in fresh.scalars.items():
+            assert result.scalars[key] == pytest.approx(value, rel=1e-10), key
+        with torch.no_grad():
+            for p in model.parameters():
+                p.add_(0.03 * torch.randn(p.shape, generator=torch.Generator().manual_seed(k), dtype=p.dtype))
+    assert len(metric._kept) == 2  # the first and the last checkpoint's states

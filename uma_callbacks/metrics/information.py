@@ -53,22 +53,38 @@ def matrix_entropy(x: torch.Tensor, alpha: float = 1.0) -> float:
     return renyi_entropy(gram_eigenvalues(x)[0], alpha)
 
 
-def joint_entropy(x: torch.Tensor, z: torch.Tensor, alpha: float = 1.0) -> tuple[float, str]:
+def joint_entropy(
+    x: torch.Tensor, z: torch.Tensor, alpha: float = 1.0, z_gram: torch.Tensor | None = None
+) -> tuple[float, str]:
     r"""S_alpha(A o B / tr(A o B)) of the unit-row Grams of ``x [n, dx]`` and ``z [n, dz]``.
 
     K_x o K_z is the Gram of the rows u_i (x) v_i (dx dz features): the smaller of n x n and
     (dx dz) x (dx dz) is decomposed. Returns ``(entropy, side)``.
+
+    Args:
+        x: ``[n, dx]``.
+        z: ``[n, dz]``.
+        alpha: Renyi order.
+        z_gram: K_z = V V^T ``[n, n]`` when already formed (one input, many layers).
     """
-    u, v = _unit_rows(x), _unit_rows(z)
-    if u.shape[1] * v.shape[1] < u.shape[0]:
+    u = _unit_rows(x)
+    if u.shape[1] * z.shape[1] < u.shape[0]:
+        v = _unit_rows(z)
         rows = (u.unsqueeze(2) * v.unsqueeze(1)).reshape(u.shape[0], -1)
         lam, side = _side_eigenvalues(rows, float((rows * rows).sum()))
         return renyi_entropy(lam, alpha), side
-    k = (u @ u.T) * (v @ v.T)
+    k = u @ u.T
+    k.mul_(unit_gram(z) if z_gram is None else z_gram)
     trace = float(torch.diagonal(k).sum())
     if trace <= 0:
         return 0.0, "tokens"
-    return renyi_entropy(torch.linalg.eigvalsh(k / trace), alpha), "tokens"
+    return renyi_entropy(torch.linalg.eigvalsh(k) / trace, alpha), "tokens"
+
+
+def unit_gram(z: torch.Tensor) -> torch.Tensor:
+    """V V^T ``[n, n]`` of the unit-normalised rows of ``z [n, d]``."""
+    v = _unit_rows(z)
+    return v @ v.T
 
 
 def class_joint_entropy(x: torch.Tensor, labels: torch.Tensor, alpha: float = 1.0) -> float:
@@ -82,13 +98,18 @@ def class_joint_entropy(x: torch.Tensor, labels: torch.Tensor, alpha: float = 1.
     if trace <= 0:
         return 0.0
     parts = []
-    classes, counts = torch.unique(labels, return_counts=True)
-    singles = classes[counts == 1]
-    if singles.numel():
-        pick = torch.isin(labels, singles)
-        parts.append((u[pick] * u[pick]).sum(dim=1) / trace)
-    for c in classes[counts > 1]:
-        parts.append(_side_eigenvalues(u[labels == c], trace)[0])
+    order = torch.argsort(labels, stable=True)
+    classes, counts = torch.unique_consecutive(labels[order], return_counts=True)
+    starts = torch.cumsum(counts, 0) - counts
+    for size in torch.unique(counts).tolist():
+        first = starts[counts == size]
+        rows = u[order[first.unsqueeze(1) + torch.arange(size)]]  # [m, size, d]: the classes of this size
+        if size == 1:
+            parts.append((rows * rows).sum(dim=(1, 2)) / trace)
+        elif size <= u.shape[1]:  # batched token-side Grams [m, size, size]
+            parts.append(torch.linalg.eigvalsh(rows @ rows.transpose(1, 2)).reshape(-1) / trace)
+        else:
+            parts.append(torch.linalg.eigvalsh(rows.transpose(1, 2) @ rows).reshape(-1) / trace)
     return renyi_entropy(torch.cat([p.to(torch.float64) for p in parts]), alpha)
 
 
@@ -160,14 +181,17 @@ def kmeans(points: np.ndarray, k: int, seed: int, max_iter: int = 100) -> np.nda
         centres.append(points[rng.choice(n, p=d2 / total)] if total > 0 else points[rng.integers(n)])
     c = np.asarray(centres)
     labels = np.full(n, -1)
+    sq = (points * points).sum(axis=1, keepdims=True)
     for _ in range(max_iter):
-        new = ((points[:, None, :] - c[None]) ** 2).sum(-1).argmin(axis=1)
+        new = (sq - 2.0 * points @ c.T + (c * c).sum(axis=1)[None, :]).argmin(axis=1)
         if np.array_equal(new, labels):
             break
         labels = new
-        for j in range(k):
-            if np.any(labels == j):
-                c[j] = points[labels == j].mean(axis=0)
+        counts = np.bincount(labels, minlength=k)
+        sums = np.zeros_like(c)
+        np.add.at(sums, labels, points)
+        filled = counts > 0
+        c[filled] = sums[filled] / counts[filled, None]
     return labels
 
 
@@ -175,9 +199,14 @@ def discretise_states(x: torch.Tensor, bins: int, components: int, seed: int) ->
     """Cluster labels ``[n]``: seeded k-means (``bins`` clusters) on the top ``components``
     principal components of the centred states ``x [n, d]``."""
     xc = (x - x.mean(dim=0, keepdim=True)).double()
-    _, _, vh = torch.linalg.svd(xc, full_matrices=False)
-    scores = (xc @ vh[: min(components, vh.shape[0])].T).numpy()
-    return kmeans(scores, bins, seed)
+    k = min(components, *xc.shape)
+    if xc.shape[1] <= xc.shape[0]:  # principal axes: top eigenvectors of Xc^T Xc [d, d]
+        _, vecs = torch.linalg.eigh(xc.T @ xc)
+        scores = xc @ vecs[:, -k:].flip(1)
+    else:  # scores directly: top eigenvectors of Xc Xc^T [n, n], scaled by sqrt(eigenvalue)
+        vals, vecs = torch.linalg.eigh(xc @ xc.T)
+        scores = vecs[:, -k:].flip(1) * vals[-k:].flip(0).clamp_min(0).sqrt()
+    return kmeans(scores.numpy(), bins, seed)
 
 
 def target_classes(next_ids: torch.Tensor, bins: int) -> np.ndarray:
@@ -207,7 +236,9 @@ class InformationTheory(Metric):
     - ``layers/<i>/entropy`` = S_alpha(A) = log2(sum l^alpha) / (1 - alpha) (alpha = 1: von
       Neumann), eigenvalues on the smaller side (U^T U [d, d] when d <= n);
     - ``layers/<i>/mi_input`` = S(A) + S(B) - S(A o B / tr(A o B)), B from the first layer's
-      input (the token embeddings of a transformer);
+      input (the token embeddings of a transformer), on the first ``mi_tokens`` of the
+      sampled tokens (all three terms on those; the joint needs an n x n eigendecomposition
+      whenever dx dz >= n, O(n^3), while everything else is linear in n);
     - ``layers/<i>/mi_target``: the same with B_jk = [y_j = y_k], y the next token (-1 at
       a sequence's end), exact through the block structure of A o B (:func:`class_joint_entropy`);
     - ``output_entropy``: mean entropy (nats) of the predictive distribution over all
@@ -219,13 +250,16 @@ class InformationTheory(Metric):
       = I(Y; X1, X2), their sum.
 
     Arrays: ``information_plane [L, 2]``: (mi_input, mi_target) per layer. ``meta``: tokens
-    used and in the probe, each layer's eigen-side for S(A) and for the joint with the input.
+    used (``n_tokens_used``, ``n_tokens_mi_input``) and in the probe, each layer's
+    eigen-side for S(A) (``eigen_side``) and for the joint with the input (``joint_input_side``).
     ``mi_target`` and the PID need ``input_ids``; without them they are absent (``meta``).
 
     Args:
         alpha: Renyi order, > 0.
         max_tokens: the most tokens sampled (>= 2).
         seed: the token-sampling and k-means seed.
+        mi_tokens: ``mi_input`` uses the first ``mi_tokens`` sampled tokens in key order (a
+            uniform subsample of the sample): its n x n Hadamard spectrum costs O(n^3).
         pid_bins: clusters per source and target classes (>= 2).
         pid_components: principal components clustered (>= 1).
         pid_layers: the two layers (indices; negative from the end) of the PID.
@@ -254,6 +288,7 @@ class InformationTheory(Metric):
         alpha: float = 1.0,
         max_tokens: int = 2048,
         seed: int = 0,
+        mi_tokens: int = 512,
         pid_bins: int = 4,
         pid_components: int = 4,
         pid_layers: Sequence[int] = (0, -1),
@@ -266,6 +301,9 @@ class InformationTheory(Metric):
         _check_common("InformationTheory", max_tokens, seed, modules)
         if isinstance(alpha, bool) or not isinstance(alpha, (int, float)) or not (alpha > 0 and math.isfinite(alpha)):
             raise ValueError(f"InformationTheory.alpha must be a positive number; got {alpha!r}")
+        check_positive_int("InformationTheory.mi_tokens", mi_tokens)
+        if mi_tokens < 2:
+            raise ValueError(f"InformationTheory.mi_tokens must be >= 2; got {mi_tokens!r}")
         check_positive_int("InformationTheory.pid_bins", pid_bins)
         if pid_bins < 2:
             raise ValueError(f"InformationTheory.pid_bins must be >= 2; got {pid_bins!r}")
@@ -278,13 +316,14 @@ class InformationTheory(Metric):
         self.alpha = float(alpha)
         self.max_tokens = max_tokens
         self.seed = seed
+        self.mi_tokens = mi_tokens
         self.pid_bins = pid_bins
         self.pid_components = pid_components
         self.pid_layers = [int(i) for i in pid_layers]
         self.modules = list(modules) if modules is not None else None
 
     def memory_modes(self) -> list[tuple[str, Cost]]:
-        """One mode: forward activations and the captured chunk (A twice per sample), the
+        """One mode: a forward's activations per sample (A, as for Representations), the
         token states (kept and merge buffer) and four n x n float64 matrices (a Gram, the
         Hadamard product, eigvalsh's copy and workspace)."""
         tokens = self.max_tokens
@@ -292,7 +331,7 @@ class InformationTheory(Metric):
         def extra(n: int, itemsize: float, samples: int) -> int:
             return state_bytes_estimate(n, tokens, 2.0) + 4 * tokens * tokens * 8
 
-        return [("default", Cost(forward_only=False, extra_bytes=extra))]
+        return [("default", Cost(forward_only=True, extra_bytes=extra))]
 
     def _compute(self, ctx: ComputeContext) -> MetricResult:
         layers = resolve_layers(ctx.model, self.modules, "InformationTheory.modules")
@@ -319,20 +358,24 @@ class InformationTheory(Metric):
             scalars["output_entropy"] = float(sums[0] / sums[1])
         z = tokens.states.get("input")
         nxt = tokens.states.get("next")
-        s_input = matrix_entropy(z, self.alpha) if z is not None else math.nan
+        m = min(tokens.n, self.mi_tokens)  # mi_input on the first m tokens in key order: a uniform subsample
+        zm = z[:m] if z is not None else None
+        s_input = matrix_entropy(zm, self.alpha) if zm is not None else math.nan
         s_target = class_entropy(nxt, self.alpha) if nxt is not None else math.nan
         plane = np.full((count, 2), math.nan)
         sides, joint_sides = [], []
+        z_gram = unit_gram(zm) if zm is not None and m <= x_width(tokens.states, count) * zm.shape[1] else None
         for i in range(count):
             x = tokens.states[f"layers/{i}"]
             lam, side = gram_eigenvalues(x)
             s_x = renyi_entropy(lam, self.alpha)
             sides.append(side)
             scalars[f"layers/{i}/entropy"] = s_x
-            if z is not None:
-                s_joint, joint_side = joint_entropy(x, z, self.alpha)
+            if zm is not None:
+                s_joint, joint_side = joint_entropy(x[:m], zm, self.alpha, z_gram)
                 joint_sides.append(joint_side)
-                plane[i, 0] = scalars[f"layers/{i}/mi_input"] = s_x + s_input - s_joint
+                s_xm = s_x if m == tokens.n else matrix_entropy(x[:m], self.alpha)
+                plane[i, 0] = scalars[f"layers/{i}/mi_input"] = s_xm + s_input - s_joint
             if nxt is not None:
                 plane[i, 1] = scalars[f"layers/{i}/mi_target"] = s_x + s_target - class_joint_entropy(x, nxt, self.alpha)
             ctx.check_time(layers_done=i + 1)
@@ -341,7 +384,7 @@ class InformationTheory(Metric):
         else:
             ctx.meta["target"] = "no input_ids in the probe: mi_target and the PID need next tokens"
         ctx.meta.update(
-            n_tokens_used=tokens.n, n_tokens_probe=tokens.n_tokens, layers=tokens.layer_names,
+            n_tokens_used=tokens.n, n_tokens_probe=tokens.n_tokens, n_tokens_mi_input=m, layers=tokens.layer_names,
             eigen_side=sides, joint_input_side=joint_sides, pid_layers=pid_index, alpha=self.alpha,
         )
         return MetricResult(name=self.name, scalars=scalars, arrays={"information_plane": plane})
@@ -353,12 +396,29 @@ class InformationTheory(Metric):
         return {f"pid/{k}": v for k, v in pid_williams_beer(joint_counts(a, b, y)).items()}
 
 
-def _entropy_sums(logits: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-    """``[2]``: sum over non-padding tokens of the predictive entropy (nats), and their count."""
-    logp = torch.log_softmax(logits.detach().float() if logits.dtype != torch.float64 else logits.detach(), dim=-1)
-    ent = -(logp.exp() * logp).sum(-1)
-    if ent.dim() == 2 and tuple(ent.shape) == tuple(mask.shape):
-        picked = ent[mask.to(ent.device)]
-    else:
-        picked = ent.reshape(-1)
-    return torch.stack([picked.double().sum().cpu(), torch.tensor(float(picked.numel()), dtype=torch.float64)])
+def x_width(states: dict[str, torch.Tensor], count: int) -> int:
+    """The smallest width among the layers' states (decides whether an n x n joint is formed)."""
+    return min(states[f"layers/{i}"].shape[1] for i in range(count))
+
+
+def _entropy_sums(logits: torch.Tensor, mask: torch.Tensor, block: int = 1 << 21) -> torch.Tensor:
+    """``[2]``: sum over non-padding tokens of the predictive entropy (nats), and their count.
+
+    The non-padding rows are taken a block of about ``block`` logits at a time, so the
+    temporaries (log-probabilities, probabilities) stay small beside the logits.
+    """
+    logits = logits.detach()
+    rows = logits.reshape(-1, logits.shape[-1])  # a view for contiguous logits
+    keep = None
+    if logits.dim() == 3 and tuple(logits.shape[:2]) == tuple(mask.shape):
+        keep = mask.to(logits.device).reshape(-1)
+    total, count = torch.zeros((), dtype=torch.float64), 0
+    step = max(1, block // max(1, rows.shape[-1]))
+    for start in range(0, rows.shape[0], step):
+        part = rows[start : start + step]
+        if keep is not None:
+            part = part[keep[start : start + step]]
+        logp = torch.log_softmax(part if part.dtype == torch.float64 else part.float(), dim=-1)
+        total += (-(logp.exp() * logp).sum(-1)).double().sum().cpu()
+        count += part.shape[0]
+    return torch.stack([total, torch.tensor(float(count), dtype=torch.float64)])

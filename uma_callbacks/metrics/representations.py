@@ -234,17 +234,34 @@ class Representations(Metric):
         self.dead_threshold = float(dead_threshold)
         self.seed = seed
         self.modules = list(modules) if modules is not None else None
+        #: {weights checksum: (layer names, token keys, states)} of the first and the last
+        #: checkpoint measured (host memory), reused as earlier checkpoints' states
+        self._kept: dict[tuple, tuple[list[str], torch.Tensor, list[torch.Tensor]]] = {}
+        self._first_key: tuple | None = None
+
+    def _remember(self, key: tuple, names: list[str], keys: torch.Tensor, states: list[torch.Tensor], first: bool) -> None:
+        """Keep this checkpoint's states (and the first checkpoint's), drop the rest."""
+        if first or self._first_key is None:
+            self._first_key = key
+        keep = {k: v for k, v in self._kept.items() if k == self._first_key}
+        keep[key] = (names, keys, states)
+        self._kept = keep
 
     def memory_modes(self) -> list[tuple[str, Cost]]:
-        """One mode: forward activations and the captured chunk (A twice per sample), the
-        saved and the earlier weights (2 P), three sets of token states and the Grams."""
+        """One mode: a forward's activations per sample (A, measured with the graph kept, which
+        also covers the chunk's captured candidates of a no-grad forward), the saved and the
+        earlier weights (2 P), three sets of token states and the Grams; on the host, the two
+        kept sets (the first and the last checkpoint's states)."""
         tokens = self.max_tokens
 
         def extra(n: int, itemsize: float, samples: int) -> int:
             side = min(tokens, int(2 * n**0.5))
             return state_bytes_estimate(n, tokens, 3.0) + 3 * side * side * 8
 
-        return [("default", Cost(forward_only=False, param_copies=2.0, extra_bytes=extra))]
+        def host(n: int, itemsize: float, samples: int) -> int:
+            return state_bytes_estimate(n, tokens, 2.0)
+
+        return [("default", Cost(forward_only=True, param_copies=2.0, extra_bytes=extra, host_extra_bytes=host))]
 
     def _compute(self, ctx: ComputeContext) -> MetricResult:
         layers = resolve_layers(ctx.model, self.modules, "Representations.modules")
@@ -261,7 +278,7 @@ class Representations(Metric):
         for i, (layer, x) in enumerate(zip(layers, states)):
             sides.append("features" if x.shape[1] <= x.shape[0] else "tokens")
             scalars.update(_layer_scalars(i, layer, x, current, self.dead_threshold))
-        scalars.update(self._drift(ctx, layers, chunks, states))
+        scalars.update(self._drift(ctx, layers, chunks, states, current.keys))
         ctx.meta.update(
             n_tokens_used=current.n, n_tokens_probe=current.n_tokens, layers=current.layer_names,
             eigen_side=sides, seed=self.seed,
@@ -269,25 +286,43 @@ class Representations(Metric):
         return MetricResult(name=self.name, scalars=scalars, arrays={"cka_layers": cka_matrix(states)})
 
     def _drift(
-        self, ctx: ComputeContext, layers: Sequence[Layer], chunks: Sequence[Any], states: Sequence[torch.Tensor]
+        self, ctx: ComputeContext, layers: Sequence[Layer], chunks: Sequence[Any], states: Sequence[torch.Tensor],
+        keys: torch.Tensor,
     ) -> dict[str, float]:
-        """``layers/<i>/cka_prev`` and ``cka_first`` from the history's weights."""
+        """``layers/<i>/cka_prev`` and ``cka_first`` from the history's weights.
+
+        The states of an earlier checkpoint are recomputed by moving the weights, unless
+        this object measured that checkpoint itself (the last and the first checkpoint it
+        measured are kept, keyed by a checksum of the weights, the tokens' keys and the
+        layers): then they are reused, bit for bit what the recomputation would give.
+        """
         prev = ctx.history.previous[0] if ctx.history.previous else None
         first = ctx.history.first
+        names = [layer.name for layer in layers]
+        own = _weights_checksum(dict(ctx.model.named_parameters()), ctx.model)
         out: dict[str, float] = {}
-        if prev is None and first is None:
-            ctx.meta["cka"] = "no earlier checkpoint yet: cka_prev and cka_first start at the second checkpoint"
-            return out
         earlier: dict[str, list[torch.Tensor]] = {}
+        reused = []
         for label, state in (("prev", prev), ("first", first)):
             if state is None:
                 continue
             if label == "first" and prev is not None and state.fingerprint == prev.fingerprint and state.step == prev.step:
                 earlier["first"] = earlier["prev"]
                 continue
+            ctx.meta[f"cka_{label}_step"] = state.step
+            cached = self._kept.get(_weights_checksum(state.weights, ctx.model))
+            if cached is not None and cached[0] == names and torch.equal(cached[1], keys):
+                earlier[label] = cached[2]
+                reused.append(label)
+                continue
             other = _states_with_weights(ctx, layers, chunks, state.weights, self.max_tokens, self.seed)
             earlier[label] = [other.states[f"layers/{i}"] for i in range(len(layers))]
-            ctx.meta[f"cka_{label}_step"] = state.step
+        self._remember(own, names, keys, list(states), first is None and prev is None)
+        if reused:
+            ctx.meta["cka_reused"] = reused
+        if prev is None and first is None:
+            ctx.meta["cka"] = "no earlier checkpoint yet: cka_prev and cka_first start at the second checkpoint"
+            return out
         for label, others in earlier.items():
             for i, (x, y) in enumerate(zip(states, others)):
                 out[f"layers/{i}/cka_{label}"] = linear_cka(x, y)
@@ -325,6 +360,23 @@ def _states_with_weights(
             ctx.model, chunks, layers, ctx.loss_fn, max_tokens=max_tokens, seed=seed,
             collective=ctx.collective, check_time=ctx.check_time,
         )
+
+
+def _weights_checksum(weights: Mapping[str, torch.Tensor], model: torch.nn.Module) -> tuple:
+    """A cheap identity of the weights of ``model``'s parameters as given in ``weights``:
+    per tensor its dtype, shape and two float64 sums (plain and position-weighted) of at most
+    4096 evenly strided entries."""
+    out = []
+    for name, p in model.named_parameters():
+        w = weights.get(name)
+        if w is None or w.shape != p.shape:
+            out.append((name, None))
+            continue
+        flat = w.detach().reshape(-1)
+        sample = flat[:: max(1, flat.numel() // 4096)][:4096].to(torch.float64)
+        ramp = torch.arange(1, sample.numel() + 1, dtype=torch.float64, device=sample.device)
+        out.append((name, str(w.dtype), tuple(w.shape), float(sample.sum()), float((sample * ramp).sum())))
+    return tuple(out)
 
 
 def _check_common(owner: str, max_tokens: Any, seed: Any, modules: Any) -> None:
