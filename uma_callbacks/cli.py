@@ -155,11 +155,20 @@ def _backfill(args: argparse.Namespace) -> int:
 
 
 def _report(args: argparse.Namespace) -> int:
-    from uma_callbacks.report import write_report
+    from uma_callbacks.report import find_journal, write_report
 
     png, page = write_report(args.run_dir, args.out)
     print(f"report: {png}\nreport: {page}")
+    _journal_health(find_journal(args.run_dir))
     return 0
+
+
+def _journal_health(journal: Any) -> None:
+    """Say what the journal skipped or refused (torn or foreign lines, files outside it)."""
+    if journal.bad_lines:
+        print(f"journal: {journal.bad_lines} line(s) skipped ({journal.foreign_lines} of a foreign shape)")
+    if journal.refused_files:
+        print(f"journal: {len(journal.refused_files)} file path(s) refused (outside the journal folder)")
 
 
 def _sync(args: argparse.Namespace) -> int:
@@ -181,6 +190,7 @@ def _sync(args: argparse.Namespace) -> int:
         failed += sorted(failing)
         state = "FAILED, records stay in the journal" if failing else "ok"
         print(f"sync: {sent} record(s) delivered to {sink.name} run {sink.run_id() or '?'} ({state})")
+    _journal_health(journal)
     return 1 if failed else 0
 
 

@@ -212,6 +212,8 @@ class Session:
             )
             self.history.push(model, int(step), fingerprint)
         self.suite.progress.close()
+        if self.journal is not None:
+            self.journal.flush()  # writes that failed earlier (full disk) are retried at every save
         self.records.extend(records)
         return records
 
@@ -250,6 +252,8 @@ class Session:
         """Deliver everything a sink missed, then finish the runs this session opened."""
         if self.is_main:
             with all_rngs_preserved():
+                if self.journal is not None and not self.journal.flush():
+                    logger.warning("uma: %d journal record(s) could not be written (disk full?)", len(self.journal.pending))
                 self.delivery.finish()
 
 

@@ -173,3 +173,27 @@ def test_model_list_with_model_factory_and_no_saved_probe(tmp_path):
     summary = backfill([run / "checkpoint-5"], metrics=["gradient_flow"], probe=probe, model_factory=factory,
                        draw_figures=False, progress=False)
     assert summary.ok and built == ["checkpoint-5"] and summary.records[0].step == 5
+
+
+def test_unusable_folders_are_error_records_and_a_duplicate_step_is_measured_once(tmp_path):
+    import shutil
+
+    from tests.test_checkpoints import fake_trainer_run
+    from tests.trainer_cases import tiny_lm_dataset
+    from uma_callbacks.engine.probe import Probe, save_probe
+
+    run = fake_trainer_run(tmp_path / "run", steps=(1, 2))
+    shutil.copytree(run / "checkpoint-2", run / "checkpoint-02")  # a second folder claiming step 2
+    (run / "checkpoint-3").mkdir()
+    (run / "checkpoint-3" / "trainer_state.json").write_text("{not json")
+    (run / "loop").symlink_to(run / "loop")
+    save_probe(Probe.from_dataset(tiny_lm_dataset(n=4, seed=5), 4), run / "uma")
+    summary = backfill(run, metrics=["gradient_flow"], trajectory=False, draw_figures=False, progress=False)
+    reasons = {Path(path).name: reason for path, _, reason in summary.errors}
+    assert set(reasons) == {"checkpoint-3", "loop", "checkpoint-2"}, summary.describe()
+    assert "not readable JSON" in reasons["checkpoint-3"] and "loop" in reasons["loop"]
+    assert "claims step 2" in reasons["checkpoint-2"]
+    assert sorted(r.step for r in summary.records if r.metric == "gradient_flow") == [1, 2]
+    errors = [r for r in summary.records if r.metric == "checkpoint"]
+    assert len(errors) == 3 and all(r.status == "error" for r in errors)
+    assert not summary.ok

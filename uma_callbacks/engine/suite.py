@@ -188,13 +188,49 @@ class MetricSuite:
         # a result that compares checkpoints is identified by all the checkpoints it used
         identity = "|".join([checkpoint, *view.fingerprints()]) if checkpoint and view is not None else checkpoint
         key = cache_key(identity, metric.config(), probe.fingerprint) if checkpoint else ""
-        cached = self._cached(key, collective)
-        if cached is not None:
-            record = Record(**{**cached.to_dict(), "step": int(step), "status": "cached", "source": self.source})
-            record.cache_key = key
-            logger.info("uma: %s at step %d read from cache", metric.name, step)
-            self._deliver(record)
-            return record
+        claimed = self._claim(key, collective)
+        try:
+            cached = self._cached(key, collective)
+            if cached is not None:
+                record = Record(**{**cached.to_dict(), "step": int(step), "status": "cached", "source": self.source})
+                record.cache_key = key
+                logger.info("uma: %s at step %d read from cache", metric.name, step)
+                self._deliver(record)
+                return record
+            return self._measure_one(
+                metric, model, batches, probe, step, checkpoint, collective, history, budget_meta, view, key
+            )
+        finally:
+            if claimed and self.journal is not None:
+                self.journal.release(key)
+
+    def _claim(self, key: str, collective: Collective) -> bool:
+        """Take the key's claim, waiting while another process (a concurrent backfill of the
+        same run) computes it, so that each result is computed once."""
+        if not (key and self.use_cache and self.journal is not None and collective.world_size == 1):
+            return False
+        waited = 0.0
+        while not self.journal.claim(key):
+            if waited == 0.0:
+                logger.info("uma: another process is computing %s; waiting for its result", key[:12])
+            time.sleep(0.2)
+            waited += 0.2
+        return True
+
+    def _measure_one(
+        self,
+        metric: Metric,
+        model: torch.nn.Module,
+        batches: list[Any],
+        probe: Probe,
+        step: int,
+        checkpoint: str,
+        collective: Collective,
+        history: CheckpointHistory | None,
+        budget_meta: dict[str, Any] | None,
+        view: Any,
+        key: str,
+    ) -> Record:
         started = time.perf_counter()
         if history is not None and history.dropped and (metric.history_needed or metric.needs_first):
             result = _skipped(metric, history.dropped)

@@ -25,7 +25,7 @@ from typing import Any
 
 import torch
 
-from uma_callbacks.checkpoints import Checkpoint, discover_checkpoints
+from uma_callbacks.checkpoints import Checkpoint, discover_with_problems
 from uma_callbacks.config import UMAConfig
 from uma_callbacks.engine.journal import Journal
 from uma_callbacks.engine.probe_source import build_probe, check_probe_matches, load_tokenizer
@@ -85,7 +85,10 @@ class BackfillSummary:
             f"{self.cached} from cache, {self.skipped} skipped, {len(self.errors)} error(s) in {self.seconds:.1f} s "
             f"(load {self.load_seconds:.1f} s, compute {self.compute_seconds:.1f} s); journal {self.journal}"
         ]
-        lines += [f"  error at step {step} ({path}): {reason}" for path, step, reason in self.errors]
+        lines += [
+            f"  error at step {step} ({path}): {reason}" if step >= 0 else f"  error in {path}: {reason}"
+            for path, step, reason in self.errors
+        ]
         lines += [f"  sink {name} failed: its records stay in the journal (`uma sync` replays them)" for name in self.sink_failures]
         return "\n".join(lines)
 
@@ -154,7 +157,8 @@ def backfill(
     unknown = sorted(set(options) - _CONFIG_FIELDS)
     if unknown:
         raise ValueError(f"backfill: unknown argument(s) {unknown}; UMAConfig fields are {sorted(_CONFIG_FIELDS)}")
-    checkpoints = discover_checkpoints(source, steps)
+    checkpoints, problems = discover_with_problems(source, steps)
+    checkpoints, duplicates = _one_folder_per_step(checkpoints)
     cfg = config or UMAConfig(metrics=list(metrics), trackers=options.pop("trackers", None) or [], **options)
     if trajectory and len(checkpoints) > 1 and "trajectory" not in cfg.metric_names:
         cfg = UMAConfig(**{**{f: getattr(cfg, f) for f in _CONFIG_FIELDS}, "metrics": [*cfg.metric_objects, Trajectory()]})
@@ -173,6 +177,9 @@ def backfill(
     session.open(frozen, sinks, sinks, save=not (root / "probe.safetensors").exists(),
                  params={"backfill.metrics": cfg.metric_names})
     summary = BackfillSummary(checkpoints=checkpoints, journal=str(root))
+    for path, reason in problems + duplicates:  # unusable folders: error records, the rest goes on
+        ckpt = Checkpoint(Path(path), -1, "problem")
+        _tally(summary, ckpt, [session.record_error(-1, "checkpoint", ValueError(reason), {"path": str(path)})])
     target = torch.device(device) if device is not None else torch.device("cuda" if torch.cuda.is_available() else "cpu")
     loader = ModelLoader(model_factory, target)
     bar = _progress(len(checkpoints), progress)
@@ -200,6 +207,18 @@ def backfill(
     summary.sink_failures = sorted(session.delivery.failing)
     summary.seconds = time.perf_counter() - started
     return summary
+
+
+def _one_folder_per_step(checkpoints: list[Checkpoint]) -> tuple[list[Checkpoint], list[tuple[Path, str]]]:
+    """The first folder (by path) of each step, and a problem for every other folder claiming it."""
+    kept: dict[int, Checkpoint] = {}
+    duplicates: list[tuple[Path, str]] = []
+    for ckpt in checkpoints:
+        if ckpt.step in kept:
+            duplicates.append((ckpt.path, f"claims step {ckpt.step}, as {kept[ckpt.step].path} does; measured that one only"))
+        else:
+            kept[ckpt.step] = ckpt
+    return list(kept.values()), duplicates
 
 
 def _tally(summary: BackfillSummary, ckpt: Checkpoint, records: list[Record]) -> None:
