@@ -142,7 +142,7 @@ def test_small_budget_runs_small_chunks_and_peak_stays_under_it():
     rows = {line.split()[0]: line.split()[1:] for line in out.splitlines() if line.split() and line.split()[0] in METRICS}
     assert sorted(rows) == sorted(ANY_MODEL), out
     for name, (chunk, peak, budget, mode) in rows.items():
-        assert 1 <= int(chunk) <= 6, (name, chunk)
+        assert 1 <= int(chunk) <= 12, (name, chunk)  # the tight budget binds (probe of 24)
         assert int(peak) <= PEAK_TOLERANCE[0] * int(budget) + PEAK_TOLERANCE[1], (name, int(peak) / int(budget), mode)
 
 
