@@ -122,7 +122,7 @@ def ratios(model, history, batches, repeats: int, warm_up: bool) -> tuple[dict[s
             if prime is not None:
                 prime(batches)
             before = timed(lambda: forward(model, batches))
-            seconds = timed(lambda: fn(batches))
+            seconds = timed(lambda fn=fn: fn(batches))
             after = timed(lambda: forward(model, batches))
             fwd += [before, after]
             out[key].append(seconds / ((before + after) / 2))

@@ -75,7 +75,7 @@ def test_blocks_of_the_real_minilm():
 
     from transformers import BertModel
 
-    model = BertModel.from_pretrained(Path(list(spec.__path__)[0]) / "model")
+    model = BertModel.from_pretrained(Path(next(iter(spec.__path__))) / "model")
     blocks = find_blocks(model)
     assert [n for n, _ in blocks] == [f"encoder.layer.{i}" for i in range(6)]
     assert all(find_mlp(b) is not None for _, b in blocks)

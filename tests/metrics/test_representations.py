@@ -185,7 +185,7 @@ def test_named_modules_of_a_plain_network():
     model, batches, loss_fn = mlp_case()
     result = Representations(max_tokens=8, modules=["fc1", "fc2"]).compute(model, batches, loss_fn)
     assert result.meta["layers"] == ["fc1", "fc2"] and result.meta["n_tokens_used"] == 8
-    sup, inter = superposition_interference(model.fc2.weight.detach())
+    sup, _ = superposition_interference(model.fc2.weight.detach())
     assert result.scalars["layers/1/superposition"] == pytest.approx(sup, rel=REL)
     assert result.arrays["cka_layers"].shape == (2, 2)
 
@@ -252,7 +252,7 @@ def test_trainer_run_logs_both_families_to_mlflow(tmp_path, monkeypatch):
         metrics=[Representations(max_tokens=64), "information"], probe=tiny_lm_dataset(n=8, seed=1), probe_size=8,
         trackers=["mlflow"],
     )
-    trainer, _ = run_trainer(tmp_path / "out", callbacks=[cb], max_steps=4, save_steps=2)
+    run_trainer(tmp_path / "out", callbacks=[cb], max_steps=4, save_steps=2)
     assert [(r.step, r.metric, r.status) for r in cb.records] == [
         (2, "representations", "ok"), (2, "information", "ok"), (4, "representations", "ok"), (4, "information", "ok"),
     ]
@@ -282,3 +282,25 @@ def test_states_of_checkpoints_this_object_measured_are_reused_with_the_same_val
             for p in model.parameters():
                 p.add_(0.03 * torch.randn(p.shape, generator=torch.Generator().manual_seed(k), dtype=p.dtype))
     assert len(metric._kept) == 2  # the first and the last checkpoint's states
+
+
+@pytest.mark.slow
+def test_backfill_adds_the_same_cka_values_as_the_live_run(tmp_path):
+    from tests.trainer_cases import run_trainer, tiny_lm_dataset
+    from uma_callbacks import UMACallback
+    from uma_callbacks.engine.probe import save_probe
+    from uma_callbacks.triggers.backfill import backfill
+
+    cb = UMACallback(metrics=[Representations(max_tokens=64)], probe=tiny_lm_dataset(n=8, seed=1), probe_size=8,
+                     trackers=[], draw_figures=False)
+    run_trainer(tmp_path / "run", callbacks=[cb], max_steps=6, save_steps=2)
+    save_probe(cb.probe, tmp_path / "run" / "uma")
+    summary = backfill(tmp_path / "run", metrics=[Representations(max_tokens=64)], trajectory=False, use_cache=False,
+                       output_dir=tmp_path / "fresh", draw_figures=False, progress=False)
+    assert summary.computed == 3, summary.describe()
+    live = {r.step: r.scalars for r in cb.records}
+    assert "layers/0/cka_first" in live[6] and "layers/0/cka_prev" not in live[2]
+    for record in summary.records:
+        assert set(record.scalars) == set(live[record.step])
+        for key, value in live[record.step].items():
+            assert record.scalars[key] == pytest.approx(value, rel=1e-6, abs=1e-9), (record.step, key)

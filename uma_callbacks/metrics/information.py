@@ -99,7 +99,7 @@ def class_joint_entropy(x: torch.Tensor, labels: torch.Tensor, alpha: float = 1.
         return 0.0
     parts = []
     order = torch.argsort(labels, stable=True)
-    classes, counts = torch.unique_consecutive(labels[order], return_counts=True)
+    _, counts = torch.unique_consecutive(labels[order], return_counts=True)
     starts = torch.cumsum(counts, 0) - counts
     for size in torch.unique(counts).tolist():
         first = starts[counts == size]
