@@ -323,15 +323,16 @@ class InformationTheory(Metric):
         self.modules = list(modules) if modules is not None else None
 
     def memory_modes(self) -> list[tuple[str, Cost]]:
-        """One mode: a forward's activations per sample (A, as for Representations), the
-        token states (kept and merge buffer) and four n x n float64 matrices (a Gram, the
-        Hadamard product, eigvalsh's copy and workspace)."""
-        tokens = self.max_tokens
+        """One mode. On the model's device: a forward's activations per sample (A, as for
+        Representations). On the host (the captured states live there): the token states
+        and the merge buffer, and three float64 square matrices (a Gram or the Hadamard
+        product, eigvalsh's copy and workspace) of side max_tokens or mi_tokens."""
+        tokens, side = self.max_tokens, max(self.max_tokens, self.mi_tokens)
 
-        def extra(n: int, itemsize: float, samples: int) -> int:
-            return state_bytes_estimate(n, tokens, 2.0) + 4 * tokens * tokens * 8
+        def host(n: int, itemsize: float, samples: int) -> int:
+            return state_bytes_estimate(n, tokens, 2.0) + 3 * min(side, tokens) ** 2 * 8
 
-        return [("default", Cost(forward_only=True, extra_bytes=extra))]
+        return [("default", Cost(forward_only=True, host_extra_bytes=host))]
 
     def _compute(self, ctx: ComputeContext) -> MetricResult:
         layers = resolve_layers(ctx.model, self.modules, "InformationTheory.modules")

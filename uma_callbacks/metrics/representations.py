@@ -186,9 +186,15 @@ class Representations(Metric):
     and in the probe, the layer names, the eigen-side (``"features"`` when d <= n, else
     ``"tokens"``) of each layer.
 
-    Memory: the states of ``max_tokens`` tokens for every layer, twice (this checkpoint's
-    and an earlier one's) plus the merge buffer, a saved copy of the weights and the
-    earlier weights on the device, and a [min(n, d)]^2 Gram per layer pair being compared.
+    Memory (:meth:`memory_modes`): on the model's device, one chunk's forward, a saved copy
+    of the weights and the earlier weights; on the host, the states of ``max_tokens``
+    tokens for every layer (this checkpoint's, an earlier one's, the merge buffer, and the
+    first and last checkpoint's kept for reuse) and the [min(n, d)]^2 Grams (token side
+    for ``cka_layers`` when n <= d: one per layer).
+
+    Cost: one forward that stops after the last block, plus one more per earlier
+    checkpoint whose states are not kept (at most two; none from the third checkpoint of
+    a run on, when the same object measured the previous and the first).
 
     Args:
         max_tokens: the most tokens sampled (>= 2).
@@ -248,20 +254,20 @@ class Representations(Metric):
         self._kept = keep
 
     def memory_modes(self) -> list[tuple[str, Cost]]:
-        """One mode: a forward's activations per sample (A, measured with the graph kept, which
-        also covers the chunk's captured candidates of a no-grad forward), the saved and the
-        earlier weights (2 P), three sets of token states and the Grams; on the host, the two
-        kept sets (the first and the last checkpoint's states)."""
+        """One mode. On the model's device: a forward's activations per sample (A, measured
+        with the graph kept, which covers the chunk's captured candidates of a no-grad
+        forward), the saved and the earlier weights (2 P). On the host (the captured states
+        live there): this checkpoint's and an earlier one's states plus the merge buffer, the
+        two kept sets (first and last checkpoint), the layers' token-side Grams for
+        ``cka_layers`` (L n^2 <= the bytes of two sets of states when n <= d), and three
+        [min(n, d)]^2 float64 Grams."""
         tokens = self.max_tokens
 
-        def extra(n: int, itemsize: float, samples: int) -> int:
-            side = min(tokens, int(2 * n**0.5))
-            return state_bytes_estimate(n, tokens, 3.0) + 3 * side * side * 8
-
         def host(n: int, itemsize: float, samples: int) -> int:
-            return state_bytes_estimate(n, tokens, 2.0)
+            side = min(tokens, int(2 * n**0.5))
+            return state_bytes_estimate(n, tokens, 7.0) + 3 * side * side * 8
 
-        return [("default", Cost(forward_only=True, param_copies=2.0, extra_bytes=extra, host_extra_bytes=host))]
+        return [("default", Cost(forward_only=True, param_copies=2.0, host_extra_bytes=host))]
 
     def _compute(self, ctx: ComputeContext) -> MetricResult:
         layers = resolve_layers(ctx.model, self.modules, "Representations.modules")
