@@ -24,8 +24,10 @@ from uma_callbacks.engine.suite import MetricSuite
 def test_every_metric_stops_at_its_deadline_with_its_progress(name):
     model, batches, loss_fn = qwen2_case(dtype=torch.float32)
     metric = _build(name, model)
+    from tests.metrics.test_contract import _history
+
     with pytest.raises(MetricTimeout) as info:
-        metric.compute(model, batches, loss_fn, chunk_size=1, timeout_seconds=1e-9)
+        metric.compute(model, batches, loss_fn, chunk_size=1, timeout_seconds=1e-9, history=_history(model))
     assert info.value.progress, "no progress recorded"
 
 
@@ -44,7 +46,8 @@ def test_fisher_lanczos_products_are_timed_too():
     FisherInformation._spectrum = spectrum
     try:
         with pytest.raises(MetricTimeout) as info:
-            FisherInformation(top_k=2).compute(model, batches, loss_fn)
+            # no cached rows: the spectrum comes from Lanczos products (not the Gram matrix)
+            FisherInformation(top_k=2, cache_bytes=0).compute(model, batches, loss_fn, chunk_size=1)
     finally:
         FisherInformation._spectrum = original
     assert calls and info.value.progress.get("matvecs") == 1

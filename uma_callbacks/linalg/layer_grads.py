@@ -41,7 +41,7 @@ output gradients are exactly zero).
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -531,6 +531,7 @@ def layer_gradients(
     batch: Any,
     params: Mapping[str, torch.Tensor],
     plan: HookPlan,
+    before_backward: Callable[[], None] | None = None,
 ) -> LayerGradients:
     """One forward and one backward (to the layer outputs) of a chunk; the per-sample gradient
     factors of every parameter (``vmap(grad)`` for the plan's leftovers and for parameters
@@ -542,6 +543,8 @@ def layer_gradients(
         batch: a chunk of B samples.
         params: ``{name: parameter}`` (model order), the plan's parameters.
         plan: from :func:`hook_plan` (its ``leftover``/``reasons`` grow when a check fails).
+        before_backward: called between the forward and the backward (sharded models: every
+            rank agrees it is healthy before FSDP's backward collectives).
 
     Returns:
         :class:`LayerGradients`.
@@ -578,8 +581,10 @@ def layer_gradients(
     try:
         with torch.enable_grad(), tracker:
             losses = loss_fn(model, batch)
-    except RuntimeError:
-        if not plan.expand_shared:
+    except RuntimeError as err:
+        # only torch's own shape complaint about the expanded ids is retried; a user's error, an
+        # out-of-memory error (subclasses) or anything else propagates as it is
+        if not plan.expand_shared or type(err) is not RuntimeError or not _is_shape_error(err):
             raise
         plan.expand_shared = False  # the model did not take the expanded ids: vmap those embeddings
         for handle in handles:
@@ -591,6 +596,8 @@ def layer_gradients(
     if not isinstance(losses, torch.Tensor) or losses.shape != (n,):
         raise ValueError(f"loss_fn returned shape {tuple(getattr(losses, 'shape', ()))}, not [{n}]")
     check_finite_losses(losses)
+    if before_backward is not None:
+        before_backward()
     for name in sorted(tracker.outside):
         plan.reasons[name] = "used outside its layers' forward"
     bad = set(tracker.outside)
@@ -622,12 +629,18 @@ def layer_gradients(
     factors = {name: _merge(found) for name, found in pieces.items() if name not in bad}
     for name in params:  # covered parameters no call reached: zero gradients
         if name not in factors and name not in vmap_names:
-            factors[name] = _Zero(n, params[name].detach())
+            factors[name] = _Zero(n, _full_zeros(params[name]))
     if vmap_names:
         with torch.no_grad():  # no graph to the parameters vmap does not swap (grad ignores an outer no_grad)
             psg = per_sample_grads(model, loss_fn, batch, {name: params[name] for name in vmap_names})
         factors.update({name: _Dense(g.detach()) for name, g in psg.grads.items()})
     return LayerGradients(losses.detach(), factors, list(params), vmap_names)
+
+
+def _full_zeros(param: torch.Tensor) -> torch.Tensor:
+    """Zeros shaped like ``param``'s full tensor (a DTensor shard's global shape), plain."""
+    piece = param.to_local() if hasattr(param, "to_local") else param
+    return torch.zeros(param.shape, dtype=param.dtype, device=piece.device)
 
 
 def per_sample_bytes_fraction(params: Mapping[str, torch.Tensor]) -> float:
@@ -637,3 +650,7 @@ def per_sample_bytes_fraction(params: Mapping[str, torch.Tensor]) -> float:
     return max(sizes) / max(1, sum(sizes)) if sizes else 1.0
 
 
+def _is_shape_error(err: RuntimeError) -> bool:
+    """Whether ``err`` is torch complaining about sizes or shapes (the expanded shared ids)."""
+    text = str(err).lower()
+    return any(word in text for word in ("size", "shape", "dimension", "expand", "broadcast"))

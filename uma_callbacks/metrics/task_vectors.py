@@ -310,6 +310,7 @@ class TaskVectors(Metric):
         return self._loaded[key]
 
     def _compute(self, ctx: ComputeContext) -> MetricResult:
+        ctx.check_time(stage="start")
         params = dict(ctx.model.named_parameters())
         known = set(ctx.model.state_dict()) | set(params)
         if self.base is not None:

@@ -86,6 +86,7 @@ class Trajectory(Metric):
         super().__init__()
 
     def _compute(self, ctx: ComputeContext) -> MetricResult:
+        ctx.check_time(stage="start")
         history = ctx.history
         if history.first is None or not history.previous:
             raise MetricSkipped("no earlier checkpoint yet: the trajectory starts at the second checkpoint")
