@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import threading
 
+import numpy as np
 import pytest
 import torch
 
@@ -79,6 +80,25 @@ def test_blocks_of_the_real_minilm():
     blocks = find_blocks(model)
     assert [n for n, _ in blocks] == [f"encoder.layer.{i}" for i in range(6)]
     assert all(find_mlp(b) is not None for _, b in blocks)
+    # the captured states are the encoder's hidden states at the sampled non-padding tokens
+    model.eval()
+    batches = ragged_lm_batches(vocab=1000, n_batches=1)
+    got = capture_tokens(model, batches, resolve_layers(model), hf_per_sample_loss, max_tokens=10, seed=0)
+    with torch.no_grad():
+        hidden = model(input_ids=batches[0]["input_ids"], attention_mask=batches[0]["attention_mask"],
+                       output_hidden_states=True).hidden_states
+    mask = batches[0]["attention_mask"].bool()
+    keys = token_keys(sample_hashes(batches[0], mask), (mask.long().cumsum(1) - 1).clamp(min=0), 0)[mask]
+    order = torch.argsort(keys)[:10]
+    assert torch.equal(got.keys, keys[order])
+    for i in range(6):
+        torch.testing.assert_close(got.states[f"layers/{i}"], hidden[i + 1][mask][order], rtol=1e-5, atol=1e-5)
+    from uma_callbacks.metrics import InformationTheory, Representations
+
+    for metric in (Representations(max_tokens=16), InformationTheory(max_tokens=16)):
+        result = metric.compute(model, batches)
+        assert len([k for k in result.scalars if k.startswith("layers/5/")]) >= 2
+        assert all(np.isfinite(v) for v in result.scalars.values()), result.scalars
 
 
 def _oracle_states(model, batches, seed, max_tokens):
