@@ -29,12 +29,20 @@ class Collective:
         self.sum_([t])
         return float(t.item())
 
+    def agree(self) -> None:
+        """Check that every rank is still healthy (no-op unless agreeing on failures)."""
+
     def any_(self, flag: bool) -> bool:
         """True when ``flag`` is true on any rank (used to agree on failures)."""
         return self.sum_scalar(1.0 if flag else 0.0) > 0
 
     def barrier(self) -> None:
         """Wait for every rank (no-op here)."""
+
+    def sum_scatter_dim0(self, full: torch.Tensor) -> torch.Tensor:
+        """This rank's dim-0 chunk (``torch.chunk`` sizes, FSDP2's ``Shard(0)``) of the sum
+        of ``full`` over ranks: a reduce-scatter. One process: ``full`` itself."""
+        return full
 
 
 class LocalCollective(Collective):
@@ -68,6 +76,10 @@ class TorchDistributedCollective(Collective):
     def barrier(self) -> None:
         self._dist.barrier()
 
+    def sum_scatter_dim0(self, full: torch.Tensor) -> torch.Tensor:
+        """Reduce-scatter of ``full`` [d0, ...] (padded to R * ceil(d0 / R) rows)."""
+        return scatter_dim0(full, self.rank, self.world_size, self._dist, self._device)
+
 
 def current_collective() -> Collective:
     """A :class:`TorchDistributedCollective` when a process group with >1 rank is up, else local."""
@@ -92,6 +104,26 @@ def is_main_process() -> bool:
 def shard(items: Sequence[Any], rank: int, world_size: int) -> list[Any]:
     """Rank ``rank``'s share of ``items``: every ``world_size``-th item from ``rank`` on."""
     return list(items[rank::world_size])
+
+
+def scatter_dim0(full: torch.Tensor, rank: int, world: int, dist: Any, device: torch.device | None) -> torch.Tensor:
+    """Sum over ranks of ``full``, cut to rank ``rank``'s ``torch.chunk`` piece along dim 0.
+
+    Rows are padded to ``world * ceil(d0 / world)`` so every rank sends equal pieces; the
+    returned rows are the first ``len(chunk)`` of the rank's padded piece (empty past d0).
+    """
+    x = full.reshape(1) if full.dim() == 0 else full
+    d0 = x.shape[0]
+    step = -(-d0 // world)
+    pad = step * world - d0
+    send = torch.cat([x, x.new_zeros(pad, *x.shape[1:])]) if pad else x.contiguous()
+    home = send.device
+    if device is not None and send.device != device:
+        send = send.to(device)
+    out = send.new_empty(step, *x.shape[1:])
+    dist.reduce_scatter_tensor(out, send)
+    rows = max(0, min(step, d0 - rank * step))
+    return out[:rows].to(home)
 
 
 class PeerFailure(RuntimeError):
@@ -161,14 +193,17 @@ class AgreeingCollective(Collective):
         Raises:
             PeerFailure: another rank failed, or the ranks disagree on what to reduce.
         """
+        self._agree(sum(int(t.numel()) for t in tensors))
+        self.inner.sum_(tensors)
+
+    def _agree(self, numel: int) -> None:
+        """One ``continue`` header; returns when every rank continues with ``numel`` entries."""
         if self.concluded:
             raise PeerFailure("the metric already failed on another rank")
-        numel = sum(int(t.numel()) for t in tensors)
         header = self._header(_CONTINUE, numel)
         world = float(self.world_size)
         same_size = abs(world * header[_NUMEL_SQ].item() - header[_NUMEL].item() ** 2) < 0.5
         if header[_CONTINUE].item() == world and same_size:
-            self.inner.sum_(tensors)
             self.reductions += 1
             return
         self.concluded, self.failed_anywhere = True, True
@@ -181,6 +216,23 @@ class AgreeingCollective(Collective):
     def barrier(self) -> None:
         """Wait for every rank."""
         self.inner.barrier()
+
+    def sum_scatter_dim0(self, full: torch.Tensor) -> torch.Tensor:
+        """:meth:`Collective.sum_scatter_dim0` after the same header as :meth:`sum_`.
+
+        Raises:
+            PeerFailure: another rank failed, or the ranks disagree on what to reduce.
+        """
+        self._agree(int(full.numel()))
+        return self.inner.sum_scatter_dim0(full)
+
+    def agree(self) -> None:
+        """A header alone: every rank is still healthy (before FSDP's own collectives).
+
+        Raises:
+            PeerFailure: another rank failed.
+        """
+        self._agree(0)
 
     def conclude(self, failed: bool) -> bool:
         """End the protocol for this metric; True when it failed on any rank."""

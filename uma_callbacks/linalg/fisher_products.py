@@ -41,6 +41,7 @@ import torch
 
 from uma_callbacks.core.losses import IGNORE_INDEX, LossFn, model_inputs
 from uma_callbacks.core.batches import count_samples, map_tensors, select_samples
+from uma_callbacks.core.sharding import unwrap
 from uma_callbacks.linalg.layer_grads import HookPlan, LayerGradients, layer_gradients
 from uma_callbacks.linalg.linear_factors import linear_factors
 from uma_callbacks.linalg.per_sample import PerSampleGradients, per_sample_grads
@@ -242,6 +243,7 @@ def accumulate_fisher(
     plan: HookPlan | None = None,
     want_diag: bool = True,
     want_gram: bool = False,
+    collective: Any = None,
 ) -> FisherSums:
     """One pass over ``chunks``: the :class:`FisherSums` of the per-sample gradients.
 
@@ -263,6 +265,10 @@ def accumulate_fisher(
         plan: a :func:`~uma_callbacks.linalg.layer_grads.hook_plan` to use the hooks path.
         want_diag: accumulate ``diag_sum`` (else it is empty: traces only, ghost norms).
         want_gram: also form the Gram matrix G G^T (see the module docstring).
+        collective: for a sharded (FSDP) model: each chunk's full-size sums are reduced over
+            ranks straight into this rank's shard (``sum_scatter_dim0``), chunks may be
+            :class:`~uma_callbacks.core.sharding.GhostChunk` s (run, counted nowhere), and every
+            rank agrees it is healthy before each forward and backward. ``None``: one model copy.
 
     Returns:
         :class:`FisherSums`.
@@ -281,7 +287,28 @@ def accumulate_fisher(
     vmapped: set[str] = set()
     if groups is not None:
         return _accumulate_grouped(model, loss_fn, chunks, params, groups, accumulate_dtype, want_grad_sum, on_chunk)
-    for index, chunk in enumerate(chunks):
+    for index, item in enumerate(chunks):
+        chunk, real = unwrap(item)
+        if collective is not None:
+            collective.agree()  # every rank healthy before FSDP's forward all-gathers
+            rep = layer_gradients(model, loss_fn, chunk, params, plan, before_backward=collective.agree)
+            sums, sq, chunk_gsum, _ = rep.reduce(want_diag, want_grad_sum, False)
+            vmapped.update(rep.vmapped)
+            _add_chunk_sums(diag, gsum if want_grad_sum else None, _scattered(chunk_gsum, real, collective),
+                            _scattered(sums, real, collective), params, accumulate_dtype)  # fmt: skip
+            kept.append(item)
+            if real:
+                _check_finite(sq, names)
+                norms.append(sq)
+                loss_sum += float(rep.losses.double().sum())
+                rows += rep.n
+            if cache is not None:
+                used += rep.nbytes()
+                cache = cache + [rep if real else _Ghost(rep)] if used <= cache_bytes else None
+            del rep, sums
+            if on_chunk is not None:
+                on_chunk(index + 1)
+            continue
         try:
             rep = chunk_gradients(model, loss_fn, chunk, params, param_map, verify=index == 0, plan=plan)
         except ValueError as err:
@@ -331,6 +358,32 @@ def accumulate_fisher(
         vmapped=[n for n in names if n in vmapped],
         gram=_full_gram(grams, cache),
     )
+
+
+def _scattered(
+    sums: Mapping[str, torch.Tensor] | None, real: bool, collective: Any
+) -> dict[str, torch.Tensor] | None:
+    """Full-size per-parameter chunk sums -> this rank's shard of their sum over ranks."""
+    if sums is None:
+        return None
+    return {n: collective.sum_scatter_dim0(v if real else torch.zeros_like(v)) for n, v in sums.items()}
+
+
+class _Ghost:
+    """A ghost chunk's gradients in a product: run for FSDP's collectives, contributing zero."""
+
+    def __init__(self, rep: ChunkGradients) -> None:
+        self.rep = rep
+        self.n = rep.n
+
+    def nbytes(self) -> int:
+        return self.rep.nbytes()
+
+    def dot(self, v: Mapping[str, torch.Tensor]) -> torch.Tensor:
+        return self.rep.dot(v) * 0
+
+    def weighted_sum(self, u: torch.Tensor) -> dict[str, torch.Tensor]:
+        return self.rep.weighted_sum(u * 0)
 
 
 def _full_gram(blocks: list[torch.Tensor] | None, cache: list[ChunkGradients] | None) -> torch.Tensor | None:
@@ -460,8 +513,10 @@ def fisher_matvec(
         if sums.cache is not None:
             yield from sums.cache
             return
-        for chunk in sums.chunks:
-            yield chunk_gradients(model, loss_fn, chunk, params, sums.param_map, plan=sums.plan)
+        for item in sums.chunks:
+            chunk, real = unwrap(item)
+            rep = chunk_gradients(model, loss_fn, chunk, params, sums.param_map, plan=sums.plan)
+            yield rep if real else _Ghost(rep)
 
     work = {n: params[n].dtype for n in sums.names}
 

@@ -355,6 +355,8 @@ class Metric(abc.ABC):
     needs_eager_attention: ClassVar[bool] = False
     history_needed: ClassVar[int] = 0
     needs_first: ClassVar[bool] = False
+    #: computes right on a sharded model (FSDP2 DTensor parameters); the others are skipped there
+    supports_sharded: ClassVar[bool] = False
 
     def __init__(self, *, chunk_size: int | None = None, timeout_seconds: float | None = None) -> None:
         if chunk_size is not None:
@@ -441,6 +443,11 @@ class Metric(abc.ABC):
 
         if not batches:
             raise ValueError(f"{type(self).__name__}.compute: batches is empty; the probe needs samples")
+        if not self.supports_sharded:
+            from uma_callbacks.core.sharding import is_sharded, sharded_skip_reason
+
+            if is_sharded(model):
+                raise MetricSkipped(sharded_skip_reason(self.name))
         check_finite_weights(model)
         resolved_loss = _finite_loss(resolve_loss_fn(model, loss_fn))
         chunk = chunk_size or self.chunk_size or max(count_samples(b) for b in batches)

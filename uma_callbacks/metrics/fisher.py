@@ -20,6 +20,7 @@ from uma_callbacks.linalg.fisher_products import (
     parameter_groups,
     sample_mc_labels,
 )
+from uma_callbacks.core.sharding import aligned_chunks, check_sharded_plan, is_sharded
 from uma_callbacks.linalg.lanczos import lanczos_top_k
 from uma_callbacks.linalg.layer_grads import hook_plan
 from uma_callbacks.linalg.linear_factors import linear_param_map
@@ -116,6 +117,7 @@ class FisherInformation(Metric):
 
     name = "fisher"
     needs_eager_attention = True
+    supports_sharded = True
     cost = Cost(per_sample_grads=True, param_copies=2.0)
 
     def __init__(
@@ -247,6 +249,8 @@ class FisherInformation(Metric):
             scalars.update(spectrum_scalars(eig))
         diag = {n: d / stats.rows for n, d in stats.diag_sum.items()}
         if self.top_percent is not None:
+            if ctx.meta.get("sharded"):
+                raise NotImplementedError("FisherInformation.top_percent on a sharded (FSDP) model is not supported yet")
             scalars.update(mask_scalars(diag, top_percent_mask(diag, self.top_percent)))
         tensors = {n: d.detach().cpu() for n, d in diag.items()} if self.keep_diagonal else {}
         return MetricResult(name=self.name, scalars=scalars, arrays=arrays, tensors=tensors)
@@ -367,8 +371,14 @@ def gather_fisher(
     param_map = linear_param_map(ctx.model, params) if method == "linear" and not groups else None
     if method == "linear" and param_map is None and not groups:
         raise ValueError("FisherInformation.method='linear' needs every trainable parameter in an nn.Linear")
-    plan = hook_plan(ctx.model, params) if method in ("auto", "hooks") and not groups else None
-    chunks = ctx.chunks()
+    sharded = is_sharded(ctx.model)
+    if sharded:  # per-layer hooks only; sums reduce-scattered into each rank's shard
+        check_sharded_plan(ctx.model, params, "vmap" if method == "vmap" else "hooks")
+        if kind == "mc":
+            raise NotImplementedError("FisherInformation(kind='mc') on a sharded (FSDP) model is not supported yet")
+        groups, param_map = None, None
+    plan = hook_plan(ctx.model, params) if (method in ("auto", "hooks") or sharded) and not groups else None
+    chunks = aligned_chunks(ctx.chunks(), ctx.collective) if sharded else ctx.chunks()
     if kind == "mc":
         chunks = (
             group
@@ -392,6 +402,7 @@ def gather_fisher(
         plan=plan,
         want_diag=want_diag,
         want_gram=want_gram,
+        collective=ctx.collective if sharded else None,
     )
     if groups:
         ctx.meta["parameter_groups"] = len(local.groups or [])
@@ -401,7 +412,11 @@ def gather_fisher(
     head = torch.tensor([float(local.rows), local.loss_sum], dtype=torch.float64, device=col.device)
     diag = dict(local.diag_sum)
     grad = dict(local.grad_sum) if local.grad_sum is not None else None
-    ctx.collective.sum_([*diag.values(), *(grad or {}).values(), col, head])
+    if sharded:  # diag and grad are reduce-scattered already: this rank's shards of the sums
+        ctx.collective.sum_([col, head])
+        ctx.meta["sharded"] = True
+    else:
+        ctx.collective.sum_([*diag.values(), *(grad or {}).values(), col, head])
     rows = int(round(float(head[0])))
     trace = float(col.sum()) / rows
     dev = torch.tensor([float((local.sq_norms.sum(1) - trace).square().sum())], dtype=torch.float64)

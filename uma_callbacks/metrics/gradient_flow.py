@@ -8,6 +8,7 @@ from collections import defaultdict
 import numpy as np
 import torch
 
+from uma_callbacks.core.sharding import aligned_chunks, check_sharded_plan, is_sharded, local, unwrap
 from uma_callbacks.linalg.layer_grads import hook_plan, layer_gradients
 from uma_callbacks.linalg.per_sample import per_sample_grads
 from uma_callbacks.metrics.base import ComputeContext, Cost, Metric, MetricResult, check_choice, module_of
@@ -69,6 +70,7 @@ class GradientFlow(Metric):
 
     name = "gradient_flow"
     needs_eager_attention = True
+    supports_sharded = True
     cost = Cost(per_sample_grads=True, param_copies=1.0)
 
     def __init__(
@@ -110,22 +112,37 @@ class GradientFlow(Metric):
         params = ctx.trainable_params()
         if not params:
             raise ValueError("GradientFlow: the model has no trainable parameters")
-        grad_sum = {n: torch.zeros_like(p, dtype=_acc_dtype(p.dtype, self.accumulate_dtype)) for n, p in params.items()}
+        sharded = is_sharded(ctx.model)
+        if sharded:
+            check_sharded_plan(ctx.model, params, self.method)
+        grad_sum = {
+            n: torch.zeros_like(local(p), dtype=_acc_dtype(p.dtype, self.accumulate_dtype)) for n, p in params.items()
+        }
         names = list(params)
-        sq_norm_sum = torch.zeros(len(names), dtype=torch.float64, device=next(iter(params.values())).device)
+        sq_norm_sum = torch.zeros(len(names), dtype=torch.float64, device=local(next(iter(params.values()))).device)
         loss_sum = torch.zeros(1, dtype=torch.float64, device=sq_norm_sum.device)
         n_chunks = 0
         plan = hook_plan(ctx.model, params) if self.method != "vmap" else None
         vmapped: set[str] = set()
-        for chunk in ctx.chunks():
+        chunks = aligned_chunks(ctx.chunks(), ctx.collective) if sharded else ctx.chunks()
+        for item in chunks:
+            chunk, real = unwrap(item)
             if plan is not None:
-                rep = layer_gradients(ctx.model, ctx.loss_fn, chunk, params, plan)
+                if sharded:
+                    ctx.collective.agree()  # every rank healthy before FSDP's forward all-gathers
+                rep = layer_gradients(
+                    ctx.model, ctx.loss_fn, chunk, params, plan, before_backward=ctx.collective.agree if sharded else None
+                )
                 _, norms, sums, _ = rep.reduce(want_diag=False, want_sum=True)
-                sq_norm_sum += norms.sum(0)
+                if real:
+                    sq_norm_sum += norms.sum(0)
+                    loss_sum += rep.losses.to(torch.float64).sum()
+                    vmapped.update(rep.vmapped)
                 for n in names:
-                    grad_sum[n] += sums[n].to(grad_sum[n].dtype)
-                loss_sum += rep.losses.to(torch.float64).sum()
-                vmapped.update(rep.vmapped)
+                    part = sums[n] if real else torch.zeros_like(sums[n])
+                    if sharded:  # this chunk's sum over all ranks' samples, straight into the shard
+                        part = ctx.collective.sum_scatter_dim0(part)
+                    grad_sum[n] += part.to(grad_sum[n].dtype)
                 del rep, norms, sums
             else:
                 psg = per_sample_grads(ctx.model, ctx.loss_fn, chunk, params)
@@ -135,9 +152,17 @@ class GradientFlow(Metric):
                     grad_sum[n] += psg.grads[n].sum(dim=0).to(grad_sum[n].dtype)
                 loss_sum += psg.losses.to(torch.float64).sum()
                 del psg, sq
-            n_chunks += 1
+            n_chunks += int(real)
             ctx.check_time(chunks_done=n_chunks)
-        ctx.collective.sum_([*grad_sum.values(), sq_norm_sum, loss_sum])
+        if sharded:
+            ctx.collective.sum_([sq_norm_sum, loss_sum])
+        else:
+            ctx.collective.sum_([*grad_sum.values(), sq_norm_sum, loss_sum])
+        # ||sum_i g_{i,p}||^2 per parameter: the shards' sums of squares, summed over ranks
+        sum_sq = torch.stack([g.to(torch.float64).pow(2).sum() for g in grad_sum.values()]).to(sq_norm_sum.device)
+        if sharded:
+            ctx.collective.sum_([sum_sq])
+            ctx.meta["sharded"] = True
         n = ctx.n_total()
         if plan is None:
             ctx.meta["per_sample_method"] = "vmap(grad)"
@@ -146,7 +171,7 @@ class GradientFlow(Metric):
             if vmapped:
                 ctx.meta["vmap_params"] = {p: plan.reasons.get(p, "") for p in names if p in vmapped}
         return gradient_flow_from_sums(
-            names, grad_sum, sq_norm_sum, n, self.vanishing_ratio, self.exploding_ratio, loss_sum.item() / n
+            names, sum_sq, sq_norm_sum, n, self.vanishing_ratio, self.exploding_ratio, loss_sum.item() / n
         )
 
 
@@ -158,7 +183,7 @@ def _acc_dtype(param_dtype: torch.dtype, accumulate_dtype: str) -> torch.dtype:
 
 def gradient_flow_from_sums(
     names: list[str],
-    grad_sum: dict[str, torch.Tensor],
+    grad_sum: dict[str, torch.Tensor] | torch.Tensor,
     sq_norm_sum: torch.Tensor,
     n: int,
     vanishing_ratio: float,
@@ -169,7 +194,8 @@ def gradient_flow_from_sums(
 
     Args:
         names: parameter names, in the order of ``sq_norm_sum``.
-        grad_sum: ``{name: sum_i g_{i,p}}``.
+        grad_sum: ``{name: sum_i g_{i,p}}``, or ``[len(names)]`` float64 of their squared
+            norms ||sum_i g_{i,p}||^2 (what a sharded model gives, summed over shards).
         sq_norm_sum: ``[len(names)]`` float64, sum_i ||g_{i,p}||^2.
         n: number of samples N.
         vanishing_ratio: see :class:`GradientFlow`.
@@ -183,8 +209,10 @@ def gradient_flow_from_sums(
     mean_sq = {}
     variance = {}
     for i, name in enumerate(names):
-        g = grad_sum[name].to(torch.float64) / n
-        m2 = float(g.pow(2).sum())
+        if isinstance(grad_sum, torch.Tensor):
+            m2 = float(grad_sum[i]) / (n * n)
+        else:
+            m2 = float((grad_sum[name].to(torch.float64) / n).pow(2).sum())
         v = (float(sq_norm_sum[i]) - n * m2) / (n - 1) if n > 1 else math.nan
         v = max(v, 0.0) if not math.isnan(v) else v
         mean_sq[name], variance[name] = m2, v

@@ -1,0 +1,142 @@
+"""Metrics on an FSDP2 (``fully_shard``) tiny Qwen2 under torchrun, against one process.
+
+Run by ``tests/distributed/test_fsdp.py``::
+
+    torchrun --standalone --nproc_per_node 2 tests/scripts/fsdp_metrics.py --out DIR
+
+Every rank: a float64 tiny Qwen2 (seed 0), an unsharded copy kept as the reference, then
+``fully_shard`` per decoder layer and on the root, two optimizer steps of a training loop
+with a :class:`~uma_callbacks.session.Session` measuring after each. Rank 0 writes
+``fsdp_result.json``: the sharded records, the one-process values of the same metrics on
+the reference copy (same weights, same probe), and the checks made on every rank.
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import sys
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
+
+from uma_callbacks.metrics.base import ComputeContext, Metric, MetricResult  # noqa: E402
+
+
+class FailsOnRank1(Metric):
+    """A sharded-capable metric whose rank 1 fails before its first FSDP forward."""
+
+    name = "fails_on_rank1"
+    supports_sharded = True
+
+    def _compute(self, ctx: ComputeContext) -> MetricResult:
+        if ctx.collective.rank == 1:
+            raise RuntimeError("rank 1 broke before its forward")
+        ctx.collective.agree()
+        with torch.no_grad():
+            loss = ctx.loss_fn(ctx.model, ctx.batches[0]).sum()  # FSDP all-gathers: would hang unguarded
+        return MetricResult(name=self.name, scalars={"loss": float(loss)})
+
+
+def tiny_qwen() -> torch.nn.Module:
+    """A float64 2-layer Qwen2 from config, seed 0."""
+    from transformers import Qwen2Config, Qwen2ForCausalLM
+
+    torch.manual_seed(0)
+    config = Qwen2Config(vocab_size=64, hidden_size=32, intermediate_size=48, num_hidden_layers=2,
+                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=32)  # fmt: skip
+    return Qwen2ForCausalLM(config).double()
+
+
+def probe_batches() -> list[dict[str, torch.Tensor]]:
+    """7 samples in 2 batches (the ranks get 4 and 3 samples: unequal chunk counts)."""
+    ids = torch.randint(0, 64, (7, 8), generator=torch.Generator().manual_seed(1))
+    return [{"input_ids": ids[:4], "labels": ids[:4]}, {"input_ids": ids[4:], "labels": ids[4:]}]
+
+
+def main() -> None:
+    """Train two steps sharded, measure, compare; rank 0 writes the summary."""
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--out", required=True)
+    args = parser.parse_args()
+    out = Path(args.out)
+    torch.distributed.init_process_group("gloo")
+    try:
+        run(out)
+    finally:
+        torch.distributed.destroy_process_group()
+
+
+def run(out: Path) -> None:
+    """The body of :func:`main` (the process group is up)."""
+    from torch.distributed.fsdp import fully_shard
+
+    from uma_callbacks.config import UMAConfig
+    from uma_callbacks.core.distributed import current_collective
+    from uma_callbacks.core.sharding import is_dtensor, local, local_rows, shard_bytes
+    from uma_callbacks.engine.probe import Probe
+    from uma_callbacks.metrics import FisherInformation, GradientFlow, METRICS
+    from uma_callbacks.session import Session
+
+    rank = torch.distributed.get_rank()
+    model = tiny_qwen()
+    for layer in model.model.layers:
+        fully_shard(layer)
+    fully_shard(model)
+    probe = Probe(probe_batches())
+
+    def metrics() -> list[Metric]:
+        return [GradientFlow(), FisherInformation(top_k=3, keep_diagonal=True), FailsOnRank1(), METRICS["hessian"]()]
+
+    config = UMAConfig(metrics=metrics(), use_cache=False, draw_figures=False, timeout_seconds=120,
+                       chunk_sizes={"fisher": 1, "gradient_flow": 2})  # fmt: skip
+    session = Session(config, out / "uma", source="callback")
+    session.open(probe)
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.5)
+    train = {"input_ids": probe.batches[0]["input_ids"][rank::2], "labels": probe.batches[0]["labels"][rank::2]}
+    checks: dict[str, object] = {"all_dtensor": all(is_dtensor(p) for p in model.parameters())}
+    steps = []
+    for step in (1, 2):
+        model.train()
+        model(**train).loss.backward()
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        before = {n: local(p).detach().clone() for n, p in model.named_parameters()}
+        records = session.measure(model, step)
+        after = {n: local(p) for n, p in model.named_parameters()}
+        same = all(torch.equal(before[n], after[n]) for n in before) and all(p.grad is None for p in model.parameters())
+        checks[f"bit_identical_{step}"] = same and all(is_dtensor(p) for p in model.parameters())
+        # the one-process reference: the full weights (gathered here, for the test only)
+        reference = tiny_qwen()
+        reference.load_state_dict({n: p.full_tensor() for n, p in model.named_parameters()}, strict=False)
+        single = {m.name + str(i): m.compute(reference, probe.batches) for i, m in enumerate(metrics()) if i in (0, 1)}
+        # the Fisher diagonal: this rank's shard against the reference's rows
+        ref_diag = single["fisher1"].tensors
+        params = dict(model.named_parameters())
+        diag_err = 0.0
+        direct = FisherInformation(top_k=None, keep_diagonal=True, chunk_size=1).compute(
+            model, probe.shard(rank, 2), collective=current_collective()
+        )
+        for name, shard in direct.tensors.items():
+            want = local_rows(ref_diag[name], params[name])
+            diag_err = max(diag_err, float(((shard - want).abs().max() / want.abs().max().clamp_min(1e-300))))
+        checks[f"diag_rel_err_{step}"] = diag_err
+        steps.append({"step": step, "records": [r.to_json_dict() if hasattr(r, "to_json_dict") else vars(r) for r in records],
+                      "single": {k: v.scalars for k, v in single.items()},
+                      "single_eigs": single["fisher1"].arrays["top_eigenvalues"].tolist()})  # fmt: skip
+    sizes = shard_bytes(model)
+    checks["shard_bytes"] = [sizes.shard, sizes.full, sizes.largest_block]
+    gathered: list[object] = [None] * torch.distributed.get_world_size()
+    torch.distributed.all_gather_object(gathered, checks)
+    session.finish()
+    if rank == 0:
+        summary = {"world_size": torch.distributed.get_world_size(), "checks": gathered, "steps": steps,
+                   "journal_on_rank1": (out / "uma" / "journal.jsonl.rank1").exists()}  # fmt: skip
+        (out / "fsdp_result.json").write_text(json.dumps(summary, default=str))
+
+
+if __name__ == "__main__":
+    main()
