@@ -304,3 +304,24 @@ def test_backfill_adds_the_same_cka_values_as_the_live_run(tmp_path):
         assert set(record.scalars) == set(live[record.step])
         for key, value in live[record.step].items():
             assert record.scalars[key] == pytest.approx(value, rel=1e-6, abs=1e-9), (record.step, key)
+
+
+def test_a_failure_during_an_earlier_checkpoints_forward_leaves_the_model_exactly_as_it_was():
+    model, batches, loss_fn = qwen2_case(torch.float64)
+    history = _history(model)
+    before = {n: p.detach().clone() for n, p in model.state_dict().items()}
+    calls = []
+
+    def boom(module, args, output):
+        calls.append(1)
+        if len(calls) == len(batches) + 1:  # the first forward of the previous checkpoint's weights
+            raise RuntimeError("boom")
+
+    handle = model.model.layers[1].register_forward_hook(boom)
+    hooks = {n: (len(m._forward_hooks), len(m._forward_pre_hooks)) for n, m in model.named_modules()}
+    with pytest.raises(RuntimeError, match="boom"):
+        Representations(max_tokens=20).compute(model, batches, loss_fn, history=history)
+    handle.remove()
+    assert all(torch.equal(before[n], p) for n, p in model.state_dict().items())
+    hooks[("model.layers.1")] = (hooks["model.layers.1"][0] - 1, hooks["model.layers.1"][1])
+    assert {n: (len(m._forward_hooks), len(m._forward_pre_hooks)) for n, m in model.named_modules()} == hooks
