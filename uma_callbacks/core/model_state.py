@@ -49,14 +49,68 @@ def restored_tensors(model: torch.nn.Module) -> Iterator[None]:
     storage holds.
     """
     saved = [(m, list(m._parameters.items()), list(m._buffers.items())) for m in model.modules()]
+    fsdp_groups, managed = fsdp_managed(model)
     try:
         yield
     finally:
+        fsdp_reshard(fsdp_groups)
         for module, params, buffers in saved:
             for live, recorded in ((module._parameters, params), (module._buffers, buffers)):
-                if list(live.keys()) != [k for k, _ in recorded] or any(live[k] is not v for k, v in recorded):
+                if list(live.keys()) != [k for k, _ in recorded] or any(
+                    live[k] is not v for k, v in recorded if (id(module), k) not in managed
+                ):
+                    keep = {k: live[k] for k, _ in recorded if (id(module), k) in managed and k in live}
                     live.clear()
-                    live.update(recorded)
+                    live.update((k, keep.get(k, v)) for k, v in recorded)
+
+
+def fsdp_managed(model: torch.nn.Module) -> tuple[list[object], set[tuple[int, str]]]:
+    """FSDP2's parameter groups that are sharded now, and the ``(id(module), name)`` entries
+    FSDP2 swaps itself (sharded ``DTensor`` <-> all-gathered tensor).
+
+    Those entries are FSDP's to manage: a root module keeps its all-gathered parameters
+    registered after a forward without backward, so putting the recorded sharded objects
+    back would leave FSDP believing them unsharded, and the next forward would skip the
+    all-gather ("mixed torch.Tensor and DTensor"). They are left to :func:`fsdp_reshard`.
+    """
+    groups: list[object] = []
+    managed: set[tuple[int, str]] = set()
+    try:
+        from torch.distributed.fsdp import FSDPModule
+        from torch.distributed.fsdp._fully_shard._fsdp_param import ShardedState
+    except ImportError:  # torch without FSDP2
+        return groups, managed
+    for module in model.modules():
+        if not isinstance(module, FSDPModule):
+            continue
+        for group in getattr(module._get_fsdp_state(), "_fsdp_param_groups", []):
+            params = list(getattr(group, "fsdp_params", []))
+            for fp in params:
+                info = fp._module_info
+                managed.add((id(info.module), info.param_name))
+                managed.update((id(m), n) for m, n in zip(info.shared_modules, info.shared_param_names))
+            if params and all(fp.sharded_state == ShardedState.SHARDED for fp in params):
+                groups.append(group)
+    return groups, managed
+
+
+def fsdp_reshard(groups: list[object]) -> None:
+    """Reshard FSDP2 parameter ``groups`` (found sharded on entry) and clear the root-forward
+    marker a forward that raised leaves set: the model goes back to its shards only."""
+    if not groups:
+        return
+    from uma_callbacks.core.sharding import reset_fsdp_forward
+
+    from torch.distributed.fsdp._fully_shard._fsdp_common import TrainingState
+
+    for group in groups:
+        # a forward that raised leaves the group in FORWARD, where reshard() of a root
+        # (kept unsharded after forward) does nothing: back to IDLE, then to the shards
+        group._training_state = TrainingState.IDLE  # type: ignore[attr-defined]
+        group._to_sharded()  # type: ignore[attr-defined]
+    for group in groups:
+        for fp in group.fsdp_params:  # type: ignore[attr-defined]
+            reset_fsdp_forward(fp._module_info.module)
 
 
 def _require_grads_handles(model: torch.nn.Module) -> list[object]:
