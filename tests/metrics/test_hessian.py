@@ -164,6 +164,23 @@ def test_probe_sharded_over_two_ranks_equals_one_process():
         assert r.meta["n_samples"] == 10
 
 
+def test_unconverged_lanczos_is_partial_with_residuals(dense):
+    model, batches, loss_fn = _build("mlp_custom_loss")
+    want = torch.linalg.eigvalsh(dense["mlp_custom_loss"]).flip(0)[:4].numpy()
+    short = HessianSpectrum(top_k=4, hutchinson_samples=0, max_iter=4, tol=1e-9).compute(model, batches, loss_fn)
+    rel = short.meta["lanczos_relative_residuals"]
+    assert short.status == "partial" and short.ok and not short.meta["lanczos_converged"]
+    assert len(rel) == 4 and max(rel) > 1e-2 == short.meta["lanczos_residual_tol"]
+    assert "residual_tol" in short.meta["partial_reason"] and short.arrays["top_eigenvalues"].shape == (4,)
+    assert short.meta["lanczos_history"][-1] == [4, pytest.approx(max(rel))]
+    # the same run vouching for less is ok; a converged run is ok and exact
+    loose = HessianSpectrum(top_k=4, hutchinson_samples=0, max_iter=4, tol=1e-9, residual_tol=2 * max(rel))
+    assert loose.compute(model, batches, loss_fn).status == "ok"
+    full = HessianSpectrum(top_k=4, hutchinson_samples=0, max_iter=80, tol=1e-9).compute(model, batches, loss_fn)
+    assert full.status == "ok" and max(full.meta["lanczos_relative_residuals"]) <= 1e-9
+    np.testing.assert_allclose(full.arrays["top_eigenvalues"], want, rtol=1e-6)
+
+
 def test_spectrum_scalars_with_negative_and_degenerate_values():
     s = spectrum_scalars([3.0, 1.0, -1.0])
     p = np.array([0.6, 0.2, 0.2])
@@ -185,6 +202,7 @@ def test_registered_by_name():
         ({"hutchinson_samples": 1}, "hutchinson_samples"),
         ({"hutchinson_samples": -3}, "hutchinson_samples"),
         ({"tol": 0}, "tol"),
+        ({"residual_tol": -1.0}, "residual_tol"),
         ({"max_iter": 0}, "max_iter"),
         ({"seed": "a"}, "seed"),
     ],

@@ -51,9 +51,15 @@ def split_flat(vector: torch.Tensor, like: Sequence[torch.Tensor]) -> list[torch
 
 
 def split_flat_rows(block: torch.Tensor, like: Sequence[torch.Tensor]) -> list[torch.Tensor]:
-    """Views of ``block [b, P]`` shaped ``[b, *t.shape]`` for each tensor of ``like``."""
+    """Views of ``block [b, P]`` shaped ``[b, *t.shape]`` for each tensor of ``like``
+    (copies only when ``block``'s rows are not contiguous)."""
     sizes = [t.numel() for t in like]
     return [piece.reshape(block.shape[0], *t.shape) for piece, t in zip(torch.split(block, sizes, dim=1), like)]
+
+
+def _row_views(block: torch.Tensor, like: Sequence[torch.Tensor]) -> list[torch.Tensor]:
+    """``[b, numel]`` column slices of ``block [b, P]``, one per tensor of ``like`` (views)."""
+    return list(torch.split(block, [t.numel() for t in like], dim=1))
 
 
 class HessianOperator:
@@ -112,6 +118,10 @@ class HessianOperator:
         self.cache_graph = len(self.chunks) <= 1 if cache_graph is None else bool(cache_graph)
         self.on_matvec = on_matvec
         self.dim = sum(p.numel() for p in self.params)
+        self._dtype = self.params[0].dtype if self.params else torch.float32
+        self._device = self.params[0].device if self.params else torch.device("cpu")
+        if any(p.dtype != self._dtype for p in self.params):
+            self._dtype = torch.float64 if any(p.dtype == torch.float64 for p in self.params) else torch.float32
         self.matvecs = 0
         self.batched = True
         self.batch_error = ""
@@ -120,10 +130,8 @@ class HessianOperator:
     # ------------------------------------------------------------------ products
     def matvec(self, vector: torch.Tensor) -> torch.Tensor:
         """H v for a flat ``vector [P]``; returns ``[P]`` in the vector's dtype and device."""
-        pieces = split_flat(vector, self.params)
-        hv = self.hvp([v.to(p.dtype) for v, p in zip(pieces, self.params)])
-        flat = torch.cat([h.reshape(-1) for h in hv]).to(vector.dtype)
-        return flat.to(vector.device)
+        out = self.matmat_rows(vector.reshape(1, -1))
+        return out.reshape(-1).to(vector.dtype).to(vector.device)
 
     def hvp(self, vectors: Sequence[torch.Tensor]) -> list[torch.Tensor]:
         """H v for ``v`` given per parameter (shapes and dtypes of the parameters).
@@ -132,74 +140,101 @@ class HessianOperator:
             vectors: one tensor per parameter, model order.
 
         Returns:
-            ``[H v]_p`` per parameter, summed over ranks and divided by N.
+            ``[H v]_p`` per parameter (views of one flat ``[P]`` buffer), summed over
+            ranks and divided by N.
         """
-        total = [torch.zeros_like(p) for p in self.params]
-        for grads, index in self._gradients():
-            if index:
-                outs = [grads[j] for j in index]
-                vs = [vectors[j] for j in index]
-                with torch.enable_grad():
-                    parts = torch.autograd.grad(
-                        outs,
-                        self.params,
-                        grad_outputs=vs,
-                        retain_graph=self.cache_graph,
-                        allow_unused=True,
-                        materialize_grads=True,
-                    )
-                torch._foreach_add_(total, [part.detach() for part in parts])
-        flat = torch.cat([t.reshape(-1) for t in total])
-        self.collective.sum_([flat])
-        flat.div_(self.n_total)
-        self.matvecs += 1
-        if self.on_matvec is not None:
-            self.on_matvec(self.matvecs)
-        return [
-            piece.view(p.shape)
-            for piece, p in zip(torch.split(flat, [p.numel() for p in self.params]), self.params)
-        ]
+        flat = torch.cat([v.reshape(-1).to(self._dtype) for v in vectors]).reshape(1, -1)
+        out = self.matmat_rows(flat).reshape(-1)
+        return split_flat(out, self.params)
 
     def matmat(self, block: torch.Tensor) -> torch.Tensor:
-        """H V for a block ``V [P, b]``: b products in one batched double backward
-        (``torch.autograd.grad(..., is_grads_batched=True)``, a vmap over the backward);
-        one product at a time when a backward op has no batching rule. Counts b products.
+        """H V for a block ``V [P, b]`` (see :meth:`matmat_rows`, which avoids the transposes).
 
         Returns:
             ``[P, b]`` in the block's dtype and device.
         """
-        b = block.shape[1]
+        return self.matmat_rows(block.T).T.to(block.dtype).to(block.device)
+
+    def matmat_rows(self, rows: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
+        """H v_j for the rows of ``V [b, P]``, written into one flat ``[b, P]`` buffer.
+
+        All b products run in one batched double backward
+        (``torch.autograd.grad(..., is_grads_batched=True)``, a vmap over the backward),
+        or one at a time when a backward op has no batching rule (``batch_error`` says
+        which). Each chunk's per-parameter parts are copied (first chunk) or added
+        (later chunks) straight into their slice of the buffer: no zero-filled
+        accumulators and no concatenation of ``[b, P]`` vectors. Counts b products.
+
+        Args:
+            rows: ``[b, P]``; the row slices of a row-major basis are used as they are.
+            out: an optional ``[b, P]`` buffer in the parameters' dtype and device, reused
+                across calls (a fresh allocation of that size costs about as much as
+                writing it, in page faults); must not overlap ``rows``.
+
+        Returns:
+            ``out`` (or a new ``[b, P]``) in the parameters' dtype and device.
+        """
+        b = rows.shape[0]
+        if rows.dim() != 2 or rows.shape[1] != self.dim:
+            raise ValueError(f"rows must be [b, {self.dim}]; got shape {tuple(rows.shape)}")
+        if out is None:
+            out = torch.empty(b, self.dim, dtype=self._dtype, device=self._device)
+        elif out.shape != (b, self.dim) or out.dtype != self._dtype:
+            raise ValueError(f"out must be [{b}, {self.dim}] of {self._dtype}; got {tuple(out.shape)} {out.dtype}")
+        rows = rows.to(self._device)
+        if b > 1 and self.batched:
+            try:
+                self._accumulate(rows, out, batched=True)
+            except RuntimeError as err:  # no batching rule for some backward op: one at a time
+                self.batched = False
+                self.batch_error = str(err).splitlines()[0][:200]
         if b == 1 or not self.batched:
-            return torch.stack([self.matvec(block[:, j]) for j in range(b)], dim=1)
-        pieces = [piece.to(p.dtype) for piece, p in zip(split_flat_rows(block.T, self.params), self.params)]
-        total = [torch.zeros(b, *p.shape, dtype=p.dtype, device=p.device) for p in self.params]
-        try:
-            for grads, index in self._gradients():
-                if index:
-                    with torch.enable_grad():
-                        parts = torch.autograd.grad(
-                            [grads[j] for j in index],
-                            self.params,
-                            grad_outputs=[pieces[j] for j in index],
-                            retain_graph=True,
-                            allow_unused=True,
-                            materialize_grads=True,
-                            is_grads_batched=True,
-                        )
-                    torch._foreach_add_(total, [part.detach() for part in parts])
-        except RuntimeError as err:  # no batching rule for some backward op: one at a time
-            self.batched = False
-            self.batch_error = str(err).splitlines()[0][:200]
-            return self.matmat(block)
+            for j in range(b):
+                self._accumulate(rows[j : j + 1], out[j : j + 1], batched=False)
         if not self.cache_graph:
             self._graph = None
-        flat = torch.cat([t.reshape(b, -1) for t in total], dim=1)
-        self.collective.sum_([flat])
-        flat.div_(self.n_total)
+        self.collective.sum_([out])
+        out.div_(self.n_total)
         self.matvecs += b
         if self.on_matvec is not None:
             self.on_matvec(self.matvecs)
-        return flat.T.to(block.dtype).to(block.device)
+        return out
+
+    def _accumulate(self, rows: torch.Tensor, out: torch.Tensor, *, batched: bool) -> None:
+        """``out [b, P] = sum over local chunks of d/dtheta (g_c . v_j)`` for the rows v_j
+        (b = 1 when not ``batched``): per chunk one double backward, its parts copied or
+        added into the parameter slices of ``out``."""
+        targets = _row_views(out, self.params)
+        vectors = [
+            v.reshape(v.shape[0], *p.shape).to(p.dtype) if batched else v.reshape(p.shape).to(p.dtype)
+            for v, p in zip(_row_views(rows, self.params), self.params)
+        ]
+        written = [False] * len(self.params)
+        retain = True if batched else self.cache_graph
+        for grads, index in self._gradients():
+            if not index:
+                continue
+            with torch.enable_grad():
+                parts = torch.autograd.grad(
+                    [grads[j] for j in index],
+                    self.params,
+                    grad_outputs=[vectors[j] for j in index],
+                    retain_graph=retain,
+                    allow_unused=True,
+                    is_grads_batched=batched,
+                )
+            for j, part in enumerate(parts):
+                if part is None:
+                    continue
+                part = part.detach().reshape(targets[j].shape)
+                if written[j]:
+                    targets[j].add_(part)
+                else:
+                    targets[j].copy_(part)
+                    written[j] = True
+        for j, done in enumerate(written):
+            if not done:
+                targets[j].zero_()
 
     def close(self) -> None:
         """Free the cached graphs (also done when the operator is garbage-collected)."""

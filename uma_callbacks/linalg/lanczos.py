@@ -37,6 +37,30 @@ class LanczosResult:
     residuals: torch.Tensor
 
 
+def relative_residuals(result: LanczosResult) -> torch.Tensor:
+    """``[k']`` float64: each Ritz residual divided by max(|theta_1|, tiny) (the largest
+    magnitude among the returned Ritz values), the measure ``tol`` is compared with."""
+    res = result.residuals.to(torch.float64).cpu()
+    if result.eigenvalues.numel() == 0:
+        return res
+    scale = max(float(result.eigenvalues.to(torch.float64).abs().max()), 1e-300)
+    return res / scale
+
+
+def within_tolerance(result: LanczosResult, residual_tol: float) -> bool:
+    """Whether every relative residual (:func:`relative_residuals`) is <= ``residual_tol``
+    (an exhausted Krylov space leaves residuals ~0: the Ritz values are then exact). A metric
+    reports ``status="partial"`` when this is False (values kept, residuals in meta).
+
+    Example:
+        >>> r = LanczosResult(torch.tensor([2.0, 1.0]), None, 4, False, torch.tensor([1e-3, 0.1]))
+        >>> within_tolerance(r, 1e-2), within_tolerance(r, 0.1)
+        (False, True)
+    """
+    rel = relative_residuals(result)
+    return bool((rel <= residual_tol).all())
+
+
 def lanczos_top_k(
     matvec: Callable[[torch.Tensor], torch.Tensor],
     dim: int,
@@ -176,25 +200,33 @@ def block_lanczos_top_k(
     basis_device: torch.device | str | None = None,
     return_vectors: bool = False,
     reorth_ratio: float = 0.7,
+    rows: bool = False,
+    on_step: Callable[[int, torch.Tensor], None] | None = None,
 ) -> LanczosResult:
     r"""The ``k`` largest eigenvalues of a symmetric operator by block Lanczos.
 
     With a block of b orthonormal vectors Q_1 [P, b], each step multiplies the whole block
     at once (``matmat``: b products in one call, e.g. one batched double backward):
 
-        W = A Q_j - Q_j A_j - Q_{j-1} B_{j-1}^T,   A_j = Q_j^T A Q_j,   Q_{j+1} B_j = qr(W),
+        W = A Q_j - Q_j A_j - Q_{j-1} B_{j-1}^T,   A_j = Q_j^T A Q_j,   Q_{j+1} B_j = W,
 
     building the block-tridiagonal T = Q^T A Q [mb, mb] (Golub & Underwood 1977). W is
     reorthogonalised against the whole basis by one block Gram-Schmidt pass (a [mb, P] x
     [P, b] product, BLAS-3), and a second pass only when the pass removed most of W
     (a column's norm fell below ``reorth_ratio`` of what it was: the DGKS criterion,
-    Daniel et al. 1976; "twice is enough"). The residual of Ritz pair (theta_i, y_i) is
-    ||B_m y_i[last block]||; it stops when every top-k residual is below
-    ``tol * max(|theta_1|, tiny)``, when ``max_matvecs`` products are spent, or when the
-    Krylov space is exhausted.
+    Daniel et al. 1976; "twice is enough"); the norms after the pass come from
+    ||w||^2 - ||Q^T w||^2, without another sweep over W. Q_{j+1} and B_j come from the
+    thin SVD of W. The residual of Ritz pair (theta_i, y_i) is ||B_m y_i[last block]||;
+    it stops when every top-k residual is below ``tol * max(|theta_1|, tiny)``, when
+    ``max_matvecs`` products are spent, or when the Krylov space is exhausted.
+
+    The basis is stored as rows ``[mb, P]`` (one contiguous row per vector): each block
+    handed to ``matmat`` is a slice of it, and each new block is written into it in place.
 
     Args:
-        matmat: ``V [P, b] -> A V [P, b]``.
+        matmat: ``V [P, b] -> A V [P, b]``; with ``rows=True``, ``V^T [b, P] -> (A V)^T
+            [b, P]`` (rows in, rows out: no transposes; the result may be a buffer the
+            caller reuses, it is consumed before the next call).
         dim: P.
         k: eigenvalues wanted (capped at ``dim``).
         block_size: b (default ``min(k, 8)``, at least 2 when k > 1).
@@ -206,6 +238,8 @@ def block_lanczos_top_k(
         basis_device: where the basis lives (default ``device``).
         return_vectors: also return the Ritz vectors ``[P, k]``.
         reorth_ratio: the DGKS threshold for the second pass.
+        rows: ``matmat`` takes and returns rows (see above).
+        on_step: called after each block step with ``(matvecs, residuals [k'])``.
 
     Returns:
         :class:`LanczosResult` (``residuals`` are the absolute Ritz residual norms).
@@ -225,46 +259,51 @@ def block_lanczos_top_k(
     steps = max(1, -(-max_matvecs // b))
     size = min(dim, steps * b)
     basis_device = torch.device(basis_device or device)
+    product = matmat if rows else (lambda v: matmat(v.T).T)
     gen = torch.Generator(device="cpu").manual_seed(seed)
     q, _ = torch.linalg.qr(torch.randn(dim, b, generator=gen, dtype=torch.float64))
-    q = q.to(dtype).to(device)
-    basis = torch.empty(size, dim, dtype=dtype, device=basis_device)
+    basis = torch.empty(min(dim, size + b), dim, dtype=dtype, device=basis_device)
+    basis[:b] = q.T.to(dtype)
     t = torch.zeros(size, size, dtype=torch.float64)
-    matvecs, used, converged = 0, 0, False
+    matvecs, used, converged, nb = 0, 0, False, b
     vals = torch.zeros(0, dtype=torch.float64)
     vecs = torch.zeros(0, 0, dtype=torch.float64)
     residuals = torch.zeros(0, dtype=torch.float64)
     while True:
-        lo, hi = used, used + q.shape[1]
-        basis[lo:hi] = q.T.to(basis_device)
-        w = matmat(q).to(dtype)
-        matvecs += q.shape[1]
+        lo, hi = used, used + nb
+        w = product(basis[lo:hi].to(device)).to(dtype)
+        matvecs += nb
         # projections on the whole basis: T's column block Q^T A Q_j exactly (no tridiagonal
         # assumption, so directions injected when the Krylov space runs out are handled too)
-        coef, w = _block_reorthogonalise(w, basis[:hi], device, reorth_ratio)
+        coef, w = _block_reorthogonalise_rows(w, basis[:hi], reorth_ratio)
         coef = coef.double().cpu()
         coef[lo:hi] = (coef[lo:hi] + coef[lo:hi].T) / 2
         t[:hi, lo:hi] = coef
         t[lo:hi, :hi] = coef.T
-        q_next, beta = _orthonormal_block(w)
         used = hi
+        room = min(nb, basis.shape[0] - used)  # the next block's rows that fit (all but at the end)
+        q, beta = _svd_rows(w)
+        del w
+        basis[used : used + room] = q[:room]
+        del q
         scale = max(float(t[:used, :used].abs().max()), 1e-300)
-        q_next, beta = _replace_lost_columns(q_next, beta, basis[:used], gen, 1e-10 * scale, device)
+        beta = _replace_lost_rows(basis, used, room, beta, gen, 1e-10 * scale)
         vals, vecs = torch.linalg.eigh(t[:used, :used])
         order = torch.argsort(vals, descending=True)
         vals, vecs = vals[order], vecs[:, order]
         kk = min(k, used)
         last = vecs[lo:hi, :kk]  # the last block's rows of the Ritz vectors
         residuals = (beta.double().cpu() @ last).norm(dim=0)
+        if on_step is not None:
+            on_step(matvecs, residuals.clone())
         scale = max(float(vals[0].abs()), 1e-300)
         if kk == k and (used == dim or bool((residuals <= tol * scale).all())):
             converged = True
             break
-        nxt = min(b, size - used, max_matvecs - matvecs)
+        nxt = min(b, size - used, max_matvecs - matvecs, room)
         if nxt <= 0 or (nxt < b and used + nxt < dim):  # a smaller block only to fill the space
             break
-        q_next, beta = q_next[:, :nxt], beta[:nxt]
-        q = q_next
+        nb = nxt
     kk = min(k, vals.numel())
     vectors = None
     if return_vectors:
@@ -278,48 +317,51 @@ def block_lanczos_top_k(
     )
 
 
-def _block_reorthogonalise(
-    w: torch.Tensor, basis: torch.Tensor, device: torch.device | str, ratio: float
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """``(basis @ w, w minus its projection on the rows of basis [m, P])``: one block pass, a
-    second only when some column lost more than ``1 - ratio`` of its norm (DGKS); the
-    coefficients of both passes are summed."""
+def _block_reorthogonalise_rows(w: torch.Tensor, basis: torch.Tensor, ratio: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(basis @ w^T [m, b], w minus its projection on the rows of basis [m, P])`` for
+    ``w [b, P]``, in place where w allows: one block pass, a second only when some row lost
+    more than ``1 - ratio`` of its norm (DGKS), judged from ||w||^2 - ||coef||^2 (exact for an
+    orthonormal basis; cancellation only makes it smaller, i.e. errs towards the second
+    pass). The coefficients of both passes are summed."""
     w = w.to(basis.device)
-    before = w.norm(dim=0)
-    coef = basis @ w
-    w = w - basis.T @ coef
-    if bool((w.norm(dim=0) < ratio * before).any()):
-        again = basis @ w
-        w = w - basis.T @ again
+    before = (w.double() if w.numel() < 1 << 16 else w).norm(dim=1).double() ** 2
+    coef = basis @ w.T
+    w = w.addmm_(coef.T, basis, alpha=-1) if w.is_contiguous() else w - coef.T @ basis
+    after = before - (coef.double() ** 2).sum(dim=0)
+    if bool((after < ratio**2 * before).any()):
+        again = basis @ w.T
+        w.addmm_(again.T, basis, alpha=-1)
         coef = coef + again
-    return coef, w.to(device)
+    return coef, w
 
 
-def _orthonormal_block(w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """``(Q [P, b], C [b, b])`` with W = Q C, Q orthonormal (thin SVD: a column of Q with a
-    zero singular value is a free direction, and C's row there is zero)."""
+def _svd_rows(w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(Q [b, P], C [b, b])`` with W^T = Q^T C for ``w [b, P]``, Q's rows orthonormal (thin
+    SVD W = U S V^T: Q = V^T, C = S U^T; a row of Q with a zero singular value is a free
+    direction, and C's row there is zero)."""
     u, sv, vh = torch.linalg.svd(w, full_matrices=False)
-    return u, sv[:, None] * vh
+    return vh, sv[:, None] * u.T
 
 
-def _replace_lost_columns(
-    q: torch.Tensor, r: torch.Tensor, basis: torch.Tensor, gen: torch.Generator, tiny: float, device: torch.device | str
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """After W = Q C: a column of Q whose row of C is ~0 carries nothing of W (the Krylov
-    space ran out along it) and need not be orthogonal to the basis; replace it by a random
-    direction orthogonal to the basis and the other columns, with a zero row of C."""
-    lost = (r.norm(dim=1) <= tiny).nonzero().reshape(-1).tolist()
+def _replace_lost_rows(
+    basis: torch.Tensor, start: int, nb: int, c: torch.Tensor, gen: torch.Generator, tiny: float
+) -> torch.Tensor:
+    """After W^T = Q^T C with Q's first ``nb`` rows in ``basis[start : start + nb]``: a row of
+    Q whose row of C is ~0 carries nothing of W (the Krylov space ran out along it) and need
+    not be orthogonal to the basis; replace it (when stored) by a random direction orthogonal
+    to the basis and the other rows, with a zero row of C."""
+    lost = (c.norm(dim=1) <= tiny).nonzero().reshape(-1).tolist()
     if not lost:
-        return q, r
-    q, r = q.clone(), r.clone()
-    keep = basis.to(device)
-    good = [i for i in range(q.shape[1]) if i not in lost]
-    for j in lost:  # against the basis, the kept columns and the columns already replaced
-        v = torch.randn(q.shape[0], generator=gen, dtype=torch.float64).to(q.dtype).to(device)
-        others = torch.cat([keep, q[:, good].T], dim=0)
+        return c
+    c = c.clone()
+    c[lost, :] = 0.0
+    lost = [j for j in lost if j < nb]
+    good = [start + i for i in range(nb) if i not in lost]
+    for j in lost:  # against the basis, the kept rows and the rows already replaced
+        v = torch.randn(basis.shape[1], generator=gen, dtype=torch.float64).to(basis.dtype).to(basis.device)
+        others = torch.cat([basis[:start], basis[good]], dim=0)
         for _ in range(2):
             v = v - others.T @ (others @ v)
-        q[:, j] = v / v.norm()
-        r[j, :] = 0.0
-        good.append(j)
-    return q, r
+        basis[start + j] = v / v.norm()
+        good.append(start + j)
+    return c

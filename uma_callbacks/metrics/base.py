@@ -31,7 +31,7 @@ from uma_callbacks.core.model_state import eager_attention, preserved_model_stat
 from uma_callbacks.core.batches import count_samples, split_batch
 
 #: Allowed values of :attr:`MetricResult.status`.
-STATUSES = ("ok", "error", "skipped", "timeout", "cached", "interrupted")
+STATUSES = ("ok", "error", "skipped", "timeout", "cached", "interrupted", "partial")
 
 
 class MetricTimeout(RuntimeError):
@@ -174,8 +174,10 @@ class MetricResult:
 
     @property
     def ok(self) -> bool:
-        """True when the metric produced its values (computed now or read from cache)."""
-        return self.status in ("ok", "cached")
+        """True when the metric produced its values (computed now, read from cache, or
+        ``"partial"``: values kept, but an iterative method stopped short of its stated
+        tolerance, the reason in ``meta``)."""
+        return self.status in ("ok", "cached", "partial")
 
     def to_json_dict(self) -> dict[str, Any]:
         """A JSON-serialisable view (arrays as nested lists, tensors left out)."""

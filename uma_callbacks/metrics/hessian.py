@@ -10,7 +10,7 @@ import torch
 
 from uma_callbacks.linalg.hutchinson import hutchinson_trace
 from uma_callbacks.linalg.hvp import HessianOperator, split_flat
-from uma_callbacks.linalg.lanczos import block_lanczos_top_k, lanczos_top_k
+from uma_callbacks.linalg.lanczos import block_lanczos_top_k, lanczos_top_k, relative_residuals, within_tolerance
 from uma_callbacks.metrics.base import ComputeContext, Cost, Metric, MetricResult, check_positive_int
 
 
@@ -54,7 +54,12 @@ class HessianSpectrum(Metric):
         return_eigenvectors: also return the Ritz vectors as
             ``result.tensors["eigvec_<j>/<param name>"]`` (j = 0 is lambda_1), on CPU;
             :func:`eigenvector_directions` turns them into landscape directions.
-        tol: relative Ritz-residual tolerance of Lanczos.
+        tol: relative Ritz-residual tolerance of Lanczos (it stops once every top-k pair
+            meets it).
+        residual_tol: the relative residual the result vouches for: when some top-k
+            pair's ||H y - theta y|| / |lambda_1| exceeds it after ``max_iter`` products,
+            ``result.status`` is ``"partial"`` (values kept; ``meta["lanczos_residual_tol"]``
+            and the residuals say by how much) instead of ``"ok"``.
         seed: seeds the Lanczos start vector; the Hutchinson probes use ``seed + 1``.
         max_iter: the most Lanczos products (default above, at most P).
         cache_graph: keep the first-backward graph across products (see
@@ -97,6 +102,7 @@ class HessianSpectrum(Metric):
         basis_device: str | None = None,
         *,
         block_size: int | None = None,
+        residual_tol: float = 1e-2,
         chunk_size: int | None = None,
         timeout_seconds: float | None = None,
     ) -> None:
@@ -114,6 +120,8 @@ class HessianSpectrum(Metric):
             )
         if isinstance(tol, bool) or not isinstance(tol, (int, float)) or not tol > 0:
             raise ValueError(f"HessianSpectrum.tol must be a positive number; got {tol!r}")
+        if isinstance(residual_tol, bool) or not isinstance(residual_tol, (int, float)) or not residual_tol > 0:
+            raise ValueError(f"HessianSpectrum.residual_tol must be a positive number; got {residual_tol!r}")
         if max_iter is not None:
             check_positive_int("HessianSpectrum.max_iter", max_iter)
         if not isinstance(seed, int) or isinstance(seed, bool):
@@ -124,6 +132,7 @@ class HessianSpectrum(Metric):
         self.hutchinson_samples = hutchinson_samples
         self.return_eigenvectors = bool(return_eigenvectors)
         self.tol = float(tol)
+        self.residual_tol = float(residual_tol)
         self.seed = seed
         self.max_iter = max_iter
         self.block_size = block_size
@@ -186,6 +195,7 @@ class HessianSpectrum(Metric):
             on_matvec=lambda m: ctx.check_time(matvecs=m),
         )
         block = self._block(min(self.top_k, op.dim))
+        history: list[list[float]] = []  # [matvecs, max absolute Ritz residual] per block step
         try:
             if block == 1:
                 lz = lanczos_top_k(
@@ -202,7 +212,7 @@ class HessianSpectrum(Metric):
                 )
             else:
                 lz = block_lanczos_top_k(
-                    op.matmat,
+                    _rows_product(op, block, dtype, device),
                     op.dim,
                     self.top_k,
                     block_size=block,
@@ -213,6 +223,8 @@ class HessianSpectrum(Metric):
                     device=device,
                     basis_device=basis_device,
                     return_vectors=self.return_eigenvectors,
+                    rows=True,
+                    on_step=lambda m, res: history.append([m, float(res.max()) if res.numel() else math.nan]),
                 )
             lanczos_matvecs = op.matvecs
             if self.hutchinson_samples:
@@ -249,10 +261,12 @@ class HessianSpectrum(Metric):
             hutchinson_matvecs=op.matvecs - lanczos_matvecs,
             lanczos_converged=bool(lz.converged),
             lanczos_residuals=lz.residuals.to(torch.float64).cpu().tolist(),
-            lanczos_relative_residuals=(
-                lz.residuals.to(torch.float64).cpu() / max(float(eigenvalues.abs().max()), 1e-300)
-            ).tolist(),
+            lanczos_relative_residuals=relative_residuals(lz).tolist(),
+            lanczos_residual_tol=self.residual_tol,
             lanczos_block_size=block,
+            lanczos_history=[
+                [int(m), r / max(float(eigenvalues.abs().max()), 1e-300)] for m, r in history
+            ],
             hvp_batched=op.batched,
             seeds={"lanczos": self.seed, "hutchinson": self.seed + 1},
             hvp_method="double_backward",
@@ -261,7 +275,23 @@ class HessianSpectrum(Metric):
         )
         if op.batch_error:
             ctx.meta["hvp_batch_error"] = op.batch_error
+        if not within_tolerance(lz, self.residual_tol):
+            result.status = "partial"
+            ctx.meta["partial_reason"] = (
+                f"Lanczos stopped after {lanczos_matvecs} products with a relative residual of "
+                f"{float(relative_residuals(lz).max()):.3g} > residual_tol={self.residual_tol:g}; raise max_iter"
+            )
         return result
+
+
+def _rows_product(op: HessianOperator, block: int, dtype: torch.dtype, device: torch.device):
+    """``V [b, P] -> H V [b, P]`` for block Lanczos, written into one ``[block, P]`` buffer
+    reused by every step when the basis has the parameters' dtype (no fresh allocation per
+    product; Lanczos consumes each result before the next call)."""
+    if dtype != op._dtype:
+        return lambda rows: op.matmat_rows(rows.to(op._dtype))
+    buffer = torch.empty(block, op.dim, dtype=dtype, device=device)
+    return lambda rows: op.matmat_rows(rows, out=buffer[: rows.shape[0]])
 
 
 def spectrum_scalars(eigenvalues: Sequence[float]) -> dict[str, float]:
