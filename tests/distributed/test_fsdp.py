@@ -1,0 +1,103 @@
+"""Metrics on an FSDP2 (``fully_shard``) model under ``torchrun --nproc_per_node 2`` (gloo, CPU).
+
+Slow: one torchrun of ``tests/scripts/fsdp_metrics.py`` (a float64 tiny Qwen2 sharded per
+decoder layer, two training steps, a :class:`~uma_callbacks.session.Session` measuring after
+each), checked against the same metrics in one process on the gathered weights.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[2]
+
+
+@pytest.fixture(scope="module")
+def summary(tmp_path_factory):
+    pytest.importorskip("torch.distributed.fsdp")
+    out = tmp_path_factory.mktemp("fsdp")
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO)}
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+           str(REPO / "tests/scripts/fsdp_metrics.py"), "--out", str(out)]  # fmt: skip
+    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300, cwd=REPO)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    return json.loads((out / "fsdp_result.json").read_text())
+
+
+def _rel(a: float, b: float) -> float:
+    return abs(a - b) / max(abs(b), 1e-12)
+
+
+def _records(step: dict) -> dict[str, dict]:
+    return {r["metric"]: r for r in step["records"]}
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("metric", ["gradient_flow", "fisher"])
+def test_sharded_equals_one_process(summary, metric):
+    """Every scalar (totals, per-module and per-parameter traces, top-k Fisher eigenvalues)
+    equals the one-process value on the gathered weights and the same probe, to 1e-6."""
+    assert summary["world_size"] == 2
+    for step in summary["steps"]:
+        record = _records(step)[metric]
+        assert record["status"] == "ok", record["error"]
+        assert record["meta"]["world_size"] == 2 and record["meta"]["sharded"] is True
+        want = step["single"][metric]
+        assert want, "no reference scalars"
+        for key, value in want.items():
+            got = record["scalars"][key]
+            if isinstance(value, float) and math.isnan(value):
+                assert math.isnan(got), key
+            else:
+                assert _rel(got, value) < 1e-6, (step["step"], key, got, value)
+
+
+@pytest.mark.slow
+def test_fisher_diagonal_shards_equal_rows_of_the_full_diagonal(summary):
+    """Each rank's Fisher diagonal is its shard (reduce-scattered, never all-gathered) and
+    equals those rows of the one-process diagonal."""
+    for checks in summary["checks"]:
+        for step in (1, 2):
+            assert checks[f"diag_rel_err_{step}"] < 1e-10
+
+
+@pytest.mark.slow
+def test_shards_bit_identical_and_still_dtensors(summary):
+    for checks in summary["checks"]:
+        assert checks["all_dtensor"]
+        assert checks["bit_identical_1"] and checks["bit_identical_2"]
+        shard, full, largest = checks["shard_bytes"]
+        assert shard * 2 >= full > shard and largest < full  # each rank holds half, one block gathered at most
+
+
+@pytest.mark.slow
+def test_hessian_skipped_with_reason(summary):
+    for step in summary["steps"]:
+        record = _records(step)["hessian"]
+        assert record["status"] == "skipped"
+        assert "double backward" in record["error"]["message"] and "FSDP" in record["error"]["message"]
+
+
+@pytest.mark.slow
+def test_failure_on_one_rank_is_one_record_on_both(summary):
+    """Rank 1 raises before its forward; rank 0 does not hang in FSDP's all-gather, both
+    ranks record the same error, and the metrics after it still run."""
+    for step in (1, 2):
+        statuses = [checks[f"statuses_{step}"] for checks in summary["checks"]]
+        assert statuses[0] == statuses[1]
+        errors = [checks[f"errors_{step}"]["fails_on_rank1"] for checks in summary["checks"]]
+        assert all("rank 1 broke before its forward" in e for e in errors), errors
+        assert dict(statuses[0])["fails_on_rank1"] == "error"
+
+
+@pytest.mark.slow
+def test_only_rank_zero_journals(summary):
+    assert [c["journal"] for c in summary["checks"]] == [True, False]
+    assert summary["journal_lines"] == sum(len(s["records"]) for s in summary["steps"])
