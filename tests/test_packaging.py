@@ -49,7 +49,7 @@ def test_import_without_trackers_or_matplotlib():
         "from uma_callbacks import UMACallback, MetricSuite\n"
         "from uma_callbacks.metrics import METRICS\n"
         "assert 'wandb' not in [k for k, v in sys.modules.items() if v is not None]\n"
-        "from uma_callbacks.triggers.trainer import make_sink\n"
+        "from uma_callbacks.integrations import make_sink\n"
         "try:\n"
         "    make_sink('mlflow')\n"
         "except ModuleNotFoundError as e:\n"

@@ -174,11 +174,15 @@ def test_tight_budget_picks_lean_landscape_and_streamed_fisher_with_the_same_val
     model, batches, loss_fn = wide_case(n=24)
     n = sum(p.numel() for p in model.parameters())
     P = param_bytes(model)
+    # Fisher with an uncapped Lanczos: streamed mode takes Lanczos products (cached mode the exact
+    # Gram), which agree to 1e-6 once Lanczos has converged, not at a cap of 8 products
+    settings = {**PEAK_SETTINGS, "fisher": {"top_k": 2}}
+    rel = {"landscape": 1e-6, "fisher": 2e-5}  # a float32 model: Lanczos vs the Gram agree to float32 accuracy
     for name, lean_mode in (("landscape", "lean"), ("fisher", "streamed")):
-        fast = METRICS[name](**PEAK_SETTINGS.get(name, {}))
+        fast = METRICS[name](**settings.get(name, {}))
         fast_result = compute_within_budget(fast, model, batches, loss_fn, MemoryBudget(max_gb=64))
         assert fast_result.meta["memory_mode"] == fast.memory_modes()[0][0]
-        lean = METRICS[name](**PEAK_SETTINGS.get(name, {}))
+        lean = METRICS[name](**settings.get(name, {}))
         sizes = {"n_params": n, "n_samples": 24}
         # just below the fast mode's fixed part (measured activations are a few KiB here)
         budget = MemoryBudget(max_bytes=lean.memory_modes()[0][1].bytes_needed(P, 0, 0, **sizes) - 1)
@@ -186,9 +190,11 @@ def test_tight_budget_picks_lean_landscape_and_streamed_fisher_with_the_same_val
         lean_result = compute_within_budget(lean, model, batches, loss_fn, budget)
         assert lean_result.meta["memory_mode"] == lean_mode, name
         for key, value in fast_result.scalars.items():
-            assert lean_result.scalars[key] == pytest.approx(value, rel=1e-6, abs=1e-9), (name, key)
+            assert lean_result.scalars[key] == pytest.approx(value, rel=rel[name], abs=1e-9), (name, key)
         for key, value in fast_result.arrays.items():
-            assert lean_result.arrays[key] == pytest.approx(value, rel=1e-6, abs=1e-9), (name, key)
+            if key == "gram_eigenvalues":  # all N eigenvalues: only the Gram method has them
+                continue
+            assert lean_result.arrays[key] == pytest.approx(value, rel=rel[name], abs=1e-9), (name, key)
 
 
 def test_impossible_budget_skips_with_the_reason_and_training_goes_on(tmp_path):
