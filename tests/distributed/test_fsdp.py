@@ -40,13 +40,18 @@ def _records(step: dict) -> dict[str, dict]:
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("metric", ["gradient_flow", "fisher"])
+@pytest.mark.parametrize("metric", ["gradient_flow", "fisher", "landscape", "interpolation"])
 def test_sharded_equals_one_process(summary, metric):
-    """Every scalar (totals, per-module and per-parameter traces, top-k Fisher eigenvalues)
-    equals the one-process value on the gathered weights and the same probe, to 1e-6."""
+    """Every scalar (totals, per-module and per-parameter traces, top-k Fisher eigenvalues;
+    the landscape's grid statistics and orthogonality from directions drawn per full tensor;
+    the interpolation path from the previous checkpoint's shards) equals the one-process
+    value on the gathered weights and the same probe, to 1e-6."""
     assert summary["world_size"] == 2
     for step in summary["steps"]:
         record = _records(step)[metric]
+        if metric == "interpolation" and step["step"] == 1:
+            assert record["status"] == "skipped"  # no previous checkpoint yet
+            continue
         assert record["status"] == "ok", record["error"]
         assert record["meta"]["world_size"] == 2 and record["meta"]["sharded"] is True
         want = step["single"][metric]
@@ -66,6 +71,15 @@ def test_fisher_diagonal_shards_equal_rows_of_the_full_diagonal(summary):
     for checks in summary["checks"]:
         for step in (1, 2):
             assert checks[f"diag_rel_err_{step}"] < 1e-10
+
+
+@pytest.mark.slow
+def test_lean_landscape_layer_norms_and_split_1d_params_equal_one_process(summary):
+    """Directions regenerated block by block (``mode="lean"``), layer norms summed over ranks,
+    1-D parameters (split over the ranks) perturbed: the same grid as one process."""
+    for checks in summary["checks"]:
+        for step in (1, 2):
+            assert checks[f"lean_rel_err_{step}"] < 1e-10
 
 
 @pytest.mark.slow

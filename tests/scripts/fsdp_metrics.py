@@ -42,7 +42,7 @@ class FailsOnRank1(Metric):
 
 
 #: the metrics compared with one process
-REFERENCED = ("gradient_flow", "fisher")
+REFERENCED = ("gradient_flow", "fisher", "landscape", "interpolation")
 
 
 def tiny_qwen() -> torch.nn.Module:
@@ -82,7 +82,7 @@ def run(out: Path) -> None:
     from uma_callbacks.core.distributed import current_collective
     from uma_callbacks.core.sharding import is_dtensor, local, local_rows, shard_bytes
     from uma_callbacks.engine.probe import Probe
-    from uma_callbacks.metrics import FisherInformation, GradientFlow, METRICS
+    from uma_callbacks.metrics import METRICS, CheckpointInterpolation, FisherInformation, GradientFlow, LossLandscape
     from uma_callbacks.session import Session
 
     rank = torch.distributed.get_rank()
@@ -93,16 +93,21 @@ def run(out: Path) -> None:
     probe = Probe(probe_batches())
 
     def metrics() -> list[Metric]:
-        return [GradientFlow(), FisherInformation(top_k=3, keep_diagonal=True), FailsOnRank1(), METRICS["hessian"]()]
+        return [GradientFlow(), FisherInformation(top_k=3, keep_diagonal=True), FailsOnRank1(), METRICS["hessian"](),
+                LossLandscape(n_points=3, span=0.5), CheckpointInterpolation(n_points=3, extend=0.0)]  # fmt: skip
+
+    def lean() -> LossLandscape:  # regenerated directions, layer norms, 1-D tensors split over ranks
+        return LossLandscape(n_points=3, span=0.5, dims=1, normalization="layer", include_1d_params=True, mode="lean")
 
     config = UMAConfig(metrics=metrics(), use_cache=False, draw_figures=False, timeout_seconds=120,
-                       chunk_sizes={"fisher": 1, "gradient_flow": 2})  # fmt: skip
+                       chunk_sizes={"fisher": 1, "gradient_flow": 2, "landscape": 3, "interpolation": 1})  # fmt: skip
     session = Session(config, out / "uma", source="callback")
     session.open(probe)
     optimizer = torch.optim.SGD(model.parameters(), lr=0.5)
     train = {"input_ids": probe.batches[0]["input_ids"][rank::2], "labels": probe.batches[0]["labels"][rank::2]}
     checks: dict[str, object] = {"all_dtensor": all(is_dtensor(p) for p in model.parameters())}
     steps = []
+    previous_full: dict[str, torch.Tensor] | None = None
     for step in (1, 2):
         model.train()
         model(**train).loss.backward()
@@ -116,7 +121,16 @@ def run(out: Path) -> None:
         # the one-process reference: the full weights (gathered here, for the test only)
         reference = tiny_qwen()
         reference.load_state_dict({n: p.full_tensor() for n, p in model.named_parameters()}, strict=False)
-        single = {m.name: m.compute(reference, probe.batches) for m in metrics() if m.name in REFERENCED}
+        full = {n: p.full_tensor() for n, p in model.named_parameters()}
+        single = {m.name: m.compute(reference, probe.batches) for m in metrics() if m.name in REFERENCED[:3]}
+        if previous_full is not None:
+            single["interpolation"] = CheckpointInterpolation(n_points=3, extend=0.0, previous=previous_full).compute(
+                reference, probe.batches
+            )
+        previous_full = full
+        lean_one = lean().compute(reference, probe.batches).arrays["grid_losses"]
+        lean_sharded = lean().compute(model, probe.shard(rank, 2), collective=current_collective(), chunk_size=1)
+        checks[f"lean_rel_err_{step}"] = float(abs(lean_sharded.arrays["grid_losses"] - lean_one).max() / abs(lean_one).max())
         # the Fisher diagonal: this rank's shard against the reference's rows
         ref_diag = single["fisher"].tensors
         params = dict(model.named_parameters())

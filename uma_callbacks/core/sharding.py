@@ -261,6 +261,40 @@ def sharded_skip_reason(name: str) -> str:
     )
 
 
+def reshard_fsdp(model: torch.nn.Module) -> None:
+    """Reshard every FSDP2 unit of ``model`` (a no-op on plain models and sharded units).
+
+    FSDP2 keeps the root's all-gathered parameters after a forward without backward; once
+    the shards are moved in place (landscape, interpolation) that gathered copy is stale,
+    so the moves are followed by this, and the next forward all-gathers the moved shards.
+    """
+    try:
+        from torch.distributed.fsdp import FSDPModule
+    except ImportError:  # torch without FSDP2
+        return
+    for module in model.modules():
+        if isinstance(module, FSDPModule):
+            module.reshard()
+
+
+def local_range(param: torch.Tensor) -> tuple[tuple[int, ...], int, int]:
+    """``(full shape, lo, hi)``: the rank's piece of ``param`` is entries ``[lo, hi)`` of the
+    flattened full tensor (``Shard(0)``: whole dim-0 rows); ``(shape, 0, numel)`` if plain."""
+    shape = tuple(param.shape)
+    if not is_dtensor(param):
+        return shape, 0, param.numel()
+    from torch.distributed.tensor._utils import compute_local_shape_and_global_offset
+
+    lshape, offset = compute_local_shape_and_global_offset(param.shape, param.device_mesh, param.placements)
+    inner = 1
+    for d in shape[1:]:
+        inner *= int(d)
+    if not shape:
+        return shape, 0, 1
+    lo = int(offset[0]) * inner
+    return shape, lo, lo + int(lshape[0]) * inner
+
+
 def reset_fsdp_forward(model: torch.nn.Module) -> None:
     """Clear FSDP2's "root forward in progress" marker left by a forward that raised.
 

@@ -9,8 +9,16 @@ from typing import Any
 import numpy as np
 import torch
 
+from uma_callbacks.core.sharding import is_dtensor, is_sharded, local, local_rows, reshard_fsdp
 from uma_callbacks.linalg.weights import moved_weights
-from uma_callbacks.metrics.base import ComputeContext, Cost, Metric, MetricResult, MetricSkipped, check_positive_int
+from uma_callbacks.metrics.base import (
+    ComputeContext,
+    Cost,
+    Metric,
+    MetricResult,
+    MetricSkipped,
+    check_positive_int,
+)
 from uma_callbacks.metrics.landscape import _local_chunks, probe_loss_sum
 
 
@@ -31,7 +39,10 @@ class CheckpointInterpolation(Metric):
 
     The previous weights come from the constructor or :meth:`set_previous`, else from the
     session's checkpoint history (``history_needed = 1``); without either the metric is
-    skipped (first checkpoint). Only the trainable
+    skipped (first checkpoint). On a sharded model (FSDP2) each rank moves its own shards
+    (the previous weights are cut to the same rows: a history's ``DTensor`` copies are the
+    shards already, full tensors are sliced), ||theta - theta_0||^2 is summed over ranks,
+    and every rank runs as many forwards as the one with the most chunks. Only the trainable
     parameters are interpolated; other entries of the state dict (buffers) are ignored.
 
     Args:
@@ -62,6 +73,7 @@ class CheckpointInterpolation(Metric):
     cost = Cost(forward_only=True, param_copies=2.0, fixed_bytes=3 * 8 << 16)
     needs_grad = False
     history_needed = 1
+    supports_sharded = True
 
     def __init__(
         self,
@@ -141,6 +153,10 @@ class CheckpointInterpolation(Metric):
                 "no previous checkpoint yet: CheckpointInterpolation needs its weights (every trigger passes "
                 "them from the second checkpoint on; or pass previous=/set_previous())"
             )
+        sharded = is_sharded(ctx.model)
+        if sharded:
+            reshard_fsdp(ctx.model)  # the shards are what is moved (a root may be left gathered)
+            ctx.meta["sharded"] = True
         params = ctx.trainable_params()
         missing = [n for n in params if n not in previous]
         bad = [n for n, p in params.items() if n in previous and previous[n].shape != p.shape]
@@ -153,10 +169,11 @@ class CheckpointInterpolation(Metric):
         n = int(ctx.collective.sum_scalar(float(n_local)))
         ts = self.path_ts()
         sums = torch.zeros(len(ts), dtype=torch.float64)
-        targets = list(params.values())
-        start = [previous[k].to(device=p.device, dtype=p.dtype) for k, p in params.items()]
+        targets = [local(p) for p in params.values()]
+        start = [_start_piece(previous[k], p) for k, p in params.items()]
         with moved_weights(targets) as mover:
-            distance = math.sqrt(sum(_sq_distance(s, t) for s, t in zip(start, mover.theta)))
+            sq = sum(_sq_distance(s, t) for s, t in zip(start, mover.theta))
+            distance = math.sqrt(ctx.collective.sum_scalar(sq) if sharded else sq)
             for j, t in enumerate(ts):
                 mover.set_lerp(start, float(t))
                 sums[j] = probe_loss_sum(ctx, chunks)
@@ -166,6 +183,14 @@ class CheckpointInterpolation(Metric):
         losses = (sums / n).numpy()
         ctx.meta.update(previous_label=label, forward_passes=len(ts) * len(chunks))
         return interpolation_result(ts, losses, distance)
+
+
+def _start_piece(previous: torch.Tensor, param: torch.Tensor) -> torch.Tensor:
+    """``previous`` on ``param``'s device and dtype, cut to the rank's shard when ``param``
+    is sharded (a ``DTensor`` copy of the same layout is the shard already)."""
+    piece = local(previous) if is_dtensor(previous) else local_rows(previous, param)
+    target = local(param)
+    return piece.to(device=target.device, dtype=target.dtype)
 
 
 def _sq_distance(a: torch.Tensor, b: torch.Tensor, block: int = 1 << 16) -> float:

@@ -3,18 +3,34 @@
 from __future__ import annotations
 
 import math
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from typing import Any
 
 import numpy as np
 import torch
 
+from uma_callbacks.core.batches import count_samples, split_batch
+from uma_callbacks.core.model_state import eager_attention
+from uma_callbacks.core.sharding import (
+    aligned_chunks,
+    is_sharded,
+    local,
+    local_range,
+    local_rows,
+    reshard_fsdp,
+    unwrap,
+)
 from uma_callbacks.linalg.hvp import HessianOperator, split_flat
 from uma_callbacks.linalg.lanczos import lanczos_top_k
-from uma_callbacks.linalg.weights import WeightMover, flat_dot, flat_norm, moved_weights
-from uma_callbacks.core.model_state import eager_attention
-from uma_callbacks.core.batches import count_samples, split_batch
-from uma_callbacks.metrics.base import ComputeContext, Cost, Metric, MetricResult, check_choice, check_positive_int
+from uma_callbacks.linalg.weights import WeightMover, flat_dot, moved_weights
+from uma_callbacks.metrics.base import (
+    ComputeContext,
+    Cost,
+    Metric,
+    MetricResult,
+    check_choice,
+    check_positive_int,
+)
 
 NORMALIZATIONS = ("filter", "layer", "global")
 MODES = ("stored", "lean")
@@ -55,6 +71,14 @@ class LossLandscape(Metric):
     divided by the global N. The weights are moved in place from one saved copy of theta
     (:mod:`~uma_callbacks.linalg.weights`) and restored bit for bit, also on error.
 
+    Sharded models (FSDP2 ``fully_shard``): each rank moves its own shards in place. Random
+    directions are drawn for the full tensor, block by block from the same per-tensor seed,
+    and each rank keeps the entries of its shard, so the full direction is the same for any
+    world size; filter norms of a shard's rows are local, layer and global norms (and theta's
+    norms of 1-D tensors split over ranks) are summed over ranks. Given directions are cut
+    to the shards; ``"hessian"`` directions are not supported there (no double backward).
+    Every rank runs as many forwards as the rank with the most chunks (FSDP all-gathers).
+
     Memory (P = parameter bytes): ``mode="stored"`` keeps theta, d1 and d2 (3 P; fastest);
     ``mode="lean"`` keeps only theta and regenerates each tensor's directions from its
     seed, a block of ``BLOCK_NUMEL`` entries at a time, at every point (1 P plus blocks;
@@ -92,6 +116,7 @@ class LossLandscape(Metric):
     name = "landscape"
     cost = Cost(forward_only=True, param_copies=3.0)
     needs_grad = False
+    supports_sharded = True
 
     def __init__(
         self,
@@ -172,6 +197,15 @@ class LossLandscape(Metric):
         return [("stored", Cost(forward_only=True, param_copies=1.0 + self.dims, fixed_bytes=blocks)), lean]
 
     def _compute(self, ctx: ComputeContext) -> MetricResult:
+        sharded = is_sharded(ctx.model)
+        if sharded:
+            reshard_fsdp(ctx.model)  # the shards are what is moved (a root may be left gathered)
+            if self.directions == "hessian":
+                raise NotImplementedError(
+                    "LossLandscape(directions='hessian') needs double backward, which FSDP2 does not give; "
+                    "use random or given directions on a sharded model"
+                )
+            ctx.meta["sharded"] = True
         params = ctx.trainable_params()
         if not params:
             raise ValueError("LossLandscape: the model has no trainable parameters")
@@ -184,6 +218,8 @@ class LossLandscape(Metric):
         betas = coords if self.dims == 2 else np.zeros(1)
         if self._given:
             names, dirs = _given_directions(self._given, params)
+            if sharded:
+                dirs = [[local_rows(d, params[k]) for d, k in zip(dk, names)] for dk in dirs]
             ctx.meta["directions"] = "given"
         elif self.directions == "hessian":
             names, dirs = _hessian_directions(ctx, params, self.dims, self.seed, self.hessian_tol)
@@ -193,8 +229,8 @@ class LossLandscape(Metric):
             ctx.meta["directions"] = "random"
         sums = torch.zeros(len(alphas), len(betas), dtype=torch.float64)
         if dirs is not None:
-            targets = [params[k] for k in names]
-            cosine = _cosine(dirs) if self.dims == 2 else math.nan
+            targets = [local(params[k]) for k in names]
+            cosine = _cosine(dirs, ctx.collective if sharded else None) if self.dims == 2 else math.nan
             with moved_weights(targets) as mover:
                 _evaluate_grid(
                     ctx, chunks, alphas, betas, sums, lambda a, b: mover.set_combination((a, b), dirs)
@@ -204,9 +240,12 @@ class LossLandscape(Metric):
             names = [k for k, p in params.items() if self.include_1d_params or p.dim() >= 2]
             if not names:
                 raise ValueError("LossLandscape: no parameter of 2 or more dims; set include_1d_params=True")
-            targets = [params[k] for k in names]
+            targets = [local(params[k]) for k in names]
             with moved_weights(targets) as mover:
-                rand = _RandomDirections(mover.theta, self.dims, self.seed, self.normalization)
+                layouts = [local_range(params[k]) for k in names] if sharded else None
+                rand = _RandomDirections(
+                    mover.theta, self.dims, self.seed, self.normalization, layouts, ctx.collective if sharded else None
+                )
                 cosine = rand.cosine() if self.dims == 2 else math.nan
                 if mode == "stored":
                     stored = rand.materialise()
@@ -260,13 +299,28 @@ def landscape_result(grid: np.ndarray, alphas: np.ndarray, betas: np.ndarray, co
 def _local_chunks(ctx: ComputeContext, n_batches: int | None) -> tuple[list[Any], int]:
     batches = ctx.batches if n_batches is None else ctx.batches[:n_batches]
     chunks = [c for b in batches for c in split_batch(b, ctx.chunk_size)]
+    if ctx.meta.get("sharded"):
+        chunks = list(aligned_chunks(chunks, ctx.collective))
     return chunks, sum(count_samples(b) for b in batches)
 
 
 def probe_loss_sum(ctx: ComputeContext, chunks: Sequence[Any]) -> torch.Tensor:
-    """sum_i l_i over the local ``chunks`` (float64 scalar), by forward passes under no_grad."""
+    """sum_i l_i over the local ``chunks`` (float64 scalar), by forward passes under no_grad.
+
+    On a sharded model (``chunks`` from :func:`_local_chunks`, padded with ghost chunks to
+    the most any rank has): FSDP's gathered copies are dropped first (the shards may have
+    moved), every rank agrees it is healthy before the forwards, ghost chunks add nothing.
+    """
+    if ctx.meta.get("sharded"):
+        reshard_fsdp(ctx.model)
+        ctx.collective.agree()  # every rank healthy before FSDP's forward all-gathers
+    losses = []
     with torch.no_grad():
-        losses = [ctx.loss_fn(ctx.model, chunk).reshape(-1).to(torch.float64) for chunk in chunks]
+        for item in chunks:
+            chunk, real = unwrap(item)
+            out = ctx.loss_fn(ctx.model, chunk).reshape(-1).to(torch.float64)
+            if real:
+                losses.append(out)
     return torch.cat(losses).sum().cpu() if losses else torch.zeros((), dtype=torch.float64)
 
 
@@ -353,9 +407,15 @@ def _hessian_directions(
     return list(params), dirs
 
 
-def _cosine(dirs: Sequence[Sequence[torch.Tensor]]) -> float:
-    den = flat_norm(dirs[0]) * flat_norm(dirs[1])
-    return flat_dot(dirs[0], dirs[1]) / den if den > 0 else math.nan
+def _cosine(dirs: Sequence[Sequence[torch.Tensor]], collective: Any = None) -> float:
+    """cos(d1, d2); with a ``collective`` the dot products of the shards are summed over ranks."""
+    pairs = ((0, 1), (0, 0), (1, 1))
+    sums = torch.tensor([flat_dot(dirs[a], dirs[b]) for a, b in pairs], dtype=torch.float64)
+    if collective is not None:
+        collective.sum_([sums])
+    dot, n1, n2 = (float(v) for v in sums)
+    den = math.sqrt(n1) * math.sqrt(n2)
+    return dot / den if den > 0 else math.nan
 
 
 # ---------------------------------------------------------------------- random directions
@@ -366,17 +426,32 @@ class _RandomDirections:
     entries) from a generator seeded with ``_tensor_seed(seed + k, i)`` on the tensor's
     device; ``materialise`` and ``set_point`` produce the same numbers. One pass at
     construction computes per-row statistics (||d_r||^2, <d1_r, d2_r>) and the scales.
+
+    Sharded (``layouts[i] = (full shape, lo, hi)``: ``theta[i]`` holds entries ``[lo, hi)``
+    of the flattened full tensor): the full tensor's blocks are drawn on every rank (the
+    same numbers as one process), the rows' statistics of d are therefore whole everywhere,
+    theta's row sums of squares are summed over ranks (``collective``), and each rank keeps
+    the entries of its piece.
     """
 
-    def __init__(self, theta: Sequence[torch.Tensor], dims: int, seed: int, normalization: str) -> None:
+    def __init__(
+        self,
+        theta: Sequence[torch.Tensor],
+        dims: int,
+        seed: int,
+        normalization: str,
+        layouts: Sequence[tuple[tuple[int, ...], int, int]] | None = None,
+        collective: Any = None,
+    ) -> None:
         self.theta = list(theta)
         self.dims = dims
+        self.layouts = list(layouts) if layouts is not None else None
         self.seeds = [[_tensor_seed(seed + k, i) for i in range(len(self.theta))] for k in range(dims)]
         row_sq: list[list[torch.Tensor]] = [[] for _ in range(dims)]  # per k, per tensor: [rows] sum_r d^2
         dots = []  # per tensor: [rows] <d1_r, d2_r>
         for i, t in enumerate(self.theta):
             gens = [self._generator(k, i) for k in range(dims)]
-            shape = _row_shape(t)
+            shape = self._full_rows(i)
             sq = [torch.zeros(shape[0], dtype=torch.float64, device=t.device) for _ in range(dims)]
             dot = torch.zeros(shape[0], dtype=torch.float64, device=t.device)
             for start, stop in _blocks(shape):
@@ -393,7 +468,14 @@ class _RandomDirections:
             for k in range(dims):
                 row_sq[k].append(sq[k])
             dots.append(dot)
-        theta_sq = [_row_sq(t) for t in self.theta]
+        if self.layouts is None:
+            theta_sq = [_row_sq(t) for t in self.theta]
+        else:  # the full rows' sums of squares: each rank fills its rows, summed over ranks
+            theta_sq = [_local_row_sq(t, *layout) for t, layout in zip(self.theta, self.layouts)]
+            if collective is not None:
+                flat = torch.cat(theta_sq)
+                collective.sum_([flat])
+                theta_sq = list(flat.split([len(ts) for ts in theta_sq]))
         scales64: list[list[torch.Tensor]] = []  # [k][i]: [rows] (filter) or [1] (layer, global)
         for k in range(dims):
             if normalization == "filter":
@@ -425,8 +507,42 @@ class _RandomDirections:
     def _generator(self, k: int, i: int) -> torch.Generator:
         return torch.Generator(device=self.theta[i].device).manual_seed(self.seeds[k][i])
 
+    def _full_rows(self, i: int) -> tuple[int, int]:
+        """``(rows, row_numel)`` of tensor ``i``'s full tensor."""
+        if self.layouts is None:
+            return _row_shape(self.theta[i])
+        return _row_shape(torch.empty(self.layouts[i][0], device="meta"))
+
+    def _local_blocks(self, k: int, i: int) -> Iterator[tuple[torch.Tensor, torch.Tensor, slice]]:
+        """Sharded: ``(scaled draw block flat, this piece's entries flat, block slice)`` for
+        the blocks of direction ``k`` of tensor ``i`` overlapping the piece (all blocks are
+        drawn: the generator is sequential)."""
+        t = self.theta[i]
+        _, lo, hi = self.layouts[i]  # type: ignore[index]
+        rows, width = self._full_rows(i)
+        gen, scale = self._generator(k, i), self.scales[k][i]
+        for start, stop in _blocks((rows, width)):
+            block = _draw(gen, torch.empty(stop - start, width, dtype=t.dtype, device=t.device))
+            a, b = max(lo, start * width), min(hi, stop * width)
+            if a >= b:
+                continue
+            block.mul_(scale if isinstance(scale, float) else scale[start:stop])
+            yield block.view(-1)[a - start * width : b - start * width], slice(a - lo, b - lo), slice(start, stop)
+
     def materialise(self) -> list[list[torch.Tensor]]:
-        """d_k as full tensors shaped like theta (``mode="stored"``)."""
+        """d_k as full tensors shaped like theta (``mode="stored"``); sharded: this rank's pieces."""
+        if self.layouts is not None:
+            out = []
+            for k in range(self.dims):
+                dk = []
+                for i, t in enumerate(self.theta):
+                    d = torch.zeros(t.shape, dtype=t.dtype, device=t.device)
+                    flat = d.view(-1)
+                    for draw, where, _ in self._local_blocks(k, i):
+                        flat[where] = draw
+                    dk.append(d)
+                out.append(dk)
+            return out
         out = []
         for k in range(self.dims):
             dk = []
@@ -445,6 +561,15 @@ class _RandomDirections:
 
         def add(i: int, p: torch.Tensor) -> None:
             work = p if p.is_contiguous() else p.contiguous()
+            if self.layouts is not None:
+                flat = work.view(-1)
+                for k, c in enumerate(coeffs):
+                    if c != 0.0:
+                        for draw, where, _ in self._local_blocks(k, i):
+                            flat[where].add_(draw, alpha=c)
+                if work is not p:
+                    p.copy_(work)
+                return
             rows = _rows(work)
             buffer = self._buffer_for(p)
             for k, c in enumerate(coeffs):
@@ -485,6 +610,18 @@ def _tensor_seed(seed: int, index: int) -> int:
 def _row_shape(t: torch.Tensor) -> tuple[int, int]:
     """``(rows, row_numel)``: output rows of a weight; one row for 0-D/1-D tensors."""
     return (t.shape[0], t.numel() // max(1, t.shape[0])) if t.dim() >= 2 else (1, t.numel())
+
+
+def _local_row_sq(t: torch.Tensor, full_shape: tuple[int, ...], lo: int, hi: int) -> torch.Tensor:
+    """``[rows]`` float64 sums of squares of the full tensor's rows, from the piece ``t``
+    (entries ``[lo, hi)`` of the flattened full tensor); rows elsewhere are 0."""
+    rows, width = _row_shape(torch.empty(full_shape, device="meta"))
+    out = torch.zeros(rows, dtype=torch.float64, device=t.device)
+    if rows == 1:
+        out[0] = t.reshape(-1).to(torch.float64).pow(2).sum() if t.numel() else 0.0
+    elif hi > lo:
+        out[lo // width : hi // width] = _row_sq(t.reshape(hi // width - lo // width, width))
+    return out
 
 
 def _row_sq(t: torch.Tensor) -> torch.Tensor:
