@@ -39,6 +39,7 @@ from safetensors import SafetensorError
 
 from uma_callbacks.config import UMAConfig
 from uma_callbacks.core.distributed import Collective, current_collective
+from uma_callbacks.core.sharding import deepspeed_zero3_reason
 from uma_callbacks.engine.budget import as_budget
 from uma_callbacks.engine.delivery import Delivery
 from uma_callbacks.engine.history import CheckpointHistory
@@ -199,6 +200,9 @@ class Session:
         if (int(step), label) in self._measured:
             return []
         self._measured.add((int(step), label))
+        zero3 = deepspeed_zero3_reason(model)
+        if zero3:  # partitioned placeholders: measuring them would give wrong numbers
+            return [self.record_error(step, "deepspeed_zero3", RuntimeError(zero3))]
         with all_rngs_preserved():
             if self.collective.world_size > 1:
                 self.collective.barrier()  # every rank has written the checkpoint before anyone measures
