@@ -135,6 +135,7 @@ class MLflowSink(Sink):
         self._client: Any = None
         self._history: dict[str, set[int]] = {}
         self._params_logged: set[str] = set()
+        self._latest_step: dict[str, int] = {}
         self._params_pending: dict[str, str] = {}
         self._refused_files: set[str] = set()
         #: ``{tracker key: MLflow's reason}`` of points MLflow refused (warned about once each).
@@ -227,9 +228,15 @@ class MLflowSink(Sink):
             metrics.append(MlflowMetric(key, value, timestamp or _now_ms(), record.step))
         for start in range(0, len(metrics), 900):  # the batch API caps at 1000 entries
             self._log_batch(metrics[start : start + 900])
-        if record.status not in ("ok", "cached"):
+        if record.step >= self._latest_step.get(record.metric, record.step):
+            # the status tag follows the latest step (a later ok clears an earlier error's status)
+            self._latest_step[record.metric] = record.step
+            status = "ok" if record.status == "cached" else record.status
+            self._client.set_tag(self._run_id, tracker_key(f"uma.{record.metric}.status"), status)
+        for name, value in _summary(record).items():  # one-off findings (the early-bird step) as tags
+            self._client.set_tag(self._run_id, tracker_key(f"uma.{record.metric}.{name}"), str(value))
+        if record.status not in ("ok", "cached", "partial"):
             message = (record.error or {}).get("message", "")
-            self._client.set_tag(self._run_id, tracker_key(f"uma.{record.metric}.status"), record.status)
             self._client.set_tag(
                 self._run_id, tracker_key(f"uma.{record.metric}.error"), f"step {record.step}: {message}"[:5000]
             )
@@ -307,3 +314,9 @@ def _now_ms() -> int:
     import time
 
     return int(time.time() * 1000)
+
+
+def _summary(record: Record) -> dict[str, Any]:
+    """``record.meta["summary"]``: values a metric found once (e.g. ``early_bird_step``), as a dict."""
+    summary = record.meta.get("summary") if isinstance(record.meta, dict) else None
+    return {str(k): v for k, v in summary.items() if isinstance(v, (int, float, str))} if isinstance(summary, dict) else {}

@@ -110,6 +110,7 @@ class WandbSink(Sink):
         self._bound_run: str | None = None
         self._defined: set[str] = set()
         self._logged: set[tuple[int, str]] = set()
+        self._latest_step: dict[str, int] = {}
         self._init_error: BaseException | None = None
         self._failed_at = -math.inf
         self.retry_interval = float(retry_interval)
@@ -211,9 +212,17 @@ class WandbSink(Sink):
                 self._bind(key)
             self._run.log({STEP_KEY: step, **row})
             self._logged.update((step, key) for key in row)
-        if record.status not in ("ok", "cached"):
+        if step >= self._latest_step.get(record.metric, step):
+            # the status in the summary follows the latest step (no stale error after a later ok)
+            self._latest_step[record.metric] = step
+            status = "ok" if record.status == "cached" else record.status
+            self._run.summary[tracker_key(f"{PREFIX}/{record.metric}/status")] = status
+        summary = record.meta.get("summary") if isinstance(record.meta, dict) else None
+        for name, value in (summary or {}).items():  # one-off findings (the early-bird step)
+            if isinstance(value, (int, float, str)):
+                self._run.summary[tracker_key(f"{PREFIX}/{record.metric}/{name}")] = value
+        if record.status not in ("ok", "cached", "partial"):
             message = (record.error or {}).get("message", "")
-            self._run.summary[tracker_key(f"{PREFIX}/{record.metric}/status")] = record.status
             self._run.summary[tracker_key(f"{PREFIX}/{record.metric}/error")] = f"step {step}: {message}"[:5000]
         artifact_key = f"artifact:{record.metric}"
         if self._log_artifacts and files and (step, artifact_key) not in self._logged:

@@ -31,7 +31,7 @@ def collect_series(journal: Journal) -> dict[str, dict[int, float]]:
     """
     series: dict[str, dict[int, float]] = {}
     for record in journal.records():
-        if record.status != "ok":
+        if record.status not in ("ok", "partial"):
             continue
         for key, value in record.scalars.items():
             if "/" in key or not isinstance(value, (int, float)):
@@ -47,7 +47,7 @@ def collect_results(journal: Journal) -> dict[str, list[tuple[int, Any]]]:
     """
     latest: dict[tuple[str, int], Any] = {}
     for record in journal.records():
-        if record.status == "ok":
+        if record.status in ("ok", "partial"):
             latest[(record.metric, int(record.step))] = record
     out: dict[str, list[tuple[int, Any]]] = {}
     for (metric, step), record in sorted(latest.items(), key=lambda kv: (kv[0][0], kv[0][1])):

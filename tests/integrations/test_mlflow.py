@@ -95,3 +95,31 @@ def test_missing_mlflow_fails_at_construction_naming_the_extra(monkeypatch):
         UMACallback(trackers=["mlflow"])
     with pytest.raises(ModuleNotFoundError, match=r"uma-callbacks\[mlflow\]"):
         MLflowSink()
+
+
+def test_status_tag_follows_the_latest_step_and_findings_become_tags(tmp_path, store):
+    """An error at one step, ok at the next: the tag says ok (no stale error); a partial result
+    is tagged partial with its values logged; a one-off finding (meta summary) is a tag."""
+    from mlflow.tracking import MlflowClient
+
+    from uma_callbacks.integrations.mlflow import MLflowSink
+
+    journal = Journal(tmp_path / "uma")
+    sink = MLflowSink(tracking_uri=store)
+    sink.start()
+    tags = lambda: MlflowClient(store).get_run(sink.run_id()).data.tags  # noqa: E731
+    first = _record(journal.root, 1, metric="hessian", status="error")
+    deliver(journal, sink, [first])
+    assert tags()["uma.hessian.status"] == "error"
+    deliver(journal, sink, [_record(journal.root, 2, metric="hessian", trace=3.0)])
+    assert tags()["uma.hessian.status"] == "ok"
+    partial = _record(journal.root, 3, metric="hessian", status="ok", trace=4.0)
+    partial.status, partial.error = "partial", None
+    deliver(journal, sink, [partial])
+    assert tags()["uma.hessian.status"] == "partial"
+    history = MlflowClient(store).get_metric_history(sink.run_id(), "uma/hessian/trace")
+    assert sorted((m.step, m.value) for m in history) == [(2, 3.0), (3, 4.0)]
+    found = _record(journal.root, 4, metric="pruning", mask_distance_prev=0.01, early_bird_step=2.0)
+    found.meta["summary"] = {"early_bird_step": 2}
+    deliver(journal, sink, [found])
+    assert tags()["uma.pruning.early_bird_step"] == "2"

@@ -124,7 +124,7 @@ class Delivery:
         assert self.journal is not None
         out: dict[tuple[str, int], str] = {}
         for record in self.journal.records():
-            if record.record_id in done and record.status in ("ok", "cached"):
+            if record.record_id in done and record.status in ("ok", "partial", "cached"):
                 out.setdefault((record.metric, int(record.step)), config_identity(record))
         return out
 
@@ -164,7 +164,7 @@ def kept_apart(record: Record, delivered: dict[tuple[str, int], str]) -> Record:
         >>> kept_apart(r, {}).metric
         'hessian'
     """
-    if record.status not in ("ok", "cached"):
+    if record.status not in ("ok", "partial", "cached"):
         return record
     mine = config_identity(record)
     theirs = delivered.get((record.metric, int(record.step)))

@@ -59,7 +59,7 @@ from typing import Any
 
 import numpy as np
 
-from uma_callbacks.engine.records import Record, RecordSchemaError, artifact_path, check_record_dict
+from uma_callbacks.engine.records import MEASURED, Record, RecordSchemaError, artifact_path, check_record_dict
 from uma_callbacks.metrics.base import MetricResult
 
 logger = logging.getLogger(__name__)
@@ -360,7 +360,7 @@ class Journal:
                 logger.debug("uma: journal line skipped: %s", err)
                 continue
             self._records.append(record)
-            if record.status == "ok" and record.cache_key:
+            if record.status in MEASURED and record.cache_key:
                 self._ok[record.cache_key] = record
         self.bad_lines = self._log.damaged + int(self._log.torn_tail) + self.foreign_lines
         if self.bad_lines > self._warned_bad:
@@ -381,7 +381,7 @@ class Journal:
     def lookup(self, key: str) -> Record | None:
         """The latest ``ok`` record under ``key``, if any (an index lookup, no re-read)."""
         for record in reversed(self.pending):
-            if record.cache_key == key and record.status == "ok":
+            if record.cache_key == key and record.status in MEASURED:
                 return record
         self._refresh()
         return self._ok.get(key)

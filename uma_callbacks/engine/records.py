@@ -24,7 +24,12 @@ from typing import Any
 #: The prefix of every logged key.
 PREFIX = "uma"
 #: Every status a record may carry.
-STATUSES = ("ok", "error", "skipped", "timeout", "cached", "interrupted")
+STATUSES = ("ok", "error", "skipped", "timeout", "cached", "interrupted", "partial")
+#: Statuses whose record carries measured values (``partial``: kept, but an iterative method
+#: did not reach its stated accuracy; flagged on the dashboard).
+MEASURED = ("ok", "partial")
+#: Statuses whose values are logged (measured now, or read from the cache).
+VALUED = ("ok", "partial", "cached")
 
 
 class RecordSchemaError(ValueError):
@@ -145,9 +150,9 @@ class Record:
     def log_values(self) -> dict[str, float]:
         """``{uma/<metric>/<scalar>: value}`` for the finite scalars, with seconds and peak_mb."""
         out = {log_key(self.metric, k): float(v) for k, v in self.scalars.items() if _finite(v)}
-        if self.status in ("ok",) and _finite(self.meta.get("seconds")):
+        if self.status in MEASURED and _finite(self.meta.get("seconds")):
             out[log_key(self.metric, "seconds")] = float(self.meta["seconds"])
-        if self.status in ("ok",) and _finite(self.meta.get("peak_bytes")):
+        if self.status in MEASURED and _finite(self.meta.get("peak_bytes")):
             out[log_key(self.metric, "peak_mb")] = float(self.meta["peak_bytes"]) / 2**20
         return out
 

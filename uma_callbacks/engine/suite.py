@@ -80,6 +80,7 @@ class MetricSuite:
     timeout_seconds: float | None = None
     progress: Callable[[str, str, int, Record | None], Any] | None = None
     time_calibration: dict[str, float] = field(default_factory=dict)
+    _warned_partial: set[str] = field(default_factory=set)
 
     @property
     def is_main(self) -> bool:
@@ -247,7 +248,7 @@ class MetricSuite:
         result.meta.setdefault("seconds", time.perf_counter() - started)
         if budget_meta is not None:
             result.meta["compute_budget"] = budget_meta
-            if result.status == "ok" and budget_meta["raw_predicted_seconds"] > 0:
+            if result.status in ("ok", "partial") and budget_meta["raw_predicted_seconds"] > 0:
                 ratio = result.meta["seconds"] / budget_meta["raw_predicted_seconds"]
                 old = self.time_calibration.get(metric.name)
                 self.time_calibration[metric.name] = ratio if old is None else 0.5 * (old + ratio)
@@ -271,7 +272,15 @@ class MetricSuite:
             record.files = self._write_files(result, step)
             self.journal.append(record)
         redeliver_if_requested()  # SIGTERM during the metric: terminate now that it is journalled
-        if result.status != "ok":
+        if result.status == "partial":
+            if metric.name not in self._warned_partial:  # once per metric, not at every save
+                self._warned_partial.add(metric.name)
+                logger.warning(
+                    "uma: %s at step %d is partial: values kept, but its iterative method did not reach the "
+                    "stated accuracy (see meta: residuals); flagged as uma.%s.status=partial",
+                    metric.name, step, metric.name,
+                )  # fmt: skip
+        elif result.status != "ok":
             logger.log(
                 logging.INFO if result.status == "skipped" else logging.WARNING,
                 "uma: metric %s at step %d: %s: %s",
@@ -365,7 +374,7 @@ class MetricSuite:
 
     def _write_files(self, result: MetricResult, step: int) -> list[str]:
         assert self.journal is not None
-        if result.status != "ok":
+        if result.status not in ("ok", "partial"):
             return []
         # another configuration of this metric already has its files at this step: never
         # overwrite them, write into step-<N>/<metric>-<config hash>/ instead

@@ -285,6 +285,7 @@ class LotteryTickets(Metric):
             arrays["mask_distances"] = np.asarray(distances, np.float64)
             if early_bird_found(distances, self.eb_threshold, self.eb_patience):
                 scalars["early_bird_step"] = float(ctx.history.previous[self.eb_patience - 1].step)
+                ctx.meta["summary"] = {"early_bird_step": int(scalars["early_bird_step"])}  # a tag, once
         ctx.meta.update(n_weight_entries=sum(w.numel() for w in weights), memory_mode=mode, forward_passes=(len(levels) + 1) * len(chunks))
         return MetricResult(name=self.name, scalars=scalars, arrays=arrays)
 
