@@ -14,7 +14,6 @@ the reference copy (same weights, same probe), and the checks made on every rank
 from __future__ import annotations
 
 import argparse
-import copy
 import json
 import sys
 from pathlib import Path
@@ -23,7 +22,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
-from uma_callbacks.metrics.base import ComputeContext, Metric, MetricResult  # noqa: E402
+from uma_callbacks.metrics.base import ComputeContext, Metric, MetricResult
 
 
 class FailsOnRank1(Metric):
@@ -82,7 +81,13 @@ def run(out: Path) -> None:
     from uma_callbacks.core.distributed import current_collective
     from uma_callbacks.core.sharding import is_dtensor, local, local_rows, shard_bytes
     from uma_callbacks.engine.probe import Probe
-    from uma_callbacks.metrics import METRICS, CheckpointInterpolation, FisherInformation, GradientFlow, LossLandscape
+    from uma_callbacks.metrics import (
+        METRICS,
+        CheckpointInterpolation,
+        FisherInformation,
+        GradientFlow,
+        LossLandscape,
+    )
     from uma_callbacks.session import Session
 
     rank = torch.distributed.get_rank()
@@ -140,7 +145,7 @@ def run(out: Path) -> None:
         )
         for name, shard in direct.tensors.items():
             want = local_rows(ref_diag[name], params[name])
-            diag_err = max(diag_err, float(((shard - want).abs().max() / want.abs().max().clamp_min(1e-300))))
+            diag_err = max(diag_err, float((shard - want).abs().max() / want.abs().max().clamp_min(1e-300)))
         checks[f"diag_rel_err_{step}"] = diag_err
         checks[f"statuses_{step}"] = [[r.metric, r.status] for r in records]
         checks[f"errors_{step}"] = {r.metric: (r.error or {}).get("message", "") for r in records}
