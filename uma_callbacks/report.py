@@ -75,8 +75,42 @@ def find_journal(path: str | os.PathLike[str]) -> Journal:
     raise FileNotFoundError(f"no {JOURNAL_FILE} in {path} or {path / 'uma'}: nothing measured there yet")
 
 
+#: Units of the scalars whose unit is known, by scalar name (the y-axis labels).
+UNITS = {
+    "seconds": "s",
+    "peak_mb": "MiB",
+    "loss": "nats",
+    "loss_start": "nats",
+    "loss_end": "nats",
+    "center_loss": "nats",
+    "loss_mean": "nats",
+    "loss_std": "nats",
+    "barrier_height": "nats",
+    "icl_loss_drop": "nats",
+    "output_entropy": "nats",
+    "mean_entropy": "fraction of log(#keys)",
+    "effective_rank": "eigenvalues",
+    "distance": "weight-space L2",
+    "distance_from_first": "weight-space L2",
+    "update_norm": "weight-space L2",
+}
+#: Bookkeeping scalars left out of the report figure (they are in the table).
+_LEFT_OUT = ("seconds", "peak_mb")
+
+
+def _band_of(name: str, series: dict[str, dict[int, float]]) -> str | None:
+    """``<metric>/<x>_stderr`` for ``<metric>/<x>`` when the journal has it (drawn as a band)."""
+    band = f"{name}_stderr"
+    return band if band in series else None
+
+
 def draw_report(series: dict[str, dict[int, float]], png: Path, title: str = "uma report") -> Path:
-    """Draw one panel per series (value against step) into ``png``.
+    """Draw one panel per quantity (value against step) into ``png``.
+
+    Each quantity once: a ``*_stderr`` series is drawn as the ±1 standard-error band of its
+    quantity, not as a panel of its own; seconds and peak memory stay in the table. Panels
+    are titled by metric, the y-axis names the scalar and its unit, steps are integers and
+    no axis uses an offset.
 
     Raises:
         ValueError: no series to draw.
@@ -87,26 +121,87 @@ def draw_report(series: dict[str, dict[int, float]], png: Path, title: str = "um
 
     matplotlib.use("Agg", force=False)
     import matplotlib.pyplot as plt
+    from matplotlib.ticker import FuncFormatter, MaxNLocator
 
-    n = len(series)
+    bands = {n for name in series if (n := _band_of(name, series))}
+    candidates = [n for n in series if n not in bands and n.rsplit("/", 1)[-1] not in _LEFT_OUT] or list(series)
+    names, same_as = _each_quantity_once(candidates, series)
+    n = len(names)
     cols = min(4, n)
     rows = math.ceil(n / cols)
-    fig, axes = plt.subplots(rows, cols, figsize=(3.6 * cols, 2.6 * rows), squeeze=False)
-    for ax, (name, points) in zip(axes.flat, series.items()):
+    fig, axes = plt.subplots(rows, cols, figsize=(3.8 * cols, 2.9 * rows), squeeze=False)
+    for ax, name in zip(axes.flat, names):
+        points = series[name]
         steps = sorted(points)
-        ax.plot(steps, [points[s] for s in steps], "o-", ms=3)
-        ax.set_title(name, fontsize=8)
+        values = [points[s] for s in steps]
+        ax.plot(steps, values, "o-", ms=3)
+        band = _band_of(name, series)
+        if band:
+            err = [series[band].get(s, math.nan) for s in steps]
+            ax.fill_between(steps, [v - e for v, e in zip(values, err)], [v + e for v, e in zip(values, err)],
+                            alpha=0.25, label="±1 s.e.")  # fmt: skip
+            ax.legend(fontsize=6, loc="best")
+        metric, scalar = name.split("/", 1)
+        unit = UNITS.get(scalar)
+        also = f" (= {', '.join(same_as[name])})" if same_as.get(name) else ""
+        ax.set_title(metric + also, fontsize=7, loc="left")
+        ax.set_ylabel(f"{scalar} ({unit})" if unit else scalar, fontsize=7)
         ax.set_xlabel("step", fontsize=7)
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+        ax.yaxis.set_major_formatter(FuncFormatter(_tick_format(values)))  # no offset text over the title
         ax.tick_params(labelsize=7)
         ax.grid(True, alpha=0.3)
     for ax in list(axes.flat)[n:]:
         ax.axis("off")
     fig.suptitle(title, fontsize=10)
-    fig.tight_layout()
+    fig.tight_layout(rect=(0, 0, 1, 1 - 0.35 / (2.9 * rows)))  # room for the title above the first row
     png.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(png, dpi=90)
     plt.close(fig)
     return png
+
+
+def _tick_format(values: list[float]):
+    """Tick labels with as many digits as the panel's range needs, never an offset or a
+    multiplier (``3.91275`` and ``3.913``, ``4e-05``): the value is read off the axis itself."""
+    finite = [v for v in values if math.isfinite(v)] or [0.0]
+    span = max(finite) - min(finite)
+    scale = max(abs(v) for v in finite) or 1.0
+    digits = 3 if span <= 0 else max(3, min(10, math.ceil(math.log10(scale / span)) + 3))
+    return lambda value, _pos: f"{value:.{digits}g}"
+
+
+def _each_quantity_once(names: list[str], series: dict[str, dict[int, float]]) -> tuple[list[str], dict[str, list[str]]]:
+    """Drop series that repeat an earlier one step for step (the probe loss several metrics
+    report): ``(kept names, {kept: [the names it stands for]})``."""
+    kept: list[str] = []
+    same_as: dict[str, list[str]] = {}
+    for name in names:
+        twin = next((k for k in kept if _same_values(series[k], series[name])), None)
+        if twin is None:
+            kept.append(name)
+        else:
+            same_as.setdefault(twin, []).append(name)
+    return kept, same_as
+
+
+def _same_values(a: dict[int, float], b: dict[int, float]) -> bool:
+    return set(a) == set(b) and all(math.isclose(a[s], b[s], rel_tol=1e-9, abs_tol=1e-12) for s in a)
+
+
+def step_figures(journal: Journal) -> list[tuple[str, Path]]:
+    """``(caption, png)`` of the figures of each metric's latest step (read from inside the journal only)."""
+    latest: dict[str, Any] = {}
+    for record in journal.records():
+        if record.status in ("ok", "partial") and (record.metric not in latest or record.step >= latest[record.metric].step):
+            latest[record.metric] = record
+    out = []
+    for metric, record in sorted(latest.items()):
+        for rel in record.files:
+            path = journal.resolve_file(rel)
+            if path is not None and path.suffix == ".png":
+                out.append((f"{metric} at step {record.step}: {path.stem}", path))
+    return out
 
 
 def write_report(source: str | os.PathLike[str], out_dir: str | os.PathLike[str] | None = None) -> tuple[Path, Path]:
@@ -126,7 +221,7 @@ def write_report(source: str | os.PathLike[str], out_dir: str | os.PathLike[str]
     png = draw_report(series, out / "report.png", title=f"uma report: {Path(source).resolve().name}")
     trends = draw_trends(collect_results(journal), out)
     errors = [r for r in journal.records() if r.status not in ("ok", "cached")]
-    page = _html(series, png, errors, trends)
+    page = _html(series, png, errors, trends, step_figures(journal))
     html_path = out / "report.html"
     html_path.write_text(page, encoding="utf-8")
     return png, html_path
@@ -137,8 +232,19 @@ def _e(value: Any) -> str:
     return html.escape(str(value), quote=True)
 
 
-def _html(series: dict[str, dict[int, float]], png: Path, errors: list[Any], trends: list[Path] = ()) -> str:
+def _html(
+    series: dict[str, dict[int, float]],
+    png: Path,
+    errors: list[Any],
+    trends: list[Path] = (),
+    figures: list[tuple[str, Path]] = (),
+) -> str:
     image = base64.b64encode(png.read_bytes()).decode("ascii")
+    per_step = "".join(
+        f"<figure><img alt='{_e(caption)}' src='data:image/png;base64,{base64.b64encode(path.read_bytes()).decode('ascii')}'/>"
+        f"<figcaption>{_e(caption)}</figcaption></figure>"
+        for caption, path in figures
+    )
     extra = "".join(
         f"<h2>{_e(p.stem)}</h2><img alt='{_e(p.stem)}' "
         f"src='data:image/png;base64,{base64.b64encode(p.read_bytes()).decode('ascii')}'/>"
@@ -164,6 +270,7 @@ def _html(series: dict[str, dict[int, float]], png: Path, errors: list[Any], tre
         "<h1>uma report</h1>"
         f"<img alt='metrics across steps' src='data:image/png;base64,{image}'/>"
         + extra
+        + (f"<h2>Latest figures of each metric</h2>{per_step}" if per_step else "")
         + f"<h2>Values</h2><table><tr><th>step</th>{head}</tr>{''.join(rows)}</table>"
         + (f"<h2>Errors</h2><ul>{error_items}</ul>" if error_items else "")
         + "</body></html>"
