@@ -40,6 +40,14 @@ SENTENCES = [
     "The loss landscape is a slice through the weights.",
     "Fisher information measures parameter importance.",
     "Gradient noise sets the useful batch size.",
+    "Eigenvalues of the Hessian describe the local geometry.",
+    "Small probes can still tell a lot about a network.",
+    "Per-sample gradients cost about one backward pass.",
+    "The embedding rows of unseen tokens never move.",
+    "Layer norms rescale every token's hidden state.",
+    "Attention lets each token look at the others.",
+    "A sharp minimum may generalise worse than a flat one.",
+    "Noise in the gradient helps escape saddle points.",
 ]
 MEMORY_ENV = {"MALLOC_MMAP_THRESHOLD_": "65536", "OMP_NUM_THREADS": "1"}
 
@@ -85,21 +93,26 @@ def settings(quick: bool) -> dict[str, dict]:
     }
 
 
-def child(name: str, quick: bool) -> None:
+def child(name: str, quick: bool, samples: int) -> None:
     """Child process: one JSON line per setting with the peak and plan of ``name``."""
     for setting in ("none", "tight"):
-        _child_setting(name, setting, quick)
+        _child_setting(name, setting, quick, samples)
 
 
-def _child_setting(name: str, setting: str, quick: bool) -> None:
+def _child_setting(name: str, setting: str, quick: bool, samples: int) -> None:
     import torch
 
-    from uma_callbacks.engine.budget import MemoryBudget, compute_within_budget, measure_sample_bytes, param_bytes
     from uma_callbacks.core.losses import resolve_loss_fn
+    from uma_callbacks.engine.budget import (
+        MemoryBudget,
+        compute_within_budget,
+        measure_sample_bytes,
+        param_bytes,
+    )
     from uma_callbacks.metrics import METRICS
 
     torch.set_num_threads(1)  # two children share two cores
-    model, batches = build(2 if quick else 8)
+    model, batches = build(samples)
     kwargs = settings(quick)[name]
 
     def make():
@@ -139,9 +152,9 @@ def _child_setting(name: str, setting: str, quick: bool) -> None:
     )
 
 
-def run_child(name: str, quick: bool) -> dict[str, dict]:
+def run_child(name: str, quick: bool, samples: int) -> dict[str, dict]:
     """Both settings of ``name`` in one child process: ``{setting: row}``."""
-    cmd = [sys.executable, __file__, "--child", name] + (["--quick"] if quick else [])
+    cmd = [sys.executable, __file__, "--child", name, "--samples", str(samples)] + (["--quick"] if quick else [])
     out = subprocess.run(cmd, env={**os.environ, **MEMORY_ENV}, capture_output=True, text=True, timeout=1200)
     if out.returncode != 0:
         raise RuntimeError(f"child {name} failed:\n{out.stderr[-3000:]}")
@@ -151,21 +164,27 @@ def run_child(name: str, quick: bool) -> dict[str, dict]:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--quick", action="store_true", help="2 sentences, 3 products (about a minute)")
+    parser.add_argument("--quick", action="store_true", help="few products and grid points")
+    parser.add_argument("--samples", type=int, default=16, help="probe sentences (at most 16; default 16)")
+    parser.add_argument("--metrics", default=",".join(METRIC_NAMES), help="comma-separated subset")
     parser.add_argument("--child", metavar="METRIC", help=argparse.SUPPRESS)
     args = parser.parse_args()
+    if not 1 <= args.samples <= len(SENTENCES):
+        parser.error(f"--samples must be in 1..{len(SENTENCES)}")
     if args.child:
-        child(args.child, args.quick)
+        child(args.child, args.quick, args.samples)
         return
+    names = [m for m in args.metrics.split(",") if m]
     started = time.perf_counter()
     rows = {}
     from concurrent.futures import ThreadPoolExecutor
 
     with ThreadPoolExecutor(max_workers=2) as pool:  # two children at a time (peaks are per process)
-        for m, both in zip(METRIC_NAMES, pool.map(lambda name: run_child(name, args.quick), METRIC_NAMES)):
+        for m, both in zip(names, pool.map(lambda name: run_child(name, args.quick, args.samples), names)):
             for s in ("none", "tight"):
                 rows[(m, s)] = both[s]
-    print(f"MiniLM BERT (seq. classification), P = {rows[(METRIC_NAMES[0], 'none')]['params'] / 2**20:.1f} MiB float32")
+    print(f"MiniLM BERT (seq. classification), P = {rows[(names[0], 'none')]['params'] / 2**20:.1f} MiB float32, "
+          f"probe of {args.samples} sentences")
     print(f"{'metric':15s} {'setting':7s} {'mode':20s} {'chunk':>5s} {'peak MiB':>9s} {'x P':>6s} {'budget MiB':>10s} {'s':>5s}")
     for (m, s), r in rows.items():
         budget = f"{r['budget'] / 2**20:.1f}" if r["budget"] else "-"
@@ -176,7 +195,7 @@ def main() -> None:
     for (m, s), r in rows.items():
         key = f"{m}_peak_over_params" if s == "none" else f"{m}_tight_peak_over_params"
         print(f"{key}={r['peak'] / r['params']:.3f}")
-    for m in METRIC_NAMES:
+    for m in names:
         r = rows[(m, "tight")]
         print(f"{m}_tight_peak_over_budget={r['peak'] / r['budget']:.3f}")
     print(f"seconds={time.perf_counter() - started:.1f}")

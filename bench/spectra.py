@@ -29,10 +29,10 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from uma_callbacks.core.losses import hf_per_sample_loss  # noqa: E402
-from uma_callbacks.core.model_state import eager_attention  # noqa: E402
-from uma_callbacks.linalg.hvp import HessianOperator  # noqa: E402
-from uma_callbacks.metrics import FisherInformation, HessianSpectrum  # noqa: E402
+from uma_callbacks.core.losses import hf_per_sample_loss
+from uma_callbacks.core.model_state import eager_attention
+from uma_callbacks.linalg.hvp import HessianOperator
+from uma_callbacks.metrics import FisherInformation, HessianSpectrum
 
 SENTENCES = [
     "The cat sat on the mat.",
@@ -143,6 +143,17 @@ def main() -> None:
     t_hess = time.perf_counter() - t0
     t_train_h = median_time(train_step(model, batches), 3)
     params = {n: p for n, p in model.named_parameters() if p.requires_grad}
+    block = hr.meta["lanczos_block_size"]
+    with eager_attention(model):  # the unit costs: one product alone, a batched block per product
+        op = HessianOperator(model, hf_per_sample_loss, batches, params, 16, cache_graph=True)
+        rows = torch.randn(block, op.dim, generator=torch.Generator().manual_seed(0))
+        t0 = time.perf_counter()
+        op.matmat_rows(rows[:1])
+        t_graph = time.perf_counter() - t0
+        t_one = median_time(lambda: op.matmat_rows(rows[:1]), 1)
+        t_block = median_time(lambda: op.matmat_rows(rows), 1)
+        op.close()
+    t_train_p = median_time(train_step(model, batches), 3)
     vecs = torch.stack([torch.cat([hr.tensors[f"eigvec_{j}/{n}"].reshape(-1) for n in params]) for j in range(10)], dim=1)
     with eager_attention(model):
         op = HessianOperator(model, hf_per_sample_loss, batches, params, 16)
@@ -150,11 +161,17 @@ def main() -> None:
     lam = torch.tensor(hr.arrays["top_eigenvalues"], dtype=torch.float32)
     true_rel = float(((hv - vecs * lam).norm(dim=0) / lam.abs().max()).max())
     ritz_rel = max(hr.meta["lanczos_relative_residuals"])
-    unit = statistics.median([t_train, t_train_h])
+    unit = statistics.median([t_train, t_train_h, t_train_p])
     print(f"  Hessian top-10 (block {hr.meta['lanczos_block_size']}, batched={hr.meta['hvp_batched']}): "
           f"{t_hess:.2f} s, {hr.meta['matvecs']} products, converged={hr.meta['lanczos_converged']}, "
           f"max relative residual {ritz_rel:.1e} (Ritz) / {true_rel:.1e} (true)")
-    print(f"  top eigenvalues {[round(float(x), 4) for x in hr.arrays['top_eigenvalues']]}")
+    print(f"  top eigenvalues {[round(float(x), 4) for x in hr.arrays['top_eigenvalues']]}; status {hr.status}")
+    print(f"  max relative residual per block step (products, residual): "
+          f"{[(m, round(r, 4)) for m, r in hr.meta['lanczos_history']]}")
+    print(f"  units: first backward with graph + 1 product {t_graph / unit:.2f}, one product {t_one / unit:.2f}, "
+          f"a batched block of {block} {t_block / block / unit:.2f} per product (train steps)")
+    summary["hvp_one_over_train_step"] = t_one / unit
+    summary["hvp_batched_per_product_over_train_step"] = t_block / block / unit
     summary["hessian_top10_over_train_step"] = t_hess / unit
     summary["hessian_top10_max_residual"] = max(ritz_rel, true_rel)
     summary["hessian_top10_products"] = hr.meta["matvecs"]

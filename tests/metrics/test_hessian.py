@@ -13,10 +13,10 @@ from torch.func import functional_call, grad, jacrev
 from tests.cases import TINY_CASES
 from tests.linalg.test_hvp import run_ranks
 from tests.oracles import oracle_hessian
-from uma_callbacks.metrics import METRICS, HessianSpectrum
-from uma_callbacks.metrics.hessian import eigenvector_directions, spectrum_scalars
 from uma_callbacks.core.model_state import eager_attention
 from uma_callbacks.engine.probe import Probe
+from uma_callbacks.metrics import METRICS, HessianSpectrum
+from uma_callbacks.metrics.hessian import eigenvector_directions, spectrum_scalars
 
 # Qwen2: only decoder layer 0 is trainable (~2k parameters), so the dense oracle stays
 # affordable; the gradient still flows through layer 1, the norm and the head, and the
@@ -203,6 +203,7 @@ def test_registered_by_name():
         ({"hutchinson_samples": -3}, "hutchinson_samples"),
         ({"tol": 0}, "tol"),
         ({"residual_tol": -1.0}, "residual_tol"),
+        ({"start": "ones"}, "start"),
         ({"max_iter": 0}, "max_iter"),
         ({"seed": "a"}, "seed"),
     ],

@@ -125,7 +125,7 @@ class HessianOperator:
         self.matvecs = 0
         self.batched = True
         self.batch_error = ""
-        self._graph: list[tuple[list[torch.Tensor], list[int]]] | None = None
+        self._graph: list[tuple[list[torch.Tensor], list[int], torch.Tensor]] | None = None
 
     # ------------------------------------------------------------------ products
     def matvec(self, vector: torch.Tensor) -> torch.Tensor:
@@ -211,7 +211,7 @@ class HessianOperator:
         ]
         written = [False] * len(self.params)
         retain = True if batched else self.cache_graph
-        for grads, index in self._gradients():
+        for grads, index, _losses in self._gradients():
             if not index:
                 continue
             with torch.enable_grad():
@@ -242,12 +242,13 @@ class HessianOperator:
 
     # ------------------------------------------------------------------ internals
     def _gradients(self):
-        """Yield ``(grads, index)`` per chunk: the first-backward gradients (with graph)
-        and the indices of those that depend on the parameters (others add nothing)."""
+        """Yield ``(grads, index, losses)`` per chunk: the first-backward gradients (with
+        graph), the indices of those that depend on the parameters (others add nothing) and
+        the chunk's per-sample losses ``[n_c]`` (with graph)."""
         if self.cache_graph and self._graph is not None:
             yield from self._graph
             return
-        cached: list[tuple[list[torch.Tensor], list[int]]] = []
+        cached: list[tuple[list[torch.Tensor], list[int], torch.Tensor]] = []
         for chunk in self.chunks:
             entry = self._first_backward(chunk)
             if self.cache_graph:
@@ -256,13 +257,48 @@ class HessianOperator:
         if self.cache_graph:
             self._graph = cached
 
-    def _first_backward(self, chunk: Any) -> tuple[list[torch.Tensor], list[int]]:
+    def _first_backward(self, chunk: Any) -> tuple[list[torch.Tensor], list[int], torch.Tensor]:
         with torch.enable_grad():
-            loss = self.loss_fn(self.model, chunk).sum()
-            grads = torch.autograd.grad(loss, self.params, create_graph=True, allow_unused=True)
+            losses = self.loss_fn(self.model, chunk)
+            grads = torch.autograd.grad(losses.sum(), self.params, create_graph=True, allow_unused=True)
         kept = [g if g is not None else torch.zeros_like(p) for g, p in zip(grads, self.params)]
         index = [j for j, g in enumerate(grads) if g is not None and g.requires_grad]
-        return kept, index
+        return kept, index, losses
+
+    def gradient_sketch(self, b: int, seed: int) -> torch.Tensor:
+        r"""``S [b, P]``, rows s_j = sum_i c_ij nabla l_i: b random combinations (Gaussian
+        c_ij from a local generator seeded with ``seed``, drawn chunk by chunk) of the
+        per-sample gradients, summed over chunks and ranks.
+
+        A start block for Lanczos inside the span of the per-sample gradients, which is
+        the range of the Gauss-Newton part of H for a 2-class softmax and holds most of the
+        top eigenvectors in practice (Papyan 2020: the outliers come from class-gradient
+        structure). One batched backward through each chunk's first-backward graph (built
+        here when not cached: about one training step).
+        """
+        gen = torch.Generator(device="cpu").manual_seed(int(seed))
+        out = torch.zeros(b, self.dim, dtype=self._dtype, device=self._device)
+        targets = _row_views(out, self.params)
+        for _grads, _index, losses in self._gradients():
+            if not losses.requires_grad:
+                continue
+            weights = torch.randn(b, losses.shape[0], generator=gen, dtype=torch.float64)
+            with torch.enable_grad():
+                parts = torch.autograd.grad(
+                    losses,
+                    self.params,
+                    grad_outputs=weights.to(losses.dtype).to(losses.device),
+                    retain_graph=True,
+                    allow_unused=True,
+                    is_grads_batched=True,
+                )
+            for target, part in zip(targets, parts):
+                if part is not None:
+                    target.add_(part.detach().reshape(target.shape))
+        if not self.cache_graph:
+            self._graph = None
+        self.collective.sum_([out])
+        return out
 
 
 def hessian_matrix(operator: HessianOperator, dtype: torch.dtype = torch.float64) -> torch.Tensor:

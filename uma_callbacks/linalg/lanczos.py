@@ -202,6 +202,7 @@ def block_lanczos_top_k(
     reorth_ratio: float = 0.7,
     rows: bool = False,
     on_step: Callable[[int, torch.Tensor], None] | None = None,
+    start: torch.Tensor | None = None,
 ) -> LanczosResult:
     r"""The ``k`` largest eigenvalues of a symmetric operator by block Lanczos.
 
@@ -240,6 +241,8 @@ def block_lanczos_top_k(
         reorth_ratio: the DGKS threshold for the second pass.
         rows: ``matmat`` takes and returns rows (see above).
         on_step: called after each block step with ``(matvecs, residuals [k'])``.
+        start: ``[b, P]`` start block (rows; orthonormalised here, a dependent row
+            replaced by a random direction); default Gaussian from ``seed``.
 
     Returns:
         :class:`LanczosResult` (``residuals`` are the absolute Ritz residual norms).
@@ -261,9 +264,17 @@ def block_lanczos_top_k(
     basis_device = torch.device(basis_device or device)
     product = matmat if rows else (lambda v: matmat(v.T).T)
     gen = torch.Generator(device="cpu").manual_seed(seed)
-    q, _ = torch.linalg.qr(torch.randn(dim, b, generator=gen, dtype=torch.float64))
     basis = torch.empty(min(dim, size + b), dim, dtype=dtype, device=basis_device)
-    basis[:b] = q.T.to(dtype)
+    if start is None:
+        q, _ = torch.linalg.qr(torch.randn(dim, b, generator=gen, dtype=torch.float64))
+        basis[:b] = q.T.to(dtype)
+    else:
+        if start.shape != (b, dim):
+            raise ValueError(f"block_lanczos_top_k.start must be [{b}, {dim}]; got {tuple(start.shape)}")
+        q, c = _svd_rows(start.to(dtype).to(basis_device))
+        basis[:b] = q
+        del q
+        _replace_lost_rows(basis, 0, b, c, gen, 1e-6 * max(float(c.abs().max()), 1e-300))
     t = torch.zeros(size, size, dtype=torch.float64)
     matvecs, used, converged, nb = 0, 0, False, b
     vals = torch.zeros(0, dtype=torch.float64)

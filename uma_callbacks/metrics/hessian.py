@@ -10,8 +10,20 @@ import torch
 
 from uma_callbacks.linalg.hutchinson import hutchinson_trace
 from uma_callbacks.linalg.hvp import HessianOperator, split_flat
-from uma_callbacks.linalg.lanczos import block_lanczos_top_k, lanczos_top_k, relative_residuals, within_tolerance
-from uma_callbacks.metrics.base import ComputeContext, Cost, Metric, MetricResult, check_positive_int
+from uma_callbacks.linalg.lanczos import (
+    block_lanczos_top_k,
+    lanczos_top_k,
+    relative_residuals,
+    within_tolerance,
+)
+from uma_callbacks.metrics.base import (
+    ComputeContext,
+    Cost,
+    Metric,
+    MetricResult,
+    check_choice,
+    check_positive_int,
+)
 
 
 class HessianSpectrum(Metric):
@@ -60,6 +72,10 @@ class HessianSpectrum(Metric):
             pair's ||H y - theta y|| / |lambda_1| exceeds it after ``max_iter`` products,
             ``result.status`` is ``"partial"`` (values kept; ``meta["lanczos_residual_tol"]``
             and the residuals say by how much) instead of ``"ok"``.
+        start: the block-Lanczos start block: ``"gradients"`` (b random combinations of
+            the per-sample gradients, one batched backward: they span the Gauss-Newton
+            part's range for a 2-class softmax and hold most of the top eigenvectors, so
+            far fewer products are needed) or ``"random"`` (Gaussian from ``seed``).
         seed: seeds the Lanczos start vector; the Hutchinson probes use ``seed + 1``.
         max_iter: the most Lanczos products (default above, at most P).
         cache_graph: keep the first-backward graph across products (see
@@ -103,6 +119,7 @@ class HessianSpectrum(Metric):
         *,
         block_size: int | None = None,
         residual_tol: float = 1e-2,
+        start: str = "gradients",
         chunk_size: int | None = None,
         timeout_seconds: float | None = None,
     ) -> None:
@@ -128,11 +145,13 @@ class HessianSpectrum(Metric):
             raise ValueError(f"HessianSpectrum.seed must be an integer; got {seed!r}")
         if block_size is not None:
             check_positive_int("HessianSpectrum.block_size", block_size)
+        check_choice("HessianSpectrum.start", start, ("gradients", "random"))
         self.top_k = top_k
         self.hutchinson_samples = hutchinson_samples
         self.return_eigenvectors = bool(return_eigenvectors)
         self.tol = float(tol)
         self.residual_tol = float(residual_tol)
+        self.start = start
         self.seed = seed
         self.max_iter = max_iter
         self.block_size = block_size
@@ -224,6 +243,7 @@ class HessianSpectrum(Metric):
                     basis_device=basis_device,
                     return_vectors=self.return_eigenvectors,
                     rows=True,
+                    start=op.gradient_sketch(block, self.seed) if self.start == "gradients" else None,
                     on_step=lambda m, res: history.append([m, float(res.max()) if res.numel() else math.nan]),
                 )
             lanczos_matvecs = op.matvecs
@@ -264,6 +284,7 @@ class HessianSpectrum(Metric):
             lanczos_relative_residuals=relative_residuals(lz).tolist(),
             lanczos_residual_tol=self.residual_tol,
             lanczos_block_size=block,
+            lanczos_start=self.start if block > 1 else "random",
             lanczos_history=[
                 [int(m), r / max(float(eigenvalues.abs().max()), 1e-300)] for m, r in history
             ],
