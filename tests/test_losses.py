@@ -40,3 +40,20 @@ def test_classification_and_regression():
 def test_hf_loss_needs_labels():
     with pytest.raises(ValueError, match="labels"):
         hf_per_sample_loss(torch.nn.Identity(), {"input_ids": torch.zeros(1, 2)})
+
+
+def test_labels_the_head_cannot_score_are_a_clear_error():
+    from transformers import BertConfig, BertForSequenceClassification
+
+    from uma_callbacks.metrics import GradientFlow
+
+    config = BertConfig(vocab_size=30, hidden_size=16, num_hidden_layers=1, num_attention_heads=2,
+                        intermediate_size=32, num_labels=2)  # fmt: skip
+    model = BertForSequenceClassification(config)
+    ids = torch.randint(1, 30, (4, 6))
+    batch = {"input_ids": ids, "attention_mask": torch.ones_like(ids), "labels": torch.tensor([0, 1, 5, 1])}
+    with pytest.raises(ValueError, match=r"labels range over \[0, 5\].*2 outputs \(config.num_labels\)"):
+        GradientFlow().compute(model, [batch])
+    from uma_callbacks.core.losses import check_labels_fit
+
+    check_labels_fit(model, [dict(batch, labels=torch.tensor([0, 1, -100, 0]))])  # fits (-100 ignored): no error

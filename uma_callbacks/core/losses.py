@@ -110,3 +110,34 @@ def resolve_loss_fn(model: torch.nn.Module, loss_fn: LossFn | None) -> LossFn:
             raise ValueError(f"loss_fn must be callable(model, batch) -> Tensor[B]; got {loss_fn!r}")
         return loss_fn
     return hf_per_sample_loss
+
+
+def check_labels_fit(model: torch.nn.Module, batches: Any) -> None:
+    """Refuse integer ``labels`` that the model's head cannot score, before any forward.
+
+    The head's size is ``config.num_labels`` for sequence classification and
+    ``config.vocab_size`` for language models (``-100`` is always allowed: ignored).
+
+    Raises:
+        ValueError: a label outside ``[0, size)``, naming the field, the values and the size.
+    """
+    config = getattr(model, "config", None)
+    if config is None:
+        return
+    archs = " ".join(getattr(config, "architectures", None) or [type(model).__name__])
+    classify = "SequenceClassification" in archs or "SequenceClassification" in type(model).__name__
+    size = getattr(config, "num_labels", None) if classify else getattr(config, "vocab_size", None)
+    if not isinstance(size, int) or size <= 0:
+        return
+    for batch in batches:
+        labels = batch.get("labels") if isinstance(batch, Mapping) else None
+        if not isinstance(labels, torch.Tensor) or labels.is_floating_point() or labels.numel() == 0:
+            continue
+        valid = labels[labels != -100]
+        if valid.numel() and (int(valid.min()) < 0 or int(valid.max()) >= size):
+            what = "num_labels" if classify else "vocab_size"
+            raise ValueError(
+                f"probe labels range over [{int(valid.min())}, {int(valid.max())}] but the model's head has {size} "
+                f"outputs (config.{what}); the probe was made for another model or task (labels must be in "
+                f"[0, {size}) or -100)"
+            )

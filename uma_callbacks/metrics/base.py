@@ -26,7 +26,7 @@ import torch
 
 from uma_callbacks.core.distributed import Collective, LocalCollective
 from uma_callbacks.core.interrupt import MetricInterrupted, interrupt_requested
-from uma_callbacks.core.losses import LossFn, resolve_loss_fn
+from uma_callbacks.core.losses import LossFn, check_labels_fit, resolve_loss_fn
 from uma_callbacks.core.model_state import eager_attention, preserved_model_state
 from uma_callbacks.core.batches import count_samples, split_batch
 
@@ -451,6 +451,8 @@ class Metric(abc.ABC):
             if is_sharded(model):
                 raise MetricSkipped(sharded_skip_reason(self.name))
         check_finite_weights(model)
+        if loss_fn is None:
+            check_labels_fit(model, batches)
         resolved_loss = _finite_loss(resolve_loss_fn(model, loss_fn))
         chunk = chunk_size or self.chunk_size or max(count_samples(b) for b in batches)
         limit = timeout_seconds if timeout_seconds is not None else self.timeout_seconds
