@@ -46,3 +46,32 @@ def test_hessian_reports_residuals_per_eigenpair():
         torch.tensor(r.arrays["top_eigenvalues"]), torch.tensor(one.arrays["top_eigenvalues"]), rtol=1e-7, atol=0
     )
     assert r.scalars["trace"] == pytest.approx(one.scalars["trace"], rel=1e-10)  # same probes, batched
+
+
+def test_gradient_sketch_is_the_weighted_sum_of_per_sample_gradients():
+    model, batches, loss_fn = TINY_CASES[0].build(dtype=torch.float64)
+    params = dict(model.named_parameters())
+    op = HessianOperator(model, loss_fn, batches, params, n_total=10, cache_graph=True)
+    got = op.gradient_sketch(3, seed=7)
+    gen, want = torch.Generator().manual_seed(7), torch.zeros_like(got)
+    for batch in batches:  # weights drawn chunk by chunk, in probe order
+        losses = loss_fn(model, batch)
+        rows = [
+            torch.cat([g.reshape(-1) for g in torch.autograd.grad(li, list(params.values()), retain_graph=True)])
+            for li in losses
+        ]
+        want += torch.randn(3, losses.shape[0], generator=gen, dtype=torch.float64) @ torch.stack(rows)
+    torch.testing.assert_close(got, want, rtol=1e-10, atol=1e-12)
+    assert op.matvecs == 0 and all(p.grad is None for p in params.values())
+
+
+def test_gradient_start_and_random_start_agree():
+    model, batches, loss_fn = TINY_CASES[0].build(dtype=torch.float64)
+    kwargs = {"top_k": 4, "hutchinson_samples": 0, "tol": 1e-10, "max_iter": 80}
+    a = HessianSpectrum(start="gradients", **kwargs).compute(model, batches, loss_fn)
+    b = HessianSpectrum(start="random", **kwargs).compute(model, batches, loss_fn)
+    assert a.meta["lanczos_start"] == "gradients" and b.meta["lanczos_start"] == "random"
+    torch.testing.assert_close(
+        torch.tensor(a.arrays["top_eigenvalues"]), torch.tensor(b.arrays["top_eigenvalues"]), rtol=1e-9, atol=0
+    )
+    assert a.status == b.status == "ok"
