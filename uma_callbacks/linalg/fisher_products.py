@@ -278,86 +278,194 @@ def accumulate_fisher(
         ValueError: the linear factors do not apply and ``auto_fallback`` is false.
     """
     names = list(params)
+    state = _Whole(param_map, auto_fallback)
+    if groups is not None:
+        stats = _grouped_chunks(model, loss_fn, chunks, params, groups, want_grad_sum)
+    elif collective is not None:
+        stats = _sharded_chunks(model, loss_fn, chunks, params, plan, want_diag, want_grad_sum, collective)
+    else:
+        stats = _whole_model_chunks(model, loss_fn, chunks, params, plan, want_diag, want_grad_sum, want_gram, state)
     diag: dict[str, _Kahan] = {}
     gsum: dict[str, _Kahan] = {}
     norms, kept, loss_sum, rows, used = [], [], 0.0, 0, 0
-    cache: list[ChunkGradients] | None = []
-    fallback = ""
+    cache: list[ChunkGradients] | None = [] if groups is None else None
     grams: list[torch.Tensor] | None = [] if want_gram else None
     vmapped: set[str] = set()
-    if groups is not None:
-        return _accumulate_grouped(model, loss_fn, chunks, params, groups, accumulate_dtype, want_grad_sum, on_chunk)
-    for index, item in enumerate(chunks):
-        chunk, real = unwrap(item)
-        if collective is not None:
-            collective.agree()  # every rank healthy before FSDP's forward all-gathers
-            rep = layer_gradients(model, loss_fn, chunk, params, plan, before_backward=collective.agree)
-            sums, sq, chunk_gsum, _ = rep.reduce(want_diag, want_grad_sum, False)
-            vmapped.update(rep.vmapped)
-            _add_chunk_sums(diag, gsum if want_grad_sum else None, _scattered(chunk_gsum, real, collective),
-                            _scattered(sums, real, collective), params, accumulate_dtype)  # fmt: skip
-            kept.append(item)
-            if real:
-                _check_finite(sq, names)
-                norms.append(sq)
-                loss_sum += float(rep.losses.double().sum())
-                rows += rep.n
-            if cache is not None:
-                used += rep.nbytes()
-                cache = cache + [rep if real else _Ghost(rep)] if used <= cache_bytes else None
-            del rep, sums
-            if on_chunk is not None:
-                on_chunk(index + 1)
-            continue
-        try:
-            rep = chunk_gradients(model, loss_fn, chunk, params, param_map, verify=index == 0, plan=plan)
-        except ValueError as err:
-            if not (auto_fallback and index == 0 and param_map is not None):
-                raise
-            param_map, fallback = None, str(err)
-            rep = chunk_gradients(model, loss_fn, chunk, params, None)
-        if isinstance(rep, LayerGradients):
-            sums, sq, chunk_gsum, gram = rep.reduce(want_diag, want_grad_sum, want_gram)
-            vmapped.update(rep.vmapped)
-        else:
-            sums, sq = rep.square_stats()
-            sums = sums if want_diag else {}
-            chunk_gsum = rep.grad_sums() if want_grad_sum else None
-            gram = rep.gram() if want_gram and hasattr(rep, "gram") else None
-        _check_finite(sq, names)
-        _add_chunk_sums(diag, gsum if want_grad_sum else None, chunk_gsum, sums, params, accumulate_dtype)
+    for index, chunk in enumerate(stats):  # one loop, whatever the strategy
+        if chunk.real:
+            _check_finite(chunk.sq, names)
+        _add_chunk_sums(diag, gsum if want_grad_sum else None, chunk.grad_sums, chunk.sums, params, accumulate_dtype)
+        kept.append(chunk.item)
+        if chunk.real:
+            norms.append(chunk.sq)
+            loss_sum += chunk.loss_sum
+            rows += chunk.n
         if grams is not None:
-            grams = grams + [gram] if gram is not None else None
-        norms.append(sq)
-        loss_sum += float(rep.losses.double().sum())
-        rows += rep.n
-        kept.append(chunk)
+            grams = grams + [chunk.gram] if chunk.gram is not None else None
         if cache is not None:
-            used += rep.nbytes()
-            if used <= cache_bytes:
-                cache.append(rep)
-            else:
-                cache = None
-        del rep, sums
+            used += chunk.rep.nbytes() if chunk.rep is not None else 0
+            cache = cache + [chunk.rep] if chunk.rep is not None and used <= cache_bytes else None
+        vmapped |= chunk.vmapped
+        del chunk  # the next chunk's gradients must not meet this one's in memory
         if on_chunk is not None:
             on_chunk(index + 1)
     if rows == 0:
         raise ValueError("accumulate_fisher: no samples in the chunks")
     return FisherSums(
         names=names,
-        diag_sum={n: k.total for n, k in diag.items()},
-        grad_sum={n: k.total for n, k in gsum.items()} if want_grad_sum else None,
+        diag_sum={n: diag[n].total for n in names if n in diag},
+        grad_sum={n: gsum[n].total for n in names if n in gsum} if want_grad_sum else None,
         sq_norms=torch.cat(norms, dim=0),
         loss_sum=loss_sum,
         rows=rows,
         cache=cache,
         chunks=kept,
-        param_map=dict(param_map) if param_map is not None else None,
-        fallback=fallback,
+        param_map=dict(state.param_map) if state.param_map is not None else None,
+        fallback=state.fallback,
         plan=plan,
+        groups=groups,
         vmapped=[n for n in names if n in vmapped],
         gram=_full_gram(grams, cache),
     )
+
+
+@dataclass
+class _ChunkSums:
+    """What one chunk adds to the Fisher sums, whichever strategy made it.
+
+    Attributes:
+        item: what :attr:`FisherSums.chunks` keeps (to recompute products later).
+        real: False for a sharded run's filler chunk (run for FSDP's collectives, counted nowhere).
+        n: samples. loss_sum: sum of their losses.
+        sums: ``{name: sum_i g_{i,p}^2}`` (this rank's shard under FSDP).
+        sq: ``[B, n_params]`` per-sample squared norms (float64).
+        grad_sums: ``{name: sum_i g_{i,p}}`` when asked.
+        gram: the chunk's ``[B, B]`` block of G G^T when asked and available.
+        rep: the chunk's gradients for the product cache (``None``: not cacheable).
+        vmapped: parameters whose per-sample gradients came from vmap.
+    """
+
+    item: Any
+    real: bool
+    n: int
+    loss_sum: float
+    sums: Mapping[str, torch.Tensor]
+    sq: torch.Tensor
+    grad_sums: Mapping[str, torch.Tensor] | None = None
+    gram: torch.Tensor | None = None
+    rep: Any = None
+    vmapped: set[str] = field(default_factory=set)
+
+
+@dataclass
+class _Whole:
+    """The whole-model strategy's state: linear factors in use, and why they were dropped."""
+
+    param_map: Mapping[str, tuple[str, str]] | None
+    auto_fallback: bool
+    fallback: str = ""
+
+
+def _whole_model_chunks(
+    model: torch.nn.Module,
+    loss_fn: LossFn,
+    chunks: Iterable[Any],
+    params: Mapping[str, torch.Tensor],
+    plan: HookPlan | None,
+    want_diag: bool,
+    want_grad_sum: bool,
+    want_gram: bool,
+    state: _Whole,
+) -> Iterable[_ChunkSums]:
+    """Strategy: per-sample gradients of the whole model a chunk at a time (hooks, linear
+    factors or vmap), cacheable for later products."""
+    for index, chunk in enumerate(chunks):
+        try:
+            rep = chunk_gradients(model, loss_fn, chunk, params, state.param_map, verify=index == 0, plan=plan)
+        except ValueError as err:
+            if not (state.auto_fallback and index == 0 and state.param_map is not None):
+                raise
+            state.param_map, state.fallback = None, str(err)
+            rep = chunk_gradients(model, loss_fn, chunk, params, None)
+        if isinstance(rep, LayerGradients):
+            sums, sq, chunk_gsum, gram = rep.reduce(want_diag, want_grad_sum, want_gram)
+            vmapped = set(rep.vmapped)
+        else:
+            sums, sq = rep.square_stats()
+            sums = sums if want_diag else {}
+            chunk_gsum = rep.grad_sums() if want_grad_sum else None
+            gram = rep.gram() if want_gram and hasattr(rep, "gram") else None
+            vmapped = set()
+        out = _ChunkSums(chunk, True, rep.n, float(rep.losses.double().sum()), sums, sq, chunk_gsum, gram, rep, vmapped)
+        del rep, sums, sq, chunk_gsum, gram
+        yield out
+
+
+def _sharded_chunks(
+    model: torch.nn.Module,
+    loss_fn: LossFn,
+    chunks: Iterable[Any],
+    params: Mapping[str, torch.Tensor],
+    plan: HookPlan | None,
+    want_diag: bool,
+    want_grad_sum: bool,
+    collective: Any,
+) -> Iterable[_ChunkSums]:
+    """Strategy for a sharded (FSDP2) model: each chunk's full-size sums reduced over ranks
+    straight into this rank's shard; filler chunks run for FSDP's collectives, counted nowhere;
+    every rank agrees it is healthy before each forward and backward."""
+    for item in chunks:
+        chunk, real = unwrap(item)
+        collective.agree()  # every rank healthy before FSDP's forward all-gathers
+        rep = layer_gradients(model, loss_fn, chunk, params, plan, before_backward=collective.agree)
+        sums, sq, chunk_gsum, _ = rep.reduce(want_diag, want_grad_sum, False)
+        out = _ChunkSums(
+            item,
+            real,
+            rep.n,
+            float(rep.losses.double().sum()) if real else 0.0,
+            _scattered(sums, real, collective) or {},
+            sq,
+            _scattered(chunk_gsum, real, collective),
+            None,
+            rep if real else _Ghost(rep),
+            set(rep.vmapped),
+        )
+        del rep, sums, sq, chunk_gsum
+        yield out
+
+
+def _grouped_chunks(
+    model: torch.nn.Module,
+    loss_fn: LossFn,
+    chunks: Iterable[Any],
+    params: Mapping[str, torch.Tensor],
+    groups: list[list[str]],
+    want_grad_sum: bool,
+) -> Iterable[_ChunkSums]:
+    """Strategy: per-sample gradients one parameter group at a time (vmap, nothing cached): a
+    chunk holds [B, largest group] instead of [B, P]; the sums are the same."""
+    names = list(params)
+    column = {n: i for i, n in enumerate(names)}
+    for chunk in chunks:
+        sums: dict[str, torch.Tensor] = {}
+        grad_sums: dict[str, torch.Tensor] | None = {} if want_grad_sum else None
+        sq_all: torch.Tensor | None = None
+        n, loss_sum = 0, 0.0
+        for g_index, (group, rep) in enumerate(_grouped_chunk(model, loss_fn, chunk, params, groups)):
+            group_sums, sq = rep.square_stats()
+            _check_finite(sq, group)
+            if sq_all is None:
+                sq_all = torch.zeros(rep.n, len(names), dtype=torch.float64, device=sq.device)
+            sq_all[:, [column[name] for name in group]] = sq
+            sums.update(group_sums)
+            if grad_sums is not None:
+                grad_sums.update(rep.grad_sums())
+            if g_index == 0:
+                n, loss_sum = rep.n, float(rep.losses.double().sum())
+            del rep, group_sums, sq
+        assert sq_all is not None
+        yield _ChunkSums(chunk, True, n, loss_sum, sums, sq_all, grad_sums)
 
 
 def _scattered(
@@ -431,56 +539,6 @@ def _add_chunk_sums(
             if name not in gsum:
                 gsum[name] = _Kahan(g, torch.promote_types(accumulate_dtype, params[name].dtype))
             gsum[name].add(g)
-
-
-def _accumulate_grouped(
-    model: torch.nn.Module,
-    loss_fn: LossFn,
-    chunks: Iterable[Any],
-    params: Mapping[str, torch.Tensor],
-    groups: list[list[str]],
-    accumulate_dtype: torch.dtype,
-    want_grad_sum: bool,
-    on_chunk: Callable[[int], None] | None,
-) -> FisherSums:
-    """:func:`accumulate_fisher` a parameter group at a time (same sums, less memory)."""
-    names = list(params)
-    column = {n: i for i, n in enumerate(names)}
-    diag: dict[str, _Kahan] = {}
-    gsum: dict[str, _Kahan] = {}
-    norms, kept, loss_sum, rows = [], [], 0.0, 0
-    for index, chunk in enumerate(chunks):
-        sq_all: torch.Tensor | None = None
-        for g_index, (group, rep) in enumerate(_grouped_chunk(model, loss_fn, chunk, params, groups)):
-            sums, sq = rep.square_stats()
-            _check_finite(sq, group)
-            if sq_all is None:
-                sq_all = torch.zeros(rep.n, len(names), dtype=torch.float64, device=sq.device)
-            sq_all[:, [column[n] for n in group]] = sq
-            chunk_gsum = rep.grad_sums() if want_grad_sum else None
-            _add_chunk_sums(diag, gsum if want_grad_sum else None, chunk_gsum, sums, params, accumulate_dtype)
-            if g_index == 0:
-                loss_sum += float(rep.losses.double().sum())
-                rows += rep.n
-            del rep, sums, sq
-        assert sq_all is not None
-        norms.append(sq_all)
-        kept.append(chunk)
-        if on_chunk is not None:
-            on_chunk(index + 1)
-    if rows == 0:
-        raise ValueError("accumulate_fisher: no samples in the chunks")
-    return FisherSums(
-        names=names,
-        diag_sum={n: diag[n].total for n in names},
-        grad_sum={n: gsum[n].total for n in names} if want_grad_sum else None,
-        sq_norms=torch.cat(norms, dim=0),
-        loss_sum=loss_sum,
-        rows=rows,
-        cache=None,
-        chunks=kept,
-        groups=groups,
-    )
 
 
 def _check_finite(sq_norms: torch.Tensor, names: Sequence[str]) -> None:
