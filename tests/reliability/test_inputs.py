@@ -190,3 +190,25 @@ def test_hostile_metric_and_run_names_keep_mlflow_artifacts_under_uma(tmp_path):
     assert listed and all(p.startswith("uma/step-3/") and ".." not in p for p in listed)
     artifact_root = Path(client.get_run(sink.run_id()).info.artifact_uri.replace("file://", ""))
     assert all(artifact_root.resolve() in p.resolve().parents for p in artifact_root.rglob("*") if p.is_file())
+
+
+@pytest.mark.parametrize(
+    "build, field",
+    [
+        (lambda: UMAConfig(seed=2**63), "UMAConfig.seed"),
+        (lambda: UnifiedConfig(seed=2**63).to_uma(), "UnifiedConfig.seed"),
+        (lambda: UnifiedConfig(device="tpu").to_uma(), "UnifiedConfig.device"),
+        (lambda: UnifiedConfig(dtype="float8").to_uma(), "UnifiedConfig.dtype"),
+        (lambda: UnifiedConfig(loss_landscape_span=1e300).to_uma(), "UnifiedConfig.loss_landscape_span"),
+        (lambda: METRICS["landscape"](span=1e300), "LossLandscape.span"),
+    ],
+)
+def test_values_accepted_before_and_failing_later_are_refused_at_construction(build, field):
+    with pytest.raises(ValueError, match=field.replace(".", r"\.")):
+        build()
+
+
+def test_every_metric_has_a_default_time_limit_and_the_seed_reaches_the_estimators():
+    config = UMAConfig(metrics=["fisher", "hessian", "landscape"], seed=7)
+    assert config.timeout_seconds == 900.0
+    assert [m.seed for m in config.metric_objects] == [7, 7, 7]

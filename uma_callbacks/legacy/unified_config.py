@@ -38,6 +38,7 @@ import dataclasses
 import difflib
 import logging
 import math
+import re
 import warnings
 from dataclasses import dataclass
 from typing import Any
@@ -64,6 +65,13 @@ MAPPED_FIELDS = frozenset(
 NORMALIZATIONS = ("filter", "layer", "global")
 FISHER_METHODS = ("empirical", "exact", "mc")
 _warned: set[frozenset[str]] = set()
+
+
+#: ``dtype`` values the predecessor took (``auto`` keeps the checkpoint's).
+DTYPES = ("auto", "float32", "float16", "bfloat16", "float64")
+#: Largest landscape span: directions are normalised to the weights' scale, so a span far
+#: beyond a few units only measures overflow.
+MAX_SPAN = 1e3
 
 
 @dataclass(init=False)
@@ -185,16 +193,22 @@ class UnifiedConfig:
             )
         if self.fisher_method not in FISHER_METHODS:
             raise ValueError(f"UnifiedConfig.fisher_method must be one of {FISHER_METHODS!r}; got {self.fisher_method!r}")
-        if isinstance(self.seed, bool) or not isinstance(self.seed, int) or self.seed < 0:
-            raise ValueError(f"UnifiedConfig.seed must be a non-negative integer; got {self.seed!r}")
+        if isinstance(self.seed, bool) or not isinstance(self.seed, int) or not 0 <= self.seed < 2**63:
+            raise ValueError(f"UnifiedConfig.seed must be an integer in [0, 2**63 - 1]; got {self.seed!r}")
+        if not (isinstance(self.device, str) and re.fullmatch(r"auto|cpu|cuda(:\d+)?|mps", self.device)):
+            raise ValueError(f"UnifiedConfig.device must be one of 'auto', 'cpu', 'cuda', 'cuda:<n>', 'mps'; got {self.device!r}")
+        if self.dtype not in DTYPES:
+            raise ValueError(f"UnifiedConfig.dtype must be one of {DTYPES!r}; got {self.dtype!r}")
         for name in ("max_memory_gb", "timeout_seconds"):
             value = getattr(self, name)
             if name == "timeout_seconds" and value is None:
                 continue
             if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 < value < math.inf:
                 raise ValueError(f"UnifiedConfig.{name} must be a positive number; got {value!r}")
-        if not (isinstance(self.loss_landscape_span, (int, float)) and 0 < self.loss_landscape_span < math.inf):
-            raise ValueError(f"UnifiedConfig.loss_landscape_span must be a positive number; got {self.loss_landscape_span!r}")
+        if not (isinstance(self.loss_landscape_span, (int, float)) and 0 < self.loss_landscape_span <= MAX_SPAN):
+            raise ValueError(
+                f"UnifiedConfig.loss_landscape_span must be a positive number <= {MAX_SPAN:g}; got {self.loss_landscape_span!r}"
+            )
 
     def to_dict(self) -> dict[str, Any]:
         """All fields (``dataclasses.asdict`` works too)."""

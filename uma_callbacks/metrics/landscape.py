@@ -33,6 +33,9 @@ from uma_callbacks.metrics.base import (
 )
 
 NORMALIZATIONS = ("filter", "layer", "global")
+#: Largest span: directions are normalised to the weights' scale (filter/layer/global), so a
+#: span far beyond a few units only measures overflow.
+MAX_SPAN = 1e3
 MODES = ("stored", "lean")
 #: entries of one generated block of a random direction (bounds lean mode's extra memory).
 BLOCK_NUMEL = 1 << 16
@@ -144,9 +147,9 @@ class LossLandscape(Metric):
             isinstance(span, bool)
             or not isinstance(span, (int, float))
             or not span > 0
-            or not math.isfinite(span)
+            or not span <= MAX_SPAN
         ):
-            raise ValueError(f"LossLandscape.span must be a positive number; got {span!r}")
+            raise ValueError(f"LossLandscape.span must be a positive number <= {MAX_SPAN:g}; got {span!r}")
         check_choice("LossLandscape.normalization", normalization, NORMALIZATIONS)
         check_choice("LossLandscape.mode", mode, MODES)
         given = _check_directions(directions)
