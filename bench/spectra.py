@@ -170,6 +170,11 @@ def main() -> None:
           f"{[(m, round(r, 4)) for m, r in hr.meta['lanczos_history']]}")
     print(f"  units: first backward with graph + 1 product {t_graph / unit:.2f}, one product {t_one / unit:.2f}, "
           f"a batched block of {block} {t_block / block / unit:.2f} per product (train steps)")
+    lz_s, prod_s = hr.meta["lanczos_seconds"], hr.meta["lanczos_product_seconds"]
+    print(f"  inside the metric: Lanczos {lz_s:.1f} s (start block with the first backward and its graph, "
+          f"reorthogonalisation, Ritz values), of which batched products {prod_s:.1f} s; "
+          f"{t_hess - lz_s:.1f} s outside (Ritz vectors, setup)")
+    summary["hessian_top10_product_share"] = prod_s / t_hess
     summary["hvp_one_over_train_step"] = t_one / unit
     summary["hvp_batched_per_product_over_train_step"] = t_block / block / unit
     summary["hessian_top10_over_train_step"] = t_hess / unit

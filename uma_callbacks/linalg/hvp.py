@@ -123,6 +123,7 @@ class HessianOperator:
         if any(p.dtype != self._dtype for p in self.params):
             self._dtype = torch.float64 if any(p.dtype == torch.float64 for p in self.params) else torch.float32
         self.matvecs = 0
+        self.product_seconds = 0.0  # time callers spent in products (they add it)
         self.batched = True
         self.batch_error = ""
         self._graph: list[tuple[list[torch.Tensor], list[int], torch.Tensor]] | None = None

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import time
 from collections.abc import Sequence
 
 import numpy as np
@@ -217,6 +218,7 @@ class HessianSpectrum(Metric):
         )
         block = self._block(min(self.top_k, op.dim))
         history: list[list[float]] = []  # [matvecs, max absolute Ritz residual] per block step
+        lanczos_started = time.perf_counter()
         try:
             if block == 1:
                 lz = lanczos_top_k(
@@ -249,6 +251,7 @@ class HessianSpectrum(Metric):
                     on_step=lambda m, res: history.append([m, float(res.max()) if res.numel() else math.nan]),
                 )
             lanczos_matvecs = op.matvecs
+            lanczos_seconds = time.perf_counter() - lanczos_started
             if self.hutchinson_samples:
                 hut = hutchinson_trace(
                     op.matvec,
@@ -286,6 +289,8 @@ class HessianSpectrum(Metric):
             lanczos_relative_residuals=relative_residuals(lz).tolist(),
             lanczos_residual_tol=self.residual_tol,
             lanczos_block_size=block,
+            lanczos_seconds=lanczos_seconds,
+            lanczos_product_seconds=op.product_seconds,
             lanczos_start=self.start if block > 1 else "random",
             lanczos_history=[
                 [int(m), r / max(float(eigenvalues.abs().max()), 1e-300)] for m, r in history
@@ -311,10 +316,18 @@ def _rows_product(op: HessianOperator, block: int, dtype: torch.dtype, device: t
     """``V [b, P] -> H V [b, P]`` for block Lanczos, written into one ``[block, P]`` buffer
     reused by every step when the basis has the parameters' dtype (no fresh allocation per
     product; Lanczos consumes each result before the next call)."""
-    if dtype != op._dtype:
-        return lambda rows: op.matmat_rows(rows.to(op._dtype))
-    buffer = torch.empty(block, op.dim, dtype=dtype, device=device)
-    return lambda rows: op.matmat_rows(rows, out=buffer[: rows.shape[0]])
+    buffer = torch.empty(block, op.dim, dtype=dtype, device=device) if dtype == op._dtype else None
+
+    def product(rows: torch.Tensor) -> torch.Tensor:
+        started = time.perf_counter()
+        if buffer is None:
+            out = op.matmat_rows(rows.to(op._dtype))
+        else:
+            out = op.matmat_rows(rows, out=buffer[: rows.shape[0]])
+        op.product_seconds += time.perf_counter() - started
+        return out
+
+    return product
 
 
 def spectrum_scalars(eigenvalues: Sequence[float]) -> dict[str, float]:
