@@ -352,9 +352,9 @@ def _svd_rows(w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     Well-conditioned W (singular values within ``sqrt(eps) * 30`` of each other's ratio):
     from the Gram matrix twice (W W^T = U S^2 U^T, Q_1 = S^-1 U^T W, then the same on Q_1:
     "CholeskyQR2" with eigh; two [b, P] passes each, BLAS-3), which on P = 22.7M costs
-    0.1 s where LAPACK's SVD of the wide matrix costs 2.6 s. Otherwise the thin SVD
-    W = U S V^T: Q = V^T, C = S U^T (a row of Q with a zero singular value is a free
-    direction, and C's row there is zero)."""
+    0.1 s where LAPACK's SVD of the wide matrix costs 2.6 s. Otherwise the thin SVD in
+    float64, W = U S V^T: Q = V^T, C = S U^T (a row of Q with a zero singular value is a
+    free direction, and C's row there is zero)."""
     eps = torch.finfo(w.dtype).eps
     gram = (w @ w.T).double()
     s2, u = torch.linalg.eigh((gram + gram.T) / 2)
@@ -368,8 +368,10 @@ def _svd_rows(w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
             gram = (q @ q.T).double()
             s2, u = torch.linalg.eigh((gram + gram.T) / 2)
         return q, c.to(w.dtype)
-    u, sv, vh = torch.linalg.svd(w, full_matrices=False)
-    return vh, sv[:, None] * u.T
+    # LAPACK's float32 SVD of a wide ill-conditioned block loses orthogonality (1e-1 at
+    # P = 22.7M, cond 1e2), so it runs in float64 (a temporary [b, P] float64 copy)
+    u, sv, vh = torch.linalg.svd(w.double(), full_matrices=False)
+    return vh.to(w.dtype), (sv[:, None] * u.T).to(w.dtype)
 
 
 def _replace_lost_rows(
