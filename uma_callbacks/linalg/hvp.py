@@ -129,6 +129,16 @@ class HessianOperator:
         self._graph: list[tuple[list[torch.Tensor], list[int], torch.Tensor]] | None = None
 
     # ------------------------------------------------------------------ products
+    @property
+    def dtype(self) -> torch.dtype:
+        """The dtype of the flat vectors (float32 at least): a :class:`~uma_callbacks.linalg.operators.SymmetricOperator`."""
+        return torch.promote_types(self._dtype, torch.float32)
+
+    @property
+    def device(self) -> torch.device:
+        """Where the products are taken."""
+        return self._device
+
     def matvec(self, vector: torch.Tensor) -> torch.Tensor:
         """H v for a flat ``vector [P]``; returns ``[P]`` in the vector's dtype and device."""
         out = self.matmat_rows(vector.reshape(1, -1))

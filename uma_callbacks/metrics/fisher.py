@@ -21,7 +21,7 @@ from uma_callbacks.linalg.fisher_products import (
     sample_mc_labels,
 )
 from uma_callbacks.core.sharding import aligned_chunks, check_sharded_plan, is_sharded
-from uma_callbacks.linalg.lanczos import lanczos_top_k
+from uma_callbacks.linalg.operators import MatvecOperator, top_eigenpairs
 from uma_callbacks.linalg.layer_grads import hook_plan
 from uma_callbacks.linalg.linear_factors import linear_param_map
 from uma_callbacks.metrics.base import ComputeContext, Cost, Metric, MetricResult, check_choice, check_positive_int, module_of
@@ -295,16 +295,9 @@ class FisherInformation(Metric):
             return out
 
         basis_device = "cpu" if getattr(self, "_memory_mode", "").endswith("cpu_basis") else None
-        result = lanczos_top_k(
-            timed_matvec,
-            dim,
-            k,
-            max_iter=max_iter,
-            tol=self.lanczos_tol,
-            seed=self.seed,
-            dtype=dtype,
-            device=device,
-            basis_device=basis_device,
+        operator = MatvecOperator(timed_matvec, dim, dtype, torch.device(device))
+        result = top_eigenpairs(
+            operator, k, max_iter=max_iter, tol=self.lanczos_tol, seed=self.seed, basis_device=basis_device
         )
         ctx.meta.update(
             spectrum_method="lanczos",

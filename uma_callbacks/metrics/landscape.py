@@ -21,7 +21,7 @@ from uma_callbacks.core.sharding import (
     unwrap,
 )
 from uma_callbacks.linalg.hvp import HessianOperator, split_flat
-from uma_callbacks.linalg.lanczos import lanczos_top_k
+from uma_callbacks.linalg.operators import top_eigenpairs
 from uma_callbacks.linalg.weights import WeightMover, flat_dot, moved_weights
 from uma_callbacks.metrics.base import (
     ComputeContext,
@@ -391,12 +391,8 @@ def _hessian_directions(
     chunks = list(ctx.chunks())
     with eager_attention(ctx.model, ctx.meta):
         op = HessianOperator(ctx.model, ctx.loss_fn, chunks, params, ctx.n_total(), collective=ctx.collective)
-        dtype = torch.float64 if any(p.dtype == torch.float64 for p in params.values()) else torch.float32
-        device = next(iter(params.values())).device
         try:
-            lz = lanczos_top_k(
-                op.matvec, op.dim, dims, tol=tol, seed=seed, dtype=dtype, device=device, return_vectors=True
-            )
+            lz = top_eigenpairs(op, dims, tol=tol, seed=seed, return_vectors=True)
         finally:
             op.close()
     ctx.meta["hessian_eigenvalues"] = lz.eigenvalues.tolist()
