@@ -155,7 +155,7 @@ def check_probe_matches(probe: Probe, journals: Sequence[Journal]) -> None:
     """
     known: set[str] = set()
     for journal in journals:
-        known |= {r.probe for r in journal.records() if r.probe and r.status in ("ok", "cached")}
+        known |= {r.probe for r in journal.records() if r.probe and r.status in ("ok", "partial", "cached")}
     if known and probe.fingerprint not in known:
         raise ValueError(
             f"probe fingerprint {probe.fingerprint[:12]} differs from the journal's "

@@ -150,7 +150,7 @@ class ResultCache:
 
     def get_stats(self) -> dict[str, Any]:
         """``num_entries`` (ok records), ``total_size_mb``, ``num_models``, ``metrics`` (name -> count)."""
-        records = [r for r in self.journal.records() if r.status == "ok"]
+        records = [r for r in self.journal.records() if r.status in ("ok", "partial")]
         size = sum(p.stat().st_size for p in self.root.rglob("*") if p.is_file()) if self.root.exists() else 0
         counts: dict[str, int] = {}
         for r in records:
@@ -231,7 +231,7 @@ def analyze_models(
                 message = (record.error or {}).get("message", "could not load")
                 model.metrics.update({RESULT_NAMES.get(n, n): {"error": message} for n in settings["metric_names"]})
                 continue
-            model.fingerprint = model.fingerprint or (record.checkpoint if record.status in ("ok", "cached") else "")
+            model.fingerprint = model.fingerprint or (record.checkpoint if record.status in ("ok", "partial", "cached") else "")
             model.metrics[RESULT_NAMES.get(record.metric, record.metric)] = _seed_shape(record, cache.journal, probe)
         for name in missing:
             model.metrics[RESULT_NAMES.get(name, name)] = {"error": f"metric {name!r} is not available in this version"}
@@ -247,7 +247,7 @@ def analyze_models(
 
 
 def _seed_shape(record: Record, journal: Journal, probe: Probe) -> dict[str, Any]:
-    if record.status not in ("ok", "cached"):
+    if record.status not in ("ok", "partial", "cached"):
         return {"error": (record.error or {}).get("message", record.status), "status": record.status}
     result = journal.load_result(Record(**{**record.to_dict(), "scalars": record.scalars}))
     out: dict[str, Any] = dict(result.scalars)

@@ -226,7 +226,7 @@ def _tally(summary: BackfillSummary, ckpt: Checkpoint, records: list[Record]) ->
     for record in records:
         if record.status == "cached":
             summary.cached += 1
-        elif record.status == "ok":
+        elif record.status in ("ok", "partial"):  # partial: values kept, flagged
             summary.computed += 1
         elif record.status == "skipped":
             summary.skipped += 1
