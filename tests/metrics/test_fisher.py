@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import math
 import logging
 from types import SimpleNamespace
 
@@ -323,3 +324,15 @@ def test_grouped_memory_mode_gives_the_same_fisher(case):
     params = dict(model.named_parameters())
     groups = parameter_groups(params, 4)
     assert [n for g in groups for n in g] == list(params) and 1 < len(groups) <= 4
+
+
+def test_unconverged_lanczos_spectrum_is_partial_with_its_residuals():
+    from tests.cases import qwen2_case
+
+    model, batches, loss_fn = qwen2_case(dtype=torch.float64)
+    # no cached rows: the spectrum comes from Lanczos, here capped at 2 products for the top 3
+    result = FisherInformation(top_k=3, max_matvecs=2, cache_bytes=0).compute(model, batches, loss_fn, chunk_size=1)
+    assert result.status == "partial" and result.ok
+    assert result.meta["spectrum_method"] == "lanczos"
+    assert max(result.meta["lanczos_relative_residuals"]) > 1e-2 and "residual" in result.meta["partial_reason"]
+    assert math.isfinite(result.scalars["trace"])  # the values are kept

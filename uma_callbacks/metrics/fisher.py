@@ -21,6 +21,7 @@ from uma_callbacks.linalg.fisher_products import (
     sample_mc_labels,
 )
 from uma_callbacks.core.sharding import aligned_chunks, check_sharded_plan, is_sharded
+from uma_callbacks.linalg.lanczos import relative_residuals
 from uma_callbacks.linalg.operators import MatvecOperator, top_eigenpairs
 from uma_callbacks.linalg.layer_grads import hook_plan
 from uma_callbacks.linalg.linear_factors import linear_param_map
@@ -29,6 +30,8 @@ from uma_callbacks.metrics.base import ComputeContext, Cost, Metric, MetricResul
 logger = logging.getLogger(__name__)
 
 KINDS = ("empirical", "mc")
+#: A Lanczos spectrum whose largest relative residual exceeds this is reported ``partial``.
+RESIDUAL_TOL = 1e-2
 ACCUMULATE_DTYPES = ("float32", "float64")
 #: Lanczos keeps its basis in float64 for float64 models or while it takes at most this many bytes,
 #: else float32 (enough for 1e-4 relative eigenvalues; the basis dominates Lanczos's time).
@@ -253,7 +256,12 @@ class FisherInformation(Metric):
                 raise NotImplementedError("FisherInformation.top_percent on a sharded (FSDP) model is not supported yet")
             scalars.update(mask_scalars(diag, top_percent_mask(diag, self.top_percent)))
         tensors = {n: d.detach().cpu() for n, d in diag.items()} if self.keep_diagonal else {}
-        return MetricResult(name=self.name, scalars=scalars, arrays=arrays, tensors=tensors)
+        result = MetricResult(name=self.name, scalars=scalars, arrays=arrays, tensors=tensors)
+        worst = max(ctx.meta.get("lanczos_relative_residuals") or [0.0])
+        if worst > RESIDUAL_TOL:  # the Gram spectrum is exact; a Lanczos one may fall short
+            result.status = "partial"
+            ctx.meta["partial_reason"] = f"Lanczos relative residual {worst:.3g} > {RESIDUAL_TOL:g}"
+        return result
 
     def _gram_spectrum(self, ctx: ComputeContext, stats: GlobalFisher, arrays: dict[str, np.ndarray]) -> np.ndarray:
         """The top-k of all R eigenvalues of G G^T / R (float64 ``eigvalsh``, exact)."""
@@ -299,9 +307,11 @@ class FisherInformation(Metric):
         result = top_eigenpairs(
             operator, k, max_iter=max_iter, tol=self.lanczos_tol, seed=self.seed, basis_device=basis_device
         )
+        relative = relative_residuals(result)
         ctx.meta.update(
             spectrum_method="lanczos",
             matvecs=result.matvecs,
+            lanczos_relative_residuals=relative.tolist(),
             lanczos_converged=result.converged,
             lanczos_dtype=str(dtype).replace("torch.", ""),
             top_k=int(result.eigenvalues.numel()),
