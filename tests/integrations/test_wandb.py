@@ -41,10 +41,17 @@ def _settled_records(folder, complete, seconds: float = 15.0):
     mode on a loaded machine)."""
     import time
 
+    from google.protobuf.message import DecodeError
+
     deadline = time.monotonic() + seconds
     while True:
-        records = read_records(run_file(folder))
-        if complete(history_rows(records)) or time.monotonic() > deadline:
+        try:
+            records = read_records(run_file(folder))
+        except DecodeError:  # the tail is being written right now: read again
+            if time.monotonic() > deadline:
+                raise
+            records = None
+        if records is not None and (complete(history_rows(records)) or time.monotonic() > deadline):
             return records
         time.sleep(0.2)
 

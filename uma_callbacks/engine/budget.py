@@ -10,7 +10,6 @@ Peaks are measured, not guessed:
 
 from __future__ import annotations
 
-import gc
 import logging
 import os
 from dataclasses import dataclass
@@ -238,12 +237,44 @@ def measure_sample_bytes(model: torch.nn.Module, loss_fn: Any, batch: Any) -> in
     with preserved_model_state(model):
         model.eval()
         device = _device_of(model)
-        with PeakMemory(device) as forward:
+        saved = _SavedBytes(params)
+        with PeakMemory(device) as forward, torch.autograd.graph.saved_tensors_hooks(saved.pack, saved.unpack):
             loss = loss_fn(model, one).sum()
         with PeakMemory(device) as backward:
             grads = torch.autograd.grad(loss, params, allow_unused=True)
             del loss, grads
-    return max(forward.peak_bytes, backward.peak_bytes - param_bytes(model), 0)
+    # the tensors the forward saved for the backward are a floor the measured peaks may miss
+    # (the process's peak counters are never reset, so a peak below an earlier mark is sampled)
+    return max(forward.peak_bytes, backward.peak_bytes - param_bytes(model), saved.total, 0)
+
+
+class _SavedBytes:
+    """Bytes of the distinct storages a forward saves for its backward, parameters left out."""
+
+    def __init__(self, params: list[torch.Tensor]) -> None:
+        self._params = {_storage_key(p) for p in params}
+        self._seen: dict[Any, int] = {}
+
+    def pack(self, tensor: torch.Tensor) -> torch.Tensor:
+        key = _storage_key(tensor)
+        if key is not None and key not in self._params:
+            self._seen[key] = tensor.untyped_storage().nbytes()
+        return tensor
+
+    @staticmethod
+    def unpack(tensor: torch.Tensor) -> torch.Tensor:
+        return tensor
+
+    @property
+    def total(self) -> int:
+        return int(sum(self._seen.values()))
+
+
+def _storage_key(tensor: torch.Tensor) -> Any:
+    try:
+        return (tensor.untyped_storage().data_ptr(), tensor.device)
+    except (RuntimeError, NotImplementedError, TypeError):  # tensor subclasses without a plain storage
+        return None
 
 
 def _device_of(model: torch.nn.Module) -> torch.device:
