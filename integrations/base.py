@@ -46,17 +46,16 @@ Helpers every sink here uses:
 from __future__ import annotations
 
 import abc
-import contextlib
 import functools
 import hashlib
 import logging
 import posixpath
-import random
 import re
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any, TypeVar
 
+from uma_callbacks.core.rng import rng_preserved  # noqa: F401 (part of the sink API)
 from uma_callbacks.engine.records import Record, artifact_path
 
 logger = logging.getLogger(__name__)
@@ -103,24 +102,6 @@ def _valid_key(key: str) -> bool:
         and not key.startswith(("/", ".."))
         and key != "."
     )
-
-
-@contextlib.contextmanager
-def rng_preserved() -> Iterator[None]:
-    """Restore Python's ``random``, NumPy's and torch's (CPU, initialised CUDA) global RNGs on exit."""
-    import numpy as np
-    import torch
-
-    py_state, np_state = random.getstate(), np.random.get_state()
-    devices: list[int] = []
-    if torch.cuda.is_available() and torch.cuda.is_initialized():
-        devices = list(range(torch.cuda.device_count()))
-    with torch.random.fork_rng(devices=devices):
-        try:
-            yield
-        finally:
-            random.setstate(py_state)
-            np.random.set_state(np_state)
 
 
 def keeps_rng(method: _F) -> _F:

@@ -24,21 +24,19 @@ from __future__ import annotations
 
 import logging
 import os
-import random
 import sys
 import time
 import traceback
-from collections.abc import Iterator, Mapping, Sequence
-from contextlib import contextmanager
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import torch
 from safetensors import SafetensorError
 
 from uma_callbacks.config import UMAConfig
 from uma_callbacks.core.distributed import Collective, current_collective
+from uma_callbacks.core.rng import rng_preserved
 from uma_callbacks.core.sharding import deepspeed_zero3_reason
 from uma_callbacks.engine.budget import as_budget
 from uma_callbacks.engine.delivery import Delivery
@@ -52,17 +50,8 @@ from uma_callbacks.engine.suite import MetricSuite
 logger = logging.getLogger(__name__)
 
 
-@contextmanager
-def all_rngs_preserved() -> Iterator[None]:
-    """Restore Python's, NumPy's and torch's (CPU and CUDA) global RNG states on exit."""
-    py_state, np_state = random.getstate(), np.random.get_state()
-    devices = list(range(torch.cuda.device_count())) if torch.cuda.is_available() else []
-    with torch.random.fork_rng(devices=devices):
-        try:
-            yield
-        finally:
-            random.setstate(py_state)
-            np.random.set_state(np_state)
+#: Python's, NumPy's and torch's global RNG states restored on exit (one helper for the package).
+all_rngs_preserved = rng_preserved
 
 
 class Session:
