@@ -161,8 +161,12 @@ class UMAConfig:
             from uma_callbacks.engine.budget import MemoryBudget  # noqa: PLC0415
 
             if isinstance(self.memory_budget, (int, float)) and not isinstance(self.memory_budget, bool):
-                if not self.memory_budget > 0:
-                    raise ValueError(f"UMAConfig.memory_budget must be a positive number of GB; got {self.memory_budget!r}")
+                from uma_callbacks.engine.budget import MAX_GB  # noqa: PLC0415
+
+                if not 0 < self.memory_budget <= MAX_GB:
+                    raise ValueError(
+                        f"UMAConfig.memory_budget must be a positive number of GB up to {MAX_GB:g}; got {self.memory_budget!r}"
+                    )
             elif not isinstance(self.memory_budget, MemoryBudget):
                 raise ValueError(
                     f"UMAConfig.memory_budget must be None, a number of GB or a MemoryBudget; got {self.memory_budget!r}"

@@ -201,6 +201,8 @@ def test_hostile_metric_and_run_names_keep_mlflow_artifacts_under_uma(tmp_path):
         (lambda: UnifiedConfig(dtype="float8").to_uma(), "UnifiedConfig.dtype"),
         (lambda: UnifiedConfig(loss_landscape_span=1e300).to_uma(), "UnifiedConfig.loss_landscape_span"),
         (lambda: METRICS["landscape"](span=1e300), "LossLandscape.span"),
+        (lambda: UnifiedConfig(max_memory_gb=1.67e299).to_uma(), "UnifiedConfig.max_memory_gb"),
+        (lambda: UMAConfig(memory_budget=1e300), "UMAConfig.memory_budget"),
     ],
 )
 def test_values_accepted_before_and_failing_later_are_refused_at_construction(build, field):

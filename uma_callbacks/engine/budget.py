@@ -99,6 +99,10 @@ class Plan:
         }
 
 
+#: The largest budget accepted, in GiB (an exbibyte: beyond it a number is a typo, not a machine).
+MAX_GB = 2.0**30
+
+
 class MemoryBudget:
     """How much memory the diagnostics may take on top of what training holds.
 
@@ -145,9 +149,11 @@ class MemoryBudget:
         self.adaptive_batch_sizing = bool(adaptive_batch_sizing)
         if max_bytes is not None and max_gb is not None:
             raise ValueError("MemoryBudget takes max_bytes or max_gb, not both")
-        for field_name, value in (("max_bytes", max_bytes), ("max_gb", max_gb)):
-            if value is not None and (isinstance(value, bool) or not isinstance(value, (int, float)) or not value > 0):
-                raise ValueError(f"MemoryBudget.{field_name} must be a positive number or None; got {value!r}")
+        for field_name, value, most in (("max_bytes", max_bytes, MAX_GB * 2**30), ("max_gb", max_gb, MAX_GB)):
+            if value is not None and (
+                isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 < value <= most
+            ):
+                raise ValueError(f"MemoryBudget.{field_name} must be a positive number up to {most:g} or None; got {value!r}")
         if isinstance(margin, bool) or not isinstance(margin, (int, float)) or not 0 <= margin < 1:
             raise ValueError(f"MemoryBudget.margin must be in [0, 1); got {margin!r}")
         self.max_bytes = int(max_bytes) if max_bytes is not None else (int(max_gb * 2**30) if max_gb else None)

@@ -203,8 +203,9 @@ class UnifiedConfig:
             value = getattr(self, name)
             if name == "timeout_seconds" and value is None:
                 continue
-            if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 < value < math.inf:
-                raise ValueError(f"UnifiedConfig.{name} must be a positive number; got {value!r}")
+            most = 2.0**30 if name == "max_memory_gb" else math.inf  # GiB: an exbibyte at most
+            if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 < value <= most or value == math.inf:
+                raise ValueError(f"UnifiedConfig.{name} must be a positive number (finite, at most {most:g}); got {value!r}")
         if not (isinstance(self.loss_landscape_span, (int, float)) and 0 < self.loss_landscape_span <= MAX_SPAN):
             raise ValueError(
                 f"UnifiedConfig.loss_landscape_span must be a positive number <= {MAX_SPAN:g}; got {self.loss_landscape_span!r}"
