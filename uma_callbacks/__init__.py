@@ -16,6 +16,8 @@ __version__ = "0.1.0"
 _LAZY = {
     "UMACallback": ("triggers.trainer", "UMACallback"),
     "attach": ("triggers.accelerate", "attach"),
+    "backfill": ("triggers.backfill", "backfill"),
+    "Session": ("session", "Session"),
     "analyze_models": ("legacy.analyze", "analyze_models"),
     "AnalysisResults": ("legacy.analyze", "AnalysisResults"),
     "ResultCache": ("legacy.analyze", "ResultCache"),
@@ -49,4 +51,6 @@ __all__ = [
     "UMAConfig",
     "__version__",
     "attach",
+    "backfill",
+    "Session",
 ]
