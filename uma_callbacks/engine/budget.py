@@ -283,6 +283,17 @@ def _storage_key(tensor: torch.Tensor) -> Any:
         return None
 
 
+def _sample_key(model: torch.nn.Module, batch: Any) -> Any:
+    """What one sample's activation bytes depend on: the model (object and parameter shapes),
+    the batch's tensor shapes and dtypes. Weights changing between checkpoints do not matter."""
+    from uma_callbacks.core.batches import map_tensors
+
+    shapes: list[Any] = []
+    map_tensors(batch, lambda t: shapes.append((tuple(t.shape), str(t.dtype))) or t)
+    params = tuple((tuple(p.shape), str(p.dtype), p.requires_grad) for p in model.parameters())
+    return (id(model), hash(params), tuple(shapes))
+
+
 def _device_of(model: torch.nn.Module) -> torch.device:
     for p in model.parameters():
         return p.device
@@ -299,6 +310,7 @@ def compute_within_budget(
     collective: Any = None,
     chunk_size: int | None = None,
     history: Any = None,
+    sample_cache: dict[Any, int] | None = None,
 ) -> Any:
     """``metric.compute`` with the chunk the budget plans, halving it on allocation failures.
 
@@ -322,7 +334,13 @@ def compute_within_budget(
     if budget is not None and chunk is None:
         sample_bytes = 0
         if getattr(metric, "needs_grad", True) or any(c.forward_only for _, c in metric.memory_modes()):
-            sample_bytes = measure_sample_bytes(model, resolve_loss_fn(model, loss_fn), batches[0])
+            key = _sample_key(model, batches[0])
+            if sample_cache is not None and key in sample_cache:
+                sample_bytes = sample_cache[key]  # the same model and batch shapes: measured at an earlier checkpoint
+            else:
+                sample_bytes = measure_sample_bytes(model, resolve_loss_fn(model, loss_fn), batches[0])
+                if sample_cache is not None:
+                    sample_cache[key] = sample_bytes
         if collective is not None and getattr(collective, "world_size", 1) > 1:
             # every rank must plan the same chunk: use the mean measurement
             sample_bytes = int(collective.sum_scalar(float(sample_bytes)) / collective.world_size)

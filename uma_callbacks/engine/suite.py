@@ -81,6 +81,7 @@ class MetricSuite:
     progress: Callable[[str, str, int, Record | None], Any] | None = None
     time_calibration: dict[str, float] = field(default_factory=dict)
     _warned_partial: set[str] = field(default_factory=set)
+    _sample_bytes: dict[Any, int] = field(default_factory=dict)
 
     @property
     def is_main(self) -> bool:
@@ -336,6 +337,7 @@ class MetricSuite:
                     collective=guarded,
                     chunk_size=self.chunk_sizes.get(metric.name),
                     history=history,
+                    sample_cache=self._sample_bytes,
                 )
         except Exception as err:  # isolate: a broken metric never stops training
             failure = err
