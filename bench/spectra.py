@@ -34,24 +34,7 @@ from uma_callbacks.core.model_state import eager_attention
 from uma_callbacks.linalg.hvp import HessianOperator
 from uma_callbacks.metrics import FisherInformation, HessianSpectrum
 
-SENTENCES = [
-    "The cat sat on the mat.",
-    "Training reshapes the model a little at every step.",
-    "Curvature tells us how sharp the minimum is.",
-    "A frozen probe is identical for every checkpoint.",
-    "Memory budgets keep diagnostics from crashing training.",
-    "The loss landscape is a slice through the weights.",
-    "Fisher information measures parameter importance.",
-    "Gradient noise sets the useful batch size.",
-    "Eigenvalues of the Hessian describe the local geometry.",
-    "Small probes can still tell a lot about a network.",
-    "Per-sample gradients cost about one backward pass.",
-    "The embedding rows of unseen tokens never move.",
-    "Layer norms rescale every token's hidden state.",
-    "Attention lets each token look at the others.",
-    "A sharp minimum may generalise worse than a flat one.",
-    "Noise in the gradient helps escape saddle points.",
-]
+from bench.memory import SENTENCES  # noqa: E402 (one list of probe sentences for the MiniLM benches)
 
 
 def load_minilm(n: int = 16):

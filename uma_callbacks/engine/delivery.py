@@ -37,6 +37,7 @@ class Delivery:
         self.params: dict[str, Any] = {}
         self._failed: set[str] = set()
         self._params_sent: set[str] = set()
+        self._configs: dict[tuple[str, str], dict[tuple[str, int], str]] = {}
 
     @property
     def failing(self) -> set[str]:
@@ -99,12 +100,12 @@ class Delivery:
             self._report(sink, err)
             return 0
         sent = 0
-        delivered_configs: dict[tuple[str, int], str] | None = None
+        delivered_configs: dict[tuple[str, int], str] | None = self._configs.get((sink.name, run))
         for record in records:
             if record.record_id in done or not record.metric:
                 continue
-            if delivered_configs is None:
-                delivered_configs = self._delivered_configs(done)
+            if delivered_configs is None:  # read from the journal once per (sink, run), then kept current
+                delivered_configs = self._configs[(sink.name, run)] = self._delivered_configs(done)
             outgoing = kept_apart(record, delivered_configs)
             try:
                 sink.log_record(outgoing, self.journal.root)
