@@ -27,19 +27,16 @@ from __future__ import annotations
 
 import argparse
 import copy
-import os
 import statistics
-import subprocess
-import sys
 import time
 
 import torch
 
+from child_peaks import peaks_in_child  # bench/ is on sys.path when run as a script
 from uma_callbacks.engine.budget import PeakMemory, param_bytes, release_memory
 from uma_callbacks.core.losses import causal_lm_per_sample_loss, hf_per_sample_loss
 from uma_callbacks.metrics import LossLandscape
 
-MEMORY_ENV = {"MALLOC_MMAP_THRESHOLD_": "65536"}
 
 
 def qwen2_setup():
@@ -178,22 +175,6 @@ def memory_main() -> None:
     print(f"peak_forward={forward}")
 
 
-def measure_memory_in_child() -> dict[str, int]:
-    env = dict(os.environ, **MEMORY_ENV)
-    out = subprocess.run(
-        [sys.executable, __file__, "--memory", "--threads", str(torch.get_num_threads())],
-        env=env,
-        capture_output=True,
-        text=True,
-        check=True,
-    )
-    return {
-        line.split("=")[0][5:]: int(line.split("=")[1])
-        for line in out.stdout.splitlines()
-        if line.startswith("peak_")
-    }
-
-
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="5 x 5 grid (< 60 s)")
@@ -264,7 +245,7 @@ def main() -> None:
         f"  setting one point: stored {per_point['stored']:.2f} ms, lean {per_point['lean']:.2f} ms "
         f"(a plain forward: {forward_ms:.1f} ms)"
     )
-    peaks = measure_memory_in_child()
+    peaks = peaks_in_child(__file__, torch.get_num_threads())
     forward_peak = peaks["forward"]
     print(
         f"  peak: plain forward {forward_peak / 2**20:.1f} MiB, grid stored {peaks['stored'] / 2**20:.1f} MiB, "

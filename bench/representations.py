@@ -21,20 +21,17 @@ Run ``python bench/representations.py [--quick]``; it ends with ``name=value`` s
 from __future__ import annotations
 
 import argparse
-import os
 import statistics
-import subprocess
-import sys
 import time
 
 import torch
 
+from child_peaks import peaks_in_child  # bench/ is on sys.path when run as a script
 from uma_callbacks.engine.budget import PeakMemory, param_bytes, release_memory
 from uma_callbacks.linalg.weights import moved_weights
 from uma_callbacks.metrics import InformationTheory, Representations
 from uma_callbacks.metrics.base import CheckpointState, History
 
-MEMORY_ENV = {"MALLOC_MMAP_THRESHOLD_": "65536"}
 SIZES = {1024: 8, 4096: 32}  # tokens -> sequences of 128
 
 
@@ -152,14 +149,6 @@ def memory_main() -> None:
             print(f"peak_{key}_{tokens}={fn(batches).meta['peak_bytes']}")
 
 
-def peaks_in_child(threads: int) -> dict[str, int]:
-    out = subprocess.run(
-        [sys.executable, __file__, "--memory", "--threads", str(threads)],
-        env=dict(os.environ, **MEMORY_ENV), capture_output=True, text=True, check=True,
-    )
-    return {line.split("=")[0][5:]: int(line.split("=")[1]) for line in out.stdout.splitlines() if line.startswith("peak_")}
-
-
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="one timed round per size (< 60 s)")
@@ -177,7 +166,7 @@ def main() -> None:
     print(f"Qwen2 {sum(p.numel() for p in model.parameters())} params ({pbytes / 2**20:.1f} MiB), "
           f"threads {torch.get_num_threads()}, max_tokens 2048")
     summary: dict[str, float] = {}
-    all_peaks = peaks_in_child(args.threads)
+    all_peaks = peaks_in_child(__file__, args.threads)
     for tokens in SIZES:
         batches = probe(tokens)
         rel, fwd = ratios(model, history, batches, repeats, warm_up=tokens == min(SIZES))

@@ -28,8 +28,6 @@ from __future__ import annotations
 import argparse
 import os
 import statistics
-import subprocess
-import sys
 import time
 
 # numpy's BLAS follows the bench's one torch thread (set before numpy loads; a shared machine
@@ -39,12 +37,12 @@ for _var in ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS"):
 
 import torch
 
+from child_peaks import peaks_in_child  # bench/ is on sys.path when run as a script
 from uma_callbacks.core.losses import hf_per_sample_loss
 from uma_callbacks.engine.budget import PeakMemory, param_bytes, release_memory
 from uma_callbacks.metrics import LotteryTickets, Modularity, TaskVectors
 from uma_callbacks.metrics.base import CheckpointState, History
 
-MEMORY_ENV = {"MALLOC_MMAP_THRESHOLD_": "65536"}
 SPARSITIES = (0.5, 0.8, 0.9)
 
 
@@ -143,14 +141,6 @@ def memory_main() -> None:
     print(f"peak_forward={forward}")
 
 
-def measure_memory_in_child(threads: int) -> dict[str, int]:
-    out = subprocess.run(
-        [sys.executable, __file__, "--memory", "--threads", str(threads)],
-        env=dict(os.environ, **MEMORY_ENV), capture_output=True, text=True, check=True,
-    )
-    return {l.split("=")[0][5:]: int(l.split("=")[1]) for l in out.stdout.splitlines() if l.startswith("peak_")}
-
-
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="fewer rounds (< 60 s)")
@@ -201,7 +191,7 @@ def main() -> None:
     print(f"  task_vectors (1 other): {tv['task_vectors']:.3f} s; merges: average {result.scalars['merge/other/average_loss']:.4f}, "
           f"TIES {result.scalars['merge/other/ties_loss']:.4f}, Fisher {result.scalars['merge/other/fisher_loss']:.4f}")
 
-    peaks = measure_memory_in_child(torch.get_num_threads())
+    peaks = peaks_in_child(__file__, torch.get_num_threads())
     extra = {k: (peaks[k] - peaks["forward"]) / pbytes for k in ("pruning", "task_vectors")}
     print(f"  peak extra over params: pruning {extra['pruning']:.2f}, task_vectors {extra['task_vectors']:.2f} "
           f"(plain forward {peaks['forward'] / 2**20:.1f} MiB, params {pbytes / 2**20:.1f} MiB)")
