@@ -30,7 +30,7 @@ def _attention_heatmaps(result: MetricResult, folder: Path) -> list[Path]:
         matrix = result.arrays.get(key)
         if matrix is None or np.ndim(matrix) != 2 or np.size(matrix) == 0:
             continue
-        paths.append(heatmap(np.asarray(matrix), f"attention: {key} per head", "head", "layer", folder / f"attention-{key}.png", key))
+        paths.append(heatmap(np.asarray(matrix), f"attention: {key} per head", "head", "layer", folder / f"attention-{key}.png", key, (0.0, 1.0)))
     return paths
 
 

@@ -84,13 +84,25 @@ def draw_trends(results: dict[str, list[tuple[int, MetricResult]]], folder: str 
     return paths
 
 
-def heatmap(matrix: np.ndarray, title: str, xlabel: str, ylabel: str, path: Path, colorbar_label: str = "") -> Path:
-    """A labelled heatmap of ``matrix [rows, cols]`` (integer ticks) saved to ``path``."""
+def heatmap(
+    matrix: np.ndarray,
+    title: str,
+    xlabel: str,
+    ylabel: str,
+    path: Path,
+    colorbar_label: str = "",
+    value_range: tuple[float, float] | None = None,
+) -> Path:
+    """A labelled heatmap of ``matrix [rows, cols]`` (integer ticks) saved to ``path``.
+
+    ``value_range`` fixes the colour scale (scores in [0, 1] are drawn on [0, 1], so equal
+    heads look equal instead of the scale stretching a 1e-4 spread over every colour)."""
     plt = _pyplot()
     matrix = np.asarray(matrix, dtype=float)
     rows, cols = matrix.shape
     fig, ax = plt.subplots(figsize=(max(4.0, 0.35 * cols + 2), max(3.0, 0.3 * rows + 1.5)))
-    image = ax.imshow(matrix, aspect="auto", cmap="viridis", interpolation="nearest")
+    vmin, vmax = value_range if value_range is not None else (None, None)
+    image = ax.imshow(matrix, aspect="auto", cmap="viridis", interpolation="nearest", vmin=vmin, vmax=vmax)
     ax.set_title(title)
     ax.set_xlabel(xlabel)
     ax.set_ylabel(ylabel)
