@@ -7,7 +7,7 @@ import sys
 
 import pytest
 
-from tests.integrations.wandb_runfile import artifacts, history_rows, metric_definitions, read_records, run_file
+from tests.integrations.wandb_runfile import artifacts, history_rows, metric_definitions, settled_records
 from tests.trainer_cases import run_trainer, tiny_lm_dataset
 from uma_callbacks.engine.journal import Journal
 from uma_callbacks.engine.records import Record
@@ -35,27 +35,6 @@ def _uma_rows(rows):
 
 
 @pytest.mark.slow
-def _settled_records(folder, complete, seconds: float = 15.0):
-    """The run file's records once ``complete(history rows)`` holds: W&B's service process may
-    still be writing the file's tail for a moment after ``finish()`` returns (seen in offline
-    mode on a loaded machine)."""
-    import time
-
-    from google.protobuf.message import DecodeError
-
-    deadline = time.monotonic() + seconds
-    while True:
-        try:
-            records = read_records(run_file(folder))
-        except DecodeError:  # the tail is being written right now: read again
-            if time.monotonic() > deadline:
-                raise
-            records = None
-        if records is not None and (complete(history_rows(records)) or time.monotonic() > deadline):
-            return records
-        time.sleep(0.2)
-
-
 def test_trainer_report_to_wandb_and_mlflow_at_once(tmp_path, offline_wandb, monkeypatch):
     """One real Trainer run, ``report_to=["wandb", "mlflow"]``: both runs joined, both complete."""
     pytest.importorskip("mlflow")
@@ -73,7 +52,7 @@ def test_trainer_report_to_wandb_and_mlflow_at_once(tmp_path, offline_wandb, mon
     assert not wandb_sink.owns_run  # joined the Trainer's run
     wandb.finish()  # flushes the run file (the Trainer leaves its run open)
     journal = {(r.step, r.metric): r for r in Journal(tmp_path / "out" / "uma").records()}
-    records = _settled_records(offline_wandb, lambda rows: len(_uma_rows(rows)) >= len(journal))
+    records = settled_records(offline_wandb, lambda rows: len(_uma_rows(rows)) >= len(journal))
     rows = history_rows(records)
     assert sorted(journal) == [(3, "fisher"), (3, "gradient_flow"), (6, "fisher"), (6, "gradient_flow")]
     uma = _uma_rows(rows)
@@ -148,7 +127,7 @@ def test_same_record_twice_adds_one_row_own_run(tmp_path, offline_wandb):
     sink.log_params({"probe_fingerprint": "abc"})
     assert sink.owns_run
     sink.finish()
-    records = _settled_records(offline_wandb, lambda rows: len(_uma_rows(rows)) >= 1)
+    records = settled_records(offline_wandb, lambda rows: len(_uma_rows(rows)) >= 1)
     uma = _uma_rows(history_rows(records))
     assert len(uma) == 1 and uma[0]["uma/step"] == 3 and uma[0]["uma/gradient_flow/total_norm"] == 2.5
     assert uma[0]["uma/gradient_flow/modules/nrows"] == 1  # one layers/<module>/<scalar> entry

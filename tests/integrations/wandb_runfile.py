@@ -82,3 +82,24 @@ def metric_definitions(records: list[Any]) -> list[Any]:
 def artifacts(records: list[Any]) -> list[Any]:
     """The artifact records."""
     return [r.artifact for r in records if r.WhichOneof("record_type") == "artifact"]
+
+
+def settled_records(folder, complete, seconds: float = 15.0):
+    """The run file's records once ``complete(history rows)`` holds: W&B's service process may
+    still be writing the file's tail for a moment after ``finish()`` returns (seen in offline
+    mode on a loaded machine)."""
+    import time
+
+    from google.protobuf.message import DecodeError
+
+    deadline = time.monotonic() + seconds
+    while True:
+        try:
+            records = read_records(run_file(folder))
+        except DecodeError:  # the tail is being written right now: read again
+            if time.monotonic() > deadline:
+                raise
+            records = None
+        if records is not None and (complete(history_rows(records)) or time.monotonic() > deadline):
+            return records
+        time.sleep(0.2)

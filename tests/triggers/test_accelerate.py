@@ -219,7 +219,7 @@ def test_example_under_accelerate_launch_two_processes(tmp_path):
 
 def test_joins_the_accelerators_wandb_run(tmp_path, monkeypatch):
     wandb = pytest.importorskip("wandb")
-    from tests.integrations.wandb_runfile import history_rows, read_records, run_file
+    from tests.integrations.wandb_runfile import history_rows, settled_records
 
     monkeypatch.setenv("WANDB_MODE", "offline")
     monkeypatch.setenv("WANDB_DIR", str(tmp_path))
@@ -235,7 +235,8 @@ def test_joins_the_accelerators_wandb_run(tmp_path, monkeypatch):
         assert handle.sinks[0].name == "wandb" and not handle.sinks[0].owns_run
         handle.remove()
         accelerator.end_training()
-        rows = [r for r in history_rows(read_records(run_file(tmp_path))) if "uma/step" in r]
+        settled = settled_records(tmp_path, lambda rows: any("uma/step" in r for r in rows))
+        rows = [r for r in history_rows(settled) if "uma/step" in r]
         assert len(rows) == 1 and rows[0]["uma/step"] == 5  # not dropped although 5 < 40
         assert rows[0]["uma/gradient_flow/total_norm"] == handle.records[0].scalars["total_norm"]
     finally:
