@@ -37,6 +37,18 @@ def test_cheap_metrics_get_what_they_need_and_the_rest_is_shared():
     assert share_budget(metrics, UNITS, 1e6) == pytest.approx([estimate_seconds(m, UNITS) for m in metrics])
 
 
+def test_a_budget_too_small_for_all_drops_the_costliest_floor_first_and_shares_the_rest():
+    metrics = [GradientFlow(), HessianSpectrum(), LossLandscape()]
+    # the Hessian's floor is 7 products (5.25 s): out; the landscape's fits what is left
+    shares = share_budget(metrics, UNITS, 4.0)
+    assert shares[1] == 0.0 and shares[0] == pytest.approx(estimate_seconds(metrics[0], UNITS))
+    assert shares[2] == pytest.approx(4.0 - shares[0])
+    # below every floor but the cheapest: only gradient flow runs, with the whole budget it needs
+    shares = share_budget(metrics, UNITS, 0.5)  # the landscape's floor: 25 points x 1 of 4 batches
+    assert shares == pytest.approx([estimate_seconds(metrics[0], UNITS), 0.0, 0.0])
+    assert share_budget(metrics, UNITS, 0.1) == [0.0, 0.0, 0.0]
+
+
 def test_bad_budget_fields_are_value_errors():
     from uma_callbacks import UMAConfig
 

@@ -34,7 +34,14 @@ from uma_callbacks.core.distributed import AgreeingCollective, Collective, Local
 from uma_callbacks.core.interrupt import MetricInterrupted, deferred_sigterm, redeliver_if_requested
 from uma_callbacks.engine.history import CheckpointHistory
 from uma_callbacks.engine.journal import Journal, cache_key, safe_name
-from uma_callbacks.engine.time_budget import UnitCosts, estimate_seconds, measure_unit_costs, scale_to, share_budget
+from uma_callbacks.engine.time_budget import (
+    FIT_SLACK,
+    UnitCosts,
+    estimate_seconds,
+    measure_unit_costs,
+    scale_to,
+    share_budget,
+)
 from uma_callbacks.core.losses import LossFn
 from uma_callbacks.metrics.base import Metric, MetricResult, MetricTimeout
 from uma_callbacks.engine.probe import Probe, move_batch
@@ -167,8 +174,8 @@ class MetricSuite:
             raw = estimate_seconds(planned, units)
             predicted = raw * factor
             plans.append((planned, {
-                "seconds": round(share, 4), "predicted_seconds": round(predicted, 4),
-                "scaled": changes, "fits": predicted <= 1.5 * share, "raw_predicted_seconds": raw,
+                "save_seconds": round(seconds, 4), "seconds": round(share, 4), "predicted_seconds": round(predicted, 4),
+                "scaled": changes, "fits": predicted <= FIT_SLACK * share, "raw_predicted_seconds": raw,
                 "calibration": round(factor, 4),
                 "unit_costs": {"forward": units.forward, "backward": units.backward, "hvp": units.hvp},
             }))  # fmt: skip

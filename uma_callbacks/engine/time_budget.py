@@ -16,7 +16,8 @@ is smaller than its prediction, in this documented order:
 4. ``pruning`` / ``task_vectors``: the probe batches used.
 
 Per-sample-gradient metrics (``gradient_flow``, ``fisher``) cost about one backward and are
-not scaled. A metric that cannot fit even scaled down is skipped with the reason. What was
+not scaled. A metric that cannot fit even scaled down is skipped with the reason, the
+costliest first, and its share goes to the others (:func:`share_budget`). What was
 scaled, the predicted seconds and the share land in ``meta["compute_budget"]``; the accuracy
 that resulted is in the metric's own outputs (``trace_stderr``, Lanczos residuals, grid size).
 
@@ -39,6 +40,9 @@ import torch
 
 from uma_callbacks.core.batches import count_samples
 from uma_callbacks.metrics.base import Metric
+
+#: a plan fits when its predicted seconds are at most this multiple of its share
+FIT_SLACK = 1.5
 
 #: Measured on the real MiniLM (16-sample probe): a double-backward HVP costs ~2.4 fwd+bwd.
 HVP_OVER_BACKWARD = 2.5
@@ -178,24 +182,41 @@ def scale_to(metric: Metric, units: UnitCosts, seconds: float) -> tuple[Metric, 
     return (scaled if changes else metric), changes
 
 
+def floor_seconds(metric: Metric, units: UnitCosts) -> float:
+    """The predicted seconds of ``metric`` scaled down as far as it goes."""
+    return estimate_seconds(scale_to(metric, units, 0.0)[0], units)
+
+
 def share_budget(
     metrics: Sequence[Metric], units: UnitCosts, seconds: float, calibration: Mapping[str, float] | None = None
 ) -> list[float]:
     """Each metric's share of ``seconds``: cheap metrics get what they need, the expensive
     ones split the rest equally (water-filling, cheapest first).
 
+    A metric that cannot fit its share even scaled down (its floor above :data:`FIT_SLACK`
+    x the share) gets nothing, the one with the largest floor first, and the shares are
+    filled again without it: as many metrics run as the budget allows, instead of all of
+    them sharing a budget none can use.
+
     Example:
         >>> units = UnitCosts(forward=0.1, backward=0.3, hvp=0.75, n_batches=1)
         >>> from uma_callbacks.metrics import GradientFlow, HessianSpectrum, LossLandscape
         >>> [round(s, 3) for s in share_budget([GradientFlow(), HessianSpectrum(), LossLandscape()], units, 10.0)]
         [0.45, 4.775, 4.775]
+        >>> [round(s, 3) for s in share_budget([GradientFlow(), HessianSpectrum(), LossLandscape()], units, 3.0)]
+        [0.45, 0.0, 2.55]
     """
     factors = calibration or {}
     estimates = [estimate_seconds(m, units) * factors.get(m.name, 1.0) for m in metrics]
-    shares = [0.0] * len(metrics)
-    remaining = float(seconds)
-    order = sorted(range(len(metrics)), key=lambda i: estimates[i])
-    for rank, i in enumerate(order):
-        shares[i] = min(estimates[i], remaining / (len(order) - rank))
-        remaining -= shares[i]
-    return shares
+    floors = [floor_seconds(m, units) * factors.get(m.name, 1.0) for m in metrics]
+    kept = sorted(range(len(metrics)), key=lambda i: estimates[i])
+    while True:
+        shares = [0.0] * len(metrics)
+        remaining = float(seconds)
+        for rank, i in enumerate(kept):
+            shares[i] = min(estimates[i], remaining / (len(kept) - rank))
+            remaining -= shares[i]
+        short = [i for i in kept if floors[i] > FIT_SLACK * shares[i]]
+        if not short:
+            return shares
+        kept.remove(max(short, key=lambda i: floors[i]))
