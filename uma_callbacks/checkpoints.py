@@ -28,7 +28,14 @@ unpickling. It accepts only tensors and storages, the primitive containers (``di
 few torch types on its allow-list (``torch.Size``, dtypes, devices, ...); a file naming
 any other global (``os.system``, ``builtins.eval``, a user class) makes ``torch.load``
 raise ``UnpicklingError`` before anything is called, and :func:`load_weights` turns that
-into a ``ValueError`` naming the file. Nothing else is unpickled here.
+into a ``ValueError`` naming the file. Accelerate's FSDP ``FULL_STATE_DICT`` file
+``pytorch_model_fsdp.bin`` is read the same way.
+
+Sharded checkpoints (FSDP with ``SHARDED_STATE_DICT``: Accelerate's ``save_state`` and the
+Trainer write ``<checkpoint>/pytorch_model_fsdp_0/``, a ``torch.distributed.checkpoint``
+folder) are gathered into full tensors by :mod:`uma_callbacks.core.dcp`, whose ``.metadata``
+pickle is read with an allow-list of DCP's metadata types only; ``optimizer_0/`` is ignored.
+:func:`read_weights` checks the gathered size against a memory budget first.
 """
 
 from __future__ import annotations
@@ -44,6 +51,8 @@ from pathlib import Path
 from typing import Any
 
 import torch
+
+from uma_callbacks.core.dcp import ACCELERATE_MODEL_FOLDER, find_dcp_model_folder, load_dcp
 
 logger = logging.getLogger(__name__)
 
@@ -289,10 +298,16 @@ def weight_files(folder: str | os.PathLike[str]) -> list[Path]:
     loose = sorted(folder.glob("*.safetensors"))
     if loose:
         return loose
-    legacy = folder / "pytorch_model.bin"
-    if legacy.is_file():
-        return [legacy]
-    raise FileNotFoundError(f"no model weights (model.safetensors, shards or pytorch_model.bin) in {folder}")
+    sharded = find_dcp_model_folder(folder)
+    if sharded is not None:
+        return [sharded]  # a DCP folder: .metadata + *.distcp
+    for legacy in (folder / "pytorch_model.bin", folder / "pytorch_model_fsdp.bin"):
+        if legacy.is_file():
+            return [legacy]
+    raise FileNotFoundError(
+        f"no model weights (model.safetensors, shards, a {ACCELERATE_MODEL_FOLDER}/ sharded checkpoint "
+        f"or pytorch_model.bin) in {folder}"
+    )
 
 
 def _shard_names(index: Path) -> list[str]:
@@ -324,17 +339,37 @@ def _shard_names(index: Path) -> list[str]:
     return names
 
 
-def load_weights(folder: str | os.PathLike[str]) -> dict[str, torch.Tensor]:
+def load_weights(folder: str | os.PathLike[str], max_bytes: int | None = None) -> dict[str, torch.Tensor]:
     """``{name: tensor}`` on CPU from a checkpoint folder, never unpickling.
+
+    Args:
+        folder: the checkpoint folder.
+        max_bytes: the most bytes a sharded (DCP) checkpoint may take once gathered.
 
     Raises:
         FileNotFoundError: no weights in the folder.
         ValueError: a weight file is damaged (the reason from safetensors is kept).
+        GatherExceedsBudget: a sharded checkpoint would exceed ``max_bytes`` once gathered.
+    """
+    return read_weights(folder, max_bytes)[0]
+
+
+def read_weights(folder: str | os.PathLike[str], max_bytes: int | None = None) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+    """:func:`load_weights`, and what the loading did: ``{}``, or for a sharded checkpoint
+    ``{"format": "dcp", "shards": N, "gathered_bytes": B, ...}`` (see :func:`~uma_callbacks.core.dcp.load_dcp`).
+
+    Raises:
+        FileNotFoundError: no weights in the folder.
+        ValueError: a weight file is damaged, or refused.
+        GatherExceedsBudget: a sharded checkpoint would exceed ``max_bytes`` once gathered.
     """
     from safetensors.torch import load_file
 
+    files = weight_files(folder)
+    if len(files) == 1 and files[0].is_dir():
+        return load_dcp(files[0], max_bytes)
     weights: dict[str, torch.Tensor] = {}
-    for path in weight_files(folder):
+    for path in files:
         try:
             if path.suffix == ".bin":
                 weights.update(torch.load(path, map_location="cpu", weights_only=True))
@@ -344,7 +379,7 @@ def load_weights(folder: str | os.PathLike[str]) -> dict[str, torch.Tensor]:
             raise
         except Exception as err:  # safetensors raises its own error types for damaged headers
             raise ValueError(f"cannot read weights {path}: {type(err).__name__}: {err}") from err
-    return weights
+    return weights, {}
 
 
 def read_config(folder: str | os.PathLike[str]) -> dict[str, Any]:

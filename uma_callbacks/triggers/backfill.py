@@ -27,6 +27,7 @@ import torch
 
 from uma_callbacks.checkpoints import Checkpoint, discover_with_problems
 from uma_callbacks.config import UMAConfig
+from uma_callbacks.engine.budget import as_budget
 from uma_callbacks.engine.journal import Journal
 from uma_callbacks.engine.probe_source import build_probe, check_probe_matches, load_tokenizer
 from uma_callbacks.engine.records import Record
@@ -183,7 +184,7 @@ def backfill(
     target = torch.device(device) if device is not None else torch.device("cuda" if torch.cuda.is_available() else "cpu")
     loader = ModelLoader(model_factory, target)
     bar = _progress(len(checkpoints), progress)
-    for loaded, waited in prefetched(checkpoints, prefetch):
+    for loaded, waited in prefetched(checkpoints, prefetch, as_budget(cfg.memory_budget)):
         ckpt = loaded.checkpoint
         t0 = time.perf_counter()
         try:
@@ -197,6 +198,9 @@ def backfill(
         summary.load_seconds += loaded.seconds
         summary.compute_seconds += compute
         summary.per_checkpoint[ckpt.step] = {"load": loaded.seconds, "compute": compute, "wait": waited}
+        if loaded.meta.get("format") == "dcp":  # a sharded checkpoint, gathered within the budget
+            summary.per_checkpoint[ckpt.step].update(shards=loaded.meta["shards"], gathered_bytes=loaded.meta["gathered_bytes"])
+            logger.info("uma: checkpoint %s gathered from %d shard file(s), %d bytes", ckpt.path, loaded.meta["shards"], loaded.meta["gathered_bytes"])
         _tally(summary, ckpt, records)
         if bar is not None:
             bar.set_postfix_str(f"step {ckpt.step}", refresh=False)

@@ -5,13 +5,13 @@ from __future__ import annotations
 import time
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import torch
 
-from uma_callbacks.checkpoints import Checkpoint, architecture_of, build_model, load_into, load_weights, read_config
+from uma_callbacks.checkpoints import Checkpoint, architecture_of, build_model, load_into, read_config, read_weights
 
 
 @dataclass
@@ -23,27 +23,35 @@ class Loaded:
     weights: dict[str, torch.Tensor] | None = None
     error: BaseException | None = None
     seconds: float = 0.0
+    meta: dict[str, Any] = field(default_factory=dict)
 
 
-def read_checkpoint(checkpoint: Checkpoint) -> Loaded:
-    """Read a checkpoint's config and weights; an error is kept, not raised."""
+def read_checkpoint(checkpoint: Checkpoint, budget: Any = None) -> Loaded:
+    """Read a checkpoint's config and weights; an error is kept, not raised.
+
+    ``budget`` (a ``MemoryBudget``) bounds what a sharded checkpoint may take once gathered
+    (its host-memory limit now); ``meta`` says how the weights were read (shards gathered).
+    """
     started = time.perf_counter()
     try:
-        return Loaded(checkpoint, read_config(checkpoint.path), load_weights(checkpoint.path), seconds=time.perf_counter() - started)
+        max_bytes = budget.limit_bytes(torch.device("cpu")) if budget is not None else None
+        config = read_config(checkpoint.path)
+        weights, meta = read_weights(checkpoint.path, max_bytes)
+        return Loaded(checkpoint, config, weights, seconds=time.perf_counter() - started, meta=meta)
     except Exception as err:  # reported as the checkpoint's error record
         return Loaded(checkpoint, error=err, seconds=time.perf_counter() - started)
 
 
-def prefetched(checkpoints: Sequence[Checkpoint], enabled: bool = True) -> Iterator[tuple[Loaded, float]]:
+def prefetched(checkpoints: Sequence[Checkpoint], enabled: bool = True, budget: Any = None) -> Iterator[tuple[Loaded, float]]:
     """``(loaded checkpoint, seconds waited for it)`` in order; the next one is read on a
-    background thread while the caller works on the current one."""
+    background thread while the caller works on the current one (``budget``: see :func:`read_checkpoint`)."""
     with ThreadPoolExecutor(max_workers=1, thread_name_prefix="uma-prefetch") as pool:
-        pending: Future[Loaded] | None = pool.submit(read_checkpoint, checkpoints[0]) if enabled and checkpoints else None
+        pending: Future[Loaded] | None = pool.submit(read_checkpoint, checkpoints[0], budget) if enabled and checkpoints else None
         for i, ckpt in enumerate(checkpoints):
             waited = time.perf_counter()
-            loaded = pending.result() if pending is not None else read_checkpoint(ckpt)
+            loaded = pending.result() if pending is not None else read_checkpoint(ckpt, budget)
             waited = time.perf_counter() - waited
-            pending = pool.submit(read_checkpoint, checkpoints[i + 1]) if enabled and i + 1 < len(checkpoints) else None
+            pending = pool.submit(read_checkpoint, checkpoints[i + 1], budget) if enabled and i + 1 < len(checkpoints) else None
             yield loaded, waited
             loaded.weights = None
 
