@@ -20,6 +20,7 @@ one scalar per parameter).
 
 from __future__ import annotations
 
+import math
 from collections.abc import Iterable, Iterator, Mapping
 from dataclasses import dataclass
 from typing import Any
@@ -144,6 +145,101 @@ def _fsdp_units(model: torch.nn.Module) -> dict[str, torch.nn.Module]:
     except ImportError:
         return {}
     return {name: m for name, m in model.named_modules() if isinstance(m, FSDPModule)}
+
+
+# ---------------------------------------------------------------------------- fingerprint
+def sharded_fingerprint(items: Mapping[str, torch.Tensor]) -> str:
+    """:func:`~uma_callbacks.engine.snapshot.weights_fingerprint` of parameters some of
+    which are DTensors: the one-process fingerprint of the full tensors, the same string on
+    every rank, with no rank ever holding a full parameter.
+
+    The fingerprint is SHA-256 over ``name|dtype|shape|`` and the row-major bytes of each
+    full tensor, in name order. Under ``Shard(0)`` those bytes are the ranks' shards one
+    after the other, so rank 0 streams its own shard into the hash, then receives each
+    other rank's shard of the same parameter (point-to-point, one shard at a time) and
+    streams it in; the digest is then broadcast. Rank 0 holds one extra shard at a time,
+    the others only send what they hold. Other layouts (``Replicate``, 2-D meshes) are
+    gathered one parameter at a time (``full_tensor()``). Plain tensors are hashed from
+    rank 0's copy (replicated by definition).
+
+    Every rank must call it with the same names (a collective).
+
+    Args:
+        items: ``{name: tensor}``, DTensor or plain.
+
+    Returns:
+        64 hex characters, equal on every rank.
+
+    Raises:
+        NotImplementedError: a DTensor whose mesh leaves out world rank 0.
+    """
+    import hashlib
+
+    import torch.distributed as dist
+
+    rank = dist.get_rank()
+    digest = hashlib.sha256() if rank == 0 else None
+    for name in sorted(items):
+        t = items[name].detach()
+        if digest is not None:
+            digest.update(f"{name}|{t.dtype}|{tuple(t.shape)}|".encode())
+        if not is_dtensor(t):
+            if digest is not None:
+                _hash_bytes(digest, t)
+            continue
+        group = t.device_mesh.get_group() if t.device_mesh.ndim == 1 else None
+        members = dist.get_process_group_ranks(group) if group is not None else []
+        if group is None or not _is_dim0_shard(t) or t.dim() == 0:
+            full = t.full_tensor()  # one parameter gathered, then dropped
+            if digest is not None:
+                _hash_bytes(digest, full)
+            del full
+            continue
+        if 0 not in members:
+            raise NotImplementedError(f"parameter {name!r} is sharded on a mesh without world rank 0: {members}")
+        _stream_dim0_shards(digest, t, members, group)
+    box = [digest.hexdigest() if digest is not None else ""]
+    dist.broadcast_object_list(box, src=0)
+    return str(box[0])
+
+
+def _is_dim0_shard(t: torch.Tensor) -> bool:
+    from torch.distributed.tensor import Shard
+
+    placements = tuple(t.placements)
+    return len(placements) == 1 and placements[0] == Shard(0)
+
+
+def _stream_dim0_shards(digest: Any, t: torch.Tensor, members: list[int], group: Any) -> None:
+    """Rank 0 hashes the shards of ``t`` in mesh order; the other members send theirs to it."""
+    import torch.distributed as dist
+
+    rank = dist.get_rank()
+    piece = t.to_local().contiguous()
+    rows = [len(c) for c in torch.empty(t.shape[0], device="meta").chunk(len(members))]
+    rows += [0] * (len(members) - len(rows))  # torch.chunk gives fewer pieces when d0 < R
+    inner = tuple(t.shape[1:])
+    if rank != 0:
+        if rank in members and piece.numel():
+            dist.send(piece, dst=0, group=group)
+        return
+    for position, member in enumerate(members):
+        if member == 0:
+            _hash_bytes(digest, piece)
+        elif rows[position] * math.prod(inner):  # the sender sends iff its piece has entries
+            buffer = torch.empty((rows[position], *inner), dtype=piece.dtype, device=piece.device)
+            dist.recv(buffer, src=member, group=group)
+            _hash_bytes(digest, buffer)
+            del buffer
+
+
+def _hash_bytes(digest: Any, t: torch.Tensor) -> None:
+    """Feed ``t``'s row-major bytes to ``digest``."""
+    if t.device.type != "cpu":
+        t = t.cpu()
+    t = t.contiguous()
+    if t.numel():
+        digest.update(memoryview(t.view(torch.uint8).numpy()))
 
 
 # ---------------------------------------------------------------------------- chunks

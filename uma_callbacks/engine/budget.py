@@ -32,6 +32,68 @@ def param_bytes(model: torch.nn.Module, trainable_only: bool = True) -> int:
     return sum(p.numel() * p.element_size() for p in model.parameters() if p.requires_grad or not trainable_only)
 
 
+@dataclass(frozen=True)
+class RankParamBytes:
+    """What the planner counts for the trainable parameters on this rank.
+
+    On a plain model every rank holds all of them. Under FSDP2 (``fully_shard``) a rank
+    holds its shards, and FSDP all-gathers one unit's full parameters at a time for its
+    forward/backward; the metrics keep their accumulators, copies and directions in the
+    shard's layout. So the fixed bytes of a metric are its copies of the *shard* plus the
+    largest gathered block, never the whole model::
+
+        fixed = cost(P = shard) + largest_block
+
+    A per-sample gradient is formed full-size (one layer of the gathered block, from this
+    rank's own samples), so the per-sample term keeps the full P (and the metric's declared
+    share of it).
+
+    Attributes:
+        held: bytes of the trainable parameters this rank holds (its shards; all on a plain model).
+        held_entries: their entries.
+        full: bytes of the full trainable parameters (the per-sample gradient's P).
+        full_entries: their entries.
+        gathered: bytes FSDP gathers at once (the largest unit's full parameters); 0 on a
+            plain model (the model itself is what training holds).
+    """
+
+    held: int
+    held_entries: int
+    full: int
+    full_entries: int
+    gathered: int = 0
+
+    @property
+    def sharded(self) -> bool:
+        """Whether the parameters are sharded (held < full, or FSDP gathers blocks)."""
+        return self.gathered > 0
+
+
+def rank_param_bytes(model: torch.nn.Module) -> RankParamBytes:
+    """:class:`RankParamBytes` of ``model`` on this rank (FSDP2 DTensor parameters or plain).
+
+    Example:
+        >>> rank_param_bytes(torch.nn.Linear(3, 2))
+        RankParamBytes(held=32, held_entries=8, full=32, full_entries=8, gathered=0)
+    """
+    from uma_callbacks.core.sharding import is_sharded, local, shard_bytes
+
+    trainable = [p for p in model.parameters() if p.requires_grad]
+    full_entries = sum(p.numel() for p in trainable)  # a DTensor's numel() is the global count
+    if not is_sharded(model):
+        total = param_bytes(model)
+        return RankParamBytes(held=total, held_entries=full_entries, full=total, full_entries=full_entries)
+    sizes = shard_bytes(model)
+    held_entries = sum(local(p).numel() for p in trainable)
+    return RankParamBytes(
+        held=sizes.shard,
+        held_entries=held_entries,
+        full=sizes.full,
+        full_entries=full_entries,
+        gathered=max(1, sizes.largest_block),
+    )
+
+
 def available_bytes(device: torch.device | str = "cpu") -> int:
     """Free memory on ``device``: CUDA ``mem_get_info``; CPU ``MemAvailable``."""
     device = torch.device(device)
@@ -182,6 +244,7 @@ class MemoryBudget:
         *,
         n_params: int | None = None,
         n_samples: int | None = None,
+        sharding: RankParamBytes | None = None,
     ) -> Plan:
         """Pick the memory mode and chunk for ``metric`` (see the class docstring).
 
@@ -194,6 +257,10 @@ class MemoryBudget:
                 only when it is the CPU).
             n_params: entries of the trainable parameters (default: bytes / 4).
             n_samples: local probe samples (default: ``largest_chunk``).
+            sharding: this rank's parameter bytes on a sharded (FSDP) model: the fixed
+                terms then count the shard (``held``) plus the largest gathered block, and
+                ``param_bytes_``/``n_params`` are used for the per-sample term only (see
+                :class:`RankParamBytes`). ``None``: a plain model.
 
         Returns:
             The :class:`Plan`; ``chunk_size`` is None when no mode fits ``min_batch_size``.
@@ -206,10 +273,10 @@ class MemoryBudget:
             "n_samples": largest_chunk if n_samples is None else n_samples,
             "on_host": where.type == "cpu",
         }
+        held = {**sizes, "n_params": sharding.held_entries} if sharding is not None else sizes
         best: Plan | None = None
         for mode, cost in metric.memory_modes():
-            fixed = cost.bytes_needed(param_bytes_, sample_bytes, 0, **sizes)
-            per_sample = max(1, cost.bytes_needed(param_bytes_, sample_bytes, 1, **sizes) - fixed)
+            fixed, per_sample = planned_bytes(cost, param_bytes_, sample_bytes, sizes, held, sharding)
             chunk = min(top, (limit - fixed) // per_sample) if limit > fixed else 0
             smallest = min(self.min_batch_size, top)  # a probe batch below min_batch_size runs whole
             plan = Plan(int(chunk) if chunk >= smallest else None, mode, limit, fixed, per_sample)
@@ -223,6 +290,36 @@ class MemoryBudget:
             f"per sample, at least {self.min_batch_size} sample(s)"
         )
         return best
+
+
+def planned_bytes(
+    cost: Any,
+    param_bytes_: int,
+    sample_bytes: int,
+    sizes: dict[str, Any],
+    held_sizes: dict[str, Any] | None = None,
+    sharding: RankParamBytes | None = None,
+) -> tuple[int, int]:
+    """``(fixed, per_sample)`` bytes of one memory mode's ``cost`` on this rank.
+
+    Plain model: ``fixed = cost(P, chunk=0)``, ``per_sample = cost(P, 1) - cost(P, 0)``.
+    Sharded (``sharding`` given): the fixed terms are priced on the shard
+    (``P = sharding.held``, ``n = sharding.held_entries``) plus ``sharding.gathered`` once;
+    the per-sample term stays on the full ``P`` (a per-sample gradient is full-size).
+
+    Example:
+        >>> from uma_callbacks.metrics.base import Cost
+        >>> shard = RankParamBytes(held=400, held_entries=100, full=800, full_entries=200, gathered=100)
+        >>> cost = Cost(param_copies=2.0, per_sample_grads=True)
+        >>> planned_bytes(cost, 800, 10, {"n_params": 200}, {"n_params": 100}, shard)
+        (900, 820)
+    """
+    whole = cost.bytes_needed(param_bytes_, sample_bytes, 0, **sizes)
+    per_sample = max(1, cost.bytes_needed(param_bytes_, sample_bytes, 1, **sizes) - whole)
+    if sharding is None:
+        return whole, per_sample
+    fixed = cost.bytes_needed(sharding.held, sample_bytes, 0, **(held_sizes or sizes)) + sharding.gathered
+    return fixed, per_sample
 
 
 def measure_sample_bytes(model: torch.nn.Module, loss_fn: Any, batch: Any) -> int:
@@ -344,12 +441,21 @@ def compute_within_budget(
         if collective is not None and getattr(collective, "world_size", 1) > 1:
             # every rank must plan the same chunk: use the mean measurement
             sample_bytes = int(collective.sum_scalar(float(sample_bytes)) / collective.world_size)
-        n_params = sum(p.numel() for p in model.parameters() if p.requires_grad)
+        sizes = rank_param_bytes(model)  # sharded (FSDP): the shard and the largest gathered block
         n_samples = sum(count_samples(b) for b in batches)
         plan = budget.plan(
-            metric, param_bytes(model), sample_bytes, largest, _device_of(model), n_params=n_params, n_samples=n_samples
+            metric,
+            sizes.full,
+            sample_bytes,
+            largest,
+            _device_of(model),
+            n_params=sizes.full_entries,
+            n_samples=n_samples,
+            sharding=sizes if sizes.sharded else None,
         )
         plan_meta = plan.as_meta()
+        if sizes.sharded:
+            plan_meta.update(planned_shard_bytes=sizes.held, planned_gathered_bytes=sizes.gathered)
         plan_meta["measured_sample_bytes"] = sample_bytes
         if plan.chunk_size is None:
             raise BudgetExceeded(plan.reason)

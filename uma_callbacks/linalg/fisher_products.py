@@ -418,21 +418,46 @@ def _sharded_chunks(
         chunk, real = unwrap(item)
         collective.agree()  # every rank healthy before FSDP's forward all-gathers
         rep = layer_gradients(model, loss_fn, chunk, params, plan, before_backward=collective.agree)
-        sums, sq, chunk_gsum, _ = rep.reduce(want_diag, want_grad_sum, False)
+        sums, sq, chunk_gsum = _scattered_stats(rep, want_diag, want_grad_sum, real, collective)
         out = _ChunkSums(
             item,
             real,
             rep.n,
             float(rep.losses.double().sum()) if real else 0.0,
-            _scattered(sums, real, collective) or {},
+            sums,
             sq,
-            _scattered(chunk_gsum, real, collective),
+            chunk_gsum,
             None,
             rep if real else _Ghost(rep),
             set(rep.vmapped),
         )
         del rep, sums, sq, chunk_gsum
         yield out
+
+
+def _scattered_stats(
+    rep: LayerGradients, want_diag: bool, want_grad_sum: bool, real: bool, collective: Any
+) -> tuple[dict[str, torch.Tensor], torch.Tensor, dict[str, torch.Tensor]]:
+    """``rep.reduce`` one parameter at a time, each full-size sum reduce-scattered into this
+    rank's shard at once: a rank holds one parameter's full-size sums [d0, ...] at a time
+    (not the whole model's, P entries, which would not shrink with the ranks).
+
+    Returns:
+        ``({name: shard of sum_i g_i^2}`` (empty unless ``want_diag``), ``sq_norms [B, n_params]``
+        float64, ``{name: shard of sum_i g_i}`` (empty unless ``want_grad_sum``)).
+    """
+    diag: dict[str, torch.Tensor] = {}
+    gsum: dict[str, torch.Tensor] = {}
+    norms = []
+    for name in rep.names:
+        d, sq, s, _ = rep.factors[name].stats(want_diag, want_grad_sum, False)
+        if want_diag:
+            diag[name] = collective.sum_scatter_dim0(d if real else torch.zeros_like(d))
+        if want_grad_sum:
+            gsum[name] = collective.sum_scatter_dim0(s if real else torch.zeros_like(s))
+        norms.append(sq.to(rep.losses.device))
+        del d, s
+    return diag, torch.stack(norms, dim=1), gsum
 
 
 def _grouped_chunks(
@@ -466,15 +491,6 @@ def _grouped_chunks(
             del rep, group_sums, sq
         assert sq_all is not None
         yield _ChunkSums(chunk, True, n, loss_sum, sums, sq_all, grad_sums)
-
-
-def _scattered(
-    sums: Mapping[str, torch.Tensor] | None, real: bool, collective: Any
-) -> dict[str, torch.Tensor] | None:
-    """Full-size per-parameter chunk sums -> this rank's shard of their sum over ranks."""
-    if sums is None:
-        return None
-    return {n: collective.sum_scatter_dim0(v if real else torch.zeros_like(v)) for n, v in sums.items()}
 
 
 class _Ghost:

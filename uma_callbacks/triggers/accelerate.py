@@ -55,12 +55,14 @@ class UMAHandle:
         global_step: Callable[[], int] | None,
         step: int | None,
         model_index: int,
+        model: torch.nn.Module | None = None,
     ) -> None:
         self.accelerator = accelerator
         self.session = session
         self.step = step
         self._global_step = global_step
         self._model_index = model_index
+        self._model = model
         self._hook_handle: Any = None
         self._sinks_ready = False
 
@@ -106,10 +108,14 @@ class UMAHandle:
 
         Args:
             step: the global step; ``None`` uses :meth:`current_step`.
-            model: the model; ``None`` unwraps the accelerator's ``model_index``-th model.
+            model: the model; ``None``: the one given to :func:`attach`, else the
+                accelerator's ``model_index``-th model, unwrapped.
 
         Returns:
             The records (empty when the step is unknown or was measured already).
+
+        Raises:
+            ValueError: no model to measure (none given and none prepared).
         """
         step = self.current_step() if step is None else int(step)
         if step is None:
@@ -119,7 +125,7 @@ class UMAHandle:
             )
             return []
         if model is None:
-            model = self.accelerator.unwrap_model(self.accelerator._models[self._model_index])
+            model = self._the_model(list(getattr(self.accelerator, "_models", [])))
         self._start_sinks()
         return self.session.measure(model, step)
 
@@ -131,9 +137,21 @@ class UMAHandle:
         self.session.finish()
 
     # ------------------------------------------------------------------ internals
+    def _the_model(self, models: list[torch.nn.Module]) -> torch.nn.Module:
+        """The model given to :func:`attach`, else the ``model_index``-th prepared one, unwrapped."""
+        if self._model is not None:
+            return self._model
+        if self._model_index >= len(models):
+            raise ValueError(
+                f"attach: no model to measure: the accelerator holds {len(models)} prepared model(s) and "
+                f"model_index is {self._model_index}; prepare the model first, or give it as attach(..., model=model) "
+                "(an FSDP2 fully_shard model that accelerator.prepare cannot take)"
+            )
+        return self.accelerator.unwrap_model(models[self._model_index])
+
     def _hook(self, models: list[torch.nn.Module], weights: list[Any], output_dir: str) -> None:
         step = self.current_step()
-        model = self.accelerator.unwrap_model(models[self._model_index]) if models else None
+        model = self._the_model(list(models)) if step is not None else None
         records = self.measure(step, model)
         if self.session.is_main and step is not None:
             at_step = records or [r for r in self.records if r.step == step]
@@ -166,6 +184,7 @@ def attach(
     output_dir: str | None = None,
     loss_fn: Callable[..., Any] | None = None,
     model_index: int = 0,
+    model: torch.nn.Module | None = None,
     **config: Any,
 ) -> UMAHandle:
     """Measure the model at every ``accelerator.save_state()``.
@@ -187,6 +206,12 @@ def attach(
         output_dir: the journal folder; ``None``: ``<accelerator.project_dir or cwd>/uma``.
         loss_fn: ``loss_fn(model, batch) -> Tensor[B]``; ``None`` for the HF default.
         model_index: which of the accelerator's prepared models to measure.
+        model: the model to measure instead of a prepared one. For an FSDP2 model
+            (``fully_shard`` applied by the user): on CPU (``MULTI_CPU``) and plain
+            multi-GPU runs ``accelerator.prepare(model)`` wraps it in DDP, which fails on its
+            DTensor parameters; prepare only the optimizer and dataloaders and give the
+            sharded model here. Every rank measures its probe shard on it, each parameter
+            staying sharded (see :mod:`uma_callbacks.core.sharding`).
         **config: other :class:`~uma_callbacks.config.UMAConfig` fields (``probe_size``,
             ``probe_batch_size``, ``seed``, ``use_cache``, ``draw_figures``, ...).
 
@@ -195,7 +220,8 @@ def attach(
 
     Raises:
         ValueError: bad configuration (naming the field), no probe, probes that differ
-            across ranks, or a ``global_step`` that is neither callable nor an int.
+            across ranks, a ``global_step`` that is neither callable nor an int, or a
+            ``model`` that is not a module.
         ModuleNotFoundError: a named tracker's package is missing (names the pip extra).
 
     Example:
@@ -232,6 +258,8 @@ def attach(
         raise ValueError(f"attach: global_step must be a callable, a non-negative int or None; got {global_step!r}")
     if isinstance(model_index, bool) or not isinstance(model_index, int) or model_index < 0:
         raise ValueError(f"attach: model_index must be a non-negative int; got {model_index!r}")
+    if model is not None and not isinstance(model, torch.nn.Module):
+        raise ValueError(f"attach: model must be a torch.nn.Module or None; got {type(model).__name__}")
     root = Path(cfg.output_dir or os.path.join(accelerator.project_dir or os.getcwd(), "uma"))
     session = Session(cfg, root, source="accelerate")
     with all_rngs_preserved():
@@ -240,7 +268,7 @@ def attach(
         )
     _check_same_probe(frozen, session.collective)
     session.open(frozen)  # sinks join at the first save, after accelerator.init_trackers
-    handle = UMAHandle(accelerator, session, step_fn, step, model_index)
+    handle = UMAHandle(accelerator, session, step_fn, step, model_index, model)
     handle._hook_handle = accelerator.register_save_state_pre_hook(handle._hook)
     return handle
 
