@@ -335,3 +335,108 @@ def test_budget_below_one_whole_gradient_picks_grouped_fisher():
     for key, value in fast.scalars.items():
         assert grouped.scalars[key] == pytest.approx(value, rel=1e-5, abs=1e-9), key
     assert grouped.arrays["top_eigenvalues"] == pytest.approx(fast.arrays["top_eigenvalues"], rel=1e-5)
+
+
+# ---------------------------------------------------------------------------- per-rank (FSDP2)
+def _tiny_qwen():
+    from transformers import Qwen2Config, Qwen2ForCausalLM
+
+    torch.manual_seed(0)
+    config = Qwen2Config(vocab_size=64, hidden_size=32, intermediate_size=48, num_hidden_layers=2,
+                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=32)  # fmt: skip
+    return Qwen2ForCausalLM(config).double()
+
+
+@pytest.fixture
+def one_rank_group(tmp_path):
+    """A 1-rank gloo process group (FSDP2 needs one), torn down after the test."""
+    dist = pytest.importorskip("torch.distributed")
+    pytest.importorskip("torch.distributed.fsdp")
+    if dist.is_initialized():
+        pytest.skip("a process group is already up in this process")
+    dist.init_process_group("gloo", init_method=f"file://{tmp_path / 'store'}", rank=0, world_size=1)
+    try:
+        yield
+    finally:
+        dist.destroy_process_group()
+
+
+def test_rank_param_bytes_of_a_plain_model_is_the_whole_model():
+    from uma_callbacks.engine.budget import rank_param_bytes
+
+    model = Wide()
+    sizes = rank_param_bytes(model)
+    assert sizes.held == sizes.full == param_bytes(model) and sizes.gathered == 0 and not sizes.sharded
+    assert sizes.held_entries == sizes.full_entries == sum(p.numel() for p in model.parameters())
+
+
+def test_rank_param_bytes_of_fully_shard_is_the_shard_plus_the_largest_unit(one_rank_group):
+    """On a model wrapped per decoder layer and at the root, the gathered block is the largest
+    unit's full parameters: a decoder layer, or the root's own (embeddings, norm, head)."""
+    from torch.distributed.fsdp import fully_shard
+
+    from uma_callbacks.engine.budget import rank_param_bytes
+
+    plain = _tiny_qwen()
+    layer = sum(p.numel() * 8 for p in plain.model.layers[0].parameters())
+    root = param_bytes(plain) - sum(p.numel() * 8 for p in plain.model.layers.parameters())
+    model = _tiny_qwen()
+    for block in model.model.layers:
+        fully_shard(block)
+    fully_shard(model)
+    sizes = rank_param_bytes(model)
+    assert sizes.sharded and sizes.full == param_bytes(plain)
+    assert sizes.held == sizes.full  # one rank holds every shard
+    assert sizes.gathered == max(layer, root)
+
+
+def test_planned_fixed_bytes_count_the_shard_and_one_gathered_block():
+    """A fake plan: 2 ranks each hold half the parameters; FSDP gathers a block of 1/4.
+    Fixed terms (copies, vectors, the Lanczos-like extra) are priced on the shard, plus the
+    block once; the per-sample term stays on the full parameters."""
+    from uma_callbacks.engine.budget import RankParamBytes, planned_bytes
+    from uma_callbacks.metrics.base import Cost
+
+    full, entries, sample = 8_000, 2_000, 100
+    cost = Cost(per_sample_grads=True, param_copies=2.0, vectors=1.0, vector_itemsize=8,
+                extra_bytes=lambda n, itemsize, n_samples: int(3 * n * itemsize))  # fmt: skip
+    sizes = {"n_params": entries, "n_samples": 4, "on_host": True}
+    one = RankParamBytes(held=full, held_entries=entries, full=full, full_entries=entries, gathered=full // 4)
+    two = RankParamBytes(held=full // 2, held_entries=entries // 2, full=full, full_entries=entries, gathered=full // 4)
+    plain_fixed, plain_per_sample = planned_bytes(cost, full, sample, sizes)
+    assert plain_fixed == 2 * full + entries * 8 + 3 * full  # copies + a float64 vector + the extra
+    for ranks in (one, two):
+        held = {**sizes, "n_params": ranks.held_entries}
+        fixed, per_sample = planned_bytes(cost, full, sample, sizes, held, ranks)
+        assert fixed == 2 * ranks.held + ranks.held_entries * 8 + 3 * ranks.held + full // 4
+        assert per_sample == plain_per_sample == full + 2 * sample
+    one_fixed = planned_bytes(cost, full, sample, sizes, sizes, one)[0]
+    two_fixed = planned_bytes(cost, full, sample, sizes, {**sizes, "n_params": entries // 2}, two)[0]
+    assert two_fixed < one_fixed
+    plan = MemoryBudget(max_bytes=two_fixed + 3 * plain_per_sample).plan(
+        GradientFlow(), full, sample, 8, n_params=entries, sharding=two
+    )
+    assert plan.fixed_bytes < MemoryBudget(max_bytes=10**9).plan(GradientFlow(), full, sample, 8, n_params=entries).fixed_bytes
+
+
+def test_budget_plans_a_sharded_model_and_leaves_it_untouched(one_rank_group):
+    """compute_within_budget on a fully_shard-ed model: the sample bytes are measured through
+    FSDP's forward/backward, the plan's meta names the shard and the gathered block, the
+    value equals the plain model's and no gradient is left on the shards."""
+    from torch.distributed.fsdp import fully_shard
+
+    plain = _tiny_qwen()
+    model = _tiny_qwen()
+    for block in model.model.layers:
+        fully_shard(block)
+    fully_shard(model)
+    ids = torch.randint(0, 64, (4, 8), generator=torch.Generator().manual_seed(1))
+    batches = [{"input_ids": ids, "labels": ids}]
+    budget = MemoryBudget(max_bytes=2**30)
+    sharded = compute_within_budget(GradientFlow(), model, batches, None, budget)
+    want = compute_within_budget(GradientFlow(), plain, batches, None, budget)
+    assert sharded.meta["planned_shard_bytes"] == param_bytes(plain)
+    assert 0 < sharded.meta["planned_gathered_bytes"] < param_bytes(plain)
+    assert sharded.meta["measured_sample_bytes"] > 0
+    assert sharded.scalars["total_norm"] == pytest.approx(want.scalars["total_norm"], rel=1e-10)
+    assert all(p.grad is None for p in model.parameters())
