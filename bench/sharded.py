@@ -3,10 +3,19 @@
 The same float32 Qwen2 (seed 0) and probe, ``fully_shard`` per decoder layer and on the
 root, under ``torchrun --nproc_per_node R`` (gloo, CPU) for R = 1 and 2. Each rank reports
 its peak: the bytes of its parameter shards plus the peak RSS rise while ``fisher``
-(diagonal, traces; per-sample sums reduce-scattered into the shard) runs. The high-water
-mark is reset in the worker (``/proc/self/clear_refs``) after the model is built and
-sharded and one warm-up run (lazy initialisation, allocator arenas), so the rise is the
-    metric's own (``method`` says if it fell back to sampling).
+(diagonal, traces; per-sample sums reduce-scattered into the shard one parameter at a
+time) runs. After the model is built and sharded, one warm-up run (lazy initialisation),
+``gc.collect()`` and glibc's ``malloc_trim(0)`` (the warm-up's freed heap pages go back to
+the OS), the high-water mark is reset in the worker (``/proc/self/clear_refs``), so the rise
+is what the run allocates (``method`` says if it fell back to sampling).
+
+Without the trim the freed warm-up heap stays in the process's RSS and the measured run
+reuses it unseen: the "rise" is then only what exceeds that pool (a lower bound that hides
+most of the run, e.g. 36 MiB of a 215 MiB peak at 1 rank). That figure is still printed,
+from a run before the trim, as ``..._untrimmed``.
+
+Also printed: the planner's fixed bytes per rank for the same metric (the shard plus the
+largest gathered block, :func:`~uma_callbacks.engine.budget.rank_param_bytes`).
 
     python bench/sharded.py --quick
 
@@ -47,9 +56,11 @@ def worker(out: Path, quick: bool) -> None:
     """One rank: build, shard, reset the high-water mark, run fisher, write its figures."""
     from torch.distributed.fsdp import fully_shard
 
+    from uma_callbacks.core.batches import count_samples
     from uma_callbacks.core.distributed import current_collective
     from uma_callbacks.core.peak_memory import PeakMemory
     from uma_callbacks.core.sharding import shard_bytes
+    from uma_callbacks.engine.budget import MemoryBudget, rank_param_bytes
     from uma_callbacks.engine.probe import Probe
     from uma_callbacks.metrics import FisherInformation
 
@@ -64,21 +75,37 @@ def worker(out: Path, quick: bool) -> None:
     metric = FisherInformation(top_k=None, keep_diagonal=True, chunk_size=4)
     metric.compute(model, probe.shard(rank, world), collective=current_collective())  # warm-up: lazy inits, arenas
     gc.collect()
-    _trim_heap()  # freed warm-up memory goes back to the OS: the rise below is what the run allocates
-    try:
-        Path("/proc/self/clear_refs").write_text("5")  # reset VmHWM: this process is ours
-    except OSError:
-        pass
+    _reset_high_water_mark()
+    with PeakMemory() as untrimmed:  # the freed warm-up heap is reused unseen: a lower bound
+        metric.compute(model, probe.shard(rank, world), collective=current_collective())
+    gc.collect()
+    _trim_heap()  # freed memory goes back to the OS: the rise below is what the run allocates
+    _reset_high_water_mark()
     started = time.perf_counter()
     with PeakMemory() as meter:
         result = metric.compute(model, probe.shard(rank, world), collective=current_collective())
     seconds = time.perf_counter() - started
     sizes = shard_bytes(model)
+    n_local = sum(count_samples(b) for b in probe.shard(rank, world))
+    plan = MemoryBudget(max_bytes=2**40).plan(metric, sizes.full, 0, 4, n_params=_entries(model), n_samples=n_local,
+                                              sharding=rank_param_bytes(model))  # fmt: skip
     row = {"rank": rank, "world": world, "shard": sizes.shard, "full": sizes.full, "largest_block": sizes.largest_block,
            "metric_peak": meter.peak_bytes, "method": meter.method, "seconds": seconds,
+           "untrimmed_peak": untrimmed.peak_bytes, "planned_fixed": plan.fixed_bytes,
            "trace": result.scalars["trace"]}  # fmt: skip
     (out / f"rank{rank}_of{world}.json").write_text(json.dumps(row))
     torch.distributed.destroy_process_group()
+
+
+def _entries(model: torch.nn.Module) -> int:
+    return sum(p.numel() for p in model.parameters() if p.requires_grad)
+
+
+def _reset_high_water_mark() -> None:
+    try:
+        Path("/proc/self/clear_refs").write_text("5")  # reset VmHWM: this process is ours
+    except OSError:
+        pass
 
 
 def _trim_heap() -> None:
@@ -113,20 +140,26 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         rows = {w: run(w, args.quick, Path(tmp)) for w in (1, 2)}
     mib = 2**20
-    peaks = {}
+    peaks, untrimmed, planned = {}, {}, {}
     for w, ranks in rows.items():
         for r in ranks:
             total = r["shard"] + r["metric_peak"]
             print(f"{w} rank(s), rank {r['rank']}: shard {r['shard'] / mib:6.1f} MiB of {r['full'] / mib:.1f}, "
                   f"largest gathered block {r['largest_block'] / mib:.1f} MiB, fisher peak rise "
-                  f"{r['metric_peak'] / mib:6.1f} MiB ({r['method']}), total {total / mib:6.1f} MiB, "
+                  f"{r['metric_peak'] / mib:6.1f} MiB ({r['method']}; untrimmed {r['untrimmed_peak'] / mib:.1f}), "
+                  f"planned fixed {r['planned_fixed'] / mib:.1f} MiB, total {total / mib:6.1f} MiB, "
                   f"{r['seconds']:.2f} s, trace {r['trace']:.6g}")  # fmt: skip
         peaks[w] = max(r["shard"] + r["metric_peak"] for r in ranks)
+        untrimmed[w] = max(r["shard"] + r["untrimmed_peak"] for r in ranks)
+        planned[w] = max(r["planned_fixed"] for r in ranks)
     trace_rel = abs(rows[2][0]["trace"] - rows[1][0]["trace"]) / abs(rows[1][0]["trace"])
     summary = {
         "fisher_peak_1rank_mib": peaks[1] / mib,
         "fisher_peak_2ranks_mib": peaks[2] / mib,
         "fisher_peak_2ranks_over_1rank": peaks[2] / peaks[1],
+        "fisher_peak_2ranks_over_1rank_untrimmed": untrimmed[2] / untrimmed[1],
+        "fisher_planned_fixed_1rank_mib": planned[1] / mib,
+        "fisher_planned_fixed_2ranks_over_1rank": planned[2] / planned[1],
         "fisher_trace_rel_diff_2ranks_vs_1": trace_rel,
     }
     for key, value in summary.items():

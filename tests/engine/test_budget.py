@@ -392,30 +392,27 @@ def test_rank_param_bytes_of_fully_shard_is_the_shard_plus_the_largest_unit(one_
 
 def test_planned_fixed_bytes_count_the_shard_and_one_gathered_block():
     """A fake plan: 2 ranks each hold half the parameters; FSDP gathers a block of 1/4.
-    Fixed terms (copies, vectors, the Lanczos-like extra) are priced on the shard, plus the
-    block once; the per-sample term stays on the full parameters."""
+    Copies and vectors are priced on the shard, plus the block once; the extra (a
+    Lanczos-like basis, replicated on the sharded path today) and the per-sample term stay
+    on the full parameters."""
     from uma_callbacks.engine.budget import RankParamBytes, planned_bytes
     from uma_callbacks.metrics.base import Cost
 
     full, entries, sample = 8_000, 2_000, 100
-    cost = Cost(per_sample_grads=True, param_copies=2.0, vectors=1.0, vector_itemsize=8,
+    cost = Cost(per_sample_grads=True, param_copies=2.0, vectors=1.0, vector_itemsize=8, fixed_bytes=7,
                 extra_bytes=lambda n, itemsize, n_samples: int(3 * n * itemsize))  # fmt: skip
     sizes = {"n_params": entries, "n_samples": 4, "on_host": True}
     one = RankParamBytes(held=full, held_entries=entries, full=full, full_entries=entries, gathered=full // 4)
     two = RankParamBytes(held=full // 2, held_entries=entries // 2, full=full, full_entries=entries, gathered=full // 4)
     plain_fixed, plain_per_sample = planned_bytes(cost, full, sample, sizes)
-    assert plain_fixed == 2 * full + entries * 8 + 3 * full  # copies + a float64 vector + the extra
+    assert plain_fixed == 2 * full + entries * 8 + 3 * full + 7  # copies + a float64 vector + the extra + fixed
+    fixed = {}
     for ranks in (one, two):
-        held = {**sizes, "n_params": ranks.held_entries}
-        fixed, per_sample = planned_bytes(cost, full, sample, sizes, held, ranks)
-        assert fixed == 2 * ranks.held + ranks.held_entries * 8 + 3 * ranks.held + full // 4
+        fixed[ranks.held], per_sample = planned_bytes(cost, full, sample, sizes, ranks)
+        assert fixed[ranks.held] == 2 * ranks.held + ranks.held_entries * 8 + 3 * full + 7 + full // 4
         assert per_sample == plain_per_sample == full + 2 * sample
-    one_fixed = planned_bytes(cost, full, sample, sizes, sizes, one)[0]
-    two_fixed = planned_bytes(cost, full, sample, sizes, {**sizes, "n_params": entries // 2}, two)[0]
-    assert two_fixed < one_fixed
-    plan = MemoryBudget(max_bytes=two_fixed + 3 * plain_per_sample).plan(
-        GradientFlow(), full, sample, 8, n_params=entries, sharding=two
-    )
+    assert fixed[full // 2] < fixed[full] and fixed[full] == plain_fixed + full // 4
+    plan = MemoryBudget(max_bytes=10**9).plan(GradientFlow(), full, sample, 8, n_params=entries, sharding=two)
     assert plan.fixed_bytes < MemoryBudget(max_bytes=10**9).plan(GradientFlow(), full, sample, 8, n_params=entries).fixed_bytes
 
 

@@ -27,14 +27,11 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
-from tests.scripts.fsdp_metrics import probe_batches, tiny_qwen  # noqa: E402
-
-#: the metrics attached (all planned by the memory budget: no chunk sizes given)
-NAMES = ("gradient_flow", "fisher", "landscape", "interpolation")
-
+from tests.scripts.fsdp_metrics import probe_batches, tiny_qwen
 
 def metrics() -> list:
-    """The attached metrics (fresh objects; the same configs give the same cache keys)."""
+    """The attached metrics, all planned by the memory budget (no chunk sizes given); fresh
+    objects, the same configs give the same cache keys."""
     from uma_callbacks.metrics import CheckpointInterpolation, FisherInformation, GradientFlow, LossLandscape
 
     return [GradientFlow(), FisherInformation(top_k=3, keep_diagonal=True), LossLandscape(n_points=3, span=0.5),
@@ -67,7 +64,7 @@ def main() -> None:
             torch.distributed.destroy_process_group()
 
 
-def run(accelerator, out: Path) -> None:  # noqa: C901 (one scripted scenario)
+def run(accelerator, out: Path) -> None:
     """The training loop, the measurements and the checks."""
     from accelerate import Accelerator
     from torch.distributed.tensor import DTensor
@@ -162,7 +159,7 @@ def run(accelerator, out: Path) -> None:  # noqa: C901 (one scripted scenario)
         metric = next(m for m in handle.session.config.metric_objects if m.name == record.metric)
         cost = dict(metric.memory_modes())[record.meta["memory_mode"]]
         sizes = {"n_params": here.full_entries, "n_samples": 7, "on_host": True}
-        fixed_1, _ = planned_bytes(cost, here.full, record.meta["measured_sample_bytes"], sizes, sizes, one)
+        fixed_1, _ = planned_bytes(cost, here.full, record.meta["measured_sample_bytes"], sizes, one)
         planned[record.metric] = [record.meta["planned_fixed_bytes"], fixed_1]
     checks["planned_fixed_bytes_2_vs_1"] = planned
     handle.remove()

@@ -39,14 +39,11 @@ class RankParamBytes:
     On a plain model every rank holds all of them. Under FSDP2 (``fully_shard``) a rank
     holds its shards, and FSDP all-gathers one unit's full parameters at a time for its
     forward/backward; the metrics keep their accumulators, copies and directions in the
-    shard's layout. So the fixed bytes of a metric are its copies of the *shard* plus the
-    largest gathered block, never the whole model::
-
-        fixed = cost(P = shard) + largest_block
-
-    A per-sample gradient is formed full-size (one layer of the gathered block, from this
-    rank's own samples), so the per-sample term keeps the full P (and the metric's declared
-    share of it).
+    shard's layout. So a metric's parameter copies are copies of the *shard*, and the
+    fixed bytes add the largest gathered block once, never the whole model. A per-sample
+    gradient is formed full-size (one layer of the gathered block, from this rank's own
+    samples), so the per-sample term keeps the full P (and the metric's declared share of
+    it). See :func:`planned_bytes` for which terms are priced on the shard.
 
     Attributes:
         held: bytes of the trainable parameters this rank holds (its shards; all on a plain model).
@@ -257,10 +254,9 @@ class MemoryBudget:
                 only when it is the CPU).
             n_params: entries of the trainable parameters (default: bytes / 4).
             n_samples: local probe samples (default: ``largest_chunk``).
-            sharding: this rank's parameter bytes on a sharded (FSDP) model: the fixed
-                terms then count the shard (``held``) plus the largest gathered block, and
-                ``param_bytes_``/``n_params`` are used for the per-sample term only (see
-                :class:`RankParamBytes`). ``None``: a plain model.
+            sharding: this rank's parameter bytes on a sharded (FSDP) model: the copies
+                and vectors are then priced on the shard, plus the largest gathered block
+                (see :func:`planned_bytes`). ``None``: a plain model.
 
         Returns:
             The :class:`Plan`; ``chunk_size`` is None when no mode fits ``min_batch_size``.
@@ -273,10 +269,9 @@ class MemoryBudget:
             "n_samples": largest_chunk if n_samples is None else n_samples,
             "on_host": where.type == "cpu",
         }
-        held = {**sizes, "n_params": sharding.held_entries} if sharding is not None else sizes
         best: Plan | None = None
         for mode, cost in metric.memory_modes():
-            fixed, per_sample = planned_bytes(cost, param_bytes_, sample_bytes, sizes, held, sharding)
+            fixed, per_sample = planned_bytes(cost, param_bytes_, sample_bytes, sizes, sharding)
             chunk = min(top, (limit - fixed) // per_sample) if limit > fixed else 0
             smallest = min(self.min_batch_size, top)  # a probe batch below min_batch_size runs whole
             plan = Plan(int(chunk) if chunk >= smallest else None, mode, limit, fixed, per_sample)
@@ -297,28 +292,55 @@ def planned_bytes(
     param_bytes_: int,
     sample_bytes: int,
     sizes: dict[str, Any],
-    held_sizes: dict[str, Any] | None = None,
     sharding: RankParamBytes | None = None,
 ) -> tuple[int, int]:
     """``(fixed, per_sample)`` bytes of one memory mode's ``cost`` on this rank.
 
     Plain model: ``fixed = cost(P, chunk=0)``, ``per_sample = cost(P, 1) - cost(P, 0)``.
-    Sharded (``sharding`` given): the fixed terms are priced on the shard
-    (``P = sharding.held``, ``n = sharding.held_entries``) plus ``sharding.gathered`` once;
-    the per-sample term stays on the full ``P`` (a per-sample gradient is full-size).
+
+    Sharded (``sharding`` given): what the metrics keep in the shard's layout, the parameter
+    copies and flat vectors (accumulators, saved weights, directions), is priced on the shard
+    (``P = sharding.held``, ``n = sharding.held_entries``), and FSDP's gathered block is
+    added once. The rest stays on the full model, as the sharded code paths hold it today:
+    ``extra_bytes`` (a Fisher Lanczos basis, replicated on every rank; cached per-sample
+    gradients of the rank's own samples, full-size) and ``probe_grads``; so does the
+    per-sample term (a per-sample gradient is formed full-size)::
+
+        fixed = cost(P, 0) - kept(P, n) + kept(P_shard, n_shard) + largest_block,
+        kept(P, n) = param_copies * P + vectors * n * w
+
+    Args:
+        cost: a :class:`~uma_callbacks.metrics.base.Cost`.
+        param_bytes_: P, the full trainable parameters' bytes.
+        sample_bytes: A, one sample's activation bytes.
+        sizes: ``n_params`` (full entries), ``n_samples`` (local), ``on_host`` for ``cost``.
+        sharding: this rank's :class:`RankParamBytes` on a sharded model, else ``None``.
 
     Example:
         >>> from uma_callbacks.metrics.base import Cost
         >>> shard = RankParamBytes(held=400, held_entries=100, full=800, full_entries=200, gathered=100)
-        >>> cost = Cost(param_copies=2.0, per_sample_grads=True)
-        >>> planned_bytes(cost, 800, 10, {"n_params": 200}, {"n_params": 100}, shard)
-        (900, 820)
+        >>> cost = Cost(param_copies=2.0, per_sample_grads=True, fixed_bytes=5)
+        >>> planned_bytes(cost, 800, 10, {"n_params": 200}, shard)  # 2 * 400 + 5 + 100; 800 + 2 * 10
+        (905, 820)
     """
     whole = cost.bytes_needed(param_bytes_, sample_bytes, 0, **sizes)
     per_sample = max(1, cost.bytes_needed(param_bytes_, sample_bytes, 1, **sizes) - whole)
     if sharding is None:
         return whole, per_sample
-    fixed = cost.bytes_needed(sharding.held, sample_bytes, 0, **(held_sizes or sizes)) + sharding.gathered
+    kept = type(cost)(
+        param_copies=cost.param_copies,
+        host_param_copies=cost.host_param_copies,
+        vectors=cost.vectors,
+        host_vectors=cost.host_vectors,
+        vector_itemsize=cost.vector_itemsize,
+    )
+    held_sizes = {**sizes, "n_params": sharding.held_entries}
+    fixed = (
+        whole
+        - kept.bytes_needed(param_bytes_, sample_bytes, 0, **sizes)
+        + kept.bytes_needed(sharding.held, sample_bytes, 0, **held_sizes)
+        + sharding.gathered
+    )
     return fixed, per_sample
 
 
