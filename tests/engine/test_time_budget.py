@@ -12,8 +12,8 @@ UNITS = UnitCosts(forward=0.1, backward=0.3, hvp=0.75, n_batches=4)
 
 def test_hessian_scales_hutchinson_first_then_lanczos_then_top_k():
     full = HessianSpectrum(top_k=10, hutchinson_samples=50)
-    assert estimate_seconds(full, UNITS) == pytest.approx((40 + 50) * 0.75)
-    fewer_probes, changes = scale_to(full, UNITS, 40 * 0.75 + 20 * 0.75)
+    assert estimate_seconds(full, UNITS) == pytest.approx((55 + 50) * 0.75)  # 55 products by default
+    fewer_probes, changes = scale_to(full, UNITS, 55 * 0.75 + 20 * 0.75)
     assert list(changes) == ["hutchinson_samples"] and changes["hutchinson_samples"] == [50, 20]
     assert full.hutchinson_samples == 50  # the configured metric is never changed
     tight, changes = scale_to(full, UNITS, 10 * 0.75)

@@ -38,7 +38,7 @@ def test_batched_products_equal_one_at_a_time():
 
 def test_hessian_reports_residuals_per_eigenpair():
     model, batches, loss_fn = TINY_CASES[0].build(dtype=torch.float64)
-    r = HessianSpectrum(top_k=3, hutchinson_samples=4, tol=1e-8).compute(model, batches, loss_fn)
+    r = HessianSpectrum(top_k=3, hutchinson_samples=4, tol=1e-8, block_size=3).compute(model, batches, loss_fn)
     assert r.meta["lanczos_converged"] and r.meta["lanczos_block_size"] == 3 and r.meta["hvp_batched"]
     assert len(r.meta["lanczos_residuals"]) == 3 and max(r.meta["lanczos_relative_residuals"]) <= 1e-8
     one = HessianSpectrum(top_k=3, hutchinson_samples=4, tol=1e-8, block_size=1).compute(model, batches, loss_fn)
@@ -46,6 +46,12 @@ def test_hessian_reports_residuals_per_eigenpair():
         torch.tensor(r.arrays["top_eigenvalues"]), torch.tensor(one.arrays["top_eigenvalues"]), rtol=1e-7, atol=0
     )
     assert r.scalars["trace"] == pytest.approx(one.scalars["trace"], rel=1e-10)  # same probes, batched
+    # on CPU the default is classical Lanczos from a combination of per-sample gradients
+    auto = HessianSpectrum(top_k=3, hutchinson_samples=0, tol=1e-8).compute(model, batches, loss_fn)
+    assert auto.meta["lanczos_block_size"] == 1 and auto.meta["lanczos_start"] == "gradients"
+    torch.testing.assert_close(
+        torch.tensor(auto.arrays["top_eigenvalues"]), torch.tensor(one.arrays["top_eigenvalues"]), rtol=1e-7, atol=0
+    )
 
 
 def test_gradient_sketch_is_the_weighted_sum_of_per_sample_gradients():

@@ -108,7 +108,7 @@ def estimate_seconds(metric: Metric, units: UnitCosts) -> float:
     per_batch = 1.0 / max(1, units.n_batches)
     if name == "hessian":
         k = int(metric.top_k)
-        products = getattr(metric, "max_iter", None) or max(3 * k, k + 30)
+        products = getattr(metric, "max_iter", None) or metric.default_max_iter(k, 1)
         return (products + metric.hutchinson_samples) * units.hvp
     if name == "landscape":
         points = int(metric.n_points) ** int(getattr(metric, "dims", 2) or 2)
@@ -152,7 +152,7 @@ def scale_to(metric: Metric, units: UnitCosts, seconds: float) -> tuple[Metric, 
     name = metric.name
     if name == "hessian":
         k = int(scaled.top_k)
-        default_iter = scaled.max_iter or max(3 * k, k + 30)
+        default_iter = scaled.max_iter or scaled.default_max_iter(k, 1)
         room = seconds / units.hvp
         set_knob("hutchinson_samples", 0 if scaled.hutchinson_samples == 0 else max(4, min(scaled.hutchinson_samples, int(room - default_iter))))
         left = room - scaled.hutchinson_samples
