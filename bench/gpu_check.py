@@ -9,6 +9,14 @@ metric's start) and the time, then ``name=value`` lines.
 
 ``--tiny`` runs the same script on CPU with a 2-layer toy shape, to check that it works.
 
+``--fsdp-trainer`` (under ``torchrun``, one process per GPU, at most 2): the Trainer with
+``fsdp="full_shard"``, ``fsdp_config={"fsdp_version": 2, "state_dict_type": "SHARDED_STATE_DICT"}``
+and ``UMACallback(["gradient_flow", "fisher"])`` on a small Qwen2 for 4 steps, saving at 2 and 4.
+Inside the callback's ``on_save`` it checks that every parameter is a ``DTensor`` (FSDP2 really
+sharded the model; on CPU Accelerate falls back to DDP and this is 0), that the metrics came
+out ``ok``, then (rank 0, process group closed) backfills the sharded checkpoints
+(``checkpoint-N/pytorch_model_fsdp_0/``) and compares with the live values.
+
 Run: ``bash bench/gpu_check.sh`` (GPU) or ``python bench/gpu_check.py --tiny`` (CPU).
 """
 
@@ -36,7 +44,16 @@ def main() -> None:
     parser.add_argument("--samples", type=int, default=64)
     parser.add_argument("--length", type=int, default=512)
     parser.add_argument("--fisher-matvecs", type=int, default=8, help="Lanczos products for the Fisher top-5")
+    parser.add_argument("--fsdp-trainer", action="store_true", help="the Trainer + FSDP2 check (run under torchrun)")
+    parser.add_argument("--cpu", action="store_true", help="with --fsdp-trainer: on CPU (a functional check; DDP, not FSDP)")
+    parser.add_argument("--backfill-check", metavar="DIR", help=argparse.SUPPRESS)
     args = parser.parse_args()
+    if args.fsdp_trainer:
+        fsdp_trainer_check(args.cpu)
+        return
+    if args.backfill_check:
+        backfill_check(args.backfill_check)
+        return
 
     from transformers import Qwen2Config, Qwen2ForCausalLM
 
@@ -92,6 +109,101 @@ def main() -> None:
     summary["total_seconds"] = time.perf_counter() - started
     for key, value in summary.items():
         print(f"{key}={value:.3f}" if isinstance(value, float) else f"{key}={value}")
+
+
+def fsdp_trainer_check(cpu: bool) -> None:
+    """Trainer(fsdp="full_shard", FSDP2, sharded checkpoints) + UMACallback; see the module docstring."""
+    import json
+    import os
+    import subprocess
+
+    import datasets
+    from torch.distributed.tensor import DTensor
+    from transformers import Qwen2Config, Qwen2ForCausalLM, Trainer, TrainingArguments
+
+    from uma_callbacks import UMACallback
+
+    class CheckedCallback(UMACallback):
+        """UMACallback that first records whether the model it gets holds DTensor parameters."""
+
+        def __init__(self, *args, **kwargs) -> None:
+            super().__init__(*args, **kwargs)
+            self.dtensor: list[bool] = []
+
+        def on_save(self, args, state, control, model=None, **kwargs):
+            params = list(model.parameters()) if model is not None else []
+            self.dtensor.append(bool(params) and all(isinstance(p, DTensor) for p in params))
+            return super().on_save(args, state, control, model=model, **kwargs)
+
+    run_id = os.environ.get("TORCHELASTIC_RUN_ID", str(os.getpid()))  # one fresh folder per torchrun, shared by its ranks
+    out = os.path.join(os.environ.get("UMA_GPU_CHECK_DIR", "/tmp"), f"uma-gpu-fsdp-trainer-{run_id}")
+    torch.manual_seed(0)
+    config = Qwen2Config(hidden_size=64, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+                         intermediate_size=128, vocab_size=256, max_position_embeddings=64)
+    model = Qwen2ForCausalLM(config)
+    gen = torch.Generator().manual_seed(1)
+    ids = torch.randint(0, 256, (64, 32), generator=gen).tolist()
+    data = datasets.Dataset.from_dict({"input_ids": ids, "attention_mask": [[1] * 32] * 64, "labels": ids})
+    args = TrainingArguments(
+        output_dir=out, max_steps=4, save_steps=2, save_strategy="steps", per_device_train_batch_size=4,
+        learning_rate=1e-3, report_to=[], logging_steps=1, use_cpu=cpu,
+        fsdp="full_shard", fsdp_config={"fsdp_version": 2, "transformer_layer_cls_to_wrap": ["Qwen2DecoderLayer"],
+                                        "state_dict_type": "SHARDED_STATE_DICT"},
+    )
+    callback = CheckedCallback(metrics=["gradient_flow", "fisher"], probe=data.select(range(8)), probe_size=8, trackers=[])
+    trainer = Trainer(model=model, args=args, train_dataset=data, callbacks=[callback])
+    trainer.train()
+    live = {f"{r.step}/{r.metric}": r for r in callback.records}
+    summary = {
+        "world_size": trainer.args.world_size,
+        "fsdp_params_are_dtensor": int(bool(callback.dtensor) and all(callback.dtensor)),
+        "fsdp_metrics_ok": int(len(live) == 4 and all(r.status == "ok" for r in live.values())),
+    }
+    if trainer.args.process_index == 0:
+        for key, r in sorted(live.items()):
+            print(f"{key}: {r.status} " + (json.dumps(r.error)[:300] if r.error else
+                  f"total_norm={r.scalars.get('total_norm')} trace={r.scalars.get('trace')}"), flush=True)
+        for key, value in summary.items():
+            print(f"{key}={value}", flush=True)
+        # the backfill of the sharded checkpoints runs in a child process (one process, no process group);
+        # the Trainer writes no config.json under SHARDED_STATE_DICT, so the check puts one in each
+        for step in (2, 4):
+            model.config.to_json_file(os.path.join(out, f"checkpoint-{step}", "config.json"))
+        with open(os.path.join(out, "live.json"), "w") as fh:
+            json.dump({k: r.scalars for k, r in live.items() if r.status == "ok"}, fh)
+        env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE",
+                                                                 "MASTER_ADDR", "MASTER_PORT", "GROUP_RANK")}
+        subprocess.run([sys.executable, __file__, "--backfill-check", out], env=env, timeout=240, check=False)
+    if torch.distributed.is_initialized():
+        torch.distributed.barrier()  # rank 1 waits for rank 0's backfill; then both tear down together
+        torch.distributed.destroy_process_group()
+
+
+def backfill_check(out: str) -> None:
+    """Backfill the sharded checkpoints of :func:`fsdp_trainer_check` and compare with its live values."""
+    import json
+    import math
+    import os
+
+    from uma_callbacks.triggers.backfill import backfill
+
+    with open(os.path.join(out, "live.json")) as fh:
+        live = json.load(fh)
+    summary: dict[str, float | int] = {"dcp_backfill_ok": 0}
+    try:
+        done = backfill(out, metrics=["gradient_flow", "fisher"], output_dir=os.path.join(out, "uma-backfill"),
+                        use_cache=False, trajectory=False, progress=False, draw_figures=False, trackers=[])
+        print(done.describe(), flush=True)
+        diffs = [abs(r.scalars[k] - ref[k]) / max(abs(ref[k]), 1e-12)
+                 for r in done.records if (ref := live.get(f"{r.step}/{r.metric}")) and r.status == "ok"
+                 for k in r.scalars if k in ref and math.isfinite(r.scalars[k]) and math.isfinite(ref[k])]
+        summary["dcp_backfill_shards"] = done.per_checkpoint.get(2, {}).get("shards", 0)
+        summary["dcp_backfill_ok"] = int(done.ok and len(done.records) == 4 and len(diffs) > 0)
+        summary["dcp_backfill_max_rel_diff"] = max(diffs) if diffs else float("nan")
+    except Exception as err:  # a check reports, it does not stop
+        print(f"dcp backfill: FAILED {type(err).__name__}: {err}", flush=True)
+    for key, value in summary.items():
+        print(f"{key}={value:.3g}" if isinstance(value, float) else f"{key}={value}", flush=True)
 
 
 if __name__ == "__main__":

@@ -30,7 +30,10 @@ def _save(checkpoint: Path, state: dict, wrap: bool = True, optimizer: bool = Tr
     folder = checkpoint / MODEL
     dcp.save({"model": state} if wrap else state, checkpoint_id=str(folder))
     if optimizer:  # the optimizer's folder sits beside it and must be ignored
-        dcp.save({"optimizer": {"state": {"0": {"momentum": torch.ones(3)}}, "lr": 0.1}}, checkpoint_id=str(checkpoint / "optimizer_0"))
+        dcp.save(
+            {"optimizer": {"state": {"0": {"momentum": torch.ones(3)}}, "lr": 0.1}},
+            checkpoint_id=str(checkpoint / "optimizer_0"),
+        )
     return folder
 
 
@@ -67,7 +70,11 @@ def test_float64_qwen2_round_trip_is_bit_exact_and_ignores_the_optimizer(qwen_ch
 def test_unwrapped_state_dict_mixed_dtypes_and_non_tensor_entries(tmp_path):
     """Names as saved when there is no ``"model"`` entry; dtypes kept; a non-tensor entry (a pickle
     inside the data file) is named in meta and never read."""
-    state = {"a.weight": torch.randn(3, 4, dtype=torch.float64), "b": torch.arange(5), "c": torch.randn(2).bfloat16()}
+    state = {
+        "a.weight": torch.randn(3, 4, dtype=torch.float64),
+        "b": torch.arange(5),
+        "c": torch.randn(2).bfloat16(),
+    }
     _save(tmp_path, {**state, "note": "not a tensor"}, wrap=False, optimizer=False)
     weights, meta = load_dcp(tmp_path / MODEL)
     assert _bits_equal(weights, state)
@@ -102,8 +109,12 @@ def test_two_rank_fully_shard_checkpoints_gather_bit_exact():
         assert all(len(t.pieces) == 2 for t in plan.tensors if len(t.size) == 2)
         weights, meta = read_weights(folder)
         assert meta["shards"] == 2
-        assert _bits_equal(weights, load_file(str(run / "safetensors" / f"checkpoint-{step}" / "model.safetensors")))
-    assert not _bits_equal(*(load_weights(run / "dcp" / f"checkpoint-{s}") for s in (2, 4)))  # training moved it
+        assert _bits_equal(
+            weights, load_file(str(run / "safetensors" / f"checkpoint-{step}" / "model.safetensors"))
+        )
+    assert not _bits_equal(
+        *(load_weights(run / "dcp" / f"checkpoint-{s}") for s in (2, 4))
+    )  # training moved it
 
 
 # ---------------------------------------------------------------------- hostile files
@@ -128,7 +139,9 @@ def test_metadata_pickle_calling_os_system_is_refused_and_never_runs(qwen_checkp
     assert not marker.exists()
 
 
-@pytest.mark.parametrize("name", ["../outside.distcp", "/tmp/outside.distcp", "sub/__0_0.distcp", "..", "link.distcp"])
+@pytest.mark.parametrize(
+    "name", ["../outside.distcp", "/tmp/outside.distcp", "sub/__0_0.distcp", "..", "link.distcp"]
+)
 def test_metadata_naming_a_data_file_outside_the_folder_is_refused(qwen_checkpoint, tmp_path, name):
     folder, _ = qwen_checkpoint
     data = (folder / MODEL / "__0_0.distcp").read_bytes()
@@ -178,7 +191,11 @@ def test_chunk_of_another_tensor_is_refused(qwen_checkpoint):
 
 @pytest.mark.parametrize(
     ("forgery", "message"),
-    [("overlap", "two chunks of .* overlap"), ("outside", "lies outside its size"), ("range", "truncated or damaged")],
+    [
+        ("overlap", "two chunks of .* overlap"),
+        ("outside", "lies outside its size"),
+        ("range", "truncated or damaged"),
+    ],
 )
 def test_inconsistent_chunks_and_ranges_are_refused(qwen_checkpoint, forgery, message):
     folder, _ = qwen_checkpoint
@@ -217,8 +234,17 @@ def test_backfill_with_a_too_small_budget_records_the_reason(qwen_checkpoint, tm
     folder, _ = qwen_checkpoint
     tiny_qwen2().config.to_json_file(str(folder / "config.json"))
     (folder / "trainer_state.json").write_text(json.dumps({"global_step": 3}))
-    summary = backfill(folder.parent, metrics=["gradient_flow"], probe=ragged_lm_batches(), memory_budget=1e-5,
-                       output_dir=tmp_path / "uma", progress=False, draw_figures=False)  # fmt: skip
+    summary = backfill(
+        folder.parent,
+        metrics=["gradient_flow"],
+        probe=ragged_lm_batches(),
+        memory_budget=1e-5,
+        output_dir=tmp_path / "uma",
+        progress=False,
+        draw_figures=False,
+    )
     [record] = summary.records
     assert (record.metric, record.status, record.step) == ("checkpoint", "error", 3)
-    assert record.error["type"] == "GatherExceedsBudget" and "above the memory budget" in record.error["message"]
+    assert (
+        record.error["type"] == "GatherExceedsBudget" and "above the memory budget" in record.error["message"]
+    )

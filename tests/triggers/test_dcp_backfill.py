@@ -27,8 +27,15 @@ def test_dcp_backfill_equals_the_safetensors_backfill(tmp_path):
     run = sharded_run()
     probe = ragged_lm_batches(vocab=40)
     summaries = {
-        layout: backfill(run / layout, metrics=["gradient_flow", "fisher"], probe=probe, trackers=[],
-                         output_dir=tmp_path / layout, progress=False, draw_figures=False)  # fmt: skip
+        layout: backfill(
+            run / layout,
+            metrics=["gradient_flow", "fisher"],
+            probe=probe,
+            trackers=[],
+            output_dir=tmp_path / layout,
+            progress=False,
+            draw_figures=False,
+        )
         for layout in ("dcp", "safetensors")
     }
     for summary in summaries.values():
@@ -49,4 +56,9 @@ def test_dcp_backfill_equals_the_safetensors_backfill(tmp_path):
         assert sorted(record.scalars) == sorted(ref.scalars)
         for key, value in ref.scalars.items():
             got = record.scalars[key]
-            assert (math.isnan(got) and math.isnan(value)) or _rel(got, value) <= 1e-6, (record.step, key, got, value)
+            assert (math.isnan(got) and math.isnan(value)) or _rel(got, value) <= 1e-6, (
+                record.step,
+                key,
+                got,
+                value,
+            )

@@ -91,7 +91,11 @@ ALLOWED_GLOBALS: frozenset[tuple[str, str]] = frozenset(
         ("pathlib", "PurePosixPath"),
         ("pathlib", "PureWindowsPath"),
     }
-    | {("torch", n) for n in dir(torch) if isinstance(getattr(torch, n, None), (torch.dtype, torch.layout, torch.memory_format))}
+    | {
+        ("torch", n)
+        for n in dir(torch)
+        if isinstance(getattr(torch, n, None), (torch.dtype, torch.layout, torch.memory_format))
+    }
 )
 
 
@@ -232,7 +236,9 @@ def plan_dcp(folder: str | os.PathLike[str]) -> DcpPlan:
     ):
         raise ValueError(f"{where}: storage_data must map MetadataIndex to _StorageInfo")
     locations = {  # tensor chunks only (a non-tensor entry's index has no offset)
-        (k.fqn, _ints(k.offset, where, "storage offset")): v for k, v in storage.items() if k.offset is not None
+        (k.fqn, _ints(k.offset, where, "storage offset")): v
+        for k, v in storage.items()
+        if k.offset is not None
     }
     names, ignored = _model_names(entries, metadata.planner_data, where)
     root = folder.resolve()
@@ -254,10 +260,14 @@ def plan_dcp(folder: str | os.PathLike[str]) -> DcpPlan:
         for chunk in entry.chunks:
             offsets = _ints(getattr(chunk, "offsets", None), where, f"chunk offsets of {key!r}")
             sizes = _ints(getattr(chunk, "sizes", None), where, f"chunk sizes of {key!r}")
-            if len(offsets) != len(size) or len(sizes) != len(size) or any(
-                o + s > n for o, s, n in zip(offsets, sizes, size)
+            if (
+                len(offsets) != len(size)
+                or len(sizes) != len(size)
+                or any(o + s > n for o, s, n in zip(offsets, sizes, size))
             ):
-                raise ValueError(f"{where}: a chunk of {key!r} (offsets {offsets}, sizes {sizes}) lies outside its size {size}")
+                raise ValueError(
+                    f"{where}: a chunk of {key!r} (offsets {offsets}, sizes {sizes}) lies outside its size {size}"
+                )
             info = locations.get((key, offsets))
             if info is None:
                 raise ValueError(f"{where}: the chunk of {key!r} at {offsets} has no storage entry")
@@ -293,8 +303,11 @@ def _model_names(entries: dict[str, Any], planner_data: Any, where: str) -> tupl
     paths: dict[str, tuple[Any, ...]] = {}
     if isinstance(planner_data, dict):
         for key, path in planner_data.items():
-            if isinstance(key, str) and isinstance(path, (tuple, list)) and path and all(
-                isinstance(p, (str, int)) and not isinstance(p, bool) for p in path
+            if (
+                isinstance(key, str)
+                and isinstance(path, (tuple, list))
+                and path
+                and all(isinstance(p, (str, int)) and not isinstance(p, bool) for p in path)
             ):
                 paths[key] = tuple(path)
     nested = {k for k in entries if len(paths.get(k, ())) >= 2 and paths[k][0] == "model"}
@@ -304,7 +317,9 @@ def _model_names(entries: dict[str, Any], planner_data: Any, where: str) -> tupl
     return names, sorted(set(entries) - nested)
 
 
-def _byte_range(info: Any, root: Path, file_sizes: dict[str, int], where: str, key: str) -> tuple[str, int, int]:
+def _byte_range(
+    info: Any, root: Path, file_sizes: dict[str, int], where: str, key: str
+) -> tuple[str, int, int]:
     """``(file name, start, length)`` of one chunk, checked against the folder and the file."""
     name, start, length = info.relative_path, info.offset, info.length
     if (
@@ -315,17 +330,25 @@ def _byte_range(info: Any, root: Path, file_sizes: dict[str, int], where: str, k
         or "\x00" in name
         or Path(name).name != name
     ):
-        raise ValueError(f"{where}: the chunk of {key!r} names the data file {name!r:.80} outside its checkpoint folder; refused")
+        raise ValueError(
+            f"{where}: the chunk of {key!r} names the data file {name!r:.80} outside its checkpoint folder; refused"
+        )
     if getattr(info, "transform_descriptors", None):
-        raise ValueError(f"{where}: the chunk of {key!r} uses stream transforms {info.transform_descriptors!r:.80}; not supported")
+        raise ValueError(
+            f"{where}: the chunk of {key!r} uses stream transforms {info.transform_descriptors!r:.80}; not supported"
+        )
     if name not in file_sizes:
         path = (root / name).resolve()
         if path.parent != root or not path.is_file():
-            raise ValueError(f"{where}: the data file {name!r} of {key!r} is missing or lies outside its checkpoint folder")
+            raise ValueError(
+                f"{where}: the data file {name!r} of {key!r} is missing or lies outside its checkpoint folder"
+            )
         file_sizes[name] = path.stat().st_size
     for value in (start, length):
         if isinstance(value, bool) or not isinstance(value, int):
-            raise ValueError(f"{where}: the byte range of {key!r} in {name} is not integer ({start!r}, {length!r})")
+            raise ValueError(
+                f"{where}: the byte range of {key!r} in {name} is not integer ({start!r}, {length!r})"
+            )
     if start < 0 or length <= 0 or start + length > file_sizes[name]:
         raise ValueError(
             f"{where}: the chunk of {key!r} claims bytes [{start}, {start + length}) of {name}, "
@@ -338,10 +361,14 @@ def _check_cover(key: str, size: tuple[int, ...], pieces: list[_Piece], where: s
     """The chunks tile the tensor: volumes sum to its numel, no two overlap."""
     volume = sum(math.prod(p.sizes) for p in pieces)
     if volume != math.prod(size):
-        raise ValueError(f"{where}: the chunks of {key!r} hold {volume} entries, its size {size} has {math.prod(size)}")
+        raise ValueError(
+            f"{where}: the chunks of {key!r} hold {volume} entries, its size {size} has {math.prod(size)}"
+        )
     solid = [p for p in pieces if math.prod(p.sizes) > 0]
     for a, b in itertools.combinations(solid, 2):
-        if all(oa < ob + sb and ob < oa + sa for oa, sa, ob, sb in zip(a.offsets, a.sizes, b.offsets, b.sizes)):
+        if all(
+            oa < ob + sb and ob < oa + sa for oa, sa, ob, sb in zip(a.offsets, a.sizes, b.offsets, b.sizes)
+        ):
             raise ValueError(f"{where}: two chunks of {key!r} overlap (at {a.offsets} and {b.offsets})")
 
 
@@ -350,7 +377,9 @@ def _itemsize(dtype: torch.dtype) -> int:
 
 
 # ---------------------------------------------------------------------- loading
-def load_dcp(folder: str | os.PathLike[str], max_bytes: int | None = None) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+def load_dcp(
+    folder: str | os.PathLike[str], max_bytes: int | None = None
+) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
     """Gather a DCP model folder into full CPU tensors, in one process.
 
     Args:

@@ -11,7 +11,14 @@ from typing import Any
 
 import torch
 
-from uma_callbacks.checkpoints import Checkpoint, architecture_of, build_model, load_into, read_config, read_weights
+from uma_callbacks.checkpoints import (
+    Checkpoint,
+    architecture_of,
+    build_model,
+    load_into,
+    read_config,
+    read_weights,
+)
 
 
 @dataclass
