@@ -18,6 +18,8 @@ if [ "$MODE" != fsdp ]; then
 fi
 if [ "$MODE" != metrics ]; then
   NGPU=$(nvidia-smi -L 2>/dev/null | grep -c '^GPU' || true)
-  NPROC=$(( NGPU >= 2 ? 2 : 1 ))
-  timeout 300 "$PYTHON" -m torch.distributed.run --standalone --nproc_per_node "$NPROC" bench/gpu_check.py --fsdp-trainer || echo "gpu_check fsdp: exit $?"
+  NPROC=$(( NGPU >= 2 ? 2 : 1 )); CPU=""
+  if [ "$NGPU" -eq 0 ]; then NPROC=2; CPU=--cpu; fi  # no GPU: a functional check only (Accelerate runs DDP on CPU)
+  timeout 300 "$PYTHON" -m torch.distributed.run --standalone --nproc_per_node "$NPROC" bench/gpu_check.py --fsdp-trainer $CPU \
+    || echo "gpu_check fsdp: exit $?"
 fi

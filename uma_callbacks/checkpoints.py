@@ -391,7 +391,12 @@ def read_config(folder: str | os.PathLike[str]) -> dict[str, Any]:
     """
     path = Path(folder) / "config.json"
     if not path.is_file():
-        raise FileNotFoundError(f"no config.json in {folder}: cannot tell which model to build")
+        hint = (
+            " (the Trainer writes none beside a sharded FSDP checkpoint: copy the model's config.json into it)"
+            if find_dcp_model_folder(folder) is not None
+            else ""
+        )
+        raise FileNotFoundError(f"no config.json in {folder}: cannot tell which model to build{hint}")
     try:
         return json.loads(path.read_text(encoding="utf-8"))
     except ValueError as err:

@@ -248,3 +248,11 @@ def test_backfill_with_a_too_small_budget_records_the_reason(qwen_checkpoint, tm
     assert (
         record.error["type"] == "GatherExceedsBudget" and "above the memory budget" in record.error["message"]
     )
+
+
+def test_missing_config_of_a_sharded_checkpoint_says_what_to_do(qwen_checkpoint):
+    from uma_callbacks.checkpoints import read_config
+
+    folder, _ = qwen_checkpoint
+    with pytest.raises(FileNotFoundError, match="beside a sharded FSDP checkpoint"):
+        read_config(folder)
