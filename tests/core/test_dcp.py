@@ -176,15 +176,15 @@ def test_damaged_chunk_bytes_are_a_clear_error(qwen_checkpoint):
 
 
 def test_chunk_of_another_tensor_is_refused(qwen_checkpoint):
-    """Byte ranges swapped between two tensors of different shapes: caught by the shape check."""
+    """The norm's chunk pointed at the embedding's bytes (long enough): caught by the shape check."""
     folder, _ = qwen_checkpoint
 
-    def swap(md):
+    def point_elsewhere(md):
         infos = {k.fqn: v for k, v in md.storage_data.items()}
         a, b = infos["model.model.embed_tokens.weight"], infos["model.model.norm.weight"]
-        a.offset, a.length, b.offset, b.length = b.offset, b.length, a.offset, a.length
+        b.relative_path, b.offset, b.length = a.relative_path, a.offset, a.length
 
-    _rewrite(folder / MODEL, swap)
+    _rewrite(folder / MODEL, point_elsewhere)
     with pytest.raises(ValueError, match="the metadata says"):
         load_weights(folder)
 
@@ -195,6 +195,7 @@ def test_chunk_of_another_tensor_is_refused(qwen_checkpoint):
         ("overlap", "two chunks of .* overlap"),
         ("outside", "lies outside its size"),
         ("range", "truncated or damaged"),
+        ("inflated", "claims 8000000000000 bytes of torch.float64 data but its byte range holds only"),
     ],
 )
 def test_inconsistent_chunks_and_ranges_are_refused(qwen_checkpoint, forgery, message):
@@ -207,6 +208,8 @@ def test_inconsistent_chunks_and_ranges_are_refused(qwen_checkpoint, forgery, me
             entry.size = torch.Size([entry.size[0] * 2, entry.size[1]])
         elif forgery == "outside":
             entry.size = torch.Size([1, 1])
+        elif forgery == "inflated":  # a size no file backs: refused before anything is allocated
+            entry.size = entry.chunks[0].sizes = torch.Size([10**6, 10**6])
         else:
             for key, info in md.storage_data.items():
                 if key.fqn == "model.lm_head.weight":

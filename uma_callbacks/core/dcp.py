@@ -24,8 +24,9 @@ Nothing read from disk is trusted, and nothing is unpickled with the full unpick
   process, and Accelerate's ``save_fsdp_model`` under ``torchrun`` with ``fully_shard``).
 - The unpickled object is then checked field by field (:func:`plan_dcp`): types, sizes,
   chunks inside their tensor and covering it exactly once, data file names that are plain
-  names of regular files inside the DCP folder, byte ranges inside each file, no stream
-  transforms. Any violation is a ``ValueError`` naming the folder and what is wrong.
+  names of regular files inside the DCP folder, byte ranges inside each file and at least as
+  long as the data their chunk claims (so no size read from disk can make the loader allocate
+  more than the files hold), no stream transforms. Any violation is a ``ValueError`` naming the folder and what is wrong.
 - Each chunk is read as ``torch.load(bytes, weights_only=True)`` (PyTorch's restricted
   unpickler, as ``FileSystemReader.read_data`` does) and must be a tensor of the chunk's
   size and dtype. Non-tensor entries (``BytesStorageMetadata``) would need a full unpickle
@@ -271,7 +272,13 @@ def plan_dcp(folder: str | os.PathLike[str]) -> DcpPlan:
             info = locations.get((key, offsets))
             if info is None:
                 raise ValueError(f"{where}: the chunk of {key!r} at {offsets} has no storage entry")
-            pieces.append(_Piece(offsets, sizes, *_byte_range(info, root, file_sizes, where, key)))
+            piece = _Piece(offsets, sizes, *_byte_range(info, root, file_sizes, where, key))
+            if math.prod(sizes) * _itemsize(dtype) > piece.length:  # a size no data on disk can back
+                raise ValueError(
+                    f"{where}: the chunk of {key!r} at {offsets} claims {math.prod(sizes) * _itemsize(dtype)} bytes "
+                    f"of {dtype} data but its byte range holds only {piece.length}"
+                )
+            pieces.append(piece)
         _check_cover(key, size, pieces, where)
         tensors.append(_TensorPlan(key, names[key], dtype, size, tuple(pieces)))
     seen: dict[str, str] = {}
