@@ -57,7 +57,8 @@ class BackfillSummary:
         computed: records computed now; ``cached``: records read from the journal.
         seconds: wall time; ``load_seconds`` / ``compute_seconds``: summed per phase
             (loading overlaps computing, so their sum exceeds ``seconds``).
-        per_checkpoint: ``{step: {"load": s, "compute": s, "wait": s}}``.
+        per_checkpoint: ``{step: {"load": s, "compute": s, "wait": s}}``; a sharded (DCP)
+            checkpoint adds ``"shards"`` (data files gathered) and ``"gathered_bytes"``.
         journal: the journal folder.
     """
 
