@@ -23,6 +23,33 @@ def count_samples(batch: Any) -> int:
     return int(tensor.shape[0]) if tensor.dim() > 0 else 1
 
 
+def sequence_length(batch: Any) -> int:
+    """Tokens per sample: dim 1 of the batch's first tensor with at least 2 dims (``input_ids
+    [B, T]``), else 1 (one row per sample).
+
+    Example:
+        >>> sequence_length({"input_ids": torch.zeros(4, 128, dtype=torch.long)}), sequence_length(torch.zeros(4))
+        (128, 1)
+    """
+    found: list[int] = []
+
+    def visit(obj: Any) -> None:
+        if found:
+            return
+        if isinstance(obj, torch.Tensor):
+            if obj.dim() >= 2:
+                found.append(int(obj.shape[1]))
+        elif isinstance(obj, Mapping):
+            for value in obj.values():
+                visit(value)
+        elif isinstance(obj, (list, tuple)):
+            for value in obj:
+                visit(value)
+
+    visit(batch)
+    return found[0] if found else 1
+
+
 def _first_tensor(batch: Any) -> torch.Tensor | None:
     if isinstance(batch, torch.Tensor):
         return batch

@@ -284,14 +284,28 @@ def accumulate_fisher(
     elif collective is not None:
         stats = _sharded_chunks(model, loss_fn, chunks, params, plan, want_diag, want_grad_sum, collective)
     else:
-        stats = _whole_model_chunks(model, loss_fn, chunks, params, plan, want_diag, want_grad_sum, want_gram, state)
+        stats = None
     diag: dict[str, _Kahan] = {}
     gsum: dict[str, _Kahan] = {}
+
+    def consume(name: str, d: torch.Tensor | None, g: torch.Tensor | None) -> None:
+        _add_chunk_sums(
+            diag, gsum if want_grad_sum else None, {name: g} if g is not None else None,
+            {name: d} if d is not None else {}, params, accumulate_dtype,
+        )  # fmt: skip
+
+    if stats is None:
+        stats = _whole_model_chunks(
+            model, loss_fn, chunks, params, plan, want_diag, want_grad_sum, want_gram, state, consume
+        )
     norms, kept, loss_sum, rows, used = [], [], 0.0, 0, 0
     cache: list[ChunkGradients] | None = [] if groups is None else None
     grams: list[torch.Tensor] | None = [] if want_gram else None
     vmapped: set[str] = set()
-    for index, chunk in enumerate(stats):  # one loop, whatever the strategy
+    index = 0
+    # one loop, whatever the strategy; no enumerate(): it keeps its last result tuple, and
+    # with it the previous chunk's gradients, alive while the next chunk is computed
+    for chunk in stats:
         if chunk.real:
             _check_finite(chunk.sq, names)
         _add_chunk_sums(diag, gsum if want_grad_sum else None, chunk.grad_sums, chunk.sums, params, accumulate_dtype)
@@ -307,8 +321,9 @@ def accumulate_fisher(
             cache = cache + [chunk.rep] if chunk.rep is not None and used <= cache_bytes else None
         vmapped |= chunk.vmapped
         del chunk  # the next chunk's gradients must not meet this one's in memory
+        index += 1
         if on_chunk is not None:
-            on_chunk(index + 1)
+            on_chunk(index)
     if rows == 0:
         raise ValueError("accumulate_fisher: no samples in the chunks")
     return FisherSums(
@@ -376,9 +391,11 @@ def _whole_model_chunks(
     want_grad_sum: bool,
     want_gram: bool,
     state: _Whole,
+    consume: Callable[[str, torch.Tensor | None, torch.Tensor | None], None] | None = None,
 ) -> Iterable[_ChunkSums]:
     """Strategy: per-sample gradients of the whole model a chunk at a time (hooks, linear
-    factors or vmap), cacheable for later products."""
+    factors or vmap), cacheable for later products. With ``consume``, the hooks path hands
+    each parameter's sums to it as they are formed (the chunk never holds P of them)."""
     for index, chunk in enumerate(chunks):
         try:
             rep = chunk_gradients(model, loss_fn, chunk, params, state.param_map, verify=index == 0, plan=plan)
@@ -388,7 +405,8 @@ def _whole_model_chunks(
             state.param_map, state.fallback = None, str(err)
             rep = chunk_gradients(model, loss_fn, chunk, params, None)
         if isinstance(rep, LayerGradients):
-            sums, sq, chunk_gsum, gram = rep.reduce(want_diag, want_grad_sum, want_gram)
+            sums, sq, chunk_gsum, gram = rep.reduce(want_diag, want_grad_sum, want_gram, consume=consume)
+            chunk_gsum = chunk_gsum if consume is None else None
             vmapped = set(rep.vmapped)
         else:
             sums, sq = rep.square_stats()
@@ -399,6 +417,7 @@ def _whole_model_chunks(
         out = _ChunkSums(chunk, True, rep.n, float(rep.losses.double().sum()), sums, sq, chunk_gsum, gram, rep, vmapped)
         del rep, sums, sq, chunk_gsum, gram
         yield out
+        del out  # the previous chunk's gradients must be gone before the next forward
 
 
 def _sharded_chunks(
@@ -433,6 +452,7 @@ def _sharded_chunks(
         )
         del rep, sums, sq, chunk_gsum
         yield out
+        del out  # the previous chunk's gradients must be gone before the next forward
 
 
 def _scattered_stats(
@@ -477,7 +497,8 @@ def _grouped_chunks(
         grad_sums: dict[str, torch.Tensor] | None = {} if want_grad_sum else None
         sq_all: torch.Tensor | None = None
         n, loss_sum = 0, 0.0
-        for g_index, (group, rep) in enumerate(_grouped_chunk(model, loss_fn, chunk, params, groups)):
+        first = True  # no enumerate(): its kept result tuple would hold the last group's gradients
+        for group, rep in _grouped_chunk(model, loss_fn, chunk, params, groups):
             group_sums, sq = rep.square_stats()
             _check_finite(sq, group)
             if sq_all is None:
@@ -486,8 +507,8 @@ def _grouped_chunks(
             sums.update(group_sums)
             if grad_sums is not None:
                 grad_sums.update(rep.grad_sums())
-            if g_index == 0:
-                n, loss_sum = rep.n, float(rep.losses.double().sum())
+            if first:
+                n, loss_sum, first = rep.n, float(rep.losses.double().sum()), False
             del rep, group_sums, sq
         assert sq_all is not None
         yield _ChunkSums(chunk, True, n, loss_sum, sums, sq_all, grad_sums)

@@ -474,22 +474,36 @@ class LayerGradients:
         return sum(f.nbytes() for f in self.factors.values())
 
     def reduce(
-        self, want_diag: bool = True, want_sum: bool = False, want_gram: bool = False
+        self,
+        want_diag: bool = True,
+        want_sum: bool = False,
+        want_gram: bool = False,
+        consume: Callable[[str, torch.Tensor | None, torch.Tensor | None], None] | None = None,
     ) -> tuple[dict[str, torch.Tensor], torch.Tensor, dict[str, torch.Tensor], torch.Tensor | None]:
         """Everything asked, one parameter at a time.
 
+        Args:
+            want_diag: form sum_i g_i^2 per parameter.
+            want_sum: form sum_i g_i per parameter.
+            want_gram: form G G^T.
+            consume: ``(name, diag or None, sum or None)`` for each parameter in turn, which
+                then are not kept: the caller adds them into its accumulators, so a chunk
+                holds one parameter's sums at a time instead of the whole model's (P entries).
+
         Returns:
-            ``(diag {name: sum_i g_i^2} (empty unless want_diag), sq_norms [B, n_params]
-            float64, grad_sum {name: sum_i g_i} (empty unless want_sum), gram [B, B]
-            float64 or None)``.
+            ``(diag {name: sum_i g_i^2} (empty unless want_diag and no ``consume``),
+            sq_norms [B, n_params] float64, grad_sum {name: sum_i g_i} (empty unless
+            want_sum and no ``consume``), gram [B, B] float64 or None)``.
         """
         diag, sums, norms = {}, {}, []
         gram = torch.zeros(self.n, self.n, dtype=torch.float64, device=self.losses.device) if want_gram else None
         for name in self.names:
             d, sq, s, g = self.factors[name].stats(want_diag, want_sum, want_gram)
-            if want_diag:
+            if consume is not None:
+                consume(name, d, s)
+            elif want_diag:
                 diag[name] = d
-            if want_sum:
+            if consume is None and want_sum:
                 sums[name] = s
             if gram is not None:
                 gram += g.to(gram.device)

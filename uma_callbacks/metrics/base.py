@@ -28,7 +28,7 @@ from uma_callbacks.core.distributed import Collective, LocalCollective
 from uma_callbacks.core.interrupt import MetricInterrupted, interrupt_requested
 from uma_callbacks.core.losses import LossFn, check_labels_fit, resolve_loss_fn
 from uma_callbacks.core.model_state import eager_attention, preserved_model_state
-from uma_callbacks.core.batches import count_samples, split_batch
+from uma_callbacks.core.batches import count_samples, sequence_length, split_batch
 
 #: Allowed values of :attr:`MetricResult.status`.
 STATUSES = ("ok", "error", "skipped", "timeout", "cached", "interrupted", "partial")
@@ -345,6 +345,9 @@ class Metric(abc.ABC):
         history_needed: how many earlier checkpoints the metric compares against (0: none);
             the session keeps that many (CPU copies) and passes them as ``ctx.history``.
         needs_first: the metric also compares against the first checkpoint of the run.
+        default_chunk_tokens: with no ``chunk_size`` (argument, constructor or budget plan),
+            chunks of at most this many tokens (samples x sequence length of the batch's
+            first 2-D tensor) instead of the whole probe batch; ``None``: the whole batch.
 
     Cross-rank reduction: every statistic a metric sums over probe samples goes through
     ``ctx.collective`` (a sum all-reduce), so a probe sharded over ranks gives the
@@ -359,6 +362,7 @@ class Metric(abc.ABC):
     needs_first: ClassVar[bool] = False
     #: computes right on a sharded model (FSDP2 DTensor parameters); the others are skipped there
     supports_sharded: ClassVar[bool] = False
+    default_chunk_tokens: ClassVar[int | None] = None
 
     def __init__(self, *, chunk_size: int | None = None, timeout_seconds: float | None = None) -> None:
         if chunk_size is not None:
@@ -405,6 +409,14 @@ class Metric(abc.ABC):
                 continue
             out[key] = _config_value(value)
         return out
+
+    def _default_chunk(self, batches: Sequence[Any]) -> int:
+        """The whole largest probe batch, or fewer samples per :attr:`default_chunk_tokens`."""
+        largest = max(count_samples(b) for b in batches)
+        if self.default_chunk_tokens is None:
+            return largest
+        length = sequence_length(batches[0])
+        return max(1, min(largest, self.default_chunk_tokens // max(1, length)))
 
     def compute(
         self,
@@ -454,7 +466,7 @@ class Metric(abc.ABC):
         if loss_fn is None:
             check_labels_fit(model, batches)
         resolved_loss = _finite_loss(resolve_loss_fn(model, loss_fn))
-        chunk = chunk_size or self.chunk_size or max(count_samples(b) for b in batches)
+        chunk = chunk_size or self.chunk_size or self._default_chunk(batches)
         limit = timeout_seconds if timeout_seconds is not None else self.timeout_seconds
         meter = (peak_meter or PeakMemory)(_model_device(model))
         started = time.perf_counter()

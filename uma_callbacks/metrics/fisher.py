@@ -122,6 +122,10 @@ class FisherInformation(Metric):
     needs_eager_attention = True
     supports_sharded = True
     cost = Cost(per_sample_grads=True, param_copies=2.0)
+    #: one chunk holds its forward graph and every layer's output gradients: chunks of at
+    #: most 512 tokens keep that near a quarter of a 16 x 128-token training batch's peak
+    #: while the products stay large enough to run at speed (bench/per_sample.py)
+    default_chunk_tokens = 512
 
     def __init__(
         self,
@@ -188,7 +192,8 @@ class FisherInformation(Metric):
         basis, work = self._lanczos_bytes, self._lanczos_work_bytes
 
         def cached(n: int, itemsize: float, n_samples: int) -> int:
-            rows = n_samples * self.mc_samples * n * itemsize
+            # nothing is kept without a spectrum (traces and the diagonal need no products)
+            rows = n_samples * self.mc_samples * n * itemsize if self.top_k is not None else 0
             return int(rows if rows <= self._cache_bytes else 0) + basis(n, itemsize, n_samples) + work(n, itemsize, n_samples)
 
         def streamed(n: int, itemsize: float, n_samples: int) -> int:
@@ -222,7 +227,9 @@ class FisherInformation(Metric):
     def _compute(self, ctx: ComputeContext) -> MetricResult:
         ctx.meta["memory_mode"] = getattr(self, "_memory_mode", "cached")
         mode = getattr(self, "_memory_mode", "cached")
-        cache = self._cache_bytes if mode.startswith("cached") else 0
+        # the chunks' gradients are kept only for what needs them again: Lanczos products, or
+        # the Gram blocks between chunks; traces and the diagonal are done in one pass
+        cache = self._cache_bytes if mode.startswith("cached") and self.top_k is not None else 0
         groups = PARAMETER_GROUPS if mode == "grouped" else None
         want_gram = (
             self.top_k is not None

@@ -72,6 +72,10 @@ class GradientFlow(Metric):
     needs_eager_attention = True
     supports_sharded = True
     cost = Cost(per_sample_grads=True, param_copies=1.0)
+    #: one chunk holds its forward graph and every layer's output gradients: chunks of at
+    #: most 512 tokens keep that near a quarter of a 16 x 128-token training batch's peak
+    #: while the products stay large enough to run at speed (bench/per_sample.py)
+    default_chunk_tokens = 512
 
     def __init__(
         self,
@@ -133,17 +137,20 @@ class GradientFlow(Metric):
                 rep = layer_gradients(
                     ctx.model, ctx.loss_fn, chunk, params, plan, before_backward=ctx.collective.agree if sharded else None
                 )
-                _, norms, sums, _ = rep.reduce(want_diag=False, want_sum=True)
+
+                def add(n: str, _diag: torch.Tensor | None, part: torch.Tensor | None, real: bool = real) -> None:
+                    # one parameter's chunk sum at a time, straight into the accumulator
+                    part = part if real else torch.zeros_like(part)
+                    if sharded:  # this chunk's sum over all ranks' samples, straight into the shard
+                        part = ctx.collective.sum_scatter_dim0(part)
+                    grad_sum[n] += part.to(grad_sum[n].dtype)
+
+                _, norms, _, _ = rep.reduce(want_diag=False, want_sum=True, consume=add)
                 if real:
                     sq_norm_sum += norms.sum(0)
                     loss_sum += rep.losses.to(torch.float64).sum()
                     vmapped.update(rep.vmapped)
-                for n in names:
-                    part = sums[n] if real else torch.zeros_like(sums[n])
-                    if sharded:  # this chunk's sum over all ranks' samples, straight into the shard
-                        part = ctx.collective.sum_scatter_dim0(part)
-                    grad_sum[n] += part.to(grad_sum[n].dtype)
-                del rep, norms, sums
+                del rep, norms
             else:
                 psg = per_sample_grads(ctx.model, ctx.loss_fn, chunk, params)
                 sq = psg.sq_norms()
