@@ -109,3 +109,21 @@ def test_trajectory_scalars_against_hand_values():
     assert out["update_cosine"] == pytest.approx(0.0)
     assert trajectory_scalars(b, a) == {"distance_from_first": 3.0}
     assert math.isnan(trajectory_scalars(b, a, b, a)["update_cosine"])
+
+
+def test_ensure_config_json_writes_a_missing_config_only(tmp_path):
+    """A sharded save writes no config.json; the triggers add the model's so the backfill can rebuild it."""
+    from transformers import Qwen2Config
+
+    from uma_callbacks.checkpoints import ensure_config_json, read_config
+
+    class Model:
+        config = Qwen2Config(hidden_size=16, num_hidden_layers=1, num_attention_heads=2, vocab_size=10)
+
+    folder = tmp_path / "checkpoint-2"
+    assert not ensure_config_json(folder, Model())  # no folder: nothing written
+    folder.mkdir()
+    assert ensure_config_json(folder, Model()) and read_config(folder)["hidden_size"] == 16
+    (folder / "config.json").write_text('{"model_type": "qwen2", "hidden_size": 32}')
+    assert not ensure_config_json(folder, Model()) and read_config(folder)["hidden_size"] == 32  # kept
+    assert not ensure_config_json(folder, object())  # no config to write

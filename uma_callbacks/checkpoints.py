@@ -382,6 +382,21 @@ def read_weights(folder: str | os.PathLike[str], max_bytes: int | None = None) -
     return weights, {}
 
 
+def ensure_config_json(folder: str | os.PathLike[str], model: Any) -> bool:
+    """Write ``model.config`` as ``<folder>/config.json`` when the folder exists and has none.
+
+    A sharded save (FSDP ``SHARDED_STATE_DICT``, Accelerate's ``save_state``) writes the
+    weights but no config; the backfill rebuilds the model from it (``uma backfill RUN``
+    with no model factory). Returns whether a file was written.
+    """
+    config = getattr(model, "config", None)
+    path = os.path.join(os.fspath(folder), "config.json")
+    if not (hasattr(config, "to_json_file") and os.path.isdir(folder)) or os.path.exists(path):
+        return False
+    config.to_json_file(path)
+    return True
+
+
 def read_config(folder: str | os.PathLike[str]) -> dict[str, Any]:
     """The checkpoint's ``config.json`` as a dict.
 

@@ -24,6 +24,7 @@ from typing import Any
 
 import torch
 
+from uma_callbacks.checkpoints import ensure_config_json
 from uma_callbacks.config import UMAConfig
 from uma_callbacks.core.distributed import Collective
 from uma_callbacks.engine.probe import Probe
@@ -156,10 +157,7 @@ class UMAHandle:
         if self.session.is_main and step is not None:
             at_step = records or [r for r in self.records if r.step == step]
             write_state(output_dir, step, self.root, self.probe.fingerprint, at_step)
-            config = getattr(model, "config", None)
-            if hasattr(config, "to_json_file") and not os.path.exists(os.path.join(output_dir, "config.json")):
-                # the backfill rebuilds the model from it (`uma backfill RUN` with no model factory)
-                config.to_json_file(os.path.join(output_dir, "config.json"))
+            ensure_config_json(output_dir, model)  # the backfill rebuilds the model from it
 
     def _start_sinks(self) -> None:
         """Resolve the sinks at the first save (after ``accelerator.init_trackers``)."""

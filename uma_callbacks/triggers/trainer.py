@@ -24,6 +24,7 @@ from typing import Any
 
 from transformers import TrainerCallback
 
+from uma_callbacks.checkpoints import ensure_config_json
 from uma_callbacks.config import UMAConfig
 from uma_callbacks.engine.probe_source import build_probe, check_probe_source
 from uma_callbacks.integrations.registry import resolve_sinks, tracker_names
@@ -134,6 +135,9 @@ class UMACallback(TrainerCallback):
 
     def on_save(self, args, state, control, model=None, **kwargs):
         self._measure(model, state.global_step, state)
+        if self.session is not None and self.session.is_main and model is not None:
+            # a sharded save (FSDP SHARDED_STATE_DICT) writes no config.json; the backfill needs it
+            ensure_config_json(os.path.join(args.output_dir, f"checkpoint-{state.global_step}"), getattr(model, "module", model))
 
     def on_train_end(self, args, state, control, model=None, **kwargs):
         if self.session is not None:
