@@ -8,6 +8,7 @@ from collections import defaultdict
 import numpy as np
 import torch
 
+from uma_callbacks.core.numerics import squared_norm64
 from uma_callbacks.core.sharding import aligned_chunks, check_sharded_plan, is_sharded, local, unwrap
 from uma_callbacks.linalg.layer_grads import hook_plan, layer_gradients
 from uma_callbacks.linalg.per_sample import per_sample_grads
@@ -166,7 +167,7 @@ class GradientFlow(Metric):
         else:
             ctx.collective.sum_([*grad_sum.values(), sq_norm_sum, loss_sum])
         # ||sum_i g_{i,p}||^2 per parameter: the shards' sums of squares, summed over ranks
-        sum_sq = torch.stack([g.to(torch.float64).pow(2).sum() for g in grad_sum.values()]).to(sq_norm_sum.device)
+        sum_sq = torch.stack([squared_norm64(g) for g in grad_sum.values()]).to(sq_norm_sum.device)
         if sharded:
             ctx.collective.sum_([sum_sq])
             ctx.meta["sharded"] = True
