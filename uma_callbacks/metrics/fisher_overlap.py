@@ -16,6 +16,7 @@ import torch
 
 from uma_callbacks.core.batches import count_samples, fingerprint_batches, select_samples
 from uma_callbacks.core.distributed import shard
+from uma_callbacks.core.numerics import squared_norm64
 from uma_callbacks.linalg.fisher_products import METHODS
 from uma_callbacks.metrics.base import (
     ComputeContext,
@@ -50,8 +51,8 @@ def mask_jaccard(a: Mapping[str, torch.Tensor], b: Mapping[str, torch.Tensor]) -
 def diagonal_cosine(a: Mapping[str, torch.Tensor], b: Mapping[str, torch.Tensor]) -> float:
     """cos(F_a, F_b) = <F_a, F_b> / (||F_a|| ||F_b||) of two Fisher diagonals (in [0, 1])."""
     dot = sum(float((a[n].double() * b[n].double()).sum()) for n in a)
-    na = math.sqrt(sum(float(a[n].double().square().sum()) for n in a))
-    nb = math.sqrt(sum(float(b[n].double().square().sum()) for n in b))
+    na = math.sqrt(sum(float(squared_norm64(a[n])) for n in a))
+    nb = math.sqrt(sum(float(squared_norm64(b[n])) for n in b))
     return dot / (na * nb) if na > 0 and nb > 0 else math.nan
 
 

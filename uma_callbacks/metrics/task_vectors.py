@@ -34,6 +34,7 @@ from typing import Any
 import torch
 
 from uma_callbacks.core.batches import fingerprint_batches
+from uma_callbacks.core.numerics import squared_norm64
 from uma_callbacks.linalg.weights import moved_weights
 from uma_callbacks.metrics.base import ComputeContext, Cost, Metric, MetricResult, MetricSkipped, module_of
 from uma_callbacks.metrics.fisher import gather_fisher
@@ -348,7 +349,7 @@ class TaskVectors(Metric):
             scalars: dict[str, float] = {"loss": loss}
             ctx.check_time(step="fisher_self")
             tau = [run.theta[i] - run.on(base, i) for i in range(len(names))]
-            tau_sq = sum(float(t.double().square().sum()) for t in tau)
+            tau_sq = sum(float(squared_norm64(t)) for t in tau)
             trimmed = [t * m for t, m in zip(tau, trim_masks(tau, self.ties_density))]
             del tau
             for name, other in others.items():
@@ -411,7 +412,7 @@ class _MergeRun:
         ctx.check_time(step=f"fisher_{name}")
         tau_o = [self.on(other, i) - self.on(self.base, i) for i in range(count)]
         dot = sum(float((self.theta[i] - self.on(self.base, i)).double().mul(tau_o[i].double()).sum()) for i in range(count))
-        sq_o = sum(float(t.double().square().sum()) for t in tau_o)
+        sq_o = sum(float(squared_norm64(t)) for t in tau_o)
         out[f"others/{name}/cosine"] = dot / math.sqrt(tau_sq * sq_o) if tau_sq > 0 and sq_o > 0 else math.nan
         trimmed_o = [t * m for t, m in zip(tau_o, trim_masks(tau_o, metric.ties_density))]
         del tau_o
