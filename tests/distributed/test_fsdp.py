@@ -115,3 +115,34 @@ def test_failure_on_one_rank_is_one_record_on_both(summary):
 def test_only_rank_zero_journals(summary):
     assert [c["journal"] for c in summary["checks"]] == [True, False]
     assert summary["journal_lines"] == sum(len(s["records"]) for s in summary["steps"])
+
+
+@pytest.mark.slow
+def test_fisher_top_k_by_lanczos_on_sharded_vectors(summary):
+    """FisherInformation(top_k=3) under FSDP2 runs Lanczos on this rank's pieces of the
+    vectors (the basis holds the local shards' entries, about half the model per rank), with
+    inner products summed over ranks: the top eigenvalues equal one process's Lanczos and its
+    exact Gram spectrum to 1e-6, with the chunks' gradients cached or recomputed per product
+    (every rank running as many chunks: one rank's extra chunk is a ghost on the other)."""
+    for checks in summary["checks"]:
+        for step in (1, 2):
+            got = checks[f"lanczos_{step}"]
+            assert got["methods"] == ["lanczos", "lanczos", "lanczos"] and got["converged"]
+            assert len(got["eigs"]) == 3
+            streamed, cached = got["streamed"]
+            assert cached is False and len(streamed) == 3
+            for a, b, c, d in zip(got["eigs"], got["lanczos_one"], got["gram_one"], streamed):
+                assert _rel(a, b) < 1e-6 and _rel(a, c) < 1e-6 and _rel(d, c) < 1e-6, (step, got)
+            sharded, in_session, local, full, one = got["entries"]
+            assert sharded == in_session == local and one == full
+            assert full / 2 - 64 <= local < full * 0.6  # shard-sized (dim-0 rows split in two)
+
+
+@pytest.mark.slow
+def test_planner_prices_the_fisher_basis_on_the_shard(summary):
+    """The memory planner prices the Fisher Lanczos basis (and its work vectors) on this
+    rank's entries, as the sharded Lanczos holds it: about half the one-rank basis."""
+    for checks in summary["checks"]:
+        got = checks["planned_lanczos"]
+        assert got["saved"] == got["expected_saved"] > 0
+        assert got["basis_full"] / 2 * 0.99 <= got["basis_shard"] < got["basis_full"] * 0.6

@@ -81,3 +81,60 @@ def test_gradient_start_and_random_start_agree():
         torch.tensor(a.arrays["top_eigenvalues"]), torch.tensor(b.arrays["top_eigenvalues"]), rtol=1e-9, atol=0
     )
     assert a.status == b.status == "ok"
+
+
+def test_sharded_lanczos_in_two_threads_equals_one_process():
+    """Two "ranks" (threads in lockstep) each hold a piece of every vector (uneven: 23 and
+    17 entries): ``reduce_sum`` adds their partial inner products, ``matvec`` maps pieces
+    to pieces. Same Ritz values as one process from the same start vector, the Ritz
+    vectors come back as pieces, and every inner product went through ``reduce_sum``."""
+    import threading
+
+    from uma_callbacks.linalg.lanczos import lanczos_top_k
+
+    gen = torch.Generator().manual_seed(3)
+    x = torch.randn(40, 6, generator=gen, dtype=torch.float64)
+    a = x @ x.T / 40 + torch.diag(torch.linspace(0.0, 0.1, 40, dtype=torch.float64))
+    start = torch.randn(40, generator=gen, dtype=torch.float64)
+    cuts = [(0, 23), (23, 40)]
+    barrier, slots, calls = threading.Barrier(2, timeout=30), [None, None], [0, 0]
+    results: list = [None, None]
+
+    def exchange(rank: int, t: torch.Tensor) -> list[torch.Tensor]:
+        slots[rank] = t.clone()
+        barrier.wait()
+        both = [slots[0], slots[1]]
+        barrier.wait()  # both read before either writes again
+        return both
+
+    def run(rank: int) -> None:
+        lo, hi = cuts[rank]
+
+        def reduce_sum(t: torch.Tensor) -> torch.Tensor:
+            calls[rank] += 1
+            first, second = exchange(rank, t)
+            return first + second
+
+        def matvec(piece: torch.Tensor) -> torch.Tensor:
+            return (a @ torch.cat(exchange(rank, piece)))[lo:hi]
+
+        results[rank] = lanczos_top_k(
+            matvec, hi - lo, 3, tol=1e-10, max_iter=40, start=start[lo:hi], return_vectors=True,
+            reduce_sum=reduce_sum, total_dim=40,
+        )  # fmt: skip
+
+    threads = [threading.Thread(target=run, args=(r,)) for r in (0, 1)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(timeout=60)
+    one = lanczos_top_k(lambda v: a @ v, 40, 3, tol=1e-10, max_iter=40, start=start, return_vectors=True)
+    want = torch.linalg.eigvalsh(a).flip(0)[:3]
+    for r in results:
+        assert r is not None and r.converged and r.matvecs == one.matvecs
+        torch.testing.assert_close(r.eigenvalues, one.eigenvalues, rtol=1e-10, atol=0)
+        torch.testing.assert_close(r.eigenvalues, want, rtol=1e-9, atol=0)
+    assert [r.eigenvectors.shape for r in results] == [(23, 3), (17, 3)]
+    vectors = torch.cat([results[0].eigenvectors, results[1].eigenvectors])
+    torch.testing.assert_close(vectors.abs(), one.eigenvectors.abs(), rtol=1e-7, atol=1e-9)
+    assert calls[0] == calls[1] > 2 * one.matvecs  # alpha, projections and norms at each step

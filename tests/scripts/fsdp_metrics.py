@@ -79,7 +79,7 @@ def run(out: Path) -> None:
 
     from uma_callbacks.config import UMAConfig
     from uma_callbacks.core.distributed import current_collective
-    from uma_callbacks.core.sharding import is_dtensor, local, local_rows, shard_bytes
+    from uma_callbacks.core.sharding import is_dtensor, local, local_entries, local_rows, shard_bytes
     from uma_callbacks.engine.probe import Probe
     from uma_callbacks.metrics import (
         METRICS,
@@ -88,6 +88,7 @@ def run(out: Path) -> None:
         GradientFlow,
         LossLandscape,
     )
+    from uma_callbacks.metrics import fisher as fisher_module
     from uma_callbacks.session import Session
 
     rank = torch.distributed.get_rank()
@@ -147,6 +148,34 @@ def run(out: Path) -> None:
             want = local_rows(ref_diag[name], params[name])
             diag_err = max(diag_err, float((shard - want).abs().max() / want.abs().max().clamp_min(1e-300)))
         checks[f"diag_rel_err_{step}"] = diag_err
+        # top-k by Lanczos on sharded vectors: each rank's basis holds its shards' entries only;
+        # the same top eigenvalues as one process by Lanczos (the Gram path switched off) and by
+        # the exact Gram matrix
+        spectrum = {"top_k": 3, "max_matvecs": 40, "lanczos_tol": 1e-10, "chunk_size": 1}
+        sharded_top = FisherInformation(**spectrum).compute(model, probe.shard(rank, 2), collective=current_collective())
+        streamed = FisherInformation(**spectrum, cache_bytes=0).compute(  # products recompute the chunks (ghosts too)
+            model, probe.shard(rank, 2), collective=current_collective()
+        )
+        gram_rows, fisher_module.GRAM_MAX_ROWS = fisher_module.GRAM_MAX_ROWS, 0
+        try:
+            lanczos_one = FisherInformation(**spectrum).compute(reference, probe.batches)
+        finally:
+            fisher_module.GRAM_MAX_ROWS = gram_rows
+        gram_one = single["fisher"].arrays["top_eigenvalues"]
+        trainable = {n: p for n, p in model.named_parameters() if p.requires_grad}
+        record = {r.metric: r for r in records}["fisher"]
+        checks[f"lanczos_{step}"] = {
+            "methods": [sharded_top.meta["spectrum_method"], lanczos_one.meta["spectrum_method"],
+                        record.meta.get("spectrum_method")],
+            "converged": bool(sharded_top.meta["lanczos_converged"]),
+            "eigs": sharded_top.arrays["top_eigenvalues"].tolist(),
+            "streamed": [streamed.arrays["top_eigenvalues"].tolist(), streamed.meta["cached"]],
+            "lanczos_one": lanczos_one.arrays["top_eigenvalues"].tolist(),
+            "gram_one": gram_one.tolist(),
+            "entries": [sharded_top.meta["lanczos_vector_entries"], record.meta.get("lanczos_vector_entries"),
+                        local_entries(trainable), sum(p.numel() for p in trainable.values()),
+                        lanczos_one.meta["lanczos_vector_entries"]],
+        }  # fmt: skip
         checks[f"statuses_{step}"] = [[r.metric, r.status] for r in records]
         checks[f"errors_{step}"] = {r.metric: (r.error or {}).get("message", "") for r in records}
         steps.append({"step": step, "records": [r.to_json_dict() if hasattr(r, "to_json_dict") else vars(r) for r in records],
@@ -154,6 +183,7 @@ def run(out: Path) -> None:
                       "single_eigs": single["fisher"].arrays["top_eigenvalues"].tolist()})  # fmt: skip
     sizes = shard_bytes(model)
     checks["shard_bytes"] = [sizes.shard, sizes.full, sizes.largest_block]
+    checks["planned_lanczos"] = planned_lanczos(model)
     checks["journal"] = session.journal is not None
     gathered: list[object] = [None] * torch.distributed.get_world_size()
     torch.distributed.all_gather_object(gathered, checks)
@@ -162,6 +192,30 @@ def run(out: Path) -> None:
         summary = {"world_size": torch.distributed.get_world_size(), "checks": gathered, "steps": steps,
                    "journal_lines": len((out / "uma" / "journal.jsonl").read_text().splitlines())}  # fmt: skip
         (out / "fsdp_result.json").write_text(json.dumps(summary, default=str))
+
+
+def planned_lanczos(model: torch.nn.Module) -> dict[str, int]:
+    """The planner's Fisher Lanczos basis on this rank: ``basis_full`` / ``basis_shard`` (the
+    basis priced on the full model and on this rank's entries) and ``saved``, what the
+    ``"streamed"`` mode's sharded fixed bytes drop by once the basis and its work vectors are
+    priced on the shard (expected ``expected_saved``)."""
+    import dataclasses
+
+    from uma_callbacks.engine.budget import planned_bytes, rank_param_bytes
+    from uma_callbacks.metrics import FisherInformation
+
+    sizes = rank_param_bytes(model)
+    fisher = FisherInformation(top_k=3, max_matvecs=40)
+    n, held, itemsize = sizes.full_entries, sizes.held_entries, sizes.full / sizes.full_entries
+    cost = dict(fisher.memory_modes())["streamed"]
+    plain_extra = dataclasses.replace(cost, extra_bytes=lambda *a: cost.extra_bytes(*a))  # no on_shard
+    shape = {"n_params": n, "n_samples": 4, "on_host": True}
+    fixed = planned_bytes(cost, sizes.full, 1000, shape, sizes)[0]
+    before = planned_bytes(plain_extra, sizes.full, 1000, shape, sizes)[0]
+    basis = [fisher._lanczos_bytes(n, itemsize, 4), fisher._lanczos_bytes(n, itemsize, 4, held)]
+    work = [fisher._lanczos_work_bytes(n, itemsize, 4), fisher._lanczos_work_bytes(n, itemsize, 4, held)]
+    return {"basis_full": basis[0], "basis_shard": basis[1], "saved": before - fixed,
+            "expected_saved": basis[0] - basis[1] + work[0] - work[1]}  # fmt: skip
 
 
 if __name__ == "__main__":

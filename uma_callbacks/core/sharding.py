@@ -391,6 +391,62 @@ def local_range(param: torch.Tensor) -> tuple[tuple[int, ...], int, int]:
     return shape, lo, lo + int(lshape[0]) * inner
 
 
+def local_entries(params: Mapping[str, torch.Tensor]) -> int:
+    """Entries this rank holds of ``params`` (the sum of the local pieces' sizes): the length
+    of a flat vector kept in the shards' layout (the full count on plain parameters)."""
+    return sum(local(p).numel() for p in params.values())
+
+
+def full_from_piece(piece: torch.Tensor, param: torch.Tensor, collective: Any) -> torch.Tensor:
+    """The full tensor (``param``'s full shape) whose rank-``r`` piece is ``piece`` on rank r:
+    an all-gather, done as the all-reduce (``collective.sum_``) of the full tensor with this
+    rank's entries filled and zeros elsewhere (exact: each entry is one piece plus zeros).
+    Every rank must call it for the same parameter (a collective). Plain ``param``: ``piece``
+    reshaped, no communication.
+
+    Args:
+        piece: this rank's entries ``[lo, hi)`` of the flattened full tensor (any shape).
+        param: the (possibly DTensor) parameter giving the layout.
+        collective: sums over ranks.
+
+    Returns:
+        ``[*param.shape]`` in ``piece``'s dtype and device.
+    """
+    shape, lo, hi = local_range(param)
+    if not is_dtensor(param):
+        return piece.reshape(shape)
+    full = torch.zeros(math.prod(shape), dtype=piece.dtype, device=piece.device)
+    full[lo:hi] = piece.reshape(-1)
+    collective.sum_([full])
+    return full.view(shape)
+
+
+def sharded_start_vector(
+    params: Mapping[str, torch.Tensor], seed: int, dtype: torch.dtype, device: torch.device | str
+) -> torch.Tensor:
+    """This rank's piece ``[local entries]`` of a Gaussian vector over the full parameters,
+    the same full vector for any world size: each parameter's full tensor is drawn from its
+    own generator, seeded from (``seed``, the parameter's index), and sliced to this rank's
+    entries (one parameter's full draw alive at a time).
+
+    Example:
+        >>> v = sharded_start_vector({"a": torch.zeros(2, 3), "b": torch.zeros(4)}, 0, torch.float64, "cpu")
+        >>> v.shape
+        torch.Size([10])
+    """
+    import numpy as np
+
+    pieces = []
+    for index, param in enumerate(params.values()):
+        shape, lo, hi = local_range(param)
+        mixed = np.random.SeedSequence([seed & 0xFFFFFFFF, index]).generate_state(2, dtype=np.uint32)
+        gen = torch.Generator(device="cpu").manual_seed(int(mixed.view(np.uint64)[0]) >> 1)
+        draw = torch.randn(math.prod(shape), generator=gen, dtype=torch.float64)
+        pieces.append(draw[lo:hi].to(dtype))
+        del draw
+    return torch.cat(pieces).to(device) if pieces else torch.zeros(0, dtype=dtype, device=device)
+
+
 def reset_fsdp_forward(model: torch.nn.Module) -> None:
     """Clear FSDP2's "root forward in progress" marker left by a forward that raised.
 

@@ -301,12 +301,15 @@ def planned_bytes(
     Sharded (``sharding`` given): what the metrics keep in the shard's layout, the parameter
     copies and flat vectors (accumulators, saved weights, directions), is priced on the shard
     (``P = sharding.held``, ``n = sharding.held_entries``), and FSDP's gathered block is
-    added once. The rest stays on the full model, as the sharded code paths hold it today:
-    ``extra_bytes`` (a Fisher Lanczos basis, replicated on every rank; cached per-sample
-    gradients of the rank's own samples, full-size) and ``probe_grads``; so does the
-    per-sample term (a per-sample gradient is formed full-size)::
+    added once. An ``extra_bytes`` (``host_extra_bytes``) function that carries
+    ``on_shard(n, n_shard, itemsize, N)`` is priced by it instead (the Fisher's Lanczos
+    basis, kept as the rank's pieces, on ``n_shard``; its cached per-sample gradients, of
+    the rank's own samples, full-size, on ``n``). The rest stays on the full model, as the
+    sharded code paths hold it today: other ``extra_bytes`` and ``probe_grads``; so does
+    the per-sample term (a per-sample gradient is formed full-size)::
 
-        fixed = cost(P, 0) - kept(P, n) + kept(P_shard, n_shard) + largest_block,
+        fixed = cost(P, 0) - kept(P, n) + kept(P_shard, n_shard) + largest_block
+                - extra(n) + extra.on_shard(n, n_shard),
         kept(P, n) = param_copies * P + vectors * n * w
 
     Args:
@@ -341,6 +344,12 @@ def planned_bytes(
         + kept.bytes_needed(sharding.held, sample_bytes, 0, **held_sizes)
         + sharding.gathered
     )
+    n = sizes.get("n_params") or max(1, param_bytes_ // 4)
+    itemsize, n_samples = param_bytes_ / n, sizes.get("n_samples", 0)
+    for extra in (cost.extra_bytes, cost.host_extra_bytes if sizes.get("on_host", True) else None):
+        on_shard = getattr(extra, "on_shard", None)
+        if on_shard is not None:  # priced in the shard's layout where the metric keeps it so
+            fixed += on_shard(n, sharding.held_entries, itemsize, n_samples) - extra(n, itemsize, n_samples)
     return fixed, per_sample
 
 

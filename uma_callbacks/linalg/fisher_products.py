@@ -41,7 +41,7 @@ import torch
 
 from uma_callbacks.core.losses import IGNORE_INDEX, LossFn, model_inputs
 from uma_callbacks.core.batches import count_samples, map_tensors, select_samples
-from uma_callbacks.core.sharding import unwrap
+from uma_callbacks.core.sharding import full_from_piece, local, unwrap
 from uma_callbacks.linalg.layer_grads import HookPlan, LayerGradients, layer_gradients
 from uma_callbacks.linalg.linear_factors import linear_factors
 from uma_callbacks.linalg.per_sample import PerSampleGradients, per_sample_grads
@@ -594,13 +594,20 @@ def fisher_matvec(
     params: Mapping[str, torch.Tensor],
     n_total: int,
     all_reduce: Callable[[list[torch.Tensor]], None],
+    collective: Any = None,
 ) -> Callable[[torch.Tensor], torch.Tensor]:
     """The product ``v [P] -> F v [P]``, F = (1/N) sum_i g_i g_i^T, summed over ranks.
 
     Each call sums this rank's sum_i g_i (g_i^T v) over its chunks (cached, or recomputed
     one chunk at a time), all-reduces it with ``all_reduce`` and divides by the global
     row count ``n_total``. Vectors are flat in model order (``[P]``, any float dtype).
+
+    With ``collective`` (a sharded FSDP2 model, see :func:`_sharded_matvec`) the vectors
+    are this rank's pieces instead (``[P_local]``: the local shards of the parameters,
+    flattened and concatenated in model order) and ``all_reduce`` is not used.
     """
+    if collective is not None:
+        return _sharded_matvec(sums, model, loss_fn, params, n_total, collective)
     shapes = [params[n].shape for n in sums.names]
     sizes = [s.numel() for s in shapes]
 
@@ -641,6 +648,72 @@ def fisher_matvec(
         out = torch.cat([acc[n].reshape(-1).to(v.dtype) for n in sums.names])
         all_reduce([out])
         return out / n_total
+
+    return matvec
+
+
+def _sharded_matvec(
+    sums: FisherSums,
+    model: torch.nn.Module,
+    loss_fn: LossFn,
+    params: Mapping[str, torch.Tensor],
+    n_total: int,
+    collective: Any,
+) -> Callable[[torch.Tensor], torch.Tensor]:
+    r"""``v_r [P_r] -> (F v)_r [P_r]`` on a sharded (FSDP2) model: pieces in, pieces out.
+
+    Rank r holds the pieces v_r of v (its rows of each parameter) and the per-sample
+    gradients g_i of its own samples S_r, full-size, one chunk's factors per layer (cached
+    or recomputed). The probe is split over ranks, so u_i = g_i^T v needs the whole v for
+    i in S_r; per parameter p (one at a time)::
+
+        v_p   = all-gather of the pieces v_{p,q}          (full [d0, ...], transient)
+        u_i  += g_{i,p}^T v_p                            (i in S_r, [B] per chunk)
+        (F v)_{p,r} = rows_r( sum_q sum_{i in S_q} u_i g_{i,p} ) / N   (reduce-scatter)
+
+    so a rank holds one parameter's full-size v_p or sum at a time, never a full vector of
+    P entries, and the result is this rank's piece. Cached chunks: one gather and one
+    reduce-scatter per parameter and product; recomputed chunks (every rank runs the same
+    number, ghosts contributing zero): one of each per parameter and chunk.
+    """
+    names = list(sums.names)
+    sizes = [local(params[n]).numel() for n in names]
+
+    def product(reps: list[Any], pieces: dict[str, torch.Tensor], out: dict[str, torch.Tensor]) -> None:
+        # reps: real LayerGradients or _Ghost (zero contributions, collectives still taken)
+        real = [r for r in reps if not isinstance(r, _Ghost)]
+        us = [torch.zeros(r.n, dtype=r.losses.dtype, device=r.losses.device) for r in real]
+        for n in names:
+            full = full_from_piece(pieces[n], params[n], collective).to(params[n].dtype)
+            for r, u in zip(real, us):
+                u += r.factors[n].dot(full).to(u.dtype)
+            del full
+        for n in names:
+            total = None
+            for r, u in zip(real, us):
+                c = r.factors[n].weighted_sum(u)
+                total = c if total is None else total.add_(c)
+            if total is None:
+                total = torch.zeros(params[n].shape, dtype=params[n].dtype, device=pieces[n].device)
+            piece = collective.sum_scatter_dim0(total).reshape(-1)
+            del total
+            out[n] = piece if n not in out else out[n].add_(piece)
+
+    def matvec(v: torch.Tensor) -> torch.Tensor:
+        pieces = dict(zip(names, torch.split(v, sizes)))
+        out: dict[str, torch.Tensor] = {}
+        if sums.cache is not None:
+            product(list(sums.cache), pieces, out)
+        else:
+            for item in sums.chunks:
+                chunk, real = unwrap(item)
+                collective.agree()  # every rank healthy before FSDP's forward all-gathers
+                rep = layer_gradients(model, loss_fn, chunk, params, sums.plan, before_backward=collective.agree)
+                product([rep if real else _Ghost(rep)], pieces, out)
+                del rep
+        if not out:
+            return torch.zeros_like(v)
+        return torch.cat([out[n].reshape(-1).to(v.dtype) for n in names]) / n_total
 
     return matvec
 

@@ -14,6 +14,7 @@ Krylov space is exhausted (beta ~ 0: A has rank < m on the start vector's span).
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -77,8 +78,19 @@ def lanczos_top_k(
     breakdown_tol: float = 1e-10,
     start: torch.Tensor | None = None,
     on_step: Callable[[int, torch.Tensor], None] | None = None,
+    reduce_sum: Callable[[torch.Tensor], torch.Tensor] | None = None,
+    total_dim: int | None = None,
 ) -> LanczosResult:
     """The ``k`` largest (algebraic) eigenvalues of a symmetric operator.
+
+    Sharded vectors (``reduce_sum`` given): each process holds its piece ``[dim]`` of every
+    vector (the pieces of all processes, concatenated, are the full vector of ``total_dim``
+    entries), ``matvec`` maps pieces to pieces, and every inner product is a local partial
+    sum completed by ``reduce_sum`` (a sum over processes): the dot products
+    alpha = w^T v, the projection coefficients Q w [m] and the squared norms (of the start
+    vector, of w before and after each Gram-Schmidt pass, beta^2). T, the Ritz values and
+    the stopping decisions are then the same on every process, and each one holds only
+    its piece of the basis (``max_iter x dim`` entries).
 
     Args:
         matvec: ``v [P] -> A v [P]``, symmetric A.
@@ -96,9 +108,13 @@ def lanczos_top_k(
         breakdown_tol: stop when beta < breakdown_tol * ||T|| (invariant subspace found).
         start: the start vector ``[P]`` (normalised here; default Gaussian from ``seed``).
         on_step: called with ``(products, top-k Ritz residuals)`` at each convergence check.
+        reduce_sum: sums a tensor of local partial inner products over processes (returns
+            the sum); ``None``: one process, the vectors are whole.
+        total_dim: the full vectors' entries when sharded (caps ``k`` and ``max_iter``;
+            the same on every process); default ``dim``.
 
     Returns:
-        :class:`LanczosResult`.
+        :class:`LanczosResult` (``eigenvectors`` are this process's pieces when sharded).
 
     Example:
         >>> A = torch.diag(torch.arange(1.0, 51.0, dtype=torch.float64))
@@ -109,17 +125,18 @@ def lanczos_top_k(
         An evenly spaced spectrum is Lanczos's hardest case: with the default
         ``max_iter`` (33 here) the third value is 47.95 and ``converged`` is False.
     """
-    k = min(k, dim)
+    full = dim if total_dim is None else total_dim
+    k = min(k, full)
     if max_iter is None:
-        max_iter = min(dim, max(3 * k, k + 30))
-    max_iter = max(min(max_iter, dim), k)
+        max_iter = min(full, max(3 * k, k + 30))
+    max_iter = max(min(max_iter, full), k)
     basis_device = torch.device(basis_device or device)
-    if start is not None and start.shape == (dim,) and float(start.norm()) > 0:
+    if start is not None and start.shape == (dim,) and _norm(start.detach().to(dtype), reduce_sum) > 0:
         v = start.detach().to(device=device, dtype=dtype)
     else:
         gen = torch.Generator(device="cpu").manual_seed(seed)
         v = torch.randn(dim, generator=gen, dtype=dtype).to(device)
-    v = v / v.norm()
+    v = v / (v.norm() if reduce_sum is None else _norm(v, reduce_sum))
     basis = torch.empty(max_iter, dim, dtype=dtype, device=basis_device)
     alphas: list[float] = []
     betas: list[float] = []
@@ -133,16 +150,16 @@ def lanczos_top_k(
         basis[step] = v.to(basis_device)
         w = matvec(v).to(dtype)
         matvecs += 1
-        alpha = float(torch.dot(w, v))
+        alpha = float(torch.dot(w, v) if reduce_sum is None else reduce_sum(torch.dot(w, v).reshape(1))[0])
         alphas.append(alpha)
         w = w - alpha * v  # the three-term recurrence first: what is left is small rounding
         if step > 0:
             w = w - betas[-1] * basis[step - 1].to(device)
-        w = _orthogonalise(w, basis[: step + 1], device)
-        beta = float(w.norm())
+        w = _orthogonalise(w, basis[: step + 1], device, reduce_sum)
+        beta = _norm(w, reduce_sum)
         m = step + 1
         scale = max(abs(a) for a in alphas) if alphas else 1.0
-        exhausted = beta < breakdown_tol * max(scale, 1e-300) or m == dim
+        exhausted = beta < breakdown_tol * max(scale, 1e-300) or m == full
         if m >= k and (m % check_every == 0 or exhausted or m == max_iter):
             ritz_vals, ritz_vecs_t = _tridiag_eigh(alphas, betas, dtype)
             residuals = (beta * ritz_vecs_t[-1, :k]).abs()
@@ -179,7 +196,19 @@ def lanczos_top_k(
 TWICE_IS_ENOUGH = 0.7071
 
 
-def _orthogonalise(w: torch.Tensor, basis: torch.Tensor, device: torch.device | str) -> torch.Tensor:
+def _norm(w: torch.Tensor, reduce_sum: Callable[[torch.Tensor], torch.Tensor] | None) -> float:
+    """||w|| (sharded: the square root of the squared pieces' norms summed by ``reduce_sum``)."""
+    if reduce_sum is None:
+        return float(w.norm())
+    return math.sqrt(max(float(reduce_sum(torch.dot(w, w).reshape(1))[0]), 0.0))
+
+
+def _orthogonalise(
+    w: torch.Tensor,
+    basis: torch.Tensor,
+    device: torch.device | str,
+    reduce_sum: Callable[[torch.Tensor], torch.Tensor] | None = None,
+) -> torch.Tensor:
     """w minus its projection on the rows of ``basis [m, P]`` (block classical Gram-Schmidt:
     two matrix-vector products per pass instead of 2m vector ops), with a second pass only
     when the first cancelled most of w (norm ratio below :data:`TWICE_IS_ENOUGH`): then
@@ -189,12 +218,22 @@ def _orthogonalise(w: torch.Tensor, basis: torch.Tensor, device: torch.device | 
     that dominates once the basis is large.
 
     The projection runs where the basis lives (a CPU basis is never copied to the
-    accelerator: w travels instead, [P] each way)."""
+    accelerator: w travels instead, [P] each way).
+
+    Sharded (``reduce_sum`` given): the coefficients ``basis @ w`` and both norms are the
+    global ones (local partial sums added over processes), so every process takes the same
+    decision about the second pass."""
     w = w.to(basis.device)
-    before = float(w.norm())
-    w = w - basis.T @ (basis @ w)
-    if float(w.norm()) < TWICE_IS_ENOUGH * before:
+    if reduce_sum is None:
+        before = float(w.norm())
         w = w - basis.T @ (basis @ w)
+        if float(w.norm()) < TWICE_IS_ENOUGH * before:
+            w = w - basis.T @ (basis @ w)
+        return w.to(device)
+    before = _norm(w, reduce_sum)
+    w = w - basis.T @ reduce_sum(basis @ w)
+    if _norm(w, reduce_sum) < TWICE_IS_ENOUGH * before:
+        w = w - basis.T @ reduce_sum(basis @ w)
     return w.to(device)
 
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 import logging
 import math
 from collections import defaultdict
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 
 import numpy as np
@@ -20,7 +20,13 @@ from uma_callbacks.linalg.fisher_products import (
     parameter_groups,
     sample_mc_labels,
 )
-from uma_callbacks.core.sharding import aligned_chunks, check_sharded_plan, is_sharded
+from uma_callbacks.core.sharding import (
+    aligned_chunks,
+    check_sharded_plan,
+    is_sharded,
+    local_entries,
+    sharded_start_vector,
+)
 from uma_callbacks.linalg.lanczos import relative_residuals
 from uma_callbacks.linalg.operators import MatvecOperator, top_eigenpairs
 from uma_callbacks.linalg.layer_grads import hook_plan
@@ -70,7 +76,11 @@ class FisherInformation(Metric):
       ``arrays["gram_eigenvalues"]``); on several ranks, above :data:`GRAM_MAX_ROWS` rows,
       or when the chunks' gradients do not fit ``cache_bytes``, by Lanczos with full
       reorthogonalisation on the matrix-free F v = (1/R) sum_i g_i (g_i^T v) (each product
-      all-reduced over ranks; ``"lanczos"``);
+      all-reduced over ranks; ``"lanczos"``). On a sharded (FSDP2) model each Lanczos
+      vector is the rank's piece (its shards' entries, ``meta["lanczos_vector_entries"]``),
+      inner products are summed over ranks and the product gathers one parameter's v at a
+      time and reduce-scatters its result (:func:`~uma_callbacks.linalg.fisher_products.fisher_matvec`),
+      so the basis per rank shrinks with the ranks;
       ``effective_rank`` = exp(-sum_j q_j log q_j), q = lambda / sum(lambda), and
       ``condition_number`` = lambda_1 / lambda_k over the computed top-k. F has rank <= R:
       k is capped at R (``meta["top_k_capped"]``, a warning);
@@ -186,19 +196,48 @@ class FisherInformation(Metric):
         a tensor larger than that stays whole), the same sums; each Lanczos product then
         recomputes every group twice per chunk (u_i = sum_G g_{i,G}^T v_G, then
         sum_i u_i g_{i,G}), so it is the slowest.
+
+        On a sharded (FSDP2) model the Lanczos vectors are the rank's pieces: each extra-bytes
+        function carries ``on_shard(n, n_held, itemsize, N)`` (read by the planner,
+        :func:`~uma_callbacks.engine.budget.planned_bytes`), which prices the basis and its
+        work vectors on the ``n_held`` local entries and the cached per-sample gradients
+        (the rank's own samples, full-size) on ``n``.
         """
         acc = 8 if self.accumulate_dtype == "float64" else 4
         base = {"per_sample_grads": True, "param_copies": 1.0, "vectors": 3.0, "vector_itemsize": acc}
-        basis, work = self._lanczos_bytes, self._lanczos_work_bytes
+
+        def rows(n: int, itemsize: float, n_samples: int) -> int:
+            # nothing is kept without a spectrum (traces and the diagonal need no products)
+            kept = n_samples * self.mc_samples * n * itemsize if self.top_k is not None else 0
+            return int(kept if kept <= self._cache_bytes else 0)
+
+        def basis_on_shard(n: int, held: int, itemsize: float, n_samples: int) -> int:
+            return self._lanczos_bytes(n, itemsize, n_samples, held)
+
+        def work_on_shard(n: int, held: int, itemsize: float, n_samples: int) -> int:
+            return self._lanczos_work_bytes(n, itemsize, n_samples, held)
+
+        def streamed_on_shard(n: int, held: int, itemsize: float, n_samples: int) -> int:
+            return basis_on_shard(n, held, itemsize, n_samples) + work_on_shard(n, held, itemsize, n_samples)
+
+        def cached_on_shard(n: int, held: int, itemsize: float, n_samples: int) -> int:
+            return rows(n, itemsize, n_samples) + streamed_on_shard(n, held, itemsize, n_samples)
+
+        def basis(n: int, itemsize: float, n_samples: int) -> int:
+            return self._lanczos_bytes(n, itemsize, n_samples)
+
+        def work(n: int, itemsize: float, n_samples: int) -> int:
+            return self._lanczos_work_bytes(n, itemsize, n_samples)
 
         def cached(n: int, itemsize: float, n_samples: int) -> int:
-            # nothing is kept without a spectrum (traces and the diagonal need no products)
-            rows = n_samples * self.mc_samples * n * itemsize if self.top_k is not None else 0
-            return int(rows if rows <= self._cache_bytes else 0) + basis(n, itemsize, n_samples) + work(n, itemsize, n_samples)
+            return rows(n, itemsize, n_samples) + basis(n, itemsize, n_samples) + work(n, itemsize, n_samples)
 
         def streamed(n: int, itemsize: float, n_samples: int) -> int:
             return basis(n, itemsize, n_samples) + work(n, itemsize, n_samples)
 
+        pairs = ((basis, basis_on_shard), (work, work_on_shard), (cached, cached_on_shard), (streamed, streamed_on_shard))
+        for fn, on_shard in pairs:
+            fn.on_shard = on_shard  # type: ignore[attr-defined]
         modes = [("cached", Cost(**base, extra_bytes=cached)), ("streamed", Cost(**base, extra_bytes=streamed))]
         if self.top_k is not None:
             modes.append(("streamed_cpu_basis", Cost(**base, extra_bytes=work, host_extra_bytes=basis)))
@@ -215,14 +254,17 @@ class FisherInformation(Metric):
         wide = itemsize >= 8 or n * 8 * (max_iter + 1) <= LANCZOS_FLOAT64_BYTES
         return max_iter, 8 if wide else 4
 
-    def _lanczos_bytes(self, n: int, itemsize: float, n_samples: int) -> int:
+    def _lanczos_bytes(self, n: int, itemsize: float, n_samples: int, held: int | None = None) -> int:
+        """The basis: ``max_iter`` vectors of ``held`` entries (the rank's pieces on a sharded
+        model; default ``n``), their count and dtype chosen from the full ``n``."""
         max_iter, size = self._lanczos_shape(n, itemsize, n_samples)
-        return max_iter * n * size
+        return max_iter * (n if held is None else held) * size
 
-    def _lanczos_work_bytes(self, n: int, itemsize: float, n_samples: int) -> int:
+    def _lanczos_work_bytes(self, n: int, itemsize: float, n_samples: int, held: int | None = None) -> int:
         max_iter, size = self._lanczos_shape(n, itemsize, n_samples)
+        entries = n if held is None else held
         # v, w, the product's float result and its scaled copy; the cast of v and the accumulator
-        return int(4 * n * size + 2 * n * itemsize) if max_iter else 0
+        return int(4 * entries * size + 2 * entries * itemsize) if max_iter else 0
 
     def _compute(self, ctx: ComputeContext) -> MetricResult:
         ctx.meta["memory_mode"] = getattr(self, "_memory_mode", "cached")
@@ -292,6 +334,7 @@ class FisherInformation(Metric):
         max_iter = self.max_matvecs or max(3 * k, k + 30)
         wide = any(p.dtype == torch.float64 for p in params.values())
         dtype = torch.float64 if wide or dim * 8 * (max_iter + 1) <= LANCZOS_FLOAT64_BYTES else torch.float32
+        sharded = bool(ctx.meta.get("sharded"))
         matvec = fisher_matvec(
             stats.local,
             ctx.model,
@@ -299,8 +342,19 @@ class FisherInformation(Metric):
             params,
             stats.rows,
             ctx.collective.sum_,
+            collective=ctx.collective if sharded else None,
         )
         device = next(iter(params.values())).device
+        # sharded (FSDP2): every Lanczos vector is this rank's piece (its shards' entries),
+        # inner products summed over ranks, the start vector drawn per full tensor and sliced
+        entries = local_entries(params) if sharded else dim
+        options = {}
+        if sharded:
+            options = {
+                "reduce_sum": _summed(ctx.collective),
+                "total_dim": dim,
+                "start": sharded_start_vector(params, self.seed, dtype, device),
+            }
         counted = {"matvecs": 0}
 
         def timed_matvec(v: torch.Tensor) -> torch.Tensor:
@@ -310,13 +364,14 @@ class FisherInformation(Metric):
             return out
 
         basis_device = "cpu" if getattr(self, "_memory_mode", "").endswith("cpu_basis") else None
-        operator = MatvecOperator(timed_matvec, dim, dtype, torch.device(device))
+        operator = MatvecOperator(timed_matvec, entries, dtype, torch.device(device))
         result = top_eigenpairs(
-            operator, k, max_iter=max_iter, tol=self.lanczos_tol, seed=self.seed, basis_device=basis_device
+            operator, k, max_iter=max_iter, tol=self.lanczos_tol, seed=self.seed, basis_device=basis_device, **options
         )
         relative = relative_residuals(result)
         ctx.meta.update(
             spectrum_method="lanczos",
+            lanczos_vector_entries=entries,
             matvecs=result.matvecs,
             lanczos_relative_residuals=relative.tolist(),
             lanczos_converged=result.converged,
@@ -324,6 +379,17 @@ class FisherInformation(Metric):
             top_k=int(result.eigenvalues.numel()),
         )
         return result.eigenvalues.double().cpu().numpy()
+
+
+def _summed(collective: object) -> Callable[[torch.Tensor], torch.Tensor]:
+    """``t -> sum over ranks of t`` (a copy, all-reduced): Lanczos's ``reduce_sum``."""
+
+    def reduce_sum(t: torch.Tensor) -> torch.Tensor:
+        out = t.detach().clone()
+        collective.sum_([out])  # type: ignore[attr-defined]
+        return out
+
+    return reduce_sum
 
 
 @dataclass
