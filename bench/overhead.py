@@ -7,7 +7,12 @@ measuring at every save. Prints the wall times, the share spent in the metrics, 
     callback_metric_seconds_per_save=<mean seconds of the suite per save>
     train_step_seconds=<mean seconds of a plain training step>
 
-Usage: python bench/overhead.py [--quick] [--metrics gradient_flow,fisher]
+With ``--minilm``: the real MiniLM at ``UMACallback()``'s defaults (a 64-sample probe,
+``gradient_flow``), seconds per save over 500 training steps of batch 8 timed alongside:
+
+    minilm_callback_overhead=<seconds per save / (500 x training step)>
+
+Usage: python bench/overhead.py [--quick] [--metrics gradient_flow,fisher] [--minilm]
 """
 
 from __future__ import annotations
@@ -80,7 +85,19 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--quick", action="store_true", help="small run, under 60 s")
     parser.add_argument("--metrics", default="gradient_flow,fisher")
+    parser.add_argument(
+        "--minilm", action="store_true",
+        help="the real MiniLM case instead: UMACallback() defaults at save_steps=500 "
+        "(bench/minilm_defaults.py; prints minilm_callback_overhead)",
+    )
     args = parser.parse_args()
+    if args.minilm:
+        sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+        from bench import minilm_defaults
+
+        sys.argv = [sys.argv[0], "--metrics", ",".join(minilm_defaults.CALLBACK_DEFAULT)] + (["--quick"] if args.quick else [])
+        minilm_defaults.main()
+        return
     logging.disable(logging.WARNING)
     if args.quick:
         vocab, hidden, layers, seq, steps, save_steps, probe = 1000, 64, 2, 64, 60, 30, 16

@@ -193,8 +193,10 @@ def bench_model(name: str, reps: int, summary: dict, with_memory: bool) -> None:
           + (f" (left out, Opacus has no per-sample gradient for a batch-broadcast call: {skipped})" if skipped else ""))
     summary[f"{prefix}fisher_diag_vs_opacus_max_rel_diff"] = err
     if with_memory:
-        mine, op = child_peak(name, "fisher_diag"), child_peak(name, "opacus")
-        train = child_peak(name, "train")
+        from concurrent.futures import ThreadPoolExecutor
+
+        with ThreadPoolExecutor(max_workers=2) as pool:  # peaks are per process: children may overlap
+            mine, op, train = pool.map(lambda what: child_peak(name, what), ("fisher_diag", "opacus", "train"))
         print(
             f"  peak extra MiB: fisher diag {mine['peak'] / 2**20:.1f}, Opacus {op['peak'] / 2**20:.1f}, "
             f"train step {train['peak'] / 2**20:.1f} (params {mine['params'] / 2**20:.1f})"
