@@ -308,6 +308,7 @@ class HessianSpectrum(Metric):
             lanczos_residual_tol=self.residual_tol,
             lanczos_block_size=block,
             lanczos_seconds=lanczos_seconds,
+            lanczos_reorthogonalised=lz.reorthogonalised,
             lanczos_product_seconds=op.product_seconds,
             lanczos_start=self.start,
             lanczos_history=[
