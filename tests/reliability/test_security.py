@@ -32,13 +32,47 @@ def _keyword(call: ast.Call, name: str):
     return "missing"
 
 
+#: the one module allowed to import ``pickle``: DCP's ``.metadata`` is a pickle, read by a
+#: subclass of ``pickle.Unpickler`` whose ``find_class`` resolves an allow-list only (the same
+#: kind of loader as ``torch.load(weights_only=True)``); checked by :func:`_restricted_unpickler`
+RESTRICTED_UNPICKLERS = {"uma_callbacks/core/dcp.py"}
+
+
+def _restricted_unpickler(tree: ast.AST) -> list[str]:
+    """Problems unless ``pickle`` is used only as ``pickle.Unpickler`` (a base class that
+    overrides ``find_class`` and ``persistent_load``) and ``pickle.UnpicklingError``."""
+    found = []
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Attribute) and _dotted(node.value) == "pickle":
+            if node.attr not in ("Unpickler", "UnpicklingError"):
+                found.append(f"uses pickle.{node.attr}")
+    subclasses = [
+        c for c in ast.walk(tree)
+        if isinstance(c, ast.ClassDef) and any(_dotted(b) == "pickle.Unpickler" for b in c.bases)
+    ]  # fmt: skip
+    if not subclasses:
+        found.append("imports pickle without a restricted Unpickler subclass")
+    for cls in subclasses:
+        methods = {f.name for f in cls.body if isinstance(f, ast.FunctionDef)}
+        if not {"find_class", "persistent_load"} <= methods:
+            found.append(f"{cls.name} does not override find_class and persistent_load")
+    return found
+
+
 def _problems(path: Path) -> list[str]:
     tree = ast.parse(path.read_text(encoding="utf-8"), filename=str(path))
     found = []
+    restricted = path.relative_to(REPO).as_posix() in RESTRICTED_UNPICKLERS
+    if restricted:
+        found += [f"{path.relative_to(REPO)}: {p}" for p in _restricted_unpickler(tree)]
     for node in ast.walk(tree):
         where = f"{path.relative_to(REPO)}:{getattr(node, 'lineno', 0)}"
         if isinstance(node, ast.Import):
-            found += [f"{where} imports {a.name}" for a in node.names if a.name.split(".")[0] in UNSAFE_MODULES]
+            found += [
+                f"{where} imports {a.name}"
+                for a in node.names
+                if a.name.split(".")[0] in UNSAFE_MODULES and not (restricted and a.name == "pickle")
+            ]
         elif isinstance(node, ast.ImportFrom) and (node.module or "").split(".")[0] in UNSAFE_MODULES:
             found.append(f"{where} imports from {node.module}")
         elif isinstance(node, ast.Call):
@@ -76,5 +110,19 @@ def test_the_checker_catches_what_it_should(tmp_path):
     saved, REPO = REPO, tmp_path
     try:
         assert len(_problems(bad)) == 5
+    finally:
+        REPO = saved
+
+
+def test_the_restricted_unpickler_exception_is_narrow(tmp_path):
+    """dcp.py may import pickle only for an allow-list Unpickler: pickle.loads there is flagged."""
+    global REPO
+    fake = tmp_path / "uma_callbacks" / "core" / "dcp.py"
+    fake.parent.mkdir(parents=True)
+    fake.write_text("import pickle\nx = pickle.lo" + "ads(b'')\n")
+    saved, REPO = REPO, tmp_path
+    try:
+        problems = _problems(fake)
+        assert any("pickle.loads" in p for p in problems) and any("restricted Unpickler" in p for p in problems)
     finally:
         REPO = saved
