@@ -15,6 +15,7 @@ from collections.abc import Sequence
 
 import torch
 
+from uma_callbacks.core.sharding import local
 from uma_callbacks.engine.budget import as_budget
 from uma_callbacks.metrics.base import CheckpointState, History, Metric
 
@@ -65,7 +66,8 @@ class CheckpointHistory:
             return
         # one new CPU copy (the oldest one is released after); the copies already kept are
         # not free memory any more, so the new one is compared with what is free now
-        needed = sum(p.numel() * p.element_size() for p in model.parameters())
+        # a sharded model's copy holds this rank's shards (DTensor.numel() is the full size)
+        needed = sum(local(p).numel() * p.element_size() for p in model.parameters())
         limit = self.host_limit_bytes if self.host_limit_bytes is not None else as_budget(None).limit_bytes("cpu")
         if needed > limit:
             self.previous, self.dropped = [], (
