@@ -132,11 +132,14 @@ def test_auto_falls_back_to_vmap_when_a_parameter_is_used_outside_its_layer():
     def loss_with_extra(m, b):
         return loss_fn(m, b) + (m.head.bias**2).sum()  # bias used outside nn.Linear.forward
 
-    got = FisherInformation(top_k=2).compute(model, batches, loss_with_extra)
+    # chunks of 2: the uses are checked on the first chunk only, and the later ones follow it
+    got = FisherInformation(top_k=2, keep_diagonal=True, chunk_size=2).compute(model, batches, loss_with_extra)
     assert got.meta["per_sample_method"] == "hooks+vmap(grad)"
     assert got.meta["vmap_params"] == {"head.bias": "used outside its layers' forward"}
     want = oracle_fisher(model, batches, loss_with_extra)
     assert got.scalars["trace"] == pytest.approx(want["scalars"]["trace"], rel=1e-6)
+    for name, d in want["diag"].items():
+        torch.testing.assert_close(got.tensors[name].reshape(-1), d, rtol=1e-6, atol=1e-12)
     with pytest.raises(ValueError, match="method='linear'"):
         FisherInformation(top_k=2, method="linear").compute(model, batches, loss_with_extra)
 

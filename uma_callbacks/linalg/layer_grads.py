@@ -41,6 +41,7 @@ output gradients are exactly zero).
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -107,6 +108,12 @@ class HookPlan:
     leftover: list[str]
     reasons: dict[str, str] = field(default_factory=dict)
     expand_shared: bool = True
+    #: parameters found used outside their layers' forward, and whether that was checked: the
+    #: check (a ``TorchFunctionMode`` seeing every op, about 12% of a chunk's time on the
+    #: bench Qwen2) runs on the first chunk of a computation only, since which ops take a
+    #: parameter is the model's structure, not its input's
+    outside: set[str] = field(default_factory=set)
+    uses_checked: bool = False
 
 
 def hook_plan(model: torch.nn.Module, params: Mapping[str, torch.Tensor]) -> HookPlan:
@@ -571,29 +578,31 @@ def layer_gradients(
     records: list[tuple[int, torch.Tensor, torch.Tensor]] = []
     leftover = set(plan.leftover)
     tracked = {id(params[name]): name for _, _, _, owned in plan.modules for name in owned.values() if name not in leftover}
-    tracker = _UseTracker(tracked)
+    tracker = _UseTracker(tracked) if not plan.uses_checked else None
     handles = []
     for index, (_, module, rule, owned) in enumerate(plan.modules):
         ids = [id(params[name]) for name in owned.values()]
 
         def pre(_m, inputs, ids=ids, rule=rule):
-            for pid in ids:
-                tracker.active[pid] = tracker.active.get(pid, 0) + 1
+            if tracker is not None:
+                for pid in ids:
+                    tracker.active[pid] = tracker.active.get(pid, 0) + 1
             if rule == "embedding" and plan.expand_shared and n > 1 and inputs and inputs[0].dim() >= 1:
                 if inputs[0].shape[0] == 1:  # ids shared by the batch (BERT's position_ids [1, T])
                     return (inputs[0].expand(n, *inputs[0].shape[1:]), *inputs[1:])
             return None
 
         def post(_m, inputs, output, ids=ids, index=index):
-            for pid in ids:
-                tracker.active[pid] -= 1
+            if tracker is not None:
+                for pid in ids:
+                    tracker.active[pid] -= 1
             x = inputs[0] if inputs else None
             records.append((index, x, output))
 
         handles.append(module.register_forward_pre_hook(pre))
         handles.append(module.register_forward_hook(post))
     try:
-        with torch.enable_grad(), tracker:
+        with torch.enable_grad(), (tracker if tracker is not None else contextlib.nullcontext()):
             losses = loss_fn(model, batch)
     except RuntimeError as err:
         # only torch's own shape complaint about the expanded ids is retried; a user's error, an
@@ -612,9 +621,11 @@ def layer_gradients(
     check_finite_losses(losses)
     if before_backward is not None:
         before_backward()
-    for name in sorted(tracker.outside):
+    if tracker is not None:
+        plan.outside, plan.uses_checked = set(tracker.outside), True
+    for name in sorted(plan.outside):
         plan.reasons[name] = "used outside its layers' forward"
-    bad = set(tracker.outside)
+    bad = set(plan.outside)
     usable = []
     for index, x, y in records:
         _, module, rule, owned = plan.modules[index]
