@@ -339,3 +339,16 @@ def test_unconverged_lanczos_spectrum_is_partial_with_its_residuals():
     assert result.meta["spectrum_method"] == "lanczos"
     assert max(result.meta["lanczos_relative_residuals"]) > 1e-2 and "residual" in result.meta["partial_reason"]
     assert math.isfinite(result.scalars["trace"])  # the values are kept
+
+
+def test_the_gram_path_is_planned_without_a_lanczos_basis():
+    """All N eigenvalues from the Gram matrix need no Lanczos basis: the cached mode counts
+    only the kept chunks (at most cache_bytes), so a 2 GiB budget is not refused on a 22.7M
+    model (it was: the planner counted 40 basis vectors, 3.6 GB)."""
+    from uma_callbacks.metrics.fisher import GRAM_MAX_ROWS
+
+    metric = FisherInformation(top_k=10, cache_bytes=1 << 20)
+    cached = dict(metric.memory_modes())["cached"].extra_bytes
+    n = 22_700_000
+    assert cached(n, 4, 16) == 1 << 20  # the cache cap, no basis
+    assert cached(n, 4, GRAM_MAX_ROWS + 1) >= 40 * n * 4  # Lanczos: the basis counts

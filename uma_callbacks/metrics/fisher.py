@@ -191,6 +191,9 @@ class FisherInformation(Metric):
         dtype, 1 copy in the parameters'), one chunk's per-sample gradients and the
         Lanczos basis: ``max_iter`` vectors in the Lanczos dtype plus 4 of work (and 2 in
         the parameters' dtype).
+        When the spectrum comes from the Gram matrix (one process, N x mc_samples <=
+        :data:`GRAM_MAX_ROWS`), ``"cached"`` counts no Lanczos basis, only the kept chunks
+        (at most ``cache_bytes``).
         Last, ``"grouped"``: per-sample gradients of one parameter group at a time
         (:data:`PARAMETER_GROUPS` groups of about equal size, so about P / 4 per sample;
         a tensor larger than that stays whole), the same sums; each Lanczos product then
@@ -230,6 +233,11 @@ class FisherInformation(Metric):
             return self._lanczos_work_bytes(n, itemsize, n_samples)
 
         def cached(n: int, itemsize: float, n_samples: int) -> int:
+            if self._gram_path(n_samples):
+                # all N eigenvalues from the Gram matrix: no Lanczos basis; the chunks kept for
+                # the blocks between chunks are capped by cache_bytes (the hooks path keeps
+                # activation-sized factors, far below [N, P])
+                return int(min(n_samples * self.mc_samples * n * itemsize, self._cache_bytes))
             return rows(n, itemsize, n_samples) + basis(n, itemsize, n_samples) + work(n, itemsize, n_samples)
 
         def streamed(n: int, itemsize: float, n_samples: int) -> int:
@@ -244,6 +252,14 @@ class FisherInformation(Metric):
         grouped = {**base, "per_sample_grad_fraction": 1.0 / PARAMETER_GROUPS}
         modes.append(("grouped", Cost(**grouped, extra_bytes=streamed)))
         return modes
+
+    def _gram_path(self, n_samples: int) -> bool:
+        """Whether the spectrum comes from the Gram matrix (as :meth:`_compute` decides: a
+        spectrum asked, one process, at most :data:`GRAM_MAX_ROWS` rows)."""
+        if self.top_k is None or n_samples * self.mc_samples > GRAM_MAX_ROWS:
+            return False
+        dist = torch.distributed
+        return not (dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1)
 
     def _lanczos_shape(self, n: int, itemsize: float, n_samples: int) -> tuple[int, int]:
         """``(max_iter, bytes per entry)`` of the Lanczos basis (as :meth:`_spectrum` picks them)."""
