@@ -42,7 +42,6 @@ from __future__ import annotations
 
 import json
 import logging
-import math
 import os
 import re
 from collections.abc import Mapping, Sequence
@@ -53,6 +52,7 @@ from typing import Any
 import torch
 
 from uma_callbacks.core.dcp import ACCELERATE_MODEL_FOLDER, find_dcp_model_folder, load_dcp
+from uma_callbacks.core.file_names import is_plain_file_name
 
 logger = logging.getLogger(__name__)
 
@@ -325,14 +325,7 @@ def _shard_names(index: Path) -> list[str]:
         raise ValueError(f"sharded index {index}: 'weight_map' must be an object of shard file names")
     names = sorted(set(weight_map.values()))
     for name in names:
-        if (
-            not isinstance(name, str)
-            or name in ("", ".", "..")
-            or "/" in name
-            or "\\" in name
-            or "\x00" in name
-            or Path(name).name != name
-        ):
+        if not is_plain_file_name(name):
             raise ValueError(
                 f"sharded index {index} names the shard {name!r} outside its checkpoint folder; refused"
             )

@@ -64,6 +64,8 @@ from typing import Any
 
 import torch
 
+from uma_callbacks.core.file_names import is_plain_file_name
+
 #: DCP's metadata file name (``torch.distributed.checkpoint.filesystem._metadata_fn``).
 METADATA_FILE = ".metadata"
 #: The model folder Accelerate's ``save_fsdp_model`` writes for the first model
@@ -329,14 +331,7 @@ def _byte_range(
 ) -> tuple[str, int, int]:
     """``(file name, start, length)`` of one chunk, checked against the folder and the file."""
     name, start, length = info.relative_path, info.offset, info.length
-    if (
-        not isinstance(name, str)
-        or name in ("", ".", "..")
-        or "/" in name
-        or "\\" in name
-        or "\x00" in name
-        or Path(name).name != name
-    ):
+    if not is_plain_file_name(name):
         raise ValueError(
             f"{where}: the chunk of {key!r} names the data file {name!r:.80} outside its checkpoint folder; refused"
         )
