@@ -279,12 +279,6 @@ def accumulate_fisher(
     """
     names = list(params)
     state = _Whole(param_map, auto_fallback)
-    if groups is not None:
-        stats = _grouped_chunks(model, loss_fn, chunks, params, groups, want_grad_sum)
-    elif collective is not None:
-        stats = _sharded_chunks(model, loss_fn, chunks, params, plan, want_diag, want_grad_sum, collective)
-    else:
-        stats = None
     diag: dict[str, _Kahan] = {}
     gsum: dict[str, _Kahan] = {}
 
@@ -294,7 +288,11 @@ def accumulate_fisher(
             {name: d} if d is not None else {}, params, accumulate_dtype,
         )  # fmt: skip
 
-    if stats is None:
+    if groups is not None:
+        stats = _grouped_chunks(model, loss_fn, chunks, params, groups, want_grad_sum)
+    elif collective is not None:
+        stats = _sharded_chunks(model, loss_fn, chunks, params, plan, want_diag, want_grad_sum, collective)
+    else:
         stats = _whole_model_chunks(
             model, loss_fn, chunks, params, plan, want_diag, want_grad_sum, want_gram, state, consume
         )
