@@ -10,7 +10,7 @@ from tests.oracles import oracle_per_sample_grads, param_slices
 from uma_callbacks.core.losses import hf_per_sample_loss
 from uma_callbacks.core.model_state import eager_attention
 from uma_callbacks.linalg import layer_grads
-from uma_callbacks.linalg.layer_grads import hook_plan, layer_gradients, layer_rule
+from uma_callbacks.linalg.layer_grads import hook_plan, layer_gradient_sums, layer_gradients, layer_rule
 from uma_callbacks.metrics import FisherInformation, GradientFlow
 
 from tests.metrics.test_fisher import oracle_fisher
@@ -127,8 +127,38 @@ def gpt2_case():
     return model, batches, hf_per_sample_loss
 
 
+class TwoBranch(torch.nn.Module):
+    """Two inputs through separate layers (no path between them in the graph), a learned
+    query through its own Linear, and a Linear whose output the loss does not use."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.a = torch.nn.Linear(3, 4)
+        self.b = torch.nn.Linear(2, 4)
+        self.query = torch.nn.Parameter(torch.linspace(-1.0, 1.0, 4))
+        self.q = torch.nn.Linear(4, 4, bias=False)
+        self.unused = torch.nn.Linear(4, 4)
+        self.head = torch.nn.Linear(4, 1)
+
+    def forward(self, x1, x2):
+        h = torch.tanh(self.a(x1)) * torch.tanh(self.b(x2))
+        q = self.q(self.query.expand(x1.shape[0], 4))  # a bare parameter (no rule): vmap
+        self.unused(h)
+        return self.head(h + q).squeeze(-1)
+
+
+def two_branch_case():
+    torch.manual_seed(5)
+    gen = torch.Generator().manual_seed(5)
+    x1, x2 = torch.randn(5, 3, generator=gen, dtype=torch.float64), torch.randn(5, 2, generator=gen, dtype=torch.float64)
+    y = torch.randn(5, generator=gen, dtype=torch.float64)
+    batches = [{"x1": x1[:3], "x2": x2[:3], "y": y[:3]}, {"x1": x1[3:], "x2": x2[3:], "y": y[3:]}]
+    return TwoBranch().double(), batches, lambda m, b: (m(b["x1"], b["x2"]) - b["y"]) ** 2
+
+
 CASES = {
     "mlp": TINY_CASES[0].build,
+    "two_branches_and_unused_output": two_branch_case,
     "linear_4d": seq_case,
     "tied_embedding_norms_conv1d": tied_case,
     "reused_block_and_custom_layer": reused_case,
@@ -187,8 +217,73 @@ def test_every_reduction_matches_brute_force(name, ghost, monkeypatch):
             for n_ in names:
                 torch.testing.assert_close(ws[n_].reshape(-1), u @ g[:, slices[n_]], rtol=1e-6, atol=1e-10 * scale, msg=n_)
             reps.append((rep, g))
+            _check_sums_during_backward(model, loss_fn, batch, params, plan, g, names, slices, scale)
     (a, ga), (b, gb) = reps[0], reps[-1]
     torch.testing.assert_close(a.cross_gram(b), ga @ gb.T, rtol=1e-6, atol=1e-12 * float(G.square().sum(1).max()))
+
+
+def _check_sums_during_backward(model, loss_fn, batch, params, plan, g, names, slices, scale):
+    """``layer_gradient_sums`` (reduced during the backward) gives the same as brute force,
+    handing each parameter to ``consume`` exactly once, or keeping it."""
+    got = layer_gradient_sums(model, loss_fn, batch, params, plan, want_diag=True, want_sum=True, want_gram=True)
+    consumed: dict = {}
+
+    def consume(name, d, s):
+        assert name not in consumed, name
+        consumed[name] = (d, s)
+
+    streamed = layer_gradient_sums(model, loss_fn, batch, params, plan, want_diag=True, want_sum=True, consume=consume)
+    assert set(consumed) == set(names) and streamed.diag == {} and streamed.grad_sum == {}
+    tol = {"rtol": 1e-6, "atol": 1e-12 * float(g.abs().max())}
+    for i, n_ in enumerate(names):
+        gp = g[:, slices[n_]]
+        for diag, sums in ((got.diag[n_], got.grad_sum[n_]), consumed[n_]):
+            torch.testing.assert_close(diag.reshape(-1), gp.square().sum(0), rtol=1e-6, atol=1e-12 * scale, msg=n_)
+            torch.testing.assert_close(sums.reshape(-1), gp.sum(0), **tol, msg=n_)
+        for norms in (got.sq_norms, streamed.sq_norms):
+            torch.testing.assert_close(norms[:, i], gp.square().sum(1), rtol=1e-6, atol=1e-12 * scale, msg=n_)
+    torch.testing.assert_close(got.gram, g @ g.T, rtol=1e-6, atol=1e-12 * scale)
+
+
+def test_anchor_outputs_reach_every_recorded_output():
+    """The backward is asked for the first layer's output and for each output with no path
+    to an earlier one (a second input's layer, a learned query's layer), not for the rest."""
+    model, batches, loss_fn = two_branch_case()
+    params = dict(model.named_parameters())
+    plan = hook_plan(model, params)
+    rec = layer_grads._record_forward(model, loss_fn, batches[0], params, plan, 3)
+    by_module = {id(y): plan.modules[index][0] for index, _, y in rec.usable}
+    anchors = layer_grads._anchor_outputs([y for _, _, y in rec.usable])
+    assert [by_module[id(y)] for y in anchors] == ["a", "b", "q"]
+    assert plan.leftover == ["query"]
+
+
+def test_use_check_runs_once_per_model():
+    """The TorchFunctionMode use check runs on a model's first chunk only; what it found is
+    kept for that model; a new model, or a new parameter set, is checked again."""
+
+    class Outside(torch.nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.fc = torch.nn.Linear(3, 3)
+
+        def forward(self, x):
+            return (self.fc(x) + x @ self.fc.weight).sum(-1)  # fc.weight also used outside fc
+
+    torch.manual_seed(0)
+    model, x = Outside().double(), torch.randn(4, 3, dtype=torch.float64)
+    loss_fn = lambda m, b: m(b) ** 2  # noqa: E731
+    params = dict(model.named_parameters())
+    plan = hook_plan(model, params)
+    assert not plan.uses_checked
+    got = layer_gradient_sums(model, loss_fn, x, params, plan)
+    assert got.vmapped == ["fc.weight"]
+    again = hook_plan(model, params)
+    assert again.uses_checked and again.outside == {"fc.weight"}
+    assert layer_gradient_sums(model, loss_fn, x, params, again).vmapped == ["fc.weight"]
+    assert again.reasons["fc.weight"] == "used outside its layers' forward"
+    assert not hook_plan(model, {"fc.bias": params["fc.bias"]}).uses_checked
+    assert not hook_plan(Outside().double(), params).uses_checked
 
 
 def test_rules_and_fallbacks():
@@ -229,7 +324,7 @@ def test_padding_tokens_contribute_nothing():
     torch.testing.assert_close(outs[0][1], outs[1][1], rtol=1e-9, atol=1e-15)
 
 
-@pytest.mark.parametrize("name", ["gpt2", "tied_embedding_norms_conv1d", "reused_block_and_custom_layer"])
+@pytest.mark.parametrize("name", ["gpt2", "tied_embedding_norms_conv1d", "reused_block_and_custom_layer", "two_branches_and_unused_output"])
 def test_metrics_on_whole_models_match_brute_force(name):
     model, batches, loss_fn = CASES[name]()
     if hasattr(model, "config"):
@@ -237,6 +332,9 @@ def test_metrics_on_whole_models_match_brute_force(name):
     want = oracle_fisher(model, batches, loss_fn)
     flow = oracle_gradient_flow(model, batches, loss_fn)
     for chunk in (None, 2):
+        diag_only = FisherInformation(top_k=None, keep_diagonal=True, chunk_size=chunk).compute(model, batches, loss_fn)
+        for n, d in want["diag"].items():  # reduced during the backward (nothing kept for products)
+            torch.testing.assert_close(diag_only.tensors[n].reshape(-1), d, rtol=1e-6, atol=1e-9 * float(d.abs().max()), msg=n)
         got = FisherInformation(top_k=4, keep_diagonal=True, chunk_size=chunk).compute(model, batches, loss_fn)
         for key, value in want["scalars"].items():
             assert got.scalars[key] == pytest.approx(value, rel=1e-6), key

@@ -27,16 +27,21 @@ def oracle_gradient_flow(model, batches, loss_fn) -> dict[str, float]:
         v = (g - mu).pow(2).sum().item() / (n - 1)
         m2s[name], vs[name] = m2, v
         out[f"params/{name}/norm"] = math.sqrt(m2)
-        out[f"params/{name}/snr"] = m2 / v
+        out[f"params/{name}/snr"] = _ratio(m2, v)
     modules = {}
     for name in names:
         modules.setdefault(module_of(name), []).append(name)
     for mod, members in modules.items():
         out[f"layers/{mod}/norm"] = math.sqrt(sum(m2s[p] for p in members))
-        out[f"layers/{mod}/snr"] = sum(m2s[p] for p in members) / sum(vs[p] for p in members)
+        out[f"layers/{mod}/snr"] = _ratio(sum(m2s[p] for p in members), sum(vs[p] for p in members))
     out["total_norm"] = mean.norm().item()
     out["noise_scale"] = (G - mean).pow(2).sum().item() / (n - 1) / mean.pow(2).sum().item()
     return out
+
+
+def _ratio(a: float, b: float) -> float:
+    """a / b, with a layer the loss does not use (0 / 0) as NaN."""
+    return a / b if b else (float("nan") if a == 0 else float("inf"))
 
 
 @pytest.mark.parametrize("case", TINY_CASES, ids=str)

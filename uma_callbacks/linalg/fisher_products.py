@@ -42,7 +42,7 @@ import torch
 from uma_callbacks.core.losses import IGNORE_INDEX, LossFn, model_inputs
 from uma_callbacks.core.batches import count_samples, map_tensors, select_samples
 from uma_callbacks.core.sharding import full_from_piece, local, unwrap
-from uma_callbacks.linalg.layer_grads import HookPlan, LayerGradients, layer_gradients
+from uma_callbacks.linalg.layer_grads import HookPlan, LayerGradients, layer_gradient_sums, layer_gradients
 from uma_callbacks.linalg.linear_factors import linear_factors
 from uma_callbacks.linalg.per_sample import PerSampleGradients, per_sample_grads
 
@@ -278,7 +278,7 @@ def accumulate_fisher(
         ValueError: the linear factors do not apply and ``auto_fallback`` is false.
     """
     names = list(params)
-    state = _Whole(param_map, auto_fallback)
+    state = _Whole(param_map, auto_fallback, keep_gradients=cache_bytes > 0 or want_gram)
     diag: dict[str, _Kahan] = {}
     gsum: dict[str, _Kahan] = {}
 
@@ -377,6 +377,9 @@ class _Whole:
     param_map: Mapping[str, tuple[str, str]] | None
     auto_fallback: bool
     fallback: str = ""
+    #: the chunks' gradients are wanted after their sums (the product cache, the Gram's
+    #: cross-chunk blocks); else the hooks path reduces them during the backward
+    keep_gradients: bool = True
 
 
 def _whole_model_chunks(
@@ -394,7 +397,18 @@ def _whole_model_chunks(
     """Strategy: per-sample gradients of the whole model a chunk at a time (hooks, linear
     factors or vmap), cacheable for later products. With ``consume``, the hooks path hands
     each parameter's sums to it as they are formed (the chunk never holds P of them)."""
+    stream = plan is not None and not state.keep_gradients
     for index, chunk in enumerate(chunks):
+        if stream:  # reduced during the backward: nothing kept for products
+            got = layer_gradient_sums(
+                model, loss_fn, chunk, params, plan, want_diag=want_diag, want_sum=want_grad_sum, consume=consume
+            )
+            out = _ChunkSums(chunk, True, got.n, float(got.losses.double().sum()), got.diag, got.sq_norms,
+                             None, None, None, set(got.vmapped))  # fmt: skip
+            del got
+            yield out
+            del out
+            continue
         try:
             rep = chunk_gradients(model, loss_fn, chunk, params, state.param_map, verify=index == 0, plan=plan)
         except ValueError as err:

@@ -158,6 +158,7 @@ def lanczos_top_k(
         v = torch.randn(dim, generator=gen, dtype=dtype).to(device)
     v = v / (v.norm() if reduce_sum is None else _norm(v, reduce_sum))
     basis = torch.empty(max_iter, dim, dtype=dtype, device=basis_device)
+    work, next_v = torch.empty(dim, dtype=dtype, device=device), torch.empty(dim, dtype=dtype, device=device)
     alphas: list[float] = []
     betas: list[float] = []
     matvecs = 0
@@ -175,13 +176,14 @@ def lanczos_top_k(
     again, passes, anorm, delta = False, 0, 0.0, eps
     for step in range(max_iter):
         basis[step] = v.to(basis_device)
-        w = matvec(v).to(dtype)
+        w = work.copy_(matvec(v))  # reused buffers: a fresh P-sized vector costs its page faults
         matvecs += 1
         alpha = float(torch.dot(w, v) if reduce_sum is None else reduce_sum(torch.dot(w, v).reshape(1))[0])
         alphas.append(alpha)
-        w = w - alpha * v  # the three-term recurrence first: what is left is small rounding
+        # the three-term recurrence first (in place): what is left is small rounding
+        w.sub_(v, alpha=alpha)
         if step > 0:
-            w = w - betas[-1] * basis[step - 1].to(device)
+            w.sub_(basis[step - 1].to(device), alpha=betas[-1])
         if partial:
             beta = _norm(w, reduce_sum)
             anorm = max(anorm, abs(alpha) + (betas[-1] if betas else 0.0) + beta)
@@ -228,7 +230,7 @@ def lanczos_top_k(
             converged = True
             break
         betas.append(beta)
-        v = w / beta
+        v = torch.div(w.to(device), beta, out=next_v)
     if ritz_vals.numel() == 0 or ritz_vecs_t.shape[0] != len(alphas):
         ritz_vals, ritz_vecs_t = _tridiag_eigh(alphas, betas[: len(alphas) - 1], dtype)
         residuals = (beta * ritz_vecs_t[-1, :k]).abs()
@@ -298,7 +300,8 @@ def _orthogonalise(
     device: torch.device | str,
     reduce_sum: Callable[[torch.Tensor], torch.Tensor] | None = None,
 ) -> torch.Tensor:
-    """w minus its projection on the rows of ``basis [m, P]`` (block classical Gram-Schmidt:
+    """w minus its projection on the rows of ``basis [m, P]``, in place when w lives with the
+    basis (the caller's work vector; no P-sized temporaries) (block classical Gram-Schmidt:
     two matrix-vector products per pass instead of 2m vector ops), with a second pass only
     when the first cancelled most of w (norm ratio below :data:`TWICE_IS_ENOUGH`): then
     rounding in the first left w measurably out of the span's complement. The caller
@@ -313,16 +316,12 @@ def _orthogonalise(
     global ones (local partial sums added over processes), so every process takes the same
     decision about the second pass."""
     w = w.to(basis.device)
-    if reduce_sum is None:
-        before = float(w.norm())
-        w = w - basis.T @ (basis @ w)
-        if float(w.norm()) < TWICE_IS_ENOUGH * before:
-            w = w - basis.T @ (basis @ w)
-        return w.to(device)
+    w = w if w.is_contiguous() else w.contiguous()
+    total = (lambda c: c) if reduce_sum is None else reduce_sum
     before = _norm(w, reduce_sum)
-    w = w - basis.T @ reduce_sum(basis @ w)
+    w.addmv_(basis.T, total(basis @ w), alpha=-1)  # in place: no P-sized temporaries
     if _norm(w, reduce_sum) < TWICE_IS_ENOUGH * before:
-        w = w - basis.T @ reduce_sum(basis @ w)
+        w.addmv_(basis.T, total(basis @ w), alpha=-1)
     return w.to(device)
 
 

@@ -42,6 +42,7 @@ output gradients are exactly zero).
 from __future__ import annotations
 
 import contextlib
+import weakref
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -110,8 +111,9 @@ class HookPlan:
     expand_shared: bool = True
     #: parameters found used outside their layers' forward, and whether that was checked: the
     #: check (a ``TorchFunctionMode`` seeing every op, about 12% of a chunk's time on the
-    #: bench Qwen2) runs on the first chunk of a computation only, since which ops take a
-    #: parameter is the model's structure, not its input's
+    #: bench Qwen2) runs on the first chunk of a model's first computation only (remembered
+    #: per model and parameter set), since which ops take a parameter is the model's
+    #: structure, not its input's
     outside: set[str] = field(default_factory=set)
     uses_checked: bool = False
 
@@ -142,7 +144,36 @@ def hook_plan(model: torch.nn.Module, params: Mapping[str, torch.Tensor]) -> Hoo
             modules.append((mod_name, module, rule, owned))
             covered.update(owned.values())
     leftover = [n for n in params if n not in covered]
-    return HookPlan(names, modules, leftover, {n: "no per-layer rule" for n in leftover})
+    plan = HookPlan(names, modules, leftover, {n: "no per-layer rule" for n in leftover})
+    known = _CHECKED_USES.get(model) if _weakly_keyable(model) else None
+    if known is not None and known[0] == _uses_key(plan):
+        plan.outside, plan.uses_checked = set(known[1]), True
+    return plan
+
+
+#: ``{model: (plan key, parameters used outside their layers)}``: the use check of
+#: :class:`_UseTracker` is the model's structure, so it runs once per model and parameter set
+_CHECKED_USES: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+
+
+def _uses_key(plan: HookPlan) -> tuple[Any, ...]:
+    """What the use check depends on: the covered parameters and the modules owning them."""
+    return tuple((id(module), tuple(sorted(owned.items()))) for _, module, _, owned in plan.modules) + tuple(
+        sorted(plan.names)
+    )
+
+
+def _weakly_keyable(model: Any) -> bool:
+    try:
+        weakref.ref(model)
+    except TypeError:
+        return False
+    return True
+
+
+def _remember_uses(model: torch.nn.Module, plan: HookPlan) -> None:
+    if _weakly_keyable(model):
+        _CHECKED_USES[model] = (_uses_key(plan), frozenset(plan.outside))
 
 
 # ---------------------------------------------------------------------------- factors
@@ -546,35 +577,33 @@ class LayerGradients:
         return {n: self.factors[n].weighted_sum(u) for n in self.names}
 
 
-def layer_gradients(
+@dataclass
+class _Recorded:
+    """One chunk's forward with the layer calls recorded (see :func:`_record_forward`).
+
+    Attributes:
+        losses: ``[B]`` per-sample losses (with their graph).
+        usable: ``[(plan module index, input x, output y)]`` of the calls whose per-sample
+            gradients the rules give (forward order; y requires grad).
+        bad: parameters for vmap found by the run-time checks (used outside their layers,
+            a call without the batch dim).
+    """
+
+    losses: torch.Tensor
+    usable: list[tuple[int, torch.Tensor, torch.Tensor]]
+    bad: set[str]
+
+
+def _record_forward(
     model: torch.nn.Module,
     loss_fn: LossFn,
     batch: Any,
     params: Mapping[str, torch.Tensor],
     plan: HookPlan,
-    before_backward: Callable[[], None] | None = None,
-) -> LayerGradients:
-    """One forward and one backward (to the layer outputs) of a chunk; the per-sample gradient
-    factors of every parameter (``vmap(grad)`` for the plan's leftovers and for parameters
-    found used outside their layers, recorded in ``plan.reasons``).
-
-    Args:
-        model: the model (read only; nothing is written to ``.grad``).
-        loss_fn: ``loss_fn(model, batch) -> Tensor[B]``.
-        batch: a chunk of B samples.
-        params: ``{name: parameter}`` (model order), the plan's parameters.
-        plan: from :func:`hook_plan` (its ``leftover``/``reasons`` grow when a check fails).
-        before_backward: called between the forward and the backward (sharded models: every
-            rank agrees it is healthy before FSDP's backward collectives).
-
-    Returns:
-        :class:`LayerGradients`.
-
-    Raises:
-        ValueError: the losses are not ``[B]``.
-        FloatingPointError: a per-sample loss is NaN/Inf.
-    """
-    n = count_samples(batch)
+    n: int,
+) -> _Recorded:
+    """The chunk's forward with every call of the plan's modules recorded, and the checks
+    (losses ``[B]`` and finite, parameters used outside their layers, batch dims)."""
     records: list[tuple[int, torch.Tensor, torch.Tensor]] = []
     leftover = set(plan.leftover)
     tracked = {id(params[name]): name for _, _, _, owned in plan.modules for name in owned.values() if name not in leftover}
@@ -612,23 +641,22 @@ def layer_gradients(
         plan.expand_shared = False  # the model did not take the expanded ids: vmap those embeddings
         for handle in handles:
             handle.remove()
-        return layer_gradients(model, loss_fn, batch, params, plan)
+        return _record_forward(model, loss_fn, batch, params, plan, n)
     finally:
         for handle in handles:
             handle.remove()
     if not isinstance(losses, torch.Tensor) or losses.shape != (n,):
         raise ValueError(f"loss_fn returned shape {tuple(getattr(losses, 'shape', ()))}, not [{n}]")
     check_finite_losses(losses)
-    if before_backward is not None:
-        before_backward()
     if tracker is not None:
         plan.outside, plan.uses_checked = set(tracker.outside), True
+        _remember_uses(model, plan)
     for name in sorted(plan.outside):
         plan.reasons[name] = "used outside its layers' forward"
     bad = set(plan.outside)
     usable = []
     for index, x, y in records:
-        _, module, rule, owned = plan.modules[index]
+        owned = plan.modules[index][3]
         ok = isinstance(x, torch.Tensor) and isinstance(y, torch.Tensor) and x.dim() >= 1 and x.shape[0] == n
         ok = ok and y.dim() >= 2 and y.shape[0] == n
         if not ok:
@@ -638,10 +666,58 @@ def layer_gradients(
             continue
         if y.requires_grad:
             usable.append((index, x, y))
+    return _Recorded(losses, usable, bad)
+
+
+def _vmapped_factors(
+    model: torch.nn.Module, loss_fn: LossFn, batch: Any, params: Mapping[str, torch.Tensor], names: list[str]
+) -> dict[str, _Dense]:
+    """``vmap(grad)`` per-sample gradients of ``names`` only (the rest of the model fixed)."""
+    if not names:
+        return {}
+    with torch.no_grad():  # no graph to the parameters vmap does not swap (grad ignores an outer no_grad)
+        psg = per_sample_grads(model, loss_fn, batch, {name: params[name] for name in names})
+    return {name: _Dense(g.detach()) for name, g in psg.grads.items()}
+
+
+def layer_gradients(
+    model: torch.nn.Module,
+    loss_fn: LossFn,
+    batch: Any,
+    params: Mapping[str, torch.Tensor],
+    plan: HookPlan,
+    before_backward: Callable[[], None] | None = None,
+) -> LayerGradients:
+    """One forward and one backward (to the layer outputs) of a chunk; the per-sample gradient
+    factors of every parameter (``vmap(grad)`` for the plan's leftovers and for parameters
+    found used outside their layers, recorded in ``plan.reasons``), all kept for later
+    products (see :func:`layer_gradient_sums` for reductions formed during the backward).
+
+    Args:
+        model: the model (read only; nothing is written to ``.grad``).
+        loss_fn: ``loss_fn(model, batch) -> Tensor[B]``.
+        batch: a chunk of B samples.
+        params: ``{name: parameter}`` (model order), the plan's parameters.
+        plan: from :func:`hook_plan` (its ``leftover``/``reasons`` grow when a check fails).
+        before_backward: called between the forward and the backward (sharded models: every
+            rank agrees it is healthy before FSDP's backward collectives).
+
+    Returns:
+        :class:`LayerGradients`.
+
+    Raises:
+        ValueError: the losses are not ``[B]``.
+        FloatingPointError: a per-sample loss is NaN/Inf.
+    """
+    n = count_samples(batch)
+    rec = _record_forward(model, loss_fn, batch, params, plan, n)
+    if before_backward is not None:
+        before_backward()
+    leftover, bad, usable = set(plan.leftover), rec.bad, rec.usable
     outputs = [y for _, _, y in usable]
-    grads = torch.autograd.grad(losses.sum(), outputs, allow_unused=True) if outputs else []
+    grads = torch.autograd.grad(rec.losses.sum(), outputs, allow_unused=True) if outputs else []
     pieces: dict[str, list[Any]] = {}
-    for (index, x, y), d in zip(usable, grads):
+    for (index, x, _), d in zip(usable, grads):
         _, module, rule, owned = plan.modules[index]
         if d is None or all(name in bad for name in owned.values()):
             continue
@@ -649,17 +725,175 @@ def layer_gradients(
         for kind, name in owned.items():
             if name not in bad and name not in leftover:
                 pieces.setdefault(name, []).append(made[kind])
-    del records, usable, outputs, grads
+    del rec.usable, usable, outputs, grads
     vmap_names = [name for name in params if name in leftover or name in bad]
     factors = {name: _merge(found) for name, found in pieces.items() if name not in bad}
     for name in params:  # covered parameters no call reached: zero gradients
         if name not in factors and name not in vmap_names:
             factors[name] = _Zero(n, _full_zeros(params[name]))
-    if vmap_names:
-        with torch.no_grad():  # no graph to the parameters vmap does not swap (grad ignores an outer no_grad)
-            psg = per_sample_grads(model, loss_fn, batch, {name: params[name] for name in vmap_names})
-        factors.update({name: _Dense(g.detach()) for name, g in psg.grads.items()})
-    return LayerGradients(losses.detach(), factors, list(params), vmap_names)
+    factors.update(_vmapped_factors(model, loss_fn, batch, params, vmap_names))
+    return LayerGradients(rec.losses.detach(), factors, list(params), vmap_names)
+
+
+@dataclass
+class LayerSums:
+    """One chunk's reductions of the per-sample gradients (:func:`layer_gradient_sums`).
+
+    Attributes:
+        losses: ``[B]`` per-sample losses (detached). n: B.
+        diag: ``{name: sum_i g_i^2}`` (empty unless asked and no ``consume``).
+        sq_norms: ``[B, n_params]`` float64, ||g_{i,p}||^2 (model order).
+        grad_sum: ``{name: sum_i g_i}`` (empty unless asked and no ``consume``).
+        gram: ``G G^T [B, B]`` float64 when asked, else None.
+        vmapped: names whose gradients came from ``vmap(grad)``.
+    """
+
+    losses: torch.Tensor
+    n: int
+    diag: dict[str, torch.Tensor]
+    sq_norms: torch.Tensor
+    grad_sum: dict[str, torch.Tensor]
+    gram: torch.Tensor | None
+    vmapped: list[str]
+
+
+def layer_gradient_sums(
+    model: torch.nn.Module,
+    loss_fn: LossFn,
+    batch: Any,
+    params: Mapping[str, torch.Tensor],
+    plan: HookPlan,
+    *,
+    want_diag: bool = True,
+    want_sum: bool = False,
+    want_gram: bool = False,
+    consume: Callable[[str, torch.Tensor | None, torch.Tensor | None], None] | None = None,
+) -> LayerSums:
+    """What :meth:`LayerGradients.reduce` gives, formed DURING the backward: each layer's
+    output gradient is reduced (and, with its input, released) as soon as autograd has it.
+
+    The chunk then never holds every layer's output gradients at once (``[B, T, out]``
+    each, about the activations' size again), nor keeps activations autograd would free:
+    the peak is about that of an ordinary training step, plus one layer's per-sample
+    gradients. A parameter reached by several calls (tied weights, a module used twice)
+    is reduced when its last call's gradient arrives. The backward is asked for the
+    gradients of the fewest recorded outputs (:func:`_anchor_outputs`) through which it
+    reaches every recorded output, so every tensor hook fires.
+
+    Args:
+        model, loss_fn, batch, params, plan: as :func:`layer_gradients`.
+        want_diag, want_sum, want_gram, consume: as :meth:`LayerGradients.reduce`.
+
+    Returns:
+        :class:`LayerSums`.
+
+    Raises:
+        ValueError: the losses are not ``[B]``.
+        FloatingPointError: a per-sample loss is NaN/Inf.
+    """
+    n = count_samples(batch)
+    rec = _record_forward(model, loss_fn, batch, params, plan, n)
+    leftover, bad = set(plan.leftover), rec.bad
+    skip = leftover | bad
+    device = rec.losses.device
+    diag: dict[str, torch.Tensor] = {}
+    sums: dict[str, torch.Tensor] = {}
+    norms: dict[str, torch.Tensor] = {}
+    gram = torch.zeros(n, n, dtype=torch.float64, device=device) if want_gram else None
+
+    def finish(name: str, factor: Any) -> None:
+        d, sq, s, g = factor.stats(want_diag, want_sum, want_gram)
+        if consume is not None:
+            consume(name, d, s)
+        else:
+            if want_diag:
+                diag[name] = d
+            if want_sum:
+                sums[name] = s
+        if gram is not None:
+            gram.add_(g.to(device))
+        norms[name] = sq.to(device)
+
+    remaining: dict[str, int] = {}
+    for index, _, _ in rec.usable:
+        for name in plan.modules[index][3].values():
+            if name not in skip:
+                remaining[name] = remaining.get(name, 0) + 1
+    pending: dict[str, list[Any]] = {}
+    inputs: dict[int, torch.Tensor] = {}
+
+    def on_grad(slot: int, index: int, d: torch.Tensor) -> None:
+        _, module, rule, owned = plan.modules[index]
+        x = inputs.pop(slot)
+        if all(name in skip for name in owned.values()):
+            return
+        made = _factors_of_call(rule, module, x.detach(), d.detach(), n)
+        del x
+        for kind, name in owned.items():
+            if name in skip:
+                continue
+            pending.setdefault(name, []).append(made[kind])
+            remaining[name] -= 1
+            if remaining[name] == 0:
+                finish(name, _merge(pending.pop(name)))
+
+    for slot, (index, x, y) in enumerate(rec.usable):
+        inputs[slot] = x
+        y.register_hook(lambda d, slot=slot, index=index: on_grad(slot, index, d))
+    anchors = _anchor_outputs([y for _, _, y in rec.usable])
+    rec.usable = []  # the outputs are not held: autograd frees what it no longer needs
+    if anchors:
+        torch.autograd.grad(rec.losses.sum(), anchors, allow_unused=True)
+    del anchors
+    inputs.clear()
+    for name, found in pending.items():  # a call whose output the loss does not use: no gradient
+        finish(name, _merge(found))
+    vmap_names = [name for name in params if name in skip]
+    for name in params:  # covered parameters no call reached: zero gradients
+        if name not in norms and name not in vmap_names:
+            finish(name, _Zero(n, _full_zeros(params[name])))
+    for name, factor in _vmapped_factors(model, loss_fn, batch, params, vmap_names).items():
+        finish(name, factor)
+    sq_norms = torch.stack([norms[name] for name in params], dim=1)
+    return LayerSums(rec.losses.detach(), n, diag, sq_norms, sums, gram, vmap_names)
+
+
+def _anchor_outputs(outputs: list[torch.Tensor]) -> list[torch.Tensor]:
+    """The fewest of ``outputs`` (forward order) whose gradients a backward must compute to
+    reach every output's ``grad_fn`` (so that a tensor hook on each one fires).
+
+    An output is covered when its ``grad_fn`` reaches (through ``next_functions``) the
+    ``grad_fn`` of an earlier anchor or covered output; otherwise it becomes an anchor.
+    Outputs come in forward order, so a node found not to reach any is never reached by a
+    later one: it is remembered as dead. In a transformer the anchors are the embeddings'
+    outputs (and the first layer's on non-token inputs); the search stops at the previous
+    layer's outputs, so it visits each node about once.
+    """
+    alive: set[Any] = set()
+    dead: set[Any] = set()
+    anchors = []
+    for y in outputs:
+        node = y.grad_fn
+        if node is None:
+            anchors.append(y)
+            continue
+        if node in alive:
+            continue
+        seen, stack, found = {node}, [node], False
+        while stack and not found:
+            for nxt, _ in stack.pop().next_functions:
+                if nxt is None or nxt in seen or nxt in dead:
+                    continue
+                if nxt in alive:
+                    found = True
+                    break
+                seen.add(nxt)
+                stack.append(nxt)
+        if not found:
+            dead |= seen - {node}
+            anchors.append(y)
+        alive.add(node)
+    return anchors
 
 
 def _full_zeros(param: torch.Tensor) -> torch.Tensor:

@@ -10,7 +10,7 @@ import torch
 
 from uma_callbacks.core.numerics import squared_norm64
 from uma_callbacks.core.sharding import aligned_chunks, check_sharded_plan, is_sharded, local, unwrap
-from uma_callbacks.linalg.layer_grads import hook_plan, layer_gradients
+from uma_callbacks.linalg.layer_grads import hook_plan, layer_gradient_sums, layer_gradients
 from uma_callbacks.linalg.per_sample import per_sample_grads
 from uma_callbacks.metrics.base import ComputeContext, Cost, Metric, MetricResult, check_choice, module_of
 
@@ -133,11 +133,6 @@ class GradientFlow(Metric):
         for item in chunks:
             chunk, real = unwrap(item)
             if plan is not None:
-                if sharded:
-                    ctx.collective.agree()  # every rank healthy before FSDP's forward all-gathers
-                rep = layer_gradients(
-                    ctx.model, ctx.loss_fn, chunk, params, plan, before_backward=ctx.collective.agree if sharded else None
-                )
 
                 def add(n: str, _diag: torch.Tensor | None, part: torch.Tensor | None, real: bool = real) -> None:
                     # one parameter's chunk sum at a time, straight into the accumulator
@@ -146,7 +141,15 @@ class GradientFlow(Metric):
                         part = ctx.collective.sum_scatter_dim0(part)
                     grad_sum[n] += part.to(grad_sum[n].dtype)
 
-                _, norms, _, _ = rep.reduce(want_diag=False, want_sum=True, consume=add)
+                if sharded:  # FSDP runs its own collectives in the backward: the sums are scattered after it
+                    ctx.collective.agree()  # every rank healthy before FSDP's forward all-gathers
+                    rep = layer_gradients(ctx.model, ctx.loss_fn, chunk, params, plan, before_backward=ctx.collective.agree)
+                    _, norms, _, _ = rep.reduce(want_diag=False, want_sum=True, consume=add)
+                else:  # reduced during the backward, one layer's output gradients at a time
+                    rep = layer_gradient_sums(
+                        ctx.model, ctx.loss_fn, chunk, params, plan, want_diag=False, want_sum=True, consume=add
+                    )
+                    norms = rep.sq_norms
                 if real:
                     sq_norm_sum += norms.sum(0)
                     loss_sum += rep.losses.to(torch.float64).sum()
