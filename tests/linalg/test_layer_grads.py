@@ -156,8 +156,31 @@ def two_branch_case():
     return TwoBranch().double(), batches, lambda m, b: (m(b["x1"], b["x2"]) - b["y"]) ** 2
 
 
+class InPlace(torch.nn.Module):
+    """A Linear whose output the model scales in place (its hooks would see the gradient of
+    the scaled tensor): that Linear goes to vmap, the others keep their hooks."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.fc = torch.nn.Linear(3, 4)
+        self.head = torch.nn.Linear(4, 1)
+
+    def forward(self, x):
+        h = self.fc(x)
+        h.mul_(torch.linspace(0.5, 2.0, 4, dtype=h.dtype))
+        return self.head(torch.tanh(h)).squeeze(-1)
+
+
+def in_place_case():
+    torch.manual_seed(6)
+    gen = torch.Generator().manual_seed(6)
+    x, y = torch.randn(4, 3, generator=gen, dtype=torch.float64), torch.randn(4, generator=gen, dtype=torch.float64)
+    return InPlace().double(), [{"x": x[:2], "y": y[:2]}, {"x": x[2:], "y": y[2:]}], lambda m, b: (m(b["x"]) - b["y"]) ** 2
+
+
 CASES = {
     "mlp": TINY_CASES[0].build,
+    "output_scaled_in_place": in_place_case,
     "two_branches_and_unused_output": two_branch_case,
     "linear_4d": seq_case,
     "tied_embedding_norms_conv1d": tied_case,
@@ -287,6 +310,11 @@ def test_use_check_runs_once_per_model():
 
 
 def test_rules_and_fallbacks():
+    model, batches, loss_fn = in_place_case()
+    params = dict(model.named_parameters())
+    got = layer_gradient_sums(model, loss_fn, batches[0], params, plan := hook_plan(model, params))
+    assert got.vmapped == ["fc.weight", "fc.bias"]
+    assert plan.reasons["fc.weight"] == "a call of 'fc' had its input or output modified in place"
     model, batches, loss_fn = reused_case()
     params = dict(model.named_parameters())
     plan = hook_plan(model, params)

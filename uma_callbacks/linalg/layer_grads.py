@@ -33,7 +33,9 @@ factors too; an embedding tied to a linear head becomes an ``_Outer`` with one-h
 
 Checks and fallback: a parameter is given to ``vmap(grad)`` (on the whole model, for the
 leftover parameters only) when no rule covers it, when a call's dim 0 is not the batch,
-or when it is used outside its layers' forwards (a ``TorchFunctionMode`` records every op
+when the model modifies a call's input or output in place afterwards (the gradient
+autograd gives is then that of the modified tensor), or when it is used outside its
+layers' forwards (a ``TorchFunctionMode`` records every op
 taking a tracked parameter and producing a tensor that requires grad). Frozen parameters
 are never looked at. Padding tokens contribute nothing when the loss masks them (their
 output gradients are exactly zero).
@@ -604,7 +606,7 @@ def _record_forward(
 ) -> _Recorded:
     """The chunk's forward with every call of the plan's modules recorded, and the checks
     (losses ``[B]`` and finite, parameters used outside their layers, batch dims)."""
-    records: list[tuple[int, torch.Tensor, torch.Tensor]] = []
+    records: list[tuple[int, Any, Any, int, int]] = []
     leftover = set(plan.leftover)
     tracked = {id(params[name]): name for _, _, _, owned in plan.modules for name in owned.values() if name not in leftover}
     tracker = _UseTracker(tracked) if not plan.uses_checked else None
@@ -626,7 +628,7 @@ def _record_forward(
                 for pid in ids:
                     tracker.active[pid] -= 1
             x = inputs[0] if inputs else None
-            records.append((index, x, output))
+            records.append((index, x, output, _version(x), _version(output)))
 
         handles.append(module.register_forward_pre_hook(pre))
         handles.append(module.register_forward_hook(post))
@@ -655,7 +657,7 @@ def _record_forward(
         plan.reasons[name] = "used outside its layers' forward"
     bad = set(plan.outside)
     usable = []
-    for index, x, y in records:
+    for index, x, y, x_version, y_version in records:
         owned = plan.modules[index][3]
         ok = isinstance(x, torch.Tensor) and isinstance(y, torch.Tensor) and x.dim() >= 1 and x.shape[0] == n
         ok = ok and y.dim() >= 2 and y.shape[0] == n
@@ -664,9 +666,20 @@ def _record_forward(
                 bad.add(name)
                 plan.reasons[name] = f"a call of {plan.modules[index][0]!r} has no batch dim of {n}"
             continue
+        if _version(x) != x_version or _version(y) != y_version:
+            # the gradient autograd would give is that of the modified tensor, not the call's
+            for name in owned.values():
+                bad.add(name)
+                plan.reasons[name] = f"a call of {plan.modules[index][0]!r} had its input or output modified in place"
+            continue
         if y.requires_grad:
             usable.append((index, x, y))
     return _Recorded(losses, usable, bad)
+
+
+def _version(t: Any) -> int:
+    """A tensor's in-place modification counter (-1 for anything else)."""
+    return t._version if isinstance(t, torch.Tensor) else -1
 
 
 def _vmapped_factors(
