@@ -96,8 +96,8 @@ class FisherInformation(Metric):
     ``keep_diagonal``/``top_percent`` the diagonal is not formed (the traces come from
     per-sample norms, by ghost kernels where cheaper). Products reuse the chunks' gradients
     when they fit ``cache_bytes``, else recompute them chunk by chunk per product
-    (``meta["cached"]``). float32 accumulators are Kahan-compensated;
-    ``accumulate_dtype="float64"`` sums in float64.
+    (``meta["cached"]``). The chunks' sums are added in float64 (Kahan-compensated float32
+    on a device without float64) and returned in ``accumulate_dtype``.
 
     Args:
         kind: ``"empirical"`` or ``"mc"``.
