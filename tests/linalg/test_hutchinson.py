@@ -52,6 +52,14 @@ def test_diagonal_is_exact_and_probes_are_rademacher():
     assert r.trace == 210.0 and r.stderr == 0.0
     z = rademacher(1000, torch.Generator().manual_seed(0))
     assert set(z.unique().tolist()) == {-1.0, 1.0}
+    # signs from the bits of random words: balanced, independent of neighbours, any length
+    for dim in (1, 63, 65, 100_003):
+        z = rademacher(dim, torch.Generator().manual_seed(dim), torch.float32)
+        assert z.shape == (dim,) and z.dtype == torch.float32 and bool((z.abs() == 1).all())
+    z = rademacher(1_000_000, torch.Generator().manual_seed(1))
+    assert abs(float(z.mean())) < 5e-3  # 5 standard deviations of the mean of 1e6 signs
+    assert abs(float((z[1:] * z[:-1]).mean())) < 5e-3  # neighbours uncorrelated
+    assert abs(float((z[8:] * z[:-8]).mean())) < 5e-3  # nor 8 apart (one byte's bits)
 
 
 def test_seeded_and_global_rng_untouched():

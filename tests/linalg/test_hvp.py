@@ -85,6 +85,32 @@ def test_hvp_matches_dense_hessian_mlp(chunk_size, cache_graph, mlp_hessian):
     torch.testing.assert_close(hessian_matrix(op), H, rtol=1e-10, atol=1e-12)
 
 
+@pytest.mark.parametrize("limit", [0, 10**12])
+def test_graph_caching_is_decided_on_the_first_chunk(limit, mlp_hessian):
+    """``cache_graph=None`` with several chunks: the first chunk's graph is measured and every
+    chunk's graph kept when the estimate fits ``graph_bytes_limit`` (then each chunk's
+    forward runs once in all; otherwise once per product); products are exact either way,
+    also when the first call is a product (its backward must keep the graph it caches)."""
+    model, batches, loss_fn = TINY_CASES[0].build(dtype=torch.float64)
+    calls = []
+
+    def counting(m, b):
+        calls.append(1)
+        return loss_fn(m, b)
+
+    op = _operator(model, batches, counting, chunk_size=2, graph_bytes_limit=limit)
+    n_chunks = len(op.chunks)
+    assert n_chunks > 1 and op.graph_bytes is None
+    gen = torch.Generator().manual_seed(2)
+    for _ in range(3):
+        v = torch.randn(op.dim, generator=gen, dtype=torch.float64)
+        torch.testing.assert_close(op.matvec(v), mlp_hessian @ v, rtol=1e-10, atol=1e-12)
+    activations = sum(b["x"].numel() for b in batches) * 8  # at least the inputs' bytes are saved
+    assert op.graph_bytes >= activations
+    assert op.cache_graph is (limit > 0)
+    assert len(calls) == (n_chunks if limit > 0 else 3 * n_chunks)
+
+
 def test_hvp_qwen2_chunking_and_cache_agree():
     model, batches, loss_fn = TINY_CASES[1].build(dtype=torch.float64)
     v = torch.randn(

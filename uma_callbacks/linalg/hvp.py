@@ -16,8 +16,10 @@ Graph caching: the first backward (``create_graph=True``) builds a graph whose s
 that of the activations of the chunk. With ``cache_graph`` the gradient graph of every
 local chunk is kept and each product is one extra backward through it (about a third of
 the cost of recomputing forward + backward); without it, each product re-runs the
-forward and both backwards, a chunk at a time. Caching is free in peak memory when the
-probe is one chunk (the default ``cache_graph=None`` caches exactly then).
+forward and both backwards, a chunk at a time. The default ``cache_graph=None`` decides
+on the first chunk: the bytes its graph saves (counted by a ``saved_tensors_hooks`` pack
+hook, each storage once), scaled to all local samples, against ``graph_bytes_limit``;
+a probe of one chunk is always cached (free in peak memory).
 """
 
 from __future__ import annotations
@@ -27,6 +29,7 @@ from typing import Any
 
 import torch
 
+from uma_callbacks.core.batches import count_samples
 from uma_callbacks.core.distributed import Collective, LocalCollective
 from uma_callbacks.core.losses import LossFn
 
@@ -78,7 +81,9 @@ class HessianOperator:
         n_total: the global number of samples N (summed over ranks).
         collective: cross-rank sums (default: one process).
         cache_graph: keep the first-backward graph of every chunk across products;
-            ``None`` keeps it when there is a single local chunk.
+            ``None`` keeps it when there is a single local chunk, or when the graphs of
+            all local chunks, measured on the first, take at most ``graph_bytes_limit``.
+        graph_bytes_limit: see ``cache_graph`` (``graph_bytes`` holds the estimate).
         on_matvec: called after each product with the running count (time checks).
 
     Attributes:
@@ -105,6 +110,7 @@ class HessianOperator:
         collective: Collective | None = None,
         cache_graph: bool | None = None,
         on_matvec: Callable[[int], None] | None = None,
+        graph_bytes_limit: int = 0,
     ) -> None:
         if n_total < 1:
             raise ValueError(f"HessianOperator.n_total must be >= 1; got {n_total!r}")
@@ -116,6 +122,10 @@ class HessianOperator:
         self.n_total = int(n_total)
         self.collective = collective or LocalCollective()
         self.cache_graph = len(self.chunks) <= 1 if cache_graph is None else bool(cache_graph)
+        #: decide on the first chunk's measured graph (``cache_graph=None``, several chunks)
+        self._decide_cache = cache_graph is None and len(self.chunks) > 1
+        self.graph_bytes_limit = int(graph_bytes_limit)
+        self.graph_bytes: int | None = None  # all local chunks' graphs, as estimated
         self.on_matvec = on_matvec
         self.dim = sum(p.numel() for p in self.params)
         self._dtype = self.params[0].dtype if self.params else torch.float32
@@ -221,7 +231,6 @@ class HessianOperator:
             for v, p in zip(_row_views(rows, self.params), self.params)
         ]
         written = [False] * len(self.params)
-        retain = True if batched else self.cache_graph
         for grads, index, _losses in self._gradients():
             if not index:
                 continue
@@ -230,7 +239,8 @@ class HessianOperator:
                     [grads[j] for j in index],
                     self.params,
                     grad_outputs=[vectors[j] for j in index],
-                    retain_graph=retain,
+                    # read per chunk: the first chunk's graph may just have decided the caching
+                    retain_graph=True if batched else self.cache_graph,
                     allow_unused=True,
                     is_grads_batched=batched,
                 )
@@ -261,12 +271,40 @@ class HessianOperator:
             return
         cached: list[tuple[list[torch.Tensor], list[int], torch.Tensor]] = []
         for chunk in self.chunks:
-            entry = self._first_backward(chunk)
+            if self._decide_cache:
+                entry = self._measured_first_backward(chunk)
+            else:
+                entry = self._first_backward(chunk)
             if self.cache_graph:
                 cached.append(entry)
             yield entry
         if self.cache_graph:
             self._graph = cached
+
+    def _measured_first_backward(self, chunk: Any) -> tuple[list[torch.Tensor], list[int], torch.Tensor]:
+        """:meth:`_first_backward` counting the bytes its graph saves; then caches every
+        chunk's graph when, scaled from this chunk's samples to all local ones, they stay
+        within ``graph_bytes_limit``."""
+        seen: set[tuple[int, int]] = set()
+        saved = 0
+
+        def pack(t: torch.Tensor) -> torch.Tensor:
+            nonlocal saved
+            if t.layout == torch.strided and not t.is_meta:
+                storage = t.untyped_storage()
+                key = (storage.data_ptr(), storage.nbytes())
+                if key not in seen:
+                    seen.add(key)
+                    saved += storage.nbytes()
+            return t
+
+        with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+            entry = self._first_backward(chunk)
+        local = sum(count_samples(c) for c in self.chunks)
+        self.graph_bytes = int(saved * local / max(1, count_samples(chunk)))
+        self.cache_graph = self.graph_bytes <= self.graph_bytes_limit
+        self._decide_cache = False
+        return entry
 
     def _first_backward(self, chunk: Any) -> tuple[list[torch.Tensor], list[int], torch.Tensor]:
         with torch.enable_grad():

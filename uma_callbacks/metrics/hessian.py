@@ -180,8 +180,8 @@ class HessianSpectrum(Metric):
         basis = self._basis_bytes
         device_basis = {"host_extra_bytes": basis} if on_cpu else {"extra_bytes": basis}
         common = {"hvp": True, "vectors": 8.0, "vector_itemsize": 4}
-        modes = [("device", Cost(**common, probe_graph_samples=self._cache_graph is True, **device_basis))]
-        if self._cache_graph is True:
+        modes = [("device", Cost(**common, probe_graph_samples=self._cache_graph is not False, **device_basis))]
+        if self._cache_graph is not False:
             modes.append(("uncached_graph", Cost(**common, **device_basis)))
         if not on_cpu:
             modes.append(("cpu_basis", Cost(**common, host_extra_bytes=basis)))
@@ -212,8 +212,11 @@ class HessianSpectrum(Metric):
         params = ctx.trainable_params()
         if not params:
             raise ValueError("HessianSpectrum: the model has no trainable parameters")
+        planned = hasattr(self, "_memory_mode")
         mode = getattr(self, "_memory_mode", "device")
         cache_graph = False if mode == "uncached_graph" else self._cache_graph
+        if cache_graph is None and planned:
+            cache_graph = mode == "device"  # the plan priced every chunk's graph in this mode only
         basis_device = "cpu" if mode == "cpu_basis" else self._basis_device
         ctx.meta["memory_mode"] = mode
         first = next(iter(params.values()))
@@ -230,6 +233,10 @@ class HessianSpectrum(Metric):
             collective=ctx.collective,
             cache_graph=cache_graph,
             on_matvec=lambda m: ctx.check_time(matvecs=m),
+            # unplanned: every chunk's graph is kept when, measured on the first, it adds at
+            # most a quarter of the Lanczos basis (re-running each chunk per product triples
+            # the products' cost)
+            graph_bytes_limit=self._basis_bytes(sum(p.numel() for p in params.values()), 4.0, n) // 4,
         )
         block = self._block(min(self.top_k, op.dim), device)
         history: list[list[float]] = []  # [matvecs, max absolute Ritz residual] per block step
@@ -320,6 +327,8 @@ class HessianSpectrum(Metric):
             cache_graph=op.cache_graph,
             n_params=op.dim,
         )
+        if op.graph_bytes is not None:  # the caching was decided on the first chunk's graph
+            ctx.meta["hvp_graph_bytes"] = op.graph_bytes
         if op.batch_error:
             ctx.meta["hvp_batch_error"] = op.batch_error
         if not within_tolerance(lz, self.residual_tol):
