@@ -59,7 +59,7 @@ class HessianSpectrum(Metric):
     Memory: the Lanczos basis holds up to ``max_iter`` vectors [P] (default
     ``max(4k, k + 40)``; ``max(5k, k + 45)`` with ``block_size=1``) in the parameters' dtype (float32 at least) on
     ``basis_device``; the products hold the double-backward graph of one chunk (of
-    every local chunk with ``cache_graph=True``).
+    every local chunk when cached, see ``cache_graph``).
 
     Args:
         top_k: number of eigenvalues k.
@@ -81,8 +81,10 @@ class HessianSpectrum(Metric):
         seed: seeds the Lanczos start vector; the Hutchinson probes use ``seed + 1``.
         max_iter: the most Lanczos products (default above, at most P).
         cache_graph: keep the first-backward graph across products (see
-            :mod:`~uma_callbacks.linalg.hvp`); ``None``: when the local probe is one chunk.
-            A memory knob: not part of the configuration.
+            :mod:`~uma_callbacks.linalg.hvp`); ``None``: when the local probe is one chunk,
+            or when every chunk's graph (measured on the first, ``meta["hvp_graph_bytes"]``)
+            adds at most a quarter of the Lanczos basis; under a memory plan, in the plan's
+            ``"device"`` mode (which prices them). A memory knob: not part of the configuration.
         basis_device: where the Lanczos basis lives (``"cpu"`` saves accelerator memory;
             a memory knob, not part of the configuration).
         block_size: products per Lanczos step (and per Hutchinson call), taken at once;
