@@ -89,7 +89,8 @@ def test_hvp_matches_dense_hessian_mlp(chunk_size, cache_graph, mlp_hessian):
 def test_graph_caching_is_decided_on_the_first_chunk(limit, mlp_hessian):
     """``cache_graph=None`` with several chunks: the first chunk's graph is measured and every
     chunk's graph kept when the estimate fits ``graph_bytes_limit`` (then each chunk's
-    forward runs once in all; otherwise once per product); products are exact either way,
+    forward runs once in all, plus one measuring forward; otherwise once per product);
+    products are exact either way,
     also when the first call is a product (its backward must keep the graph it caches)."""
     model, batches, loss_fn = TINY_CASES[0].build(dtype=torch.float64)
     calls = []
@@ -108,7 +109,32 @@ def test_graph_caching_is_decided_on_the_first_chunk(limit, mlp_hessian):
     activations = sum(b["x"].numel() for b in batches) * 8  # at least the inputs' bytes are saved
     assert op.graph_bytes >= activations
     assert op.cache_graph is (limit > 0)
-    assert len(calls) == (n_chunks if limit > 0 else 3 * n_chunks)
+    assert len(calls) == 1 + (n_chunks if limit > 0 else 3 * n_chunks)  # 1: the measuring forward
+
+
+def test_measuring_the_graph_frees_everything():
+    """Deciding the caching leaves nothing behind: after ``close()`` every activation of
+    every chunk is freed (a pack hook that kept the tensors it saw would tie tanh's output
+    to its own node in a cycle Python cannot collect)."""
+    import gc
+    import weakref
+
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(3, 8), torch.nn.Tanh(), torch.nn.Linear(8, 1)).double()
+    alive: list[weakref.ref] = []
+    model[1].register_forward_hook(lambda _m, _i, out: alive.append(weakref.ref(out)))
+    gen = torch.Generator().manual_seed(0)
+    batches = [{"x": torch.randn(6, 3, generator=gen, dtype=torch.float64), "y": torch.randn(6, generator=gen, dtype=torch.float64)}]
+    loss_fn = lambda m, b: (m(b["x"]).squeeze(-1) - b["y"]) ** 2  # noqa: E731
+    for limit in (0, 10**12):
+        op = _operator(model, batches, loss_fn, chunk_size=2, graph_bytes_limit=limit)
+        op.matvec(torch.ones(op.dim, dtype=torch.float64))
+        op.matvec(torch.ones(op.dim, dtype=torch.float64))
+        assert op.cache_graph is (limit > 0)
+        op.close()
+        del op
+        gc.collect()
+        assert alive and all(ref() is None for ref in alive), limit
 
 
 def test_hvp_qwen2_chunking_and_cache_agree():

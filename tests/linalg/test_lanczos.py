@@ -162,3 +162,14 @@ def test_partial_reorthogonalisation_matches_full_with_fewer_passes(dtype):
     torch.testing.assert_close(partial.eigenvalues, full.eigenvalues, rtol=1e-6, atol=0)
     with pytest.raises(ValueError, match="reorthogonalise"):
         lanczos_top_k(lambda v: a @ v, n, 2, reorthogonalise="some")
+
+
+def test_products_that_carry_a_graph_are_read_as_numbers():
+    """A matvec whose result requires grad (the matrix is a Parameter) gives the same
+    eigenvalues: the reused Lanczos buffers take its values, not its graph."""
+    gen = torch.Generator().manual_seed(5)
+    m = torch.randn(30, 30, generator=gen, dtype=torch.float64)
+    a = torch.nn.Parameter(m @ m.T)
+    r = lanczos_top_k(lambda v: a @ v, 30, 3, tol=1e-10, max_iter=30, dtype=torch.float64)
+    want = torch.linalg.eigvalsh(a.detach()).flip(0)[:3]
+    torch.testing.assert_close(r.eigenvalues, want, rtol=1e-9, atol=0)

@@ -127,14 +127,36 @@ def gpt2_case():
     return model, batches, hf_per_sample_loss
 
 
+class _StopGate(torch.autograd.Function):
+    """``gate * h`` whose backward gives the gate no gradient (``None``): the gate's Linear
+    output requires grad, yet its gradient is undefined."""
+
+    generate_vmap_rule = True
+
+    @staticmethod
+    def forward(gate, h):
+        return gate * h
+
+    @staticmethod
+    def setup_context(ctx, inputs, output):  # the functorch-compatible form (vmap runs it too)
+        ctx.save_for_backward(inputs[0])
+
+    @staticmethod
+    def backward(ctx, grad):
+        (gate,) = ctx.saved_tensors
+        return None, grad * gate
+
+
 class TwoBranch(torch.nn.Module):
     """Two inputs through separate layers (no path between them in the graph), a learned
-    query through its own Linear, and a Linear whose output the loss does not use."""
+    query through its own Linear, a Linear whose output the loss does not use, and a gate
+    Linear whose output gradient is undefined (a custom Function returns None for it)."""
 
     def __init__(self) -> None:
         super().__init__()
         self.a = torch.nn.Linear(3, 4)
         self.b = torch.nn.Linear(2, 4)
+        self.gate = torch.nn.Linear(4, 4)
         self.query = torch.nn.Parameter(torch.linspace(-1.0, 1.0, 4))
         self.q = torch.nn.Linear(4, 4, bias=False)
         self.unused = torch.nn.Linear(4, 4)
@@ -142,6 +164,7 @@ class TwoBranch(torch.nn.Module):
 
     def forward(self, x1, x2):
         h = torch.tanh(self.a(x1)) * torch.tanh(self.b(x2))
+        h = _StopGate.apply(self.gate(h), h)
         q = self.q(self.query.expand(x1.shape[0], 4))  # a bare parameter (no rule): vmap
         self.unused(h)
         return self.head(h + q).squeeze(-1)
@@ -281,32 +304,28 @@ def test_anchor_outputs_reach_every_recorded_output():
     assert plan.leftover == ["query"]
 
 
-def test_use_check_runs_once_per_model():
-    """The TorchFunctionMode use check runs on a model's first chunk only; what it found is
-    kept for that model; a new model, or a new parameter set, is checked again."""
+def test_use_check_follows_the_loss_of_each_computation():
+    """A second computation on the same model, with a loss that uses ``fc.weight`` outside
+    ``fc``, checks again: its gradient is then that of the whole loss (vmap), not of the
+    in-layer part the hooks see."""
 
-    class Outside(torch.nn.Module):
+    class OneLayer(torch.nn.Module):
         def __init__(self) -> None:
             super().__init__()
             self.fc = torch.nn.Linear(3, 3)
 
         def forward(self, x):
-            return (self.fc(x) + x @ self.fc.weight).sum(-1)  # fc.weight also used outside fc
+            return self.fc(x)
 
     torch.manual_seed(0)
-    model, x = Outside().double(), torch.randn(4, 3, dtype=torch.float64)
-    loss_fn = lambda m, b: m(b) ** 2  # noqa: E731
-    params = dict(model.named_parameters())
-    plan = hook_plan(model, params)
-    assert not plan.uses_checked
-    got = layer_gradient_sums(model, loss_fn, x, params, plan)
-    assert got.vmapped == ["fc.weight"]
-    again = hook_plan(model, params)
-    assert again.uses_checked and again.outside == {"fc.weight"}
-    assert layer_gradient_sums(model, loss_fn, x, params, again).vmapped == ["fc.weight"]
-    assert again.reasons["fc.weight"] == "used outside its layers' forward"
-    assert not hook_plan(model, {"fc.bias": params["fc.bias"]}).uses_checked
-    assert not hook_plan(Outside().double(), params).uses_checked
+    model, x = OneLayer().double(), torch.randn(4, 3, dtype=torch.float64)
+    inside = lambda m, b: m(b).square().sum(-1)  # noqa: E731
+    outside = lambda m, b: (m(b) + b @ m.fc.weight).square().sum(-1)  # noqa: E731
+    want = oracle_gradient_flow(model, [x], outside)
+    GradientFlow().compute(model, [x], inside)
+    got = GradientFlow().compute(model, [x], outside)
+    assert got.meta["vmap_params"] == {"fc.weight": "used outside its layers' forward"}
+    assert got.scalars["params/fc.weight/norm"] == pytest.approx(want["params/fc.weight/norm"], rel=1e-9)
 
 
 def test_rules_and_fallbacks():

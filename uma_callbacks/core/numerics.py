@@ -31,9 +31,10 @@ def squared_norm64(tensor: torch.Tensor, block: int = BLOCK) -> torch.Tensor:
 
 
 def dot64(a: torch.Tensor, b: torch.Tensor, block: int = BLOCK) -> float:
-    """``a . b`` of two flat tensors of one dtype, with float64 accumulation across blocks.
+    """``a . b`` of two flat tensors, with float64 accumulation across blocks.
 
-    float64 inputs take one ``torch.dot``. Otherwise each block of ``block`` entries is a
+    float64 inputs take one ``torch.dot``; mixed dtypes are dotted block by block in
+    float64. Otherwise each block of ``block`` entries is a
     ``torch.dot`` in the inputs' dtype (its error grows like sqrt(block) eps at worst) and
     the blocks' results are added in float64: no float64 copies of P-entry vectors (a
     Hutchinson probe of a 22.7M-parameter model is 182 MB in float64), at the speed of a
@@ -46,4 +47,6 @@ def dot64(a: torch.Tensor, b: torch.Tensor, block: int = BLOCK) -> float:
     a, b = a.reshape(-1), b.reshape(-1)
     if a.dtype == torch.float64 and b.dtype == torch.float64:
         return float(torch.dot(a, b))
+    if a.dtype != b.dtype:  # mixed dtypes: each block in float64
+        return float(sum(float(torch.dot(x.double(), y.double())) for x, y in zip(a.split(block), b.split(block))))
     return float(sum(float(torch.dot(x, y)) for x, y in zip(a.split(block), b.split(block))))

@@ -115,7 +115,7 @@ def hutchinson_trace(
         for j in range(n_samples):
             z = rademacher(dim, generator, dtype).to(device)
             az = matvec(z)
-            samples[j] = dot64(z, az.to(z.dtype))
+            samples[j] = dot64(z, az)
     trace, stderr = mean_and_stderr(samples)
     return HutchinsonResult(trace=trace, stderr=stderr, samples=samples, matvecs=n_samples, seed=int(seed))
 

@@ -17,9 +17,9 @@ that of the activations of the chunk. With ``cache_graph`` the gradient graph of
 local chunk is kept and each product is one extra backward through it (about a third of
 the cost of recomputing forward + backward); without it, each product re-runs the
 forward and both backwards, a chunk at a time. The default ``cache_graph=None`` decides
-on the first chunk: the bytes its graph saves (counted by a ``saved_tensors_hooks`` pack
-hook, each storage once), scaled to all local samples, against ``graph_bytes_limit``;
-a probe of one chunk is always cached (free in peak memory).
+on the first chunk: 3 x the bytes its forward saves (counted by a ``saved_tensors_hooks``
+pack hook on one extra forward, each storage once), scaled to all local samples, against
+``graph_bytes_limit``; a probe of one chunk is always cached (free in peak memory).
 """
 
 from __future__ import annotations
@@ -282,13 +282,20 @@ class HessianOperator:
             self._graph = cached
 
     def _measured_first_backward(self, chunk: Any) -> tuple[list[torch.Tensor], list[int], torch.Tensor]:
-        """:meth:`_first_backward` counting the bytes its graph saves; then caches every
-        chunk's graph when, scaled from this chunk's samples to all local ones, they stay
-        within ``graph_bytes_limit``."""
+        """:meth:`_first_backward`, after deciding whether every chunk's graph is cached.
+
+        The decision measures one extra forward of this chunk whose ``saved_tensors_hooks``
+        pack hook counts the bytes autograd saves (each storage once) and keeps nothing:
+        that forward's graph can never be used, so it frees at once (a pack hook returning
+        the tensor itself would tie an op that saves its own output, such as tanh, to its
+        node in a cycle Python cannot free). The first backward with ``create_graph``
+        saves about as much again, and its gradients one parameter vector: the estimate is
+        3 x the forward's bytes, scaled from this chunk's samples to all local ones.
+        """
         seen: set[tuple[int, int]] = set()
         saved = 0
 
-        def pack(t: torch.Tensor) -> torch.Tensor:
+        def pack(t: torch.Tensor) -> None:
             nonlocal saved
             if t.layout == torch.strided and not t.is_meta:
                 storage = t.untyped_storage()
@@ -296,15 +303,18 @@ class HessianOperator:
                 if key not in seen:
                     seen.add(key)
                     saved += storage.nbytes()
-            return t
+            return None
 
-        with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-            entry = self._first_backward(chunk)
+        def unpack(_: None) -> torch.Tensor:
+            raise RuntimeError("HessianOperator: the measuring forward's graph is never differentiated")
+
+        with torch.enable_grad(), torch.autograd.graph.saved_tensors_hooks(pack, unpack):
+            self.loss_fn(self.model, chunk)
         local = sum(count_samples(c) for c in self.chunks)
-        self.graph_bytes = int(saved * local / max(1, count_samples(chunk)))
+        self.graph_bytes = int(3 * saved * local / max(1, count_samples(chunk)))
         self.cache_graph = self.graph_bytes <= self.graph_bytes_limit
         self._decide_cache = False
-        return entry
+        return self._first_backward(chunk)
 
     def _first_backward(self, chunk: Any) -> tuple[list[torch.Tensor], list[int], torch.Tensor]:
         with torch.enable_grad():

@@ -176,7 +176,9 @@ def lanczos_top_k(
     again, passes, anorm, delta = False, 0, 0.0, eps
     for step in range(max_iter):
         basis[step] = v.to(basis_device)
-        w = work.copy_(matvec(v))  # reused buffers: a fresh P-sized vector costs its page faults
+        # reused buffers (a fresh P-sized vector costs its page faults); a product that carries
+        # a graph (a parameter in it, create_graph) is read as numbers
+        w = work.copy_(matvec(v).detach())
         matvecs += 1
         alpha = float(torch.dot(w, v) if reduce_sum is None else reduce_sum(torch.dot(w, v).reshape(1))[0])
         alphas.append(alpha)

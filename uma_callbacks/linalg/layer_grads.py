@@ -44,7 +44,6 @@ output gradients are exactly zero).
 from __future__ import annotations
 
 import contextlib
-import weakref
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -113,9 +112,9 @@ class HookPlan:
     expand_shared: bool = True
     #: parameters found used outside their layers' forward, and whether that was checked: the
     #: check (a ``TorchFunctionMode`` seeing every op, about 12% of a chunk's time on the
-    #: bench Qwen2) runs on the first chunk of a model's first computation only (remembered
-    #: per model and parameter set), since which ops take a parameter is the model's
-    #: structure, not its input's
+    #: bench Qwen2) runs on the first chunk of a computation only, since which ops take a
+    #: parameter is the model's structure, not its input's (not across computations: the
+    #: loss function, which may use a parameter too, can change between them)
     outside: set[str] = field(default_factory=set)
     uses_checked: bool = False
 
@@ -146,36 +145,7 @@ def hook_plan(model: torch.nn.Module, params: Mapping[str, torch.Tensor]) -> Hoo
             modules.append((mod_name, module, rule, owned))
             covered.update(owned.values())
     leftover = [n for n in params if n not in covered]
-    plan = HookPlan(names, modules, leftover, {n: "no per-layer rule" for n in leftover})
-    known = _CHECKED_USES.get(model) if _weakly_keyable(model) else None
-    if known is not None and known[0] == _uses_key(plan):
-        plan.outside, plan.uses_checked = set(known[1]), True
-    return plan
-
-
-#: ``{model: (plan key, parameters used outside their layers)}``: the use check of
-#: :class:`_UseTracker` is the model's structure, so it runs once per model and parameter set
-_CHECKED_USES: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
-
-
-def _uses_key(plan: HookPlan) -> tuple[Any, ...]:
-    """What the use check depends on: the covered parameters and the modules owning them."""
-    return tuple((id(module), tuple(sorted(owned.items()))) for _, module, _, owned in plan.modules) + tuple(
-        sorted(plan.names)
-    )
-
-
-def _weakly_keyable(model: Any) -> bool:
-    try:
-        weakref.ref(model)
-    except TypeError:
-        return False
-    return True
-
-
-def _remember_uses(model: torch.nn.Module, plan: HookPlan) -> None:
-    if _weakly_keyable(model):
-        _CHECKED_USES[model] = (_uses_key(plan), frozenset(plan.outside))
+    return HookPlan(names, modules, leftover, {n: "no per-layer rule" for n in leftover})
 
 
 # ---------------------------------------------------------------------------- factors
@@ -652,7 +622,6 @@ def _record_forward(
     check_finite_losses(losses)
     if tracker is not None:
         plan.outside, plan.uses_checked = set(tracker.outside), True
-        _remember_uses(model, plan)
     for name in sorted(plan.outside):
         plan.reasons[name] = "used outside its layers' forward"
     bad = set(plan.outside)
@@ -835,19 +804,21 @@ def layer_gradient_sums(
     pending: dict[str, list[Any]] = {}
     inputs: dict[int, torch.Tensor] = {}
 
-    def on_grad(slot: int, index: int, d: torch.Tensor) -> None:
+    def on_grad(slot: int, index: int, d: torch.Tensor | None) -> None:
         _, module, rule, owned = plan.modules[index]
         x = inputs.pop(slot)
         if all(name in skip for name in owned.values()):
             return
-        made = _factors_of_call(rule, module, x.detach(), d.detach(), n)
+        # an undefined gradient (a custom Function's backward returned None for it): adds nothing
+        made = _factors_of_call(rule, module, x.detach(), d.detach(), n) if d is not None else {}
         del x
         for kind, name in owned.items():
             if name in skip:
                 continue
-            pending.setdefault(name, []).append(made[kind])
+            if kind in made:
+                pending.setdefault(name, []).append(made[kind])
             remaining[name] -= 1
-            if remaining[name] == 0:
+            if remaining[name] == 0 and name in pending:
                 finish(name, _merge(pending.pop(name)))
 
     for slot, (index, x, y) in enumerate(rec.usable):
