@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+from torch.autograd.graph import get_gradient_edge
 
 from tests.cases import TINY_CASES, bert_case
 from tests.oracles import oracle_per_sample_grads, param_slices
@@ -297,10 +298,13 @@ def test_anchor_outputs_reach_every_recorded_output():
     model, batches, loss_fn = two_branch_case()
     params = dict(model.named_parameters())
     plan = hook_plan(model, params)
-    rec = layer_grads._record_forward(model, loss_fn, batches[0], params, plan, 3)
-    by_module = {id(y): plan.modules[index][0] for index, _, y in rec.usable}
-    anchors = layer_grads._anchor_outputs([y for _, _, y in rec.usable])
-    assert [by_module[id(y)] for y in anchors] == ["a", "b", "q"]
+    edges = {}
+    rec = layer_grads._record_forward(
+        model, loss_fn, batches[0], params, plan, 3, on_output=lambda slot, y: edges.__setitem__(slot, get_gradient_edge(y))
+    )
+    by_node = {edges[slot].node: plan.modules[index][0] for slot, index, _, _ in rec.usable}
+    anchors = layer_grads._anchor_edges([edges[slot] for slot, _, _, _ in rec.usable])
+    assert [by_node[edge.node] for edge in anchors] == ["a", "b", "q"]
     assert plan.leftover == ["query"]
 
 
@@ -329,10 +333,13 @@ def test_use_check_follows_the_loss_of_each_computation():
 
 
 def test_rules_and_fallbacks():
-    model, batches, loss_fn = in_place_case()
+    model, batches, loss_fn = in_place_case()  # fc's output scaled in place after the call
     params = dict(model.named_parameters())
-    got = layer_gradient_sums(model, loss_fn, batches[0], params, plan := hook_plan(model, params))
-    assert got.vmapped == ["fc.weight", "fc.bias"]
+    # reduced in the backward: the hook registered at the call sees the call's own output
+    assert layer_gradient_sums(model, loss_fn, batches[0], params, hook_plan(model, params)).vmapped == []
+    # captured after the forward: the output's gradient would be the scaled tensor's, so vmap
+    rep = layer_gradients(model, loss_fn, batches[0], params, plan := hook_plan(model, params))
+    assert rep.vmapped == ["fc.weight", "fc.bias"]
     assert plan.reasons["fc.weight"] == "a call of 'fc' had its input or output modified in place"
     model, batches, loss_fn = reused_case()
     params = dict(model.named_parameters())

@@ -33,9 +33,10 @@ factors too; an embedding tied to a linear head becomes an ``_Outer`` with one-h
 
 Checks and fallback: a parameter is given to ``vmap(grad)`` (on the whole model, for the
 leftover parameters only) when no rule covers it, when a call's dim 0 is not the batch,
-when the model modifies a call's input or output in place afterwards (the gradient
-autograd gives is then that of the modified tensor), or when it is used outside its
-layers' forwards (a ``TorchFunctionMode`` records every op
+when the model modifies a call's input in place afterwards (or its output, where the
+output gradients are captured after the forward: autograd then gives the modified
+tensor's; the reductions inside the backward hook the call's own output instead), or
+when it is used outside its layers' forwards (a ``TorchFunctionMode`` records every op
 taking a tracked parameter and producing a tensor that requires grad). Frozen parameters
 are never looked at. Padding tokens contribute nothing when the loss masks them (their
 output gradients are exactly zero).
@@ -44,11 +45,13 @@ output gradients are exactly zero).
 from __future__ import annotations
 
 import contextlib
+import threading
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
 import torch
+from torch.autograd.graph import get_gradient_edge
 from torch.overrides import TorchFunctionMode
 
 from uma_callbacks.core.batches import count_samples
@@ -555,14 +558,15 @@ class _Recorded:
 
     Attributes:
         losses: ``[B]`` per-sample losses (with their graph).
-        usable: ``[(plan module index, input x, output y)]`` of the calls whose per-sample
-            gradients the rules give (forward order; y requires grad).
+        usable: ``[(slot, plan module index, input x, output y)]`` of the calls whose
+            per-sample gradients the rules give (forward order; y requires grad; slot: the
+            call's number among all recorded calls).
         bad: parameters for vmap found by the run-time checks (used outside their layers,
-            a call without the batch dim).
+            a call without the batch dim, an input or output modified in place after it).
     """
 
     losses: torch.Tensor
-    usable: list[tuple[int, torch.Tensor, torch.Tensor]]
+    usable: list[tuple[int, int, torch.Tensor, torch.Tensor]]
     bad: set[str]
 
 
@@ -573,9 +577,16 @@ def _record_forward(
     params: Mapping[str, torch.Tensor],
     plan: HookPlan,
     n: int,
+    on_output: Callable[[int, torch.Tensor], None] | None = None,
 ) -> _Recorded:
     """The chunk's forward with every call of the plan's modules recorded, and the checks
-    (losses ``[B]`` and finite, parameters used outside their layers, batch dims)."""
+    (losses ``[B]`` and finite, parameters used outside their layers, batch dims, tensors
+    modified in place after the call).
+
+    ``on_output(slot, y)`` is called for each call's output that requires grad, as the
+    call returns (a tensor hook registered then receives the gradient of that value even
+    if the model later modifies it in place); with it, only the inputs' versions are checked.
+    """
     records: list[tuple[int, Any, Any, int, int]] = []
     leftover = set(plan.leftover)
     tracked = {id(params[name]): name for _, _, _, owned in plan.modules for name in owned.values() if name not in leftover}
@@ -598,6 +609,8 @@ def _record_forward(
                 for pid in ids:
                     tracker.active[pid] -= 1
             x = inputs[0] if inputs else None
+            if on_output is not None and isinstance(output, torch.Tensor) and output.requires_grad:
+                on_output(len(records), output)
             records.append((index, x, output, _version(x), _version(output)))
 
         handles.append(module.register_forward_pre_hook(pre))
@@ -613,7 +626,7 @@ def _record_forward(
         plan.expand_shared = False  # the model did not take the expanded ids: vmap those embeddings
         for handle in handles:
             handle.remove()
-        return _record_forward(model, loss_fn, batch, params, plan, n)
+        return _record_forward(model, loss_fn, batch, params, plan, n, on_output)
     finally:
         for handle in handles:
             handle.remove()
@@ -626,7 +639,7 @@ def _record_forward(
         plan.reasons[name] = "used outside its layers' forward"
     bad = set(plan.outside)
     usable = []
-    for index, x, y, x_version, y_version in records:
+    for slot, (index, x, y, x_version, y_version) in enumerate(records):
         owned = plan.modules[index][3]
         ok = isinstance(x, torch.Tensor) and isinstance(y, torch.Tensor) and x.dim() >= 1 and x.shape[0] == n
         ok = ok and y.dim() >= 2 and y.shape[0] == n
@@ -635,14 +648,14 @@ def _record_forward(
                 bad.add(name)
                 plan.reasons[name] = f"a call of {plan.modules[index][0]!r} has no batch dim of {n}"
             continue
-        if _version(x) != x_version or _version(y) != y_version:
+        if _version(x) != x_version or (on_output is None and _version(y) != y_version):
             # the gradient autograd would give is that of the modified tensor, not the call's
             for name in owned.values():
                 bad.add(name)
                 plan.reasons[name] = f"a call of {plan.modules[index][0]!r} had its input or output modified in place"
             continue
         if y.requires_grad:
-            usable.append((index, x, y))
+            usable.append((slot, index, x, y))
     return _Recorded(losses, usable, bad)
 
 
@@ -696,10 +709,10 @@ def layer_gradients(
     if before_backward is not None:
         before_backward()
     leftover, bad, usable = set(plan.leftover), rec.bad, rec.usable
-    outputs = [y for _, _, y in usable]
+    outputs = [y for _, _, _, y in usable]
     grads = torch.autograd.grad(rec.losses.sum(), outputs, allow_unused=True) if outputs else []
     pieces: dict[str, list[Any]] = {}
-    for (index, x, _), d in zip(usable, grads):
+    for (_, index, x, _), d in zip(usable, grads):
         _, module, rule, owned = plan.modules[index]
         if d is None or all(name in bad for name in owned.values()):
             continue
@@ -759,8 +772,11 @@ def layer_gradient_sums(
     the peak is about that of an ordinary training step, plus one layer's per-sample
     gradients. A parameter reached by several calls (tied weights, a module used twice)
     is reduced when its last call's gradient arrives. The backward is asked for the
-    gradients of the fewest recorded outputs (:func:`_anchor_outputs`) through which it
-    reaches every recorded output, so every tensor hook fires.
+    gradients of the fewest recorded outputs (:func:`_anchor_edges`) through which it
+    reaches every recorded output, so every tensor hook fires. The hooks are registered as
+    each call returns, so a model that modifies an output in place later does not change
+    what they receive (the capture path of :func:`layer_gradients` gives such a layer to
+    vmap instead).
 
     Args:
         model, loss_fn, batch, params, plan: as :func:`layer_gradients`.
@@ -774,7 +790,15 @@ def layer_gradient_sums(
         FloatingPointError: a per-sample loss is NaN/Inf.
     """
     n = count_samples(batch)
-    rec = _record_forward(model, loss_fn, batch, params, plan, n)
+    edges: dict[int, Any] = {}
+
+    def on_output(slot: int, y: torch.Tensor) -> None:
+        # at the call: the hook and the edge belong to this value of y, whatever the model
+        # does to y in place afterwards
+        edges[slot] = get_gradient_edge(y)
+        y.register_hook(lambda d: on_grad(slot, d))
+
+    rec = _record_forward(model, loss_fn, batch, params, plan, n, on_output)
     leftover, bad = set(plan.leftover), rec.bad
     skip = leftover | bad
     device = rec.losses.device
@@ -797,16 +821,24 @@ def layer_gradient_sums(
         norms[name] = sq.to(device)
 
     remaining: dict[str, int] = {}
-    for index, _, _ in rec.usable:
+    for _, index, _, _ in rec.usable:
         for name in plan.modules[index][3].values():
             if name not in skip:
                 remaining[name] = remaining.get(name, 0) + 1
     pending: dict[str, list[Any]] = {}
-    inputs: dict[int, torch.Tensor] = {}
+    calls = {slot: (index, x) for slot, index, x, _ in rec.usable}  # x released as each hook fires
 
-    def on_grad(slot: int, index: int, d: torch.Tensor | None) -> None:
+    lock = threading.Lock()  # a model spread over devices: autograd runs a thread per device
+
+    def on_grad(slot: int, d: torch.Tensor | None) -> None:
+        with lock:
+            reduce_call(slot, d)
+
+    def reduce_call(slot: int, d: torch.Tensor | None) -> None:
+        if slot not in calls:  # a call the checks left out (or already seen)
+            return
+        index, x = calls.pop(slot)
         _, module, rule, owned = plan.modules[index]
-        x = inputs.pop(slot)
         if all(name in skip for name in owned.values()):
             return
         # an undefined gradient (a custom Function's backward returned None for it): adds nothing
@@ -821,15 +853,13 @@ def layer_gradient_sums(
             if remaining[name] == 0 and name in pending:
                 finish(name, _merge(pending.pop(name)))
 
-    for slot, (index, x, y) in enumerate(rec.usable):
-        inputs[slot] = x
-        y.register_hook(lambda d, slot=slot, index=index: on_grad(slot, index, d))
-    anchors = _anchor_outputs([y for _, _, y in rec.usable])
+    anchors = _anchor_edges([edges[slot] for slot, _, _, _ in rec.usable])
     rec.usable = []  # the outputs are not held: autograd frees what it no longer needs
+    edges.clear()
     if anchors:
         torch.autograd.grad(rec.losses.sum(), anchors, allow_unused=True)
     del anchors
-    inputs.clear()
+    calls.clear()
     for name, found in pending.items():  # a call whose output the loss does not use: no gradient
         finish(name, _merge(found))
     vmap_names = [name for name in params if name in skip]
@@ -842,25 +872,23 @@ def layer_gradient_sums(
     return LayerSums(rec.losses.detach(), n, diag, sq_norms, sums, gram, vmap_names)
 
 
-def _anchor_outputs(outputs: list[torch.Tensor]) -> list[torch.Tensor]:
-    """The fewest of ``outputs`` (forward order) whose gradients a backward must compute to
-    reach every output's ``grad_fn`` (so that a tensor hook on each one fires).
+def _anchor_edges(edges: list[Any]) -> list[Any]:
+    """The fewest of the outputs' gradient edges (forward order) whose gradients a backward
+    must compute to reach every output's node (so that a tensor hook on each one fires).
 
-    An output is covered when its ``grad_fn`` reaches (through ``next_functions``) the
-    ``grad_fn`` of an earlier anchor or covered output; otherwise it becomes an anchor.
-    Outputs come in forward order, so a node found not to reach any is never reached by a
-    later one: it is remembered as dead. In a transformer the anchors are the embeddings'
-    outputs (and the first layer's on non-token inputs); the search stops at the previous
-    layer's outputs, so it visits each node about once.
+    An edge is covered when its node reaches (through ``next_functions``) the node of an
+    earlier anchor or covered edge; otherwise it becomes an anchor. Edges come in forward
+    order, so a node found not to reach any is never reached by a later one: it is
+    remembered as dead. In a transformer the anchors are the embeddings' outputs (and the
+    first layer's on non-token inputs); the search stops at the previous layer's outputs,
+    so it visits each node about once. Edges (``get_gradient_edge`` at the call), not the
+    tensors, so that an output the model modifies in place later still names its call's node.
     """
     alive: set[Any] = set()
     dead: set[Any] = set()
     anchors = []
-    for y in outputs:
-        node = y.grad_fn
-        if node is None:
-            anchors.append(y)
-            continue
+    for edge in edges:
+        node = edge.node
         if node in alive:
             continue
         seen, stack, found = {node}, [node], False
@@ -875,7 +903,7 @@ def _anchor_outputs(outputs: list[torch.Tensor]) -> list[torch.Tensor]:
                 stack.append(nxt)
         if not found:
             dead |= seen - {node}
-            anchors.append(y)
+            anchors.append(edge)
         alive.add(node)
     return anchors
 
