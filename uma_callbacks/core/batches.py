@@ -24,21 +24,25 @@ def count_samples(batch: Any) -> int:
 
 
 def sequence_length(batch: Any) -> int:
-    """Tokens per sample: dim 1 of the batch's first tensor with at least 2 dims (``input_ids
-    [B, T]``), else 1 (one row per sample).
+    """Tokens per sample, for chunking by tokens.
+
+    Dim 1 of the batch's first integer tensor with at least 2 dims (``input_ids [B, T]``,
+    ``attention_mask``); else, of its first floating tensor with at least 3 dims, the
+    product of the dims between the batch and the last (``inputs_embeds [B, T, H]``: T);
+    else 1. A floating ``[B, D]`` tensor holds D features of one row, not D tokens.
 
     Example:
-        >>> sequence_length({"input_ids": torch.zeros(4, 128, dtype=torch.long)}), sequence_length(torch.zeros(4))
-        (128, 1)
+        >>> ids = {"input_ids": torch.zeros(4, 128, dtype=torch.long)}
+        >>> sequence_length(ids), sequence_length(torch.zeros(4)), sequence_length({"x": torch.zeros(32, 256)})
+        (128, 1, 1)
+        >>> sequence_length({"inputs_embeds": torch.zeros(4, 64, 32), "labels": torch.zeros(4)})
+        64
     """
-    found: list[int] = []
+    tensors: list[torch.Tensor] = []
 
     def visit(obj: Any) -> None:
-        if found:
-            return
         if isinstance(obj, torch.Tensor):
-            if obj.dim() >= 2:
-                found.append(int(obj.shape[1]))
+            tensors.append(obj)
         elif isinstance(obj, Mapping):
             for value in obj.values():
                 visit(value)
@@ -47,7 +51,13 @@ def sequence_length(batch: Any) -> int:
                 visit(value)
 
     visit(batch)
-    return found[0] if found else 1
+    for t in tensors:
+        if t.dim() >= 2 and not (t.is_floating_point() or t.is_complex()):
+            return int(t.shape[1])
+    for t in tensors:
+        if t.dim() >= 3 and t.is_floating_point():
+            return max(1, int(torch.Size(t.shape[1:-1]).numel()))
+    return 1
 
 
 def _first_tensor(batch: Any) -> torch.Tensor | None:
