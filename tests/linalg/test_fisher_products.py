@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from uma_callbacks.linalg.fisher_products import _Kahan
+from uma_callbacks.linalg.fisher_products import _RunningSum
 
 
 @pytest.mark.parametrize("device_type", ["cpu", "mps-like"])
@@ -15,7 +15,7 @@ def test_accumulated_chunk_sums_stay_accurate(device_type, monkeypatch):
     Kahan-compensated float32 (a device without float64, imitated here)."""
     gen = torch.Generator().manual_seed(0)
     chunks = [torch.rand(64, generator=gen) * (1e4 if i == 0 else 1.0) for i in range(10_000)]
-    acc = _Kahan(chunks[0], torch.float32)
+    acc = _RunningSum(chunks[0], torch.float32)
     if device_type == "mps-like":
         acc._wide = False
     for c in chunks:
@@ -30,7 +30,7 @@ def test_accumulated_chunk_sums_stay_accurate(device_type, monkeypatch):
 
 
 def test_float64_sums_are_exact_float64_adds():
-    a = _Kahan(torch.zeros(3, dtype=torch.float64), torch.float64)
+    a = _RunningSum(torch.zeros(3, dtype=torch.float64), torch.float64)
     for x in (torch.tensor([1.0, 2.0, 3.0], dtype=torch.float64), torch.tensor([1e-17, 0.0, -3.0], dtype=torch.float64)):
         a.add(x)
     assert a.total.dtype == torch.float64 and a.total.tolist() == [1.0, 2.0, 0.0]

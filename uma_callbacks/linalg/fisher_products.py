@@ -136,7 +136,7 @@ def chunk_gradients(
     return StackedGrads(per_sample_grads(model, loss_fn, chunk, params))
 
 
-class _Kahan:
+class _RunningSum:
     """Running sum of same-shaped tensors whose error does not grow with their number.
 
     Held in float64 where the device has it (one in-place add per term; the same 8 bytes
@@ -155,7 +155,7 @@ class _Kahan:
     def total(self) -> torch.Tensor:
         """The sum so far, in the requested dtype."""
         if self._sum is None:
-            raise ValueError("_Kahan.total: nothing added yet")
+            raise ValueError("_RunningSum.total: nothing added yet")
         return self._sum.to(self.dtype) if self._wide else self._sum
 
     def add(self, x: torch.Tensor) -> None:
@@ -294,8 +294,8 @@ def accumulate_fisher(
     """
     names = list(params)
     state = _Whole(param_map, auto_fallback, keep_gradients=cache_bytes > 0 or want_gram)
-    diag: dict[str, _Kahan] = {}
-    gsum: dict[str, _Kahan] = {}
+    diag: dict[str, _RunningSum] = {}
+    gsum: dict[str, _RunningSum] = {}
 
     def consume(name: str, d: torch.Tensor | None, g: torch.Tensor | None) -> None:
         _add_chunk_sums(
@@ -585,8 +585,8 @@ def _full_gram(blocks: list[torch.Tensor] | None, cache: list[ChunkGradients] | 
 
 
 def _add_chunk_sums(
-    diag: dict[str, _Kahan],
-    gsum: dict[str, _Kahan] | None,
+    diag: dict[str, _RunningSum],
+    gsum: dict[str, _RunningSum] | None,
     chunk_gsum: Mapping[str, torch.Tensor] | None,
     sums: Mapping[str, torch.Tensor],
     params: Mapping[str, torch.Tensor],
@@ -596,12 +596,12 @@ def _add_chunk_sums(
     compensated accumulators, creating them (in at least the parameter's dtype) on first use."""
     for name, value in sums.items():
         if name not in diag:
-            diag[name] = _Kahan(value, torch.promote_types(accumulate_dtype, params[name].dtype))
+            diag[name] = _RunningSum(value, torch.promote_types(accumulate_dtype, params[name].dtype))
         diag[name].add(value)
     if gsum is not None and chunk_gsum is not None:
         for name, g in chunk_gsum.items():
             if name not in gsum:
-                gsum[name] = _Kahan(g, torch.promote_types(accumulate_dtype, params[name].dtype))
+                gsum[name] = _RunningSum(g, torch.promote_types(accumulate_dtype, params[name].dtype))
             gsum[name].add(g)
 
 

@@ -463,6 +463,44 @@ def _factors_of_call(rule: str, module: torch.nn.Module, x: torch.Tensor, d: tor
     raise AssertionError(rule)
 
 
+class _Reductions:
+    """What is asked of per-parameter factors (see :meth:`LayerGradients.reduce`), filled one
+    parameter at a time: handed to ``consume`` or kept, the Gram summed, the norms kept."""
+
+    def __init__(
+        self,
+        n: int,
+        device: torch.device,
+        want_diag: bool,
+        want_sum: bool,
+        want_gram: bool,
+        consume: Callable[[str, torch.Tensor | None, torch.Tensor | None], None] | None,
+    ) -> None:
+        self.want = (want_diag, want_sum, want_gram)
+        self.device, self.consume = device, consume
+        self.diag: dict[str, torch.Tensor] = {}
+        self.sums: dict[str, torch.Tensor] = {}
+        self.norms: dict[str, torch.Tensor] = {}
+        self.gram = torch.zeros(n, n, dtype=torch.float64, device=device) if want_gram else None
+
+    def add(self, name: str, factor: Any) -> None:
+        d, sq, s, g = factor.stats(*self.want)
+        if self.consume is not None:
+            self.consume(name, d, s)
+        else:
+            if self.want[0]:
+                self.diag[name] = d
+            if self.want[1]:
+                self.sums[name] = s
+        if self.gram is not None:
+            self.gram.add_(g.to(self.device))
+        self.norms[name] = sq.to(self.device)
+
+    def sq_norms(self, names: Sequence[str]) -> torch.Tensor:
+        """``[B, len(names)]`` float64, in the order of ``names``."""
+        return torch.stack([self.norms[name] for name in names], dim=1)
+
+
 class LayerGradients:
     """One chunk's per-sample gradients as per-parameter factors (see the module docstring).
 
@@ -508,20 +546,10 @@ class LayerGradients:
             sq_norms [B, n_params] float64, grad_sum {name: sum_i g_i} (empty unless
             want_sum and no ``consume``), gram [B, B] float64 or None)``.
         """
-        diag, sums, norms = {}, {}, []
-        gram = torch.zeros(self.n, self.n, dtype=torch.float64, device=self.losses.device) if want_gram else None
+        out = _Reductions(self.n, self.losses.device, want_diag, want_sum, want_gram, consume)
         for name in self.names:
-            d, sq, s, g = self.factors[name].stats(want_diag, want_sum, want_gram)
-            if consume is not None:
-                consume(name, d, s)
-            elif want_diag:
-                diag[name] = d
-            if consume is None and want_sum:
-                sums[name] = s
-            if gram is not None:
-                gram += g.to(gram.device)
-            norms.append(sq.to(self.losses.device))
-        return diag, torch.stack(norms, dim=1), sums, gram
+            out.add(name, self.factors[name])
+        return out.diag, out.sq_norms(self.names), out.sums, out.gram
 
     def square_stats(self, want_diag: bool = True) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
         """``({name: sum_i g_{i,p}^2}, sq_norms [B, n_params] float64)``."""
@@ -801,25 +829,7 @@ def layer_gradient_sums(
     rec = _record_forward(model, loss_fn, batch, params, plan, n, on_output)
     leftover, bad = set(plan.leftover), rec.bad
     skip = leftover | bad
-    device = rec.losses.device
-    diag: dict[str, torch.Tensor] = {}
-    sums: dict[str, torch.Tensor] = {}
-    norms: dict[str, torch.Tensor] = {}
-    gram = torch.zeros(n, n, dtype=torch.float64, device=device) if want_gram else None
-
-    def finish(name: str, factor: Any) -> None:
-        d, sq, s, g = factor.stats(want_diag, want_sum, want_gram)
-        if consume is not None:
-            consume(name, d, s)
-        else:
-            if want_diag:
-                diag[name] = d
-            if want_sum:
-                sums[name] = s
-        if gram is not None:
-            gram.add_(g.to(device))
-        norms[name] = sq.to(device)
-
+    out = _Reductions(n, rec.losses.device, want_diag, want_sum, want_gram, consume)
     remaining: dict[str, int] = {}
     for _, index, _, _ in rec.usable:
         for name in plan.modules[index][3].values():
@@ -832,26 +842,23 @@ def layer_gradient_sums(
 
     def on_grad(slot: int, d: torch.Tensor | None) -> None:
         with lock:
-            reduce_call(slot, d)
-
-    def reduce_call(slot: int, d: torch.Tensor | None) -> None:
-        if slot not in calls:  # a call the checks left out (or already seen)
-            return
-        index, x = calls.pop(slot)
-        _, module, rule, owned = plan.modules[index]
-        if all(name in skip for name in owned.values()):
-            return
-        # an undefined gradient (a custom Function's backward returned None for it): adds nothing
-        made = _factors_of_call(rule, module, x.detach(), d.detach(), n) if d is not None else {}
-        del x
-        for kind, name in owned.items():
-            if name in skip:
-                continue
-            if kind in made:
-                pending.setdefault(name, []).append(made[kind])
-            remaining[name] -= 1
-            if remaining[name] == 0 and name in pending:
-                finish(name, _merge(pending.pop(name)))
+            if slot not in calls:  # a call the checks left out (or already seen)
+                return
+            index, x = calls.pop(slot)
+            _, module, rule, owned = plan.modules[index]
+            if all(name in skip for name in owned.values()):
+                return
+            # an undefined gradient (a custom Function's backward returned None for it): adds nothing
+            made = _factors_of_call(rule, module, x.detach(), d.detach(), n) if d is not None else {}
+            del x
+            for kind, name in owned.items():
+                if name in skip:
+                    continue
+                if kind in made:
+                    pending.setdefault(name, []).append(made[kind])
+                remaining[name] -= 1
+                if remaining[name] == 0 and name in pending:
+                    out.add(name, _merge(pending.pop(name)))
 
     anchors = _anchor_edges([edges[slot] for slot, _, _, _ in rec.usable])
     rec.usable = []  # the outputs are not held: autograd frees what it no longer needs
@@ -861,15 +868,14 @@ def layer_gradient_sums(
     del anchors
     calls.clear()
     for name, found in pending.items():  # a call whose output the loss does not use: no gradient
-        finish(name, _merge(found))
+        out.add(name, _merge(found))
     vmap_names = [name for name in params if name in skip]
     for name in params:  # covered parameters no call reached: zero gradients
-        if name not in norms and name not in vmap_names:
-            finish(name, _Zero(n, _full_zeros(params[name])))
+        if name not in out.norms and name not in vmap_names:
+            out.add(name, _Zero(n, _full_zeros(params[name])))
     for name, factor in _vmapped_factors(model, loss_fn, batch, params, vmap_names).items():
-        finish(name, factor)
-    sq_norms = torch.stack([norms[name] for name in params], dim=1)
-    return LayerSums(rec.losses.detach(), n, diag, sq_norms, sums, gram, vmap_names)
+        out.add(name, factor)
+    return LayerSums(rec.losses.detach(), n, out.diag, out.sq_norms(list(params)), out.sums, out.gram, vmap_names)
 
 
 def _anchor_edges(edges: list[Any]) -> list[Any]:
