@@ -8,6 +8,7 @@ import torch
 from tests.cases import TINY_CASES
 from uma_callbacks.linalg.hvp import HessianOperator
 from uma_callbacks.linalg.lanczos import block_lanczos_top_k, lanczos_top_k
+from uma_callbacks.linalg import lanczos as lanczos_module
 from uma_callbacks.metrics import HessianSpectrum
 
 
@@ -173,3 +174,44 @@ def test_products_that_carry_a_graph_are_read_as_numbers():
     r = lanczos_top_k(lambda v: a @ v, 30, 3, tol=1e-10, max_iter=30, dtype=torch.float64)
     want = torch.linalg.eigvalsh(a.detach()).flip(0)[:3]
     torch.testing.assert_close(r.eigenvalues, want, rtol=1e-9, atol=0)
+
+
+def _spectrum_operator(n: int = 300, seed: int = 3) -> torch.Tensor:
+    gen = torch.Generator().manual_seed(seed)
+    q, _ = torch.linalg.qr(torch.randn(n, n, generator=gen, dtype=torch.float64))
+    ev = torch.cat([torch.tensor([9.0, 7.5, 7.0, 6.8]), torch.linspace(6.0, -3.0, n - 4)]).double()
+    return (q * ev) @ q.T
+
+
+@pytest.mark.parametrize("mode", ["partial", "full"])
+def test_scratch_products_and_a_basis_away_from_the_products_give_the_same_values(mode, monkeypatch):
+    """The work vector taken from the product (``product_is_scratch``), a product that hands
+    back its input or a view of it (never written over), and the two-row ring used when the
+    basis lives on another device (forced here on CPU) all give the same Ritz values and
+    vectors as the plain run: the recurrence reads q_{j-1} and q_j from wherever they are."""
+    a = _spectrum_operator()
+    want = torch.linalg.eigvalsh(a).flip(0)[:4]
+    kw = dict(tol=1e-10, max_iter=120, dtype=torch.float64, return_vectors=True, reorthogonalise=mode)
+    plain = lanczos_top_k(lambda v: a @ v, 300, 4, **kw)
+    buffer = torch.empty(300, dtype=torch.float64)
+    scratch = lanczos_top_k(lambda v: torch.mv(a, v, out=buffer), 300, 4, product_is_scratch=True, **kw)
+    # an operator returning its own input: must be copied, not written over
+    ident = lanczos_top_k(lambda v: v, 300, 2, product_is_scratch=True, tol=1e-10, max_iter=5, dtype=torch.float64)
+    monkeypatch.setattr(lanczos_module, "_same_device", lambda x, y: False)
+    ring = lanczos_top_k(lambda v: a @ v, 300, 4, product_is_scratch=True, **kw)
+    for r in (plain, scratch, ring):
+        assert r.converged
+        torch.testing.assert_close(r.eigenvalues, want, rtol=1e-9, atol=0)
+    for r in (scratch, ring):
+        assert r.matvecs == plain.matvecs and r.reorthogonalised == plain.reorthogonalised
+        torch.testing.assert_close(r.eigenvectors.abs(), plain.eigenvectors.abs(), rtol=1e-7, atol=1e-9)
+    torch.testing.assert_close(ident.eigenvalues, torch.ones(1, dtype=torch.float64))
+    assert plain.basis_rows_read > 0
+
+
+def test_is_private_refuses_results_that_share_memory_with_what_lanczos_keeps():
+    basis = torch.zeros(4, 10)
+    assert not lanczos_module._is_private(basis[1], 10, torch.float32, basis)
+    assert not lanczos_module._is_private(torch.zeros(10, dtype=torch.float64), 10, torch.float32, basis)
+    assert not lanczos_module._is_private(torch.zeros(20)[::2], 10, torch.float32, basis)
+    assert lanczos_module._is_private(torch.zeros(10), 10, torch.float32, basis, None)

@@ -35,6 +35,8 @@ class LanczosResult:
     residuals: ``[k']`` Ritz residual bounds |beta_m y_j[m]|.
     reorthogonalised: steps whose vector was reorthogonalised against the whole basis
         (:func:`lanczos_top_k`; ``None`` elsewhere).
+    basis_rows_read: basis rows those passes read (each pass reads its rows twice), the
+        cost that dominates when P is large (:func:`lanczos_top_k`; ``None`` elsewhere).
     """
 
     eigenvalues: torch.Tensor
@@ -43,6 +45,7 @@ class LanczosResult:
     converged: bool
     residuals: torch.Tensor
     reorthogonalised: int | None = None
+    basis_rows_read: int | None = None
 
 
 def relative_residuals(result: LanczosResult) -> torch.Tensor:
@@ -88,6 +91,7 @@ def lanczos_top_k(
     reduce_sum: Callable[[torch.Tensor], torch.Tensor] | None = None,
     total_dim: int | None = None,
     reorthogonalise: str = "partial",
+    product_is_scratch: bool = False,
 ) -> LanczosResult:
     """The ``k`` largest (algebraic) eigenvalues of a symmetric operator.
 
@@ -125,13 +129,18 @@ def lanczos_top_k(
             exceeds a quarter of sqrt(max(eps, delta)), then for two consecutive vectors
             (Simon 1984, "The Lanczos algorithm with partial reorthogonalization": the
             estimates follow the omega recurrence on alpha and beta alone, so they cost
-            nothing next to a pass over the basis). delta is the products' own precision,
-            measured each step as |q_{j-1}^T r_j| / ||A|| after the three-term recurrence
-            (the operator's asymmetry plus rounding): float32 Hessian-vector products of the
-            MiniLM are symmetric to about 3e-4, and orthogonality finer than the square root
-            of that buys nothing their own error does not undo. Each pass reads the whole
-            basis, which dominates when the products are cheap and P large; the Ritz values
-            match full reorthogonalisation's (tested). ``"full"``: every new vector.
+            nothing next to a pass over the basis). delta is the working precision, measured
+            each step as |q_{j-1}^T A q_j - beta_{j-1}| / ||A||: the operator's asymmetry plus
+            the rounding of float32 inner products over millions of entries (about 3e-4 for the
+            MiniLM's Hessian-vector products, and as much for an exactly symmetric float32
+            diagonal operator of 2M entries); orthogonality finer than the square root of that
+            buys nothing the rounding does not undo. Each pass reads the whole basis twice,
+            which dominates when the products are cheap and P large; the Ritz values match
+            full reorthogonalisation's (tested). ``"full"``: every new vector.
+        product_is_scratch: ``matvec``'s result may be written over (a buffer the caller
+            reuses, or a fresh tensor): it becomes the work vector instead of being copied
+            into one (a pass over [P] each step). Ignored for a result that shares memory
+            with the vector passed in or the basis, or is not a contiguous ``[P]`` of ``dtype``.
 
     Returns:
         :class:`LanczosResult` (``eigenvectors`` are this process's pieces when sharded).
@@ -156,9 +165,19 @@ def lanczos_top_k(
     else:
         gen = torch.Generator(device="cpu").manual_seed(seed)
         v = torch.randn(dim, generator=gen, dtype=dtype).to(device)
-    v = v / (v.norm() if reduce_sum is None else _norm(v, reduce_sum))
     basis = torch.empty(max_iter, dim, dtype=dtype, device=basis_device)
-    work, next_v = torch.empty(dim, dtype=dtype, device=device), torch.empty(dim, dtype=dtype, device=device)
+    # v is written where it is kept: a row of the basis when the basis lives with the products,
+    # else a two-row ring on the product device ([q_{j-1}; q_j] in some order) copied to the
+    # basis. Writing the new vector straight into fresh basis memory by the division costs its
+    # page faults once, in parallel, instead of a division and a copy.
+    on_basis = _same_device(basis_device, torch.device(device))
+    ring = None if on_basis else torch.empty(2, dim, dtype=dtype, device=device)
+    first = basis[0] if on_basis else ring[0]
+    torch.div(v, v.norm() if reduce_sum is None else _norm(v, reduce_sum), out=first)
+    if not on_basis:
+        basis[0].copy_(first)
+    v = first
+    work: torch.Tensor | None = None
     alphas: list[float] = []
     betas: list[float] = []
     matvecs = 0
@@ -173,49 +192,58 @@ def lanczos_top_k(
     eps = float(torch.finfo(dtype).eps)
     omega_prev = torch.zeros(0, dtype=torch.float64)  # estimates of q_{j-1}^T q_k, k < j
     omega = torch.ones(1, dtype=torch.float64)  # estimates of q_j^T q_k, k <= j
-    again, passes, anorm, delta = False, 0, 0.0, eps
+    again = False
+    passes, rows_read, anorm, delta = 0, 0, 0.0, eps
     for step in range(max_iter):
-        basis[step] = v.to(basis_device)
-        # reused buffers (a fresh P-sized vector costs its page faults); a product that carries
-        # a graph (a parameter in it, create_graph) is read as numbers
-        w = work.copy_(matvec(v).detach())
+        # [q_{j-1}; q_j] as two contiguous rows (one row at the first step), q_j at index cur
+        if on_basis:
+            pair, cur = basis[max(step - 1, 0) : step + 1], min(step, 1)
+        else:
+            pair, cur = (ring, step % 2) if step > 0 else (ring[:1], 0)
+        product = matvec(v).detach()
         matvecs += 1
-        alpha = float(torch.dot(w, v) if reduce_sum is None else reduce_sum(torch.dot(w, v).reshape(1))[0])
+        if product_is_scratch and _is_private(product, dim, dtype, v, basis, ring):
+            w = product  # the caller's buffer, written over in place
+        else:  # reused (a fresh P-sized vector costs its page faults); a graph is read as numbers
+            work = torch.empty(dim, dtype=dtype, device=device) if work is None else work
+            w = work.copy_(product)
+        del product
+        # the three-term recurrence with measured coefficients, one pass each way over w:
+        # c = [q_{j-1}; q_j] w gives alpha = q_j^T A q_j and q_{j-1}^T A q_j (beta_{j-1} up to
+        # the operator's asymmetry and rounding); w -= [q_{j-1}; q_j]^T c removes both (local
+        # reorthogonalisation against q_{j-1}: what beta_{j-1} misses is not left in w)
+        coef = _reduced(pair @ w, reduce_sum)
+        alpha = float(coef[cur])
         alphas.append(alpha)
-        # the three-term recurrence first (in place): what is left is small rounding
-        w.sub_(v, alpha=alpha)
-        if step > 0:
-            w.sub_(basis[step - 1].to(device), alpha=betas[-1])
+        w.addmv_(pair.T, coef, alpha=-1)
         if partial:
             beta = _norm(w, reduce_sum)
             anorm = max(anorm, abs(alpha) + (betas[-1] if betas else 0.0) + beta)
-            # what is left along q_j and q_{j-1} is measured (two dot products): it is the
-            # local loss of orthogonality, and the second one the operator's asymmetry plus
-            # rounding, the error every step feeds into all the estimates
-            local = [torch.dot(v, w)] + ([torch.dot(basis[step - 1].to(device), w)] if step > 0 else [])
-            local_t = torch.stack(local).reshape(-1)
-            local = [float(x) for x in (local_t if reduce_sum is None else reduce_sum(local_t))]
             if step > 0:
-                delta = max(delta, abs(local[1]) / max(anorm, 1e-300))
+                # the operator's asymmetry plus rounding: the error each step feeds into all the
+                # estimates (for an exactly symmetric product it is the inner products' rounding)
+                delta = max(delta, abs(float(coef[1 - cur]) - betas[-1]) / max(anorm, 1e-300))
             new = _next_omega(omega, omega_prev, alphas, betas, beta, delta * anorm)
-            new[step] = max(eps, abs(local[0])) / max(beta, 1e-300)
+            # what the float rounding of that step left along q_j and q_{j-1} is measured (one
+            # more pass over w): the local loss of orthogonality the estimates start from
+            local = _reduced(pair @ w, reduce_sum).abs() / max(beta, 1e-300)
+            new[step] = max(eps, float(local[cur]))
             if step > 0:
-                new[step - 1] = max(float(new[step - 1].abs()), abs(local[1]) / max(beta, 1e-300))
-            # semi-orthogonality at sqrt of the precision the products have: the float32
-            # Hessian-vector products of a 22.7M-parameter model are symmetric to ~3e-4, so
-            # orthogonality below ~sqrt(3e-4) buys nothing their own error does not undo
+                new[step - 1] = max(float(new[step - 1].abs()), float(local[1 - cur]))
+            # semi-orthogonality at sqrt of the working precision: float32 inner products over
+            # 22.7M entries are good to ~3e-4, so orthogonality below ~sqrt(3e-4) buys nothing
             omega_tol = max(math.sqrt(eps), math.sqrt(delta)) / 4
             if again or bool(new[:-1].abs().max() > omega_tol):
-                w = _orthogonalise(w, basis[: step + 1], device, reduce_sum)
-                beta = _norm(w, reduce_sum)
+                w, beta, read = _orthogonalise(w, basis[: step + 1], device, reduce_sum, beta)
                 new[:-1] = eps  # orthogonal to working precision again
                 passes += 1
+                rows_read += read
                 again = not again  # the vector after a triggered one is reorthogonalised too
             omega_prev, omega = omega, new
         else:
-            w = _orthogonalise(w, basis[: step + 1], device, reduce_sum)
-            beta = _norm(w, reduce_sum)
+            w, beta, read = _orthogonalise(w, basis[: step + 1], device, reduce_sum, _norm(w, reduce_sum))
             passes += 1
+            rows_read += read
         m = step + 1
         scale = max(abs(a) for a in alphas) if alphas else 1.0
         exhausted = beta < breakdown_tol * max(scale, 1e-300) or m == full
@@ -232,7 +260,13 @@ def lanczos_top_k(
             converged = True
             break
         betas.append(beta)
-        v = torch.div(w.to(device), beta, out=next_v)
+        if m == max_iter:
+            break
+        if on_basis:
+            v = torch.div(w, beta, out=basis[step + 1])
+        else:
+            v = torch.div(w, beta, out=ring[(step + 1) % 2])
+            basis[step + 1].copy_(v)
     if ritz_vals.numel() == 0 or ritz_vecs_t.shape[0] != len(alphas):
         ritz_vals, ritz_vecs_t = _tridiag_eigh(alphas, betas[: len(alphas) - 1], dtype)
         residuals = (beta * ritz_vecs_t[-1, :k]).abs()
@@ -248,6 +282,7 @@ def lanczos_top_k(
         converged=converged,
         residuals=residuals[:kk].clone(),
         reorthogonalised=passes,
+        basis_rows_read=rows_read,
     )
 
 
@@ -296,35 +331,71 @@ def _norm(w: torch.Tensor, reduce_sum: Callable[[torch.Tensor], torch.Tensor] | 
     return math.sqrt(max(float(reduce_sum(torch.dot(w, w).reshape(1))[0]), 0.0))
 
 
+def _same_device(a: torch.device, b: torch.device) -> bool:
+    """Whether the basis lives where the products are taken (its rows then serve as the
+    vectors passed to ``matvec``)."""
+    return a == b
+
+
+def _reduced(local: torch.Tensor, reduce_sum: Callable[[torch.Tensor], torch.Tensor] | None) -> torch.Tensor:
+    """Local partial inner products completed over processes (as they are on one)."""
+    return local if reduce_sum is None else reduce_sum(local)
+
+
+def _is_private(product: torch.Tensor, dim: int, dtype: torch.dtype, *kept: torch.Tensor | None) -> bool:
+    """Whether a product the caller gave as scratch can be written over: a contiguous ``[dim]``
+    vector of the basis dtype that shares no memory with what Lanczos keeps (``kept``)."""
+    if product.shape != (dim,) or product.dtype != dtype or not product.is_contiguous() or product.requires_grad:
+        return False
+    start = product.data_ptr()
+    stop = start + product.numel() * product.element_size()
+    for t in kept:
+        if t is None or t.device != product.device:
+            continue
+        lo = t.untyped_storage().data_ptr()
+        if start < lo + t.untyped_storage().nbytes() and lo < stop:
+            return False
+    return True
+
+
 def _orthogonalise(
     w: torch.Tensor,
     basis: torch.Tensor,
     device: torch.device | str,
-    reduce_sum: Callable[[torch.Tensor], torch.Tensor] | None = None,
-) -> torch.Tensor:
-    """w minus its projection on the rows of ``basis [m, P]``, in place when w lives with the
-    basis (the caller's work vector; no P-sized temporaries) (block classical Gram-Schmidt:
-    two matrix-vector products per pass instead of 2m vector ops), with a second pass only
-    when the first cancelled most of w (norm ratio below :data:`TWICE_IS_ENOUGH`): then
-    rounding in the first left w measurably out of the span's complement. The caller
-    applies the three-term recurrence first, so the full pass removes only the lost
-    orthogonality and a second pass is rare. Each pass reads the whole basis, the cost
-    that dominates once the basis is large.
+    reduce_sum: Callable[[torch.Tensor], torch.Tensor] | None,
+    before: float,
+) -> tuple[torch.Tensor, float, int]:
+    """w minus its projection on the rows of ``basis [m, P]`` (block classical Gram-Schmidt:
+    c = Q w, then w -= Q^T c, two matrix-vector products per pass instead of 2m vector
+    ops), in place when w lives with the basis (the caller's work vector; no P-sized
+    temporaries), with a second pass only when the first cancelled most of w (||w|| fell
+    below :data:`TWICE_IS_ENOUGH` of ``before``, its norm on entry): then rounding in the
+    first left w measurably out of the span's complement. The caller applies the
+    three-term recurrence first, so the pass removes only the lost orthogonality and a
+    second pass is rare. Each pass reads the whole basis twice, the cost that dominates
+    once the basis is large.
 
     The projection runs where the basis lives (a CPU basis is never copied to the
     accelerator: w travels instead, [P] each way).
 
     Sharded (``reduce_sum`` given): the coefficients ``basis @ w`` and both norms are the
     global ones (local partial sums added over processes), so every process takes the same
-    decision about the second pass."""
+    decision about the second pass.
+
+    Returns:
+        (w, ||w||, basis rows read).
+    """
     w = w.to(basis.device)
     w = w if w.is_contiguous() else w.contiguous()
-    total = (lambda c: c) if reduce_sum is None else reduce_sum
-    before = _norm(w, reduce_sum)
-    w.addmv_(basis.T, total(basis @ w), alpha=-1)  # in place: no P-sized temporaries
-    if _norm(w, reduce_sum) < TWICE_IS_ENOUGH * before:
-        w.addmv_(basis.T, total(basis @ w), alpha=-1)
-    return w.to(device)
+    read, after = 0, before
+    for _ in range(2):
+        w.addmv_(basis.T, _reduced(basis @ w, reduce_sum), alpha=-1)  # in place
+        read += 2 * basis.shape[0]
+        after = _norm(w, reduce_sum)
+        if after >= TWICE_IS_ENOUGH * before:
+            break
+        before = after
+    return w.to(device), after, read
 
 
 def _tridiag_eigh(alphas: list[float], betas: list[float], dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:

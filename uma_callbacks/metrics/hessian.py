@@ -94,8 +94,9 @@ class HessianSpectrum(Metric):
             while a block Krylov space of the same size has a lower polynomial degree:
             top-10 on the MiniLM reached a relative residual of 4.4e-2 in 48 products with
             b = 4 and 1e-2 in about 52 with b = 1 (``bench/spectra.py``). 1: classical
-            Lanczos (the three-term recurrence, then full reorthogonalisation with a
-            second pass only when needed).
+            Lanczos (the three-term recurrence with measured coefficients, then a full
+            reorthogonalisation whenever Simon's estimate of the lost orthogonality asks
+            for one; ``meta["lanczos_basis_rows_read"]`` counts what those passes read).
         chunk_size: samples per double backward.
         timeout_seconds: stop between products past this time.
 
@@ -259,6 +260,7 @@ class HessianSpectrum(Metric):
                     return_vectors=self.return_eigenvectors,
                     start=op.gradient_sketch(1, self.seed)[0] if self.start == "gradients" else None,
                     on_step=lambda m, res: history.append([m, float(res.max()) if res.numel() else math.nan]),
+                    product_is_scratch=True,  # the product's reused buffer becomes the work vector
                 )
             else:
                 lz = block_lanczos_top_k(
@@ -318,6 +320,7 @@ class HessianSpectrum(Metric):
             lanczos_block_size=block,
             lanczos_seconds=lanczos_seconds,
             lanczos_reorthogonalised=lz.reorthogonalised,
+            lanczos_basis_rows_read=lz.basis_rows_read,
             lanczos_product_seconds=op.product_seconds,
             lanczos_start=self.start,
             lanczos_history=[
