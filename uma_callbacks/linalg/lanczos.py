@@ -173,7 +173,7 @@ def lanczos_top_k(
     on_basis = _same_device(basis_device, torch.device(device))
     ring = None if on_basis else torch.empty(2, dim, dtype=dtype, device=device)
     first = basis[0] if on_basis else ring[0]
-    torch.div(v, v.norm() if reduce_sum is None else _norm(v, reduce_sum), out=first)
+    torch.div(v, _norm(v, reduce_sum), out=first)
     if not on_basis:
         basis[0].copy_(first)
     v = first
@@ -328,7 +328,7 @@ def _norm(w: torch.Tensor, reduce_sum: Callable[[torch.Tensor], torch.Tensor] | 
     """||w|| (sharded: the square root of the squared pieces' norms summed by ``reduce_sum``)."""
     if reduce_sum is None:
         return float(w.norm())
-    return math.sqrt(max(float(reduce_sum(torch.dot(w, w).reshape(1))[0]), 0.0))
+    return math.sqrt(max(float(_reduced(torch.dot(w, w).reshape(1), reduce_sum)[0]), 0.0))
 
 
 def _same_device(a: torch.device, b: torch.device) -> bool:
