@@ -13,11 +13,10 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from uma_callbacks.checkpoints import UMA_STATE
 from uma_callbacks.engine.records import Record
 
-#: The file's name (one name for it everywhere).
-STATE_FILE = UMA_STATE
+#: The file's name (one name for it everywhere; ``checkpoints.UMA_STATE`` reads it).
+STATE_FILE = "uma_state.json"
 #: Version tag of the file's layout.
 STATE_FORMAT = "uma-state/1"
 

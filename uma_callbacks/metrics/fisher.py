@@ -22,12 +22,12 @@ from uma_callbacks.linalg.fisher_products import (
 )
 from uma_callbacks.core.sharding import (
     aligned_chunks,
-    check_sharded_plan,
     is_sharded,
     local_entries,
     sharded_start_vector,
 )
 from uma_callbacks.linalg.lanczos import relative_residuals
+from uma_callbacks.linalg.sharded_plan import check_sharded_plan
 from uma_callbacks.linalg.operators import MatvecOperator, top_eigenpairs
 from uma_callbacks.linalg.layer_grads import hook_plan
 from uma_callbacks.linalg.linear_factors import linear_param_map

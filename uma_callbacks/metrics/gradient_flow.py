@@ -9,7 +9,8 @@ import numpy as np
 import torch
 
 from uma_callbacks.core.numerics import squared_norm64
-from uma_callbacks.core.sharding import aligned_chunks, check_sharded_plan, is_sharded, local, unwrap
+from uma_callbacks.core.sharding import aligned_chunks, is_sharded, local, unwrap
+from uma_callbacks.linalg.sharded_plan import check_sharded_plan
 from uma_callbacks.linalg.layer_grads import hook_plan, layer_gradient_sums, layer_gradients
 from uma_callbacks.linalg.per_sample import per_sample_grads
 from uma_callbacks.metrics.base import ComputeContext, Cost, Metric, MetricResult, check_choice, module_of
@@ -66,7 +67,7 @@ class GradientFlow(Metric):
         >>> loss = lambda m, b: ((m(b["x"]) - b["y"]) ** 2).sum(-1)
         >>> r = GradientFlow().compute(model, [batch], loss)
         >>> sorted(k for k in r.scalars if "/" not in k)
-        ['n_exploding_layers', 'n_vanishing_layers', 'noise_scale', 'total_norm']
+        ['loss', 'median_layer_norm', 'n_exploding_layers', 'n_vanishing_layers', 'noise_scale', 'total_norm']
     """
 
     name = "gradient_flow"
