@@ -239,7 +239,7 @@ def _hash_bytes(digest: Any, t: torch.Tensor) -> None:
         t = t.cpu()
     t = t.contiguous()
     if t.numel():
-        digest.update(memoryview(t.view(torch.uint8).numpy()))
+        digest.update(memoryview(t.reshape(-1).view(torch.uint8).numpy()))
 
 
 # ---------------------------------------------------------------------------- chunks

@@ -89,6 +89,8 @@ class MetricSuite:
     time_calibration: dict[str, float] = field(default_factory=dict)
     _warned_partial: set[str] = field(default_factory=set)
     _sample_bytes: dict[Any, int] = field(default_factory=dict)
+    _loss_identity: tuple[Any, str] | None = None
+    _warned_uncached: set[str] = field(default_factory=set)
 
     @property
     def is_main(self) -> bool:
@@ -196,7 +198,9 @@ class MetricSuite:
         view = history.view(metric) if history is not None else None
         # a result that compares checkpoints is identified by all the checkpoints it used
         identity = "|".join([checkpoint, *view.fingerprints()]) if checkpoint and view is not None else checkpoint
-        key = cache_key(identity, metric.config(), probe.fingerprint) if checkpoint else ""
+        context = self._key_context(model) if checkpoint else ""
+        config = self._key_config(metric) if context else None
+        key = cache_key(f"{identity}|{context}", config, probe.fingerprint) if config is not None else ""
         claimed = self._claim(key, collective)
         try:
             cached = self._cached(key, collective)
@@ -212,6 +216,37 @@ class MetricSuite:
         finally:
             if claimed and self.journal is not None:
                 self.journal.release(key)
+
+    def _key_context(self, model: torch.nn.Module) -> str:
+        """What besides the weights, the metric config and the probe changes a result: the
+        loss function, the model's dtype and its attention implementation. ``""`` (no
+        cache for this run, warned once) when the loss cannot be identified."""
+        if self._loss_identity is None or self._loss_identity[0] is not self.loss_fn:
+            from uma_callbacks.core.loss_identity import loss_identity
+
+            ident, why = loss_identity(self.loss_fn)
+            self._loss_identity = (self.loss_fn, ident or "")
+            if ident is None and self.use_cache:
+                logger.warning(
+                    "uma: results are not cached in this run: the loss_fn %r cannot be identified across processes (%s); "
+                    "give it a string attribute uma_cache_identity naming what it computes to cache its results",
+                    self.loss_fn, why,
+                )  # fmt: skip
+        if not self._loss_identity[1]:
+            return ""
+        config = getattr(model, "config", None)
+        dtypes = sorted({str(p.dtype) for p in model.parameters()})
+        attention = getattr(config, "_attn_implementation", None) if config is not None else None
+        return f"loss={self._loss_identity[1]}|dtype={','.join(dtypes)}|attention={attention}"
+
+    def _key_config(self, metric: Metric) -> dict[str, Any] | None:
+        """The metric's part of the cache key; ``None`` (not cached, warned once) when one of
+        its settings cannot be identified."""
+        config, why = _key_config(metric)
+        if config is None and self.use_cache and metric.name not in self._warned_uncached:
+            self._warned_uncached.add(metric.name)
+            logger.warning("uma: %s is not cached in this run: %s", metric.name, why)
+        return config
 
     def _claim(self, key: str, collective: Collective) -> bool:
         """Take the key's claim, waiting while another process (a concurrent backfill of the
@@ -426,6 +461,36 @@ def _variant_folder(step_folder: Any, result: MetricResult) -> str:
         return ""
     digest = hashlib.sha256(json.dumps(mine, sort_keys=True, default=str).encode()).hexdigest()[:8]
     return f"{result.name}-{digest}"
+
+
+def _key_config(metric: Metric) -> tuple[dict[str, Any] | None, str]:
+    """``metric.config()`` for the cache key, with the identity of each setting it can only
+    describe (a tensor by its shape, a callable by its repr); ``(None, why)`` when such a
+    setting cannot be identified."""
+    from uma_callbacks.core.loss_identity import value_identity
+
+    config = metric.config()
+    for name, value in sorted(vars(metric).items()):
+        if name.startswith("_") or name in ("chunk_size", "timeout_seconds") or _plain(value):
+            continue
+        ident, why = value_identity(value)
+        if ident is None:
+            return None, f"its setting {name!r} cannot be identified ({why})"
+        config[f"{name}#identity"] = ident
+    return config, ""
+
+
+def _plain(value: Any, depth: int = 0) -> bool:
+    """Whether ``value`` is JSON data that ``Metric.config`` keeps whole."""
+    if isinstance(value, (str, int, float, bool)) or value is None:
+        return True
+    if depth > 8:
+        return False
+    if isinstance(value, (list, tuple)):
+        return all(_plain(v, depth + 1) for v in value)
+    if isinstance(value, dict):
+        return all(isinstance(k, str) and _plain(v, depth + 1) for k, v in value.items())
+    return False
 
 
 def _skipped(metric: Metric, reason: str) -> MetricResult:
