@@ -7,7 +7,10 @@ A session owns, for one run:
 - the **journal** (world rank 0) and the **delivery** to the sinks (start and retry,
   params, failures, finish);
 - the **suite** (cache, memory budget, time limit, failure isolation);
-- the **checkpoint history** that metrics comparing checkpoints declared they need.
+- the **checkpoint history** that metrics comparing checkpoints declared they need;
+- the **run id**: every record it makes carries the id of the training run it belongs to
+  (drawn here; a resumed training gives its run's id to :meth:`Session.open`), and its
+  delivery replays only that run's records (:mod:`~uma_callbacks.engine.run_identity`).
 
 The triggers only adapt their events onto it: ``UMACallback`` (Trainer events),
 ``attach`` (Accelerate's save-state pre-hook), ``backfill`` (checkpoints on disk)::
@@ -27,7 +30,7 @@ import os
 import sys
 import time
 import traceback
-from collections.abc import Mapping, Sequence
+from collections.abc import Collection, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -40,8 +43,10 @@ from uma_callbacks.core.rng import rng_preserved
 from uma_callbacks.core.sharding import deepspeed_zero3_reason
 from uma_callbacks.engine.budget import as_budget
 from uma_callbacks.engine.delivery import Delivery
+from uma_callbacks.integrations.bounded import bounded_pair, rearm
 from uma_callbacks.engine.history import CheckpointHistory
 from uma_callbacks.engine.journal import Journal
+from uma_callbacks.engine.run_identity import RunJournal, is_run_id, new_run_id
 from uma_callbacks.engine.probe import Probe, count_samples, save_probe
 from uma_callbacks.engine.records import Record
 from uma_callbacks.engine.snapshot import weights_fingerprint
@@ -52,6 +57,8 @@ logger = logging.getLogger(__name__)
 
 #: Python's, NumPy's and torch's global RNG states restored on exit (one helper for the package).
 all_rngs_preserved = rng_preserved
+#: Sources that measure a training while it runs: their deliveries replay their own run only.
+LIVE_SOURCES = ("callback", "accelerate")
 
 
 class Session:
@@ -70,6 +77,7 @@ class Session:
         history: the :class:`~uma_callbacks.engine.history.CheckpointHistory`.
         delivery: the sinks and their health (rank 0).
         records: every record measured in this session, in order.
+        run: the id of the training run this session's records belong to.
     """
 
     def __init__(
@@ -79,15 +87,16 @@ class Session:
         self.root = Path(root)
         self.source = source
         self.collective = collective or current_collective()
-        self.journal: Journal | None = (
-            Journal(self.root, save_tensors=config.save_tensors) if self.collective.rank == 0 else None
+        self.run = new_run_id()
+        self.journal: RunJournal | None = (
+            RunJournal(self.root, self.run, save_tensors=config.save_tensors) if self.collective.rank == 0 else None
         )
-        self.delivery = Delivery(self.journal)
+        self.delivery = Delivery(self.journal, run=self.run, follow_tracker=source not in LIVE_SOURCES)
         self.history = CheckpointHistory(config.metric_objects)
         self.suite = MetricSuite(
             metrics=config.metric_objects,
             journal=self.journal,
-            on_record=lambda record: self.delivery.send([record]),
+            on_record=self._on_record,
             collective=self.collective,
             loss_fn=config.loss_fn,
             use_cache=config.use_cache,
@@ -122,6 +131,7 @@ class Session:
         *,
         save: bool = True,
         params: Mapping[str, Any] | None = None,
+        run: str | None = None,
     ) -> None:
         """Freeze the probe, save it for backfills, start the sinks and log the params.
 
@@ -131,10 +141,19 @@ class Session:
             own_sinks: those whose runs this session opened (finished by :meth:`finish`).
             save: write ``probe.safetensors`` (a backfill reusing a saved probe does not).
             params: more params to log with the metric configs.
+            run: the id of the training run this session continues (a resume); ``None``:
+                the fresh id drawn at construction.
 
         Raises:
-            ValueError: the probe cannot be measured with the configured loss.
+            ValueError: the probe cannot be measured with the configured loss, or ``run``
+                is not a run id (32 hex digits, or ``""`` for an older version's run).
         """
+        if run is not None:
+            if run != "" and not is_run_id(run):
+                raise ValueError(f"Session.open: run must be 32 lowercase hex digits or ''; got {run!r:.80}")
+            self.run = self.delivery.run = run
+            if self.journal is not None:
+                self.journal.run = run
         with all_rngs_preserved():
             check_probe_usable(probe, self.config.loss_fn)
             self.probe = probe
@@ -145,12 +164,14 @@ class Session:
                     save_probe(probe, self.root)  # `uma backfill` rebuilds the very same probe from it
                 except (ValueError, OSError, RuntimeError, SafetensorError) as err:  # custom batches, full disk
                     logger.warning("uma: the probe was not saved for backfills (%s: %s)", type(err).__name__, err)
-            self.delivery.sinks, self.delivery.own = list(sinks), list(own_sinks)
+            timeout = self.config.tracker_timeout_seconds if self.source in ("callback", "accelerate") else None
+            self.delivery.sinks, self.delivery.own = bounded_pair(sinks, own_sinks, timeout)  # training path only
             self.delivery.start(self.params(params))
 
     def params(self, extra: Mapping[str, Any] | None = None) -> dict[str, Any]:
         """What is logged once per run: the probe's identity and every metric's config."""
         out: dict[str, Any] = {
+            "run": self.run,
             "probe_fingerprint": self.probe.fingerprint if self.probe else "",
             "probe_size": self.probe.n_samples if self.probe else 0,
         }
@@ -166,6 +187,7 @@ class Session:
         fingerprint: str | None = None,
         label: str = "",
         seconds: float | None = None,
+        only: Collection[str] | None = None,
     ) -> list[Record]:
         """Measure ``model`` at ``step`` (every rank calls it; a step is measured once).
 
@@ -177,6 +199,8 @@ class Session:
             label: tells apart two checkpoints claiming the same step (the backfill's folder).
             seconds: the compute budget of this save (``None``: :meth:`compute_budget` with no
                 training time, i.e. ``seconds_per_save`` or no budget).
+            only: measure these metrics only (by name; a resume completing a cut-off save);
+                ``None``: every configured metric.
 
         Returns:
             One record per metric (empty when the step was measured already).
@@ -189,6 +213,7 @@ class Session:
         if (int(step), label) in self._measured:
             return []
         self._measured.add((int(step), label))
+        rearm(self.delivery.sinks)  # a new save: a stalled tracker is tried again
         zero3 = deepspeed_zero3_reason(model)
         if zero3:  # partitioned placeholders: measuring them would give wrong numbers
             return [self.record_error(step, "deepspeed_zero3", RuntimeError(zero3))]
@@ -200,10 +225,18 @@ class Session:
             logger.info("uma: measuring %s at step %d", ", ".join(self.config.metric_names), step)
             if seconds is None:
                 seconds = self.compute_budget(None)
-            records = self.suite.run(
-                model, self.probe, step=int(step), checkpoint=fingerprint, history=self.history, seconds=seconds
-            )
+            every = self.suite.metrics
+            if only is not None:
+                self.suite.metrics = [m for m in every if m.name in set(only)]
+            try:
+                records = self.suite.run(
+                    model, self.probe, step=int(step), checkpoint=fingerprint, history=self.history, seconds=seconds
+                )
+            finally:
+                self.suite.metrics = every
             self.history.push(model, int(step), fingerprint)
+        for record in records:
+            record.run = self.run  # the journal stamped rank 0's; the other ranks' too
         self.suite.progress.close()
         if self.journal is not None:
             self.journal.flush()  # writes that failed earlier (full disk) are retried at every save
@@ -233,6 +266,7 @@ class Session:
             meta={**dict(meta or {}), "timestamp_ms": int(time.time() * 1000)},
             checkpoint=str((meta or {}).get("path", "")),
             source=self.source,
+            run=self.run,
         )
         if self.is_main and self.journal is not None:
             with all_rngs_preserved():
@@ -241,12 +275,30 @@ class Session:
         self.records.append(record)
         return record
 
+    def _on_record(self, record: Record) -> None:
+        """A record the suite made (rank 0): it is this run's; deliver it.
+
+        A cache hit (a copy of an earlier record, not journalled by the suite) is journalled
+        under this run when the session measures a live training: the run then holds its own
+        value at that step, for its replays and for ``uma sync``.
+        """
+        record.run = self.run
+        if (
+            record.status == "cached"
+            and self.source in LIVE_SOURCES
+            and self.journal is not None
+            and all(r.record_id != record.record_id for r in self.journal.records())
+        ):
+            self.journal.append(record)
+        self.delivery.send([record])
+
     def finish(self) -> None:
         """Deliver everything a sink missed, then finish the runs this session opened."""
         if self.is_main:
             with all_rngs_preserved():
                 if self.journal is not None and not self.journal.flush():
                     logger.warning("uma: %d journal record(s) could not be written (disk full?)", len(self.journal.pending))
+                rearm(self.delivery.sinks)
                 self.delivery.finish()
 
 

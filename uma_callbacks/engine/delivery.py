@@ -4,6 +4,13 @@ The journal is the source of truth; a sink gets the records its delivery log doe
 hold yet. Sinks that failed (to start, or to take a record) are retried at the next
 delivery with everything they missed, so a tracker that is down at the start or
 mid-run loses nothing. One warning per outage, not one per record.
+
+Replays carry only records of the right training run (:mod:`~uma_callbacks.engine.run_identity`):
+a live training's delivery (``run`` given) replays that run's records only, never those of
+another training in the same folder. Without ``run`` (``uma sync``), a sink's tracker run gets
+the records of the training runs it already holds records of; a tracker run that holds none
+gets the journal's newest run. ``follow_tracker`` (a backfill) replays both: its own run's
+records and those of the runs the tracker run holds.
 """
 
 from __future__ import annotations
@@ -17,6 +24,7 @@ from typing import Any
 
 from uma_callbacks.engine.journal import Journal
 from uma_callbacks.engine.records import Record
+from uma_callbacks.engine.run_identity import runs_held
 
 logger = logging.getLogger(__name__)
 
@@ -28,12 +36,24 @@ class Delivery:
         journal: where records and the delivery log are (rank 0); ``None``: nothing is delivered.
         sinks: the sink objects.
         own: those whose runs this session opened (finished by :meth:`finish`).
+        run: the training run whose records are replayed (a live training); ``None``:
+            per sink, the runs its tracker run holds records of, else the journal's newest.
+        follow_tracker: with ``run``, also replay the runs the sink's tracker run holds.
     """
 
-    def __init__(self, journal: Journal | None, sinks: Sequence[Any] = (), own: Sequence[Any] = ()) -> None:
+    def __init__(
+        self,
+        journal: Journal | None,
+        sinks: Sequence[Any] = (),
+        own: Sequence[Any] = (),
+        run: str | None = None,
+        follow_tracker: bool = False,
+    ) -> None:
         self.journal = journal
         self.sinks = list(sinks)
         self.own = list(own)
+        self.run = run
+        self.follow_tracker = follow_tracker
         self.params: dict[str, Any] = {}
         self._failed: set[str] = set()
         self._params_sent: set[str] = set()
@@ -56,16 +76,16 @@ class Delivery:
             return 0
         sent = 0
         for sink in self.sinks:
-            pending = self.journal.records() if sink.name in self._failed else list(records)
-            sent += self._deliver(sink, pending)
+            failed = sink.name in self._failed
+            sent += self._deliver(sink, [] if failed else list(records), replay=failed)
         return sent
 
     def send_pending(self) -> int:
-        """Replay every journalled record a sink has not received yet; returns how many went."""
+        """Replay every journalled record of the run(s) this delivery serves (see the module
+        docstring) that a sink has not received yet; returns how many went."""
         if self.journal is None:
             return 0
-        records = self.journal.records()
-        return sum(self._deliver(sink, records) for sink in self.sinks)
+        return sum(self._deliver(sink, [], replay=True) for sink in self.sinks)
 
     def finish(self) -> None:
         """Deliver what is pending, then finish the runs this session opened."""
@@ -89,7 +109,8 @@ class Delivery:
             return False
         return True
 
-    def _deliver(self, sink: Any, records: Sequence[Record]) -> int:
+    def _deliver(self, sink: Any, records: Sequence[Record], replay: bool = False) -> int:
+        """Send ``records`` (``replay``: the journal's records of the served runs) not yet in the sink's run."""
         assert self.journal is not None
         if not self._ensure_started(sink):
             return 0
@@ -99,6 +120,8 @@ class Delivery:
         except Exception as err:  # a tracker outage must not stop training
             self._report(sink, err)
             return 0
+        if replay:
+            records = self._replayed(done)
         sent = 0
         delivered_configs: dict[tuple[str, int], str] | None = self._configs.get((sink.name, run))
         for record in records:
@@ -120,6 +143,20 @@ class Delivery:
             self._failed.discard(sink.name)
             logger.warning("uma: sink %s is back; pending records delivered", sink.name)
         return sent
+
+    def _replayed(self, done: set[str]) -> list[Record]:
+        """The journal's records of the runs this delivery serves, for a tracker run holding ``done``."""
+        assert self.journal is not None
+        records = self.journal.records()
+        if self.run is not None and not self.follow_tracker:
+            runs = {self.run}
+        else:
+            runs = runs_held(records, done)
+            if self.run is not None:
+                runs.add(self.run)
+            elif not runs and records:
+                runs = {records[-1].run}  # a tracker run that holds nothing: the newest training run
+        return [r for r in records if r.run in runs]
 
     def _delivered_configs(self, done: set[str]) -> dict[tuple[str, int], str]:
         assert self.journal is not None

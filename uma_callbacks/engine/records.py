@@ -61,6 +61,7 @@ SCHEMA: dict[str, tuple[bool, Any, str]] = {
     "checkpoint": (False, lambda v: isinstance(v, str), "a string"),
     "probe": (False, lambda v: isinstance(v, str), "a string"),
     "source": (False, lambda v: isinstance(v, str), "a string"),
+    "run": (False, lambda v: isinstance(v, str) and len(v) <= 64, "a string of at most 64 characters"),
 }
 
 
@@ -128,6 +129,8 @@ class Record:
         checkpoint: the checkpoint fingerprint (or folder name).
         probe: the probe fingerprint.
         source: what produced it: ``callback``, ``accelerate``, ``backfill``, ``analyze``.
+        run: the id of the training run that made it
+            (:mod:`~uma_callbacks.engine.run_identity`); ``""`` in records of older versions.
     """
 
     step: int
@@ -141,11 +144,17 @@ class Record:
     checkpoint: str = ""
     probe: str = ""
     source: str = ""
+    run: str = ""
 
     @property
     def record_id(self) -> str:
-        """Stable id of (step, metric, cache key): a sink delivers each id once."""
-        return hashlib.sha256(f"{self.step}|{self.metric}|{self.cache_key}".encode()).hexdigest()[:24]
+        """Stable id of (step, metric, cache key, run): a sink delivers each id once.
+
+        A record without a run (an older version's) keeps the id it had then, so the
+        deliveries noted by that version still count.
+        """
+        run = f"|{self.run}" if self.run else ""
+        return hashlib.sha256(f"{self.step}|{self.metric}|{self.cache_key}{run}".encode()).hexdigest()[:24]
 
     def log_values(self) -> dict[str, float]:
         """``{uma/<metric>/<scalar>: value}`` for the finite scalars, with seconds and peak_mb."""

@@ -7,7 +7,12 @@ A thin adapter from ``TrainerCallback`` events onto a :class:`~uma_callbacks.ses
   dataset, drawn with ``seed`` and collated by the Trainer's own collator), resolve the
   sinks (``trackers``, else ``args.report_to``; the MLflow run id is captured here, since
   ``MLflowCallback`` ends its run before user callbacks see ``on_train_end``), open the session;
-- ``on_save``: the checkpoint folder is complete: ``session.measure(model, global_step)``;
+  a fresh training is a new run (a new id, a new tracker run); a resumed one (``global_step``
+  is already the checkpoint's) continues the run that saved the checkpoint: same id, same
+  tracker run, and it measures now, on the checkpoint's weights, what that save left
+  unmeasured (a ``kill -9`` mid-save), logged at the checkpoint's step;
+- ``on_save``: the checkpoint folder is complete: mark it with the run's id
+  (``uma_run.json``), then ``session.measure(model, global_step)``;
 - ``on_step_end``: with ``every_n_steps``, also measure between saves;
 - ``on_train_end``: ``session.finish()`` (deliver what a tracker missed, close our runs).
 
@@ -17,19 +22,26 @@ one without it.
 
 from __future__ import annotations
 
+import logging
 import os
 import time
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from typing import Any
+
+import torch
 
 from transformers import TrainerCallback
 
 from uma_callbacks.checkpoints import ensure_config_json
 from uma_callbacks.config import UMAConfig
+from uma_callbacks.engine.journal import Journal
 from uma_callbacks.engine.probe_source import build_probe, check_probe_source
-from uma_callbacks.integrations.registry import resolve_sinks, tracker_names
+from uma_callbacks.engine.run_identity import measured_metrics, resumed_run, tracker_run, write_run_marker
+from uma_callbacks.integrations.registry import make_sink, resolve_sinks, tracker_names
 from uma_callbacks.metrics.base import Metric
 from uma_callbacks.session import Session, all_rngs_preserved
+
+logger = logging.getLogger(__name__)
 
 
 class UMACallback(TrainerCallback):
@@ -113,6 +125,8 @@ class UMACallback(TrainerCallback):
         cfg = self.config
         root = cfg.output_dir or os.path.join(args.output_dir, "uma")
         session = Session(cfg, root, source="callback")
+        step = int(state.global_step)  # > 0: resumed from a checkpoint saved at this step
+        run = _resumed_run(session.journal, args, step) if step > 0 and session.journal is not None else None
         with all_rngs_preserved():  # drawing the probe consumes no RNG of the run
             probe = build_probe(
                 self._probe_source,
@@ -123,10 +137,31 @@ class UMACallback(TrainerCallback):
                 loaders=[loader for loader in (eval_dataloader, train_dataloader) if loader is not None],
                 field="UMACallback.probe",
             )
-            sinks, own = trainer_sinks(args, cfg.trackers, root) if session.is_main else ([], [])
-        session.open(probe, sinks, own)
+            reopen = _tracker_runs(session.journal, run, args, cfg.trackers) if run is not None else {}
+            sinks, own = trainer_sinks(args, cfg.trackers, root, reopen) if session.is_main else ([], [])
+        session.open(probe, sinks, own, run=run)
         self.session = session
+        if step > 0:
+            self._complete_resumed_save(model, step)
         self._since = time.monotonic()
+
+    def _complete_resumed_save(self, model: Any, step: int) -> None:
+        """Measure, at ``step``, the metrics the run holds no finished record of there (the
+        save was cut off), on the model the Trainer just loaded from that checkpoint."""
+        session = self.session
+        if session is None or model is None:
+            return
+        names = session.config.metric_names
+        done = measured_metrics(session.journal, session.run, step) if session.journal is not None else set()
+        # every rank measures the same metrics: rank 0, which reads the journal, decides
+        missing = torch.tensor([0.0 if name in done else 1.0 for name in names], dtype=torch.float64)
+        if session.collective.world_size > 1:
+            if not session.is_main:
+                missing.zero_()
+            session.collective.sum_([missing])
+        todo = [name for name, flag in zip(names, missing.tolist()) if flag > 0]
+        if todo:
+            session.measure(model, step, only=todo)
 
     def on_step_end(self, args, state, control, model=None, **kwargs):
         n = self.config.every_n_steps
@@ -134,6 +169,8 @@ class UMACallback(TrainerCallback):
             self._measure(model, state.global_step, state)
 
     def on_save(self, args, state, control, model=None, **kwargs):
+        if self.session is not None and self.session.is_main:  # before measuring: a kill -9 then keeps it
+            write_run_marker(os.path.join(args.output_dir, f"checkpoint-{state.global_step}"), self.session.run, state.global_step)
         self._measure(model, state.global_step, state)
         if self.session is not None and self.session.is_main and model is not None:
             # a sharded save (FSDP SHARDED_STATE_DICT) writes no config.json; the backfill needs it
@@ -160,12 +197,76 @@ class UMACallback(TrainerCallback):
                 state.log_history.append({**values, "step": step})
 
 
-def trainer_sinks(args: Any, trackers: Sequence[Any] | None, root: str | os.PathLike[str]) -> tuple[list[Any], list[Any]]:
+def trainer_sinks(
+    args: Any,
+    trackers: Sequence[Any] | None,
+    root: str | os.PathLike[str],
+    reopen: Mapping[str, Mapping[str, str]] | None = None,
+) -> tuple[list[Any], list[Any]]:
     """``(sinks, own)`` for a Trainer run: ``trackers``, else the tracker names in
-    ``args.report_to`` that have a sink (others are the Trainer's business)."""
+    ``args.report_to`` that have a sink (others are the Trainer's business).
+
+    ``reopen``: ``{tracker name: {"run", "uri"}}``, the tracker runs a resumed training
+    continues (see :func:`reopened`); other names open or join runs as usual.
+    """
+    entries = _tracker_entries(args, trackers)
+    sinks: list[Any] = []
+    own: list[Any] = []
+    for entry in entries:
+        if isinstance(entry, str) and reopen and entry in reopen:
+            sink, ours = reopened(entry, reopen[entry], root)
+            sinks.append(sink)
+            own += [sink] if ours else []
+        else:
+            more, more_own = resolve_sinks([entry], fallback_dir=root)
+            sinks += more
+            own += more_own
+    return sinks, own
+
+
+def reopened(name: str, where: Mapping[str, str], root: str | os.PathLike[str]) -> tuple[Any, bool]:
+    """``(sink, own)``: the ``name`` sink a resumed training logs to.
+
+    A tracker run the Trainer itself has open (``report_to``: its callback opened it before
+    ours) wins: the training's own values go there. Otherwise the sink joins the tracker run
+    ``where`` names (the one the resumed run delivered to), and it is ours to finish.
+    """
+    fresh = make_sink(name, fallback_dir=root)
+    capture = getattr(fresh, "capture_active_run", None)
+    if callable(capture) and capture():
+        if fresh.run_id() != where.get("run"):
+            logger.warning(
+                "uma: resuming; the Trainer opened %s run %s, the journal's run was %s: logging to the Trainer's",
+                name, fresh.run_id(), where.get("run"),
+            )  # fmt: skip
+        return fresh, False
+    sink = make_sink(name, run_id=where.get("run") or None, tracking_uri=where.get("uri") or None, fallback_dir=root)
+    return sink, True
+
+
+def _tracker_entries(args: Any, trackers: Sequence[Any] | None) -> list[Any]:
+    if trackers is not None:
+        return list(trackers)
     report_to = args.report_to if isinstance(args.report_to, (list, tuple)) else [args.report_to]
-    default = [name for name in report_to if name in tracker_names()]
-    return resolve_sinks(trackers, default=default, fallback_dir=root)
+    return [name for name in report_to if name in tracker_names()]
+
+
+def _resumed_run(journal: Journal, args: Any, step: int) -> str | None:
+    """The run a training resumed at ``step`` continues (its checkpoint folder's marker, else the journal)."""
+    folders = [os.path.join(args.output_dir, f"checkpoint-{step}")]
+    given = getattr(args, "resume_from_checkpoint", None)
+    if isinstance(given, str) and given:
+        folders.insert(0, given)
+    return resumed_run(journal, step, folders)
+
+
+def _tracker_runs(journal: Journal | None, run: str, args: Any, trackers: Sequence[Any] | None) -> dict[str, dict[str, str]]:
+    """``{tracker name: {"run", "uri"}}`` that the resumed ``run`` delivered to, for the named trackers."""
+    if journal is None:
+        return {}
+    names = [e for e in _tracker_entries(args, trackers) if isinstance(e, str)]
+    found = {name: tracker_run(journal, run, name) for name in names}
+    return {name: where for name, where in found.items() if where is not None}
 
 
 def _is_save_step(args: Any, state: Any) -> bool:
