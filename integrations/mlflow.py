@@ -41,6 +41,7 @@ from typing import Any
 from uma_callbacks.engine.records import Record
 
 from uma_callbacks.integrations.base import Sink, keeps_rng, tracker_key, uploadable_files
+from uma_callbacks.integrations.uris import no_stray_folders, sqlite_path, sqlite_uri
 
 logger = logging.getLogger(__name__)
 
@@ -95,8 +96,20 @@ def _import_mlflow() -> Any:
 
 
 def default_tracking_uri(folder: str | os.PathLike[str]) -> str:
-    """``sqlite:///<folder>/mlflow.db`` (MLflow 3's plain file store raises)."""
-    return f"sqlite:///{Path(folder).resolve() / 'mlflow.db'}"
+    """``sqlite:///<folder>/mlflow.db``, escaped (:func:`~uma_callbacks.integrations.uris.sqlite_uri`:
+    a folder named ``a%41b`` or ``a?b`` is reached as it is); MLflow 3's plain file store raises.
+
+    Raises:
+        ValueError: the folder's path is not valid UTF-8.
+    """
+    return sqlite_uri(Path(folder).resolve() / "mlflow.db")
+
+
+def _artifact_location(uri: str) -> str | None:
+    """A new experiment's artifact folder in a local SQLite store: beside the store (MLflow's
+    default, ``./mlruns``, is the current directory, outside the run folder)."""
+    path = sqlite_path(uri)
+    return (path.parent / "mlflow-artifacts").as_uri() if path is not None and path.is_absolute() else None
 
 
 class MLflowSink(Sink):
@@ -180,12 +193,17 @@ class MLflowSink(Sink):
                 uri = default_tracking_uri(self._fallback_dir)
             else:
                 uri = self._mlflow.get_tracking_uri()
-        client = _BoundedClient(self._mlflow.tracking.MlflowClient(tracking_uri=uri), uri)
-        if run_id is None:
-            experiment = client.get_experiment_by_name(self._experiment_name)
-            experiment_id = experiment.experiment_id if experiment else client.create_experiment(self._experiment_name)
-            run_id = client.create_run(experiment_id, run_name=self._run_name).info.run_id
-            logger.info("uma: opened MLflow run %s in %s", run_id, uri)
+        with no_stray_folders(uri):  # MLflow makes a folder from an escaped URI's raw text
+            client = _BoundedClient(self._mlflow.tracking.MlflowClient(tracking_uri=uri), uri)
+            if run_id is None:
+                experiment = client.get_experiment_by_name(self._experiment_name)
+                experiment_id = (
+                    experiment.experiment_id
+                    if experiment
+                    else client.create_experiment(self._experiment_name, artifact_location=_artifact_location(uri))
+                )
+                run_id = client.create_run(experiment_id, run_name=self._run_name).info.run_id
+                logger.info("uma: opened MLflow run %s in %s", run_id, uri)
         self._client, self._run_id, self._tracking_uri = client, run_id, uri
         self._flush_params()
 

@@ -14,6 +14,7 @@ from typing import Any
 
 from uma_callbacks.engine.journal import DELIVERIES_FILE, Journal, read_lines
 from uma_callbacks.integrations.registry import make_sink
+from uma_callbacks.integrations.uris import sqlite_uri
 
 
 def sinks_for_run(
@@ -80,5 +81,5 @@ def delivered_run(journal: Journal, sink: str) -> dict[str, str] | None:
 def _local_store(run_dir: Path, root: Path) -> str | None:
     for folder in (run_dir, root):
         if (folder / "mlflow.db").is_file():
-            return f"sqlite:///{(folder / 'mlflow.db').resolve()}"
+            return sqlite_uri(folder / "mlflow.db")  # escaped: a%41b, a?b
     return None
