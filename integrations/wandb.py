@@ -202,7 +202,10 @@ class WandbSink(Sink):
         for path in (p for p in files if p.suffix == ".png"):
             key = tracker_key(f"{PREFIX}/{record.metric}/figures/{_figure_name(record.metric, path)}")
             if (step, key) not in self._logged:
-                row[key] = wandb.Image(str(path), caption=f"{record.metric} at step {step}")
+                try:
+                    row[key] = wandb.Image(str(path), caption=f"{record.metric} at step {step}")
+                except Exception as err:  # noqa: BLE001 (a damaged PNG on disk: left out, the record goes on)
+                    logger.warning("uma: figure %s not logged to W&B: unreadable (%s: %.200s)", path, type(err).__name__, err)
         table_key = tracker_key(f"{PREFIX}/{record.metric}/modules")
         rows = _module_rows(record)
         if rows and (step, table_key) not in self._logged:
@@ -218,7 +221,7 @@ class WandbSink(Sink):
             status = "ok" if record.status == "cached" else record.status
             self._run.summary[tracker_key(f"{PREFIX}/{record.metric}/status")] = status
         summary = record.meta.get("summary") if isinstance(record.meta, dict) else None
-        for name, value in (summary or {}).items():  # one-off findings (the early-bird step)
+        for name, value in (summary if isinstance(summary, dict) else {}).items():  # one-off findings (early bird)
             if isinstance(value, (int, float, str)):
                 self._run.summary[tracker_key(f"{PREFIX}/{record.metric}/{name}")] = value
         if record.status not in ("ok", "cached", "partial"):

@@ -40,7 +40,6 @@ pickle is read with an allow-list of DCP's metadata types only; ``optimizer_0/``
 
 from __future__ import annotations
 
-import json
 import logging
 import os
 import re
@@ -53,6 +52,7 @@ import torch
 
 from uma_callbacks.core.dcp import ACCELERATE_MODEL_FOLDER, find_dcp_model_folder, load_dcp
 from uma_callbacks.core.file_names import is_plain_file_name
+from uma_callbacks.core.safe_json import read_json
 
 logger = logging.getLogger(__name__)
 
@@ -93,8 +93,8 @@ class _Problem(Exception):
 def _read_step(path: Path, field: str) -> int:
     """``int(json[field])`` of a state file; :class:`_Problem` naming the file and what is wrong."""
     try:
-        data = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, UnicodeDecodeError, ValueError) as err:
+        data = read_json(path)
+    except (OSError, ValueError) as err:  # UnreadableJSON: too deep, too long, not UTF-8, not JSON
         raise _Problem(f"{path.name} is not readable JSON ({type(err).__name__}: {err})") from err
     value = data.get(field) if isinstance(data, dict) else None
     if isinstance(value, bool) or not isinstance(value, int) or not -(2**63) <= value < 2**63:
@@ -318,8 +318,8 @@ def _shard_names(index: Path) -> list[str]:
             file name (``/``, ``\\``, ``..``, absolute): it would read another folder's weights.
     """
     try:
-        weight_map = json.loads(index.read_text(encoding="utf-8"))["weight_map"]
-    except (OSError, UnicodeDecodeError, ValueError, KeyError, TypeError) as err:
+        weight_map = read_json(index)["weight_map"]
+    except (OSError, ValueError, KeyError, TypeError) as err:
         raise ValueError(f"sharded index {index} is unreadable ({type(err).__name__}: {err})") from err
     if not isinstance(weight_map, dict) or not all(isinstance(v, str) for v in weight_map.values()):
         raise ValueError(f"sharded index {index}: 'weight_map' must be an object of shard file names")
@@ -406,9 +406,12 @@ def read_config(folder: str | os.PathLike[str]) -> dict[str, Any]:
         )
         raise FileNotFoundError(f"no config.json in {folder}: cannot tell which model to build{hint}")
     try:
-        return json.loads(path.read_text(encoding="utf-8"))
+        config = read_json(path)
     except ValueError as err:
         raise ValueError(f"config.json in {folder} is not valid JSON: {err}") from err
+    if not isinstance(config, dict):
+        raise ValueError(f"config.json in {folder} must be a JSON object; got {type(config).__name__}")
+    return config
 
 
 def architecture_of(config: Mapping[str, Any]) -> str:

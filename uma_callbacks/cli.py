@@ -2,7 +2,9 @@
 
 Exit codes: 0 all done; 1 some checkpoint or metric failed (the others were processed;
 a summary lists the reasons); 2 bad input (missing folder, no checkpoints, no probe,
-bad option).
+bad option, a file that cannot be read). Content read from disk that is damaged or odd
+(a torn or hostile journal line, a result file of another shape) is skipped, counted and
+reported by each command, never a crash.
 """
 
 from __future__ import annotations
@@ -157,9 +159,10 @@ def _backfill(args: argparse.Namespace) -> int:
 def _report(args: argparse.Namespace) -> int:
     from uma_callbacks.report import find_journal, write_report
 
-    png, page = write_report(args.run_dir, args.out)
+    journal = find_journal(args.run_dir)
+    png, page = write_report(args.run_dir, args.out, journal=journal)
     print(f"report: {png}\nreport: {page}")
-    _journal_health(find_journal(args.run_dir))
+    _journal_health(journal)
     return 0
 
 
@@ -169,6 +172,8 @@ def _journal_health(journal: Any) -> None:
         print(f"journal: {journal.bad_lines} line(s) skipped ({journal.foreign_lines} of a foreign shape)")
     if journal.refused_files:
         print(f"journal: {len(journal.refused_files)} file path(s) refused (outside the journal folder)")
+    if getattr(journal, "unreadable_files", None):
+        print(f"journal: {len(journal.unreadable_files)} result file(s) unreadable (damaged or of another shape), left out")
 
 
 def _sync(args: argparse.Namespace) -> int:
@@ -202,7 +207,7 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         return int(args.func(args))
-    except (FileNotFoundError, ValueError) as err:
+    except (OSError, ValueError) as err:  # FileNotFoundError, PermissionError, UnreadableJSON included
         print(f"uma {args.command}: error: {err}", file=sys.stderr)
         return 2
 

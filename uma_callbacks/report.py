@@ -16,12 +16,16 @@ from __future__ import annotations
 
 import base64
 import html
+import logging
 import math
 import os
+import tempfile
 from pathlib import Path
 from typing import Any
 
 from uma_callbacks.engine.journal import JOURNAL_FILE, Journal
+
+logger = logging.getLogger(__name__)
 
 
 def collect_series(journal: Journal) -> dict[str, dict[int, float]]:
@@ -55,11 +59,57 @@ def collect_results(journal: Journal) -> dict[str, list[tuple[int, Any]]]:
     return out
 
 
-def draw_trends(results: dict[str, list[tuple[int, Any]]], out: Path) -> list[Path]:
-    """The across-checkpoint figures the metric families registered (needs matplotlib)."""
-    from uma_callbacks.plots import draw_trends as draw
+def draw_trends(results: dict[str, list[tuple[int, Any]]], out: Path, skipped: list[str] | None = None) -> list[Path]:
+    """The across-checkpoint figures the metric families registered (needs matplotlib).
 
-    return draw(results, out)
+    Results come from disk: a figure whose drawer fails is drawn again without the
+    results it fails on (each tried alone), so one odd result is left out alone and the
+    figure keeps the others. What is left out is appended to ``skipped`` as
+    ``"<metric> at step <N>: <reason>"`` (or ``"<metric>: <reason>"`` for a whole figure).
+    """
+    from uma_callbacks.plots import TREND_DRAWERS
+
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    skipped = skipped if skipped is not None else []
+    paths: list[Path] = []
+    for name, drawer in TREND_DRAWERS.items():
+        pairs = results.get(name)
+        if not pairs:
+            continue
+        try:
+            paths += _guarded(drawer, pairs, out)
+            continue
+        except Exception:  # noqa: BLE001 (a drawer fed odd data from disk; found and left out below)
+            pass
+        good = []
+        for step, result in pairs:
+            try:
+                with tempfile.TemporaryDirectory() as scratch:
+                    _guarded(drawer, [(step, result)], Path(scratch))
+                good.append((step, result))
+            except Exception as err:  # noqa: BLE001
+                skipped.append(f"{name} at step {step}: {type(err).__name__}: {str(err)[:200]}")
+        try:
+            paths += _guarded(drawer, good, out) if good else []
+        except Exception as err:  # noqa: BLE001 (fails only together: leave the figure out)
+            skipped.append(f"{name}: {type(err).__name__}: {str(err)[:200]}")
+    for reason in skipped:
+        logger.warning("uma report: left out of the figures: %s", reason)
+    return paths
+
+
+def _guarded(drawer: Any, pairs: list[tuple[int, Any]], out: Path) -> list[Path]:
+    """``drawer(pairs, out)``, closing the figures it opened when it raises."""
+    import matplotlib.pyplot as plt
+
+    before = set(plt.get_fignums())
+    try:
+        return list(drawer(pairs, out))
+    except BaseException:
+        for number in set(plt.get_fignums()) - before:
+            plt.close(number)
+        raise
 
 
 def find_journal(path: str | os.PathLike[str]) -> Journal:
@@ -131,19 +181,21 @@ def draw_report(series: dict[str, dict[int, float]], png: Path, title: str = "um
     rows = math.ceil(n / cols)
     fig, axes = plt.subplots(rows, cols, figsize=(3.8 * cols, 2.9 * rows), squeeze=False)
     for ax, name in zip(axes.flat, names):
-        points = series[name]
+        points = {s: v for s, v in series[name].items() if _drawable(v)}
+        left_out = len(series[name]) - len(points)
         steps = sorted(points)
         values = [points[s] for s in steps]
         ax.plot(steps, values, "o-", ms=3)
         band = _band_of(name, series)
         if band:
-            err = [series[band].get(s, math.nan) for s in steps]
+            err = [series[band][s] if _drawable(series[band].get(s, math.nan)) else math.nan for s in steps]
             ax.fill_between(steps, [v - e for v, e in zip(values, err)], [v + e for v, e in zip(values, err)],
                             alpha=0.25, label="±1 s.e.")  # fmt: skip
             ax.legend(fontsize=6, loc="best")
         metric, scalar = name.split("/", 1)
         unit = UNITS.get(scalar)
         also = f" (= {', '.join(same_as[name])})" if same_as.get(name) else ""
+        also += f" [{left_out} value(s) beyond ±{_DRAWABLE:g}: in the table]" if left_out else ""
         ax.set_title(metric + also, fontsize=7, loc="left")
         ax.set_ylabel(f"{scalar} ({unit})" if unit else scalar, fontsize=7)
         ax.set_xlabel("step", fontsize=7)
@@ -161,13 +213,23 @@ def draw_report(series: dict[str, dict[int, float]], png: Path, title: str = "um
     return png
 
 
+#: The largest magnitude drawn (matplotlib's axis arithmetic overflows near 1e308); larger
+#: values are listed in the table only, and the panel says how many.
+_DRAWABLE = 1e200
+
+
+def _drawable(value: float) -> bool:
+    return math.isfinite(value) and abs(value) <= _DRAWABLE
+
+
 def _tick_format(values: list[float]):
     """Tick labels with as many digits as the panel's range needs, never an offset or a
     multiplier (``3.91275`` and ``3.913``, ``4e-05``): the value is read off the axis itself."""
     finite = [v for v in values if math.isfinite(v)] or [0.0]
-    span = max(finite) - min(finite)
+    span = max(finite) / 2 - min(finite) / 2  # halves: +-1e308 must not overflow to inf
     scale = max(abs(v) for v in finite) or 1.0
-    digits = 3 if span <= 0 else max(3, min(10, math.ceil(math.log10(scale / span)) + 3))
+    ratio = scale / span / 2 if span > 0 else math.inf
+    digits = max(3, min(10, math.ceil(math.log10(ratio)) + 3)) if 0 < ratio < math.inf else 3
     return lambda value, _pos: f"{value:.{digits}g}"
 
 
@@ -204,24 +266,34 @@ def step_figures(journal: Journal) -> list[tuple[str, Path]]:
     return out
 
 
-def write_report(source: str | os.PathLike[str], out_dir: str | os.PathLike[str] | None = None) -> tuple[Path, Path]:
+def write_report(
+    source: str | os.PathLike[str], out_dir: str | os.PathLike[str] | None = None, journal: Journal | None = None
+) -> tuple[Path, Path]:
     """Draw the report of a run (or journal) folder; returns ``(png path, html path)``.
 
     Args:
         source: the run folder or its journal folder.
         out_dir: where to write ``report.png`` and ``report.html``; None: the journal folder.
+        journal: the journal of ``source`` when already open (its counts of skipped lines and
+            unreadable files then tell what this report left out).
+
+    Everything read comes from disk and is checked: a damaged or odd result file, or a
+    result a figure cannot be drawn from, is left out alone, warned about and listed on
+    the page; the rest of the report is drawn.
 
     Raises:
         FileNotFoundError: no journal.
         ValueError: nothing to draw.
     """
-    journal = find_journal(source)
+    journal = journal if journal is not None else find_journal(source)
     series = collect_series(journal)
     out = Path(out_dir) if out_dir is not None else journal.root
     png = draw_report(series, out / "report.png", title=f"uma report: {Path(source).resolve().name}")
-    trends = draw_trends(collect_results(journal), out)
+    skipped: list[str] = []
+    trends = draw_trends(collect_results(journal), out, skipped)
     errors = [r for r in journal.records() if r.status not in ("ok", "cached")]
-    page = _html(series, png, errors, trends, step_figures(journal))
+    skipped += [f"unreadable result file {Path(p).name}" for p in journal.unreadable_files]
+    page = _html(series, png, errors, trends, step_figures(journal), skipped)
     html_path = out / "report.html"
     html_path.write_text(page, encoding="utf-8")
     return png, html_path
@@ -238,6 +310,7 @@ def _html(
     errors: list[Any],
     trends: list[Path] = (),
     figures: list[tuple[str, Path]] = (),
+    skipped: list[str] = (),
 ) -> str:
     image = base64.b64encode(png.read_bytes()).decode("ascii")
     per_step = "".join(
@@ -273,5 +346,6 @@ def _html(
         + (f"<h2>Latest figures of each metric</h2>{per_step}" if per_step else "")
         + f"<h2>Values</h2><table><tr><th>step</th>{head}</tr>{''.join(rows)}</table>"
         + (f"<h2>Errors</h2><ul>{error_items}</ul>" if error_items else "")
+        + (f"<h2>Left out (odd content on disk)</h2><ul>{''.join(f'<li>{_e(x)}</li>' for x in skipped)}</ul>" if skipped else "")
         + "</body></html>"
     )

@@ -59,6 +59,7 @@ from typing import Any
 
 import numpy as np
 
+from uma_callbacks.core.safe_json import MAX_LINE_BYTES, loads_bounded, read_json
 from uma_callbacks.engine.records import MEASURED, Record, RecordSchemaError, artifact_path, check_record_dict
 from uma_callbacks.metrics.base import MetricResult
 
@@ -91,12 +92,18 @@ def _checked_line(payload: dict[str, Any]) -> bytes:
 
 
 def _parse_line(line: str | bytes) -> Any:
-    """The payload of an intact line, or None (torn, flipped byte, not our format)."""
+    """The payload of an intact line, or None (torn, flipped byte, too long or deep, not our format).
+
+    The line is parsed by :func:`~uma_callbacks.core.safe_json.loads_bounded` (length and
+    nesting bounded before parsing): no content makes this raise.
+    """
     try:
-        outer = json.loads(line)
+        outer = loads_bounded(line, max_bytes=MAX_LINE_BYTES)
+        if not isinstance(outer, dict):
+            return None
         payload = outer["record"]
         body = json.dumps(payload, sort_keys=True, separators=(",", ":"), allow_nan=False)
-    except (ValueError, KeyError, TypeError):
+    except (ValueError, KeyError, TypeError, RecursionError, MemoryError):
         return None
     if hashlib.sha256(body.encode()).hexdigest()[:16] != outer.get("sha"):
         return None
@@ -229,6 +236,8 @@ class Journal:
         foreign_lines: lines with a valid checksum but not a record's shape.
         refused_files: ``files`` entries refused so far (outside the folder, a symlink
             out of it, not a file), by :meth:`resolve_file`.
+        unreadable_files: result files skipped by :meth:`load_result` (damaged, not the
+            result's shape, too large).
         pending: records not yet on disk (a failed write); retried by :meth:`flush`.
     """
 
@@ -239,6 +248,7 @@ class Journal:
         self.bad_lines = 0
         self.foreign_lines = 0
         self.refused_files: list[str] = []
+        self.unreadable_files: list[str] = []
         self.pending: list[Record] = []
         self._log = _LineLog(self.root / JOURNAL_FILE)
         self._records: list[Record] = []
@@ -355,7 +365,7 @@ class Journal:
         for payload in payloads:
             try:
                 record = Record.from_dict(payload)
-            except RecordSchemaError as err:
+            except (RecordSchemaError, ValueError, TypeError, OverflowError) as err:  # 10**400 is no float
                 self.foreign_lines += 1
                 logger.debug("uma: journal line skipped: %s", err)
                 continue
@@ -401,8 +411,12 @@ class Journal:
     def load_result(self, record: Record) -> MetricResult:
         """The full :class:`MetricResult` of a record (JSON + npz + safetensors files).
 
-        Only files inside the journal folder are read (:meth:`resolve_file`); a refused or
-        unreadable JSON file leaves the record's own scalars and meta.
+        Only files inside the journal folder are read (:meth:`resolve_file`), and each is
+        data from disk: a JSON file that is not bounded strict JSON or not a result's shape
+        (:func:`result_from_json`) leaves the record's own scalars and meta; an ``.npz``
+        that is not a zip of plain numeric arrays within :data:`MAX_ARRAY_BYTES`, or a
+        ``.safetensors`` that does not load, adds nothing. Each such file is warned about
+        and noted in :attr:`unreadable_files`; this never raises for what a file holds.
         """
         result = None
         for rel in record.files:
@@ -412,9 +426,9 @@ class Journal:
             if path is None:
                 continue
             try:
-                result = MetricResult.from_json_dict(json.loads(path.read_text(encoding="utf-8")))
-            except (OSError, ValueError, KeyError, TypeError) as err:
-                logger.warning("uma: result file %s unreadable (%s); the record's scalars are used", path, err)
+                result = result_from_json(read_json(path))
+            except (OSError, ValueError, KeyError, TypeError, OverflowError) as err:
+                self._unreadable(path, err, "the record's scalars are used")
             break
         if result is None:
             result = MetricResult(name=record.metric, scalars=dict(record.scalars), meta=dict(record.meta))
@@ -424,15 +438,22 @@ class Journal:
             path = self.resolve_file(rel)
             if path is None:
                 continue
-            if path.suffix == ".npz":
-                with np.load(path, allow_pickle=False) as data:
-                    result.arrays.update({k: data[k] for k in data.files})
-            else:
-                from safetensors.torch import load_file
+            try:
+                if path.suffix == ".npz":
+                    result.arrays.update(load_npz(path))
+                else:
+                    from safetensors.torch import load_file
 
-                result.tensors.update(load_file(str(path)))
+                    tensors = load_file(str(path))
+                    result.tensors.update(tensors)
+            except Exception as err:  # noqa: BLE001 (safetensors and zipfile raise several types for damaged files)
+                self._unreadable(path, err, "its arrays are left out")
         result.status, result.error = record.status, record.error
         return result
+
+    def _unreadable(self, path: Path, err: BaseException, consequence: str) -> None:
+        self.unreadable_files.append(str(path))
+        logger.warning("uma: result file %s unreadable (%s: %.200s); %s", path, type(err).__name__, err, consequence)
 
     # ------------------------------------------------------------------ deliveries
     def mark_delivered(self, sink: str, run: str, record_id: str, uri: str = "") -> None:
@@ -524,3 +545,90 @@ def _atomic_write_text(path: Path, text: str, tmp: Path | None = None) -> None:
     tmp = tmp or path.with_name(path.name + ".tmp")
     tmp.write_text(text, encoding="utf-8")
     os.replace(tmp, path)
+
+
+#: The most bytes one array of a result's ``.npz`` may take once loaded.
+MAX_ARRAY_BYTES = 2**30
+#: The most arrays a result's ``.npz`` may hold.
+MAX_NPZ_MEMBERS = 10_000
+
+
+def load_npz(path: Path) -> dict[str, np.ndarray]:
+    """The arrays of a result's ``.npz``: plain numeric arrays only, each checked before it is read.
+
+    Each member's ``.npy`` header is read first: an object (pickled) array, a structured
+    dtype, or one of more than :data:`MAX_ARRAY_BYTES` once loaded is refused before
+    its data is decompressed.
+
+    Raises:
+        ValueError: not a zip of ``.npy`` arrays, or an array refused as above.
+        OSError, zipfile.BadZipFile, EOFError: the file is damaged.
+    """
+    import zipfile
+
+    with zipfile.ZipFile(path) as archive:
+        members = archive.infolist()
+        if len(members) > MAX_NPZ_MEMBERS:
+            raise ValueError(f"{path.name} holds {len(members)} members, more than {MAX_NPZ_MEMBERS}")
+        for info in members:
+            if not info.filename.endswith(".npy"):
+                raise ValueError(f"{path.name} holds {info.filename!r}, not a .npy array")
+            with archive.open(info) as member:
+                version = np.lib.format.read_magic(member)
+                if version == (1, 0):
+                    shape, _fortran, dtype = np.lib.format.read_array_header_1_0(member)
+                elif version == (2, 0):
+                    shape, _fortran, dtype = np.lib.format.read_array_header_2_0(member)
+                else:
+                    raise ValueError(f"{path.name}: {info.filename} has npy format {version}")
+            if dtype.hasobject or dtype.kind not in "biufc":
+                raise ValueError(f"{path.name}: {info.filename} holds {dtype} values, not numbers")
+            if math.prod(shape) * dtype.itemsize > MAX_ARRAY_BYTES:
+                raise ValueError(f"{path.name}: {info.filename} would take more than {MAX_ARRAY_BYTES} bytes")
+    with np.load(path, allow_pickle=False) as data:
+        return {key: np.asarray(data[key]) for key in data.files}
+
+
+def result_from_json(data: Any) -> MetricResult:
+    """A :class:`MetricResult` from the content of a result's JSON file, every field checked.
+
+    ``name`` a string; ``scalars`` an object of numbers or null; ``arrays`` an object of
+    numeric (rectangular) lists; ``meta`` an object whose ``config``, when present, is an
+    object; ``status`` a string; ``error`` null or an object of strings.
+
+    Raises:
+        ValueError: a field of another type or shape (named in the message).
+    """
+    if not isinstance(data, dict):
+        raise ValueError(f"a result must be a JSON object; got {type(data).__name__}")
+    name = data.get("name")
+    if not isinstance(name, str):
+        raise ValueError(f"result field 'name' must be a string; got {name!r:.60}")
+    scalars = data.get("scalars", {})
+    if not isinstance(scalars, dict) or not all(
+        isinstance(k, str) and (v is None or (isinstance(v, (int, float)) and not isinstance(v, bool))) for k, v in scalars.items()
+    ):
+        raise ValueError(f"result field 'scalars' must be an object of numbers (or null); got {scalars!r:.60}")
+    arrays = data.get("arrays", {})
+    if not isinstance(arrays, dict) or not all(isinstance(k, str) for k in arrays):
+        raise ValueError(f"result field 'arrays' must be an object of numeric lists; got {arrays!r:.60}")
+    meta = data.get("meta", {})
+    if not isinstance(meta, dict) or not isinstance(meta.get("config", {}), dict):
+        raise ValueError(f"result field 'meta' must be an object (its 'config' an object); got {meta!r:.60}")
+    status = data.get("status", "ok")
+    error = data.get("error")
+    if not isinstance(status, str) or not (error is None or (isinstance(error, dict) and all(isinstance(v, str) for v in error.values()))):
+        raise ValueError("result fields 'status' (a string) and 'error' (null or an object of strings) are malformed")
+    checked_arrays = {}
+    for key, value in arrays.items():
+        if isinstance(value, (dict, str, bool)):
+            raise ValueError(f"result array {key!r} must be a numeric list; got {type(value).__name__}")
+        checked_arrays[key] = np.asarray(value, dtype=np.float64)  # ValueError when ragged or not numbers
+    return MetricResult(
+        name=name,
+        scalars={k: float(v) if v is not None else math.nan for k, v in scalars.items()},  # OverflowError: 10**400
+        arrays=checked_arrays,
+        meta=dict(meta),
+        status=status,
+        error=error,
+    )

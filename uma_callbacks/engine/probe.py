@@ -17,7 +17,6 @@ from typing import Any
 import numpy as np
 import torch
 
-
 from uma_callbacks.core.batches import (  # noqa: F401 (re-exported)
     _first_tensor,
     count_samples,
@@ -27,6 +26,7 @@ from uma_callbacks.core.batches import (  # noqa: F401 (re-exported)
     select_samples,
     split_batch,
 )
+from uma_callbacks.core.safe_json import read_json
 
 
 
@@ -262,7 +262,8 @@ def load_probe(root: str | Any) -> Probe:
 
     Raises:
         FileNotFoundError: no saved probe under ``root``.
-        ValueError: the files disagree with the recorded fingerprint (damaged or edited).
+        ValueError: a file is damaged, of another shape, or disagrees with the recorded
+            fingerprint (damaged or edited); never another error for what the files hold.
     """
     from pathlib import Path
 
@@ -271,10 +272,31 @@ def load_probe(root: str | Any) -> Probe:
     folder = Path(root)
     if not (folder / PROBE_TENSORS).is_file() or not (folder / PROBE_META).is_file():
         raise FileNotFoundError(f"no saved probe ({PROBE_TENSORS} + {PROBE_META}) in {folder}")
-    meta = json.loads((folder / PROBE_META).read_text(encoding="utf-8"))
-    tensors = load_file(str(folder / PROBE_TENSORS))
-    batches = [{key: tensors[f"{i}/{key}"] for key in keys} for i, keys in enumerate(meta["layout"])]
-    probe = Probe(batches, name=meta.get("name", "probe"))
+    meta = read_json(folder / PROBE_META)  # UnreadableJSON (a ValueError): too deep, too long, not JSON
+    layout = meta.get("layout") if isinstance(meta, dict) else None
+    name = meta.get("name", "probe") if isinstance(meta, dict) else None
+    if not (
+        isinstance(layout, list)
+        and layout
+        and all(isinstance(keys, list) and keys and all(isinstance(k, str) for k in keys) for keys in layout)
+        and isinstance(name, str)
+    ):
+        raise ValueError(
+            f"{PROBE_META} in {folder} must be an object with 'layout' (a list of lists of key names) and "
+            f"'name' (a string); the file is damaged or was edited"
+        )
+    try:
+        tensors = load_file(str(folder / PROBE_TENSORS))
+    except Exception as err:  # safetensors raises its own error types for damaged files
+        raise ValueError(f"saved probe {folder / PROBE_TENSORS} is unreadable ({type(err).__name__}: {err})") from err
+    missing = [f"{i}/{key}" for i, keys in enumerate(layout) for key in keys if f"{i}/{key}" not in tensors]
+    if missing:
+        raise ValueError(f"saved probe in {folder}: {PROBE_META} names tensors {missing[:3]} the file does not hold")
+    batches = [{key: tensors[f"{i}/{key}"] for key in keys} for i, keys in enumerate(layout)]
+    try:
+        probe = Probe(batches, name=name)
+    except (TypeError, IndexError, RuntimeError) as err:  # tensors of odd shapes
+        raise ValueError(f"saved probe in {folder} is not a probe ({type(err).__name__}: {err})") from err
     if probe.fingerprint != meta.get("fingerprint"):
         raise ValueError(
             f"saved probe in {folder} has fingerprint {probe.fingerprint[:12]} but probe.json records "
