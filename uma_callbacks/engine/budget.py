@@ -10,7 +10,9 @@ Peaks are measured, not guessed:
 
 from __future__ import annotations
 
+import contextlib
 import logging
+import math
 import os
 from dataclasses import dataclass
 from typing import Any
@@ -108,9 +110,18 @@ def available_bytes(device: torch.device | str = "cpu") -> int:
 
 
 class BudgetExceeded(RuntimeError):
-    """The metric cannot fit the budget even at ``min_batch_size``: recorded as skipped."""
+    """The metric cannot fit the budget even at ``min_batch_size``: recorded as skipped.
+
+    Attributes:
+        budget_meta: the plan's fields (``budget_bytes``, planned bytes, ...) for the
+            skipped record's ``meta``.
+    """
 
     uma_skip = True
+
+    def __init__(self, message: str, budget_meta: dict[str, Any] | None = None) -> None:
+        super().__init__(message)
+        self.budget_meta = dict(budget_meta or {})
 
 
 #: Error texts of allocation failures on CPU and accelerators (besides the exception types).
@@ -138,6 +149,11 @@ class Plan:
         fixed_bytes: what the mode holds whatever the chunk (parameter copies).
         per_sample_bytes: what each sample of a chunk adds (gradients, activations).
         reason: why it was skipped, when it was.
+        calibration: measured / planned peak of the metric's earlier run (at least 1),
+            which ``fixed_bytes`` and ``per_sample_bytes`` include (see :func:`calibrated`).
+        calibration_chunk: the chunk that run used.
+        base_fixed_bytes: ``fixed_bytes`` before the calibration.
+        base_per_sample_bytes: ``per_sample_bytes`` before the calibration.
     """
 
     chunk_size: int | None
@@ -146,6 +162,10 @@ class Plan:
     fixed_bytes: int
     per_sample_bytes: int
     reason: str = ""
+    calibration: float = 1.0
+    calibration_chunk: int = 1
+    base_fixed_bytes: int = 0
+    base_per_sample_bytes: int = 0
 
     def as_meta(self) -> dict[str, Any]:
         """The plan's fields for ``result.meta``."""
@@ -155,6 +175,10 @@ class Plan:
             "budget_bytes": self.limit_bytes,
             "planned_fixed_bytes": self.fixed_bytes,
             "planned_per_sample_bytes": self.per_sample_bytes,
+            "memory_calibration": round(self.calibration, 4),
+            "memory_calibration_chunk": self.calibration_chunk,
+            "planned_base_fixed_bytes": self.base_fixed_bytes,
+            "planned_base_per_sample_bytes": self.base_per_sample_bytes,
         }
 
 
@@ -242,6 +266,8 @@ class MemoryBudget:
         n_params: int | None = None,
         n_samples: int | None = None,
         sharding: RankParamBytes | None = None,
+        calibration: float = 1.0,
+        calibration_chunk: int = 1,
     ) -> Plan:
         """Pick the memory mode and chunk for ``metric`` (see the class docstring).
 
@@ -257,6 +283,9 @@ class MemoryBudget:
             sharding: this rank's parameter bytes on a sharded (FSDP) model: the copies
                 and vectors are then priced on the shard, plus the largest gathered block
                 (see :func:`planned_bytes`). ``None``: a plain model.
+            calibration: what the metric's earlier run measured over its plan (measured /
+                planned peak, at least 1), and ``calibration_chunk``, the chunk it ran:
+                the overrun is added to both terms (see :func:`calibrated`).
 
         Returns:
             The :class:`Plan`; ``chunk_size`` is None when no mode fits ``min_batch_size``.
@@ -270,11 +299,17 @@ class MemoryBudget:
             "on_host": where.type == "cpu",
         }
         best: Plan | None = None
+        scale = max(1.0, float(calibration)) if math.isfinite(calibration) else 1.0
         for mode, cost in metric.memory_modes():
-            fixed, per_sample = planned_bytes(cost, param_bytes_, sample_bytes, sizes, sharding)
+            base = planned_bytes(cost, param_bytes_, sample_bytes, sizes, sharding)
+            fixed, per_sample = calibrated(*base, scale, calibration_chunk)
             chunk = min(top, (limit - fixed) // per_sample) if limit > fixed else 0
             smallest = min(self.min_batch_size, top)  # a probe batch below min_batch_size runs whole
-            plan = Plan(int(chunk) if chunk >= smallest else None, mode, limit, fixed, per_sample)
+            plan = Plan(
+                int(chunk) if chunk >= smallest else None, mode, limit, fixed, per_sample,
+                calibration=scale, calibration_chunk=max(1, int(calibration_chunk)),
+                base_fixed_bytes=base[0], base_per_sample_bytes=base[1],
+            )  # fmt: skip
             if plan.chunk_size is not None:
                 return plan
             best = best or plan
@@ -283,8 +318,29 @@ class MemoryBudget:
             f"memory budget {limit / 2**20:.1f} MiB is too small for {metric.name}: its leanest plan "
             f"({best.mode}) needs {best.fixed_bytes / 2**20:.1f} MiB fixed + {best.per_sample_bytes / 2**20:.2f} MiB "
             f"per sample, at least {self.min_batch_size} sample(s)"
+            + (f" (scaled by {scale:.2f}: its earlier run peaked over its plan)" if scale > 1.0 else "")
         )
         return best
+
+
+def calibrated(fixed: int, per_sample: int, factor: float, chunk: int) -> tuple[int, int]:
+    """``(fixed, per_sample)`` raised by an earlier run's overrun.
+
+    That run, at ``chunk`` samples, peaked at ``factor`` times ``fixed + per_sample * chunk``:
+    an excess ``E = (factor - 1) * (fixed + per_sample * chunk)`` the cost model missed.
+    Whether E grows with the chunk or not is unknown, so both are assumed:
+    ``fixed + E`` and ``per_sample + E / chunk``, which at any chunk is at least either
+    reading (a smaller chunk keeps a chunk-independent overrun; a larger one scales it).
+
+    Example:
+        >>> calibrated(100, 10, 1.0, 4)
+        (100, 10)
+        >>> calibrated(0, 10, 3.0, 4)  # peaked at 120 where 40 was planned: E = 80
+        (80, 30)
+    """
+    chunk = max(1, int(chunk))
+    excess = max(0.0, factor - 1.0) * (fixed + per_sample * chunk)
+    return int(math.ceil(fixed + excess)), int(math.ceil(per_sample + excess / chunk))
 
 
 def planned_bytes(
@@ -353,7 +409,7 @@ def planned_bytes(
     return fixed, per_sample
 
 
-def measure_sample_bytes(model: torch.nn.Module, loss_fn: Any, batch: Any) -> int:
+def measure_sample_bytes(model: torch.nn.Module, loss_fn: Any, batch: Any, *, eager: bool = False) -> int:
     """A: bytes of one sample's activations, as the forward keeps them for the backward.
 
     The first sample of ``batch`` is run once: the forward (graph kept) under
@@ -361,14 +417,23 @@ def measure_sample_bytes(model: torch.nn.Module, loss_fn: Any, batch: Any) -> in
     ``.grad`` is written) and its peak above the forward's end, less the parameter
     gradients (the cost model counts those apart), raises A if it is larger. The cost
     model counts A once for a forward-only metric and twice with a backward.
+
+    Args:
+        model: the model, left as found.
+        loss_fn: the resolved per-sample loss.
+        batch: the batch whose first sample is run: the probe's longest, since a
+            sample's activations grow with its length (quadratically in eager attention).
+        eager: run in eager attention, as a metric with ``needs_eager_attention`` will:
+            its [H, T, T] attention probabilities are most of A at long lengths, and SDPA
+            never forms them (planning from SDPA under-counted 4096 tokens about 16 times).
     """
     from uma_callbacks.engine.probe import select_samples
 
     one = select_samples(batch, [0])
     params = [p for p in model.parameters() if p.requires_grad]
-    from uma_callbacks.core.model_state import preserved_model_state
+    from uma_callbacks.core.model_state import eager_attention, preserved_model_state
 
-    with preserved_model_state(model):
+    with preserved_model_state(model), (eager_attention(model) if eager else contextlib.nullcontext()):
         model.eval()
         device = _device_of(model)
         saved = _SavedBytes(params)
@@ -411,15 +476,59 @@ def _storage_key(tensor: torch.Tensor) -> Any:
         return None
 
 
-def _sample_key(model: torch.nn.Module, batch: Any) -> Any:
+def _sample_key(model: torch.nn.Module, batch: Any, eager: bool = False) -> Any:
     """What one sample's activation bytes depend on: the model (object and parameter shapes),
-    the batch's tensor shapes and dtypes. Weights changing between checkpoints do not matter."""
+    the attention implementation it runs in, the batch's tensor shapes and dtypes. Weights
+    changing between checkpoints do not matter."""
     from uma_callbacks.core.batches import map_tensors
 
     shapes: list[Any] = []
     map_tensors(batch, lambda t: shapes.append((tuple(t.shape), str(t.dtype))) or t)
     params = tuple((tuple(p.shape), str(p.dtype), p.requires_grad) for p in model.parameters())
-    return (id(model), hash(params), tuple(shapes))
+    config = getattr(model, "config", None)
+    attention = "eager" if eager else str(getattr(config, "_attn_implementation", None))
+    return (id(model), hash(params), attention, tuple(shapes))
+
+
+def longest_batch(batches: list[Any]) -> Any:
+    """The batch whose samples are longest (tokens per sample; the largest on a tie): the
+    one a sample's activations are measured on, since they grow with the length."""
+    from uma_callbacks.core.batches import count_samples, sequence_length
+
+    return max(batches, key=lambda b: (sequence_length(b), count_samples(b)))
+
+
+def planned_peak_bytes(meta: dict[str, Any]) -> int | None:
+    """The peak a plan predicts for the chunk that ran: ``fixed + per_sample * chunk``
+    (calibration included), from a result's ``meta``; ``None`` when nothing was planned."""
+    fixed, per, chunk = (meta.get(k) for k in ("planned_fixed_bytes", "planned_per_sample_bytes", "chunk_size"))
+    if not all(isinstance(v, int) and not isinstance(v, bool) for v in (fixed, per, chunk)):
+        return None
+    return int(fixed + per * chunk)
+
+
+def check_within_budget(result: Any, limit: int | None) -> None:
+    """Flag ``result.meta`` when its measured peak passed the budget.
+
+    Sets ``budget_bytes``, ``over_budget`` (bool) and, when a plan was made,
+    ``planned_peak_bytes``; an overrun also logs a warning naming the metric, the peak and
+    the budget. The suite turns ``over_budget`` into the dashboard's ``over_budget`` scalar.
+    """
+    peak = result.meta.get("peak_bytes")
+    if limit is None or not isinstance(peak, int):
+        return
+    result.meta["budget_bytes"] = int(limit)
+    planned = planned_peak_bytes(result.meta)
+    if planned is not None:
+        result.meta["planned_peak_bytes"] = planned
+    result.meta["over_budget"] = bool(peak > limit)
+    if peak > limit:
+        logger.warning(
+            "uma: %s peaked at %.1f MiB, over its memory budget of %.1f MiB (planned %s); flagged over_budget, "
+            "and its next plan is scaled by the overrun",
+            result.name, peak / 2**20, limit / 2**20,
+            "nothing" if planned is None else f"{planned / 2**20:.1f} MiB",
+        )  # fmt: skip
 
 
 def _device_of(model: torch.nn.Module) -> torch.device:
@@ -439,14 +548,24 @@ def compute_within_budget(
     chunk_size: int | None = None,
     history: Any = None,
     sample_cache: dict[Any, int] | None = None,
+    calibration: float = 1.0,
+    calibration_chunk: int = 1,
 ) -> Any:
     """``metric.compute`` with the chunk the budget plans, halving it on allocation failures.
+
+    The plan is made from what the metric will run: one sample of the probe's longest
+    batch, measured in the attention implementation the metric switches to (eager for
+    ``needs_eager_attention``), its cost raised by ``calibration`` (measured / planned peak
+    of the metric's earlier run at ``calibration_chunk``, kept by the suite; see
+    :func:`calibrated`).
 
     Without a budget (and without ``chunk_size``), the metric runs at its own chunk size
     and an allocation failure still halves it (from the largest probe batch) down to 1.
 
     Returns:
-        The ``MetricResult``, with ``chunk_size``, ``retries`` and the plan in ``meta``.
+        The ``MetricResult``, with ``chunk_size``, ``retries`` and the plan in ``meta``;
+        under a budget also ``budget_bytes`` and ``over_budget`` (the measured peak passed
+        it: see :func:`check_within_budget`).
 
     Raises:
         BudgetExceeded: no chunk of at least ``min_batch_size`` fits (before or after retries).
@@ -462,11 +581,23 @@ def compute_within_budget(
     if budget is not None and chunk is None:
         sample_bytes = 0
         if getattr(metric, "needs_grad", True) or any(c.forward_only for _, c in metric.memory_modes()):
-            key = _sample_key(model, batches[0])
+            eager = bool(getattr(metric, "needs_eager_attention", False))
+            longest = longest_batch(batches)
+            key = _sample_key(model, longest, eager)
             if sample_cache is not None and key in sample_cache:
                 sample_bytes = sample_cache[key]  # the same model and batch shapes: measured at an earlier checkpoint
             else:
-                sample_bytes = measure_sample_bytes(model, resolve_loss_fn(model, loss_fn), batches[0])
+                try:
+                    sample_bytes = measure_sample_bytes(model, resolve_loss_fn(model, loss_fn), longest, eager=eager)
+                except Exception as err:
+                    if not is_out_of_memory(err):
+                        raise
+                    release_memory(_device_of(model), full=True)
+                    raise BudgetExceeded(
+                        f"{metric.name}: one sample of the probe's longest batch ran out of memory when measured"
+                        f"{' in eager attention' if eager else ''}: {err}",
+                        {"budget_bytes": budget.limit_bytes(_device_of(model))},
+                    ) from err
                 if sample_cache is not None:
                     sample_cache[key] = sample_bytes
         if collective is not None and getattr(collective, "world_size", 1) > 1:
@@ -483,13 +614,15 @@ def compute_within_budget(
             n_params=sizes.full_entries,
             n_samples=n_samples,
             sharding=sizes if sizes.sharded else None,
+            calibration=calibration,
+            calibration_chunk=calibration_chunk,
         )
         plan_meta = plan.as_meta()
         if sizes.sharded:
             plan_meta.update(planned_shard_bytes=sizes.held, planned_gathered_bytes=sizes.gathered)
         plan_meta["measured_sample_bytes"] = sample_bytes
         if plan.chunk_size is None:
-            raise BudgetExceeded(plan.reason)
+            raise BudgetExceeded(plan.reason, plan_meta)
         metric.use_memory_mode(plan.mode)
         chunk = plan.chunk_size
     chunk = chunk or largest
@@ -514,6 +647,8 @@ def compute_within_budget(
     result.meta.update(plan_meta)
     result.meta["chunk_size"] = chunk
     result.meta["retries"] = retries
+    if budget is not None:
+        check_within_budget(result, plan_meta.get("budget_bytes", budget.limit_bytes(_device_of(model))))
     return result
 
 

@@ -71,6 +71,10 @@ class MetricSuite:
         timeout_seconds: time limit for each metric that has none of its own.
         progress: called ``(event, metric name, step, record)`` at each metric's ``"start"``
             and ``"end"`` (the record at the end).
+        memory_calibration: per metric name, measured / planned peak of its earlier runs
+            under the budget (at least 1): its next plan adds that overrun
+            (:func:`~uma_callbacks.engine.budget.calibrated`), so a metric that peaked over
+            its plan plans for it the next time.
     """
 
     metrics: Sequence[Metric]
@@ -87,6 +91,8 @@ class MetricSuite:
     timeout_seconds: float | None = None
     progress: Callable[[str, str, int, Record | None], Any] | None = None
     time_calibration: dict[str, float] = field(default_factory=dict)
+    memory_calibration: dict[str, float] = field(default_factory=dict)
+    _memory_calibration_chunk: dict[str, int] = field(default_factory=dict)
     _warned_partial: set[str] = field(default_factory=set)
     _sample_bytes: dict[Any, int] = field(default_factory=dict)
     _loss_identity: tuple[Any, str] | None = None
@@ -298,6 +304,7 @@ class MetricSuite:
         result.meta["probe_fingerprint"] = probe.fingerprint
         result.meta["world_size"] = collective.world_size
         result.meta["timestamp_ms"] = int(time.time() * 1000)
+        self._learn_memory(metric, result)
         release_memory(_device_of(model), full=self.aggressive_cleanup or result.status != "ok")
         record = Record(
             step=int(step),
@@ -334,6 +341,28 @@ class MetricSuite:
             )
         self._deliver(record)
         return record
+
+    def _learn_memory(self, metric: Metric, result: MetricResult) -> None:
+        """Under a budget: show an overrun on the dashboard (the ``over_budget`` scalar, 1 or
+        0) and keep measured / planned peak as the metric's next calibration."""
+        over = result.meta.get("over_budget")
+        if result.status not in ("ok", "partial") or not isinstance(over, bool):
+            return
+        result.scalars["over_budget"] = 1.0 if over else 0.0
+        meta = result.meta
+        fixed, per, chunk, peak = (
+            meta.get(k) for k in ("planned_base_fixed_bytes", "planned_base_per_sample_bytes", "chunk_size", "peak_bytes")
+        )
+        if not all(isinstance(v, int) and not isinstance(v, bool) for v in (fixed, per, chunk, peak)) or fixed + per * chunk <= 0:
+            return
+        ratio = peak / (fixed + per * chunk)  # measured over the cost model's plan
+        old = self.memory_calibration.get(metric.name, 1.0)
+        # an overrun is learnt at once; a plan that held relaxes half-way to what was measured
+        learnt = ratio if ratio > old else 0.5 * (old + ratio)
+        self.memory_calibration[metric.name] = max(1.0, learnt)
+        self._memory_calibration_chunk[metric.name] = chunk
+        if self.memory_calibration[metric.name] != 1.0 or old != 1.0:
+            result.meta["next_memory_calibration"] = round(self.memory_calibration[metric.name], 4)
 
     def _cached(self, key: str, collective: Collective) -> Record | None:
         if not (self.use_cache and key):
@@ -380,6 +409,8 @@ class MetricSuite:
                     chunk_size=self.chunk_sizes.get(metric.name),
                     history=history,
                     sample_cache=self._sample_bytes,
+                    calibration=self.memory_calibration.get(metric.name, 1.0),
+                    calibration_chunk=self._memory_calibration_chunk.get(metric.name, 1),
                 )
         except Exception as err:  # isolate: a broken metric never stops training
             failure = err
@@ -403,6 +434,8 @@ class MetricSuite:
         if isinstance(failure, MetricInterrupted):
             status = "interrupted"
         meta: dict[str, Any] = {"config": metric.config()}
+        if isinstance(getattr(failure, "budget_meta", None), dict):  # a memory-budget refusal: the plan it refused
+            meta.update(failure.budget_meta)  # type: ignore[union-attr]
         if getattr(failure, "progress", None):
             meta["progress"] = dict(failure.progress)  # type: ignore[union-attr]
         return MetricResult(

@@ -84,7 +84,8 @@ class AttentionHeads(Metric):
     """
 
     name = "attention"
-    cost = Cost(forward_only=True)
+    #: each layer's probabilities [b, H, T, T] and their entropy terms (xlogy) are alive at once
+    cost = Cost(forward_only=True, activation_copies=1.0)
     needs_grad = False
     needs_eager_attention = True
 

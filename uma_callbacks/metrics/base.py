@@ -63,9 +63,14 @@ class Cost:
       (``w`` = max(``vector_itemsize``, the parameters' bytes per entry): flat vectors such
       as a Lanczos basis or float32 accumulators of bf16 weights), plus the same terms
       with ``host_`` when the budget's device is the host itself;
-    - ``per_sample = per_sample_grads * P + A * (1 + backward + hvp)``, where a metric that
-      back-propagates counts A twice (activations and their gradients) and ``hvp`` adds one
-      for the kept double-backward graph.
+    - ``per_sample = per_sample_grads * P + A * (1 + backward + hvp + activation_copies)``,
+      where a metric that back-propagates counts A twice (activations and their gradients),
+      ``hvp`` adds one for the kept double-backward graph, and ``activation_copies`` counts
+      what the metric derives from the activations while they are alive (the attention
+      metric's entropy of each layer's [H, T, T] probabilities).
+
+    A is measured by the planner on one sample of the probe's longest batch, in the
+    attention implementation the metric runs (eager when ``needs_eager_attention``).
 
     Attributes:
         per_sample_grads: holds one gradient per sample of a chunk ([B, P]).
@@ -88,6 +93,8 @@ class Cost:
         host_extra_bytes: the same, for host memory (counted only on a CPU budget).
         per_sample_grad_fraction: the share of P a per-sample gradient holds at once
             (per-parameter-group accumulation holds one group at a time).
+        activation_copies: further copies of A per sample (temporaries computed from the
+            activations while they are held).
     """
 
     per_sample_grads: bool = False
@@ -104,6 +111,7 @@ class Cost:
     extra_bytes: Callable[[int, float, int], int] | None = None
     host_extra_bytes: Callable[[int, float, int], int] | None = None
     per_sample_grad_fraction: float = 1.0
+    activation_copies: float = 0.0
 
     def bytes_needed(
         self,
@@ -143,7 +151,7 @@ class Cost:
             + self.fixed_bytes
         )
         per_sample = (param_bytes * self.per_sample_grad_fraction if self.per_sample_grads else 0) + sample_activation_bytes * (
-            1 + backward + (1 if self.hvp else 0)
+            1 + backward + (1 if self.hvp else 0) + self.activation_copies
         )
         return int(fixed + per_sample * chunk)
 
