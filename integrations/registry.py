@@ -26,6 +26,8 @@ import os
 from collections.abc import Callable, Sequence
 from typing import Any
 
+from uma_callbacks.integrations.bounded import bounded_pair
+
 #: Built-in trackers: name -> "module:Class", imported on first use.
 _BUILTIN = {
     "mlflow": "uma_callbacks.integrations.mlflow:MLflowSink",
@@ -114,14 +116,18 @@ def resolve_sinks(
     requested: Sequence[Any] | None,
     *,
     default: Sequence[Any] = (),
+    tracker_timeout: float | None = None,
     **options: Any,
 ) -> tuple[list[Any], list[Any]]:
-    """The sinks a trigger logs to, and those among them whose runs it opened itself.
+    """The sinks a live trigger logs to, and those among them whose runs it opened itself.
 
     Args:
         requested: ``None`` (use ``default``), or names and/or sink objects.
         default: what ``None`` means for this trigger (the Trainer's ``report_to`` names,
             the accelerator's trackers as sinks, ...).
+        tracker_timeout: seconds each tracker call may take
+            (:class:`~uma_callbacks.integrations.bounded.BoundedSink`; the triggers pass
+            ``UMAConfig.tracker_timeout_seconds``); ``None``: unbounded.
         **options: passed to :func:`make_sink` for names.
 
     Returns:
@@ -144,7 +150,7 @@ def resolve_sinks(
         if not (callable(capture) and capture()):
             own.append(sink)
         sinks.append(sink)
-    return sinks, own
+    return bounded_pair(sinks, own, tracker_timeout)
 
 
 def env_tracking_uri() -> str | None:

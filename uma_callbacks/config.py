@@ -14,6 +14,7 @@ from typing import Any
 
 import inspect
 
+from uma_callbacks.integrations.bounded import DEFAULT_TRACKER_TIMEOUT
 from uma_callbacks.integrations.registry import check_tracker, tracker_names
 from uma_callbacks.metrics import METRICS, Metric
 
@@ -78,6 +79,9 @@ class UMAConfig:
             by name (objects keep their own ``seed``).
         timeout_seconds: per-metric time limit (checked between chunks) for metrics without
             their own; default :data:`DEFAULT_TIMEOUT_SECONDS`, ``None`` for none.
+        tracker_timeout_seconds: seconds each tracker call during training may take
+            (default 30); past it the tracker is journal-only until the next save, which
+            retries it (``uma sync`` is not bounded). ``None``: unbounded.
         chunk_sizes: ``{metric name: samples per chunk}`` instead of the budget's plan
             (memory only: never part of a result's identity).
         overhead: the compute budget of a save as a fraction of the training wall time since
@@ -117,6 +121,7 @@ class UMAConfig:
     draw_figures: bool = True
     aggressive_cleanup: bool = False
     loss_fn: Callable[..., Any] | None = None
+    tracker_timeout_seconds: float | None = DEFAULT_TRACKER_TIMEOUT
     metric_objects: list[Metric] = field(init=False, repr=False)
 
     def __post_init__(self) -> None:
@@ -171,7 +176,7 @@ class UMAConfig:
                 raise ValueError(
                     f"UMAConfig.memory_budget must be None, a number of GB or a MemoryBudget; got {self.memory_budget!r}"
                 )
-        for name in ("overhead", "seconds_per_save"):
+        for name in ("overhead", "seconds_per_save", "tracker_timeout_seconds"):
             value = getattr(self, name)
             if value is not None and (
                 isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 < value < float("inf")

@@ -12,6 +12,11 @@ called on every process inside ``save_state``) onto a :class:`~uma_callbacks.ses
 Sinks are resolved at the first save (after ``accelerator.init_trackers``): ``trackers=None``
 follows the accelerator's trackers (W&B and MLflow runs joined by our own sinks, others
 wrapped); ``handle.remove()`` unregisters the hook and finishes what we opened.
+
+Run identity: each ``save_state`` folder is marked with the run's id (``uma_run.json``,
+before the save is measured); an ``accelerator.load_state(folder)`` before the first
+measurement continues that folder's run (same id: the journal's records of that run are
+this session's, and only those are replayed).
 """
 
 from __future__ import annotations
@@ -30,6 +35,7 @@ from uma_callbacks.core.distributed import Collective
 from uma_callbacks.engine.probe import Probe
 from uma_callbacks.engine.probe_source import build_probe
 from uma_callbacks.engine.records import Record
+from uma_callbacks.engine.run_identity import read_run_marker, write_run_marker
 from uma_callbacks.engine.state_file import STATE_FILE, read_state, write_state  # noqa: F401 (public here too)
 from uma_callbacks.integrations.accelerate import AcceleratorTrackerSink, sink_for_tracker  # noqa: F401
 from uma_callbacks.integrations.registry import resolve_sinks
@@ -65,6 +71,7 @@ class UMAHandle:
         self._model_index = model_index
         self._model = model
         self._hook_handle: Any = None
+        self._load_hook_handle: Any = None
         self._sinks_ready = False
 
     @property
@@ -135,6 +142,9 @@ class UMAHandle:
         if self._hook_handle is not None:
             self._hook_handle.remove()
             self._hook_handle = None
+        if self._load_hook_handle is not None:
+            self._load_hook_handle.remove()
+            self._load_hook_handle = None
         self.session.finish()
 
     # ------------------------------------------------------------------ internals
@@ -153,11 +163,25 @@ class UMAHandle:
     def _hook(self, models: list[torch.nn.Module], weights: list[Any], output_dir: str) -> None:
         step = self.current_step()
         model = self._the_model(list(models)) if step is not None else None
+        if self.session.is_main and step is not None:  # before measuring: a kill -9 then keeps it
+            os.makedirs(output_dir, exist_ok=True)
+            write_run_marker(output_dir, self.session.run, step)
         records = self.measure(step, model)
         if self.session.is_main and step is not None:
             at_step = records or [r for r in self.records if r.step == step]
             write_state(output_dir, step, self.root, self.probe.fingerprint, at_step)
             ensure_config_json(output_dir, model)  # the backfill rebuilds the model from it
+
+    def _on_load(self, models: list[torch.nn.Module], input_dir: str) -> None:
+        """``accelerator.load_state(input_dir)``: a resume continues the folder's run, when
+        this session has measured nothing yet (else its records already belong to its own)."""
+        run = read_run_marker(input_dir)
+        if run is None or run == self.session.run:
+            return
+        if self.records:
+            logger.warning("uma: load_state(%s) after measurements: this session stays run %s", input_dir, self.session.run)
+            return
+        self.session.continue_run(run)
 
     def _start_sinks(self) -> None:
         """Resolve the sinks at the first save (after ``accelerator.init_trackers``)."""
@@ -167,7 +191,9 @@ class UMAHandle:
         if not self.session.is_main:
             return
         trackers = [sink_for_tracker(t) for t in getattr(self.accelerator, "trackers", [])]
-        sinks, own = resolve_sinks(self.config.trackers, default=trackers, fallback_dir=self.root)
+        sinks, own = resolve_sinks(
+            self.config.trackers, default=trackers, fallback_dir=self.root, tracker_timeout=self.config.tracker_timeout_seconds
+        )
         self.session.delivery.sinks, self.session.delivery.own = sinks, own
         self.session.delivery.start(self.session.params())
 
@@ -268,6 +294,7 @@ def attach(
     session.open(frozen)  # sinks join at the first save, after accelerator.init_trackers
     handle = UMAHandle(accelerator, session, step_fn, step, model_index, model)
     handle._hook_handle = accelerator.register_save_state_pre_hook(handle._hook)
+    handle._load_hook_handle = accelerator.register_load_state_pre_hook(handle._on_load)
     return handle
 
 
