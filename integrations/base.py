@@ -116,13 +116,21 @@ def keeps_rng(method: _F) -> _F:
 
 
 def uploadable_files(root: Path, record: Record, refused: set[str] | None = None) -> list[Path]:
-    """The record's files that may be uploaded (:func:`artifact_path`); the others are warned about once."""
+    """The record's files that may be uploaded (:func:`artifact_path`); the others are warned about once.
+
+    A record that notes what the journal wrote (``file_ids``) has only those files
+    uploaded, each only while its size and sha256 still match; any record's file with more
+    than one hard link is refused."""
     out = []
+    ids = getattr(record, "file_ids", None) or {}
     for rel in record.files:
-        path = artifact_path(root, rel)
+        path = None if ids and rel not in ids else artifact_path(root, rel, ids.get(rel) if ids else None)
         if path is None:
             if refused is None or rel not in refused:
-                logger.warning("uma: file %r of %s at step %s refused: not a file inside %s", rel, record.metric, record.step, root)
+                logger.warning(
+                    "uma: file %r of %s at step %s refused: not a file inside %s, a hard link, or not what the journal wrote",
+                    rel, record.metric, record.step, root,
+                )  # fmt: skip
             if refused is not None:
                 refused.add(rel)
             continue

@@ -32,6 +32,20 @@ and the write is retried at the next append and at :meth:`Journal.flush`. Neithe
 :meth:`Journal.append`, :meth:`Journal.mark_delivered` nor :meth:`Journal.write_files`
 raises ``OSError``.
 
+Files. A result's files (JSON, npz, safetensors, PNG figures) are serialised in memory and
+written by :mod:`~uma_callbacks.core.safe_write`: the ``step-<N>`` folder (and a variant
+subfolder) is opened without following links, each file goes to a fresh temporary name,
+is ``fsync``-ed and renamed into place. A folder or a target name that is a symbolic link
+(planted to make the write land elsewhere) is refused: nothing is written through it, a
+warning names it, and the record lists it in ``missing_files`` with the reason. A file
+that fails to write (disk full) leaves nothing behind (no empty PNG, no partial npz); its
+bytes are kept in memory and written again at each :meth:`Journal.flush` while the
+record's own line is still pending, so the record goes to disk naming the files that made
+it. Once the record's line is written, its files are final: those that never made it stay
+named in ``missing_files``. Each file written is noted in the record's ``file_ids`` (size
+and sha256), so uploads send only files whose content is what the journal wrote
+(:func:`~uma_callbacks.engine.records.artifact_path`).
+
 Why JSON lines and not SQLite: the journal is the one file users read, grep, copy and
 diff, and the sinks, ``uma sync``, ``uma report`` and the backfill already share it; the
 three things a database would add are here in a few lines each: the in-memory index
@@ -48,18 +62,21 @@ from __future__ import annotations
 import errno
 import fcntl
 import hashlib
+import io
 import json
 import logging
 import math
 import os
 import re
 from collections.abc import Iterable
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
 from uma_callbacks.core.safe_json import MAX_LINE_BYTES, loads_bounded, read_json
+from uma_callbacks.core.safe_write import RefusedPath, open_folder, put_file, write_atomically
 from uma_callbacks.engine.records import MEASURED, Record, RecordSchemaError, artifact_path, check_record_dict
 from uma_callbacks.metrics.base import MetricResult
 
@@ -239,6 +256,8 @@ class Journal:
         unreadable_files: result files skipped by :meth:`load_result` (damaged, not the
             result's shape, too large).
         pending: records not yet on disk (a failed write); retried by :meth:`flush`.
+        refused_writes: files not written because their folder or name is a symbolic link
+            (or not a folder / regular file), as paths relative to the root.
     """
 
     def __init__(self, root: str | os.PathLike[str], save_tensors: bool = False) -> None:
@@ -250,6 +269,8 @@ class Journal:
         self.refused_files: list[str] = []
         self.unreadable_files: list[str] = []
         self.pending: list[Record] = []
+        self.refused_writes: list[str] = []
+        self._pending_files: list[_PendingFiles] = []
         self._log = _LineLog(self.root / JOURNAL_FILE)
         self._records: list[Record] = []
         self._ok: dict[str, Record] = {}
@@ -269,55 +290,136 @@ class Journal:
     def write_files(self, result: MetricResult, step: int, subfolder: str = "") -> list[str]:
         """Write the result's JSON, npz and safetensors under ``step-<N>/[subfolder/]``; relative paths.
 
-        A failing write (disk full) is a warning, never an exception: the files written
-        completely are returned, a partial one is removed.
+        A failing write (disk full) or a refused one (a link) is a warning, never an
+        exception: the files written completely are returned, nothing partial is left.
+        Nothing is retried (:meth:`write_result` does that for a record).
         """
-        from safetensors import SafetensorError
+        record = Record(step=int(step), metric=result.name, status="ok")
+        self._write_into(record, self._folder_of(step, subfolder), self._contents(result, {}, record), retry=False)
+        return record.files
 
-        folder = self.root / f"step-{int(step)}" / (safe_name(subfolder) if subfolder else "")
+    def write_result(
+        self, record: Record, result: MetricResult, subfolder: str = "", figures: dict[str, bytes] | None = None
+    ) -> None:
+        """Write ``result``'s files and ``figures`` (``{file name: PNG bytes}``) for ``record``.
+
+        Under ``step-<record.step>/[subfolder/]``. Sets ``record.files`` (written, relative
+        to the root), ``record.file_ids`` (each one's size and sha256) and
+        ``record.missing_files`` (``{relative path: why}``: refused as a link, or the error
+        of a failed write). Files that failed to write are kept and written again by
+        :meth:`flush` while ``record`` is pending (see the module docstring). Never raises
+        ``OSError``.
+        """
+        contents = self._contents(result, figures or {}, record)
+        self._write_into(record, self._folder_of(record.step, subfolder), contents, retry=True)
+
+    @staticmethod
+    def _folder_of(step: int, subfolder: str) -> str:
+        return f"step-{int(step)}" + (f"/{safe_name(subfolder)}" if subfolder else "")
+
+    def _contents(self, result: MetricResult, figures: dict[str, bytes], record: Record) -> dict[str, bytes]:
+        """``{file name: bytes}`` of the result's files, then the figures; a file that cannot be
+        serialised is left out and named in ``record.missing_files``."""
         base = safe_name(result.name)
-        files: list[Path] = []
-        tmp: Path | None = None
-        try:
-            folder.mkdir(parents=True, exist_ok=True)
-            json_path = folder / f"{base}.json"
-            tmp = json_path.with_name(json_path.name + ".tmp")
-            _atomic_write_text(json_path, json.dumps(_json_safe(result.to_json_dict()), indent=1, allow_nan=False), tmp)
-            files.append(json_path)
-            if result.arrays:
-                npz_path = folder / f"{base}.npz"
-                tmp = npz_path.with_name(npz_path.name + ".tmp.npz")
-                np.savez(tmp, **{safe_name(k): np.asarray(v) for k, v in result.arrays.items()})
-                os.replace(tmp, npz_path)
-                files.append(npz_path)
-            if self.save_tensors and result.tensors:
-                from safetensors.torch import save_file
+        makers = [(f"{base}.json", lambda: _result_json(result))]
+        if result.arrays:
+            makers.append((f"{base}.npz", lambda: _npz_bytes(result.arrays)))
+        if self.save_tensors and result.tensors:
+            makers.append((f"{base}.safetensors", lambda: _safetensors_bytes(result.tensors)))
+        contents: dict[str, bytes] = {}
+        for name, make in makers:
+            try:
+                contents[name] = make()
+            except Exception as err:  # a value that does not serialise is never worth a lost record
+                folder = self._folder_of(record.step, "")
+                record.missing_files[f"{folder}/{name}"] = f"not serialisable: {type(err).__name__}: {err}"[:300]
+                logger.warning("uma: %s of %s at step %d not written (%s: %s)", name, result.name, record.step, type(err).__name__, err)
+        for name, data in figures.items():
+            contents[safe_name(name)] = data
+        return contents
 
-                st_path = folder / f"{base}.safetensors"
-                tmp = st_path.with_name(st_path.name + ".tmp")
-                save_file({k: v.detach().cpu().contiguous() for k, v in result.tensors.items()}, str(tmp))
-                os.replace(tmp, st_path)
-                files.append(st_path)
-            tmp = None
-        except (OSError, SafetensorError) as err:
-            self._write_failed(err, f"the files of {result.name} at step {step}")
-            if tmp is not None:
-                try:
-                    tmp.unlink(missing_ok=True)
-                except OSError as gone:
-                    logger.warning("uma: could not remove the partial file %s (%s)", tmp, gone)
-        return [self._relative(p) for p in files]
+    def _write_into(self, record: Record, folder: str, contents: dict[str, bytes], retry: bool) -> None:
+        """Write ``contents`` into ``folder`` (relative to the root, opened without following
+        links) and note each outcome in ``record``; with ``retry``, keep what failed for :meth:`flush`."""
+        failed: dict[str, bytes] = {}
+        try:
+            fd = open_folder(self.root, folder.split("/"))
+        except RefusedPath as err:
+            for name in contents:
+                self._refused(record, f"{folder}/{name}", f"{err.filename} is {err.strerror}")
+            return
+        except OSError as err:
+            self._write_failed(err, f"the files of {record.metric} at step {record.step}")
+            for name in contents:
+                record.missing_files[f"{folder}/{name}"] = f"{type(err).__name__}: {err.strerror or err}"
+            failed = dict(contents)
+        else:
+            try:
+                for name, data in contents.items():
+                    rel = f"{folder}/{name}"
+                    try:
+                        ident = put_file(fd, name, data)
+                    except RefusedPath as err:
+                        self._refused(record, rel, f"{rel} is {err.strerror}")
+                    except OSError as err:
+                        self._write_failed(err, f"the files of {record.metric} at step {record.step}")
+                        record.missing_files[rel] = f"{type(err).__name__}: {err.strerror or err}"
+                        failed[name] = data
+                    else:
+                        if rel not in record.files:
+                            record.files.append(rel)
+                        record.file_ids[rel] = ident
+                        record.missing_files.pop(rel, None)
+            finally:
+                os.close(fd)
+        if failed and retry:
+            self._pending_files.append(_PendingFiles(record, folder, failed))
+
+    def _refused(self, record: Record, rel: str, why: str) -> None:
+        self.refused_writes.append(rel)
+        record.missing_files[rel] = f"refused: {why}"[:300]
+        logger.warning(
+            "uma: %s not written: %s (a write through it could land outside %s); the record of %s at step %d "
+            "names it in missing_files; training goes on",
+            rel, why, self.root, record.metric, record.step,
+        )  # fmt: skip
+
+    def _retry_files(self) -> None:
+        """Write again the files that failed, of records whose line is still pending."""
+        entries, self._pending_files = self._pending_files, []
+        for entry in entries:
+            if any(entry.record is r for r in self.pending):
+                self._write_into(entry.record, entry.folder, entry.contents, retry=True)
+                if not any(f"{entry.folder}/{name}" in entry.record.missing_files for name in entry.contents):
+                    logger.warning("uma: the files of %s at step %d are written now", entry.record.metric, entry.record.step)
 
     def add_files(self, paths: Iterable[Path]) -> list[str]:
-        """Relative paths of extra files (figures) already written under the root."""
+        """Relative paths of extra files already written under the root (by another writer).
+
+        Raises:
+            ValueError: a path that is not a regular file inside the root, or reaches it
+                through a symbolic link (the file would not be where the record says).
+        """
         return [self._relative(Path(p)) for p in paths]
 
     def _relative(self, path: Path) -> str:
-        resolved = path.resolve()
         root = self.root.resolve()
-        if root not in resolved.parents:
-            raise ValueError(f"artifact path {path} escapes the journal folder {self.root}")
-        return resolved.relative_to(root).as_posix()
+        absolute = Path(os.path.abspath(path if path.is_absolute() else Path.cwd() / path))
+        try:
+            rel = absolute.relative_to(os.path.abspath(self.root))
+        except ValueError:
+            try:
+                rel = absolute.relative_to(root)
+            except ValueError:
+                raise ValueError(f"artifact path {path} escapes the journal folder {self.root}") from None
+        walked = root
+        for part in rel.parts:
+            walked = walked / part
+            if part in ("", ".", "..") or walked.is_symlink():
+                raise ValueError(f"artifact path {path} escapes the journal folder {self.root} (through {walked})")
+        if not walked.is_file():
+            raise ValueError(f"artifact path {path} is not a file inside the journal folder {self.root}")
+        return rel.as_posix()
 
     def append(self, record: Record) -> None:
         """Append a record; on a failed write keep it pending (see the module docstring).
@@ -330,7 +432,13 @@ class Journal:
         self.flush()
 
     def flush(self) -> bool:
-        """Write what earlier failed writes left pending; True when nothing is pending any more."""
+        """Write what earlier failed writes left pending; True when nothing is pending any more.
+
+        Files first (those of records still pending: see :meth:`write_result`), then the
+        records' lines, then the delivery notes.
+        """
+        if self._pending_files:
+            self._retry_files()
         try:
             if self.pending:
                 _write_lines(self.path, [r.to_dict() for r in self.pending])
@@ -542,9 +650,33 @@ def _json_safe(value: Any) -> Any:
 
 
 def _atomic_write_text(path: Path, text: str, tmp: Path | None = None) -> None:
-    tmp = tmp or path.with_name(path.name + ".tmp")
-    tmp.write_text(text, encoding="utf-8")
-    os.replace(tmp, path)
+    """Write ``text`` to ``path`` through a fresh temporary file (``tmp`` is ignored: kept for callers)."""
+    write_atomically(path, text.encode("utf-8"))
+
+
+@dataclass
+class _PendingFiles:
+    """Files of ``record`` that failed to write into ``folder`` (relative to the root), kept for a retry."""
+
+    record: Record
+    folder: str
+    contents: dict[str, bytes]
+
+
+def _result_json(result: MetricResult) -> bytes:
+    return json.dumps(_json_safe(result.to_json_dict()), indent=1, allow_nan=False).encode("utf-8")
+
+
+def _npz_bytes(arrays: dict[str, Any]) -> bytes:
+    buffer = io.BytesIO()
+    np.savez(buffer, **{safe_name(k): np.asarray(v) for k, v in arrays.items()})
+    return buffer.getvalue()
+
+
+def _safetensors_bytes(tensors: dict[str, Any]) -> bytes:
+    from safetensors.torch import save
+
+    return save({k: v.detach().cpu().contiguous() for k, v in tensors.items()})
 
 
 #: The most bytes one array of a result's ``.npz`` may take once loaded.

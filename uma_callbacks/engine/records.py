@@ -48,6 +48,17 @@ def _is_str_dict(v: Any, values: Any) -> bool:
     return isinstance(v, dict) and all(isinstance(k, str) and values(x) for k, x in v.items())
 
 
+def _is_file_identity(v: Any) -> bool:
+    return (
+        isinstance(v, dict)
+        and _is_int(v.get("size"))
+        and v["size"] >= 0
+        and isinstance(v.get("sha256"), str)
+        and len(v["sha256"]) == 64
+        and all(c in "0123456789abcdef" for c in v["sha256"])
+    )
+
+
 #: ``{field: (required, check, what is expected)}``: the record schema, checked on read.
 SCHEMA: dict[str, tuple[bool, Any, str]] = {
     "step": (True, lambda v: _is_int(v) and -(2**63) <= v < 2**63, "a 64-bit integer"),
@@ -61,6 +72,8 @@ SCHEMA: dict[str, tuple[bool, Any, str]] = {
     "checkpoint": (False, lambda v: isinstance(v, str), "a string"),
     "probe": (False, lambda v: isinstance(v, str), "a string"),
     "source": (False, lambda v: isinstance(v, str), "a string"),
+    "file_ids": (False, lambda v: _is_str_dict(v, _is_file_identity), "an object of {size, sha256} objects"),
+    "missing_files": (False, lambda v: _is_str_dict(v, lambda x: isinstance(x, str)), "an object of strings"),
     "run": (False, lambda v: isinstance(v, str) and len(v) <= 64, "a string of at most 64 characters"),
 }
 
@@ -84,13 +97,16 @@ def check_record_dict(data: Any) -> None:
             raise RecordSchemaError(f"record field {name!r} must be {expected}; got {data[name]!r:.80}")
 
 
-def artifact_path(root: str | os.PathLike[str], rel: Any) -> Path | None:
+def artifact_path(root: str | os.PathLike[str], rel: Any, identity: Any = None) -> Path | None:
     """The file a record's ``files`` entry names, or None when it may not be read.
 
     Only regular files inside ``root`` may be read or uploaded: ``rel`` must be a
     relative string path and ``(root / rel).resolve()`` (symlinks followed) must lie
     inside ``root.resolve()``. ``/etc/passwd``, ``../../x`` and a symlink pointing out of
-    the folder give None, as does a missing file.
+    the folder give None, as does a missing file. So does a file with more than one hard
+    link (a name inside the folder for a file that also lives elsewhere), and, when
+    ``identity`` is given (the record's ``file_ids`` entry: ``{"size", "sha256"}`` of what
+    the journal wrote), a file whose size or content differs from it.
 
     Example:
         >>> artifact_path("/tmp", "/etc/passwd") is None
@@ -105,7 +121,26 @@ def artifact_path(root: str | os.PathLike[str], rel: Any) -> Path | None:
         return None
     if base not in path.parents or not path.is_file():
         return None
+    try:
+        st = path.stat()
+        if st.st_nlink > 1:
+            return None
+        if identity is not None and not _same_content(path, st.st_size, identity):
+            return None
+    except OSError:
+        return None
     return path
+
+
+def _same_content(path: Path, size: int, identity: Any) -> bool:
+    """Whether ``path`` (of ``size`` bytes) holds what ``identity`` (``{"size", "sha256"}``) describes."""
+    if not _is_file_identity(identity) or size != identity["size"]:
+        return False
+    digest = hashlib.sha256()
+    with open(path, "rb") as fh:
+        for block in iter(lambda: fh.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest() == identity["sha256"]
 
 
 def log_key(metric: str, scalar: str) -> str:
@@ -129,6 +164,10 @@ class Record:
         checkpoint: the checkpoint fingerprint (or folder name).
         probe: the probe fingerprint.
         source: what produced it: ``callback``, ``accelerate``, ``backfill``, ``analyze``.
+        file_ids: ``{files entry: {"size", "sha256"}}`` of each file as the journal wrote
+            it (absent in records of older versions); uploads send only matching files.
+        missing_files: ``{relative path: why}`` for files of the result that were not
+            written (a refused symbolic link, a full disk).
         run: the id of the training run that made it
             (:mod:`~uma_callbacks.engine.run_identity`); ``""`` in records of older versions.
     """
@@ -144,6 +183,8 @@ class Record:
     checkpoint: str = ""
     probe: str = ""
     source: str = ""
+    file_ids: dict[str, dict[str, Any]] = field(default_factory=dict)
+    missing_files: dict[str, str] = field(default_factory=dict)
     run: str = ""
 
     @property
@@ -168,6 +209,9 @@ class Record:
     def to_dict(self) -> dict[str, Any]:
         """JSON-able dict (non-finite scalars become ``None``)."""
         data = asdict(self)
+        for name in ("file_ids", "missing_files"):  # absent when empty: lines as older versions wrote them
+            if not data[name]:
+                del data[name]
         data["scalars"] = {k: (float(v) if _finite(v) else None) for k, v in self.scalars.items()}
         return data
 

@@ -319,7 +319,7 @@ class MetricSuite:
             source=self.source,
         )
         if self.is_main and self.journal is not None:
-            record.files = self._write_files(result, step)
+            self._write_files(result, step, record)
             self.journal.append(record)
         redeliver_if_requested()  # SIGTERM during the metric: terminate now that it is journalled
         if result.status == "partial":
@@ -449,27 +449,26 @@ class MetricSuite:
             },
         )
 
-    def _write_files(self, result: MetricResult, step: int) -> list[str]:
+    def _write_files(self, result: MetricResult, step: int, record: Record) -> None:
+        """Write the result's files and figures for ``record`` (:meth:`Journal.write_result`:
+        no link followed, nothing partial left, failed files retried while the record is pending)."""
         assert self.journal is not None
         if result.status not in ("ok", "partial"):
-            return []
+            return
         # another configuration of this metric already has its files at this step: never
         # overwrite them, write into step-<N>/<metric>-<config hash>/ instead
         subfolder = _variant_folder(self.journal.root / f"step-{int(step)}", result)
-        files = self.journal.write_files(result, step, subfolder)
+        figures: dict[str, bytes] = {}
         if self.draw_figures:
             try:
                 from uma_callbacks import plots
             except ImportError:  # matplotlib is an optional extra
-                return files
-            folder = self.journal.root / f"step-{int(step)}" / subfolder
+                plots = None
             try:
-                paths = plots.draw_result(result, folder)
+                figures = plots.render_result(result) if plots is not None else {}  # PNG bytes, nothing on disk yet
             except Exception as err:  # a figure is never worth a lost record
                 logger.warning("uma: could not draw %s at step %d (%s: %s)", result.name, step, type(err).__name__, err)
-                return files
-            files += self.journal.add_files(paths)
-        return files
+        self.journal.write_result(record, result, subfolder, figures)
 
     def _deliver(self, record: Record) -> None:
         if self.is_main and self.on_record is not None:

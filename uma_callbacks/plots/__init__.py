@@ -13,9 +13,21 @@ from uma_callbacks.plots.core import (
     heatmap,
     register_drawer,
     register_trend,
+    render_result,
+    save_figure,
 )
 from uma_callbacks.plots import attention as _attention  # noqa: F401 (registers its figures)
 from uma_callbacks.plots import weight_space as _weight_space  # noqa: F401 (registers its figures)
 from uma_callbacks.plots import representations as _representations  # noqa: F401 (registers its figures)
 
-__all__ = ["DRAWERS", "TREND_DRAWERS", "draw_result", "draw_trends", "heatmap", "register_drawer", "register_trend"]
+__all__ = [
+    "DRAWERS",
+    "TREND_DRAWERS",
+    "draw_result",
+    "draw_trends",
+    "heatmap",
+    "register_drawer",
+    "register_trend",
+    "render_result",
+    "save_figure",
+]

@@ -17,7 +17,7 @@ from pathlib import Path
 import numpy as np
 
 from uma_callbacks.metrics.base import MetricResult
-from uma_callbacks.plots.core import _pyplot, heatmap, register_drawer, register_trend
+from uma_callbacks.plots.core import _pyplot, heatmap, register_drawer, register_trend, save_figure
 
 ATTENTION_SCORES = ("entropy", "prev_token", "bos", "induction")
 CIRCUIT_ARRAYS = ("q_composition", "k_composition", "v_composition")
@@ -75,6 +75,6 @@ def _induction_trend(results: list[tuple[int, MetricResult]], folder: Path) -> l
     ax.legend(handles, [h.get_label() for h in handles], fontsize=8, loc="upper left")
     fig.tight_layout()
     path = folder / "attention-induction-trend.png"
-    fig.savefig(path, dpi=110)
+    save_figure(fig, path, dpi=110)
     plt.close(fig)
     return [path]

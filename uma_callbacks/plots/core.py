@@ -7,10 +7,17 @@
 - ``interpolation``: the path loss against t, with the linear chord between the endpoints.
 
 matplotlib is imported here only (the ``[plots]`` extra), with the Agg backend.
+
+Every figure goes through :func:`save_figure`: rendered to PNG bytes in memory first, then
+either handed to the caller (:func:`render_result`: the journal writes them, refusing
+links) or written through a temporary file renamed into place, so a full disk leaves no
+empty or partial PNG behind.
 """
 
 from __future__ import annotations
 
+import contextvars
+import io
 import math
 from pathlib import Path
 from collections.abc import Callable
@@ -18,7 +25,11 @@ from typing import Any
 
 import numpy as np
 
+from uma_callbacks.core.safe_write import write_atomically
 from uma_callbacks.metrics.base import MetricResult
+
+#: While set (by :func:`render_result`), :func:`save_figure` keeps ``{file name: PNG bytes}`` here instead of writing.
+_CAPTURED: contextvars.ContextVar[dict[str, bytes] | None] = contextvars.ContextVar("uma_captured_figures", default=None)
 
 
 def _pyplot() -> Any:
@@ -44,6 +55,37 @@ def register_drawer(*names: str) -> Callable[[Callable[[MetricResult, Path], lis
         return fn
 
     return wrap
+
+
+def save_figure(fig: Any, path: str | Path, dpi: int = 110) -> Path:
+    """Save ``fig`` as the PNG ``path``: rendered in memory, then written atomically (no
+    empty or partial file on a full disk), or kept in memory under :func:`render_result`.
+
+    Raises:
+        OSError: the file could not be written (nothing is left at ``path`` that was not there).
+    """
+    path = Path(path)
+    buffer = io.BytesIO()
+    fig.savefig(buffer, format="png", dpi=dpi)
+    captured = _CAPTURED.get()
+    if captured is not None:
+        captured[path.name] = buffer.getvalue()
+        return path
+    return write_atomically(path, buffer.getvalue())
+
+
+def render_result(result: MetricResult) -> dict[str, bytes]:
+    """The figures :func:`draw_result` would write, as ``{file name: PNG bytes}``; nothing touches the disk."""
+    drawer = DRAWERS.get(result.name)
+    if drawer is None:
+        return {}
+    captured: dict[str, bytes] = {}
+    token = _CAPTURED.set(captured)
+    try:
+        paths = drawer(result, Path("."))
+    finally:
+        _CAPTURED.reset(token)
+    return {p.name: captured[p.name] for p in paths if p.name in captured}
 
 
 def draw_result(result: MetricResult, folder: str | Path) -> list[Path]:
@@ -114,7 +156,7 @@ def heatmap(
     if colorbar_label:
         bar.set_label(colorbar_label)
     fig.tight_layout()
-    fig.savefig(path, dpi=100)
+    save_figure(fig, path, dpi=100)
     plt.close(fig)
     return path
 
@@ -154,7 +196,7 @@ def _bar_chart(values: dict[str, float], title: str, xlabel: str, path: Path, co
     ax.set_title(title + more, fontsize=9, loc="left")
     ax.grid(True, axis="x", alpha=0.3)
     fig.tight_layout()
-    fig.savefig(path, dpi=110)
+    save_figure(fig, path, dpi=110)
     plt.close(fig)
     return path
 
@@ -194,7 +236,7 @@ def _spectrum_and_layers(result: MetricResult, folder: Path) -> list[Path]:
         ax.set_title(f"{result.name}: top {eig.size} eigenvalues")
         fig.tight_layout()
         path = folder / f"{result.name}-spectrum.png"
-        fig.savefig(path, dpi=110)
+        save_figure(fig, path, dpi=110)
         plt.close(fig)
         paths.append(path)
     traces = _layer_values(result.scalars, "trace")
@@ -232,7 +274,7 @@ def _landscape(result: MetricResult, folder: Path) -> list[Path]:
         ax.set_ylabel("α (step along d1, in normalised units)")
     ax.set_title(f"loss landscape (roughness {result.scalars.get('roughness', float('nan')):.3g})")
     fig.tight_layout()
-    fig.savefig(path, dpi=110)
+    save_figure(fig, path, dpi=110)
     plt.close(fig)
     return [path]
 
@@ -259,6 +301,6 @@ def _interpolation(result: MetricResult, folder: Path) -> list[Path]:
     ax.legend()
     fig.tight_layout()
     path = folder / "interpolation.png"
-    fig.savefig(path, dpi=110)
+    save_figure(fig, path, dpi=110)
     plt.close(fig)
     return [path]

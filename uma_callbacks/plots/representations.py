@@ -12,7 +12,7 @@ from pathlib import Path
 import numpy as np
 
 from uma_callbacks.metrics.base import MetricResult
-from uma_callbacks.plots.core import _pyplot, heatmap, register_drawer, register_trend
+from uma_callbacks.plots.core import _pyplot, heatmap, register_drawer, register_trend, save_figure
 
 
 @register_drawer("representations")
@@ -60,6 +60,6 @@ def _information_plane(results: list[tuple[int, MetricResult]], folder: Path) ->
         ax.legend(fontsize=7)
     fig.tight_layout()
     path = folder / "information-plane.png"
-    fig.savefig(path, dpi=110)
+    save_figure(fig, path, dpi=110)
     plt.close(fig)
     return [path]

@@ -14,7 +14,7 @@ from pathlib import Path
 import numpy as np
 
 from uma_callbacks.metrics.base import MetricResult
-from uma_callbacks.plots.core import _pyplot, register_drawer, register_trend
+from uma_callbacks.plots.core import _pyplot, register_drawer, register_trend, save_figure
 
 
 def _pruning_curve(result: MetricResult) -> tuple[np.ndarray, np.ndarray]:
@@ -36,7 +36,7 @@ def _pruning(result: MetricResult, folder: Path) -> list[Path]:
     ax.set_title("pruning robustness")
     fig.tight_layout()
     path = folder / "pruning.png"
-    fig.savefig(path, dpi=110)
+    save_figure(fig, path, dpi=110)
     plt.close(fig)
     return [path]
 
@@ -73,7 +73,7 @@ def _pruning_trend(results: list[tuple[int, MetricResult]], folder: Path) -> lis
         right.legend(fontsize=7)
     fig.tight_layout()
     path = folder / "pruning-trend.png"
-    fig.savefig(path, dpi=110)
+    save_figure(fig, path, dpi=110)
     plt.close(fig)
     return [path]
 
@@ -97,7 +97,7 @@ def _modularity(result: MetricResult, folder: Path) -> list[Path]:
     ax.legend()
     fig.tight_layout()
     path = folder / "modularity.png"
-    fig.savefig(path, dpi=110)
+    save_figure(fig, path, dpi=110)
     plt.close(fig)
     return [path]
 
@@ -116,7 +116,7 @@ def _lines(results: list[tuple[int, MetricResult]], keys: list[str], title: str,
     ax.set_title(title)
     ax.legend(fontsize=7)
     fig.tight_layout()
-    fig.savefig(path, dpi=110)
+    save_figure(fig, path, dpi=110)
     plt.close(fig)
     return [path]
 
