@@ -85,6 +85,17 @@ class Checkpoint:
         """The folder's name (``checkpoint-300``)."""
         return self.path.name
 
+    @property
+    def name_rank(self) -> int:
+        """How well the folder's name agrees with its step, best first: 0 for the Trainer's
+        own name ``checkpoint-<step>``, 1 for a name ending in the step's number
+        (``checkpoint-0300``, ``run_300``), 2 otherwise. Of two folders claiming one step,
+        the one whose name agrees measures it."""
+        if self.name == f"checkpoint-{self.step}":
+            return 0
+        match = _TRAILING_NUMBER.search(self.name)
+        return 1 if match is not None and int(match.group(1)) == self.step else 2
+
 
 class _Problem(Exception):
     """A folder that looks like a checkpoint but cannot be used (the reason is the message)."""

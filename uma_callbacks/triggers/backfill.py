@@ -215,15 +215,29 @@ def backfill(
 
 
 def _one_folder_per_step(checkpoints: list[Checkpoint]) -> tuple[list[Checkpoint], list[tuple[Path, str]]]:
-    """The first folder (by path) of each step, and a problem for every other folder claiming it."""
-    kept: dict[int, Checkpoint] = {}
-    duplicates: list[tuple[Path, str]] = []
+    """One folder per step, and a problem naming both folders for every other folder claiming it.
+
+    Of the folders claiming one step, the one whose name agrees with it measures it
+    (:attr:`~uma_callbacks.checkpoints.Checkpoint.name_rank`: ``checkpoint-4`` over a
+    ``checkpoint-10`` whose state file says step 4), then the first by path.
+    """
+    by_step: dict[int, list[Checkpoint]] = {}
     for ckpt in checkpoints:
-        if ckpt.step in kept:
-            duplicates.append((ckpt.path, f"claims step {ckpt.step}, as {kept[ckpt.step].path} does; measured that one only"))
-        else:
-            kept[ckpt.step] = ckpt
-    return list(kept.values()), duplicates
+        by_step.setdefault(ckpt.step, []).append(ckpt)
+    kept: list[Checkpoint] = []
+    duplicates: list[tuple[Path, str]] = []
+    for step in sorted(by_step):
+        claimants = sorted(by_step[step], key=lambda c: (c.name_rank, str(c.path)))
+        winner = claimants[0]
+        kept.append(winner)
+        why = "whose name matches the step" if winner.name_rank < 2 else "first by path; neither name matches the step"
+        for other in claimants[1:]:
+            duplicates.append((
+                other.path,
+                f"{other.path} claims step {step}, as {winner.path} does ({why}); "
+                f"measured {winner.name} only",
+            ))  # fmt: skip
+    return kept, duplicates
 
 
 def _tally(summary: BackfillSummary, ckpt: Checkpoint, records: list[Record]) -> None:
