@@ -41,6 +41,7 @@ from typing import Any
 from uma_callbacks.engine.records import Record
 
 from uma_callbacks.integrations.base import Sink, keeps_rng, tracker_key, uploadable_files
+from uma_callbacks.integrations.status import next_status, parse_step
 from uma_callbacks.integrations.uris import no_stray_folders, sqlite_path, sqlite_uri
 
 logger = logging.getLogger(__name__)
@@ -148,7 +149,9 @@ class MLflowSink(Sink):
         self._client: Any = None
         self._history: dict[str, set[int]] = {}
         self._params_logged: set[str] = set()
-        self._latest_step: dict[str, int] = {}
+        #: ``{metric: (status, step)}`` the run shows (:mod:`~uma_callbacks.integrations.status`); read from it once
+        self._shown: dict[str, tuple[str, int | None]] | None = None
+        self._shown_tags: dict[str, str] = {}
         self._params_pending: dict[str, str] = {}
         self._refused_files: set[str] = set()
         #: ``{tracker key: MLflow's reason}`` of points MLflow refused (warned about once each).
@@ -246,11 +249,7 @@ class MLflowSink(Sink):
             metrics.append(MlflowMetric(key, value, timestamp or _now_ms(), record.step))
         for start in range(0, len(metrics), 900):  # the batch API caps at 1000 entries
             self._log_batch(metrics[start : start + 900])
-        if record.step >= self._latest_step.get(record.metric, record.step):
-            # the status tag follows the latest step (a later ok clears an earlier error's status)
-            self._latest_step[record.metric] = record.step
-            status = "ok" if record.status == "cached" else record.status
-            self._client.set_tag(self._run_id, tracker_key(f"uma.{record.metric}.status"), status)
+        self._show_status(record)  # the latest step with a value, or a newer failure
         for name, value in _summary(record).items():  # one-off findings (the early-bird step) as tags
             self._client.set_tag(self._run_id, tracker_key(f"uma.{record.metric}.{name}"), str(value))
         if record.status not in ("ok", "cached", "partial"):
@@ -260,6 +259,22 @@ class MLflowSink(Sink):
             )
         for path in uploadable_files(Path(root), record, self._refused_files):
             self._client.log_artifact(self._run_id, str(path), artifact_path=f"uma/step-{int(record.step)}")
+
+    def _show_status(self, record: Record) -> None:
+        """Tag ``uma.<metric>.status`` and ``.status_step`` by :func:`~uma_callbacks.integrations.status.next_status`,
+        from what the run shows (read once per sink: a backfill continues the live run's tags)."""
+        from mlflow.entities import RunTag  # noqa: PLC0415 (optional extra)
+
+        key, step_key = tracker_key(f"uma.{record.metric}.status"), tracker_key(f"uma.{record.metric}.status_step")
+        if self._shown is None:
+            self._shown_tags = dict(self._client.get_run(self._run_id).data.tags)
+            self._shown = {}
+        if record.metric not in self._shown and key in self._shown_tags:
+            self._shown[record.metric] = (self._shown_tags[key], parse_step(self._shown_tags.get(step_key)))
+        update = next_status(self._shown.get(record.metric), record.status, record.step)
+        if update is not None:
+            self._client.log_batch(self._run_id, tags=[RunTag(key, update[0]), RunTag(step_key, str(update[1]))])
+            self._shown[record.metric] = update
 
     def _log_batch(self, metrics: list[Any]) -> None:
         """One batch; if MLflow refuses it as invalid, point by point (refused points noted, the rest sent)."""

@@ -48,6 +48,7 @@ from typing import Any
 from uma_callbacks.engine.records import PREFIX, Record
 
 from uma_callbacks.integrations.base import Sink, keeps_rng, tracker_key, uploadable_files
+from uma_callbacks.integrations.status import next_status, parse_step
 
 logger = logging.getLogger(__name__)
 
@@ -110,7 +111,8 @@ class WandbSink(Sink):
         self._bound_run: str | None = None
         self._defined: set[str] = set()
         self._logged: set[tuple[int, str]] = set()
-        self._latest_step: dict[str, int] = {}
+        #: ``{metric: (status, step)}`` the run's summary shows (:mod:`~uma_callbacks.integrations.status`)
+        self._shown: dict[str, tuple[str, int | None]] = {}
         self._init_error: BaseException | None = None
         self._failed_at = -math.inf
         self.retry_interval = float(retry_interval)
@@ -215,11 +217,7 @@ class WandbSink(Sink):
                 self._bind(key)
             self._run.log({STEP_KEY: step, **row})
             self._logged.update((step, key) for key in row)
-        if step >= self._latest_step.get(record.metric, step):
-            # the status in the summary follows the latest step (no stale error after a later ok)
-            self._latest_step[record.metric] = step
-            status = "ok" if record.status == "cached" else record.status
-            self._run.summary[tracker_key(f"{PREFIX}/{record.metric}/status")] = status
+        self._show_status(record)  # the latest step with a value, or a newer failure
         summary = record.meta.get("summary") if isinstance(record.meta, dict) else None
         for name, value in (summary if isinstance(summary, dict) else {}).items():  # one-off findings (early bird)
             if isinstance(value, (int, float, str)):
@@ -235,6 +233,22 @@ class WandbSink(Sink):
                 artifact.add_file(str(path), name=f"step-{step}/{path.name}")
             self._run.log_artifact(artifact)
             self._logged.add((step, artifact_key))
+
+    def _show_status(self, record: Record) -> None:
+        """Set the summary's ``uma/<metric>/status`` and ``status_step`` by
+        :func:`~uma_callbacks.integrations.status.next_status`, from what the run's summary
+        shows (a resumed run keeps the live run's)."""
+        key = tracker_key(f"{PREFIX}/{record.metric}/status")
+        step_key = tracker_key(f"{PREFIX}/{record.metric}/status_step")
+        shown = self._shown.get(record.metric)
+        if shown is None:
+            old = self._run.summary.get(key)
+            if isinstance(old, str):
+                shown = (old, parse_step(self._run.summary.get(step_key)))
+        update = next_status(shown, record.status, record.step)
+        if update is not None:
+            self._run.summary[key], self._run.summary[step_key] = update
+            self._shown[record.metric] = update
 
     @keeps_rng
     def log_params(self, params: dict[str, Any]) -> None:
