@@ -43,14 +43,13 @@ from uma_callbacks.core.rng import rng_preserved
 from uma_callbacks.core.sharding import deepspeed_zero3_reason
 from uma_callbacks.engine.budget import as_budget
 from uma_callbacks.engine.delivery import Delivery
-from uma_callbacks.integrations.bounded import bounded_pair, rearm
 from uma_callbacks.engine.history import CheckpointHistory
-from uma_callbacks.engine.journal import Journal
-from uma_callbacks.engine.run_identity import RunJournal, is_run_id, new_run_id
 from uma_callbacks.engine.probe import Probe, count_samples, save_probe
 from uma_callbacks.engine.records import Record
+from uma_callbacks.engine.run_identity import RunJournal, is_run_id, new_run_id
 from uma_callbacks.engine.snapshot import weights_fingerprint
 from uma_callbacks.engine.suite import MetricSuite
+from uma_callbacks.integrations.bounded import bounded_pair, rearm
 
 logger = logging.getLogger(__name__)
 
@@ -149,11 +148,7 @@ class Session:
                 is not a run id (32 hex digits, or ``""`` for an older version's run).
         """
         if run is not None:
-            if run != "" and not is_run_id(run):
-                raise ValueError(f"Session.open: run must be 32 lowercase hex digits or ''; got {run!r:.80}")
-            self.run = self.delivery.run = run
-            if self.journal is not None:
-                self.journal.run = run
+            self.continue_run(run)
         with all_rngs_preserved():
             check_probe_usable(probe, self.config.loss_fn)
             self.probe = probe
@@ -167,6 +162,20 @@ class Session:
             timeout = self.config.tracker_timeout_seconds if self.source in ("callback", "accelerate") else None
             self.delivery.sinks, self.delivery.own = bounded_pair(sinks, own_sinks, timeout)  # training path only
             self.delivery.start(self.params(params))
+
+    def continue_run(self, run: str) -> None:
+        """Make this session's records those of the training run ``run`` (a resume): they
+        carry its id, and the delivery replays its records.
+
+        Raises:
+            ValueError: ``run`` is not a run id (32 lowercase hex digits, or ``""`` for an
+                older version's run).
+        """
+        if run != "" and not is_run_id(run):
+            raise ValueError(f"Session run must be 32 lowercase hex digits or ''; got {run!r:.80}")
+        self.run = self.delivery.run = run
+        if self.journal is not None:
+            self.journal.run = run
 
     def params(self, extra: Mapping[str, Any] | None = None) -> dict[str, Any]:
         """What is logged once per run: the probe's identity and every metric's config."""

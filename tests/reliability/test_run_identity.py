@@ -238,3 +238,34 @@ def test_records_without_a_run_read_back_and_uma_sync_keeps_them_to_themselves(t
     fresh = Sink("tracker-new")
     Delivery(journal, [fresh]).send_pending()
     assert [(r.step, r.scalars["x"]) for r in fresh.records] == [(2, 9.0)]
+
+
+def test_accelerate_load_state_continues_the_folders_run_and_a_fresh_attach_is_a_new_run(tmp_path):
+    from accelerate import Accelerator
+
+    from uma_callbacks.triggers.accelerate import attach
+
+    def handle_for():
+        acc = Accelerator(cpu=True)
+        model = acc.prepare(torch.nn.Linear(3, 1))
+        batches = [{"x": torch.randn(4, 3)}]
+        handle = attach(acc, ["gradient_flow"], batches, trackers=[], output_dir=str(tmp_path / "uma"),
+                        loss_fn=lambda m, b: m(b["x"]).sum(-1), draw_figures=False)
+        return acc, handle
+
+    acc, first = handle_for()
+    first.step = 2
+    acc.save_state(str(tmp_path / "ckpt-2"))
+    first.remove()
+    acc, resumed = handle_for()
+    acc.load_state(str(tmp_path / "ckpt-2"))
+    resumed.step = 4
+    acc.save_state(str(tmp_path / "ckpt-4"))
+    resumed.remove()
+    acc, fresh = handle_for()
+    fresh.step = 2
+    acc.save_state(str(tmp_path / "other-2"))
+    fresh.remove()
+    runs = [(r.step, r.run) for r in Journal(tmp_path / "uma").records()]
+    assert runs == [(2, first.session.run), (4, first.session.run), (2, fresh.session.run)]
+    assert fresh.session.run != first.session.run

@@ -101,8 +101,9 @@ def write_run_marker(folder: str | os.PathLike[str], run: str, step: int) -> Pat
     return path
 
 
-def read_run_marker(folder: str | os.PathLike[str], step: int) -> str | None:
-    """The run id in ``folder``'s :data:`RUN_FILE` when it is one and names ``step``, else None.
+def read_run_marker(folder: str | os.PathLike[str], step: int | None = None) -> str | None:
+    """The run id in ``folder``'s :data:`RUN_FILE` when it is one and names ``step`` (any
+    step when ``None``), else None.
 
     The file is data from disk: anything but a small JSON object with a valid ``run`` and
     ``step == step`` (a symlink, a huge file, a hand edit) is ignored with a warning.
@@ -122,7 +123,7 @@ def read_run_marker(folder: str | os.PathLike[str], step: int) -> str | None:
     if not isinstance(data, dict) or not is_run_id(data.get("run")):
         logger.warning("uma: %s ignored: not a run marker", path)
         return None
-    if data.get("step") != int(step) or isinstance(data.get("step"), bool):
+    if step is not None and (data.get("step") != int(step) or isinstance(data.get("step"), bool)):
         logger.warning("uma: %s ignored: it names step %r, the checkpoint is at step %d", path, data.get("step"), step)
         return None
     return data["run"]

@@ -22,26 +22,23 @@ one without it.
 
 from __future__ import annotations
 
-import logging
 import os
 import time
 from collections.abc import Mapping, Sequence
 from typing import Any
 
 import torch
-
 from transformers import TrainerCallback
 
 from uma_callbacks.checkpoints import ensure_config_json
 from uma_callbacks.config import UMAConfig
 from uma_callbacks.engine.journal import Journal
 from uma_callbacks.engine.probe_source import build_probe, check_probe_source
-from uma_callbacks.engine.run_identity import measured_metrics, resumed_run, tracker_run, write_run_marker
-from uma_callbacks.integrations.registry import make_sink, resolve_sinks, tracker_names
+from uma_callbacks.engine.run_identity import measured_metrics, resumed_run, write_run_marker
+from uma_callbacks.integrations.registry import tracker_names
 from uma_callbacks.metrics.base import Metric
 from uma_callbacks.session import Session, all_rngs_preserved
-
-logger = logging.getLogger(__name__)
+from uma_callbacks.triggers.tracker_runs import continuing_sinks, tracker_runs
 
 
 class UMACallback(TrainerCallback):
@@ -137,7 +134,7 @@ class UMACallback(TrainerCallback):
                 loaders=[loader for loader in (eval_dataloader, train_dataloader) if loader is not None],
                 field="UMACallback.probe",
             )
-            reopen = _tracker_runs(session.journal, run, args, cfg.trackers) if run is not None else {}
+            reopen = tracker_runs(session.journal, run, _tracker_entries(args, cfg.trackers)) if run is not None else {}
             sinks, own = trainer_sinks(args, cfg.trackers, root, reopen) if session.is_main else ([], [])
         session.open(probe, sinks, own, run=run)
         self.session = session
@@ -207,41 +204,10 @@ def trainer_sinks(
     ``args.report_to`` that have a sink (others are the Trainer's business).
 
     ``reopen``: ``{tracker name: {"run", "uri"}}``, the tracker runs a resumed training
-    continues (see :func:`reopened`); other names open or join runs as usual.
+    continues (:func:`~uma_callbacks.triggers.tracker_runs.reopened`); other names open or
+    join runs as usual.
     """
-    entries = _tracker_entries(args, trackers)
-    sinks: list[Any] = []
-    own: list[Any] = []
-    for entry in entries:
-        if isinstance(entry, str) and reopen and entry in reopen:
-            sink, ours = reopened(entry, reopen[entry], root)
-            sinks.append(sink)
-            own += [sink] if ours else []
-        else:
-            more, more_own = resolve_sinks([entry], fallback_dir=root)
-            sinks += more
-            own += more_own
-    return sinks, own
-
-
-def reopened(name: str, where: Mapping[str, str], root: str | os.PathLike[str]) -> tuple[Any, bool]:
-    """``(sink, own)``: the ``name`` sink a resumed training logs to.
-
-    A tracker run the Trainer itself has open (``report_to``: its callback opened it before
-    ours) wins: the training's own values go there. Otherwise the sink joins the tracker run
-    ``where`` names (the one the resumed run delivered to), and it is ours to finish.
-    """
-    fresh = make_sink(name, fallback_dir=root)
-    capture = getattr(fresh, "capture_active_run", None)
-    if callable(capture) and capture():
-        if fresh.run_id() != where.get("run"):
-            logger.warning(
-                "uma: resuming; the Trainer opened %s run %s, the journal's run was %s: logging to the Trainer's",
-                name, fresh.run_id(), where.get("run"),
-            )  # fmt: skip
-        return fresh, False
-    sink = make_sink(name, run_id=where.get("run") or None, tracking_uri=where.get("uri") or None, fallback_dir=root)
-    return sink, True
+    return continuing_sinks(_tracker_entries(args, trackers), root, reopen)
 
 
 def _tracker_entries(args: Any, trackers: Sequence[Any] | None) -> list[Any]:
@@ -258,15 +224,6 @@ def _resumed_run(journal: Journal, args: Any, step: int) -> str | None:
     if isinstance(given, str) and given:
         folders.insert(0, given)
     return resumed_run(journal, step, folders)
-
-
-def _tracker_runs(journal: Journal | None, run: str, args: Any, trackers: Sequence[Any] | None) -> dict[str, dict[str, str]]:
-    """``{tracker name: {"run", "uri"}}`` that the resumed ``run`` delivered to, for the named trackers."""
-    if journal is None:
-        return {}
-    names = [e for e in _tracker_entries(args, trackers) if isinstance(e, str)]
-    found = {name: tracker_run(journal, run, name) for name in names}
-    return {name: where for name, where in found.items() if where is not None}
 
 
 def _is_save_step(args: Any, state: Any) -> bool:
