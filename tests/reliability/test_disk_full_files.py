@@ -17,13 +17,15 @@ import os
 import numpy as np
 import pytest
 
-from tests.reliability.test_disk_full import Fill, disk  # noqa: F401 (the tmpfs fixture)
+from tests.reliability import test_disk_full
+from tests.reliability.test_disk_full import Fill
 from tests.trainer_cases import run_trainer
 from uma_callbacks import UMACallback
 from uma_callbacks.engine.journal import Journal
 from uma_callbacks.engine.records import Record, artifact_path
 from uma_callbacks.metrics.base import MetricResult
 
+disk = test_disk_full.disk  # the tmpfs fixture
 PNG = b"\x89PNG\r\n\x1a\n" + b"\x01" * 30_000
 
 

@@ -125,7 +125,7 @@ def _mlflow(tmp_path):
 @pytest.mark.parametrize("with_ids", [True, False], ids=["file_ids", "older_record"])
 def test_uma_sync_never_uploads_a_hard_link_to_a_file_outside(tmp_path, with_ids, caplog):
     pytest.importorskip("mlflow")
-    journal, _ = _journal_with_a_hard_link(tmp_path, with_ids)
+    _journal_with_a_hard_link(tmp_path, with_ids)
     uri, client, run_id = _mlflow(tmp_path)
     with caplog.at_level(logging.WARNING, logger="uma_callbacks"):
         assert main(["sync", str(tmp_path / "run"), "--mlflow-run", run_id, "--tracking-uri", uri]) == 0

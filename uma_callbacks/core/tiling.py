@@ -76,7 +76,7 @@ def tiling_fault(
     points, weights = [], []
     for mask in range(1 << d):
         upper = np.array([(mask >> k) & 1 for k in range(d)], dtype=np.int64)
-        sign = -1 if bin(mask).count("1") % 2 else 1
+        sign = -1 if mask.bit_count() % 2 else 1
         points += [lower + upper * extent, upper * whole]
         weights += [np.full(len(solid), sign, dtype=np.int64), np.array([-sign], dtype=np.int64)]
     unique, residual = _summed(np.concatenate(points), np.concatenate(weights), [size[k] for k in split])

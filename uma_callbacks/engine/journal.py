@@ -330,7 +330,7 @@ class Journal:
         for name, make in makers:
             try:
                 contents[name] = make()
-            except Exception as err:  # a value that does not serialise is never worth a lost record
+            except Exception as err:  # noqa: BLE001 (a value that does not serialise is never worth a lost record)
                 folder = self._folder_of(record.step, "")
                 record.missing_files[f"{folder}/{name}"] = f"not serialisable: {type(err).__name__}: {err}"[:300]
                 logger.warning("uma: %s of %s at step %d not written (%s: %s)", name, result.name, record.step, type(err).__name__, err)

@@ -19,8 +19,8 @@ from __future__ import annotations
 import contextvars
 import io
 import math
-from pathlib import Path
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
 import numpy as np
