@@ -76,3 +76,113 @@ class MlflowServer:
                 if sock.connect_ex(("127.0.0.1", self.port)) != 0:
                     return
             time.sleep(0.1)
+
+
+class FaultProxy:
+    """An HTTP proxy on 127.0.0.1 in front of ``upstream`` that injects faults on demand.
+
+    ``mode`` picks what happens to a request whose path contains ``match`` (all when ``""``),
+    for the next ``remaining`` such requests (``None``: all of them):
+
+    - ``"pass"``: forwarded as it is;
+    - ``"stall"``: held, unanswered, until :meth:`release` (or ``stall_max`` seconds), then forwarded;
+    - ``"503"``: answered 503 without reaching the server;
+    - ``"500_after_apply"``: forwarded (the server applies it), then answered 500.
+
+    ``hits`` counts the requests a fault was applied to; ``seen`` lists every path.
+    """
+
+    def __init__(self, upstream: str, stall_max: float = 120.0) -> None:
+        import http.server
+        import threading
+        import urllib.parse
+
+        self.upstream = urllib.parse.urlsplit(upstream)
+        self.stall_max = stall_max
+        self.mode, self.match, self.remaining = "pass", "", None
+        self.hits = 0
+        self.seen: list[str] = []
+        self._lock = threading.Lock()
+        self._released = threading.Event()
+        proxy = self
+
+        class Handler(http.server.BaseHTTPRequestHandler):
+            protocol_version = "HTTP/1.0"  # one request per connection: nothing kept between faults
+
+            def log_message(self, *args):  # quiet
+                pass
+
+            def _any(self):
+                length = int(self.headers.get("Content-Length") or 0)
+                body = self.rfile.read(length) if length else b""
+                fault = proxy._take(self.path)
+                if fault == "503":
+                    return self._answer(503, b'{"error_code": "TEMPORARILY_UNAVAILABLE", "message": "injected 503"}')
+                if fault == "stall":
+                    proxy._released.wait(proxy.stall_max)
+                status, payload, ctype = proxy._forward(self.command, self.path, dict(self.headers), body)
+                if fault == "500_after_apply":
+                    return self._answer(500, b'{"error_code": "INTERNAL_ERROR", "message": "injected 500 after apply"}')
+                return self._answer(status, payload, ctype)
+
+            def _answer(self, status, payload, ctype="application/json"):
+                try:
+                    self.send_response(status)
+                    self.send_header("Content-Type", ctype)
+                    self.send_header("Content-Length", str(len(payload)))
+                    self.end_headers()
+                    self.wfile.write(payload)
+                except OSError:  # the client gave up on a stalled request
+                    pass
+
+            do_GET = do_POST = do_PATCH = do_DELETE = do_PUT = _any
+
+        self._server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self._server.daemon_threads = True
+        self.port = self._server.server_address[1]
+        self._thread = threading.Thread(target=self._server.serve_forever, name="fault-proxy", daemon=True)
+        self._thread.start()
+
+    @property
+    def uri(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+    def set(self, mode: str, match: str = "", remaining: int | None = None) -> None:
+        """Apply ``mode`` to the next ``remaining`` requests whose path contains ``match``."""
+        with self._lock:
+            if mode == "stall":
+                self._released.clear()
+            self.mode, self.match, self.remaining = mode, match, remaining
+
+    def release(self) -> None:
+        """Stop faulting; stalled requests go through now."""
+        self.set("pass")
+        self._released.set()
+
+    def _take(self, path: str) -> str:
+        with self._lock:
+            self.seen.append(path)
+            if self.mode == "pass" or self.match not in path or self.remaining == 0:
+                return "pass"
+            if self.remaining is not None:
+                self.remaining -= 1
+            self.hits += 1
+            return self.mode
+
+    def _forward(self, method: str, path: str, headers: dict, body: bytes) -> tuple[int, bytes, str]:
+        import http.client
+
+        conn = http.client.HTTPConnection(self.upstream.hostname, self.upstream.port, timeout=60)
+        try:
+            headers = {k: v for k, v in headers.items() if k.lower() not in ("host", "connection", "keep-alive")}
+            conn.request(method, path, body=body or None, headers=headers)
+            resp = conn.getresponse()
+            return resp.status, resp.read(), resp.getheader("Content-Type") or "application/json"
+        finally:
+            conn.close()
+
+    def stop(self) -> None:
+        self._released.set()
+        self._server.shutdown()
+        self._server.server_close()
+        self._thread.join(timeout=10)
