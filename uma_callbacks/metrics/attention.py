@@ -15,7 +15,8 @@ from uma_callbacks.core.attention_weights import (
     is_causal,
     max_positions,
 )
-from uma_callbacks.metrics.base import ComputeContext, Cost, Metric, MetricResult, check_positive_int
+from uma_callbacks.core import validate
+from uma_callbacks.metrics.base import ComputeContext, Cost, Metric, MetricResult
 
 #: induction_len when none is given (TransformerLens's demos use 50), shortened to fit the model.
 DEFAULT_INDUCTION_LEN = 50
@@ -100,19 +101,10 @@ class AttentionHeads(Metric):
         timeout_seconds: float | None = None,
     ) -> None:
         super().__init__(chunk_size=chunk_size, timeout_seconds=timeout_seconds)
-        if induction_len is not None and (
-            isinstance(induction_len, bool) or not isinstance(induction_len, int) or induction_len < 2
-        ):
-            raise ValueError(f"AttentionHeads.induction_len must be an integer >= 2 or None; got {induction_len!r}")
-        check_positive_int("AttentionHeads.n_induction_seqs", n_induction_seqs)
-        if (
-            isinstance(head_threshold, bool)
-            or not isinstance(head_threshold, (int, float))
-            or not 0 < head_threshold <= 1
-        ):
-            raise ValueError(f"AttentionHeads.head_threshold must be in (0, 1]; got {head_threshold!r}")
-        if isinstance(seed, bool) or not isinstance(seed, int):
-            raise ValueError(f"AttentionHeads.seed must be an integer; got {seed!r}")
+        validate.check_int("AttentionHeads.induction_len", induction_len, 2, validate.MAX_TOKENS, allow_none=True)
+        validate.check_int("AttentionHeads.n_induction_seqs", n_induction_seqs, 1, validate.MAX_DRAWS)
+        validate.check_number("AttentionHeads.head_threshold", head_threshold, 0, 1, lo_open=True)
+        validate.check_seed("AttentionHeads.seed", seed)
         self.induction_len = induction_len
         self.n_induction_seqs = n_induction_seqs
         self.head_threshold = float(head_threshold)

@@ -24,6 +24,7 @@ from typing import Any, ClassVar
 import numpy as np
 import torch
 
+from uma_callbacks.core import validate
 from uma_callbacks.core.distributed import Collective, LocalCollective
 from uma_callbacks.core.interrupt import MetricInterrupted, interrupt_requested
 from uma_callbacks.core.losses import LossFn, check_labels_fit, resolve_loss_fn
@@ -339,8 +340,9 @@ class Metric(abc.ABC):
 
     Subclasses set the class attributes and implement :meth:`_compute`, which fills a
     :class:`MetricResult` from a :class:`ComputeContext`. Constructor arguments are
-    validated at construction (``ValueError`` naming the field and the allowed values)
-    and recorded by :meth:`config` (the cache key).
+    validated at construction (``ValueError`` naming the field and the allowed values;
+    numbers through :mod:`uma_callbacks.core.validate`, each within a stated range) and
+    recorded by :meth:`config` (the cache key).
 
     Attributes:
         name: the string name used in ``metrics=[...]`` and in log keys ``uma/<name>/...``.
@@ -373,14 +375,9 @@ class Metric(abc.ABC):
     default_chunk_tokens: ClassVar[int | None] = None
 
     def __init__(self, *, chunk_size: int | None = None, timeout_seconds: float | None = None) -> None:
-        if chunk_size is not None:
-            check_positive_int(f"{type(self).__name__}.chunk_size", chunk_size)
-        if timeout_seconds is not None and not (
-            isinstance(timeout_seconds, (int, float)) and timeout_seconds > 0
-        ):
-            raise ValueError(
-                f"{type(self).__name__}.timeout_seconds must be a positive number or None; got {timeout_seconds!r}"
-            )
+        owner = type(self).__name__
+        validate.check_int(f"{owner}.chunk_size", chunk_size, 1, validate.MAX_CHUNK, allow_none=True)
+        validate.check_number(f"{owner}.timeout_seconds", timeout_seconds, 0, validate.MAX_SECONDS, lo_open=True, allow_none=True)
         self.chunk_size = chunk_size
         self.timeout_seconds = timeout_seconds
 

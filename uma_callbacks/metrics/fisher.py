@@ -31,7 +31,8 @@ from uma_callbacks.linalg.sharded_plan import check_sharded_plan
 from uma_callbacks.linalg.operators import MatvecOperator, top_eigenpairs
 from uma_callbacks.linalg.layer_grads import hook_plan
 from uma_callbacks.linalg.linear_factors import linear_param_map
-from uma_callbacks.metrics.base import ComputeContext, Cost, Metric, MetricResult, check_choice, check_positive_int, module_of
+from uma_callbacks.core import validate
+from uma_callbacks.metrics.base import ComputeContext, Cost, Metric, MetricResult, check_choice, module_of
 
 logger = logging.getLogger(__name__)
 
@@ -156,21 +157,16 @@ class FisherInformation(Metric):
     ) -> None:
         super().__init__(chunk_size=chunk_size, timeout_seconds=timeout_seconds)
         check_choice("FisherInformation.kind", kind, KINDS)
-        if top_k is not None:
-            check_positive_int("FisherInformation.top_k", top_k)
-        check_positive_int("FisherInformation.mc_samples", mc_samples)
-        if isinstance(seed, bool) or not isinstance(seed, int):
-            raise ValueError(f"FisherInformation.seed must be an integer; got {seed!r}")
+        validate.check_int("FisherInformation.top_k", top_k, 1, validate.MAX_TOP_K, allow_none=True)
+        validate.check_int("FisherInformation.mc_samples", mc_samples, 1, validate.MAX_DRAWS)
+        validate.check_seed("FisherInformation.seed", seed)
         check_choice("FisherInformation.accumulate_dtype", accumulate_dtype, ACCUMULATE_DTYPES)
         check_choice("FisherInformation.method", method, METHODS)
         if top_percent is not None:
             check_percent("FisherInformation.top_percent", top_percent)
-        if isinstance(cache_bytes, bool) or not isinstance(cache_bytes, int) or cache_bytes < 0:
-            raise ValueError(f"FisherInformation.cache_bytes must be a non-negative integer; got {cache_bytes!r}")
-        if isinstance(lanczos_tol, bool) or not isinstance(lanczos_tol, (int, float)) or not lanczos_tol > 0:
-            raise ValueError(f"FisherInformation.lanczos_tol must be a positive number; got {lanczos_tol!r}")
-        if max_matvecs is not None:
-            check_positive_int("FisherInformation.max_matvecs", max_matvecs)
+        validate.check_int("FisherInformation.cache_bytes", cache_bytes, 0, 2**60)
+        validate.check_number("FisherInformation.lanczos_tol", lanczos_tol, 0, validate.MAX_TOLERANCE, lo_open=True)
+        validate.check_int("FisherInformation.max_matvecs", max_matvecs, 1, validate.MAX_ITERATIONS, allow_none=True)
         self.kind = kind
         self.top_k = top_k
         self.mc_samples = mc_samples
@@ -564,8 +560,7 @@ def spectrum_scalars(eigenvalues: np.ndarray) -> dict[str, float]:
 
 def check_percent(field_name: str, value: object) -> None:
     """Raise ``ValueError`` unless ``value`` is a number in (0, 100]."""
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 < value <= 100:
-        raise ValueError(f"{field_name} must be a number in (0, 100]; got {value!r}")
+    validate.check_number(field_name, value, 0, 100, lo_open=True)
 
 
 def top_percent_mask(diagonal: Mapping[str, torch.Tensor], top_percent: float) -> dict[str, torch.Tensor]:

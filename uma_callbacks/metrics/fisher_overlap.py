@@ -18,13 +18,13 @@ from uma_callbacks.core.batches import count_samples, fingerprint_batches, selec
 from uma_callbacks.core.distributed import shard
 from uma_callbacks.core.numerics import squared_norm64
 from uma_callbacks.linalg.fisher_products import METHODS
+from uma_callbacks.core import validate
 from uma_callbacks.metrics.base import (
     ComputeContext,
     Cost,
     Metric,
     MetricResult,
     check_choice,
-    check_positive_int,
     module_of,
 )
 from uma_callbacks.metrics.fisher import (
@@ -158,7 +158,8 @@ class FisherOverlap(Metric):
                 raise ValueError(f"FisherOverlap.tasks[{task!r}] has no batches")
         check_percent("FisherOverlap.top_percent", top_percent)
         check_choice("FisherOverlap.kind", kind, KINDS)
-        check_positive_int("FisherOverlap.mc_samples", mc_samples)
+        validate.check_int("FisherOverlap.mc_samples", mc_samples, 1, validate.MAX_DRAWS)
+        validate.check_seed("FisherOverlap.seed", seed)
         check_choice("FisherOverlap.method", method, METHODS)
         check_choice("FisherOverlap.accumulate_dtype", accumulate_dtype, ACCUMULATE_DTYPES)
         self._tasks = {k: list(v) for k, v in tasks.items()} if tasks is not None else None

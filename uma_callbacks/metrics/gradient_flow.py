@@ -13,6 +13,7 @@ from uma_callbacks.core.sharding import aligned_chunks, is_sharded, local, unwra
 from uma_callbacks.linalg.sharded_plan import check_sharded_plan
 from uma_callbacks.linalg.layer_grads import hook_plan, layer_gradient_sums, layer_gradients
 from uma_callbacks.linalg.per_sample import per_sample_grads
+from uma_callbacks.core import validate
 from uma_callbacks.metrics.base import ComputeContext, Cost, Metric, MetricResult, check_choice, module_of
 
 ACCUMULATE_DTYPES = ("float32", "float64")
@@ -91,8 +92,7 @@ class GradientFlow(Metric):
     ) -> None:
         super().__init__(chunk_size=chunk_size, timeout_seconds=timeout_seconds)
         for field_name, value in (("vanishing_ratio", vanishing_ratio), ("exploding_ratio", exploding_ratio)):
-            if isinstance(value, bool) or not isinstance(value, (int, float)) or not value > 0:
-                raise ValueError(f"GradientFlow.{field_name} must be a positive number; got {value!r}")
+            validate.check_number(f"GradientFlow.{field_name}", value, 0, 1e300, lo_open=True)
         if vanishing_ratio >= exploding_ratio:
             raise ValueError(
                 f"GradientFlow.vanishing_ratio must be below exploding_ratio; got {vanishing_ratio!r} >= {exploding_ratio!r}"

@@ -17,13 +17,13 @@ from uma_callbacks.linalg.lanczos import (
     relative_residuals,
     within_tolerance,
 )
+from uma_callbacks.core import validate
 from uma_callbacks.metrics.base import (
     ComputeContext,
     Cost,
     Metric,
     MetricResult,
     check_choice,
-    check_positive_int,
 )
 
 
@@ -136,27 +136,18 @@ class HessianSpectrum(Metric):
         timeout_seconds: float | None = None,
     ) -> None:
         super().__init__(chunk_size=chunk_size, timeout_seconds=timeout_seconds)
-        check_positive_int("HessianSpectrum.top_k", top_k)
-        if (
-            isinstance(hutchinson_samples, bool)
-            or not isinstance(hutchinson_samples, int)
-            or hutchinson_samples < 0
-            or hutchinson_samples == 1
-        ):
+        validate.check_int("HessianSpectrum.top_k", top_k, 1, validate.MAX_TOP_K)
+        validate.check_int("HessianSpectrum.hutchinson_samples", hutchinson_samples, 0, validate.MAX_DRAWS)
+        if hutchinson_samples == 1:
             raise ValueError(
-                "HessianSpectrum.hutchinson_samples must be 0 (no trace) or an integer >= 2 "
-                f"(the standard error needs two probes); got {hutchinson_samples!r}"
+                "HessianSpectrum.hutchinson_samples must be 0 (no trace) or an integer in [2, "
+                f"{validate.MAX_DRAWS}] (the standard error needs two probes); got {hutchinson_samples!r}"
             )
-        if tol is not None and (isinstance(tol, bool) or not isinstance(tol, (int, float)) or not tol > 0):
-            raise ValueError(f"HessianSpectrum.tol must be a positive number; got {tol!r}")
-        if isinstance(residual_tol, bool) or not isinstance(residual_tol, (int, float)) or not residual_tol > 0:
-            raise ValueError(f"HessianSpectrum.residual_tol must be a positive number; got {residual_tol!r}")
-        if max_iter is not None:
-            check_positive_int("HessianSpectrum.max_iter", max_iter)
-        if not isinstance(seed, int) or isinstance(seed, bool):
-            raise ValueError(f"HessianSpectrum.seed must be an integer; got {seed!r}")
-        if block_size is not None:
-            check_positive_int("HessianSpectrum.block_size", block_size)
+        validate.check_number("HessianSpectrum.tol", tol, 0, validate.MAX_TOLERANCE, lo_open=True, allow_none=True)
+        validate.check_number("HessianSpectrum.residual_tol", residual_tol, 0, validate.MAX_TOLERANCE, lo_open=True)
+        validate.check_int("HessianSpectrum.max_iter", max_iter, 1, validate.MAX_ITERATIONS, allow_none=True)
+        validate.check_seed("HessianSpectrum.seed", seed)
+        validate.check_int("HessianSpectrum.block_size", block_size, 1, validate.MAX_TOP_K, allow_none=True)
         check_choice("HessianSpectrum.start", start, ("gradients", "random"))
         self.top_k = top_k
         self.hutchinson_samples = hutchinson_samples

@@ -10,7 +10,8 @@ import numpy as np
 import torch
 
 from uma_callbacks.core.activations import capture_tokens, resolve_layers, state_bytes_estimate
-from uma_callbacks.metrics.base import ComputeContext, Cost, Metric, MetricResult, check_positive_int
+from uma_callbacks.core import validate
+from uma_callbacks.metrics.base import ComputeContext, Cost, Metric, MetricResult
 from uma_callbacks.metrics.representations import _check_common, _unit_rows
 
 
@@ -299,20 +300,14 @@ class InformationTheory(Metric):
     ) -> None:
         super().__init__(chunk_size=chunk_size, timeout_seconds=timeout_seconds)
         _check_common("InformationTheory", max_tokens, seed, modules)
-        if isinstance(alpha, bool) or not isinstance(alpha, (int, float)) or not (alpha > 0 and math.isfinite(alpha)):
-            raise ValueError(f"InformationTheory.alpha must be a positive number; got {alpha!r}")
-        check_positive_int("InformationTheory.mi_tokens", mi_tokens)
-        if mi_tokens < 2:
-            raise ValueError(f"InformationTheory.mi_tokens must be >= 2; got {mi_tokens!r}")
-        check_positive_int("InformationTheory.pid_bins", pid_bins)
-        if pid_bins < 2:
-            raise ValueError(f"InformationTheory.pid_bins must be >= 2; got {pid_bins!r}")
-        check_positive_int("InformationTheory.pid_components", pid_components)
-        if (
-            isinstance(pid_layers, str) or not isinstance(pid_layers, Sequence) or len(pid_layers) != 2
-            or not all(isinstance(i, int) and not isinstance(i, bool) for i in pid_layers)
-        ):
+        validate.check_number("InformationTheory.alpha", alpha, 0, 1000, lo_open=True)
+        validate.check_int("InformationTheory.mi_tokens", mi_tokens, 2, validate.MAX_TOKENS)
+        validate.check_int("InformationTheory.pid_bins", pid_bins, 2, 1024)
+        validate.check_int("InformationTheory.pid_components", pid_components, 1, 1024)
+        if isinstance(pid_layers, str) or not isinstance(pid_layers, Sequence) or len(pid_layers) != 2:
             raise ValueError(f"InformationTheory.pid_layers must be two layer indices; got {pid_layers!r}")
+        for i in pid_layers:
+            validate.check_int("InformationTheory.pid_layers", i, -100_000, 100_000)
         self.alpha = float(alpha)
         self.max_tokens = max_tokens
         self.seed = seed

@@ -11,13 +11,13 @@ import torch
 
 from uma_callbacks.core.sharding import is_dtensor, is_sharded, local, local_rows, reshard_fsdp
 from uma_callbacks.linalg.weights import moved_weights
+from uma_callbacks.core import validate
 from uma_callbacks.metrics.base import (
     ComputeContext,
     Cost,
     Metric,
     MetricResult,
     MetricSkipped,
-    check_positive_int,
 )
 from uma_callbacks.metrics.landscape import _local_chunks, probe_loss_sum
 
@@ -87,17 +87,9 @@ class CheckpointInterpolation(Metric):
         timeout_seconds: float | None = None,
     ) -> None:
         super().__init__(chunk_size=chunk_size, timeout_seconds=timeout_seconds)
-        check_positive_int("CheckpointInterpolation.n_points", n_points)
-        if n_points < 2:
-            raise ValueError(f"CheckpointInterpolation.n_points must be >= 2; got {n_points!r}")
-        if (
-            isinstance(extend, bool)
-            or not isinstance(extend, (int, float))
-            or not (extend >= 0 and math.isfinite(extend))
-        ):
-            raise ValueError(f"CheckpointInterpolation.extend must be a number >= 0; got {extend!r}")
-        if n_batches is not None:
-            check_positive_int("CheckpointInterpolation.n_batches", n_batches)
+        validate.check_int("CheckpointInterpolation.n_points", n_points, 2, validate.MAX_GRID_POINTS)
+        validate.check_number("CheckpointInterpolation.extend", extend, 0, 100)
+        validate.check_int("CheckpointInterpolation.n_batches", n_batches, 1, validate.MAX_BATCHES, allow_none=True)
         self.n_points = n_points
         self.extend = float(extend)
         self.n_batches = n_batches

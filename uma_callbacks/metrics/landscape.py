@@ -23,13 +23,13 @@ from uma_callbacks.core.sharding import (
 from uma_callbacks.linalg.hvp import HessianOperator, split_flat
 from uma_callbacks.linalg.operators import top_eigenpairs
 from uma_callbacks.linalg.weights import WeightMover, flat_dot, moved_weights
+from uma_callbacks.core import validate
 from uma_callbacks.metrics.base import (
     ComputeContext,
     Cost,
     Metric,
     MetricResult,
     check_choice,
-    check_positive_int,
 )
 
 NORMALIZATIONS = ("filter", "layer", "global")
@@ -138,18 +138,12 @@ class LossLandscape(Metric):
         timeout_seconds: float | None = None,
     ) -> None:
         super().__init__(chunk_size=chunk_size, timeout_seconds=timeout_seconds)
-        check_positive_int("LossLandscape.n_points", n_points)
-        if n_points < 3 or n_points % 2 == 0:
+        validate.check_int("LossLandscape.n_points", n_points, 3, validate.MAX_GRID_POINTS)
+        if n_points % 2 == 0:
             raise ValueError(
                 f"LossLandscape.n_points must be odd and >= 3 (the grid is centred on theta); got {n_points!r}"
             )
-        if (
-            isinstance(span, bool)
-            or not isinstance(span, (int, float))
-            or not span > 0
-            or not span <= MAX_SPAN
-        ):
-            raise ValueError(f"LossLandscape.span must be a positive number <= {MAX_SPAN:g}; got {span!r}")
+        validate.check_number("LossLandscape.span", span, 0, MAX_SPAN, lo_open=True)
         check_choice("LossLandscape.normalization", normalization, NORMALIZATIONS)
         check_choice("LossLandscape.mode", mode, MODES)
         given = _check_directions(directions)
@@ -160,10 +154,9 @@ class LossLandscape(Metric):
             raise ValueError(
                 f"LossLandscape.directions must hold {dims} dict(s) for dims={dims}; got {len(given)}"
             )
-        if n_batches is not None:
-            check_positive_int("LossLandscape.n_batches", n_batches)
-        if not isinstance(seed, int) or isinstance(seed, bool):
-            raise ValueError(f"LossLandscape.seed must be an integer; got {seed!r}")
+        validate.check_int("LossLandscape.n_batches", n_batches, 1, validate.MAX_BATCHES, allow_none=True)
+        validate.check_seed("LossLandscape.seed", seed)
+        validate.check_number("LossLandscape.hessian_tol", hessian_tol, 0, validate.MAX_TOLERANCE, lo_open=True)
         self.n_points = n_points
         self.span = float(span)
         self.normalization = normalization

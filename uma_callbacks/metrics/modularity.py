@@ -36,7 +36,8 @@ import numpy as np
 import scipy.sparse as sp
 import torch
 
-from uma_callbacks.metrics.base import ComputeContext, Cost, Metric, MetricResult, check_positive_int
+from uma_callbacks.core import validate
+from uma_callbacks.metrics.base import ComputeContext, Cost, Metric, MetricResult
 
 
 # ---------------------------------------------------------------------- pure functions
@@ -341,11 +342,9 @@ class Modularity(Metric):
         timeout_seconds: float | None = None,
     ) -> None:
         super().__init__(chunk_size=chunk_size, timeout_seconds=timeout_seconds)
-        if isinstance(n_clusters, bool) or not isinstance(n_clusters, int) or n_clusters < 2:
-            raise ValueError(f"Modularity.n_clusters must be an integer >= 2; got {n_clusters!r}")
-        if isinstance(seed, bool) or not isinstance(seed, int) or seed < 0:
-            raise ValueError(f"Modularity.seed must be a non-negative integer; got {seed!r}")
-        check_positive_int("Modularity.n_init", n_init)
+        validate.check_int("Modularity.n_clusters", n_clusters, 2, 10_000)
+        validate.check_seed("Modularity.seed", seed)
+        validate.check_int("Modularity.n_init", n_init, 1, 1000)
         if type(shuffle_baseline) is not bool:
             raise ValueError(f"Modularity.shuffle_baseline must be a bool; got {shuffle_baseline!r}")
         self.n_clusters = n_clusters

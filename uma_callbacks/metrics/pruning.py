@@ -28,12 +28,12 @@ from collections.abc import Sequence
 import numpy as np
 import torch
 
+from uma_callbacks.core import validate
 from uma_callbacks.metrics.base import (
     ComputeContext,
     Cost,
     Metric,
     MetricResult,
-    check_positive_int,
 )
 from uma_callbacks.metrics.landscape import _local_chunks, probe_loss_sum
 
@@ -212,11 +212,9 @@ class LotteryTickets(Metric):
             raise ValueError(f"LotteryTickets.sparsities must not repeat a value; got {list(sparsities)!r}")
         if main_sparsity is not None:
             _check_fraction("LotteryTickets.main_sparsity", main_sparsity)
-        if isinstance(eb_threshold, bool) or not isinstance(eb_threshold, (int, float)) or not 0 < eb_threshold <= 1:
-            raise ValueError(f"LotteryTickets.eb_threshold must be a number in (0, 1]; got {eb_threshold!r}")
-        check_positive_int("LotteryTickets.eb_patience", eb_patience)
-        if n_batches is not None:
-            check_positive_int("LotteryTickets.n_batches", n_batches)
+        validate.check_number("LotteryTickets.eb_threshold", eb_threshold, 0, 1, lo_open=True)
+        validate.check_int("LotteryTickets.eb_patience", eb_patience, 1, 1000)  # that many checkpoints are kept
+        validate.check_int("LotteryTickets.n_batches", n_batches, 1, validate.MAX_BATCHES, allow_none=True)
         self.sparsities = sorted(float(s) for s in sparsities)
         self.main_sparsity = float(main_sparsity if main_sparsity is not None else sparsities[0])
         self.eb_threshold = float(eb_threshold)
@@ -331,5 +329,4 @@ def _mag_dtype(w: torch.Tensor) -> torch.dtype:
 
 
 def _check_fraction(field: str, value: object) -> None:
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 < value < 1 or math.isnan(value):
-        raise ValueError(f"{field} must be numbers in (0, 1) (exclusive); got {value!r}")
+    validate.check_number(field, value, 0, 1, lo_open=True, hi_open=True)

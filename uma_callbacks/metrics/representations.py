@@ -18,7 +18,8 @@ from uma_callbacks.core.activations import (
     weight_rows,
 )
 from uma_callbacks.linalg.weights import moved_weights
-from uma_callbacks.metrics.base import ComputeContext, Cost, Metric, MetricResult, check_positive_int
+from uma_callbacks.core import validate
+from uma_callbacks.metrics.base import ComputeContext, Cost, Metric, MetricResult
 
 
 # ---------------------------------------------------------------------- pure functions
@@ -234,8 +235,7 @@ class Representations(Metric):
     ) -> None:
         super().__init__(chunk_size=chunk_size, timeout_seconds=timeout_seconds)
         _check_common("Representations", max_tokens, seed, modules)
-        if isinstance(dead_threshold, bool) or not isinstance(dead_threshold, (int, float)) or not 0 <= dead_threshold < 1:
-            raise ValueError(f"Representations.dead_threshold must be a number in [0, 1); got {dead_threshold!r}")
+        validate.check_number("Representations.dead_threshold", dead_threshold, 0, 1, hi_open=True)
         self.max_tokens = max_tokens
         self.dead_threshold = float(dead_threshold)
         self.seed = seed
@@ -387,11 +387,8 @@ def _weights_checksum(weights: Mapping[str, torch.Tensor], model: torch.nn.Modul
 
 def _check_common(owner: str, max_tokens: Any, seed: Any, modules: Any) -> None:
     """Validate the arguments both activation metrics share (``ValueError`` naming the field)."""
-    check_positive_int(f"{owner}.max_tokens", max_tokens)
-    if max_tokens < 2:
-        raise ValueError(f"{owner}.max_tokens must be >= 2 (statistics between tokens); got {max_tokens!r}")
-    if isinstance(seed, bool) or not isinstance(seed, int):
-        raise ValueError(f"{owner}.seed must be an integer; got {seed!r}")
+    validate.check_int(f"{owner}.max_tokens", max_tokens, 2, validate.MAX_TOKENS)  # >= 2: statistics between tokens
+    validate.check_seed(f"{owner}.seed", seed)
     if modules is not None and (
         isinstance(modules, str) or not isinstance(modules, Sequence) or not modules
         or not all(isinstance(m, str) and m for m in modules)

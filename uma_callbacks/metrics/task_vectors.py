@@ -36,6 +36,7 @@ import torch
 from uma_callbacks.core.batches import fingerprint_batches
 from uma_callbacks.core.numerics import squared_norm64
 from uma_callbacks.linalg.weights import moved_weights
+from uma_callbacks.core import validate
 from uma_callbacks.metrics.base import ComputeContext, Cost, Metric, MetricResult, MetricSkipped, module_of
 from uma_callbacks.metrics.fisher import gather_fisher
 from uma_callbacks.metrics.landscape import _local_chunks, probe_loss_sum
@@ -291,13 +292,10 @@ class TaskVectors(Metric):
                 raise ValueError(f"TaskVectors.others names must be non-empty strings without '/'; got {key!r}")
             labels[key] = _label(f"TaskVectors.others[{key!r}]", source)
         self.others = labels
-        for field, value, lo, hi in (("ties_density", ties_density, 0.0, 1.0), ("ties_lambda", ties_lambda, 0.0, math.inf)):
-            if isinstance(value, bool) or not isinstance(value, (int, float)) or not lo < value <= hi or math.isinf(value):
-                raise ValueError(f"TaskVectors.{field} must be a number in ({lo}, {hi}]; got {value!r}")
-        if isinstance(fisher_floor, bool) or not isinstance(fisher_floor, (int, float)) or not 0 <= fisher_floor < math.inf:
-            raise ValueError(f"TaskVectors.fisher_floor must be a number >= 0; got {fisher_floor!r}")
-        if n_batches is not None and (isinstance(n_batches, bool) or not isinstance(n_batches, int) or n_batches < 1):
-            raise ValueError(f"TaskVectors.n_batches must be a positive integer; got {n_batches!r}")
+        validate.check_number("TaskVectors.ties_density", ties_density, 0, 1, lo_open=True)
+        validate.check_number("TaskVectors.ties_lambda", ties_lambda, 0, 1000, lo_open=True)
+        validate.check_number("TaskVectors.fisher_floor", fisher_floor, 0, 1e300)
+        validate.check_int("TaskVectors.n_batches", n_batches, 1, validate.MAX_BATCHES, allow_none=True)
         self.ties_density = float(ties_density)
         self.ties_lambda = float(ties_lambda)
         self.fisher_floor = float(fisher_floor)
