@@ -245,7 +245,8 @@ class Session:
                 self.suite.metrics = every
             self.history.push(model, int(step), fingerprint)
         for record in records:
-            record.run = self.run  # the journal stamped rank 0's; the other ranks' too
+            if self._owns(record):
+                record.run = self.run  # the journal stamped rank 0's; the other ranks' too
         self.suite.progress.close()
         if self.journal is not None:
             self.journal.flush()  # writes that failed earlier (full disk) are retried at every save
@@ -284,17 +285,25 @@ class Session:
         self.records.append(record)
         return record
 
+    def _owns(self, record: Record) -> bool:
+        """Whether ``record`` belongs to this session's run: all it measures, and in a live
+        training its cache hits too. A backfill's cache hit keeps the run of the record it
+        copies (the training run that measured those weights), so it is not delivered twice."""
+        return record.status != "cached" or self.source in LIVE_SOURCES
+
     def _on_record(self, record: Record) -> None:
-        """A record the suite made (rank 0): it is this run's; deliver it.
+        """A record the suite made (rank 0): stamp it with this run when it is the run's; deliver it.
 
         A cache hit (a copy of an earlier record, not journalled by the suite) is journalled
         under this run when the session measures a live training: the run then holds its own
         value at that step, for its replays and for ``uma sync``.
         """
+        if not self._owns(record):
+            self.delivery.send([record])
+            return
         record.run = self.run
         if (
             record.status == "cached"
-            and self.source in LIVE_SOURCES
             and self.journal is not None
             and all(r.record_id != record.record_id for r in self.journal.records())
         ):

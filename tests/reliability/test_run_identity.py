@@ -113,9 +113,11 @@ def store(tmp_path, monkeypatch) -> str:
 def test_second_run_in_the_same_folder_gets_only_its_own_records(tmp_path, store):
     out = tmp_path / "out"
     first = _callback()
-    _train(out, first, max_steps=4, save_steps=2)
+    _train(out, first, max_steps=4, save_steps=2, lr_scheduler_type="constant")
     second = _callback()
-    _train(out, second, max_steps=2, save_steps=2, learning_rate=5e-2)  # a different run, same folder
+    _train(out, second, max_steps=2, save_steps=2, lr_scheduler_type="constant")  # the same again, to step 2
+    # its step 2 has the first run's weights: a cache hit, which is the second run's record now
+    assert [(r.step, r.status) for r in second.records] == [(2, "cached"), (2, "cached")]
 
     a, b = first.sinks[0].run_id(), second.sinks[0].run_id()
     assert a and b and a != b
@@ -130,6 +132,7 @@ def test_second_run_in_the_same_folder_gets_only_its_own_records(tmp_path, store
     assert {r.run for r in records} == {first.session.run, second.session.run}
     assert first.session.run != second.session.run
     assert all(r.run == second.session.run for r in second.records)
+    assert sorted((r.step, r.metric) for r in records if r.run == second.session.run) == [(2, "weight_norm"), (2, "weight_sum")]
     params = MlflowClient(store).get_run(b).data.params
     assert params["uma.run"] == second.session.run
 
