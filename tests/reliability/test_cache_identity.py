@@ -62,7 +62,9 @@ def _probe() -> Probe:
 
 def _session(root: Path, loss_fn, metrics=None) -> Session:
     metrics = metrics if metrics is not None else [LossLandscape(n_points=3)]
-    session = Session(UMAConfig(metrics=metrics, loss_fn=loss_fn, draw_figures=False), root, source="callback")
+    session = Session(
+        UMAConfig(metrics=metrics, loss_fn=loss_fn, draw_figures=False), root, source="callback"
+    )
     session.open(_probe())
     return session
 
@@ -105,7 +107,15 @@ def test_a_loss_has_the_same_identity_in_another_process():
         "print(loss_identity(squared_error)[0], loss_identity(None)[0])\n"
     )
     env = {**os.environ, "PYTHONHASHSEED": "12345", "PYTHONPATH": str(REPO)}
-    out = subprocess.run([sys.executable, "-c", code], cwd=REPO, env=env, capture_output=True, text=True, timeout=120)
+    out = subprocess.run(
+        [sys.executable, "-c", code],
+        cwd=REPO,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=False,
+    )
     assert out.returncode == 0, out.stderr
     assert out.stdout.split() == [loss_identity(squared_error)[0], loss_identity(None)[0]]
     assert loss_identity(squared_error)[0] != loss_identity(squared_error_x10)[0]
@@ -144,7 +154,9 @@ def test_an_unidentifiable_loss_turns_the_cache_off_with_one_warning(tmp_path, c
 def test_attention_implementation_and_dtype_are_part_of_the_key(tmp_path):
     model = tiny_qwen2(dtype=torch.float32, attn="sdpa")
     probe = Probe(ragged_lm_batches(vocab=40, n_batches=1))
-    session = Session(UMAConfig(metrics=[GradientFlow()], draw_figures=False), tmp_path / "uma", source="callback")
+    session = Session(
+        UMAConfig(metrics=[GradientFlow()], draw_figures=False), tmp_path / "uma", source="callback"
+    )
     session.open(probe)
     assert session.measure(model, 1)[0].status == "ok"
     model.config._attn_implementation = "eager"
@@ -186,11 +198,19 @@ def test_backfill_of_a_model_with_buffers_hits_the_live_runs_cache(tmp_path):
     folder = run / "checkpoint-4"
     folder.mkdir(parents=True)
     save_file(model.state_dict(), str(folder / "model.safetensors"))  # buffers too, as save_pretrained does
-    (folder / "config.json").write_text(json.dumps({"model_type": "bn-net", "architectures": ["BatchNormNet"]}))
+    (folder / "config.json").write_text(
+        json.dumps({"model_type": "bn-net", "architectures": ["BatchNormNet"]})
+    )
     (folder / "trainer_state.json").write_text(json.dumps({"global_step": 4}))
     summary = backfill(
-        run, metrics=[LossLandscape(n_points=3)], loss_fn=squared_error, model_factory=lambda path, config: BatchNormNet(),
-        trajectory=False, draw_figures=False, progress=False, device="cpu",
+        run,
+        metrics=[LossLandscape(n_points=3)],
+        loss_fn=squared_error,
+        model_factory=lambda path, config: BatchNormNet(),
+        trajectory=False,
+        draw_figures=False,
+        progress=False,
+        device="cpu",
     )
     assert summary.ok, summary.describe()
     assert live.status == "ok" and [r.status for r in summary.records] == ["cached"]

@@ -7,6 +7,7 @@ Real backfills into a real MLflow SQLite store, read back with ``MlflowClient``.
 from __future__ import annotations
 
 import json
+import math
 import os
 from pathlib import Path
 
@@ -20,7 +21,7 @@ from uma_callbacks.engine.snapshot import weights_fingerprint
 from uma_callbacks.triggers.backfill import backfill
 
 mlflow = pytest.importorskip("mlflow")
-from mlflow.tracking import MlflowClient  # noqa: E402
+from mlflow.tracking import MlflowClient
 
 
 def _store(tmp_path: Path) -> tuple[str, str]:
@@ -41,8 +42,15 @@ def test_the_folder_named_for_its_step_wins_and_the_other_is_an_error_naming_bot
     (impostor / "trainer_state.json").write_text(json.dumps({"global_step": 4}))
     save_probe(Probe.from_dataset(tiny_lm_dataset(n=4, seed=5), 4), run / "uma")
     uri, run_id = _store(tmp_path)
-    summary = backfill(run, metrics=["gradient_flow"], trajectory=False, draw_figures=False, progress=False,
-                       mlflow_run_id=run_id, tracking_uri=uri)
+    summary = backfill(
+        run,
+        metrics=["gradient_flow"],
+        trajectory=False,
+        draw_figures=False,
+        progress=False,
+        mlflow_run_id=run_id,
+        tracking_uri=uri,
+    )
     measured = [r for r in summary.records if r.metric == "gradient_flow"]
     assert [(r.step, r.status) for r in measured] == [(4, "ok")]
     assert measured[0].checkpoint == weights_fingerprint(tiny_model(seed=0))  # checkpoint-4's weights
@@ -50,9 +58,19 @@ def test_the_folder_named_for_its_step_wins_and_the_other_is_an_error_naming_bot
     assert list(errors) == ["checkpoint-10"], summary.describe()
     assert "checkpoint-10" in errors["checkpoint-10"] and "checkpoint-4" in errors["checkpoint-10"]
     # the dashboard's value at step 4 is checkpoint-4's: a backfill of that folder alone gives the same
-    alone = backfill([run / "checkpoint-4"], metrics=["gradient_flow"], trajectory=False, draw_figures=False,
-                     progress=False, use_cache=False, output_dir=tmp_path / "alone", probe=load_probe(run / "uma"))
-    value = next(v for k, v in alone.records[0].scalars.items() if isinstance(v, float) and v == v and v != 0.0)
+    alone = backfill(
+        [run / "checkpoint-4"],
+        metrics=["gradient_flow"],
+        trajectory=False,
+        draw_figures=False,
+        progress=False,
+        use_cache=False,
+        output_dir=tmp_path / "alone",
+        probe=load_probe(run / "uma"),
+    )
+    value = next(
+        v for v in alone.records[0].scalars.values() if isinstance(v, float) and math.isfinite(v) and v != 0.0
+    )
     key = next(k for k, v in alone.records[0].scalars.items() if v == value)
     assert _history(uri, run_id, f"uma/gradient_flow/{key}") == [(4, pytest.approx(value))]
 
@@ -64,18 +82,30 @@ def test_the_status_tag_survives_a_backfill_that_can_only_skip(tmp_path, monkeyp
 
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
     monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
-    cb = UMACallback(metrics=["interpolation"], probe=tiny_lm_dataset(n=4, seed=1), probe_size=4,
-                     trackers=["mlflow"], draw_figures=False)
+    cb = UMACallback(
+        metrics=["interpolation"],
+        probe=tiny_lm_dataset(n=4, seed=1),
+        probe_size=4,
+        trackers=["mlflow"],
+        draw_figures=False,
+    )
     out = tmp_path / "out"
     run_trainer(out, callbacks=[cb], max_steps=8, save_steps=2, save_total_limit=1)
     live_id = cb.sinks[0].run_id()
     steps = [s for s, _ in _history(uri, live_id, "uma/interpolation/barrier_height")]
     assert steps == [4, 6, 8]
-    tags = lambda: MlflowClient(uri).get_run(live_id).data.tags  # noqa: E731
+    tags = lambda: MlflowClient(uri).get_run(live_id).data.tags
     assert tags()["uma.interpolation.status"] == "ok"
     assert [p.name for p in out.glob("checkpoint-*")] == ["checkpoint-8"]
-    summary = backfill(out, metrics=["interpolation"], trajectory=False, draw_figures=False, progress=False,
-                       mlflow_run_id=live_id, tracking_uri=uri)
+    summary = backfill(
+        out,
+        metrics=["interpolation"],
+        trajectory=False,
+        draw_figures=False,
+        progress=False,
+        mlflow_run_id=live_id,
+        tracking_uri=uri,
+    )
     assert [(r.step, r.status) for r in summary.records] == [(8, "skipped")]
     assert tags()["uma.interpolation.status"] == "ok"
     assert tags()["uma.interpolation.status_step"] == "8"
@@ -83,9 +113,20 @@ def test_the_status_tag_survives_a_backfill_that_can_only_skip(tmp_path, monkeyp
 
 
 def _record(step: int, status: str, value: float | None = None) -> Record:
-    error = None if status in ("ok", "cached", "partial") else {"type": "E", "message": f"at {step}", "traceback": ""}
-    return Record(step=step, metric="hessian", status=status, scalars={} if value is None else {"trace": value},
-                  error=error, cache_key=f"k{step}{status}", meta={"timestamp_ms": 1_700_000_000_000 + step})
+    error = (
+        None
+        if status in ("ok", "cached", "partial")
+        else {"type": "E", "message": f"at {step}", "traceback": ""}
+    )
+    return Record(
+        step=step,
+        metric="hessian",
+        status=status,
+        scalars={} if value is None else {"trace": value},
+        error=error,
+        cache_key=f"k{step}{status}",
+        meta={"timestamp_ms": 1_700_000_000_000 + step},
+    )
 
 
 def test_a_newer_error_wins_in_every_process_and_an_older_value_does_not_hide_it(tmp_path):
@@ -95,7 +136,7 @@ def test_a_newer_error_wins_in_every_process_and_an_older_value_does_not_hide_it
     uri, run_id = _store(tmp_path)
     root = tmp_path / "uma"
     root.mkdir()
-    tags = lambda: MlflowClient(uri).get_run(run_id).data.tags["uma.hessian.status"]  # noqa: E731
+    tags = lambda: MlflowClient(uri).get_run(run_id).data.tags["uma.hessian.status"]
 
     def deliver(record):
         MLflowSink(run_id=run_id, tracking_uri=uri).log_record(record, root)

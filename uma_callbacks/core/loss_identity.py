@@ -153,25 +153,33 @@ class _Walker:
             return self._function(obj, d)
         if isinstance(obj, (types.BuiltinFunctionType, types.WrapperDescriptorType, types.MethodWrapperType)):
             owner = getattr(obj, "__self__", None)
-            bound = "" if owner is None or isinstance(owner, types.ModuleType) else self.value(owner, d, where)
+            bound = (
+                "" if owner is None or isinstance(owner, types.ModuleType) else self.value(owner, d, where)
+            )
             return f"builtin:{_name(obj)}({bound})"
         if isinstance(obj, types.CodeType):
             return self._code(obj, d, where)
         attrs = getattr(obj, "__dict__", None)
         if isinstance(attrs, dict) and not isinstance(obj, (types.GeneratorType, types.CoroutineType)):
-            call = getattr(type(obj), "__call__", None)
+            call = getattr(type(obj), "__call__", None)  # noqa: B004 (the class's own __call__: its code)
             body = self._function(call, d) if isinstance(call, types.FunctionType) else ""
             what = f"{where} -> {type(obj).__name__}"
             return f"object:{_name(type(obj))}({body}){self.value(attrs, d, what)}"
-        raise _Unidentifiable(f"it uses a {type(obj).__module__}.{type(obj).__qualname__} (through {where}), which has no stable identity")
+        raise _Unidentifiable(
+            f"it uses a {type(obj).__module__}.{type(obj).__qualname__} (through {where}), which has no stable identity"
+        )
 
     def _tensor(self, t: torch.Tensor, where: str) -> str:
         if t.numel() > MAX_TENSOR_ELEMENTS:
-            raise _Unidentifiable(f"it uses a tensor of {t.numel()} elements (through {where}); at most {MAX_TENSOR_ELEMENTS} are hashed")
+            raise _Unidentifiable(
+                f"it uses a tensor of {t.numel()} elements (through {where}); at most {MAX_TENSOR_ELEMENTS} are hashed"
+            )
         if t.layout != torch.strided or t.is_quantized or t.device.type == "meta":
             raise _Unidentifiable(f"it uses a {t.layout} tensor on {t.device.type} (through {where})")
         data = t.detach().cpu().contiguous()
-        digest = hashlib.sha256(memoryview(data.reshape(-1).view(torch.uint8).numpy()) if data.numel() else b"")
+        digest = hashlib.sha256(
+            memoryview(data.reshape(-1).view(torch.uint8).numpy()) if data.numel() else b""
+        )
         return f"tensor:{data.dtype}:{tuple(data.shape)}:{digest.hexdigest()}"
 
     def _function(self, fn: types.FunctionType, depth: int) -> str:
@@ -197,7 +205,9 @@ class _Walker:
 
     def _code(self, code: types.CodeType, depth: int, where: str) -> str:
         consts = ",".join(
-            self._code(c, depth + 1, where) if isinstance(c, types.CodeType) else self.value(c, depth + 1, where)
+            self._code(c, depth + 1, where)
+            if isinstance(c, types.CodeType)
+            else self.value(c, depth + 1, where)
             for c in code.co_consts
         )
         return (

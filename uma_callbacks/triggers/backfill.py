@@ -232,11 +232,8 @@ def _one_folder_per_step(checkpoints: list[Checkpoint]) -> tuple[list[Checkpoint
         kept.append(winner)
         why = "whose name matches the step" if winner.name_rank < 2 else "first by path; neither name matches the step"
         for other in claimants[1:]:
-            duplicates.append((
-                other.path,
-                f"{other.path} claims step {step}, as {winner.path} does ({why}); "
-                f"measured {winner.name} only",
-            ))  # fmt: skip
+            reason = f"{other.path} claims step {step}, as {winner.path} does ({why}); measured {winner.name} only"
+            duplicates.append((other.path, reason))
     return kept, duplicates
 
 
