@@ -10,6 +10,12 @@ from uma_callbacks.metrics import METRICS, Metric, MetricResult
 from uma_callbacks.engine.probe import Probe
 from uma_callbacks.engine.records import Record
 from uma_callbacks.engine.suite import MetricSuite
+from uma_callbacks.checkpoints import load_weights as _load_checkpoint_weights
+from uma_callbacks.metrics.weights_source import register_folder_loader
+
+# metrics that compare with weights named by a folder (TaskVectors(base="ckpt/")) read it
+# through the checkpoint loader: metrics themselves never read checkpoints from disk
+register_folder_loader(_load_checkpoint_weights)
 
 __version__ = "0.1.0"
 

@@ -222,7 +222,20 @@ def test_others_from_safetensors_file_and_folder(tmp_path):
     by_folder = TaskVectors(base=str(tmp_path / "base.safetensors"), others={"o": str(tmp_path / "ckpt")})
     assert by_file.compute(model, batches, loss_fn).scalars == want
     assert by_folder.compute(model, batches, loss_fn).scalars == want
-    assert by_file.config()["base"].endswith("base.safetensors")
+    assert "base.safetensors" in by_file.config()["base"]
+
+
+def test_a_base_file_rewritten_under_the_same_name_is_another_base(tmp_path):
+    """The label in the config (the cache key) follows the file's content, not only its name."""
+    from safetensors.torch import save_file
+
+    model, _, _ = mlp_case()
+    path = tmp_path / "base.safetensors"
+    save_file({k: v.contiguous() for k, v in _perturbed(model, 0.1, 1).items()}, str(path))
+    first = TaskVectors(base=path).config()["base"]
+    assert TaskVectors(base=path).config()["base"] == first
+    save_file({k: v.contiguous() for k, v in _perturbed(model, 0.1, 2).items()}, str(path))
+    assert TaskVectors(base=path).config()["base"] != first
 
 
 @pytest.mark.parametrize("change", ["missing", "shape", "extra"])

@@ -25,15 +25,12 @@ theta_F = (h_1 m_1 + h_2 m_2) / (h_1 + h_2) minimises l_1 + l_2: the tests check
 from __future__ import annotations
 
 import math
-import os
 from collections import defaultdict
 from collections.abc import Callable, Mapping, Sequence
-from pathlib import Path
 from typing import Any
 
 import torch
 
-from uma_callbacks.core.batches import fingerprint_batches
 from uma_callbacks.core.numerics import squared_norm64
 from uma_callbacks.linalg.weights import moved_weights
 from uma_callbacks.core import validate
@@ -41,9 +38,8 @@ from uma_callbacks.metrics.base import ComputeContext, Cost, Metric, MetricResul
 from uma_callbacks.metrics.fisher import gather_fisher
 from uma_callbacks.metrics.landscape import _local_chunks, probe_loss_sum
 from uma_callbacks.metrics.pruning import _split, pruned_flat
+from uma_callbacks.metrics.weights_source import WeightsSource, load_weights_source, weights_label
 
-#: What ``base=`` and each value of ``others=`` may be.
-WeightsSource = str | os.PathLike | Mapping[str, torch.Tensor] | torch.nn.Module
 
 
 # ---------------------------------------------------------------------- pure functions (TIES)
@@ -159,46 +155,8 @@ def _wide(dtype: torch.dtype) -> torch.dtype:
 
 
 # ---------------------------------------------------------------------- loading
-def load_state(source: WeightsSource) -> dict[str, torch.Tensor]:
-    """``{name: tensor}`` of a model, a state dict, a ``.safetensors`` file or a checkpoint folder (safetensors).
-
-    Raises:
-        FileNotFoundError: the path has no weights.
-        ValueError: a damaged weight file.
-    """
-    if isinstance(source, torch.nn.Module):
-        return {n: p.detach() for n, p in source.named_parameters()}
-    if isinstance(source, Mapping):
-        return {str(k): v.detach() for k, v in source.items()}
-    path = Path(source)
-    if path.is_file():
-        from safetensors.torch import load_file
-
-        return load_file(str(path))
-    from uma_callbacks.checkpoints import load_weights
-
-    return load_weights(path)
-
-
-def _label(field: str, source: Any) -> str:
-    """A cache-key label of a weights source (path, or a fingerprint of in-memory weights).
-
-    Raises:
-        ValueError: not a path, a dict of tensors or a module; a path that does not exist.
-    """
-    if isinstance(source, (str, os.PathLike)):
-        path = Path(source)
-        if not path.exists():
-            raise ValueError(f"{field} must be an existing checkpoint folder or .safetensors file; got {str(source)!r}")
-        return str(path.resolve())
-    if isinstance(source, torch.nn.Module):
-        source = {n: p.detach() for n, p in source.named_parameters()}
-    if isinstance(source, Mapping) and source and all(isinstance(v, torch.Tensor) for v in source.values()):
-        return "weights:" + fingerprint_batches([dict(source)])[:16]
-    raise ValueError(
-        f"{field} must be a path (checkpoint folder or .safetensors file), a model or a dict of tensors; "
-        f"got {type(source).__name__}"
-    )
+#: ``{name: tensor}`` of a model, a state dict, a ``.safetensors`` file or a checkpoint folder.
+load_state = load_weights_source
 
 
 def check_same_parameters(
@@ -283,14 +241,17 @@ class TaskVectors(Metric):
         timeout_seconds: float | None = None,
     ) -> None:
         super().__init__(chunk_size=chunk_size, timeout_seconds=timeout_seconds)
-        self.base = None if base is None else _label("TaskVectors.base", base)
+        self._loaded: dict[str, dict[str, torch.Tensor]] = {}
+        self.base = None
+        if base is not None:
+            self.base, self._loaded[""] = weights_label("TaskVectors.base", base)
         if others is not None and not isinstance(others, Mapping):
             raise ValueError(f"TaskVectors.others must map names to weights; got {type(others).__name__}")
         labels = {}
         for key, source in (others or {}).items():
             if not isinstance(key, str) or not key or "/" in key:
                 raise ValueError(f"TaskVectors.others names must be non-empty strings without '/'; got {key!r}")
-            labels[key] = _label(f"TaskVectors.others[{key!r}]", source)
+            labels[key], self._loaded[f"others/{key}"] = weights_label(f"TaskVectors.others[{key!r}]", source)
         self.others = labels
         validate.check_number("TaskVectors.ties_density", ties_density, 0, 1, lo_open=True)
         validate.check_number("TaskVectors.ties_lambda", ties_lambda, 0, 1000, lo_open=True)
@@ -300,12 +261,8 @@ class TaskVectors(Metric):
         self.ties_lambda = float(ties_lambda)
         self.fisher_floor = float(fisher_floor)
         self.n_batches = n_batches
-        self._sources: dict[str, Any] = {"": base, **{f"others/{k}": v for k, v in (others or {}).items()}}
-        self._loaded: dict[str, dict[str, torch.Tensor]] = {}
 
     def _weights(self, key: str) -> dict[str, torch.Tensor]:
-        if key not in self._loaded:
-            self._loaded[key] = load_state(self._sources[key])
         return self._loaded[key]
 
     def _compute(self, ctx: ComputeContext) -> MetricResult:
