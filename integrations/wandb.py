@@ -242,9 +242,12 @@ class WandbSink(Sink):
         step_key = tracker_key(f"{PREFIX}/{record.metric}/status_step")
         shown = self._shown.get(record.metric)
         if shown is None:
-            old = self._run.summary.get(key)
+            try:
+                old, old_step = self._run.summary.get(key), self._run.summary.get(step_key)
+            except Exception:  # noqa: BLE001 (a summary that cannot be read back: start from nothing)
+                old, old_step = None, None
             if isinstance(old, str):
-                shown = (old, parse_step(self._run.summary.get(step_key)))
+                shown = (old, parse_step(old_step))
         update = next_status(shown, record.status, record.step)
         if update is not None:
             self._run.summary[key], self._run.summary[step_key] = update

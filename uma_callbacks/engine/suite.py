@@ -3,7 +3,9 @@
 For each metric, in order:
 
 1. cache: a journalled ``ok`` record under (checkpoint fingerprint, metric config, probe
-   fingerprint) is reused (status ``cached``, nothing computed);
+   fingerprint, loss function, dtype, attention implementation) is reused (status
+   ``cached``, nothing computed); a loss or a metric setting that cannot be identified
+   (:mod:`~uma_callbacks.core.loss_identity`) is not cached;
 2. compute on this rank's share of the probe; an exception becomes an ``error`` record
    (type, message, traceback), a time-out a ``timeout`` record, and training goes on;
    all ranks agree on failure (:class:`~uma_callbacks.core.distributed.AgreeingCollective`:
