@@ -82,7 +82,7 @@ def build_parser() -> argparse.ArgumentParser:
     bf.add_argument("--probe-size", type=int, default=64, help="probe samples drawn from --texts (default 64)")
     bf.add_argument("--probe-batch-size", type=int, default=8, help="samples per probe batch (default 8)")
     bf.add_argument("--max-length", type=int, default=128, help="token truncation for --texts (default 128)")
-    bf.add_argument("--seed", type=int, default=42, help="draws the probe samples (default 42)")
+    bf.add_argument("--seed", type=int, default=42, help="draws the probe samples and seeds the metrics' estimators unless a --metric sets seed= (default 42)")
     bf.add_argument("--new-probe", action="store_true", help="accept a probe the journal's records do not carry")
     bf.add_argument("--output-dir", help="journal folder (default RUN_DIR/uma)")
     bf.add_argument("--no-trajectory", action="store_true", help="skip the checkpoint-trajectory record")
@@ -127,9 +127,9 @@ def _backfill(args: argparse.Namespace) -> int:
         texts = [line for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
     from uma_callbacks.metric_specs import metrics_from_file, parse_metric_spec
 
-    metrics: list[Any] = list(_split(args.metrics)) + [parse_metric_spec(spec) for spec in args.metric]
+    metrics: list[Any] = list(_split(args.metrics)) + [parse_metric_spec(spec, seed=args.seed) for spec in args.metric]
     if args.config:
-        metrics += metrics_from_file(args.config)
+        metrics += metrics_from_file(args.config, seed=args.seed)
     extra = {"timeout_seconds": args.timeout} if args.timeout is not None else {}
     summary = backfill(
         args.run_dir,

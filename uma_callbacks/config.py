@@ -12,11 +12,10 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-import inspect
-
 from uma_callbacks.integrations.bounded import DEFAULT_TRACKER_TIMEOUT
 from uma_callbacks.integrations.registry import check_tracker, tracker_names
-from uma_callbacks.metrics import METRICS, Metric
+from uma_callbacks import metric_specs
+from uma_callbacks.metrics import Metric
 
 #: The built-in tracker names (more with :func:`uma_callbacks.integrations.register_sink`).
 TRACKER_NAMES = tracker_names()
@@ -31,27 +30,17 @@ def _closest(name: str, allowed: Sequence[str]) -> str:
     return f" (did you mean {match[0]!r}?)" if match else ""
 
 
-def build_metric(spec: str | Metric, seed: int | None = None) -> Metric:
-    """A metric object from its string name (default settings) or the object itself.
+def build_metric(spec: Any, seed: int | None = None) -> Metric:
+    """A metric object from a spec (see :func:`uma_callbacks.metric_specs.build_metric`, the one builder).
 
     Args:
-        spec: a name from :data:`~uma_callbacks.metrics.METRICS` or a metric object.
-        seed: for a name, the seed of the metric's estimators (when it takes one).
+        spec: a metric object, a name, ``"name:key=value,..."`` or ``{"name": ..., option: value}``.
+        seed: the seed of the metric's estimators, unless the spec sets one.
 
     Raises:
-        ValueError: unknown name, listing the known ones.
+        ValueError: unknown name (listing the known ones) or a bad option.
     """
-    if isinstance(spec, Metric):
-        return spec
-    if isinstance(spec, str) and spec in METRICS:
-        cls = METRICS[spec]
-        if seed is not None and "seed" in inspect.signature(cls).parameters:
-            return cls(seed=seed)
-        return cls()
-    raise ValueError(
-        f"metrics entries must be a Metric or one of {tuple(sorted(METRICS))!r}; got {spec!r}"
-        + (_closest(spec, sorted(METRICS)) if isinstance(spec, str) else "")
-    )
+    return metric_specs.build_metric(spec, seed, field="metrics")
 
 
 def _positive_int(field_name: str, value: Any, allow_none: bool = False) -> None:

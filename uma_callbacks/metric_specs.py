@@ -1,15 +1,23 @@
-"""Metrics from text: ``"hessian:top_k=2,hutchinson_samples=5"`` and JSON config files.
+"""The one metric builder: ``build_metric(spec, seed)``, and metrics from text and JSON files.
 
-The ``uma`` command builds its metrics with these; so can any tool that takes metric
-settings as strings. Values are read as JSON (``2``, ``0.5``, ``true``, ``[0.5,0.9]``,
-``"text"``) and fall back to the raw text; the metric's own constructor validates them.
+Every way in builds its metrics here: ``UMAConfig(metrics=[...])`` (the callback, the
+Accelerate hook, ``backfill()``), the ``uma`` command's ``--metrics``, ``--metric`` and
+``--config``, and the predecessor's ``UnifiedConfig``. One spec therefore gives one
+configuration, and one cache key, on every path: ``"hessian"``, ``"hessian:"``,
+``{"name": "hessian"}`` and ``HessianSpectrum(seed=42)`` under ``seed=42`` are the same metric.
+
+A spec is a :class:`~uma_callbacks.metrics.base.Metric` (used as given), a name, a
+``"name:key=value,key=value"`` string or a ``{"name": ..., option: value}`` mapping. The
+run's ``seed`` seeds a metric that takes one unless the spec sets its own. Values in text
+are read as JSON (``2``, ``0.5``, ``true``, ``[0.5,0.9]``, ``"text"``) and fall back to the
+raw text; the metric's own constructor validates them.
 """
 
 from __future__ import annotations
 
 import inspect
 import json
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -19,8 +27,48 @@ from uma_callbacks.metrics import METRICS, Metric
 _RUNTIME_ARGS = ("chunk_size", "timeout_seconds")
 
 
-def parse_metric_spec(spec: str) -> Metric:
-    """``"name"`` or ``"name:key=value,key=value"`` -> a metric object.
+def build_metric(spec: Any, seed: int | None = None, field: str = "metrics") -> Metric:
+    """The metric a spec names, seeded with the run's ``seed`` unless the spec sets one.
+
+    Args:
+        spec: a :class:`Metric` (returned as given), a name, ``"name:key=value,..."``, or a
+            mapping ``{"name": ..., option: value}``.
+        seed: the run's seed, for a metric whose constructor takes ``seed`` and whose spec
+            does not set it.
+        field: the setting named in error messages (``metrics``, ``--metric``, ...).
+
+    Returns:
+        The metric object.
+
+    Raises:
+        ValueError: unknown name (listing the known ones), an option the metric does not
+            take (listing those it does), a malformed ``key=value``, or a value its
+            constructor refuses.
+
+    Example:
+        >>> build_metric("hessian", seed=7).config() == build_metric({"name": "hessian"}, seed=7).config()
+        True
+        >>> build_metric("hessian:top_k=3", seed=7).config()["seed"]
+        7
+    """
+    if isinstance(spec, Metric):
+        return spec
+    if isinstance(spec, Mapping):
+        name = spec.get("name")
+        if not isinstance(name, str):
+            raise ValueError(f"{field}: a metric mapping needs a string 'name'; got {spec!r:.80}")
+        kwargs = {str(k): v for k, v in spec.items() if k != "name"}
+    elif isinstance(spec, str):
+        name, kwargs = _parse_text(spec, field)
+    else:
+        raise ValueError(f"{field} entries must be a Metric, a name or a mapping; got {type(spec).__name__}")
+    if seed is not None and "seed" not in kwargs and name in METRICS and "seed" in metric_options(name):
+        kwargs["seed"] = seed
+    return build(name, kwargs, field)
+
+
+def parse_metric_spec(spec: str, seed: int | None = None) -> Metric:
+    """``"name"`` or ``"name:key=value,key=value"`` -> a metric object (:func:`build_metric`).
 
     Lists may be written with ``;`` between items (``sparsities=0.5;0.9``) or as JSON.
 
@@ -28,38 +76,49 @@ def parse_metric_spec(spec: str) -> Metric:
         ValueError: unknown metric name, an option it does not take (listing the ones it
             does), a malformed ``key=value``, or a value its constructor refuses.
     """
-    name, _, options = str(spec).partition(":")
+    return build_metric(str(spec), seed, field="--metric")
+
+
+def _parse_text(spec: str, field: str) -> tuple[str, dict[str, Any]]:
+    name, _, options = spec.partition(":")
     name = name.strip()
     if name not in METRICS:
-        raise ValueError(f"--metric: unknown metric {name!r}; choose from {sorted(METRICS)}")
+        raise ValueError(f"{field}: unknown metric {name!r}; choose from {sorted(METRICS)}" + _closest(name))
     kwargs: dict[str, Any] = {}
     for item in filter(None, (part.strip() for part in _split_options(options))):
         key, eq, text = item.partition("=")
         if not eq or not key.strip():
-            raise ValueError(f"--metric {name}: expected key=value, got {item!r}")
+            raise ValueError(f"{field} {name}: expected key=value, got {item!r}")
         kwargs[key.strip()] = _value(text.strip())
-    return build(name, kwargs)
+    return name, kwargs
 
 
-def build(name: str, kwargs: dict[str, Any]) -> Metric:
+def _closest(name: str) -> str:
+    import difflib
+
+    close = difflib.get_close_matches(name, sorted(METRICS), n=1)
+    return f" (did you mean {close[0]!r}?)" if close else ""
+
+
+def build(name: str, kwargs: dict[str, Any], field: str = "metrics") -> Metric:
     """``METRICS[name](**kwargs)`` with a clear error for an option it does not take.
 
     Raises:
         ValueError: unknown name or option, or a value the constructor refuses.
     """
     if name not in METRICS:
-        raise ValueError(f"unknown metric {name!r}; choose from {sorted(METRICS)}")
+        raise ValueError(f"{field}: unknown metric {name!r}; choose from {sorted(METRICS)}" + _closest(name))
     allowed = metric_options(name)
     unknown = sorted(set(kwargs) - set(allowed) - set(_RUNTIME_ARGS))
     if unknown:
-        raise ValueError(f"metric {name!r} takes no option {unknown}; its options are {sorted(allowed)}")
+        raise ValueError(f"{field}: metric {name!r} takes no option {unknown}; its options are {sorted(allowed)}")
     try:
         return METRICS[name](**kwargs)
     except TypeError as err:  # a wrong type the constructor did not check itself
-        raise ValueError(f"metric {name!r}: {err}") from err
+        raise ValueError(f"{field}: metric {name!r}: {err}") from err
 
 
-def metrics_from_file(path: str | Path) -> list[Metric]:
+def metrics_from_file(path: str | Path, seed: int | None = None) -> list[Metric]:
     """Metrics from a JSON file: ``{"metrics": {"hessian": {"top_k": 2}, "fisher": {}}}``
     (or a list ``[{"name": "hessian", "top_k": 2}, ...]``).
 
@@ -75,7 +134,7 @@ def metrics_from_file(path: str | Path) -> list[Metric]:
         entries = [{"name": k, **(v or {})} for k, v in entries.items()]
     if not isinstance(entries, list) or not all(isinstance(e, dict) and isinstance(e.get("name"), str) for e in entries):
         raise ValueError(f"--config {path}: expected {{'metrics': {{name: {{option: value}}}}}} or a list of {{'name': ...}}")
-    return [build(e["name"], {k: v for k, v in e.items() if k != "name"}) for e in entries]
+    return [build_metric(e, seed, field=f"--config {path}") for e in entries]
 
 
 def metric_options(name: str) -> dict[str, Any]:

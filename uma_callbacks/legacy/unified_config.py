@@ -43,7 +43,7 @@ import warnings
 from dataclasses import dataclass
 from typing import Any
 
-from uma_callbacks.metrics import METRICS
+from uma_callbacks.metric_specs import build_metric
 
 logger = logging.getLogger(__name__)
 
@@ -224,46 +224,49 @@ class UnifiedConfig:
         )
 
     def metrics(self) -> list[Any]:
-        """The metric objects this configuration enables (in a fixed order)."""
+        """The metric objects this configuration enables (in a fixed order).
+
+        Each is built by :func:`~uma_callbacks.metric_specs.build_metric` with this
+        configuration's ``seed``, as ``UMAConfig`` and the ``uma`` command build theirs, so
+        the same metric spelled here or there has the same configuration and cache key.
+        """
         self.validate()
-        wanted: list[Any] = []
+        specs: list[dict[str, Any]] = []
         everything = self.compute_all
         if (everything or self.compute_gradients) and self.compute_gradient_flow:
-            wanted.append(METRICS["gradient_flow"]())
+            specs.append({"name": "gradient_flow"})
         if everything or self.compute_fisher:
             kind = "mc" if self.fisher_method in ("exact", "mc") else "empirical"
             top_k = self.fisher_top_k if self.compute_fisher_eigenvalues else None
-            wanted.append(METRICS["fisher"](kind=kind, top_k=top_k, seed=self.seed, chunk_size=self.fisher_batch_size))
-        if everything and "hessian" in METRICS:
-            wanted.append(METRICS["hessian"]())
+            specs.append({"name": "fisher", "kind": kind, "top_k": top_k, "chunk_size": self.fisher_batch_size})
+        if everything:
+            specs.append({"name": "hessian"})
         if everything or self.compute_loss_landscape:
-            if "landscape" in METRICS:
-                wanted.append(
-                    METRICS["landscape"](
-                        n_points=self.loss_landscape_n_points,
-                        span=float(self.loss_landscape_span),
-                        normalization=self.loss_landscape_normalization,
-                    )
-                )
-            else:
-                wanted.append(_Unavailable("landscape"))
+            specs.append(
+                {
+                    "name": "landscape",
+                    "n_points": self.loss_landscape_n_points,
+                    "span": float(self.loss_landscape_span),
+                    "normalization": self.loss_landscape_normalization,
+                }
+            )
         if everything or self.compute_representations:
-            wanted.append(METRICS["representations"](seed=self.seed))
+            specs.append({"name": "representations"})
         if everything or self.compute_information_theory:
-            wanted.append(METRICS["information"](seed=self.seed))
+            specs.append({"name": "information"})
         if everything or self.compute_mechanistic:
-            wanted.append(METRICS["attention"](seed=self.seed))
+            specs.append({"name": "attention"})
         if everything or self.compute_mechanistic or self.compute_qkov:
-            wanted.append(METRICS["circuits"]())
-        wanted += self._weight_space_metrics(everything)
-        for metric in wanted:
-            if self.timeout_seconds is not None and hasattr(metric, "timeout_seconds"):
-                metric.timeout_seconds = self.timeout_seconds
-        return wanted
+            specs.append({"name": "circuits"})
+        specs += self._weight_space_specs(everything)
+        if self.timeout_seconds is not None:
+            for spec in specs:
+                spec["timeout_seconds"] = self.timeout_seconds
+        return [build_metric(spec, self.seed, field="UnifiedConfig") for spec in specs]
 
-    def _weight_space_metrics(self, everything: bool) -> list[Any]:
+    def _weight_space_specs(self, everything: bool) -> list[dict[str, Any]]:
         """``compute_bombshell``, ``compute_lottery``, ``compute_modularity`` (issue 15)."""
-        out: list[Any] = []
+        out: list[dict[str, Any]] = []
         if everything or self.compute_bombshell:
             base = self.base_model
             if base is not None:
@@ -274,13 +277,13 @@ class UnifiedConfig:
                         f"UnifiedConfig.base_model must be a local checkpoint folder or .safetensors file for "
                         f"compute_bombshell (never downloaded), or None for the first model; got {base!r}"
                     )
-            out.append(METRICS["task_vectors"](base=base))
+            out.append({"name": "task_vectors", "base": base})
         if everything or self.compute_lottery:
-            out.append(METRICS["pruning"]())
+            out.append({"name": "pruning"})
         if everything or self.compute_modularity:
-            out.append(METRICS["modularity"](seed=self.seed))
+            out.append({"name": "modularity"})
             if self.task_probes:
-                out.append(METRICS["fisher_overlap"]({k: list(v) for k, v in self.task_probes.items()}, seed=self.seed))
+                out.append({"name": "fisher_overlap", "tasks": {k: list(v) for k, v in self.task_probes.items()}})
         return out
 
     def memory_budget(self) -> Any:
@@ -346,10 +349,3 @@ def _check_task_probes(task_probes: Any) -> None:
             "UnifiedConfig.task_probes must be None or a dict of at least two task names (no '/') to "
             f"non-empty lists of batches; got {task_probes!r:.80}"
         )
-
-
-class _Unavailable:
-    """Placeholder for a metric this version does not have: it becomes an error entry."""
-
-    def __init__(self, name: str) -> None:
-        self.name = name
