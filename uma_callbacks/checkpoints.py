@@ -53,13 +53,14 @@ import torch
 from uma_callbacks.core.dcp import ACCELERATE_MODEL_FOLDER, find_dcp_model_folder, load_dcp
 from uma_callbacks.core.file_names import is_plain_file_name
 from uma_callbacks.core.safe_json import read_json
+from uma_callbacks.engine.state_file import STATE_FILE
 
 logger = logging.getLogger(__name__)
 
 #: The Trainer's marker of a checkpoint folder still being written.
 INCOMPLETE_SENTINEL = "checkpoint-is-incomplete.txt"
-#: Our own step file in Accelerate ``save_state`` folders.
-UMA_STATE = "uma_state.json"
+#: Our own step file in Accelerate ``save_state`` folders (named where it is written).
+UMA_STATE = STATE_FILE
 #: Layouts :func:`discover_checkpoints` reports.
 KINDS = ("trainer", "accelerate", "model")
 
