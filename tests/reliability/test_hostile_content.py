@@ -98,13 +98,14 @@ def test_deep_line_in_journal_and_deliveries_is_skipped_by_report_and_sync(tmp_p
     assert _steps(uri, run_id) == [1, 2, 3]
 
 
-def test_deep_line_in_the_journal_does_not_stop_training(tmp_path):
+def test_deep_journal_line_and_result_file_do_not_stop_training(tmp_path):
     from tests.trainer_cases import run_trainer
     from uma_callbacks import UMACallback
 
     root = tmp_path / "run" / "uma"
-    root.mkdir(parents=True)
+    (root / "step-2").mkdir(parents=True)
     (root / "journal.jsonl").write_text(DEEP + "\n")
+    (root / "step-2" / "gradient_flow.json").write_text(DEEP)  # read by the save to keep other configs apart
     cb = UMACallback(metrics=["gradient_flow"], probe_size=4, draw_figures=False)
     run_trainer(tmp_path / "run", callbacks=[cb], max_steps=2, save_steps=2)
     journal = Journal(root)

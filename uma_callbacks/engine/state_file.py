@@ -13,6 +13,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+from uma_callbacks.core.safe_json import read_json
 from uma_callbacks.engine.records import Record
 
 #: The file's name (one name for it everywhere; ``checkpoints.UMA_STATE`` reads it).
@@ -49,8 +50,12 @@ def write_state(
 
 
 def read_state(folder: str | os.PathLike[str]) -> dict[str, Any] | None:
-    """The :data:`STATE_FILE` of a ``save_state`` folder, or ``None`` when absent."""
+    """The :data:`STATE_FILE` of a ``save_state`` folder, or ``None`` when absent.
+
+    Raises:
+        ValueError: the file is not bounded, strict JSON (:mod:`~uma_callbacks.core.safe_json`).
+    """
     path = Path(folder) / STATE_FILE
     if not path.is_file():
         return None
-    return json.loads(path.read_text(encoding="utf-8"))
+    return read_json(path)  # bounded (core/safe_json): a ValueError for whatever the file holds

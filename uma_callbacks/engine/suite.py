@@ -483,11 +483,13 @@ def _variant_folder(step_folder: Any, result: MetricResult) -> str:
     import hashlib
     import json
 
+    from uma_callbacks.core.safe_json import read_json
+
     existing = step_folder / f"{safe_name(result.name)}.json"
     if not existing.is_file():
         return ""
     try:
-        theirs = json.loads(existing.read_text(encoding="utf-8")).get("meta", {}).get("config")
+        theirs = read_json(existing).get("meta", {}).get("config")  # bounded: the file is data from disk
     except (OSError, ValueError, AttributeError):  # unreadable: keep clear of it
         theirs = None
     mine = result.meta.get("config")
