@@ -125,12 +125,17 @@ def metrics_from_file(path: str | Path, seed: int | None = None) -> list[Metric]
     Raises:
         ValueError: unreadable JSON or a bad entry (naming it).
     """
+    from uma_callbacks.core.safe_json import read_json
+
     try:
-        data = json.loads(Path(path).read_text(encoding="utf-8"))
-    except (OSError, json.JSONDecodeError) as err:
+        data = read_json(path)  # bounded: size, nesting depth, strict JSON
+    except (OSError, ValueError) as err:
         raise ValueError(f"--config {path}: not a readable JSON file ({err})") from err
     entries = data.get("metrics") if isinstance(data, dict) else data
     if isinstance(entries, dict):
+        odd = [k for k, v in entries.items() if v is not None and not isinstance(v, dict)]
+        if odd:
+            raise ValueError(f"--config {path}: the options of {odd[0]!r} must be an object {{option: value}}")
         entries = [{"name": k, **(v or {})} for k, v in entries.items()]
     if not isinstance(entries, list) or not all(isinstance(e, dict) and isinstance(e.get("name"), str) for e in entries):
         raise ValueError(f"--config {path}: expected {{'metrics': {{name: {{option: value}}}}}} or a list of {{'name': ...}}")

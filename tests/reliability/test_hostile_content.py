@@ -195,3 +195,11 @@ def test_report_with_an_npz_holding_objects(tmp_path):
 def test_report_with_a_corrupt_safetensors(tmp_path):
     _with_file(tmp_path, "m.safetensors", (2**40).to_bytes(8, "little") + b"{garbage")
     assert "m.safetensors" in _report_ok(tmp_path)
+
+
+def test_deep_or_odd_backfill_config_file_is_bad_input(tmp_path, capsys):
+    for i, text in enumerate([DEEP, '{"metrics": {"hessian": "top_k=2"}}']):
+        config = tmp_path / f"config-{i}.json"
+        config.write_text(text)
+        assert main(["backfill", str(tmp_path), "--config", str(config)]) == 2
+        assert "--config" in capsys.readouterr().err
