@@ -145,7 +145,7 @@ class Stall(TrainerCallback):
             self.proxy.set("stall")
         if step == 6:
             self.proxy.release()
-            stuck = self.uma.sinks[0]._uma_stuck
+            stuck = getattr(self.uma.sinks[0], "_uma_stuck", None)
             if stuck is not None:
                 stuck[1].join(30)
         self.seen[f"t{step}"] = time.monotonic()
@@ -191,9 +191,9 @@ def test_trainer_run_with_a_stalling_mlflow_server_finishes_and_loses_nothing(tm
         warnings = [r.getMessage() for r in caplog.records if "sink mlflow failed" in r.getMessage()]
         assert warnings and "TrackerStalled" in warnings[0], warnings
         sink = cb.sinks[0]
-        if sink.stalled:  # a call at the end overran too (a loaded machine): let it land first
+        if getattr(sink, "stalled", False):  # a call at the end overran too (a loaded machine): let it land first
             sink._uma_stuck[1].join(60)
-        run_id = sink.wrapped.run_id()
+        run_id = getattr(sink, "wrapped", sink).run_id()
         client = MlflowClient(server.uri)
         journal = Journal(tmp_path / "run" / "uma")
         keys = list(journal.records()[0].log_values())
