@@ -7,7 +7,7 @@ import json
 from pathlib import Path
 from typing import Any
 
-from uma_callbacks.engine.records import Record
+from uma_callbacks.core.records import Record
 
 
 class AcceleratorTrackerSink:

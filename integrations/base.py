@@ -1,6 +1,6 @@
 """The sink protocol: what a tracker integration implements.
 
-A sink receives :class:`~uma_callbacks.engine.records.Record` objects (already journalled) and
+A sink receives :class:`~uma_callbacks.core.records.Record` objects (already journalled) and
 the journal root for their files. The engine calls, on world rank 0 only:
 
 1. :meth:`Sink.start` -- open or join the run; called before every delivery, so it must
@@ -39,7 +39,7 @@ Helpers every sink here uses:
 - :func:`rng_preserved`: trackers draw from Python's ``random`` (MLflow's run names,
   W&B ids) and may touch NumPy's or torch's global RNG; every public sink method here
   runs inside it, so a training run's data order and dropout never depend on a tracker;
-- :func:`~uma_callbacks.engine.records.artifact_path`: a record's ``files`` entry is
+- :func:`~uma_callbacks.core.records.artifact_path`: a record's ``files`` entry is
   uploaded only if it is a file inside the journal root (resolved, symlinks too).
 """
 
@@ -56,7 +56,7 @@ from pathlib import Path
 from typing import Any, TypeVar
 
 from uma_callbacks.core.rng import rng_preserved  # noqa: F401 (part of the sink API)
-from uma_callbacks.engine.records import Record, artifact_path
+from uma_callbacks.core.records import Record, artifact_path
 
 logger = logging.getLogger(__name__)
 

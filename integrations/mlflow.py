@@ -38,7 +38,7 @@ import os
 from pathlib import Path
 from typing import Any
 
-from uma_callbacks.engine.records import Record
+from uma_callbacks.core.records import Record
 
 from uma_callbacks.integrations.base import Sink, keeps_rng, tracker_key, uploadable_files
 from uma_callbacks.integrations.status import next_status, parse_step
@@ -237,7 +237,7 @@ class MLflowSink(Sink):
 
         self.start()
         self._flush_params()
-        timestamp = int(record.meta.get("timestamp_ms", 0)) or None
+        timestamp = _timestamp_ms(record.meta)
         metrics = []
         for key, value in record.log_values().items():
             key = tracker_key(key)
@@ -251,7 +251,7 @@ class MLflowSink(Sink):
             self._log_batch(metrics[start : start + 900])
         self._show_status(record)  # the latest step with a value, or a newer failure
         for name, value in _summary(record).items():  # one-off findings (the early-bird step) as tags
-            self._client.set_tag(self._run_id, tracker_key(f"uma.{record.metric}.{name}"), str(value))
+            self._client.set_tag(self._run_id, tracker_key(f"uma.{record.metric}.{name}"), str(value)[:5000])
         if record.status not in ("ok", "cached", "partial"):
             message = (record.error or {}).get("message", "")
             self._client.set_tag(
@@ -341,6 +341,24 @@ class MLflowSink(Sink):
 def _is_invalid(err: BaseException) -> bool:
     """Whether MLflow refused the request itself (bad key or value), not failed to reach the store."""
     return getattr(err, "error_code", "") == "INVALID_PARAMETER_VALUE"
+
+
+#: The latest timestamp a record may carry (9999-12-31 in ms); beyond it MLflow's store overflows.
+_MAX_TIMESTAMP_MS = 253_402_300_799_999
+
+
+def _timestamp_ms(meta: Any) -> int | None:
+    """``meta["timestamp_ms"]`` when it is a plausible time in ms (1970 to 9999), else None (now is used).
+
+    Records come from disk: ``"abc"``, ``10**30``, ``-5``, ``NaN`` or ``True`` must not stop a
+    record, nor every record after it, from being delivered.
+    """
+    value = meta.get("timestamp_ms") if isinstance(meta, dict) else None
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        return None
+    if not (isinstance(value, int) or math.isfinite(value)) or not 0 < value <= _MAX_TIMESTAMP_MS:
+        return None
+    return int(value)
 
 
 def _now_ms() -> int:

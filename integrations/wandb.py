@@ -45,7 +45,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from uma_callbacks.engine.records import PREFIX, Record
+from uma_callbacks.core.records import PREFIX, Record
 
 from uma_callbacks.integrations.base import Sink, keeps_rng, tracker_key, uploadable_files
 from uma_callbacks.integrations.status import next_status, parse_step

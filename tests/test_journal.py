@@ -8,7 +8,7 @@ import torch
 
 from uma_callbacks.engine.journal import Journal, cache_key, safe_name
 from uma_callbacks.metrics.base import MetricResult
-from uma_callbacks.engine.records import Record
+from uma_callbacks.core.records import Record
 
 
 def _record(step=1, metric="m", key="k", status="ok", **scalars):

@@ -8,7 +8,7 @@ from uma_callbacks.engine.budget import MemoryBudget
 from uma_callbacks.config import UMAConfig
 from uma_callbacks.metrics import METRICS, Metric, MetricResult
 from uma_callbacks.engine.probe import Probe
-from uma_callbacks.engine.records import Record
+from uma_callbacks.core.records import Record
 from uma_callbacks.engine.suite import MetricSuite
 from uma_callbacks.checkpoints import load_weights as _load_checkpoint_weights
 from uma_callbacks.metrics.weights_source import register_folder_loader

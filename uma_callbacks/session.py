@@ -45,7 +45,7 @@ from uma_callbacks.engine.budget import as_budget
 from uma_callbacks.engine.delivery import Delivery
 from uma_callbacks.engine.history import CheckpointHistory
 from uma_callbacks.engine.probe import Probe, count_samples, save_probe
-from uma_callbacks.engine.records import Record
+from uma_callbacks.core.records import Record
 from uma_callbacks.engine.run_identity import RunJournal, is_run_id, new_run_id
 from uma_callbacks.engine.snapshot import weights_fingerprint
 from uma_callbacks.engine.suite import MetricSuite

@@ -7,7 +7,7 @@ import sys
 import pytest
 
 from uma_callbacks.engine.journal import Journal
-from uma_callbacks.engine.records import Record
+from uma_callbacks.core.records import Record
 from uma_callbacks.engine.delivery import deliver
 
 mlflow = pytest.importorskip("mlflow")

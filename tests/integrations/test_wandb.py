@@ -10,7 +10,7 @@ import pytest
 from tests.integrations.wandb_runfile import artifacts, history_rows, metric_definitions, settled_records
 from tests.trainer_cases import run_trainer, tiny_lm_dataset
 from uma_callbacks.engine.journal import Journal
-from uma_callbacks.engine.records import Record
+from uma_callbacks.core.records import Record
 
 wandb = pytest.importorskip("wandb")
 

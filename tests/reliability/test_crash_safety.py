@@ -18,7 +18,7 @@ from pathlib import Path
 import pytest
 
 from uma_callbacks.engine.journal import Journal, append_line, read_lines
-from uma_callbacks.engine.records import Record
+from uma_callbacks.core.records import Record
 
 REPO = Path(__file__).resolve().parents[2]
 ENV = {**os.environ, "PYTHONPATH": str(REPO)}
@@ -26,7 +26,7 @@ ENV = {**os.environ, "PYTHONPATH": str(REPO)}
 _APPENDER = """
 import sys
 from uma_callbacks.engine.journal import Journal
-from uma_callbacks.engine.records import Record
+from uma_callbacks.core.records import Record
 journal = Journal(sys.argv[1])
 for i in range(100000):
     # big lines, so that a kill lands inside a write more often

@@ -37,7 +37,7 @@ from hypothesis import strategies as st  # noqa: E402
 
 from uma_callbacks.cli import main  # noqa: E402
 from uma_callbacks.engine.journal import DELIVERIES_FILE, JOURNAL_FILE, Journal, _checked_line  # noqa: E402
-from uma_callbacks.engine.records import Record  # noqa: E402
+from uma_callbacks.core.records import Record  # noqa: E402
 
 #: Generated examples per run, besides the explicit ones: bounded so the whole test, building
 #: the folder included, stays under 60 s.

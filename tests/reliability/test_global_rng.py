@@ -17,7 +17,7 @@ import torch
 from tests.trainer_cases import tiny_lm, tiny_lm_dataset, training_args
 from uma_callbacks import UMACallback
 from uma_callbacks.engine.journal import Journal
-from uma_callbacks.engine.records import Record
+from uma_callbacks.core.records import Record
 
 pytest.importorskip("mlflow")
 

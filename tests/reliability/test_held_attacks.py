@@ -26,7 +26,7 @@ import torch
 
 from uma_callbacks.engine.delivery import Delivery
 from uma_callbacks.engine.journal import Journal
-from uma_callbacks.engine.records import Record
+from uma_callbacks.core.records import Record
 from uma_callbacks.integrations.base import tracker_key
 
 REPO = Path(__file__).resolve().parents[2]

@@ -25,7 +25,7 @@ import pytest
 from uma_callbacks.cli import main
 from uma_callbacks.core.safe_json import MAX_DEPTH, UnreadableJSON, loads_bounded, read_json
 from uma_callbacks.engine.journal import DELIVERIES_FILE, Journal, append_line
-from uma_callbacks.engine.records import Record
+from uma_callbacks.core.records import Record
 
 DEEP = "[" * 200_000
 

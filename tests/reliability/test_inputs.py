@@ -18,7 +18,7 @@ from uma_callbacks.engine.journal import Journal, safe_name
 from uma_callbacks.metrics import METRICS
 from uma_callbacks.metrics.base import MetricResult
 from uma_callbacks.engine.probe import Probe, select_samples
-from uma_callbacks.engine.records import Record
+from uma_callbacks.core.records import Record
 from uma_callbacks.engine.suite import MetricSuite
 
 ANY = st.one_of(

@@ -18,7 +18,7 @@ from pathlib import Path
 import pytest
 
 from uma_callbacks.engine.journal import Journal, _write_lines
-from uma_callbacks.engine.records import Record
+from uma_callbacks.core.records import Record
 
 REPO = Path(__file__).resolve().parents[2]
 ENV = {**os.environ, "PYTHONPATH": str(REPO)}
@@ -43,7 +43,7 @@ def test_lookup_is_an_index_not_a_reread(tmp_path):
 _WRITER = """
 import sys
 from uma_callbacks.engine.journal import Journal
-from uma_callbacks.engine.records import Record
+from uma_callbacks.core.records import Record
 journal = Journal(sys.argv[1])
 for i in range(60):
     journal.append(Record(step=i, metric=sys.argv[2], status="ok", scalars={f"k{j}": 1.0 for j in range(1500)}))

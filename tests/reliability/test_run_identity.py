@@ -27,7 +27,7 @@ from tests.trainer_cases import tiny_lm, tiny_lm_dataset, training_args
 from uma_callbacks import UMACallback
 from uma_callbacks.engine.delivery import Delivery
 from uma_callbacks.engine.journal import Journal, append_line
-from uma_callbacks.engine.records import Record
+from uma_callbacks.core.records import Record
 from uma_callbacks.metrics.base import ComputeContext, Metric, MetricResult
 
 pytestmark = pytest.mark.slow

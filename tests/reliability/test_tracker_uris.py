@@ -76,7 +76,7 @@ def test_trainer_run_in_a_hostile_output_dir_keeps_its_store_inside_and_readable
     from tests.trainer_cases import run_trainer
     from uma_callbacks import UMACallback
     from uma_callbacks.engine.journal import Journal
-    from uma_callbacks.engine.run_sinks import delivered_run
+    from uma_callbacks.triggers.run_sinks import delivered_run
 
     monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
     base = tmp_path / "base"

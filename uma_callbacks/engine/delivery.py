@@ -23,7 +23,7 @@ from collections.abc import Sequence
 from typing import Any
 
 from uma_callbacks.engine.journal import Journal
-from uma_callbacks.engine.records import Record
+from uma_callbacks.core.records import Record
 from uma_callbacks.engine.run_identity import runs_held
 
 logger = logging.getLogger(__name__)

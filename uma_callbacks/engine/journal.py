@@ -14,7 +14,7 @@ Each journal line is ``{"sha": sha256(payload)[:16], "record": payload}``.
 
 Reading. A line whose checksum does not match (a torn write after ``kill -9``), and a
 line with a valid checksum whose payload does not have the record's shape
-(:func:`~uma_callbacks.engine.records.check_record_dict`: another version, a hand edit),
+(:func:`~uma_callbacks.core.records.check_record_dict`: another version, a hand edit),
 is skipped and counted in :attr:`Journal.bad_lines` (with one warning). The journal is
 read incrementally: a :class:`Journal` keeps the records it has parsed and the byte
 offset it reached, and each :meth:`Journal.records` / :meth:`Journal.lookup` reads only
@@ -44,7 +44,7 @@ record's own line is still pending, so the record goes to disk naming the files 
 it. Once the record's line is written, its files are final: those that never made it stay
 named in ``missing_files``. Each file written is noted in the record's ``file_ids`` (size
 and sha256), so uploads send only files whose content is what the journal wrote
-(:func:`~uma_callbacks.engine.records.artifact_path`).
+(:func:`~uma_callbacks.core.records.artifact_path`).
 
 Why JSON lines and not SQLite: the journal is the one file users read, grep, copy and
 diff, and the sinks, ``uma sync``, ``uma report`` and the backfill already share it; the
@@ -77,7 +77,7 @@ import numpy as np
 
 from uma_callbacks.core.safe_json import MAX_LINE_BYTES, loads_bounded, read_json
 from uma_callbacks.core.safe_write import RefusedPath, open_folder, put_file, write_atomically
-from uma_callbacks.engine.records import MEASURED, Record, RecordSchemaError, artifact_path, check_record_dict
+from uma_callbacks.core.records import MEASURED, Record, RecordSchemaError, artifact_path, check_record_dict
 from uma_callbacks.metrics.base import MetricResult
 
 logger = logging.getLogger(__name__)

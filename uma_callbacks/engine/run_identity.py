@@ -32,7 +32,7 @@ from pathlib import Path
 from typing import Any
 
 from uma_callbacks.engine.journal import DELIVERIES_FILE, Journal, read_lines
-from uma_callbacks.engine.records import Record
+from uma_callbacks.core.records import Record
 
 logger = logging.getLogger(__name__)
 

@@ -14,7 +14,7 @@ from pathlib import Path
 from typing import Any
 
 from uma_callbacks.core.safe_json import read_json
-from uma_callbacks.engine.records import Record
+from uma_callbacks.core.records import Record
 
 #: The file's name (one name for it everywhere; ``checkpoints.UMA_STATE`` reads it).
 STATE_FILE = "uma_state.json"

@@ -47,7 +47,7 @@ from uma_callbacks.engine.time_budget import (
 from uma_callbacks.core.losses import LossFn
 from uma_callbacks.metrics.base import Metric, MetricResult, MetricTimeout
 from uma_callbacks.engine.probe import Probe, move_batch
-from uma_callbacks.engine.records import Record
+from uma_callbacks.core.records import Record
 
 logger = logging.getLogger(__name__)
 

@@ -34,7 +34,7 @@ from uma_callbacks.config import UMAConfig
 from uma_callbacks.core.distributed import Collective
 from uma_callbacks.engine.probe import Probe
 from uma_callbacks.engine.probe_source import build_probe
-from uma_callbacks.engine.records import Record
+from uma_callbacks.core.records import Record
 from uma_callbacks.engine.run_identity import read_run_marker, write_run_marker
 from uma_callbacks.engine.state_file import STATE_FILE, read_state, write_state  # noqa: F401 (public here too)
 from uma_callbacks.integrations.accelerate import AcceleratorTrackerSink, sink_for_tracker  # noqa: F401

@@ -30,8 +30,8 @@ from uma_callbacks.config import UMAConfig
 from uma_callbacks.engine.budget import as_budget
 from uma_callbacks.engine.journal import Journal
 from uma_callbacks.engine.probe_source import build_probe, check_probe_matches, load_tokenizer
-from uma_callbacks.engine.records import Record
-from uma_callbacks.engine.run_sinks import sinks_for_run
+from uma_callbacks.core.records import Record
+from uma_callbacks.triggers.run_sinks import sinks_for_run
 from uma_callbacks.metrics.base import Metric
 from uma_callbacks.metrics.trajectory import Trajectory, trajectory_scalars  # noqa: F401 (public here too)
 from uma_callbacks.session import Session
