@@ -26,18 +26,19 @@ import random
 import re
 import shutil
 import tempfile
+import warnings
 from pathlib import Path
 
 import pytest
 
 hypothesis = pytest.importorskip("hypothesis")
 pytest.importorskip("mlflow")
-from hypothesis import HealthCheck, Phase, example, given, settings  # noqa: E402
-from hypothesis import strategies as st  # noqa: E402
+from hypothesis import HealthCheck, Phase, example, given, settings
+from hypothesis import strategies as st
 
-from uma_callbacks.cli import main  # noqa: E402
-from uma_callbacks.engine.journal import DELIVERIES_FILE, JOURNAL_FILE, Journal, _checked_line  # noqa: E402
-from uma_callbacks.core.records import Record  # noqa: E402
+from uma_callbacks.cli import main
+from uma_callbacks.core.records import Record
+from uma_callbacks.engine.journal import DELIVERIES_FILE, JOURNAL_FILE, Journal, _checked_line
 
 #: Generated examples per run, besides the explicit ones: bounded so the whole test, building
 #: the folder included, stays under 60 s.
@@ -96,7 +97,8 @@ def run_folder(tmp_path_factory):
     # a sharded (DCP) checkpoint at step 6, as FSDP's SHARDED_STATE_DICT writes it
     sharded = run / "checkpoint-6"
     sharded.mkdir()
-    with pytest.warns(UserWarning):  # "torch.distributed is disabled": one process, no group
+    with warnings.catch_warnings():  # "torch.distributed is disabled": one process, no group
+        warnings.simplefilter("ignore", UserWarning)
         dcp.save({"model": {k: v.detach().clone() for k, v in trainer.model.state_dict().items()}},
                  checkpoint_id=str(sharded / "pytorch_model_fsdp_0"))  # fmt: skip
     shutil.copy(run / "checkpoint-4" / "config.json", sharded / "config.json")
@@ -180,7 +182,8 @@ def _retype_one(node, rng: random.Random) -> None:
 def _intact_records(base_journal: Path, journal: Path) -> list[Record]:
     """The base run's records whose line is still, byte for byte, a line of ``journal``."""
     try:
-        now = set(journal.read_bytes().split(b"\n")) if journal.is_file() and not journal.is_symlink() else set()
+        readable = journal.is_file() and not journal.is_symlink()
+        now = set(journal.read_bytes().split(b"\n")) if readable else set()
     except OSError:
         now = set()
     kept = []
@@ -207,6 +210,7 @@ def _in_mlflow(client, run_id: str, record: Record) -> bool:
     return record.step in {m.step for m in client.get_metric_history(run_id, key)}
 
 
+@pytest.mark.slow
 @settings(
     max_examples=EXAMPLES,
     derandomize=True,
@@ -215,7 +219,12 @@ def _in_mlflow(client, run_id: str, record: Record) -> bool:
     phases=(Phase.explicit, Phase.generate),  # no shrinking: each example costs seconds; the note names it
     suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow],
 )
-@given(kind=st.sampled_from(CLASSES), pick=st.integers(0, 10**6), how=st.sampled_from(MUTATIONS), seed=st.integers(0, 2**32 - 1))
+@given(
+    kind=st.sampled_from(CLASSES),
+    pick=st.integers(0, 10**6),
+    how=st.sampled_from(MUTATIONS),
+    seed=st.integers(0, 2**32 - 1),
+)
 @example(kind="journal", pick=1, how="retype", seed=1)  # uma/journal.jsonl: a checksummed odd record
 @example(kind="journal", pick=1, how="deep", seed=0)
 @example(kind="journal", pick=0, how="deep", seed=0)  # uma/deliveries.jsonl
@@ -223,11 +232,13 @@ def _in_mlflow(client, run_id: str, record: Record) -> bool:
 @example(kind="result-json", pick=0, how="retype", seed=2)
 @example(kind="result-arrays", pick=0, how="flip", seed=3)
 @example(kind="probe", pick=0, how="retype", seed=4)
-def test_one_mutated_file_breaks_no_command_and_loses_no_other_record(run_folder, kind, pick, how, seed, capsys):
+def test_one_mutated_file_breaks_no_command_and_loses_no_other_record(
+    run_folder, kind, pick, how, seed, capsys
+):
     from mlflow.tracking import MlflowClient
+    from uma_callbacks.integrations.mlflow import MLflowSink
 
     from uma_callbacks.engine.delivery import Delivery
-    from uma_callbacks.integrations.mlflow import MLflowSink
 
     base, run_id = run_folder
     classes = _files_by_class(base / "run")

@@ -115,7 +115,7 @@ def read_bytes_bounded(path: str | os.PathLike[str], max_bytes: int = MAX_FILE_B
         if not stat.S_ISREG(st.st_mode):
             raise UnreadableJSON(f"{Path(path).name} is not a regular file")
         if st.st_size > max_bytes:
-            raise UnreadableJSON(f"{Path(path).name} holds {st.st_size} bytes, more than the {max_bytes} accepted")
+            raise UnreadableJSON(f"{Path(path).name} holds {st.st_size} bytes, more than {max_bytes} accepted")
         chunks, total = [], 0
         while True:
             chunk = os.read(fd, min(1 << 20, max_bytes + 1 - total))
@@ -130,7 +130,9 @@ def read_bytes_bounded(path: str | os.PathLike[str], max_bytes: int = MAX_FILE_B
         os.close(fd)
 
 
-def read_json(path: str | os.PathLike[str], max_bytes: int = MAX_FILE_BYTES, max_depth: int = MAX_DEPTH) -> Any:
+def read_json(
+    path: str | os.PathLike[str], max_bytes: int = MAX_FILE_BYTES, max_depth: int = MAX_DEPTH
+) -> Any:
     """The JSON content of the file ``path``, read within bounds (see :func:`loads_bounded`).
 
     Raises:
