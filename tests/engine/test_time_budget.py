@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from uma_callbacks.engine.time_budget import UnitCosts, estimate_seconds, scale_to, share_budget
+from uma_callbacks.engine.time_budget import UnitCosts, share_budget
 from uma_callbacks.metrics import CheckpointInterpolation, GradientFlow, HessianSpectrum, LossLandscape
 
 UNITS = UnitCosts(forward=0.1, backward=0.3, hvp=0.75, n_batches=4)
@@ -12,41 +12,73 @@ UNITS = UnitCosts(forward=0.1, backward=0.3, hvp=0.75, n_batches=4)
 
 def test_hessian_scales_hutchinson_first_then_lanczos_then_top_k():
     full = HessianSpectrum(top_k=10, hutchinson_samples=50)
-    assert estimate_seconds(full, UNITS) == pytest.approx((55 + 50) * 0.75)  # 55 products by default
-    fewer_probes, changes = scale_to(full, UNITS, 55 * 0.75 + 20 * 0.75)
+    assert full.time_cost(UNITS) == pytest.approx((55 + 50) * 0.75)  # 55 products by default
+    _, changes = full.scaled_to(55 * 0.75 + 20 * 0.75, UNITS)
     assert list(changes) == ["hutchinson_samples"] and changes["hutchinson_samples"] == [50, 20]
     assert full.hutchinson_samples == 50  # the configured metric is never changed
-    tight, changes = scale_to(full, UNITS, 10 * 0.75)
-    assert tight.hutchinson_samples == 4 and tight.top_k < 10 and estimate_seconds(tight, UNITS) <= 10 * 0.75 + 1e-9
+    tight, changes = full.scaled_to(10 * 0.75, UNITS)
+    assert tight.hutchinson_samples == 4 and tight.top_k < 10 and tight.time_cost(UNITS) <= 10 * 0.75 + 1e-9
 
 
 def test_landscape_and_interpolation_shrink_their_grid_keeping_it_odd():
-    grid, changes = scale_to(LossLandscape(n_points=21), UNITS, 49 * 0.1)
+    grid, changes = LossLandscape(n_points=21).scaled_to(49 * 0.1, UNITS)
     assert grid.n_points == 7 and grid.n_points % 2 == 1 and changes["n_points"] == [21, 7]
-    path, _ = scale_to(CheckpointInterpolation(n_points=13), UNITS, 9 * 0.1)
+    path, _ = CheckpointInterpolation(n_points=13).scaled_to(9 * 0.1, UNITS)
     assert path.n_points == 7
-    fits, changes = scale_to(LossLandscape(n_points=5), UNITS, 100.0)
+    fits, changes = LossLandscape(n_points=5).scaled_to(100.0, UNITS)
     assert changes == {} and fits.n_points == 5
 
 
 def test_cheap_metrics_get_what_they_need_and_the_rest_is_shared():
     metrics = [GradientFlow(), HessianSpectrum(), LossLandscape()]
     shares = share_budget(metrics, UNITS, 10.0)
-    assert shares[0] == pytest.approx(estimate_seconds(metrics[0], UNITS))
+    assert shares[0] == pytest.approx(metrics[0].time_cost(UNITS))
     assert shares[1] == pytest.approx(shares[2]) and sum(shares) == pytest.approx(10.0)
-    assert share_budget(metrics, UNITS, 1e6) == pytest.approx([estimate_seconds(m, UNITS) for m in metrics])
+    assert share_budget(metrics, UNITS, 1e6) == pytest.approx([m.time_cost(UNITS) for m in metrics])
 
 
 def test_a_budget_too_small_for_all_drops_the_costliest_floor_first_and_shares_the_rest():
     metrics = [GradientFlow(), HessianSpectrum(), LossLandscape()]
     # the Hessian's floor is 7 products (5.25 s): out; the landscape's fits what is left
     shares = share_budget(metrics, UNITS, 4.0)
-    assert shares[1] == 0.0 and shares[0] == pytest.approx(estimate_seconds(metrics[0], UNITS))
+    assert shares[1] == 0.0 and shares[0] == pytest.approx(metrics[0].time_cost(UNITS))
     assert shares[2] == pytest.approx(4.0 - shares[0])
     # below every floor but the cheapest: only gradient flow runs, with the whole budget it needs
     shares = share_budget(metrics, UNITS, 0.5)  # the landscape's floor: 25 points x 1 of 4 batches
-    assert shares == pytest.approx([estimate_seconds(metrics[0], UNITS), 0.0, 0.0])
+    assert shares == pytest.approx([metrics[0].time_cost(UNITS), 0.0, 0.0])
     assert share_budget(metrics, UNITS, 0.1) == [0.0, 0.0, 0.0]
+
+
+def test_the_sharing_never_asks_which_metric_it_is():
+    """Time cost and scaling live on each metric: the budget's source names none of them."""
+    import re
+    from pathlib import Path
+
+    from uma_callbacks.engine import time_budget
+    from uma_callbacks.metrics import METRICS
+
+    source = Path(time_budget.__file__).read_text(encoding="utf-8")
+    assert [name for name in METRICS if re.search(rf"\b{name}\b", source)] == []
+    assert ".name ==" not in source and ".name in" not in source
+
+
+def test_a_metric_without_knobs_costs_a_backward_and_a_half_and_keeps_its_config():
+    from uma_callbacks.metrics import FisherInformation
+
+    metric = GradientFlow()
+    assert metric.time_cost(UNITS) == pytest.approx(1.5 * 0.3)
+    assert metric.scaled_to(0.0, UNITS) == (metric, {})
+    assert metric.min_time_cost(UNITS) == metric.time_cost(UNITS)
+    assert FisherInformation().scaled_to(0.0, UNITS)[1] == {}
+
+
+def test_floors_are_each_metric_scaled_as_far_as_it_goes():
+    hessian = HessianSpectrum(top_k=10, hutchinson_samples=50)
+    assert hessian.min_time_cost(UNITS) == pytest.approx(7 * 0.75)  # 4 probes and 3 products (top_k 1)
+    landscape = LossLandscape(n_points=21)
+    assert landscape.min_time_cost(UNITS) == pytest.approx(25 * 0.1 / 4)  # 5 x 5 points on 1 of 4 batches
+    _, changes = landscape.scaled_to(0.0, UNITS)
+    assert changes == {"n_points": [21, 5], "n_batches": [None, 1]} and landscape.n_points == 21
 
 
 def test_bad_budget_fields_are_value_errors():

@@ -39,9 +39,7 @@ from uma_callbacks.engine.journal import Journal, cache_key, safe_name
 from uma_callbacks.engine.time_budget import (
     FIT_SLACK,
     UnitCosts,
-    estimate_seconds,
     measure_unit_costs,
-    scale_to,
     share_budget,
 )
 from uma_callbacks.core.losses import LossFn
@@ -180,8 +178,8 @@ class MetricSuite:
                 continue
             share = shares[metric.name]
             factor = calibration.get(metric.name, 1.0)
-            planned, changes = scale_to(metric, units, share / factor)
-            raw = estimate_seconds(planned, units)
+            planned, changes = metric.scaled_to(share / factor, units)
+            raw = planned.time_cost(units)
             predicted = raw * factor
             plans.append((planned, {
                 "save_seconds": round(seconds, 4), "seconds": round(share, 4), "predicted_seconds": round(predicted, 4),

@@ -17,6 +17,7 @@ from uma_callbacks.core.attention_weights import (
 )
 from uma_callbacks.core import validate
 from uma_callbacks.metrics.base import ComputeContext, Cost, Metric, MetricResult
+from uma_callbacks.metrics.time_cost import UnitCosts
 
 #: induction_len when none is given (TransformerLens's demos use 50), shortened to fit the model.
 DEFAULT_INDUCTION_LEN = 50
@@ -109,6 +110,10 @@ class AttentionHeads(Metric):
         self.n_induction_seqs = n_induction_seqs
         self.head_threshold = float(head_threshold)
         self.seed = seed
+
+    def time_cost(self, units: UnitCosts) -> float:
+        """Eager-attention forwards that keep every head's probabilities: about three forwards."""
+        return 3 * units.forward
 
     def _compute(self, ctx: ComputeContext) -> MetricResult:
         model = ctx.model

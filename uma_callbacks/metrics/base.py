@@ -30,6 +30,7 @@ from uma_callbacks.core.interrupt import MetricInterrupted, interrupt_requested
 from uma_callbacks.core.losses import LossFn, check_labels_fit, resolve_loss_fn
 from uma_callbacks.core.model_state import eager_attention, preserved_model_state
 from uma_callbacks.core.batches import count_samples, sequence_length, split_batch
+from uma_callbacks.metrics.time_cost import UnitCosts
 
 #: Allowed values of :attr:`MetricResult.status`.
 STATUSES = ("ok", "error", "skipped", "timeout", "cached", "interrupted", "partial")
@@ -362,6 +363,11 @@ class Metric(abc.ABC):
     Cross-rank reduction: every statistic a metric sums over probe samples goes through
     ``ctx.collective`` (a sum all-reduce), so a probe sharded over ranks gives the
     single-process numbers; metrics keep sums and counts, never means, until the end.
+
+    What the engine reads besides :meth:`compute`: the memory cost (:attr:`cost`,
+    :meth:`memory_modes`), the history (:attr:`history_needed`, :attr:`needs_first`) and
+    the time cost (:meth:`time_cost`, :meth:`scaled_to`, :meth:`min_time_cost`), so a metric
+    registered from outside the package is planned and scaled like a built-in one.
     """
 
     name: ClassVar[str] = ""
@@ -401,6 +407,30 @@ class Metric(abc.ABC):
         allowed = [m for m, _ in self.memory_modes()]
         check_choice(f"{type(self).__name__} memory mode", mode, allowed)
         self._memory_mode = mode
+
+    # ------------------------------------------------------------------ time
+    def time_cost(self, units: UnitCosts) -> float:
+        """The predicted seconds of this metric on the probe, from measured unit costs (rough, within ~2x).
+
+        The default, one backward and a half, is what a per-sample-gradient metric costs; a
+        metric counted in forwards, Hessian-vector products or grid points overrides it.
+        """
+        return 1.5 * units.backward
+
+    def scaled_to(self, seconds: float, units: UnitCosts) -> tuple[Metric, dict[str, list[Any]]]:
+        """The metric as it will run within ``seconds``, and the accuracy that costs.
+
+        Returns:
+            ``(self or a scaled copy, {knob: [before, after]})``: the knobs turned down so
+            that :meth:`time_cost` fits ``seconds`` where it can (the result's own outputs
+            say what accuracy followed: ``trace_stderr``, grid size, ...). The configured
+            metric is never changed. The default has no knob: ``(self, {})``.
+        """
+        return self, {}
+
+    def min_time_cost(self, units: UnitCosts) -> float:
+        """The predicted seconds of this metric scaled down as far as it goes (its floor)."""
+        return self.scaled_to(0.0, units)[0].time_cost(units)
 
     # ------------------------------------------------------------------ public API
     def config(self) -> dict[str, Any]:

@@ -7,6 +7,7 @@ import torch
 
 from uma_callbacks.core.attention_weights import embedding_matrices, find_attention_layers, head_factors
 from uma_callbacks.metrics.base import ComputeContext, Cost, Metric, MetricResult
+from uma_callbacks.metrics.time_cost import UnitCosts
 
 #: composition modes, in the order of the result's arrays.
 MODES = ("q", "k", "v")
@@ -63,6 +64,10 @@ class Circuits(Metric):
     name = "circuits"
     cost = Cost(forward_only=True, param_copies=0.5)
     needs_grad = False
+
+    def time_cost(self, units: UnitCosts) -> float:
+        """Weights only, no pass over the probe: a tenth of a forward."""
+        return 0.1 * units.forward
 
     def _compute(self, ctx: ComputeContext) -> MetricResult:
         layers = find_attention_layers(ctx.model)

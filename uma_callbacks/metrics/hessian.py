@@ -5,6 +5,7 @@ from __future__ import annotations
 import math
 import time
 from collections.abc import Sequence
+from typing import Any
 
 import numpy as np
 import torch
@@ -25,6 +26,7 @@ from uma_callbacks.metrics.base import (
     MetricResult,
     check_choice,
 )
+from uma_callbacks.metrics.time_cost import Scaling, UnitCosts
 
 
 class HessianSpectrum(Metric):
@@ -201,6 +203,32 @@ class HessianSpectrum(Metric):
         52 to reach a relative residual of 1e-2), ``max(4k, k + 40)`` for blocks."""
         block = self._block(k) if block is None else block
         return max(5 * k, k + 45) if block == 1 else max(4 * k, k + 40)
+
+    def time_cost(self, units: UnitCosts) -> float:
+        """One Hessian-vector product per Lanczos product and per Hutchinson probe."""
+        products = self.max_iter or self.default_max_iter(int(self.top_k), 1)
+        return (products + self.hutchinson_samples) * units.hvp
+
+    def scaled_to(self, seconds: float, units: UnitCosts) -> tuple[HessianSpectrum, dict[str, list[Any]]]:
+        """Fewer Hutchinson probes first (down to 4), then fewer Lanczos products
+        (``max_iter``, down to ``top_k + 2``), then ``top_k`` itself (down to 1)."""
+        if self.time_cost(units) <= seconds:
+            return self, {}
+        scaling = Scaling(self)
+        scaled = scaling.metric
+        k = int(scaled.top_k)
+        default_iter = scaled.max_iter or scaled.default_max_iter(k, 1)
+        room = seconds / units.hvp
+        probes = scaled.hutchinson_samples
+        scaling.set("hutchinson_samples", 0 if probes == 0 else max(4, min(probes, int(room - default_iter))))
+        left = room - scaled.hutchinson_samples
+        if left < default_iter:
+            scaling.set("max_iter", max(k + 2, int(left)))
+        if (scaled.max_iter or default_iter) > left and k > 1:
+            new_k = max(1, int(left) - 2)
+            scaling.set("top_k", new_k)
+            scaling.set("max_iter", max(new_k + 2, min(default_iter, int(left))))
+        return scaling.done()
 
     def _compute(self, ctx: ComputeContext) -> MetricResult:
         params = ctx.trainable_params()

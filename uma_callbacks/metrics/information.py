@@ -12,6 +12,7 @@ import torch
 from uma_callbacks.core.activations import capture_tokens, resolve_layers, state_bytes_estimate
 from uma_callbacks.core import validate
 from uma_callbacks.metrics.base import ComputeContext, Cost, Metric, MetricResult
+from uma_callbacks.metrics.time_cost import UnitCosts
 from uma_callbacks.metrics.representations import _check_common, _unit_rows
 
 
@@ -328,6 +329,10 @@ class InformationTheory(Metric):
             return state_bytes_estimate(n, tokens, 2.0) + 3 * min(side, tokens) ** 2 * 8
 
         return [("default", Cost(forward_only=True, host_extra_bytes=host))]
+
+    def time_cost(self, units: UnitCosts) -> float:
+        """Forwards that keep the hidden states, and their estimators: about three forwards."""
+        return 3 * units.forward
 
     def _compute(self, ctx: ComputeContext) -> MetricResult:
         layers = resolve_layers(ctx.model, self.modules, "InformationTheory.modules")

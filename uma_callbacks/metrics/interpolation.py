@@ -20,6 +20,7 @@ from uma_callbacks.metrics.base import (
     MetricSkipped,
 )
 from uma_callbacks.metrics.landscape import _local_chunks, probe_loss_sum
+from uma_callbacks.metrics.time_cost import Scaling, UnitCosts, batches_used, per_batch
 
 
 class CheckpointInterpolation(Metric):
@@ -135,6 +136,20 @@ class CheckpointInterpolation(Metric):
             else:
                 ts = np.sort(np.append(ts, anchor))
         return ts
+
+    def time_cost(self, units: UnitCosts) -> float:
+        """One forward of the batches used per path point (``n_points``, and both ends)."""
+        return (int(self.n_points) + 2) * units.forward * batches_used(self, units) * per_batch(units)
+
+    def scaled_to(self, seconds: float, units: UnitCosts) -> tuple[CheckpointInterpolation, dict[str, list[Any]]]:
+        """Fewer path points first (``n_points``, down to 5), then fewer probe batches (``n_batches``)."""
+        if self.time_cost(units) <= seconds:
+            return self, {}
+        scaling = Scaling(self)
+        per_point = self.time_cost(units) / (int(self.n_points) + 2)
+        scaling.set("n_points", max(5, min(int(self.n_points), int(seconds / per_point) - 2)))
+        scaling.fewer_batches(seconds, units)
+        return scaling.done()
 
     def _compute(self, ctx: ComputeContext) -> MetricResult:
         previous, label = self._previous, self.previous_label

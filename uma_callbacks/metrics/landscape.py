@@ -31,6 +31,7 @@ from uma_callbacks.metrics.base import (
     MetricResult,
     check_choice,
 )
+from uma_callbacks.metrics.time_cost import Scaling, UnitCosts, batches_used, odd_at_most, per_batch
 
 NORMALIZATIONS = ("filter", "layer", "global")
 #: Largest span: directions are normalised to the weights' scale (filter/layer/global), so a
@@ -191,6 +192,22 @@ class LossLandscape(Metric):
         if self._mode == "lean":
             return [lean]
         return [("stored", Cost(forward_only=True, param_copies=1.0 + self.dims, fixed_bytes=blocks)), lean]
+
+    def time_cost(self, units: UnitCosts) -> float:
+        """One forward of the batches used per grid point (``n_points ** dims`` points)."""
+        points = int(self.n_points) ** int(self.dims)
+        return points * units.forward * batches_used(self, units) * per_batch(units)
+
+    def scaled_to(self, seconds: float, units: UnitCosts) -> tuple[LossLandscape, dict[str, list[Any]]]:
+        """A coarser grid first (``n_points``, odd, down to 5), then fewer probe batches (``n_batches``)."""
+        if self.time_cost(units) <= seconds:
+            return self, {}
+        scaling = Scaling(self)
+        dims = int(self.dims)
+        per_point = self.time_cost(units) / int(self.n_points) ** dims
+        scaling.set("n_points", odd_at_most(math.floor((seconds / per_point) ** (1.0 / dims)), 5))
+        scaling.fewer_batches(seconds, units)
+        return scaling.done()
 
     def _compute(self, ctx: ComputeContext) -> MetricResult:
         sharded = is_sharded(ctx.model)

@@ -38,6 +38,7 @@ import torch
 
 from uma_callbacks.core import validate
 from uma_callbacks.metrics.base import ComputeContext, Cost, Metric, MetricResult
+from uma_callbacks.metrics.time_cost import UnitCosts
 
 
 # ---------------------------------------------------------------------- pure functions
@@ -362,6 +363,10 @@ class Modularity(Metric):
             rows, cols = spectral_coclusters(bs, self.n_clusters, self.seed, self.n_init)
             out["q_shuffled"] = bipartite_modularity_q(bs, rows, cols)
         return out
+
+    def time_cost(self, units: UnitCosts) -> float:
+        """Weights only, no pass over the probe: a tenth of a forward."""
+        return 0.1 * units.forward
 
     def _compute(self, ctx: ComputeContext) -> MetricResult:
         blocks = mlp_blocks(ctx.model)

@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Sequence
+from typing import Any
 
 import numpy as np
 import torch
@@ -36,6 +37,7 @@ from uma_callbacks.metrics.base import (
     MetricResult,
 )
 from uma_callbacks.metrics.landscape import _local_chunks, probe_loss_sum
+from uma_callbacks.metrics.time_cost import Scaling, UnitCosts, batches_used, per_batch
 
 
 # ---------------------------------------------------------------------- pure functions
@@ -234,6 +236,18 @@ class LotteryTickets(Metric):
             ("device", Cost(forward_only=True, param_copies=1.0, extra_bytes=masks)),
             ("host", Cost(forward_only=True, host_param_copies=1.0, extra_bytes=masks)),
         ]
+
+    def time_cost(self, units: UnitCosts) -> float:
+        """One forward of the batches used per sparsity, and one of the dense model."""
+        return (len(self.sparsities) + 1) * units.forward * batches_used(self, units) * per_batch(units)
+
+    def scaled_to(self, seconds: float, units: UnitCosts) -> tuple[LotteryTickets, dict[str, list[Any]]]:
+        """Fewer probe batches (``n_batches``); the sparsities are kept."""
+        if self.time_cost(units) <= seconds:
+            return self, {}
+        scaling = Scaling(self)
+        scaling.fewer_batches(seconds, units)
+        return scaling.done()
 
     def _compute(self, ctx: ComputeContext) -> MetricResult:
         names = prunable_names(ctx.model)

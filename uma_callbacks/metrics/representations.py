@@ -20,6 +20,7 @@ from uma_callbacks.core.activations import (
 from uma_callbacks.linalg.weights import moved_weights
 from uma_callbacks.core import validate
 from uma_callbacks.metrics.base import ComputeContext, Cost, Metric, MetricResult
+from uma_callbacks.metrics.time_cost import UnitCosts
 
 
 # ---------------------------------------------------------------------- pure functions
@@ -268,6 +269,10 @@ class Representations(Metric):
             return state_bytes_estimate(n, tokens, 7.0) + 3 * side * side * 8
 
         return [("default", Cost(forward_only=True, param_copies=2.0, host_extra_bytes=host))]
+
+    def time_cost(self, units: UnitCosts) -> float:
+        """Forwards that keep the hidden states, and their statistics: about three forwards."""
+        return 3 * units.forward
 
     def _compute(self, ctx: ComputeContext) -> MetricResult:
         layers = resolve_layers(ctx.model, self.modules, "Representations.modules")

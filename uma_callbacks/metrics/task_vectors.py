@@ -38,6 +38,7 @@ from uma_callbacks.metrics.base import ComputeContext, Cost, Metric, MetricResul
 from uma_callbacks.metrics.fisher import gather_fisher
 from uma_callbacks.metrics.landscape import _local_chunks, probe_loss_sum
 from uma_callbacks.metrics.pruning import _split, pruned_flat
+from uma_callbacks.metrics.time_cost import Scaling, UnitCosts, batches_used, per_batch
 from uma_callbacks.metrics.weights_source import WeightsSource, load_weights_source, weights_label
 
 
@@ -264,6 +265,18 @@ class TaskVectors(Metric):
 
     def _weights(self, key: str) -> dict[str, torch.Tensor]:
         return self._loaded[key]
+
+    def time_cost(self, units: UnitCosts) -> float:
+        """Three forwards of the batches used (the merges' losses) and two backwards (the Fisher weights)."""
+        return 3 * units.forward * batches_used(self, units) * per_batch(units) + 2 * units.backward
+
+    def scaled_to(self, seconds: float, units: UnitCosts) -> tuple[TaskVectors, dict[str, list[Any]]]:
+        """Fewer probe batches (``n_batches``)."""
+        if self.time_cost(units) <= seconds:
+            return self, {}
+        scaling = Scaling(self)
+        scaling.fewer_batches(seconds, units)
+        return scaling.done()
 
     def _compute(self, ctx: ComputeContext) -> MetricResult:
         ctx.check_time(stage="start")

@@ -8,6 +8,7 @@ from collections.abc import Mapping
 import torch
 
 from uma_callbacks.metrics.base import ComputeContext, Cost, Metric, MetricResult, MetricSkipped
+from uma_callbacks.metrics.time_cost import UnitCosts
 
 
 def trajectory_scalars(
@@ -84,6 +85,10 @@ class Trajectory(Metric):
 
     def __init__(self) -> None:
         super().__init__()
+
+    def time_cost(self, units: UnitCosts) -> float:
+        """Weights only, no pass over the probe: a tenth of a forward."""
+        return 0.1 * units.forward
 
     def _compute(self, ctx: ComputeContext) -> MetricResult:
         ctx.check_time(stage="start")
