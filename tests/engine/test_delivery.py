@@ -75,3 +75,27 @@ def test_a_sink_down_at_the_start_is_started_later_and_gets_everything(tmp_path,
     delivery.send([record])
     assert sorted(sink.got) == [1, 2, 3] and sink.params == {"probe_fingerprint": "abc"}
     assert delivery.failing == set()
+
+
+class PickySink(MemorySink):
+    """Refuses one record for its content (a field it cannot log), takes the others."""
+
+    def log_record(self, record, root):
+        if record.step == 2:
+            raise ValueError("a field this tracker cannot log")
+        super().log_record(record, root)
+
+
+def test_a_record_a_sink_cannot_take_is_skipped_alone_and_the_rest_go(tmp_path, caplog):
+    journal, sink = Journal(tmp_path), PickySink()
+    records = [_record(step, {"metric": "hessian"}, f"k{step}") for step in (1, 2, 3, 4)]
+    for record in records:
+        journal.append(record)
+    delivery = Delivery(journal, [sink])
+    with caplog.at_level("WARNING", logger="uma_callbacks"):
+        delivery.send(records)
+        delivery.send_pending()  # tried again, warned once
+    assert [r.step for r in sink.records] == [1, 3, 4]
+    assert list(delivery.refused) == [(sink.name, records[1].record_id)]
+    assert sum("could not take" in r.getMessage() for r in caplog.records) == 1
+    assert not delivery.failing  # the sink itself is healthy: no outage reported

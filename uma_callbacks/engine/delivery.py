@@ -28,6 +28,11 @@ from uma_callbacks.engine.run_identity import runs_held
 
 logger = logging.getLogger(__name__)
 
+#: What a sink raises on one record's content (a field it cannot log: records come from
+#: disk), as opposed to an outage: that record is skipped, counted in
+#: :attr:`Delivery.refused` and tried again at the next delivery; the records after it go.
+RECORD_ERRORS = (ValueError, TypeError, KeyError, AttributeError, IndexError, OverflowError)
+
 
 class Delivery:
     """The sinks of one session and their health.
@@ -56,6 +61,8 @@ class Delivery:
         self.follow_tracker = follow_tracker
         self.params: dict[str, Any] = {}
         self._failed: set[str] = set()
+        #: ``{(sink name, record id): why}``: records a sink could not take for their content.
+        self.refused: dict[tuple[str, str], str] = {}
         self._params_sent: set[str] = set()
         self._configs: dict[tuple[str, str], dict[tuple[str, int], str]] = {}
 
@@ -132,6 +139,9 @@ class Delivery:
             outgoing = kept_apart(record, delivered_configs)
             try:
                 sink.log_record(outgoing, self.journal.root)
+            except RECORD_ERRORS as err:  # this record's content, not the tracker: the others still go
+                self._refused(sink, record, err)
+                continue
             except Exception as err:  # the record stays pending; retried at the next delivery
                 self._report(sink, err)
                 return sent
@@ -143,6 +153,21 @@ class Delivery:
             self._failed.discard(sink.name)
             logger.warning("uma: sink %s is back; pending records delivered", sink.name)
         return sent
+
+    def _refused(self, sink: Any, record: Record, err: BaseException) -> None:
+        """Count a record a sink could not take for its content (warned once per record and sink)."""
+        key = (sink.name, record.record_id)
+        if key not in self.refused:
+            self.refused[key] = f"{type(err).__name__}: {err}"
+            logger.warning(
+                "uma: sink %s could not take the %s record at step %s (%s: %s); it stays in the journal, "
+                "the other records are delivered",
+                sink.name,
+                record.metric,
+                record.step,
+                type(err).__name__,
+                err,
+            )
 
     def _replayed(self, done: set[str]) -> list[Record]:
         """The journal's records of the runs this delivery serves, for a tracker run holding ``done``."""
