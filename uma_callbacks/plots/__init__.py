@@ -2,14 +2,18 @@
 
 matplotlib is imported only inside this package (the ``[plots]`` extra), with the Agg
 backend. Each metric family registers its drawer (:func:`register_drawer`) in its own
-module here; :func:`draw_result` dispatches on the result's metric name.
+module here; :func:`draw_result` dispatches on the result's metric name, and draws a
+metric with no drawer (one registered from outside the package) as a bar chart of its
+scalars (:func:`draw_scalars`).
 """
 
 from uma_callbacks.plots.core import (
     DRAWERS,
     TREND_DRAWERS,
     draw_result,
+    draw_scalars,
     draw_trends,
+    drawer_for,
     heatmap,
     register_drawer,
     register_trend,
@@ -24,7 +28,9 @@ __all__ = [
     "DRAWERS",
     "TREND_DRAWERS",
     "draw_result",
+    "draw_scalars",
     "draw_trends",
+    "drawer_for",
     "heatmap",
     "register_drawer",
     "register_trend",

@@ -5,6 +5,8 @@
   Fisher the per-module traces;
 - ``landscape``: heatmap with contours of ``grid_losses`` (2-D) or the curve (1-D);
 - ``interpolation``: the path loss against t, with the linear chord between the endpoints.
+- any metric with no drawer of its own (one registered from outside the package): a bar
+  chart of its scalars (:func:`draw_scalars`).
 
 matplotlib is imported here only (the ``[plots]`` extra), with the Agg backend.
 
@@ -19,6 +21,7 @@ from __future__ import annotations
 import contextvars
 import io
 import math
+import re
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -76,9 +79,7 @@ def save_figure(fig: Any, path: str | Path, dpi: int = 110) -> Path:
 
 def render_result(result: MetricResult) -> dict[str, bytes]:
     """The figures :func:`draw_result` would write, as ``{file name: PNG bytes}``; nothing touches the disk."""
-    drawer = DRAWERS.get(result.name)
-    if drawer is None:
-        return {}
+    drawer = drawer_for(result.name)
     captured: dict[str, bytes] = {}
     token = _CAPTURED.set(captured)
     try:
@@ -92,10 +93,13 @@ def draw_result(result: MetricResult, folder: str | Path) -> list[Path]:
     """Draw every figure this result supports into ``folder``; returns the PNG paths."""
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
-    drawer = DRAWERS.get(result.name)
-    if drawer is None:
-        return []
-    return drawer(result, folder)
+    return drawer_for(result.name)(result, folder)
+
+
+def drawer_for(name: str) -> Callable[[MetricResult, Path], list[Path]]:
+    """The drawer registered for the metric ``name``, else :func:`draw_scalars` (a metric
+    registered from outside the package is drawn without a drawer of its own)."""
+    return DRAWERS.get(name, draw_scalars)
 
 
 #: ``{metric name: drawer(results, folder) -> [png paths]}`` for figures across checkpoints
@@ -304,3 +308,39 @@ def _interpolation(result: MetricResult, folder: Path) -> list[Path]:
     save_figure(fig, path, dpi=110)
     plt.close(fig)
     return [path]
+
+
+#: Scalars shown in the default figure (the largest in magnitude; the title says how many in all).
+TOP_SCALARS = 40
+_UNSAFE = re.compile(r"[^A-Za-z0-9_.-]+")
+
+
+def draw_scalars(result: MetricResult, folder: Path) -> list[Path]:
+    """The default figure: one horizontal bar per finite scalar, signed, largest magnitude
+    first (:data:`TOP_SCALARS` at most), as ``<metric>-scalars.png``; none without scalars."""
+    values = {k: float(v) for k, v in result.scalars.items() if math.isfinite(float(v))}
+    if not values:
+        return []
+    shown = sorted(values, key=lambda k: -abs(values[k]))[:TOP_SCALARS]
+    plt = _pyplot()
+    longest = max(len(k) for k in shown)
+    fig, ax = plt.subplots(figsize=(4.0 + 0.075 * longest, 1.0 + 0.24 * len(shown)))
+    ax.barh(range(len(shown)), [values[k] for k in shown], color=["tab:blue" if values[k] >= 0 else "tab:red" for k in shown])
+    ax.set_yticks(range(len(shown)))
+    ax.set_yticklabels(shown, fontsize=7)
+    ax.invert_yaxis()
+    ax.axvline(0, color="grey", lw=0.5)
+    more = f"\nlargest {len(shown)} of {len(values)} scalars" if len(values) > len(shown) else ""
+    ax.set_title(f"{result.name}: scalars{more}", fontsize=9, loc="left")
+    ax.grid(True, axis="x", alpha=0.3)
+    fig.tight_layout()
+    stem = _UNSAFE.sub("_", result.name).strip("._")[:120] or "metric"
+    path = save_figure(fig, folder / f"{stem}-scalars.png", dpi=110)
+    plt.close(fig)
+    return [path]
+
+
+@register_drawer("trajectory", "information", "fisher_overlap", "task_vectors")
+def _no_figure(result: MetricResult, folder: Path) -> list[Path]:
+    """Built-in metrics whose scalars are their dashboard lines draw no figure of their own."""
+    return []
