@@ -172,6 +172,7 @@ def draw_report(series: dict[str, dict[int, float]], png: Path, title: str = "um
     matplotlib.use("Agg", force=False)
     import matplotlib.pyplot as plt
     from matplotlib.ticker import FuncFormatter, MaxNLocator
+    from uma_callbacks.plots import save_figure
 
     bands = {n for name in series if (n := _band_of(name, series))}
     candidates = [n for n in series if n not in bands and n.rsplit("/", 1)[-1] not in _LEFT_OUT] or list(series)
@@ -208,8 +209,10 @@ def draw_report(series: dict[str, dict[int, float]], png: Path, title: str = "um
     fig.suptitle(title, fontsize=10)
     fig.tight_layout(rect=(0, 0, 1, 1 - 0.35 / (2.9 * rows)))  # room for the title above the first row
     png.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(png, dpi=90)
-    plt.close(fig)
+    try:
+        save_figure(fig, png, dpi=90)  # atomic: no empty report.png on a full disk
+    finally:
+        plt.close(fig)
     return png
 
 
