@@ -210,8 +210,11 @@ class HessianSpectrum(Metric):
         return (products + self.hutchinson_samples) * units.hvp
 
     def scaled_to(self, seconds: float, units: UnitCosts) -> tuple[HessianSpectrum, dict[str, list[Any]]]:
-        """Fewer Hutchinson probes first (down to 4), then fewer Lanczos products
-        (``max_iter``, down to ``top_k + 2``), then ``top_k`` itself (down to 1)."""
+        """Fit ``seconds``: fewer Hutchinson probes, then fewer Lanczos products, then a smaller ``top_k``.
+
+        Hutchinson probes go down to 4, the Lanczos products (``max_iter``) to ``top_k + 2``,
+        then ``top_k`` itself to 1.
+        """
         if self.time_cost(units) <= seconds:
             return self, {}
         scaling = Scaling(self)

@@ -97,8 +97,10 @@ def draw_result(result: MetricResult, folder: str | Path) -> list[Path]:
 
 
 def drawer_for(name: str) -> Callable[[MetricResult, Path], list[Path]]:
-    """The drawer registered for the metric ``name``, else :func:`draw_scalars` (a metric
-    registered from outside the package is drawn without a drawer of its own)."""
+    """The drawer registered for the metric ``name``, else :func:`draw_scalars`.
+
+    A metric registered from outside the package is drawn without a drawer of its own.
+    """
     return DRAWERS.get(name, draw_scalars)
 
 
@@ -316,8 +318,11 @@ _UNSAFE = re.compile(r"[^A-Za-z0-9_.-]+")
 
 
 def draw_scalars(result: MetricResult, folder: Path) -> list[Path]:
-    """The default figure: one horizontal bar per finite scalar, signed, largest magnitude
-    first (:data:`TOP_SCALARS` at most), as ``<metric>-scalars.png``; none without scalars."""
+    """The default figure: one horizontal bar per finite scalar, as ``<metric>-scalars.png``.
+
+    Bars are signed, the largest magnitude first (:data:`TOP_SCALARS` at most); a result
+    without finite scalars draws nothing.
+    """
     values = {k: float(v) for k, v in result.scalars.items() if math.isfinite(float(v))}
     if not values:
         return []
