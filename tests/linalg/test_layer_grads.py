@@ -11,6 +11,7 @@ from tests.oracles import oracle_per_sample_grads, param_slices
 from uma_callbacks.core.losses import hf_per_sample_loss
 from uma_callbacks.core.model_state import eager_attention
 from uma_callbacks.linalg import layer_grads
+from uma_callbacks.linalg.layers import factors
 from uma_callbacks.linalg.layer_grads import hook_plan, layer_gradient_sums, layer_gradients, layer_rule
 from uma_callbacks.metrics import FisherInformation, GradientFlow
 
@@ -227,7 +228,7 @@ def _oracle(name):
 @pytest.mark.parametrize("ghost", ["auto", "always", "never"])
 @pytest.mark.parametrize("name", sorted(CASES))
 def test_every_reduction_matches_brute_force(name, ghost, monkeypatch):
-    monkeypatch.setattr(layer_grads, "GHOST", ghost)
+    monkeypatch.setattr(factors, "GHOST", ghost)
     model, batches, loss_fn = CASES[name]()
     names, G = _oracle(name)
     slices = param_slices(model)
