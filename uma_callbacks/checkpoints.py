@@ -88,10 +88,12 @@ class Checkpoint:
 
     @property
     def name_rank(self) -> int:
-        """How well the folder's name agrees with its step, best first: 0 for the Trainer's
-        own name ``checkpoint-<step>``, 1 for a name ending in the step's number
-        (``checkpoint-0300``, ``run_300``), 2 otherwise. Of two folders claiming one step,
-        the one whose name agrees measures it."""
+        """How well the folder's name agrees with its step, best first: 0, 1 or 2.
+
+        0 for the Trainer's own name ``checkpoint-<step>``, 1 for a name ending in the step's
+        number (``checkpoint-0300``, ``run_300``), 2 otherwise. Of two folders claiming one
+        step, the one whose name agrees measures it.
+        """
         if self.name == f"checkpoint-{self.step}":
             return 0
         match = _TRAILING_NUMBER.search(self.name)
@@ -103,7 +105,11 @@ class _Problem(Exception):
 
 
 def _read_step(path: Path, field: str) -> int:
-    """``int(json[field])`` of a state file; :class:`_Problem` naming the file and what is wrong."""
+    """``int(json[field])`` of a state file.
+
+    Raises:
+        _Problem: the file is not readable JSON or holds no integer ``field`` (naming the file and what is wrong).
+    """
     try:
         data = read_json(path)
     except (OSError, ValueError) as err:  # UnreadableJSON: too deep, too long, not UTF-8, not JSON
@@ -211,7 +217,7 @@ def discover_checkpoints(
     Raises:
         FileNotFoundError: ``source`` (or a listed folder) does not exist.
         ValueError: no checkpoint was found, or two checkpoints claim the same step.
-    """
+    """  # noqa: DOC502 (FileNotFoundError: from discover_with_problems)
     found, problems = discover_with_problems(source, steps)
     for path, reason in problems:
         logger.warning("uma: checkpoint %s skipped: %s", path, reason)
@@ -299,7 +305,7 @@ def weight_files(folder: str | os.PathLike[str]) -> list[Path]:
     Raises:
         FileNotFoundError: no weights in the folder.
         ValueError: a sharded index that is not JSON, or names a shard outside the folder.
-    """
+    """  # noqa: DOC502 (ValueError: from _shard_names)
     folder = Path(folder)
     single = folder / "model.safetensors"
     if single.is_file():
@@ -323,11 +329,11 @@ def weight_files(folder: str | os.PathLike[str]) -> list[Path]:
 
 
 def _shard_names(index: Path) -> list[str]:
-    """The shard file names of a ``*.safetensors.index.json``: plain names in its own folder only.
+    r"""The shard file names of a ``*.safetensors.index.json``: plain names in its own folder only.
 
     Raises:
         ValueError: not JSON, no ``weight_map`` object, or a shard name that is not a plain
-            file name (``/``, ``\\``, ``..``, absolute): it would read another folder's weights.
+            file name (``/``, ``\``, ``..``, absolute): it would read another folder's weights.
     """
     try:
         weight_map = read_json(index)["weight_map"]
@@ -355,19 +361,21 @@ def load_weights(folder: str | os.PathLike[str], max_bytes: int | None = None) -
         FileNotFoundError: no weights in the folder.
         ValueError: a weight file is damaged (the reason from safetensors is kept).
         GatherExceedsBudget: a sharded checkpoint would exceed ``max_bytes`` once gathered.
-    """
+    """  # noqa: DOC502 (all three: from read_weights)
     return read_weights(folder, max_bytes)[0]
 
 
 def read_weights(folder: str | os.PathLike[str], max_bytes: int | None = None) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
-    """:func:`load_weights`, and what the loading did: ``{}``, or for a sharded checkpoint
-    ``{"format": "dcp", "shards": N, "gathered_bytes": B, ...}`` (see :func:`~uma_callbacks.core.dcp.load_dcp`).
+    """:func:`load_weights`, and what the loading did.
+
+    What it did is ``{}``, or for a sharded checkpoint ``{"format": "dcp", "shards": N,
+    "gathered_bytes": B, ...}`` (see :func:`~uma_callbacks.core.dcp.load_dcp`).
 
     Raises:
         FileNotFoundError: no weights in the folder.
         ValueError: a weight file is damaged, or refused.
         GatherExceedsBudget: a sharded checkpoint would exceed ``max_bytes`` once gathered.
-    """
+    """  # noqa: DOC502 (GatherExceedsBudget: from load_dcp)
     from safetensors.torch import load_file
 
     files = weight_files(folder)
@@ -441,7 +449,7 @@ def build_model(folder: str | os.PathLike[str], config: Mapping[str, Any] | None
     Raises:
         FileNotFoundError: no ``config.json``.
         ValueError: transformers cannot build the architecture.
-    """
+    """  # noqa: DOC502 (FileNotFoundError: from read_config)
     import transformers
 
     config = dict(config) if config is not None else read_config(folder)

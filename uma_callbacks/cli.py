@@ -178,8 +178,8 @@ def _journal_health(journal: Any) -> None:
 
 def _sync(args: argparse.Namespace) -> int:
     from uma_callbacks.engine.delivery import Delivery
-    from uma_callbacks.triggers.run_sinks import sinks_for_run
     from uma_callbacks.report import find_journal
+    from uma_callbacks.triggers.run_sinks import sinks_for_run
 
     journal = find_journal(args.run_dir)
     run_dir = journal.root.parent if journal.root.name == "uma" else journal.root

@@ -12,9 +12,9 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
+from uma_callbacks import metric_specs
 from uma_callbacks.integrations.bounded import DEFAULT_TRACKER_TIMEOUT
 from uma_callbacks.integrations.registry import check_tracker, tracker_names
-from uma_callbacks import metric_specs
 from uma_callbacks.metrics import Metric
 
 #: The built-in tracker names (more with :func:`uma_callbacks.integrations.register_sink`).
@@ -39,7 +39,7 @@ def build_metric(spec: Any, seed: int | None = None) -> Metric:
 
     Raises:
         ValueError: unknown name (listing the known ones) or a bad option.
-    """
+    """  # noqa: DOC502 (raised by metric_specs.build_metric)
     return metric_specs.build_metric(spec, seed, field="metrics")
 
 

@@ -75,7 +75,7 @@ def parse_metric_spec(spec: str, seed: int | None = None) -> Metric:
     Raises:
         ValueError: unknown metric name, an option it does not take (listing the ones it
             does), a malformed ``key=value``, or a value its constructor refuses.
-    """
+    """  # noqa: DOC502 (raised by build_metric)
     return build_metric(str(spec), seed, field="--metric")
 
 
@@ -119,8 +119,10 @@ def build(name: str, kwargs: dict[str, Any], field: str = "metrics") -> Metric:
 
 
 def metrics_from_file(path: str | Path, seed: int | None = None) -> list[Metric]:
-    """Metrics from a JSON file: ``{"metrics": {"hessian": {"top_k": 2}, "fisher": {}}}``
-    (or a list ``[{"name": "hessian", "top_k": 2}, ...]``).
+    """Metrics from a JSON file of metric specs, by name with their options.
+
+    The file holds ``{"metrics": {"hessian": {"top_k": 2}, "fisher": {}}}`` or a list
+    ``[{"name": "hessian", "top_k": 2}, ...]``.
 
     Raises:
         ValueError: unreadable JSON or a bad entry (naming it).

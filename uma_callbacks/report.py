@@ -172,6 +172,7 @@ def draw_report(series: dict[str, dict[int, float]], png: Path, title: str = "um
     matplotlib.use("Agg", force=False)
     import matplotlib.pyplot as plt
     from matplotlib.ticker import FuncFormatter, MaxNLocator
+
     from uma_callbacks.plots import save_figure
 
     bands = {n for name in series if (n := _band_of(name, series))}
@@ -226,8 +227,10 @@ def _drawable(value: float) -> bool:
 
 
 def _tick_format(values: list[float]):
-    """Tick labels with as many digits as the panel's range needs, never an offset or a
-    multiplier (``3.91275`` and ``3.913``, ``4e-05``): the value is read off the axis itself."""
+    """Tick labels with as many digits as the panel's range needs, never an offset or a multiplier.
+
+    ``3.91275`` and ``3.913``, ``4e-05``: the value is read off the axis itself.
+    """
     finite = [v for v in values if math.isfinite(v)] or [0.0]
     span = max(finite) / 2 - min(finite) / 2  # halves: +-1e308 must not overflow to inf
     scale = max(abs(v) for v in finite) or 1.0
@@ -237,8 +240,10 @@ def _tick_format(values: list[float]):
 
 
 def _each_quantity_once(names: list[str], series: dict[str, dict[int, float]]) -> tuple[list[str], dict[str, list[str]]]:
-    """Drop series that repeat an earlier one step for step (the probe loss several metrics
-    report): ``(kept names, {kept: [the names it stands for]})``."""
+    """Drop series that repeat an earlier one step for step (the probe loss several metrics report).
+
+    Returns ``(kept names, {kept: [the names it stands for]})``.
+    """
     kept: list[str] = []
     same_as: dict[str, list[str]] = {}
     for name in names:
@@ -287,7 +292,7 @@ def write_report(
     Raises:
         FileNotFoundError: no journal.
         ValueError: nothing to draw.
-    """
+    """  # noqa: DOC502 (from find_journal and draw_report)
     journal = journal if journal is not None else find_journal(source)
     series = collect_series(journal)
     out = Path(out_dir) if out_dir is not None else journal.root

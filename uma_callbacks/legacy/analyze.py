@@ -31,9 +31,9 @@ from typing import Any
 
 import numpy as np
 
+from uma_callbacks.core.records import Record
 from uma_callbacks.engine.journal import JOURNAL_FILE, Journal, append_line, read_lines
 from uma_callbacks.engine.probe import Probe
-from uma_callbacks.core.records import Record
 from uma_callbacks.legacy.unified_config import UnifiedConfig
 
 #: Our metric names -> the predecessor's result keys.

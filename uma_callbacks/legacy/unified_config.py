@@ -265,7 +265,11 @@ class UnifiedConfig:
         return [build_metric(spec, self.seed, field="UnifiedConfig") for spec in specs]
 
     def _weight_space_specs(self, everything: bool) -> list[dict[str, Any]]:
-        """``compute_bombshell``, ``compute_lottery``, ``compute_modularity`` (issue 15)."""
+        """``compute_bombshell``, ``compute_lottery``, ``compute_modularity`` (issue 15).
+
+        Raises:
+            ValueError: ``base_model`` is set but is not an existing local folder or file.
+        """
         out: list[dict[str, Any]] = []
         if everything or self.compute_bombshell:
             base = self.base_model
@@ -287,15 +291,17 @@ class UnifiedConfig:
         return out
 
     def memory_budget(self) -> Any:
-        """The :class:`~uma_callbacks.engine.budget.MemoryBudget` of ``max_memory_gb``,
-        ``min_batch_size``, ``max_batch_size`` and ``adaptive_batch_sizing`` (halve the chunk
-        on an allocation failure). ``aggressive_cleanup`` and ``enable_memory_tracking``
-        need no setting: memory is released after every metric and every result records
-        its measured peak (``meta["peak_bytes"]``, logged as ``uma/<metric>/peak_mb``).
+        """The :class:`~uma_callbacks.engine.budget.MemoryBudget` of the memory settings.
+
+        Those are ``max_memory_gb``, ``min_batch_size``, ``max_batch_size`` and
+        ``adaptive_batch_sizing`` (halve the chunk on an allocation failure).
+        ``aggressive_cleanup`` and ``enable_memory_tracking`` need no setting: memory is
+        released after every metric and every result records its measured peak
+        (``meta["peak_bytes"]``, logged as ``uma/<metric>/peak_mb``).
 
         Raises:
             ValueError: ``min_batch_size``/``max_batch_size`` not positive or out of order.
-        """
+        """  # noqa: DOC502 (from MemoryBudget)
         from uma_callbacks.engine.budget import MemoryBudget
 
         return MemoryBudget(
@@ -336,7 +342,11 @@ class UnifiedConfig:
 
 
 def _check_task_probes(task_probes: Any) -> None:
-    """``None`` or ``{task name: non-empty batches}`` with at least two tasks; else ``ValueError``."""
+    """Check that ``task_probes`` is ``None`` or ``{task name: non-empty batches}`` with at least two tasks.
+
+    Raises:
+        ValueError: anything else (task names must be non-empty and hold no ``/``).
+    """
     if task_probes is None:
         return
     if (
