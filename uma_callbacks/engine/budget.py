@@ -19,6 +19,9 @@ from typing import Any
 
 import torch
 
+from uma_callbacks.core.devices import model_device
+from uma_callbacks.core.model_state import eager_attention, preserved_model_state
+
 logger = logging.getLogger(__name__)
 
 from uma_callbacks.core.peak_memory import (  # noqa: F401 (re-exported)
@@ -409,7 +412,9 @@ def planned_bytes(
     return fixed, per_sample
 
 
-def measure_sample_bytes(model: torch.nn.Module, loss_fn: Any, batch: Any, *, eager: bool = False) -> int:
+def measure_sample_bytes(
+    model: torch.nn.Module, loss_fn: Any, batch: Any, *, eager: bool = False, state_held: bool = False
+) -> int:
     """A: bytes of one sample's activations, as the forward keeps them for the backward.
 
     The first sample of ``batch`` is run once: the forward (graph kept) under
@@ -426,16 +431,17 @@ def measure_sample_bytes(model: torch.nn.Module, loss_fn: Any, batch: Any, *, ea
         eager: run in eager attention, as a metric with ``needs_eager_attention`` will:
             its [H, T, T] attention probabilities are most of A at long lengths, and SDPA
             never forms them (planning from SDPA under-counted 4096 tokens about 16 times).
+        state_held: the caller holds ``preserved_model_state(model)`` (the engine's one
+            guard per metric); ``False``: taken here.
     """
     from uma_callbacks.engine.probe import select_samples
 
     one = select_samples(batch, [0])
     params = [p for p in model.parameters() if p.requires_grad]
-    from uma_callbacks.core.model_state import eager_attention, preserved_model_state
-
-    with preserved_model_state(model), (eager_attention(model) if eager else contextlib.nullcontext()):
+    guard = contextlib.nullcontext() if state_held else preserved_model_state(model)
+    with guard, (eager_attention(model) if eager else contextlib.nullcontext()):
         model.eval()
-        device = _device_of(model)
+        device = model_device(model)
         saved = _SavedBytes(params)
         with PeakMemory(device) as forward, torch.autograd.graph.saved_tensors_hooks(saved.pack, saved.unpack):
             loss = loss_fn(model, one).sum()
@@ -531,12 +537,6 @@ def check_within_budget(result: Any, limit: int | None) -> None:
         )  # fmt: skip
 
 
-def _device_of(model: torch.nn.Module) -> torch.device:
-    for p in model.parameters():
-        return p.device
-    return torch.device("cpu")
-
-
 def compute_within_budget(
     metric: Any,
     model: torch.nn.Module,
@@ -550,8 +550,17 @@ def compute_within_budget(
     sample_cache: dict[Any, int] | None = None,
     calibration: float = 1.0,
     calibration_chunk: int = 1,
+    timeout_seconds: float | None = None,
+    device: torch.device | None = None,
 ) -> Any:
     """``metric.compute`` with the chunk the budget plans, halving it on allocation failures.
+
+    The engine's one run of a metric: the loss is resolved once
+    (:func:`~uma_callbacks.metrics.loss_choice.resolve_loss`, a no-op for the suite's), the
+    model state is guarded once around the planning measurement and the computation
+    (:func:`~uma_callbacks.core.model_state.preserved_model_state`; again for each retry after
+    an allocation failure, which starts from the state as found), the chunk is decided by
+    :meth:`~uma_callbacks.metrics.base.Metric.chunk_for` and the time limit is passed as it came.
 
     The plan is made from what the metric will run: one sample of the probe's longest
     batch, measured in the attention implementation the metric switches to (eager for
@@ -559,8 +568,25 @@ def compute_within_budget(
     of the metric's earlier run at ``calibration_chunk``, kept by the suite; see
     :func:`calibrated`).
 
-    Without a budget (and without ``chunk_size``), the metric runs at its own chunk size
-    and an allocation failure still halves it (from the largest probe batch) down to 1.
+    Without a budget (and without ``chunk_size``), the metric runs at the chunk
+    ``.compute()`` would use (its own, else its default) and an allocation failure still
+    halves it down to 1.
+
+    Args:
+        metric: the metric to run.
+        model: the snapshot (left as found).
+        batches: the local probe batches.
+        loss_fn: the per-sample loss (the suite's resolved one, the user's, or ``None``).
+        budget: the memory budget; ``None``: no plan.
+        collective: cross-rank sums; ``None`` for one process.
+        chunk_size: a fixed chunk (no plan).
+        history: the earlier checkpoints the metric compares against.
+        sample_cache: one sample's measured bytes, by model and batch shapes.
+        calibration: measured / planned peak of the metric's earlier run.
+        calibration_chunk: the chunk that run used.
+        timeout_seconds: the time limit decided by the caller (``Metric.time_limit``);
+            ``None``: the metric's own.
+        device: the model's device when the caller knows it.
 
     Returns:
         The ``MetricResult``, with ``chunk_size``, ``retries`` and the plan in ``meta``;
@@ -570,86 +596,122 @@ def compute_within_budget(
     Raises:
         BudgetExceeded: no chunk of at least ``min_batch_size`` fits (before or after retries).
     """
-    from uma_callbacks.core.losses import resolve_loss_fn
-    from uma_callbacks.engine.probe import count_samples
+    from uma_callbacks.metrics.loss_choice import resolve_loss
 
-    largest = max(count_samples(b) for b in batches)
+    where = device if device is not None else model_device(model)
+    loss = resolve_loss(model, loss_fn, batches)
     plan_meta: dict[str, Any] = {}
     min_chunk = budget.min_batch_size if budget is not None else 1
     adaptive = budget.adaptive_batch_sizing if budget is not None else True
-    chunk = chunk_size or getattr(metric, "chunk_size", None)
-    if budget is not None and chunk is None:
-        sample_bytes = 0
-        if getattr(metric, "needs_grad", True) or any(c.forward_only for _, c in metric.memory_modes()):
-            eager = bool(getattr(metric, "needs_eager_attention", False))
-            longest = longest_batch(batches)
-            key = _sample_key(model, longest, eager)
-            if sample_cache is not None and key in sample_cache:
-                sample_bytes = sample_cache[key]  # the same model and batch shapes: measured at an earlier checkpoint
-            else:
-                try:
-                    sample_bytes = measure_sample_bytes(model, resolve_loss_fn(model, loss_fn), longest, eager=eager)
-                except Exception as err:
-                    if not is_out_of_memory(err):
-                        raise
-                    release_memory(_device_of(model), full=True)
-                    raise BudgetExceeded(
-                        f"{metric.name}: one sample of the probe's longest batch ran out of memory when measured"
-                        f"{' in eager attention' if eager else ''}: {err}",
-                        {"budget_bytes": budget.limit_bytes(_device_of(model))},
-                    ) from err
-                if sample_cache is not None:
-                    sample_cache[key] = sample_bytes
-        if collective is not None and getattr(collective, "world_size", 1) > 1:
-            # every rank must plan the same chunk: use the mean measurement
-            sample_bytes = int(collective.sum_scalar(float(sample_bytes)) / collective.world_size)
-        sizes = rank_param_bytes(model)  # sharded (FSDP): the shard and the largest gathered block
-        n_samples = sum(count_samples(b) for b in batches)
-        plan = budget.plan(
-            metric,
-            sizes.full,
-            sample_bytes,
-            largest,
-            _device_of(model),
-            n_params=sizes.full_entries,
-            n_samples=n_samples,
-            sharding=sizes if sizes.sharded else None,
-            calibration=calibration,
-            calibration_chunk=calibration_chunk,
-        )
-        plan_meta = plan.as_meta()
-        if sizes.sharded:
-            plan_meta.update(planned_shard_bytes=sizes.held, planned_gathered_bytes=sizes.gathered)
-        plan_meta["measured_sample_bytes"] = sample_bytes
-        if plan.chunk_size is None:
-            raise BudgetExceeded(plan.reason, plan_meta)
-        metric.use_memory_mode(plan.mode)
-        chunk = plan.chunk_size
-    chunk = chunk or largest
+    chunk: int | None = None
     retries = 0
     while True:
-        try:
-            result = metric.compute(model, batches, loss_fn, collective=collective, chunk_size=chunk, history=history)
+        failure: BaseException | None = None
+        with preserved_model_state(model):  # the one guard of this run (a retry takes its own)
+            if chunk is None:
+                planned = None
+                if budget is not None and not (chunk_size or getattr(metric, "chunk_size", None)):
+                    planned, plan_meta = _plan_chunk(
+                        metric, model, batches, loss, budget, where, collective, sample_cache, calibration, calibration_chunk
+                    )
+                chunk = metric.chunk_for(batches, chunk_size, planned)
+            try:
+                result = metric.compute(
+                    model, batches, loss, collective=collective, chunk_size=chunk, timeout_seconds=timeout_seconds,
+                    history=history, device=where, state_held=True,
+                )  # fmt: skip
+            except Exception as err:  # only allocation failures are handled here
+                if not is_out_of_memory(err):
+                    raise
+                failure = err
+        if failure is None:
             break
-        except Exception as err:  # only allocation failures are handled here
-            if not is_out_of_memory(err):
-                raise
-            release_memory(_device_of(model), full=True)
-            distributed = collective is not None and getattr(collective, "world_size", 1) > 1
-            if not adaptive or distributed or chunk // 2 < min_chunk:
-                raise BudgetExceeded(
-                    f"{metric.name} ran out of memory at chunk {chunk} after {retries} retries "
-                    f"(min_batch_size {min_chunk}): {err}"
-                ) from err
-            logger.warning("uma: %s ran out of memory at chunk %d; retrying at %d", metric.name, chunk, chunk // 2)
-            chunk //= 2
-            retries += 1
+        release_memory(where, full=True)
+        distributed = collective is not None and getattr(collective, "world_size", 1) > 1
+        if not adaptive or distributed or chunk // 2 < min_chunk:
+            raise BudgetExceeded(
+                f"{metric.name} ran out of memory at chunk {chunk} after {retries} retries "
+                f"(min_batch_size {min_chunk}): {failure}"
+            ) from failure
+        logger.warning("uma: %s ran out of memory at chunk %d; retrying at %d", metric.name, chunk, chunk // 2)
+        chunk //= 2
+        retries += 1
     result.meta.update(plan_meta)
     result.meta["chunk_size"] = chunk
     result.meta["retries"] = retries
     if budget is not None:
-        check_within_budget(result, plan_meta.get("budget_bytes", budget.limit_bytes(_device_of(model))))
+        check_within_budget(result, plan_meta.get("budget_bytes", budget.limit_bytes(where)))
     return result
+
+
+def _plan_chunk(
+    metric: Any,
+    model: torch.nn.Module,
+    batches: list[Any],
+    loss: Any,
+    budget: MemoryBudget,
+    device: torch.device,
+    collective: Any,
+    sample_cache: dict[Any, int] | None,
+    calibration: float,
+    calibration_chunk: int,
+) -> tuple[int, dict[str, Any]]:
+    """``(chunk, plan meta)`` of the budget's plan for ``metric``, its memory mode switched on.
+
+    Called inside the run's state guard.
+
+    Raises:
+        BudgetExceeded: nothing fits, or one sample ran out of memory when measured.
+    """
+    from uma_callbacks.engine.probe import count_samples
+
+    largest = max(count_samples(b) for b in batches)
+    sample_bytes = 0
+    if getattr(metric, "needs_grad", True) or any(c.forward_only for _, c in metric.memory_modes()):
+        eager = bool(getattr(metric, "needs_eager_attention", False))
+        longest = longest_batch(batches)
+        key = _sample_key(model, longest, eager)
+        if sample_cache is not None and key in sample_cache:
+            sample_bytes = sample_cache[key]  # the same model and batch shapes: measured at an earlier checkpoint
+        else:
+            try:
+                sample_bytes = measure_sample_bytes(model, loss, longest, eager=eager, state_held=True)
+            except Exception as err:
+                if not is_out_of_memory(err):
+                    raise
+                release_memory(device, full=True)
+                raise BudgetExceeded(
+                    f"{metric.name}: one sample of the probe's longest batch ran out of memory when measured"
+                    f"{' in eager attention' if eager else ''}: {err}",
+                    {"budget_bytes": budget.limit_bytes(device)},
+                ) from err
+            if sample_cache is not None:
+                sample_cache[key] = sample_bytes
+    if collective is not None and getattr(collective, "world_size", 1) > 1:
+        # every rank must plan the same chunk: use the mean measurement
+        sample_bytes = int(collective.sum_scalar(float(sample_bytes)) / collective.world_size)
+    sizes = rank_param_bytes(model)  # sharded (FSDP): the shard and the largest gathered block
+    n_samples = sum(count_samples(b) for b in batches)
+    plan = budget.plan(
+        metric,
+        sizes.full,
+        sample_bytes,
+        largest,
+        device,
+        n_params=sizes.full_entries,
+        n_samples=n_samples,
+        sharding=sizes if sizes.sharded else None,
+        calibration=calibration,
+        calibration_chunk=calibration_chunk,
+    )
+    plan_meta = plan.as_meta()
+    if sizes.sharded:
+        plan_meta.update(planned_shard_bytes=sizes.held, planned_gathered_bytes=sizes.gathered)
+    plan_meta["measured_sample_bytes"] = sample_bytes
+    if plan.chunk_size is None:
+        raise BudgetExceeded(plan.reason, plan_meta)
+    metric.use_memory_mode(plan.mode)
+    return plan.chunk_size, plan_meta
 
 
 def as_budget(value: Any) -> MemoryBudget:

@@ -42,7 +42,10 @@ from uma_callbacks.engine.time_budget import (
     measure_unit_costs,
     share_budget,
 )
+from uma_callbacks.core.devices import model_device
 from uma_callbacks.core.losses import LossFn
+from uma_callbacks.core.model_state import preserved_model_state
+from uma_callbacks.metrics.loss_choice import ResolvedLoss, resolve_loss
 from uma_callbacks.metrics.base import Metric, MetricResult, MetricTimeout
 from uma_callbacks.engine.probe import Probe, move_batch
 from uma_callbacks.core.records import Record
@@ -103,6 +106,13 @@ class MetricSuite:
         """Whether this process logs (world rank 0)."""
         return (self.collective or LocalCollective()).rank == 0
 
+    def _resolve_loss(self, model: torch.nn.Module, batches: list[Any]) -> ResolvedLoss | None:
+        """The save's loss, resolved once for the time plan, the memory plans and every metric."""
+        try:
+            return resolve_loss(model, self.loss_fn, batches)
+        except Exception:  # noqa: BLE001 (a bad loss or labels: every metric records the error itself)
+            return None
+
     def run(
         self,
         model: torch.nn.Module,
@@ -127,16 +137,19 @@ class MetricSuite:
             The records, in metric order.
         """
         collective = self.collective or LocalCollective()
-        device = _device_of(model)
+        device = model_device(model)
         shard = probe.shard(collective.rank, collective.world_size) if collective.world_size > 1 else probe.batches
         local_batches = [move_batch(b, device) for b in shard]
-        plans = self._plan_time(model, local_batches, collective, seconds, history)
+        decided = _Decided(device, self._resolve_loss(model, local_batches))
+        plans = self._plan_time(model, local_batches, collective, seconds, history, decided.loss)
         records = []
         for i, metric in enumerate(self.metrics):
             planned, budget_meta = plans[i] if plans else (metric, None)
             if self.progress is not None:
                 self.progress("start", metric.name, step, None)
-            record = self._run_one(planned, model, local_batches, probe, step, checkpoint, collective, history, budget_meta)
+            record = self._run_one(
+                planned, model, local_batches, probe, step, checkpoint, collective, history, budget_meta, decided
+            )
             if self.progress is not None:
                 self.progress("end", metric.name, step, record)
             records.append(record)
@@ -149,15 +162,16 @@ class MetricSuite:
         collective: Collective,
         seconds: float | None,
         history: CheckpointHistory | None = None,
+        loss: ResolvedLoss | None = None,
     ) -> list[tuple[Metric, dict[str, Any] | None]]:
-        """Each metric fitted to its share of the compute budget (every rank decides alike)."""
-        if seconds is None:
-            return []
-        from uma_callbacks.core.losses import resolve_loss_fn
-        from uma_callbacks.core.model_state import preserved_model_state
+        """Each metric fitted to its share of the compute budget (every rank decides alike).
 
-        with preserved_model_state(model):
-            units = measure_unit_costs(model, batches, resolve_loss_fn(model, self.loss_fn))
+        ``loss``: the save's resolved loss (``None``: it could not be resolved, every metric
+        records why, and nothing is planned)."""
+        if seconds is None or loss is None:
+            return []
+        with preserved_model_state(model):  # once per save, before the metrics' own guards
+            units = measure_unit_costs(model, batches, loss.raw)
         if collective.world_size > 1:  # the mean over ranks, so every rank scales alike
             mean = torch.tensor([units.forward, units.backward, units.hvp], dtype=torch.float64)
             collective.sum_([mean])
@@ -199,7 +213,8 @@ class MetricSuite:
         checkpoint: str,
         collective: Collective,
         history: CheckpointHistory | None,
-        budget_meta: dict[str, Any] | None = None,
+        budget_meta: dict[str, Any] | None,
+        decided: _Decided,
     ) -> Record:
         view = history.view(metric) if history is not None else None
         # a result that compares checkpoints is identified by all the checkpoints it used
@@ -217,7 +232,7 @@ class MetricSuite:
                 self._deliver(record)
                 return record
             return self._measure_one(
-                metric, model, batches, probe, step, checkpoint, collective, history, budget_meta, view, key
+                metric, model, batches, probe, step, checkpoint, collective, history, budget_meta, view, key, decided
             )
         finally:
             if claimed and self.journal is not None:
@@ -280,6 +295,7 @@ class MetricSuite:
         budget_meta: dict[str, Any] | None,
         view: Any,
         key: str,
+        decided: _Decided,
     ) -> Record:
         started = time.perf_counter()
         if history is not None and history.dropped and (metric.history_needed or metric.needs_first):
@@ -293,7 +309,7 @@ class MetricSuite:
         else:
             # a metric may overrun its share of the compute budget, within bounds: 3x, or 2 s more
             budget_limit = None if budget_meta is None else max(3.0 * budget_meta["seconds"], budget_meta["seconds"] + 2.0)
-            result = self._compute(metric, model, batches, collective, view, budget_limit)
+            result = self._compute(metric, model, batches, collective, view, decided, budget_limit)
         result.meta.setdefault("seconds", time.perf_counter() - started)
         if budget_meta is not None:
             result.meta["compute_budget"] = budget_meta
@@ -305,7 +321,7 @@ class MetricSuite:
         result.meta["world_size"] = collective.world_size
         result.meta["timestamp_ms"] = int(time.time() * 1000)
         self._learn_memory(metric, result)
-        release_memory(_device_of(model), full=self.aggressive_cleanup or result.status != "ok")
+        release_memory(decided.device, full=self.aggressive_cleanup or result.status != "ok")
         record = Record(
             step=int(step),
             metric=metric.name,
@@ -386,6 +402,7 @@ class MetricSuite:
         batches: list[Any],
         collective: Collective,
         history: Any,
+        decided: _Decided,
         budget_limit: float | None = None,
     ) -> MetricResult:
         failure: BaseException | None = None
@@ -393,17 +410,13 @@ class MetricSuite:
         # several ranks: every reduction is guarded, so a rank that fails anywhere in the
         # metric (even before a reduction the others are waiting in) fails it on all ranks
         guarded = AgreeingCollective(collective) if collective.world_size > 1 else None
-        own_limit = getattr(metric, "timeout_seconds", None)
-        limits = [x for x in (own_limit if own_limit is not None else self.timeout_seconds, budget_limit) if x is not None]
         try:
-            if limits:
-                metric.timeout_seconds = min(limits)  # not part of the cache key
             with deferred_sigterm():
                 result = compute_within_budget(
                     metric,
                     model,
                     batches,
-                    self.loss_fn,
+                    decided.loss if decided.loss is not None else self.loss_fn,  # unresolvable: it fails there, recorded
                     self.budget,
                     collective=guarded,
                     chunk_size=self.chunk_sizes.get(metric.name),
@@ -411,11 +424,11 @@ class MetricSuite:
                     sample_cache=self._sample_bytes,
                     calibration=self.memory_calibration.get(metric.name, 1.0),
                     calibration_chunk=self._memory_calibration_chunk.get(metric.name, 1),
+                    timeout_seconds=metric.time_limit(self.timeout_seconds, budget_limit),  # an argument: the metric is not changed
+                    device=decided.device,
                 )
         except Exception as err:  # isolate: a broken metric never stops training
             failure = err
-        finally:
-            metric.timeout_seconds = own_limit
         if guarded is None:
             failed_anywhere = failure is not None
         else:
@@ -540,7 +553,10 @@ def _is_skip(err: BaseException) -> bool:
     return getattr(err, "uma_skip", False)
 
 
-def _device_of(model: torch.nn.Module) -> torch.device:
-    for p in model.parameters():
-        return p.device
-    return torch.device("cpu")
+@dataclass(frozen=True)
+class _Decided:
+    """What one save decides once and passes to every metric: the model's device and the
+    resolved loss (``None``: it could not be resolved; each metric then records why)."""
+
+    device: torch.device
+    loss: ResolvedLoss | None

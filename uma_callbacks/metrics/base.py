@@ -15,6 +15,7 @@ trigger, the journal or a tracker. :meth:`Metric.compute` wraps the subclass's
 from __future__ import annotations
 
 import abc
+import contextlib
 import math
 import time
 from collections.abc import Callable, Iterator, Mapping, Sequence
@@ -27,9 +28,11 @@ import torch
 from uma_callbacks.core import validate
 from uma_callbacks.core.distributed import Collective, LocalCollective
 from uma_callbacks.core.interrupt import MetricInterrupted, interrupt_requested
-from uma_callbacks.core.losses import LossFn, check_labels_fit, resolve_loss_fn
+from uma_callbacks.core.devices import model_device
+from uma_callbacks.core.losses import LossFn
 from uma_callbacks.core.model_state import eager_attention, preserved_model_state
 from uma_callbacks.core.batches import count_samples, sequence_length, split_batch
+from uma_callbacks.metrics.loss_choice import ResolvedLoss, resolve_loss
 from uma_callbacks.metrics.time_cost import UnitCosts
 
 #: Allowed values of :attr:`MetricResult.status`.
@@ -453,17 +456,40 @@ class Metric(abc.ABC):
         length = sequence_length(batches[0])
         return max(1, min(largest, self.default_chunk_tokens // max(1, length)))
 
+    def chunk_for(self, batches: Sequence[Any], chunk_size: int | None = None, planned: int | None = None) -> int:
+        """The chunk a run uses; the one place it is decided.
+
+        ``chunk_size`` (the caller's: an argument, or the suite's ``chunk_sizes``), else the
+        constructor's, else ``planned`` (a memory budget's plan), else the default (the
+        largest probe batch, cut to :attr:`default_chunk_tokens`). ``.compute()`` and the
+        suite both ask here, so the same budget gives the same chunk.
+        """
+        return int(chunk_size or self.chunk_size or planned or self._default_chunk(batches))
+
+    def time_limit(self, default: float | None = None, cap: float | None = None) -> float | None:
+        """The seconds a run may take; the one place it is decided.
+
+        This metric's own ``timeout_seconds``, else ``default`` (the run's), and at most
+        ``cap`` (its share of a compute budget, with the allowed overrun); ``None``: no limit.
+        The metric is never changed: the limit is passed to :meth:`compute`.
+        """
+        own = self.timeout_seconds if self.timeout_seconds is not None else default
+        limits = [x for x in (own, cap) if x is not None]
+        return min(limits) if limits else None
+
     def compute(
         self,
         model: torch.nn.Module,
         batches: Sequence[Any],
-        loss_fn: LossFn | None = None,
+        loss_fn: LossFn | ResolvedLoss | None = None,
         *,
         collective: Collective | None = None,
         chunk_size: int | None = None,
         timeout_seconds: float | None = None,
         peak_meter: Callable[[], Any] | None = None,
         history: History | None = None,
+        device: torch.device | None = None,
+        state_held: bool = False,
     ) -> MetricResult:
         """Compute the metric on ``model`` over the probe ``batches``.
 
@@ -472,13 +498,20 @@ class Metric(abc.ABC):
             batches: list of batches (dicts of tensors with a leading batch dim, or
                 anything ``loss_fn`` takes).
             loss_fn: ``loss_fn(model, batch) -> Tensor[B]`` of per-sample losses; ``None``
-                picks the HF default (see :mod:`uma_callbacks.core.losses`).
+                picks the HF default (see :mod:`uma_callbacks.core.losses`); a
+                :class:`~uma_callbacks.metrics.loss_choice.ResolvedLoss` (the suite's) is
+                taken as it is.
             collective: cross-rank sums; ``None`` for one process.
-            chunk_size: samples per chunk (overrides the constructor's); ``None`` means
-                the constructor's, else the whole batch.
-            timeout_seconds: overrides the constructor's time limit.
+            chunk_size: samples per chunk (overrides the constructor's); ``None``:
+                :meth:`chunk_for` decides (the constructor's, else the default).
+            timeout_seconds: the time limit decided by the caller (the suite's
+                :meth:`time_limit`); ``None``: :meth:`time_limit` (the constructor's).
             peak_meter: a context-manager factory measuring peak bytes (from
                 :mod:`uma_callbacks.engine.budget`); ``None`` uses the default meter.
+            device: the model's device when the caller knows it (else
+                :func:`~uma_callbacks.core.devices.model_device`).
+            state_held: the caller holds :func:`~uma_callbacks.core.model_state.preserved_model_state`
+                around this call (the engine's one guard per metric); ``False``: taken here.
 
         Returns:
             The :class:`MetricResult`; exceptions propagate (``MetricSuite`` isolates them).
@@ -498,14 +531,13 @@ class Metric(abc.ABC):
             if is_sharded(model):
                 raise MetricSkipped(sharded_skip_reason(self.name))
         check_finite_weights(model)
-        if loss_fn is None:
-            check_labels_fit(model, batches)
-        resolved_loss = _finite_loss(resolve_loss_fn(model, loss_fn))
-        chunk = chunk_size or self.chunk_size or self._default_chunk(batches)
-        limit = timeout_seconds if timeout_seconds is not None else self.timeout_seconds
-        meter = (peak_meter or PeakMemory)(_model_device(model))
+        resolved_loss = resolve_loss(model, loss_fn, batches)
+        chunk = self.chunk_for(batches, chunk_size)
+        limit = timeout_seconds if timeout_seconds is not None else self.time_limit()
+        meter = (peak_meter or PeakMemory)(device if device is not None else model_device(model))
         started = time.perf_counter()
-        with preserved_model_state(model), meter:
+        guard = contextlib.nullcontext() if state_held else preserved_model_state(model)
+        with guard, meter:
             ctx = ComputeContext(
                 model=model,
                 batches=list(batches),
@@ -564,23 +596,6 @@ def check_finite_weights(model: torch.nn.Module) -> None:
             )
 
 
-def _finite_loss(loss_fn: LossFn) -> LossFn:
-    """``loss_fn`` that raises ``FloatingPointError`` on a NaN/Inf per-sample loss.
-
-    Inside ``torch.func`` transforms (``vmap``) the values are not inspectable; the
-    per-sample gradient code checks what ``vmap`` returns instead.
-    """
-    from uma_callbacks.linalg.per_sample import check_finite_losses
-
-    def checked(model: torch.nn.Module, batch: Any) -> torch.Tensor:
-        out = loss_fn(model, batch)
-        if isinstance(out, torch.Tensor) and not torch._C._functorch.is_functorch_wrapped_tensor(out):
-            check_finite_losses(out)
-        return out
-
-    return checked
-
-
 def _config_value(value: Any) -> Any:
     if isinstance(value, (str, int, float, bool)) or value is None:
         return value
@@ -591,12 +606,6 @@ def _config_value(value: Any) -> Any:
     if isinstance(value, torch.Tensor):
         return f"tensor{tuple(value.shape)}"
     return repr(value)
-
-
-def _model_device(model: torch.nn.Module) -> torch.device:
-    for p in model.parameters():
-        return p.device
-    return torch.device("cpu")
 
 
 def check_positive_int(field_name: str, value: Any) -> None:
