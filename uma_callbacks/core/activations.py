@@ -117,8 +117,10 @@ def find_mlp(block: torch.nn.Module) -> tuple[torch.nn.Module, torch.nn.Module |
 
 
 def weight_rows(module: torch.nn.Module | None) -> torch.Tensor | None:
-    """The weight as rows of hidden units, ``W [h, d]`` (``nn.Linear``: ``weight``; HF
-    ``Conv1D``: ``weight.T``); ``None`` without a 2-D weight."""
+    """The weight as rows of hidden units, ``W [h, d]``; ``None`` without a 2-D weight.
+
+    ``nn.Linear``: ``weight``; HF ``Conv1D``: ``weight.T``.
+    """
     weight = getattr(module, "weight", None) if module is not None else None
     if not isinstance(weight, torch.Tensor) or weight.dim() != 2:
         return None
@@ -192,8 +194,11 @@ def token_keys(sample_hashes: np.ndarray, positions: torch.Tensor, seed: int) ->
 
 
 def sample_hashes(batch: Any, mask: torch.Tensor | None) -> np.ndarray:
-    """``uint64 [B]``: a hash of each sample's content (its non-padding ``input_ids`` when the
-    batch has them, else every tensor field's row), independent of padding and batch order."""
+    """``uint64 [B]``: a hash of each sample's content, independent of padding and batch order.
+
+    The content is the sample's non-padding ``input_ids`` when the batch has them, else
+    every tensor field's row.
+    """
     n = count_samples(batch)
     out = np.zeros(n, dtype=np.uint64)
     ids = batch.get("input_ids") if isinstance(batch, Mapping) else None
@@ -230,8 +235,10 @@ def batch_mask(batch: Any) -> torch.Tensor | None:
 
 
 def next_token_ids(batch: Any, mask: torch.Tensor) -> torch.Tensor | None:
-    """``[B, T]`` the next non-padding token's id after each position (``input_ids[t + 1]``),
-    -1 at a sample's last token; ``None`` without ``input_ids``."""
+    """``[B, T]`` the next non-padding token's id after each position; ``None`` without ``input_ids``.
+
+    That is ``input_ids[t + 1]``, and -1 at a sample's last token.
+    """
     ids = batch.get("input_ids") if isinstance(batch, Mapping) else None
     if not isinstance(ids, torch.Tensor) or ids.shape != mask.shape:
         return None
@@ -246,8 +253,11 @@ class _StopForward(Exception):
 
 
 def run_forward(model: torch.nn.Module, batch: Any, loss_fn: Callable[[torch.nn.Module, Any], Any]) -> None:
-    """One forward pass: ``model(**inputs)`` for HF batches (no labels, no KV cache), else
-    ``loss_fn(model, batch)`` (the user's loss knows how to call a plain model)."""
+    """One forward pass: ``model(**inputs)`` for HF batches, else ``loss_fn(model, batch)``.
+
+    HF batches run without labels and without the KV cache; for anything else the user's
+    loss knows how to call a plain model.
+    """
     if isinstance(batch, Mapping) and ("input_ids" in batch or "inputs_embeds" in batch) and hasattr(model, "config"):
         inputs = {k: v for k, v in batch.items() if k != "labels"}
         if "use_cache" in inspect.signature(model.forward).parameters:
@@ -277,7 +287,11 @@ def _first_tensor_of(obj: Any) -> torch.Tensor | None:
 
 
 def _as_tokens(t: torch.Tensor, where: str) -> torch.Tensor:
-    """``[B, T, w]`` from ``[B, T, w]`` or ``[B, w]``."""
+    """``[B, T, w]`` from ``[B, T, w]`` or ``[B, w]``.
+
+    Raises:
+        ValueError: any other shape (``where`` names the layer).
+    """
     if t.dim() == 2:
         return t.unsqueeze(1)
     if t.dim() != 3:

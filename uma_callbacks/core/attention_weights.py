@@ -140,7 +140,7 @@ def find_attention_layers(model: torch.nn.Module) -> list[AttentionLayer]:
         >>> m = GPT2LMHeadModel(GPT2Config(n_embd=16, n_layer=2, n_head=4, vocab_size=30, n_positions=8))
         >>> [(a.index, a.layout, a.n_heads, a.d_head) for a in find_attention_layers(m)]
         [(0, 'gpt2', 4, 4), (1, 'gpt2', 4, 4)]
-    """
+    """  # noqa: DOC502 (ValueError: from the _llama/_gpt2/_bert_layer readers)
     modules = dict(model.named_modules())
     layers: list[AttentionLayer] = []
     for name, module in modules.items():

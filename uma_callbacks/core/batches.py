@@ -11,12 +11,15 @@ import json
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from typing import Any
 
-import numpy as np
 import torch
 
 
 def count_samples(batch: Any) -> int:
-    """Number of samples in a batch: the leading dim of its first tensor."""
+    """Number of samples in a batch: the leading dim of its first tensor.
+
+    Raises:
+        ValueError: the batch holds no tensor.
+    """
     tensor = _first_tensor(batch)
     if tensor is None:
         raise ValueError(f"cannot count samples in a batch of type {type(batch).__name__}: no tensor in it")

@@ -219,7 +219,7 @@ def plan_dcp(folder: str | os.PathLike[str]) -> DcpPlan:
             what DCP writes: a chunk outside its tensor, chunks that do not cover it exactly
             once, a data file outside the folder or missing, a byte range outside its file,
             stream transforms, two tensors with one name, no tensor at all.
-    """
+    """  # noqa: DOC502 (FileNotFoundError: from read_metadata)
     from torch.distributed.checkpoint.filesystem import _StorageInfo
     from torch.distributed.checkpoint.metadata import (
         BytesStorageMetadata,
@@ -296,7 +296,11 @@ def plan_dcp(folder: str | os.PathLike[str]) -> DcpPlan:
 
 
 def _ints(value: Any, where: str, what: str) -> tuple[int, ...]:
-    """``value`` as a tuple of non-negative ints (a ``torch.Size`` or a tuple/list of ints)."""
+    """``value`` as a tuple of non-negative ints (a ``torch.Size`` or a tuple/list of ints).
+
+    Raises:
+        ValueError: anything else (``where`` and ``what`` name the field).
+    """
     if not isinstance(value, (tuple, list)) or not all(
         isinstance(v, int) and not isinstance(v, bool) and 0 <= v < 2**62 for v in value
     ):
@@ -330,7 +334,12 @@ def _model_names(entries: dict[str, Any], planner_data: Any, where: str) -> tupl
 def _byte_range(
     info: Any, root: Path, file_sizes: dict[str, int], where: str, key: str
 ) -> tuple[str, int, int]:
-    """``(file name, start, length)`` of one chunk, checked against the folder and the file."""
+    """``(file name, start, length)`` of one chunk, checked against the folder and the file.
+
+    Raises:
+        ValueError: a data file outside the folder or missing, stream transforms, or a byte
+            range that is not integer or lies outside its file.
+    """
     name, start, length = info.relative_path, info.offset, info.length
     if not (isinstance(name, str) and name in file_sizes) and not is_plain_file_name(name):  # known names were checked
         raise ValueError(
@@ -361,7 +370,12 @@ def _byte_range(
 
 
 def _check_cover(key: str, size: tuple[int, ...], pieces: list[_Piece], where: str) -> None:
-    """The chunks tile the tensor: each entry in exactly one chunk (one sort, :mod:`~uma_callbacks.core.tiling`)."""
+    """Check that the chunks tile the tensor: each entry in exactly one chunk (one sort, :mod:`~uma_callbacks.core.tiling`).
+
+    Raises:
+        ValueError: the chunks do not tile it, or the check would be too large (the reason from
+            :func:`~uma_callbacks.core.tiling.tiling_fault`).
+    """
     fault = tiling_fault(size, [(p.offsets, p.sizes) for p in pieces], what=f"chunks of {key!r}")
     if fault is not None:
         raise ValueError(f"{where}: {fault}")
@@ -392,7 +406,7 @@ def load_dcp(
         ValueError: refused or inconsistent metadata (:func:`plan_dcp`), or a chunk that
             cannot be read (truncated, damaged, not a tensor of its size and dtype).
         GatherExceedsBudget: the full tensors need more than ``max_bytes``.
-    """
+    """  # noqa: DOC502 (FileNotFoundError and ValueError: from plan_dcp and _read_chunk)
     plan = plan_dcp(folder)
     total = plan.total_bytes
     if max_bytes is not None and total > max_bytes:
@@ -426,7 +440,12 @@ def load_dcp(
 
 
 def _read_chunk(fh: Any, path: Path, t: _TensorPlan, piece: _Piece) -> torch.Tensor:
-    """One chunk: ``torch.load(weights_only=True)`` of its byte range, checked against the plan."""
+    """One chunk: ``torch.load(weights_only=True)`` of its byte range, checked against the plan.
+
+    Raises:
+        ValueError: the range is cut short, cannot be loaded, or holds anything but a tensor of
+            the planned shape and dtype.
+    """
     fh.seek(piece.start)
     data = fh.read(piece.length)
     where = f"the chunk of {t.key!r} at {piece.offsets} in {path} (bytes {piece.start}+{piece.length})"

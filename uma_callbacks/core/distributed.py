@@ -40,8 +40,10 @@ class Collective:
         """Wait for every rank (no-op here)."""
 
     def sum_scatter_dim0(self, full: torch.Tensor) -> torch.Tensor:
-        """This rank's dim-0 chunk (``torch.chunk`` sizes, FSDP2's ``Shard(0)``) of the sum
-        of ``full`` over ranks: a reduce-scatter. One process: ``full`` itself."""
+        """This rank's dim-0 chunk of the sum of ``full`` over ranks: a reduce-scatter.
+
+        The chunks have ``torch.chunk`` sizes (FSDP2's ``Shard(0)``). One process: ``full`` itself.
+        """
         return full
 
 
@@ -65,6 +67,7 @@ class TorchDistributedCollective(Collective):
         self._device = torch.device("cpu") if backend == "gloo" else None
 
     def sum_(self, tensors: Sequence[torch.Tensor]) -> None:
+        """In-place all-reduce (SUM) of each tensor, through the backend's device."""
         for t in tensors:
             if self._device is not None and t.device != self._device:
                 buf = t.to(self._device)
@@ -74,6 +77,7 @@ class TorchDistributedCollective(Collective):
                 self._dist.all_reduce(t)
 
     def barrier(self) -> None:
+        """Wait for every rank (``torch.distributed.barrier``)."""
         self._dist.barrier()
 
     def sum_scatter_dim0(self, full: torch.Tensor) -> torch.Tensor:
@@ -192,12 +196,17 @@ class AgreeingCollective(Collective):
 
         Raises:
             PeerFailure: another rank failed, or the ranks disagree on what to reduce.
-        """
+        """  # noqa: DOC502 (from _agree)
         self._agree(sum(int(t.numel()) for t in tensors))
         self.inner.sum_(tensors)
 
     def _agree(self, numel: int) -> None:
-        """One ``continue`` header; returns when every rank continues with ``numel`` entries."""
+        """One ``continue`` header; returns when every rank continues with ``numel`` entries.
+
+        Raises:
+            PeerFailure: the metric already failed here or on another rank, or the ranks disagree
+                on the size or the number of reductions.
+        """
         if self.concluded:
             raise PeerFailure("the metric already failed on another rank")
         header = self._header(_CONTINUE, numel)
@@ -222,7 +231,7 @@ class AgreeingCollective(Collective):
 
         Raises:
             PeerFailure: another rank failed, or the ranks disagree on what to reduce.
-        """
+        """  # noqa: DOC502 (from _agree)
         self._agree(int(full.numel()))
         return self.inner.sum_scatter_dim0(full)
 
@@ -230,8 +239,8 @@ class AgreeingCollective(Collective):
         """A header alone: every rank is still healthy (before FSDP's own collectives).
 
         Raises:
-            PeerFailure: another rank failed.
-        """
+            PeerFailure: another rank failed, or the ranks disagree on what to reduce.
+        """  # noqa: DOC502 (from _agree)
         self._agree(0)
 
     def conclude(self, failed: bool) -> bool:
@@ -243,10 +252,10 @@ class AgreeingCollective(Collective):
         return self.failed_anywhere
 
     def share_failure(self, error: BaseException | None, limit: int = 2000) -> tuple[int, str]:
-        """After :meth:`conclude` returned True: ``(rank, "Type: message")`` of the lowest
-        rank whose metric raised on its own (not :class:`PeerFailure`); ``(-1, "")`` if none.
+        """After :meth:`conclude` returned True: ``(rank, "Type: message")`` of the first rank's own failure.
 
-        Every rank must call it (two all-reduces).
+        That is the lowest rank whose metric raised on its own (not :class:`PeerFailure`);
+        ``(-1, "")`` if none. Every rank must call it (two all-reduces).
         """
         own = error is not None and not isinstance(error, PeerFailure)
         flags = torch.zeros(self.world_size, dtype=torch.float64)

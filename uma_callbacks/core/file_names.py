@@ -7,8 +7,9 @@ from typing import Any
 
 
 def is_plain_file_name(name: Any) -> bool:
-    """Whether ``name`` is one file name in its folder: a non-empty string with no path
-    separator, no ``.``/``..``, no NUL (what an index or a checkpoint's metadata may name).
+    """Whether ``name`` is one file name in its folder (what an index or a checkpoint's metadata may name).
+
+    That is a non-empty string with no path separator, no ``.``/``..`` and no NUL.
 
     Example:
         >>> [is_plain_file_name(n) for n in ("model-00001.safetensors", "../x", "a/b", "..", 3)]

@@ -75,8 +75,9 @@ def loss_identity(loss_fn: Callable[..., Any] | None) -> tuple[str | None, str]:
 
 
 def value_identity(value: Any) -> tuple[str | None, str]:
-    """The identity of any value by the rules of :func:`loss_identity` (a metric's
-    tensor or callable setting, a loss).
+    """The identity of any value by the rules of :func:`loss_identity`.
+
+    The value is a metric's tensor or callable setting, or a loss.
 
     Returns:
         ``(64 hex characters, "")``, or ``(None, reason)`` when it cannot be identified.

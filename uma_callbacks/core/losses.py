@@ -104,7 +104,11 @@ def hf_per_sample_loss(model: torch.nn.Module, batch: Mapping[str, Any]) -> torc
 
 
 def resolve_loss_fn(model: torch.nn.Module, loss_fn: LossFn | None) -> LossFn:
-    """The user's ``loss_fn`` if given, else :func:`hf_per_sample_loss`."""
+    """The user's ``loss_fn`` if given, else :func:`hf_per_sample_loss`.
+
+    Raises:
+        ValueError: ``loss_fn`` is given but not callable.
+    """
     if loss_fn is not None:
         if not callable(loss_fn):
             raise ValueError(f"loss_fn must be callable(model, batch) -> Tensor[B]; got {loss_fn!r}")

@@ -65,13 +65,13 @@ def restored_tensors(model: torch.nn.Module) -> Iterator[None]:
 
 
 def fsdp_managed(model: torch.nn.Module) -> tuple[list[object], set[tuple[int, str]]]:
-    """FSDP2's parameter groups that are sharded now, and the ``(id(module), name)`` entries
-    FSDP2 swaps itself (sharded ``DTensor`` <-> all-gathered tensor).
+    """FSDP2's parameter groups that are sharded now, and the ``(id(module), name)`` entries FSDP2 swaps itself.
 
-    Those entries are FSDP's to manage: a root module keeps its all-gathered parameters
-    registered after a forward without backward, so putting the recorded sharded objects
-    back would leave FSDP believing them unsharded, and the next forward would skip the
-    all-gather ("mixed torch.Tensor and DTensor"). They are left to :func:`fsdp_reshard`.
+    FSDP2 swaps those entries between a sharded ``DTensor`` and an all-gathered tensor.
+    They are FSDP's to manage: a root module keeps its all-gathered parameters registered
+    after a forward without backward, so putting the recorded sharded objects back would
+    leave FSDP believing them unsharded, and the next forward would skip the all-gather
+    ("mixed torch.Tensor and DTensor"). They are left to :func:`fsdp_reshard`.
     """
     groups: list[object] = []
     managed: set[tuple[int, str]] = set()
@@ -95,13 +95,15 @@ def fsdp_managed(model: torch.nn.Module) -> tuple[list[object], set[tuple[int, s
 
 
 def fsdp_reshard(groups: list[object]) -> None:
-    """Reshard FSDP2 parameter ``groups`` (found sharded on entry) and clear the root-forward
-    marker a forward that raised leaves set: the model goes back to its shards only."""
+    """Reshard FSDP2 parameter ``groups`` (found sharded on entry): the model goes back to its shards only.
+
+    Also clears the root-forward marker that a forward that raised leaves set.
+    """
     if not groups:
         return
-    from uma_callbacks.core.sharding import reset_fsdp_forward
-
     from torch.distributed.fsdp._fully_shard._fsdp_common import TrainingState
+
+    from uma_callbacks.core.sharding import reset_fsdp_forward
 
     for group in groups:
         # a forward that raised leaves the group in FORWARD, where reshard() of a root

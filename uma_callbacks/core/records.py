@@ -221,7 +221,7 @@ class Record:
 
         Raises:
             RecordSchemaError: ``data`` does not have a record's shape (see :func:`check_record_dict`).
-        """
+        """  # noqa: DOC502 (from check_record_dict)
         check_record_dict(data)
         kwargs = {k: data[k] for k in cls.__dataclass_fields__ if k in data}
         kwargs["scalars"] = {k: (math.nan if v is None else float(v)) for k, v in data.get("scalars", {}).items()}

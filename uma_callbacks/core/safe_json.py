@@ -108,7 +108,7 @@ def read_bytes_bounded(path: str | os.PathLike[str], max_bytes: int = MAX_FILE_B
     Raises:
         OSError: the file is missing or cannot be opened or read.
         UnreadableJSON: not a regular file (a FIFO, a device, a folder), or too large.
-    """
+    """  # noqa: DOC502 (OSError: from os.open, os.read)
     fd = os.open(os.fspath(path), os.O_RDONLY | os.O_NONBLOCK | getattr(os, "O_CLOEXEC", 0))
     try:
         st = os.fstat(fd)
@@ -139,7 +139,7 @@ def read_json(
         OSError: the file is missing or cannot be opened or read.
         UnreadableJSON: not a regular file, too large, too deep, or not strict JSON; the
             message names the file.
-    """
+    """  # noqa: DOC502 (OSError: from read_bytes_bounded)
     try:
         return loads_bounded(read_bytes_bounded(path, max_bytes), max_bytes=max_bytes, max_depth=max_depth)
     except UnreadableJSON as err:

@@ -34,8 +34,9 @@ class RefusedPath(OSError):
 
 
 def open_folder(root: str | os.PathLike[str], parts: Sequence[str]) -> int:
-    """A descriptor of ``root/parts[0]/parts[1]/...``, each part created when missing and
-    opened without following a link. The caller closes it.
+    """A descriptor of ``root/parts[0]/parts[1]/...``; the caller closes it.
+
+    Each part is created when missing and opened without following a link.
 
     ``root`` itself is opened as given (the journal's root is the caller's choice).
 
@@ -122,8 +123,9 @@ def write_atomically(path: str | os.PathLike[str], data: bytes) -> Path:
     with :func:`put_file` (a link there is refused). On failure nothing is left behind.
 
     Raises:
-        RefusedPath, OSError: as :func:`put_file`.
-    """
+        RefusedPath: ``path`` exists as a symbolic link or as something other than a regular file.
+        OSError: the folder cannot be opened, or the write failed (nothing is left behind).
+    """  # noqa: DOC502 (from put_file and os.open)
     path = Path(path)
     fd = os.open(path.parent, os.O_RDONLY | os.O_DIRECTORY | getattr(os, "O_CLOEXEC", 0))
     try:

@@ -1,5 +1,7 @@
-r"""Sharded models (FSDP2 ``fully_shard``, DTensor parameters): detection, shard slicing,
-per-rank memory accounting, and the refusal of DeepSpeed ZeRO-3 placeholders.
+r"""Sharded models: FSDP2 ``fully_shard`` and DTensor parameters.
+
+Detection, shard slicing, per-rank memory accounting, and the refusal of DeepSpeed ZeRO-3
+placeholders.
 
 Under FSDP2 every parameter is a ``DTensor`` whose local piece is the rank's dim-0 chunk of
 the full tensor (``Shard(0)`` on a 1-D mesh; ``torch.chunk`` sizes, ceil(d0 / R) rows per
@@ -149,9 +151,10 @@ def _fsdp_units(model: torch.nn.Module) -> dict[str, torch.nn.Module]:
 
 # ---------------------------------------------------------------------------- fingerprint
 def sharded_fingerprint(items: Mapping[str, torch.Tensor]) -> str:
-    """:func:`~uma_callbacks.engine.snapshot.weights_fingerprint` of parameters some of
-    which are DTensors: the one-process fingerprint of the full tensors, the same string on
-    every rank, with no rank ever holding a full parameter.
+    """:func:`~uma_callbacks.engine.snapshot.weights_fingerprint` of parameters some of which are DTensors.
+
+    It is the one-process fingerprint of the full tensors, the same string on every rank,
+    with no rank ever holding a full parameter.
 
     The fingerprint is SHA-256 over ``name|dtype|shape|`` and the row-major bytes of each
     full tensor, in name order. Under ``Shard(0)`` those bytes are the ranks' shards one
@@ -259,6 +262,9 @@ def aligned_chunks(chunks: Iterable[Any], collective: Any) -> Iterator[Any]:
 
     Under FSDP every forward/backward all-gathers and reduce-scatters, so every rank must
     run as many as the others. The counts are shared by one all-reduce (one slot per rank).
+
+    Raises:
+        ValueError: this rank has no chunk while another has some (every rank needs a sample).
     """
     items = list(chunks)
     if collective.world_size <= 1:
@@ -349,8 +355,10 @@ def reshard_fsdp(model: torch.nn.Module) -> None:
 
 
 def local_range(param: torch.Tensor) -> tuple[tuple[int, ...], int, int]:
-    """``(full shape, lo, hi)``: the rank's piece of ``param`` is entries ``[lo, hi)`` of the
-    flattened full tensor (``Shard(0)``: whole dim-0 rows); ``(shape, 0, numel)`` if plain."""
+    """``(full shape, lo, hi)``: the rank's piece of ``param`` is entries ``[lo, hi)`` of the flattened full tensor.
+
+    Under ``Shard(0)`` the piece is whole dim-0 rows; a plain tensor gives ``(shape, 0, numel)``.
+    """
     shape = tuple(param.shape)
     if not is_dtensor(param):
         return shape, 0, param.numel()
@@ -367,16 +375,20 @@ def local_range(param: torch.Tensor) -> tuple[tuple[int, ...], int, int]:
 
 
 def local_entries(params: Mapping[str, torch.Tensor]) -> int:
-    """Entries this rank holds of ``params`` (the sum of the local pieces' sizes): the length
-    of a flat vector kept in the shards' layout (the full count on plain parameters)."""
+    """Entries this rank holds of ``params``: the sum of the local pieces' sizes.
+
+    That is the length of a flat vector kept in the shards' layout (the full count on plain
+    parameters).
+    """
     return sum(local(p).numel() for p in params.values())
 
 
 def full_from_piece(piece: torch.Tensor, param: torch.Tensor, collective: Any) -> torch.Tensor:
-    """The full tensor (``param``'s full shape) whose rank-``r`` piece is ``piece`` on rank r:
-    an all-gather, done as the all-reduce (``collective.sum_``) of the full tensor with this
-    rank's entries filled and zeros elsewhere (exact: each entry is one piece plus zeros).
-    Every rank must call it for the same parameter (a collective). Plain ``param``: ``piece``
+    """The full tensor (``param``'s full shape) whose rank-``r`` piece is ``piece`` on rank r: an all-gather.
+
+    It is done as the all-reduce (``collective.sum_``) of the full tensor with this rank's
+    entries filled and zeros elsewhere (exact: each entry is one piece plus zeros). Every
+    rank must call it for the same parameter (a collective). Plain ``param``: ``piece``
     reshaped, no communication.
 
     Args:
@@ -399,10 +411,11 @@ def full_from_piece(piece: torch.Tensor, param: torch.Tensor, collective: Any) -
 def sharded_start_vector(
     params: Mapping[str, torch.Tensor], seed: int, dtype: torch.dtype, device: torch.device | str
 ) -> torch.Tensor:
-    """This rank's piece ``[local entries]`` of a Gaussian vector over the full parameters,
-    the same full vector for any world size: each parameter's full tensor is drawn from its
-    own generator, seeded from (``seed``, the parameter's index), and sliced to this rank's
-    entries (one parameter's full draw alive at a time).
+    """This rank's piece ``[local entries]`` of a Gaussian vector over the full parameters, the same for any world size.
+
+    Each parameter's full tensor is drawn from its own generator, seeded from (``seed``, the
+    parameter's index), and sliced to this rank's entries (one parameter's full draw alive
+    at a time).
 
     Example:
         >>> v = sharded_start_vector({"a": torch.zeros(2, 3), "b": torch.zeros(4)}, 0, torch.float64, "cpu")

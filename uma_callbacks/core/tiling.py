@@ -105,7 +105,8 @@ def _summed(points: np.ndarray, weights: np.ndarray, size: list[int]) -> tuple[n
     """``(distinct points in lexicographic order, the summed weight of each)``.
 
     Points (coordinates in ``[0, size_k]``) are sorted as one mixed-radix int64 key when
-    the key fits (a 1-d sort, several times faster than sorting rows), else as rows."""
+    the key fits (a 1-d sort, several times faster than sorting rows), else as rows.
+    """
     if math.prod(n + 1 for n in size) < 2**62:
         radix = np.array([math.prod(n + 1 for n in size[k + 1 :]) for k in range(len(size))], dtype=np.int64)
         keys, inverse = np.unique(points @ radix, return_inverse=True)

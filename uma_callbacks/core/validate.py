@@ -70,6 +70,9 @@ def check_int(field_name: str, value: Any, lo: int, hi: int, *, allow_none: bool
         lo: the smallest allowed value.
         hi: the largest allowed value.
         allow_none: ``None`` is accepted too.
+
+    Raises:
+        ValueError: ``value`` is not such an integer; the message names ``field_name``, the range and the value.
     """
     if value is None and allow_none:
         return
@@ -98,6 +101,9 @@ def check_number(
         lo_open: ``lo`` itself is excluded.
         hi_open: ``hi`` itself is excluded.
         allow_none: ``None`` is accepted too.
+
+    Raises:
+        ValueError: ``value`` is not such a number; the message names ``field_name``, the range and the value.
     """
     if value is None and allow_none:
         return
@@ -117,6 +123,10 @@ def check_number(
 
 
 def check_seed(field_name: str, value: Any) -> None:
-    """Raise ``ValueError`` unless ``value`` is an integer seed in [0, :data:`MAX_SEED`]."""
+    """Raise ``ValueError`` unless ``value`` is an integer seed in [0, :data:`MAX_SEED`].
+
+    Raises:
+        ValueError: ``value`` is not such an integer (``field_name`` is named in the message).
+    """
     if isinstance(value, bool) or not isinstance(value, int) or not 0 <= value <= MAX_SEED:
         raise ValueError(f"{field_name} must be an integer in [0, 2**63 - 1]; got {_shown(value)}")
