@@ -22,8 +22,8 @@ import logging
 from collections.abc import Sequence
 from typing import Any
 
-from uma_callbacks.engine.journal import Journal
 from uma_callbacks.core.records import Record
+from uma_callbacks.engine.journal import Journal
 from uma_callbacks.engine.run_identity import runs_held
 
 logger = logging.getLogger(__name__)
@@ -88,8 +88,10 @@ class Delivery:
         return sent
 
     def send_pending(self) -> int:
-        """Replay every journalled record of the run(s) this delivery serves (see the module
-        docstring) that a sink has not received yet; returns how many went."""
+        """Replay every journalled record a sink has not received yet; returns how many went.
+
+        The records are those of the run(s) this delivery serves (see the module docstring).
+        """
         if self.journal is None:
             return 0
         return sum(self._deliver(sink, [], replay=True) for sink in self.sinks)
@@ -217,8 +219,10 @@ def config_identity(record: Record) -> str:
 
 
 def kept_apart(record: Record, delivered: dict[tuple[str, int], str]) -> Record:
-    """``record``, or a copy logged as ``<metric>-<config hash>`` when the run already holds
-    another configuration's values of that metric at that step (never overwrite, never mix).
+    """``record``, or a copy logged as ``<metric>-<config hash>`` (never overwrite, never mix).
+
+    The copy is made when the run already holds another configuration's values of that
+    metric at that step.
 
     Example:
         >>> r = Record(step=5, metric="hessian", status="ok", meta={"config": {"top_k": 2}})

@@ -50,8 +50,10 @@ class CheckpointHistory:
         return self.depth > 0 or self.keep_first
 
     def view(self, metric: Metric) -> History:
-        """What ``metric`` asked for: its most recent ``history_needed`` checkpoints (most
-        recent first) and the first one if it needs it."""
+        """What ``metric`` asked for: its ``history_needed`` most recent checkpoints, and the first one.
+
+        The recent ones come most recent first; the first checkpoint only if the metric needs it.
+        """
         previous = tuple(reversed(self.previous[-metric.history_needed :])) if metric.history_needed else ()
         first = self.first if metric.needs_first else None
         return History(previous=previous, first=first)

@@ -75,9 +75,9 @@ from typing import Any
 
 import numpy as np
 
+from uma_callbacks.core.records import MEASURED, Record, RecordSchemaError, artifact_path, check_record_dict
 from uma_callbacks.core.safe_json import MAX_LINE_BYTES, loads_bounded, read_json
 from uma_callbacks.core.safe_write import RefusedPath, open_folder, put_file, write_atomically
-from uma_callbacks.core.records import MEASURED, Record, RecordSchemaError, artifact_path, check_record_dict
 from uma_callbacks.metrics.base import MetricResult
 
 logger = logging.getLogger(__name__)
@@ -163,7 +163,7 @@ def append_line(path: Path, payload: dict[str, Any]) -> None:
 
     Raises:
         OSError: the write failed (the file is left as it was).
-    """
+    """  # noqa: DOC502 (from _write_lines)
     _write_lines(Path(path), [payload])
 
 
@@ -318,8 +318,10 @@ class Journal:
         return f"step-{int(step)}" + (f"/{safe_name(subfolder)}" if subfolder else "")
 
     def _contents(self, result: MetricResult, figures: dict[str, bytes], record: Record) -> dict[str, bytes]:
-        """``{file name: bytes}`` of the result's files, then the figures; a file that cannot be
-        serialised is left out and named in ``record.missing_files``."""
+        """``{file name: bytes}`` of the result's files, then the figures.
+
+        A file that cannot be serialised is left out and named in ``record.missing_files``.
+        """
         base = safe_name(result.name)
         makers = [(f"{base}.json", lambda: _result_json(result))]
         if result.arrays:
@@ -339,8 +341,11 @@ class Journal:
         return contents
 
     def _write_into(self, record: Record, folder: str, contents: dict[str, bytes], retry: bool) -> None:
-        """Write ``contents`` into ``folder`` (relative to the root, opened without following
-        links) and note each outcome in ``record``; with ``retry``, keep what failed for :meth:`flush`."""
+        """Write ``contents`` into ``folder`` and note each outcome in ``record``.
+
+        ``folder`` is relative to the root and opened without following links; with ``retry``,
+        what failed is kept for :meth:`flush`.
+        """
         failed: dict[str, bytes] = {}
         try:
             fd = open_folder(self.root, folder.split("/"))
@@ -399,7 +404,7 @@ class Journal:
         Raises:
             ValueError: a path that is not a regular file inside the root, or reaches it
                 through a symbolic link (the file would not be where the record says).
-        """
+        """  # noqa: DOC502 (from _relative)
         return [self._relative(Path(p)) for p in paths]
 
     def _relative(self, path: Path) -> str:
@@ -426,7 +431,7 @@ class Journal:
 
         Raises:
             RecordSchemaError: ``record`` would not read back (a field of the wrong type).
-        """
+        """  # noqa: DOC502 (from check_record_dict)
         check_record_dict(record.to_dict())
         self.pending.append(record)
         self.flush()
@@ -694,8 +699,10 @@ def load_npz(path: Path) -> dict[str, np.ndarray]:
 
     Raises:
         ValueError: not a zip of ``.npy`` arrays, or an array refused as above.
-        OSError, zipfile.BadZipFile, EOFError: the file is damaged.
-    """
+        OSError: the file cannot be read.
+        zipfile.BadZipFile: the file is damaged (not a zip archive).
+        EOFError: the file is damaged (cut short).
+    """  # noqa: DOC502 (OSError, BadZipFile, EOFError: from zipfile and numpy)
     import zipfile
 
     with zipfile.ZipFile(path) as archive:

@@ -9,7 +9,6 @@ dtype, shape and bytes, so any changed token changes it.
 
 from __future__ import annotations
 
-import hashlib
 import json
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from typing import Any
@@ -29,10 +28,12 @@ from uma_callbacks.core.batches import (  # noqa: F401 (re-exported)
 from uma_callbacks.core.safe_json import read_json
 
 
-
 def pad_collate(features: Sequence[Mapping[str, Any]], pad_token_id: int = 0) -> dict[str, torch.Tensor]:
-    """Collate tokenised samples, right-padding ``input_ids`` (pad id), ``attention_mask`` (0)
-    and ``labels`` (-100) to the longest sample. Other keys are stacked as tensors."""
+    """Collate tokenised samples, right-padded to the longest sample.
+
+    ``input_ids`` are padded with the pad id, ``attention_mask`` with 0 and ``labels`` with
+    -100. Other keys are stacked as tensors.
+    """
     keys = list(features[0].keys())
     out: dict[str, torch.Tensor] = {}
     for key in keys:

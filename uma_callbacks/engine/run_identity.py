@@ -31,8 +31,8 @@ from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
-from uma_callbacks.engine.journal import DELIVERIES_FILE, Journal, read_lines
 from uma_callbacks.core.records import Record
+from uma_callbacks.engine.journal import DELIVERIES_FILE, Journal, read_lines
 
 logger = logging.getLogger(__name__)
 
@@ -72,8 +72,10 @@ class RunJournal(Journal):
         self.run = run
 
     def append(self, record: Record) -> None:
-        """Stamp ``record`` with :attr:`run` (whatever it carried: a cache hit copies another
-        run's record), then append it."""
+        """Stamp ``record`` with :attr:`run`, then append it.
+
+        The stamp replaces whatever it carried: a cache hit copies another run's record.
+        """
         record.run = self.run
         super().append(record)
 
@@ -102,12 +104,12 @@ def write_run_marker(folder: str | os.PathLike[str], run: str, step: int) -> Pat
 
 
 def read_run_marker(folder: str | os.PathLike[str], step: int | None = None) -> str | None:
-    """The run id in ``folder``'s :data:`RUN_FILE` when it is one and names ``step`` (any
-    step when ``None``), else None.
+    """The run id in ``folder``'s :data:`RUN_FILE` when it is one and names ``step``, else None.
 
-    The file is data from disk: anything but a small JSON object with a valid ``run`` and
-    ``step == step`` (a symlink, a huge file, a hand edit) is ignored with a warning.
-    """
+    Any step is accepted when ``step`` is ``None``. The file is data from disk: anything but a
+    small JSON object with a valid ``run`` and ``step == step`` (a symlink, a huge file, a
+    hand edit) is ignored with a warning.
+    """  # noqa: DOC501 (the ValueError for an oversized file is caught below: nothing is raised)
     path = Path(folder) / RUN_FILE
     try:
         if path.is_symlink() or not path.is_file():

@@ -48,8 +48,9 @@ def weights_fingerprint(weights: torch.nn.Module | Mapping[str, torch.Tensor]) -
 
 
 def state_tensors(model: torch.nn.Module) -> dict[str, torch.Tensor]:
-    """``{name: tensor}`` of the model's parameters and persistent buffers, under their
-    ``state_dict`` names (a tensor shared by two modules once, under its first name).
+    """``{name: tensor}`` of the model's parameters and persistent buffers, under their ``state_dict`` names.
+
+    A tensor shared by two modules appears once, under its first name.
 
     Read from the modules themselves, not through ``state_dict()``: no state-dict hook
     runs (a wrapper's hook may gather shards), and DTensor entries stay DTensors.

@@ -13,8 +13,8 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from uma_callbacks.core.safe_json import read_json
 from uma_callbacks.core.records import Record
+from uma_callbacks.core.safe_json import read_json
 
 #: The file's name (one name for it everywhere; ``checkpoints.UMA_STATE`` reads it).
 STATE_FILE = "uma_state.json"
@@ -54,7 +54,8 @@ def read_state(folder: str | os.PathLike[str]) -> dict[str, Any] | None:
 
     Raises:
         ValueError: the file is not bounded, strict JSON (:mod:`~uma_callbacks.core.safe_json`).
-    """
+        OSError: the file exists but cannot be read.
+    """  # noqa: DOC502 (from read_json)
     path = Path(folder) / STATE_FILE
     if not path.is_file():
         return None
