@@ -1,5 +1,8 @@
-"""Accelerate trackers as sinks: any ``GeneralTracker`` becomes a sink, and the W&B and
-MLflow runs an accelerator opened are joined by our own sinks."""
+"""Accelerate trackers as sinks.
+
+Any ``GeneralTracker`` becomes a sink, and the W&B and MLflow runs an accelerator opened
+are joined by our own sinks.
+"""
 
 from __future__ import annotations
 
@@ -55,9 +58,11 @@ class AcceleratorTrackerSink:
 
 
 def sink_for_tracker(tracker: Any) -> Any:
-    """Our sink for an Accelerate tracker: W&B and MLflow runs are joined by our own sinks
-    (``uma/step`` axis, figures, artifacts); any other tracker is wrapped in
-    :class:`AcceleratorTrackerSink`."""
+    """Our sink for an Accelerate tracker.
+
+    W&B and MLflow runs are joined by our own sinks (``uma/step`` axis, figures, artifacts);
+    any other tracker is wrapped in :class:`AcceleratorTrackerSink`.
+    """
     name = getattr(tracker, "name", "")
     native = getattr(tracker, "tracker", None)
     if name == "wandb" and native is not None:
@@ -65,9 +70,9 @@ def sink_for_tracker(tracker: Any) -> Any:
 
         return WandbSink(run=native)
     if name == "mlflow" and native is not None:
-        from uma_callbacks.integrations.mlflow import MLflowSink  # noqa: PLC0415
-
         import mlflow  # noqa: PLC0415 (the accelerator already imported it)
+
+        from uma_callbacks.integrations.mlflow import MLflowSink  # noqa: PLC0415
 
         return MLflowSink(run_id=native.info.run_id, tracking_uri=mlflow.get_tracking_uri())
     return AcceleratorTrackerSink(tracker)

@@ -55,8 +55,8 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any, TypeVar
 
-from uma_callbacks.core.rng import rng_preserved  # noqa: F401 (part of the sink API)
 from uma_callbacks.core.records import Record, artifact_path
+from uma_callbacks.core.rng import rng_preserved  # noqa: F401 (part of the sink API)
 
 logger = logging.getLogger(__name__)
 
@@ -120,7 +120,8 @@ def uploadable_files(root: Path, record: Record, refused: set[str] | None = None
 
     A record that notes what the journal wrote (``file_ids``) has only those files
     uploaded, each only while its size and sha256 still match; any record's file with more
-    than one hard link is refused."""
+    than one hard link is refused.
+    """
     out = []
     ids = getattr(record, "file_ids", None) or {}
     for rel in record.files:
@@ -180,7 +181,7 @@ class Sink(abc.ABC):
         if not type(self).name:
             raise NotImplementedError(f"{type(self).__name__} must set the class attribute 'name'")
 
-    def start(self) -> None:
+    def start(self) -> None:  # noqa: B027 (an optional hook: a no-op unless a sink needs it)
         """Open or join the run (called once, before the first record; may be a no-op)."""
 
     def run_id(self) -> str:
@@ -189,13 +190,15 @@ class Sink(abc.ABC):
 
     @abc.abstractmethod
     def log_record(self, record: Record, root: Path) -> None:
-        """Deliver one record: scalars at ``record.step``, its files (relative to ``root``),
-        and error tags when ``record.status`` is not ok."""
+        """Deliver one record: scalars at ``record.step``, its files, and error tags.
 
-    def log_params(self, params: dict[str, Any]) -> None:
+        Files are relative to ``root``; error tags are set when ``record.status`` is not ok.
+        """
+
+    def log_params(self, params: dict[str, Any]) -> None:  # noqa: B027 (an optional hook: a no-op unless a sink needs it)
         """Record configuration (metric configs, probe fingerprint) once per run."""
 
-    def finish(self) -> None:
+    def finish(self) -> None:  # noqa: B027 (an optional hook: a no-op unless a sink needs it)
         """Flush and release (called at the end of training or of a backfill)."""
 
 
@@ -210,10 +213,13 @@ class MemorySink(Sink):
         self.params: dict[str, Any] = {}
 
     def run_id(self) -> str:
+        """Always ``"memory"``: one run per sink."""
         return "memory"
 
     def log_record(self, record: Record, root: Path) -> None:
+        """Keep ``record`` in :attr:`records` (files are not read)."""
         self.records.append(record)
 
     def log_params(self, params: dict[str, Any]) -> None:
+        """Merge ``params`` into :attr:`params`."""
         self.params.update(params)

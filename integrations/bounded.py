@@ -93,18 +93,23 @@ class BoundedSink:
 
     # ------------------------------------------------------------------ the protocol
     def start(self) -> None:
+        """The sink's ``start()``, bounded (raises :class:`TrackerStalled` past the timeout)."""
         return self._call("start")
 
     def run_id(self) -> str:
+        """The sink's ``run_id()``, bounded (raises :class:`TrackerStalled` past the timeout)."""
         return self._call("run_id")
 
     def log_params(self, params: dict[str, Any]) -> None:
+        """The sink's ``log_params(params)``, bounded (raises :class:`TrackerStalled` past the timeout)."""
         return self._call("log_params", params)
 
     def log_record(self, record: Any, root: Any) -> None:
+        """The sink's ``log_record(record, root)``, bounded (raises :class:`TrackerStalled` past the timeout)."""
         return self._call("log_record", record, root)
 
     def finish(self) -> None:
+        """The sink's ``finish()``, bounded (raises :class:`TrackerStalled` past the timeout)."""
         return self._call("finish")
 
     def _call(self, method: str, *args: Any) -> Any:

@@ -39,7 +39,6 @@ from pathlib import Path
 from typing import Any
 
 from uma_callbacks.core.records import Record
-
 from uma_callbacks.integrations.base import Sink, keeps_rng, tracker_key, uploadable_files
 from uma_callbacks.integrations.status import next_status, parse_step
 from uma_callbacks.integrations.uris import no_stray_folders, sqlite_path, sqlite_uri
@@ -97,18 +96,22 @@ def _import_mlflow() -> Any:
 
 
 def default_tracking_uri(folder: str | os.PathLike[str]) -> str:
-    """``sqlite:///<folder>/mlflow.db``, escaped (:func:`~uma_callbacks.integrations.uris.sqlite_uri`:
-    a folder named ``a%41b`` or ``a?b`` is reached as it is); MLflow 3's plain file store raises.
+    """``sqlite:///<folder>/mlflow.db``, escaped; MLflow 3's plain file store raises.
+
+    The escaping is :func:`~uma_callbacks.integrations.uris.sqlite_uri`'s: a folder named
+    ``a%41b`` or ``a?b`` is reached as it is.
 
     Raises:
         ValueError: the folder's path is not valid UTF-8.
-    """
+    """  # noqa: DOC502 (from sqlite_uri)
     return sqlite_uri(Path(folder).resolve() / "mlflow.db")
 
 
 def _artifact_location(uri: str) -> str | None:
-    """A new experiment's artifact folder in a local SQLite store: beside the store (MLflow's
-    default, ``./mlruns``, is the current directory, outside the run folder)."""
+    """A new experiment's artifact folder in a local SQLite store: beside the store.
+
+    MLflow's default, ``./mlruns``, is in the current directory, outside the run folder.
+    """
     path = sqlite_path(uri)
     return (path.parent / "mlflow-artifacts").as_uri() if path is not None and path.is_absolute() else None
 
@@ -177,7 +180,7 @@ class MLflowSink(Sink):
 
         Raises:
             Exception: whatever MLflow raised (server down, bad URI); the next call retries.
-        """
+        """  # noqa: DOC502 (raised by MLflow, passed on)
         if self._client is not None:
             return
         run_id = self._run_id
@@ -211,6 +214,7 @@ class MLflowSink(Sink):
         self._flush_params()
 
     def run_id(self) -> str:
+        """The MLflow run id (``""`` until :meth:`start` has joined or created the run)."""
         return self._run_id or ""
 
     @property
@@ -233,6 +237,7 @@ class MLflowSink(Sink):
 
     @keeps_rng
     def log_record(self, record: Record, root: Path) -> None:
+        """Log the record's finite values at ``record.step`` (steps the run holds are skipped), its status and files."""
         from mlflow.entities import Metric as MlflowMetric  # noqa: PLC0415 (optional extra)
 
         self.start()
@@ -261,8 +266,11 @@ class MLflowSink(Sink):
             self._client.log_artifact(self._run_id, str(path), artifact_path=f"uma/step-{int(record.step)}")
 
     def _show_status(self, record: Record) -> None:
-        """Tag ``uma.<metric>.status`` and ``.status_step`` by :func:`~uma_callbacks.integrations.status.next_status`,
-        from what the run shows (read once per sink: a backfill continues the live run's tags)."""
+        """Tag ``uma.<metric>.status`` and ``.status_step`` by :func:`~uma_callbacks.integrations.status.next_status`.
+
+        The tags follow from what the run shows (read once per sink: a backfill continues the
+        live run's tags).
+        """
         from mlflow.entities import RunTag  # noqa: PLC0415 (optional extra)
 
         key, step_key = tracker_key(f"uma.{record.metric}.status"), tracker_key(f"uma.{record.metric}.status_step")
