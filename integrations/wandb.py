@@ -46,7 +46,6 @@ from pathlib import Path
 from typing import Any
 
 from uma_callbacks.core.records import PREFIX, Record
-
 from uma_callbacks.integrations.base import Sink, keeps_rng, tracker_key, uploadable_files
 from uma_callbacks.integrations.status import next_status, parse_step
 
@@ -138,8 +137,10 @@ class WandbSink(Sink):
         is kept.
 
         Raises:
+            RuntimeError: ``wandb.init`` failed less than :attr:`retry_interval` seconds ago
+                (chained from that failure); nothing is tried.
             Exception: whatever ``wandb.init`` raised.
-        """
+        """  # noqa: DOC502 (Exception: wandb.init's own, re-raised)
         if self._run is None:
             self.capture_active_run()
         if self._run is None:
@@ -235,9 +236,11 @@ class WandbSink(Sink):
             self._logged.add((step, artifact_key))
 
     def _show_status(self, record: Record) -> None:
-        """Set the summary's ``uma/<metric>/status`` and ``status_step`` by
-        :func:`~uma_callbacks.integrations.status.next_status`, from what the run's summary
-        shows (a resumed run keeps the live run's)."""
+        """Set the summary's ``uma/<metric>/status`` and ``status_step``.
+
+        The values follow :func:`~uma_callbacks.integrations.status.next_status` from what the
+        run's summary shows (a resumed run keeps the live run's).
+        """
         key = tracker_key(f"{PREFIX}/{record.metric}/status")
         step_key = tracker_key(f"{PREFIX}/{record.metric}/status_step")
         shown = self._shown.get(record.metric)
