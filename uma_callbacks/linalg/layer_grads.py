@@ -69,8 +69,7 @@ RULES = ("linear", "conv1d", "embedding", "layernorm", "rmsnorm")
 
 
 def layer_rule(module: torch.nn.Module) -> str | None:
-    """The name of the per-layer rule for ``module`` (such as one of :data:`RULES`), or
-    ``None`` (vmap).
+    """The name of the per-layer rule for ``module`` (such as one of :data:`RULES`), or ``None`` (vmap).
 
     Subclasses that override ``forward`` get no rule (their forward is unknown); see
     :func:`~uma_callbacks.linalg.layers.find_layer_rule`.
@@ -141,8 +140,10 @@ def hook_plan(model: torch.nn.Module, params: Mapping[str, torch.Tensor]) -> Hoo
 
 # ---------------------------------------------------------------------------- capture
 class _UseTracker(TorchFunctionMode):
-    """Records tracked parameters used (to make a tensor that requires grad) outside the
-    forward of the modules that own them."""
+    """Records tracked parameters used outside the forward of the modules that own them.
+
+    A use counts when the op makes a tensor that requires grad.
+    """
 
     def __init__(self, tracked: Mapping[int, str]) -> None:
         super().__init__()
@@ -218,14 +219,21 @@ def _record_forward(
     n: int,
     on_output: Callable[[int, torch.Tensor], None] | None = None,
 ) -> _Recorded:
-    """The chunk's forward with every call of the plan's modules recorded, and the checks
-    (losses ``[B]`` and finite, parameters used outside their layers, batch dims, tensors
-    modified in place after the call).
+    """The chunk's forward with every call of the plan's modules recorded, and the checks.
+
+    The checks: losses ``[B]`` and finite, parameters used outside their layers, batch
+    dims, tensors modified in place after the call.
 
     ``on_output(slot, y)`` is called for each call's output that requires grad, as the
     call returns (a tensor hook registered then receives the gradient of that value even
     if the model later modifies it in place); with it, only the inputs' versions are checked.
-    """
+
+    Raises:
+        ValueError: the losses are not ``[B]``.
+        FloatingPointError: a per-sample loss is NaN/Inf.
+        RuntimeError: the model's own errors (after one retry without expanded shared ids
+            when torch complained about their shape).
+    """  # noqa: DOC502 (FloatingPointError: raised by check_finite_losses)
     records: list[tuple[int, Any, Any, int, int]] = []
     leftover = set(plan.leftover)
     tracked = {id(params[name]): name for _, _, _, owned in plan.modules for name in owned.values() if name not in leftover}
@@ -310,10 +318,12 @@ def layer_gradients(
     plan: HookPlan,
     before_backward: Callable[[], None] | None = None,
 ) -> LayerGradients:
-    """One forward and one backward (to the layer outputs) of a chunk; the per-sample gradient
-    factors of every parameter (``vmap(grad)`` for the plan's leftovers and for parameters
-    found used outside their layers, recorded in ``plan.reasons``), all kept for later
-    products (see :func:`layer_gradient_sums` for reductions formed during the backward).
+    """One forward and one backward (to the layer outputs) of a chunk: every parameter's factors.
+
+    The per-sample gradient factors of every parameter (``vmap(grad)`` for the plan's
+    leftovers and for parameters found used outside their layers, recorded in
+    ``plan.reasons``), all kept for later products (see :func:`layer_gradient_sums` for
+    reductions formed during the backward).
 
     Args:
         model: the model (read only; nothing is written to ``.grad``).
@@ -330,7 +340,7 @@ def layer_gradients(
     Raises:
         ValueError: the losses are not ``[B]``.
         FloatingPointError: a per-sample loss is NaN/Inf.
-    """
+    """  # noqa: DOC502 (raised by _record_forward)
     n = count_samples(batch)
     rec = _record_forward(model, loss_fn, batch, params, plan, n)
     if before_backward is not None:
@@ -391,8 +401,10 @@ def layer_gradient_sums(
     want_gram: bool = False,
     consume: Callable[[str, torch.Tensor | None, torch.Tensor | None], None] | None = None,
 ) -> LayerSums:
-    """What :meth:`LayerGradients.reduce` gives, formed DURING the backward: each layer's
-    output gradient is reduced (and, with its input, released) as soon as autograd has it.
+    """What :meth:`LayerGradients.reduce` gives, formed DURING the backward.
+
+    Each layer's output gradient is reduced (and, with its input, released) as soon as
+    autograd has it.
 
     The chunk then never holds every layer's output gradients at once (``[B, T, out]``
     each, about the activations' size again), nor keeps activations autograd would free:
@@ -406,8 +418,15 @@ def layer_gradient_sums(
     vmap instead).
 
     Args:
-        model, loss_fn, batch, params, plan: as :func:`layer_gradients`.
-        want_diag, want_sum, want_gram, consume: as :meth:`LayerGradients.reduce`.
+        model: as :func:`layer_gradients`.
+        loss_fn: as :func:`layer_gradients`.
+        batch: as :func:`layer_gradients`.
+        params: as :func:`layer_gradients`.
+        plan: as :func:`layer_gradients`.
+        want_diag: as :meth:`LayerGradients.reduce`.
+        want_sum: as :meth:`LayerGradients.reduce`.
+        want_gram: as :meth:`LayerGradients.reduce`.
+        consume: as :meth:`LayerGradients.reduce`.
 
     Returns:
         :class:`LayerSums`.
@@ -415,7 +434,7 @@ def layer_gradient_sums(
     Raises:
         ValueError: the losses are not ``[B]``.
         FloatingPointError: a per-sample loss is NaN/Inf.
-    """
+    """  # noqa: DOC502 (raised by _record_forward)
     n = count_samples(batch)
     edges: dict[int, Any] = {}
 
@@ -478,8 +497,10 @@ def layer_gradient_sums(
 
 
 def _anchor_edges(edges: list[Any]) -> list[Any]:
-    """The fewest of the outputs' gradient edges (forward order) whose gradients a backward
-    must compute to reach every output's node (so that a tensor hook on each one fires).
+    """The fewest of the outputs' gradient edges (forward order) a backward must compute.
+
+    A backward that computes their gradients reaches every output's node (so that a tensor
+    hook on each one fires).
 
     An edge is covered when its node reaches (through ``next_functions``) the node of an
     earlier anchor or covered edge; otherwise it becomes an anchor. Edges come in forward
@@ -520,8 +541,10 @@ def _full_zeros(param: torch.Tensor) -> torch.Tensor:
 
 
 def per_sample_bytes_fraction(params: Mapping[str, torch.Tensor]) -> float:
-    """The largest single parameter's share of all trainable entries: what the hooks path
-    holds per sample at once (one layer's [B, *shape]), at most 1."""
+    """The largest single parameter's share of all trainable entries, at most 1.
+
+    That is what the hooks path holds per sample at once (one layer's [B, *shape]).
+    """
     sizes = [p.numel() for p in params.values()]
     return max(sizes) / max(1, sum(sizes)) if sizes else 1.0
 

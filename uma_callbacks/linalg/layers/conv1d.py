@@ -1,5 +1,6 @@
-r"""GPT-2's ``Conv1D`` (y = x W + b, W ``[in, out]``): g_{i,W} = sum_t a_{it} d_{it}^T,
-g_{i,b} = sum_t d_{it}.
+r"""The per-sample rule of GPT-2's ``Conv1D`` (y = x W + b, W ``[in, out]``).
+
+g_{i,W} = sum_t a_{it} d_{it}^T, g_{i,b} = sum_t d_{it}.
 
 Matched by structure (a class named ``Conv1D`` with ``nf`` and a 2-D ``weight``), so that
 the rule costs no ``transformers`` import and covers the copies of the class other

@@ -1,5 +1,7 @@
-r"""``nn.Embedding``: g_{i,E} = sum_t e_{id_{it}} d_{it}^T, the rows of the sample's tokens
-only; tokens equal to ``padding_idx`` add nothing, as in PyTorch's backward.
+r"""The per-sample rule of ``nn.Embedding``: g_{i,E} = sum_t e_{id_{it}} d_{it}^T.
+
+Only the rows of the sample's tokens are held; tokens equal to ``padding_idx`` add
+nothing, as in PyTorch's backward.
 
 Embeddings with ``max_norm`` (the forward renormalises the table in place) or
 ``scale_grad_by_freq`` (the gradient depends on the whole batch's counts) get no rule.

@@ -1,5 +1,7 @@
-r"""Per-sample gradient *factors*: one parameter's g_i for a chunk of B samples, held in the
-form a layer rule gives them, and reduced at once into what is asked.
+r"""Per-sample gradient *factors*: one parameter's g_i for a chunk of B samples.
+
+A factor holds them in the form a layer rule gives them, and reduces them at once into
+what is asked.
 
 Every factor has ``n`` (B) and the same methods (:class:`Factor`): ``stats`` gives
 sum_i g_i^2 (diagonal), ||g_i||^2 (norms), sum_i g_i and the Gram G G^T [B, B];
@@ -80,15 +82,19 @@ class Dense:
         self.n = g.shape[0]
 
     def add(self, other: Dense) -> Dense:
+        """The factor of this one's per-sample gradients plus ``other``'s (same kind)."""
         return Dense(self.g + other.g)
 
     def flat(self) -> torch.Tensor:
+        """``[B, numel]``: the per-sample gradients, one row each."""
         return self.g.reshape(self.n, -1)
 
     def nbytes(self) -> int:
+        """Bytes held."""
         return self.g.numel() * self.g.element_size()
 
     def stats(self, want_diag: bool, want_sum: bool, want_gram: bool) -> Stats:
+        """See :meth:`Factor.stats`."""
         f = self.flat()
         gsum = self.g.sum(0) if want_sum else None
         gram = _f64(f @ f.T) if want_gram else None
@@ -97,15 +103,19 @@ class Dense:
         return diag, sq.sum(1).double(), gsum, gram
 
     def cross_gram(self, other: Any) -> torch.Tensor:
+        """See :meth:`Factor.cross_gram`."""
         return _f64(self.flat() @ other.dense().reshape(other.n, -1).T)
 
     def dense(self) -> torch.Tensor:
+        """See :meth:`Factor.dense`."""
         return self.g
 
     def dot(self, v: torch.Tensor) -> torch.Tensor:
+        """See :meth:`Factor.dot`."""
         return self.flat() @ v.reshape(-1).to(self.g.dtype)
 
     def weighted_sum(self, u: torch.Tensor) -> torch.Tensor:
+        """See :meth:`Factor.weighted_sum`."""
         return torch.tensordot(u.to(self.g.dtype), self.g, dims=1)
 
 
@@ -118,9 +128,11 @@ class Outer:
         self.p0, self.p1 = left.shape[2], right.shape[2]
 
     def add(self, other: Outer) -> Outer:
+        """The factor of this one's per-sample gradients plus ``other``'s (same kind)."""
         return Outer(torch.cat([self.left, other.left], 1), torch.cat([self.right, other.right], 1))
 
     def nbytes(self) -> int:
+        """Bytes held."""
         return sum(t.numel() * t.element_size() for t in (self.left, self.right))
 
     def dense(self) -> torch.Tensor:
@@ -130,6 +142,7 @@ class Outer:
         return torch.bmm(self.left.transpose(1, 2), self.right)
 
     def stats(self, want_diag: bool, want_sum: bool, want_gram: bool) -> Stats:
+        """See :meth:`Factor.stats`."""
         L, R = self.left, self.right
         if self.t == 1:
             l0, r0 = L[:, 0], R[:, 0]
@@ -163,9 +176,11 @@ class Outer:
         return diag, norms, gsum, gram
 
     def _ghost_wins(self, want_sum: bool, want_gram: bool) -> bool:
-        """Ghost kernels take fewer flops (and no more memory) than the per-sample gradients:
-        per sample T^2 (p0 + p1) against T p0 p1 (the Gram: (BT)^2 (p0 + p1) against
-        B T p0 p1 + B^2 p0 p1); the grad sum costs B T p0 p1 either way (:data:`GHOST`)."""
+        """Whether ghost kernels take fewer flops (and no more memory) than the per-sample gradients.
+
+        Per sample T^2 (p0 + p1) against T p0 p1 (the Gram: (BT)^2 (p0 + p1) against
+        B T p0 p1 + B^2 p0 p1); the grad sum costs B T p0 p1 either way (:data:`GHOST`).
+        """
         if GHOST != "auto":
             return GHOST == "always" and (not want_gram or (self.n * self.t) ** 2 <= self.n * self.p0 * self.p1)
         n, t, size, width = self.n, self.t, self.p0 * self.p1, self.p0 + self.p1
@@ -180,22 +195,27 @@ class Outer:
         return ghost < mat
 
     def cross_gram(self, other: Any) -> torch.Tensor:
+        """See :meth:`Factor.cross_gram`."""
         if isinstance(other, Outer) and self.t == 1 and other.t == 1:
             return _f64((self.left[:, 0] @ other.left[:, 0].T) * (self.right[:, 0] @ other.right[:, 0].T))
         return _f64(self.dense().reshape(self.n, -1) @ other.dense().reshape(other.n, -1).T)
 
     def dot(self, v: torch.Tensor) -> torch.Tensor:
+        """See :meth:`Factor.dot`."""
         v = v.reshape(self.p0, self.p1).to(self.left.dtype)
         return ((self.left @ v) * self.right).sum((1, 2))
 
     def weighted_sum(self, u: torch.Tensor) -> torch.Tensor:
+        """See :meth:`Factor.weighted_sum`."""
         lu = self.left * u.to(self.left.dtype)[:, None, None]
         return lu.flatten(0, 1).T @ self.right.flatten(0, 1)
 
 
 class Rows:
-    """Embedding factor: g_i = sum_t e_{id_it} D_it^T ``[V, H]``, kept as the distinct rows
-    of each sample: ``rows [U, H]`` at (sample ``rb [U]``, vocabulary row ``rv [U]``)."""
+    """Embedding factor: g_i = sum_t e_{id_it} D_it^T ``[V, H]``, kept as each sample's distinct rows.
+
+    ``rows [U, H]`` at (sample ``rb [U]``, vocabulary row ``rv [U]``).
+    """
 
     def __init__(self, ids: torch.Tensor, d: torch.Tensor, vocab: int, n: int) -> None:
         # ids [B, T] (-1: padding, adds nothing), d [B, T, H]
@@ -209,6 +229,7 @@ class Rows:
         self.rb, self.rv = uniq // vocab, uniq % vocab
 
     def add(self, other: Rows) -> Rows:
+        """The factor of this one's per-sample gradients plus ``other``'s (same kind)."""
         return Rows(torch.cat([self.ids, other.ids], 1), torch.cat([self.d, other.d], 1), self.vocab, self.n)
 
     def to_outer(self) -> Outer:
@@ -219,6 +240,7 @@ class Rows:
         return Outer(onehot, self.d)
 
     def nbytes(self) -> int:
+        """Bytes held."""
         return self.rows.numel() * self.rows.element_size() + 2 * self.rb.numel() * 8
 
     def _compact(self, vocab_rows: torch.Tensor) -> torch.Tensor:
@@ -229,6 +251,7 @@ class Rows:
         return out
 
     def stats(self, want_diag: bool, want_sum: bool, want_gram: bool) -> Stats:
+        """See :meth:`Factor.stats`."""
         sq = self.rows.square()
         norms = torch.zeros(self.n, dtype=torch.float64, device=sq.device).index_add_(0, self.rb, sq.sum(1).double())
         shape = (self.vocab, self.h)
@@ -241,6 +264,7 @@ class Rows:
         return diag, norms, gsum, gram
 
     def cross_gram(self, other: Any) -> torch.Tensor:
+        """See :meth:`Factor.cross_gram`."""
         if isinstance(other, Rows):
             vocab_rows = torch.unique(torch.cat([self.rv, other.rv]))
             a, b = self._compact(vocab_rows), other._compact(vocab_rows)
@@ -248,16 +272,19 @@ class Rows:
         return _f64(self.dense().reshape(self.n, -1) @ other.dense().reshape(other.n, -1).T)
 
     def dense(self) -> torch.Tensor:
+        """See :meth:`Factor.dense`."""
         out = torch.zeros(self.n, self.vocab, self.h, dtype=self.rows.dtype, device=self.rows.device)
         out[self.rb, self.rv] = self.rows
         return out
 
     def dot(self, v: torch.Tensor) -> torch.Tensor:
+        """See :meth:`Factor.dot`."""
         v = v.reshape(self.vocab, self.h).to(self.rows.dtype)
         per_row = (self.rows * v[self.rv]).sum(1)
         return torch.zeros(self.n, dtype=per_row.dtype, device=per_row.device).index_add_(0, self.rb, per_row)
 
     def weighted_sum(self, u: torch.Tensor) -> torch.Tensor:
+        """See :meth:`Factor.weighted_sum`."""
         scaled = self.rows * u.to(self.rows.dtype)[self.rb, None]
         return torch.zeros(self.vocab, self.h, dtype=scaled.dtype, device=scaled.device).index_add_(0, self.rv, scaled)
 
@@ -269,24 +296,30 @@ class Zero(Dense):
         self.n, self.like = n, like
 
     def nbytes(self) -> int:
+        """Bytes held."""
         return 0
 
     def dense(self) -> torch.Tensor:
+        """See :meth:`Factor.dense`."""
         return torch.zeros(self.n, *self.like.shape, dtype=self.like.dtype, device=self.like.device)
 
     def stats(self, want_diag: bool, want_sum: bool, want_gram: bool) -> Stats:
+        """See :meth:`Factor.stats`."""
         zeros = torch.zeros_like(self.like)
         norms = torch.zeros(self.n, dtype=torch.float64, device=self.like.device)
         gram = torch.zeros(self.n, self.n, dtype=torch.float64, device=self.like.device) if want_gram else None
         return (zeros if want_diag else None), norms, (zeros.clone() if want_sum else None), gram
 
     def cross_gram(self, other: Any) -> torch.Tensor:
+        """See :meth:`Factor.cross_gram`."""
         return torch.zeros(self.n, other.n, dtype=torch.float64, device=self.like.device)
 
     def dot(self, v: torch.Tensor) -> torch.Tensor:
+        """See :meth:`Factor.dot`."""
         return torch.zeros(self.n, dtype=self.like.dtype, device=self.like.device)
 
     def weighted_sum(self, u: torch.Tensor) -> torch.Tensor:
+        """See :meth:`Factor.weighted_sum`."""
         return torch.zeros_like(self.like)
 
 
@@ -310,4 +343,3 @@ def merge_factors(factors: list[Any]) -> Any:
     for f in factors[1:]:
         total = total + f.dense()
     return Dense(total)
-

@@ -1,5 +1,7 @@
-r"""``nn.LayerNorm``: g_{i,w} = sum_t d_{it} * xhat_{it}, g_{i,b} = sum_t d_{it}, with
-xhat = (x - mean) / sqrt(var + eps) over the normalised dims (biased variance)."""
+r"""The per-sample rule of ``nn.LayerNorm``: g_{i,w} = sum_t d_{it} * xhat_{it}, g_{i,b} = sum_t d_{it}.
+
+xhat = (x - mean) / sqrt(var + eps) over the normalised dims (biased variance).
+"""
 
 from __future__ import annotations
 

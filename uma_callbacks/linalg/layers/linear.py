@@ -1,5 +1,8 @@
-r"""``nn.Linear`` (y = x W^T + b, any number of sequence dims, flattened to T):
-g_{i,W} = sum_t d_{it} a_{it}^T ``[out, in]``, g_{i,b} = sum_t d_{it}."""
+r"""The per-sample rule of ``nn.Linear`` (y = x W^T + b, any number of sequence dims).
+
+The sequence dims are flattened to T: g_{i,W} = sum_t d_{it} a_{it}^T ``[out, in]``,
+g_{i,b} = sum_t d_{it}.
+"""
 
 from __future__ import annotations
 

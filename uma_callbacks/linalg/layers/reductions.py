@@ -16,8 +16,10 @@ from uma_callbacks.linalg.layers.factors import Factor
 
 
 class Reductions:
-    """What is asked of per-parameter factors (see :meth:`LayerGradients.reduce`), filled one
-    parameter at a time: handed to ``consume`` or kept, the Gram summed, the norms kept."""
+    """What is asked of per-parameter factors (see :meth:`LayerGradients.reduce`), one parameter at a time.
+
+    Each parameter's sums are handed to ``consume`` or kept, the Gram summed, the norms kept.
+    """
 
     def __init__(
         self,

@@ -117,9 +117,19 @@ def register_layer_rule_matching(
     params: Sequence[str] = ("weight", "bias"),
     batch_inputs: BatchInputsFn | None = None,
 ) -> Callable[[FactorsFn], FactorsFn]:
-    """Decorator: register ``rule`` for every module ``accepts(module)`` is true of (checked
-    after the type rules, in registration order); for layer classes defined in many places
-    under one structure (HF's per-model RMSNorm copies).
+    """Decorator: register ``rule`` for every module that ``accepts(module)`` is true of.
+
+    These rules are tried after the type rules, in registration order; they are for layer
+    classes defined in many places under one structure (HF's per-model RMSNorm copies).
+
+    Args:
+        accepts: the check of a module instance.
+        name: the rule's name (default: the function's name).
+        params: the module attributes holding the parameters the rule covers.
+        batch_inputs: see :data:`BatchInputsFn`.
+
+    Returns:
+        The decorator, which returns the function unchanged.
 
     Raises:
         ValueError: ``accepts`` is not callable, or ``params`` is empty.

@@ -1,4 +1,5 @@
-r"""HF RMSNorm (Qwen2, Llama, Mistral): g_{i,w} = sum_t d_{it} * xhat_{it},
+r"""The per-sample rule of HF RMSNorm (Qwen2, Llama, Mistral): g_{i,w} = sum_t d_{it} * xhat_{it}.
+
 xhat = x / sqrt(mean(x^2) + eps), recomputed with the module's own float32 ops.
 
 Every model file of ``transformers`` defines its own copy of the class, so the rule matches
