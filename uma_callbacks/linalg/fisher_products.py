@@ -7,9 +7,10 @@ over the chunks accumulates, per parameter p,
 
 and keeps the per-row squared norms ||g_{i,p}||^2 (N x n_params floats, float64). The
 Fisher-vector product F v = (1/N) sum_i g_i (g_i^T v) is two contractions per chunk,
-u = G_c v [B] and G_c^T u [P], on either of two chunk representations:
+u = G_c v [B] and G_c^T u [P], on any of the chunk representations of
+:mod:`uma_callbacks.linalg.chunk_grads`:
 
-- :class:`StackedGrads`: ``vmap(grad)`` per-sample gradients ``{name: [B, *shape]}``
+- :class:`~uma_callbacks.linalg.chunk_grads.StackedGrads`: ``vmap(grad)`` per-sample gradients ``{name: [B, *shape]}``
   (any model, any ``loss_fn``);
 - :class:`~uma_callbacks.linalg.linear_factors.LinearFactors`: per-layer activations and
   output gradients, when every trainable parameter is an ``nn.Linear`` weight/bias
@@ -28,112 +29,39 @@ product; reverse mode only, since forward-mode AD has no rule for ``silu_backwar
 
 The per-chunk sums are accumulated in float64 (Kahan-compensated float32 on a device
 without float64), so their error does not grow with the number of chunks.
+
+The MC Fisher's labels are drawn in :mod:`uma_callbacks.linalg.mc_labels`.
 """
 
 from __future__ import annotations
 
-import hashlib
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Any, Protocol
+from typing import Any
 
 import torch
 
-from uma_callbacks.core.losses import IGNORE_INDEX, LossFn, model_inputs
-from uma_callbacks.core.batches import count_samples, map_tensors, select_samples
+from uma_callbacks.core.losses import LossFn
 from uma_callbacks.core.sharding import full_from_piece, local, unwrap
+from uma_callbacks.linalg.chunk_grads import ChunkGradients, StackedGrads, chunk_gradients
 from uma_callbacks.linalg.layer_grads import HookPlan, LayerGradients, layer_gradient_sums, layer_gradients
-from uma_callbacks.linalg.linear_factors import linear_factors
-from uma_callbacks.linalg.per_sample import PerSampleGradients, per_sample_grads
+from uma_callbacks.linalg.mc_labels import group_draws, sample_mc_labels
+
+__all__ = [
+    "METHODS",
+    "ChunkGradients",
+    "FisherSums",
+    "StackedGrads",
+    "accumulate_fisher",
+    "chunk_gradients",
+    "fisher_matvec",
+    "group_draws",
+    "parameter_groups",
+    "sample_mc_labels",
+]
 
 #: Ways to get per-sample gradients: ``auto`` is ``hooks`` (per-layer rules, vmap for the rest).
 METHODS = ("auto", "vmap", "linear", "hooks")
-
-
-class ChunkGradients(Protocol):
-    """What the Fisher needs from one chunk's per-sample gradients (B rows)."""
-
-    losses: torch.Tensor
-    n: int
-    names: list[str]
-
-    def nbytes(self) -> int: ...
-    def square_stats(self) -> tuple[dict[str, torch.Tensor], torch.Tensor]: ...
-    def grad_sums(self) -> dict[str, torch.Tensor]: ...
-    def dot(self, v: Mapping[str, torch.Tensor]) -> torch.Tensor: ...
-    def weighted_sum(self, u: torch.Tensor) -> dict[str, torch.Tensor]: ...
-
-
-class StackedGrads:
-    """:class:`ChunkGradients` over ``vmap(grad)`` output ``{name: [B, *shape]}``."""
-
-    def __init__(self, psg: PerSampleGradients) -> None:
-        self.losses = psg.losses
-        self.grads = psg.grads
-        self.names = list(psg.grads)
-        self.n = int(psg.losses.shape[0])
-
-    def nbytes(self) -> int:
-        """Bytes of the stacked gradients."""
-        return sum(g.numel() * g.element_size() for g in self.grads.values())
-
-    def square_stats(self) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
-        """``({name: sum_i g_{i,p}^2}, [B, n_params] float64 ||g_{i,p}||^2)``."""
-        sums, norms = {}, []
-        for name, g in self.grads.items():
-            sq = g.square()
-            sums[name] = sq.sum(0)
-            norms.append(sq.reshape(self.n, -1).sum(1).double())
-            del sq
-        return sums, torch.stack(norms, dim=1)
-
-    def grad_sums(self) -> dict[str, torch.Tensor]:
-        """``{name: sum_i g_{i,p}}``."""
-        return {n: g.sum(0) for n, g in self.grads.items()}
-
-    def dot(self, v: Mapping[str, torch.Tensor]) -> torch.Tensor:
-        """``u [B]``, u_i = g_i^T v."""
-        return sum(g.reshape(self.n, -1) @ v[n].reshape(-1).to(g.dtype) for n, g in self.grads.items())
-
-    def weighted_sum(self, u: torch.Tensor) -> dict[str, torch.Tensor]:
-        """``{name: sum_i u_i g_{i,p}}``."""
-        return {n: torch.tensordot(u.to(g.dtype), g, dims=1) for n, g in self.grads.items()}
-
-    def gram(self) -> torch.Tensor:
-        """``G G^T [B, B]`` float64."""
-        return self.cross_gram(self)
-
-    def cross_gram(self, other: StackedGrads) -> torch.Tensor:
-        """``G_self G_other^T`` float64."""
-        return sum(
-            (g.reshape(self.n, -1) @ other.grads[n].reshape(other.n, -1).T).double() for n, g in self.grads.items()
-        )
-
-
-def chunk_gradients(
-    model: torch.nn.Module,
-    loss_fn: LossFn,
-    chunk: Any,
-    params: Mapping[str, torch.Tensor],
-    param_map: Mapping[str, tuple[str, str]] | None,
-    verify: bool = False,
-    plan: HookPlan | None = None,
-) -> ChunkGradients:
-    """Per-sample gradients of one chunk: hooks when ``plan`` is given, linear factors when
-    ``param_map`` is, else vmap.
-
-    Raises:
-        ValueError: ``param_map`` given but a run-time check of the linear path fails
-            (``verify`` also checks the factors against autograd's summed gradient).
-    """
-    if plan is not None:
-        return layer_gradients(model, loss_fn, chunk, params, plan)
-    if param_map is not None:
-        factors, reason = linear_factors(model, loss_fn, chunk, param_map, params if verify else None)
-        if factors is None:
-            raise ValueError(f"method='linear' does not apply: {reason}; use method='vmap'")
-        return factors
-    return StackedGrads(per_sample_grads(model, loss_fn, chunk, params))
 
 
 class _RunningSum:
@@ -743,79 +671,3 @@ def _sharded_matvec(
         return torch.cat([out[n].reshape(-1).to(v.dtype) for n in names]) / n_total
 
     return matvec
-
-
-def sample_mc_labels(model: torch.nn.Module, batch: Any, seed: int, draws: int = 1) -> list[Any]:
-    """Copies of the batch with ``labels`` drawn from the model's own predictive distribution.
-
-    Causal LMs (``logits [B, T, V]``): label t (t >= 1) is drawn from softmax(logits[:, t-1])
-    wherever the given label is not ``-100`` (ignored positions stay ignored). Classification
-    (``logits [B, C]``, integer labels): one class per example. One forward serves all
-    draws. Each sample draws from its own generator, seeded from (``seed``, ``draws``, the
-    bytes of the sample's inputs), so the draws do not depend on how the probe is chunked
-    or sharded.
-
-    Args:
-        model: returns an output with ``.logits`` (or a tuple whose first item is logits).
-        batch: a dict with ``labels`` and the model's inputs.
-        seed: the recorded MC seed.
-        draws: label draws per sample.
-
-    Returns:
-        ``draws`` shallow copies of ``batch`` with new ``labels`` (same dtype and device).
-
-    Raises:
-        ValueError: the batch is not a dict with ``labels``, the output has no logits, or
-            the labels are not integer class labels.
-    """
-    if not isinstance(batch, Mapping) or "labels" not in batch:
-        raise ValueError(
-            "FisherInformation.kind='mc' samples labels from the model: it needs HF-style batches "
-            "(dicts with 'labels') and a model output with .logits; use kind='empirical' otherwise"
-        )
-    labels = batch["labels"]
-    if labels.is_floating_point():
-        raise ValueError("FisherInformation.kind='mc' needs integer class labels; got float labels (regression)")
-    with torch.no_grad():
-        outputs = model(**model_inputs(batch))
-    logits = getattr(outputs, "logits", None)
-    if logits is None and isinstance(outputs, (tuple, list)):
-        logits = outputs[0]
-    if not isinstance(logits, torch.Tensor):
-        raise ValueError("FisherInformation.kind='mc' needs a model output with .logits")
-    probs = torch.softmax(logits.detach().double(), dim=-1)
-    inputs = {k: v for k, v in batch.items() if k != "labels"}
-    new = [labels.clone() for _ in range(draws)]
-    for i in range(count_samples(batch)):
-        gen = torch.Generator(device=probs.device).manual_seed(_sample_seed(select_samples(inputs, [i]), seed, draws))
-        if logits.dim() == 3:
-            drawn = torch.multinomial(probs[i, :-1], draws, replacement=True, generator=gen)  # [T-1, draws]
-            keep = labels[i, 1:] != IGNORE_INDEX
-            for d in range(draws):
-                new[d][i, 1:] = torch.where(keep, drawn[:, d].to(labels.dtype), labels[i, 1:])
-        else:
-            drawn = torch.multinomial(probs[i], draws, replacement=True, generator=gen).to(labels.dtype)
-            for d in range(draws):
-                new[d][i] = drawn[d]
-    return [{**batch, "labels": lab} for lab in new]
-
-
-def group_draws(labeled: list[Any], rows: int) -> list[Any]:
-    """Concatenate consecutive label-drawn copies of a chunk into batches of at most ``rows`` rows."""
-    per = max(1, rows // count_samples(labeled[0]))
-    out = []
-    for start in range(0, len(labeled), per):
-        group = labeled[start : start + per]
-        out.append(group[0] if len(group) == 1 else {k: torch.cat([g[k] for g in group]) if isinstance(v, torch.Tensor) else v for k, v in group[0].items()})
-    return out
-
-
-def _sample_seed(sample: Any, seed: int, draw: int) -> int:
-    digest = hashlib.sha256(f"{seed}|{draw}|".encode())
-
-    def visit(t: torch.Tensor) -> torch.Tensor:
-        digest.update(t.detach().cpu().contiguous().view(torch.uint8).numpy().tobytes())
-        return t
-
-    map_tensors(sample, visit)
-    return int.from_bytes(digest.digest()[:8], "little") & ((1 << 63) - 1)
