@@ -89,10 +89,10 @@ class HookPlan:
             and at least one trainable parameter.
         leftover: names of the parameters for ``vmap(grad)``.
         reasons: ``{param name: why it is left to vmap}``.
-        expand_shared: expand embedding ids shared by the batch (dim 0 of 1, such as
-            BERT's ``position_ids [1, T]``) to the batch, so that their per-sample output
-            gradients exist; the broadcast they feed gives the same values. Turned off when
-            the model fails with it.
+        expand_shared: let the rules' ``batch_inputs`` expand inputs shared by the batch
+            to it (an embedding's ids with dim 0 of 1, such as BERT's ``position_ids [1, T]``),
+            so that their per-sample output gradients exist; the broadcast they feed gives
+            the same values. Turned off when the model fails with it.
     """
 
     names: dict[int, str]
