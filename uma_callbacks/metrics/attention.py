@@ -9,13 +9,13 @@ from typing import Any
 import numpy as np
 import torch
 
+from uma_callbacks.core import validate
 from uma_callbacks.core.attention_weights import (
     AttentionLayer,
     find_attention_layers,
     is_causal,
     max_positions,
 )
-from uma_callbacks.core import validate
 from uma_callbacks.metrics.base import ComputeContext, Cost, Metric, MetricResult
 from uma_callbacks.metrics.time_cost import UnitCosts
 

@@ -11,6 +11,13 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
+from uma_callbacks.core import validate
+from uma_callbacks.core.sharding import (
+    aligned_chunks,
+    is_sharded,
+    local_entries,
+    sharded_start_vector,
+)
 from uma_callbacks.linalg.fisher_products import (
     METHODS,
     FisherSums,
@@ -20,18 +27,11 @@ from uma_callbacks.linalg.fisher_products import (
     parameter_groups,
     sample_mc_labels,
 )
-from uma_callbacks.core.sharding import (
-    aligned_chunks,
-    is_sharded,
-    local_entries,
-    sharded_start_vector,
-)
 from uma_callbacks.linalg.lanczos import relative_residuals
-from uma_callbacks.linalg.sharded_plan import check_sharded_plan
-from uma_callbacks.linalg.operators import MatvecOperator, top_eigenpairs
 from uma_callbacks.linalg.layer_grads import hook_plan
 from uma_callbacks.linalg.linear_factors import linear_param_map
-from uma_callbacks.core import validate
+from uma_callbacks.linalg.operators import MatvecOperator, top_eigenpairs
+from uma_callbacks.linalg.sharded_plan import check_sharded_plan
 from uma_callbacks.metrics.base import ComputeContext, Cost, Metric, MetricResult, check_choice, module_of
 
 logger = logging.getLogger(__name__)
@@ -251,7 +251,8 @@ class FisherInformation(Metric):
 
     def _gram_path(self, n_samples: int) -> bool:
         """Whether the spectrum comes from the Gram matrix (as :meth:`_compute` decides: a
-        spectrum asked, one process, at most :data:`GRAM_MAX_ROWS` rows)."""
+        spectrum asked, one process, at most :data:`GRAM_MAX_ROWS` rows).
+        """
         if self.top_k is None or n_samples * self.mc_samples > GRAM_MAX_ROWS:
             return False
         dist = torch.distributed
@@ -268,7 +269,8 @@ class FisherInformation(Metric):
 
     def _lanczos_bytes(self, n: int, itemsize: float, n_samples: int, held: int | None = None) -> int:
         """The basis: ``max_iter`` vectors of ``held`` entries (the rank's pieces on a sharded
-        model; default ``n``), their count and dtype chosen from the full ``n``."""
+        model; default ``n``), their count and dtype chosen from the full ``n``.
+        """
         max_iter, size = self._lanczos_shape(n, itemsize, n_samples)
         return max_iter * (n if held is None else held) * size
 

@@ -14,11 +14,11 @@ from typing import Any
 
 import torch
 
+from uma_callbacks.core import validate
 from uma_callbacks.core.batches import count_samples, fingerprint_batches, select_samples
 from uma_callbacks.core.distributed import shard
 from uma_callbacks.core.numerics import squared_norm64
 from uma_callbacks.linalg.fisher_products import METHODS
-from uma_callbacks.core import validate
 from uma_callbacks.metrics.base import (
     ComputeContext,
     Cost,
@@ -173,7 +173,8 @@ class FisherOverlap(Metric):
 
     def compute(self, model: torch.nn.Module, batches: Sequence[Any] | None = None, loss_fn=None, **kwargs: Any) -> MetricResult:
         """:meth:`Metric.compute`, the same signature; with ``tasks`` given, ``batches`` (the suite's
-        probe) is not used and may be ``None``."""
+        probe) is not used and may be ``None``.
+        """
         if not batches and self._tasks is not None:
             batches = next(iter(self._tasks.values()))
         return super().compute(model, batches, loss_fn, **kwargs)

@@ -8,12 +8,12 @@ from collections import defaultdict
 import numpy as np
 import torch
 
+from uma_callbacks.core import validate
 from uma_callbacks.core.numerics import squared_norm64
 from uma_callbacks.core.sharding import aligned_chunks, is_sharded, local, unwrap
-from uma_callbacks.linalg.sharded_plan import check_sharded_plan
 from uma_callbacks.linalg.layer_grads import hook_plan, layer_gradient_sums, layer_gradients
 from uma_callbacks.linalg.per_sample import per_sample_grads
-from uma_callbacks.core import validate
+from uma_callbacks.linalg.sharded_plan import check_sharded_plan
 from uma_callbacks.metrics.base import ComputeContext, Cost, Metric, MetricResult, check_choice, module_of
 
 ACCUMULATE_DTYPES = ("float32", "float64")
@@ -108,7 +108,8 @@ class GradientFlow(Metric):
         """One mode: ``grad_sum`` (one vector in the accumulation dtype), one chunk's
         per-sample gradients and the per-tensor sums of a chunk (one copy). The hooks path
         holds one layer's [B, *shape] at a time, counted as half of [B, P] (the largest
-        layer of a model is rarely more; vmap holds all of [B, P])."""
+        layer of a model is rarely more; vmap holds all of [B, P]).
+        """
         acc = 8 if self.accumulate_dtype == "float64" else 4
         fraction = 1.0 if self.method == "vmap" else 0.5
         cost = Cost(per_sample_grads=True, param_copies=1.0, vectors=1.0, vector_itemsize=acc, per_sample_grad_fraction=fraction)

@@ -10,6 +10,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from uma_callbacks.core import validate
 from uma_callbacks.linalg.hutchinson import hutchinson_trace
 from uma_callbacks.linalg.hvp import HessianOperator, split_flat
 from uma_callbacks.linalg.lanczos import (
@@ -18,7 +19,6 @@ from uma_callbacks.linalg.lanczos import (
     relative_residuals,
     within_tolerance,
 )
-from uma_callbacks.core import validate
 from uma_callbacks.metrics.base import (
     ComputeContext,
     Cost,
@@ -200,7 +200,8 @@ class HessianSpectrum(Metric):
     def default_max_iter(self, k: int, block: int | None = None) -> int:
         """The most Lanczos products when ``max_iter`` is not given: ``max(5k, k + 45)``
         for single vectors (55 for k = 10: top-10 of the MiniLM probe's Hessian needs about
-        52 to reach a relative residual of 1e-2), ``max(4k, k + 40)`` for blocks."""
+        52 to reach a relative residual of 1e-2), ``max(4k, k + 40)`` for blocks.
+        """
         block = self._block(k) if block is None else block
         return max(5 * k, k + 45) if block == 1 else max(4 * k, k + 40)
 
@@ -370,7 +371,8 @@ class HessianSpectrum(Metric):
 def _rows_product(op: HessianOperator, block: int, dtype: torch.dtype, device: torch.device):
     """``V [b, P] -> H V [b, P]`` for block Lanczos, written into one ``[block, P]`` buffer
     reused by every step when the basis has the parameters' dtype (no fresh allocation per
-    product; Lanczos consumes each result before the next call)."""
+    product; Lanczos consumes each result before the next call).
+    """
     buffer = torch.empty(block, op.dim, dtype=dtype, device=device) if dtype == op._dtype else None
 
     def product(rows: torch.Tensor) -> torch.Tensor:

@@ -9,11 +9,11 @@ from typing import Any
 import numpy as np
 import torch
 
-from uma_callbacks.core.activations import capture_tokens, resolve_layers, state_bytes_estimate
 from uma_callbacks.core import validate
+from uma_callbacks.core.activations import capture_tokens, resolve_layers, state_bytes_estimate
 from uma_callbacks.metrics.base import ComputeContext, Cost, Metric, MetricResult
-from uma_callbacks.metrics.time_cost import UnitCosts
 from uma_callbacks.metrics.representations import _check_common, _unit_rows
+from uma_callbacks.metrics.time_cost import UnitCosts
 
 
 # ---------------------------------------------------------------------- matrix-based entropy
@@ -199,7 +199,8 @@ def kmeans(points: np.ndarray, k: int, seed: int, max_iter: int = 100) -> np.nda
 
 def discretise_states(x: torch.Tensor, bins: int, components: int, seed: int) -> np.ndarray:
     """Cluster labels ``[n]``: seeded k-means (``bins`` clusters) on the top ``components``
-    principal components of the centred states ``x [n, d]``."""
+    principal components of the centred states ``x [n, d]``.
+    """
     xc = (x - x.mean(dim=0, keepdim=True)).double()
     k = min(components, *xc.shape)
     if xc.shape[1] <= xc.shape[0]:  # principal axes: top eigenvectors of Xc^T Xc [d, d]
@@ -322,7 +323,8 @@ class InformationTheory(Metric):
         """One mode. On the model's device: a forward's activations per sample (A, as for
         Representations). On the host (the captured states live there): the token states
         and the merge buffer, and three float64 square matrices (a Gram or the Hadamard
-        product, eigvalsh's copy and workspace) of side max_tokens or mi_tokens."""
+        product, eigvalsh's copy and workspace) of side max_tokens or mi_tokens.
+        """
         tokens, side = self.max_tokens, max(self.max_tokens, self.mi_tokens)
 
         def host(n: int, itemsize: float, samples: int) -> int:

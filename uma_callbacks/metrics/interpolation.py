@@ -9,9 +9,9 @@ from typing import Any
 import numpy as np
 import torch
 
+from uma_callbacks.core import validate
 from uma_callbacks.core.sharding import is_dtensor, is_sharded, local, local_rows, reshard_fsdp
 from uma_callbacks.linalg.weights import moved_weights
-from uma_callbacks.core import validate
 from uma_callbacks.metrics.base import (
     ComputeContext,
     Cost,
@@ -194,7 +194,8 @@ class CheckpointInterpolation(Metric):
 
 def _start_piece(previous: torch.Tensor, param: torch.Tensor) -> torch.Tensor:
     """``previous`` on ``param``'s device and dtype, cut to the rank's shard when ``param``
-    is sharded (a ``DTensor`` copy of the same layout is the shard already)."""
+    is sharded (a ``DTensor`` copy of the same layout is the shard already).
+    """
     piece = local(previous) if is_dtensor(previous) else local_rows(previous, param)
     target = local(param)
     return piece.to(device=target.device, dtype=target.dtype)

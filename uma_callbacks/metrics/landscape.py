@@ -9,6 +9,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from uma_callbacks.core import validate
 from uma_callbacks.core.batches import count_samples, split_batch
 from uma_callbacks.core.model_state import eager_attention
 from uma_callbacks.core.sharding import (
@@ -23,7 +24,6 @@ from uma_callbacks.core.sharding import (
 from uma_callbacks.linalg.hvp import HessianOperator, split_flat
 from uma_callbacks.linalg.operators import top_eigenpairs
 from uma_callbacks.linalg.weights import WeightMover, flat_dot, moved_weights
-from uma_callbacks.core import validate
 from uma_callbacks.metrics.base import (
     ComputeContext,
     Cost,
@@ -525,7 +525,8 @@ class _RandomDirections:
     def _local_blocks(self, k: int, i: int) -> Iterator[tuple[torch.Tensor, torch.Tensor, slice]]:
         """Sharded: ``(scaled draw block flat, this piece's entries flat, block slice)`` for
         the blocks of direction ``k`` of tensor ``i`` overlapping the piece (all blocks are
-        drawn: the generator is sequential)."""
+        drawn: the generator is sequential).
+        """
         t = self.theta[i]
         _, lo, hi = self.layouts[i]  # type: ignore[index]
         rows, width = self._full_rows(i)
@@ -623,7 +624,8 @@ def _row_shape(t: torch.Tensor) -> tuple[int, int]:
 
 def _local_row_sq(t: torch.Tensor, full_shape: tuple[int, ...], lo: int, hi: int) -> torch.Tensor:
     """``[rows]`` float64 sums of squares of the full tensor's rows, from the piece ``t``
-    (entries ``[lo, hi)`` of the flattened full tensor); rows elsewhere are 0."""
+    (entries ``[lo, hi)`` of the flattened full tensor); rows elsewhere are 0.
+    """
     rows, width = _row_shape(torch.empty(full_shape, device="meta"))
     out = torch.zeros(rows, dtype=torch.float64, device=t.device)
     if rows == 1:
@@ -635,7 +637,8 @@ def _local_row_sq(t: torch.Tensor, full_shape: tuple[int, ...], lo: int, hi: int
 
 def _row_sq(t: torch.Tensor) -> torch.Tensor:
     """``[rows]`` float64 sum of squares of each row, a block of rows at a time (no
-    float64 copy of the whole tensor)."""
+    float64 copy of the whole tensor).
+    """
     rows = t.reshape(_row_shape(t))
     out = torch.empty(rows.shape[0], dtype=torch.float64, device=t.device)
     for start, stop in _blocks(rows.shape):

@@ -230,7 +230,8 @@ class MLPBlock:
 
     def biadjacency(self, seed: int | None = None) -> np.ndarray:
         """B ``[d + d_out, I]`` (float64 for float64 weights, else float32); with ``seed`` each
-        matrix's entries are shuffled first (the null model; a local ``torch.Generator``)."""
+        matrix's entries are shuffled first (the null model; a local ``torch.Generator``).
+        """
         mats = [w.detach().abs() for w in [*self.inputs, self.output]]
         dtype = torch.float64 if any(m.dtype == torch.float64 for m in mats) else torch.float32
         mats = [m.to("cpu", dtype) for m in mats]

@@ -228,7 +228,8 @@ class LotteryTickets(Metric):
 
     def memory_modes(self) -> list[tuple[str, Cost]]:
         """``"device"`` (the saved copy of the weight matrices on the device, 1 P) first, then
-        ``"host"`` (in host memory). Both hold the magnitudes (n float32) and a mask (n bools) at once."""
+        ``"host"`` (in host memory). Both hold the magnitudes (n float32) and a mask (n bools) at once.
+        """
         def masks(n: int, itemsize: float, n_samples: int) -> int:
             return int(n * 4 + n)  # |w| concatenated (float32) and one bool mask
 

@@ -9,6 +9,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from uma_callbacks.core import validate
 from uma_callbacks.core.activations import (
     Layer,
     TokenStates,
@@ -18,7 +19,6 @@ from uma_callbacks.core.activations import (
     weight_rows,
 )
 from uma_callbacks.linalg.weights import moved_weights
-from uma_callbacks.core import validate
 from uma_callbacks.metrics.base import ComputeContext, Cost, Metric, MetricResult
 from uma_callbacks.metrics.time_cost import UnitCosts
 
@@ -261,7 +261,8 @@ class Representations(Metric):
         live there): this checkpoint's and an earlier one's states plus the merge buffer, the
         two kept sets (first and last checkpoint), the layers' token-side Grams for
         ``cka_layers`` (L n^2 <= the bytes of two sets of states when n <= d), and three
-        [min(n, d)]^2 float64 Grams."""
+        [min(n, d)]^2 float64 Grams.
+        """
         tokens = self.max_tokens
 
         def host(n: int, itemsize: float, samples: int) -> int:
@@ -361,7 +362,8 @@ def _states_with_weights(
     max_tokens: int, seed: int,
 ) -> TokenStates:
     """The layers' states on the same tokens with the model's weights set to ``weights``
-    (in place, restored bit for bit; parameters absent from ``weights`` keep their value)."""
+    (in place, restored bit for bit; parameters absent from ``weights`` keep their value).
+    """
     named = [(n, p) for n, p in ctx.model.named_parameters() if n in weights and weights[n].shape == p.shape]
     if not named:
         raise ValueError("Representations: the earlier checkpoint's weights match none of the model's parameters")
@@ -376,7 +378,8 @@ def _states_with_weights(
 def _weights_checksum(weights: Mapping[str, torch.Tensor], model: torch.nn.Module) -> tuple:
     """A cheap identity of the weights of ``model``'s parameters as given in ``weights``:
     per tensor its dtype, shape and two float64 sums (plain and position-weighted) of at most
-    4096 evenly strided entries."""
+    4096 evenly strided entries.
+    """
     out = []
     for name, p in model.named_parameters():
         w = weights.get(name)

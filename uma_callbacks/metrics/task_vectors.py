@@ -31,16 +31,15 @@ from typing import Any
 
 import torch
 
+from uma_callbacks.core import validate
 from uma_callbacks.core.numerics import squared_norm64
 from uma_callbacks.linalg.weights import moved_weights
-from uma_callbacks.core import validate
 from uma_callbacks.metrics.base import ComputeContext, Cost, Metric, MetricResult, MetricSkipped, module_of
 from uma_callbacks.metrics.fisher import gather_fisher
 from uma_callbacks.metrics.landscape import _local_chunks, probe_loss_sum
 from uma_callbacks.metrics.pruning import _split, pruned_flat
 from uma_callbacks.metrics.time_cost import Scaling, UnitCosts, batches_used, per_batch
 from uma_callbacks.metrics.weights_source import WeightsSource, load_weights_source, weights_label
-
 
 
 # ---------------------------------------------------------------------- pure functions (TIES)
@@ -307,7 +306,8 @@ class TaskVectors(Metric):
         others: Mapping[str, Mapping[str, torch.Tensor]],
     ) -> dict[str, float]:
         """Fisher of this model, then for each other model its Fisher, TIES statistics and the
-        three merges' probe losses; the weights are set in place and restored on exit."""
+        three merges' probe losses; the weights are set in place and restored on exit.
+        """
         names = list(params)
         targets = [params[n] for n in names]
         wide = torch.float64 if any(p.dtype == torch.float64 for p in targets) else torch.float32

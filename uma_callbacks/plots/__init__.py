@@ -20,9 +20,14 @@ from uma_callbacks.plots.core import (
     render_result,
     save_figure,
 )
+
+# The figure modules register their drawers on import, in this order: it is the order of the
+# trend figures (TREND_DRAWERS), so the imports keep it rather than the alphabetical one.
+# isort: off
 from uma_callbacks.plots import attention as _attention  # noqa: F401 (registers its figures)
 from uma_callbacks.plots import weight_space as _weight_space  # noqa: F401 (registers its figures)
 from uma_callbacks.plots import representations as _representations  # noqa: F401 (registers its figures)
+# isort: on
 
 __all__ = [
     "DRAWERS",

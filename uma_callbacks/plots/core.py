@@ -144,7 +144,8 @@ def heatmap(
     """A labelled heatmap of ``matrix [rows, cols]`` (integer ticks) saved to ``path``.
 
     ``value_range`` fixes the colour scale (scores in [0, 1] are drawn on [0, 1], so equal
-    heads look equal instead of the scale stretching a 1e-4 spread over every colour)."""
+    heads look equal instead of the scale stretching a 1e-4 spread over every colour).
+    """
     plt = _pyplot()
     matrix = np.asarray(matrix, dtype=float)
     rows, cols = matrix.shape
@@ -181,7 +182,8 @@ TOP_MODULES = 40
 
 def _bar_chart(values: dict[str, float], title: str, xlabel: str, path: Path, colors: list[str] | None = None) -> Path:
     """Horizontal bars with full module names, largest first: readable at 50+ modules (the
-    :data:`TOP_MODULES` largest are drawn; the title says how many there are in all)."""
+    :data:`TOP_MODULES` largest are drawn; the title says how many there are in all).
+    """
     plt = _pyplot()
     items = list(values.items())
     order = sorted(range(len(items)), key=lambda i: -items[i][1] if math.isfinite(items[i][1]) else math.inf)
