@@ -35,6 +35,7 @@ import contextlib
 import logging
 import math
 import os
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -57,7 +58,7 @@ HTTP_DEFAULTS = {
 
 
 @contextlib.contextmanager
-def bounded_http(uri: str | None):
+def bounded_http(uri: str | None) -> Iterator[None]:
     """Apply :data:`HTTP_DEFAULTS` (those not set by the user) for a remote ``uri``, and undo after."""
     remote = str(uri or "").startswith(("http://", "https://", "databricks"))
     missing = {k: v for k, v in HTTP_DEFAULTS.items() if remote and k not in os.environ}

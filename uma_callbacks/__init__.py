@@ -4,7 +4,7 @@ Fisher information, gradient flow, curvature and loss-landscape slices, computed
 frozen probe when a checkpoint is saved, journalled locally and logged to W&B or MLflow.
 """
 
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from uma_callbacks.checkpoints import load_weights as _load_checkpoint_weights
 from uma_callbacks.config import UMAConfig
@@ -41,7 +41,7 @@ _LAZY = {
 }
 
 
-def __getattr__(name: str):
+def __getattr__(name: str) -> Any:
     # the callback imports transformers: load it when first asked for
     if name in _LAZY:
         import importlib
