@@ -80,9 +80,9 @@ def measure_unit_costs(model: torch.nn.Module, batches: Sequence[Any], loss_fn: 
 def share_budget(
     metrics: Sequence[Metric], units: UnitCosts, seconds: float, calibration: Mapping[str, float] | None = None
 ) -> list[float]:
-    """Each metric's share of ``seconds``: cheap metrics get what they need, the expensive
-    ones split the rest equally (water-filling, cheapest first).
+    """Each metric's share of ``seconds`` (water-filling, cheapest first).
 
+    Cheap metrics get what they need, the expensive ones split the rest equally.
     A metric that cannot fit its share even scaled down (its floor above :data:`FIT_SLACK`
     x the share) gets nothing, the one with the largest floor first, and the shares are
     filled again without it: as many metrics run as the budget allows, instead of all of

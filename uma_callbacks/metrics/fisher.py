@@ -180,7 +180,9 @@ class FisherInformation(Metric):
         self.max_matvecs = max_matvecs
 
     def memory_modes(self) -> list[tuple[str, Cost]]:
-        """Fastest first: ``"cached"`` (every row's gradient kept for the Lanczos products,
+        """``[(mode, cost)]`` this metric can run in, fastest first.
+
+        ``"cached"`` (every row's gradient kept for the Lanczos products,
         when they fit ``cache_bytes``), ``"streamed"`` (recomputed chunk by chunk per
         product), ``"streamed_cpu_basis"`` (the Lanczos basis in host memory; helps on an
         accelerator only). Each counts the accumulators (3 vectors in the accumulation
@@ -250,8 +252,9 @@ class FisherInformation(Metric):
         return modes
 
     def _gram_path(self, n_samples: int) -> bool:
-        """Whether the spectrum comes from the Gram matrix (as :meth:`_compute` decides: a
-        spectrum asked, one process, at most :data:`GRAM_MAX_ROWS` rows).
+        """Whether the spectrum comes from the Gram matrix, as :meth:`_compute` decides.
+
+        It does for a spectrum asked, one process, at most :data:`GRAM_MAX_ROWS` rows.
         """
         if self.top_k is None or n_samples * self.mc_samples > GRAM_MAX_ROWS:
             return False
@@ -268,8 +271,10 @@ class FisherInformation(Metric):
         return max_iter, 8 if wide else 4
 
     def _lanczos_bytes(self, n: int, itemsize: float, n_samples: int, held: int | None = None) -> int:
-        """The basis: ``max_iter`` vectors of ``held`` entries (the rank's pieces on a sharded
-        model; default ``n``), their count and dtype chosen from the full ``n``.
+        """The bytes of the Lanczos basis: ``max_iter`` vectors of ``held`` entries.
+
+        ``held`` is the rank's pieces on a sharded model (default ``n``); the vectors' count
+        and dtype are chosen from the full ``n``.
         """
         max_iter, size = self._lanczos_shape(n, itemsize, n_samples)
         return max_iter * (n if held is None else held) * size

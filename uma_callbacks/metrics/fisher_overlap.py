@@ -172,8 +172,9 @@ class FisherOverlap(Metric):
         self.accumulate_dtype = accumulate_dtype
 
     def compute(self, model: torch.nn.Module, batches: Sequence[Any] | None = None, loss_fn=None, **kwargs: Any) -> MetricResult:
-        """:meth:`Metric.compute`, the same signature; with ``tasks`` given, ``batches`` (the suite's
-        probe) is not used and may be ``None``.
+        """:meth:`Metric.compute`, the same signature.
+
+        With ``tasks`` given, ``batches`` (the suite's probe) is not used and may be ``None``.
         """
         if not batches and self._tasks is not None:
             batches = next(iter(self._tasks.values()))

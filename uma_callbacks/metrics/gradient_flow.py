@@ -105,10 +105,11 @@ class GradientFlow(Metric):
         self.accumulate_dtype = accumulate_dtype
 
     def memory_modes(self) -> list[tuple[str, Cost]]:
-        """One mode: ``grad_sum`` (one vector in the accumulation dtype), one chunk's
-        per-sample gradients and the per-tensor sums of a chunk (one copy). The hooks path
-        holds one layer's [B, *shape] at a time, counted as half of [B, P] (the largest
-        layer of a model is rarely more; vmap holds all of [B, P]).
+        """One mode: ``grad_sum``, one chunk's per-sample gradients and its per-tensor sums.
+
+        ``grad_sum`` is one vector in the accumulation dtype, the per-tensor sums of a chunk
+        one copy. The hooks path holds one layer's [B, *shape] at a time, counted as half of
+        [B, P] (the largest layer of a model is rarely more; vmap holds all of [B, P]).
         """
         acc = 8 if self.accumulate_dtype == "float64" else 4
         fraction = 1.0 if self.method == "vmap" else 0.5

@@ -164,7 +164,9 @@ class HessianSpectrum(Metric):
         self._basis_device = basis_device
 
     def memory_modes(self) -> list[tuple[str, Cost]]:
-        """Fastest first: ``"device"`` (the Lanczos basis on ``basis_device``, graphs
+        """``[(mode, cost)]`` this metric can run in, fastest first.
+
+        ``"device"`` (the Lanczos basis on ``basis_device``, graphs
         cached as ``cache_graph`` says), ``"uncached_graph"`` (only with
         ``cache_graph=True``: each product re-runs its chunk) and ``"cpu_basis"`` (the
         basis in host memory; helps on an accelerator only). Each counts the basis
@@ -198,9 +200,11 @@ class HessianSpectrum(Metric):
         return min(k, 4) if k > 1 else 1
 
     def default_max_iter(self, k: int, block: int | None = None) -> int:
-        """The most Lanczos products when ``max_iter`` is not given: ``max(5k, k + 45)``
-        for single vectors (55 for k = 10: top-10 of the MiniLM probe's Hessian needs about
-        52 to reach a relative residual of 1e-2), ``max(4k, k + 40)`` for blocks.
+        """The most Lanczos products when ``max_iter`` is not given.
+
+        ``max(5k, k + 45)`` for single vectors (55 for k = 10: top-10 of the MiniLM probe's
+        Hessian needs about 52 to reach a relative residual of 1e-2), ``max(4k, k + 40)``
+        for blocks.
         """
         block = self._block(k) if block is None else block
         return max(5 * k, k + 45) if block == 1 else max(4 * k, k + 40)
@@ -369,9 +373,11 @@ class HessianSpectrum(Metric):
 
 
 def _rows_product(op: HessianOperator, block: int, dtype: torch.dtype, device: torch.device):
-    """``V [b, P] -> H V [b, P]`` for block Lanczos, written into one ``[block, P]`` buffer
-    reused by every step when the basis has the parameters' dtype (no fresh allocation per
-    product; Lanczos consumes each result before the next call).
+    """``V [b, P] -> H V [b, P]`` for block Lanczos.
+
+    The product is written into one ``[block, P]`` buffer reused by every step when the
+    basis has the parameters' dtype (no fresh allocation per product; Lanczos consumes each
+    result before the next call).
     """
     buffer = torch.empty(block, op.dim, dtype=dtype, device=device) if dtype == op._dtype else None
 

@@ -198,8 +198,9 @@ def kmeans(points: np.ndarray, k: int, seed: int, max_iter: int = 100) -> np.nda
 
 
 def discretise_states(x: torch.Tensor, bins: int, components: int, seed: int) -> np.ndarray:
-    """Cluster labels ``[n]``: seeded k-means (``bins`` clusters) on the top ``components``
-    principal components of the centred states ``x [n, d]``.
+    """Cluster labels ``[n]`` of the centred states ``x [n, d]``.
+
+    Seeded k-means (``bins`` clusters) on the top ``components`` principal components.
     """
     xc = (x - x.mean(dim=0, keepdim=True)).double()
     k = min(components, *xc.shape)
@@ -320,7 +321,9 @@ class InformationTheory(Metric):
         self.modules = list(modules) if modules is not None else None
 
     def memory_modes(self) -> list[tuple[str, Cost]]:
-        """One mode. On the model's device: a forward's activations per sample (A, as for
+        """One mode, on the model's device and on the host.
+
+        On the model's device: a forward's activations per sample (A, as for
         Representations). On the host (the captured states live there): the token states
         and the merge buffer, and three float64 square matrices (a Gram or the Hadamard
         product, eigvalsh's copy and workspace) of side max_tokens or mi_tokens.

@@ -193,8 +193,9 @@ class CheckpointInterpolation(Metric):
 
 
 def _start_piece(previous: torch.Tensor, param: torch.Tensor) -> torch.Tensor:
-    """``previous`` on ``param``'s device and dtype, cut to the rank's shard when ``param``
-    is sharded (a ``DTensor`` copy of the same layout is the shard already).
+    """``previous`` on ``param``'s device and dtype, cut to the rank's shard when ``param`` is sharded.
+
+    A ``DTensor`` copy of the same layout is the shard already.
     """
     piece = local(previous) if is_dtensor(previous) else local_rows(previous, param)
     target = local(param)

@@ -171,7 +171,9 @@ class LossLandscape(Metric):
         self._given = given
 
     def memory_modes(self) -> list[tuple[str, Cost]]:
-        """Fastest first. Random directions: ``"stored"`` (theta + ``dims`` directions,
+        """``[(mode, cost)]`` this metric can run in, fastest first.
+
+        Random directions: ``"stored"`` (theta + ``dims`` directions,
         (1 + dims) P) then ``"lean"`` (theta only, 1 P, plus a few blocks); with
         ``mode="lean"`` only ``"lean"``. Given directions: theta + their copies; Hessian
         directions add a double-backward Lanczos (32 basis vectors and the graph).
@@ -523,9 +525,10 @@ class _RandomDirections:
         return _row_shape(torch.empty(self.layouts[i][0], device="meta"))
 
     def _local_blocks(self, k: int, i: int) -> Iterator[tuple[torch.Tensor, torch.Tensor, slice]]:
-        """Sharded: ``(scaled draw block flat, this piece's entries flat, block slice)`` for
-        the blocks of direction ``k`` of tensor ``i`` overlapping the piece (all blocks are
-        drawn: the generator is sequential).
+        """Sharded: ``(scaled draw block flat, this piece's entries flat, block slice)`` per block.
+
+        The blocks are those of direction ``k`` of tensor ``i`` overlapping the piece (all
+        blocks are drawn: the generator is sequential).
         """
         t = self.theta[i]
         _, lo, hi = self.layouts[i]  # type: ignore[index]
@@ -567,7 +570,7 @@ class _RandomDirections:
         return out
 
     def set_point(self, mover: WeightMover, coeffs: Sequence[float]) -> None:
-        """p <- theta + sum_k c_k d_k, regenerating each block of d_k (``mode="lean"``)."""
+        """Set ``p <- theta + sum_k c_k d_k``, regenerating each block of d_k (``mode="lean"``)."""
 
         def add(i: int, p: torch.Tensor) -> None:
             work = p if p.is_contiguous() else p.contiguous()
@@ -623,8 +626,9 @@ def _row_shape(t: torch.Tensor) -> tuple[int, int]:
 
 
 def _local_row_sq(t: torch.Tensor, full_shape: tuple[int, ...], lo: int, hi: int) -> torch.Tensor:
-    """``[rows]`` float64 sums of squares of the full tensor's rows, from the piece ``t``
-    (entries ``[lo, hi)`` of the flattened full tensor); rows elsewhere are 0.
+    """``[rows]`` float64 sums of squares of the full tensor's rows, from the piece ``t``.
+
+    ``t`` holds entries ``[lo, hi)`` of the flattened full tensor; rows elsewhere are 0.
     """
     rows, width = _row_shape(torch.empty(full_shape, device="meta"))
     out = torch.zeros(rows, dtype=torch.float64, device=t.device)
@@ -636,8 +640,9 @@ def _local_row_sq(t: torch.Tensor, full_shape: tuple[int, ...], lo: int, hi: int
 
 
 def _row_sq(t: torch.Tensor) -> torch.Tensor:
-    """``[rows]`` float64 sum of squares of each row, a block of rows at a time (no
-    float64 copy of the whole tensor).
+    """``[rows]`` float64 sum of squares of each row, a block of rows at a time.
+
+    No float64 copy of the whole tensor is made.
     """
     rows = t.reshape(_row_shape(t))
     out = torch.empty(rows.shape[0], dtype=torch.float64, device=t.device)

@@ -229,8 +229,10 @@ class MLPBlock:
     output: torch.Tensor
 
     def biadjacency(self, seed: int | None = None) -> np.ndarray:
-        """B ``[d + d_out, I]`` (float64 for float64 weights, else float32); with ``seed`` each
-        matrix's entries are shuffled first (the null model; a local ``torch.Generator``).
+        """B ``[d + d_out, I]`` (float64 for float64 weights, else float32).
+
+        With ``seed`` each matrix's entries are shuffled first (the null model; a local
+        ``torch.Generator``).
         """
         mats = [w.detach().abs() for w in [*self.inputs, self.output]]
         dtype = torch.float64 if any(m.dtype == torch.float64 for m in mats) else torch.float32

@@ -227,7 +227,9 @@ class LotteryTickets(Metric):
         self._mask_cache: dict[str, torch.Tensor] = {}
 
     def memory_modes(self) -> list[tuple[str, Cost]]:
-        """``"device"`` (the saved copy of the weight matrices on the device, 1 P) first, then
+        """``[(mode, cost)]`` this metric can run in, fastest first.
+
+        ``"device"`` (the saved copy of the weight matrices on the device, 1 P) first, then
         ``"host"`` (in host memory). Both hold the magnitudes (n float32) and a mask (n bools) at once.
         """
         def masks(n: int, itemsize: float, n_samples: int) -> int:
@@ -305,7 +307,7 @@ class LotteryTickets(Metric):
     def _history_distances(
         self, ctx: ComputeContext, names: Sequence[str], current: torch.Tensor
     ) -> list[float]:
-        """d over the history, oldest first, ending with d_t (empty at the first checkpoint).
+        """The mask distances d over the history, oldest first, ending with d_t (empty at the first checkpoint).
 
         ``current``: this checkpoint's flat keep mask ``[n]`` at ``main_sparsity``; the earlier
         checkpoints' masks are kept between calls by weights fingerprint (each is needed

@@ -255,7 +255,9 @@ class Representations(Metric):
         self._kept = keep
 
     def memory_modes(self) -> list[tuple[str, Cost]]:
-        """One mode. On the model's device: a forward's activations per sample (A, measured
+        """One mode, on the model's device and on the host.
+
+        On the model's device: a forward's activations per sample (A, measured
         with the graph kept, which covers the chunk's captured candidates of a no-grad
         forward), the saved and the earlier weights (2 P). On the host (the captured states
         live there): this checkpoint's and an earlier one's states plus the merge buffer, the
@@ -361,8 +363,10 @@ def _states_with_weights(
     ctx: ComputeContext, layers: Sequence[Layer], chunks: Sequence[Any], weights: Mapping[str, torch.Tensor],
     max_tokens: int, seed: int,
 ) -> TokenStates:
-    """The layers' states on the same tokens with the model's weights set to ``weights``
-    (in place, restored bit for bit; parameters absent from ``weights`` keep their value).
+    """The layers' states on the same tokens with the model's weights set to ``weights``.
+
+    The weights are set in place and restored bit for bit; parameters absent from
+    ``weights`` keep their value.
     """
     named = [(n, p) for n, p in ctx.model.named_parameters() if n in weights and weights[n].shape == p.shape]
     if not named:
@@ -376,9 +380,10 @@ def _states_with_weights(
 
 
 def _weights_checksum(weights: Mapping[str, torch.Tensor], model: torch.nn.Module) -> tuple:
-    """A cheap identity of the weights of ``model``'s parameters as given in ``weights``:
-    per tensor its dtype, shape and two float64 sums (plain and position-weighted) of at most
-    4096 evenly strided entries.
+    """A cheap identity of the weights of ``model``'s parameters as given in ``weights``.
+
+    Per tensor: its dtype, shape and two float64 sums (plain and position-weighted) of at
+    most 4096 evenly strided entries.
     """
     out = []
     for name, p in model.named_parameters():

@@ -57,7 +57,7 @@ def trim_masks(task_vector: Sequence[torch.Tensor], density: float) -> list[torc
 
 
 def elected_signs(trimmed: Sequence[Sequence[torch.Tensor]]) -> list[torch.Tensor]:
-    """s = sign(sum_t tau^_t) per coordinate; zeros take the majority sign sign(sum_j s_j) (when that is non-zero).
+    """``s = sign(sum_t tau^_t)`` per coordinate; zeros take the majority sign sign(sum_j s_j) (when that is non-zero).
 
     Args:
         trimmed: ``trimmed[t][i]``: task t's trimmed vector, tensor i.
@@ -92,7 +92,7 @@ def disjoint_mean(trimmed: Sequence[torch.Tensor], sign: torch.Tensor) -> torch.
 def ties_merge(
     task_vectors: Sequence[Sequence[torch.Tensor]], density: float, scale: float = 1.0
 ) -> list[torch.Tensor]:
-    """lambda tau_m of TIES-merging (trim, elect, disjoint mean; see the module docstring).
+    """The merged task vector ``lambda tau_m`` of TIES-merging (trim, elect, disjoint mean; see the module docstring).
 
     Args:
         task_vectors: ``task_vectors[t][i]``: T task vectors as lists of tensors of the same shapes.
@@ -305,8 +305,9 @@ class TaskVectors(Metric):
         base: Mapping[str, torch.Tensor],
         others: Mapping[str, Mapping[str, torch.Tensor]],
     ) -> dict[str, float]:
-        """Fisher of this model, then for each other model its Fisher, TIES statistics and the
-        three merges' probe losses; the weights are set in place and restored on exit.
+        """Fisher of this model, then for each other model its Fisher, TIES statistics and the three merges' probe losses.
+
+        The weights are set in place and restored on exit.
         """
         names = list(params)
         targets = [params[n] for n in names]

@@ -61,8 +61,10 @@ def register_drawer(*names: str) -> Callable[[Callable[[MetricResult, Path], lis
 
 
 def save_figure(fig: Any, path: str | Path, dpi: int = 110) -> Path:
-    """Save ``fig`` as the PNG ``path``: rendered in memory, then written atomically (no
-    empty or partial file on a full disk), or kept in memory under :func:`render_result`.
+    """Save ``fig`` as the PNG ``path``, or keep it in memory under :func:`render_result`.
+
+    The figure is rendered in memory, then written atomically (no empty or partial file on a
+    full disk).
 
     Raises:
         OSError: the file could not be written (nothing is left at ``path`` that was not there).
@@ -181,8 +183,9 @@ TOP_MODULES = 40
 
 
 def _bar_chart(values: dict[str, float], title: str, xlabel: str, path: Path, colors: list[str] | None = None) -> Path:
-    """Horizontal bars with full module names, largest first: readable at 50+ modules (the
-    :data:`TOP_MODULES` largest are drawn; the title says how many there are in all).
+    """Horizontal bars with full module names, largest first: readable at 50+ modules.
+
+    The :data:`TOP_MODULES` largest are drawn; the title says how many there are in all.
     """
     plt = _pyplot()
     items = list(values.items())
