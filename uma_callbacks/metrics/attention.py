@@ -143,7 +143,12 @@ class AttentionHeads(Metric):
         return attention_result(scores, induction, icl, self.head_threshold)
 
     def _induction_setup(self, model: torch.nn.Module) -> tuple[int, int | None]:
-        """``(n, bos id or None)``, n checked against the model's positions."""
+        """``(n, bos id or None)``, n checked against the model's positions.
+
+        Raises:
+            ValueError: ``induction_len`` (given or the default) does not fit the model's
+                positions twice, after a BOS token when it has one.
+        """
         bos = _bos_token(model)
         prefix = 0 if bos is None else 1
         limit = max_positions(model)

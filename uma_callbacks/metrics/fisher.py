@@ -590,7 +590,7 @@ def top_percent_mask(diagonal: Mapping[str, torch.Tensor], top_percent: float) -
         >>> m = top_percent_mask({"w": torch.tensor([3.0, 1.0, 2.0, 0.0])}, 50)
         >>> m["w"].tolist()
         [True, False, True, False]
-    """
+    """  # noqa: DOC502 (from check_percent)
     check_percent("top_percent", top_percent)
     flat = torch.cat([d.detach().reshape(-1).double() for d in diagonal.values()])
     k = min(flat.numel(), math.ceil(flat.numel() * top_percent / 100 - 1e-9))

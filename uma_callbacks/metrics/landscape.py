@@ -351,7 +351,12 @@ def _evaluate_grid(ctx, chunks, alphas, betas, sums: torch.Tensor, set_point) ->
 
 # ---------------------------------------------------------------------- given directions
 def _check_directions(directions: Any) -> list[Mapping[str, torch.Tensor]]:
-    """Validate the form of ``directions`` at construction; return the given dicts (or [])."""
+    """Validate the form of ``directions`` at construction; return the given dicts (or []).
+
+    Raises:
+        ValueError: ``directions`` is another string, not one or two dicts, or a dict that is
+            empty or holds something other than tensors.
+    """
     if directions is None or (isinstance(directions, str) and directions in ("random", "hessian")):
         return []
     if isinstance(directions, str):

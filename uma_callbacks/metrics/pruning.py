@@ -312,6 +312,10 @@ class LotteryTickets(Metric):
         ``current``: this checkpoint's flat keep mask ``[n]`` at ``main_sparsity``; the earlier
         checkpoints' masks are kept between calls by weights fingerprint (each is needed
         ``eb_patience + 1`` times), so a run computes one new earlier mask per checkpoint.
+
+        Raises:
+            ValueError: an earlier checkpoint lacks one of the weight matrices, or holds one
+                with another shape.
         """
         states = list(ctx.history.previous)[: self.eb_patience + 1]
         if not states:

@@ -367,6 +367,9 @@ def _states_with_weights(
 
     The weights are set in place and restored bit for bit; parameters absent from
     ``weights`` keep their value.
+
+    Raises:
+        ValueError: ``weights`` matches none of the model's parameters (by name and shape).
     """
     named = [(n, p) for n, p in ctx.model.named_parameters() if n in weights and weights[n].shape == p.shape]
     if not named:
@@ -399,7 +402,12 @@ def _weights_checksum(weights: Mapping[str, torch.Tensor], model: torch.nn.Modul
 
 
 def _check_common(owner: str, max_tokens: Any, seed: Any, modules: Any) -> None:
-    """Validate the arguments both activation metrics share (``ValueError`` naming the field)."""
+    """Validate the arguments both activation metrics share.
+
+    Raises:
+        ValueError: naming the field: ``max_tokens`` or ``seed`` out of range, or ``modules``
+            neither ``None`` nor a non-empty list of module names.
+    """
     validate.check_int(f"{owner}.max_tokens", max_tokens, 2, validate.MAX_TOKENS)  # >= 2: statistics between tokens
     validate.check_seed(f"{owner}.seed", seed)
     if modules is not None and (

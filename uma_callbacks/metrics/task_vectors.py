@@ -162,7 +162,12 @@ load_state = load_weights_source
 def check_same_parameters(
     field: str, params: Mapping[str, torch.Tensor], weights: Mapping[str, torch.Tensor], known: set[str]
 ) -> None:
-    """Raise ``ValueError`` naming the first parameter ``weights`` lacks, mis-shapes, or has beyond ``known``."""
+    """Check that ``weights`` holds every parameter of ``params`` with its shape, and none beyond ``known``.
+
+    Raises:
+        ValueError: naming ``field`` and the first parameter ``weights`` lacks, mis-shapes,
+            or has beyond ``known``.
+    """
     for name, p in params.items():
         if name not in weights:
             raise ValueError(f"{field} has no parameter {name!r}: not the model's architecture")

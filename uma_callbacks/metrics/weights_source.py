@@ -43,7 +43,7 @@ def load_weights_source(source: WeightsSource) -> dict[str, torch.Tensor]:
         FileNotFoundError: the path has no weights.
         ValueError: a damaged weight file, or a source of another type.
         RuntimeError: a folder and no folder loader registered (``import uma_callbacks`` registers it).
-    """
+    """  # noqa: DOC502 (FileNotFoundError: from the registered folder loader, checkpoints.load_weights)
     if isinstance(source, torch.nn.Module):
         return {n: p.detach() for n, p in source.named_parameters()}
     if isinstance(source, Mapping):

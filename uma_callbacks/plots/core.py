@@ -68,7 +68,7 @@ def save_figure(fig: Any, path: str | Path, dpi: int = 110) -> Path:
 
     Raises:
         OSError: the file could not be written (nothing is left at ``path`` that was not there).
-    """
+    """  # noqa: DOC502 (from write_atomically)
     path = Path(path)
     buffer = io.BytesIO()
     fig.savefig(buffer, format="png", dpi=dpi)
