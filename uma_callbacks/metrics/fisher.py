@@ -7,6 +7,7 @@ import math
 from collections import defaultdict
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 import torch
@@ -205,7 +206,7 @@ class FisherInformation(Metric):
         (the rank's own samples, full-size) on ``n``.
         """
         acc = 8 if self.accumulate_dtype == "float64" else 4
-        base = {"per_sample_grads": True, "param_copies": 1.0, "vectors": 3.0, "vector_itemsize": acc}
+        base: dict[str, Any] = {"per_sample_grads": True, "param_copies": 1.0, "vectors": 3.0, "vector_itemsize": acc}
 
         def rows(n: int, itemsize: float, n_samples: int) -> int:
             # nothing is kept without a spectrum (traces and the diagonal need no products)
@@ -247,7 +248,7 @@ class FisherInformation(Metric):
         modes = [("cached", Cost(**base, extra_bytes=cached)), ("streamed", Cost(**base, extra_bytes=streamed))]
         if self.top_k is not None:
             modes.append(("streamed_cpu_basis", Cost(**base, extra_bytes=work, host_extra_bytes=basis)))
-        grouped = {**base, "per_sample_grad_fraction": 1.0 / PARAMETER_GROUPS}
+        grouped: dict[str, Any] = {**base, "per_sample_grad_fraction": 1.0 / PARAMETER_GROUPS}
         modes.append(("grouped", Cost(**grouped, extra_bytes=streamed)))
         return modes
 
@@ -333,11 +334,13 @@ class FisherInformation(Metric):
 
     def _gram_spectrum(self, ctx: ComputeContext, stats: GlobalFisher, arrays: dict[str, np.ndarray]) -> np.ndarray:
         """The top-k of all R eigenvalues of G G^T / R (float64 ``eigvalsh``, exact)."""
+        top_k = self.top_k
+        assert top_k is not None and stats.local.gram is not None  # _compute calls this only then
         gram = stats.local.gram.double().cpu()
         every = torch.linalg.eigvalsh((gram + gram.T) / (2 * stats.rows)).flip(0)
-        k = min(self.top_k, stats.rows)
-        if k < self.top_k:
-            ctx.meta["top_k_capped"] = f"top_k={self.top_k} capped at {k}: F has rank <= {stats.rows} rows"
+        k = min(top_k, stats.rows)
+        if k < top_k:
+            ctx.meta["top_k_capped"] = f"top_k={top_k} capped at {k}: F has rank <= {stats.rows} rows"
             logger.warning("FisherInformation: %s", ctx.meta["top_k_capped"])
         arrays["gram_eigenvalues"] = every.numpy()
         ctx.meta.update(spectrum_method="gram", matvecs=0, top_k=k)
@@ -346,9 +349,11 @@ class FisherInformation(Metric):
     def _spectrum(self, ctx: ComputeContext, stats: GlobalFisher) -> np.ndarray:
         params = ctx.trainable_params()
         dim = sum(p.numel() for p in params.values())
-        k = min(self.top_k, stats.rows, dim)
-        if k < self.top_k:
-            ctx.meta["top_k_capped"] = f"top_k={self.top_k} capped at {k}: F has rank <= {stats.rows} rows"
+        top_k = self.top_k
+        assert top_k is not None  # _compute calls this only with a spectrum asked for
+        k = min(top_k, stats.rows, dim)
+        if k < top_k:
+            ctx.meta["top_k_capped"] = f"top_k={top_k} capped at {k}: F has rank <= {stats.rows} rows"
             logger.warning("FisherInformation: %s", ctx.meta["top_k_capped"])
         max_iter = self.max_matvecs or max(3 * k, k + 30)
         wide = any(p.dtype == torch.float64 for p in params.values())
@@ -367,7 +372,7 @@ class FisherInformation(Metric):
         # sharded (FSDP2): every Lanczos vector is this rank's piece (its shards' entries),
         # inner products summed over ranks, the start vector drawn per full tensor and sliced
         entries = local_entries(params) if sharded else dim
-        options = {}
+        options: dict[str, Any] = {}
         if sharded:
             options = {
                 "reduce_sum": _summed(ctx.collective),

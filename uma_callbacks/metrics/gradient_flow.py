@@ -11,7 +11,7 @@ import torch
 from uma_callbacks.core import validate
 from uma_callbacks.core.numerics import squared_norm64
 from uma_callbacks.core.sharding import aligned_chunks, is_sharded, local, unwrap
-from uma_callbacks.linalg.layer_grads import hook_plan, layer_gradient_sums, layer_gradients
+from uma_callbacks.linalg.layer_grads import LayerGradients, LayerSums, hook_plan, layer_gradient_sums, layer_gradients
 from uma_callbacks.linalg.per_sample import per_sample_grads
 from uma_callbacks.linalg.sharded_plan import check_sharded_plan
 from uma_callbacks.metrics.base import ComputeContext, Cost, Metric, MetricResult, check_choice, module_of
@@ -139,11 +139,13 @@ class GradientFlow(Metric):
 
                 def add(n: str, _diag: torch.Tensor | None, part: torch.Tensor | None, real: bool = real) -> None:
                     # one parameter's chunk sum at a time, straight into the accumulator
+                    assert part is not None  # reduced with want_sum=True: every call carries the sum
                     part = part if real else torch.zeros_like(part)
                     if sharded:  # this chunk's sum over all ranks' samples, straight into the shard
                         part = ctx.collective.sum_scatter_dim0(part)
                     grad_sum[n] += part.to(grad_sum[n].dtype)
 
+                rep: LayerGradients | LayerSums
                 if sharded:  # FSDP runs its own collectives in the backward: the sums are scattered after it
                     ctx.collective.agree()  # every rank healthy before FSDP's forward all-gathers
                     rep = layer_gradients(ctx.model, ctx.loss_fn, chunk, params, plan, before_backward=ctx.collective.agree)
@@ -177,7 +179,7 @@ class GradientFlow(Metric):
         if sharded:
             ctx.collective.sum_([sum_sq])
             ctx.meta["sharded"] = True
-        n = ctx.n_total()
+        n_total = ctx.n_total()
         if plan is None:
             ctx.meta["per_sample_method"] = "vmap(grad)"
         else:
@@ -185,7 +187,7 @@ class GradientFlow(Metric):
             if vmapped:
                 ctx.meta["vmap_params"] = {p: plan.reasons.get(p, "") for p in names if p in vmapped}
         return gradient_flow_from_sums(
-            names, sum_sq, sq_norm_sum, n, self.vanishing_ratio, self.exploding_ratio, loss_sum.item() / n
+            names, sum_sq, sq_norm_sum, n_total, self.vanishing_ratio, self.exploding_ratio, loss_sum.item() / n_total
         )
 
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import math
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import numpy as np
@@ -176,8 +176,8 @@ class HessianSpectrum(Metric):
         """
         on_cpu = self._basis_device is not None and torch.device(self._basis_device).type == "cpu"
         basis = self._basis_bytes
-        device_basis = {"host_extra_bytes": basis} if on_cpu else {"extra_bytes": basis}
-        common = {"hvp": True, "vectors": 8.0, "vector_itemsize": 4}
+        device_basis: dict[str, Any] = {"host_extra_bytes": basis} if on_cpu else {"extra_bytes": basis}
+        common: dict[str, Any] = {"hvp": True, "vectors": 8.0, "vector_itemsize": 4}
         modes = [("device", Cost(**common, probe_graph_samples=self._cache_graph is not False, **device_basis))]
         if self._cache_graph is not False:
             modes.append(("uncached_graph", Cost(**common, **device_basis)))
@@ -372,7 +372,9 @@ class HessianSpectrum(Metric):
         return result
 
 
-def _rows_product(op: HessianOperator, block: int, dtype: torch.dtype, device: torch.device):
+def _rows_product(
+    op: HessianOperator, block: int, dtype: torch.dtype, device: torch.device
+) -> Callable[[torch.Tensor], torch.Tensor]:
     """``V [b, P] -> H V [b, P]`` for block Lanczos.
 
     The product is written into one ``[block, P]`` buffer reused by every step when the
