@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import contextlib
 from collections.abc import Callable, Iterator, Mapping
-from typing import Any
+from typing import Any, cast
 
 import numpy as np
 import torch
@@ -332,7 +332,7 @@ def _special_ids(model: torch.nn.Module) -> set[int]:
 
 
 def _vocab_size(model: torch.nn.Module) -> int:
-    emb = model.get_input_embeddings()
+    emb = cast(Any, model).get_input_embeddings()
     return int(emb.weight.shape[0])
 
 

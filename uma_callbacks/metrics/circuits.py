@@ -101,6 +101,7 @@ class Circuits(Metric):
             }
             rows = layer.index * n_heads
             if rows:
+                assert lefts is not None  # layers are numbered 0, 1, ...: every earlier one set it
                 for mode, (a2, r_b2, which, norm) in rights.items():
                     block = composition_block(lefts[:rows], left_norms[:rows], a2, r_b2, which, norm)
                     comps[mode][:rows, rows : rows + n_heads] = block.to("cpu", torch.float64)

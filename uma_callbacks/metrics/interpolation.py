@@ -152,7 +152,8 @@ class CheckpointInterpolation(Metric):
         return scaling.done()
 
     def _compute(self, ctx: ComputeContext) -> MetricResult:
-        previous, label = self._previous, self.previous_label
+        previous: Mapping[str, torch.Tensor] | None = self._previous
+        label = self.previous_label
         if previous is None and ctx.history.previous:
             previous, label = ctx.history.previous[0].weights, ctx.history.previous[0].label
         if previous is None:

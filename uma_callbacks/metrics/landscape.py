@@ -3,8 +3,8 @@
 from __future__ import annotations
 
 import math
-from collections.abc import Iterator, Mapping, Sequence
-from typing import Any
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from typing import Any, cast
 
 import numpy as np
 import torch
@@ -240,7 +240,7 @@ class LossLandscape(Metric):
             names, dirs = _hessian_directions(ctx, params, self.dims, self.seed, self.hessian_tol)
             ctx.meta["directions"] = "hessian"
         else:
-            names, dirs = None, None
+            names, dirs = [], None  # the names are chosen below, with the random directions
             ctx.meta["directions"] = "random"
         sums = torch.zeros(len(alphas), len(betas), dtype=torch.float64)
         if dirs is not None:
@@ -339,7 +339,14 @@ def probe_loss_sum(ctx: ComputeContext, chunks: Sequence[Any]) -> torch.Tensor:
     return torch.cat(losses).sum().cpu() if losses else torch.zeros((), dtype=torch.float64)
 
 
-def _evaluate_grid(ctx, chunks, alphas, betas, sums: torch.Tensor, set_point) -> None:
+def _evaluate_grid(
+    ctx: ComputeContext,
+    chunks: Sequence[Any],
+    alphas: np.ndarray,
+    betas: np.ndarray,
+    sums: torch.Tensor,
+    set_point: Callable[[float, float], None],
+) -> None:
     done = 0
     for i, a in enumerate(alphas):
         for j, b in enumerate(betas):
@@ -381,7 +388,7 @@ def _check_directions(directions: Any) -> list[Mapping[str, torch.Tensor]]:
 
 
 def _given_directions(
-    given, params: Mapping[str, torch.Tensor]
+    given: Sequence[Mapping[str, torch.Tensor]], params: Mapping[str, torch.Tensor]
 ) -> tuple[list[str], list[list[torch.Tensor]]]:
     names = list(params)
     out = []
@@ -403,7 +410,7 @@ def _given_directions(
 
 
 def _hessian_directions(
-    ctx, params, dims: int, seed: int, tol: float
+    ctx: ComputeContext, params: Mapping[str, torch.Tensor], dims: int, seed: int, tol: float
 ) -> tuple[list[str], list[list[torch.Tensor]]]:
     chunks = list(ctx.chunks())
     with eager_attention(ctx.model, ctx.meta):
@@ -416,6 +423,7 @@ def _hessian_directions(
     ctx.meta["hessian_matvecs"] = op.matvecs
     values = list(params.values())
     dirs = []
+    assert lz.eigenvectors is not None  # asked for with return_vectors=True
     for k in range(dims):
         vec = lz.eigenvectors[:, k]
         vec = vec if vec[vec.abs().argmax()] >= 0 else -vec
@@ -499,7 +507,10 @@ class _RandomDirections:
             elif normalization == "layer":
                 scales = [_safe_ratio(ts.sum(), ds.sum()).reshape(1) for ts, ds in zip(theta_sq, row_sq[k])]
             else:
-                g = _safe_ratio(sum(ts.sum() for ts in theta_sq), sum(ds.sum() for ds in row_sq[k]))
+                # both sums are tensors: the parameter list is never empty
+                g = _safe_ratio(
+                    cast(torch.Tensor, sum(ts.sum() for ts in theta_sq)), cast(torch.Tensor, sum(ds.sum() for ds in row_sq[k]))
+                )
                 scales = [g.reshape(1) for _ in theta_sq]
             scales64.append(scales)
         # per k, per tensor: a float (one scale) or a [rows, 1] tensor in the tensor's dtype
@@ -529,7 +540,7 @@ class _RandomDirections:
             return _row_shape(self.theta[i])
         return _row_shape(torch.empty(self.layouts[i][0], device="meta"))
 
-    def _local_blocks(self, k: int, i: int) -> Iterator[tuple[torch.Tensor, torch.Tensor, slice]]:
+    def _local_blocks(self, k: int, i: int) -> Iterator[tuple[torch.Tensor, slice, slice]]:
         """Sharded: ``(scaled draw block flat, this piece's entries flat, block slice)`` per block.
 
         The blocks are those of direction ``k`` of tensor ``i`` overlapping the piece (all

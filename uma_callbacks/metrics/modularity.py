@@ -31,6 +31,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from typing import cast
 
 import numpy as np
 import scipy.sparse as sp
@@ -251,7 +252,7 @@ def _linears(module: torch.nn.Module) -> list[tuple[str, torch.Tensor]]:
         if isinstance(child, torch.nn.Linear):
             out.append((name, child.weight))
         elif type(child).__name__ == "Conv1D" and hasattr(child, "weight"):  # GPT-2: weight [in, out]
-            out.append((name, child.weight.t()))
+            out.append((name, cast(torch.Tensor, child.weight).t()))
     return out
 
 
@@ -280,10 +281,9 @@ def mlp_blocks(model: torch.nn.Module) -> dict[str, MLPBlock]:
                 if ins and all(w.shape[1] == ins[0].shape[1] for w in ins):
                     blocks[name] = MLPBlock(ins, out)
         inter, output = getattr(module, "intermediate", None), getattr(module, "output", None)
-        if isinstance(getattr(inter, "dense", None), torch.nn.Linear) and isinstance(
-            getattr(output, "dense", None), torch.nn.Linear
-        ):
-            w_in, w_out = inter.dense.weight, output.dense.weight
+        inter_dense, output_dense = getattr(inter, "dense", None), getattr(output, "dense", None)
+        if isinstance(inter_dense, torch.nn.Linear) and isinstance(output_dense, torch.nn.Linear):
+            w_in, w_out = inter_dense.weight, output_dense.weight
             if w_out.shape[1] == w_in.shape[0]:
                 blocks[f"{name}.intermediate" if name else "intermediate"] = MLPBlock([w_in], w_out)
     return blocks

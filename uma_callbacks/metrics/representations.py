@@ -139,8 +139,9 @@ def cka_matrix(states: Sequence[torch.Tensor]) -> np.ndarray:
             grams.append(k / norm if norm > 0 else None)
         for i in range(count):
             for j in range(i, count):
-                if grams[i] is not None and grams[j] is not None:
-                    out[i, j] = out[j, i] = float((grams[i] * grams[j]).sum())
+                gi, gj = grams[i], grams[j]
+                if gi is not None and gj is not None:
+                    out[i, j] = out[j, i] = float((gi * gj).sum())
         return out
     norms = [float((x.T @ x).norm()) for x in xs]
     for i in range(count):
@@ -388,7 +389,7 @@ def _weights_checksum(weights: Mapping[str, torch.Tensor], model: torch.nn.Modul
     Per tensor: its dtype, shape and two float64 sums (plain and position-weighted) of at
     most 4096 evenly strided entries.
     """
-    out = []
+    out: list[tuple[Any, ...]] = []
     for name, p in model.named_parameters():
         w = weights.get(name)
         if w is None or w.shape != p.shape:
