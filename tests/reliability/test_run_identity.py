@@ -137,6 +137,25 @@ def test_second_run_in_the_same_folder_gets_only_its_own_records(tmp_path, store
     assert params["uma.run"] == second.session.run
 
 
+def test_a_second_run_never_overwrites_the_first_runs_files(tmp_path, store):
+    """Another training in the same folder, other weights at the same step: its result files go
+    to ``step-<N>/<metric>-run-<run>/`` and the first run's files stay what its records say."""
+    from uma_callbacks.integrations.base import uploadable_files
+
+    out = tmp_path / "out"
+    first = _callback()
+    _train(out, first, max_steps=2, save_steps=2)
+    second = _callback()
+    _train(out, second, max_steps=2, save_steps=2, learning_rate=3e-2)  # other weights at step 2
+    journal = Journal(out / "uma")
+    records = [r for r in journal.records() if r.status == "ok"]
+    assert {r.run for r in records} == {first.session.run, second.session.run}
+    for record in records:  # every file each record names is still the one the journal wrote
+        assert record.files and uploadable_files(journal.root, record) == [journal.root / f for f in record.files]
+    paths = {r.run: set(r.files) for r in records}
+    assert not paths[first.session.run] & paths[second.session.run]
+
+
 def test_resume_continues_the_same_uma_run_and_the_same_mlflow_run(tmp_path, store):
     out = tmp_path / "out"
     first = _callback()

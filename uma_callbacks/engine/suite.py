@@ -468,9 +468,13 @@ class MetricSuite:
         assert self.journal is not None
         if result.status not in ("ok", "partial"):
             return
-        # another configuration of this metric already has its files at this step: never
-        # overwrite them, write into step-<N>/<metric>-<config hash>/ instead
+        # another configuration of this metric, or another training run in the same folder,
+        # already has its files at this step: never overwrite them, write into
+        # step-<N>/<metric>-<config hash>/ or step-<N>/<metric>-run-<run>/ instead
         subfolder = _variant_folder(self.journal.root / f"step-{int(step)}", result)
+        run = str(getattr(self.journal, "run", "") or record.run or "")
+        if not subfolder and run and _files_of_another_run(self.journal, int(step), result.name, run):
+            subfolder = f"{result.name}-run-{run[:12]}"
         figures: dict[str, bytes] = {}
         if self.draw_figures:
             try:
@@ -508,6 +512,13 @@ def _variant_folder(step_folder: Any, result: MetricResult) -> str:
         return ""
     digest = hashlib.sha256(json.dumps(mine, sort_keys=True, default=str).encode()).hexdigest()[:8]
     return f"{result.name}-{digest}"
+
+
+def _files_of_another_run(journal: Journal, step: int, metric: str, run: str) -> bool:
+    """Whether a journalled record of another training run names ``step-<step>/<metric>.json``
+    (a second training in the same ``output_dir``: its files must not replace the first one's)."""
+    rel = f"step-{int(step)}/{safe_name(metric)}.json"
+    return any(rel in r.files and r.run != run for r in journal.records() if r.step == step)
 
 
 def _key_config(metric: Metric) -> tuple[dict[str, Any] | None, str]:
