@@ -17,6 +17,7 @@ import torch
 from uma_callbacks.core import validate
 from uma_callbacks.core.batches import count_samples, fingerprint_batches, select_samples
 from uma_callbacks.core.distributed import shard
+from uma_callbacks.core.losses import LossFn
 from uma_callbacks.core.numerics import squared_norm64
 from uma_callbacks.linalg.fisher_products import METHODS
 from uma_callbacks.metrics.base import (
@@ -34,6 +35,7 @@ from uma_callbacks.metrics.fisher import (
     gather_fisher,
     top_percent_mask,
 )
+from uma_callbacks.metrics.loss_choice import ResolvedLoss
 
 
 def mask_jaccard(a: Mapping[str, torch.Tensor], b: Mapping[str, torch.Tensor]) -> float:
@@ -171,14 +173,21 @@ class FisherOverlap(Metric):
         self.method = method
         self.accumulate_dtype = accumulate_dtype
 
-    def compute(self, model: torch.nn.Module, batches: Sequence[Any] | None = None, loss_fn=None, **kwargs: Any) -> MetricResult:
+    def compute(
+        self,
+        model: torch.nn.Module,
+        batches: Sequence[Any] | None = None,
+        loss_fn: LossFn | ResolvedLoss | None = None,
+        **kwargs: Any,
+    ) -> MetricResult:
         """:meth:`Metric.compute`, the same signature.
 
         With ``tasks`` given, ``batches`` (the suite's probe) is not used and may be ``None``.
         """
         if not batches and self._tasks is not None:
             batches = next(iter(self._tasks.values()))
-        return super().compute(model, batches, loss_fn, **kwargs)
+        # None is refused there as an empty probe is, with the same ValueError
+        return super().compute(model, batches or [], loss_fn, **kwargs)
 
     def _local_tasks(self, ctx: ComputeContext) -> dict[str, list[Any]]:
         """This rank's batches of each task (given tasks sharded; else the probe's halves)."""
@@ -197,8 +206,10 @@ class FisherOverlap(Metric):
             fisher[task] = {n: d / stats.rows for n, d in stats.diag_sum.items()}
             if self.kind == "mc":  # MC scores average to 0: the task gradient uses the true labels
                 stats_g = gather_fisher(sub, "empirical", self.seed, 1, self.method, self.accumulate_dtype, 0, True)
+                assert stats_g.grad_sum is not None  # want_grad_sum=True
                 grads[task] = {n: g / stats_g.rows for n, g in stats_g.grad_sum.items()}
             else:
+                assert stats.grad_sum is not None  # want_grad_sum=True
                 grads[task] = {n: g / stats.rows for n, g in stats.grad_sum.items()}
             scalars[f"tasks/{task}/trace"] = float(stats.sq_norm_sum.sum()) / stats.rows
             scalars[f"tasks/{task}/loss"] = stats.loss
@@ -214,7 +225,15 @@ class FisherOverlap(Metric):
         return MetricResult(name=self.name, scalars=scalars)
 
 
-def _pair_scalars(prefix: str, names: list[str], masks, fisher, grads, a: str, b: str) -> dict[str, float]:
+def _pair_scalars(
+    prefix: str,
+    names: list[str],
+    masks: Mapping[str, Mapping[str, torch.Tensor]],
+    fisher: Mapping[str, Mapping[str, torch.Tensor]],
+    grads: Mapping[str, Mapping[str, torch.Tensor]],
+    a: str,
+    b: str,
+) -> dict[str, float]:
     """``<prefix>/jaccard``, ``/cosine``, ``/conflict`` of tasks a and b over the parameters ``names``."""
 
     def only(d: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:

@@ -27,7 +27,7 @@ from __future__ import annotations
 import math
 from collections import defaultdict
 from collections.abc import Callable, Mapping, Sequence
-from typing import Any
+from typing import Any, cast
 
 import torch
 
@@ -65,8 +65,8 @@ def elected_signs(trimmed: Sequence[Sequence[torch.Tensor]]) -> list[torch.Tenso
     Returns:
         ``signs[i]`` with entries in {-1, 0, 1} (0 only where every task is 0 and no majority exists).
     """
-    signs = [torch.sign(sum(task[i] for task in trimmed)) for i in range(len(trimmed[0]))]
-    majority = torch.sign(sum(s.sum(dtype=torch.float64) for s in signs))
+    signs = [torch.sign(cast(torch.Tensor, sum(task[i] for task in trimmed))) for i in range(len(trimmed[0]))]
+    majority = torch.sign(cast(torch.Tensor, sum(s.sum(dtype=torch.float64) for s in signs)))
     if majority != 0:
         for s in signs:
             s[s == 0] = majority.to(s.dtype)
@@ -145,9 +145,9 @@ def fisher_merge(
         tensor([1.])
     """
     if any(f is None for f in fishers):
-        return sum(thetas) / len(thetas)
+        return cast(torch.Tensor, sum(thetas)) / len(thetas)
     weights = [f.clamp(min=floor) for f in fishers]  # type: ignore[union-attr]
-    return sum(w * t for w, t in zip(weights, thetas)) / sum(weights)
+    return cast(torch.Tensor, sum(w * t for w, t in zip(weights, thetas))) / cast(torch.Tensor, sum(weights))
 
 
 def _wide(dtype: torch.dtype) -> torch.dtype:
@@ -286,6 +286,7 @@ class TaskVectors(Metric):
         ctx.check_time(stage="start")
         params = dict(ctx.model.named_parameters())
         known = set(ctx.model.state_dict()) | set(params)
+        base: Mapping[str, torch.Tensor]
         if self.base is not None:
             base, base_label = self._weights(""), self.base
         elif ctx.history.first is not None:
