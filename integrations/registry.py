@@ -14,19 +14,27 @@ is accepted (``UMACallback(trackers=["mine"])``, ``attach``, ``uma backfill --tr
     register_sink("csv", CSVSink)
 
 A registered class is built as ``cls(**options)`` where the options are what the trigger
-knows (``fallback_dir``: the journal folder, for a local store); a class that takes none
-of them is built without arguments.
+knows, in one vocabulary for every tracker: ``fallback_dir`` (the journal folder, for a local
+store or run files), ``run_id`` and ``tracking_uri`` (a tracker run to join); options its
+constructor does not take are left out, and a class that takes none of them is built without
+arguments.
+
+:func:`resolve_sinks` is the one resolver of the sinks a session logs to (the session calls
+it; the triggers only say what their default is).
 """
 
 from __future__ import annotations
 
 import importlib
 import inspect
+import logging
 import os
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 from uma_callbacks.integrations.bounded import bounded_pair
+
+logger = logging.getLogger(__name__)
 
 #: Built-in trackers: name -> "module:Class", imported on first use.
 _BUILTIN = {
@@ -101,8 +109,6 @@ def make_sink(name: str, **options: Any) -> Any:
         ModuleNotFoundError: the tracker's package is missing (names the pip extra).
     """
     factory = sink_class(name)
-    if name == "wandb" and "fallback_dir" in options:
-        options.setdefault("dir", options["fallback_dir"])
     try:
         params = inspect.signature(factory).parameters
     except (TypeError, ValueError):  # builtins without a signature: no options
@@ -116,23 +122,39 @@ def resolve_sinks(
     requested: Sequence[Any] | None,
     *,
     default: Sequence[Any] = (),
+    runs: Mapping[str, Mapping[str, str]] | None = None,
+    capture: bool = True,
     tracker_timeout: float | None = None,
     **options: Any,
 ) -> tuple[list[Any], list[Any]]:
-    """The sinks a live trigger logs to, and those among them whose runs it opened itself.
+    """The sinks a session logs to, and those among them whose runs it opened itself.
+
+    Each entry is one of:
+
+    - a sink object (it has ``log_record``): used as it is; the user finishes it;
+    - an Accelerate tracker (an accelerator's ``trackers`` entry): joined by our sink
+      (:func:`~uma_callbacks.integrations.accelerate.sink_for_tracker`); the accelerator
+      finishes its run;
+    - a tracker name: built by :func:`make_sink`. With ``capture``, a run the tracker already
+      has open in this process (the Trainer's ``report_to`` callback opened it) is joined and
+      left to its owner; else the run ``runs[name]`` names (``{"run", "uri"}``: a resumed
+      training's, or the one a journal last delivered to) is joined, else a new run is
+      opened; both are ours to finish.
 
     Args:
-        requested: ``None`` (use ``default``), or names and/or sink objects.
+        requested: ``None`` (use ``default``), or entries (``UMAConfig.trackers``).
         default: what ``None`` means for this trigger (the Trainer's ``report_to`` names,
-            the accelerator's trackers as sinks, ...).
+            the accelerator's trackers, the names a backfill was given runs for).
+        runs: ``{tracker name: {"run", "uri"}}``, the tracker runs names join.
+        capture: join a run the tracker has open in this process (live training only).
         tracker_timeout: seconds each tracker call may take
-            (:class:`~uma_callbacks.integrations.bounded.BoundedSink`; the triggers pass
+            (:class:`~uma_callbacks.integrations.bounded.BoundedSink`; the live triggers pass
             ``UMAConfig.tracker_timeout_seconds``); ``None``: unbounded.
-        **options: passed to :func:`make_sink` for names.
+        **options: passed to :func:`make_sink` for names (``fallback_dir``).
 
     Returns:
         ``(sinks, own)``: every sink, and the ones built here that did not join an
-        already open run (the trigger finishes those at the end).
+        already open run (the session finishes those at the end).
 
     Raises:
         ValueError: an unknown name.
@@ -143,13 +165,31 @@ def resolve_sinks(
     own: list[Any] = []
     for entry in entries:
         if not isinstance(entry, str):
-            sinks.append(entry)
+            if callable(getattr(entry, "log_record", None)):
+                sinks.append(entry)
+            else:
+                from uma_callbacks.integrations.accelerate import sink_for_tracker  # noqa: PLC0415
+
+                sinks.append(sink_for_tracker(entry))
             continue
-        sink = make_sink(entry, **options)
-        capture = getattr(sink, "capture_active_run", None)
-        if not (callable(capture) and capture()):
-            own.append(sink)
+        where = dict((runs or {}).get(entry) or {})
+        if capture:
+            sink = make_sink(entry, **options)
+            grab = getattr(sink, "capture_active_run", None)
+            if callable(grab) and grab():
+                if where.get("run") and sink.run_id() != where["run"]:
+                    logger.warning(
+                        "uma: %s run %s is open in this process, the journal's run was %s: logging to the open one",
+                        entry, sink.run_id(), where["run"],
+                    )  # fmt: skip
+                sinks.append(sink)
+                continue
+            if where.get("run") or where.get("uri"):
+                sink = make_sink(entry, run_id=where.get("run") or None, tracking_uri=where.get("uri") or None, **options)
+        else:
+            sink = make_sink(entry, run_id=where.get("run") or None, tracking_uri=where.get("uri") or None, **options)
         sinks.append(sink)
+        own.append(sink)
     return bounded_pair(sinks, own, tracker_timeout)
 
 

@@ -81,6 +81,8 @@ class WandbSink(Sink):
         init_kwargs: more keyword arguments for ``wandb.init`` (``entity``, ``tags``, ...).
         retry_interval: seconds after a failed ``wandb.init`` during which :meth:`start`
             raises again at once instead of trying (0: try at every call).
+        run_id: the id of a run to resume (``wandb.init(id=..., resume="allow")``).
+        fallback_dir: ``dir`` when none is given (the registry's common option: the journal folder).
 
     Raises:
         ModuleNotFoundError: wandb is not installed (names the pip extra).
@@ -97,15 +99,20 @@ class WandbSink(Sink):
         log_artifacts: bool = True,
         init_kwargs: dict[str, Any] | None = None,
         retry_interval: float = 60.0,
+        run_id: str | None = None,
+        fallback_dir: str | os.PathLike[str] | None = None,
     ) -> None:
         super().__init__()
         self._wandb = _import_wandb()
         self._run = run
         self._project = project
         self._run_name = run_name
-        self._dir = dir
+        self._dir = dir if dir is not None else fallback_dir
         self._log_artifacts = log_artifacts
         self._init_kwargs = dict(init_kwargs or {})
+        if run_id:
+            self._init_kwargs.setdefault("id", run_id)
+            self._init_kwargs.setdefault("resume", "allow")
         self._own = False
         self._bound_run: str | None = None
         self._defined: set[str] = set()

@@ -13,12 +13,19 @@ A session owns, for one run:
   delivery replays only that run's records (:mod:`~uma_callbacks.engine.run_identity`).
 
 The triggers only adapt their events onto it: ``UMACallback`` (Trainer events),
-``attach`` (Accelerate's save-state pre-hook), ``backfill`` (checkpoints on disk)::
+``attach`` (Accelerate's save-state pre-hook), ``backfill`` (checkpoints on disk). Each
+passes its defaults only (where the probe comes from, its default trackers: the
+Trainer's ``report_to``, the accelerator's trackers, the journal's last tracker runs); the
+session builds and checks the probe, resolves the sinks (one resolver,
+:func:`~uma_callbacks.integrations.registry.resolve_sinks`) and validates the trigger's
+settings (:data:`UNSUPPORTED`)::
 
     session = Session(config, root, source="callback")
-    session.open(probe, sinks, own_sinks)        # once, before the first measurement
-    session.measure(model, step)                 # at every checkpoint (every rank)
-    session.finish()                             # deliver what is pending, close our runs
+    session.start(probe_source, default_trackers)   # once, before the first measurement
+    session.measure(model, step)                    # at every checkpoint (every rank)
+    session.finish()                                # deliver what is pending, close our runs
+
+(:meth:`Session.open` takes a built probe and resolved sinks instead of :meth:`~Session.start`.)
 
 Every entry point leaves Python's, NumPy's and torch's global RNG states as it found them.
 """
@@ -44,12 +51,15 @@ from uma_callbacks.core.sharding import deepspeed_zero3_reason
 from uma_callbacks.engine.budget import as_budget
 from uma_callbacks.engine.delivery import Delivery
 from uma_callbacks.engine.history import CheckpointHistory
+from uma_callbacks.engine.journal import Journal
 from uma_callbacks.engine.probe import Probe, count_samples, save_probe
+from uma_callbacks.engine.probe_source import build_probe, check_probe_matches
 from uma_callbacks.core.records import Record
-from uma_callbacks.engine.run_identity import RunJournal, is_run_id, new_run_id
+from uma_callbacks.engine.run_identity import RunJournal, is_run_id, new_run_id, tracker_run
 from uma_callbacks.engine.snapshot import weights_fingerprint
 from uma_callbacks.engine.suite import MetricSuite
 from uma_callbacks.integrations.bounded import bounded_pair, rearm
+from uma_callbacks.integrations.registry import resolve_sinks
 
 logger = logging.getLogger(__name__)
 
@@ -58,6 +68,41 @@ logger = logging.getLogger(__name__)
 all_rngs_preserved = rng_preserved
 #: Sources that measure a training while it runs: their deliveries replay their own run only.
 LIVE_SOURCES = ("callback", "accelerate")
+
+#: The one table of trigger settings: ``{source: {UMAConfig field: why it cannot be honoured}}``.
+#: A field set (not ``None``/empty) for a source listed here is refused when the session is
+#: made (``ValueError`` naming the field), never silently ignored. ``"offline"`` covers every
+#: source that is not a live training (``backfill``, ``analyze``, ...).
+UNSUPPORTED: dict[str, dict[str, str]] = {
+    "callback": {},
+    "accelerate": {
+        "every_n_steps": "attach: every_n_steps is not supported (no step events); call handle.measure(step) instead",
+        "log_scalars": (
+            "attach: log_scalars copies values into a Trainer's state.log_history, which Accelerate has not; "
+            "the values reach the accelerator's trackers (trackers=None) and handle.records"
+        ),
+    },
+    "offline": {
+        "every_n_steps": "backfill: every_n_steps is not supported (it measures the checkpoints on disk)",
+        "overhead": (
+            "backfill: overhead is a share of the training time since the last save, which a backfill has not; "
+            "use seconds_per_save"
+        ),
+        "log_scalars": "backfill: log_scalars needs a Trainer's state.log_history; the values are in the records and trackers",
+    },
+}
+
+
+def check_trigger_settings(config: UMAConfig, source: str) -> None:
+    """Refuse the ``config`` fields the trigger of ``source`` cannot honour (:data:`UNSUPPORTED`).
+
+    Raises:
+        ValueError: such a field is set, naming it and why.
+    """
+    for field_name, why in UNSUPPORTED.get(source if source in LIVE_SOURCES else "offline", {}).items():
+        value = getattr(config, field_name)
+        if value is not None and not (isinstance(value, (list, tuple)) and not value):
+            raise ValueError(f"{why} (UMAConfig.{field_name}={value!r:.80})")
 
 
 class Session:
@@ -68,6 +113,9 @@ class Session:
         root: the journal folder (``<output_dir>/uma``).
         source: written into each record (``callback``, ``accelerate``, ``backfill``, ``analyze``).
         collective: cross-rank sums; ``None``: the current process group, if any.
+
+    Raises:
+        ValueError: a setting the trigger of ``source`` cannot honour (:func:`check_trigger_settings`).
 
     Attributes:
         probe: the frozen probe (after :meth:`open`).
@@ -82,6 +130,7 @@ class Session:
     def __init__(
         self, config: UMAConfig, root: str | os.PathLike[str], *, source: str, collective: Collective | None = None
     ) -> None:
+        check_trigger_settings(config, source)
         self.config = config
         self.root = Path(root)
         self.source = source
@@ -110,6 +159,9 @@ class Session:
         self.probe: Probe | None = None
         self.records: list[Record] = []
         self._measured: set[tuple[int, str]] = set()
+        self._continued = False  # a resumed training: its sinks rejoin the run's tracker runs
+        self._clock: float | None = None  # live training: when the training time since the last measurement began
+        self._extra_params: dict[str, Any] = {}
 
     @property
     def is_main(self) -> bool:
@@ -122,6 +174,95 @@ class Session:
         return self.delivery.sinks
 
     # ------------------------------------------------------------------ lifecycle
+    def start(
+        self,
+        probe_source: Any,
+        default_trackers: Sequence[Any] = (),
+        *,
+        tracker_runs: Mapping[str, Mapping[str, str]] | None = None,
+        probe_options: Mapping[str, Any] | None = None,
+        known_probes: Sequence[Journal] = (),
+        save: bool = True,
+        params: Mapping[str, Any] | None = None,
+        run: str | None = None,
+        sinks_later: bool = False,
+    ) -> None:
+        """Build and check the probe, resolve and start the sinks: what every trigger does first.
+
+        Args:
+            probe_source: what the user gave as the probe (see
+                :func:`~uma_callbacks.engine.probe_source.build_probe`).
+            default_trackers: the trigger's trackers when ``UMAConfig.trackers`` is ``None``
+                (the Trainer's ``report_to`` names, the accelerator's trackers, ...).
+            tracker_runs: ``{tracker name: {"run", "uri"}}``, the tracker runs names join (a
+                backfill: the journal's last); a resumed training rejoins its own by itself.
+            probe_options: more :func:`build_probe` arguments (``collate_fn``, ``loaders``,
+                ``saved_roots``, ``texts``, ``tokenizer``, ``max_length``, ``field``).
+            known_probes: journals whose measured probe this one must be
+                (:func:`~uma_callbacks.engine.probe_source.check_probe_matches`).
+            save: write ``probe.safetensors`` for backfills.
+            params: more params to log with the metric configs.
+            run: the id of the training run this session continues (a resume).
+            sinks_later: resolve the sinks later, with :meth:`add_sinks` (``attach``: after
+                ``accelerator.init_trackers``).
+
+        Raises:
+            ValueError: no probe can be built, it differs across ranks, the journals were
+                measured on another probe, it cannot be measured with the configured loss,
+                ``run`` is not a run id, or an unknown tracker name.
+            ModuleNotFoundError: a named tracker's package is missing.
+        """
+        cfg = self.config
+        options = dict(probe_options or {})
+        with all_rngs_preserved():  # drawing the probe consumes no RNG of the run
+            probe = build_probe(
+                probe_source, probe_size=cfg.probe_size, probe_batch_size=cfg.probe_batch_size, seed=cfg.seed, **options
+            )
+        check_same_probe(probe, self.collective, str(options.get("field", "probe")))
+        if known_probes:
+            check_probe_matches(probe, known_probes)
+        self.open(probe, save=save, params=params, run=run)
+        if not sinks_later:
+            self.add_sinks(default_trackers, tracker_runs=tracker_runs)
+
+    def add_sinks(
+        self, default_trackers: Sequence[Any] = (), *, tracker_runs: Mapping[str, Mapping[str, str]] | None = None
+    ) -> None:
+        """Resolve the sinks and start them (rank 0): ``UMAConfig.trackers``, else ``default_trackers``.
+
+        :meth:`start` calls it, or the trigger does when its trackers exist later
+        (``attach``: at the first save, after ``accelerator.init_trackers``). A live
+        training joins a tracker run its process has open and bounds every tracker call
+        (``tracker_timeout_seconds``); a resumed one rejoins the tracker runs its run
+        delivered to; names in ``tracker_runs`` join those runs.
+
+        Raises:
+            ValueError: an unknown tracker name.
+            ModuleNotFoundError: a named tracker's package is missing.
+        """
+        if not self.is_main:
+            return
+        live = self.source in LIVE_SOURCES
+        runs = {k: dict(v) for k, v in (tracker_runs or {}).items()}
+        if self._continued and self.journal is not None:
+            entries = default_trackers if self.config.trackers is None else self.config.trackers
+            for name in [e for e in entries if isinstance(e, str) and e not in runs]:
+                where = tracker_run(self.journal, self.run, name)
+                if where is not None:
+                    runs[name] = where
+        with all_rngs_preserved():
+            sinks, own = resolve_sinks(
+                self.config.trackers,
+                default=default_trackers,
+                runs=runs,
+                capture=live,
+                tracker_timeout=self.config.tracker_timeout_seconds if live else None,
+                fallback_dir=self.root,
+            )
+            self.delivery.sinks += sinks
+            self.delivery.own += own
+            self.delivery.start(self.params(self._extra_params))
+
     def open(
         self,
         probe: Probe,
@@ -152,6 +293,8 @@ class Session:
         with all_rngs_preserved():
             check_probe_usable(probe, self.config.loss_fn)
             self.probe = probe
+            self._clock = time.monotonic() if self.source in LIVE_SOURCES else None
+            self._extra_params = dict(params or {})
             if not self.is_main:
                 return
             if save:
@@ -174,6 +317,7 @@ class Session:
         if run != "" and not is_run_id(run):
             raise ValueError(f"Session run must be 32 lowercase hex digits or ''; got {run!r:.80}")
         self.run = self.delivery.run = run
+        self._continued = True
         if self.journal is not None:
             self.journal.run = run
 
@@ -206,8 +350,9 @@ class Session:
             fingerprint: its weights fingerprint when the caller has it (else computed
                 when the cache is on).
             label: tells apart two checkpoints claiming the same step (the backfill's folder).
-            seconds: the compute budget of this save (``None``: :meth:`compute_budget` with no
-                training time, i.e. ``seconds_per_save`` or no budget).
+            seconds: the compute budget of this save; ``None``: :meth:`compute_budget` of
+                :meth:`train_seconds` (the training time since the last measurement, in a live
+                training; none in a backfill: ``seconds_per_save`` or no budget).
             only: measure these metrics only (by name; a resume completing a cut-off save);
                 ``None``: every configured metric.
 
@@ -233,7 +378,7 @@ class Session:
                 fingerprint = weights_fingerprint(model) if self.config.use_cache else ""
             logger.info("uma: measuring %s at step %d", ", ".join(self.config.metric_names), step)
             if seconds is None:
-                seconds = self.compute_budget(None)
+                seconds = self.compute_budget(self.train_seconds())
             every = self.suite.metrics
             if only is not None:
                 self.suite.metrics = [m for m in every if m.name in set(only)]
@@ -251,7 +396,14 @@ class Session:
         if self.journal is not None:
             self.journal.flush()  # writes that failed earlier (full disk) are retried at every save
         self.records.extend(records)
+        if self._clock is not None:
+            self._clock = time.monotonic()  # the next budget counts training time only
         return records
+
+    def train_seconds(self) -> float | None:
+        """Seconds of training since the session opened or last measured (a live training);
+        ``None`` in a backfill (no training time)."""
+        return None if self._clock is None else time.monotonic() - self._clock
 
     def compute_budget(self, train_seconds: float | None) -> float | None:
         """The seconds this save may take: ``overhead`` x ``train_seconds`` and/or ``seconds_per_save``."""
@@ -318,6 +470,24 @@ class Session:
                     logger.warning("uma: %d journal record(s) could not be written (disk full?)", len(self.journal.pending))
                 rearm(self.delivery.sinks)
                 self.delivery.finish()
+
+
+def check_same_probe(probe: Probe, collective: Collective, field: str = "probe") -> None:
+    """Refuse a probe that differs across ranks (a prepared DataLoader gives each rank its own).
+
+    Raises:
+        ValueError: the ranks' probe fingerprints differ (naming ``field``).
+    """
+    if collective.world_size == 1:
+        return
+    mine = float(int(probe.fingerprint[:8], 16))
+    total = torch.tensor([mine, mine * mine], dtype=torch.float64)
+    collective.sum_([total])
+    if abs(collective.world_size * total[1].item() - total[0].item() ** 2) > 1e-6 * max(1.0, total[1].item()):
+        raise ValueError(
+            f"{field}: the probe differs across ranks; build it from the dataset (not a prepared DataLoader) "
+            "so every rank holds the same samples"
+        )
 
 
 def check_probe_usable(probe: Probe, loss_fn: Any, needs_labels: bool = True) -> None:

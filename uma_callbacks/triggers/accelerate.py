@@ -9,9 +9,16 @@ called on every process inside ``save_state``) onto a :class:`~uma_callbacks.ses
 3. rank 0 writes ``uma_state.json`` (the step, the journal, the records) and the model's
    ``config.json`` into the folder, so ``uma backfill`` finds and rebuilds it alone.
 
-Sinks are resolved at the first save (after ``accelerator.init_trackers``): ``trackers=None``
-follows the accelerator's trackers (W&B and MLflow runs joined by our own sinks, others
-wrapped); ``handle.remove()`` unregisters the hook and finishes what we opened.
+Sinks are resolved at the first save (after ``accelerator.init_trackers``), by
+:meth:`Session.add_sinks <uma_callbacks.session.Session.add_sinks>` with this trigger's
+default, the accelerator's trackers (``trackers=None``: W&B and MLflow runs joined by our
+own sinks, others wrapped); ``handle.remove()`` unregisters the hook and finishes what we
+opened.
+
+Settings: ``overhead`` is honoured (the compute budget of a save is that share of the
+training time since the last measurement, as in ``UMACallback``); ``every_n_steps`` and
+``log_scalars`` (Trainer features) are refused with a ``ValueError``
+(:data:`~uma_callbacks.session.UNSUPPORTED`).
 
 Run identity: each ``save_state`` folder is marked with the run's id (``uma_run.json``,
 before the save is measured); an ``accelerator.load_state(folder)`` before the first
@@ -31,16 +38,13 @@ import torch
 
 from uma_callbacks.checkpoints import ensure_config_json
 from uma_callbacks.config import UMAConfig
-from uma_callbacks.core.distributed import Collective
 from uma_callbacks.engine.probe import Probe
-from uma_callbacks.engine.probe_source import build_probe
 from uma_callbacks.core.records import Record
 from uma_callbacks.engine.run_identity import read_run_marker, write_run_marker
 from uma_callbacks.engine.state_file import STATE_FILE, read_state, write_state  # noqa: F401 (public here too)
 from uma_callbacks.integrations.accelerate import AcceleratorTrackerSink, sink_for_tracker  # noqa: F401
-from uma_callbacks.integrations.registry import resolve_sinks
 from uma_callbacks.metrics.base import Metric
-from uma_callbacks.session import Session, all_rngs_preserved
+from uma_callbacks.session import Session, check_trigger_settings
 
 logger = logging.getLogger(__name__)
 
@@ -184,18 +188,12 @@ class UMAHandle:
         self.session.continue_run(run)
 
     def _start_sinks(self) -> None:
-        """Resolve the sinks at the first save (after ``accelerator.init_trackers``)."""
+        """Resolve the sinks at the first save (after ``accelerator.init_trackers``): this
+        trigger's default is the accelerator's trackers."""
         if self._sinks_ready:
             return
         self._sinks_ready = True
-        if not self.session.is_main:
-            return
-        trackers = [sink_for_tracker(t) for t in getattr(self.accelerator, "trackers", [])]
-        sinks, own = resolve_sinks(
-            self.config.trackers, default=trackers, fallback_dir=self.root, tracker_timeout=self.config.tracker_timeout_seconds
-        )
-        self.session.delivery.sinks, self.session.delivery.own = sinks, own
-        self.session.delivery.start(self.session.params())
+        self.session.add_sinks(list(getattr(self.accelerator, "trackers", [])))
 
 
 def attach(
@@ -237,15 +235,17 @@ def attach(
             sharded model here. Every rank measures its probe shard on it, each parameter
             staying sharded (see :mod:`uma_callbacks.core.sharding`).
         **config: other :class:`~uma_callbacks.config.UMAConfig` fields (``probe_size``,
-            ``probe_batch_size``, ``seed``, ``use_cache``, ``draw_figures``, ...).
+            ``probe_batch_size``, ``seed``, ``use_cache``, ``draw_figures``, ``overhead``,
+            ``seconds_per_save``, ...); ``every_n_steps`` and ``log_scalars`` are refused.
 
     Returns:
         A :class:`UMAHandle`; ``handle.remove()`` undoes this call.
 
     Raises:
-        ValueError: bad configuration (naming the field), no probe, probes that differ
-            across ranks, a ``global_step`` that is neither callable nor an int, or a
-            ``model`` that is not a module.
+        ValueError: bad configuration (naming the field; ``every_n_steps`` and
+            ``log_scalars`` are Trainer settings), no probe, probes that differ across
+            ranks, a ``global_step`` that is neither callable nor an int, or a ``model``
+            that is not a module.
         ModuleNotFoundError: a named tracker's package is missing (names the pip extra).
 
     Example:
@@ -265,11 +265,10 @@ def attach(
         100
         >>> handle.remove()
     """
-    if config.get("every_n_steps") is not None:
-        raise ValueError("attach: every_n_steps is not supported (no step events); call handle.measure(step) instead")
     cfg = config.pop("config", None) or UMAConfig(
         metrics=metrics, trackers=trackers, output_dir=output_dir, loss_fn=loss_fn, **config
     )
+    check_trigger_settings(cfg, "accelerate")  # before anything else is checked or built
     if probe is None:
         raise ValueError("attach: probe is required (a Probe, a list of batches, a dataset or an unprepared DataLoader)")
     step: int | None = None
@@ -285,28 +284,11 @@ def attach(
     if model is not None and not isinstance(model, torch.nn.Module):
         raise ValueError(f"attach: model must be a torch.nn.Module or None; got {type(model).__name__}")
     root = Path(cfg.output_dir or os.path.join(accelerator.project_dir or os.getcwd(), "uma"))
-    session = Session(cfg, root, source="accelerate")
-    with all_rngs_preserved():
-        frozen = build_probe(
-            probe, probe_size=cfg.probe_size, probe_batch_size=cfg.probe_batch_size, seed=cfg.seed, field="attach: probe"
-        )
-    _check_same_probe(frozen, session.collective)
-    session.open(frozen)  # sinks join at the first save, after accelerator.init_trackers
+    session = Session(cfg, root, source="accelerate")  # refuses the settings attach cannot honour
+    # the probe is built and checked across ranks now; the sinks join at the first save,
+    # after accelerator.init_trackers (UMAHandle._start_sinks)
+    session.start(probe, probe_options={"field": "attach: probe"}, sinks_later=True)
     handle = UMAHandle(accelerator, session, step_fn, step, model_index, model)
     handle._hook_handle = accelerator.register_save_state_pre_hook(handle._hook)
     handle._load_hook_handle = accelerator.register_load_state_pre_hook(handle._on_load)
     return handle
-
-
-def _check_same_probe(probe: Probe, collective: Collective) -> None:
-    """Ranks must share the probe (a prepared DataLoader would give each rank its own)."""
-    if collective.world_size == 1:
-        return
-    mine = float(int(probe.fingerprint[:8], 16))
-    total = torch.tensor([mine, mine * mine], dtype=torch.float64)
-    collective.sum_([total])
-    if abs(collective.world_size * total[1].item() - total[0].item() ** 2) > 1e-6 * max(1.0, total[1].item()):
-        raise ValueError(
-            "attach: probe differs across ranks; build it from the dataset (not a prepared DataLoader) "
-            "so every rank holds the same samples"
-        )

@@ -15,6 +15,7 @@ and a sink gets each (key, step) point once. A checkpoint that cannot be used be
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import os
 import time
@@ -29,9 +30,9 @@ from uma_callbacks.checkpoints import Checkpoint, discover_with_problems
 from uma_callbacks.config import UMAConfig
 from uma_callbacks.engine.budget import as_budget
 from uma_callbacks.engine.journal import Journal
-from uma_callbacks.engine.probe_source import build_probe, check_probe_matches, load_tokenizer
+from uma_callbacks.engine.probe_source import load_tokenizer
 from uma_callbacks.core.records import Record
-from uma_callbacks.triggers.run_sinks import sinks_for_run
+from uma_callbacks.triggers.run_sinks import journal_runs, offline_trackers
 from uma_callbacks.metrics.base import Metric
 from uma_callbacks.metrics.trajectory import Trajectory, trajectory_scalars  # noqa: F401 (public here too)
 from uma_callbacks.session import Session
@@ -161,23 +162,22 @@ def backfill(
         raise ValueError(f"backfill: unknown argument(s) {unknown}; UMAConfig fields are {sorted(_CONFIG_FIELDS)}")
     checkpoints, problems = discover_with_problems(source, steps)
     checkpoints, duplicates = _one_folder_per_step(checkpoints)
-    cfg = config or UMAConfig(metrics=list(metrics), trackers=options.pop("trackers", None) or [], **options)
-    if trajectory and len(checkpoints) > 1 and "trajectory" not in cfg.metric_names:
-        cfg = UMAConfig(**{**{f: getattr(cfg, f) for f in _CONFIG_FIELDS}, "metrics": [*cfg.metric_objects, Trajectory()]})
+    pair = trajectory and len(checkpoints) > 1
+    cfg = _config(config, metrics, pair, [mlflow_run_id, tracking_uri, wandb_run_id], options)
     run_dir = Path(source) if isinstance(source, (str, os.PathLike)) else checkpoints[0].path.parent
     root = Path(cfg.output_dir) if cfg.output_dir is not None else run_dir / "uma"
     session = Session(cfg, root, source=source_name)
     assert session.journal is not None
     tok = load_tokenizer(tokenizer, [c.path for c in checkpoints]) if texts and not probe else None
-    frozen = build_probe(
-        probe, probe_size=cfg.probe_size, probe_batch_size=cfg.probe_batch_size, seed=cfg.seed,
-        saved_roots=[root, run_dir / "uma"], texts=texts, tokenizer=tok, max_length=max_length,
+    known = [session.journal] + ([Journal(run_dir / "uma")] if (run_dir / "uma").is_dir() else [])
+    session.start(
+        probe,
+        tracker_runs=journal_runs(session.journal, run_dir, mlflow_run_id, tracking_uri, wandb_run_id),
+        probe_options={"saved_roots": [root, run_dir / "uma"], "texts": texts, "tokenizer": tok, "max_length": max_length},
+        known_probes=known if check_probe else (),
+        save=not (root / "probe.safetensors").exists(),
+        params={"backfill.metrics": cfg.metric_names},
     )
-    if check_probe:
-        check_probe_matches(frozen, [session.journal] + ([Journal(run_dir / "uma")] if (run_dir / "uma").is_dir() else []))
-    sinks = sinks_for_run(cfg.trackers, session.journal, run_dir, mlflow_run_id, tracking_uri, wandb_run_id)
-    session.open(frozen, sinks, sinks, save=not (root / "probe.safetensors").exists(),
-                 params={"backfill.metrics": cfg.metric_names})
     summary = BackfillSummary(checkpoints=checkpoints, journal=str(root))
     for path, reason in problems + duplicates:  # unusable folders: error records, the rest goes on
         ckpt = Checkpoint(Path(path), -1, "problem")
@@ -212,6 +212,40 @@ def backfill(
     summary.sink_failures = sorted(session.delivery.failing)
     summary.seconds = time.perf_counter() - started
     return summary
+
+
+def _config(
+    config: UMAConfig | None, metrics: Sequence[str | Metric], pair: bool, run_ids: list[str | None], options: dict[str, Any]
+) -> UMAConfig:
+    """The backfill's configuration, built once: ``config`` (or ``metrics`` and ``options``),
+    with ``trajectory`` when ``pair`` (several checkpoints) and the trackers the run ids name
+    (:func:`~uma_callbacks.triggers.run_sinks.offline_trackers`). A given ``config`` is never
+    changed: a copy is made when it lacks one of those.
+
+    Raises:
+        ValueError: ``config`` and more options at once, or a bad setting (naming the field).
+    """
+    if config is not None:
+        if options:
+            raise ValueError(f"backfill: give config= or UMAConfig options, not both; got config and {sorted(options)}")
+        trackers = offline_trackers(config.trackers, *run_ids)
+        extra = [Trajectory()] if pair and "trajectory" not in config.metric_names else []
+        if not extra and trackers == list(config.trackers or []):
+            return config
+        return dataclasses.replace(config, metrics=[*config.metric_objects, *extra], trackers=trackers)
+    specs = list(metrics)
+    if pair and not any(_names_trajectory(spec) for spec in specs):
+        specs.append(Trajectory())
+    return UMAConfig(metrics=specs, trackers=offline_trackers(options.pop("trackers", None), *run_ids), **options)
+
+
+def _names_trajectory(spec: Any) -> bool:
+    """Whether a metric spec (object, ``name[:options]`` text or mapping) is the trajectory metric."""
+    if isinstance(spec, Metric):
+        return spec.name == "trajectory"
+    if isinstance(spec, Mapping):
+        return spec.get("name") == "trajectory"
+    return isinstance(spec, str) and spec.partition(":")[0].strip() == "trajectory"
 
 
 def _one_folder_per_step(checkpoints: list[Checkpoint]) -> tuple[list[Checkpoint], list[tuple[Path, str]]]:

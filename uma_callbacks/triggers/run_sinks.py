@@ -1,6 +1,8 @@
-"""The sinks of an existing run, for the offline tools (``uma backfill``, ``uma sync``).
+"""The tracker runs of an existing run, for the offline tools (``uma backfill``, ``uma sync``).
 
-An MLflow sink without a run id joins the run this journal last delivered to, in the
+A backfill's session passes :func:`journal_runs` to the one resolver
+(:func:`~uma_callbacks.integrations.registry.resolve_sinks`); ``uma sync`` calls
+:func:`sinks_for_run`, which does the same. An MLflow sink without a run id joins the run this journal last delivered to, in the
 store it delivered to (the delivery log records the run; the store is the one given,
 else ``MLFLOW_TRACKING_URI``, else the run's local ``mlflow.db``).
 """
@@ -13,8 +15,52 @@ from pathlib import Path
 from typing import Any
 
 from uma_callbacks.engine.journal import DELIVERIES_FILE, Journal, read_lines
-from uma_callbacks.integrations.registry import make_sink
+from uma_callbacks.integrations.registry import resolve_sinks
 from uma_callbacks.integrations.uris import sqlite_uri
+
+
+def offline_trackers(
+    trackers: Sequence[Any] | None,
+    mlflow_run_id: str | None = None,
+    tracking_uri: str | None = None,
+    wandb_run_id: str | None = None,
+) -> list[Any]:
+    """The trackers an offline tool logs to.
+
+    ``trackers``, with ``mlflow``/``wandb`` added when a run id or a tracking URI for them is given.
+    """
+    names = list(trackers or [])
+    if (mlflow_run_id or tracking_uri) and "mlflow" not in names:
+        names.append("mlflow")
+    if wandb_run_id and "wandb" not in names:
+        names.append("wandb")
+    return names
+
+
+def journal_runs(
+    journal: Journal,
+    run_dir: Path,
+    mlflow_run_id: str | None = None,
+    tracking_uri: str | None = None,
+    wandb_run_id: str | None = None,
+) -> dict[str, dict[str, str]]:
+    """``{tracker name: {"run", "uri"}}``: the tracker runs an offline tool joins.
+
+    MLflow: the run given, else the one this journal last delivered to; the store given,
+    else that delivery's, else ``MLFLOW_TRACKING_URI``, else a local ``mlflow.db`` in the
+    run folder or the journal. W&B: the run given (resumed).
+    """
+    delivered = delivered_run(journal, "mlflow") or {}
+    uri = (
+        tracking_uri
+        or delivered.get("uri")
+        or os.environ.get("MLFLOW_TRACKING_URI")
+        or _local_store(run_dir, journal.root)
+    )
+    runs = {"mlflow": {"run": mlflow_run_id or delivered.get("run") or "", "uri": uri or ""}}
+    if wandb_run_id:
+        runs["wandb"] = {"run": wandb_run_id, "uri": ""}
+    return runs
 
 
 def sinks_for_run(
@@ -25,45 +71,22 @@ def sinks_for_run(
     tracking_uri: str | None = None,
     wandb_run_id: str | None = None,
 ) -> list[Any]:
-    """The sinks a backfill or a sync logs to.
+    """The sinks ``uma sync`` logs to.
+
+    Resolved by the one resolver (:func:`~uma_callbacks.integrations.registry.resolve_sinks`),
+    as a backfill's session resolves them; an unknown tracker name raises its ``ValueError``.
 
     Args:
-        trackers: names and/or sink objects; ``mlflow``/``wandb`` are added when a run id
-            or a tracking URI for them is given.
+        trackers: names and/or sink objects (:func:`offline_trackers`).
         journal: the run's journal (its delivery log names the runs).
         run_dir: the run folder (a local ``mlflow.db`` may be there).
-        mlflow_run_id, tracking_uri: the MLflow run and store to log into.
+        mlflow_run_id: the MLflow run to log into.
+        tracking_uri: the MLflow store to log into.
         wandb_run_id: the W&B run to resume.
-
-    Raises:
-        ValueError: an unknown tracker name.
     """
-    names = list(trackers or [])
-    if (mlflow_run_id or tracking_uri) and "mlflow" not in names:
-        names.append("mlflow")
-    if wandb_run_id and "wandb" not in names:
-        names.append("wandb")
-    sinks = []
-    for tracker in names:
-        if not isinstance(tracker, str):
-            sinks.append(tracker)
-        elif tracker == "mlflow":
-            delivered = delivered_run(journal, "mlflow")
-            run_id = mlflow_run_id or (delivered or {}).get("run")
-            uri = (
-                tracking_uri
-                or (delivered or {}).get("uri")
-                or os.environ.get("MLFLOW_TRACKING_URI")
-                or _local_store(run_dir, journal.root)
-            )
-            sinks.append(make_sink("mlflow", run_id=run_id, tracking_uri=uri, fallback_dir=journal.root))
-        elif tracker == "wandb":
-            if wandb_run_id:
-                os.environ["WANDB_RUN_ID"] = wandb_run_id
-                os.environ.setdefault("WANDB_RESUME", "allow")
-            sinks.append(make_sink("wandb"))
-        else:
-            sinks.append(make_sink(tracker, fallback_dir=journal.root))
+    names = offline_trackers(trackers, mlflow_run_id, tracking_uri, wandb_run_id)
+    runs = journal_runs(journal, run_dir, mlflow_run_id, tracking_uri, wandb_run_id)
+    sinks, _ = resolve_sinks(names, runs=runs, capture=False, fallback_dir=journal.root)
     return sinks
 
 

@@ -3,10 +3,11 @@
 A thin adapter from ``TrainerCallback`` events onto a :class:`~uma_callbacks.session.Session`
 (every other event keeps its no-op default):
 
-- ``on_train_begin``: build the probe (the dataset passed, else the eval, else the train
-  dataset, drawn with ``seed`` and collated by the Trainer's own collator), resolve the
-  sinks (``trackers``, else ``args.report_to``; the MLflow run id is captured here, since
-  ``MLflowCallback`` ends its run before user callbacks see ``on_train_end``), open the session;
+- ``on_train_begin``: start the session (:meth:`~uma_callbacks.session.Session.start`)
+  with this trigger's defaults: the probe (the dataset passed, else the eval, else the
+  train dataset, drawn with ``seed`` and collated by the Trainer's own collator) and the
+  trackers (``args.report_to``, when ``trackers`` is None; the MLflow run id is captured
+  then, since ``MLflowCallback`` ends its run before user callbacks see ``on_train_end``);
   a fresh training is a new run (a new id, a new tracker run); a resumed one (``global_step``
   is already the checkpoint's) continues the run that saved the checkpoint: same id, same
   tracker run, and it measures now, on the checkpoint's weights, what that save left
@@ -23,7 +24,6 @@ one without it.
 from __future__ import annotations
 
 import os
-import time
 from collections.abc import Mapping, Sequence
 from typing import Any
 
@@ -33,12 +33,11 @@ from transformers import TrainerCallback
 from uma_callbacks.checkpoints import ensure_config_json
 from uma_callbacks.config import UMAConfig
 from uma_callbacks.engine.journal import Journal
-from uma_callbacks.engine.probe_source import build_probe, check_probe_source
+from uma_callbacks.engine.probe_source import check_probe_source
 from uma_callbacks.engine.run_identity import measured_metrics, resumed_run, write_run_marker
-from uma_callbacks.integrations.registry import tracker_names
+from uma_callbacks.integrations.registry import resolve_sinks, tracker_names
 from uma_callbacks.metrics.base import Metric
-from uma_callbacks.session import Session, all_rngs_preserved
-from uma_callbacks.triggers.tracker_runs import continuing_sinks, tracker_runs
+from uma_callbacks.session import Session
 
 
 class UMACallback(TrainerCallback):
@@ -95,7 +94,6 @@ class UMACallback(TrainerCallback):
         check_probe_source(probe, "UMACallback.probe")
         self._probe_source = probe
         self.session: Session | None = None
-        self._since = time.monotonic()
 
     @property
     def records(self) -> list[Any]:
@@ -124,23 +122,19 @@ class UMACallback(TrainerCallback):
         session = Session(cfg, root, source="callback")
         step = int(state.global_step)  # > 0: resumed from a checkpoint saved at this step
         run = _resumed_run(session.journal, args, step) if step > 0 and session.journal is not None else None
-        with all_rngs_preserved():  # drawing the probe consumes no RNG of the run
-            probe = build_probe(
-                self._probe_source,
-                probe_size=cfg.probe_size,
-                probe_batch_size=cfg.probe_batch_size,
-                seed=cfg.seed,
-                collate_fn=getattr(train_dataloader, "collate_fn", None),
-                loaders=[loader for loader in (eval_dataloader, train_dataloader) if loader is not None],
-                field="UMACallback.probe",
-            )
-            reopen = tracker_runs(session.journal, run, _tracker_entries(args, cfg.trackers)) if run is not None else {}
-            sinks, own = trainer_sinks(args, cfg.trackers, root, reopen) if session.is_main else ([], [])
-        session.open(probe, sinks, own, run=run)
+        session.start(
+            self._probe_source,
+            _tracker_entries(args, None),  # report_to, when trackers is None
+            probe_options={
+                "collate_fn": getattr(train_dataloader, "collate_fn", None),
+                "loaders": [loader for loader in (eval_dataloader, train_dataloader) if loader is not None],
+                "field": "UMACallback.probe",
+            },
+            run=run,
+        )
         self.session = session
         if step > 0:
             self._complete_resumed_save(model, step)
-        self._since = time.monotonic()
 
     def _complete_resumed_save(self, model: Any, step: int) -> None:
         """Measure, at ``step``, the metrics the run holds no finished record of there (the
@@ -157,8 +151,8 @@ class UMACallback(TrainerCallback):
                 missing.zero_()
             session.collective.sum_([missing])
         todo = [name for name, flag in zip(names, missing.tolist()) if flag > 0]
-        if todo:
-            session.measure(model, step, only=todo)
+        if todo:  # the budget of a save without training time before it: seconds_per_save only
+            session.measure(model, step, only=todo, seconds=session.compute_budget(None))
 
     def on_step_end(self, args, state, control, model=None, **kwargs):
         n = self.config.every_n_steps
@@ -180,9 +174,7 @@ class UMACallback(TrainerCallback):
     def _measure(self, model: Any, step: int, state: Any = None) -> None:
         if model is None or self.session is None:
             return
-        train_seconds = time.monotonic() - self._since
-        records = self.session.measure(model, step, seconds=self.session.compute_budget(train_seconds))
-        self._since = time.monotonic()  # the next budget counts training time only
+        records = self.session.measure(model, step)  # the session counts the training time since its last measurement
         if self.config.log_scalars and state is not None and records:
             values = {
                 f"uma/{r.metric}/{name}": value
@@ -201,13 +193,14 @@ def trainer_sinks(
     reopen: Mapping[str, Mapping[str, str]] | None = None,
 ) -> tuple[list[Any], list[Any]]:
     """``(sinks, own)`` for a Trainer run: ``trackers``, else the tracker names in
-    ``args.report_to`` that have a sink (others are the Trainer's business).
+    ``args.report_to`` that have a sink (others are the Trainer's business), through the one
+    resolver (:func:`~uma_callbacks.integrations.registry.resolve_sinks`, as
+    :meth:`Session.add_sinks <uma_callbacks.session.Session.add_sinks>` calls it).
 
     ``reopen``: ``{tracker name: {"run", "uri"}}``, the tracker runs a resumed training
-    continues (:func:`~uma_callbacks.triggers.tracker_runs.reopened`); other names open or
-    join runs as usual.
+    continues; other names open or join runs as usual.
     """
-    return continuing_sinks(_tracker_entries(args, trackers), root, reopen)
+    return resolve_sinks(trackers, default=_tracker_entries(args, None), runs=reopen, fallback_dir=root)
 
 
 def _tracker_entries(args: Any, trackers: Sequence[Any] | None) -> list[Any]:
