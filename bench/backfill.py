@@ -24,13 +24,13 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import torch  # noqa: E402
 
-from uma_callbacks.triggers.backfill import backfill  # noqa: E402
 from uma_callbacks.checkpoints import build_model, discover_checkpoints, load_into, load_weights  # noqa: E402
 from uma_callbacks.engine.journal import Journal  # noqa: E402
-from uma_callbacks.metrics import GradientFlow  # noqa: E402
 from uma_callbacks.engine.probe import Probe  # noqa: E402
 from uma_callbacks.engine.snapshot import weights_fingerprint  # noqa: E402
 from uma_callbacks.engine.suite import MetricSuite  # noqa: E402
+from uma_callbacks.metrics import GradientFlow  # noqa: E402
+from uma_callbacks.triggers.backfill import backfill  # noqa: E402
 
 
 def make_run(root: Path, n: int, hidden: int, layers: int, vocab: int) -> None:

@@ -30,10 +30,10 @@ import time
 import numpy as np
 import torch
 
-from uma_callbacks.linalg.hvp import HessianOperator
-from uma_callbacks.linalg.lanczos import lanczos_top_k
 from uma_callbacks.core.losses import hf_per_sample_loss
 from uma_callbacks.core.model_state import eager_attention
+from uma_callbacks.linalg.hvp import HessianOperator
+from uma_callbacks.linalg.lanczos import lanczos_top_k
 
 ACCURACY = 1e-4
 

@@ -31,12 +31,11 @@ import statistics
 import time
 
 import torch
-
 from child_peaks import peaks_in_child  # bench/ is on sys.path when run as a script
-from uma_callbacks.engine.budget import PeakMemory, param_bytes, release_memory
-from uma_callbacks.core.losses import causal_lm_per_sample_loss, hf_per_sample_loss
-from uma_callbacks.metrics import LossLandscape
 
+from uma_callbacks.core.losses import causal_lm_per_sample_loss, hf_per_sample_loss
+from uma_callbacks.engine.budget import PeakMemory, param_bytes, release_memory
+from uma_callbacks.metrics import LossLandscape
 
 
 def qwen2_setup():

@@ -25,8 +25,8 @@ import statistics
 import time
 
 import torch
-
 from child_peaks import peaks_in_child  # bench/ is on sys.path when run as a script
+
 from uma_callbacks.engine.budget import PeakMemory, param_bytes, release_memory
 from uma_callbacks.linalg.weights import moved_weights
 from uma_callbacks.metrics import InformationTheory, Representations

@@ -29,12 +29,11 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+from bench.memory import SENTENCES  # noqa: E402 (one list of probe sentences for the MiniLM benches)
 from uma_callbacks.core.losses import hf_per_sample_loss
 from uma_callbacks.core.model_state import eager_attention
 from uma_callbacks.linalg.hvp import HessianOperator
 from uma_callbacks.metrics import FisherInformation, HessianSpectrum
-
-from bench.memory import SENTENCES  # noqa: E402 (one list of probe sentences for the MiniLM benches)
 
 
 def load_minilm(n: int = 16):

@@ -36,8 +36,8 @@ for _var in ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS"):
     os.environ.setdefault(_var, "1")
 
 import torch
-
 from child_peaks import peaks_in_child  # bench/ is on sys.path when run as a script
+
 from uma_callbacks.core.losses import hf_per_sample_loss
 from uma_callbacks.engine.budget import PeakMemory, param_bytes, release_memory
 from uma_callbacks.metrics import LotteryTickets, Modularity, TaskVectors

@@ -22,10 +22,10 @@ import torch
 
 from tests.cases import mlp_case
 from uma_callbacks.core.distributed import AgreeingCollective, Collective, PeerFailure
-from uma_callbacks.metrics import GradientFlow
-from uma_callbacks.metrics.base import ComputeContext, Metric, MetricResult
 from uma_callbacks.engine.probe import Probe
 from uma_callbacks.engine.suite import MetricSuite
+from uma_callbacks.metrics import GradientFlow
+from uma_callbacks.metrics.base import ComputeContext, Metric, MetricResult
 
 REPO = Path(__file__).resolve().parents[1]
 

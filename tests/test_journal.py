@@ -6,9 +6,9 @@ import numpy as np
 import pytest
 import torch
 
+from uma_callbacks.core.records import Record
 from uma_callbacks.engine.journal import Journal, cache_key, safe_name
 from uma_callbacks.metrics.base import MetricResult
-from uma_callbacks.core.records import Record
 
 
 def _record(step=1, metric="m", key="k", status="ok", **scalars):

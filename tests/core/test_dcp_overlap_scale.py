@@ -39,7 +39,7 @@ def _guillotine(rng: random.Random, lo: tuple[int, ...], hi: tuple[int, ...], de
     """Random boxes tiling [lo, hi): recursive cuts along random dimensions (uneven sizes)."""
     dims = [k for k in range(len(lo)) if hi[k] - lo[k] > 1]
     if depth == 0 or not dims or rng.random() < 0.15:
-        return [(lo, tuple(h - l for l, h in zip(lo, hi)))]
+        return [(lo, tuple(b - a for a, b in zip(lo, hi)))]
     k = rng.choice(dims)
     cut = rng.randrange(lo[k] + 1, hi[k])
     left_hi = hi[:k] + (cut,) + hi[k + 1 :]

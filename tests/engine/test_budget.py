@@ -9,11 +9,11 @@ import pytest
 import torch
 
 from tests.metrics.test_contract import SMALL, _build
-from uma_callbacks.engine.budget import BudgetExceeded, MemoryBudget, PeakMemory, compute_within_budget, param_bytes
+from uma_callbacks.engine.budget import MemoryBudget, PeakMemory, compute_within_budget, param_bytes
 from uma_callbacks.engine.journal import Journal
-from uma_callbacks.metrics import METRICS, GradientFlow
 from uma_callbacks.engine.probe import Probe
 from uma_callbacks.engine.suite import MetricSuite
+from uma_callbacks.metrics import METRICS, GradientFlow
 
 
 class Wide(torch.nn.Module):
@@ -262,7 +262,6 @@ def test_cpu_allocation_failure_is_recognised():
 @pytest.mark.parametrize("name", sorted(METRICS))
 def test_results_identical_whatever_the_chunk(name):
     from tests.cases import qwen2_case
-
     from tests.metrics.test_contract import _history
 
     model, batches, loss_fn = qwen2_case(dtype=torch.float64)

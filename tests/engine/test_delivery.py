@@ -2,9 +2,9 @@
 
 from __future__ import annotations
 
+from uma_callbacks.core.records import Record
 from uma_callbacks.engine.delivery import Delivery
 from uma_callbacks.engine.journal import Journal
-from uma_callbacks.core.records import Record
 from uma_callbacks.integrations.base import MemorySink, Sink
 
 

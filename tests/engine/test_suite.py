@@ -6,14 +6,14 @@ import pytest
 import torch
 
 from tests.cases import mlp_case
-from uma_callbacks.integrations.base import MemorySink, Sink
+from uma_callbacks.engine.delivery import Delivery
 from uma_callbacks.engine.journal import Journal
-from uma_callbacks.metrics import GradientFlow
-from uma_callbacks.metrics.base import ComputeContext, Metric, MetricResult
 from uma_callbacks.engine.probe import Probe
 from uma_callbacks.engine.snapshot import weights_fingerprint
-from uma_callbacks.engine.delivery import Delivery
 from uma_callbacks.engine.suite import MetricSuite
+from uma_callbacks.integrations.base import MemorySink, Sink
+from uma_callbacks.metrics import GradientFlow
+from uma_callbacks.metrics.base import ComputeContext, Metric, MetricResult
 
 
 class Counting(Metric):

@@ -6,9 +6,9 @@ import sys
 
 import pytest
 
-from uma_callbacks.engine.journal import Journal
 from uma_callbacks.core.records import Record
 from uma_callbacks.engine.delivery import deliver
+from uma_callbacks.engine.journal import Journal
 
 mlflow = pytest.importorskip("mlflow")
 

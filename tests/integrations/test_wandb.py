@@ -9,8 +9,8 @@ import pytest
 
 from tests.integrations.wandb_runfile import artifacts, history_rows, metric_definitions, settled_records
 from tests.trainer_cases import run_trainer, tiny_lm_dataset
-from uma_callbacks.engine.journal import Journal
 from uma_callbacks.core.records import Record
+from uma_callbacks.engine.journal import Journal
 
 wandb = pytest.importorskip("wandb")
 
@@ -114,8 +114,8 @@ def _record(tmp_path, step=3):
 
 
 def test_same_record_twice_adds_one_row_own_run(tmp_path, offline_wandb):
-    from uma_callbacks.integrations.wandb import WandbSink
     from uma_callbacks.engine.delivery import deliver
+    from uma_callbacks.integrations.wandb import WandbSink
 
     journal = Journal(tmp_path / "uma")
     sink = WandbSink(project="uma-test")
@@ -152,7 +152,6 @@ def test_report_to_resolution_none_one_both_or_own_sink(tmp_path):
 
     from uma_callbacks import UMACallback
     from uma_callbacks.integrations.base import MemorySink
-
     from uma_callbacks.triggers.trainer import trainer_sinks
 
     def resolve(report_to, trackers=None):

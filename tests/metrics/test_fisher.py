@@ -3,8 +3,8 @@
 from __future__ import annotations
 
 import copy
-import math
 import logging
+import math
 from types import SimpleNamespace
 
 import numpy as np

@@ -8,11 +8,10 @@ import numpy as np
 import pytest
 import torch
 
-from uma_callbacks.metrics.base import MetricSkipped
-
 from tests.cases import TINY_CASES
 from tests.oracles import oracle_probe_loss
 from uma_callbacks.metrics import METRICS, CheckpointInterpolation
+from uma_callbacks.metrics.base import MetricSkipped
 
 
 def _previous(model, seed=0, scale=0.05):

@@ -12,9 +12,9 @@ import torch
 from tests.cases import TINY_CASES
 from tests.linalg.test_hvp import run_ranks
 from tests.oracles import oracle_probe_loss
+from uma_callbacks.engine.probe import Probe
 from uma_callbacks.metrics import METRICS, LossLandscape
 from uma_callbacks.metrics.landscape import _RandomDirections, landscape_result
-from uma_callbacks.engine.probe import Probe
 
 
 def _random_dirs(model, seed):

@@ -17,8 +17,8 @@ from pathlib import Path
 
 import pytest
 
-from uma_callbacks.engine.journal import Journal, append_line, read_lines
 from uma_callbacks.core.records import Record
+from uma_callbacks.engine.journal import Journal, append_line, read_lines
 
 REPO = Path(__file__).resolve().parents[2]
 ENV = {**os.environ, "PYTHONPATH": str(REPO)}
@@ -143,9 +143,9 @@ def test_sigterm_during_a_metric_journals_it_as_interrupted_and_the_process_ends
 def test_suite_restores_the_sigterm_handler_it_found(tmp_path):
     import torch
 
-    from uma_callbacks.metrics import GradientFlow
     from uma_callbacks.engine.probe import Probe
     from uma_callbacks.engine.suite import MetricSuite
+    from uma_callbacks.metrics import GradientFlow
 
     def mine(signum, frame):  # a user's handler
         raise AssertionError("not called here")

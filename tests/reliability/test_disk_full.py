@@ -17,8 +17,8 @@ from transformers import TrainerCallback
 
 from tests.trainer_cases import run_trainer
 from uma_callbacks import UMACallback
-from uma_callbacks.engine.journal import Journal
 from uma_callbacks.core.records import Record
+from uma_callbacks.engine.journal import Journal
 from uma_callbacks.metrics.base import MetricResult
 
 

@@ -21,8 +21,8 @@ from tests.reliability import test_disk_full
 from tests.reliability.test_disk_full import Fill
 from tests.trainer_cases import run_trainer
 from uma_callbacks import UMACallback
-from uma_callbacks.engine.journal import Journal
 from uma_callbacks.core.records import Record, artifact_path
+from uma_callbacks.engine.journal import Journal
 from uma_callbacks.metrics.base import MetricResult
 
 disk = test_disk_full.disk  # the tmpfs fixture

@@ -12,8 +12,8 @@ import logging
 
 import pytest
 
-from uma_callbacks.engine.journal import Journal, append_line
 from uma_callbacks.core.records import Record
+from uma_callbacks.engine.journal import Journal, append_line
 from uma_callbacks.report import collect_results, collect_series
 
 FOREIGN = [

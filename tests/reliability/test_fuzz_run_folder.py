@@ -117,7 +117,7 @@ def run_folder(tmp_path_factory):
 def _mutate(path: Path, how: str, rng: random.Random, outside: Path) -> None:
     """Apply one mutation to the file ``path``."""
     data = path.read_bytes()
-    if how in ("retype", "huge") and not path.suffix in (".json", ".jsonl"):
+    if how in ("retype", "huge") and path.suffix not in (".json", ".jsonl"):
         how = "flip"  # binary files: a flipped byte instead
     if how == "truncate":
         path.write_bytes(data[: rng.randrange(len(data)) if data else 0])
@@ -236,9 +236,9 @@ def test_one_mutated_file_breaks_no_command_and_loses_no_other_record(
     run_folder, kind, pick, how, seed, capsys
 ):
     from mlflow.tracking import MlflowClient
-    from uma_callbacks.integrations.mlflow import MLflowSink
 
     from uma_callbacks.engine.delivery import Delivery
+    from uma_callbacks.integrations.mlflow import MLflowSink
 
     base, run_id = run_folder
     classes = _files_by_class(base / "run")

@@ -16,8 +16,8 @@ import torch
 
 from tests.trainer_cases import tiny_lm, tiny_lm_dataset, training_args
 from uma_callbacks import UMACallback
-from uma_callbacks.engine.journal import Journal
 from uma_callbacks.core.records import Record
+from uma_callbacks.engine.journal import Journal
 
 pytest.importorskip("mlflow")
 

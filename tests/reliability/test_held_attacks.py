@@ -24,9 +24,9 @@ from pathlib import Path
 import pytest
 import torch
 
+from uma_callbacks.core.records import Record
 from uma_callbacks.engine.delivery import Delivery
 from uma_callbacks.engine.journal import Journal
-from uma_callbacks.core.records import Record
 from uma_callbacks.integrations.base import tracker_key
 
 REPO = Path(__file__).resolve().parents[2]

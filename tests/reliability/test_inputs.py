@@ -14,12 +14,12 @@ from hypothesis import strategies as st
 from tests.cases import mlp_case, qwen2_case
 from tests.reliability.test_model_safety import _build
 from uma_callbacks import UMAConfig, UnifiedConfig
+from uma_callbacks.core.records import Record
 from uma_callbacks.engine.journal import Journal, safe_name
+from uma_callbacks.engine.probe import Probe, select_samples
+from uma_callbacks.engine.suite import MetricSuite
 from uma_callbacks.metrics import METRICS
 from uma_callbacks.metrics.base import MetricResult
-from uma_callbacks.engine.probe import Probe, select_samples
-from uma_callbacks.core.records import Record
-from uma_callbacks.engine.suite import MetricSuite
 
 ANY = st.one_of(
     st.none(),

@@ -17,8 +17,8 @@ from pathlib import Path
 
 import pytest
 
-from uma_callbacks.engine.journal import Journal, _write_lines
 from uma_callbacks.core.records import Record
+from uma_callbacks.engine.journal import Journal, _write_lines
 
 REPO = Path(__file__).resolve().parents[2]
 ENV = {**os.environ, "PYTHONPATH": str(REPO)}

@@ -13,8 +13,8 @@ import os
 
 import pytest
 
-from uma_callbacks.engine.journal import Journal
 from uma_callbacks.core.records import Record, artifact_path
+from uma_callbacks.engine.journal import Journal
 
 HOSTILE = ["/etc/passwd", "../../secret.txt", "../secret.txt", "step-1/link.json", "step-1/dirlink/x.json", "", "step-1"]
 

@@ -22,8 +22,8 @@ import pytest
 from tests.trainer_cases import run_trainer
 from uma_callbacks import UMACallback
 from uma_callbacks.cli import main
-from uma_callbacks.engine.journal import Journal
 from uma_callbacks.core.records import Record, artifact_path
+from uma_callbacks.engine.journal import Journal
 from uma_callbacks.metrics.base import MetricResult
 
 SECRET = b"the contents of a file outside the run"

@@ -24,9 +24,9 @@ def _build(name, model):
         if name == "interpolation":
             metric.set_previous({n: p.detach().clone() + 0.01 for n, p in model.named_parameters()})
     return metric
-from uma_callbacks.metrics import METRICS
-from uma_callbacks.engine.suite import MetricSuite
 from uma_callbacks.engine.probe import Probe
+from uma_callbacks.engine.suite import MetricSuite
+from uma_callbacks.metrics import METRICS
 
 
 class Boom(RuntimeError):

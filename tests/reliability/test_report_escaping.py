@@ -9,8 +9,8 @@ from __future__ import annotations
 
 import pytest
 
-from uma_callbacks.engine.journal import Journal, append_line
 from uma_callbacks.core.records import Record
+from uma_callbacks.engine.journal import Journal, append_line
 from uma_callbacks.report import write_report
 
 pytest.importorskip("matplotlib")

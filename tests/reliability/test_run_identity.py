@@ -25,9 +25,9 @@ import torch
 
 from tests.trainer_cases import tiny_lm, tiny_lm_dataset, training_args
 from uma_callbacks import UMACallback
+from uma_callbacks.core.records import Record
 from uma_callbacks.engine.delivery import Delivery
 from uma_callbacks.engine.journal import Journal, append_line
-from uma_callbacks.core.records import Record
 from uma_callbacks.metrics.base import ComputeContext, Metric, MetricResult
 
 pytestmark = pytest.mark.slow
@@ -269,7 +269,7 @@ def test_accelerate_load_state_continues_the_folders_run_and_a_fresh_attach_is_a
 
     def handle_for():
         acc = Accelerator(cpu=True)
-        model = acc.prepare(torch.nn.Linear(3, 1))
+        acc.prepare(torch.nn.Linear(3, 1))  # the prepared model is what attach finds
         batches = [{"x": torch.randn(4, 3)}]
         handle = attach(acc, ["gradient_flow"], batches, trackers=[], output_dir=str(tmp_path / "uma"),
                         loss_fn=lambda m, b: m(b["x"]).sum(-1), draw_figures=False)

@@ -15,8 +15,8 @@ import pytest
 
 from tests.test_checkpoints import fake_trainer_run, tiny_model
 from tests.trainer_cases import run_trainer, tiny_lm_dataset
-from uma_callbacks.engine.probe import Probe, save_probe
 from uma_callbacks.core.records import Record
+from uma_callbacks.engine.probe import Probe, save_probe
 from uma_callbacks.engine.snapshot import weights_fingerprint
 from uma_callbacks.triggers.backfill import backfill
 

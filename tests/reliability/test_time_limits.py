@@ -14,10 +14,10 @@ from tests.reliability.test_model_safety import _build
 from tests.trainer_cases import run_trainer
 from uma_callbacks import UMACallback
 from uma_callbacks.engine.journal import Journal
-from uma_callbacks.metrics import METRICS
-from uma_callbacks.metrics.base import MetricTimeout
 from uma_callbacks.engine.probe import Probe
 from uma_callbacks.engine.suite import MetricSuite
+from uma_callbacks.metrics import METRICS
+from uma_callbacks.metrics.base import MetricTimeout
 
 
 @pytest.mark.parametrize("name", sorted(METRICS))

@@ -12,9 +12,9 @@ import logging
 
 import pytest
 
+from uma_callbacks.core.records import Record
 from uma_callbacks.engine.delivery import Delivery
 from uma_callbacks.engine.journal import Journal
-from uma_callbacks.core.records import Record
 from uma_callbacks.integrations.base import tracker_key
 
 mlflow = pytest.importorskip("mlflow")

@@ -19,9 +19,9 @@ import torch
 from transformers import TrainerCallback
 
 from uma_callbacks import UMAConfig
+from uma_callbacks.core.records import Record
 from uma_callbacks.engine.delivery import Delivery
 from uma_callbacks.engine.journal import Journal
-from uma_callbacks.core.records import Record
 from uma_callbacks.integrations.base import MemorySink, keeps_rng
 from uma_callbacks.integrations.bounded import BoundedSink, TrackerStalled, rearm
 

@@ -23,9 +23,9 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))  # the repo root, for tests.*
 
 from tests.trainer_cases import tiny_lm, tiny_lm_dataset, training_args  # noqa: E402
+from uma_callbacks.engine.probe import Probe, pad_collate  # noqa: E402
 from uma_callbacks.metrics import METRICS  # noqa: E402
 from uma_callbacks.metrics.base import ComputeContext, Metric, MetricResult  # noqa: E402
-from uma_callbacks.engine.probe import Probe, pad_collate  # noqa: E402
 
 PROBE_SIZE = 12
 

@@ -29,6 +29,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
 from tests.scripts.fsdp_metrics import probe_batches, tiny_qwen
 
+
 def metrics() -> list:
     """The attached metrics, all planned by the memory budget (no chunk sizes given); fresh
     objects, the same configs give the same cache keys."""

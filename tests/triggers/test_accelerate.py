@@ -15,9 +15,9 @@ import torch
 
 from tests.cases import mlp_case
 from uma_callbacks import attach
-from uma_callbacks.triggers.accelerate import STATE_FILE, AcceleratorTrackerSink, read_state
 from uma_callbacks.engine.journal import Journal
 from uma_callbacks.metrics import GradientFlow
+from uma_callbacks.triggers.accelerate import STATE_FILE, AcceleratorTrackerSink, read_state
 
 accelerate = pytest.importorskip("accelerate")
 REPO = Path(__file__).resolve().parents[2]

@@ -15,9 +15,9 @@ import pytest
 
 from tests.test_checkpoints import fake_trainer_run, tiny_model
 from tests.trainer_cases import run_trainer, tiny_lm_dataset
-from uma_callbacks.triggers.backfill import backfill
 from uma_callbacks.engine.journal import Journal
 from uma_callbacks.engine.probe import Probe, load_probe, save_probe
+from uma_callbacks.triggers.backfill import backfill
 
 pytestmark = pytest.mark.slow
 mlflow = pytest.importorskip("mlflow")
