@@ -31,10 +31,10 @@ from uma_callbacks.linalg.layers.factors import Factor
 
 #: ``rule(module, x, d, n) -> {parameter attribute: factor}``: x the call's first input, d
 #: the gradient of the summed loss to its output (both ``[n, ...]``), n the number of samples
-FactorsFn = Callable[[torch.nn.Module, torch.Tensor, torch.Tensor, int], dict[str, Factor]]
+FactorsFn = Callable[[Any, torch.Tensor, torch.Tensor, int], dict[str, Factor]]
 #: ``batch_inputs(module, inputs, n) -> inputs or None``: called before each call, it may
 #: give inputs whose dim 0 is the batch (an embedding's ids shared by the batch)
-BatchInputsFn = Callable[[torch.nn.Module, tuple[Any, ...], int], "tuple[Any, ...] | None"]
+BatchInputsFn = Callable[[Any, tuple[Any, ...], int], tuple[Any, ...] | None]
 
 
 @dataclass(frozen=True)
@@ -72,7 +72,7 @@ def _make_rule(
     params = tuple(params)
     if not params or not all(isinstance(p, str) and p for p in params):
         raise ValueError(f"params must be a non-empty sequence of attribute names; got {params!r}")
-    return LayerRule(name or getattr(fn, "__name__", "rule"), fn, params, accepts, batch_inputs)
+    return LayerRule(str(name or getattr(fn, "__name__", "rule")), fn, params, accepts, batch_inputs)
 
 
 def register_layer_rule(
@@ -156,7 +156,7 @@ def find_layer_rule(module: torch.nn.Module) -> LayerRule | None:
         rule = _BY_TYPE.get(base)
         if rule is None:
             continue
-        if cls.forward is base.forward:
+        if cls.forward is getattr(base, "forward", None):
             return rule if rule.accepts is None or rule.accepts(module) else None
         break  # forward overridden: unknown to the rule
     for rule in _MATCHING:

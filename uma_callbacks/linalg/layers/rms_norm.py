@@ -10,6 +10,8 @@ instead and goes to vmap).
 
 from __future__ import annotations
 
+from typing import Any
+
 import torch
 
 from uma_callbacks.linalg.layers.factors import Dense, Factor
@@ -27,7 +29,7 @@ def is_hf_rms_norm(module: torch.nn.Module) -> bool:
 
 
 @register_layer_rule_matching(is_hf_rms_norm, name="rmsnorm", params=("weight",))
-def rms_norm_rule(module: torch.nn.Module, x: torch.Tensor, d: torch.Tensor, n: int) -> dict[str, Factor]:
+def rms_norm_rule(module: Any, x: torch.Tensor, d: torch.Tensor, n: int) -> dict[str, Factor]:
     """``{"weight": Dense}`` of one call (x ``[n, ..., H]``; HF: float32 statistics, cast back)."""
     h = x.to(torch.float32)
     h = h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + module.variance_epsilon)
