@@ -68,7 +68,7 @@ def sink_class(name: str) -> type | Callable[..., Any]:
     Raises:
         ValueError: unknown name, listing the known ones.
         ModuleNotFoundError: a built-in tracker whose package is missing (names the pip extra).
-    """
+    """  # noqa: DOC502 (ModuleNotFoundError: from require_tracker)
     if name in _REGISTERED:
         return _REGISTERED[name]
     if name not in _BUILTIN:
@@ -86,7 +86,7 @@ def check_tracker(name: str) -> None:
     Raises:
         ValueError: unknown name.
         ModuleNotFoundError: missing package (names the pip extra).
-    """
+    """  # noqa: DOC502 (ModuleNotFoundError: from require_tracker)
     if name in _REGISTERED:
         return
     if name not in _BUILTIN:
@@ -107,8 +107,9 @@ def make_sink(name: str, **options: Any) -> Any:
     Raises:
         ValueError: unknown name.
         ModuleNotFoundError: the tracker's package is missing (names the pip extra).
-    """
+    """  # noqa: DOC502 (from sink_class)
     factory = sink_class(name)
+    params: Mapping[str, inspect.Parameter]
     try:
         params = inspect.signature(factory).parameters
     except (TypeError, ValueError):  # builtins without a signature: no options
@@ -159,7 +160,7 @@ def resolve_sinks(
     Raises:
         ValueError: an unknown name.
         ModuleNotFoundError: a named tracker's package is missing.
-    """
+    """  # noqa: DOC502 (from make_sink)
     entries = list(default if requested is None else requested)
     sinks: list[Any] = []
     own: list[Any] = []

@@ -46,6 +46,7 @@ from safetensors import SafetensorError
 
 from uma_callbacks.config import UMAConfig
 from uma_callbacks.core.distributed import Collective, current_collective
+from uma_callbacks.core.records import Record
 from uma_callbacks.core.rng import rng_preserved
 from uma_callbacks.core.sharding import deepspeed_zero3_reason
 from uma_callbacks.engine.budget import as_budget
@@ -54,7 +55,6 @@ from uma_callbacks.engine.history import CheckpointHistory
 from uma_callbacks.engine.journal import Journal
 from uma_callbacks.engine.probe import Probe, count_samples, save_probe
 from uma_callbacks.engine.probe_source import build_probe, check_probe_matches
-from uma_callbacks.core.records import Record
 from uma_callbacks.engine.run_identity import RunJournal, is_run_id, new_run_id, tracker_run
 from uma_callbacks.engine.snapshot import weights_fingerprint
 from uma_callbacks.engine.suite import MetricSuite
@@ -155,7 +155,8 @@ class Session:
             aggressive_cleanup=config.aggressive_cleanup,
             timeout_seconds=config.timeout_seconds,
         )
-        self.suite.progress = _Progress(self.is_main)
+        self._progress = _Progress(self.is_main)
+        self.suite.progress = self._progress
         self.probe: Probe | None = None
         self.records: list[Record] = []
         self._measured: set[tuple[int, str]] = set()
@@ -211,7 +212,7 @@ class Session:
                 measured on another probe, it cannot be measured with the configured loss,
                 ``run`` is not a run id, or an unknown tracker name.
             ModuleNotFoundError: a named tracker's package is missing.
-        """
+        """  # noqa: DOC502 (from build_probe, check_same_probe, check_probe_matches, open and add_sinks)
         cfg = self.config
         options = dict(probe_options or {})
         with all_rngs_preserved():  # drawing the probe consumes no RNG of the run
@@ -239,7 +240,7 @@ class Session:
         Raises:
             ValueError: an unknown tracker name.
             ModuleNotFoundError: a named tracker's package is missing.
-        """
+        """  # noqa: DOC502 (from resolve_sinks)
         if not self.is_main:
             return
         live = self.source in LIVE_SOURCES
@@ -287,7 +288,7 @@ class Session:
         Raises:
             ValueError: the probe cannot be measured with the configured loss, or ``run``
                 is not a run id (32 hex digits, or ``""`` for an older version's run).
-        """
+        """  # noqa: DOC502 (from continue_run and check_probe_usable)
         if run is not None:
             self.continue_run(run)
         with all_rngs_preserved():
@@ -307,8 +308,9 @@ class Session:
             self.delivery.start(self.params(params))
 
     def continue_run(self, run: str) -> None:
-        """Make this session's records those of the training run ``run`` (a resume): they
-        carry its id, and the delivery replays its records.
+        """Make this session's records those of the training run ``run`` (a resume).
+
+        They carry its id, and the delivery replays its records.
 
         Raises:
             ValueError: ``run`` is not a run id (32 lowercase hex digits, or ``""`` for an
@@ -392,7 +394,7 @@ class Session:
         for record in records:
             if self._owns(record):
                 record.run = self.run  # the journal stamped rank 0's; the other ranks' too
-        self.suite.progress.close()
+        self._progress.close()
         if self.journal is not None:
             self.journal.flush()  # writes that failed earlier (full disk) are retried at every save
         self.records.extend(records)
@@ -401,8 +403,10 @@ class Session:
         return records
 
     def train_seconds(self) -> float | None:
-        """Seconds of training since the session opened or last measured (a live training);
-        ``None`` in a backfill (no training time)."""
+        """Seconds of training since the session opened or last measured (a live training).
+
+        ``None`` in a backfill (no training time).
+        """
         return None if self._clock is None else time.monotonic() - self._clock
 
     def compute_budget(self, train_seconds: float | None) -> float | None:
@@ -438,9 +442,11 @@ class Session:
         return record
 
     def _owns(self, record: Record) -> bool:
-        """Whether ``record`` belongs to this session's run: all it measures, and in a live
-        training its cache hits too. A backfill's cache hit keeps the run of the record it
-        copies (the training run that measured those weights), so it is not delivered twice."""
+        """Whether ``record`` belongs to this session's run: all it measures, and in a live training its cache hits too.
+
+        A backfill's cache hit keeps the run of the record it copies (the training run that
+        measured those weights), so it is not delivered twice.
+        """
         return record.status != "cached" or self.source in LIVE_SOURCES
 
     def _on_record(self, record: Record) -> None:
@@ -507,9 +513,11 @@ def check_probe_usable(probe: Probe, loss_fn: Any, needs_labels: bool = True) ->
 
 
 class _Progress:
-    """One log line per metric start and end (seconds, status) through ``transformers``'
-    logging (shown at ``log_level="info"``), and a tqdm bar over the metrics when the
-    process has a terminal."""
+    """One log line per metric start and end (seconds, status), and a tqdm bar over the metrics.
+
+    The lines go through ``transformers``' logging (shown at ``log_level="info"``); the bar
+    is shown when the process has a terminal.
+    """
 
     def __init__(self, enabled: bool) -> None:
         self.enabled = enabled

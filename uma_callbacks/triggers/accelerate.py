@@ -38,8 +38,8 @@ import torch
 
 from uma_callbacks.checkpoints import ensure_config_json
 from uma_callbacks.config import UMAConfig
-from uma_callbacks.engine.probe import Probe
 from uma_callbacks.core.records import Record
+from uma_callbacks.engine.probe import Probe
 from uma_callbacks.engine.run_identity import read_run_marker, write_run_marker
 from uma_callbacks.engine.state_file import STATE_FILE, read_state, write_state  # noqa: F401 (public here too)
 from uma_callbacks.integrations.accelerate import AcceleratorTrackerSink, sink_for_tracker  # noqa: F401
@@ -128,7 +128,7 @@ class UMAHandle:
 
         Raises:
             ValueError: no model to measure (none given and none prepared).
-        """
+        """  # noqa: DOC502 (from _the_model)
         step = self.current_step() if step is None else int(step)
         if step is None:
             logger.warning(
@@ -153,7 +153,11 @@ class UMAHandle:
 
     # ------------------------------------------------------------------ internals
     def _the_model(self, models: list[torch.nn.Module]) -> torch.nn.Module:
-        """The model given to :func:`attach`, else the ``model_index``-th prepared one, unwrapped."""
+        """The model given to :func:`attach`, else the ``model_index``-th prepared one, unwrapped.
+
+        Raises:
+            ValueError: none given and the accelerator holds no ``model_index``-th prepared model.
+        """
         if self._model is not None:
             return self._model
         if self._model_index >= len(models):
@@ -177,8 +181,11 @@ class UMAHandle:
             ensure_config_json(output_dir, model)  # the backfill rebuilds the model from it
 
     def _on_load(self, models: list[torch.nn.Module], input_dir: str) -> None:
-        """``accelerator.load_state(input_dir)``: a resume continues the folder's run, when
-        this session has measured nothing yet (else its records already belong to its own)."""
+        """``accelerator.load_state(input_dir)``: a resume continues the folder's run.
+
+        Only when this session has measured nothing yet (else its records already belong to
+        its own run).
+        """
         run = read_run_marker(input_dir)
         if run is None or run == self.session.run:
             return
@@ -188,8 +195,10 @@ class UMAHandle:
         self.session.continue_run(run)
 
     def _start_sinks(self) -> None:
-        """Resolve the sinks at the first save (after ``accelerator.init_trackers``): this
-        trigger's default is the accelerator's trackers."""
+        """Resolve the sinks at the first save (after ``accelerator.init_trackers``).
+
+        This trigger's default is the accelerator's trackers.
+        """
         if self._sinks_ready:
             return
         self._sinks_ready = True
@@ -264,7 +273,7 @@ def attach(
         >>> read_state(out + "/ckpt")["step"]
         100
         >>> handle.remove()
-    """
+    """  # noqa: DOC502 (ModuleNotFoundError: from UMAConfig's tracker check)
     cfg = config.pop("config", None) or UMAConfig(
         metrics=metrics, trackers=trackers, output_dir=output_dir, loss_fn=loss_fn, **config
     )

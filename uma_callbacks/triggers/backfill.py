@@ -28,15 +28,15 @@ import torch
 
 from uma_callbacks.checkpoints import Checkpoint, discover_with_problems
 from uma_callbacks.config import UMAConfig
+from uma_callbacks.core.records import Record
 from uma_callbacks.engine.budget import as_budget
 from uma_callbacks.engine.journal import Journal
 from uma_callbacks.engine.probe_source import load_tokenizer
-from uma_callbacks.core.records import Record
-from uma_callbacks.triggers.run_sinks import journal_runs, offline_trackers
 from uma_callbacks.metrics.base import Metric
 from uma_callbacks.metrics.trajectory import Trajectory, trajectory_scalars  # noqa: F401 (public here too)
 from uma_callbacks.session import Session
 from uma_callbacks.triggers.prefetch import ModelLoader, prefetched
+from uma_callbacks.triggers.run_sinks import journal_runs, offline_trackers
 
 logger = logging.getLogger(__name__)
 
@@ -130,10 +130,15 @@ def backfill(
         config: a whole :class:`~uma_callbacks.config.UMAConfig` (else built from
             ``metrics`` and ``**options``).
         steps: ``{folder name or path: step}`` for folders whose step is not on disk.
-        texts, tokenizer, max_length: raw texts for the probe, tokenised with ``tokenizer``
-            (an object or a local folder; by default the one saved with the checkpoints).
-        mlflow_run_id, tracking_uri: the MLflow run to log into (default: the run this
-            journal last delivered to).
+        texts: raw texts for the probe (when no probe is given or saved), tokenised with
+            ``tokenizer``.
+        tokenizer: the tokenizer for ``texts``: an object or a local folder; by default the
+            one saved with the checkpoints.
+        max_length: tokens per text.
+        mlflow_run_id: the MLflow run to log into (default: the run this journal last
+            delivered to).
+        tracking_uri: the MLflow store to log into (default: that delivery's, else
+            ``MLFLOW_TRACKING_URI``, else a local ``mlflow.db``).
         wandb_run_id: the W&B run to log into (resumed).
         model_factory: ``factory(folder, config_dict) -> nn.Module`` instead of building
             from ``config.json`` with transformers.
@@ -155,7 +160,7 @@ def backfill(
         FileNotFoundError: the run folder does not exist.
         ValueError: no checkpoints, bad configuration, no usable probe, or a probe whose
             fingerprint differs from the journal's.
-    """
+    """  # noqa: DOC502 (FileNotFoundError: from discover_with_problems)
     started = time.perf_counter()
     unknown = sorted(set(options) - _CONFIG_FIELDS)
     if unknown:
@@ -217,8 +222,9 @@ def backfill(
 def _config(
     config: UMAConfig | None, metrics: Sequence[str | Metric], pair: bool, run_ids: list[str | None], options: dict[str, Any]
 ) -> UMAConfig:
-    """The backfill's configuration, built once: ``config`` (or ``metrics`` and ``options``),
-    with ``trajectory`` when ``pair`` (several checkpoints) and the trackers the run ids name
+    """The backfill's configuration, built once: ``config``, or one from ``metrics`` and ``options``.
+
+    It has ``trajectory`` when ``pair`` (several checkpoints) and the trackers the run ids name
     (:func:`~uma_callbacks.triggers.run_sinks.offline_trackers`). A given ``config`` is never
     changed: a copy is made when it lacks one of those.
 

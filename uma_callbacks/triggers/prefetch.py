@@ -50,8 +50,11 @@ def read_checkpoint(checkpoint: Checkpoint, budget: Any = None) -> Loaded:
 
 
 def prefetched(checkpoints: Sequence[Checkpoint], enabled: bool = True, budget: Any = None) -> Iterator[tuple[Loaded, float]]:
-    """``(loaded checkpoint, seconds waited for it)`` in order; the next one is read on a
-    background thread while the caller works on the current one (``budget``: see :func:`read_checkpoint`)."""
+    """``(loaded checkpoint, seconds waited for it)`` in order.
+
+    The next one is read on a background thread while the caller works on the current one
+    (``budget``: see :func:`read_checkpoint`).
+    """
     with ThreadPoolExecutor(max_workers=1, thread_name_prefix="uma-prefetch") as pool:
         pending: Future[Loaded] | None = pool.submit(read_checkpoint, checkpoints[0], budget) if enabled and checkpoints else None
         for i, ckpt in enumerate(checkpoints):
@@ -76,8 +79,9 @@ class ModelLoader:
         """The model holding ``loaded``'s weights.
 
         Raises:
-            Exception: the checkpoint could not be read, or is of another architecture.
-        """
+            ValueError: the checkpoint is of another architecture than the run's.
+            Exception: the checkpoint could not be read (the error its reading raised).
+        """  # noqa: DOC502 (Exception: read_checkpoint's, re-raised)
         if loaded.error is not None:
             raise loaded.error
         assert loaded.config is not None and loaded.weights is not None

@@ -116,7 +116,17 @@ class UMACallback(TrainerCallback):
         return self.session.sinks if self.session else []
 
     # ------------------------------------------------------------------ events
-    def on_train_begin(self, args, state, control, model=None, train_dataloader=None, eval_dataloader=None, **kwargs):
+    def on_train_begin(
+        self,
+        args: Any,
+        state: Any,
+        control: Any,
+        model: torch.nn.Module | None = None,
+        train_dataloader: Any = None,
+        eval_dataloader: Any = None,
+        **kwargs: Any,
+    ) -> None:
+        """Start the session with this trigger's defaults; a resumed training continues its run and completes its cut-off save."""
         cfg = self.config
         root = cfg.output_dir or os.path.join(args.output_dir, "uma")
         session = Session(cfg, root, source="callback")
@@ -137,8 +147,10 @@ class UMACallback(TrainerCallback):
             self._complete_resumed_save(model, step)
 
     def _complete_resumed_save(self, model: Any, step: int) -> None:
-        """Measure, at ``step``, the metrics the run holds no finished record of there (the
-        save was cut off), on the model the Trainer just loaded from that checkpoint."""
+        """Measure, at ``step``, the metrics the run holds no finished record of there (the save was cut off).
+
+        The model is the one the Trainer just loaded from that checkpoint.
+        """
         session = self.session
         if session is None or model is None:
             return
@@ -154,12 +166,14 @@ class UMACallback(TrainerCallback):
         if todo:  # the budget of a save without training time before it: seconds_per_save only
             session.measure(model, step, only=todo, seconds=session.compute_budget(None))
 
-    def on_step_end(self, args, state, control, model=None, **kwargs):
+    def on_step_end(self, args: Any, state: Any, control: Any, model: torch.nn.Module | None = None, **kwargs: Any) -> None:
+        """With ``every_n_steps``, measure between saves (a save step is measured by :meth:`on_save`)."""
         n = self.config.every_n_steps
         if n and state.global_step % n == 0 and not _is_save_step(args, state):
             self._measure(model, state.global_step, state)
 
-    def on_save(self, args, state, control, model=None, **kwargs):
+    def on_save(self, args: Any, state: Any, control: Any, model: torch.nn.Module | None = None, **kwargs: Any) -> None:
+        """Mark the checkpoint folder with the run's id, measure the model at the global step, and write a missing ``config.json``."""
         if self.session is not None and self.session.is_main:  # before measuring: a kill -9 then keeps it
             write_run_marker(os.path.join(args.output_dir, f"checkpoint-{state.global_step}"), self.session.run, state.global_step)
         self._measure(model, state.global_step, state)
@@ -167,7 +181,8 @@ class UMACallback(TrainerCallback):
             # a sharded save (FSDP SHARDED_STATE_DICT) writes no config.json; the backfill needs it
             ensure_config_json(os.path.join(args.output_dir, f"checkpoint-{state.global_step}"), getattr(model, "module", model))
 
-    def on_train_end(self, args, state, control, model=None, **kwargs):
+    def on_train_end(self, args: Any, state: Any, control: Any, model: torch.nn.Module | None = None, **kwargs: Any) -> None:
+        """Finish the session: deliver what a tracker missed, close the runs it opened."""
         if self.session is not None:
             self.session.finish()
 
@@ -192,9 +207,10 @@ def trainer_sinks(
     root: str | os.PathLike[str],
     reopen: Mapping[str, Mapping[str, str]] | None = None,
 ) -> tuple[list[Any], list[Any]]:
-    """``(sinks, own)`` for a Trainer run: ``trackers``, else the tracker names in
-    ``args.report_to`` that have a sink (others are the Trainer's business), through the one
-    resolver (:func:`~uma_callbacks.integrations.registry.resolve_sinks`, as
+    """``(sinks, own)`` for a Trainer run: ``trackers``, else the tracker names in ``args.report_to`` that have a sink.
+
+    Other ``report_to`` names are the Trainer's business. The sinks come from the one resolver
+    (:func:`~uma_callbacks.integrations.registry.resolve_sinks`, as
     :meth:`Session.add_sinks <uma_callbacks.session.Session.add_sinks>` calls it).
 
     ``reopen``: ``{tracker name: {"run", "uri"}}``, the tracker runs a resumed training
