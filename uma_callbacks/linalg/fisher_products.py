@@ -81,7 +81,11 @@ class _RunningSum:
 
     @property
     def total(self) -> torch.Tensor:
-        """The sum so far, in the requested dtype."""
+        """The sum so far, in the requested dtype.
+
+        Raises:
+            ValueError: nothing has been added yet.
+        """
         if self._sum is None:
             raise ValueError("_RunningSum.total: nothing added yet")
         return self._sum.to(self.dtype) if self._wide else self._sum
@@ -145,8 +149,11 @@ class FisherSums:
 
 
 def parameter_groups(params: Mapping[str, torch.Tensor], n_groups: int) -> list[list[str]]:
-    """Split the parameter names (model order) into at most ``n_groups`` consecutive groups
-    of about equal size (a tensor larger than the share stays whole, in its own group)."""
+    """Split the parameter names (model order) into at most ``n_groups`` consecutive groups.
+
+    The groups are of about equal size; a tensor larger than the share stays whole, in its
+    own group.
+    """
     names = list(params)
     total = sum(params[n].numel() for n in names)
     share = max(1, -(-total // max(1, n_groups)))
@@ -218,8 +225,9 @@ def accumulate_fisher(
 
     Raises:
         FloatingPointError: a gradient (or its square) is NaN or Inf; names the parameter.
-        ValueError: the linear factors do not apply and ``auto_fallback`` is false.
-    """
+        ValueError: the linear factors do not apply and ``auto_fallback`` is false, or the
+            chunks hold no sample.
+    """  # noqa: DOC502 (FloatingPointError: from _check_finite)
     names = list(params)
     state = _Whole(param_map, auto_fallback, keep_gradients=cache_bytes > 0 or want_gram)
     diag: dict[str, _RunningSum] = {}
@@ -337,9 +345,15 @@ def _whole_model_chunks(
     state: _Whole,
     consume: Callable[[str, torch.Tensor | None, torch.Tensor | None], None] | None = None,
 ) -> Iterable[_ChunkSums]:
-    """Strategy: per-sample gradients of the whole model a chunk at a time (hooks, linear
-    factors or vmap), cacheable for later products. With ``consume``, the hooks path hands
-    each parameter's sums to it as they are formed (the chunk never holds P of them)."""
+    """Strategy: per-sample gradients of the whole model a chunk at a time, cacheable for later products.
+
+    The gradients come from hooks, linear factors or vmap. With ``consume``, the hooks path
+    hands each parameter's sums to it as they are formed (the chunk never holds P of them).
+
+    Raises:
+        ValueError: the linear factors do not apply and ``state.auto_fallback`` is false
+            (re-raised from ``chunk_gradients``).
+    """
     stream = plan is not None and not state.keep_gradients
     for index, chunk in enumerate(chunks):
         if stream:  # reduced during the backward: nothing kept for products
@@ -385,9 +399,12 @@ def _sharded_chunks(
     want_grad_sum: bool,
     collective: Any,
 ) -> Iterable[_ChunkSums]:
-    """Strategy for a sharded (FSDP2) model: each chunk's full-size sums reduced over ranks
-    straight into this rank's shard; filler chunks run for FSDP's collectives, counted nowhere;
-    every rank agrees it is healthy before each forward and backward."""
+    """Strategy for a sharded (FSDP2) model: each chunk's full-size sums reduced into this rank's shard.
+
+    The sums are reduced over ranks straight into the shard; filler chunks run for FSDP's
+    collectives, counted nowhere; every rank agrees it is healthy before each forward and
+    backward.
+    """
     for item in chunks:
         chunk, real = unwrap(item)
         collective.agree()  # every rank healthy before FSDP's forward all-gathers
@@ -413,9 +430,10 @@ def _sharded_chunks(
 def _scattered_stats(
     rep: LayerGradients, want_diag: bool, want_grad_sum: bool, real: bool, collective: Any
 ) -> tuple[dict[str, torch.Tensor], torch.Tensor, dict[str, torch.Tensor]]:
-    """``rep.reduce`` one parameter at a time, each full-size sum reduce-scattered into this
-    rank's shard at once: a rank holds one parameter's full-size sums [d0, ...] at a time
-    (not the whole model's, P entries, which would not shrink with the ranks).
+    """``rep.reduce`` one parameter at a time, each full-size sum reduce-scattered into this rank's shard.
+
+    Each sum is scattered at once: a rank holds one parameter's full-size sums [d0, ...] at
+    a time (not the whole model's, P entries, which would not shrink with the ranks).
 
     Returns:
         ``({name: shard of sum_i g_i^2}`` (empty unless ``want_diag``), ``sq_norms [B, n_params]``
@@ -443,8 +461,10 @@ def _grouped_chunks(
     groups: list[list[str]],
     want_grad_sum: bool,
 ) -> Iterable[_ChunkSums]:
-    """Strategy: per-sample gradients one parameter group at a time (vmap, nothing cached): a
-    chunk holds [B, largest group] instead of [B, P]; the sums are the same."""
+    """Strategy: per-sample gradients one parameter group at a time (vmap, nothing cached).
+
+    A chunk holds [B, largest group] instead of [B, P]; the sums are the same.
+    """
     names = list(params)
     column = {n: i for i, n in enumerate(names)}
     for chunk in chunks:
@@ -487,8 +507,10 @@ class _Ghost:
 
 
 def _full_gram(blocks: list[torch.Tensor] | None, cache: list[ChunkGradients] | None) -> torch.Tensor | None:
-    """G G^T from the chunks' diagonal blocks, with the blocks between chunks from the cache;
-    ``None`` when a block is missing (several chunks, not all cached)."""
+    """G G^T from the chunks' diagonal blocks, with the blocks between chunks from the cache.
+
+    ``None`` when a block is missing (several chunks, not all cached).
+    """
     if blocks is None or not blocks:
         return None
     if len(blocks) == 1:
@@ -520,8 +542,10 @@ def _add_chunk_sums(
     params: Mapping[str, torch.Tensor],
     accumulate_dtype: torch.dtype,
 ) -> None:
-    """Add one chunk's sum_i g_{i,p}^2 (and sum_i g_{i,p} when ``gsum`` is kept) to the
-    compensated accumulators, creating them (in at least the parameter's dtype) on first use."""
+    """Add one chunk's sum_i g_{i,p}^2 (and sum_i g_{i,p} when ``gsum`` is kept) to the accumulators.
+
+    The compensated accumulators are created (in at least the parameter's dtype) on first use.
+    """
     for name, value in sums.items():
         if name not in diag:
             diag[name] = _RunningSum(value, torch.promote_types(accumulate_dtype, params[name].dtype))

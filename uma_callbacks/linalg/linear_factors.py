@@ -29,8 +29,8 @@ from typing import Any
 
 import torch
 
-from uma_callbacks.core.losses import LossFn
 from uma_callbacks.core.batches import count_samples
+from uma_callbacks.core.losses import LossFn
 
 
 def linear_param_map(model: torch.nn.Module, params: Mapping[str, torch.Tensor]) -> dict[str, tuple[str, str]] | None:

@@ -15,7 +15,6 @@ which ``vmap`` refuses); see :func:`uma_callbacks.core.model_state.eager_attenti
 from __future__ import annotations
 
 import contextlib
-
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
 from typing import Any
@@ -23,9 +22,9 @@ from typing import Any
 import torch
 from torch.func import grad_and_value, vmap
 
+from uma_callbacks.core.batches import map_tensors
 from uma_callbacks.core.losses import LossFn
 from uma_callbacks.core.model_state import eager_attention
-from uma_callbacks.core.batches import map_tensors
 
 
 def check_finite_losses(losses: torch.Tensor) -> None:
@@ -33,6 +32,9 @@ def check_finite_losses(losses: torch.Tensor) -> None:
 
     A NaN loss would otherwise turn every statistic into NaN and reach the dashboard as
     a plausible-looking gap; it becomes an error record instead.
+
+    Raises:
+        FloatingPointError: some sample's loss is NaN or Inf (the first eight are named).
     """
     finite = torch.isfinite(losses.detach())
     if not bool(finite.all()):
@@ -50,10 +52,12 @@ _MASK_SHORTCUTS = ("_ignore_bidirectional_mask_sdpa", "_ignore_causal_mask_sdpa"
 
 @contextlib.contextmanager
 def _materialised_hf_masks() -> Iterator[None]:
-    """Within the block, transformers always builds the attention mask (never the
-    "no padding, skip the mask" shortcut). The mask it builds is exact, so results are the
-    same; only the branch on the data, which ``vmap`` cannot take, is avoided. Encoder
-    models (BERT) take that branch even with eager attention. Restored on exit."""
+    """Within the block, transformers always builds the attention mask; restored on exit.
+
+    It never takes the "no padding, skip the mask" shortcut. The mask it builds is exact, so
+    results are the same; only the branch on the data, which ``vmap`` cannot take, is
+    avoided. Encoder models (BERT) take that branch even with eager attention.
+    """
     try:
         from transformers import masking_utils
     except ImportError:  # transformers is optional for plain nn.Modules
@@ -70,8 +74,10 @@ def _materialised_hf_masks() -> Iterator[None]:
 
 
 def parameter_slots(model: torch.nn.Module, params: Mapping[str, torch.Tensor]) -> dict[str, list[tuple[torch.nn.Module, str]]]:
-    """``{name: [(module, attribute)]}``: every place that holds each parameter object (a
-    module used twice, tied weights: one parameter, several slots)."""
+    """``{name: [(module, attribute)]}``: every place that holds each parameter object.
+
+    A module used twice, or tied weights: one parameter, several slots.
+    """
     by_id = {id(p): n for n, p in params.items()}
     slots: dict[str, list[tuple[torch.nn.Module, str]]] = {n: [] for n in params}
     seen: set[tuple[int, str]] = set()
@@ -85,9 +91,11 @@ def parameter_slots(model: torch.nn.Module, params: Mapping[str, torch.Tensor]) 
 
 @contextlib.contextmanager
 def swapped_parameters(slots: Mapping[str, list[tuple[torch.nn.Module, str]]], tensors: Mapping[str, torch.Tensor]) -> Iterator[None]:
-    """Within the block, every slot of each named parameter holds ``tensors[name]``; on exit
-    each slot holds its original ``nn.Parameter`` object again (even when the same module is
-    reached twice, where ``torch.func.functional_call`` restores a wrapped tensor)."""
+    """Within the block, every slot of each named parameter holds ``tensors[name]``.
+
+    On exit each slot holds its original ``nn.Parameter`` object again (even when the same
+    module is reached twice, where ``torch.func.functional_call`` restores a wrapped tensor).
+    """
     saved = [(module, attr, module._parameters[attr]) for name in tensors for module, attr in slots[name]]
     try:
         for name, tensor in tensors.items():
