@@ -14,22 +14,22 @@ import contextlib
 import logging
 import math
 import os
+from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, cast
 
 import torch
 
 from uma_callbacks.core.devices import model_device
 from uma_callbacks.core.model_state import eager_attention, preserved_model_state
-
-logger = logging.getLogger(__name__)
-
 from uma_callbacks.core.peak_memory import (  # noqa: F401 (re-exported)
     PeakMemory,
     cpu_peak_rss_bytes,
     cpu_rss_bytes,
     release_memory,
 )
+
+logger = logging.getLogger(__name__)
 
 
 def param_bytes(model: torch.nn.Module, trainable_only: bool = True) -> int:
@@ -235,11 +235,13 @@ class MemoryBudget:
         self.adaptive_batch_sizing = bool(adaptive_batch_sizing)
         if max_bytes is not None and max_gb is not None:
             raise ValueError("MemoryBudget takes max_bytes or max_gb, not both")
-        for field_name, value, most in (("max_bytes", max_bytes, MAX_GB * 2**30), ("max_gb", max_gb, MAX_GB)):
-            if value is not None and (
-                isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 < value <= most
-            ):
-                raise ValueError(f"MemoryBudget.{field_name} must be a positive number up to {most:g} or None; got {value!r}")
+        sizes: tuple[tuple[str, float | None, float], ...] = (
+            ("max_bytes", max_bytes, MAX_GB * 2**30),
+            ("max_gb", max_gb, MAX_GB),
+        )
+        for field_name, size, most in sizes:
+            if size is not None and (isinstance(size, bool) or not isinstance(size, (int, float)) or not 0 < size <= most):
+                raise ValueError(f"MemoryBudget.{field_name} must be a positive number up to {most:g} or None; got {size!r}")
         if isinstance(margin, bool) or not isinstance(margin, (int, float)) or not 0 <= margin < 1:
             raise ValueError(f"MemoryBudget.margin must be in [0, 1); got {margin!r}")
         self.max_bytes = int(max_bytes) if max_bytes is not None else (int(max_gb * 2**30) if max_gb else None)
@@ -287,8 +289,9 @@ class MemoryBudget:
                 and vectors are then priced on the shard, plus the largest gathered block
                 (see :func:`planned_bytes`). ``None``: a plain model.
             calibration: what the metric's earlier run measured over its plan (measured /
-                planned peak, at least 1), and ``calibration_chunk``, the chunk it ran:
-                the overrun is added to both terms (see :func:`calibrated`).
+                planned peak, at least 1): the overrun is added to both terms (see
+                :func:`calibrated`).
+            calibration_chunk: the chunk that earlier run ran.
 
         Returns:
             The :class:`Plan`; ``chunk_size`` is None when no mode fits ``min_batch_size``.
@@ -406,6 +409,8 @@ def planned_bytes(
     n = sizes.get("n_params") or max(1, param_bytes_ // 4)
     itemsize, n_samples = param_bytes_ / n, sizes.get("n_samples", 0)
     for extra in (cost.extra_bytes, cost.host_extra_bytes if sizes.get("on_host", True) else None):
+        if extra is None:
+            continue
         on_shard = getattr(extra, "on_shard", None)
         if on_shard is not None:  # priced in the shard's layout where the metric keeps it so
             fixed += on_shard(n, sharding.held_entries, itemsize, n_samples) - extra(n, itemsize, n_samples)
@@ -456,7 +461,7 @@ def measure_sample_bytes(
 class _SavedBytes:
     """Bytes of the distinct storages a forward saves for its backward, parameters left out."""
 
-    def __init__(self, params: list[torch.Tensor]) -> None:
+    def __init__(self, params: Sequence[torch.Tensor]) -> None:
         self._params = {_storage_key(p) for p in params}
         self._seen: dict[Any, int] = {}
 
@@ -483,13 +488,20 @@ def _storage_key(tensor: torch.Tensor) -> Any:
 
 
 def _sample_key(model: torch.nn.Module, batch: Any, eager: bool = False) -> Any:
-    """What one sample's activation bytes depend on: the model (object and parameter shapes),
-    the attention implementation it runs in, the batch's tensor shapes and dtypes. Weights
-    changing between checkpoints do not matter."""
+    """What one sample's activation bytes depend on.
+
+    That is the model (object and parameter shapes), the attention implementation it runs in,
+    and the batch's tensor shapes and dtypes. Weights changing between checkpoints do not matter.
+    """
     from uma_callbacks.core.batches import map_tensors
 
     shapes: list[Any] = []
-    map_tensors(batch, lambda t: shapes.append((tuple(t.shape), str(t.dtype))) or t)
+
+    def note_shape(t: torch.Tensor) -> torch.Tensor:
+        shapes.append((tuple(t.shape), str(t.dtype)))
+        return t
+
+    map_tensors(batch, note_shape)
     params = tuple((tuple(p.shape), str(p.dtype), p.requires_grad) for p in model.parameters())
     config = getattr(model, "config", None)
     attention = "eager" if eager else str(getattr(config, "_attn_implementation", None))
@@ -497,20 +509,24 @@ def _sample_key(model: torch.nn.Module, batch: Any, eager: bool = False) -> Any:
 
 
 def longest_batch(batches: list[Any]) -> Any:
-    """The batch whose samples are longest (tokens per sample; the largest on a tie): the
-    one a sample's activations are measured on, since they grow with the length."""
+    """The batch whose samples are longest (tokens per sample; the largest on a tie).
+
+    A sample's activations are measured on it, since they grow with the length.
+    """
     from uma_callbacks.core.batches import count_samples, sequence_length
 
     return max(batches, key=lambda b: (sequence_length(b), count_samples(b)))
 
 
 def planned_peak_bytes(meta: dict[str, Any]) -> int | None:
-    """The peak a plan predicts for the chunk that ran: ``fixed + per_sample * chunk``
-    (calibration included), from a result's ``meta``; ``None`` when nothing was planned."""
+    """The peak a plan predicts for the chunk that ran: ``fixed + per_sample * chunk``.
+
+    Calibration included, from a result's ``meta``; ``None`` when nothing was planned.
+    """
     fixed, per, chunk = (meta.get(k) for k in ("planned_fixed_bytes", "planned_per_sample_bytes", "chunk_size"))
     if not all(isinstance(v, int) and not isinstance(v, bool) for v in (fixed, per, chunk)):
         return None
-    return int(fixed + per * chunk)
+    return int(cast(int, fixed) + cast(int, per) * cast(int, chunk))
 
 
 def check_within_budget(result: Any, limit: int | None) -> None:

@@ -27,28 +27,28 @@ import time
 import traceback
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, cast
 
 import torch
 
-from uma_callbacks.engine.budget import MemoryBudget, compute_within_budget, release_memory
+from uma_callbacks.core.devices import model_device
 from uma_callbacks.core.distributed import AgreeingCollective, Collective, LocalCollective, PeerFailure
 from uma_callbacks.core.interrupt import MetricInterrupted, deferred_sigterm, redeliver_if_requested
+from uma_callbacks.core.losses import LossFn
+from uma_callbacks.core.model_state import preserved_model_state
+from uma_callbacks.core.records import Record
+from uma_callbacks.engine.budget import MemoryBudget, compute_within_budget, release_memory
 from uma_callbacks.engine.history import CheckpointHistory
 from uma_callbacks.engine.journal import Journal, cache_key, safe_name
+from uma_callbacks.engine.probe import Probe, move_batch
 from uma_callbacks.engine.time_budget import (
     FIT_SLACK,
     UnitCosts,
     measure_unit_costs,
     share_budget,
 )
-from uma_callbacks.core.devices import model_device
-from uma_callbacks.core.losses import LossFn
-from uma_callbacks.core.model_state import preserved_model_state
-from uma_callbacks.metrics.loss_choice import ResolvedLoss, resolve_loss
 from uma_callbacks.metrics.base import Metric, MetricResult, MetricTimeout
-from uma_callbacks.engine.probe import Probe, move_batch
-from uma_callbacks.core.records import Record
+from uma_callbacks.metrics.loss_choice import ResolvedLoss, resolve_loss
 
 logger = logging.getLogger(__name__)
 
@@ -167,7 +167,8 @@ class MetricSuite:
         """Each metric fitted to its share of the compute budget (every rank decides alike).
 
         ``loss``: the save's resolved loss (``None``: it could not be resolved, every metric
-        records why, and nothing is planned)."""
+        records why, and nothing is planned).
+        """
         if seconds is None or loss is None:
             return []
         with preserved_model_state(model):  # once per save, before the metrics' own guards
@@ -239,9 +240,11 @@ class MetricSuite:
                 self.journal.release(key)
 
     def _key_context(self, model: torch.nn.Module) -> str:
-        """What besides the weights, the metric config and the probe changes a result: the
-        loss function, the model's dtype and its attention implementation. ``""`` (no
-        cache for this run, warned once) when the loss cannot be identified."""
+        """What besides the weights, the metric config and the probe changes a result.
+
+        That is the loss function, the model's dtype and its attention implementation; ``""``
+        (no cache for this run, warned once) when the loss cannot be identified.
+        """
         if self._loss_identity is None or self._loss_identity[0] is not self.loss_fn:
             from uma_callbacks.core.loss_identity import loss_identity
 
@@ -261,8 +264,10 @@ class MetricSuite:
         return f"loss={self._loss_identity[1]}|dtype={','.join(dtypes)}|attention={attention}"
 
     def _key_config(self, metric: Metric) -> dict[str, Any] | None:
-        """The metric's part of the cache key; ``None`` (not cached, warned once) when one of
-        its settings cannot be identified."""
+        """The metric's part of the cache key.
+
+        ``None`` (not cached, warned once) when one of its settings cannot be identified.
+        """
         config, why = _key_config(metric)
         if config is None and self.use_cache and metric.name not in self._warned_uncached:
             self._warned_uncached.add(metric.name)
@@ -270,8 +275,11 @@ class MetricSuite:
         return config
 
     def _claim(self, key: str, collective: Collective) -> bool:
-        """Take the key's claim, waiting while another process (a concurrent backfill of the
-        same run) computes it, so that each result is computed once."""
+        """Take the key's claim, waiting while another process computes it.
+
+        That process is a concurrent backfill of the same run; waiting for it has each result
+        computed once.
+        """
         if not (key and self.use_cache and self.journal is not None and collective.world_size == 1):
             return False
         waited = 0.0
@@ -359,17 +367,22 @@ class MetricSuite:
         return record
 
     def _learn_memory(self, metric: Metric, result: MetricResult) -> None:
-        """Under a budget: show an overrun on the dashboard (the ``over_budget`` scalar, 1 or
-        0) and keep measured / planned peak as the metric's next calibration."""
+        """Under a budget: show an overrun on the dashboard, and keep measured / planned peak as the next calibration.
+
+        The overrun is the ``over_budget`` scalar, 1 or 0; the calibration is the metric's.
+        """
         over = result.meta.get("over_budget")
         if result.status not in ("ok", "partial") or not isinstance(over, bool):
             return
         result.scalars["over_budget"] = 1.0 if over else 0.0
         meta = result.meta
-        fixed, per, chunk, peak = (
+        sizes = tuple(
             meta.get(k) for k in ("planned_base_fixed_bytes", "planned_base_per_sample_bytes", "chunk_size", "peak_bytes")
         )
-        if not all(isinstance(v, int) and not isinstance(v, bool) for v in (fixed, per, chunk, peak)) or fixed + per * chunk <= 0:
+        if not all(isinstance(v, int) and not isinstance(v, bool) for v in sizes):
+            return
+        fixed, per, chunk, peak = cast("tuple[int, int, int, int]", sizes)
+        if fixed + per * chunk <= 0:
             return
         ratio = peak / (fixed + per * chunk)  # measured over the cost model's plan
         old = self.memory_calibration.get(metric.name, 1.0)
@@ -447,10 +460,12 @@ class MetricSuite:
         if isinstance(failure, MetricInterrupted):
             status = "interrupted"
         meta: dict[str, Any] = {"config": metric.config()}
-        if isinstance(getattr(failure, "budget_meta", None), dict):  # a memory-budget refusal: the plan it refused
-            meta.update(failure.budget_meta)  # type: ignore[union-attr]
-        if getattr(failure, "progress", None):
-            meta["progress"] = dict(failure.progress)  # type: ignore[union-attr]
+        refused_plan = getattr(failure, "budget_meta", None)
+        if isinstance(refused_plan, dict):  # a memory-budget refusal: the plan it refused
+            meta.update(refused_plan)
+        progress = getattr(failure, "progress", None)
+        if progress:
+            meta["progress"] = dict(progress)
         return MetricResult(
             name=metric.name,
             status=status,
@@ -463,8 +478,11 @@ class MetricSuite:
         )
 
     def _write_files(self, result: MetricResult, step: int, record: Record) -> None:
-        """Write the result's files and figures for ``record`` (:meth:`Journal.write_result`:
-        no link followed, nothing partial left, failed files retried while the record is pending)."""
+        """Write the result's files and figures for ``record``.
+
+        Through :meth:`Journal.write_result`: no link followed, nothing partial left, failed
+        files retried while the record is pending.
+        """
         assert self.journal is not None
         if result.status not in ("ok", "partial"):
             return
@@ -480,7 +498,7 @@ class MetricSuite:
             try:
                 from uma_callbacks import plots
             except ImportError:  # matplotlib is an optional extra
-                plots = None
+                plots = None  # type: ignore[assignment]
             try:
                 figures = plots.render_result(result) if plots is not None else {}  # PNG bytes, nothing on disk yet
             except Exception as err:  # a figure is never worth a lost record
@@ -493,8 +511,7 @@ class MetricSuite:
 
 
 def _variant_folder(step_folder: Any, result: MetricResult) -> str:
-    """``""`` when ``step_folder`` holds no result of this metric or one of the same config,
-    else ``"<metric>-<config hash>"``."""
+    """``""`` when ``step_folder`` holds no result of this metric or one of the same config, else ``"<metric>-<config hash>"``."""
     import hashlib
     import json
 
@@ -515,16 +532,20 @@ def _variant_folder(step_folder: Any, result: MetricResult) -> str:
 
 
 def _files_of_another_run(journal: Journal, step: int, metric: str, run: str) -> bool:
-    """Whether a journalled record of another training run names ``step-<step>/<metric>.json``
-    (a second training in the same ``output_dir``: its files must not replace the first one's)."""
+    """Whether a journalled record of another training run names ``step-<step>/<metric>.json``.
+
+    That is a second training in the same ``output_dir``: its files must not replace the first one's.
+    """
     rel = f"step-{int(step)}/{safe_name(metric)}.json"
     return any(rel in r.files and r.run != run for r in journal.records() if r.step == step)
 
 
 def _key_config(metric: Metric) -> tuple[dict[str, Any] | None, str]:
-    """``metric.config()`` for the cache key, with the identity of each setting it can only
-    describe (a tensor by its shape, a callable by its repr); ``(None, why)`` when such a
-    setting cannot be identified."""
+    """``metric.config()`` for the cache key, with the identity of each setting it can only describe.
+
+    A tensor is identified by its shape, a callable by its repr; ``(None, why)`` when such a
+    setting cannot be identified.
+    """
     from uma_callbacks.core.loss_identity import value_identity
 
     config = metric.config()
@@ -566,8 +587,10 @@ def _is_skip(err: BaseException) -> bool:
 
 @dataclass(frozen=True)
 class _Decided:
-    """What one save decides once and passes to every metric: the model's device and the
-    resolved loss (``None``: it could not be resolved; each metric then records why)."""
+    """What one save decides once and passes to every metric: the model's device and the resolved loss.
+
+    ``loss`` is ``None`` when it could not be resolved; each metric then records why.
+    """
 
     device: torch.device
     loss: ResolvedLoss | None

@@ -20,18 +20,18 @@ import math
 import time
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Any, ClassVar
+from typing import Any, ClassVar, SupportsFloat
 
 import numpy as np
 import torch
 
 from uma_callbacks.core import validate
+from uma_callbacks.core.batches import count_samples, sequence_length, split_batch
+from uma_callbacks.core.devices import model_device
 from uma_callbacks.core.distributed import Collective, LocalCollective
 from uma_callbacks.core.interrupt import MetricInterrupted, interrupt_requested
-from uma_callbacks.core.devices import model_device
 from uma_callbacks.core.losses import LossFn
 from uma_callbacks.core.model_state import eager_attention, preserved_model_state
-from uma_callbacks.core.batches import count_samples, sequence_length, split_batch
 from uma_callbacks.metrics.loss_choice import ResolvedLoss, resolve_loss
 from uma_callbacks.metrics.time_cost import UnitCosts
 
@@ -50,8 +50,10 @@ class MetricTimeout(RuntimeError):
 
 
 class MetricSkipped(RuntimeError):
-    """Raised when a metric has nothing to measure yet (e.g. no previous checkpoint):
-    the suite records ``status="skipped"`` with the message as the reason."""
+    """Raised when a metric has nothing to measure yet (e.g. no previous checkpoint).
+
+    The suite records ``status="skipped"`` with the message as the reason.
+    """
 
     uma_skip = True
 
@@ -187,9 +189,11 @@ class MetricResult:
 
     @property
     def ok(self) -> bool:
-        """True when the metric produced its values (computed now, read from cache, or
+        """True when the metric produced its values: computed now, read from cache, or ``"partial"``.
+
         ``"partial"``: values kept, but an iterative method stopped short of its stated
-        tolerance, the reason in ``meta``)."""
+        tolerance, the reason in ``meta``.
+        """
         return self.status in ("ok", "cached", "partial")
 
     def to_json_dict(self) -> dict[str, Any]:
@@ -216,7 +220,7 @@ class MetricResult:
         )
 
 
-def _json_float(value: float) -> float | None:
+def _json_float(value: SupportsFloat) -> float | None:
     value = float(value)
     return value if math.isfinite(value) else None
 
@@ -327,7 +331,7 @@ class ComputeContext:
         Raises:
             MetricTimeout: past the deadline (carries ``progress``).
             MetricInterrupted: SIGTERM during the metric (see :mod:`uma_callbacks.core.interrupt`).
-        """
+        """  # noqa: DOC502 (both raised here, through the variable ``stop``)
         self.progress.update(progress)
         stop: RuntimeError | None = None
         if interrupt_requested():
@@ -406,7 +410,7 @@ class Metric(abc.ABC):
 
         Raises:
             ValueError: unknown mode.
-        """
+        """  # noqa: DOC502 (from check_choice)
         allowed = [m for m, _ in self.memory_modes()]
         check_choice(f"{type(self).__name__} memory mode", mode, allowed)
         self._memory_mode = mode
@@ -486,7 +490,7 @@ class Metric(abc.ABC):
         collective: Collective | None = None,
         chunk_size: int | None = None,
         timeout_seconds: float | None = None,
-        peak_meter: Callable[[], Any] | None = None,
+        peak_meter: Callable[[torch.device | str], Any] | None = None,
         history: History | None = None,
         device: torch.device | None = None,
         state_held: bool = False,
@@ -507,7 +511,10 @@ class Metric(abc.ABC):
             timeout_seconds: the time limit decided by the caller (the suite's
                 :meth:`time_limit`); ``None``: :meth:`time_limit` (the constructor's).
             peak_meter: a context-manager factory measuring peak bytes (from
-                :mod:`uma_callbacks.engine.budget`); ``None`` uses the default meter.
+                :mod:`uma_callbacks.engine.budget`), called with the device; ``None`` uses
+                the default meter.
+            history: the earlier checkpoints the metric asked for (:class:`History`); ``None``:
+                none.
             device: the model's device when the caller knows it (else
                 :func:`~uma_callbacks.core.devices.model_device`).
             state_held: the caller holds :func:`~uma_callbacks.core.model_state.preserved_model_state`
@@ -518,9 +525,11 @@ class Metric(abc.ABC):
 
         Raises:
             ValueError: empty probe.
+            MetricSkipped: a sharded model, which this metric does not support (the reason
+                named).
             FloatingPointError: a parameter holds NaN/Inf (named), or a per-sample loss is
                 NaN/Inf (the samples named).
-        """
+        """  # noqa: DOC502 (FloatingPointError: from check_finite_weights and the resolved loss)
         from uma_callbacks.core.peak_memory import PeakMemory  # local: budget imports metrics for planning
 
         if not batches:
@@ -577,6 +586,9 @@ def check_finite_weights(model: torch.nn.Module) -> None:
     size); only a non-finite sum (NaN/Inf, or an overflow of large finite values) is
     looked at entry by entry. Floating-point buffers (BatchNorm ``running_var``, rotary
     ``inv_freq``) are checked for NaN only: some models keep ``-inf`` masks in buffers.
+
+    Raises:
+        FloatingPointError: a parameter holds NaN or Inf, or a buffer holds NaN (named).
     """
     for name, p in model.named_parameters():
         if not bool(torch.isfinite(p.detach().sum())):
@@ -609,13 +621,21 @@ def _config_value(value: Any) -> Any:
 
 
 def check_positive_int(field_name: str, value: Any) -> None:
-    """Raise ``ValueError`` unless ``value`` is an int >= 1 (bools are refused)."""
+    """Raise ``ValueError`` unless ``value`` is an int >= 1 (bools are refused).
+
+    Raises:
+        ValueError: anything else, naming ``field_name``.
+    """
     if isinstance(value, bool) or not isinstance(value, int) or value < 1:
         raise ValueError(f"{field_name} must be a positive integer; got {value!r}")
 
 
 def check_choice(field_name: str, value: Any, allowed: Sequence[Any]) -> None:
-    """Raise ``ValueError`` naming the field and the allowed values unless ``value`` is one."""
+    """Raise ``ValueError`` naming the field and the allowed values unless ``value`` is one.
+
+    Raises:
+        ValueError: ``value`` is not in ``allowed``.
+    """
     if value not in allowed:
         raise ValueError(f"{field_name} must be one of {tuple(allowed)!r}; got {value!r}")
 
