@@ -54,8 +54,10 @@ def split_flat(vector: torch.Tensor, like: Sequence[torch.Tensor]) -> list[torch
 
 
 def split_flat_rows(block: torch.Tensor, like: Sequence[torch.Tensor]) -> list[torch.Tensor]:
-    """Views of ``block [b, P]`` shaped ``[b, *t.shape]`` for each tensor of ``like``
-    (copies only when ``block``'s rows are not contiguous)."""
+    """Views of ``block [b, P]`` shaped ``[b, *t.shape]`` for each tensor of ``like``.
+
+    Copies only when ``block``'s rows are not contiguous.
+    """
     sizes = [t.numel() for t in like]
     return [piece.reshape(block.shape[0], *t.shape) for piece, t in zip(torch.split(block, sizes, dim=1), like)]
 
@@ -194,6 +196,10 @@ class HessianOperator:
 
         Returns:
             ``out`` (or a new ``[b, P]``) in the parameters' dtype and device.
+
+        Raises:
+            ValueError: ``rows`` is not ``[b, P]``, or ``out`` is not ``[b, P]`` in the
+                parameters' dtype.
         """
         b = rows.shape[0]
         if rows.dim() != 2 or rows.shape[1] != self.dim:
@@ -222,9 +228,11 @@ class HessianOperator:
         return out
 
     def _accumulate(self, rows: torch.Tensor, out: torch.Tensor, *, batched: bool) -> None:
-        """``out [b, P] = sum over local chunks of d/dtheta (g_c . v_j)`` for the rows v_j
-        (b = 1 when not ``batched``): per chunk one double backward, its parts copied or
-        added into the parameter slices of ``out``."""
+        """``out [b, P] = sum over local chunks of d/dtheta (g_c . v_j)`` for the rows v_j.
+
+        b = 1 when not ``batched``. Per chunk one double backward, its parts copied or added
+        into the parameter slices of ``out``.
+        """
         targets = _row_views(out, self.params)
         vectors = [
             v.reshape(v.shape[0], *p.shape).to(p.dtype) if batched else v.reshape(p.shape).to(p.dtype)
@@ -263,9 +271,12 @@ class HessianOperator:
 
     # ------------------------------------------------------------------ internals
     def _gradients(self):
-        """Yield ``(grads, index, losses)`` per chunk: the first-backward gradients (with
-        graph), the indices of those that depend on the parameters (others add nothing) and
-        the chunk's per-sample losses ``[n_c]`` (with graph)."""
+        """Yield ``(grads, index, losses)`` per chunk.
+
+        That is the first-backward gradients (with graph), the indices of those that depend
+        on the parameters (others add nothing) and the chunk's per-sample losses ``[n_c]``
+        (with graph).
+        """
         if self.cache_graph and self._graph is not None:
             yield from self._graph
             return
@@ -325,9 +336,10 @@ class HessianOperator:
         return kept, index, losses
 
     def gradient_sketch(self, b: int, seed: int) -> torch.Tensor:
-        r"""``S [b, P]``, rows s_j = sum_i c_ij nabla l_i: b random combinations (Gaussian
-        c_ij from a local generator seeded with ``seed``, drawn chunk by chunk) of the
-        per-sample gradients, summed over chunks and ranks.
+        r"""``S [b, P]``, rows s_j = sum_i c_ij nabla l_i: b random combinations of the per-sample gradients.
+
+        The c_ij are Gaussian, from a local generator seeded with ``seed`` and drawn chunk
+        by chunk; the combinations are summed over chunks and ranks.
 
         A start block for Lanczos inside the span of the per-sample gradients, which is
         the range of the Gauss-Newton part of H for a 2-class softmax and holds most of the

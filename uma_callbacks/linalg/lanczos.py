@@ -27,16 +27,18 @@ import torch
 
 @dataclass
 class LanczosResult:
-    """Attributes:
-    eigenvalues: ``[k']`` Ritz values, descending (k' <= k when the space ran out).
-    eigenvectors: ``[P, k']`` Ritz vectors (None unless asked for).
-    matvecs: products taken.
-    converged: whether the residual criterion was met (or the space was exhausted).
-    residuals: ``[k']`` Ritz residual bounds |beta_m y_j[m]|.
-    reorthogonalised: steps whose vector was reorthogonalised against the whole basis
-        (:func:`lanczos_top_k`; ``None`` elsewhere).
-    basis_rows_read: basis rows those passes read (each pass reads its rows twice), the
-        cost that dominates when P is large (:func:`lanczos_top_k`; ``None`` elsewhere).
+    """What a Lanczos run found: the top Ritz values, their residuals and the work it took.
+
+    Attributes:
+        eigenvalues: ``[k']`` Ritz values, descending (k' <= k when the space ran out).
+        eigenvectors: ``[P, k']`` Ritz vectors (None unless asked for).
+        matvecs: products taken.
+        converged: whether the residual criterion was met (or the space was exhausted).
+        residuals: ``[k']`` Ritz residual bounds |beta_m y_j[m]|.
+        reorthogonalised: steps whose vector was reorthogonalised against the whole basis
+            (:func:`lanczos_top_k`; ``None`` elsewhere).
+        basis_rows_read: basis rows those passes read (each pass reads its rows twice), the
+            cost that dominates when P is large (:func:`lanczos_top_k`; ``None`` elsewhere).
     """
 
     eigenvalues: torch.Tensor
@@ -49,8 +51,10 @@ class LanczosResult:
 
 
 def relative_residuals(result: LanczosResult) -> torch.Tensor:
-    """``[k']`` float64: each Ritz residual divided by max(|theta_1|, tiny) (the largest
-    magnitude among the returned Ritz values), the measure ``tol`` is compared with."""
+    """``[k']`` float64: each Ritz residual divided by max(|theta_1|, tiny), the measure ``tol`` is compared with.
+
+    theta_1 is the largest magnitude among the returned Ritz values.
+    """
     res = result.residuals.to(torch.float64).cpu()
     if result.eigenvalues.numel() == 0:
         return res
@@ -59,8 +63,9 @@ def relative_residuals(result: LanczosResult) -> torch.Tensor:
 
 
 def within_tolerance(result: LanczosResult, residual_tol: float) -> bool:
-    """Whether every relative residual (:func:`relative_residuals`) is <= ``residual_tol``
-    (an exhausted Krylov space leaves residuals ~0: the Ritz values are then exact). A metric
+    """Whether every relative residual (:func:`relative_residuals`) is <= ``residual_tol``.
+
+    An exhausted Krylov space leaves residuals ~0: the Ritz values are then exact. A metric
     reports ``status="partial"`` when this is False (values kept, residuals in meta).
 
     Example:
@@ -144,6 +149,9 @@ def lanczos_top_k(
 
     Returns:
         :class:`LanczosResult` (``eigenvectors`` are this process's pieces when sharded).
+
+    Raises:
+        ValueError: ``reorthogonalise`` is neither ``"full"`` nor ``"partial"``.
 
     Example:
         >>> A = torch.diag(torch.arange(1.0, 51.0, dtype=torch.float64))
@@ -332,8 +340,10 @@ def _norm(w: torch.Tensor, reduce_sum: Callable[[torch.Tensor], torch.Tensor] | 
 
 
 def _same_device(a: torch.device, b: torch.device) -> bool:
-    """Whether the basis lives where the products are taken (its rows then serve as the
-    vectors passed to ``matvec``)."""
+    """Whether the basis lives where the products are taken.
+
+    Its rows then serve as the vectors passed to ``matvec``.
+    """
     return a == b
 
 
@@ -343,8 +353,11 @@ def _reduced(local: torch.Tensor, reduce_sum: Callable[[torch.Tensor], torch.Ten
 
 
 def _is_private(product: torch.Tensor, dim: int, dtype: torch.dtype, *kept: torch.Tensor | None) -> bool:
-    """Whether a product the caller gave as scratch can be written over: a contiguous ``[dim]``
-    vector of the basis dtype that shares no memory with what Lanczos keeps (``kept``)."""
+    """Whether a product the caller gave as scratch can be written over.
+
+    It can when it is a contiguous ``[dim]`` vector of the basis dtype that shares no memory
+    with what Lanczos keeps (``kept``).
+    """
     if product.shape != (dim,) or product.dtype != dtype or not product.is_contiguous() or product.requires_grad:
         return False
     start = product.data_ptr()
@@ -365,10 +378,12 @@ def _orthogonalise(
     reduce_sum: Callable[[torch.Tensor], torch.Tensor] | None,
     before: float,
 ) -> tuple[torch.Tensor, float, int]:
-    """w minus its projection on the rows of ``basis [m, P]`` (block classical Gram-Schmidt:
-    c = Q w, then w -= Q^T c, two matrix-vector products per pass instead of 2m vector
-    ops), in place when w lives with the basis (the caller's work vector; no P-sized
-    temporaries), with a second pass only when the first cancelled most of w (||w|| fell
+    """The vector w minus its projection on the rows of ``basis [m, P]``.
+
+    By block classical Gram-Schmidt: c = Q w, then w -= Q^T c, two matrix-vector products
+    per pass instead of 2m vector ops, in place when w lives with the basis (the caller's
+    work vector; no P-sized temporaries), with a second pass only when the first cancelled
+    most of w (||w|| fell
     below :data:`TWICE_IS_ENOUGH` of ``before``, its norm on entry): then rounding in the
     first left w measurably out of the span's complement. The caller applies the
     three-term recurrence first, so the pass removes only the lost orthogonality and a
@@ -471,6 +486,9 @@ def block_lanczos_top_k(
     Returns:
         :class:`LanczosResult` (``residuals`` are the absolute Ritz residual norms).
 
+    Raises:
+        ValueError: ``start`` is given but is not ``[b, P]``.
+
     Example:
         >>> A = torch.diag(torch.arange(1.0, 61.0, dtype=torch.float64))
         >>> r = block_lanczos_top_k(lambda V: A @ V, 60, 3, tol=1e-10, max_matvecs=60)
@@ -553,11 +571,13 @@ def block_lanczos_top_k(
 
 
 def _block_reorthogonalise_rows(w: torch.Tensor, basis: torch.Tensor, ratio: float) -> tuple[torch.Tensor, torch.Tensor]:
-    """``(basis @ w^T [m, b], w minus its projection on the rows of basis [m, P])`` for
-    ``w [b, P]``, in place where w allows: one block pass, a second only when some row lost
-    more than ``1 - ratio`` of its norm (DGKS), judged from ||w||^2 - ||coef||^2 (exact for an
+    """``(basis @ w^T [m, b], w minus its projection on the rows of basis [m, P])`` for ``w [b, P]``.
+
+    In place where w allows: one block pass, a second only when some row lost more than
+    ``1 - ratio`` of its norm (DGKS), judged from ||w||^2 - ||coef||^2 (exact for an
     orthonormal basis; cancellation only makes it smaller, i.e. errs towards the second
-    pass). The coefficients of both passes are summed."""
+    pass). The coefficients of both passes are summed.
+    """
     w = w.to(basis.device)
     before = (w.double() if w.numel() < 1 << 16 else w).norm(dim=1).double() ** 2
     coef = basis @ w.T
@@ -578,7 +598,8 @@ def _svd_rows(w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     "CholeskyQR2" with eigh; two [b, P] passes each, BLAS-3), which on P = 22.7M costs
     0.1 s where LAPACK's SVD of the wide matrix costs 2.6 s. Otherwise the thin SVD in
     float64, W = U S V^T: Q = V^T, C = S U^T (a row of Q with a zero singular value is a
-    free direction, and C's row there is zero)."""
+    free direction, and C's row there is zero).
+    """
     eps = torch.finfo(w.dtype).eps
     gram = (w @ w.T).double()
     s2, u = torch.linalg.eigh((gram + gram.T) / 2)
@@ -601,10 +622,13 @@ def _svd_rows(w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
 def _replace_lost_rows(
     basis: torch.Tensor, start: int, nb: int, c: torch.Tensor, gen: torch.Generator, tiny: float
 ) -> torch.Tensor:
-    """After W^T = Q^T C with Q's first ``nb`` rows in ``basis[start : start + nb]``: a row of
+    """Replace the rows of Q that carry nothing of W by random directions; returns the new C.
+
+    After W^T = Q^T C with Q's first ``nb`` rows in ``basis[start : start + nb]``: a row of
     Q whose row of C is ~0 carries nothing of W (the Krylov space ran out along it) and need
     not be orthogonal to the basis; replace it (when stored) by a random direction orthogonal
-    to the basis and the other rows, with a zero row of C."""
+    to the basis and the other rows, with a zero row of C.
+    """
     lost = (c.norm(dim=1) <= tiny).nonzero().reshape(-1).tolist()
     if not lost:
         return c

@@ -26,14 +26,22 @@ class SymmetricOperator(Protocol):
     dim: int
 
     @property
-    def dtype(self) -> torch.dtype: ...
+    def dtype(self) -> torch.dtype:
+        """The dtype of the flat vectors."""
+        ...
 
     @property
-    def device(self) -> torch.device: ...
+    def device(self) -> torch.device:
+        """Where the products are taken."""
+        ...
 
-    def matvec(self, vector: torch.Tensor) -> torch.Tensor: ...
+    def matvec(self, vector: torch.Tensor) -> torch.Tensor:
+        """``A v`` for a flat ``vector [P]``."""
+        ...
 
-    def matmat(self, block: torch.Tensor) -> torch.Tensor: ...
+    def matmat(self, block: torch.Tensor) -> torch.Tensor:
+        """``A`` applied to each row of ``block [b, P]`` (rows in, rows out)."""
+        ...
 
 
 @dataclass

@@ -52,7 +52,7 @@ class WeightMover:
         return self.saved
 
     def set_combination(self, coeffs: Sequence[float], directions: Sequence[Sequence[torch.Tensor]]) -> None:
-        """p <- theta + sum_k coeffs[k] * directions[k] (one list of tensors per k).
+        """Set ``p <- theta + sum_k coeffs[k] * directions[k]`` (one list of tensors per k).
 
         Args:
             coeffs: c_k, one per direction.
@@ -65,7 +65,7 @@ class WeightMover:
                     torch._foreach_add_(self.params, list(d), alpha=float(c))
 
     def set_lerp(self, start: Sequence[torch.Tensor], weight: float) -> None:
-        """p <- start + weight * (theta - start), by ``torch.lerp`` (exact at 0 and 1).
+        """Set ``p <- start + weight * (theta - start)``, by ``torch.lerp`` (exact at 0 and 1).
 
         Args:
             start: tensors shaped like ``params`` (same dtype and device).
@@ -84,7 +84,7 @@ class WeightMover:
                 add(i, p)
 
     def restore(self) -> None:
-        """p <- theta, bit for bit."""
+        """Set ``p <- theta``, bit for bit."""
         with torch.no_grad():
             torch._foreach_copy_(self.params, self.saved)
 
