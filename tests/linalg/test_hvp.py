@@ -12,9 +12,9 @@ import torch
 from tests.cases import TINY_CASES
 from tests.oracles import oracle_hessian
 from uma_callbacks.core.distributed import Collective
-from uma_callbacks.linalg.hvp import HessianOperator, hessian_matrix, split_flat
 from uma_callbacks.core.model_state import eager_attention
 from uma_callbacks.engine.probe import Probe, split_batch
+from uma_callbacks.linalg.hvp import HessianOperator, hessian_matrix, split_flat
 
 
 class ThreadCollective(Collective):

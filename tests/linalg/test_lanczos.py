@@ -6,9 +6,9 @@ import pytest
 import torch
 
 from tests.cases import TINY_CASES
+from uma_callbacks.linalg import lanczos as lanczos_module
 from uma_callbacks.linalg.hvp import HessianOperator
 from uma_callbacks.linalg.lanczos import block_lanczos_top_k, lanczos_top_k
-from uma_callbacks.linalg import lanczos as lanczos_module
 from uma_callbacks.metrics import HessianSpectrum
 
 

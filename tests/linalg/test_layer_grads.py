@@ -7,16 +7,15 @@ import torch
 from torch.autograd.graph import get_gradient_edge
 
 from tests.cases import TINY_CASES, bert_case
+from tests.metrics.test_fisher import oracle_fisher
+from tests.metrics.test_gradient_flow import oracle_gradient_flow
 from tests.oracles import oracle_per_sample_grads, param_slices
 from uma_callbacks.core.losses import hf_per_sample_loss
 from uma_callbacks.core.model_state import eager_attention
 from uma_callbacks.linalg import layer_grads
-from uma_callbacks.linalg.layers import factors
 from uma_callbacks.linalg.layer_grads import hook_plan, layer_gradient_sums, layer_gradients, layer_rule
+from uma_callbacks.linalg.layers import factors
 from uma_callbacks.metrics import FisherInformation, GradientFlow
-
-from tests.metrics.test_fisher import oracle_fisher
-from tests.metrics.test_gradient_flow import oracle_gradient_flow
 
 
 # ------------------------------------------------------------------ tiny models, one per layer type
