@@ -14,7 +14,7 @@ import contextlib
 import logging
 import math
 import os
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any, cast
 
@@ -443,7 +443,10 @@ def measure_sample_bytes(
 
     one = select_samples(batch, [0])
     params = [p for p in model.parameters() if p.requires_grad]
-    guard = contextlib.nullcontext() if state_held else preserved_model_state(model)
+    # under the caller's guard, the measurement still puts back what it changes itself before
+    # the metric runs: the training flags, and FSDP2 groups a forward left all-gathered (a
+    # root keeps its gathered parameters after a forward; the metric must find the shards)
+    guard = _measurement_undone(model) if state_held else preserved_model_state(model)
     with guard, (eager_attention(model) if eager else contextlib.nullcontext()):
         model.eval()
         device = model_device(model)
@@ -456,6 +459,21 @@ def measure_sample_bytes(
     # the tensors the forward saved for the backward are a floor the measured peaks may miss
     # (the process's peak counters are never reset, so a peak below an earlier mark is sampled)
     return max(forward.peak_bytes, backward.peak_bytes - param_bytes(model), saved.total, 0)
+
+
+@contextlib.contextmanager
+def _measurement_undone(model: torch.nn.Module) -> Iterator[None]:
+    """Put back the training flags and reshard the FSDP2 groups that were sharded on entry."""
+    from uma_callbacks.core.model_state import fsdp_managed, fsdp_reshard
+
+    modes = [(m, m.training) for m in model.modules()]
+    groups, _ = fsdp_managed(model)
+    try:
+        yield
+    finally:
+        fsdp_reshard(groups)
+        for module, training in modes:
+            module.training = training
 
 
 class _SavedBytes:
