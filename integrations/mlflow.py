@@ -342,7 +342,8 @@ class MLflowSink(Sink):
                 if not _is_invalid(err):
                     raise  # the store is down: kept pending, retried at the next call
                 # a param may not change value, or the value is refused: keep what MLflow has
-                logger.warning("uma: MLflow kept the earlier value of param %s (%s)", key, err)
+                first_line = (str(err).strip().splitlines() or [""])[0]  # MLflow appends a page of advice
+                logger.warning("uma: MLflow kept the earlier value of param %s (%s)", key, first_line)
             self._params_logged.add(key)
             del self._params_pending[key]
 

@@ -325,11 +325,13 @@ class Session:
 
     def params(self, extra: Mapping[str, Any] | None = None) -> dict[str, Any]:
         """What is logged once per run: the probe's identity and every metric's config."""
-        out: dict[str, Any] = {
-            "run": self.run,
+        out: dict[str, Any] = {}
+        if self.source in ("callback", "accelerate"):  # a backfill joins a training's run: its id is that run's
+            out["run"] = self.run
+        out.update({
             "probe_fingerprint": self.probe.fingerprint if self.probe else "",
             "probe_size": self.probe.n_samples if self.probe else 0,
-        }
+        })  # fmt: skip
         out.update({f"{m.name}.config": m.config() for m in self.config.metric_objects})
         out.update(extra or {})
         return out

@@ -291,3 +291,20 @@ def test_accelerate_load_state_continues_the_folders_run_and_a_fresh_attach_is_a
     runs = [(r.step, r.run) for r in Journal(tmp_path / "uma").records()]
     assert runs == [(2, first.session.run), (4, first.session.run), (2, fresh.session.run)]
     assert fresh.session.run != first.session.run
+
+
+def test_a_backfill_into_the_training_run_leaves_its_run_param_alone(tmp_path, store, caplog):
+    """A backfill joins the training's MLflow run: it logs no ``uma.run`` of its own (MLflow
+    refused the change with a page of advice at every backfill)."""
+    import logging
+
+    from uma_callbacks import backfill
+
+    out = tmp_path / "out"
+    first = _callback()
+    _train(out, first, max_steps=2, save_steps=2)
+    with caplog.at_level(logging.WARNING):
+        backfill(out, metrics=["gradient_flow"], trackers=["mlflow"])
+    assert not [r for r in caplog.records if "uma.run" in r.getMessage()]
+    (run,) = _runs(store)
+    assert run.data.params["uma.run"] == first.session.run
