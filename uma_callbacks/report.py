@@ -145,7 +145,7 @@ UNITS = {
     "update_norm": "weight-space L2",
 }
 #: Bookkeeping scalars left out of the report figure (they are in the table).
-_LEFT_OUT = ("seconds", "peak_mb")
+_LEFT_OUT = ("seconds", "peak_mb", "over_budget")
 
 
 def _band_of(name: str, series: dict[str, dict[int, float]]) -> str | None:
@@ -196,7 +196,8 @@ def draw_report(series: dict[str, dict[int, float]], png: Path, title: str = "um
             ax.legend(fontsize=6, loc="best")
         metric, scalar = name.split("/", 1)
         unit = UNITS.get(scalar)
-        also = f" (= {', '.join(same_as[name])})" if same_as.get(name) else ""
+        twins = [t.removeprefix(f"{metric}/") for t in same_as.get(name, [])]  # the panel title names the metric
+        also = f" (= {twins[0]})" if len(twins) == 1 else f" (= {len(twins)} identical series)" if twins else ""
         also += f" [{left_out} value(s) beyond ±{_DRAWABLE:g}: in the table]" if left_out else ""
         ax.set_title(metric + also, fontsize=7, loc="left")
         ax.set_ylabel(f"{scalar} ({unit})" if unit else scalar, fontsize=7)
