@@ -53,8 +53,13 @@ three things a database would add are here in a few lines each: the in-memory in
 Concurrent backfills split the work with :meth:`Journal.claim` (a per-key ``flock`` that
 the kernel releases if the process dies).
 
-The cache key is sha256 of (checkpoint fingerprint, metric config, probe fingerprint):
-a journalled ``ok`` record under the same key is a cache hit.
+The cache key is sha256 of (checkpoint identity, metric config, probe fingerprint): a
+journalled ``ok`` record under the same key is a cache hit. The suite builds the checkpoint
+identity from the weights fingerprint (every ``state_dict`` entry: parameters and persistent
+buffers), the fingerprints of the earlier checkpoints a metric compares with, the loss
+function's identity (:mod:`uma_callbacks.core.loss_identity`), the parameters' dtypes and the
+attention implementation; a loss or a metric setting that cannot be identified turns the
+cache off for it, with one warning.
 """
 
 from __future__ import annotations
