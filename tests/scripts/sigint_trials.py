@@ -37,6 +37,9 @@ def hooks(model: torch.nn.Module) -> int:
 def main() -> None:
     root, trials = sys.argv[1], int(sys.argv[2])
     torch.set_num_threads(1)
+    # a process started in the background (a CI runner, `cmd &`) inherits SIGINT ignored:
+    # these trials are about Python's own handler, so put it back
+    signal.signal(signal.SIGINT, signal.default_int_handler)
     model, batches, loss_fn = qwen2_case(dtype=torch.float32)
     probe = Probe(batches)
     metrics = [METRICS["gradient_flow"](), METRICS["hessian"](top_k=1, hutchinson_samples=2, max_iter=3), METRICS["fisher"](top_k=2)]
