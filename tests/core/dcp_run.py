@@ -21,10 +21,16 @@ REPO = Path(__file__).resolve().parents[2]
 @functools.cache
 def sharded_run() -> Path:
     """The output folder of the (cached) torchrun; ``AssertionError`` with its stderr if it failed."""
-    out = Path(tempfile.mkdtemp(prefix="uma-dcp-run-"))
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO)}
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
-           str(REPO / "tests/scripts/dcp_save.py"), "--out", str(out)]  # fmt: skip
-    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300, cwd=REPO, check=False)
-    assert proc.returncode == 0 and (out / "done.json").is_file(), proc.stderr[-4000:]
-    return out
+    for attempt in range(2):
+        out = Path(tempfile.mkdtemp(prefix="uma-dcp-run-"))
+        cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+               str(REPO / "tests/scripts/dcp_save.py"), "--out", str(out)]  # fmt: skip
+        proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300, cwd=REPO, check=False)
+        if proc.returncode == 0 and (out / "done.json").is_file():
+            return out
+        # gloo sometimes aborts a rank at process exit, after the group is destroyed (DESIGN.md's
+        # pitfalls): that one failure is launched again, once; anything else fails the tests
+        if attempt or "terminate called without an active exception" not in proc.stderr:
+            break
+    raise AssertionError(proc.stderr[-4000:])
