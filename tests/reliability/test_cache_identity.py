@@ -215,3 +215,24 @@ def test_backfill_of_a_model_with_buffers_hits_the_live_runs_cache(tmp_path):
     assert summary.ok, summary.describe()
     assert live.status == "ok" and [r.status for r in summary.records] == ["cached"]
     assert summary.records[0].scalars == live.scalars
+
+
+class ScaledError:
+    """A loss object with a setting the user may change between saves."""
+
+    def __init__(self, scale: float) -> None:
+        self.scale = scale
+
+    def __call__(self, model: torch.nn.Module, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+        return self.scale * ((model(batch["x"]) - batch["y"]) ** 2).sum(dim=-1)
+
+
+def test_a_loss_objects_setting_changed_between_saves_misses_the_cache(tmp_path):
+    """One session, one loss object: its identity is taken at every save, not once per run."""
+    model, loss = _bn_model(), ScaledError(1.0)
+    session = _session(tmp_path / "uma", loss)
+    first = session.measure(model, 1)[0]
+    loss.scale = 10.0
+    second = session.measure(model, 2)[0]  # the same weights, another loss
+    assert first.status == "ok" and second.status == "ok", (first.status, second.status)
+    assert second.scalars["center_loss"] == pytest.approx(10 * first.scalars["center_loss"])

@@ -245,23 +245,24 @@ class MetricSuite:
         That is the loss function, the model's dtype and its attention implementation; ``""``
         (no cache for this run, warned once) when the loss cannot be identified.
         """
-        if self._loss_identity is None or self._loss_identity[0] is not self.loss_fn:
-            from uma_callbacks.core.loss_identity import loss_identity
+        # identified at every measurement, not once per run: a loss object whose settings the
+        # user changes between saves (a temperature, a label weight) is another loss then
+        from uma_callbacks.core.loss_identity import loss_identity
 
-            ident, why = loss_identity(self.loss_fn)
-            self._loss_identity = (self.loss_fn, ident or "")
-            if ident is None and self.use_cache:
-                logger.warning(
-                    "uma: results are not cached in this run: the loss_fn %r cannot be identified across processes (%s); "
-                    "give it a string attribute uma_cache_identity naming what it computes to cache its results",
-                    self.loss_fn, why,
-                )  # fmt: skip
-        if not self._loss_identity[1]:
+        ident, why = loss_identity(self.loss_fn)
+        if ident is None and self.use_cache and self._loss_identity is None:
+            logger.warning(
+                "uma: results are not cached in this run: the loss_fn %r cannot be identified across processes (%s); "
+                "give it a string attribute uma_cache_identity naming what it computes to cache its results",
+                self.loss_fn, why,
+            )  # fmt: skip
+        self._loss_identity = (self.loss_fn, ident or "")
+        if not ident:
             return ""
         config = getattr(model, "config", None)
         dtypes = sorted({str(p.dtype) for p in model.parameters()})
         attention = getattr(config, "_attn_implementation", None) if config is not None else None
-        return f"loss={self._loss_identity[1]}|dtype={','.join(dtypes)}|attention={attention}"
+        return f"loss={ident}|dtype={','.join(dtypes)}|attention={attention}"
 
     def _key_config(self, metric: Metric) -> dict[str, Any] | None:
         """The metric's part of the cache key.
