@@ -129,15 +129,25 @@ def announce_run(
     append_line(Path(root) / WATCH_FILE, payload)
 
 
-def announce_checkpoint(root: str | os.PathLike[str], run_dir: str | os.PathLike[str], step: int, folder: str | os.PathLike[str]) -> Path | None:
+def announce_checkpoint(
+    root: str | os.PathLike[str],
+    run_dir: str | os.PathLike[str],
+    step: int,
+    folder: str | os.PathLike[str],
+    held_name: str | None = None,
+) -> Path | None:
     """Hold ``folder``'s weight files and append its ``checkpoint`` line (after the save finished).
+
+    ``held_name``: the held copy's folder name in ``held/`` (default ``folder``'s name); a
+    folder saved into again at another step (``accelerator.save_state("ckpt")``) needs one
+    per step.
 
     Returns:
         The held copy, or None where it could not be made (another filesystem, no space):
         the watcher then reads the checkpoint folder itself, while it exists.
     """
     root, run_dir, folder = Path(root), Path(run_dir), Path(folder)
-    held = hold_checkpoint(folder, root / HELD_DIR / folder.name)
+    held = hold_checkpoint(folder, root / HELD_DIR / (held_name or folder.name))
     try:
         rel_folder = str(folder.resolve().relative_to(run_dir.resolve()))
     except ValueError:
