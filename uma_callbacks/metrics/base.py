@@ -33,6 +33,7 @@ from uma_callbacks.core.interrupt import MetricInterrupted, interrupt_requested
 from uma_callbacks.core.losses import LossFn
 from uma_callbacks.core.model_state import eager_attention, preserved_model_state
 from uma_callbacks.metrics.loss_choice import ResolvedLoss, resolve_loss
+from uma_callbacks.metrics.states import declare_state, reduce_states
 from uma_callbacks.metrics.time_cost import UnitCosts
 
 #: Allowed values of :attr:`MetricResult.status`.
@@ -370,6 +371,8 @@ class Metric(abc.ABC):
     Cross-rank reduction: every statistic a metric sums over probe samples goes through
     ``ctx.collective`` (a sum all-reduce), so a probe sharded over ranks gives the
     single-process numbers; metrics keep sums and counts, never means, until the end.
+    A metric whose sums are uniform declares them with :meth:`add_state` and reduces them
+    all at once with :meth:`reduce_states` (torchmetrics' ``add_state(dist_reduce_fx=...)``).
 
     What the engine reads besides :meth:`compute`: the memory cost (:attr:`cost`,
     :meth:`memory_modes`), the history (:attr:`history_needed`, :attr:`needs_first`) and
@@ -438,6 +441,34 @@ class Metric(abc.ABC):
     def min_time_cost(self, units: UnitCosts) -> float:
         """The predicted seconds of this metric scaled down as far as it goes (its floor)."""
         return self.scaled_to(0.0, units)[0].time_cost(units)
+
+    # ------------------------------------------------------------------ states
+    def add_state(self, name: str, dist_reduce_fx: str = "sum") -> None:
+        """Declare a statistic this metric reduces across ranks (torchmetrics' ``add_state``).
+
+        Call it in ``__init__``; hand the local values to :meth:`reduce_states` at the end
+        of :meth:`_compute`. The declaration is private state, not configuration.
+
+        Raises:
+            ValueError: a bad name, a name declared twice, or an unknown ``dist_reduce_fx``
+                (see :data:`~uma_callbacks.metrics.states.DIST_REDUCE_FXS`).
+        """  # noqa: DOC502 (from declare_state)
+        if "_states" not in vars(self):
+            self._states: dict[str, str] = {}
+        declare_state(self._states, type(self).__name__, name, dist_reduce_fx)
+
+    @property
+    def state_reductions(self) -> dict[str, str]:
+        """``{state: reduction}`` as declared with :meth:`add_state` (empty: none declared)."""
+        return dict(vars(self).get("_states", {}))
+
+    def reduce_states(self, ctx: ComputeContext, **values: torch.Tensor) -> dict[str, torch.Tensor]:
+        """Reduce every declared state over ``ctx``'s ranks, in one collective call, in place.
+
+        Raises:
+            ValueError: a value for an undeclared state, or a declared state without one.
+        """  # noqa: DOC502 (from reduce_states)
+        return reduce_states(self.state_reductions, type(self).__name__, ctx.collective, values)
 
     # ------------------------------------------------------------------ public API
     def config(self) -> dict[str, Any]:

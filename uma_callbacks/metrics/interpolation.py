@@ -88,6 +88,8 @@ class CheckpointInterpolation(Metric):
         timeout_seconds: float | None = None,
     ) -> None:
         super().__init__(chunk_size=chunk_size, timeout_seconds=timeout_seconds)
+        self.add_state("loss_sums", dist_reduce_fx="sum")
+        self.add_state("n_samples", dist_reduce_fx="sum")
         validate.check_int("CheckpointInterpolation.n_points", n_points, 2, validate.MAX_GRID_POINTS)
         validate.check_number("CheckpointInterpolation.extend", extend, 0, 100)
         validate.check_int("CheckpointInterpolation.n_batches", n_batches, 1, validate.MAX_BATCHES, allow_none=True)
@@ -174,7 +176,6 @@ class CheckpointInterpolation(Metric):
                 f"missing {missing[:5]}, mis-shaped {bad[:5]}"
             )
         chunks, n_local = _local_chunks(ctx, self.n_batches)
-        n = int(ctx.collective.sum_scalar(float(n_local)))
         ts = self.path_ts()
         sums = torch.zeros(len(ts), dtype=torch.float64)
         targets = [local(p) for p in params.values()]
@@ -187,8 +188,8 @@ class CheckpointInterpolation(Metric):
                 sums[j] = probe_loss_sum(ctx, chunks)
                 ctx.check_time(path_points_done=j + 1)
         del start
-        ctx.collective.sum_([sums])
-        losses = (sums / n).numpy()
+        totals = self.reduce_states(ctx, loss_sums=sums, n_samples=torch.tensor([float(n_local)], dtype=torch.float64))
+        losses = (sums / int(totals["n_samples"].item())).numpy()
         ctx.meta.update(previous_label=label, forward_passes=len(ts) * len(chunks))
         return interpolation_result(ts, losses, distance)
 

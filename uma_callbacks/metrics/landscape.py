@@ -139,6 +139,8 @@ class LossLandscape(Metric):
         timeout_seconds: float | None = None,
     ) -> None:
         super().__init__(chunk_size=chunk_size, timeout_seconds=timeout_seconds)
+        self.add_state("loss_sums", dist_reduce_fx="sum")
+        self.add_state("n_samples", dist_reduce_fx="sum")
         validate.check_int("LossLandscape.n_points", n_points, 3, validate.MAX_GRID_POINTS)
         if n_points % 2 == 0:
             raise ValueError(
@@ -226,7 +228,6 @@ class LossLandscape(Metric):
             raise ValueError("LossLandscape: the model has no trainable parameters")
         mode = getattr(self, "_memory_mode", self._mode)
         chunks, n_local = _local_chunks(ctx, self.n_batches)
-        n = int(ctx.collective.sum_scalar(float(n_local)))
         coords = np.linspace(-self.span, self.span, self.n_points)
         coords[self.n_points // 2] = 0.0
         alphas = coords
@@ -271,8 +272,8 @@ class LossLandscape(Metric):
                 del rand
             ctx.meta["mode"] = mode
             ctx.meta["seeds"] = {f"d{k + 1}": self.seed + k for k in range(self.dims)}
-        ctx.collective.sum_([sums])
-        grid = (sums / n).numpy()
+        totals = self.reduce_states(ctx, loss_sums=sums, n_samples=torch.tensor([float(n_local)], dtype=torch.float64))
+        grid = (sums / int(totals["n_samples"].item())).numpy()
         if self.dims == 1:
             grid = grid[:, 0]
         ctx.meta.update(n_perturbed_params=len(names), forward_passes=int(sums.numel()) * len(chunks))

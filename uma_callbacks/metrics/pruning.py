@@ -206,6 +206,8 @@ class LotteryTickets(Metric):
         timeout_seconds: float | None = None,
     ) -> None:
         super().__init__(chunk_size=chunk_size, timeout_seconds=timeout_seconds)
+        self.add_state("loss_sums", dist_reduce_fx="sum")
+        self.add_state("n_samples", dist_reduce_fx="sum")
         if isinstance(sparsities, (str, bytes)) or not isinstance(sparsities, Sequence) or not sparsities:
             raise ValueError(f"LotteryTickets.sparsities must be a non-empty list of numbers in (0, 1); got {sparsities!r}")
         for s in sparsities:
@@ -259,7 +261,6 @@ class LotteryTickets(Metric):
         params = dict(ctx.model.named_parameters())
         weights = [params[n] for n in names]
         chunks, n_local = _local_chunks(ctx, self.n_batches)
-        n = ctx.collective.sum_scalar(float(n_local))
         levels = self.sparsities
         mode = getattr(self, "_memory_mode", "device")
         sums = torch.zeros(len(levels) + 1, dtype=torch.float64)
@@ -287,8 +288,8 @@ class LotteryTickets(Metric):
             if main_mask is None:  # main_sparsity is not one of the sparsities
                 main_mask = ~pruned_flat(flat, self.main_sparsity).cpu()
             del flat
-        ctx.collective.sum_([sums])
-        losses = (sums / n).numpy()
+        totals = self.reduce_states(ctx, loss_sums=sums, n_samples=torch.tensor([float(n_local)], dtype=torch.float64))
+        losses = (sums / totals["n_samples"].item()).numpy()
         scalars = {"dense_loss": float(losses[0])}
         for s, loss in zip(levels, losses[1:]):
             scalars[f"sparsity/{sparsity_key(s)}/loss"] = float(loss)
