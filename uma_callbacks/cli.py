@@ -30,6 +30,10 @@ _BACKFILL_EPILOG = """examples:
   # into an existing W&B run
   uma backfill runs/demo --metrics fisher --wandb-run abc123
 
+  # a Slurm job array of 4 (or a Kubernetes indexed job: $JOB_COMPLETION_INDEX/4), then one sync
+  uma backfill runs/demo --metrics fisher --shard $SLURM_ARRAY_TASK_ID/4
+  uma sync runs/demo --trackers mlflow
+
   # metric options: a cheaper Hessian, pruning at two sparsities, task vectors from a base
   uma backfill runs/demo --metric hessian:top_k=2,hutchinson_samples=5 \
       --metric "pruning:sparsities=[0.5,0.9]" --metric task_vectors:base=runs/base-model
@@ -89,6 +93,9 @@ def build_parser() -> argparse.ArgumentParser:
     bf.add_argument("--no-cache", action="store_true", help="recompute even what the journal holds")
     bf.add_argument("--no-figures", action="store_true", help="do not draw PNG figures")
     bf.add_argument("--device", help="cpu, cuda, cuda:1 ... (default: cuda if available)")
+    bf.add_argument("--shard", metavar="K/N",
+                    help="measure block K of N (0 <= K < N) of the checkpoints, journal only; "
+                         "`uma sync` delivers once every shard has finished (Slurm arrays, indexed jobs)")
     bf.set_defaults(func=_backfill)
 
     rp = sub.add_parser("report", help="multi-panel PNG + HTML page of the journal", epilog=_REPORT_EPILOG,
@@ -117,8 +124,9 @@ def _split(text: str) -> list[str]:
 
 
 def _backfill(args: argparse.Namespace) -> int:
-    from uma_callbacks.triggers.backfill import backfill
+    from uma_callbacks.triggers.backfill import backfill, parse_shard
 
+    shard = parse_shard(args.shard) if args.shard is not None else None  # ValueError: exit 2
     texts = None
     if args.texts:
         path = Path(args.texts)
@@ -151,6 +159,7 @@ def _backfill(args: argparse.Namespace) -> int:
         check_probe=not args.new_probe,
         draw_figures=not args.no_figures,
         device=args.device,
+        shard=shard,
     )
     print(summary.describe())
     return 0 if summary.ok else 1

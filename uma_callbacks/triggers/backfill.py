@@ -11,13 +11,21 @@ live run's (so its results are cache hits), and checkpoint-pair metrics (``inter
 Resumable and idempotent: a rerun (also after ``kill -9``) computes only what is missing,
 and a sink gets each (key, step) point once. A checkpoint that cannot be used becomes an
 ``error`` record (metric ``checkpoint``); the others go on.
+
+Sharded (``shard=(K, N)``, ``uma backfill --shard K/N``: a Slurm job array, a Kubernetes
+indexed job): each of N processes measures one contiguous block of the step-sorted
+checkpoints into the shared journal and delivers nothing; one ``uma sync`` afterwards
+delivers every shard's records (:func:`shard_block`, :func:`backfill`).
 """
 
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import logging
 import os
+import re
+import shlex
 import time
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field, fields
@@ -32,9 +40,11 @@ from uma_callbacks.core.records import Record
 from uma_callbacks.engine.budget import as_budget
 from uma_callbacks.engine.journal import Journal
 from uma_callbacks.engine.probe_source import load_tokenizer
+from uma_callbacks.engine.run_identity import read_run_marker
 from uma_callbacks.metrics.base import Metric
 from uma_callbacks.metrics.trajectory import Trajectory, trajectory_scalars  # noqa: F401 (public here too)
 from uma_callbacks.session import Session
+from uma_callbacks.triggers.history_seed import seed_history
 from uma_callbacks.triggers.prefetch import ModelLoader, prefetched
 from uma_callbacks.triggers.run_sinks import journal_runs, offline_trackers
 
@@ -51,7 +61,7 @@ class BackfillSummary:
     """What a backfill did.
 
     Attributes:
-        checkpoints: the checkpoints found, in step order.
+        checkpoints: the checkpoints measured, in step order (all found; a shard: its block).
         records: every record produced (metrics and checkpoint errors).
         errors: ``(checkpoint folder, step, reason)`` for each checkpoint that could not be used,
             and each metric that failed.
@@ -61,6 +71,11 @@ class BackfillSummary:
         per_checkpoint: ``{step: {"load": s, "compute": s, "wait": s}}``; a sharded (DCP)
             checkpoint adds ``"shards"`` (data files gathered) and ``"gathered_bytes"``.
         journal: the journal folder.
+        shard: ``(K, N)`` when this process was shard K of N, else ``None``.
+        total_checkpoints: the checkpoints found in the whole run (a shard measures its block).
+        seeded: steps loaded into the checkpoint history only (a shard's predecessors).
+        sync_command: for a shard, the ``uma sync`` command that delivers every shard's
+            records once all have finished (a shard delivers nothing itself).
     """
 
     checkpoints: list[Checkpoint] = field(default_factory=list)
@@ -75,6 +90,10 @@ class BackfillSummary:
     journal: str = ""
     skipped: int = 0
     sink_failures: list[str] = field(default_factory=list)
+    shard: tuple[int, int] | None = None
+    total_checkpoints: int = 0
+    seeded: list[int] = field(default_factory=list)
+    sync_command: str = ""
 
     @property
     def ok(self) -> bool:
@@ -93,7 +112,24 @@ class BackfillSummary:
             for path, step, reason in self.errors
         ]
         lines += [f"  sink {name} failed: its records stay in the journal (`uma sync` replays them)" for name in self.sink_failures]
+        if self.shard is not None:
+            lines.append(self._describe_shard())
         return "\n".join(lines)
+
+    def _describe_shard(self) -> str:
+        k, n = self.shard or (0, 1)
+        if not self.checkpoints:
+            return (
+                f"shard {k}/{n}: no checkpoint to measure ({self.total_checkpoints} checkpoint(s) for {n} shards); "
+                "nothing to do"
+            )
+        steps = f"steps {self.checkpoints[0].step}..{self.checkpoints[-1].step}"
+        seeded = f"; history seeded with step(s) {self.seeded} (not measured)" if self.seeded else ""
+        return (
+            f"shard {k}/{n}: {len(self.checkpoints)} of {self.total_checkpoints} checkpoint(s), {steps}{seeded}\n"
+            "shard: nothing delivered to trackers (concurrent shards would race on the tracker run); "
+            f"once every shard has finished, `{self.sync_command}` delivers all their records"
+        )
 
 
 # ---------------------------------------------------------------------- the loop
@@ -117,6 +153,7 @@ def backfill(
     prefetch: bool = True,
     progress: bool = True,
     source_name: str = "backfill",
+    shard: tuple[int, int] | None = None,
     **options: Any,
 ) -> BackfillSummary:
     """Measure every checkpoint of a run and log the results at each checkpoint's step.
@@ -148,6 +185,16 @@ def backfill(
         prefetch: read the next checkpoint on a background thread.
         progress: show a tqdm bar with ETA.
         source_name: written into each record's ``source``.
+        shard: ``(K, N)``: measure only block K of N contiguous blocks of the step-sorted
+            checkpoints (:func:`shard_block`), journal only (no tracker delivery: run
+            ``uma sync`` once every shard has finished). The configuration, the automatic
+            ``trajectory`` included, is the one the whole run's backfill uses; pair metrics
+            get the checkpoints before the block as history (:func:`seed_history`); the
+            journal's claims keep two shards given overlapping work from computing one
+            result twice. Blocks are contiguous because then only a block's first
+            checkpoints need their predecessors loaded (``depth`` of them, and the run's
+            first when a metric needs it): N interleaved shares would load every
+            predecessor of every checkpoint a second time.
         **options: any :class:`UMAConfig` field (``probe_size``, ``seed``, ``trackers``,
             ``output_dir``, ``use_cache``, ``draw_figures``, ``loss_fn``, ``chunk_sizes``,
             ``memory_budget``, ``timeout_seconds``, ...); the time limit and the memory
@@ -158,20 +205,33 @@ def backfill(
 
     Raises:
         FileNotFoundError: the run folder does not exist.
-        ValueError: no checkpoints, bad configuration, no usable probe, or a probe whose
-            fingerprint differs from the journal's.
+        ValueError: no checkpoints, bad configuration, no usable probe, a probe whose
+            fingerprint differs from the journal's, or a ``shard`` that is not ``(K, N)``
+            with ``0 <= K < N``.
     """  # noqa: DOC502 (FileNotFoundError: from discover_with_problems)
     started = time.perf_counter()
     unknown = sorted(set(options) - _CONFIG_FIELDS)
     if unknown:
         raise ValueError(f"backfill: unknown argument(s) {unknown}; UMAConfig fields are {sorted(_CONFIG_FIELDS)}")
+    shard = check_shard(shard)
     checkpoints, problems = discover_with_problems(source, steps)
     checkpoints, duplicates = _one_folder_per_step(checkpoints)
-    pair = trajectory and len(checkpoints) > 1
+    pair = trajectory and len(checkpoints) > 1  # the whole run's: every shard measures with one config
     cfg = _config(config, metrics, pair, [mlflow_run_id, tracking_uri, wandb_run_id], options)
     run_dir = Path(source) if isinstance(source, (str, os.PathLike)) else checkpoints[0].path.parent
     root = Path(cfg.output_dir) if cfg.output_dir is not None else run_dir / "uma"
+    start, stop = shard_block(len(checkpoints), shard) if shard is not None else (0, len(checkpoints))
+    summary = BackfillSummary(checkpoints=checkpoints[start:stop], journal=str(root), shard=shard)
+    summary.total_checkpoints = len(checkpoints)
+    if shard is not None:
+        summary.sync_command = _sync_command(run_dir, cfg.trackers, mlflow_run_id, tracking_uri, wandb_run_id)
+        if start == stop and not (shard[0] == 0 and (problems or duplicates)):  # more shards than checkpoints
+            summary.seconds = time.perf_counter() - started
+            return summary
+        cfg = dataclasses.replace(cfg, metrics=list(cfg.metric_objects), trackers=[])  # journal only
+        problems, duplicates = (problems, duplicates) if shard[0] == 0 else ([], [])  # recorded once, by shard 0
     session = Session(cfg, root, source=source_name)
+    shared_run = _shard_run(root) if shard is not None else None  # one run for all shards: one `uma sync`
     assert session.journal is not None
     tok = load_tokenizer(tokenizer, [c.path for c in checkpoints]) if texts and not probe else None
     known = [session.journal] + ([Journal(run_dir / "uma")] if (run_dir / "uma").is_dir() else [])
@@ -182,16 +242,21 @@ def backfill(
         known_probes=known if check_probe else (),
         save=not (root / "probe.safetensors").exists(),
         params={"backfill.metrics": cfg.metric_names},
+        run=shared_run,
     )
-    summary = BackfillSummary(checkpoints=checkpoints, journal=str(root))
     for path, reason in problems + duplicates:  # unusable folders: error records, the rest goes on
         ckpt = Checkpoint(Path(path), -1, "problem")
         _tally(summary, ckpt, [session.record_error(-1, "checkpoint", ValueError(reason), {"path": str(path)})])
     target = torch.device(device) if device is not None else torch.device("cuda" if torch.cuda.is_available() else "cpu")
     loader = ModelLoader(model_factory, target)
-    bar = _progress(len(checkpoints), progress)
-    for loaded, waited in prefetched(checkpoints, prefetch, as_budget(cfg.memory_budget)):
+    summary.seeded = seed_history(session, loader, checkpoints, start)
+    bar = _progress(stop - start, progress)
+    for loaded, waited in prefetched(checkpoints[start:stop], prefetch, as_budget(cfg.memory_budget)):
         ckpt = loaded.checkpoint
+        if shared_run is not None:  # a shard's records belong to the training run that made the checkpoint
+            run = read_run_marker(ckpt.path, ckpt.step) or shared_run
+            if run != session.run:
+                session.continue_run(run)
         t0 = time.perf_counter()
         try:
             model = loader.load(loaded)
@@ -217,6 +282,89 @@ def backfill(
     summary.sink_failures = sorted(session.delivery.failing)
     summary.seconds = time.perf_counter() - started
     return summary
+
+
+# ---------------------------------------------------------------------- shards
+def parse_shard(text: str) -> tuple[int, int]:
+    """``"K/N"`` (the ``--shard`` option) as ``(K, N)``.
+
+    Args:
+        text: ``K/N`` with integers ``0 <= K < N`` (Slurm: ``$SLURM_ARRAY_TASK_ID/$SLURM_ARRAY_TASK_COUNT``;
+            Kubernetes: ``$JOB_COMPLETION_INDEX/<completions>``).
+
+    Returns:
+        ``(K, N)``.
+
+    Raises:
+        ValueError: ``text`` is not of the form ``K/N`` with ``0 <= K < N``.
+    """
+    match = re.fullmatch(r"(\d{1,9})/(\d{1,9})", str(text).strip())
+    if match is None or not 0 <= int(match[1]) < int(match[2]):
+        raise ValueError(f"--shard must be K/N with integers 0 <= K < N (e.g. --shard 0/4); got {text!r:.40}")
+    return int(match[1]), int(match[2])
+
+
+def check_shard(shard: Any) -> tuple[int, int] | None:
+    """``shard`` as ``(K, N)``, or ``None`` for no sharding.
+
+    Raises:
+        ValueError: not a pair of integers ``(K, N)`` with ``0 <= K < N`` (naming ``shard``
+            and the ``--shard K/N`` form).
+    """
+    if shard is None:
+        return None
+    ok = (
+        isinstance(shard, (tuple, list))
+        and len(shard) == 2
+        and all(isinstance(v, int) and not isinstance(v, bool) for v in shard)
+        and 0 <= shard[0] < shard[1]
+    )
+    if not ok:
+        raise ValueError(f"backfill: shard must be (K, N) with integers 0 <= K < N (--shard K/N); got {shard!r:.40}")
+    return int(shard[0]), int(shard[1])
+
+
+def shard_block(count: int, shard: tuple[int, int]) -> tuple[int, int]:
+    """``(start, stop)``: the indices of shard K's contiguous block among ``count`` checkpoints.
+
+    The blocks are as even as can be (their sizes differ by one at most, the larger ones
+    first), cover every checkpoint once, and keep step order; with more shards than
+    checkpoints the last shards are empty.
+
+    Example:
+        >>> [shard_block(5, (k, 2)) for k in range(2)]
+        [(0, 3), (3, 5)]
+        >>> [shard_block(2, (k, 3)) for k in range(3)]
+        [(0, 1), (1, 2), (2, 2)]
+    """
+    k, n = shard
+    size, extra = divmod(count, n)
+    start = k * size + min(k, extra)
+    return start, start + size + (1 if k < extra else 0)
+
+
+def _shard_run(root: Path) -> str:
+    """The run id every shard of this journal stamps a checkpoint's records with when no marker names one.
+
+    One id for all shards (derived from the journal folder), so ``uma sync`` replays them as
+    one run; a checkpoint whose run marker names the training run that made it uses that.
+    """
+    return hashlib.sha256(f"uma-backfill-shards|{root.resolve()}".encode()).hexdigest()[:32]
+
+
+def _sync_command(
+    run_dir: Path, trackers: Sequence[Any] | None, mlflow_run_id: str | None, tracking_uri: str | None, wandb_run_id: str | None
+) -> str:
+    """The ``uma sync`` command line that delivers a sharded backfill's records to the trackers asked for."""
+    words = ["uma", "sync", str(run_dir)]
+    names = [t for t in (trackers or []) if isinstance(t, str)]
+    if names:
+        words += ["--trackers", ",".join(names)]
+    for flag, value in (("--mlflow-run", mlflow_run_id), ("--tracking-uri", tracking_uri), ("--wandb-run", wandb_run_id)):
+        if value:
+            words += [flag, value]
+    command = " ".join(shlex.quote(w) for w in words)
+    return command if len(words) > 3 else f"{command} --trackers mlflow (or --mlflow-run/--tracking-uri, --wandb-run)"
 
 
 def _config(
@@ -302,4 +450,13 @@ def _progress(total: int, enabled: bool) -> Any:
     return tqdm(total=total, desc="uma backfill", unit="ckpt")
 
 
-__all__ = ["PAIR_METRICS", "BackfillSummary", "Trajectory", "backfill", "trajectory_scalars"]
+__all__ = [
+    "PAIR_METRICS",
+    "BackfillSummary",
+    "Trajectory",
+    "backfill",
+    "check_shard",
+    "parse_shard",
+    "shard_block",
+    "trajectory_scalars",
+]
