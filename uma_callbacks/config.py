@@ -15,7 +15,7 @@ from typing import Any
 from uma_callbacks import metric_specs
 from uma_callbacks.integrations.bounded import DEFAULT_TRACKER_TIMEOUT
 from uma_callbacks.integrations.registry import check_tracker, tracker_names
-from uma_callbacks.metrics import Metric
+from uma_callbacks.metrics import METRICS, Metric
 
 #: The built-in tracker names (more with :func:`uma_callbacks.integrations.register_sink`).
 TRACKER_NAMES = tracker_names()
@@ -23,6 +23,16 @@ TRACKER_NAMES = tracker_names()
 DEFAULT_TIMEOUT_SECONDS = 900.0
 #: Seeds must fit the generators (``torch.Generator.manual_seed`` takes < 2**63).
 MAX_SEED = 2**63 - 1
+#: Where a live trigger measures: ``"inline"`` in the training process at each save;
+#: ``"async"``: it only announces each complete checkpoint, for ``uma watch`` to measure.
+MEASURE_MODES = ("inline", "async")
+#: Fields that act on measuring inside the training process, which ``measure="async"`` never does.
+_INLINE_ONLY = {
+    "every_n_steps": "a watcher measures saved checkpoints only; save more often (save_steps) instead",
+    "log_scalars": "the values are measured later, by the watcher, after the Trainer has logged those steps",
+    "overhead": "nothing is measured in the training process; the watcher's time is not training time",
+    "seconds_per_save": "nothing is measured in the training process",
+}
 
 
 def _closest(name: str, allowed: Sequence[str]) -> str:
@@ -41,6 +51,44 @@ def build_metric(spec: Any, seed: int | None = None) -> Metric:
         ValueError: unknown name (listing the known ones) or a bad option.
     """  # noqa: DOC502 (raised by metric_specs.build_metric)
     return metric_specs.build_metric(spec, seed, field="metrics")
+
+
+def metric_spec(metric: Metric) -> dict[str, Any]:
+    """``{"name": ..., option: value}``: the mapping :func:`build_metric` rebuilds ``metric`` from.
+
+    The options are the entries of ``metric.config()`` its constructor takes (``config()``
+    also holds ``metric``, the name, and values derived from the options, which the
+    constructor does not take).
+
+    Example:
+        >>> spec = metric_spec(build_metric("hessian:top_k=3", seed=7))
+        >>> spec["name"], spec["top_k"], spec["seed"]
+        ('hessian', 3, 7)
+        >>> build_metric(spec).config() == build_metric("hessian:top_k=3", seed=7).config()
+        True
+    """
+    options = metric_specs.metric_options(metric.name) if metric.name in METRICS else {}
+    return {"name": metric.name, **{k: v for k, v in metric.config().items() if k in options}}
+
+
+def check_rebuildable(metric: Metric) -> None:
+    """Refuse a metric another process cannot rebuild from :func:`metric_spec` with the same config.
+
+    Raises:
+        ValueError: the metric is not registered by name, or its spec builds another
+            configuration (a setting only the object holds), naming the metric.
+    """
+    try:
+        rebuilt = build_metric(metric_spec(metric))
+        same = type(rebuilt) is type(metric) and rebuilt.config() == metric.config()
+    except ValueError:
+        same = False
+    if not same:
+        raise ValueError(
+            f"UMAConfig.metrics: with measure='async' the watcher rebuilds each metric from its name and options; "
+            f"{metric.name!r} ({type(metric).__name__}) cannot be rebuilt with the same configuration: give it by "
+            "name and options, register its class (uma_callbacks.metrics.register_metric) in both processes, or use measure='inline'"
+        )
 
 
 def _positive_int(field_name: str, value: Any, allow_none: bool = False) -> None:
@@ -87,6 +135,12 @@ class UMAConfig:
         aggressive_cleanup: a full ``gc.collect()`` after every metric (about 0.3 s each on
             CPU; always done on CUDA and after a failure).
         loss_fn: ``loss_fn(model, batch) -> Tensor[B]``; None for the HF default.
+        measure: ``"inline"`` (measure in the training process at each save) or ``"async"``
+            (a live trigger only announces each complete checkpoint, with the probe and the
+            tracker runs, for ``uma watch`` to measure beside the training; every metric
+            must then be rebuildable from its name and options, and ``every_n_steps``,
+            ``log_scalars``, ``overhead`` and ``seconds_per_save`` are refused). A backfill
+            refuses ``"async"``.
 
     Raises:
         ValueError: any field out of range, naming the field and the allowed values.
@@ -111,6 +165,7 @@ class UMAConfig:
     aggressive_cleanup: bool = False
     loss_fn: Callable[..., Any] | None = None
     tracker_timeout_seconds: float | None = DEFAULT_TRACKER_TIMEOUT
+    measure: str = "inline"
     metric_objects: list[Metric] = field(init=False, repr=False)
 
     def __post_init__(self) -> None:
@@ -187,6 +242,18 @@ class UMAConfig:
         for flag in ("use_cache", "save_tensors", "draw_figures", "aggressive_cleanup"):
             if not isinstance(getattr(self, flag), bool):
                 raise ValueError(f"UMAConfig.{flag} must be True or False; got {getattr(self, flag)!r}")
+        if not isinstance(self.measure, str) or self.measure not in MEASURE_MODES:
+            raise ValueError(
+                f"UMAConfig.measure must be one of {list(MEASURE_MODES)}; got {self.measure!r:.80}"
+                + (_closest(self.measure, MEASURE_MODES) if isinstance(self.measure, str) else "")
+            )
+        if self.measure == "async":
+            for name, why in _INLINE_ONLY.items():
+                value = getattr(self, name)
+                if value is not None and not (isinstance(value, (list, tuple)) and not value):
+                    raise ValueError(f"UMAConfig.{name} cannot be used with measure='async': {why} (got {value!r:.80})")
+            for metric in self.metric_objects:
+                check_rebuildable(metric)
 
     @property
     def metric_names(self) -> list[str]:

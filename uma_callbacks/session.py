@@ -32,6 +32,7 @@ Every entry point leaves Python's, NumPy's and torch's global RNG states as it f
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import os
 import sys
@@ -70,9 +71,9 @@ all_rngs_preserved = rng_preserved
 LIVE_SOURCES = ("callback", "accelerate")
 
 #: The one table of trigger settings: ``{source: {UMAConfig field: why it cannot be honoured}}``.
-#: A field set (not ``None``/empty) for a source listed here is refused when the session is
-#: made (``ValueError`` naming the field), never silently ignored. ``"offline"`` covers every
-#: source that is not a live training (``backfill``, ``analyze``, ...).
+#: A field set (not ``None``/empty, nor its default) for a source listed here is refused when
+#: the session is made (``ValueError`` naming the field), never silently ignored. ``"offline"``
+#: covers every source that is not a live training (``backfill``, ``analyze``, ...).
 UNSUPPORTED: dict[str, dict[str, str]] = {
     "callback": {},
     "accelerate": {
@@ -89,8 +90,16 @@ UNSUPPORTED: dict[str, dict[str, str]] = {
             "use seconds_per_save"
         ),
         "log_scalars": "backfill: log_scalars needs a Trainer's state.log_history; the values are in the records and trackers",
+        "measure": (
+            "backfill: measure='async' is for a live training (its saves are announced to a watcher); a backfill "
+            "measures the checkpoints itself: leave measure='inline'"
+        ),
     },
 }
+
+
+#: ``UMAConfig``'s defaults: a field at its default is not set.
+_DEFAULTS = {f.name: f.default for f in dataclasses.fields(UMAConfig) if f.default is not dataclasses.MISSING}
 
 
 def check_trigger_settings(config: UMAConfig, source: str) -> None:
@@ -101,6 +110,8 @@ def check_trigger_settings(config: UMAConfig, source: str) -> None:
     """
     for field_name, why in UNSUPPORTED.get(source if source in LIVE_SOURCES else "offline", {}).items():
         value = getattr(config, field_name)
+        if value == _DEFAULTS.get(field_name):  # left as it is by default (measure="inline")
+            continue
         if value is not None and not (isinstance(value, (list, tuple)) and not value):
             raise ValueError(f"{why} (UMAConfig.{field_name}={value!r:.80})")
 

@@ -24,6 +24,20 @@ Run identity: each ``save_state`` folder is marked with the run's id (``uma_run.
 before the save is measured); an ``accelerator.load_state(folder)`` before the first
 measurement continues that folder's run (same id: the journal's records of that run are
 this session's, and only those are replayed).
+
+``measure="async"``: nothing is measured at a save. The pre-hook runs before Accelerate
+writes the state, so no "complete" announcement can be made there; instead the
+accelerator instance's ``save_state`` is wrapped (``handle.remove()`` puts it back): after
+the original returns on every rank (a barrier when there are several), rank 0 marks the
+folder (``uma_run.json``, ``uma_state.json``, ``config.json``) and announces it
+(:class:`~uma_callbacks.triggers.announcing.Announcer`: its weight files hard-linked into
+``<journal>/held/<folder name>-step-<N>``, then the ``checkpoint`` line; a folder saved
+into again keeps one held copy per step, its held files unlinked before the next save
+rewrites them). The ``run`` line is written at ``attach`` and again when the tracker runs
+are joined (first save) or a ``load_state`` continues another run; ``handle.remove()``
+writes the ``finished`` line. The checkpoint folders must be inside the folder that holds
+the journal (the watcher's ``RUN_DIR``: ``project_dir``, or ``output_dir``'s parent).
+``handle.measure()`` still measures in this process when called.
 """
 
 from __future__ import annotations
@@ -45,9 +59,9 @@ from uma_callbacks.engine.state_file import STATE_FILE, read_state, write_state 
 from uma_callbacks.integrations.accelerate import AcceleratorTrackerSink, sink_for_tracker  # noqa: F401
 from uma_callbacks.metrics.base import Metric
 from uma_callbacks.session import Session, check_trigger_settings
+from uma_callbacks.triggers.announcing import Announcer, detach_held
 
 logger = logging.getLogger(__name__)
-
 
 
 class UMAHandle:
@@ -77,6 +91,10 @@ class UMAHandle:
         self._hook_handle: Any = None
         self._load_hook_handle: Any = None
         self._sinks_ready = False
+        #: ``measure="async"``: the announcements, and the wrapper put on ``accelerator.save_state``
+        self.announcer: Announcer | None = None
+        self._save_wrapper: Any = None
+        self._last_step: int | None = None
 
     @property
     def config(self) -> UMAConfig:
@@ -142,7 +160,17 @@ class UMAHandle:
         return self.session.measure(model, step)
 
     def remove(self) -> None:
-        """Undo :func:`attach`: unregister the hook, deliver pending records, finish our runs."""
+        """Undo :func:`attach`: unregister the hook, deliver pending records, finish our runs.
+
+        With ``measure="async"``: put ``save_state`` back and announce the end of training.
+        """
+        if self._save_wrapper is not None:
+            if vars(self.accelerator).get("save_state") is self._save_wrapper:
+                del self.accelerator.save_state
+            self._save_wrapper = None
+            if self.announcer is not None:
+                step = self.current_step() if self._last_step is None else self._last_step
+                self.announcer.finished(step if step is not None else 0)
         if self._hook_handle is not None:
             self._hook_handle.remove()
             self._hook_handle = None
@@ -179,6 +207,46 @@ class UMAHandle:
             at_step = records or [r for r in self.records if r.step == step]
             write_state(output_dir, step, self.root, self.probe.fingerprint, at_step)
             ensure_config_json(output_dir, model)  # the backfill rebuilds the model from it
+
+    def _wrap_save_state(self) -> None:
+        """``measure="async"``: announce each folder after ``accelerator.save_state`` has written it."""
+        original = self.accelerator.save_state  # the bound method (or an earlier wrapper)
+
+        def save_state(*args: Any, **kwargs: Any) -> Any:
+            folder = args[0] if args else kwargs.get("output_dir")
+            step = self.current_step()
+            if self.session.is_main and folder is not None and step is not None:
+                detach_held(folder)  # the save rewrites files in place: keep the held copies' contents
+            location = original(*args, **kwargs)
+            self._announce(location if location is not None else folder, step)
+            return location
+
+        save_state.__wrapped__ = original  # type: ignore[attr-defined]
+        save_state.__doc__ = getattr(original, "__doc__", None)
+        self._save_wrapper = save_state
+        self.accelerator.save_state = save_state
+
+    def _announce(self, folder: Any, step: int | None) -> None:
+        """The save into ``folder`` finished on this rank: mark and announce it (rank 0, after every rank)."""
+        if step is None:
+            logger.warning(
+                "uma: save_state without a global step; set handle.step = N before it, or "
+                "attach(..., global_step=callable). Nothing announced."
+            )
+            return
+        if folder is None:
+            return
+        self._start_sinks()  # the tracker runs exist now (after init_trackers): the run line names them
+        if self.session.collective.world_size > 1:
+            self.session.collective.barrier()  # every rank has written its part of the state
+        if not self.session.is_main or self.announcer is None:
+            return
+        model = self._the_model(list(getattr(self.accelerator, "_models", [])))
+        write_run_marker(folder, self.session.run, step)
+        write_state(folder, step, self.root, self.probe.fingerprint, [])
+        ensure_config_json(folder, model)  # the watcher and the backfill rebuild the model from it
+        self.announcer.checkpoint(step, folder, held_name=f"{Path(folder).name}-step-{step}")
+        self._last_step = step
 
     def _on_load(self, models: list[torch.nn.Module], input_dir: str) -> None:
         """``accelerator.load_state(input_dir)``: a resume continues the folder's run.
@@ -245,7 +313,9 @@ def attach(
             staying sharded (see :mod:`uma_callbacks.core.sharding`).
         **config: other :class:`~uma_callbacks.config.UMAConfig` fields (``probe_size``,
             ``probe_batch_size``, ``seed``, ``use_cache``, ``draw_figures``, ``overhead``,
-            ``seconds_per_save``, ...); ``every_n_steps`` and ``log_scalars`` are refused.
+            ``seconds_per_save``, ``measure``, ...); ``every_n_steps`` and ``log_scalars``
+            are refused. ``measure="async"`` announces each folder after ``save_state``
+            returns, for ``uma watch`` to measure (see the module doc).
 
     Returns:
         A :class:`UMAHandle`; ``handle.remove()`` undoes this call.
@@ -298,6 +368,11 @@ def attach(
     # after accelerator.init_trackers (UMAHandle._start_sinks)
     session.start(probe, probe_options={"field": "attach: probe"}, sinks_later=True)
     handle = UMAHandle(accelerator, session, step_fn, step, model_index, model)
-    handle._hook_handle = accelerator.register_save_state_pre_hook(handle._hook)
+    if cfg.measure == "async":
+        handle.announcer = Announcer(session, root.parent)
+        handle.announcer.run()  # the tracker runs join it at the first save
+        handle._wrap_save_state()
+    else:
+        handle._hook_handle = accelerator.register_save_state_pre_hook(handle._hook)
     handle._load_hook_handle = accelerator.register_load_state_pre_hook(handle._on_load)
     return handle

@@ -17,6 +17,18 @@ A thin adapter from ``TrainerCallback`` events onto a :class:`~uma_callbacks.ses
 - ``on_step_end``: with ``every_n_steps``, also measure between saves;
 - ``on_train_end``: ``session.finish()`` (deliver what a tracker missed, close our runs).
 
+With ``measure="async"`` nothing is measured in the training process; the session starts
+as above (probe saved, tracker runs joined, params logged) and a watcher (``uma watch``)
+measures each checkpoint beside the training, through the announcements of
+:mod:`~uma_callbacks.engine.announce` (:class:`~uma_callbacks.triggers.announcing.Announcer`):
+
+- ``on_train_begin``: the ``run`` line (run id, tracker runs, metrics); a resumed training
+  continues its run id and writes the line again; its cut-off save is the watcher's;
+- ``on_save`` (after the whole checkpoint is written, ``trainer_state.json`` last, and after
+  rotation): the run marker and ``config.json``, then the checkpoint's weight files are
+  hard-linked into the journal folder and its ``checkpoint`` line appended. Nothing else;
+- ``on_train_end``: the ``finished`` line, then ``session.finish()``.
+
 The model is left exactly as found, so a run with the callback trains bit for bit like
 one without it.
 """
@@ -38,6 +50,7 @@ from uma_callbacks.engine.run_identity import measured_metrics, resumed_run, wri
 from uma_callbacks.integrations.registry import resolve_sinks, tracker_names
 from uma_callbacks.metrics.base import Metric
 from uma_callbacks.session import Session
+from uma_callbacks.triggers.announcing import Announcer, detach_held
 
 
 class UMACallback(TrainerCallback):
@@ -54,6 +67,9 @@ class UMACallback(TrainerCallback):
         output_dir: the journal folder; None: ``<args.output_dir>/uma``.
         memory_budget: None, GB, or a ``MemoryBudget``.
         seed: picks the probe and seeds the estimators.
+        measure: ``"inline"`` (measure at each save, in this process) or ``"async"``
+            (announce each complete checkpoint for ``uma watch`` to measure beside the
+            training; see the module doc).
         config: a whole :class:`~uma_callbacks.config.UMAConfig` instead of the arguments.
         **kwargs: any other ``UMAConfig`` field (``probe_batch_size``, ``timeout_seconds``,
             ``loss_fn``, ``save_tensors``, ...).
@@ -78,6 +94,7 @@ class UMACallback(TrainerCallback):
         output_dir: str | None = None,
         memory_budget: Any = None,
         seed: int = 42,
+        measure: str = "inline",
         config: UMAConfig | None = None,
         **kwargs: Any,
     ) -> None:
@@ -89,11 +106,13 @@ class UMACallback(TrainerCallback):
             output_dir=output_dir,
             memory_budget=memory_budget,
             seed=seed,
+            measure=measure,
             **kwargs,
         )
         check_probe_source(probe, "UMACallback.probe")
         self._probe_source = probe
         self.session: Session | None = None
+        self.announcer: Announcer | None = None
 
     @property
     def records(self) -> list[Any]:
@@ -143,7 +162,10 @@ class UMACallback(TrainerCallback):
             run=run,
         )
         self.session = session
-        if step > 0:
+        if cfg.measure == "async":
+            self.announcer = Announcer(session, args.output_dir)
+            self.announcer.run()
+        elif step > 0:
             self._complete_resumed_save(model, step)
 
     def _complete_resumed_save(self, model: Any, step: int) -> None:
@@ -167,13 +189,33 @@ class UMACallback(TrainerCallback):
             session.measure(model, step, only=todo, seconds=session.compute_budget(None))
 
     def on_step_end(self, args: Any, state: Any, control: Any, model: torch.nn.Module | None = None, **kwargs: Any) -> None:
-        """With ``every_n_steps``, measure between saves (a save step is measured by :meth:`on_save`)."""
+        """With ``every_n_steps``, measure between saves (a save step is measured by :meth:`on_save`).
+
+        With ``measure="async"``, before a save into a checkpoint folder that exists already
+        (a resumed training saving that step again), its held files are unlinked so that the
+        save does not rewrite the watcher's copy in place.
+        """
+        if self.announcer is not None:
+            self._before_save(args, state, control)
+            return
         n = self.config.every_n_steps
         if n and state.global_step % n == 0 and not _is_save_step(args, state):
             self._measure(model, state.global_step, state)
 
+    def on_epoch_end(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
+        """With ``measure="async"``: as :meth:`on_step_end`, for a save at the end of an epoch."""
+        if self.announcer is not None:
+            self._before_save(args, state, control)
+
     def on_save(self, args: Any, state: Any, control: Any, model: torch.nn.Module | None = None, **kwargs: Any) -> None:
-        """Mark the checkpoint folder with the run's id, measure the model at the global step, and write a missing ``config.json``."""
+        """Mark the checkpoint folder with the run's id, measure the model at the global step, and write a missing ``config.json``.
+
+        With ``measure="async"``: mark it, write a missing ``config.json``, and announce it
+        (its weight files held, then its line); nothing is measured.
+        """
+        if self.announcer is not None:
+            self._announce_save(args, state, model)
+            return
         if self.session is not None and self.session.is_main:  # before measuring: a kill -9 then keeps it
             write_run_marker(os.path.join(args.output_dir, f"checkpoint-{state.global_step}"), self.session.run, state.global_step)
         self._measure(model, state.global_step, state)
@@ -182,9 +224,32 @@ class UMACallback(TrainerCallback):
             ensure_config_json(os.path.join(args.output_dir, f"checkpoint-{state.global_step}"), getattr(model, "module", model))
 
     def on_train_end(self, args: Any, state: Any, control: Any, model: torch.nn.Module | None = None, **kwargs: Any) -> None:
-        """Finish the session: deliver what a tracker missed, close the runs it opened."""
+        """Finish the session: deliver what a tracker missed, close the runs it opened.
+
+        With ``measure="async"``, the ``finished`` line comes first.
+        """
+        if self.announcer is not None:
+            self.announcer.finished(state.global_step)
         if self.session is not None:
             self.session.finish()
+
+    def _announce_save(self, args: Any, state: Any, model: Any) -> None:
+        """``measure="async"``: the checkpoint folder is complete; mark it and announce it (rank 0)."""
+        session, announcer = self.session, self.announcer
+        assert session is not None and announcer is not None
+        if session.collective.world_size > 1:
+            session.collective.barrier()  # every rank has written its part of the checkpoint
+        if not session.is_main:
+            return
+        folder = os.path.join(args.output_dir, f"checkpoint-{state.global_step}")
+        write_run_marker(folder, session.run, state.global_step)
+        if model is not None:
+            ensure_config_json(folder, getattr(model, "module", model))
+        announcer.checkpoint(state.global_step, folder)
+
+    def _before_save(self, args: Any, state: Any, control: Any) -> None:
+        if getattr(control, "should_save", False) and self.session is not None and self.session.is_main:
+            detach_held(os.path.join(args.output_dir, f"checkpoint-{state.global_step}"))
 
     def _measure(self, model: Any, step: int, state: Any = None) -> None:
         if model is None or self.session is None:
