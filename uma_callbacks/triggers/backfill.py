@@ -190,8 +190,9 @@ def backfill(
             ``uma sync`` once every shard has finished). The configuration, the automatic
             ``trajectory`` included, is the one the whole run's backfill uses; pair metrics
             get the checkpoints before the block as history (:func:`seed_history`); the
-            journal's claims keep two shards given overlapping work from computing one
-            result twice. Blocks are contiguous because then only a block's first
+            journal's claims keep two shards given overlapping work (a shard run twice at
+            once) from computing one result twice (claims need the cache: with
+            ``use_cache=False`` run each shard once). Blocks are contiguous because then only a block's first
             checkpoints need their predecessors loaded (``depth`` of them, and the run's
             first when a metric needs it): N interleaved shares would load every
             predecessor of every checkpoint a second time.
