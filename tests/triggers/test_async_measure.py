@@ -188,6 +188,37 @@ def test_run_line_names_the_trainers_mlflow_run(tmp_path, monkeypatch, no_measur
     assert not [k for k in runs[0].data.metrics if k.startswith("uma/")]  # nothing measured
 
 
+def test_a_tracker_down_at_train_begin_is_announced_once_it_starts(tmp_path, monkeypatch, no_measuring):
+    """The MLflow store is unreachable at train begin (a file where its folder belongs) and there from step 2."""
+    pytest.importorskip("mlflow")
+    from mlflow.tracking import MlflowClient
+    from transformers import TrainerCallback
+
+    from uma_callbacks.integrations.mlflow import default_tracking_uri
+
+    (tmp_path / "store").write_text("not a folder")
+    uri = default_tracking_uri(tmp_path / "store")
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
+
+    class StoreComesUp(TrainerCallback):
+        def on_save(self, args, state, control, **kwargs):
+            if state.global_step == 2:
+                (tmp_path / "store").unlink()
+                (tmp_path / "store").mkdir()
+
+    cb = UMACallback(metrics=["gradient_flow"], probe=_probe(), probe_size=8, trackers=["mlflow"], measure="async")
+    run_trainer(tmp_path / "out", callbacks=[cb, StoreComesUp()], max_steps=4, save_steps=2)
+
+    lines, _ = read_lines(tmp_path / "out" / "uma" / WATCH_FILE)
+    runs = [p for p in lines if p["kind"] == "run"]
+    assert [p["trackers"] for p in runs[:1]] == [{}]  # down: nothing to name yet
+    assert len(runs) == 2 and runs[1]["trackers"]["mlflow"]["uri"] == uri
+    run_id = runs[1]["trackers"]["mlflow"]["run"]
+    assert [p["kind"] for p in lines] == ["run", "checkpoint", "run", "checkpoint", "finished"]
+    run = MlflowClient(uri).get_run(run_id)  # the run our sink opened once the store was there, params logged
+    assert run.data.params[next(k for k in run.data.params if k.endswith("probe_fingerprint"))] == cb.probe.fingerprint
+
+
 def test_run_line_names_the_trainers_wandb_run(tmp_path, monkeypatch, no_measuring):
     wandb = pytest.importorskip("wandb")
     from tests.integrations.wandb_runfile import run_file

@@ -6,7 +6,7 @@
 - :meth:`Announcer.run`: the ``run`` line, with the session's run id, the tracker runs its
   sinks joined (:func:`tracker_identity`) and the configured metrics (:func:`metric_specs`);
   written again whenever one of these changed (a resume continuing another run id, a
-  tracker that started late);
+  tracker that was down at the start and came back at a later save);
 - :meth:`Announcer.checkpoint`: a complete checkpoint folder, after the save finished (its
   weight files hard-linked into the journal folder, then the line);
 - :meth:`Announcer.finished`: the end of training.
@@ -31,6 +31,7 @@ from uma_callbacks.engine.announce import (
     announce_finished,
     announce_run,
 )
+from uma_callbacks.integrations.bounded import rearm
 from uma_callbacks.session import Session
 
 logger = logging.getLogger(__name__)
@@ -120,9 +121,17 @@ class Announcer:
         return self.session.root
 
     def run(self) -> None:
-        """Write the ``run`` line when the run, its tracker runs or its metrics differ from the last written."""
+        """Write the ``run`` line when the run, its tracker runs or its metrics differ from the last written.
+
+        A sink that failed to start (tracker down) is tried again first, as a measuring
+        session does at each save (each call bounded by ``tracker_timeout_seconds``): the
+        tracker run it then opens is announced.
+        """
         if not self.session.is_main:
             return
+        if self.session.delivery.failing:
+            rearm(self.session.sinks)
+            self.session.delivery.send_pending()  # starts the sinks; this run has no records to replay
         trackers = tracker_identity(self.session.sinks)
         metrics = metric_specs(self.session.config)
         current = (self.session.run, trackers, metrics)
