@@ -79,6 +79,7 @@ def build_parser() -> argparse.ArgumentParser:
     bf.add_argument("--config", help="JSON file: {\"metrics\": {\"hessian\": {\"top_k\": 2}, ...}}")
     bf.add_argument("--timeout", type=float, help="time limit per metric, in seconds")
     _tracker_args(bf)
+    _executor_args(bf)
     probe = bf.add_mutually_exclusive_group()
     probe.add_argument("--probe-from-journal", action="store_true", help="use the probe saved in the journal (default)")
     probe.add_argument("--texts", help="text file (one sample per line) to build the probe from")
@@ -119,6 +120,52 @@ def _tracker_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--wandb-run", help="existing W&B run id to log into (resumed)")
 
 
+def _executor_args(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--executor", default="local", choices=("local", "ray"),
+                        help="local (default): this process; ray: checkpoints (and checkpoint x metric for the "
+                             "expensive ones) as Ray tasks, journalled and delivered here (needs uma-callbacks[ray])")
+    parser.add_argument("--ray-address", help="Ray cluster to join (default: start a local Ray)")
+    parser.add_argument("--cpus-per-task", type=_at_least_zero, help="CPUs Ray reserves per task (default 1)")
+    parser.add_argument("--gpus-per-task", type=_at_least_zero, help="GPUs Ray reserves per task (default 0; 0.5 shares a GPU)")
+
+
+def _at_least_zero(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        value = float("nan")
+    if not 0 <= value < float("inf"):
+        raise argparse.ArgumentTypeError(f"must be a number >= 0; got {text!r}")
+    return value
+
+
+def _backfill_runner(args: argparse.Namespace, backfill: Any) -> Any:
+    """``backfill``, or ``ray_backfill`` with the task options (``--executor ray``).
+
+    Raises:
+        ValueError: Ray options without ``--executor ray``, or Ray is not installed (naming the extra).
+    """
+    ray_options = {"ray_address": args.ray_address, "cpus_per_task": args.cpus_per_task, "gpus_per_task": args.gpus_per_task}
+    if args.executor != "ray":
+        given = [f"--{k.replace('_', '-')}" for k, v in ray_options.items() if v is not None]
+        if given:
+            raise ValueError(f"{', '.join(given)} need --executor ray (--executor is {args.executor!r}; allowed: local, ray)")
+        return backfill
+    from uma_callbacks.triggers.ray_backfill import ray_backfill, ray_missing
+
+    why = ray_missing()
+    if why is not None:
+        raise ValueError(why)
+    chosen = {k: v for k, v in ray_options.items() if v is not None}
+
+    def run(*positional: Any, shard: Any = None, **kwargs: Any) -> Any:
+        if shard is not None:
+            raise ValueError("--shard splits a backfill without Ray; with --executor ray, Ray spreads the tasks")
+        return ray_backfill(*positional, **kwargs, **chosen)
+
+    return run
+
+
 def _split(text: str) -> list[str]:
     return [t.strip() for t in (text or "").split(",") if t.strip()]
 
@@ -139,7 +186,7 @@ def _backfill(args: argparse.Namespace) -> int:
     if args.config:
         metrics += metrics_from_file(args.config, seed=args.seed)
     extra = {"timeout_seconds": args.timeout} if args.timeout is not None else {}
-    summary = backfill(
+    summary = _backfill_runner(args, backfill)(  # ValueError: exit 2
         args.run_dir,
         metrics=metrics or ["gradient_flow"],
         **extra,

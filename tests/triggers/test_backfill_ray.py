@@ -1,0 +1,228 @@
+"""Backfill fanned out on a local Ray (2 CPUs, 127.0.0.1): same records as one process, each once, a killed worker's task retried."""
+
+from __future__ import annotations
+
+import math
+import os
+import signal
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import pytest
+
+from tests.test_checkpoints import fake_trainer_run
+from tests.trainer_cases import tiny_lm_dataset
+from uma_callbacks.engine.journal import Journal
+from uma_callbacks.engine.probe import Probe, save_probe
+from uma_callbacks.metrics.gradient_flow import GradientFlow
+from uma_callbacks.triggers.backfill import backfill
+
+pytestmark = pytest.mark.slow
+ray = pytest.importorskip("ray")
+psutil = pytest.importorskip("psutil")
+pytest.importorskip("mlflow")
+
+from uma_callbacks.triggers.ray_backfill import plan_tasks, ray_backfill  # noqa: E402
+
+REPO = Path(__file__).resolve().parents[2]
+STEPS = (1, 2, 3, 4, 5, 6, 7, 8)
+#: gradient_flow (cheap), interpolation (a pair metric), landscape 5x5 (expensive: its own task), trajectory (added)
+METRICS = ["gradient_flow", "interpolation:n_points=5", "landscape:n_points=5"]
+TASK = "ray::uma_backfill_task"
+
+
+class SlowGradientFlow(GradientFlow):
+    """gradient_flow that takes a second: a task long enough to kill its worker in."""
+
+    def _compute(self, ctx):
+        time.sleep(1.0)
+        return super()._compute(ctx)
+
+
+@pytest.fixture(scope="module")
+def ray_local():
+    """One local Ray for the module (starting one takes seconds): 2 CPUs, no dashboard."""
+    import ray.cloudpickle
+
+    ray.cloudpickle.register_pickle_by_value(sys.modules[__name__])  # SlowGradientFlow travels by value
+    started = time.perf_counter()
+    ray.init(num_cpus=2, include_dashboard=False, _node_ip_address="127.0.0.1", logging_level="WARNING")
+    print(f"ray start: {time.perf_counter() - started:.2f} s")
+    yield ray
+    ray.shutdown()
+
+
+@pytest.fixture(scope="module")
+def run8(tmp_path_factory):
+    """8 tiny Qwen2 checkpoints, a saved probe, and the one-process backfill's records (the reference)."""
+    root = tmp_path_factory.mktemp("ray")
+    run = fake_trainer_run(root / "run", steps=STEPS)
+    save_probe(Probe.from_dataset(tiny_lm_dataset(n=4, seed=3), 4), run / "uma")
+    started = time.perf_counter()
+    ref = backfill(run, metrics=METRICS, output_dir=root / "ref", draw_figures=False, progress=False)
+    print(f"in-process backfill: {time.perf_counter() - started:.2f} s")
+    assert ref.ok, ref.describe()
+    return {"run": run, "root": root, "ref": {(r.step, r.metric): r for r in ref.records}}
+
+
+def _same(record, ref):
+    assert record.status == ref.status, (record.metric, record.step, record.error)
+    assert record.cache_key == ref.cache_key and record.checkpoint == ref.checkpoint and record.probe == ref.probe
+    assert record.meta.get("config") == ref.meta.get("config")
+    assert set(record.scalars) == set(ref.scalars), record.metric
+    for key, value in ref.scalars.items():
+        if math.isnan(value):
+            assert math.isnan(record.scalars[key]), key
+        else:
+            assert record.scalars[key] == pytest.approx(value, rel=1e-6, abs=1e-9), (record.metric, record.step, key)
+
+
+def _check_journal(folder, ref, metrics):
+    records = [r for r in Journal(folder).records() if r.metric in metrics]
+    keys = [(r.step, r.metric) for r in records]
+    assert len(keys) == len(set(keys)), "a (step, metric) journalled twice"
+    assert set(keys) == {k for k in ref if k[1] in metrics}
+    for record in records:
+        _same(record, ref[(record.step, record.metric)])
+        assert not record.missing_files, record.missing_files
+        assert (record.status != "ok") or record.files
+        for rel in record.files:  # the result files are in the run's journal, where the record says
+            assert (Path(folder) / rel).is_file(), rel
+    return records
+
+
+def test_ray_backfill_of_8_checkpoints_equals_the_one_process_backfill_once_per_step(ray_local, run8, tmp_path):
+    from mlflow.tracking import MlflowClient
+
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    client = MlflowClient(uri)
+    run_id = client.create_run(client.create_experiment("ray")).info.run_id
+    started = time.perf_counter()
+    summary = ray_backfill(run8["run"], metrics=METRICS, output_dir=tmp_path / "uma", mlflow_run_id=run_id,
+                           tracking_uri=uri, draw_figures=False, progress=False)
+    seconds = time.perf_counter() - started
+    per_task = sum(summary.task_seconds) / len(summary.task_seconds)
+    overhead = (sum(summary.task_seconds) - summary.load_seconds - summary.compute_seconds) / summary.tasks
+    print(f"ray backfill: {seconds:.2f} s, {summary.tasks} tasks, {per_task:.3f} s per task in the worker "
+          f"({overhead:.3f} s of it neither loading nor measuring)")
+    assert summary.ok, summary.describe()
+    # one task per checkpoint for the cheap metrics, one per checkpoint for the 5x5 landscape
+    assert summary.split == ["landscape"] and summary.tasks == 2 * len(STEPS) and summary.failed_tasks == 0
+    assert len(set(summary.workers)) == 2
+    ref = run8["ref"]
+    assert {(r.step, r.metric) for r in summary.records} == set(ref)
+    for record in summary.records:
+        _same(record, ref[(record.step, record.metric)])
+    assert ref[(2, "interpolation")].status == "ok" and ref[(8, "trajectory")].status == "ok"
+    _check_journal(tmp_path / "uma", ref, {"gradient_flow", "interpolation", "landscape", "trajectory"})
+    # the MLflow run holds each key once per step, at the checkpoint's step
+    keys = [k for k in client.get_run(run_id).data.metrics if k.startswith("uma/")]
+    for key in keys:
+        steps = [m.step for m in client.get_metric_history(run_id, key)]
+        assert len(steps) == len(set(steps)), key
+        assert set(steps) <= set(STEPS), key
+    metric = {k.split("/")[1] for k in keys}
+    assert {"gradient_flow", "interpolation", "landscape", "trajectory"} <= metric
+    grad_key = next(k for k in keys if k.startswith("uma/gradient_flow/"))
+    assert sorted(m.step for m in client.get_metric_history(run_id, grad_key)) == list(STEPS)
+    # a rerun computes nothing: every result is a cache hit through the workers, nothing logged twice
+    again = ray_backfill(run8["run"], metrics=METRICS, output_dir=tmp_path / "uma", mlflow_run_id=run_id,
+                         tracking_uri=uri, draw_figures=False, progress=False)
+    assert again.computed == 0 and again.cached == summary.computed, again.describe()
+    assert sorted(m.step for m in client.get_metric_history(run_id, grad_key)) == list(STEPS)
+
+
+def _kill_first_task(found):
+    """SIGKILL the first worker process seen running a backfill task (titled ``ray::uma_backfill_task``)."""
+    deadline = time.time() + 120
+    while time.time() < deadline and not found.get("done"):
+        for proc in psutil.process_iter(["pid", "cmdline"]):
+            cmdline = " ".join(proc.info["cmdline"] or [])
+            if cmdline.startswith(TASK):
+                time.sleep(0.2)  # inside the task (the metric sleeps 1 s)
+                os.kill(proc.info["pid"], signal.SIGKILL)
+                found["killed"] = proc.info["pid"]
+                return
+        time.sleep(0.02)
+
+
+def test_a_worker_killed_mid_task_is_retried_and_its_result_counted_once(ray_local, run8, tmp_path):
+    steps = (1, 2, 3)
+    checkpoints = [run8["run"] / f"checkpoint-{s}" for s in steps]
+    found: dict = {}
+    killer = threading.Thread(target=_kill_first_task, args=(found,))
+    killer.start()
+    try:
+        summary = ray_backfill(checkpoints, metrics=[SlowGradientFlow()], output_dir=tmp_path / "uma",
+                               draw_figures=False, progress=False)
+    finally:
+        found["done"] = True
+        killer.join()
+    assert "killed" in found, "no task process was seen"
+    assert not psutil.pid_exists(found["killed"]) or psutil.Process(found["killed"]).status() == psutil.STATUS_ZOMBIE
+    assert summary.ok and summary.failed_tasks == 0, summary.describe()
+    assert len(summary.task_seconds) == summary.tasks == len(steps)  # each task's result once
+    # the killed process was running its first task: no result came from it, that task's came from a retry
+    assert found["killed"] not in summary.workers
+    ref = {k: v for k, v in run8["ref"].items() if k[0] in steps}
+    records = _check_journal(tmp_path / "uma", ref, {"gradient_flow", "trajectory"})
+    assert len(records) == 2 * len(steps)
+
+
+def test_cli_routes_to_ray_with_task_options(ray_local, run8, tmp_path, capsys):
+    from uma_callbacks.cli import main
+
+    code = main(["backfill", str(run8["run"]), "--executor", "ray", "--cpus-per-task", "1", "--gpus-per-task", "0",
+                 "--metrics", "gradient_flow", "--no-trajectory", "--output-dir", str(tmp_path / "uma"), "--no-figures"])
+    out = capsys.readouterr().out
+    assert code == 0, out
+    assert "ray: 8 task(s)" in out
+    records = [r for r in Journal(tmp_path / "uma").records() if r.metric == "gradient_flow"]
+    assert sorted(r.step for r in records) == list(STEPS)
+    for record in records:
+        _same(record, run8["ref"][(record.step, "gradient_flow")])
+
+
+@pytest.mark.parametrize("argv, needle", [
+    (["--executor", "dask"], "--executor: invalid choice: 'dask' (choose from 'local', 'ray')"),
+    (["--executor", "ray", "--cpus-per-task", "-1"], "--cpus-per-task: must be a number >= 0"),
+    (["--executor", "ray", "--gpus-per-task", "x"], "--gpus-per-task: must be a number >= 0"),
+    (["--ray-address", "127.0.0.1:6379"], "--ray-address need --executor ray"),
+])
+def test_bad_executor_options_exit_2_naming_the_option(argv, needle, tmp_path, capsys):
+    from uma_callbacks.cli import main
+
+    try:
+        code = main(["backfill", str(tmp_path), *argv])
+    except SystemExit as exit_:  # argparse
+        code = exit_.code
+    assert code == 2
+    assert needle in capsys.readouterr().err
+
+
+def test_without_ray_the_command_names_the_extra_and_exits_2(tmp_path):
+    script = (
+        "import sys; sys.modules['ray'] = None\n"  # import ray raises ImportError
+        "from uma_callbacks.cli import main\n"
+        "raise SystemExit(main(sys.argv[1:]))\n"
+    )
+    run = fake_trainer_run(tmp_path / "run", steps=(1,))
+    proc = subprocess.run([sys.executable, "-c", script, "backfill", str(run), "--executor", "ray"],
+                          capture_output=True, text=True, timeout=120, cwd=REPO,
+                          env={**os.environ, "PYTHONPATH": str(REPO)})
+    assert proc.returncode == 2, proc.stderr
+    assert 'pip install "uma-callbacks[ray]"' in proc.stderr
+
+
+def test_the_plan_gives_expensive_metrics_their_own_task_unless_a_compute_budget_is_shared():
+    from uma_callbacks.config import UMAConfig
+
+    cfg = UMAConfig(metrics=["gradient_flow", "fisher", "hessian", "landscape:n_points=5", "trajectory"])
+    tasks = plan_tasks(2, cfg, n_batches=1)
+    assert [t.metrics for t in tasks[:3]] == [("gradient_flow", "fisher", "trajectory"), ("hessian",), ("landscape",)]
+    assert len(tasks) == 6
+    shared = UMAConfig(metrics=cfg.metrics, seconds_per_save=10.0)
+    assert [t.metrics for t in plan_tasks(2, shared, 1)] == [tuple(cfg.metric_names)] * 2
