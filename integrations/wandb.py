@@ -33,6 +33,16 @@ failed try.
 
 Idempotent per (run, step, key): the journal's delivery log skips records delivered in an
 earlier process, and the sink keeps the (step, key) pairs it logged in this one.
+
+A second process writing into a run another process has open (``uma watch`` beside a
+training, ``writer_label=``) joins it the way W&B documents for several processes logging to
+one run: shared mode, ``wandb.init(id=run, settings=wandb.Settings(mode="shared",
+x_primary=False, x_label=writer_label, x_update_finish_state=False))``: the training's
+process stays the primary writer and alone decides the run's final state, and this one's
+rows carry no ``step=`` (shared mode ignores it; the ``uma/step`` axis is used). Shared mode
+needs a W&B server: with ``WANDB_MODE=offline`` the process writes its own offline run file
+under the same run id (``resume="allow"``), which ``wandb sync --id RUN`` uploads into the
+run after the training's own file (files synced together go in order of start time).
 """
 
 from __future__ import annotations
@@ -83,6 +93,9 @@ class WandbSink(Sink):
             raises again at once instead of trying (0: try at every call).
         run_id: the id of a run to resume (``wandb.init(id=..., resume="allow")``).
         fallback_dir: ``dir`` when none is given (the registry's common option: the journal folder).
+        writer_label: join ``run_id`` as a second writer while another process has it open
+            (shared mode, labelled so; offline: a run file of its own under that id); see
+            the module docstring.
 
     Raises:
         ModuleNotFoundError: wandb is not installed (names the pip extra).
@@ -101,6 +114,7 @@ class WandbSink(Sink):
         retry_interval: float = 60.0,
         run_id: str | None = None,
         fallback_dir: str | os.PathLike[str] | None = None,
+        writer_label: str | None = None,
     ) -> None:
         super().__init__()
         self._wandb = _import_wandb()
@@ -113,6 +127,13 @@ class WandbSink(Sink):
         if run_id:
             self._init_kwargs.setdefault("id", run_id)
             self._init_kwargs.setdefault("resume", "allow")
+        if writer_label and run_id and not _offline(self._init_kwargs.get("mode")):
+            self._init_kwargs.pop("resume", None)  # shared mode joins the open run; it does not resume it
+            self._init_kwargs.setdefault(
+                "settings",
+                self._wandb.Settings(mode="shared", x_primary=False, x_label=writer_label, x_update_finish_state=False),
+            )
+        self._writer_label = writer_label if run_id else None
         self._own = False
         self._bound_run: str | None = None
         self._defined: set[str] = set()
@@ -163,6 +184,10 @@ class WandbSink(Sink):
             if folder is not None:
                 Path(folder).mkdir(parents=True, exist_ok=True)
                 kwargs.setdefault("dir", str(folder))
+            if self._writer_label:
+                # a second writer needs a wandb service of its own: one inherited from the process
+                # that started this one (WANDB_SERVICE) already streams this run id and refuses it
+                os.environ.pop("WANDB_SERVICE", None)
             try:
                 run = self._wandb.init(**kwargs)
             except Exception as err:  # remembered, re-raised to the caller that reports it
@@ -279,6 +304,12 @@ class WandbSink(Sink):
             self._run = None
             self._own = False
             self._bound_run = None
+
+
+def _offline(mode: Any) -> bool:
+    """Whether runs are written locally only (``mode`` given, else ``WANDB_MODE``): no shared mode then."""
+    chosen = mode if isinstance(mode, str) and mode else os.environ.get("WANDB_MODE", "")
+    return chosen.lower() in ("offline", "dryrun", "disabled")
 
 
 def _figure_name(metric: str, path: Path) -> str:

@@ -1,4 +1,4 @@
-"""The ``uma`` command: ``uma backfill``, ``uma report``, ``uma sync``.
+"""The ``uma`` command: ``uma backfill``, ``uma watch``, ``uma report``, ``uma sync``.
 
 Exit codes: 0 all done; 1 some checkpoint or metric failed (the others were processed;
 a summary lists the reasons); 2 bad input (missing folder, no checkpoints, no probe,
@@ -56,6 +56,30 @@ _SYNC_EPILOG = """examples:
   uma sync runs/demo --wandb-run abc123
 """
 
+_WATCH_EPILOG = """examples:
+  # beside a training started with UMACallback(..., measure="async"): measure each
+  # checkpoint it saves, with the training's metrics, into its MLflow / W&B run
+  uma watch runs/demo
+
+  # on a spare GPU, the whole suite, until the training has finished
+  uma watch runs/demo --device cuda:1 --metrics fisher,landscape,interpolation --until-done
+
+  # a cheaper Hessian than the training asked for; check every 30 s
+  uma watch runs/demo --metric hessian:top_k=2,hutchinson_samples=5 --poll 30
+
+  # a checkpoint folder that never completes (a crashed save) is an error after 10 minutes
+  uma watch runs/demo --until-done --stale-after 600
+
+The training announces each complete checkpoint in <journal>/watch.jsonl and keeps a
+hard-linked copy of its weights until it is measured (save_total_limit loses nothing).
+Stopped (even kill -9) and started again, it resumes: nothing is measured twice.
+W&B: the watcher joins the training's run in shared mode (a second writer labelled
+uma-watch); with WANDB_MODE=offline it writes its own run file of the same run id under
+<journal>/wandb/ (upload it with `wandb sync --id RUN` after the training's).
+Exit codes: 0 all measured, 1 some checkpoint or metric failed, 2 bad input (no training
+announced in RUN_DIR: start it with measure="async").
+"""
+
 
 def build_parser() -> argparse.ArgumentParser:
     """The argument parser of ``uma`` (subcommands backfill, report, sync)."""
@@ -110,6 +134,27 @@ def build_parser() -> argparse.ArgumentParser:
     sy.add_argument("run_dir", help="run folder (or its uma/ journal folder)")
     _tracker_args(sy)
     sy.set_defaults(func=_sync)
+
+    wt = sub.add_parser("watch", help="measure a training's checkpoints beside it, as they are saved",
+                        epilog=_WATCH_EPILOG + "\nmetrics and their options (defaults):\n" + describe_metrics(),
+                        formatter_class=fmt,
+                        description="Follow a training run with measure=\"async\" and measure each checkpoint it announces.")
+    wt.add_argument("run_dir", help="the training's output folder (checkpoint-*/ and uma/)")
+    wt.add_argument("--metrics", default="", help="comma-separated metric names (default: the training's metrics)")
+    wt.add_argument("--metric", action="append", default=[], metavar="NAME:KEY=VALUE,...",
+                    help="one metric with options, e.g. hessian:top_k=2 (repeatable; replaces the training's metrics)")
+    wt.add_argument("--config", help="JSON file: {\"metrics\": {\"hessian\": {\"top_k\": 2}, ...}}")
+    wt.add_argument("--seed", type=int, default=42, help="seeds the metrics given here unless a --metric sets seed= (default 42)")
+    wt.add_argument("--timeout", type=float, help="time limit per metric, in seconds")
+    wt.add_argument("--device", help="cpu, cuda, cuda:1 ... (default: cuda if available)")
+    wt.add_argument("--poll", type=float, default=5.0, metavar="SECONDS", help="seconds between two looks at the run (default 5)")
+    wt.add_argument("--until-done", action="store_true", help="exit once the training has finished and every checkpoint is measured")
+    wt.add_argument("--stale-after", type=float, metavar="SECONDS",
+                    help="a checkpoint-* folder this old with no complete-checkpoint announcement becomes an error record")
+    wt.add_argument("--output-dir", help="journal folder (default RUN_DIR/uma)")
+    wt.add_argument("--no-figures", action="store_true", help="do not draw PNG figures")
+    _tracker_args(wt)
+    wt.set_defaults(func=_watch)
     return parser
 
 
@@ -253,6 +298,45 @@ def _sync(args: argparse.Namespace) -> int:
         print(f"sync: {sent} record(s) delivered to {sink.name} run {sink.run_id() or '?'} ({state})")
     _journal_health(journal)
     return 1 if failed else 0
+
+
+def _watch(args: argparse.Namespace) -> int:
+    from uma_callbacks.metric_specs import metrics_from_file, parse_metric_spec
+    from uma_callbacks.triggers.watch import watch
+
+    metrics: list[Any] = list(_split(args.metrics)) + [parse_metric_spec(spec, seed=args.seed) for spec in args.metric]
+    if args.config:
+        metrics += metrics_from_file(args.config, seed=args.seed)
+    extra: dict[str, Any] = {"timeout_seconds": args.timeout} if args.timeout is not None else {}
+    if args.trackers:
+        extra["trackers"] = _split(args.trackers)
+    if args.no_figures:
+        extra["draw_figures"] = False
+    logging.getLogger("uma_callbacks.triggers.watch").setLevel(logging.INFO)
+
+    def progress(step: int, records: list[Any]) -> None:
+        states = ", ".join(f"{r.metric} {r.status}" for r in records) or "already measured"
+        print(f"watch: step {step}: {states}", flush=True)
+
+    summary = watch(
+        args.run_dir,
+        metrics or None,
+        device=args.device,
+        poll=args.poll,
+        until_done=args.until_done,
+        stale_after=args.stale_after,
+        output_dir=args.output_dir,
+        mlflow_run_id=args.mlflow_run,
+        tracking_uri=args.tracking_uri,
+        wandb_run_id=args.wandb_run,
+        on_checkpoint=progress,
+        seed=args.seed,
+        **extra,
+    )
+    print(summary.describe())
+    if summary.interrupted:
+        return 130
+    return 0 if summary.ok else 1
 
 
 def main(argv: list[str] | None = None) -> int:

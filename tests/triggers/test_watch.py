@@ -1,0 +1,330 @@
+"""``uma watch`` beside a training with ``measure="async"``: the in-process values, once each.
+
+A tiny Qwen2 is trained twice from the same seed: once with the in-process callback (the
+reference values), once announcing its checkpoints for a watcher (``watch.jsonl``, held
+copies). The watcher, a separate process following the run, must log the reference's
+values (pair metrics included) at each checkpoint's step into the training's own tracker
+runs, once per (key, step), whatever the Trainer's rotation deleted, across a ``kill -9``.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import pytest
+from transformers import TrainerCallback
+
+from tests.trainer_cases import run_trainer, tiny_lm_dataset
+from uma_callbacks.engine.announce import (
+    HELD_DIR,
+    WATCH_FILE,
+    announce_checkpoint,
+    announce_finished,
+    announce_run,
+    read_announcements,
+)
+from uma_callbacks.engine.journal import Journal
+from uma_callbacks.engine.probe import Probe, save_probe
+from uma_callbacks.engine.run_identity import new_run_id
+from uma_callbacks.integrations.base import tracker_key
+from uma_callbacks.metric_specs import build_metric
+
+pytestmark = pytest.mark.slow
+
+METRICS = ["gradient_flow", "interpolation:n_points=5", "trajectory"]
+NAMES = ["gradient_flow", "interpolation", "trajectory"]
+STEPS = (3, 6, 9)
+TRAIN = dict(max_steps=9, save_steps=3)
+REPO = Path(__file__).resolve().parents[2]
+
+
+def _probe() -> Probe:
+    return Probe.from_dataset(tiny_lm_dataset(n=8, seed=3), 8, batch_size=8, seed=0)
+
+
+class Announce(TrainerCallback):
+    """What a trigger with measure="async" writes at train begin, each save and train end."""
+
+    def __init__(self, on_begin=None) -> None:
+        self.on_begin = on_begin
+        self.run = new_run_id()
+
+    def on_train_begin(self, args, state, control, **kwargs):
+        root = Path(args.output_dir) / "uma"
+        save_probe(_probe(), root)
+        trackers = {}
+        if "mlflow" in args.report_to:
+            import mlflow
+
+            trackers["mlflow"] = {"run": mlflow.active_run().info.run_id, "uri": mlflow.get_tracking_uri()}
+        if "wandb" in args.report_to:
+            import wandb
+
+            trackers["wandb"] = {"run": wandb.run.id, "project": wandb.run.project, "dir": str(wandb.run.dir)}
+        specs = []
+        for spec in METRICS:
+            config = build_metric(spec, seed=0).config()
+            specs.append({"name": config.pop("metric"), **config})
+        announce_run(root, self.run, trackers, specs)
+        if self.on_begin is not None:
+            self.on_begin()
+
+    def on_save(self, args, state, control, **kwargs):
+        folder = Path(args.output_dir) / f"checkpoint-{state.global_step}"
+        announce_checkpoint(Path(args.output_dir) / "uma", args.output_dir, state.global_step, folder)
+
+    def on_train_end(self, args, state, control, **kwargs):
+        announce_finished(Path(args.output_dir) / "uma", state.global_step)
+
+
+def _values(records) -> dict[tuple[int, str], dict[str, float]]:
+    return {(r.step, r.metric): dict(r.scalars) for r in records if r.status in ("ok", "cached")}
+
+
+def _assert_same(got, want, keys=None):
+    for key in keys if keys is not None else want:
+        assert set(got[key]) == set(want[key]), key
+        for name, value in want[key].items():
+            assert got[key][name] == pytest.approx(value, rel=1e-6, abs=1e-9), (key, name)
+
+
+def _run_records(run_dir: Path, run: str):
+    records = [r for r in Journal(run_dir / "uma").records() if r.run == run]
+    pairs = [(r.step, r.metric) for r in records]
+    assert len(pairs) == len(set(pairs)), f"a (step, metric) journalled twice: {sorted(pairs)}"
+    return records
+
+
+def _cli(*args: str, env: dict | None = None) -> list[str]:
+    return [sys.executable, "-m", "uma_callbacks.cli", "watch", *args]
+
+
+def _env(**extra: str) -> dict[str, str]:
+    env = {k: v for k, v in os.environ.items() if k not in ("WANDB_DIR", "MLFLOW_TRACKING_URI")}
+    env.update(OMP_NUM_THREADS="1", PYTHONPATH=str(REPO), WANDB_MODE="offline", WANDB_SILENT="true", **extra)
+    return env
+
+
+@pytest.fixture(scope="module")
+def reference(tmp_path_factory):
+    """The in-process callback's values (no compute budget) at steps 3, 6, 9."""
+    from uma_callbacks import UMACallback
+
+    run = tmp_path_factory.mktemp("inprocess")
+    callback = UMACallback(metrics=METRICS, probe=_probe(), trackers=[], draw_figures=False, seed=0, overhead=None)
+    run_trainer(run, callbacks=[callback], **TRAIN)
+    values = _values(callback.records)
+    assert {step for step, _ in values} == set(STEPS)
+    assert (3, "interpolation") not in values and (6, "interpolation") in values and (9, "trajectory") in values
+    return values
+
+
+@pytest.fixture(scope="module")
+def announced(tmp_path_factory):
+    """A finished training that announced its checkpoints; save_total_limit=1 left checkpoint-9 only."""
+    run = tmp_path_factory.mktemp("announced")
+    callback = Announce()
+    run_trainer(run, callbacks=[callback], save_total_limit=1, **TRAIN)
+    assert sorted(p.name for p in run.glob("checkpoint-*")) == ["checkpoint-9"]
+    assert sorted(p.name for p in (run / "uma" / HELD_DIR).iterdir()) == [f"checkpoint-{s}" for s in STEPS]
+    return run, callback.run
+
+
+def _copy(announced, tmp_path) -> tuple[Path, str]:
+    template, run = announced
+    dest = tmp_path / "run"
+    shutil.copytree(template, dest)
+    return dest, run
+
+
+# ---------------------------------------------------------------------- beside a live training
+def test_watch_beside_training_logs_the_callbacks_values_once_into_its_tracker_runs(tmp_path, reference, monkeypatch):
+    """A watcher started at train begin (a subprocess) follows the training while it runs
+    and logs with it into its MLflow run (a SQLite store both processes write to) and its
+    W&B run (offline: the watcher's own run file of the training's run id)."""
+    from mlflow.tracking import MlflowClient
+
+    from tests.integrations.wandb_runfile import history_rows, settled_records
+    from uma_callbacks.integrations.uris import sqlite_uri
+
+    uri = sqlite_uri(tmp_path / "mlflow.db")
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
+    monkeypatch.setenv("WANDB_DIR", str(tmp_path / "wandb-train"))
+    monkeypatch.setenv("WANDB_MODE", "offline")
+    run_dir = tmp_path / "run"
+    procs = []
+
+    def start_watcher():  # the training is running: its run line is there
+        cmd = _cli(str(run_dir), "--until-done", "--poll", "0.2", "--no-figures")
+        procs.append(subprocess.Popen(cmd, env=_env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True))
+
+    callback = Announce(on_begin=start_watcher)
+    run_trainer(run_dir, callbacks=[callback], report_to=["mlflow", "wandb"], save_total_limit=1, **TRAIN)
+    output = procs[0].communicate(timeout=240)[0]
+    assert procs[0].returncode == 0, output
+
+    records = _run_records(run_dir, callback.run)
+    assert sorted({(r.step, r.metric) for r in records}) == [(s, m) for s in STEPS for m in sorted(NAMES)]
+    _assert_same(_values(records), reference)
+    assert not list((run_dir / "uma" / HELD_DIR).iterdir()), "held copies released once all was measured"
+    trackers = read_announcements(run_dir / "uma", run_dir).run.trackers
+
+    # MLflow: the training's run holds the watcher's keys, each once, at the checkpoints' steps
+    client = MlflowClient(tracking_uri=uri)
+    ml_run = trackers["mlflow"]["run"]
+    assert "loss" in client.get_run(ml_run).data.metrics  # the training logged into it too
+    assert len(client.search_runs([client.get_run(ml_run).info.experiment_id])) == 1  # no run of the watcher's own
+    expected: dict[str, dict[int, float]] = {}
+    for r in records:
+        for key, value in r.log_values().items():
+            expected.setdefault(tracker_key(key), {})[r.step] = value
+    for key, by_step in expected.items():
+        history = client.get_metric_history(ml_run, key)
+        assert sorted(m.step for m in history) == sorted(by_step), key
+        if not key.endswith(("/seconds", "/peak_mb")):
+            for m in history:
+                assert m.value == pytest.approx(by_step[m.step], rel=1e-6, abs=1e-9), key
+
+    # W&B: the watcher's offline run file of the training's run id, each key once per step
+    wb_run = trackers["wandb"]["run"]
+    files = list((run_dir / "uma").glob(f"wandb/offline-run-*-{wb_run}/run-{wb_run}.wandb"))
+    assert len(files) == 1, files
+    wanted = {k for k in expected if not k.endswith(("/seconds", "/peak_mb"))}
+    rows = history_rows(settled_records(run_dir / "uma", lambda rows: any(r.get("uma/step") == STEPS[-1] for r in rows)))
+    seen: dict[tuple[str, int], float] = {}
+    for row in rows:
+        for key in wanted & set(row):
+            assert (key, row["uma/step"]) not in seen, (key, row["uma/step"])
+            seen[(key, row["uma/step"])] = row[key]
+    assert set(seen) == {(k, s) for k in wanted for s in expected[k]}
+    for (key, step), value in seen.items():
+        assert value == pytest.approx(expected[key][step], rel=1e-6, abs=1e-9)
+
+
+# ---------------------------------------------------------------------- rotation, gone, stale
+def test_rotation_loses_nothing_every_checkpoint_is_measured_from_its_held_copy(announced, reference, tmp_path):
+    from uma_callbacks.triggers.watch import watch
+
+    run_dir, run = _copy(announced, tmp_path)
+    summary = watch(run_dir, until_done=True, poll=0.1, device="cpu", draw_figures=False)
+    assert summary.ok, summary.describe()
+    assert summary.measured == list(STEPS) and summary.finished
+    records = _run_records(run_dir, run)
+    _assert_same(_values(records), reference)
+    assert {r.run for r in records} == {run} and {r.source for r in records} == {"watch"}
+    assert not list((run_dir / "uma" / HELD_DIR).iterdir())
+
+    again = watch(run_dir, until_done=True, poll=0.1, device="cpu", draw_figures=False)  # a rerun measures nothing
+    assert again.measured == [] and again.skipped == list(STEPS)
+
+
+def test_a_checkpoint_gone_before_it_was_measured_is_an_error_record_naming_it(announced, tmp_path):
+    from uma_callbacks.triggers.watch import CHECKPOINT_ERROR, watch
+
+    run_dir, run = _copy(announced, tmp_path)
+    shutil.rmtree(run_dir / "uma" / HELD_DIR / "checkpoint-6")  # rotated away and not held
+    summary = watch(run_dir, until_done=True, poll=0.1, device="cpu", draw_figures=False)
+    assert not summary.ok and summary.measured == [3, 9]
+    errors = [r for r in _run_records(run_dir, run) if r.metric == CHECKPOINT_ERROR]
+    assert [(r.step, r.status) for r in errors] == [(6, "error")]
+    assert "checkpoint-6" in errors[0].error["message"] and "gone" in errors[0].error["message"]
+
+
+def test_a_checkpoint_that_never_completes_is_an_error_record_once_not_a_hang(announced, tmp_path):
+    from uma_callbacks.triggers.watch import CHECKPOINT_ERROR, watch
+
+    run_dir, run = _copy(announced, tmp_path)
+    watch_file = run_dir / "uma" / WATCH_FILE
+    lines = watch_file.read_text().splitlines()
+    watch_file.write_text("\n".join(line for line in lines if '"finished"' not in line) + "\n")  # still training
+    crashed = run_dir / "checkpoint-12"
+    crashed.mkdir()
+    (crashed / "model.safetensors").write_bytes(b"half written")
+    os.utime(crashed, (time.time() - 60, time.time() - 60))
+    result = {}
+    thread = threading.Thread(
+        target=lambda: result.update(s=watch(run_dir, until_done=True, poll=0.1, stale_after=30, device="cpu", draw_figures=False))
+    )
+    thread.start()
+    deadline = time.monotonic() + 120
+    stale = []
+    while not stale and time.monotonic() < deadline:  # reported while the training still runs
+        stale = [r for r in Journal(run_dir / "uma").records() if r.metric == CHECKPOINT_ERROR]
+        time.sleep(0.1)
+    time.sleep(0.5)  # more polls: still once
+    announce_finished(run_dir / "uma", 12)
+    thread.join(timeout=120)
+    assert not thread.is_alive()
+    summary = result["s"]
+    assert summary.measured == list(STEPS) and not summary.ok
+    errors = [r for r in _run_records(run_dir, run) if r.metric == CHECKPOINT_ERROR]
+    assert [(r.step, r.meta.get("path")) for r in errors] == [(12, str(crashed))]
+    assert "never completed" in errors[0].error["message"]
+
+
+def test_watch_without_an_announced_run_says_so_and_exits_2(tmp_path, capsys):
+    from uma_callbacks.cli import main
+
+    (tmp_path / "checkpoint-3").mkdir()
+    assert main(["watch", str(tmp_path), "--until-done"]) == 2
+    assert 'measure="async"' in capsys.readouterr().err
+    (tmp_path / "uma").mkdir()
+    (tmp_path / "uma" / WATCH_FILE).write_text('{"kind": "finished", "step": 3, "time": 0}\n')
+    assert main(["watch", str(tmp_path)]) == 2
+    err = capsys.readouterr().err
+    assert "announces no run" in err and 'measure="async"' in err
+    assert main(["watch", str(tmp_path / "missing")]) == 2
+
+
+# ---------------------------------------------------------------------- kill -9 and restart
+def test_watcher_killed_mid_measure_resumes_without_duplicates_or_loss(announced, reference, tmp_path):
+    """SIGKILL while step 6's slow metric runs; the restart measures the rest of step 6
+    (its pair metrics compare with step 3, refilled from the held copy) and step 9."""
+    run_dir, run = _copy(announced, tmp_path)
+    metrics = ["--metrics", "gradient_flow", "--metric", "landscape:n_points=21", "--metric", "interpolation:n_points=5",
+               "--metric", "trajectory"]  # fmt: skip
+    cmd = _cli(str(run_dir), "--until-done", "--poll", "0.1", "--no-figures", "--seed", "0", "--device", "cpu", *metrics)
+    first = subprocess.Popen(cmd, env=_env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+    journal = run_dir / "uma" / "journal.jsonl"
+    deadline = time.monotonic() + 180
+    cut = None
+    while cut is None and time.monotonic() < deadline and first.poll() is None:
+        done = {(r["step"], r["metric"]) for r in _lines(journal) if r.get("run") == run}
+        if (6, "gradient_flow") in done:
+            cut = done
+            first.send_signal(signal.SIGKILL)
+        time.sleep(0.02)
+    out = first.communicate(timeout=60)[0].decode()
+    assert cut is not None, out
+    assert first.returncode == -signal.SIGKILL
+    assert (6, "landscape") not in cut and (9, "gradient_flow") not in cut, "killed mid-measure of step 6"
+
+    second = subprocess.run(cmd, env=_env(), capture_output=True, text=True, timeout=240)
+    assert second.returncode == 0, second.stdout + second.stderr
+    assert "watch: step 3:" not in second.stdout and "watch: step 6: landscape ok" in second.stdout, second.stdout
+    assert "2 checkpoint(s) measured, 1 already measured" in second.stdout  # 3 skipped; 6 completed; 9
+    records = _run_records(run_dir, run)
+    assert sorted({(r.step, r.metric) for r in records}) == sorted(
+        (s, m) for s in STEPS for m in ["gradient_flow", "interpolation", "landscape", "trajectory"]
+    )
+    _assert_same(_values(records), reference, keys=list(reference))
+
+
+def _lines(path: Path) -> list[dict]:
+    out = []
+    if not path.exists():
+        return out
+    for line in path.read_text().splitlines():
+        try:
+            out.append(json.loads(line)["record"])
+        except (ValueError, KeyError, TypeError):
+            pass
+    return out
