@@ -111,7 +111,7 @@ def test_ray_backfill_of_8_checkpoints_equals_the_one_process_backfill_once_per_
     assert summary.ok, summary.describe()
     # one task per checkpoint for the cheap metrics, one per checkpoint for the 5x5 landscape
     assert summary.split == ["landscape"] and summary.tasks == 2 * len(STEPS) and summary.failed_tasks == 0
-    assert len(set(summary.workers)) == 2
+    assert len(set(summary.workers)) >= 2  # both CPUs worked
     ref = run8["ref"]
     assert {(r.step, r.metric) for r in summary.records} == set(ref)
     for record in summary.records:
