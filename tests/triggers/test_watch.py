@@ -23,19 +23,10 @@ import pytest
 from transformers import TrainerCallback
 
 from tests.trainer_cases import run_trainer, tiny_lm_dataset
-from uma_callbacks.engine.announce import (
-    HELD_DIR,
-    WATCH_FILE,
-    announce_checkpoint,
-    announce_finished,
-    announce_run,
-    read_announcements,
-)
+from uma_callbacks.engine.announce import HELD_DIR, WATCH_FILE, announce_finished, read_announcements
 from uma_callbacks.engine.journal import Journal
-from uma_callbacks.engine.probe import Probe, save_probe
-from uma_callbacks.engine.run_identity import new_run_id
+from uma_callbacks.engine.probe import Probe
 from uma_callbacks.integrations.base import tracker_key
-from uma_callbacks.metric_specs import build_metric
 
 pytestmark = pytest.mark.slow
 
@@ -50,39 +41,21 @@ def _probe() -> Probe:
     return Probe.from_dataset(tiny_lm_dataset(n=8, seed=3), 8, batch_size=8, seed=0)
 
 
-class Announce(TrainerCallback):
-    """What a trigger with measure="async" writes at train begin, each save and train end."""
+def _async_callback(**kwargs):
+    """The training side: UMACallback(measure="async") announces each checkpoint, measures nothing."""
+    from uma_callbacks import UMACallback
 
-    def __init__(self, on_begin=None) -> None:
-        self.on_begin = on_begin
-        self.run = new_run_id()
+    return UMACallback(metrics=METRICS, probe=_probe(), measure="async", seed=0, **kwargs)
+
+
+class StartWatcher(TrainerCallback):
+    """Starts ``uma watch`` at train begin, once the async callback (before it) has announced the run."""
+
+    def __init__(self, cmd: list[str]) -> None:
+        self.cmd, self.proc = cmd, None
 
     def on_train_begin(self, args, state, control, **kwargs):
-        root = Path(args.output_dir) / "uma"
-        save_probe(_probe(), root)
-        trackers = {}
-        if "mlflow" in args.report_to:
-            import mlflow
-
-            trackers["mlflow"] = {"run": mlflow.active_run().info.run_id, "uri": mlflow.get_tracking_uri()}
-        if "wandb" in args.report_to:
-            import wandb
-
-            trackers["wandb"] = {"run": wandb.run.id, "project": wandb.run.project, "dir": str(wandb.run.dir)}
-        specs = []
-        for spec in METRICS:
-            config = build_metric(spec, seed=0).config()
-            specs.append({"name": config.pop("metric"), **config})
-        announce_run(root, self.run, trackers, specs)
-        if self.on_begin is not None:
-            self.on_begin()
-
-    def on_save(self, args, state, control, **kwargs):
-        folder = Path(args.output_dir) / f"checkpoint-{state.global_step}"
-        announce_checkpoint(Path(args.output_dir) / "uma", args.output_dir, state.global_step, folder)
-
-    def on_train_end(self, args, state, control, **kwargs):
-        announce_finished(Path(args.output_dir) / "uma", state.global_step)
+        self.proc = subprocess.Popen(self.cmd, env=_env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
 
 
 def _values(records) -> dict[tuple[int, str], dict[str, float]]:
@@ -103,7 +76,7 @@ def _run_records(run_dir: Path, run: str):
     return records
 
 
-def _cli(*args: str, env: dict | None = None) -> list[str]:
+def _cli(*args: str) -> list[str]:
     return [sys.executable, "-m", "uma_callbacks.cli", "watch", *args]
 
 
@@ -131,11 +104,12 @@ def reference(tmp_path_factory):
 def announced(tmp_path_factory):
     """A finished training that announced its checkpoints; save_total_limit=1 left checkpoint-9 only."""
     run = tmp_path_factory.mktemp("announced")
-    callback = Announce()
+    callback = _async_callback(trackers=[])
     run_trainer(run, callbacks=[callback], save_total_limit=1, **TRAIN)
+    assert not callback.records  # nothing measured in the training process
     assert sorted(p.name for p in run.glob("checkpoint-*")) == ["checkpoint-9"]
     assert sorted(p.name for p in (run / "uma" / HELD_DIR).iterdir()) == [f"checkpoint-{s}" for s in STEPS]
-    return run, callback.run
+    return run, callback.session.run
 
 
 def _copy(announced, tmp_path) -> tuple[Path, str]:
@@ -160,18 +134,13 @@ def test_watch_beside_training_logs_the_callbacks_values_once_into_its_tracker_r
     monkeypatch.setenv("WANDB_DIR", str(tmp_path / "wandb-train"))
     monkeypatch.setenv("WANDB_MODE", "offline")
     run_dir = tmp_path / "run"
-    procs = []
+    callback = _async_callback()  # trackers: report_to's, joined and announced
+    watcher = StartWatcher(_cli(str(run_dir), "--until-done", "--poll", "0.2", "--no-figures"))
+    run_trainer(run_dir, callbacks=[callback, watcher], report_to=["mlflow", "wandb"], save_total_limit=1, **TRAIN)
+    output = watcher.proc.communicate(timeout=240)[0]
+    assert watcher.proc.returncode == 0, output
 
-    def start_watcher():  # the training is running: its run line is there
-        cmd = _cli(str(run_dir), "--until-done", "--poll", "0.2", "--no-figures")
-        procs.append(subprocess.Popen(cmd, env=_env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True))
-
-    callback = Announce(on_begin=start_watcher)
-    run_trainer(run_dir, callbacks=[callback], report_to=["mlflow", "wandb"], save_total_limit=1, **TRAIN)
-    output = procs[0].communicate(timeout=240)[0]
-    assert procs[0].returncode == 0, output
-
-    records = _run_records(run_dir, callback.run)
+    records = _run_records(run_dir, callback.session.run)
     assert sorted({(r.step, r.metric) for r in records}) == [(s, m) for s in STEPS for m in sorted(NAMES)]
     _assert_same(_values(records), reference)
     assert not list((run_dir / "uma" / HELD_DIR).iterdir()), "held copies released once all was measured"
