@@ -211,9 +211,7 @@ def test_a_checkpoint_that_never_completes_is_an_error_record_once_not_a_hang(an
     from uma_callbacks.triggers.watch import CHECKPOINT_ERROR, watch
 
     run_dir, run = _copy(announced, tmp_path)
-    watch_file = run_dir / "uma" / WATCH_FILE
-    lines = watch_file.read_text().splitlines()
-    watch_file.write_text("\n".join(line for line in lines if '"finished"' not in line) + "\n")  # still training
+    _drop_finished(run_dir)
     crashed = run_dir / "checkpoint-12"
     crashed.mkdir()
     (crashed / "model.safetensors").write_bytes(b"half written")
@@ -239,6 +237,33 @@ def test_a_checkpoint_that_never_completes_is_an_error_record_once_not_a_hang(an
     assert "never completed" in errors[0].error["message"]
 
 
+def test_a_tracker_run_announced_after_the_watcher_started_gets_every_record(announced, tmp_path):
+    """The training's MLflow was down at its start; its run line names the run once it is up."""
+    from mlflow.tracking import MlflowClient
+
+    from uma_callbacks.engine.announce import announce_run
+    from uma_callbacks.integrations.uris import sqlite_uri
+    from uma_callbacks.triggers.watch import watch
+
+    run_dir, run = _copy(announced, tmp_path)
+    _drop_finished(run_dir)
+    result = {}
+    thread = threading.Thread(target=lambda: result.update(s=watch(run_dir, until_done=True, poll=0.1, draw_figures=False)))
+    thread.start()
+    _wait_for(lambda: len(_run_records(run_dir, run)) == len(STEPS) * len(NAMES))
+    uri = sqlite_uri(tmp_path / "mlflow.db")
+    client = MlflowClient(tracking_uri=uri)
+    ml_run = client.create_run(client.create_experiment("late")).info.run_id
+    first = read_announcements(run_dir / "uma", run_dir).run
+    announce_run(run_dir / "uma", run, {"mlflow": {"run": ml_run, "uri": uri}}, first.metrics)
+    announce_finished(run_dir / "uma", STEPS[-1])
+    thread.join(timeout=120)
+    assert not thread.is_alive() and result["s"].ok, result["s"].describe()
+    for key in ("uma/gradient_flow/total_norm", "uma/interpolation/distance", "uma/trajectory/update_norm"):
+        steps = sorted(m.step for m in client.get_metric_history(ml_run, key))
+        assert steps == (list(STEPS) if "gradient_flow" in key else list(STEPS[1:])), key
+
+
 def test_watch_without_an_announced_run_says_so_and_exits_2(tmp_path, capsys):
     from uma_callbacks.cli import main
 
@@ -251,6 +276,8 @@ def test_watch_without_an_announced_run_says_so_and_exits_2(tmp_path, capsys):
     err = capsys.readouterr().err
     assert "announces no run" in err and 'measure="async"' in err
     assert main(["watch", str(tmp_path / "missing")]) == 2
+    assert main(["watch", str(tmp_path), "--poll", "0"]) == 2
+    assert "poll must be a positive number of seconds" in capsys.readouterr().err
 
 
 # ---------------------------------------------------------------------- kill -9 and restart
@@ -285,6 +312,20 @@ def test_watcher_killed_mid_measure_resumes_without_duplicates_or_loss(announced
         (s, m) for s in STEPS for m in ["gradient_flow", "interpolation", "landscape", "trajectory"]
     )
     _assert_same(_values(records), reference, keys=list(reference))
+
+
+def _drop_finished(run_dir: Path) -> None:
+    """The training is still running: no finished line yet."""
+    watch_file = run_dir / "uma" / WATCH_FILE
+    lines = watch_file.read_text().splitlines()
+    watch_file.write_text("\n".join(line for line in lines if '"finished"' not in line) + "\n")
+
+
+def _wait_for(condition, seconds: float = 120.0) -> None:
+    deadline = time.monotonic() + seconds
+    while not condition():
+        assert time.monotonic() < deadline, "timed out"
+        time.sleep(0.1)
 
 
 def _lines(path: Path) -> list[dict]:

@@ -38,7 +38,7 @@ import logging
 import os
 import re
 import time
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Collection, Mapping, Sequence
 from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any
@@ -208,7 +208,7 @@ def watch(
         run=run,
         sinks_later=True,
     )
-    _add_sinks(session, announced.run.trackers, mlflow_run_id, tracking_uri, wandb_run_id)
+    joined = _add_sinks(session, announced.run.trackers, mlflow_run_id, tracking_uri, wandb_run_id)
     target = torch.device(device) if device is not None else torch.device("cuda" if torch.cuda.is_available() else "cpu")
     watcher = _Watcher(session, run_dir, ModelLoader(model_factory, target), stale_after, prefetch, on_checkpoint)
     watcher.summary.journal = str(root)
@@ -221,6 +221,8 @@ def watch(
                     root, announced.run.run, run,
                 )  # fmt: skip
                 break
+            if announced.run is not None and session.config.trackers is None:  # a tracker run announced since
+                joined += _add_sinks(session, announced.run.trackers, mlflow_run_id, tracking_uri, wandb_run_id, joined, late=True)
             worked = watcher.step(announced)
             watcher.summary.finished = announced.finished is not None
             if until_done and announced.finished is not None and not watcher.pending(announced):
@@ -479,15 +481,24 @@ def _add_sinks(
     mlflow_run_id: str | None,
     tracking_uri: str | None,
     wandb_run_id: str | None,
-) -> None:
+    joined: Collection[Any] = (),
+    late: bool = False,
+) -> list[Any]:
     """Join the training's tracker runs (``UMAConfig.trackers``, else those announced), bounded as live sinks are.
+
+    ``joined``: the entries joined already; a ``late`` call joins only the tracker runs
+    announced since (the training's tracker was down when it started, and its run line was
+    written again once it came up), and replays to them what the journal holds.
+
+    Returns:
+        The entries joined by this call (tracker names or sink objects).
 
     Raises:
         ValueError: an unknown tracker name.
         ModuleNotFoundError: a named tracker's package is missing.
     """  # noqa: DOC502 (from resolve_sinks and make_sink)
     if not session.is_main:
-        return
+        return []
     cfg = session.config
     mlflow = dict(announced.get("mlflow") or {})
     wandb = dict(announced.get("wandb") or {})
@@ -496,6 +507,9 @@ def _add_sinks(
     else:
         names = [n for n, given in (("mlflow", mlflow_run_id or tracking_uri or mlflow.get("run")),
                                     ("wandb", wandb_run_id or wandb.get("run"))) if given]  # fmt: skip
+    names = [n for n in names if n not in joined]
+    if not names:
+        return []
     runs = {"mlflow": {"run": mlflow_run_id or mlflow.get("run", ""), "uri": tracking_uri or mlflow.get("uri", "")}}
     entries: list[Any] = []
     extra: list[Any] = []
@@ -516,6 +530,9 @@ def _add_sinks(
     session.delivery.sinks += sinks
     session.delivery.own += own
     session.delivery.start(session.params({"watch.metrics": cfg.metric_names}))
+    if late:  # a tracker run announced late: it gets what was measured before
+        session.delivery.send_pending()
+    return names
 
 
 def _check_seconds(name: str, value: Any, allow_none: bool) -> None:
