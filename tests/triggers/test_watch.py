@@ -338,3 +338,38 @@ def _lines(path: Path) -> list[dict]:
         except (ValueError, KeyError, TypeError):
             pass
     return out
+
+
+def test_the_watchers_wandb_sink_joins_the_run_as_a_shared_mode_second_writer(monkeypatch, tmp_path):
+    """Online: W&B's shared mode, not a resume (the training stays the primary writer and
+    alone ends the run); a wandb service inherited from the training is not used."""
+    import wandb
+
+    from uma_callbacks.integrations.registry import make_sink
+    from uma_callbacks.triggers.watch import WRITER_LABEL
+
+    calls = []
+
+    def fake_init(**kwargs):
+        calls.append(kwargs)
+        raise RuntimeError("no server in this test")
+
+    monkeypatch.setattr(wandb, "init", fake_init)
+    monkeypatch.setenv("WANDB_MODE", "online")
+    monkeypatch.setenv("WANDB_SERVICE", "inherited-from-the-training")
+    sink = make_sink("wandb", run_id="abc123", project="p", writer_label=WRITER_LABEL, fallback_dir=tmp_path)
+    with pytest.raises(RuntimeError):
+        sink.start()
+    (kwargs,) = calls
+    settings = kwargs["settings"]
+    assert kwargs["id"] == "abc123" and "resume" not in kwargs
+    assert (settings.mode, settings.x_primary, settings.x_label, settings.x_update_finish_state) == (
+        "shared", False, WRITER_LABEL, False,
+    )
+    assert "WANDB_SERVICE" not in os.environ
+
+    monkeypatch.setenv("WANDB_MODE", "offline")  # no shared mode offline: a run file of its own, same run id
+    calls.clear()
+    with pytest.raises(RuntimeError):
+        make_sink("wandb", run_id="abc123", writer_label=WRITER_LABEL, fallback_dir=tmp_path).start()
+    assert calls[0]["id"] == "abc123" and calls[0]["resume"] == "allow" and "settings" not in calls[0]
