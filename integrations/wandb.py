@@ -169,7 +169,7 @@ class WandbSink(Sink):
                 (chained from that failure); nothing is tried.
             Exception: whatever ``wandb.init`` raised.
         """  # noqa: DOC502 (Exception: wandb.init's own, re-raised)
-        if self._run is None:
+        if self._run is None and self._writer_label is None:  # a second writer joins its run id, not this process's run
             self.capture_active_run()
         if self._run is None:
             if self._init_error is not None and time.monotonic() - self._failed_at < self.retry_interval:
