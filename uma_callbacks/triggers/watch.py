@@ -95,6 +95,8 @@ class WatchSummary:
         seconds: wall time.
         journal: the journal folder.
         sink_failures: sinks still failing at the end (their records stay in the journal).
+        bad_lines: lines of ``watch.jsonl`` skipped (torn, of another shape, or naming a
+            path outside the run or journal folder).
     """
 
     run: str = ""
@@ -112,6 +114,7 @@ class WatchSummary:
     seconds: float = 0.0
     journal: str = ""
     sink_failures: list[str] = field(default_factory=list)
+    bad_lines: int = 0
 
     @property
     def ok(self) -> bool:
@@ -127,6 +130,8 @@ class WatchSummary:
             f"{self.seconds:.1f} s ({state}); journal {self.journal}"
         ]
         lines += [f"  error at step {step} ({path}): {reason}" for path, step, reason in self.errors]
+        if self.bad_lines:
+            lines.append(f"  watch.jsonl: {self.bad_lines} line(s) skipped (torn, of another shape, or a path outside the run folder)")
         lines += [f"  sink {name} failed: its records stay in the journal (`uma sync` replays them)" for name in self.sink_failures]
         return "\n".join(lines)
 
@@ -225,6 +230,7 @@ def watch(
                 joined += _add_sinks(session, announced.run.trackers, mlflow_run_id, tracking_uri, wandb_run_id, joined, late=True)
             worked = watcher.step(announced)
             watcher.summary.finished = announced.finished is not None
+            watcher.summary.bad_lines = announced.bad_lines
             if until_done and announced.finished is not None and not watcher.pending(announced):
                 watcher.release_all(announced)
                 break
