@@ -40,6 +40,7 @@ pickle is read with an allow-list of DCP's metadata types only; ``optimizer_0/``
 
 from __future__ import annotations
 
+import copy
 import logging
 import os
 import re
@@ -395,17 +396,37 @@ def read_weights(folder: str | os.PathLike[str], max_bytes: int | None = None) -
     return weights, {}
 
 
+def unwrap(model: Any) -> Any:
+    """The user's model inside its wrappers: DDP / DeepSpeed ``.module``, ``torch.compile``'s ``_orig_mod``."""
+    seen: set[int] = set()
+    while id(model) not in seen:
+        seen.add(id(model))
+        inner = getattr(model, "_orig_mod", None)
+        if inner is None and not hasattr(model, "config"):
+            inner = getattr(model, "module", None)
+        if not isinstance(inner, torch.nn.Module):
+            break
+        model = inner
+    return model
+
+
 def ensure_config_json(folder: str | os.PathLike[str], model: Any) -> bool:
-    """Write ``model.config`` as ``<folder>/config.json`` when the folder exists and has none.
+    """Write the model's config as ``<folder>/config.json`` when the folder exists and has none.
 
     A sharded save (FSDP ``SHARDED_STATE_DICT``, Accelerate's ``save_state``) writes the
     weights but no config; the backfill rebuilds the model from it (``uma backfill RUN``
-    with no model factory). Returns whether a file was written.
+    with no model factory). Its ``architectures`` names the model's own class, unwrapped
+    (as ``save_pretrained`` writes it): a ``BertForSequenceClassification`` loaded from a
+    base checkpoint keeps ``["BertModel"]`` in its config, and the backfill would build the
+    bare encoder. The model's own config is left as it is. Returns whether a file was written.
     """
+    model = unwrap(model)
     config = getattr(model, "config", None)
     path = os.path.join(os.fspath(folder), "config.json")
     if not (hasattr(config, "to_json_file") and os.path.isdir(folder)) or os.path.exists(path):
         return False
+    config = copy.deepcopy(config)
+    config.architectures = [type(model).__name__]
     config.to_json_file(path)
     return True
 
