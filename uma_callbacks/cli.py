@@ -50,7 +50,9 @@ _REPORT_EPILOG = """examples:
 """
 
 _SYNC_EPILOG = """examples:
-  # replay every journalled record the MLflow run has not received yet
+  # replay to every tracker run the journal delivered to what it has not received yet
+  uma sync runs/demo
+  # the MLflow run named
   uma sync runs/demo --mlflow-run 3f2c... --tracking-uri sqlite:///runs/demo/mlflow.db
   uma sync runs/demo --trackers mlflow   # the run the journal last delivered to
   uma sync runs/demo --wandb-run abc123
@@ -286,7 +288,10 @@ def _sync(args: argparse.Namespace) -> int:
     run_dir = journal.root.parent if journal.root.name == "uma" else journal.root
     sinks = sinks_for_run(_split(args.trackers), journal, run_dir, args.mlflow_run, args.tracking_uri, args.wandb_run)
     if not sinks:
-        raise ValueError("sync: no tracker given; pass --mlflow-run/--tracking-uri, --wandb-run or --trackers")
+        raise ValueError(
+            "sync: no tracker given and the journal has delivered to none; pass --trackers mlflow "
+            "(with --tracking-uri URI, or --mlflow-run ID), --wandb-run ID, or --trackers wandb"
+        )
     failed: list[str] = []
     for sink in sinks:
         delivery = Delivery(journal, [sink], [sink])

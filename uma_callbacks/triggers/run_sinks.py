@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import Any
 
 from uma_callbacks.engine.journal import DELIVERIES_FILE, Journal, read_lines
-from uma_callbacks.integrations.registry import resolve_sinks
+from uma_callbacks.integrations.registry import resolve_sinks, tracker_names
 from uma_callbacks.integrations.uris import sqlite_uri
 
 
@@ -77,7 +77,9 @@ def sinks_for_run(
     as a backfill's session resolves them; an unknown tracker name raises its ``ValueError``.
 
     Args:
-        trackers: names and/or sink objects (:func:`offline_trackers`).
+        trackers: names and/or sink objects (:func:`offline_trackers`); none given and no
+            run id: the trackers the journal delivered to (:func:`delivered_trackers`), each
+            into the run it last delivered to.
         journal: the run's journal (its delivery log names the runs).
         run_dir: the run folder (a local ``mlflow.db`` may be there).
         mlflow_run_id: the MLflow run to log into.
@@ -85,9 +87,25 @@ def sinks_for_run(
         wandb_run_id: the W&B run to resume.
     """
     names = offline_trackers(trackers, mlflow_run_id, tracking_uri, wandb_run_id)
+    if not names:
+        names = delivered_trackers(journal)
+    if "wandb" in names and not wandb_run_id:
+        wandb_run_id = (delivered_run(journal, "wandb") or {}).get("run")
     runs = journal_runs(journal, run_dir, mlflow_run_id, tracking_uri, wandb_run_id)
     sinks, _ = resolve_sinks(names, runs=runs, capture=False, fallback_dir=journal.root)
     return sinks
+
+
+def delivered_trackers(journal: Journal) -> list[str]:
+    """The tracker names (``mlflow``, ``wandb``, registered ones) the journal delivered to, first seen first.
+
+    What ``uma sync RUN`` replays to when no tracker is given: the runs the training (or an
+    earlier backfill) logged to. Sinks of other kinds (a user's sink object) are left out.
+    """
+    known = set(tracker_names())
+    payloads, _ = read_lines(journal.root / DELIVERIES_FILE)
+    names = [p.get("sink") for p in payloads if isinstance(p, dict) and isinstance(p.get("run"), str) and p["run"]]
+    return [name for name in dict.fromkeys(names) if isinstance(name, str) and name in known]
 
 
 def delivered_run(journal: Journal, sink: str) -> dict[str, str] | None:
