@@ -1,5 +1,6 @@
 """Shared fixtures: quiet, reproducible, offline."""
 
+import gc
 import os
 
 import pytest
@@ -35,3 +36,21 @@ def _one_thread():
 def _seeded():
     torch.manual_seed(0)
     yield
+
+
+# The cyclic garbage collector: a full collection walks every object the process holds, and a
+# test worker holds millions (torch, transformers, MLflow, W&B, every test module), so one costs
+# 0.5 to 1 s here. The suite runs one after each metric that does not end "ok" (the package's
+# release_memory), and Python runs others by itself as objects pile up: a quarter of the CPU time
+# of tests/metrics and tests/engine. Each test's leftovers are collected after it and what
+# survives is frozen (gc.freeze: kept out of later collections), so a collection inside a test
+# walks only what that test made. Objects that reference counting frees are freed as before.
+def pytest_collection_finish(session):
+    gc.collect()
+    gc.freeze()
+
+
+@pytest.hookimpl(trylast=True)
+def pytest_runtest_teardown(item, nextitem):
+    gc.collect()
+    gc.freeze()
