@@ -1,12 +1,22 @@
-"""A real local ``mlflow server`` (127.0.0.1 only) that tests stop and start again."""
+"""A real local ``mlflow server`` (127.0.0.1 only), and what tests put in front of it.
+
+- :class:`MlflowServer`: the server on a SQLite store; one per test worker is shared by the
+  tests that do not need their own store (``mlflow_server`` in ``conftest.py``);
+- :class:`PortGate`: a port that forwards to that server while it is up, and refuses
+  connections (and drops those open) while it is down: a server that goes down and comes
+  back, without the 10 to 20 s of a real server's start each time;
+- :class:`FaultProxy`: an HTTP proxy that stalls or fails chosen requests.
+"""
 
 from __future__ import annotations
 
+import contextlib
 import os
 import signal
 import socket
 import subprocess
 import sys
+import threading
 import time
 import urllib.request
 from pathlib import Path
@@ -41,8 +51,10 @@ class MlflowServer:
             "--artifacts-destination", str(self.folder / "artifacts"),
             "--host", "127.0.0.1", "--port", str(self.port), "--workers", "1",
         ]
+        # no job runner (MLflow's GenAI jobs, a third process importing all of MLflow): nothing here uses it
+        env = {**os.environ, "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false"}
         log = open(self.folder / "server.log", "ab")  # noqa: SIM115 (closed with the process)
-        self.proc = subprocess.Popen(cmd, stdout=log, stderr=log, start_new_session=True)
+        self.proc = subprocess.Popen(cmd, stdout=log, stderr=log, env=env, start_new_session=True)
         log.close()
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
@@ -76,6 +88,90 @@ class MlflowServer:
                 if sock.connect_ex(("127.0.0.1", self.port)) != 0:
                     return
             time.sleep(0.1)
+
+
+class PortGate:
+    """A TCP port on 127.0.0.1 that relays to ``upstream`` (a server's URI) while it is up.
+
+    Down (before :meth:`start`, after :meth:`stop`), nothing listens on the port: a client's
+    connection is refused, and connections open when it went down are closed, as when the
+    server process dies. Up again on the same port, the same store answers.
+    """
+
+    def __init__(self, upstream: str, port: int | None = None) -> None:
+        import urllib.parse
+
+        split = urllib.parse.urlsplit(upstream)
+        self.upstream = (split.hostname, split.port)
+        self.port = port or free_port()
+        self._listener: socket.socket | None = None
+        self._open: set[socket.socket] = set()
+        self._lock = threading.Lock()
+
+    @property
+    def uri(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+    def start(self) -> None:
+        """Listen on the port again (connections go through from now on)."""
+        if self._listener is not None:
+            return
+        listener = socket.socket()
+        listener.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        listener.bind(("127.0.0.1", self.port))
+        listener.listen(64)
+        self._listener = listener
+        threading.Thread(target=self._accept, args=(listener,), name="port-gate", daemon=True).start()
+
+    def stop(self) -> None:
+        """Stop listening and close every connection open through the gate."""
+        listener, self._listener = self._listener, None
+        if listener is None:
+            return
+        with contextlib.suppress(OSError):
+            listener.shutdown(socket.SHUT_RDWR)  # wakes the accept() waiting on it
+        listener.close()
+        with self._lock:
+            open_now, self._open = list(self._open), set()
+        for sock in open_now:
+            _close(sock)
+
+    def _accept(self, listener: socket.socket) -> None:
+        while True:
+            try:
+                client, _ = listener.accept()
+            except OSError:
+                return  # stopped
+            try:
+                upstream = socket.create_connection(self.upstream, timeout=10)
+                upstream.settimeout(None)
+            except OSError:
+                _close(client)
+                continue
+            with self._lock:
+                if self._listener is not listener:  # stopped meanwhile
+                    _close(client), _close(upstream)
+                    return
+                self._open |= {client, upstream}
+            for src, dst in ((client, upstream), (upstream, client)):
+                threading.Thread(target=self._pump, args=(src, dst), daemon=True).start()
+
+    def _pump(self, src: socket.socket, dst: socket.socket) -> None:
+        try:
+            while data := src.recv(65536):
+                dst.sendall(data)
+        except OSError:
+            pass
+        finally:
+            with self._lock:
+                self._open -= {src, dst}
+            _close(src), _close(dst)
+
+
+def _close(sock: socket.socket) -> None:
+    with contextlib.suppress(OSError):
+        sock.shutdown(socket.SHUT_RDWR)
+    sock.close()
 
 
 class FaultProxy:

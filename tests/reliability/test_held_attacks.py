@@ -35,19 +35,15 @@ HTTP_VARS = ("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "MLFLOW_HTTP_REQUEST_TIMEOUT", "
 
 # ---------------------------------------------------------------------- 503, 500 after apply
 @pytest.fixture(scope="module")
-def tracked(tmp_path_factory):
-    """A real ``mlflow server`` and a fault-injecting proxy in front of it (one per module)."""
-    pytest.importorskip("mlflow")
-    from tests.reliability.servers import FaultProxy, MlflowServer
+def tracked(mlflow_server):
+    """The test worker's real ``mlflow server`` and a fault-injecting proxy in front of it (one per module)."""
+    from tests.reliability.servers import FaultProxy
 
-    server = MlflowServer(tmp_path_factory.mktemp("server"))
-    server.start()
-    proxy = FaultProxy(server.uri, stall_max=30)
+    proxy = FaultProxy(mlflow_server.uri, stall_max=30)
     try:
-        yield server, proxy
+        yield mlflow_server, proxy
     finally:
         proxy.stop()
-        server.stop()
 
 
 def _records(steps) -> list[Record]:

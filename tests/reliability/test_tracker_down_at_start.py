@@ -1,9 +1,11 @@
 """Issue 17 item 8: an MLflow server down when training begins loses nothing once it comes up.
 
 A real ``mlflow server`` (tests/reliability/servers.py), unreachable at
-``on_train_begin`` and started before the save at step 3: the sink's failed start leaves
+``on_train_begin`` and up before the save at step 3: the sink's failed start leaves
 nothing half-initialised, the session retries it at the next save and at the end, and
-every journalled record and the params reach one run.
+every journalled record and the params reach one run. Unreachable, then up: the test
+worker's server behind a :class:`~tests.reliability.servers.PortGate` on its port, closed
+then opened (the server itself is started once per worker).
 
 The Trainer test needs both halves: ``MLflowSink.start`` retryable (integrations/mlflow.py)
 and the session calling ``start`` again at every save and at the end (engine/delivery.py).
@@ -14,7 +16,7 @@ from __future__ import annotations
 import pytest
 from transformers import TrainerCallback
 
-from tests.reliability.servers import MlflowServer
+from tests.reliability.servers import PortGate
 from tests.trainer_cases import run_trainer
 from uma_callbacks import UMACallback
 from uma_callbacks.core.records import Record
@@ -26,15 +28,20 @@ KEY = "uma/gradient_flow/total_norm"
 
 
 @pytest.fixture
-def server(tmp_path, monkeypatch):
+def server(mlflow_server, monkeypatch):
+    """The worker's real ``mlflow server``, reached through a gate that is down until started."""
     for var in ("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "MLFLOW_HTTP_REQUEST_TIMEOUT", "MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR"):
         monkeypatch.delenv(var, raising=False)  # the sink's own bounds apply
-    srv = MlflowServer(tmp_path / "server")
-    monkeypatch.setenv("MLFLOW_TRACKING_URI", srv.uri)
+    gate = PortGate(mlflow_server.uri)
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", gate.uri)
     try:
-        yield srv
+        yield gate
     finally:
-        srv.stop()
+        gate.stop()
+
+
+def _run_ids(client) -> set[str]:
+    return {r.info.run_id for r in client.search_runs([e.experiment_id for e in client.search_experiments()])}
 
 
 def test_mlflow_sink_start_fails_cleanly_then_works_when_the_store_is_there(tmp_path, monkeypatch):
@@ -66,7 +73,7 @@ def test_mlflow_sink_start_fails_cleanly_then_works_when_the_store_is_there(tmp_
 class Up(TrainerCallback):
     """Before the UMA callback sees the save at ``at``: start the server."""
 
-    def __init__(self, server: MlflowServer, at: int) -> None:
+    def __init__(self, server: PortGate, at: int) -> None:
         self.server, self.at = server, at
 
     def on_save(self, args, state, control, **kwargs):
@@ -75,20 +82,21 @@ class Up(TrainerCallback):
 
 
 @pytest.mark.slow
-def test_server_down_at_train_begin_up_from_step_3_delivers_everything(server, tmp_path):
+def test_server_down_at_train_begin_up_from_step_3_delivers_everything(server, mlflow_server, tmp_path):
     """Passes with the retryable sink start plus the session's start retries at each save and at the end."""
     from mlflow.tracking import MlflowClient
 
+    client = MlflowClient(mlflow_server.uri)
+    earlier = _run_ids(client)  # other tests' runs in the worker's store
     cb = UMACallback(metrics=["gradient_flow"], probe_size=4, trackers=["mlflow"], draw_figures=False)
     trainer, losses = run_trainer(tmp_path / "run", callbacks=[Up(server, 3), cb], max_steps=6, save_steps=3)
     assert trainer.state.global_step == 6 and len(losses) == 6
     journal = Journal(tmp_path / "run" / "uma")
     records = [r for r in journal.records() if r.metric == "gradient_flow"]
     assert [r.step for r in records] == [3, 6]
-    client = MlflowClient(server.uri)
-    runs = client.search_runs([e.experiment_id for e in client.search_experiments()])
-    assert len(runs) == 1
-    run_id = runs[0].info.run_id
+    added = _run_ids(client) - earlier
+    assert len(added) == 1  # one run, however many starts were tried
+    run_id = added.pop()
     assert [m.step for m in client.get_metric_history(run_id, KEY)] == [3, 6]
-    assert "uma.probe_fingerprint" in runs[0].data.params
+    assert "uma.probe_fingerprint" in client.get_run(run_id).data.params
     assert journal.delivered("mlflow", run_id) == {r.record_id for r in records}

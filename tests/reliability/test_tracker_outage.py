@@ -1,7 +1,11 @@
-"""Tracker outages: a real MLflow server stopped mid-run, W&B unable to start.
+"""Tracker outages: a real MLflow server down mid-run, W&B unable to start.
 
 Training finishes, the journal holds every record, and what a tracker missed reaches it
 at the next save, at train end or via ``uma sync``, with no duplicate points.
+
+The server goes down and comes back behind a :class:`~tests.reliability.servers.PortGate`
+on its port (connections refused, open ones dropped, as when its process dies; the same
+store once it is back): the test worker's one real ``mlflow server`` is started once.
 """
 
 from __future__ import annotations
@@ -13,7 +17,7 @@ import time
 import pytest
 from transformers import TrainerCallback
 
-from tests.reliability.servers import MlflowServer, free_port
+from tests.reliability.servers import PortGate, free_port
 from tests.trainer_cases import run_trainer
 from uma_callbacks import UMACallback
 from uma_callbacks.engine.journal import Journal
@@ -26,7 +30,7 @@ KEY = "uma/gradient_flow/total_norm"
 class Outage(TrainerCallback):
     """Before the UMA callback sees a save: stop the server at some steps, start it at others."""
 
-    def __init__(self, server: MlflowServer, stop_at: set[int], start_at: set[int], seen: dict) -> None:
+    def __init__(self, server: PortGate, stop_at: set[int], start_at: set[int], seen: dict) -> None:
         self.server, self.stop_at, self.start_at, self.seen = server, stop_at, start_at, seen
 
     def on_save(self, args, state, control, **kwargs):
@@ -58,8 +62,8 @@ def _steps(uri: str, run_id: str, key: str = KEY) -> list[int]:
 
 
 @pytest.mark.slow
-def test_mlflow_server_down_mid_run_loses_nothing_and_duplicates_nothing(tmp_path, monkeypatch, caplog):
-    server = MlflowServer(tmp_path / "server")
+def test_mlflow_server_down_mid_run_loses_nothing_and_duplicates_nothing(mlflow_server, tmp_path, monkeypatch, caplog):
+    server = PortGate(mlflow_server.uri)
     for var in ("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "MLFLOW_HTTP_REQUEST_TIMEOUT", "MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR"):
         monkeypatch.delenv(var, raising=False)  # the sink's own bounds apply
     monkeypatch.setenv("MLFLOW_TRACKING_URI", server.uri)

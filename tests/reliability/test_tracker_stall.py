@@ -160,21 +160,20 @@ class Timer(TrainerCallback):
 
 
 @pytest.mark.slow
-def test_trainer_run_with_a_stalling_mlflow_server_finishes_and_loses_nothing(tmp_path, monkeypatch, caplog):
+def test_trainer_run_with_a_stalling_mlflow_server_finishes_and_loses_nothing(mlflow_server, tmp_path, monkeypatch, caplog):
     pytest.importorskip("mlflow")
     from mlflow.tracking import MlflowClient
 
-    from tests.reliability.servers import FaultProxy, MlflowServer
+    from tests.reliability.servers import FaultProxy
     from tests.trainer_cases import run_trainer
     from uma_callbacks import UMACallback
     from uma_callbacks.cli import main
 
     for var in ("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "MLFLOW_HTTP_REQUEST_TIMEOUT", "MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR"):
         monkeypatch.delenv(var, raising=False)
-    server = MlflowServer(tmp_path / "server")
+    server = mlflow_server  # the test worker's, shared: this test's run is found by its id
     proxy = None
     try:
-        server.start()
         proxy = FaultProxy(server.uri, stall_max=60)
         monkeypatch.setenv("MLFLOW_TRACKING_URI", proxy.uri)
         seen: dict = {}
@@ -206,4 +205,3 @@ def test_trainer_run_with_a_stalling_mlflow_server_finishes_and_loses_nothing(tm
     finally:
         if proxy is not None:
             proxy.stop()
-        server.stop()
