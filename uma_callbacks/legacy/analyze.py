@@ -8,7 +8,10 @@ names and shapes::
     results.models[path].metrics["loss_landscape_2d"]["grid_losses"]   # [n, n]
     results.models[path].metrics["gradient_flow"]["mean_gradient_norm"]  # [layers]
 
-A metric that failed holds ``{"error": message, ...}``. Results are cached by
+Every metric asked for has an entry; one that failed (or produced nothing) holds
+``{"error": message, "status": ...}``. Each model's results are filed at its own step
+(``ModelResults.step``: ``trainer_state.json``'s global step, Accelerate's ``uma_state.json``,
+the trailing number of the folder name, else its position in the list). Results are cached by
 :class:`ResultCache` (a journal under ``<output_dir>/cache``: JSON lines + npz, never
 pickle) per (weights fingerprint, metric config, probe fingerprint): a second call with
 the same models, data and settings computes nothing.
@@ -16,7 +19,8 @@ the same models, data and settings computes nothing.
 Data never comes from the hub: pass ``texts=`` (with a tokenizer, by default the one in
 the model folder), ``dataset=`` (rows with ``input_ids``/``labels``), ``probe=``, or set
 ``UnifiedConfig.dataset_name`` to a local ``.jsonl`` (rows with ``input_ids`` or
-``text``) or ``.txt`` file (one text per line).
+``text``) or ``.txt`` file (one text per line). Text rows with a ``labels`` (or ``label``)
+field keep it: a class id for a classification head, tokenised text beside it.
 """
 
 from __future__ import annotations
@@ -24,8 +28,9 @@ from __future__ import annotations
 import json
 import os
 import shutil
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -54,11 +59,13 @@ class ModelResults:
         path: the path as given.
         metrics: ``{result name: {key: value}}`` (``{"error": ...}`` for a failed metric).
         fingerprint: the weights fingerprint (``""`` when the model could not be loaded).
+        step: the step its results are filed at (the checkpoint's own, see the module docstring).
     """
 
     path: str
     metrics: dict[str, dict[str, Any]] = field(default_factory=dict)
     fingerprint: str = ""
+    step: int | None = None
 
 
 @dataclass
@@ -81,7 +88,8 @@ class AnalysisResults:
             "probe_fingerprint": self.probe_fingerprint,
             "config": self.config.to_dict() if self.config else {},
             "models": {
-                path: {"fingerprint": r.fingerprint, "metrics": _jsonable(r.metrics)} for path, r in self.models.items()
+                path: {"fingerprint": r.fingerprint, "step": r.step, "metrics": _jsonable(r.metrics)}
+                for path, r in self.models.items()
             },
         }
 
@@ -180,7 +188,8 @@ def analyze_models(
         model_paths: local model / checkpoint folders (``config.json`` + safetensors).
         config: the predecessor's configuration; None for the defaults.
         texts: probe texts (tokenised with ``tokenizer`` or the model folder's tokenizer).
-        dataset: a map-style dataset of token rows (``input_ids``, ``labels``, ...).
+        dataset: a map-style dataset of token rows (``input_ids``, ``labels``, ...), or of
+            text rows (``text`` with ``labels``/``label``: tokenised, the labels kept).
         tokenizer: a tokenizer object or folder, for ``texts``.
         probe: a ready :class:`Probe` (overrides the data arguments).
         loss_fn: per-sample loss; None for the HF default.
@@ -192,7 +201,7 @@ def analyze_models(
         ValueError: empty ``model_paths``, bad config, or no data to build the probe from.
         RuntimeError: a metric failed and ``config.skip_on_error`` is False.
     """
-    from uma_callbacks.checkpoints import discover_checkpoints
+    from uma_callbacks.engine.probe import pad_collate
     from uma_callbacks.engine.probe_source import build_probe
     from uma_callbacks.triggers.backfill import backfill, load_tokenizer
 
@@ -201,15 +210,21 @@ def analyze_models(
     config = config or UnifiedConfig()
     settings = config.to_uma()
     paths = [str(p) for p in model_paths]
-    steps = {p: i for i, p in enumerate(paths)}
-    checkpoints = discover_checkpoints(paths, {str(Path(p).resolve()): i for p, i in steps.items()})
+    checkpoints, steps = _own_steps(paths)
     if probe is None:
         if dataset is None and texts is None:
             dataset, texts = _local_data(config)
-        tok = load_tokenizer(tokenizer, [c.path for c in checkpoints]) if texts and dataset is None else None
+        text_rows = _is_text_rows(dataset)
+        tok = load_tokenizer(tokenizer, [c.path for c in checkpoints]) if (texts and dataset is None) or text_rows else None
+        collate = None
+        if text_rows:
+            dataset = TokenisedRows(dataset, tok, settings["max_length"])
+            pad_id = getattr(tok, "pad_token_id", None)
+            collate = partial(pad_collate, pad_token_id=pad_id if isinstance(pad_id, int) else 0)
         probe = build_probe(
             dataset, probe_size=settings["probe_size"], probe_batch_size=settings["probe_batch_size"],
-            seed=settings["seed"], texts=texts, tokenizer=tok, max_length=settings["max_length"], field="UnifiedConfig.dataset_name",
+            seed=settings["seed"], collate_fn=collate, texts=texts, tokenizer=tok, max_length=settings["max_length"],
+            field="UnifiedConfig.dataset_name",
         )
     cache = ResultCache(Path(config.output_dir) / "cache")
     available = [m for m in settings["metrics"] if hasattr(m, "compute")]
@@ -225,7 +240,7 @@ def analyze_models(
     for record in summary.records if summary else []:
         by_step.setdefault(record.step, []).append(record)
     for path, step in steps.items():
-        model = ModelResults(path=path)
+        model = ModelResults(path=path, step=step)
         for record in by_step.get(step, []):
             if record.metric == "checkpoint":
                 message = (record.error or {}).get("message", "could not load")
@@ -235,6 +250,10 @@ def analyze_models(
             model.metrics[RESULT_NAMES.get(record.metric, record.metric)] = _seed_shape(record, cache.journal, probe)
         for name in missing:
             model.metrics[RESULT_NAMES.get(name, name)] = {"error": f"metric {name!r} is not available in this version"}
+        for name in settings["metric_names"]:  # every metric asked for has an entry
+            model.metrics.setdefault(
+                RESULT_NAMES.get(name, name), {"error": f"no result for {name!r} at step {step}", "status": "missing"}
+            )
         if model.fingerprint:
             cache.remember(path, model.fingerprint)
         results.models[path] = model
@@ -244,6 +263,79 @@ def analyze_models(
     if config.save_results:
         results.save(Path(config.output_dir) / "results.json")
     return results
+
+
+def _own_steps(paths: Sequence[str]) -> tuple[list[Any], dict[str, int]]:
+    """The checkpoints and ``{path: step}``: each folder's own step, else (a clash) its position.
+
+    A folder's own step is its ``trainer_state.json`` global step, its ``uma_state.json``
+    step or the trailing number of its name; a folder with none of them takes its position.
+    When two folders claim one step (two runs' ``checkpoint-40``), every folder takes its
+    position in ``paths`` instead.
+    """
+    from uma_callbacks.checkpoints import discover_checkpoints
+
+    try:
+        found = discover_checkpoints(paths)
+    except ValueError:  # two folders claim one step
+        found = []
+    by_folder = {str(c.path.resolve()): c.step for c in found}
+    steps = {p: by_folder.get(str(Path(p).resolve())) for p in paths}
+    if found and None not in steps.values() and len(set(steps.values())) == len(steps):
+        return found, {p: int(s) for p, s in steps.items() if s is not None}
+    positions = {p: i for i, p in enumerate(paths)}
+    return discover_checkpoints(paths, {str(Path(p).resolve()): i for p, i in positions.items()}), positions
+
+
+def _is_text_rows(dataset: Any) -> bool:
+    """Whether ``dataset`` holds rows of text (``text``, no ``input_ids``) with a label."""
+    if dataset is None or not (hasattr(dataset, "__len__") and hasattr(dataset, "__getitem__")):
+        return False
+    try:
+        first = dataset[0] if len(dataset) else None
+    except (IndexError, KeyError, TypeError):
+        return False
+    return (
+        isinstance(first, Mapping) and "text" in first and "input_ids" not in first
+        and ("labels" in first or "label" in first)
+    )
+
+
+class TokenisedRows:
+    """Text rows with labels, tokenised as they are drawn (the probe draws a few of many).
+
+    Each row becomes the tokenizer's fields (``input_ids``, ``attention_mask``, ...) for its
+    ``text``, truncated to ``max_length`` tokens, and its ``labels`` (or ``label``): a class
+    id stays a class id, a list stays a list of token labels.
+
+    Args:
+        rows: a map-style dataset of ``{"text", "labels"}`` (or ``"label"``) rows.
+        tokenizer: a tokenizer object.
+        max_length: tokens per text.
+    """
+
+    def __init__(self, rows: Any, tokenizer: Any, max_length: int) -> None:
+        self.rows, self.tokenizer, self.max_length = rows, tokenizer, max_length
+
+    def __len__(self) -> int:
+        """The number of rows."""
+        return len(self.rows)
+
+    def __getitem__(self, index: int) -> dict[str, Any]:
+        """Row ``index``, tokenised, with its label.
+
+        Raises:
+            ValueError: the row has no ``text`` string or no ``labels``/``label``.
+        """
+        row = self.rows[index]
+        text = row.get("text") if isinstance(row, Mapping) else None
+        label = row.get("labels", row.get("label")) if isinstance(row, Mapping) else None
+        if not isinstance(text, str) or label is None:
+            raise ValueError(f"dataset row {index} must hold a 'text' string and 'labels' (or 'label'); got {row!r:.200}")
+        encoded = self.tokenizer(text, truncation=True, max_length=self.max_length)
+        out = {key: list(value) for key, value in encoded.items()}
+        out["labels"] = label
+        return out
 
 
 def _seed_shape(record: Record, journal: Journal, probe: Probe) -> dict[str, Any]:
@@ -284,6 +376,8 @@ def _local_data(config: UnifiedConfig) -> tuple[Any, list[str] | None]:
                 row.setdefault("labels", row["input_ids"])
                 row.setdefault("attention_mask", [1] * len(row["input_ids"]))
             return rows, None
+        if _is_text_rows(rows):
+            return rows, None  # text with labels: tokenised with the labels kept
         return None, [str(r.get("text", "")) for r in rows if r.get("text")]
     return None, [line for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
 
