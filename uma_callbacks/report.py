@@ -15,88 +15,242 @@ numbers included.
 from __future__ import annotations
 
 import base64
+import hashlib
 import html
+import json
 import logging
-import math
 import os
 import tempfile
 from pathlib import Path
 from typing import Any
 
+from uma_callbacks.core.records import MEASURED
 from uma_callbacks.engine.journal import JOURNAL_FILE, Journal
 
 logger = logging.getLogger(__name__)
 
 
-def collect_series(journal: Journal) -> dict[str, dict[int, float]]:
-    """``{"<metric>/<scalar>": {step: value}}`` of the top-level scalars of ``ok`` records.
+def config_of(record: Any) -> dict[str, Any] | None:
+    """The configuration a record was asked for: ``meta["config"]`` with the budget's scaling undone.
 
-    A later record for the same (metric, step) replaces an earlier one.
+    Under a compute budget a save may run a metric scaled down (fewer probes); its
+    ``meta["compute_budget"]["scaled"]`` holds ``{knob: [asked, ran]}``, and the asked value
+    is put back, so one configured metric stays one series across saves. None when the
+    record names no configuration (a record of an older version or of another tool).
     """
+    meta = record.meta if isinstance(record.meta, dict) else {}
+    config = meta.get("config")
+    if not isinstance(config, dict):
+        return None
+    config = dict(config)
+    budget = meta.get("compute_budget")
+    scaled = budget.get("scaled") if isinstance(budget, dict) else None
+    if isinstance(scaled, dict):
+        for knob, change in scaled.items():
+            if knob in config and isinstance(change, (list, tuple)) and len(change) == 2:
+                config[knob] = change[0]
+    return config
+
+
+def _identity(config: dict[str, Any] | None) -> str:
+    """A short hash of a configuration (``""`` for none), as the suite names a variant folder."""
+    if not config:
+        return ""
+    return hashlib.sha256(json.dumps(config, sort_keys=True, default=str).encode()).hexdigest()[:8]
+
+
+def _in_variant_folder(record: Any) -> bool:
+    """Whether the record's files live in ``step-<N>/<metric>-<hash>/`` (a second configuration at that step)."""
+    prefix = f"step-{int(record.step)}/"
+    return any(isinstance(f, str) and f.startswith(prefix) and f.count("/") >= 2 for f in record.files)
+
+
+#: The most options a series label names; the rest are counted (``+2 more``).
+_LABEL_OPTIONS = 3
+
+
+class ConfigSeries:
+    """Which series each measured record belongs to: one per (metric, asked configuration).
+
+    A metric measured with one configuration is labelled by its name (``fisher``). A metric
+    measured with several (a backfill with ``top_k=5`` beside the training's ``top_k=10``)
+    has one series per configuration, each labelled by the options that tell them apart
+    (``fisher (top_k=5)`` and ``fisher (top_k=10)``), never merged into plain ``fisher``.
+
+    The metric's main configuration is the one most of its records in the plain step
+    folders were measured with (the training's, when there was one): its trend figures
+    keep their plain file names; another configuration's go to ``<metric>-<hash>/``.
+    """
+
+    def __init__(self, records: list[Any]) -> None:
+        """Group ``records`` (the measured ones) by metric and configuration."""
+        self.configs: dict[str, dict[str, dict[str, Any] | None]] = {}  # metric -> identity -> config
+        counts: dict[tuple[str, str], list[int]] = {}  # (metric, identity) -> [records in plain folders, first index]
+        for index, record in enumerate(records):
+            config = config_of(record)
+            identity = _identity(config)
+            self.configs.setdefault(record.metric, {}).setdefault(identity, config)
+            tally = counts.setdefault((record.metric, identity), [0, index])
+            tally[0] += 0 if _in_variant_folder(record) else 1
+        self.main = {
+            metric: min(ids, key=lambda i: (-counts[(metric, i)][0], counts[(metric, i)][1]))
+            for metric, ids in self.configs.items()
+        }
+        self.labels = {metric: _labels(metric, ids) for metric, ids in self.configs.items()}
+
+    def label(self, record: Any) -> str:
+        """The series label of ``record`` (its metric, and the options that differ when there are several)."""
+        return self.labels[record.metric][_identity(config_of(record))]
+
+    def folder(self, record: Any) -> str:
+        """``""`` for the metric's main configuration, else ``"<metric>-<hash>"`` (where its trend figures go)."""
+        identity = _identity(config_of(record))
+        return "" if identity == self.main[record.metric] else f"{record.metric}-{identity}"
+
+    def folders(self) -> dict[str, str]:
+        """``{series label: folder}``: ``""`` for each metric's main configuration, else ``"<metric>-<hash>"``."""
+        return {
+            self.labels[metric][identity]: "" if identity == self.main[metric] else f"{metric}-{identity}"
+            for metric, ids in self.configs.items()
+            for identity in ids
+        }
+
+    def several(self) -> dict[str, dict[str, dict[str, Any] | None]]:
+        """``{label: configuration}`` of the metrics measured with more than one configuration."""
+        return {
+            self.labels[metric][identity]: config
+            for metric, ids in sorted(self.configs.items())
+            if len(ids) > 1
+            for identity, config in ids.items()
+        }
+
+
+def _labels(metric: str, configs: dict[str, dict[str, Any] | None]) -> dict[str, str]:
+    """``{identity: label}``: the metric's name, with the options that differ when it has several configurations."""
+    if len(configs) == 1:
+        return {identity: metric for identity in configs}
+    keys = sorted({k for c in configs.values() for k in (c or {}) if k != "metric"})
+    differing = [k for k in keys if len({_option_text((c or {}).get(k, "-")) for c in configs.values()}) > 1]
+    labels: dict[str, str] = {}
+    for identity, config in configs.items():
+        config = config or {}
+        options = [f"{k}={_option_text(config.get(k, '-'))}" for k in differing[:_LABEL_OPTIONS]]
+        if len(differing) > _LABEL_OPTIONS:
+            options.append(f"+{len(differing) - _LABEL_OPTIONS} more")
+        if not config:
+            options = ["config unknown"]
+        labels[identity] = f"{metric} ({', '.join(options)})"
+    seen: dict[str, int] = {}
+    for label in labels.values():
+        seen[label] = seen.get(label, 0) + 1
+    return {  # two configurations that read the same once shortened: told apart by their hash
+        identity: (f"{label[:-1]}, #{identity})" if seen[label] > 1 else label) for identity, label in labels.items()
+    }
+
+
+def _option_text(value: Any) -> str:
+    """An option's value in a label: short, and without ``/`` (the series name's separator)."""
+    text = value if isinstance(value, str) else json.dumps(value, sort_keys=True, default=str)
+    text = text.replace("/", "\u2215").replace("(", "[").replace(")", "]")
+    return text if len(text) <= 24 else text[:21] + "..."
+
+
+def _measured(journal: Journal) -> list[Any]:
+    return [r for r in journal.records() if r.status in MEASURED]
+
+
+def collect_series(journal: Journal) -> dict[str, dict[int, float]]:
+    """``{"<series label>/<scalar>": {step: value}}`` of the top-level scalars of measured records.
+
+    The label is the metric's name, or its name and the options that differ when the
+    journal holds the metric measured with several configurations (:class:`ConfigSeries`).
+    A later record for the same (series, step) replaces an earlier one.
+    """
+    records = _measured(journal)
+    configs = ConfigSeries(records)
     series: dict[str, dict[int, float]] = {}
-    for record in journal.records():
-        if record.status not in ("ok", "partial"):
-            continue
+    for record in records:
+        label = configs.label(record)
         for key, value in record.scalars.items():
             if "/" in key or not isinstance(value, (int, float)):
                 continue
-            series.setdefault(f"{record.metric}/{key}", {})[int(record.step)] = float(value)
+            series.setdefault(f"{label}/{key}", {})[int(record.step)] = float(value)
     return dict(sorted(series.items()))
 
 
 def collect_results(journal: Journal) -> dict[str, list[tuple[int, Any]]]:
-    """``{metric: [(step, MetricResult)]}`` of the ``ok`` records, in step order, arrays included.
+    """``{series label: [(step, MetricResult)]}`` of the measured records, in step order, arrays included.
 
-    A later record for the same (metric, step) replaces an earlier one.
+    Labels as in :func:`collect_series`; a later record for the same (series, step) replaces
+    an earlier one.
     """
+    records = _measured(journal)
+    configs = ConfigSeries(records)
     latest: dict[tuple[str, int], Any] = {}
-    for record in journal.records():
-        if record.status in ("ok", "partial"):
-            latest[(record.metric, int(record.step))] = record
+    for record in records:
+        latest[(configs.label(record), int(record.step))] = record
     out: dict[str, list[tuple[int, Any]]] = {}
-    for (metric, step), record in sorted(latest.items(), key=lambda kv: (kv[0][0], kv[0][1])):
-        out.setdefault(metric, []).append((step, journal.load_result(record)))
+    for (label, step), record in sorted(latest.items(), key=lambda kv: (kv[0][0], kv[0][1])):
+        out.setdefault(label, []).append((step, journal.load_result(record)))
     return out
 
 
-def draw_trends(results: dict[str, list[tuple[int, Any]]], out: Path, skipped: list[str] | None = None) -> list[Path]:
+def draw_trends(
+    results: dict[str, list[tuple[int, Any]]],
+    out: Path,
+    skipped: list[str] | None = None,
+    folders: dict[str, str] | None = None,
+) -> list[Path]:
     """The across-checkpoint figures the metric families registered (needs matplotlib).
+
+    ``results`` is keyed by series label (:func:`collect_results`); a label's figures go to
+    ``out / folders[label]`` (another configuration of a metric: ``<metric>-<hash>/``, so it
+    never replaces the main configuration's figure).
 
     Results come from disk: a figure whose drawer fails is drawn again without the
     results it fails on (each tried alone), so one odd result is left out alone and the
     figure keeps the others. What is left out is appended to ``skipped`` as
-    ``"<metric> at step <N>: <reason>"`` (or ``"<metric>: <reason>"`` for a whole figure).
+    ``"<label> at step <N>: <reason>"`` (or ``"<label>: <reason>"`` for a whole figure).
     """
     from uma_callbacks.plots import TREND_DRAWERS
+    from uma_callbacks.plots.panels import split_name
 
     out = Path(out)
-    out.mkdir(parents=True, exist_ok=True)
     skipped = skipped if skipped is not None else []
+    folders = folders or {}
     paths: list[Path] = []
     for name, drawer in TREND_DRAWERS.items():
-        pairs = results.get(name)
-        if not pairs:
-            continue
-        try:
-            paths += _guarded(drawer, pairs, out)
-            continue
-        except Exception:  # noqa: BLE001 (a drawer fed odd data from disk; found and left out below)
-            pass
-        good = []
-        for step, result in pairs:
-            try:
-                with tempfile.TemporaryDirectory() as scratch:
-                    _guarded(drawer, [(step, result)], Path(scratch))
-                good.append((step, result))
-            except Exception as err:  # noqa: BLE001
-                skipped.append(f"{name} at step {step}: {type(err).__name__}: {str(err)[:200]}")
-        try:
-            paths += _guarded(drawer, good, out) if good else []
-        except Exception as err:  # noqa: BLE001 (fails only together: leave the figure out)
-            skipped.append(f"{name}: {type(err).__name__}: {str(err)[:200]}")
+        for label in sorted(lab for lab in results if split_name(f"{lab}/_")[0] == name):
+            pairs = results[label]
+            if not pairs:
+                continue
+            folder = out / folders.get(label, "")
+            folder.mkdir(parents=True, exist_ok=True)
+            paths += _draw_trend(drawer, label, pairs, folder, skipped)
     for reason in skipped:
         logger.warning("uma report: left out of the figures: %s", reason)
     return paths
+
+
+def _draw_trend(drawer: Any, label: str, pairs: list[tuple[int, Any]], out: Path, skipped: list[str]) -> list[Path]:
+    """One drawer's figures, leaving out alone each result it fails on."""
+    try:
+        return _guarded(drawer, pairs, out)
+    except Exception:  # noqa: BLE001 (a drawer fed odd data from disk; found and left out below)
+        pass
+    good = []
+    for step, result in pairs:
+        try:
+            with tempfile.TemporaryDirectory() as scratch:
+                _guarded(drawer, [(step, result)], Path(scratch))
+            good.append((step, result))
+        except Exception as err:  # noqa: BLE001
+            skipped.append(f"{label} at step {step}: {type(err).__name__}: {str(err)[:200]}")
+    try:
+        return _guarded(drawer, good, out) if good else []
+    except Exception as err:  # noqa: BLE001 (fails only together: leave the figure out)
+        skipped.append(f"{label}: {type(err).__name__}: {str(err)[:200]}")
+        return []
 
 
 def _guarded(drawer: Any, pairs: list[tuple[int, Any]], out: Path) -> list[Path]:
@@ -125,153 +279,84 @@ def find_journal(path: str | os.PathLike[str]) -> Journal:
     raise FileNotFoundError(f"no {JOURNAL_FILE} in {path} or {path / 'uma'}: nothing measured there yet")
 
 
-#: Units of the scalars whose unit is known, by scalar name (the y-axis labels).
-UNITS = {
-    "seconds": "s",
-    "peak_mb": "MiB",
-    "loss": "nats",
-    "loss_start": "nats",
-    "loss_end": "nats",
-    "center_loss": "nats",
-    "loss_mean": "nats",
-    "loss_std": "nats",
-    "barrier_height": "nats",
-    "icl_loss_drop": "nats",
-    "output_entropy": "nats",
-    "mean_entropy": "fraction of log(#keys)",
-    "effective_rank": "eigenvalues",
-    "distance": "weight-space L2",
-    "distance_from_first": "weight-space L2",
-    "update_norm": "weight-space L2",
-}
-#: Bookkeeping scalars left out of the report figure (they are in the table).
-_LEFT_OUT = ("seconds", "peak_mb", "over_budget")
+def draw_report(series: dict[str, dict[int, float]], png: Path, title: str = "uma report") -> tuple[Path, list[str]]:
+    """Draw ``report.png``: one panel per quantity against the step (:func:`uma_callbacks.plots.panels.report_figure`).
 
+    Panels share the run's x range; a y range is at least 5% of the value's magnitude; a
+    quantity that is constant or has a single value is one item of a text row under the
+    panels instead of a panel.
 
-def _band_of(name: str, series: dict[str, dict[int, float]]) -> str | None:
-    """``<metric>/<x>_stderr`` for ``<metric>/<x>`` when the journal has it (drawn as a band)."""
-    band = f"{name}_stderr"
-    return band if band in series else None
-
-
-def draw_report(series: dict[str, dict[int, float]], png: Path, title: str = "uma report") -> Path:
-    """Draw one panel per quantity (value against step) into ``png``.
-
-    Each quantity once: a ``*_stderr`` series is drawn as the ±1 standard-error band of its
-    quantity, not as a panel of its own; seconds and peak memory stay in the table. Panels
-    are titled by metric, the y-axis names the scalar and its unit, steps are integers and
-    no axis uses an offset.
+    Returns:
+        ``(png, not drawn)``: the items of the text row (also listed on the HTML page).
 
     Raises:
         ValueError: no series to draw.
-    """
-    if not series:
-        raise ValueError("report: the journal holds no successful records to draw")
-    import matplotlib
-
-    matplotlib.use("Agg", force=False)
-    import matplotlib.pyplot as plt
-    from matplotlib.ticker import FuncFormatter, MaxNLocator
-
+    """  # noqa: DOC502 (from report_figure)
     from uma_callbacks.plots import save_figure
+    from uma_callbacks.plots.panels import report_figure
 
-    bands = {n for name in series if (n := _band_of(name, series))}
-    candidates = [n for n in series if n not in bands and n.rsplit("/", 1)[-1] not in _LEFT_OUT] or list(series)
-    names, same_as = _each_quantity_once(candidates, series)
-    n = len(names)
-    cols = min(4, n)
-    rows = math.ceil(n / cols)
-    fig, axes = plt.subplots(rows, cols, figsize=(3.8 * cols, 2.9 * rows), squeeze=False)
-    for ax, name in zip(axes.flat, names):
-        points = {s: v for s, v in series[name].items() if _drawable(v)}
-        left_out = len(series[name]) - len(points)
-        steps = sorted(points)
-        values = [points[s] for s in steps]
-        ax.plot(steps, values, "o-", ms=3)
-        band = _band_of(name, series)
-        if band:
-            err = [series[band][s] if _drawable(series[band].get(s, math.nan)) else math.nan for s in steps]
-            ax.fill_between(steps, [v - e for v, e in zip(values, err)], [v + e for v, e in zip(values, err)],
-                            alpha=0.25, label="±1 s.e.")  # fmt: skip
-            ax.legend(fontsize=6, loc="best")
-        metric, scalar = name.split("/", 1)
-        unit = UNITS.get(scalar)
-        twins = [t.removeprefix(f"{metric}/") for t in same_as.get(name, [])]  # the panel title names the metric
-        also = f" (= {twins[0]})" if len(twins) == 1 else f" (= {len(twins)} identical series)" if twins else ""
-        also += f" [{left_out} value(s) beyond ±{_DRAWABLE:g}: in the table]" if left_out else ""
-        ax.set_title(metric + also, fontsize=7, loc="left")
-        ax.set_ylabel(f"{scalar} ({unit})" if unit else scalar, fontsize=7)
-        ax.set_xlabel("step", fontsize=7)
-        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
-        ax.yaxis.set_major_formatter(FuncFormatter(_tick_format(values)))  # no offset text over the title
-        ax.tick_params(labelsize=7)
-        ax.grid(True, alpha=0.3)
-    for ax in list(axes.flat)[n:]:
-        ax.axis("off")
-    fig.suptitle(title, fontsize=10)
-    fig.tight_layout(rect=(0, 0, 1, 1 - 0.35 / (2.9 * rows)))  # room for the title above the first row
+    built = report_figure(series, title)
     png.parent.mkdir(parents=True, exist_ok=True)
     try:
-        save_figure(fig, png, dpi=90)  # atomic: no empty report.png on a full disk
+        save_figure(built.figure, png, dpi=90)  # atomic: no empty report.png on a full disk
     finally:
-        plt.close(fig)
-    return png
+        import matplotlib.pyplot as plt
 
-
-#: The largest magnitude drawn (matplotlib's axis arithmetic overflows near 1e308); larger
-#: values are listed in the table only, and the panel says how many.
-_DRAWABLE = 1e200
-
-
-def _drawable(value: float) -> bool:
-    return math.isfinite(value) and abs(value) <= _DRAWABLE
-
-
-def _tick_format(values: list[float]):
-    """Tick labels with as many digits as the panel's range needs, never an offset or a multiplier.
-
-    ``3.91275`` and ``3.913``, ``4e-05``: the value is read off the axis itself.
-    """
-    finite = [v for v in values if math.isfinite(v)] or [0.0]
-    span = max(finite) / 2 - min(finite) / 2  # halves: +-1e308 must not overflow to inf
-    scale = max(abs(v) for v in finite) or 1.0
-    ratio = scale / span / 2 if span > 0 else math.inf
-    digits = max(3, min(10, math.ceil(math.log10(ratio)) + 3)) if 0 < ratio < math.inf else 3
-    return lambda value, _pos: f"{value:.{digits}g}"
-
-
-def _each_quantity_once(names: list[str], series: dict[str, dict[int, float]]) -> tuple[list[str], dict[str, list[str]]]:
-    """Drop series that repeat an earlier one step for step (the probe loss several metrics report).
-
-    Returns ``(kept names, {kept: [the names it stands for]})``.
-    """
-    kept: list[str] = []
-    same_as: dict[str, list[str]] = {}
-    for name in names:
-        twin = next((k for k in kept if _same_values(series[k], series[name])), None)
-        if twin is None:
-            kept.append(name)
-        else:
-            same_as.setdefault(twin, []).append(name)
-    return kept, same_as
-
-
-def _same_values(a: dict[int, float], b: dict[int, float]) -> bool:
-    return set(a) == set(b) and all(math.isclose(a[s], b[s], rel_tol=1e-9, abs_tol=1e-12) for s in a)
+        plt.close(built.figure)
+    return png, built.not_drawn
 
 
 def step_figures(journal: Journal) -> list[tuple[str, Path]]:
-    """``(caption, png)`` of the figures of each metric's latest step (read from inside the journal only)."""
+    """``(caption, png)`` of the figures of each series' latest step (read from inside the journal only).
+
+    One entry per (metric, configuration): another configuration's figures are captioned with its label.
+    """
+    records = _measured(journal)
+    configs = ConfigSeries(records)
     latest: dict[str, Any] = {}
-    for record in journal.records():
-        if record.status in ("ok", "partial") and (record.metric not in latest or record.step >= latest[record.metric].step):
-            latest[record.metric] = record
+    for record in records:
+        label = configs.label(record)
+        if label not in latest or record.step >= latest[label].step:
+            latest[label] = record
     out = []
-    for metric, record in sorted(latest.items()):
+    for label, record in sorted(latest.items()):
         for rel in record.files:
             path = journal.resolve_file(rel)
             if path is not None and path.suffix == ".png":
-                out.append((f"{metric} at step {record.step}: {path.stem}", path))
+                out.append((f"{label} at step {record.step}: {path.stem}", path))
+    return out
+
+
+#: Statuses listed under "Errors": the metric failed. ``skipped`` (nothing to measure yet,
+#: or a budget that had no room) is listed apart, under "Skipped".
+FAILED = ("error", "timeout", "interrupted")
+
+
+def outcomes(journal: Journal) -> dict[str, list[Any]]:
+    """The records the page lists apart from the values: ``{"errors", "skipped", "partial", "measured_later"}``.
+
+    - ``errors``: failures (:data:`FAILED`);
+    - ``skipped``: expected skips (``"no previous checkpoint yet"`` at the first checkpoint,
+      a compute budget with no room), never listed as errors;
+    - ``partial``: values kept, but an iterative method stopped short of its accuracy;
+    - ``measured_later``: failures and skips of a (metric, step, configuration) that a later
+      record measured after all (a rerun); counted on the page, not listed.
+    """
+    records = journal.records()
+    done: dict[tuple[str, int, str], int] = {}  # the last index measured (or cached) per key
+    for index, record in enumerate(records):
+        if record.status in MEASURED or record.status == "cached":
+            done[(record.metric, int(record.step), _identity(config_of(record)))] = index
+    out: dict[str, list[Any]] = {"errors": [], "skipped": [], "partial": [], "measured_later": []}
+    for index, record in enumerate(records):
+        if record.status == "partial":
+            out["partial"].append(record)
+        if record.status not in FAILED and record.status != "skipped":
+            continue
+        if done.get((record.metric, int(record.step), _identity(config_of(record))), -1) > index:
+            out["measured_later"].append(record)
+        else:
+            out["errors" if record.status in FAILED else "skipped"].append(record)
     return out
 
 
@@ -297,15 +382,24 @@ def write_report(
     journal = journal if journal is not None else find_journal(source)
     series = collect_series(journal)
     out = Path(out_dir) if out_dir is not None else journal.root
-    png = draw_report(series, out / "report.png", title=f"uma report: {Path(source).resolve().name}")
-    skipped: list[str] = []
-    trends = draw_trends(collect_results(journal), out, skipped)
-    errors = [r for r in journal.records() if r.status not in ("ok", "cached")]
-    skipped += [f"unreadable result file {Path(p).name}" for p in journal.unreadable_files]
-    page = _html(series, png, errors, trends, step_figures(journal), skipped)
+    png, not_drawn = draw_report(series, out / "report.png", title=f"uma report: {Path(source).resolve().name}")
+    configs = ConfigSeries(_measured(journal))
+    folders = configs.folders()
+    left_out: list[str] = []
+    trends = draw_trends(collect_results(journal), out, left_out, folders)
+    captions = {folder: label for label, folder in folders.items() if folder}
+    trend_items = [(_trend_caption(p, out, captions), p) for p in trends]
+    left_out += [f"unreadable result file {Path(p).name}" for p in journal.unreadable_files]
+    page = _html(series, png, outcomes(journal), trend_items, step_figures(journal), left_out, not_drawn, configs.several())
     html_path = out / "report.html"
     html_path.write_text(page, encoding="utf-8")
     return png, html_path
+
+
+def _trend_caption(path: Path, out: Path, labels: dict[str, str]) -> str:
+    """``pruning-trend``, or ``pruning (sparsities=[0.5]): pruning-trend`` for another configuration's figure."""
+    folder = path.parent.name if path.parent != out else ""
+    return f"{labels[folder]}: {path.stem}" if folder in labels else path.stem
 
 
 def _e(value: Any) -> str:
@@ -313,48 +407,80 @@ def _e(value: Any) -> str:
     return html.escape(str(value), quote=True)
 
 
+def _items(records: list[Any], with_status: bool = True) -> str:
+    def message(r: Any) -> str:
+        text = (r.error or {}).get("message", "")
+        if not text and isinstance(r.meta, dict):
+            text = str(r.meta.get("partial_reason", ""))
+        return text
+
+    return "".join(
+        f"<li>step {_e(r.step)} {_e(r.metric)}: " + (f"{_e(r.status)}: " if with_status else "") + f"{_e(message(r))}</li>"
+        for r in records
+    )
+
+
+def _png(path: Path) -> str:
+    return base64.b64encode(path.read_bytes()).decode("ascii")
+
+
 def _html(
     series: dict[str, dict[int, float]],
     png: Path,
-    errors: list[Any],
-    trends: list[Path] = (),
+    listed: dict[str, list[Any]],
+    trends: list[tuple[str, Path]] = (),
     figures: list[tuple[str, Path]] = (),
-    skipped: list[str] = (),
+    left_out: list[str] = (),
+    not_drawn: list[str] = (),
+    configs: dict[str, Any] | None = None,
 ) -> str:
-    image = base64.b64encode(png.read_bytes()).decode("ascii")
     per_step = "".join(
-        f"<figure><img alt='{_e(caption)}' src='data:image/png;base64,{base64.b64encode(path.read_bytes()).decode('ascii')}'/>"
-        f"<figcaption>{_e(caption)}</figcaption></figure>"
+        f"<figure><img alt='{_e(caption)}' src='data:image/png;base64,{_png(path)}'/><figcaption>{_e(caption)}</figcaption></figure>"
         for caption, path in figures
     )
     extra = "".join(
-        f"<h2>{_e(p.stem)}</h2><img alt='{_e(p.stem)}' "
-        f"src='data:image/png;base64,{base64.b64encode(p.read_bytes()).decode('ascii')}'/>"
-        for p in trends
+        f"<h2>{_e(caption)}</h2><img alt='{_e(caption)}' src='data:image/png;base64,{_png(path)}'/>" for caption, path in trends
     )
     steps = sorted({s for points in series.values() for s in points})
     head = "".join(f"<th>{_e(name)}</th>" for name in series)
     rows = []
     for step in steps:
         cells = "".join(
-            f"<td>{_e(format(series[name][step], '.6g'))}</td>" if step in series[name] else "<td></td>"
-            for name in series
+            f"<td>{_e(format(series[name][step], '.6g'))}</td>" if step in series[name] else "<td></td>" for name in series
         )
         rows.append(f"<tr><th>{_e(step)}</th>{cells}</tr>")
-    error_items = "".join(
-        f"<li>step {_e(r.step)} {_e(r.metric)}: {_e(r.status)}: {_e((r.error or {}).get('message', ''))}</li>"
-        for r in errors
+    config_items = "".join(
+        f"<li>{_e(label)}: {_e(json.dumps(config, sort_keys=True, default=str))}</li>"
+        for label, config in (configs or {}).items()
     )
+    later = len(listed.get("measured_later", []))
     return (
         "<!doctype html><html><head><meta charset='utf-8'><title>uma report</title>"
         "<style>body{font-family:sans-serif}table{border-collapse:collapse;font-size:12px}"
         "td,th{border:1px solid #ccc;padding:2px 6px;text-align:right}</style></head><body>"
         "<h1>uma report</h1>"
-        f"<img alt='metrics across steps' src='data:image/png;base64,{image}'/>"
+        f"<img alt='metrics across steps' src='data:image/png;base64,{_png(png)}'/>"
+        + (
+            f"<h2>Not drawn (constant or a single value)</h2><ul>{''.join(f'<li>{_e(x)}</li>' for x in not_drawn)}</ul>"
+            if not_drawn
+            else ""
+        )
+        + (f"<h2>Configurations</h2><ul>{config_items}</ul>" if config_items else "")
         + extra
         + (f"<h2>Latest figures of each metric</h2>{per_step}" if per_step else "")
         + f"<h2>Values</h2><table><tr><th>step</th>{head}</tr>{''.join(rows)}</table>"
-        + (f"<h2>Errors</h2><ul>{error_items}</ul>" if error_items else "")
-        + (f"<h2>Left out (odd content on disk)</h2><ul>{''.join(f'<li>{_e(x)}</li>' for x in skipped)}</ul>" if skipped else "")
+        + (f"<h2 id='errors'>Errors</h2><ul>{_items(listed['errors'])}</ul>" if listed.get("errors") else "")
+        + (f"<h2 id='skipped'>Skipped</h2><ul>{_items(listed['skipped'], False)}</ul>" if listed.get("skipped") else "")
+        + (
+            f"<h2 id='partial'>Partial (values kept, accuracy not reached)</h2><ul>{_items(listed['partial'], False)}</ul>"
+            if listed.get("partial")
+            else ""
+        )  # fmt: skip
+        + (f"<p>{_e(later)} earlier failure(s) or skip(s) were measured again later (not listed).</p>" if later else "")
+        + (
+            f"<h2>Left out (odd content on disk)</h2><ul>{''.join(f'<li>{_e(x)}</li>' for x in left_out)}</ul>"
+            if left_out
+            else ""
+        )
         + "</body></html>"
     )

@@ -49,7 +49,9 @@ def _pyplot() -> Any:
 DRAWERS: dict[str, Callable[[MetricResult, Path], list[Path]]] = {}
 
 
-def register_drawer(*names: str) -> Callable[[Callable[[MetricResult, Path], list[Path]]], Callable[[MetricResult, Path], list[Path]]]:
+def register_drawer(
+    *names: str,
+) -> Callable[[Callable[[MetricResult, Path], list[Path]]], Callable[[MetricResult, Path], list[Path]]]:
     """Decorator: draw results of the metrics ``names`` with the decorated function."""
 
     def wrap(fn: Callable[[MetricResult, Path], list[Path]]) -> Callable[[MetricResult, Path], list[Path]]:
@@ -134,6 +136,12 @@ def draw_trends(results: dict[str, list[tuple[int, MetricResult]]], folder: str 
     return paths
 
 
+#: The largest heatmap, in inches (at 100 dpi: 800 x 680 px): a 72 x 72 map is not 2720 px wide.
+HEATMAP_MAX_INCHES = (8.0, 6.8)
+#: The most tick labels on a heatmap axis; more rows or columns are labelled every k-th.
+HEATMAP_MAX_TICKS = 24
+
+
 def heatmap(
     matrix: np.ndarray,
     title: str,
@@ -142,25 +150,35 @@ def heatmap(
     path: Path,
     colorbar_label: str = "",
     value_range: tuple[float, float] | None = None,
+    cmap: str = "viridis",
+    mask: np.ndarray | None = None,
+    mask_label: str = "",
 ) -> Path:
     """A labelled heatmap of ``matrix [rows, cols]`` (integer ticks) saved to ``path``.
 
     ``value_range`` fixes the colour scale (scores in [0, 1] are drawn on [0, 1], so equal
-    heads look equal instead of the scale stretching a 1e-4 spread over every colour).
+    heads look equal instead of the scale stretching a 1e-4 spread over every colour); a
+    signed score takes a diverging ``cmap`` (``"RdBu_r"``) with a range centred at 0.
+    Cells where ``mask`` is True are not values (they cannot be computed): drawn in light
+    grey, named by ``mask_label`` under the title. The figure is at most
+    :data:`HEATMAP_MAX_INCHES`, with at most :data:`HEATMAP_MAX_TICKS` tick labels per axis.
     """
     plt = _pyplot()
     matrix = np.asarray(matrix, dtype=float)
     rows, cols = matrix.shape
-    fig, ax = plt.subplots(figsize=(max(4.0, 0.35 * cols + 2), max(3.0, 0.3 * rows + 1.5)))
+    width = min(HEATMAP_MAX_INCHES[0], max(4.0, 0.35 * cols + 2))
+    height = min(HEATMAP_MAX_INCHES[1], max(3.0, 0.3 * rows + 1.5))
+    fig, ax = plt.subplots(figsize=(width, height))
     vmin, vmax = value_range if value_range is not None else (None, None)
-    image = ax.imshow(matrix, aspect="auto", cmap="viridis", interpolation="nearest", vmin=vmin, vmax=vmax)
-    ax.set_title(title)
+    shown = np.ma.masked_array(matrix, mask=np.broadcast_to(mask, matrix.shape)) if mask is not None else matrix
+    colours = plt.get_cmap(cmap).with_extremes(bad="#dddddd")
+    image = ax.imshow(shown, aspect="auto", cmap=colours, interpolation="nearest", vmin=vmin, vmax=vmax)
+    ax.set_title(title + (f"\n(grey: {mask_label})" if mask is not None and mask_label else ""), fontsize=10)
     ax.set_xlabel(xlabel)
     ax.set_ylabel(ylabel)
-    if cols <= 32:
-        ax.set_xticks(range(cols))
-    if rows <= 32:
-        ax.set_yticks(range(rows))
+    ax.set_xticks(_ticks(cols))
+    ax.set_yticks(_ticks(rows))
+    ax.tick_params(labelsize=8)
     bar = fig.colorbar(image, ax=ax)
     if colorbar_label:
         bar.set_label(colorbar_label)
@@ -168,6 +186,12 @@ def heatmap(
     save_figure(fig, path, dpi=100)
     plt.close(fig)
     return path
+
+
+def _ticks(n: int) -> list[int]:
+    """Every index up to :data:`HEATMAP_MAX_TICKS`, else every k-th."""
+    every = max(1, math.ceil(n / HEATMAP_MAX_TICKS))
+    return list(range(0, n, every))
 
 
 def _layer_values(scalars: dict[str, float], suffix: str) -> dict[str, float]:
@@ -227,7 +251,9 @@ def _gradient_flow(result: MetricResult, folder: Path) -> list[Path]:
             colors.append("tab:blue")
     title = f"gradient norm per module (total {result.scalars.get('total_norm', float('nan')):.3g})"
     title += "\norange: vanishing, red: exploding" if any(c != "tab:blue" for c in colors) else ""
-    return [_bar_chart(norms, title, "gradient norm ||∇L|| of the module's parameters", folder / "gradient_flow-layers.png", colors)]
+    return [
+        _bar_chart(norms, title, "gradient norm ||∇L|| of the module's parameters", folder / "gradient_flow-layers.png", colors)
+    ]
 
 
 @register_drawer("fisher", "hessian")

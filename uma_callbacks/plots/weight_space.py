@@ -50,8 +50,13 @@ def _pruning_trend(results: list[tuple[int, MetricResult]], folder: Path) -> lis
         sparsities, ratios = _pruning_curve(result)
         if sparsities.size:
             colour = cmap(i / max(1, len(results) - 1))
-            left.plot(np.concatenate([[0.0], sparsities]), np.concatenate([[1.0], ratios]), "o-", color=colour,
-                      label=f"step {step}" if len(results) <= 8 else None)
+            left.plot(
+                np.concatenate([[0.0], sparsities]),
+                np.concatenate([[1.0], ratios]),
+                "o-",
+                color=colour,
+                label=f"step {step}" if len(results) <= 8 else None,
+            )
     left.set_xlabel("sparsity")
     left.set_ylabel("pruned loss / dense loss")
     left.set_title("pruning curve per checkpoint")
@@ -85,21 +90,50 @@ def _modularity(result: MetricResult, folder: Path) -> list[Path]:
         return []
     plt = _pyplot()
     x = np.arange(len(blocks))
-    fig, ax = plt.subplots(figsize=(max(5, 0.4 * len(blocks) + 2), 3.8))
+    names, pattern = short_names(blocks)
+    longest = max(len(n) for n in names)
+    fig, ax = plt.subplots(figsize=(min(14.0, max(5.0, 0.45 * len(blocks) + 2.5)), 3.8 + 0.06 * longest))
     ax.bar(x - 0.2, [result.scalars[f"layers/{b}/q"] for b in blocks], 0.4, label="Q")
     shuffled = [result.scalars.get(f"layers/{b}/q_shuffled", math.nan) for b in blocks]
     if not all(math.isnan(v) for v in shuffled):
         ax.bar(x + 0.2, shuffled, 0.4, label="Q shuffled", color="tab:grey")
     ax.set_xticks(x)
-    ax.set_xticklabels(blocks, rotation=90, fontsize=6)
+    ax.set_xticklabels(names, rotation=0 if longest <= 4 else 45, ha="center" if longest <= 4 else "right", fontsize=8)
+    ax.set_xlabel(f"MLP block ({pattern})" if pattern else "MLP block", fontsize=9)
     ax.set_ylabel("Newman's Q")
-    ax.set_title("MLP modularity (spectral partition)")
-    ax.legend()
-    fig.tight_layout()
+    ax.set_title("MLP modularity (spectral partition)", loc="left", fontsize=10)
+    # the legend above the axes, right of the title: it never covers a bar
+    ax.legend(loc="lower right", bbox_to_anchor=(1.0, 1.0), ncol=2, fontsize=8, frameon=False, borderaxespad=0.2)
+    fig.tight_layout()  # makes room for the tick labels and the legend
     path = folder / "modularity.png"
     save_figure(fig, path, dpi=110)
     plt.close(fig)
     return [path]
+
+
+def short_names(names: list[str]) -> tuple[list[str], str]:
+    """``names`` without the dotted prefix and suffix they all share, and the pattern that names them.
+
+    Example:
+        >>> short_names(["model.layers.0.mlp", "model.layers.1.mlp"])
+        (['0', '1'], 'model.layers.<i>.mlp')
+        >>> short_names(["a"])
+        (['a'], '')
+    """
+    if len(names) < 2:
+        return list(names), ""
+    parts = [n.split(".") for n in names]
+    head = 0
+    while all(len(p) > head + 1 and p[head] == parts[0][head] for p in parts):
+        head += 1
+    tail = 0
+    while all(len(p) > head + tail + 1 and p[-1 - tail] == parts[0][-1 - tail] for p in parts):
+        tail += 1
+    if not head and not tail:
+        return list(names), ""
+    short = [".".join(p[head : len(p) - tail]) for p in parts]
+    pattern = ".".join([*parts[0][:head], "<i>", *(parts[0][len(parts[0]) - tail :] if tail else [])])
+    return short, pattern
 
 
 def _lines(results: list[tuple[int, MetricResult]], keys: list[str], title: str, ylabel: str, path: Path) -> list[Path]:
