@@ -21,13 +21,18 @@ Ends with one ``name=value`` line per figure:
 
     async_train_overhead=<async train time / plain - 1>           (target <= 0.02)
     inprocess_train_overhead=<in-process train time / plain - 1>
-    async_callback_seconds_per_save=<time in the callback's save handler, per save>
+    async_callback_seconds=<time in the async callback's event handlers, in all>
+    async_callback_seconds_per_save=<time in its save handler, per save>
+    busy_neighbour_train_overhead=<plain beside a busy loop on the watcher's core / plain - 1>
+        (--control: what any process on the other core costs on this machine)
     *_excluding_core_wait=<the same with each train time less the time the training
         thread waited for its core (/proc/thread-self/schedstat): on a shared machine,
         other processes crowd onto the training's core while the watcher holds the other>
     watch_lag_seconds_step_<N>=<save finished -> the watcher's records for step N logged>
     watch_lag_seconds_max=<the largest of these>
     watch_total_seconds=<the watcher's wall time, start to exit>
+    watch_after_train_seconds=<from the end of train() to the watcher's exit>
+    watch_exit_code=<the watcher's exit code (0: every checkpoint measured)>
     async_equals_inprocess_max_rel_diff=<largest relative difference of the watcher's values to the in-process ones>
 
 "Save finished" is the checkpoint line's ``time`` in ``<run>/uma/watch.jsonl``; "logged" is
@@ -38,7 +43,11 @@ watcher's start (Python and torch imports), as it starts with the training.
 Usage::
 
     python bench/async_overhead.py --quick     # under 120 s on 2 CPU cores
-    python bench/async_overhead.py             # a larger model and a longer training
+    python bench/async_overhead.py --quick --control   # plus the busy-neighbour case
+    python bench/async_overhead.py             # a larger model, 400 steps: a few minutes
+
+On a machine shared with other work the wall times mean little: the ``waited for the core``
+seconds printed per case say how much of each was other processes' (ideally about 0).
 """
 
 from __future__ import annotations
@@ -248,6 +257,17 @@ class Watcher:
         return code
 
 
+def busy_neighbour(out: Path, size: dict, core: int) -> Timing:
+    """The plain training beside a busy loop pinned to ``core``: what any process there costs the training."""
+    spin = subprocess.Popen([sys.executable, "-c", "while True: pass"])
+    try:
+        os.sched_setaffinity(spin.pid, {core})
+        return train(out, size, [])
+    finally:
+        spin.kill()
+        spin.wait()
+
+
 def values(records) -> dict[tuple[int, str, str], float]:
     """``{(step, metric, scalar): value}`` of the finished records."""
     return {(r.step, r.metric, k): float(v) for r in records if r.status in ("ok", "cached") for k, v in r.scalars.items()}
@@ -290,6 +310,9 @@ def main() -> int:
     parser.add_argument("--cores", default=None, metavar="TRAIN,WATCH",
                         help="the training's core and the watcher's (default: the first two this process may use)")
     parser.add_argument("--poll", type=float, default=0.2, help="the watcher's --poll (default 0.2 s)")
+    parser.add_argument("--control", action="store_true",
+                        help="also the plain training beside a busy loop on the watcher's core (busy_neighbour_train_overhead): "
+                        "what any process on the other core costs on this machine (about 10 s more)")
     parser.add_argument("--keep", action="store_true", help="keep the run folders and the MLflow store (printed)")
     args = parser.parse_args()
     allowed = sorted(os.sched_getaffinity(0))
@@ -338,6 +361,8 @@ def main() -> int:
     inline_cb = callback("inline")
     inprocess = train(tmp / "inprocess", size, [inline_cb])
 
+    neighbour = busy_neighbour(tmp / "plain-busy-neighbour", size, watch_core) if args.control else None
+
     plain = min(plain_before, plain_after, key=lambda t: t.wall)
     plain_on_core = min(plain_before, plain_after, key=lambda t: t.wall - t.wait)
     announced = read_announcements(run_dir / "uma", run_dir)
@@ -361,6 +386,8 @@ def main() -> int:
     for name, timing in (("plain before", plain_before), ("async", asynchronous), ("plain after", plain_after),
                          ("in process", inprocess)):  # fmt: skip
         print(f"  {name:13s} {timing.describe()}")
+    if neighbour is not None:
+        print(f"  plain beside a busy loop on core {watch_core}: {neighbour.describe()}")
     print(f"async callback: {uma_seconds:.3f} s in its event handlers, {uma_save_seconds:.3f} s of it at the saves; MLflow callback: "
           + ", ".join(f"{k} {v:.3f} s" for k, v in mlflow_hooks.items()))
     print(f"watcher: exit code {code}, ran on cores {sorted(watcher.cores)}, {len(watched)} record(s), "
@@ -374,6 +401,8 @@ def main() -> int:
     print(f"inprocess_train_seconds={inprocess.wall:.3f}")
     print(f"async_train_overhead={asynchronous.wall / plain.wall - 1:.4f}")
     print(f"async_train_overhead_excluding_core_wait={ratio(asynchronous, plain_on_core) - 1:.4f}")
+    if neighbour is not None:
+        print(f"busy_neighbour_train_overhead={neighbour.wall / plain.wall - 1:.4f}")
     print(f"async_callback_seconds={uma_seconds:.4f}")
     print(f"async_callback_seconds_per_save={uma_save_seconds / max(len(saves), 1):.4f}")
     print(f"inprocess_train_overhead={inprocess.wall / plain.wall - 1:.4f}")
