@@ -1,0 +1,212 @@
+"""DirectionalSharpness against the exact double-backward curvature; its skips, partial results and cost; a Trainer run."""
+
+from __future__ import annotations
+
+import copy
+import math
+
+import numpy as np
+import pytest
+import torch
+from torch.nn.attention import SDPBackend, sdpa_kernel
+
+from tests.cases import bert_case, mlp_case, ragged_lm_batches
+from uma_callbacks.core.losses import hf_per_sample_loss
+from uma_callbacks.metrics import METRICS, DirectionalSharpness
+from uma_callbacks.metrics.base import CheckpointState, History, MetricSkipped
+from uma_callbacks.metrics.sharpness import FISHER_SKIP, central_differences, richardson
+
+
+def gpt2_case(dtype=torch.float64, seed=0):
+    """A tiny GPT-2 (float64 throughout, unlike Qwen2's float32 RMSNorm) on ragged batches."""
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    torch.manual_seed(seed)
+    config = GPT2Config(n_embd=16, n_layer=2, n_head=2, vocab_size=40, n_positions=16, bos_token_id=0, eos_token_id=0,
+                        attn_pdrop=0.0, resid_pdrop=0.0, embd_pdrop=0.0)  # fmt: skip
+    return GPT2LMHeadModel(config).to(dtype), ragged_lm_batches(seed=seed), hf_per_sample_loss
+
+
+def exact_directional(model, batches, loss_fn, direction):
+    """(d^T H d, g . d, g) of L = (1/N) sum_i l_i by double backward in float64 (math attention)."""
+    model = copy.deepcopy(model).double().eval()
+    batches = [{k: v.double() if v.is_floating_point() else v for k, v in b.items()} for b in batches]
+    params = [p for p in model.parameters() if p.requires_grad]
+    with sdpa_kernel(SDPBackend.MATH):  # differentiable twice
+        losses = torch.cat([loss_fn(model, b).reshape(-1) for b in batches])
+        grads = torch.autograd.grad(losses.mean(), params, create_graph=True)
+        slope = sum((g * d.double()).sum() for g, d in zip(grads, direction))
+        hd = torch.autograd.grad(slope, params)
+    curvature = sum((h * d.double()).sum() for h, d in zip(hd, direction))
+    return float(curvature), float(slope.detach()), [g.detach() for g in grads]
+
+
+def _previous(model, scale=0.05, seed=3):
+    gen = torch.Generator().manual_seed(seed)
+    return {n: p.detach() + scale * torch.randn(p.shape, generator=gen, dtype=p.dtype) for n, p in model.named_parameters()}
+
+
+def _unit(tensors):
+    norm = math.sqrt(sum(float(t.double().pow(2).sum()) for t in tensors))
+    return [t / norm for t in tensors], norm
+
+
+@pytest.mark.parametrize(("build", "step"), [(mlp_case, 0.01), (bert_case, 0.01), (gpt2_case, 1e-3)], ids=["mlp", "bert", "gpt2"])
+def test_curvature_and_slope_match_double_backward_along_update_and_gradient(build, step):
+    model, batches, loss_fn = build(torch.float64)
+    model.eval()
+    previous = _previous(model)
+    before = {n: p.detach().clone() for n, p in model.named_parameters()}
+    history = History(previous=(CheckpointState(7, previous, "fp-prev"),))
+    with sdpa_kernel(SDPBackend.MATH):
+        result = DirectionalSharpness(step=step).compute(model, batches, loss_fn, history=history)
+    assert result.status == "ok", result.meta.get("partial_reason")
+    assert all(torch.equal(p, before[n]) for n, p in model.named_parameters())  # restored bit for bit
+    update, update_norm = _unit([p.detach() - previous[n] for n, p in model.named_parameters()])
+    lam_u, slope_u, grads = exact_directional(model, batches, loss_fn, update)
+    gradient, grad_norm = _unit(grads)
+    lam_g, slope_g, _ = exact_directional(model, batches, loss_fn, gradient)
+    s = result.scalars
+    assert s["update/curvature"] == pytest.approx(lam_u, rel=1e-4)
+    assert s["gradient/curvature"] == pytest.approx(lam_g, rel=1e-4)
+    assert abs(s["update/curvature"] - lam_u) <= s["update/curvature_error"] + 1e-12  # the error estimate holds
+    assert abs(s["gradient/curvature"] - lam_g) <= s["gradient/curvature_error"] + 1e-12
+    assert s["update/slope"] == pytest.approx(slope_u, rel=1e-9)
+    assert s["gradient/slope"] == pytest.approx(slope_g, rel=1e-9) and s["gradient/slope"] == pytest.approx(grad_norm, rel=1e-9)
+    assert s["update/norm"] == pytest.approx(update_norm, rel=1e-12)
+    for name, lam in (("update", lam_u), ("gradient", lam_g)):
+        if lam > 0:
+            assert s[f"{name}/critical_lr"] == pytest.approx(2.0 / lam, rel=1e-4)
+        else:
+            assert f"{name}/critical_lr" not in s
+    with torch.no_grad():
+        loss = torch.cat([loss_fn(model, b).reshape(-1).double() for b in batches]).mean().item()
+    assert s["loss"] == pytest.approx(loss, rel=1e-12)
+    np.testing.assert_allclose(result.arrays["steps"], [step, 2 * step, 4 * step])
+    assert result.arrays["update/losses"].shape == (7,) and result.arrays["update/losses"][3] == pytest.approx(loss, rel=1e-12)
+    n_chunks = len(batches)
+    assert result.meta["forward_passes"] == 13 * n_chunks and result.meta["backward_passes"] == n_chunks
+
+
+def test_float32_stays_within_its_error_estimate():
+    model, batches, loss_fn = mlp_case(torch.float32)
+    result = DirectionalSharpness(directions=["gradient"], step=0.05).compute(model, batches, loss_fn)
+    _, _, grads = exact_directional(model, batches, loss_fn, [torch.zeros_like(p) for p in model.parameters()])
+    lam, _, _ = exact_directional(model, batches, loss_fn, _unit(grads)[0])
+    assert result.status == "ok"
+    assert abs(result.scalars["gradient/curvature"] - lam) <= result.scalars["gradient/curvature_error"]
+    assert result.scalars["gradient/curvature"] == pytest.approx(lam, rel=1e-3)
+
+
+def test_steps_too_large_for_the_curvature_give_a_partial_result_naming_the_direction():
+    model, batches, loss_fn = gpt2_case()
+    with sdpa_kernel(SDPBackend.MATH):
+        result = DirectionalSharpness(directions=["gradient"], step=0.1).compute(model, batches, loss_fn)
+    assert result.status == "partial" and "gradient" in result.meta["partial_reason"]
+    assert "gradient/curvature" in result.scalars  # values kept
+
+
+def test_first_checkpoint_skips_the_update_and_fisher_with_their_reasons():
+    model, batches, loss_fn = mlp_case()
+    result = DirectionalSharpness(directions=["update", "gradient", "fisher"]).compute(model, batches, loss_fn)
+    skipped = result.meta["skipped_directions"]
+    assert set(skipped) == {"update", "fisher"} and "previous checkpoint" in skipped["update"]
+    assert skipped["fisher"] == FISHER_SKIP
+    assert "gradient/curvature" in result.scalars and not any(k.startswith("update/") for k in result.scalars)
+    assert result.meta["forward_passes"] == 7 * len(batches)
+    with pytest.raises(MetricSkipped, match="no direction"):
+        DirectionalSharpness(directions=["update"]).compute(model, batches, loss_fn)
+
+
+def test_update_alone_needs_no_backward_and_takes_the_slope_from_differences():
+    model, batches, loss_fn = mlp_case()
+    previous = _previous(model)
+    history = History(previous=(CheckpointState(1, previous, "p"),))
+    result = DirectionalSharpness(directions=["update"], step=0.01).compute(model, batches, loss_fn, history=history)
+    update, _ = _unit([p.detach() - previous[n] for n, p in model.named_parameters()])
+    _, slope, _ = exact_directional(model, batches, loss_fn, update)
+    assert result.meta["backward_passes"] == 0 and result.meta["forward_passes"] == 7 * len(batches)
+    assert result.scalars["update/slope"] == pytest.approx(slope, rel=1e-8)
+    assert result.scalars["update/slope_error"] < 1e-8
+
+
+def test_richardson_and_central_differences_on_closed_forms():
+    est, err, table = richardson([1.0 + 0.3 * h**2 + 0.2 * h**4 for h in (0.1, 0.2, 0.4)])
+    assert est == pytest.approx(1.0, abs=1e-14) and len(table) == 3 and err > 0
+    f = np.cosh  # f'' (0) = 1, f'(0) = 0
+    hs = [0.05, 0.1, 0.2]
+    out = central_differences(f(0.0), [f(h) for h in hs], [f(-h) for h in hs], hs)
+    assert out["curvature"] == pytest.approx(1.0, rel=1e-9) and out["asymptotic"]
+    assert out["ratio"] == pytest.approx(0.25, rel=0.05)
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "field"),
+    [({"directions": ["hessian"]}, "directions"), ({"directions": []}, "directions"), ({"directions": "update"}, "directions"),
+     ({"directions": ["update", "update"]}, "directions"), ({"step": 0.0}, "step"), ({"n_batches": 0}, "n_batches")],
+)  # fmt: skip
+def test_bad_arguments_name_the_field(kwargs, field):
+    with pytest.raises(ValueError, match=field):
+        DirectionalSharpness(**kwargs)
+
+
+def test_time_cost_counts_forwards_and_the_backward():
+    from uma_callbacks.metrics.time_cost import UnitCosts
+
+    units = UnitCosts(forward=1.0, backward=3.0, hvp=6.0, n_batches=4)
+    assert METRICS["sharpness"] is DirectionalSharpness
+    assert DirectionalSharpness().time_cost(units) == 13.0 + 3.0
+    assert DirectionalSharpness(directions=["update", "fisher"]).time_cost(units) == 7.0
+    scaled, changes = DirectionalSharpness().scaled_to(8.0, units)
+    assert changes == {"n_batches": [None, 2]} and scaled.time_cost(units) <= 8.0
+
+
+def test_figure_is_drawn_from_the_result_alone(tmp_path):
+    pytest.importorskip("matplotlib")
+    from uma_callbacks.plots import draw_result
+
+    model, batches, loss_fn = mlp_case()
+    result = DirectionalSharpness(directions=["gradient"]).compute(model, batches, loss_fn)
+    paths = draw_result(result, tmp_path)
+    assert [p.name for p in paths] == ["sharpness.png"] and paths[0].stat().st_size > 0
+
+
+@pytest.mark.slow
+def test_trainer_run_logs_sharpness_and_weight_spectra_to_mlflow(tmp_path, monkeypatch):
+    pytest.importorskip("mlflow")
+    from mlflow.tracking import MlflowClient
+
+    from tests.trainer_cases import run_trainer, tiny_lm_dataset
+    from uma_callbacks import UMACallback
+
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path / 'mlflow.db'}")
+    cb = UMACallback(
+        metrics=["weight_spectra", DirectionalSharpness(step=0.01)], probe=tiny_lm_dataset(n=8, seed=1), probe_size=8,
+        trackers=["mlflow"], draw_figures=False,
+    )  # fmt: skip
+    run_trainer(tmp_path / "out", callbacks=[cb], max_steps=4, save_steps=2)
+    assert [(r.step, r.metric) for r in cb.records] == [
+        (2, "weight_spectra"),
+        (2, "sharpness"),
+        (4, "weight_spectra"),
+        (4, "sharpness"),
+    ]
+    assert all(r.status in ("ok", "partial") for r in cb.records), [(r.metric, r.status, r.error) for r in cb.records]
+    sink = cb.sinks[0]
+    client = MlflowClient(sink.tracking_uri)
+    run_id = sink.run_id()
+    history = {k: client.get_metric_history(run_id, f"uma/{k}") for k in (
+        "weight_spectra/stable_rank_mean", "weight_spectra/layers/model.layers.0.mlp.up_proj/spectral_norm",
+        "sharpness/gradient/curvature", "sharpness/update/curvature", "sharpness/update/norm",
+    )}  # fmt: skip
+    assert [m.step for m in history["weight_spectra/stable_rank_mean"]] == [2, 4]
+    assert [m.step for m in history["sharpness/gradient/curvature"]] == [2, 4]
+    assert [m.step for m in history["sharpness/update/curvature"]] == [4]  # the update starts at the second save
+    live = {(r.step, r.metric): r.scalars for r in cb.records}
+    for key, points in history.items():
+        metric, _, scalar = key.partition("/")
+        for point in points:
+            assert point.value == pytest.approx(live[(point.step, metric)][scalar], rel=1e-12), key
+            assert math.isfinite(point.value)
+    # the update between the saves is the one the trainer made: the weights moved
+    assert history["sharpness/update/norm"][0].value > 0
