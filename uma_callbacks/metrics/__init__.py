@@ -16,8 +16,10 @@ from uma_callbacks.metrics.landscape import LossLandscape
 from uma_callbacks.metrics.modularity import Modularity
 from uma_callbacks.metrics.pruning import LotteryTickets
 from uma_callbacks.metrics.representations import Representations
+from uma_callbacks.metrics.sharpness import DirectionalSharpness
 from uma_callbacks.metrics.task_vectors import TaskVectors
 from uma_callbacks.metrics.trajectory import Trajectory
+from uma_callbacks.metrics.weight_spectra import WeightSpectra
 
 METRICS: dict[str, type[Metric]] = {
     GradientFlow.name: GradientFlow,
@@ -34,6 +36,8 @@ METRICS: dict[str, type[Metric]] = {
     TaskVectors.name: TaskVectors,
     LotteryTickets.name: LotteryTickets,
     Modularity.name: Modularity,
+    WeightSpectra.name: WeightSpectra,
+    DirectionalSharpness.name: DirectionalSharpness,
 }
 
 
@@ -72,6 +76,7 @@ __all__ = [
     "register_metric",
     "AttentionHeads",
     "CheckpointInterpolation",
+    "DirectionalSharpness",
     "Circuits",
     "Cost",
     "FisherInformation",
@@ -87,4 +92,5 @@ __all__ = [
     "Representations",
     "TaskVectors",
     "Trajectory",
+    "WeightSpectra",
 ]

@@ -27,6 +27,8 @@ from uma_callbacks.plots.core import (
 from uma_callbacks.plots import attention as _attention  # noqa: F401 (registers its figures)
 from uma_callbacks.plots import weight_space as _weight_space  # noqa: F401 (registers its figures)
 from uma_callbacks.plots import representations as _representations  # noqa: F401 (registers its figures)
+from uma_callbacks.plots import spectra as _spectra  # noqa: F401 (registers its figures)
+from uma_callbacks.plots import sharpness as _sharpness  # noqa: F401 (registers its figures)
 # isort: on
 
 __all__ = [
