@@ -35,7 +35,7 @@ def test_quick_start_with_a_local_model_and_jsonl_dataset(tmp_path):
     model_results = results.models[model_path]
     fisher = model_results.metrics["fisher_information"]
     assert fisher["trace"] > 0 and len(fisher["eigenvalues"]) == 3
-    assert fisher["condition_number"] >= 1 and fisher["effective_rank"] > 0
+    assert fisher["top_k_condition_number"] >= 1 and fisher["top_k_effective_rank"] > 0
     gradients = model_results.metrics["gradient_flow"]
     assert np.mean(gradients["mean_gradient_norm"]) > 0 and gradients["total_norm"] > 0
     landscape = model_results.metrics["loss_landscape_2d"]

@@ -70,8 +70,8 @@ def test_fisher_matches_oracle_for_every_chunk_size(case):
     np.testing.assert_allclose(runs[0].arrays["top_eigenvalues"], runs[1].arrays["top_eigenvalues"], rtol=1e-10)
     lam = want["eig"][:TOP_K]
     q = lam / lam.sum()
-    assert runs[0].scalars["effective_rank"] == pytest.approx(np.exp(-(q * np.log(q)).sum()), rel=1e-6)
-    assert runs[0].scalars["condition_number"] == pytest.approx(lam[0] / lam[-1], rel=1e-6)
+    assert runs[0].scalars["top_k_effective_rank"] == pytest.approx(np.exp(-(q * np.log(q)).sum()), rel=1e-6)
+    assert runs[0].scalars["top_k_condition_number"] == pytest.approx(lam[0] / lam[-1], rel=1e-6)
 
 
 METHOD_NAMES = {"linear": "linear", "vmap": "vmap(grad)", "hooks": "hooks", "auto": "hooks"}
@@ -301,9 +301,9 @@ def test_top_percent_mask_and_scalars():
 
 def test_spectrum_scalars():
     assert spectrum_scalars(np.array([4.0, 1.0])) == pytest.approx(
-        {"effective_rank": float(np.exp(-(0.8 * np.log(0.8) + 0.2 * np.log(0.2)))), "condition_number": 4.0}
+        {"top_k_effective_rank": float(np.exp(-(0.8 * np.log(0.8) + 0.2 * np.log(0.2)))), "top_k_condition_number": 4.0}
     )
-    assert spectrum_scalars(np.array([1.0, 0.0]))["condition_number"] == float("inf")
+    assert spectrum_scalars(np.array([1.0, 0.0]))["top_k_condition_number"] == float("inf")
 
 
 @pytest.mark.parametrize("case", TINY_CASES, ids=str)

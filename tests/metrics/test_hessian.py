@@ -88,8 +88,8 @@ def test_top_k_matches_eigvalsh(case, dense):
     np.testing.assert_allclose(got, want, rtol=1e-6)
     assert list(got) == sorted(got, reverse=True)
     s = spectrum_scalars(want)
-    assert r.scalars["effective_rank"] == pytest.approx(s["effective_rank"], rel=1e-6)
-    assert r.scalars["condition_number"] == pytest.approx(want[0] / want[-1], rel=1e-6)
+    assert r.scalars["top_k_effective_rank"] == pytest.approx(s["top_k_effective_rank"], rel=1e-6)
+    assert r.scalars["top_k_condition_number"] == pytest.approx(want[0] / want[-1], rel=1e-6)
     assert r.meta["matvecs"] == r.meta["lanczos_matvecs"]
 
 
@@ -184,10 +184,10 @@ def test_unconverged_lanczos_is_partial_with_residuals(dense):
 def test_spectrum_scalars_with_negative_and_degenerate_values():
     s = spectrum_scalars([3.0, 1.0, -1.0])
     p = np.array([0.6, 0.2, 0.2])
-    assert s["effective_rank"] == pytest.approx(math.exp(-(p * np.log(p)).sum()))
-    assert s["condition_number"] == math.inf and s["top_eigenvalue"] == 3.0
-    assert spectrum_scalars([2.0])["condition_number"] == 1.0
-    assert math.isnan(spectrum_scalars([0.0, 0.0])["effective_rank"])
+    assert s["top_k_effective_rank"] == pytest.approx(math.exp(-(p * np.log(p)).sum()))
+    assert s["top_k_condition_number"] == math.inf and s["top_eigenvalue"] == 3.0
+    assert spectrum_scalars([2.0])["top_k_condition_number"] == 1.0
+    assert math.isnan(spectrum_scalars([0.0, 0.0])["top_k_effective_rank"])
 
 
 def test_registered_by_name():

@@ -73,6 +73,7 @@ def hutchinson_trace(
     device: torch.device | str = "cpu",
     matmat: Callable[[torch.Tensor], torch.Tensor] | None = None,
     block_size: int = 1,
+    done: list[float] | None = None,
 ) -> HutchinsonResult:
     """Estimate tr(A) from ``n_samples`` Rademacher probes (see the module docstring).
 
@@ -86,6 +87,9 @@ def hutchinson_trace(
         matmat: ``Z [P, b] -> A Z`` to multiply ``block_size`` probes at once (the same
             probes in the same order, so the same estimate up to rounding).
         block_size: probes per ``matmat`` call.
+        done: each t_j is appended here as soon as it is taken: what a run stopped from
+            outside (a time limit raised inside a product) finished. The first j probes
+            are those of a run with ``n_samples=j`` (the same generator sequence).
 
     Returns:
         :class:`HutchinsonResult`.
@@ -111,11 +115,15 @@ def hutchinson_trace(
             z = torch.stack([rademacher(dim, generator, dtype) for _ in range(count)], dim=1).to(device)
             az = matmat(z)
             samples[start : start + count] = (z.to(torch.float64) * az.to(torch.float64)).sum(0).cpu()
+            if done is not None:
+                done.extend(samples[start : start + count].tolist())
     else:
         for j in range(n_samples):
             z = rademacher(dim, generator, dtype).to(device)
             az = matvec(z)
             samples[j] = dot64(z, az)
+            if done is not None:
+                done.append(float(samples[j]))
     trace, stderr = mean_and_stderr(samples)
     return HutchinsonResult(trace=trace, stderr=stderr, samples=samples, matvecs=n_samples, seed=int(seed))
 
@@ -127,3 +135,55 @@ def mean_and_stderr(samples: torch.Tensor) -> tuple[float, float]:
     if m < 2:
         return mean, math.nan
     return mean, float(samples.to(torch.float64).std(correction=1)) / math.sqrt(m)
+
+
+#: A trace is ``partial`` when its standard error exceeds this share of |trace|: beyond
+#: it the estimate does not even have a sign one can rely on (two standard errors).
+TRACE_STDERR_SHARE = 0.5
+#: The share the budget's scaling plans for (:func:`probes_needed`): a third of |trace|,
+#: a margin over :data:`TRACE_STDERR_SHARE` for a spread measured on few probes and its
+#: drift from one checkpoint to the next.
+PLANNED_STDERR_SHARE = 1.0 / 3.0
+#: The spread assumed before any was measured: for a positive semi-definite A,
+#: Var[t_j] = 2 (||A||_F^2 - sum_i A_ii^2) <= 2 tr(A)^2, so std(t_j) / |tr A| <= sqrt(2).
+ASSUMED_SPREAD = math.sqrt(2.0)
+#: The fewest probes the scaling ever plans (the standard error needs two; four as before).
+MIN_PROBES = 4
+
+
+def trace_spread(result: HutchinsonResult) -> float:
+    """std(t_j) / |trace|: the relative spread of one probe (``inf`` for a zero trace, NaN for m < 2)."""
+    if result.samples.numel() < 2:
+        return math.nan
+    std = float(result.samples.to(torch.float64).std(correction=1))
+    return std / abs(result.trace) if result.trace != 0 else (math.inf if std > 0 else 0.0)
+
+
+def trace_too_uncertain(trace: float, stderr: float) -> bool:
+    """Whether ``stderr`` exceeds :data:`TRACE_STDERR_SHARE` of ``|trace|`` (a ``partial`` trace).
+
+    Example:
+        >>> trace_too_uncertain(34.0, 41.0), trace_too_uncertain(34.0, 10.0)
+        (True, False)
+    """
+    return math.isfinite(stderr) and stderr > TRACE_STDERR_SHARE * abs(trace)
+
+
+def probes_needed(spread: float | None) -> int:
+    """The probes m whose expected standard error is :data:`PLANNED_STDERR_SHARE` of |trace|.
+
+    The standard error of m probes is about spread * |trace| / sqrt(m), so
+    m = ceil((spread / PLANNED_STDERR_SHARE)^2) = ceil(9 spread^2), at least
+    :data:`MIN_PROBES`. ``spread``: std(t_j) / |trace| measured on an earlier run
+    (:func:`trace_spread`); ``None`` or NaN: :data:`ASSUMED_SPREAD` (18 probes); ``inf``
+    (a zero trace): no finite count suffices (a huge number; the caller caps it).
+
+    Example:
+        >>> probes_needed(None), probes_needed(2.7), probes_needed(0.1)
+        (18, 66, 4)
+    """
+    if spread is None or math.isnan(spread):
+        spread = ASSUMED_SPREAD
+    if not math.isfinite(spread):
+        return 1 << 30
+    return max(MIN_PROBES, math.ceil((spread / PLANNED_STDERR_SHARE) ** 2 - 1e-9))

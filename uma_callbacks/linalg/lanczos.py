@@ -20,7 +20,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 
@@ -48,6 +48,49 @@ class LanczosResult:
     residuals: torch.Tensor
     reorthogonalised: int | None = None
     basis_rows_read: int | None = None
+
+
+@dataclass
+class LanczosProgress:
+    """What a Lanczos run has built so far, for a caller that stops it from outside.
+
+    Pass one to :func:`lanczos_top_k` or :func:`block_lanczos_top_k` (``progress=``); the
+    run fills it as it goes. When the run is stopped mid-way (a time limit raised inside a
+    product), :meth:`result` gives the Ritz values and residuals of the steps it completed:
+    exactly what a run with ``max_iter`` (``max_matvecs``) equal to those steps' products
+    returns, without vectors.
+
+    Attributes:
+        k: eigenvalues wanted.
+        dtype: the run's dtype.
+        alphas: the tridiagonal's diagonal, one per completed step (classical Lanczos).
+        betas: its off-diagonal, beta_j of each completed step (beta_m last: the residual's).
+        ritz: ``(values, residuals, matvecs)`` of the last completed block step (block Lanczos).
+    """
+
+    k: int = 0
+    dtype: torch.dtype = torch.float64
+    alphas: list[float] = field(default_factory=list)
+    betas: list[float] = field(default_factory=list)
+    ritz: tuple[torch.Tensor, torch.Tensor, int] | None = None
+
+    def result(self) -> LanczosResult | None:
+        """The top-k Ritz values and residuals of the completed steps; ``None`` before the first.
+
+        ``converged`` is False: the run was stopped, whatever the residuals say (compare them
+        with :func:`within_tolerance`).
+        """
+        if self.ritz is not None:
+            vals, residuals, matvecs = self.ritz
+            kk = min(self.k, vals.numel())
+            return LanczosResult(vals[:kk].to(self.dtype).clone(), None, matvecs, False, residuals[:kk].to(self.dtype).clone())
+        m = min(len(self.alphas), len(self.betas))
+        if m == 0:
+            return None
+        vals, vecs = _tridiag_eigh(self.alphas[:m], self.betas[: m - 1], self.dtype)
+        residuals = (self.betas[m - 1] * vecs[-1, : self.k]).abs()
+        kk = min(self.k, vals.numel())
+        return LanczosResult(vals[:kk].clone(), None, m, False, residuals[:kk].clone())
 
 
 def relative_residuals(result: LanczosResult) -> torch.Tensor:
@@ -97,6 +140,7 @@ def lanczos_top_k(
     total_dim: int | None = None,
     reorthogonalise: str = "partial",
     product_is_scratch: bool = False,
+    progress: LanczosProgress | None = None,
 ) -> LanczosResult:
     """The ``k`` largest (algebraic) eigenvalues of a symmetric operator.
 
@@ -146,6 +190,7 @@ def lanczos_top_k(
             reuses, or a fresh tensor): it becomes the work vector instead of being copied
             into one (a pass over [P] each step). Ignored for a result that shares memory
             with the vector passed in or the basis, or is not a contiguous ``[P]`` of ``dtype``.
+        progress: filled step by step (:class:`LanczosProgress`): what a stopped run finished.
 
     Returns:
         :class:`LanczosResult` (``eigenvectors`` are this process's pieces when sharded).
@@ -188,6 +233,8 @@ def lanczos_top_k(
     work: torch.Tensor | None = None
     alphas: list[float] = []
     betas: list[float] = []
+    if progress is not None:  # the same lists: a completed step is one alpha and one beta
+        progress.k, progress.dtype, progress.alphas, progress.betas, progress.ritz = k, dtype, alphas, betas, None
     matvecs = 0
     converged = False
     beta = 0.0
@@ -442,6 +489,7 @@ def block_lanczos_top_k(
     rows: bool = False,
     on_step: Callable[[int, torch.Tensor], None] | None = None,
     start: torch.Tensor | None = None,
+    progress: LanczosProgress | None = None,
 ) -> LanczosResult:
     r"""The ``k`` largest eigenvalues of a symmetric operator by block Lanczos.
 
@@ -482,6 +530,8 @@ def block_lanczos_top_k(
         on_step: called after each block step with ``(matvecs, residuals [k'])``.
         start: ``[b, P]`` start block (rows; orthonormalised here, a dependent row
             replaced by a random direction); default Gaussian from ``seed``.
+        progress: filled after each block step (:class:`LanczosProgress`): what a stopped
+            run finished.
 
     Returns:
         :class:`LanczosResult` (``residuals`` are the absolute Ritz residual norms).
@@ -547,6 +597,8 @@ def block_lanczos_top_k(
         kk = min(k, used)
         last = vecs[lo:hi, :kk]  # the last block's rows of the Ritz vectors
         residuals = (beta.double().cpu() @ last).norm(dim=0)
+        if progress is not None:
+            progress.k, progress.dtype, progress.ritz = k, dtype, (vals, residuals, matvecs)
         if on_step is not None:
             on_step(matvecs, residuals.clone())
         scale = max(float(vals[0].abs()), 1e-300)

@@ -43,6 +43,10 @@ STATUSES = ("ok", "error", "skipped", "timeout", "cached", "interrupted", "parti
 class MetricTimeout(RuntimeError):
     """Raised between chunks when a metric runs past its ``timeout_seconds``.
 
+    A metric that named what it has finished (:meth:`ComputeContext.keep_partial`) is not
+    lost to it: :meth:`Metric.compute` catches it and returns those values as a
+    ``"partial"`` result instead (one process; see :meth:`ComputeContext.keep_partial`).
+
     Attributes:
         progress: what the metric had done (``chunks_done``, ``matvecs``, ...).
     """
@@ -307,6 +311,7 @@ class ComputeContext:
     deadline: float | None = None
     progress: dict[str, Any] = field(default_factory=dict)
     history: History = field(default_factory=History)
+    _kept: Callable[[], MetricResult | None] | None = field(default=None, repr=False)
 
     def trainable_params(self) -> dict[str, torch.Tensor]:
         """``{name: parameter}`` of the parameters with ``requires_grad``, in model order."""
@@ -325,6 +330,53 @@ class ComputeContext:
     def n_total(self) -> int:
         """Samples in the whole probe (summed over ranks)."""
         return int(self.collective.sum_scalar(float(self.n_local)))
+
+    def keep_partial(self, build: Callable[[], MetricResult | None]) -> None:
+        """Name what the metric has finished so far, for when its time limit stops it.
+
+        ``build()`` runs only if :meth:`check_time` stops the metric for time: it returns a
+        result holding the values finished so far (NaN where a point was not reached), or
+        ``None`` when nothing is finished yet. :meth:`Metric.compute` then returns that
+        result with ``status="partial"``, ``meta["progress"]`` and ``meta["partial_reason"]``
+        instead of raising :class:`MetricTimeout`, and the suite journals and delivers it
+        like any other. A later call replaces an earlier one (a metric with stages names
+        each stage's). ``build`` reads what the metric kept (CPU values, a Lanczos
+        tridiagonal); it must not use the model, which is restored by then.
+
+        On several ranks the time limit still ends in :class:`MetricTimeout`: each rank
+        stops at its own point, so no reduction over ranks can be trusted to be complete.
+        """
+        self._kept = build
+
+    def kept_partial(self, stop: MetricTimeout, limit: float | None) -> MetricResult | None:
+        """The ``"partial"`` result of what was finished when ``stop`` came, or ``None``.
+
+        ``None``: nothing was kept (:meth:`keep_partial` never called, nothing finished
+        yet) or several ranks run the metric.
+
+        Args:
+            stop: the time-out that stopped the metric (its ``progress``).
+            limit: the time limit in seconds (said in the reason).
+
+        Returns:
+            The kept result, with status, progress and reason set; or ``None``.
+        """
+        if self._kept is None or self.collective.world_size > 1:
+            return None
+        result = self._kept()
+        if result is None:
+            return None
+        progress = dict(getattr(stop, "progress", None) or self.progress)
+        done = ", ".join(f"{k}={v}" for k, v in progress.items())
+        of = f" of {limit:g} s" if limit is not None else ""
+        reason = f"stopped by its time limit{of}; kept what was finished ({done})"
+        earlier = result.meta.get("partial_reason") or self.meta.get("partial_reason")
+        result.status = "partial"
+        result.meta["progress"] = progress
+        result.meta["stopped_by"] = "timeout"
+        result.meta["partial_reason"] = f"{reason}; {earlier}" if earlier else reason
+        self.meta.pop("partial_reason", None)  # merged above; ctx.meta is laid over the result's
+        return result
 
     def check_time(self, **progress: Any) -> None:
         """Record ``progress``; stop the metric if it is past its deadline or SIGTERM arrived.
@@ -553,6 +605,8 @@ class Metric(abc.ABC):
 
         Returns:
             The :class:`MetricResult`; exceptions propagate (``MetricSuite`` isolates them).
+            A metric stopped by its time limit that kept what it finished
+            (:meth:`ComputeContext.keep_partial`) returns that, ``status="partial"``.
 
         Raises:
             ValueError: empty probe.
@@ -560,6 +614,7 @@ class Metric(abc.ABC):
                 named).
             FloatingPointError: a parameter holds NaN/Inf (named), or a per-sample loss is
                 NaN/Inf (the samples named).
+            MetricTimeout: past the time limit with nothing kept (see Returns).
         """  # noqa: DOC502 (FloatingPointError: from check_finite_weights and the resolved loss)
         from uma_callbacks.core.peak_memory import PeakMemory  # local: budget imports metrics for planning
 
@@ -588,11 +643,17 @@ class Metric(abc.ABC):
                 history=history or History(),
             )
             model.eval()
-            if self.needs_eager_attention:
-                with eager_attention(model, ctx.meta):
+            try:
+                if self.needs_eager_attention:
+                    with eager_attention(model, ctx.meta):
+                        result = self._compute(ctx)
+                else:
                     result = self._compute(ctx)
-            else:
-                result = self._compute(ctx)
+            except MetricTimeout as stop:  # what the metric finished is kept when it named it
+                kept = ctx.kept_partial(stop, limit)
+                if kept is None:
+                    raise
+                result = kept
         result.meta.update(ctx.meta)
         result.meta.setdefault("chunk_size", int(chunk))
         result.meta["seconds"] = time.perf_counter() - started

@@ -83,9 +83,11 @@ class FisherInformation(Metric):
       inner products are summed over ranks and the product gathers one parameter's v at a
       time and reduce-scatters its result (:func:`~uma_callbacks.linalg.fisher_products.fisher_matvec`),
       so the basis per rank shrinks with the ranks;
-      ``effective_rank`` = exp(-sum_j q_j log q_j), q = lambda / sum(lambda), and
-      ``condition_number`` = lambda_1 / lambda_k over the computed top-k. F has rank <= R:
-      k is capped at R (``meta["top_k_capped"]``, a warning);
+      ``top_k_effective_rank`` = exp(-sum_j q_j log q_j), q = lambda / sum(lambda), and
+      ``top_k_condition_number`` = lambda_1 / lambda_k, both over the computed top-k only
+      (not the whole spectrum of F; journals before these names call them
+      ``effective_rank`` and ``condition_number``). F has rank <= R: k is capped at R
+      (``meta["top_k_capped"]``, a warning);
     - with ``top_percent``: ``top_percent_mass`` (share of the trace held by the top-p%
       entries of the diagonal) and ``layers/<module>/top_percent_fraction`` (share of the
       module's entries in that mask; see :func:`top_percent_mask`).
@@ -551,23 +553,24 @@ def trace_scalars(stats: GlobalFisher) -> dict[str, float]:
 
 
 def spectrum_scalars(eigenvalues: np.ndarray) -> dict[str, float]:
-    """``effective_rank`` and ``condition_number`` over the computed top-k (descending).
+    """``top_k_effective_rank`` and ``top_k_condition_number`` over the computed top-k only (descending).
 
-    effective_rank = exp(-sum_j q_j log q_j), q_j = lambda_j / sum(lambda) (negative
-    round-off clipped to 0); condition_number = lambda_1 / lambda_k (inf when lambda_k <= 0).
+    top_k_effective_rank = exp(-sum_j q_j log q_j), q_j = lambda_j / sum(lambda) (negative
+    round-off clipped to 0); top_k_condition_number = lambda_1 / lambda_k (inf when
+    lambda_k <= 0).
 
     Example:
         >>> spectrum_scalars(np.array([2.0, 2.0]))
-        {'effective_rank': 2.0, 'condition_number': 1.0}
+        {'top_k_effective_rank': 2.0, 'top_k_condition_number': 1.0}
     """
     lam = np.clip(np.asarray(eigenvalues, dtype=np.float64), 0.0, None)
     total = lam.sum()
     if total <= 0:
-        return {"effective_rank": math.nan, "condition_number": math.nan}
+        return {"top_k_effective_rank": math.nan, "top_k_condition_number": math.nan}
     q = lam[lam > 0] / total
     eff = float(np.exp(-(q * np.log(q)).sum()))
     cond = float(lam[0] / lam[-1]) if lam[-1] > 0 else math.inf
-    return {"effective_rank": eff, "condition_number": cond}
+    return {"top_k_effective_rank": eff, "top_k_condition_number": cond}
 
 
 def check_percent(field_name: str, value: object) -> None:

@@ -11,9 +11,19 @@ import numpy as np
 import torch
 
 from uma_callbacks.core import validate
-from uma_callbacks.linalg.hutchinson import hutchinson_trace
+from uma_callbacks.linalg.hutchinson import (
+    TRACE_STDERR_SHARE,
+    HutchinsonResult,
+    hutchinson_trace,
+    mean_and_stderr,
+    probes_needed,
+    trace_spread,
+    trace_too_uncertain,
+)
 from uma_callbacks.linalg.hvp import HessianOperator, split_flat
 from uma_callbacks.linalg.lanczos import (
+    LanczosProgress,
+    LanczosResult,
     block_lanczos_top_k,
     lanczos_top_k,
     relative_residuals,
@@ -47,13 +57,25 @@ class HessianSpectrum(Metric):
       residual norms ||H y_i - theta_i y_i|| of the Ritz pairs and
       ``meta["lanczos_relative_residuals"]`` the same divided by |lambda_1|).
     - ``trace`` = (1/m) sum_j z_j^T H z_j over m Rademacher probes (Hutchinson 1989),
-      ``trace_stderr`` its standard error.
+      ``trace_stderr`` its standard error. A trace whose standard error exceeds |trace| / 2
+      (:func:`~uma_callbacks.linalg.hutchinson.trace_too_uncertain`) makes the result
+      ``"partial"`` (``meta["partial_reason"]``, ``meta["trace_spread"]`` = std(t_j) / |trace|).
     - ``top_eigenvalue`` = lambda_1.
-    - ``effective_rank`` = exp(-sum_j p_j log p_j) with p_j = |lambda_j| / sum_l |lambda_l|
-      over the computed top-k. Negative eigenvalues count by magnitude: a Hessian away
-      from a minimum has some, and the entropy needs a distribution.
-    - ``condition_number`` = lambda_1 / lambda_k over the computed top-k when
-      lambda_k > 0; ``inf`` when lambda_k <= 0 (the top-k block is not positive definite).
+    - ``top_k_effective_rank`` = exp(-sum_j p_j log p_j) with p_j = |lambda_j| / sum_l
+      |lambda_l| over the computed top-k only (at most k, whatever the rank of H).
+      Negative eigenvalues count by magnitude: a Hessian away from a minimum has some,
+      and the entropy needs a distribution.
+    - ``top_k_condition_number`` = lambda_1 / lambda_k over the computed top-k only (not
+      lambda_max / lambda_min of H) when lambda_k > 0; ``inf`` when lambda_k <= 0 (the
+      top-k block is not positive definite). Journals before these names call the two
+      ``effective_rank`` and ``condition_number``.
+
+    Stopped by its time limit (one process), the result keeps what was finished
+    (``status="partial"``, ``meta["progress"]``): during Lanczos, the Ritz values and
+    residuals of the products taken (exactly what ``max_iter`` = those products gives,
+    without eigenvectors; ``meta["lanczos_converged_count"]`` counts the leading pairs
+    within ``residual_tol``); during Hutchinson, the whole Lanczos result and the trace of
+    the probes taken (two at least). Stopped in the first product, it is a ``timeout``.
 
     Attention implementations without a double backward (SDPA, flash) are switched to
     eager for the computation and restored after (``meta["attn_implementation"]``).
@@ -65,7 +87,11 @@ class HessianSpectrum(Metric):
 
     Args:
         top_k: number of eigenvalues k.
-        hutchinson_samples: Rademacher probes m for the trace; 0 skips the trace.
+        hutchinson_samples: Rademacher probes m for the trace; 0 skips the trace. A
+            compute budget never scales them below
+            :func:`~uma_callbacks.linalg.hutchinson.probes_needed` of the spread measured
+            at this metric's previous run (18 before any: the bound for a positive
+            semi-definite H), nor above this.
         return_eigenvectors: also return the Ritz vectors as
             ``result.tensors["eigvec_<j>/<param name>"]`` (j = 0 is lambda_1), on CPU;
             :func:`eigenvector_directions` turns them into landscape directions.
@@ -162,6 +188,9 @@ class HessianSpectrum(Metric):
         self.block_size = block_size
         self._cache_graph = cache_graph
         self._basis_device = basis_device
+        # std(t_j) / |trace| of the latest run, shared with the budget's scaled copies (a
+        # shallow copy keeps this dict), read by scaled_to: not configuration
+        self._measured: dict[str, float] = {}
 
     def memory_modes(self) -> list[tuple[str, Cost]]:
         """``[(mode, cost)]`` this metric can run in, fastest first.
@@ -214,10 +243,24 @@ class HessianSpectrum(Metric):
         products = self.max_iter or self.default_max_iter(int(self.top_k), 1)
         return (products + self.hutchinson_samples) * units.hvp
 
+    def min_probes(self) -> int:
+        """The fewest Hutchinson probes the budget's scaling keeps (the configured count at most).
+
+        :func:`~uma_callbacks.linalg.hutchinson.probes_needed` of the spread std(t_j) /
+        |trace| measured at this metric's latest run (before any: the bound for a positive
+        semi-definite Hessian, 18 probes): the count whose standard error is expected at a
+        third of |trace|, so that a scaled trace is unlikely to pass |trace| / 2 and turn
+        ``partial``. 0 when the trace is off.
+        """
+        if not self.hutchinson_samples:
+            return 0
+        return min(int(self.hutchinson_samples), probes_needed(self._measured.get("trace_spread")))
+
     def scaled_to(self, seconds: float, units: UnitCosts) -> tuple[HessianSpectrum, dict[str, list[Any]]]:
         """Fit ``seconds``: fewer Hutchinson probes, then fewer Lanczos products, then a smaller ``top_k``.
 
-        Hutchinson probes go down to 4, the Lanczos products (``max_iter``) to ``top_k + 2``,
+        Hutchinson probes go down to :meth:`min_probes` (never below the count that makes a
+        ``partial`` trace likely), the Lanczos products (``max_iter``) to ``top_k + 2``,
         then ``top_k`` itself to 1.
         """
         if self.time_cost(units) <= seconds:
@@ -228,7 +271,7 @@ class HessianSpectrum(Metric):
         default_iter = scaled.max_iter or scaled.default_max_iter(k, 1)
         room = seconds / units.hvp
         probes = scaled.hutchinson_samples
-        scaling.set("hutchinson_samples", 0 if probes == 0 else max(4, min(probes, int(room - default_iter))))
+        scaling.set("hutchinson_samples", 0 if probes == 0 else max(self.min_probes(), min(probes, int(room - default_iter))))
         left = room - scaled.hutchinson_samples
         if left < default_iter:
             scaling.set("max_iter", max(k + 2, int(left)))
@@ -270,6 +313,9 @@ class HessianSpectrum(Metric):
         )
         block = self._block(min(self.top_k, op.dim), device)
         history: list[list[float]] = []  # [matvecs, max absolute Ritz residual] per block step
+        progress = LanczosProgress()  # the Ritz values so far, should the time limit stop Lanczos
+        probes: list[float] = []  # the Hutchinson t_j taken so far
+        ctx.keep_partial(lambda: self._kept(ctx, params, progress.result(), probes, op, block, history))
         lanczos_started = time.perf_counter()
         try:
             if block == 1:
@@ -288,6 +334,7 @@ class HessianSpectrum(Metric):
                     start=op.gradient_sketch(1, self.seed)[0] if self.start == "gradients" else None,
                     on_step=lambda m, res: history.append([m, float(res.max()) if res.numel() else math.nan]),
                     product_is_scratch=True,  # the product's reused buffer becomes the work vector
+                    progress=progress,
                 )
             else:
                 lz = block_lanczos_top_k(
@@ -305,9 +352,12 @@ class HessianSpectrum(Metric):
                     rows=True,
                     start=op.gradient_sketch(block, self.seed) if self.start == "gradients" else None,
                     on_step=lambda m, res: history.append([m, float(res.max()) if res.numel() else math.nan]),
+                    progress=progress,
                 )
             lanczos_matvecs = op.matvecs
-            lanczos_seconds = time.perf_counter() - lanczos_started
+            ctx.meta["lanczos_seconds"] = time.perf_counter() - lanczos_started
+            done = lz  # Lanczos finished: a stop during Hutchinson keeps all of it
+            ctx.keep_partial(lambda: self._kept(ctx, params, done, probes, op, block, history, lanczos_matvecs))
             if self.hutchinson_samples:
                 hut = hutchinson_trace(
                     op.matvec,
@@ -318,17 +368,68 @@ class HessianSpectrum(Metric):
                     device=device,
                     matmat=op.matmat,
                     block_size=block,
+                    done=probes,
                 )
         finally:
             op.close()
+        return self._assemble(ctx, params, lz, hut, op, block, history, lanczos_matvecs)
+
+    def _kept(
+        self,
+        ctx: ComputeContext,
+        params: dict[str, torch.Tensor],
+        lz: LanczosResult | None,
+        probes: list[float],
+        op: HessianOperator,
+        block: int,
+        history: list[list[float]],
+        lanczos_matvecs: int | None = None,
+    ) -> MetricResult | None:
+        """What a run stopped by its time limit finished (see the class docstring); ``None``: no Lanczos step.
+
+        During Lanczos, ``lz`` is :meth:`LanczosProgress.result` (no vectors); during
+        Hutchinson, the finished Lanczos result and the probes taken (a trace from two).
+        """
+        if lz is None:
+            return None
+        hut = None
+        if len(probes) >= 2:
+            samples = torch.tensor(probes, dtype=torch.float64)
+            trace, stderr = mean_and_stderr(samples)
+            hut = HutchinsonResult(trace, stderr, samples, len(probes), self.seed + 1)
+            ctx.meta["hutchinson_samples_done"] = len(probes)
+        matvecs = lz.matvecs if lanczos_matvecs is None else lanczos_matvecs
+        return self._assemble(ctx, params, lz, hut, op, block, history, matvecs)
+
+    def _assemble(
+        self,
+        ctx: ComputeContext,
+        params: dict[str, torch.Tensor],
+        lz: LanczosResult,
+        hut: HutchinsonResult | None,
+        op: HessianOperator,
+        block: int,
+        history: list[list[float]],
+        lanczos_matvecs: int,
+    ) -> MetricResult:
+        """The result of a Lanczos run and a trace: scalars, arrays, vectors, meta, and its status."""
         eigenvalues = lz.eigenvalues.to(torch.float64).cpu()
         scalars = spectrum_scalars(eigenvalues.tolist())
+        reasons = []
         if hut is not None:
             scalars["trace"] = hut.trace
             scalars["trace_stderr"] = hut.stderr
-        result = MetricResult(
-            name=self.name, scalars=scalars, arrays={"top_eigenvalues": eigenvalues.numpy()}
-        )
+            spread = trace_spread(hut)
+            ctx.meta["trace_spread"] = spread
+            if not math.isnan(spread):
+                self._measured["trace_spread"] = spread  # the next save's scaling keeps enough probes
+            if trace_too_uncertain(hut.trace, hut.stderr):
+                reasons.append(
+                    f"the Hutchinson trace {hut.trace:.4g} has a standard error of {hut.stderr:.3g} > "
+                    f"{TRACE_STDERR_SHARE:g} |trace| with {hut.matvecs} probes; about {probes_needed(spread)} "
+                    "would bring it to a third (raise hutchinson_samples)"
+                )
+        result = MetricResult(name=self.name, scalars=scalars, arrays={"top_eigenvalues": eigenvalues.numpy()})
         if lz.eigenvectors is not None:
             for j in range(lz.eigenvectors.shape[1]):
                 vec = _fix_sign(lz.eigenvectors[:, j])
@@ -336,22 +437,24 @@ class HessianSpectrum(Metric):
                     result.tensors[f"eigvec_{j}/{name}"] = (
                         piece.detach().to(params[name].dtype).cpu().contiguous()
                     )
+        relative = relative_residuals(lz)
         ctx.meta.update(
             matvecs=op.matvecs,
             lanczos_matvecs=lanczos_matvecs,
             hutchinson_matvecs=op.matvecs - lanczos_matvecs,
             lanczos_converged=bool(lz.converged),
+            lanczos_converged_count=_leading_within(relative, self.residual_tol),
             lanczos_residuals=lz.residuals.to(torch.float64).cpu().tolist(),
-            lanczos_relative_residuals=relative_residuals(lz).tolist(),
+            lanczos_relative_residuals=relative.tolist(),
             lanczos_residual_tol=self.residual_tol,
             lanczos_block_size=block,
-            lanczos_seconds=lanczos_seconds,
             lanczos_reorthogonalised=lz.reorthogonalised,
             lanczos_basis_rows_read=lz.basis_rows_read,
             lanczos_product_seconds=op.product_seconds,
             lanczos_start=self.start,
             lanczos_history=[
-                [int(m), r / max(float(eigenvalues.abs().max()), 1e-300)] for m, r in history
+                [int(m), r / max(float(eigenvalues.abs().max()), 1e-300) if eigenvalues.numel() else math.nan]
+                for m, r in history
             ],
             hvp_batched=op.batched,
             seeds={"lanczos": self.seed, "hutchinson": self.seed + 1},
@@ -364,12 +467,25 @@ class HessianSpectrum(Metric):
         if op.batch_error:
             ctx.meta["hvp_batch_error"] = op.batch_error
         if not within_tolerance(lz, self.residual_tol):
-            result.status = "partial"
-            ctx.meta["partial_reason"] = (
+            reasons.insert(
+                0,
                 f"Lanczos stopped after {lanczos_matvecs} products with a relative residual of "
-                f"{float(relative_residuals(lz).max()):.3g} > residual_tol={self.residual_tol:g}; raise max_iter"
+                f"{float(relative.max()):.3g} > residual_tol={self.residual_tol:g}; raise max_iter",
             )
+        if reasons:
+            result.status = "partial"
+            result.meta["partial_reason"] = "; ".join(reasons)
         return result
+
+
+def _leading_within(relative: torch.Tensor, tol: float) -> int:
+    """How many leading Ritz pairs (lambda_1 first) have a relative residual within ``tol``."""
+    count = 0
+    for value in relative.tolist():
+        if value > tol:
+            break
+        count += 1
+    return count
 
 
 def _rows_product(
@@ -396,7 +512,9 @@ def _rows_product(
 
 
 def spectrum_scalars(eigenvalues: Sequence[float]) -> dict[str, float]:
-    """``top_eigenvalue``, ``effective_rank`` and ``condition_number`` of a top-k spectrum.
+    """``top_eigenvalue``, ``top_k_effective_rank`` and ``top_k_condition_number`` of a top-k spectrum.
+
+    Both are over the given top-k eigenvalues only (see :class:`HessianSpectrum`).
 
     Args:
         eigenvalues: lambda_1 >= ... >= lambda_k (descending; any sign).
@@ -406,12 +524,12 @@ def spectrum_scalars(eigenvalues: Sequence[float]) -> dict[str, float]:
 
     Example:
         >>> s = spectrum_scalars([4.0, 2.0, 2.0])
-        >>> round(s["effective_rank"], 6), s["condition_number"]
+        >>> round(s["top_k_effective_rank"], 6), s["top_k_condition_number"]
         (2.828427, 2.0)
     """
     lam = np.asarray(list(eigenvalues), dtype=np.float64)
     if lam.size == 0:
-        return {"top_eigenvalue": math.nan, "effective_rank": math.nan, "condition_number": math.nan}
+        return {"top_eigenvalue": math.nan, "top_k_effective_rank": math.nan, "top_k_condition_number": math.nan}
     mags = np.abs(lam)
     total = mags.sum()
     if total > 0:
@@ -421,7 +539,7 @@ def spectrum_scalars(eigenvalues: Sequence[float]) -> dict[str, float]:
         effective_rank = math.nan
     last = lam[-1]
     condition = float(lam[0] / last) if last > 0 else math.inf
-    return {"top_eigenvalue": float(lam[0]), "effective_rank": effective_rank, "condition_number": condition}
+    return {"top_eigenvalue": float(lam[0]), "top_k_effective_rank": effective_rank, "top_k_condition_number": condition}
 
 
 def eigenvector_directions(result: MetricResult, count: int = 2) -> list[dict[str, torch.Tensor]]:

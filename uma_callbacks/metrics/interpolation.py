@@ -36,7 +36,9 @@ class CheckpointInterpolation(Metric):
     Scalars: ``loss_start`` = L(0), ``loss_end`` = L(1) (the current model's loss),
     ``barrier_height`` = max over t in [0, 1] of L(t) - ((1 - t) L(0) + t L(1)) (>= 0;
     0 for a convex path), ``distance`` = ||theta - theta_0|| over the trainable
-    parameters. Arrays: ``ts [n']``, ``path_losses [n']``.
+    parameters. Arrays: ``ts [n']``, ``path_losses [n']``. The points are taken t = 1, t = 0,
+    then in order (:func:`path_order`); a path stopped by its time limit keeps the points
+    done (``status="partial"``, NaN at the others, ``meta["progress"]``; one process).
 
     The previous weights come from the constructor or :meth:`set_previous`, else from the
     session's checkpoint history (``history_needed = 1``); without either the metric is
@@ -178,20 +180,50 @@ class CheckpointInterpolation(Metric):
         chunks, n_local = _local_chunks(ctx, self.n_batches)
         ts = self.path_ts()
         sums = torch.zeros(len(ts), dtype=torch.float64)
+        done = torch.zeros(len(ts), dtype=torch.bool)
         targets = [local(p) for p in params.values()]
         start = [_start_piece(previous[k], p) for k, p in params.items()]
         with moved_weights(targets) as mover:
             sq = sum(_sq_distance(s, t) for s, t in zip(start, mover.theta))
             distance = math.sqrt(ctx.collective.sum_scalar(sq) if sharded else sq)
-            for j, t in enumerate(ts):
-                mover.set_lerp(start, float(t))
+            ctx.keep_partial(lambda: _partial_path(ts, sums, done, n_local, distance))
+            for count, j in enumerate(path_order(ts), start=1):
+                mover.set_lerp(start, float(ts[j]))
                 sums[j] = probe_loss_sum(ctx, chunks)
-                ctx.check_time(path_points_done=j + 1)
+                done[j] = True
+                ctx.check_time(path_points_done=count)
         del start
         totals = self.reduce_states(ctx, loss_sums=sums, n_samples=torch.tensor([float(n_local)], dtype=torch.float64))
         losses = (sums / int(totals["n_samples"].item())).numpy()
         ctx.meta.update(previous_label=label, forward_passes=len(ts) * len(chunks))
         return interpolation_result(ts, losses, distance)
+
+
+def path_order(ts: np.ndarray) -> list[int]:
+    """The path's points in the order they are taken: t = 1 (this checkpoint), t = 0, then ascending.
+
+    A path stopped by its time limit has then both ends. Every point is set from the saved
+    weights afresh, so the order changes no value.
+
+    Example:
+        >>> path_order(np.array([-0.5, 0.0, 0.5, 1.0, 1.5]))
+        [3, 1, 0, 2, 4]
+    """
+    ends = [int(np.flatnonzero(ts == 1.0)[0]), int(np.flatnonzero(ts == 0.0)[0])]
+    return ends + [j for j in range(len(ts)) if j not in ends]
+
+
+def _partial_path(
+    ts: np.ndarray, sums: torch.Tensor, done: torch.Tensor, n_local: int, distance: float
+) -> MetricResult | None:
+    """The path of the points done (NaN elsewhere), divided as the full run does; ``None``: none done."""
+    if not bool(done.any()):
+        return None
+    losses = (sums / int(n_local)).numpy()
+    losses[~done.numpy()] = np.nan
+    result = interpolation_result(ts, losses, distance)
+    result.meta["path_points_done"] = int(done.sum())
+    return result
 
 
 def _start_piece(previous: torch.Tensor, param: torch.Tensor) -> torch.Tensor:
@@ -223,17 +255,22 @@ def interpolation_result(ts: np.ndarray, losses: np.ndarray, distance: float) ->
         distance: ||theta - theta_0||.
 
     Returns:
-        A :class:`MetricResult` named ``interpolation``.
+        A :class:`MetricResult` named ``interpolation``. A path with NaN (points not
+        reached: a partial path) leaves out ``loss_start``/``loss_end`` when its end was not
+        reached, and ``barrier_height`` unless every point in [0, 1] was (a maximum over
+        fewer points would understate it).
     """
     ts, losses = np.asarray(ts, np.float64), np.asarray(losses, np.float64)
     start = float(losses[np.flatnonzero(ts == 0.0)[0]])
     end = float(losses[np.flatnonzero(ts == 1.0)[0]])
     inside = (ts >= 0.0) & (ts <= 1.0)
-    chord = (1.0 - ts[inside]) * start + ts[inside] * end
-    scalars: dict[str, Any] = {
-        "barrier_height": float(np.max(losses[inside] - chord)),
-        "loss_start": start,
-        "loss_end": end,
-        "distance": float(distance),
-    }
+    scalars: dict[str, Any] = {}
+    if np.isfinite(losses[inside]).all():
+        chord = (1.0 - ts[inside]) * start + ts[inside] * end
+        scalars["barrier_height"] = float(np.max(losses[inside] - chord))
+    if math.isfinite(start):
+        scalars["loss_start"] = start
+    if math.isfinite(end):
+        scalars["loss_end"] = end
+    scalars["distance"] = float(distance)
     return MetricResult(name="interpolation", scalars=scalars, arrays={"ts": ts, "path_losses": losses})

@@ -73,7 +73,10 @@ class LossLandscape(Metric):
     Evaluation: forward passes only, under ``torch.no_grad()``; per point the local
     per-sample losses are summed in float64; the [n, n] sums are all-reduced once and
     divided by the global N. The weights are moved in place from one saved copy of theta
-    (:mod:`~uma_callbacks.linalg.weights`) and restored bit for bit, also on error.
+    (:mod:`~uma_callbacks.linalg.weights`) and restored bit for bit, also on error. The
+    points are taken from the centre out (:func:`grid_order`); a landscape stopped by its
+    time limit keeps the points done (``status="partial"``, NaN at the others,
+    ``meta["progress"]["grid_points_done"]``; one process), the scalars over those.
 
     Sharded models (FSDP2 ``fully_shard``): each rank moves its own shards in place. Random
     directions are drawn for the full tensor, block by block from the same per-tensor seed,
@@ -244,12 +247,18 @@ class LossLandscape(Metric):
             names, dirs = [], None  # the names are chosen below, with the random directions
             ctx.meta["directions"] = "random"
         sums = torch.zeros(len(alphas), len(betas), dtype=torch.float64)
+        done = torch.zeros(sums.shape, dtype=torch.bool)
+
+        def keep(cosine: float) -> None:  # the points done so far, should the time limit stop the grid
+            ctx.keep_partial(lambda: _partial_landscape(sums, done, n_local, alphas, betas, cosine, self.dims))
+
         if dirs is not None:
             targets = [local(params[k]) for k in names]
             cosine = _cosine(dirs, ctx.collective if sharded else None) if self.dims == 2 else math.nan
+            keep(cosine)
             with moved_weights(targets) as mover:
                 _evaluate_grid(
-                    ctx, chunks, alphas, betas, sums, lambda a, b: mover.set_combination((a, b), dirs)
+                    ctx, chunks, alphas, betas, sums, lambda a, b: mover.set_combination((a, b), dirs), done
                 )
             ctx.meta["mode"] = "stored"
         else:
@@ -263,12 +272,13 @@ class LossLandscape(Metric):
                     mover.theta, self.dims, self.seed, self.normalization, layouts, ctx.collective if sharded else None
                 )
                 cosine = rand.cosine() if self.dims == 2 else math.nan
+                keep(cosine)
                 if mode == "stored":
                     stored = rand.materialise()
                     setter = lambda a, b: mover.set_combination((a, b), stored)
                 else:
                     setter = lambda a, b: rand.set_point(mover, (a, b))
-                _evaluate_grid(ctx, chunks, alphas, betas, sums, setter)
+                _evaluate_grid(ctx, chunks, alphas, betas, sums, setter, done)
                 del rand
             ctx.meta["mode"] = mode
             ctx.meta["seeds"] = {f"d{k + 1}": self.seed + k for k in range(self.dims)}
@@ -290,17 +300,25 @@ def landscape_result(grid: np.ndarray, alphas: np.ndarray, betas: np.ndarray, co
         cosine: cos(d1, d2), or NaN for 1-D (then ``orthogonality`` is left out).
 
     Returns:
-        A :class:`MetricResult` named ``landscape``.
+        A :class:`MetricResult` named ``landscape``. A grid with NaN (points not reached:
+        a partial landscape) gives each scalar over its finite points (``roughness`` over
+        the neighbour pairs both reached), and leaves out a scalar with none.
     """
     grid = np.asarray(grid, dtype=np.float64)
     c = grid.shape[0] // 2
-    diffs = [np.abs(np.diff(grid, axis=ax)).ravel() for ax in range(grid.ndim)]
-    scalars = {
-        "center_loss": float(grid[(c,) * grid.ndim]),
-        "roughness": float(np.concatenate(diffs).mean()),
-        "loss_mean": float(grid.mean()),
-        "loss_std": float(grid.std()),
-    }
+    diffs = np.concatenate([np.abs(np.diff(grid, axis=ax)).ravel() for ax in range(grid.ndim)])
+    values = grid
+    if not np.isfinite(grid).all():
+        diffs, values = diffs[np.isfinite(diffs)], grid[np.isfinite(grid)]
+    scalars: dict[str, float] = {}
+    centre = float(grid[(c,) * grid.ndim])
+    if math.isfinite(centre):
+        scalars["center_loss"] = centre
+    if diffs.size:
+        scalars["roughness"] = float(diffs.mean())
+    if values.size:
+        scalars["loss_mean"] = float(values.mean())
+        scalars["loss_std"] = float(values.std())
     if not math.isnan(cosine):
         scalars["orthogonality"] = float(cosine)
     arrays = {
@@ -340,6 +358,21 @@ def probe_loss_sum(ctx: ComputeContext, chunks: Sequence[Any]) -> torch.Tensor:
     return torch.cat(losses).sum().cpu() if losses else torch.zeros((), dtype=torch.float64)
 
 
+def grid_order(rows: int, cols: int) -> list[tuple[int, int]]:
+    """The grid's points from the centre out: by ring (Chebyshev distance), then row, then column.
+
+    A landscape stopped by its time limit has then done theta itself and a centred square
+    around it. Every point is set from theta afresh, so the order changes no value.
+
+    Example:
+        >>> grid_order(3, 1)
+        [(1, 0), (0, 0), (2, 0)]
+    """
+    ci, cj = rows // 2, cols // 2
+    points = [(i, j) for i in range(rows) for j in range(cols)]
+    return sorted(points, key=lambda p: (max(abs(p[0] - ci), abs(p[1] - cj)), p[0], p[1]))
+
+
 def _evaluate_grid(
     ctx: ComputeContext,
     chunks: Sequence[Any],
@@ -347,14 +380,40 @@ def _evaluate_grid(
     betas: np.ndarray,
     sums: torch.Tensor,
     set_point: Callable[[float, float], None],
+    done: torch.Tensor,
 ) -> None:
-    done = 0
-    for i, a in enumerate(alphas):
-        for j, b in enumerate(betas):
-            set_point(float(a), float(b))
-            sums[i, j] = probe_loss_sum(ctx, chunks)
-            done += 1
-            ctx.check_time(grid_points_done=done)
+    """Fill ``sums[i, j]`` point by point in :func:`grid_order`, marking each in ``done``."""
+    for count, (i, j) in enumerate(grid_order(len(alphas), len(betas)), start=1):
+        set_point(float(alphas[i]), float(betas[j]))
+        sums[i, j] = probe_loss_sum(ctx, chunks)
+        done[i, j] = True
+        ctx.check_time(grid_points_done=count)
+
+
+def _partial_landscape(
+    sums: torch.Tensor,
+    done: torch.Tensor,
+    n_local: int,
+    alphas: np.ndarray,
+    betas: np.ndarray,
+    cosine: float,
+    dims: int,
+) -> MetricResult | None:
+    """The landscape of the points done (NaN elsewhere), as the full run divides them; ``None``: none done.
+
+    One process only (see :meth:`ComputeContext.keep_partial`): the local sums are the
+    probe's, divided by its N exactly as :meth:`LossLandscape._compute` does.
+    """
+    if not bool(done.any()):
+        return None
+    grid = (sums / int(n_local)).numpy()
+    grid[~done.numpy()] = np.nan
+    if dims == 1:
+        grid = grid[:, 0]
+    result = landscape_result(grid, alphas, betas if dims == 2 else np.zeros(1), cosine)
+    result.meta["grid_points_done"] = int(done.sum())
+    result.meta["grid_points"] = int(done.numel())
+    return result
 
 
 # ---------------------------------------------------------------------- given directions
