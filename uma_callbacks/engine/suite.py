@@ -42,10 +42,15 @@ from uma_callbacks.engine.history import CheckpointHistory
 from uma_callbacks.engine.journal import Journal, cache_key, safe_name
 from uma_callbacks.engine.probe import Probe, move_batch
 from uma_callbacks.engine.time_budget import (
+    BANK_SAVES,
     FIT_SLACK,
+    SavePlan,
+    TimeBank,
     UnitCosts,
     measure_unit_costs,
-    share_budget,
+    overhead_needed,
+    plan_save,
+    units_key,
 )
 from uma_callbacks.metrics.base import Metric, MetricResult, MetricTimeout
 from uma_callbacks.metrics.loss_choice import ResolvedLoss, resolve_loss
@@ -78,6 +83,13 @@ class MetricSuite:
             under the budget (at least 1): its next plan adds that overrun
             (:func:`~uma_callbacks.engine.budget.calibrated`), so a metric that peaked over
             its plan plans for it the next time.
+        time_calibration: per metric name, measured / predicted seconds of its earlier runs
+            (the result's files and figures included): its next prediction is scaled by it.
+        time_bank: the budget carried between saves, and the unit costs reused while the
+            model's shapes and the probe are unchanged
+            (:class:`~uma_callbacks.engine.time_budget.TimeBank`).
+        overhead: ``UMAConfig.overhead`` when the budget is that share of training time (the
+            warning about a metric that never fits says what overhead it needs).
     """
 
     metrics: Sequence[Metric]
@@ -100,6 +112,8 @@ class MetricSuite:
     _sample_bytes: dict[Any, int] = field(default_factory=dict)
     _loss_identity: tuple[Any, str] | None = None
     _warned_uncached: set[str] = field(default_factory=set)
+    time_bank: TimeBank = field(default_factory=TimeBank)
+    overhead: float | None = None
 
     @property
     def is_main(self) -> bool:
@@ -137,11 +151,13 @@ class MetricSuite:
             The records, in metric order.
         """
         collective = self.collective or LocalCollective()
+        started = time.perf_counter()
         device = model_device(model)
-        shard = probe.shard(collective.rank, collective.world_size) if collective.world_size > 1 else probe.batches
-        local_batches = [move_batch(b, device) for b in shard]
+        local_batches = self._local_batches(probe, collective, device)
         decided = _Decided(device, self._resolve_loss(model, local_batches))
-        plans = self._plan_time(model, local_batches, collective, seconds, history, decided.loss)
+        if seconds is not None and collective.world_size > 1:  # every rank plans on the same budget
+            seconds = _mean_over_ranks(collective, [seconds])[0]
+        plans = self._plan_time(model, local_batches, collective, seconds, history, decided.loss, step, probe.fingerprint)
         records = []
         for i, metric in enumerate(self.metrics):
             planned, budget_meta = plans[i] if plans else (metric, None)
@@ -153,7 +169,69 @@ class MetricSuite:
             if self.progress is not None:
                 self.progress("end", metric.name, step, record)
             records.append(record)
+        if plans and seconds is not None:  # what this save left of its budget is banked; an overrun is owed
+            spent = time.perf_counter() - started
+            if collective.world_size > 1:
+                spent = _mean_over_ranks(collective, [spent])[0]
+            self.time_bank.settle(step, seconds, spent)
         return records
+
+    def _local_batches(self, probe: Probe, collective: Collective, device: torch.device) -> list[Any]:
+        """This rank's share of the probe, on the model's device."""
+        shard = probe.shard(collective.rank, collective.world_size) if collective.world_size > 1 else probe.batches
+        return [move_batch(b, device) for b in shard]
+
+    def unit_costs(
+        self,
+        model: torch.nn.Module,
+        probe: Probe,
+        step: int = -1,
+        batches: list[Any] | None = None,
+        loss: ResolvedLoss | None = None,
+    ) -> tuple[UnitCosts | None, float]:
+        """The probe's unit costs on ``model``: reused while its shapes and the probe are unchanged, else timed.
+
+        Every rank calls it. Timing them is paid from the budget: the seconds it took are
+        returned, and a timing outside a save (``step=-1``, the prediction at train begin)
+        is owed to the bank. ``batches`` and ``loss``: this rank's probe batches on the
+        model's device and the resolved loss, when the save has them already.
+
+        Returns:
+            ``(units, seconds spent timing them now)``; ``(None, 0.0)`` when the loss cannot be resolved.
+        """
+        collective = self.collective or LocalCollective()
+        key = units_key(model, probe.fingerprint, collective.world_size)
+        stale = self.time_bank.units is None or self.time_bank.units_key != key
+        if collective.world_size > 1:  # time again on every rank when any rank's model changed
+            stale = collective.sum_scalar(1.0 if stale else 0.0) > 0
+        if not stale:
+            return self.time_bank.units, 0.0
+        if batches is None:
+            batches = self._local_batches(probe, collective, model_device(model))
+        if loss is None:
+            loss = self._resolve_loss(model, batches)
+        if loss is None:
+            return None, 0.0
+        started = time.perf_counter()
+        with preserved_model_state(model):  # before the metrics' own guards
+            units = measure_unit_costs(model, batches, loss.raw)
+        if collective.world_size > 1:  # the mean over ranks, so every rank scales alike
+            mean = _mean_over_ranks(collective, [units.forward, units.backward, units.hvp])
+            units = UnitCosts(mean[0], mean[1], mean[2], units.n_batches)
+        paid = time.perf_counter() - started
+        bank = self.time_bank
+        bank.units, bank.units_key, bank.units_step, bank.units_seconds = units, key, int(step), paid
+        if step < 0:
+            bank.seconds -= paid  # timed before the first save: the first budget pays it back
+        return units, paid
+
+    def predicted_seconds(self, units: UnitCosts) -> dict[str, tuple[float, float]]:
+        """``{metric name: (seconds as configured, seconds scaled down as far as it goes)}`` on these unit costs."""
+        factors = self.time_calibration
+        return {
+            m.name: (m.time_cost(units) * factors.get(m.name, 1.0), m.min_time_cost(units) * factors.get(m.name, 1.0))
+            for m in self.metrics
+        }
 
     def _plan_time(
         self,
@@ -163,22 +241,21 @@ class MetricSuite:
         seconds: float | None,
         history: CheckpointHistory | None = None,
         loss: ResolvedLoss | None = None,
+        step: int = 0,
+        probe_fingerprint: str = "",
     ) -> list[tuple[Metric, dict[str, Any] | None]]:
-        """Each metric fitted to its share of the compute budget (every rank decides alike).
+        """Each metric fitted to its share of the compute budget and the bank (every rank decides alike).
 
         ``loss``: the save's resolved loss (``None``: it could not be resolved, every metric
         records why, and nothing is planned).
         """
         if seconds is None or loss is None:
             return []
-        with preserved_model_state(model):  # once per save, before the metrics' own guards
-            units = measure_unit_costs(model, batches, loss.raw)
-        if collective.world_size > 1:  # the mean over ranks, so every rank scales alike
-            mean = torch.tensor([units.forward, units.backward, units.hvp], dtype=torch.float64)
-            collective.sum_([mean])
-            mean /= collective.world_size
-            units = UnitCosts(float(mean[0]), float(mean[1]), float(mean[2]), units.n_batches)
-        plans: list[tuple[Metric, dict[str, Any] | None]] = []
+        probe = _FingerprintOnly(probe_fingerprint)
+        units, paid = self.unit_costs(model, probe, step, batches, loss)  # type: ignore[arg-type]
+        if units is None:
+            return []
+        bank = self.time_bank
         calibration = self.time_calibration
         # metrics with nothing to compare against yet take no share
         waiting = {
@@ -186,23 +263,70 @@ class MetricSuite:
             if m.history_needed and (history is None or not history.previous)
         }  # fmt: skip
         active = [m for m in self.metrics if m.name not in waiting]
-        shares = dict(zip([m.name for m in active], share_budget(active, units, seconds, calibration)))
+        plan = plan_save(active, units, seconds, bank, step, calibration, paid)
+        self._warn_never(plan, seconds)
+        common = {
+            "save_seconds": round(plan.own_seconds + plan.bank_seconds, 4), "own_seconds": round(plan.own_seconds, 4),
+            "bank_seconds": round(plan.bank_seconds, 4), "banked_over_steps": list(bank.steps),
+            "unit_costs": {"forward": units.forward, "backward": units.backward, "hvp": units.hvp},
+            "unit_costs_step": bank.units_step, "unit_costs_reused": paid == 0.0, "calibration_seconds": round(paid, 4),
+        }  # fmt: skip
+        plans: list[tuple[Metric, dict[str, Any] | None]] = []
         for metric in self.metrics:
             if metric.name in waiting:
                 plans.append((metric, None))
                 continue
-            share = shares[metric.name]
-            factor = calibration.get(metric.name, 1.0)
+            plans.append(self._plan_one(metric, units, plan, common, step))
+        return plans
+
+    def _plan_one(
+        self, metric: Metric, units: UnitCosts, plan: SavePlan, common: dict[str, Any], step: int
+    ) -> tuple[Metric, dict[str, Any]]:
+        """``(the metric as it runs, its meta["compute_budget"])`` under ``plan``; the bank's line is updated."""
+        factor = self.time_calibration.get(metric.name, 1.0)
+        share = plan.shares.get(metric.name, 0.0)
+        meta: dict[str, Any] = {**common, "seconds": round(share, 4), "calibration": round(factor, 4)}
+        if metric.name in plan.shares:
             planned, changes = metric.scaled_to(share / factor, units)
             raw = planned.time_cost(units)
-            predicted = raw * factor
-            plans.append((planned, {
-                "save_seconds": round(seconds, 4), "seconds": round(share, 4), "predicted_seconds": round(predicted, 4),
-                "scaled": changes, "fits": predicted <= FIT_SLACK * share, "raw_predicted_seconds": raw,
-                "calibration": round(factor, 4),
-                "unit_costs": {"forward": units.forward, "backward": units.backward, "hvp": units.hvp},
-            }))  # fmt: skip
-        return plans
+            waited = self.time_bank.waiting.pop(metric.name, None)
+            meta.update({
+                "predicted_seconds": round(raw * factor, 4), "raw_predicted_seconds": raw, "scaled": changes,
+                "fits": True, "from_bank": metric.name in plan.from_bank,
+            })  # fmt: skip
+            if waited is not None:
+                meta["waited_since_step"] = waited
+            return planned, meta
+        floor = metric.min_time_cost(units) * factor
+        meta.update({"predicted_seconds": round(floor, 4), "raw_predicted_seconds": floor / factor, "scaled": {}, "fits": False})
+        if metric.name in plan.never:
+            meta["reason"] = (
+                f"needs about {floor:.2f} s even scaled down, more than {BANK_SAVES} saves' budget banked "
+                f"({BANK_SAVES} x {plan.own_seconds:.2f} s)"
+            )
+        else:
+            self.time_bank.waiting.setdefault(metric.name, int(step))
+            meta["reason"] = plan.waiting.get(metric.name, "")
+            meta["waiting_since_step"] = self.time_bank.waiting[metric.name]
+        return metric, meta
+
+    def _warn_never(self, plan: SavePlan, seconds: float) -> None:
+        """One warning per metric that cannot fit even :data:`BANK_SAVES` saves' budgets, with the overhead it needs."""
+        for name, floor in plan.never.items():
+            if name in self.time_bank.warned or not self.is_main:
+                continue
+            self.time_bank.warned.add(name)
+            needed = overhead_needed(floor, seconds, self.overhead)
+            hint = (
+                f"overhead >= {needed[0]:.3g} runs it every {BANK_SAVES}th save, >= {needed[1]:.3g} at every save"
+                if needed is not None
+                else f"seconds_per_save >= {floor / (FIT_SLACK * BANK_SAVES):.3g} runs it every {BANK_SAVES}th save"
+            )
+            logger.warning(
+                "uma: %s never fits the compute budget: it needs about %.2f s per run even scaled down, and a save's "
+                "budget is %.2f s (%s banked over %d saves is too little); %s, or give it smaller settings",
+                name, floor, seconds, f"{BANK_SAVES * seconds:.2f} s", BANK_SAVES, hint,
+            )  # fmt: skip
 
     def _run_one(
         self,
@@ -307,30 +431,28 @@ class MetricSuite:
         decided: _Decided,
     ) -> Record:
         started = time.perf_counter()
+        made_here = True  # a skip the suite decided: no failed frames to collect
         if history is not None and history.dropped and (metric.history_needed or metric.needs_first):
             result = _skipped(metric, history.dropped)
         elif budget_meta is not None and not budget_meta["fits"]:
             result = _skipped(
                 metric,
-                f"compute budget: {metric.name} needs about {budget_meta['predicted_seconds']:.2f} s even scaled down; "
-                f"its share of this save is {budget_meta['seconds']:.2f} s (raise overhead= or seconds_per_save=)",
+                f"compute budget: {metric.name} {budget_meta.get('reason', '')} (raise overhead= or seconds_per_save=)",
             )
         else:
+            made_here = False
             # a metric may overrun its share of the compute budget, within bounds: 3x, or 2 s more
             budget_limit = None if budget_meta is None else max(3.0 * budget_meta["seconds"], budget_meta["seconds"] + 2.0)
             result = self._compute(metric, model, batches, collective, view, decided, budget_limit)
         result.meta.setdefault("seconds", time.perf_counter() - started)
         if budget_meta is not None:
             result.meta["compute_budget"] = budget_meta
-            if result.status in ("ok", "partial") and budget_meta["raw_predicted_seconds"] > 0:
-                ratio = result.meta["seconds"] / budget_meta["raw_predicted_seconds"]
-                old = self.time_calibration.get(metric.name)
-                self.time_calibration[metric.name] = ratio if old is None else 0.5 * (old + ratio)
         result.meta["probe_fingerprint"] = probe.fingerprint
         result.meta["world_size"] = collective.world_size
         result.meta["timestamp_ms"] = int(time.time() * 1000)
         self._learn_memory(metric, result)
-        release_memory(decided.device, full=self.aggressive_cleanup or result.status != "ok")
+        # a full gc.collect (~0.3 s with transformers imported) only where a failure's traceback may hold tensors
+        release_memory(decided.device, full=self.aggressive_cleanup or not (result.status == "ok" or made_here))
         record = Record(
             step=int(step),
             metric=metric.name,
@@ -346,6 +468,11 @@ class MetricSuite:
         if self.is_main and self.journal is not None:
             self._write_files(result, step, record)
             self.journal.append(record)
+        if budget_meta is not None and result.status in ("ok", "partial") and budget_meta["raw_predicted_seconds"] > 0:
+            # measured over predicted, the result's files and figures included: they are this metric's cost too
+            ratio = (time.perf_counter() - started) / budget_meta["raw_predicted_seconds"]
+            old = self.time_calibration.get(metric.name)
+            self.time_calibration[metric.name] = ratio if old is None else 0.5 * (old + ratio)
         redeliver_if_requested()  # SIGTERM during the metric: terminate now that it is journalled
         if result.status == "partial":
             if metric.name not in self._warned_partial:  # once per metric, not at every save
@@ -584,6 +711,20 @@ def _skipped(metric: Metric, reason: str) -> MetricResult:
 
 def _is_skip(err: BaseException) -> bool:
     return getattr(err, "uma_skip", False)
+
+
+def _mean_over_ranks(collective: Collective, values: list[float]) -> list[float]:
+    """The mean of ``values`` over the ranks (one sum all-reduce)."""
+    total = torch.tensor(values, dtype=torch.float64)
+    collective.sum_([total])
+    return [float(v) / collective.world_size for v in total]
+
+
+@dataclass(frozen=True)
+class _FingerprintOnly:
+    """A probe's fingerprint where :meth:`MetricSuite.unit_costs` needs only that (its batches are given)."""
+
+    fingerprint: str
 
 
 @dataclass(frozen=True)
