@@ -163,7 +163,7 @@ def test_every_scalar_on_a_tiny_qwen2_matches_brute_force(alpha):
         assert result.scalars[f"layers/{i}/entropy"] == pytest.approx(s_a, rel=REL)
         assert result.scalars[f"layers/{i}/mi_input"] == pytest.approx(s_a + s_b - _dense_entropy(ka * kb, alpha), rel=REL)
         mi_t = s_a + s_y - _dense_entropy(ka * onehot, alpha)
-        assert result.scalars[f"layers/{i}/mi_target"] == pytest.approx(mi_t, rel=REL)
+        assert result.scalars[f"layers/{i}/mi_next_token"] == pytest.approx(mi_t, rel=REL)
         assert result.arrays["information_plane"][i, 1] == pytest.approx(mi_t, rel=REL)
     logp = torch.log_softmax(logits, -1)
     assert result.scalars["output_entropy"] == pytest.approx(float(-(logp.exp() * logp).sum(-1).mean()), rel=REL)
@@ -207,7 +207,7 @@ def test_a_plain_network_without_input_ids_gets_entropies_and_mi_input_only():
     model, batches, loss_fn = mlp_case()
     result = InformationTheory(max_tokens=50, modules=["fc1", "fc2"]).compute(model, batches, loss_fn)
     assert {"layers/0/entropy", "layers/1/mi_input", "output_entropy"} <= set(result.scalars)
-    assert not any(k.startswith("pid/") or k.endswith("mi_target") for k in result.scalars)
+    assert not any(k.startswith("pid/") or k.endswith("mi_next_token") for k in result.scalars)
     assert "next tokens" in result.meta["target"]
 
 
@@ -239,3 +239,40 @@ def test_bad_module_pid_layer_and_an_all_padding_probe_fail_at_compute():
     empty = [dict(b, attention_mask=torch.zeros_like(b["attention_mask"])) for b in batches]
     with pytest.raises(ValueError, match="no non-padding tokens"):
         InformationTheory().compute(model, empty, loss_fn)
+
+
+def test_mi_label_of_a_classifier_matches_the_dense_brute_force():
+    """mi_label = S(A) + S(B) - S(A o B), B_jk = [label of j's sample = label of k's], by dense eigvalsh."""
+    from tests.cases import bert_case
+
+    model, batches, loss_fn = bert_case(torch.float64)
+    result = InformationTheory(max_tokens=10_000, seed=2).compute(model, batches, loss_fn)
+    outs, states, labels, keys = {}, [], [], []
+    hooks = [layer.register_forward_hook(lambda m, a, o: outs.__setitem__(0, o[0] if isinstance(o, tuple) else o))
+             for layer in model.bert.encoder.layer]  # fmt: skip
+    with torch.no_grad():
+        for b in batches:
+            mask = b["attention_mask"].bool()
+            model(input_ids=b["input_ids"], attention_mask=b["attention_mask"])
+            states.append(outs[0][mask])
+            labels.append(b["labels"][:, None].expand(mask.shape)[mask])  # each token: its sample's class
+            positions = (mask.long().cumsum(1) - 1).clamp(min=0)
+            keys.append(token_keys(sample_hashes(b, mask), positions, 2)[mask])
+    for h in hooks:
+        h.remove()
+    order = torch.argsort(torch.cat(keys))
+    x, y = torch.cat(states)[order], torch.cat(labels)[order]
+    onehot = (y[:, None] == y[None, :]).double()
+    ka = _unit_gram(x)
+    expected = _dense_entropy(ka, 1.0) + _dense_entropy(onehot, 1.0) - _dense_entropy(ka * onehot, 1.0)
+    assert result.meta["n_tokens_used"] == x.shape[0] == 31
+    assert result.scalars["layers/0/mi_label"] == pytest.approx(expected, rel=REL)
+    assert 0.0 < expected <= _dense_entropy(onehot, 1.0) + 1e-9  # at most H(label) bits
+    assert "layers/0/mi_next_token" in result.scalars and "label" not in result.meta
+
+
+def test_a_language_model_probe_has_no_mi_label_and_says_why():
+    model, batches, loss_fn = qwen2_case(torch.float64)
+    result = InformationTheory(max_tokens=20).compute(model, batches, loss_fn)
+    assert not any(k.endswith("mi_label") for k in result.scalars)
+    assert "class labels" in result.meta["label"] and "layers/0/mi_next_token" in result.scalars

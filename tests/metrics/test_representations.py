@@ -261,7 +261,7 @@ def test_trainer_run_logs_both_families_to_mlflow(tmp_path, monkeypatch):
     run_id = sink.run_id()
     cka = client.get_metric_history(run_id, "uma/representations/layers/0/cka_prev")
     assert [m.step for m in cka] == [4] and 0.0 < cka[0].value <= 1.0 + 1e-9
-    assert [m.step for m in client.get_metric_history(run_id, "uma/information/layers/0/mi_target")] == [2, 4]
+    assert [m.step for m in client.get_metric_history(run_id, "uma/information/layers/0/mi_next_token")] == [2, 4]
     assert math.isfinite(client.get_metric_history(run_id, "uma/information/output_entropy")[0].value)
 
 

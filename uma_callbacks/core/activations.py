@@ -247,6 +247,14 @@ def next_token_ids(batch: Any, mask: torch.Tensor) -> torch.Tensor | None:
     return nxt
 
 
+def class_labels(batch: Any, rows: int) -> torch.Tensor | None:
+    """``[B]`` the class label of each sample (a classification head's ``labels``); ``None`` otherwise."""
+    labels = batch.get("labels") if isinstance(batch, Mapping) else None
+    if not isinstance(labels, torch.Tensor) or labels.shape != (rows,) or labels.is_floating_point():
+        return None
+    return labels
+
+
 # ---------------------------------------------------------------------- forward
 class _StopForward(Exception):
     """Raised by the last layer's hook to end a forward whose output is not needed."""
@@ -307,7 +315,8 @@ class TokenStates:
     Attributes:
         states: ``{stream: [n, w]}``: ``"layers/<i>"`` (layer i's output), ``"input"`` (the
             first layer's input: the embeddings of a transformer), ``"next"`` (next-token
-            ids, ``[n]`` long). Rows are the selected tokens in key order.
+            ids, ``[n]`` long), ``"label"`` (the sample's class label, ``[n]``, when asked and
+            the probe has them). Rows are the selected tokens in key order.
         keys: ``float64 [n]`` their keys (ascending).
         n_tokens: non-padding tokens in the whole probe (all ranks).
         unit_max: ``{"layers/<i>": [h]}`` max |activation| of each hidden unit over every
@@ -330,8 +339,10 @@ class TokenStates:
 class _ChunkTokens:
     """The current chunk's token mask and the candidate positions for the bottom-k buffer."""
 
-    def __init__(self, batch: Any, seed: int, threshold: float, want_next: bool) -> None:
+    def __init__(self, batch: Any, seed: int, threshold: float, want_next: bool, want_label: bool = False) -> None:
         self.batch, self.seed, self.threshold, self.want_next = batch, seed, threshold, want_next
+        self.want_label = want_label
+        self.label: torch.Tensor | None = None
         self.mask: torch.Tensor | None = None
         self.index: tuple[torch.Tensor, torch.Tensor] | None = None
         self.keys: torch.Tensor | None = None
@@ -355,6 +366,8 @@ class _ChunkTokens:
         if self.want_next:
             nxt = next_token_ids(self.batch, mask)
             self.next = None if nxt is None else nxt.cpu()[self.index]
+        labels = class_labels(self.batch, b) if self.want_label else None
+        self.label = None if labels is None else labels.cpu()[self.index[0]]
 
 
 def capture_tokens(
@@ -371,6 +384,7 @@ def capture_tokens(
     with_units: bool = False,
     on_output: Callable[[Any, torch.Tensor, torch.Tensor], None] | None = None,
     check_time: Callable[..., None] | None = None,
+    with_label: bool = False,
 ) -> TokenStates:
     """Run the probe and keep the selected tokens' states (see the module docstring).
 
@@ -388,6 +402,8 @@ def capture_tokens(
         on_output: ``on_output(batch, logits, mask [B, T])`` after each full forward; when
             ``None``, each forward stops after the last layer.
         check_time: called after each chunk (the metric's deadline).
+        with_label: also keep each token's sample class label (stream ``"label"``;
+            batches whose ``labels`` are ``[B]`` integers: a classification head).
 
     Returns:
         :class:`TokenStates` (states in float64 for a float64 model, else float32).
@@ -460,7 +476,7 @@ def capture_tokens(
                 threshold = float(buf_keys[-1]) if buf_keys.numel() >= max_tokens else 2.0
                 current.clear()
                 fired.clear()
-                current["chunk"] = chunk = _ChunkTokens(batch, seed, threshold, with_next)
+                current["chunk"] = chunk = _ChunkTokens(batch, seed, threshold, with_next, with_label)
                 try:
                     run_forward(model, batch, loss_fn)
                 except _StopForward:
@@ -475,6 +491,8 @@ def capture_tokens(
                 streams = {k: v for k, v in current.items() if k.startswith("layers/") or k == "input"}
                 if with_next and chunk.next is not None:
                     streams["next"] = chunk.next
+                if chunk.label is not None:
+                    streams["label"] = chunk.label
                 buf_keys, buffers = _merge(buf_keys, buffers, chunk.keys, streams, max_tokens)
                 if check_time is not None:
                     check_time(chunks_done=done + 1)

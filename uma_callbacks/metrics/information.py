@@ -243,8 +243,11 @@ class InformationTheory(Metric):
       input (the token embeddings of a transformer), on the first ``mi_tokens`` of the
       sampled tokens (all three terms on those; the joint needs an n x n eigendecomposition
       whenever dx dz >= n, O(n^3), while everything else is linear in n);
-    - ``layers/<i>/mi_target``: the same with B_jk = [y_j = y_k], y the next token (-1 at
-      a sequence's end), exact through the block structure of A o B (:func:`class_joint_entropy`);
+    - ``layers/<i>/mi_next_token``: the same with B_jk = [y_j = y_k], y the next token (-1
+      at a sequence's end), exact through the block structure of A o B
+      (:func:`class_joint_entropy`); journals before this name call it ``mi_target``;
+    - ``layers/<i>/mi_label``: the same with y the class label of the token's sample, when
+      the probe has class labels (``labels`` of shape [batch]: a classification head);
     - ``output_entropy``: mean entropy (nats) of the predictive distribution over all
       non-padding tokens of the probe;
     - ``pid/redundancy``, ``pid/unique_x``, ``pid/unique_y``, ``pid/synergy``: Williams-Beer
@@ -253,10 +256,10 @@ class InformationTheory(Metric):
       about Y = the ``pid_bins - 1`` most frequent next tokens and the rest; ``pid/mi_joint``
       = I(Y; X1, X2), their sum.
 
-    Arrays: ``information_plane [L, 2]``: (mi_input, mi_target) per layer. ``meta``: tokens
+    Arrays: ``information_plane [L, 2]``: (mi_input, mi_next_token) per layer. ``meta``: tokens
     used (``n_tokens_used``, ``n_tokens_mi_input``) and in the probe, each layer's
     eigen-side for S(A) (``eigen_side``) and for the joint with the input (``joint_input_side``).
-    ``mi_target`` and the PID need ``input_ids``; without them they are absent (``meta``).
+    ``mi_next_token`` and the PID need ``input_ids``; without them they are absent (``meta``).
 
     Args:
         alpha: Renyi order, > 0.
@@ -355,6 +358,7 @@ class InformationTheory(Metric):
         tokens = capture_tokens(
             ctx.model, list(ctx.chunks()), layers, ctx.loss_fn, max_tokens=self.max_tokens, seed=self.seed,
             collective=ctx.collective, with_input=True, with_next=True, on_output=on_output, check_time=ctx.check_time,
+            with_label=True,
         )
         if tokens.n < 2:
             raise ValueError(f"InformationTheory needs at least 2 non-padding tokens; the probe has {tokens.n}")
@@ -364,6 +368,8 @@ class InformationTheory(Metric):
             scalars["output_entropy"] = float(sums[0] / sums[1])
         z = tokens.states.get("input")
         nxt = tokens.states.get("next")
+        label = tokens.states.get("label")
+        s_label = class_entropy(label, self.alpha) if label is not None else math.nan
         m = min(tokens.n, self.mi_tokens)  # mi_input on the first m tokens in key order: a uniform subsample
         zm = z[:m] if z is not None else None
         s_input = matrix_entropy(zm, self.alpha) if zm is not None else math.nan
@@ -383,12 +389,17 @@ class InformationTheory(Metric):
                 s_xm = s_x if m == tokens.n else matrix_entropy(x[:m], self.alpha)
                 plane[i, 0] = scalars[f"layers/{i}/mi_input"] = s_xm + s_input - s_joint
             if nxt is not None:
-                plane[i, 1] = scalars[f"layers/{i}/mi_target"] = s_x + s_target - class_joint_entropy(x, nxt, self.alpha)
+                joint = class_joint_entropy(x, nxt, self.alpha)
+                plane[i, 1] = scalars[f"layers/{i}/mi_next_token"] = s_x + s_target - joint
+            if label is not None:
+                scalars[f"layers/{i}/mi_label"] = s_x + s_label - class_joint_entropy(x, label, self.alpha)
             ctx.check_time(layers_done=i + 1)
         if nxt is not None:
             scalars.update(self._pid(tokens.states, pid_index, nxt))
         else:
-            ctx.meta["target"] = "no input_ids in the probe: mi_target and the PID need next tokens"
+            ctx.meta["target"] = "no input_ids in the probe: mi_next_token and the PID need next tokens"
+        if label is None:
+            ctx.meta["label"] = "no class labels ([batch] integer labels) in the probe: no mi_label"
         ctx.meta.update(
             n_tokens_used=tokens.n, n_tokens_probe=tokens.n_tokens, n_tokens_mi_input=m, layers=tokens.layer_names,
             eigen_side=sides, joint_input_side=joint_sides, pid_layers=pid_index, alpha=self.alpha,

@@ -2,7 +2,7 @@
 
 - ``representations`` (per step): the layer-by-layer CKA heatmap ``cka_layers [L, L]``;
 - ``information`` (across checkpoints, ``uma report``): the information plane, one
-  trajectory per layer through (mi_input, mi_target) at each checkpoint, arrows in step order.
+  trajectory per layer through (mi_input, mi_next_token) at each checkpoint, arrows in step order.
 """
 
 from __future__ import annotations
@@ -30,7 +30,8 @@ def _plane_of(result: MetricResult) -> np.ndarray | None:
     rows = []
     i = 0
     while f"layers/{i}/entropy" in result.scalars:
-        rows.append([result.scalars.get(f"layers/{i}/mi_input", np.nan), result.scalars.get(f"layers/{i}/mi_target", np.nan)])
+        y = result.scalars.get(f"layers/{i}/mi_next_token", result.scalars.get(f"layers/{i}/mi_target", np.nan))
+        rows.append([result.scalars.get(f"layers/{i}/mi_input", np.nan), y])
         i += 1
     return np.asarray(rows, dtype=float) if rows else None
 
@@ -54,7 +55,7 @@ def _information_plane(results: list[tuple[int, MetricResult]], folder: Path) ->
         if xs.size:
             ax.annotate(f"{i}", (xs[-1], ys[-1]), fontsize=7)
     ax.set_xlabel("I(T; X)  mi_input (bits)")
-    ax.set_ylabel("I(T; Y)  mi_target (bits)")
+    ax.set_ylabel("I(T; Y)  mi_next_token (bits)")
     ax.set_title(f"information plane ({planes[0][0]} .. {planes[-1][0]}; colour: step)")
     if layers <= 12:
         ax.legend(fontsize=7)
