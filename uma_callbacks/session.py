@@ -165,6 +165,7 @@ class Session:
             budget=as_budget(config.memory_budget),
             aggressive_cleanup=config.aggressive_cleanup,
             timeout_seconds=config.timeout_seconds,
+            overhead=config.overhead,
         )
         self._progress = _Progress(self.is_main)
         self.suite.progress = self._progress
@@ -415,6 +416,34 @@ class Session:
             self._clock = time.monotonic()  # the next budget counts training time only
         return records
 
+    def predict_costs(self, model: torch.nn.Module) -> dict[str, tuple[float, float]]:
+        """Time the probe's unit costs on ``model`` and log one line: each metric's predicted seconds per save.
+
+        Every rank calls it (after :meth:`open`); rank 0 logs. The line is a warning, shown by
+        default (Python's logging prints warnings with no setup, while ``transformers``
+        hides info lines unless ``log_level="info"``): the cost of the metrics is worth
+        knowing before hours of training, and it is one line per run. The timing is reused
+        at the first save (same shapes, same probe) and paid from its budget.
+
+        Returns:
+            ``{metric name: (seconds as configured, seconds scaled down as far as it goes)}``;
+            empty when nothing could be timed (no probe, a loss that cannot be resolved).
+        """
+        if self.probe is None:
+            return {}
+        with all_rngs_preserved():
+            try:
+                units, _ = self.suite.unit_costs(model, self.probe, step=-1)
+            except Exception as err:  # noqa: BLE001 (a prediction is never worth a failed training)
+                logger.info("uma: could not time the probe for the cost prediction (%s: %s)", type(err).__name__, err)
+                return {}
+        if units is None:
+            return {}
+        predicted = self.suite.predicted_seconds(units)
+        if self.is_main and predicted:
+            logger.warning("uma: %s", cost_line(predicted, self.config, self.probe.n_samples))
+        return predicted
+
     def train_seconds(self) -> float | None:
         """Seconds of training since the session opened or last measured (a live training).
 
@@ -489,6 +518,33 @@ class Session:
                     logger.warning("uma: %d journal record(s) could not be written (disk full?)", len(self.journal.pending))
                 rearm(self.delivery.sinks)
                 self.delivery.finish()
+
+
+def cost_line(predicted: Mapping[str, tuple[float, float]], config: UMAConfig, probe_size: int) -> str:
+    """The prediction line: each metric's seconds per save as configured (and its floor when scaled down), and the budget.
+
+    Example:
+        >>> cost_line({"gradient_flow": (0.44, 0.44), "landscape": (5.1, 1.2)}, UMAConfig(overhead=0.25), 16)
+        'predicted seconds per save on this model and a 16-sample probe: gradient_flow 0.44, landscape 5.1 (1.2 scaled down); 5.54 in all; budget: overhead=0.25 of the training time between saves (scaled down or deferred to fit)'
+    """
+    parts = []
+    for name, (full, floor) in predicted.items():
+        parts.append(f"{name} {full:.3g}" + (f" ({floor:.3g} scaled down)" if floor < 0.95 * full else ""))
+    total = sum(full for full, _ in predicted.values())
+    limits = []
+    if config.overhead is not None:
+        limits.append(f"overhead={config.overhead:g} of the training time between saves")
+    if config.seconds_per_save is not None:
+        limits.append(f"seconds_per_save={config.seconds_per_save:g}")
+    budget = (
+        f"budget: {' and '.join(limits)} (scaled down or deferred to fit)"
+        if limits
+        else "no budget: every metric runs as configured (overhead= or seconds_per_save= set one)"
+    )
+    return (
+        f"predicted seconds per save on this model and a {probe_size}-sample probe: {', '.join(parts)}; "
+        f"{total:.3g} in all; {budget}"
+    )
 
 
 def check_same_probe(probe: Probe, collective: Collective, field: str = "probe") -> None:

@@ -165,7 +165,10 @@ class UMACallback(TrainerCallback):
         if cfg.measure == "async":
             self.announcer = Announcer(session, args.output_dir)
             self.announcer.run()
-        elif step > 0:
+            return
+        if model is not None:  # one line: what each metric will cost per save, before the first step
+            session.predict_costs(model)
+        if step > 0:
             self._complete_resumed_save(model, step)
 
     def _complete_resumed_save(self, model: Any, step: int) -> None:
