@@ -6,21 +6,25 @@ Accelerate hook, ``backfill()``), the ``uma`` command's ``--metrics``, ``--metri
 configuration, and one cache key, on every path: ``"hessian"``, ``"hessian:"``,
 ``{"name": "hessian"}`` and ``HessianSpectrum(seed=42)`` under ``seed=42`` are the same metric.
 
-A spec is a :class:`~uma_callbacks.metrics.base.Metric` (used as given), a name, a
+A spec is a :class:`~uma_callbacks.metrics.base.Metric`, a name, a
 ``"name:key=value,key=value"`` string or a ``{"name": ..., option: value}`` mapping. The
-run's ``seed`` seeds a metric that takes one unless the spec sets its own. Values in text
+run's ``seed`` seeds a metric that takes one unless the spec sets its own: an object built
+without a ``seed`` (``FisherInformation()``) is used as a copy with the run's seed, as the
+name ``"fisher"`` is (:mod:`uma_callbacks.core.seeds`). Values in text
 are read as JSON (``2``, ``0.5``, ``true``, ``[0.5,0.9]``, ``"text"``) and fall back to the
 raw text; the metric's own constructor validates them.
 """
 
 from __future__ import annotations
 
+import copy
 import inspect
 import json
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
+from uma_callbacks.core.seeds import seed_given
 from uma_callbacks.metrics import METRICS, Metric
 
 #: Constructor arguments that only steer memory or time, not the result (left out of listings).
@@ -31,8 +35,9 @@ def build_metric(spec: Any, seed: int | None = None, field: str = "metrics") -> 
     """The metric a spec names, seeded with the run's ``seed`` unless the spec sets one.
 
     Args:
-        spec: a :class:`Metric` (returned as given), a name, ``"name:key=value,..."``, or a
-            mapping ``{"name": ..., option: value}``.
+        spec: a :class:`Metric` (returned as given, or as a copy with ``seed`` when it was
+            built without a seed of its own), a name, ``"name:key=value,..."``, or a mapping
+            ``{"name": ..., option: value}``.
         seed: the run's seed, for a metric whose constructor takes ``seed`` and whose spec
             does not set it.
         field: the setting named in error messages (``metrics``, ``--metric``, ...).
@@ -52,7 +57,12 @@ def build_metric(spec: Any, seed: int | None = None, field: str = "metrics") -> 
         7
     """
     if isinstance(spec, Metric):
-        return spec
+        own = getattr(spec, "seed", None)
+        if seed is None or own is None or seed_given(own) or own == seed:
+            return spec
+        seeded = copy.copy(spec)  # the user's object keeps its default: another run may use it
+        seeded.seed = int(seed)
+        return seeded
     if isinstance(spec, Mapping):
         name = spec.get("name")
         if not isinstance(name, str):

@@ -52,7 +52,7 @@ def test_spectral_partition_q_matches_networkx_for_a_qwen2_mlp():
     block = mlp_blocks(model)["model.layers.0.mlp"]
     b = block.biadjacency()
     rows, cols = spectral_coclusters(b, 3, seed=0)
-    result = Modularity(n_clusters=3, shuffle_baseline=False).block_q(block, 0)
+    result = Modularity(n_clusters=3, shuffle_baseline=False, seed=0).block_q(block, 0)
     assert result["q"] == pytest.approx(_nx_q(bipartite_adjacency(b).toarray(), np.concatenate([rows, cols])), abs=1e-9)
 
 

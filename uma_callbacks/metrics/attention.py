@@ -9,7 +9,7 @@ from typing import Any, cast
 import numpy as np
 import torch
 
-from uma_callbacks.core import validate
+from uma_callbacks.core import seeds, validate
 from uma_callbacks.core.attention_weights import (
     AttentionLayer,
     find_attention_layers,
@@ -96,7 +96,7 @@ class AttentionHeads(Metric):
         induction_len: int | None = None,
         n_induction_seqs: int = 8,
         head_threshold: float = 0.4,
-        seed: int = 0,
+        seed: int = seeds.DEFAULT_SEED,
         *,
         chunk_size: int | None = None,
         timeout_seconds: float | None = None,

@@ -12,7 +12,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from uma_callbacks.core import validate
+from uma_callbacks.core import seeds, validate
 from uma_callbacks.core.sharding import (
     aligned_chunks,
     is_sharded,
@@ -147,7 +147,7 @@ class FisherInformation(Metric):
         top_k: int | None = 10,
         *,
         mc_samples: int = 1,
-        seed: int = 0,
+        seed: int = seeds.DEFAULT_SEED,
         accumulate_dtype: str = "float32",
         keep_diagonal: bool = False,
         top_percent: float | None = None,

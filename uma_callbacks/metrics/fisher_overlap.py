@@ -14,7 +14,7 @@ from typing import Any
 
 import torch
 
-from uma_callbacks.core import validate
+from uma_callbacks.core import seeds, validate
 from uma_callbacks.core.batches import count_samples, fingerprint_batches, select_samples
 from uma_callbacks.core.distributed import shard
 from uma_callbacks.core.losses import LossFn
@@ -144,7 +144,7 @@ class FisherOverlap(Metric):
         *,
         kind: str = "empirical",
         mc_samples: int = 1,
-        seed: int = 0,
+        seed: int = seeds.DEFAULT_SEED,
         method: str = "auto",
         accumulate_dtype: str = "float32",
         chunk_size: int | None = None,

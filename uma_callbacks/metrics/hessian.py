@@ -10,7 +10,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from uma_callbacks.core import validate
+from uma_callbacks.core import seeds, validate
 from uma_callbacks.linalg.hutchinson import (
     TRACE_STDERR_SHARE,
     HutchinsonResult,
@@ -152,7 +152,7 @@ class HessianSpectrum(Metric):
         hutchinson_samples: int = 50,
         return_eigenvectors: bool = False,
         tol: float | None = None,
-        seed: int = 0,
+        seed: int = seeds.DEFAULT_SEED,
         max_iter: int | None = None,
         cache_graph: bool | None = None,
         basis_device: str | None = None,

@@ -9,7 +9,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from uma_callbacks.core import validate
+from uma_callbacks.core import seeds, validate
 from uma_callbacks.core.activations import capture_tokens, resolve_layers, state_bytes_estimate
 from uma_callbacks.metrics.base import ComputeContext, Cost, Metric, MetricResult
 from uma_callbacks.metrics.representations import _check_common, _unit_rows
@@ -294,7 +294,7 @@ class InformationTheory(Metric):
         self,
         alpha: float = 1.0,
         max_tokens: int = 2048,
-        seed: int = 0,
+        seed: int = seeds.DEFAULT_SEED,
         mi_tokens: int = 512,
         pid_bins: int = 4,
         pid_components: int = 4,

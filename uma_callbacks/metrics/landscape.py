@@ -9,7 +9,7 @@ from typing import Any, cast
 import numpy as np
 import torch
 
-from uma_callbacks.core import validate
+from uma_callbacks.core import seeds, validate
 from uma_callbacks.core.batches import count_samples, split_batch
 from uma_callbacks.core.model_state import eager_attention
 from uma_callbacks.core.sharding import (
@@ -133,7 +133,7 @@ class LossLandscape(Metric):
         directions: Any = None,
         dims: int | None = None,
         include_1d_params: bool = False,
-        seed: int = 0,
+        seed: int = seeds.DEFAULT_SEED,
         n_batches: int | None = None,
         mode: str = "stored",
         hessian_tol: float = 1e-4,

@@ -37,7 +37,7 @@ import numpy as np
 import scipy.sparse as sp
 import torch
 
-from uma_callbacks.core import validate
+from uma_callbacks.core import seeds, validate
 from uma_callbacks.metrics.base import ComputeContext, Cost, Metric, MetricResult
 from uma_callbacks.metrics.time_cost import UnitCosts
 
@@ -339,7 +339,7 @@ class Modularity(Metric):
         self,
         n_clusters: int = 4,
         *,
-        seed: int = 0,
+        seed: int = seeds.DEFAULT_SEED,
         n_init: int = 4,
         shuffle_baseline: bool = True,
         chunk_size: int | None = None,

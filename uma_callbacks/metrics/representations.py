@@ -9,7 +9,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from uma_callbacks.core import validate
+from uma_callbacks.core import seeds, validate
 from uma_callbacks.core.activations import (
     Layer,
     TokenStates,
@@ -229,7 +229,7 @@ class Representations(Metric):
         self,
         max_tokens: int = 2048,
         dead_threshold: float = 0.01,
-        seed: int = 0,
+        seed: int = seeds.DEFAULT_SEED,
         modules: Sequence[str] | None = None,
         *,
         chunk_size: int | None = None,
