@@ -196,8 +196,10 @@ class MetricResult:
     def ok(self) -> bool:
         """True when the metric produced its values: computed now, read from cache, or ``"partial"``.
 
-        ``"partial"``: values kept, but an iterative method stopped short of its stated
-        tolerance, the reason in ``meta``.
+        ``"partial"``: values kept, but short of what was asked: an iterative method
+        stopped short of its stated tolerance, an estimate's standard error is too large,
+        or the time limit stopped the metric after some of its points
+        (``meta["progress"]``); the reason in ``meta["partial_reason"]``.
         """
         return self.status in ("ok", "cached", "partial")
 
