@@ -2,25 +2,33 @@
 
 Users watch ``ru_maxrss`` / ``VmHWM`` and ``torch.cuda.max_memory_allocated`` for their
 own runs, so this module never resets them (no ``/proc/self/clear_refs``, no
-``torch.cuda.reset_peak_memory_stats``). :class:`PeakMemory` instead reads the counter
-before and after the block, and samples the current level from a small thread meanwhile:
+``torch.cuda.reset_peak_memory_stats``). :class:`PeakMemory` instead samples the current
+level from a small thread while the block runs (every :data:`SAMPLE_SECONDS`, and at entry
+and exit):
 
-- the block raised the process's high-water mark (``VmHWM`` on CPU,
-  ``max_memory_allocated`` on CUDA): the new mark is the block's peak, exactly
-  (``method`` ``"vmhwm_delta"`` / ``"cuda_max_delta"``);
-- it stayed below an earlier, higher mark: the peak is the highest level sampled
-  (``VmRSS`` / ``memory_allocated`` every :data:`SAMPLE_SECONDS`, and at entry and exit), a
-  lower bound that misses spikes shorter than the interval (``"rss_sampled"`` /
-  ``"cuda_sampled"``).
+- CPU with glibc: the bytes the allocator has handed out and not taken back
+  (``mallinfo2``: arenas plus mmapped chunks), which is what the block's tensors and
+  buffers hold (``method`` ``"malloc_sampled"``). The same work reads the same at every
+  step. The resident set does not: glibc keeps freed pages (and raises its mmap threshold
+  after the first large free), so a block that needed 15 MB of new pages at its first run
+  reused them at the next and read 0.004 MB;
+- CPU elsewhere: ``VmHWM`` when the block raised the process's high-water mark
+  (``"vmhwm_delta"``), else the highest ``VmRSS`` sampled (``"rss_sampled"``), with the
+  caveat above;
+- CUDA: the caching allocator's ``max_memory_allocated`` when the block raised it, exactly
+  (``"cuda_max_delta"``), else the highest ``memory_allocated`` sampled (``"cuda_sampled"``).
 
-The reported ``peak_bytes`` is that peak minus the level at entry.
+A sampled peak is a lower bound that misses spikes shorter than the interval. The reported
+``peak_bytes`` is the peak minus the level at entry.
 """
 
 from __future__ import annotations
 
+import ctypes
 import gc
 import logging
 import threading
+from collections.abc import Callable
 from typing import Any
 
 import torch
@@ -53,6 +61,41 @@ def cpu_peak_rss_bytes() -> int:
     """The process's peak resident set (VmHWM) in bytes (0 where unknown)."""
     kib = _status_kib("VmHWM")
     return (kib or 0) * 1024
+
+
+class _MallInfo2(ctypes.Structure):
+    _fields_ = [
+        (name, ctypes.c_size_t)
+        for name in ("arena", "ordblks", "smblks", "hblks", "hblkhd", "usmblks", "fsmblks", "uordblks", "fordblks", "keepcost")
+    ]
+
+
+_MALLOC_READER: list[Callable[[], int] | None] = []
+
+
+def malloc_in_use_reader() -> Callable[[], int] | None:
+    """A function giving the bytes glibc's allocator has handed out and not taken back, or ``None``.
+
+    ``mallinfo2()`` (glibc 2.33 and later): ``uordblks`` (in use in the arenas, every
+    thread's) plus ``hblkhd`` (mmapped chunks). About 6 us a call. ``None`` without glibc.
+    """
+    if not _MALLOC_READER:
+        reader = None
+        try:
+            libc = ctypes.CDLL(None)
+            mallinfo2 = libc.mallinfo2
+            mallinfo2.restype = _MallInfo2
+            mallinfo2.argtypes = []
+
+            def reader() -> int:
+                info = mallinfo2()
+                return int(info.uordblks + info.hblkhd)
+
+            reader()
+        except (OSError, AttributeError, TypeError, ValueError):
+            reader = None
+        _MALLOC_READER.append(reader)
+    return _MALLOC_READER[0]
 
 
 class _Sampler:
@@ -99,6 +142,7 @@ class PeakMemory:
         self._start = 0
         self._mark = 0
         self._sampler: _Sampler | None = None
+        self._malloc = False
 
     def __enter__(self) -> PeakMemory:
         if self.device.type == "cuda":
@@ -108,9 +152,12 @@ class PeakMemory:
             device = self.device
             self._sampler = _Sampler(lambda: torch.cuda.memory_allocated(device), self.interval)
         else:
-            self._start = cpu_rss_bytes()
+            reader = malloc_in_use_reader()
+            self._malloc = reader is not None
+            read = reader if reader is not None else cpu_rss_bytes
+            self._start = read()
             self._mark = cpu_peak_rss_bytes()
-            self._sampler = _Sampler(cpu_rss_bytes, self.interval)
+            self._sampler = _Sampler(read, self.interval)
         return self
 
     def __exit__(self, *exc: Any) -> None:
@@ -122,6 +169,10 @@ class PeakMemory:
             kinds = ("cuda_max_delta", "cuda_sampled")
         else:
             sampled = self._sampler.stop()
+            if self._malloc:  # the same measure at every step, whatever the process's pages did before
+                self.peak_bytes, self.method = max(0, sampled - self._start), "malloc_sampled"
+                self._sampler = None
+                return
             mark = cpu_peak_rss_bytes()
             kinds = ("vmhwm_delta", "rss_sampled")
         if mark > self._mark:
