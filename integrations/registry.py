@@ -40,7 +40,10 @@ logger = logging.getLogger(__name__)
 _BUILTIN = {
     "mlflow": "uma_callbacks.integrations.mlflow:MLflowSink",
     "wandb": "uma_callbacks.integrations.wandb:WandbSink",
+    "tensorboard": "uma_callbacks.integrations.tensorboard:TensorBoardSink",
 }
+#: Built-in trackers: name -> (importable package, pip extra), checked without importing it.
+_PACKAGES = {"mlflow": ("mlflow", "mlflow"), "wandb": ("wandb", "wandb"), "tensorboard": ("tensorboard", "tensorboard")}
 _REGISTERED: dict[str, type | Callable[..., Any]] = {}
 
 
@@ -68,16 +71,31 @@ def sink_class(name: str) -> type | Callable[..., Any]:
     Raises:
         ValueError: unknown name, listing the known ones.
         ModuleNotFoundError: a built-in tracker whose package is missing (names the pip extra).
-    """  # noqa: DOC502 (ModuleNotFoundError: from require_tracker)
+    """  # noqa: DOC502 (ModuleNotFoundError: from _require_package)
     if name in _REGISTERED:
         return _REGISTERED[name]
     if name not in _BUILTIN:
         raise ValueError(f"trackers entries must be sink objects or one of {tracker_names()!r}; got {name!r}")
-    from uma_callbacks.integrations.base import require_tracker
-
-    require_tracker(name)
+    _require_package(name)
     module, attr = _BUILTIN[name].split(":")
     return getattr(importlib.import_module(module), attr)
+
+
+def _require_package(name: str) -> None:
+    """Fail fast, without importing it, when a built-in tracker's package is missing.
+
+    Raises:
+        ModuleNotFoundError: the package is not installed (names the pip extra).
+    """
+    import importlib.util  # noqa: PLC0415
+
+    package, extra = _PACKAGES[name]
+    try:
+        spec = importlib.util.find_spec(package)
+    except (ImportError, ValueError):  # a broken or blocked module (sys.modules entry None)
+        spec = None
+    if spec is None:
+        raise ModuleNotFoundError(f"the {name!r} tracker needs the {package} package: pip install 'uma-callbacks[{extra}]'")
 
 
 def check_tracker(name: str) -> None:
@@ -86,14 +104,12 @@ def check_tracker(name: str) -> None:
     Raises:
         ValueError: unknown name.
         ModuleNotFoundError: missing package (names the pip extra).
-    """  # noqa: DOC502 (ModuleNotFoundError: from require_tracker)
+    """  # noqa: DOC502 (ModuleNotFoundError: from _require_package)
     if name in _REGISTERED:
         return
     if name not in _BUILTIN:
         raise ValueError(f"trackers entries must be sink objects or one of {tracker_names()!r}; got {name!r}")
-    from uma_callbacks.integrations.base import require_tracker
-
-    require_tracker(name)
+    _require_package(name)
 
 
 def make_sink(name: str, **options: Any) -> Any:
