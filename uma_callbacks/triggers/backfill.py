@@ -26,6 +26,7 @@ import logging
 import os
 import re
 import shlex
+import sys
 import time
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field, fields
@@ -183,7 +184,7 @@ def backfill(
         check_probe: refuse a probe whose fingerprint the journal's records do not carry.
         device: where to measure (default: CUDA if available, else CPU).
         prefetch: read the next checkpoint on a background thread.
-        progress: show a tqdm bar with ETA.
+        progress: show a tqdm bar with ETA, and a line per metric start and end (stderr).
         source_name: written into each record's ``source``.
         shard: ``(K, N)``: measure only block K of N contiguous blocks of the step-sorted
             checkpoints (:func:`shard_block`), journal only (no tracker delivery: run
@@ -252,6 +253,8 @@ def backfill(
     loader = ModelLoader(model_factory, target)
     summary.seeded = seed_history(session, loader, checkpoints, start)
     bar = _progress(stop - start, progress)
+    if progress:
+        session.suite.progress = _metric_lines(bar)
     for loaded, waited in prefetched(checkpoints[start:stop], prefetch, as_budget(cfg.memory_budget)):
         ckpt = loaded.checkpoint
         if shared_run is not None:  # a shard's records belong to the training run that made the checkpoint
@@ -439,6 +442,28 @@ def _tally(summary: BackfillSummary, ckpt: Checkpoint, records: list[Record]) ->
             reason = (record.error or {}).get("message", record.status)
             label = "" if record.metric == "checkpoint" else f"{record.metric}: "
             summary.errors.append((str(ckpt.path), ckpt.step, f"{label}{reason}"))
+
+
+def _metric_lines(bar: Any) -> Callable[[str, str, int, Record | None], None]:
+    """One line per metric start and end, as the live session's progress: ``uma: step N: fisher ok in 1.23 s``.
+
+    On stderr, the bar's stream, above the per-checkpoint bar (``tqdm.write``) when there is one.
+    """
+    started = [time.perf_counter()]
+
+    def line(event: str, metric: str, step: int, record: Record | None) -> None:
+        if event == "start":
+            started[0] = time.perf_counter()
+            text = f"uma: step {step}: {metric} started"
+        else:
+            status = record.status if record is not None else "?"
+            text = f"uma: step {step}: {metric} {status} in {time.perf_counter() - started[0]:.2f} s"
+        if bar is not None:
+            bar.write(text, file=sys.stderr)
+        else:
+            print(text, file=sys.stderr, flush=True)
+
+    return line
 
 
 def _progress(total: int, enabled: bool) -> Any:
