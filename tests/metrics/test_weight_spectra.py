@@ -152,3 +152,28 @@ def test_figure_is_drawn_from_the_result_alone(tmp_path):
     result = WeightSpectra().compute(_heavy_tailed_mlp(), *_unused_probe())
     paths = draw_result(result, tmp_path)
     assert [p.name for p in paths] == ["weight_spectra.png"] and paths[0].stat().st_size > 0
+
+
+def test_backfill_without_a_probe_measures_the_weights_of_every_checkpoint(tmp_path):
+    from tests.trainer_cases import tiny_lm
+    from uma_callbacks.triggers.backfill import backfill
+
+    run = tmp_path / "run"
+    models = {}
+    for step in (2, 4):
+        models[step] = tiny_lm(seed=step)
+        models[step].save_pretrained(run / f"checkpoint-{step}")
+        (run / f"checkpoint-{step}" / "trainer_state.json").write_text(f'{{"global_step": {step}}}')
+    summary = backfill(run, metrics=["weight_spectra"], trackers=[], progress=False, draw_figures=False)
+    assert summary.ok, summary.describe()
+    assert [(r.step, r.metric, r.status) for r in summary.records] == [
+        (2, "weight_spectra", "ok"), (2, "trajectory", "skipped"), (4, "weight_spectra", "ok"), (4, "trajectory", "ok"),
+    ]  # fmt: skip
+    for record in summary.records[::2]:
+        want = WeightSpectra().compute(models[record.step], *_unused_probe()).scalars
+        assert set(record.scalars) - set(want) <= {"over_budget"} and record.scalars.get("over_budget", 0.0) == 0.0
+        for key, value in want.items():
+            assert record.scalars[key] == pytest.approx(value, rel=1e-12), (record.step, key)
+    assert not (run / "uma" / "probe.safetensors").exists()  # the placeholder is never saved as the run's probe
+    with pytest.raises(ValueError, match="probe"):  # a metric that reads the probe still needs one
+        backfill(run, metrics=["weight_spectra", "gradient_flow"], trackers=[], progress=False, output_dir=tmp_path / "other")

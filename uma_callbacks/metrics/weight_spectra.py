@@ -245,6 +245,8 @@ class WeightSpectra(Metric):
 
     name = "weight_spectra"
     needs_grad = False
+    #: reads no probe: a backfill runs it without one (a one-token placeholder; see ``triggers/backfill.py``)
+    needs_probe = False
 
     def __init__(
         self,

@@ -237,12 +237,13 @@ def backfill(
     assert session.journal is not None
     tok = load_tokenizer(tokenizer, [c.path for c in checkpoints]) if texts and not probe else None
     known = [session.journal] + ([Journal(run_dir / "uma")] if (run_dir / "uma").is_dir() else [])
+    placeholder = _data_free_probe(cfg, probe, texts, [root, run_dir / "uma"])
     session.start(
-        probe,
+        placeholder or probe,
         tracker_runs=journal_runs(session.journal, run_dir, mlflow_run_id, tracking_uri, wandb_run_id),
         probe_options={"saved_roots": [root, run_dir / "uma"], "texts": texts, "tokenizer": tok, "max_length": max_length},
-        known_probes=known if check_probe else (),
-        save=not (root / "probe.safetensors").exists(),
+        known_probes=known if check_probe and placeholder is None else (),
+        save=placeholder is None and not (root / "probe.safetensors").exists(),
         params={"backfill.metrics": cfg.metric_names},
         run=shared_run,
     )
@@ -286,6 +287,22 @@ def backfill(
     summary.sink_failures = sorted(session.delivery.failing)
     summary.seconds = time.perf_counter() - started
     return summary
+
+
+def _data_free_probe(cfg: UMAConfig, probe: Any, texts: Any, roots: Sequence[Path]) -> Any:
+    """A one-token placeholder probe when no probe is given or saved and no metric reads one, else ``None``.
+
+    A metric reads no probe when it says so (``needs_probe = False``: weights only, like
+    ``weight_spectra``) or is ``trajectory``. The placeholder (label -100: no loss is ever
+    taken on it) is neither saved nor checked against the journal's probe.
+    """
+    from uma_callbacks.engine.probe import Probe
+
+    if probe is not None or texts or any((r / "probe.safetensors").exists() for r in roots):
+        return None
+    if not all(getattr(m, "needs_probe", True) is False or isinstance(m, Trajectory) for m in cfg.metric_objects):
+        return None
+    return Probe([{"input_ids": torch.zeros(1, 1, dtype=torch.long), "labels": torch.full((1, 1), -100)}], name="none")
 
 
 # ---------------------------------------------------------------------- shards
