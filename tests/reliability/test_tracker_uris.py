@@ -11,7 +11,6 @@ the store, not in the current directory's ``mlruns``.
 from __future__ import annotations
 
 import os
-import time
 from pathlib import Path
 
 import pytest
@@ -86,11 +85,9 @@ def test_trainer_run_in_a_hostile_output_dir_keeps_its_store_inside_and_readable
     monkeypatch.chdir(cwd)  # MLflow's default artifact root is ./mlruns: it must not be used
     run = base / "a%41 b?c=1#d ünï🙂"
     cb = UMACallback(metrics=["gradient_flow"], probe_size=8, trackers=["mlflow"], draw_figures=False)
-    started = time.monotonic()
     trainer, _ = run_trainer(run, callbacks=[cb], max_steps=2, save_steps=2)
-    took = time.monotonic() - started
     assert trainer.state.global_step == 2
-    assert took < 60, took  # the unopenable store stalled about 100 s per attempt
+    assert not cb.session.delivery.failing  # the store opened: an unopenable one stalled ~100 s, then failed
     assert (run / "uma" / "mlflow.db").is_file()
     assert _outside(base, run) == []  # no store, no stray folder beside the run folder
     assert list(cwd.iterdir()) == []  # no ./mlruns

@@ -59,10 +59,8 @@ def test_backfill_adds_a_new_metric_at_every_checkpoint_step_and_rerun_adds_noth
     assert [s for s, _ in history] == [3, 6]
     traj = _history(trained["uri"], trained["run_id"], "uma/trajectory/distance_from_first")
     assert [s for s, _ in traj] == [6] and traj[0][1] > 0
-    started = time.perf_counter()
     again = backfill(trained["run"], **kwargs)
-    assert time.perf_counter() - started < 5
-    assert again.computed == 0 and again.cached == 3
+    assert again.computed == 0 and again.cached == 3  # nothing measured again: every value from the journal
     assert _history(trained["uri"], trained["run_id"], "uma/fisher/trace") == history
     # the live gradient_flow records are found by weights fingerprint: loading is bit exact
     live = backfill(trained["run"], metrics=["gradient_flow"], trajectory=False, draw_figures=False, progress=False)

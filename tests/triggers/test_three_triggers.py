@@ -141,12 +141,11 @@ def test_time_limit_stops_a_slow_metric_in_the_backfill(live, tmp_path):
     from uma_callbacks.triggers.backfill import backfill
 
     run, _ = live
-    started = time.perf_counter()
     summary = backfill(run, metrics=[SlowMetric()], output_dir=str(tmp_path / "uma"), timeout_seconds=0.3,
                        trajectory=False, draw_figures=False, progress=False)  # fmt: skip
     assert [r.status for r in summary.records] == ["timeout"] * 3
-    assert summary.records[0].meta["progress"]["sleeps"] >= 1
-    assert time.perf_counter() - started < 3 * 5.0 * 0.5 + 10
+    # each stopped at a check before its 100 sleeps were done, none ran to the end
+    assert all(1 <= r.meta["progress"]["sleeps"] < 100 for r in summary.records)
 
 
 def test_memory_settings_do_not_change_a_results_identity(live, tmp_path):
