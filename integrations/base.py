@@ -40,7 +40,12 @@ Helpers every sink here uses:
   W&B ids) and may touch NumPy's or torch's global RNG; every public sink method here
   runs inside it, so a training run's data order and dropout never depend on a tracker;
 - :func:`~uma_callbacks.core.records.artifact_path`: a record's ``files`` entry is
-  uploaded only if it is a file inside the journal root (resolved, symlinks too).
+  uploaded only if it is a file inside the journal root (resolved, symlinks too);
+- :func:`artifact_folder`: the folder a file keeps in the tracker, ``step-N`` or the
+  variant folder under it (``step-N/fisher-<config hash>``, ``step-N/fisher-run-<run>``),
+  so a backfill with another config never replaces the live run's files;
+- :func:`param_key`: the key a param is logged under, the same value never twice and a
+  changed value (a backfill's other config) under a key of its own, never over the first.
 """
 
 from __future__ import annotations
@@ -48,10 +53,11 @@ from __future__ import annotations
 import abc
 import functools
 import hashlib
+import json
 import logging
 import posixpath
 import re
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -137,6 +143,79 @@ def uploadable_files(root: Path, record: Record, refused: set[str] | None = None
             continue
         out.append(path)
     return out
+
+
+def artifact_folder(root: Path, path: Path) -> str:
+    """The folder, relative to the journal ``root``, of ``path`` (one of :func:`uploadable_files`).
+
+    ``step-40`` for the live run's files, ``step-40/fisher-1a2b3c4d`` for another config's
+    (a backfill), ``step-40/fisher-run-<run>`` for a second training's: sinks upload each
+    file under ``uma/<this folder>``, so variants never replace the live files.
+
+    Example:
+        >>> artifact_folder(Path("/j"), Path("/j/step-40/fisher-1a2b3c4d/fisher.json"))
+        'step-40/fisher-1a2b3c4d'
+    """
+    base = Path(root).resolve()
+    try:
+        rel = Path(path).relative_to(base)
+    except ValueError:  # a path given unresolved
+        rel = Path(path).resolve().relative_to(base)
+    return rel.parent.as_posix()
+
+
+def value_hash(value: Any) -> str:
+    """8 hex digits of sha256 of ``value`` as sorted JSON: for a metric's config, the hash of its variant folder and keys."""
+    return hashlib.sha256(json.dumps(value, sort_keys=True, default=str).encode()).hexdigest()[:8]
+
+
+def variant_param_key(key: str, digest: str) -> str:
+    """``key`` for another value: ``uma.fisher.config`` -> ``uma.fisher-<digest>.config`` (as the scalars' ``uma/fisher-<digest>/``).
+
+    A key without a group (``uma.probe_fingerprint``) gets the digest at its end.
+
+    Example:
+        >>> variant_param_key("uma.fisher.config", "1a2b3c4d")
+        'uma.fisher-1a2b3c4d.config'
+        >>> variant_param_key("uma.probe_fingerprint", "1a2b3c4d")
+        'uma.probe_fingerprint-1a2b3c4d'
+    """
+    head, dot, field = key.rpartition(".")
+    if dot and head and "." in head:
+        return tracker_key(f"{head}-{digest}.{field}")
+    return tracker_key(f"{key}-{digest}")
+
+
+def param_key(key: str, text: str, value: Any, held: Mapping[str, Any]) -> str | None:
+    """Where a param goes in a run that holds ``held``: ``key``, a variant key, or ``None`` (held already).
+
+    Trackers keep a param's first value (MLflow refuses a change). So a value equal to the
+    one held is not logged again, and another value (a backfill's other config) is logged
+    under :func:`variant_param_key` with :func:`value_hash` of ``value``: each config's
+    params once, both kept.
+
+    Args:
+        key: the tracker key (``uma.fisher.config``).
+        text: the value as the tracker stores it (a string, cut to its limit).
+        value: the value itself (hashed for the variant key).
+        held: ``{key: stored value}`` the run holds.
+
+    Returns:
+        The key to log ``text`` under, or ``None`` when the run holds it already.
+
+    Example:
+        >>> param_key("uma.fisher.config", "{'top_k': 2}", {"top_k": 2}, {"uma.fisher.config": "{'top_k': 10}"})
+        'uma.fisher-b606f2e4.config'
+    """
+    if key not in held:
+        return key
+    if str(held[key]) == text:
+        return None
+    other = variant_param_key(key, value_hash(value))
+    if other in held and str(held[other]) == text:
+        return None
+    return other
+
 
 #: Tracker name -> (importable package, pip extra).
 TRACKER_PACKAGES: dict[str, tuple[str, str]] = {"mlflow": ("mlflow", "mlflow"), "wandb": ("wandb", "wandb")}

@@ -9,6 +9,15 @@ Idempotent per (run, key, step): before logging a key, the sink reads that key's
 history once and skips steps already present, so replaying a checkpoint adds no points.
 A write that fails forgets those keys' history, so the retry re-reads it from the server.
 
+Files keep their folder under ``uma/``: ``uma/step-N/<file>`` for the run's own,
+``uma/step-N/<metric>-<config hash>/`` for a backfill with another config and
+``uma/step-N/<metric>-run-<run>/`` for a second training in the same folder, as in the
+journal; nothing replaces the live run's files. Params are logged once per value: a value
+the run holds is not sent again, and another config's params go under
+``uma.<metric>-<config hash>.config`` (MLflow refuses a changed param). Status tags follow
+the latest outcome (:mod:`~uma_callbacks.integrations.status`): ``uma.<metric>.error`` only
+while a failure is shown, ``uma.<metric>.skipped`` for a skip's reason.
+
 Keys go through :func:`~uma_callbacks.integrations.base.tracker_key` (what MLflow
 accepts; ``heads.c++.weight`` gets a safe, unique form). A batch MLflow refuses as
 invalid (``INVALID_PARAMETER_VALUE``) is sent again point by point: the points MLflow
@@ -40,8 +49,15 @@ from pathlib import Path
 from typing import Any
 
 from uma_callbacks.core.records import Record
-from uma_callbacks.integrations.base import Sink, keeps_rng, tracker_key, uploadable_files
-from uma_callbacks.integrations.status import next_status, parse_step
+from uma_callbacks.integrations.base import (
+    Sink,
+    artifact_folder,
+    keeps_rng,
+    param_key,
+    tracker_key,
+    uploadable_files,
+)
+from uma_callbacks.integrations.status import parse_step, skip_text, status_updates
 from uma_callbacks.integrations.uris import no_stray_folders, sqlite_path, sqlite_uri
 
 logger = logging.getLogger(__name__)
@@ -156,7 +172,9 @@ class MLflowSink(Sink):
         #: ``{metric: (status, step)}`` the run shows (:mod:`~uma_callbacks.integrations.status`); read from it once
         self._shown: dict[str, tuple[str, int | None]] | None = None
         self._shown_tags: dict[str, str] = {}
-        self._params_pending: dict[str, str] = {}
+        self._params_pending: dict[str, tuple[str, Any]] = {}
+        #: ``{key: value}`` of the params the run holds (read once, then kept current); ``None`` until read
+        self._held_params: dict[str, str] | None = None
         self._refused_files: set[str] = set()
         #: ``{tracker key: MLflow's reason}`` of points MLflow refused (warned about once each).
         self.rejected: dict[str, str] = {}
@@ -255,35 +273,61 @@ class MLflowSink(Sink):
             metrics.append(MlflowMetric(key, value, timestamp or _now_ms(), record.step))
         for start in range(0, len(metrics), 900):  # the batch API caps at 1000 entries
             self._log_batch(metrics[start : start + 900])
-        self._show_status(record)  # the latest step with a value, or a newer failure
+        self._show_status(record)  # the latest outcome: status, error and skip tags
         for name, value in _summary(record).items():  # one-off findings (the early-bird step) as tags
             self._client.set_tag(self._run_id, tracker_key(f"uma.{record.metric}.{name}"), str(value)[:5000])
-        if record.status not in ("ok", "cached", "partial"):
-            message = (record.error or {}).get("message", "")
-            self._client.set_tag(
-                self._run_id, tracker_key(f"uma.{record.metric}.error"), f"step {record.step}: {message}"[:5000]
-            )
         for path in uploadable_files(Path(root), record, self._refused_files):
-            self._client.log_artifact(self._run_id, str(path), artifact_path=f"uma/step-{int(record.step)}")
+            # the file keeps its folder: step-N/fisher-<config hash>/ (a backfill's other config) or
+            # step-N/fisher-run-<run>/ (a second training) never replaces the live step-N/fisher.json
+            self._client.log_artifact(self._run_id, str(path), artifact_path=f"uma/{artifact_folder(Path(root), path)}")
 
     def _show_status(self, record: Record) -> None:
-        """Tag ``uma.<metric>.status`` and ``.status_step`` by :func:`~uma_callbacks.integrations.status.next_status`.
+        """Tag the latest outcome by :func:`~uma_callbacks.integrations.status.status_updates`.
 
-        The tags follow from what the run shows (read once per sink: a backfill continues the
-        live run's tags).
+        ``uma.<metric>.status`` and ``.status_step``; ``.error`` only while a failure is shown
+        (removed when a value is shown: a good rerun leaves no stale error); ``.skipped`` with
+        the latest skip's reason, apart from errors. The tags follow from what the run shows
+        (read once per sink: a backfill continues the live run's tags).
         """
         from mlflow.entities import RunTag  # noqa: PLC0415 (optional extra)
 
-        key, step_key = tracker_key(f"uma.{record.metric}.status"), tracker_key(f"uma.{record.metric}.status_step")
         if self._shown is None:
             self._shown_tags = dict(self._client.get_run(self._run_id).data.tags)
             self._shown = {}
-        if record.metric not in self._shown and key in self._shown_tags:
-            self._shown[record.metric] = (self._shown_tags[key], parse_step(self._shown_tags.get(step_key)))
-        update = next_status(self._shown.get(record.metric), record.status, record.step)
-        if update is not None:
-            self._client.log_batch(self._run_id, tags=[RunTag(key, update[0]), RunTag(step_key, str(update[1]))])
-            self._shown[record.metric] = update
+        for update in status_updates(self._shown_of, record):
+            key = tracker_key(f"uma.{update.metric}.status")
+            step_key = tracker_key(f"uma.{update.metric}.status_step")
+            tags = [RunTag(key, update.shown[0]), RunTag(step_key, str(update.shown[1]))]
+            error_key = tracker_key(f"uma.{update.metric}.error")
+            if update.error is not None:
+                tags.append(RunTag(error_key, update.error))
+            self._client.log_batch(self._run_id, tags=tags)
+            self._shown[update.metric] = update.shown
+            if update.error is not None:
+                self._shown_tags[error_key] = update.error
+            elif self._shown_tags.pop(error_key, None) is not None:  # a value is shown now: the error is stale
+                self._delete_tag(error_key)
+        skipped = skip_text(record)
+        if skipped is not None:
+            self._client.set_tag(self._run_id, tracker_key(f"uma.{record.metric}.skipped"), skipped)
+
+    def _shown_of(self, metric: str) -> tuple[str, int | None] | None:
+        """``(status, step)`` the run shows for ``metric`` (from this sink, else the run's tags)."""
+        assert self._shown is not None
+        if metric not in self._shown:
+            key = tracker_key(f"uma.{metric}.status")
+            if key not in self._shown_tags:
+                return None
+            step_key = tracker_key(f"uma.{metric}.status_step")
+            self._shown[metric] = (self._shown_tags[key], parse_step(self._shown_tags.get(step_key)))
+        return self._shown[metric]
+
+    def _delete_tag(self, key: str) -> None:
+        try:
+            self._client.delete_tag(self._run_id, key)
+        except self._mlflow.exceptions.MlflowException as err:
+            if getattr(err, "error_code", "") != "RESOURCE_DOES_NOT_EXIST":  # gone already: what was wanted
+                raise
 
     def _log_batch(self, metrics: list[Any]) -> None:
         """One batch; if MLflow refuses it as invalid, point by point (refused points noted, the rest sent)."""
@@ -326,26 +370,42 @@ class MLflowSink(Sink):
 
     @keeps_rng
     def log_params(self, params: dict[str, Any]) -> None:
-        """Log ``uma.<key>`` params once per run; kept until a start works if MLflow is down."""
+        """Log ``uma.<key>`` params; kept until a start works if MLflow is down.
+
+        A value the run holds is not logged again; another value for a key the run holds (a
+        backfill's other config) goes under ``uma.<metric>-<config hash>.config``
+        (:func:`~uma_callbacks.integrations.base.param_key`): MLflow never sees a param change.
+        """
         for key, value in params.items():
             key = tracker_key(f"uma.{key}")
             if key not in self._params_logged:
-                self._params_pending[key] = str(value)[:_PARAM_MAX]
+                self._params_pending[key] = (str(value)[:_PARAM_MAX], value)
         self.start()
         self._flush_params()
 
     def _flush_params(self) -> None:
-        for key, text in list(self._params_pending.items()):
-            try:
-                self._client.log_param(self._run_id, key, text)
-            except self._mlflow.exceptions.MlflowException as err:
-                if not _is_invalid(err):
-                    raise  # the store is down: kept pending, retried at the next call
-                # a param may not change value, or the value is refused: keep what MLflow has
-                first_line = (str(err).strip().splitlines() or [""])[0]  # MLflow appends a page of advice
-                logger.warning("uma: MLflow kept the earlier value of param %s (%s)", key, first_line)
+        if not self._params_pending:
+            return
+        if self._held_params is None:
+            self._held_params = dict(self._client.get_run(self._run_id).data.params)
+        for key, (text, value) in list(self._params_pending.items()):
+            target = param_key(key, text, value, self._held_params)
+            if target is not None:
+                try:
+                    self._client.log_param(self._run_id, target, text)
+                except self._mlflow.exceptions.MlflowException as err:
+                    if not _is_invalid(err):
+                        raise  # the store is down: kept pending, retried at the next call
+                    # another process logged this key meanwhile, or MLflow refuses the value: keep
+                    # what MLflow has; MLflow's own text (a page of advice) is not passed on
+                    logger.warning("uma: MLflow did not take param %s (%s); the run keeps what it holds", target, err.error_code)
+                    self._held_params = None  # read again at the next flush
+                else:
+                    self._held_params[target] = text
             self._params_logged.add(key)
             del self._params_pending[key]
+            if self._held_params is None:
+                self._held_params = dict(self._client.get_run(self._run_id).data.params)
 
 
 def _is_invalid(err: BaseException) -> bool:

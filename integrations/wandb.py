@@ -21,8 +21,12 @@ Per record, in that one row:
   ``step, module, metric, value`` (from the ``layers/<module>/<scalar>`` scalars);
 
 then the record's files (JSON, npz, PNG, safetensors) as an artifact of type
-``uma-results`` named ``uma-<run id>-<metric>-step-<N>``. Errors go to the run summary
-(``uma/<metric>/status``, ``uma/<metric>/error``).
+``uma-results`` named ``uma-<run id>-<metric>-step-<N>``, each file keeping its journal folder
+(``step-N/fisher.json``, ``step-N/fisher-<config hash>/fisher.json`` for a backfill's other
+config). The latest outcome goes to the run summary (``uma/<metric>/status``;
+``uma/<metric>/error`` only while a failure is shown; ``uma/<metric>/skipped`` for a skip's
+reason, apart from errors). Params merge into the run config once per value: another
+config's under ``uma.<metric>-<config hash>.config``.
 
 Keys go through :func:`~uma_callbacks.integrations.base.tracker_key` (the same mapping
 as MLflow's, so both trackers show the same names). Only files inside the journal folder
@@ -56,8 +60,15 @@ from pathlib import Path
 from typing import Any
 
 from uma_callbacks.core.records import PREFIX, Record
-from uma_callbacks.integrations.base import Sink, keeps_rng, tracker_key, uploadable_files
-from uma_callbacks.integrations.status import next_status, parse_step
+from uma_callbacks.integrations.base import (
+    Sink,
+    artifact_folder,
+    keeps_rng,
+    param_key,
+    tracker_key,
+    uploadable_files,
+)
+from uma_callbacks.integrations.status import parse_step, skip_text, status_updates
 
 logger = logging.getLogger(__name__)
 
@@ -255,44 +266,70 @@ class WandbSink(Sink):
         for name, value in (summary if isinstance(summary, dict) else {}).items():  # one-off findings (early bird)
             if isinstance(value, (int, float, str)):
                 self._run.summary[tracker_key(f"{PREFIX}/{record.metric}/{name}")] = value
-        if record.status not in ("ok", "cached", "partial"):
-            message = (record.error or {}).get("message", "")
-            self._run.summary[tracker_key(f"{PREFIX}/{record.metric}/error")] = f"step {step}: {message}"[:5000]
-        artifact_key = f"artifact:{record.metric}"
+        folders = sorted({artifact_folder(Path(root), p) for p in files})
+        artifact_key = f"artifact:{record.metric}:{','.join(folders)}"  # another folder (config, run) is other files
         if self._log_artifacts and files and (step, artifact_key) not in self._logged:
             name = _ARTIFACT_SAFE.sub("-", f"uma-{self.run_id()}-{record.metric}-step-{step}")
             artifact = wandb.Artifact(name=name, type="uma-results", metadata={"step": step, "metric": record.metric})
-            for path in files:
-                artifact.add_file(str(path), name=f"step-{step}/{path.name}")
+            for path in files:  # each file keeps its folder (step-N/fisher-<config hash>/ for another config)
+                artifact.add_file(str(path), name=f"{artifact_folder(Path(root), path)}/{path.name}")
             self._run.log_artifact(artifact)
             self._logged.add((step, artifact_key))
 
     def _show_status(self, record: Record) -> None:
-        """Set the summary's ``uma/<metric>/status`` and ``status_step``.
+        """Set the summary's latest outcome by :func:`~uma_callbacks.integrations.status.status_updates`.
 
-        The values follow :func:`~uma_callbacks.integrations.status.next_status` from what the
-        run's summary shows (a resumed run keeps the live run's).
+        ``uma/<metric>/status`` and ``status_step``; ``error`` only while a failure is shown
+        (removed when a value is shown: a good rerun leaves no stale error); ``skipped`` with
+        the latest skip's reason, apart from errors. The values follow from what the run's
+        summary shows (a resumed run keeps the live run's).
         """
-        key = tracker_key(f"{PREFIX}/{record.metric}/status")
-        step_key = tracker_key(f"{PREFIX}/{record.metric}/status_step")
-        shown = self._shown.get(record.metric)
-        if shown is None:
-            try:
-                old, old_step = self._run.summary.get(key), self._run.summary.get(step_key)
-            except Exception:  # noqa: BLE001 (a summary that cannot be read back: start from nothing)
-                old, old_step = None, None
-            if isinstance(old, str):
-                shown = (old, parse_step(old_step))
-        update = next_status(shown, record.status, record.step)
-        if update is not None:
-            self._run.summary[key], self._run.summary[step_key] = update
-            self._shown[record.metric] = update
+        for update in status_updates(self._shown_of, record):
+            key = tracker_key(f"{PREFIX}/{update.metric}/status")
+            step_key = tracker_key(f"{PREFIX}/{update.metric}/status_step")
+            error_key = tracker_key(f"{PREFIX}/{update.metric}/error")
+            self._run.summary[key], self._run.summary[step_key] = update.shown
+            self._shown[update.metric] = update.shown
+            if update.error is not None:
+                self._run.summary[error_key] = update.error
+            elif self._summary_get(error_key) is not None:  # a value is shown now: the error is stale
+                del self._run.summary[error_key]
+        skipped = skip_text(record)
+        if skipped is not None:
+            self._run.summary[tracker_key(f"{PREFIX}/{record.metric}/skipped")] = skipped
+
+    def _shown_of(self, metric: str) -> tuple[str, int | None] | None:
+        """``(status, step)`` the run shows for ``metric`` (from this sink, else the run's summary)."""
+        if metric not in self._shown:
+            old = self._summary_get(tracker_key(f"{PREFIX}/{metric}/status"))
+            if not isinstance(old, str):
+                return None
+            self._shown[metric] = (old, parse_step(self._summary_get(tracker_key(f"{PREFIX}/{metric}/status_step"))))
+        return self._shown[metric]
+
+    def _summary_get(self, key: str) -> Any:
+        try:
+            return self._run.summary.get(key)
+        except Exception:  # noqa: BLE001 (a summary that cannot be read back: as if empty)
+            return None
 
     @keeps_rng
     def log_params(self, params: dict[str, Any]) -> None:
-        """Merge ``params`` into the run config under ``uma.`` (existing keys kept)."""
+        """Merge ``params`` into the run config under ``uma.``: each value once.
+
+        A value the run's config holds is not set again; another value for a key it holds (a
+        backfill's other config) goes under ``uma.<metric>-<config hash>.config``
+        (:func:`~uma_callbacks.integrations.base.param_key`), the first kept.
+        """
         self.start()
-        fresh = {f"uma.{k}": v for k, v in params.items() if f"uma.{k}" not in set(self._run.config.keys())}
+        config = self._run.config
+        held = {k: _canonical(config.get(k)) for k in config.keys() if str(k).startswith("uma.")}
+        fresh = {}
+        for key, value in params.items():
+            target = param_key(f"uma.{key}", _canonical(value), value, held)
+            if target is not None:
+                fresh[target] = value
+                held[target] = _canonical(value)
         if fresh:
             self._run.config.update(fresh, allow_val_change=True)
 
@@ -304,6 +341,16 @@ class WandbSink(Sink):
             self._run = None
             self._own = False
             self._bound_run = None
+
+
+def _canonical(value: Any) -> str:
+    """``value`` as sorted JSON (a config read back from the run compares equal to the one given)."""
+    import json
+
+    try:
+        return json.dumps(value, sort_keys=True, default=str)
+    except (TypeError, ValueError):  # keys that do not sort (mixed types): their text
+        return str(value)
 
 
 def _offline(mode: Any) -> bool:
