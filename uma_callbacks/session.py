@@ -68,7 +68,7 @@ logger = logging.getLogger(__name__)
 #: Python's, NumPy's and torch's global RNG states restored on exit (one helper for the package).
 all_rngs_preserved = rng_preserved
 #: Sources that measure a training while it runs: their deliveries replay their own run only.
-LIVE_SOURCES = ("callback", "accelerate")
+LIVE_SOURCES = ("callback", "accelerate", "lightning")
 
 #: The one table of trigger settings: ``{source: {UMAConfig field: why it cannot be honoured}}``.
 #: A field set (not ``None``/empty, nor its default) for a source listed here is refused when
@@ -82,6 +82,11 @@ UNSUPPORTED: dict[str, dict[str, str]] = {
             "attach: log_scalars copies values into a Trainer's state.log_history, which Accelerate has not; "
             "the values reach the accelerator's trackers (trackers=None) and handle.records"
         ),
+    },
+    "lightning": {
+        "every_n_steps": "UMALightningCallback: every_n_steps is not supported; measure at saves (ModelCheckpoint(every_n_train_steps=N))",
+        "log_scalars": "UMALightningCallback: log_scalars copies values into a Trainer's state.log_history; the values reach trainer.logger",
+        "measure": "UMALightningCallback: measure='async' is not supported (no watcher announcements); leave measure='inline'",
     },
     "offline": {
         "every_n_steps": "backfill: every_n_steps is not supported (it measures the checkpoints on disk)",
@@ -315,7 +320,7 @@ class Session:
                     save_probe(probe, self.root)  # `uma backfill` rebuilds the very same probe from it
                 except (ValueError, OSError, RuntimeError, SafetensorError) as err:  # custom batches, full disk
                     logger.warning("uma: the probe was not saved for backfills (%s: %s)", type(err).__name__, err)
-            timeout = self.config.tracker_timeout_seconds if self.source in ("callback", "accelerate") else None
+            timeout = self.config.tracker_timeout_seconds if self.source in LIVE_SOURCES else None
             self.delivery.sinks, self.delivery.own = bounded_pair(sinks, own_sinks, timeout)  # training path only
             self.delivery.start(self.params(params))
 
@@ -338,7 +343,7 @@ class Session:
     def params(self, extra: Mapping[str, Any] | None = None) -> dict[str, Any]:
         """What is logged once per run: the probe's identity and every metric's config."""
         out: dict[str, Any] = {}
-        if self.source in ("callback", "accelerate"):  # a backfill joins a training's run: its id is that run's
+        if self.source in LIVE_SOURCES:  # a backfill joins a training's run: its id is that run's
             out["run"] = self.run
         out.update({
             "probe_fingerprint": self.probe.fingerprint if self.probe else "",
