@@ -44,7 +44,8 @@ def test_model_comes_back_exactly_as_it_went_in(name):
     metric = _build(name, model)
     torch.set_rng_state(rng)
     result = metric.compute(model, batches, loss_fn, history=_history(model))
-    assert result.status == "ok"
+    # partial: values kept, short of an accuracy (the Hessian's 2-probe trace here)
+    assert result.status in ("ok", "partial"), result.error
     after = model.state_dict()
     assert all(torch.equal(before[n], after[n]) for n in before), "weights changed"
     assert {n: m.training for n, m in model.named_modules()} == modes
