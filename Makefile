@@ -33,7 +33,7 @@ demo: $(STAMP) $(SDIST)
 	$(PY) examples/demo.py --data $(DATA) --out runs/demo
 
 test: $(STAMP) $(SDIST)
-	UMA_DATA_DIR=$(abspath $(DATA)) $(PY) -m pytest -q -n auto --dist worksteal
+	UMA_DATA_DIR=$(abspath $(DATA)) $(PY) -m pytest -q -n auto --dist loadscope --no-loadscope-reorder
 
 # Reference libraries for the benchmarks; torch stays pinned, torchvision goes.
 bench-deps: $(STAMP)

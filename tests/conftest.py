@@ -54,3 +54,80 @@ def pytest_collection_finish(session):
 def pytest_runtest_teardown(item, nextitem):
     gc.collect()
     gc.freeze()
+
+
+# ---------------------------------------------------------------------- order: longest modules first
+#: Seconds of the slowest test modules in a full run on 2 cores (``--durations``, summed per
+#: module; refresh after a test grows or a slow module is added). ``make test`` hands out whole
+#: modules (``--dist loadscope``: a module's fixtures are built once), longest first, to whichever
+#: worker is free: the two workers finish within a few seconds of each other. A module missing
+#: here counts as 20 s when it holds a slow-marked test (early rather than last), else as a short one.
+MODULE_SECONDS = {
+    "tests/triggers/test_minilm_budget.py": 86,
+    "tests/reliability/test_run_identity.py": 46,
+    "tests/reliability/test_held_attacks.py": 40,
+    "tests/distributed/test_fsdp.py": 38,
+    "tests/reliability/test_fuzz_run_folder.py": 36,
+    "tests/test_distributed.py": 29,
+    "tests/reliability/test_tracker_outage.py": 28,
+    "tests/triggers/test_backfill.py": 27,
+    "tests/distributed/test_fsdp_attach.py": 23,
+    "tests/triggers/test_trainer.py": 22,
+    "tests/triggers/test_three_triggers.py": 19,
+    "tests/engine/test_budget.py": 19,
+    "tests/triggers/test_dcp_backfill.py": 17,
+    "tests/reliability/test_tracker_stall.py": 15,
+    "tests/reliability/test_budget_holds.py": 15,
+    "tests/core/test_dcp.py": 14,
+    "tests/triggers/test_accelerate.py": 13,
+    "tests/reliability/test_tracker_down_at_start.py": 12,
+}
+UNLISTED_SLOW_SECONDS = 20.0
+#: Modules that share what a test process builds once, handed out together to one worker:
+#: the real ``mlflow server`` (tests/reliability/conftest.py) and the 2-process DCP run
+#: (tests/core/dcp_run.py).
+SHARED = {
+    "tests/reliability/test_held_attacks.py": "mlflow server",
+    "tests/reliability/test_tracker_down_at_start.py": "mlflow server",
+    "tests/reliability/test_tracker_outage.py": "mlflow server",
+    "tests/reliability/test_tracker_stall.py": "mlflow server",
+    "tests/core/test_dcp.py": "dcp run",
+    "tests/triggers/test_dcp_backfill.py": "dcp run",
+}
+
+
+def _module(nodeid: str) -> str:
+    return nodeid.split("::", 1)[0]
+
+
+def pytest_collection_modifyitems(config, items):
+    slow = {_module(item.nodeid) for item in items if item.get_closest_marker("slow")}
+    seconds: dict[str, float] = {}
+    for module in {_module(item.nodeid) for item in items}:
+        unit = SHARED.get(module, module)
+        guess = UNLISTED_SLOW_SECONDS if module in slow else 0.0
+        seconds[unit] = seconds.get(unit, 0.0) + MODULE_SECONDS.get(module, guess)
+    order = {id(item): i for i, item in enumerate(items)}
+    first = {}
+    for item in items:
+        first.setdefault(SHARED.get(_module(item.nodeid), _module(item.nodeid)), order[id(item)])
+
+    def key(item):
+        unit = SHARED.get(_module(item.nodeid), _module(item.nodeid))
+        return -seconds[unit], first[unit], order[id(item)]
+
+    items.sort(key=key)
+
+
+@pytest.hookimpl(optionalhook=True)
+def pytest_xdist_make_scheduler(config, log):
+    """``--dist loadscope``: a module is one unit of work, or with the modules sharing its resource (``SHARED``)."""
+    if config.getoption("dist", None) != "loadscope":
+        return None
+    from xdist.scheduler import LoadScopeScheduling
+
+    class Scheduler(LoadScopeScheduling):
+        def _split_scope(self, nodeid: str) -> str:
+            return SHARED.get(_module(nodeid)) or super()._split_scope(nodeid)
+
+    return Scheduler(config, log)
