@@ -45,6 +45,14 @@ CASES: dict[str, dict[str, tuple[object, list[object]]]] = {
         "n_batches": (1, [0, 10**8, *BAD_INT]),
         "hessian_tol": (1e-4, [0, -1.0, 1e6, *BAD_NUMBER]),
     },
+    "WeightSpectra": {
+        "min_evals": (2, [1, 0, 10**9 + 1, *BAD_INT]),
+        "max_entries": (1, [0, 2**40 + 1, *BAD_INT]),
+    },
+    "DirectionalSharpness": {
+        "step": (1e3, [0, -0.01, 1e3 + 1, *BAD_NUMBER]),
+        "n_batches": (1, [0, 10**8, *BAD_INT]),
+    },
     "CheckpointInterpolation": {
         "n_points": (1001, [1, 1002, *BAD_INT]),
         "extend": (0.0, [-0.1, 1e3, *BAD_NUMBER]),
