@@ -389,23 +389,32 @@ class MLflowSink(Sink):
         if self._held_params is None:
             self._held_params = dict(self._client.get_run(self._run_id).data.params)
         for key, (text, value) in list(self._params_pending.items()):
-            target = param_key(key, text, value, self._held_params)
-            if target is not None:
-                try:
-                    self._client.log_param(self._run_id, target, text)
-                except self._mlflow.exceptions.MlflowException as err:
-                    if not _is_invalid(err):
-                        raise  # the store is down: kept pending, retried at the next call
-                    # another process logged this key meanwhile, or MLflow refuses the value: keep
-                    # what MLflow has; MLflow's own text (a page of advice) is not passed on
-                    logger.warning("uma: MLflow did not take param %s (%s); the run keeps what it holds", target, err.error_code)
-                    self._held_params = None  # read again at the next flush
-                else:
-                    self._held_params[target] = text
+            self._log_param(key, text, value)
             self._params_logged.add(key)
             del self._params_pending[key]
-            if self._held_params is None:
+
+    def _log_param(self, key: str, text: str, value: Any) -> None:
+        """Log one param where :func:`~uma_callbacks.integrations.base.param_key` says.
+
+        MLflow refusing it (another process logged the key meanwhile) re-reads the run's
+        params and tries once more; MLflow's own text (a page of advice) is never passed on.
+        """
+        assert self._held_params is not None
+        for attempt in range(2):
+            target = param_key(key, text, value, self._held_params)
+            if target is None:
+                return
+            try:
+                self._client.log_param(self._run_id, target, text)
+            except self._mlflow.exceptions.MlflowException as err:
+                if not _is_invalid(err):
+                    raise  # the store is down: kept pending, retried at the next call
                 self._held_params = dict(self._client.get_run(self._run_id).data.params)
+                if attempt:
+                    logger.warning("uma: MLflow did not take param %s (%s); the run keeps what it holds", target, err.error_code)
+                continue
+            self._held_params[target] = text
+            return
 
 
 def _is_invalid(err: BaseException) -> bool:

@@ -157,3 +157,38 @@ def test_wandb_keeps_a_backfills_config_folder_and_both_configs_params(tmp_path,
     assert config["uma.fisher.config"] == [live_config]  # set once, never changed
     assert config[f"uma.fisher-{digest}.config"] == [other_config]
     assert config["uma.probe_fingerprint"] == ["abc"]
+
+
+def test_mlflow_variant_folders_and_a_param_logged_meanwhile_by_another_process(tmp_path, caplog):
+    """A second training's files (``step-3/gradient_flow-run-<run>/``) keep their folder; a param
+    another process logged between this sink's read and its write is kept, this value goes under
+    its config-hash key, and nothing of MLflow's refusal reaches the log."""
+    pytest.importorskip("mlflow")
+    from mlflow.tracking import MlflowClient
+
+    from uma_callbacks.integrations.base import value_hash
+    from uma_callbacks.integrations.mlflow import MLflowSink, default_tracking_uri
+
+    store = default_tracking_uri(tmp_path)
+    journal = Journal(tmp_path / "uma")
+    sink = MLflowSink(tracking_uri=store)
+    sink.log_params({"probe_fingerprint": "abc"})  # the sink has read the run's params now
+    client = MlflowClient(store)
+    theirs, mine = {"metric": "fisher", "top_k": 10}, {"metric": "fisher", "top_k": 2}
+    client.log_param(sink.run_id(), "uma.fisher.config", str(theirs))  # another process, meanwhile
+    with caplog.at_level("DEBUG"):
+        sink.log_params({"fisher.config": mine, "probe_fingerprint": "abc"})
+    params = client.get_run(sink.run_id()).data.params
+    assert params["uma.fisher.config"] == str(theirs)
+    assert params[f"uma.fisher-{value_hash(mine)}.config"] == str(mine)
+    assert "Changing param values" not in caplog.text and "Correct Example" not in caplog.text
+
+    folder = journal.root / "step-3" / "gradient_flow-run-0123456789ab"
+    folder.mkdir(parents=True)
+    (folder / "gradient_flow.json").write_text("{}")
+    record = _record(journal.root, 3, "gradient_flow")
+    record.files = ["step-3/gradient_flow-run-0123456789ab/gradient_flow.json"]
+    deliver(journal, sink, [record])
+    listed = [a.path for a in client.list_artifacts(sink.run_id(), "uma/step-3/gradient_flow-run-0123456789ab")]
+    assert listed == ["uma/step-3/gradient_flow-run-0123456789ab/gradient_flow.json"]
+    assert not [a for a in client.list_artifacts(sink.run_id(), "uma/step-3") if not a.is_dir]
