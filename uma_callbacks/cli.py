@@ -58,6 +58,15 @@ _SYNC_EPILOG = """examples:
   uma sync runs/demo --wandb-run abc123
 """
 
+_DASHBOARD_EPILOG = """examples:
+  # a workspace with a section per metric family the run logged, on the uma/step axis
+  uma dashboard wandb my-team/my-project --run abc123
+  # every registered metric (plots select their keys by regex), written as JSON only
+  uma dashboard wandb my-team/my-project --dry-run workspace.json
+
+Needs the optional extra: pip install 'uma-callbacks[workspaces]' (exit 2 without it).
+"""
+
 _WATCH_EPILOG = """examples:
   # beside a training started with UMACallback(..., measure="async"): measure each
   # checkpoint it saves, with the training's metrics, into its MLflow / W&B run
@@ -157,6 +166,16 @@ def build_parser() -> argparse.ArgumentParser:
     wt.add_argument("--no-figures", action="store_true", help="do not draw PNG figures")
     _tracker_args(wt)
     wt.set_defaults(func=_watch)
+
+    db = sub.add_parser("dashboard", help="a saved W&B workspace over the uma/* keys", epilog=_DASHBOARD_EPILOG,
+                        formatter_class=fmt, description="Build a W&B workspace: one section per metric family, on uma/step.")
+    db_sub = db.add_subparsers(dest="tracker", required=True)
+    dbw = db_sub.add_parser("wandb", help="save a W&B workspace (wandb-workspaces)", epilog=_DASHBOARD_EPILOG, formatter_class=fmt)
+    dbw.add_argument("path", metavar="ENTITY/PROJECT", help="the W&B entity and project")
+    dbw.add_argument("--run", metavar="ID", help="show only what this run logged (read online)")
+    dbw.add_argument("--name", default="uma diagnostics", help="the workspace's name (default: uma diagnostics)")
+    dbw.add_argument("--dry-run", metavar="FILE", help="write the workspace as JSON to FILE, save nothing (no network)")
+    dbw.set_defaults(func=_dashboard)
     return parser
 
 
@@ -342,6 +361,29 @@ def _watch(args: argparse.Namespace) -> int:
     if summary.interrupted:
         return 130
     return 0 if summary.ok else 1
+
+
+def _dashboard(args: argparse.Namespace) -> int:
+    from uma_callbacks.integrations import wandb_workspace as wsp
+
+    entity, project = wsp.split_path(args.path)
+    try:
+        keys = wsp.keys_from_api(args.path, args.run) if args.run else None
+        workspace = wsp.build_workspace(entity, project, keys, name=args.name, run_id=args.run)
+    except ModuleNotFoundError as err:  # the optional extra (wandb-workspaces, or wandb for --run)
+        print(f"uma dashboard: {err}", file=sys.stderr)
+        return 2
+    if args.dry_run:
+        Path(args.dry_run).write_text(wsp.workspace_json(workspace), encoding="utf-8")
+        print(f"dashboard: {args.dry_run} (nothing saved)\n{wsp.describe(workspace)}")
+        return 0
+    try:
+        workspace.save()
+    except Exception as err:  # noqa: BLE001 (W&B refused or unreachable: said, exit 1)
+        print(f"uma dashboard: the workspace was not saved: {type(err).__name__}: {str(err)[:500]}", file=sys.stderr)
+        return 1
+    print(f"dashboard: saved {workspace.url}\n{wsp.describe(workspace)}")
+    return 0
 
 
 def main(argv: list[str] | None = None) -> int:
