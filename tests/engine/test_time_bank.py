@@ -75,9 +75,9 @@ def test_the_bank_is_capped_at_ten_saves_and_a_debt_is_repaid_first():
         bank.settle(step, 1.0, 0.0)
     assert bank.seconds == pytest.approx(BANK_SAVES * 1.0) and len(bank.steps) == BANK_SAVES
     assert bank.steps == list(range(20, 30))
-    bank.settle(30, 1.0, 30.0)  # a save overran: owed, down to ten saves' worth
-    assert bank.seconds == pytest.approx(-BANK_SAVES * 1.0) and bank.steps == []
-    plan = plan_save([Costing("cheap", 1.0)], UNITS, 12.0, bank, 31)
+    bank.settle(30, 1.0, 30.0)  # a save overran: owed, up to one save's budget
+    assert bank.seconds == pytest.approx(-1.0) and bank.steps == []
+    plan = plan_save([Costing("cheap", 1.0)], UNITS, 3.0, bank, 31)
     assert plan.own_seconds == pytest.approx(2.0) and plan.bank_seconds == 0.0
 
 

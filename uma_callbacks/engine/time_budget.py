@@ -137,8 +137,9 @@ class TimeBank:
     """The compute budget carried from save to save (one per suite).
 
     Attributes:
-        seconds: budget left unspent by earlier saves (negative: a debt, an overrun repaid
-            from the next saves' budgets). Bounded by :data:`BANK_SAVES` saves' budgets.
+        seconds: budget left unspent by earlier saves, at most :data:`BANK_SAVES` saves'
+            budgets (negative: a debt, an overrun repaid from the next save's budget, at most
+            one save's budget).
         steps: the steps whose unspent budget makes up ``seconds`` (the latest
             :data:`BANK_SAVES`).
         waiting: ``{metric name: step it first waited at}``, in the order they began to
@@ -160,9 +161,10 @@ class TimeBank:
     units_seconds: float = 0.0
 
     def settle(self, step: int, own_seconds: float, spent: float) -> None:
-        """Bank what a save left of its own budget (or owe what it overran), capped at :data:`BANK_SAVES` saves' worth."""
+        """Bank what a save left of its own budget, up to :data:`BANK_SAVES` saves' worth, or owe what it overran, up to one save's."""
         cap = BANK_SAVES * max(own_seconds, 0.0)
-        self.seconds = min(cap, max(-cap, self.seconds + own_seconds - spent))
+        # an overrun is owed up to one save's budget: repaying more would starve every metric for saves on end
+        self.seconds = min(cap, max(-max(own_seconds, 0.0), self.seconds + own_seconds - spent))
         if self.seconds <= 0.0:
             self.steps = []
         elif own_seconds > spent:  # this save added to it

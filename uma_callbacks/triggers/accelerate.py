@@ -91,6 +91,7 @@ class UMAHandle:
         self._hook_handle: Any = None
         self._load_hook_handle: Any = None
         self._sinks_ready = False
+        self._predicted = False  # the cost prediction line, once, at the first measurement
         #: ``measure="async"``: the announcements, and the wrapper put on ``accelerator.save_state``
         self.announcer: Announcer | None = None
         self._save_wrapper: Any = None
@@ -157,6 +158,9 @@ class UMAHandle:
         if model is None:
             model = self._the_model(list(getattr(self.accelerator, "_models", [])))
         self._start_sinks()
+        if not self._predicted:  # attach has no train-begin event: the line comes before the first save's metrics
+            self._predicted = True
+            self.session.predict_costs(model)
         return self.session.measure(model, step)
 
     def remove(self) -> None:
