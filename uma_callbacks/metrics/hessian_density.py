@@ -1,0 +1,307 @@
+r"""Hessian spectral density by stochastic Lanczos quadrature (SLQ).
+
+The eigenvalue distribution of H [P, P] (the Hessian of the probe loss, as in
+:class:`~uma_callbacks.metrics.hessian.HessianSpectrum`) is mu = (1/P) sum_i delta(lambda_i).
+For a unit vector v, m Lanczos steps from v give the tridiagonal T_m with eigenpairs
+(theta_l, y_l); the Gauss quadrature sum_l tau_l delta(theta_l), tau_l = y_l[0]^2, matches
+v^T f(H) v exactly for every polynomial f of degree <= 2m - 1. With v = z / ||z|| for a
+Rademacher z, E[v^T f(H) v] = tr f(H) / P, so the average over n_v such vectors estimates
+mu (Ubaru, Chen & Saad 2017; Ghorbani, Krishnan & Xiao 2019):
+
+    mu ~ (1/n_v) sum_j sum_l tau_{j,l} delta(theta_{j,l}).
+
+Outputs (``HessianDensity``):
+
+- ``density`` on ``grid`` [G]: the SLQ distribution smoothed by a Gaussian of standard
+  deviation ``sigma`` = ``bandwidth`` x the spectrum's width (lambda_max - lambda_min of
+  the Ritz values), integrating to 1 (a probability density in lambda);
+- ``moments`` [4] and ``moments_stderr`` [4]: (1/P) tr(H^k), k = 1..4, and their standard
+  errors over the n_v vectors. Gauss quadrature is exact for these degrees once m >= 3, so
+  their only error is the vectors' sampling error, the standard error stated;
+- ``trace`` = P x moments[0] and ``trace_stderr``: with Rademacher starts, P v_j^T H v_j =
+  z_j^T H z_j, so this is Hutchinson's estimator on the same n_v probes;
+- ``bulk_edge``, ``n_outliers`` (and ``outlier_mass``): scanning the smoothed density
+  upwards from its peak, the bulk edge is the first grid point where the density falls
+  below ``edge_threshold`` x its peak; ``n_outliers`` = round(P x mass of the SLQ
+  distribution above the edge), the estimated number of eigenvalues above the bulk;
+- ``negative_mass``: the SLQ distribution's mass below -1e-6 x max|theta| (unsmoothed:
+  a Gaussian around a bulk at 0 would put half of it below zero);
+- ``lambda_max``, ``lambda_min``: the extreme Ritz values over all vectors.
+
+Cost: n_v x n_steps Hessian-vector products through one cached first-backward graph
+(:class:`~uma_callbacks.linalg.hvp.HessianOperator`), each Lanczos run with partial
+reorthogonalisation (:func:`~uma_callbacks.linalg.lanczos.lanczos_top_k`); the basis holds
+n_steps vectors [P].
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import numpy as np
+import torch
+
+from uma_callbacks.core import seeds, validate
+from uma_callbacks.linalg.hutchinson import rademacher
+from uma_callbacks.linalg.hvp import HessianOperator
+from uma_callbacks.linalg.lanczos import LanczosProgress, lanczos_top_k
+from uma_callbacks.metrics.base import ComputeContext, Cost, Metric, MetricResult
+from uma_callbacks.metrics.time_cost import Scaling, UnitCosts
+
+#: the moments reported, (1/P) tr(H^k) for k = 1..MOMENTS
+MOMENTS = 4
+
+
+class HessianDensity(Metric):
+    r"""The Hessian's eigenvalue density by stochastic Lanczos quadrature (see the module docstring).
+
+    Args:
+        n_vectors: Rademacher start vectors n_v (at least 2, for the standard errors).
+        n_steps: Lanczos steps m per vector (at most P; fewer when the Krylov space ends).
+        grid_points: points of the density's grid, spanning the Ritz values plus 5% of
+            the width on each side.
+        bandwidth: the Gaussian's standard deviation as a fraction of the width.
+        edge_threshold: the bulk edge is where the density falls below this fraction of
+            its peak.
+        seed: seeds the start vectors (vector j from ``seed + j``).
+        chunk_size: samples per double backward.
+        timeout_seconds: stop between products past this time.
+
+    Raises:
+        ValueError: a count or fraction out of its range (named).
+
+    Example:
+        >>> lin = torch.nn.Linear(3, 1).double()
+        >>> batch = {"x": torch.randn(8, 3, dtype=torch.float64), "y": torch.randn(8, 1, dtype=torch.float64)}
+        >>> loss = lambda m, b: ((m(b["x"]) - b["y"]) ** 2).sum(-1)
+        >>> r = HessianDensity(n_vectors=4).compute(lin, [batch], loss)
+        >>> r.arrays["density"].shape, round(float(np.trapezoid(r.arrays["density"], r.arrays["grid"])), 3)
+        ((256,), 1.0)
+    """
+
+    name = "hessian_density"
+    needs_eager_attention = True
+    #: the default basis of 32 vectors, the product and a work vector
+    cost = Cost(hvp=True, param_copies=35.0)
+
+    def __init__(
+        self,
+        n_vectors: int = 4,
+        n_steps: int = 32,
+        grid_points: int = 256,
+        bandwidth: float = 0.01,
+        edge_threshold: float = 1e-3,
+        seed: int = seeds.DEFAULT_SEED,
+        *,
+        chunk_size: int | None = None,
+        timeout_seconds: float | None = None,
+    ) -> None:
+        super().__init__(chunk_size=chunk_size, timeout_seconds=timeout_seconds)
+        validate.check_int("HessianDensity.n_vectors", n_vectors, 2, validate.MAX_DRAWS)
+        validate.check_int("HessianDensity.n_steps", n_steps, 3, validate.MAX_ITERATIONS)
+        validate.check_int("HessianDensity.grid_points", grid_points, 16, 100_000)
+        validate.check_number("HessianDensity.bandwidth", bandwidth, 0, 1, lo_open=True)
+        validate.check_number("HessianDensity.edge_threshold", edge_threshold, 0, 1, lo_open=True, hi_open=True)
+        validate.check_seed("HessianDensity.seed", seed)
+        self.n_vectors = n_vectors
+        self.n_steps = n_steps
+        self.grid_points = grid_points
+        self.bandwidth = float(bandwidth)
+        self.edge_threshold = float(edge_threshold)
+        self.seed = seed
+
+    def memory_modes(self) -> list[tuple[str, Cost]]:
+        """One mode: the Lanczos basis (``n_steps`` vectors), a few work vectors and the cached graph."""
+        return [("default", Cost(hvp=True, vectors=float(self.n_steps + 4), probe_graph_samples=True))]
+
+    def time_cost(self, units: UnitCosts) -> float:
+        """One Hessian-vector product per Lanczos step of each vector."""
+        return self.n_vectors * self.n_steps * units.hvp
+
+    def scaled_to(self, seconds: float, units: UnitCosts) -> tuple[HessianDensity, dict[str, list[Any]]]:
+        """Fit ``seconds``: fewer vectors (down to 2), then fewer steps (down to 8)."""
+        if self.time_cost(units) <= seconds:
+            return self, {}
+        scaling = Scaling(self)
+        room = seconds / max(units.hvp, 1e-12)
+        scaling.set("n_vectors", max(2, min(self.n_vectors, int(room // self.n_steps))))
+        if scaling.metric.n_vectors * self.n_steps > room:
+            scaling.set("n_steps", max(8, min(self.n_steps, int(room // scaling.metric.n_vectors))))
+        return scaling.done()
+
+    def _compute(self, ctx: ComputeContext) -> MetricResult:
+        params = ctx.trainable_params()
+        if not params:
+            raise ValueError("HessianDensity: the model has no trainable parameters")
+        first = next(iter(params.values()))
+        dtype = torch.float64 if any(p.dtype == torch.float64 for p in params.values()) else torch.float32
+        op = HessianOperator(
+            ctx.model,
+            ctx.loss_fn,
+            list(ctx.chunks()),
+            params,
+            ctx.n_total(),
+            collective=ctx.collective,
+            cache_graph=True,
+            on_matvec=lambda m: ctx.check_time(matvecs=m),
+        )
+        nodes: list[np.ndarray] = []
+        weights: list[np.ndarray] = []
+        try:
+            for j in range(self.n_vectors):
+                gen = torch.Generator(device="cpu").manual_seed(int(self.seed) + j)
+                start = rademacher(op.dim, gen, dtype).to(first.device)
+                progress = LanczosProgress()
+                lanczos_top_k(
+                    op.matvec,
+                    op.dim,
+                    min(self.n_steps, op.dim),
+                    max_iter=self.n_steps,
+                    tol=0.0,
+                    dtype=dtype,
+                    device=first.device,
+                    start=start,
+                    check_every=self.n_steps + 1,  # no convergence test: every step is wanted
+                    progress=progress,
+                )
+                theta, tau = gauss_quadrature(progress.alphas, progress.betas)
+                nodes.append(theta)
+                weights.append(tau)
+                ctx.check_time(vectors_done=j + 1, matvecs=op.matvecs)
+        finally:
+            op.close()
+        result = density_result(nodes, weights, op.dim, self.grid_points, self.bandwidth, self.edge_threshold)
+        ctx.meta.update(
+            matvecs=op.matvecs,
+            n_params=op.dim,
+            lanczos_steps=[int(len(t)) for t in nodes],
+            seeds={"vectors": [int(self.seed) + j for j in range(self.n_vectors)]},
+            hvp_method="double_backward",
+        )
+        return result
+
+
+def gauss_quadrature(alphas: list[float], betas: list[float]) -> tuple[np.ndarray, np.ndarray]:
+    """Nodes theta_l and weights tau_l = y_l[0]^2 of the Lanczos tridiagonal T_m (float64).
+
+    Args:
+        alphas: T's diagonal [m].
+        betas: its off-diagonal; the first m - 1 are used (a run that stopped at its step
+            limit also holds the residual's beta_m).
+
+    Returns:
+        ``(theta [m], tau [m])``, theta ascending, tau summing to 1.
+    """
+    m = len(alphas)
+    t = np.diag(np.asarray(alphas, dtype=np.float64))
+    if m > 1:
+        off = np.asarray(betas[: m - 1], dtype=np.float64)
+        t += np.diag(off, 1) + np.diag(off, -1)
+    theta, vecs = np.linalg.eigh(t)
+    tau = vecs[0, :] ** 2
+    return theta, tau / tau.sum()
+
+
+def density_result(
+    nodes: list[np.ndarray],
+    weights: list[np.ndarray],
+    dim: int,
+    grid_points: int,
+    bandwidth: float,
+    edge_threshold: float,
+) -> MetricResult:
+    """The :class:`HessianDensity` result of per-vector quadratures (see the module docstring).
+
+    Args:
+        nodes: per vector, its Ritz values theta [m_j].
+        weights: per vector, their weights tau [m_j] (each summing to 1).
+        dim: P.
+        grid_points: G.
+        bandwidth: sigma over the width.
+        edge_threshold: the bulk edge's density over the peak.
+
+    Returns:
+        The result named ``hessian_density`` with its scalars and arrays.
+    """
+    n_v = len(nodes)
+    every = np.concatenate(nodes)
+    lo, hi = float(every.min()), float(every.max())
+    width = hi - lo
+    scale = max(abs(lo), abs(hi), 1e-300)
+    sigma = bandwidth * width if width > 0 else bandwidth * scale
+    pad = max(0.05 * width, 3 * sigma)
+    grid = np.linspace(lo - pad, hi + pad, grid_points)
+    all_nodes = every
+    all_weights = np.concatenate(weights) / n_v
+    density = gaussian_density(grid, all_nodes, all_weights, sigma)
+    per_vector = np.stack([[float((tau * theta**k).sum()) for k in range(1, MOMENTS + 1)] for theta, tau in zip(nodes, weights)])
+    moments = per_vector.mean(axis=0)
+    moments_stderr = per_vector.std(axis=0, ddof=1) / math.sqrt(n_v) if n_v > 1 else np.full(MOMENTS, math.nan)
+    edge = bulk_edge(grid, density, edge_threshold)
+    above = float(all_weights[all_nodes > edge].sum())
+    negative = float(all_weights[all_nodes < -1e-6 * scale].sum())
+    scalars = {
+        "trace": float(dim * moments[0]),
+        "trace_stderr": float(dim * moments_stderr[0]),
+        "bulk_edge": edge,
+        "n_outliers": float(round(dim * above)),
+        "outlier_mass": above,
+        "negative_mass": negative,
+        "lambda_max": hi,
+        "lambda_min": lo,
+    }
+    arrays = {
+        "grid": grid,
+        "density": density,
+        "moments": moments,
+        "moments_stderr": moments_stderr,
+        "nodes": _padded(nodes),
+        "weights": _padded(weights),
+    }
+    return MetricResult(name=HessianDensity.name, scalars=scalars, arrays=arrays, meta={"sigma": sigma, "n_vectors": n_v})
+
+
+def gaussian_density(grid: np.ndarray, nodes: np.ndarray, weights: np.ndarray, sigma: float) -> np.ndarray:
+    """sum_l w_l N(t; theta_l, sigma^2) at each grid point t (float64 [G]).
+
+    Example:
+        >>> g = np.linspace(-5, 5, 1001)
+        >>> round(float(np.trapezoid(gaussian_density(g, np.array([0.0]), np.array([1.0]), 1.0), g)), 4)
+        1.0
+    """
+    z = (grid[:, None] - nodes[None, :]) / sigma
+    return (np.exp(-0.5 * z**2) * weights[None, :]).sum(axis=1) / (sigma * math.sqrt(2 * math.pi))
+
+
+def bulk_edge(grid: np.ndarray, density: np.ndarray, threshold: float) -> float:
+    """The first grid point above the density's peak where it falls below ``threshold`` x the peak.
+
+    The last grid point when it never does.
+    """
+    peak = int(np.argmax(density))
+    below = np.nonzero(density[peak:] < threshold * density[peak])[0]
+    return float(grid[peak + below[0]]) if below.size else float(grid[-1])
+
+
+def wasserstein_1(a_nodes: np.ndarray, a_weights: np.ndarray, b_nodes: np.ndarray, b_weights: np.ndarray) -> float:
+    """W1 between two discrete distributions on the line: the integral of |F_a - F_b|.
+
+    Example:
+        >>> wasserstein_1(np.array([0.0]), np.array([1.0]), np.array([2.0]), np.array([1.0]))
+        2.0
+    """
+    points = np.concatenate([a_nodes, b_nodes])
+    order = np.argsort(points, kind="stable")
+    points = points[order]
+    mass = np.concatenate([a_weights / a_weights.sum(), -b_weights / b_weights.sum()])[order]
+    cdf_gap = np.cumsum(mass)[:-1]
+    return float(np.sum(np.abs(cdf_gap) * np.diff(points)))
+
+
+def _padded(rows: list[np.ndarray]) -> np.ndarray:
+    """``[n, max m]`` float64, NaN past a row's end (a Krylov space that ended early)."""
+    out = np.full((len(rows), max(len(r) for r in rows)), np.nan)
+    for i, r in enumerate(rows):
+        out[i, : len(r)] = r
+    return out

@@ -1,0 +1,49 @@
+"""Figure of ``hessian_density``, from results only: the SLQ eigenvalue density on a log scale.
+
+The Gaussian-smoothed density (log10 axis: the outliers hold ~1/P of the mass each and are
+invisible on a linear one), the bulk edge, the outliers' region and the negative side
+shaded; its grid and density also as ``hessian_density.csv``.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+
+from uma_callbacks.metrics.base import MetricResult
+from uma_callbacks.plots.core import _pyplot, register_drawer, save_figure
+from uma_callbacks.plots.tables import save_table
+
+
+@register_drawer("hessian_density")
+def _density(result: MetricResult, folder: Path) -> list[Path]:
+    grid = np.asarray(result.arrays.get("grid", []), dtype=float).reshape(-1)
+    density = np.asarray(result.arrays.get("density", []), dtype=float).reshape(-1)
+    if not grid.size or grid.size != density.size:
+        return []
+    table = save_table(["eigenvalue", "density"], list(zip(grid.tolist(), density.tolist())), folder / "hessian_density.csv")
+    s = result.scalars
+    floor = max(float(density.max()) * 1e-8, 1e-300)
+    plt = _pyplot()
+    fig, ax = plt.subplots(figsize=(6.4, 3.8))
+    ax.semilogy(grid, np.maximum(density, floor), lw=1.2, color="C0", label="SLQ density")
+    ax.set_ylim(floor, float(density.max()) * 3)
+    edge = s.get("bulk_edge")
+    if edge is not None and np.isfinite(edge):
+        ax.axvline(edge, color="C3", ls="--", lw=1, label=f"bulk edge {edge:.3g}")
+        ax.axvspan(edge, grid[-1], color="C3", alpha=0.08, label=f"~{int(s.get('n_outliers', 0))} outliers above")
+    if grid[0] < 0:
+        ax.axvspan(grid[0], min(0.0, grid[-1]), color="0.5", alpha=0.12,
+                   label=f"negative mass {s.get('negative_mass', float('nan')):.3f}")  # fmt: skip
+    trace, err = s.get("trace"), s.get("trace_stderr")
+    if trace is not None:
+        ax.set_title(f"Hessian spectral density (trace {trace:.4g} \u00b1 {err:.2g})", fontsize=9)
+    ax.set_xlabel("eigenvalue \u03bb")
+    ax.set_ylabel("density (log scale)")
+    ax.legend(fontsize=7, loc="upper right")
+    fig.tight_layout()
+    path = folder / "hessian_density.png"
+    save_figure(fig, path, dpi=110)
+    plt.close(fig)
+    return [path, table]
