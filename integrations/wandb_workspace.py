@@ -17,7 +17,7 @@ binds ``uma/*`` to (:data:`~uma_callbacks.integrations.wandb.STEP_KEY`). The wor
   chart definition, read from the run);
 - one section ``uma/<metric>`` per metric family: a line plot per scalar
   ``uma/<metric>/<scalar>``, a line plot per per-module scalar chosen by the regex
-  ``^uma/<metric>/layers/.*/<scalar>$``, a media browser of the figures
+  ``^uma/<metric>/layers/.*/<scalar>$`` (and per parameter, ``params/<name>/<scalar>``), a media browser of the figures
   ``uma/<metric>/figures/<name>`` (landscape, CKA and attention heatmaps, ...) by step, and
   the latest per-module table ``uma/<metric>/modules``.
 
@@ -55,7 +55,6 @@ COST_SCALARS = ("seconds", "peak_mb", "over_budget")
 #: W&B types of a media value in ``historyKeys`` (a figure).
 MEDIA_TYPES = ("image-file", "images/separated", "html-file", "plotly-file", "video-file")
 _FAMILY = re.compile(r"^uma/(?P<metric>[A-Za-z0-9_.-]+)/(?P<rest>.+)$")
-_LAYER = re.compile(r"^layers/(?P<module>.+)/(?P<scalar>[^/]+)$")
 
 
 def _import_workspaces() -> tuple[Any, Any]:
@@ -357,20 +356,24 @@ def _family_section(ws: Any, wr: Any, metric: str, keys: LoggedKeys | None) -> A
     cost = [k for k in top if k[len(base) :] in COST_SCALARS]
     if cost:
         panels.append(_line(wr, f"{metric}: cost", cost))
-    per_module: dict[str, list[str]] = {}
+    per_item: dict[tuple[str, str], list[str]] = {}
     for key in numbers:
-        match = _LAYER.match(key[len(base) :])
-        if match:
-            per_module.setdefault(match["scalar"], []).append(key)
-    for scalar, series in sorted(per_module.items()):
-        regex = f"^{re.escape(base)}layers/.*/{re.escape(scalar)}$"
-        panels.append(_line(wr, f"{metric}: {scalar} per module", series[:MAX_SERIES], regex=regex, w=12))
+        parts = key[len(base) :].split("/")
+        if len(parts) == 2:  # a nested scalar of its own
+            panels.append(_line(wr, f"{metric}: {parts[0]} {parts[1]}", [key]))
+        elif len(parts) >= 3:  # layers/<module>/<scalar>, params/<name>/<scalar>, ...
+            per_item.setdefault((parts[0], parts[-1]), []).append(key)
+    for (group, scalar), series in sorted(per_item.items(), key=lambda kv: (kv[0][0] != "layers", kv[0])):
+        regex = f"^{re.escape(base + group)}/.*/{re.escape(scalar)}$"
+        label = "per module" if group == "layers" else f"per {group}"
+        panels.append(_line(wr, f"{metric}: {scalar} {label}", series[:MAX_SERIES], regex=regex, w=12))
     figures = sorted(k for k, t in keys.history.items() if t in MEDIA_TYPES and k.startswith(f"{base}figures/"))
     if figures:
         panels.append(wr.MediaBrowser(title=f"{metric}: figures", media_keys=figures, gallery_axis="step", layout=wr.Layout(w=12, h=8)))
     table = f"{base}modules"
     if keys.history.get(table) == "table-file":
-        panels.append(wr.WeavePanelSummaryTable(table_name=table, layout=wr.Layout(w=12, h=8)))
+        # the default size: wandb-workspaces 0.4.13 reads this panel back without its layout
+        panels.append(wr.WeavePanelSummaryTable(table_name=table))
     return _section(ws, f"uma/{metric}", panels)
 
 
