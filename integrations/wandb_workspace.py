@@ -33,6 +33,7 @@ known before).
 
 from __future__ import annotations
 
+import json
 import re
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
@@ -199,6 +200,8 @@ def keys_from_api(path: str, run_id: str, api: Any = None) -> LoggedKeys:
         if history_keys is None:  # a lazily loaded run: load its full data
             run.load(force=True)
             history_keys = run._attrs.get("historyKeys")
+        if isinstance(history_keys, str) and len(history_keys) < 64 * 2**20:  # JSON text, as GraphQL may give it
+            history_keys = json.loads(history_keys)
         summary, config = list(run.summary.keys()), run.rawconfig
     except Exception as err:  # noqa: BLE001 (wandb's CommError, an unknown run, no access: one message)
         raise ValueError(f"--run {run_id}: cannot read run {path}/{run_id} from W&B ({type(err).__name__}: {str(err)[:300]})") from err

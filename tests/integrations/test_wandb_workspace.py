@@ -175,6 +175,31 @@ def test_hostile_history_keys_are_left_out():
     assert wsp.LoggedKeys.from_history_keys(None, (), None).families() == []
 
 
+class _Api:
+    """A ``wandb.Api`` stand-in: one run with the public API's attributes, or a refusal."""
+
+    def __init__(self, run=None):
+        self._run = run
+
+    def run(self, path):
+        if self._run is None:
+            raise ValueError(f"Could not find run {path}")
+        return self._run
+
+
+def test_run_keys_read_through_the_public_api_shapes():
+    from types import SimpleNamespace
+
+    history = {"keys": {"uma/fisher/trace": {"typeCounts": [{"type": "number", "count": 2}]},
+                        "uma/fisher/figures/spectrum": {"typeCounts": [{"type": "image-file", "count": 2}]}}, "lastStep": 9}
+    run = SimpleNamespace(_attrs={"historyKeys": json.dumps(history)}, summary={"uma/fisher/status": "partial"}, rawconfig={})
+    keys = wsp.keys_from_api("e/p", "abc", api=_Api(run))
+    assert keys.history == {"uma/fisher/trace": "number", "uma/fisher/figures/spectrum": "image-file"}
+    assert keys.summary == {"uma/fisher/status"} and keys.families() == ["fisher"]
+    with pytest.raises(ValueError, match="--run abc"):
+        wsp.keys_from_api("e/p", "abc", api=_Api())
+
+
 def test_dry_run_writes_the_json_and_opens_no_socket(tmp_path, monkeypatch, capsys):
     from uma_callbacks.cli import main
 
