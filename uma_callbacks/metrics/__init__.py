@@ -10,6 +10,8 @@ from uma_callbacks.metrics.fisher import FisherInformation
 from uma_callbacks.metrics.fisher_overlap import FisherOverlap
 from uma_callbacks.metrics.gradient_flow import GradientFlow
 from uma_callbacks.metrics.hessian import HessianSpectrum
+from uma_callbacks.metrics.hessian_density import HessianDensity
+from uma_callbacks.metrics.influence import ProbeInfluence
 from uma_callbacks.metrics.information import InformationTheory
 from uma_callbacks.metrics.interpolation import CheckpointInterpolation
 from uma_callbacks.metrics.landscape import LossLandscape
@@ -38,6 +40,8 @@ METRICS: dict[str, type[Metric]] = {
     Modularity.name: Modularity,
     WeightSpectra.name: WeightSpectra,
     DirectionalSharpness.name: DirectionalSharpness,
+    HessianDensity.name: HessianDensity,
+    ProbeInfluence.name: ProbeInfluence,
 }
 
 
@@ -82,6 +86,7 @@ __all__ = [
     "FisherInformation",
     "FisherOverlap",
     "GradientFlow",
+    "HessianDensity",
     "HessianSpectrum",
     "InformationTheory",
     "LossLandscape",
@@ -89,6 +94,7 @@ __all__ = [
     "Metric",
     "MetricResult",
     "Modularity",
+    "ProbeInfluence",
     "Representations",
     "TaskVectors",
     "Trajectory",
