@@ -19,6 +19,10 @@ Per record, in that one row:
   ``wandb.Image``: landscape heatmap, spectrum, gradient flow per layer);
 - per-module values as a ``wandb.Table`` ``uma/<metric>/modules`` with columns
   ``step, module, metric, value`` (from the ``layers/<module>/<scalar>`` scalars);
+- native charts under ``uma/<metric>/charts/`` (:mod:`~uma_callbacks.integrations.wandb_charts`):
+  ``top_eigenvalues`` (``wandb.plot.line_series`` over the steps, the earlier ones read from
+  the journal), ``grid`` (the landscape as a ``wandb.Table`` heatmap), ``layers/<scalar>``
+  (``wandb.plot.bar``, one bar per module); a chart that fails is left out, never the values;
 
 then the record's files (JSON, npz, PNG, safetensors) as an artifact of type
 ``uma-results`` named ``uma-<run id>-<metric>-step-<N>``, each file keeping its journal folder
@@ -69,6 +73,7 @@ from uma_callbacks.integrations.base import (
     uploadable_files,
 )
 from uma_callbacks.integrations.status import parse_step, skip_text, status_updates
+from uma_callbacks.integrations.wandb_charts import SeriesHistory, record_charts
 
 logger = logging.getLogger(__name__)
 
@@ -107,6 +112,8 @@ class WandbSink(Sink):
         writer_label: join ``run_id`` as a second writer while another process has it open
             (shared mode, labelled so; offline: a run file of its own under that id); see
             the module docstring.
+        log_charts: log the native charts of :mod:`~uma_callbacks.integrations.wandb_charts`
+            (eigenvalues over steps, the landscape heatmap, per-module bars).
 
     Raises:
         ModuleNotFoundError: wandb is not installed (names the pip extra).
@@ -126,6 +133,7 @@ class WandbSink(Sink):
         run_id: str | None = None,
         fallback_dir: str | os.PathLike[str] | None = None,
         writer_label: str | None = None,
+        log_charts: bool = True,
     ) -> None:
         super().__init__()
         self._wandb = _import_wandb()
@@ -155,6 +163,8 @@ class WandbSink(Sink):
         self._failed_at = -math.inf
         self.retry_interval = float(retry_interval)
         self._refused_files: set[str] = set()
+        self._log_charts = bool(log_charts)
+        self._history = SeriesHistory()
 
     # ------------------------------------------------------------------ run
     @keeps_rng
@@ -256,11 +266,21 @@ class WandbSink(Sink):
         rows = _module_rows(record)
         if rows and (step, table_key) not in self._logged:
             row[table_key] = wandb.Table(columns=["step", "module", "metric", "value"], data=rows)
-        if row:
-            for key in row:
+        charts = {k: v for k, v in self._charts(record, Path(root), files).items() if (step, k) not in self._logged}
+        if row or charts:
+            for key in (*row, *(f"{k}_table" for k in charts)):  # a chart's history key is its table's
                 self._bind(key)
-            self._run.log({STEP_KEY: step, **row})
-            self._logged.update((step, key) for key in row)
+            try:
+                self._run.log({STEP_KEY: step, **row, **charts})
+            except Exception as err:
+                if not charts:
+                    raise
+                # a chart W&B could not take never costs the record's values: the row again without them
+                logger.debug("uma: charts of %s at step %d not logged (%s: %.200s)", record.metric, step, type(err).__name__, err)
+                charts = {}
+                if row:
+                    self._run.log({STEP_KEY: step, **row})
+            self._logged.update((step, key) for key in (*row, *charts))
         self._show_status(record)  # the latest step with a value, or a newer failure
         summary = record.meta.get("summary") if isinstance(record.meta, dict) else None
         for name, value in (summary if isinstance(summary, dict) else {}).items():  # one-off findings (early bird)
@@ -275,6 +295,16 @@ class WandbSink(Sink):
                 artifact.add_file(str(path), name=f"{artifact_folder(Path(root), path)}/{path.name}")
             self._run.log_artifact(artifact)
             self._logged.add((step, artifact_key))
+
+    def _charts(self, record: Record, root: Path, files: list[Path]) -> dict[str, Any]:
+        """The record's native charts (:func:`~uma_callbacks.integrations.wandb_charts.record_charts`); ``{}`` if off or failing."""
+        if not self._log_charts:
+            return {}
+        try:
+            return record_charts(self._wandb, record, root, files, self._history)
+        except Exception as err:  # noqa: BLE001 (a chart never costs the record's values)
+            logger.debug("uma: charts of %s at step %s skipped (%s: %.200s)", record.metric, record.step, type(err).__name__, err)
+            return {}
 
     def _show_status(self, record: Record) -> None:
         """Set the summary's latest outcome by :func:`~uma_callbacks.integrations.status.status_updates`.
