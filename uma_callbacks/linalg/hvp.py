@@ -135,6 +135,7 @@ class HessianOperator:
         if any(p.dtype != self._dtype for p in self.params):
             self._dtype = torch.float64 if any(p.dtype == torch.float64 for p in self.params) else torch.float32
         self.matvecs = 0
+        self.block_matvecs = 0  # products of restricted blocks (:meth:`restrict`)
         self.product_seconds = 0.0  # time callers spent in products (they add it)
         self.batched = True
         self.batch_error = ""
@@ -200,53 +201,74 @@ class HessianOperator:
         Raises:
             ValueError: ``rows`` is not ``[b, P]``, or ``out`` is not ``[b, P]`` in the
                 parameters' dtype.
+        """  # noqa: DOC502 (raised by _products)
+        out = self._products(rows, out, list(range(len(self.params))))
+        self.matvecs += rows.shape[0]
+        if self.on_matvec is not None:
+            self.on_matvec(self.matvecs + self.block_matvecs)
+        return out
+
+    def _products(self, rows: torch.Tensor, out: torch.Tensor | None, positions: list[int]) -> torch.Tensor:
+        """``H_SS v_j`` for the rows of ``V [b, P_S]``: the products restricted to the parameters ``positions``.
+
+        S = all parameters is :meth:`matmat_rows`; a block S is :meth:`restrict`'s operator.
+        Summed over ranks and divided by N; counts nothing.
+
+        Raises:
+            ValueError: ``rows`` is not ``[b, P_S]``, or ``out`` is not ``[b, P_S]`` in the
+                parameters' dtype.
         """
+        like = [self.params[j] for j in positions]
+        dim = sum(p.numel() for p in like)
         b = rows.shape[0]
-        if rows.dim() != 2 or rows.shape[1] != self.dim:
-            raise ValueError(f"rows must be [b, {self.dim}]; got shape {tuple(rows.shape)}")
+        if rows.dim() != 2 or rows.shape[1] != dim:
+            raise ValueError(f"rows must be [b, {dim}]; got shape {tuple(rows.shape)}")
         if out is None:
-            out = torch.empty(b, self.dim, dtype=self._dtype, device=self._device)
-        elif out.shape != (b, self.dim) or out.dtype != self._dtype:
-            raise ValueError(f"out must be [{b}, {self.dim}] of {self._dtype}; got {tuple(out.shape)} {out.dtype}")
+            out = torch.empty(b, dim, dtype=self._dtype, device=self._device)
+        elif out.shape != (b, dim) or out.dtype != self._dtype:
+            raise ValueError(f"out must be [{b}, {dim}] of {self._dtype}; got {tuple(out.shape)} {out.dtype}")
         rows = rows.to(self._device)
         if b > 1 and self.batched:
             try:
-                self._accumulate(rows, out, batched=True)
+                self._accumulate(rows, out, positions, batched=True)
             except RuntimeError as err:  # no batching rule for some backward op: one at a time
                 self.batched = False
                 self.batch_error = str(err).splitlines()[0][:200]
         if b == 1 or not self.batched:
             for j in range(b):
-                self._accumulate(rows[j : j + 1], out[j : j + 1], batched=False)
+                self._accumulate(rows[j : j + 1], out[j : j + 1], positions, batched=False)
         if not self.cache_graph:
             self._graph = None
         self.collective.sum_([out])
         out.div_(self.n_total)
-        self.matvecs += b
-        if self.on_matvec is not None:
-            self.on_matvec(self.matvecs)
         return out
 
-    def _accumulate(self, rows: torch.Tensor, out: torch.Tensor, *, batched: bool) -> None:
-        """``out [b, P] = sum over local chunks of d/dtheta (g_c . v_j)`` for the rows v_j.
+    def _accumulate(self, rows: torch.Tensor, out: torch.Tensor, positions: list[int], *, batched: bool) -> None:
+        """``out [b, P_S] = sum over local chunks of d/dtheta_S (g_S,c . v_j)`` for the rows v_j.
 
-        b = 1 when not ``batched``. Per chunk one double backward, its parts copied or added
-        into the parameter slices of ``out``.
+        S = the parameters ``positions``: only their first-backward gradients are
+        differentiated, and only with respect to them (autograd runs no node off the paths
+        from g_S to theta_S, and forms no other parameter's gradient). b = 1 when not
+        ``batched``. Per chunk one double backward, its parts copied or added into the
+        parameter slices of ``out``.
         """
-        targets = _row_views(out, self.params)
+        like = [self.params[j] for j in positions]
+        targets = _row_views(out, like)
         vectors = [
             v.reshape(v.shape[0], *p.shape).to(p.dtype) if batched else v.reshape(p.shape).to(p.dtype)
-            for v, p in zip(_row_views(rows, self.params), self.params)
+            for v, p in zip(_row_views(rows, like), like)
         ]
-        written = [False] * len(self.params)
+        written = [False] * len(like)
         for grads, index, _losses in self._gradients():
-            if not index:
+            differentiable = set(index)
+            used = [i for i, j in enumerate(positions) if j in differentiable]
+            if not used:
                 continue
             with torch.enable_grad():
                 parts = torch.autograd.grad(
-                    [grads[j] for j in index],
-                    self.params,
-                    grad_outputs=[vectors[j] for j in index],
+                    [grads[positions[i]] for i in used],
+                    like,
+                    grad_outputs=[vectors[i] for i in used],
                     # read per chunk: the first chunk's graph may just have decided the caching
                     retain_graph=True if batched else self.cache_graph,
                     allow_unused=True,
@@ -264,6 +286,27 @@ class HessianOperator:
         for j, done in enumerate(written):
             if not done:
                 targets[j].zero_()
+
+    def restrict(self, names: Sequence[str]) -> HessianBlock:
+        """The operator of the diagonal block H_SS for the parameters ``names`` (a subset of :attr:`names`).
+
+        It shares this operator's first backward: the cached graph of every chunk (or, when
+        not cached, the same re-run per product), so any number of blocks pay for one.
+
+        Args:
+            names: parameter names of the block, each in :attr:`names`.
+
+        Returns:
+            A :class:`HessianBlock` (its flat vectors follow the order of :attr:`names`).
+
+        Raises:
+            ValueError: a name that is not a parameter of this operator, or none.
+        """
+        where = {n: j for j, n in enumerate(self.names)}
+        missing = [n for n in names if n not in where]
+        if missing or not names:
+            raise ValueError(f"HessianOperator.restrict: names must be a non-empty subset of the operator's parameters; got {missing or list(names)}")
+        return HessianBlock(self, sorted({where[n] for n in names}))
 
     def close(self) -> None:
         """Free the cached graphs (also done when the operator is garbage-collected)."""
@@ -369,6 +412,78 @@ class HessianOperator:
         if not self.cache_graph:
             self._graph = None
         self.collective.sum_([out])
+        return out
+
+
+class HessianBlock:
+    r"""The diagonal block H_SS [P_S, P_S] of a :class:`HessianOperator`, for a subset S of its parameters.
+
+    v_S -> H_SS v_S = (1/N) sum_c nabla_{theta_S} [ g_{S,c} . v_S ], with g_{S,c} the
+    chunk's first-backward gradients of the block's parameters: the second backward
+    differentiates only those, with respect to the block's parameters only, so the other
+    parameters' Hessian rows are neither formed nor stored. The first backward is the
+    parent's (:meth:`HessianOperator.restrict`): cached once, every block reuses it.
+
+    Attributes:
+        parent: the whole-model operator.
+        names: the block's parameter names (the parent's order).
+        params: the block's parameters.
+        dim: P_S.
+        matvecs: products of this block so far (also counted in ``parent.block_matvecs``).
+    """
+
+    def __init__(self, parent: HessianOperator, positions: list[int]) -> None:
+        self.parent = parent
+        self.positions = list(positions)
+        self.names = [parent.names[j] for j in self.positions]
+        self.params = [parent.params[j] for j in self.positions]
+        self.dim = sum(p.numel() for p in self.params)
+        self.matvecs = 0
+
+    @property
+    def dtype(self) -> torch.dtype:
+        """The dtype of the flat vectors (the parent's)."""
+        return self.parent.dtype
+
+    @property
+    def device(self) -> torch.device:
+        """Where the products are taken."""
+        return self.parent.device
+
+    def flat_slice(self, vectors: torch.Tensor) -> torch.Tensor:
+        """The block's entries of whole-model flat vectors: ``[..., P] -> [..., P_S]`` (a copy).
+
+        Args:
+            vectors: ``[P]`` or ``[b, P]`` in the parent's parameter order.
+
+        Returns:
+            The columns of the block's parameters, in the block's order.
+        """
+        starts = [0]
+        for p in self.parent.params:
+            starts.append(starts[-1] + p.numel())
+        return torch.cat([vectors[..., starts[j] : starts[j + 1]] for j in self.positions], dim=-1)
+
+    def matvec(self, vector: torch.Tensor) -> torch.Tensor:
+        """H_SS v for a flat ``vector [P_S]``; returns ``[P_S]`` in the vector's dtype and device."""
+        out = self.matmat_rows(vector.reshape(1, -1).to(self.parent._dtype))
+        return out.reshape(-1).to(vector.dtype).to(vector.device)
+
+    def matmat_rows(self, rows: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
+        """H_SS v_j for the rows of ``V [b, P_S]`` (see :meth:`HessianOperator.matmat_rows`).
+
+        Args:
+            rows: ``[b, P_S]``.
+            out: an optional ``[b, P_S]`` buffer in the parameters' dtype and device.
+
+        Returns:
+            ``out`` (or a new ``[b, P_S]``) in the parameters' dtype and device.
+        """  # noqa: DOC502 (the ValueError of a wrong shape comes from HessianOperator._products)
+        out = self.parent._products(rows, out, self.positions)
+        self.matvecs += rows.shape[0]
+        self.parent.block_matvecs += rows.shape[0]
+        if self.parent.on_matvec is not None:
+            self.parent.on_matvec(self.parent.matvecs + self.parent.block_matvecs)
         return out
 
 

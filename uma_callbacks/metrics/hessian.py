@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import difflib
 import math
 import time
 from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
@@ -20,7 +22,7 @@ from uma_callbacks.linalg.hutchinson import (
     trace_spread,
     trace_too_uncertain,
 )
-from uma_callbacks.linalg.hvp import HessianOperator, split_flat
+from uma_callbacks.linalg.hvp import HessianBlock, HessianOperator, split_flat
 from uma_callbacks.linalg.lanczos import (
     LanczosProgress,
     LanczosResult,
@@ -35,6 +37,7 @@ from uma_callbacks.metrics.base import (
     Metric,
     MetricResult,
     check_choice,
+    module_of,
 )
 from uma_callbacks.metrics.time_cost import Scaling, UnitCosts
 
@@ -69,6 +72,20 @@ class HessianSpectrum(Metric):
       lambda_max / lambda_min of H) when lambda_k > 0; ``inf`` when lambda_k <= 0 (the
       top-k block is not positive definite). Journals before these names call the two
       ``effective_rank`` and ``condition_number``.
+
+    Per-block curvature (``blocks``): for each block S of parameters (a module's),
+    ``layers/<module>/top_eigenvalue`` = lambda_1(H_SS), the top eigenvalue of the diagonal
+    block of H for the block's parameters, by Lanczos (top-1, the same ``tol``,
+    ``residual_tol`` and start rule, the start being the block's slice of the gradient
+    sketch) on products restricted to the block
+    (:class:`~uma_callbacks.linalg.hvp.HessianBlock`: the second backward differentiates
+    only the block's gradients, with respect to the block's parameters; every block
+    shares the whole model's cached first backward). ``layers/<module>/trace`` =
+    tr(H_SS) and ``layers/<module>/trace_stderr``, from the whole model's Hutchinson
+    probes at no extra product: t_j,S = sum_{i in S} z_j,i (H z_j)_i is unbiased for
+    tr(H_SS) (E[z_i z_l] = delta_il), its variance including the off-block terms.
+    ``meta["blocks"]`` holds each block's products, parameters and relative residual; a
+    block outside ``residual_tol`` makes the result ``"partial"``.
 
     Stopped by its time limit (one process), the result keeps what was finished
     (``status="partial"``, ``meta["progress"]``): during Lanczos, the Ritz values and
@@ -125,12 +142,17 @@ class HessianSpectrum(Metric):
             Lanczos (the three-term recurrence with measured coefficients, then a full
             reorthogonalisation whenever Simon's estimate of the lost orthogonality asks
             for one; ``meta["lanczos_basis_rows_read"]`` counts what those passes read).
+        blocks: per-block top eigenvalue and trace (see above): ``"layers"`` (one block per
+            module owning trainable parameters, its own parameters), a list of module names
+            (each block: every trainable parameter under the module), or ``None`` (none).
         chunk_size: samples per double backward.
         timeout_seconds: stop between products past this time.
 
     Raises:
         ValueError: ``top_k < 1``, ``hutchinson_samples`` negative or 1, ``tol`` not
-            positive, ``max_iter`` not a positive integer.
+            positive, ``max_iter`` not a positive integer, ``blocks`` not ``"layers"``, a
+            list of module names or ``None`` (at compute: a name the model does not have, or
+            a module without trainable parameters).
 
     Example:
         >>> lin = torch.nn.Linear(3, 1).double()
@@ -160,6 +182,7 @@ class HessianSpectrum(Metric):
         block_size: int | None = None,
         residual_tol: float = 1e-2,
         start: str = "gradients",
+        blocks: str | Sequence[str] | None = None,
         chunk_size: int | None = None,
         timeout_seconds: float | None = None,
     ) -> None:
@@ -177,6 +200,7 @@ class HessianSpectrum(Metric):
         validate.check_seed("HessianSpectrum.seed", seed)
         validate.check_int("HessianSpectrum.block_size", block_size, 1, validate.MAX_TOP_K, allow_none=True)
         check_choice("HessianSpectrum.start", start, ("gradients", "random"))
+        self.blocks = check_blocks(blocks)
         self.top_k = top_k
         self.hutchinson_samples = hutchinson_samples
         self.return_eigenvectors = bool(return_eigenvectors)
@@ -315,9 +339,11 @@ class HessianSpectrum(Metric):
         history: list[list[float]] = []  # [matvecs, max absolute Ritz residual] per block step
         progress = LanczosProgress()  # the Ritz values so far, should the time limit stop Lanczos
         probes: list[float] = []  # the Hutchinson t_j taken so far
+        blocks = _Blocks({m: op.restrict(names) for m, names in self._block_names(ctx.model, params).items()})
         ctx.keep_partial(lambda: self._kept(ctx, params, progress.result(), probes, op, block, history))
         lanczos_started = time.perf_counter()
         try:
+            sketch = op.gradient_sketch(block, self.seed) if self.start == "gradients" else None
             if block == 1:
                 product = _rows_product(op, 1, dtype, device)
                 lz = lanczos_top_k(
@@ -331,7 +357,7 @@ class HessianSpectrum(Metric):
                     device=device,
                     basis_device=basis_device,
                     return_vectors=self.return_eigenvectors,
-                    start=op.gradient_sketch(1, self.seed)[0] if self.start == "gradients" else None,
+                    start=sketch[0] if sketch is not None else None,
                     on_step=lambda m, res: history.append([m, float(res.max()) if res.numel() else math.nan]),
                     product_is_scratch=True,  # the product's reused buffer becomes the work vector
                     progress=progress,
@@ -350,29 +376,94 @@ class HessianSpectrum(Metric):
                     basis_device=basis_device,
                     return_vectors=self.return_eigenvectors,
                     rows=True,
-                    start=op.gradient_sketch(block, self.seed) if self.start == "gradients" else None,
+                    start=sketch,
                     on_step=lambda m, res: history.append([m, float(res.max()) if res.numel() else math.nan]),
                     progress=progress,
                 )
             lanczos_matvecs = op.matvecs
             ctx.meta["lanczos_seconds"] = time.perf_counter() - lanczos_started
             done = lz  # Lanczos finished: a stop during Hutchinson keeps all of it
-            ctx.keep_partial(lambda: self._kept(ctx, params, done, probes, op, block, history, lanczos_matvecs))
+            keep = lambda: self._kept(ctx, params, done, probes, op, block, history, lanczos_matvecs, blocks)  # noqa: E731
+            ctx.keep_partial(keep)
+            if blocks.ops:
+                started = time.perf_counter()
+                self._block_spectra(blocks, sketch, dtype, device, basis_device)
+                ctx.meta["blocks_seconds"] = time.perf_counter() - started
             if self.hutchinson_samples:
                 hut = hutchinson_trace(
-                    op.matvec,
+                    blocks.traced(op.matvec),
                     op.dim,
                     self.hutchinson_samples,
                     seed=self.seed + 1,
                     dtype=dtype,
                     device=device,
-                    matmat=op.matmat,
+                    matmat=blocks.traced(op.matmat),
                     block_size=block,
                     done=probes,
                 )
         finally:
             op.close()
-        return self._assemble(ctx, params, lz, hut, op, block, history, lanczos_matvecs)
+        return self._assemble(ctx, params, lz, hut, op, block, history, lanczos_matvecs, blocks)
+
+    def _block_names(self, model: torch.nn.Module, params: dict[str, torch.Tensor]) -> dict[str, list[str]]:
+        """``{module: [parameter names]}`` of the configured blocks (see ``blocks``), in order.
+
+        Raises:
+            ValueError: a named module the model does not have (the closest listed), or one
+                without trainable parameters.
+        """
+        if self.blocks is None:
+            return {}
+        if self.blocks == "layers":
+            out: dict[str, list[str]] = {}
+            for name in params:
+                out.setdefault(module_of(name), []).append(name)
+            return out
+        modules = dict(model.named_modules())
+        out = {}
+        for module in self.blocks:
+            if module not in modules:
+                close = difflib.get_close_matches(module, [m for m in modules if m], n=3)
+                raise ValueError(
+                    f"HessianSpectrum.blocks must be \"layers\" or names of the model's modules; "
+                    f"{module!r} is not one (closest: {close})"
+                )
+            names = [n for n in params if not module or n.startswith(module + ".")]
+            if not names:
+                raise ValueError(f"HessianSpectrum.blocks: the module {module!r} has no trainable parameters")
+            out[module] = names
+        return out
+
+    def _block_spectra(
+        self,
+        blocks: _Blocks,
+        sketch: torch.Tensor | None,
+        dtype: torch.dtype,
+        device: torch.device,
+        basis_device: str | None,
+    ) -> None:
+        """Top-1 Lanczos of every block's H_SS, into ``blocks.results`` as each finishes."""
+        for module, blk in blocks.ops.items():
+            start = blk.flat_slice(sketch[0]) if sketch is not None else None
+
+            def product(v: torch.Tensor, blk: HessianBlock = blk) -> torch.Tensor:
+                started = time.perf_counter()
+                out = blk.matmat_rows(v.reshape(1, -1).to(blk.parent._dtype))[0]
+                blk.parent.product_seconds += time.perf_counter() - started
+                return out
+
+            blocks.results[module] = lanczos_top_k(
+                product,
+                blk.dim,
+                1,
+                max_iter=min(blk.dim, self.max_iter or self.default_max_iter(1, 1)),
+                tol=self.tol,
+                seed=self.seed,
+                dtype=dtype,
+                device=device,
+                basis_device=basis_device,
+                start=start,
+            )
 
     def _kept(
         self,
@@ -384,6 +475,7 @@ class HessianSpectrum(Metric):
         block: int,
         history: list[list[float]],
         lanczos_matvecs: int | None = None,
+        blocks: _Blocks | None = None,
     ) -> MetricResult | None:
         """What a run stopped by its time limit finished (see the class docstring); ``None``: no Lanczos step.
 
@@ -399,7 +491,7 @@ class HessianSpectrum(Metric):
             hut = HutchinsonResult(trace, stderr, samples, len(probes), self.seed + 1)
             ctx.meta["hutchinson_samples_done"] = len(probes)
         matvecs = lz.matvecs if lanczos_matvecs is None else lanczos_matvecs
-        return self._assemble(ctx, params, lz, hut, op, block, history, matvecs)
+        return self._assemble(ctx, params, lz, hut, op, block, history, matvecs, blocks)
 
     def _assemble(
         self,
@@ -411,6 +503,7 @@ class HessianSpectrum(Metric):
         block: int,
         history: list[list[float]],
         lanczos_matvecs: int,
+        blocks: _Blocks | None = None,
     ) -> MetricResult:
         """The result of a Lanczos run and a trace: scalars, arrays, vectors, meta, and its status."""
         eigenvalues = lz.eigenvalues.to(torch.float64).cpu()
@@ -472,10 +565,100 @@ class HessianSpectrum(Metric):
                 f"Lanczos stopped after {lanczos_matvecs} products with a relative residual of "
                 f"{float(relative.max()):.3g} > residual_tol={self.residual_tol:g}; raise max_iter",
             )
+        if blocks is not None and blocks.ops:
+            reasons += self._block_scalars(ctx, result, blocks, hut)
         if reasons:
             result.status = "partial"
             result.meta["partial_reason"] = "; ".join(reasons)
         return result
+
+
+    def _block_scalars(
+        self, ctx: ComputeContext, result: MetricResult, blocks: _Blocks, hut: HutchinsonResult | None
+    ) -> list[str]:
+        """Each finished block's ``layers/<module>/...`` scalars and ``meta["blocks"]``; the partial reasons."""
+        reasons = []
+        info: dict[str, dict[str, Any]] = {}
+        unconverged = []
+        for module, blk in blocks.ops.items():
+            entry: dict[str, Any] = {"n_params": blk.dim, "matvecs": blk.matvecs}
+            lz = blocks.results.get(module)
+            if lz is not None:
+                relative = relative_residuals(lz)
+                result.scalars[f"layers/{module}/top_eigenvalue"] = float(lz.eigenvalues[0]) if lz.eigenvalues.numel() else math.nan
+                entry["relative_residual"] = float(relative.max()) if relative.numel() else math.nan
+                entry["converged"] = bool(lz.converged)
+                if not within_tolerance(lz, self.residual_tol):
+                    unconverged.append(module)
+            samples = blocks.probes.get(module, [])
+            if hut is not None and len(samples) >= 2:
+                trace, stderr = mean_and_stderr(torch.tensor(samples[: hut.matvecs], dtype=torch.float64))
+                result.scalars[f"layers/{module}/trace"] = trace
+                result.scalars[f"layers/{module}/trace_stderr"] = stderr
+            info[module] = entry
+        ctx.meta["blocks"] = info
+        ctx.meta["block_matvecs"] = sum(blk.matvecs for blk in blocks.ops.values())
+        missing = [m for m in blocks.ops if m not in blocks.results]
+        if missing:
+            reasons.append(f"{len(missing)} of {len(blocks.ops)} blocks not reached (first: {missing[0]})")
+        if unconverged:
+            reasons.append(
+                f"{len(unconverged)} blocks' top eigenvalue above residual_tol={self.residual_tol:g} "
+                f"(first: {unconverged[0]}); raise max_iter"
+            )
+        return reasons
+
+
+@dataclass
+class _Blocks:
+    """The per-block operators (:meth:`HessianSpectrum._block_names`) and what each has finished.
+
+    ``results``: top-1 Lanczos of H_SS per module; ``probes``: the t_j,S of every
+    Hutchinson probe taken so far (:meth:`traced`).
+    """
+
+    ops: dict[str, HessianBlock]
+    results: dict[str, LanczosResult] = field(default_factory=dict)
+    probes: dict[str, list[float]] = field(default_factory=dict)
+
+    def traced(self, product: Callable[[torch.Tensor], torch.Tensor]) -> Callable[[torch.Tensor], torch.Tensor]:
+        """``product`` (``z [P] or Z [P, b] -> H Z``), also adding each block's sum_{i in S} z_i (H z)_i to ``probes``."""
+        if not self.ops:
+            return product
+        parent = next(iter(self.ops.values())).parent
+        sizes = [p.numel() for p in parent.params]
+
+        def traced(z: torch.Tensor) -> torch.Tensor:
+            hz = product(z)
+            terms = (z.to(torch.float64) * hz.to(torch.float64)).reshape(z.shape[0], -1)  # [P, b]
+            per_param = torch.stack([part.sum(0) for part in torch.split(terms, sizes)]).cpu()  # [params, b]
+            for module, blk in self.ops.items():
+                self.probes.setdefault(module, []).extend(per_param[blk.positions].sum(0).tolist())
+            return hz
+
+        return traced
+
+
+def check_blocks(blocks: Any) -> str | list[str] | None:
+    """``HessianSpectrum.blocks`` validated: ``None``, ``"layers"`` or a list of distinct module names.
+
+    Args:
+        blocks: the argument.
+
+    Returns:
+        ``None``, ``"layers"`` or a list of strings.
+
+    Raises:
+        ValueError: anything else (the field and the allowed values named).
+    """
+    allowed = '"layers", a non-empty list of distinct module names (model.named_modules()) or None'
+    if blocks is None or blocks == "layers":
+        return blocks
+    if isinstance(blocks, str) or not isinstance(blocks, (list, tuple)) or not blocks:
+        raise ValueError(f"HessianSpectrum.blocks must be {allowed}; got {blocks!r}")
+    if not all(isinstance(m, str) for m in blocks) or len(set(blocks)) != len(blocks) or len(blocks) > validate.MAX_DRAWS:
+        raise ValueError(f"HessianSpectrum.blocks must be {allowed}; got {list(blocks)!r}")
+    return list(blocks)
 
 
 def _leading_within(relative: torch.Tensor, tol: float) -> int:
