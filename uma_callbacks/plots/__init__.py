@@ -29,6 +29,7 @@ from uma_callbacks.plots import weight_space as _weight_space  # noqa: F401 (reg
 from uma_callbacks.plots import representations as _representations  # noqa: F401 (registers its figures)
 from uma_callbacks.plots import spectra as _spectra  # noqa: F401 (registers its figures)
 from uma_callbacks.plots import sharpness as _sharpness  # noqa: F401 (registers its figures)
+from uma_callbacks.plots import hessian_blocks as _hessian_blocks  # noqa: F401 (registers its figures)
 from uma_callbacks.plots import density as _density  # noqa: F401 (registers its figures)
 from uma_callbacks.plots import influence as _influence  # noqa: F401 (registers its figures)
 # isort: on
