@@ -159,7 +159,8 @@ def test_report_to_resolution_none_one_both_or_own_sink(tmp_path):
         return [s.name for s in trainer_sinks(SimpleNamespace(report_to=report_to), cb.config.trackers, tmp_path)[0]]
 
     assert resolve("none") == []  # journal only
-    assert resolve(["tensorboard"]) == []  # trackers we do not know are the Trainer's business
+    assert resolve(["tensorboard"]) == ["tensorboard"]  # a tracker with a sink joins the Trainer's
+    assert resolve(["clearml", "comet_ml"]) == []  # trackers we do not know are the Trainer's business
     assert resolve(["mlflow", "wandb"], trackers=[]) == []  # trackers=[] overrides report_to
     own = MemorySink()
     assert resolve("none", trackers=[own]) == ["memory"]
