@@ -47,6 +47,7 @@ from safetensors import SafetensorError
 
 from uma_callbacks.config import UMAConfig
 from uma_callbacks.core.distributed import Collective, current_collective
+from uma_callbacks.core.optimizer_state import OptimizerSnapshot, from_optimizer
 from uma_callbacks.core.records import Record
 from uma_callbacks.core.rng import rng_preserved
 from uma_callbacks.core.sharding import deepspeed_zero3_reason
@@ -362,6 +363,7 @@ class Session:
         label: str = "",
         seconds: float | None = None,
         only: Collection[str] | None = None,
+        optimizer: Any = None,
     ) -> list[Record]:
         """Measure ``model`` at ``step`` (every rank calls it; a step is measured once).
 
@@ -376,6 +378,11 @@ class Session:
                 training; none in a backfill: ``seconds_per_save`` or no budget).
             only: measure these metrics only (by name; a resume completing a cut-off save);
                 ``None``: every configured metric.
+            optimizer: the optimizer's state at this checkpoint, for the metrics that read it
+                (``needs_optimizer``): a live optimizer (or a list of them; named after
+                ``model``'s parameters by identity), an
+                :class:`~uma_callbacks.core.optimizer_state.OptimizerSnapshot` (a backfill's
+                ``optimizer.pt``), or ``None``.
 
         Returns:
             One record per metric (empty when the step was measured already).
@@ -405,8 +412,9 @@ class Session:
                 self.suite.metrics = [m for m in every if m.name in set(only)]
             try:
                 records = self.suite.run(
-                    model, self.probe, step=int(step), checkpoint=fingerprint, history=self.history, seconds=seconds
-                )
+                    model, self.probe, step=int(step), checkpoint=fingerprint, history=self.history, seconds=seconds,
+                    optimizer=self._optimizer_state(optimizer, model),
+                )  # fmt: skip
             finally:
                 self.suite.metrics = every
             self.history.push(model, int(step), fingerprint)
@@ -420,6 +428,14 @@ class Session:
         if self._clock is not None:
             self._clock = time.monotonic()  # the next budget counts training time only
         return records
+
+    def _optimizer_state(self, optimizer: Any, model: torch.nn.Module) -> OptimizerSnapshot | None:
+        """The state a metric reading the optimizer gets (``None`` when none of this save's metrics reads it)."""
+        if optimizer is None or not any(m.needs_optimizer for m in self.suite.metrics):
+            return None
+        if isinstance(optimizer, OptimizerSnapshot):
+            return optimizer
+        return from_optimizer(optimizer, model)
 
     def predict_costs(self, model: torch.nn.Module) -> dict[str, tuple[float, float]]:
         """Time the probe's unit costs on ``model`` and log one line: each metric's predicted seconds per save.

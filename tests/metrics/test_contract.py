@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+import copy
+
 import pytest
 import torch
 
 from tests.cases import qwen2_case
+from uma_callbacks.core.optimizer_state import from_optimizer
 from uma_callbacks.metrics import METRICS
 from uma_callbacks.metrics.base import CheckpointState, History
 
@@ -20,6 +23,18 @@ SMALL = {
 
 def _build(name, model):
     return METRICS[name](**SMALL.get(name, {}))
+
+
+def _optimizer(name, model) -> dict:
+    """``{"optimizer_state": ...}`` for a metric that reads one: an AdamW step taken on a copy of the model."""
+    if not METRICS[name].needs_optimizer:
+        return {}
+    twin = copy.deepcopy(model)
+    opt = torch.optim.AdamW([p for p in twin.parameters() if p.requires_grad])
+    for p in opt.param_groups[0]["params"]:
+        p.grad = torch.ones_like(p)
+    opt.step()
+    return {"optimizer_state": from_optimizer(opt, twin)}
 
 
 def _history(model) -> History:
@@ -43,7 +58,7 @@ def test_model_comes_back_exactly_as_it_went_in(name):
     rng = torch.get_rng_state()
     metric = _build(name, model)
     torch.set_rng_state(rng)
-    result = metric.compute(model, batches, loss_fn, history=_history(model))
+    result = metric.compute(model, batches, loss_fn, history=_history(model), **_optimizer(name, model))
     # partial: values kept, short of an accuracy (the Hessian's 2-probe trace here)
     assert result.status in ("ok", "partial"), result.error
     after = model.state_dict()
@@ -61,5 +76,5 @@ def test_existing_grads_survive(name):
     model, batches, loss_fn = qwen2_case(dtype=torch.float32)
     loss_fn(model, batches[0]).sum().backward()
     grads = {n: p.grad.clone() for n, p in model.named_parameters()}
-    _build(name, model).compute(model, batches, loss_fn, history=_history(model))
+    _build(name, model).compute(model, batches, loss_fn, history=_history(model), **_optimizer(name, model))
     assert all(torch.equal(p.grad, grads[n]) for n, p in model.named_parameters())

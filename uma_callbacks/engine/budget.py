@@ -586,6 +586,7 @@ def compute_within_budget(
     calibration_chunk: int = 1,
     timeout_seconds: float | None = None,
     device: torch.device | None = None,
+    optimizer_state: Any = None,
 ) -> Any:
     """``metric.compute`` with the chunk the budget plans, halving it on allocation failures.
 
@@ -621,6 +622,7 @@ def compute_within_budget(
         timeout_seconds: the time limit decided by the caller (``Metric.time_limit``);
             ``None``: the metric's own.
         device: the model's device when the caller knows it.
+        optimizer_state: the optimizer's state, for a metric that reads it.
 
     Returns:
         The ``MetricResult``, with ``chunk_size``, ``retries`` and the plan in ``meta``;
@@ -653,6 +655,7 @@ def compute_within_budget(
                 result = metric.compute(
                     model, batches, loss, collective=collective, chunk_size=chunk, timeout_seconds=timeout_seconds,
                     history=history, device=where, state_held=True,
+                    **({"optimizer_state": optimizer_state} if optimizer_state is not None else {}),
                 )  # fmt: skip
             except Exception as err:  # only allocation failures are handled here
                 if not is_out_of_memory(err):

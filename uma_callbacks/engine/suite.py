@@ -36,6 +36,7 @@ from uma_callbacks.core.distributed import AgreeingCollective, Collective, Local
 from uma_callbacks.core.interrupt import MetricInterrupted, deferred_sigterm, redeliver_if_requested
 from uma_callbacks.core.losses import LossFn
 from uma_callbacks.core.model_state import preserved_model_state
+from uma_callbacks.core.optimizer_state import OptimizerSnapshot
 from uma_callbacks.core.records import Record
 from uma_callbacks.engine.budget import MemoryBudget, compute_within_budget, release_memory
 from uma_callbacks.engine.history import CheckpointHistory
@@ -135,6 +136,7 @@ class MetricSuite:
         checkpoint: str = "",
         history: CheckpointHistory | None = None,
         seconds: float | None = None,
+        optimizer: OptimizerSnapshot | None = None,
     ) -> list[Record]:
         """Measure ``model`` on ``probe`` and return one record per metric.
 
@@ -146,6 +148,9 @@ class MetricSuite:
             history: the earlier checkpoints, for metrics that compare against them.
             seconds: the compute budget of this save (:mod:`~uma_callbacks.engine.time_budget`);
                 ``None``: every metric runs as configured.
+            optimizer: the optimizer's state at this checkpoint, given to the metrics that
+                read it (``needs_optimizer``; their cache key includes its fingerprint); ``None``:
+                none (they record a skip).
 
         Returns:
             The records, in metric order.
@@ -154,7 +159,9 @@ class MetricSuite:
         started = time.perf_counter()
         device = model_device(model)
         local_batches = self._local_batches(probe, collective, device)
-        decided = _Decided(device, self._resolve_loss(model, local_batches))
+        decided = _Decided(device, self._resolve_loss(model, local_batches), optimizer)
+        if optimizer is not None and checkpoint and any(m.needs_optimizer for m in self.metrics):
+            decided.optimizer_key = _optimizer_fingerprint(optimizer)
         if seconds is not None and collective.world_size > 1:  # every rank plans on the same budget
             seconds = _mean_over_ranks(collective, [seconds])[0]
         plans = self._plan_time(model, local_batches, collective, seconds, history, decided.loss, step, probe.fingerprint)
@@ -344,6 +351,8 @@ class MetricSuite:
         view = history.view(metric) if history is not None else None
         # a result that compares checkpoints is identified by all the checkpoints it used
         identity = "|".join([checkpoint, *view.fingerprints()]) if checkpoint and view is not None else checkpoint
+        if metric.needs_optimizer and identity:  # the optimizer's state is part of what it measures
+            identity = f"{identity}|optimizer={decided.optimizer_key or 'none'}"
         context = self._key_context(model) if checkpoint else ""
         config = self._key_config(metric) if context else None
         key = cache_key(f"{identity}|{context}", config, probe.fingerprint) if config is not None else ""
@@ -567,6 +576,7 @@ class MetricSuite:
                     calibration_chunk=self._memory_calibration_chunk.get(metric.name, 1),
                     timeout_seconds=metric.time_limit(self.timeout_seconds, budget_limit),  # an argument: the metric is not changed
                     device=decided.device,
+                    optimizer_state=decided.optimizer if metric.needs_optimizer else None,
                 )
         except Exception as err:  # isolate: a broken metric never stops training
             failure = err
@@ -727,7 +737,7 @@ class _FingerprintOnly:
     fingerprint: str
 
 
-@dataclass(frozen=True)
+@dataclass
 class _Decided:
     """What one save decides once and passes to every metric: the model's device and the resolved loss.
 
@@ -736,3 +746,13 @@ class _Decided:
 
     device: torch.device
     loss: ResolvedLoss | None
+    optimizer: OptimizerSnapshot | None = None
+    optimizer_key: str = ""
+
+
+def _optimizer_fingerprint(state: OptimizerSnapshot) -> str:
+    """The optimizer state's identity for cache keys: its tensors' fingerprint and its groups, kind and shapes."""
+    from uma_callbacks.engine.snapshot import weights_fingerprint
+
+    tensors = state.flat_tensors()
+    return f"{weights_fingerprint(tensors) if tensors else ''}:{state.fingerprint_of_meta()}"

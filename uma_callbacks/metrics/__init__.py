@@ -16,6 +16,7 @@ from uma_callbacks.metrics.information import InformationTheory
 from uma_callbacks.metrics.interpolation import CheckpointInterpolation
 from uma_callbacks.metrics.landscape import LossLandscape
 from uma_callbacks.metrics.modularity import Modularity
+from uma_callbacks.metrics.optimizer_state import OptimizerState
 from uma_callbacks.metrics.pruning import LotteryTickets
 from uma_callbacks.metrics.representations import Representations
 from uma_callbacks.metrics.sharpness import DirectionalSharpness
@@ -40,6 +41,7 @@ METRICS: dict[str, type[Metric]] = {
     Modularity.name: Modularity,
     WeightSpectra.name: WeightSpectra,
     DirectionalSharpness.name: DirectionalSharpness,
+    OptimizerState.name: OptimizerState,
     HessianDensity.name: HessianDensity,
     ProbeInfluence.name: ProbeInfluence,
 }
@@ -94,6 +96,7 @@ __all__ = [
     "Metric",
     "MetricResult",
     "Modularity",
+    "OptimizerState",
     "ProbeInfluence",
     "Representations",
     "TaskVectors",

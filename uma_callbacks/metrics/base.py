@@ -32,6 +32,7 @@ from uma_callbacks.core.distributed import Collective, LocalCollective
 from uma_callbacks.core.interrupt import MetricInterrupted, interrupt_requested
 from uma_callbacks.core.losses import LossFn
 from uma_callbacks.core.model_state import eager_attention, preserved_model_state
+from uma_callbacks.core.optimizer_state import OptimizerSnapshot
 from uma_callbacks.metrics.loss_choice import ResolvedLoss, resolve_loss
 from uma_callbacks.metrics.states import declare_state, reduce_states
 from uma_callbacks.metrics.time_cost import UnitCosts
@@ -302,6 +303,9 @@ class ComputeContext:
         meta: filled by the metric (matvecs, seeds, ...) and returned in the result.
         deadline: ``time.monotonic()`` value past which :meth:`check_time` raises.
         history: the earlier checkpoints the metric declared it needs.
+        optimizer_state: the optimizer's state at this checkpoint, by parameter name, when
+            the trigger has one (:class:`~uma_callbacks.core.optimizer_state.OptimizerSnapshot`);
+            passed to metrics that declare :attr:`Metric.needs_optimizer`.
     """
 
     model: torch.nn.Module
@@ -313,6 +317,7 @@ class ComputeContext:
     deadline: float | None = None
     progress: dict[str, Any] = field(default_factory=dict)
     history: History = field(default_factory=History)
+    optimizer_state: OptimizerSnapshot | None = None
     _kept: Callable[[], MetricResult | None] | None = field(default=None, repr=False)
 
     def trainable_params(self) -> dict[str, torch.Tensor]:
@@ -418,6 +423,8 @@ class Metric(abc.ABC):
         history_needed: how many earlier checkpoints the metric compares against (0: none);
             the session keeps that many (CPU copies) and passes them as ``ctx.history``.
         needs_first: the metric also compares against the first checkpoint of the run.
+        needs_optimizer: the metric reads the optimizer's state (``ctx.optimizer_state``); the
+            engine passes it and keys the metric's cache by it.
         default_chunk_tokens: with no ``chunk_size`` (argument, constructor or budget plan),
             chunks of at most this many tokens (samples x sequence length of the batch's
             first 2-D tensor) instead of the whole probe batch; ``None``: the whole batch.
@@ -440,6 +447,7 @@ class Metric(abc.ABC):
     needs_eager_attention: ClassVar[bool] = False
     history_needed: ClassVar[int] = 0
     needs_first: ClassVar[bool] = False
+    needs_optimizer: ClassVar[bool] = False
     #: computes right on a sharded model (FSDP2 DTensor parameters); the others are skipped there
     supports_sharded: ClassVar[bool] = False
     default_chunk_tokens: ClassVar[int | None] = None
@@ -579,6 +587,7 @@ class Metric(abc.ABC):
         history: History | None = None,
         device: torch.device | None = None,
         state_held: bool = False,
+        optimizer_state: OptimizerSnapshot | None = None,
     ) -> MetricResult:
         """Compute the metric on ``model`` over the probe ``batches``.
 
@@ -604,6 +613,8 @@ class Metric(abc.ABC):
                 :func:`~uma_callbacks.core.devices.model_device`).
             state_held: the caller holds :func:`~uma_callbacks.core.model_state.preserved_model_state`
                 around this call (the engine's one guard per metric); ``False``: taken here.
+            optimizer_state: the optimizer's state at this checkpoint (``ctx.optimizer_state``);
+                ``None``: none.
 
         Returns:
             The :class:`MetricResult`; exceptions propagate (``MetricSuite`` isolates them).
@@ -643,6 +654,7 @@ class Metric(abc.ABC):
                 collective=collective or LocalCollective(),
                 deadline=None if limit is None else time.monotonic() + limit,
                 history=history or History(),
+                optimizer_state=optimizer_state,
             )
             model.eval()
             try:

@@ -32,6 +32,7 @@ from uma_callbacks.plots import sharpness as _sharpness  # noqa: F401 (registers
 from uma_callbacks.plots import hessian_blocks as _hessian_blocks  # noqa: F401 (registers its figures)
 from uma_callbacks.plots import density as _density  # noqa: F401 (registers its figures)
 from uma_callbacks.plots import influence as _influence  # noqa: F401 (registers its figures)
+from uma_callbacks.plots import optimizer_state as _optimizer_state  # noqa: F401 (registers its figures)
 # isort: on
 
 __all__ = [

@@ -52,6 +52,7 @@ import torch
 
 from uma_callbacks.checkpoints import ensure_config_json
 from uma_callbacks.config import UMAConfig
+from uma_callbacks.core.optimizer_state import OptimizerSnapshot
 from uma_callbacks.core.records import Record
 from uma_callbacks.engine.probe import Probe
 from uma_callbacks.engine.run_identity import read_run_marker, write_run_marker
@@ -161,7 +162,10 @@ class UMAHandle:
         if not self._predicted:  # attach has no train-begin event: the line comes before the first save's metrics
             self._predicted = True
             self.session.predict_costs(model)
-        return self.session.measure(model, step)
+        # the prepared optimizers' state now, named after the model's parameters (by identity)
+        optimizers = list(getattr(self.accelerator, "_optimizers", []))
+        optimizer = optimizers or OptimizerSnapshot.unavailable("the accelerator holds no prepared optimizer")
+        return self.session.measure(model, step, optimizer=optimizer)
 
     def remove(self) -> None:
         """Undo :func:`attach`: unregister the hook, deliver pending records, finish our runs.

@@ -46,6 +46,7 @@ from uma_callbacks.metrics.base import Metric
 from uma_callbacks.metrics.trajectory import Trajectory, trajectory_scalars  # noqa: F401 (public here too)
 from uma_callbacks.session import Session
 from uma_callbacks.triggers.history_seed import seed_history
+from uma_callbacks.triggers.optimizer_file import read_optimizer_state
 from uma_callbacks.triggers.prefetch import ModelLoader, prefetched
 from uma_callbacks.triggers.run_sinks import journal_runs, offline_trackers
 
@@ -254,6 +255,7 @@ def backfill(
     loader = ModelLoader(model_factory, target)
     summary.seeded = seed_history(session, loader, checkpoints, start)
     bar = _progress(stop - start, progress)
+    reads_optimizer = any(m.needs_optimizer for m in cfg.metric_objects)
     if progress:
         session.suite.progress = _metric_lines(bar)
     for loaded, waited in prefetched(checkpoints[start:stop], prefetch, as_budget(cfg.memory_budget)):
@@ -268,8 +270,9 @@ def backfill(
         except Exception as err:  # this checkpoint is unusable; the others go on
             logger.warning("uma: checkpoint %s (step %d) skipped: %s: %s", ckpt.path, ckpt.step, type(err).__name__, err)
             records = [session.record_error(ckpt.step, "checkpoint", err, {"path": str(ckpt.path)})]
-        else:
-            records = session.measure(model, ckpt.step, label=str(ckpt.path))
+        else:  # the checkpoint's optimizer.pt / optimizer.bin, read only for a metric that needs it
+            optimizer = read_optimizer_state(ckpt.path, model) if reads_optimizer else None
+            records = session.measure(model, ckpt.step, label=str(ckpt.path), optimizer=optimizer)
         compute = time.perf_counter() - t0
         summary.load_seconds += loaded.seconds
         summary.compute_seconds += compute
