@@ -21,9 +21,14 @@ Outputs (``HessianDensity``):
 - ``trace`` = P x moments[0] and ``trace_stderr``: with Rademacher starts, P v_j^T H v_j =
   z_j^T H z_j, so this is Hutchinson's estimator on the same n_v probes;
 - ``bulk_edge``, ``n_outliers`` (and ``outlier_mass``): scanning the smoothed density
-  upwards from its peak, the bulk edge is the first grid point where the density falls
-  below ``edge_threshold`` x its peak; ``n_outliers`` = round(P x mass of the SLQ
-  distribution above the edge), the estimated number of eigenvalues above the bulk;
+  upwards from its peak, the bulk edge is the start of the first gap: the first grid
+  point from which the density stays below ``edge_threshold`` x its peak over at least
+  ``min_gap`` x the width (a dip between two quadrature nodes is narrower and is not an
+  edge); the top Ritz value when there is no such gap (then no outliers).
+  ``n_outliers`` = round(P x mass of the SLQ distribution above the edge), the estimated
+  number of eigenvalues above the bulk (an isolated eigenvalue weighs about 1/P in each
+  vector's quadrature, so the count is as noisy as the weights: a few vectors give it to
+  within a factor of about 2);
 - ``negative_mass``: the SLQ distribution's mass below -1e-6 x max|theta| (unsmoothed:
   a Gaussian around a bulk at 0 would put half of it below zero);
 - ``lambda_max``, ``lambda_min``: the extreme Ritz values over all vectors.
@@ -63,7 +68,9 @@ class HessianDensity(Metric):
             the width on each side.
         bandwidth: the Gaussian's standard deviation as a fraction of the width.
         edge_threshold: the bulk edge is where the density falls below this fraction of
-            its peak.
+            its peak (for a whole gap, see ``min_gap``).
+        min_gap: the shortest gap below ``edge_threshold`` that ends the bulk, as a
+            fraction of the width.
         seed: seeds the start vectors (vector j from ``seed + j``).
         chunk_size: samples per double backward.
         timeout_seconds: stop between products past this time.
@@ -90,8 +97,9 @@ class HessianDensity(Metric):
         n_vectors: int = 4,
         n_steps: int = 32,
         grid_points: int = 256,
-        bandwidth: float = 0.01,
+        bandwidth: float = 0.02,
         edge_threshold: float = 1e-3,
+        min_gap: float = 0.05,
         seed: int = seeds.DEFAULT_SEED,
         *,
         chunk_size: int | None = None,
@@ -103,12 +111,14 @@ class HessianDensity(Metric):
         validate.check_int("HessianDensity.grid_points", grid_points, 16, 100_000)
         validate.check_number("HessianDensity.bandwidth", bandwidth, 0, 1, lo_open=True)
         validate.check_number("HessianDensity.edge_threshold", edge_threshold, 0, 1, lo_open=True, hi_open=True)
+        validate.check_number("HessianDensity.min_gap", min_gap, 0, 1, lo_open=True, hi_open=True)
         validate.check_seed("HessianDensity.seed", seed)
         self.n_vectors = n_vectors
         self.n_steps = n_steps
         self.grid_points = grid_points
         self.bandwidth = float(bandwidth)
         self.edge_threshold = float(edge_threshold)
+        self.min_gap = float(min_gap)
         self.seed = seed
 
     def memory_modes(self) -> list[tuple[str, Cost]]:
@@ -171,7 +181,7 @@ class HessianDensity(Metric):
                 ctx.check_time(vectors_done=j + 1, matvecs=op.matvecs)
         finally:
             op.close()
-        result = density_result(nodes, weights, op.dim, self.grid_points, self.bandwidth, self.edge_threshold)
+        result = density_result(nodes, weights, op.dim, self.grid_points, self.bandwidth, self.edge_threshold, self.min_gap)
         ctx.meta.update(
             matvecs=op.matvecs,
             n_params=op.dim,
@@ -210,6 +220,7 @@ def density_result(
     grid_points: int,
     bandwidth: float,
     edge_threshold: float,
+    min_gap: float = 0.05,
 ) -> MetricResult:
     """The :class:`HessianDensity` result of per-vector quadratures (see the module docstring).
 
@@ -220,6 +231,7 @@ def density_result(
         grid_points: G.
         bandwidth: sigma over the width.
         edge_threshold: the bulk edge's density over the peak.
+        min_gap: the shortest gap that ends the bulk, over the width.
 
     Returns:
         The result named ``hessian_density`` with its scalars and arrays.
@@ -230,7 +242,7 @@ def density_result(
     width = hi - lo
     scale = max(abs(lo), abs(hi), 1e-300)
     sigma = bandwidth * width if width > 0 else bandwidth * scale
-    pad = max(0.05 * width, 3 * sigma)
+    pad = max(0.05 * width, 4 * sigma)
     grid = np.linspace(lo - pad, hi + pad, grid_points)
     all_nodes = every
     all_weights = np.concatenate(weights) / n_v
@@ -238,7 +250,7 @@ def density_result(
     per_vector = np.stack([[float((tau * theta**k).sum()) for k in range(1, MOMENTS + 1)] for theta, tau in zip(nodes, weights)])
     moments = per_vector.mean(axis=0)
     moments_stderr = per_vector.std(axis=0, ddof=1) / math.sqrt(n_v) if n_v > 1 else np.full(MOMENTS, math.nan)
-    edge = bulk_edge(grid, density, edge_threshold)
+    edge = bulk_edge(grid, density, edge_threshold, min_gap * width, top=hi)
     above = float(all_weights[all_nodes > edge].sum())
     negative = float(all_weights[all_nodes < -1e-6 * scale].sum())
     scalars = {
@@ -274,14 +286,37 @@ def gaussian_density(grid: np.ndarray, nodes: np.ndarray, weights: np.ndarray, s
     return (np.exp(-0.5 * z**2) * weights[None, :]).sum(axis=1) / (sigma * math.sqrt(2 * math.pi))
 
 
-def bulk_edge(grid: np.ndarray, density: np.ndarray, threshold: float) -> float:
-    """The first grid point above the density's peak where it falls below ``threshold`` x the peak.
+def bulk_edge(grid: np.ndarray, density: np.ndarray, threshold: float, min_gap: float, top: float) -> float:
+    """The start of the first gap above the density's peak: below ``threshold`` x the peak over ``min_gap`` at least.
 
-    The last grid point when it never does.
+    Args:
+        grid: the ascending grid [G].
+        density: the density on it [G].
+        threshold: the gap's density over the peak.
+        min_gap: the gap's shortest length (in eigenvalue units).
+        top: what is returned when there is no gap before the top of the spectrum.
+
+    Returns:
+        The gap's first grid point, or ``top``.
+
+    Example:
+        >>> g = np.linspace(0, 10, 101)
+        >>> d = np.exp(-(g**2)) + 1e-6 * (np.abs(g - 9) < 0.5)
+        >>> bulk_edge(g, d, 1e-3, 2.0, top=9.5)
+        2.7
     """
     peak = int(np.argmax(density))
-    below = np.nonzero(density[peak:] < threshold * density[peak])[0]
-    return float(grid[peak + below[0]]) if below.size else float(grid[-1])
+    low = density < threshold * density[peak]
+    start = None
+    for i in range(peak, grid.size):
+        if not low[i]:
+            start = None
+            continue
+        if start is None:
+            start = i
+        if grid[i] - grid[start] >= min_gap:
+            return float(grid[start]) if grid[start] < top else float(top)
+    return float(top)
 
 
 def wasserstein_1(a_nodes: np.ndarray, a_weights: np.ndarray, b_nodes: np.ndarray, b_weights: np.ndarray) -> float:

@@ -48,21 +48,28 @@ def _influence(result: MetricResult, folder: Path) -> list[Path]:
     header, rows = influence_rows(result)
     table = save_table(header, rows, folder / "influence.csv")
     plt = _pyplot()
-    fig, (ax, tab) = plt.subplots(2, 1, figsize=(7.5, 6.8), gridspec_kw={"height_ratios": [3, 2]})
-    ax.scatter(np.maximum(losses, 1e-12), np.maximum(si, 1e-300), s=10, color="C0", alpha=0.6)
+    fig, (ax, tab) = plt.subplots(2, 1, figsize=(7.5, 5.6), gridspec_kw={"height_ratios": [3, 1.2]})
+    ax.scatter(losses, np.maximum(si, 1e-300), s=10, color="0.55", alpha=0.7)
     top = [r for r in rows if r[0] == "largest self-influence"]
+    # the table's samples named where they lie: filled red the largest self-influence, a green
+    # ring the largest loss (a sample in both gets both)
+    for r in (r for r in rows if r[0] == "largest loss"):
+        ax.scatter([losses[r[1]]], [max(si[r[1]], 1e-300)], s=60, facecolors="none", edgecolors="C2", linewidths=1.2)
     for r in top:
-        ax.annotate(str(r[1]), (max(losses[r[1]], 1e-12), max(si[r[1]], 1e-300)), fontsize=7, color="C3")
-    ax.set_xscale("log")
-    ax.set_yscale("log")
+        ax.scatter([losses[r[1]]], [max(si[r[1]], 1e-300)], s=18, color="C3")
+    for i in sorted({r[1] for r in rows if r[0] in ("largest self-influence", "largest loss")}):
+        ax.annotate(str(i), (losses[i], max(si[i], 1e-300)), fontsize=7, xytext=(4, 4), textcoords="offset points")
+    if np.all(si > 0):
+        ax.set_yscale("log")
     ax.set_xlabel("current probe loss")
     ax.set_ylabel("self-influence  \u03a3 \u03b7\u209c \u2016g\u1d62\u2016\u00b2")
     share = result.scalars.get("self_influence_top10_share", float("nan"))
     rho = result.scalars.get("loss_rank_correlation", float("nan"))
     ax.set_title(
-        f"TracIn self-influence over {int(result.scalars.get('n_checkpoints', 0))} checkpoint(s): "
-        f"top 10% hold {share:.0%}, loss rank corr. {rho:.2f}",
-        fontsize=9,
+        f"TracIn self-influence over {int(result.scalars.get('n_checkpoints', 0))} checkpoint(s): the top 10% hold "
+        f"{share:.0%};\nrank correlation of the losses with the previous checkpoint {rho:.2f} "
+        "(red: largest self-influence, green ring: largest loss)",
+        fontsize=8,
     )
     tab.axis("off")
     n_loss = len(header) - 5
