@@ -463,6 +463,7 @@ class HessianSpectrum(Metric):
                 device=device,
                 basis_device=basis_device,
                 start=start,
+                check_every=1,  # the Ritz value of a top-1 costs nothing next to a product
             )
 
     def _kept(
