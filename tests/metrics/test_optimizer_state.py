@@ -228,3 +228,18 @@ def test_trainer_optimizer_pt_loads_weights_only_and_the_backfill_equals_the_liv
         assert set(record.scalars) == set(ref) and len(ref) > 20
         for key, value in ref.items():
             assert record.scalars[key] == pytest.approx(value, rel=1e-6, abs=1e-12), key
+
+
+def test_pieces_add_up_to_the_whole(monkeypatch):
+    """Large tensors are read in float64 pieces: pieces of 7 entries give the same values as one piece."""
+    import uma_callbacks.metrics.optimizer_state as module
+
+    model, batches, loss_fn = mlp_case(dtype=torch.float32)
+    opt, _, _, _ = _hand_adam(model, batches, loss_fn, 2, 0.0, True)
+    whole = OptimizerState(keep_update=True).compute(model, batches, loss_fn, optimizer_state=from_optimizer(opt, model))
+    monkeypatch.setattr(module, "PIECE", 7)
+    cut = OptimizerState(keep_update=True).compute(model, batches, loss_fn, optimizer_state=from_optimizer(opt, model))
+    assert set(cut.scalars) == set(whole.scalars)
+    for key, value in whole.scalars.items():
+        assert cut.scalars[key] == pytest.approx(value, rel=1e-12), key
+    assert all(torch.equal(cut.tensors[n], whole.tensors[n]) for n in whole.tensors)

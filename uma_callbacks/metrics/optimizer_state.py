@@ -16,6 +16,8 @@ from uma_callbacks.metrics.time_cost import UnitCosts
 #: Per-tensor sums, in this order: ||m||^2, ||v||^2, ||u||^2, ||theta||^2, ||m_hat||^2,
 #: sum v_hat, sum sqrt(v_hat), entries.
 SUMS = ("m2", "v2", "u2", "w2", "mhat2", "vhat", "sqrt_vhat", "n")
+#: Entries processed at once (float64 pieces of 8 MiB).
+PIECE = 2**20
 #: Why the Spearman correlation with the Fisher diagonal is not logged.
 FISHER_SKIP = (
     "the Fisher diagonal of the same save does not reach this metric: the results of a save are not passed between metrics"
@@ -29,11 +31,10 @@ def adam_update(
     lr: float,
     betas: tuple[float, float],
     eps: float,
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    r"""Adam's bias-corrected moments and its update, in float64.
+) -> torch.Tensor:
+    r"""Adam's update u = lr m_hat / (sqrt(v_hat) + eps), in float64.
 
-    m_hat = m / (1 - beta1^t), v_hat = v / (1 - beta2^t),
-    u = lr m_hat / (sqrt(v_hat) + eps), computed as torch's Adam does:
+    m_hat = m / (1 - beta1^t), v_hat = v / (1 - beta2^t); computed as torch's Adam does:
     (lr / (1 - beta1^t)) m / (sqrt(v) / sqrt(1 - beta2^t) + eps).
 
     Args:
@@ -45,27 +46,32 @@ def adam_update(
         eps: epsilon.
 
     Returns:
-        ``(m_hat, v_hat, u)``, each [*shape], float64.
-
-    Raises:
-        ValueError: t < 1 (a state that was never stepped has no bias correction).
+        u [*shape], float64.
 
     Example:
         >>> g = torch.tensor([0.5, -2.0], dtype=torch.float64)  # one step from zero moments
-        >>> _, _, u = adam_update(0.1 * g, 0.001 * g**2, 1, 1e-3, (0.9, 0.999), 0.0)
+        >>> u = adam_update(0.1 * g, 0.001 * g**2, 1, 1e-3, (0.9, 0.999), 0.0)
         >>> [round(float(x), 12) for x in u]  # lr * sign(g)
         [0.001, -0.001]
     """
+    return _adam_parts(exp_avg.detach().to(torch.float64), exp_avg_sq.detach().to(torch.float64), step, lr, betas, eps)[0]
+
+
+def _adam_parts(
+    m: torch.Tensor, v: torch.Tensor, step: float, lr: float, betas: tuple[float, float], eps: float
+) -> tuple[torch.Tensor, torch.Tensor, float, float]:
+    """``(u, sqrt(v), 1 - beta1^t, 1 - beta2^t)`` from float64 m and v (the fewest temporaries).
+
+    Raises:
+        ValueError: t < 1 (a state that was never stepped has no bias correction).
+    """
     if not step >= 1:
         raise ValueError(f"OptimizerState: the state's step must be >= 1 for Adam's bias correction; got {step!r}")
-    b1, b2 = float(betas[0]), float(betas[1])
-    m = exp_avg.detach().to(torch.float64)
-    v = exp_avg_sq.detach().to(torch.float64)
-    bc1 = 1.0 - b1**step
-    bc2 = 1.0 - b2**step
-    denom = v.sqrt() / math.sqrt(bc2) + eps
-    u = (lr / bc1) * m / denom
-    return m / bc1, v / bc2, u
+    bc1 = 1.0 - float(betas[0]) ** step
+    bc2 = 1.0 - float(betas[1]) ** step
+    root_v = v.sqrt()
+    u = torch.div(m, root_v / math.sqrt(bc2) + eps).mul_(lr / bc1)
+    return u, root_v, bc1, bc2
 
 
 class OptimizerState(Metric):
@@ -137,8 +143,9 @@ class OptimizerState(Metric):
         self.keep_update = keep_update
 
     def memory_modes(self) -> list[tuple[str, Cost]]:
-        """One mode: float64 copies of one tensor's m, v, m_hat, v_hat and u at a time (the largest one)."""
-        return [("default", Cost(extra_bytes=lambda n, _w, _s: 0))]
+        """One mode: six float64 pieces of :data:`PIECE` entries at a time; with ``keep_update``, u of every parameter in float64."""
+        keep = self.keep_update
+        return [("default", Cost(fixed_bytes=6 * 8 * PIECE, extra_bytes=lambda n, _w, _s: 8 * n if keep else 0))]
 
     def time_cost(self, units: UnitCosts) -> float:
         """A few elementwise passes over the state, no probe: a rough tenth of a forward (calibrated by the suite)."""
@@ -164,7 +171,7 @@ class OptimizerState(Metric):
         kept: dict[str, torch.Tensor] = {}
         with torch.no_grad():
             for i, name in enumerate(names):
-                sums[i], steps[name], update = _param_sums(state, name, params[name])
+                sums[i], steps[name], update = _param_sums(state, name, params[name], self.keep_update)
                 if self.keep_update:
                     kept[name] = update.cpu()
                 ctx.check_time(params_done=i + 1)
@@ -224,8 +231,10 @@ def check_fits(state: OptimizerSnapshot, params: Mapping[str, torch.Tensor]) -> 
                 )
 
 
-def _param_sums(state: OptimizerSnapshot, name: str, param: torch.Tensor) -> tuple[torch.Tensor, float, torch.Tensor]:
-    """The row of :data:`SUMS` of one parameter (its local shard under FSDP2), its step t and its update u.
+def _param_sums(
+    state: OptimizerSnapshot, name: str, param: torch.Tensor, keep: bool = False
+) -> tuple[torch.Tensor, float, torch.Tensor]:
+    """The row of :data:`SUMS` of one parameter (its local shard under FSDP2), its step t and its update u (``keep``; else empty).
 
     Raises:
         ValueError: a state without Adam's moments or step, or a group without lr/betas/eps.
@@ -239,15 +248,21 @@ def _param_sums(state: OptimizerSnapshot, name: str, param: torch.Tensor) -> tup
     if not all(k in group for k in ("lr", "betas", "eps")):
         raise ValueError(f"OptimizerState: the param group of {name!r} lacks lr, betas or eps (keys {sorted(group)})")
     step = float(local(entry["step"]).detach().cpu().reshape(-1)[0])
-    m = local(entry["exp_avg"])
-    v = local(entry[second])
-    m_hat, v_hat, u = adam_update(m, v, step, float(group["lr"]), tuple(group["betas"]), float(group["eps"]))
-    w = local(param).detach().to(device=m_hat.device, dtype=torch.float64)
-    mf, vf = m.detach().to(torch.float64), v.detach().to(torch.float64)
-    row = torch.stack([
-        (mf * mf).sum(), (vf * vf).sum(), (u * u).sum(), (w * w).sum(), (m_hat * m_hat).sum(),
-        v_hat.sum(), v_hat.sqrt().sum(), torch.tensor(float(m.numel()), dtype=torch.float64, device=u.device),
-    ])  # fmt: skip
+    shape = local(entry["exp_avg"]).shape
+    flat = [local(t).detach().reshape(-1) for t in (entry["exp_avg"], entry[second], param)]
+    row = torch.zeros(len(SUMS), dtype=torch.float64, device=flat[0].device)
+    pieces = []
+    for start in range(0, flat[0].numel(), PIECE):  # cache-sized float64 pieces: no model-sized temporaries
+        m, v, w = (t[start : start + PIECE].to(torch.float64) for t in flat)
+        u, root_v, bc1, bc2 = _adam_parts(m, v, step, float(group["lr"]), tuple(group["betas"]), float(group["eps"]))
+        m2 = torch.dot(m, m)
+        row += torch.stack([
+            m2, torch.dot(v, v), torch.dot(u, u), torch.dot(w, w), m2 / (bc1 * bc1),
+            v.sum() / bc2, root_v.sum() / math.sqrt(bc2), torch.tensor(float(m.numel()), dtype=torch.float64, device=m.device),
+        ])  # fmt: skip
+        if keep:
+            pieces.append(u)
+    u = torch.cat(pieces).reshape(shape) if keep else torch.empty(0)
     return row.cpu(), step, u
 
 
