@@ -13,6 +13,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from uma_callbacks import metric_specs
+from uma_callbacks.core.spike import SpikeTrigger
 from uma_callbacks.integrations.bounded import DEFAULT_TRACKER_TIMEOUT
 from uma_callbacks.integrations.registry import check_tracker, tracker_names
 from uma_callbacks.metrics import METRICS, Metric
@@ -32,6 +33,7 @@ _INLINE_ONLY = {
     "log_scalars": "the values are measured later, by the watcher, after the Trainer has logged those steps",
     "overhead": "nothing is measured in the training process; the watcher's time is not training time",
     "seconds_per_save": "nothing is measured in the training process",
+    "spike": "a spike is measured on the model in memory, in the training process",
 }
 
 
@@ -141,6 +143,13 @@ class UMAConfig:
             must then be rebuildable from its name and options, and ``every_n_steps``,
             ``log_scalars``, ``overhead`` and ``seconds_per_save`` are refused). A backfill
             refuses ``"async"``.
+        spike: a :class:`~uma_callbacks.core.spike.SpikeTrigger`: also measure
+            ``spike_metrics`` on the model in memory at a training-log step whose ``loss``
+            (or ``grad_norm``) is a robust outlier of its window (``UMACallback`` only;
+            records ``spike`` and ``spike/<metric>``, see :mod:`uma_callbacks.triggers.spike`).
+            None: no spike detection.
+        spike_metrics: names of configured metrics measured at a spike; None: every
+            configured metric that neither compares checkpoints nor reads the optimizer.
 
     Raises:
         ValueError: any field out of range, naming the field and the allowed values.
@@ -166,6 +175,8 @@ class UMAConfig:
     loss_fn: Callable[..., Any] | None = None
     tracker_timeout_seconds: float | None = DEFAULT_TRACKER_TIMEOUT
     measure: str = "inline"
+    spike: SpikeTrigger | None = None
+    spike_metrics: Sequence[str] | None = None
     metric_objects: list[Metric] = field(init=False, repr=False)
 
     def __post_init__(self) -> None:
@@ -247,6 +258,7 @@ class UMAConfig:
                 f"UMAConfig.measure must be one of {list(MEASURE_MODES)}; got {self.measure!r:.80}"
                 + (_closest(self.measure, MEASURE_MODES) if isinstance(self.measure, str) else "")
             )
+        self._check_spike()
         if self.measure == "async":
             for name, why in _INLINE_ONLY.items():
                 value = getattr(self, name)
@@ -259,3 +271,47 @@ class UMAConfig:
     def metric_names(self) -> list[str]:
         """The enabled metrics' string names, in order."""
         return [m.name for m in self.metric_objects]
+
+    @property
+    def spike_metric_names(self) -> list[str]:
+        """The metrics measured at a spike, in configured order (empty without ``spike``)."""
+        if self.spike is None:
+            return []
+        if self.spike_metrics is not None:
+            return [m for m in self.metric_names if m in set(self.spike_metrics)]
+        return [m.name for m in self.metric_objects if _spike_measurable(m)]
+
+    def _check_spike(self) -> None:
+        """Validate ``spike`` and ``spike_metrics`` (see the class docstring).
+
+        Raises:
+            ValueError: ``spike`` is not a ``SpikeTrigger``, ``spike_metrics`` without ``spike``,
+                or a name that is not a configured metric measurable at a spike (listing those).
+        """
+        if self.spike is not None and not isinstance(self.spike, SpikeTrigger):
+            raise ValueError(
+                f"UMAConfig.spike must be None or a SpikeTrigger(key=..., z=..., window=..., cooldown=...); got {self.spike!r:.80}"
+            )
+        allowed = [m.name for m in self.metric_objects if _spike_measurable(m)]
+        if self.spike_metrics is not None:
+            if self.spike is None:
+                raise ValueError("UMAConfig.spike_metrics needs spike=SpikeTrigger(...): nothing is measured at spikes without it")
+            if isinstance(self.spike_metrics, str) or not isinstance(self.spike_metrics, Sequence) or not self.spike_metrics:
+                raise ValueError(f"UMAConfig.spike_metrics must be None or a non-empty list of names from {allowed}; got {self.spike_metrics!r:.80}")
+            for name in self.spike_metrics:
+                if not isinstance(name, str) or name not in allowed:
+                    why = " (it compares checkpoints or reads the optimizer)" if name in self.metric_names else ""
+                    raise ValueError(
+                        f"UMAConfig.spike_metrics entries must be configured metrics measurable at a spike, one of {allowed}; "
+                        f"got {name!r:.80}{why}" + (_closest(name, allowed) if isinstance(name, str) and not why else "")
+                    )
+        elif self.spike is not None and not allowed:
+            raise ValueError(
+                f"UMAConfig.spike: none of the configured metrics {self.metric_names} can be measured at a spike "
+                "(each compares checkpoints or reads the optimizer); add one (e.g. 'gradient_flow')"
+            )
+
+
+def _spike_measurable(metric: Metric) -> bool:
+    """Whether ``metric`` can be measured at a spike: the model in memory only, no earlier checkpoint, no optimizer."""
+    return not (metric.history_needed or metric.needs_first or getattr(metric, "needs_optimizer", False))

@@ -3,7 +3,9 @@
 One multi-panel figure (one panel per ``<metric>/<scalar>`` with a top-level scalar name,
 i.e. no per-layer keys), written as PNG, and a self-contained HTML page embedding that
 PNG (base64) above a table of the values (rows: steps; columns: scalars) and a list of
-the errors the journal holds.
+the errors the journal holds. Loss spikes (records ``spike``, :mod:`uma_callbacks.triggers.spike`)
+are a red dashed line at their step on every panel, the values measured at a spike
+(``spike/<metric>``) a red cross on their metric's panel, and the page lists them under "Spikes".
 
 Everything on the page comes from the journal only, and the journal is data from disk:
 records are checked against the record schema on read (a foreign line is skipped, see
@@ -21,10 +23,12 @@ import json
 import logging
 import os
 import tempfile
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
 from uma_callbacks.core.records import MEASURED
+from uma_callbacks.core.spike import SPIKE_METRIC, SPIKE_PREFIX
 from uma_callbacks.engine.journal import JOURNAL_FILE, Journal
 
 logger = logging.getLogger(__name__)
@@ -279,12 +283,25 @@ def find_journal(path: str | os.PathLike[str]) -> Journal:
     raise FileNotFoundError(f"no {JOURNAL_FILE} in {path} or {path / 'uma'}: nothing measured there yet")
 
 
-def draw_report(series: dict[str, dict[int, float]], png: Path, title: str = "uma report") -> tuple[Path, list[str]]:
+def spike_markers(journal: Journal) -> list[Any]:
+    """The journal's loss spikes: its ``spike`` marker records, one per step (the latest), in step order."""
+    latest: dict[int, Any] = {}
+    for record in _measured(journal):
+        if record.metric == SPIKE_METRIC:
+            latest[int(record.step)] = record
+    return [latest[step] for step in sorted(latest)]
+
+
+def draw_report(
+    series: dict[str, dict[int, float]], png: Path, title: str = "uma report", spikes: Sequence[Any] = ()
+) -> tuple[Path, list[str]]:
     """Draw ``report.png``: one panel per quantity against the step (:func:`uma_callbacks.plots.panels.report_figure`).
 
     Panels share the run's x range; a y range is at least 5% of the value's magnitude; a
     quantity that is constant or has a single value is one item of a text row under the
-    panels instead of a panel.
+    panels instead of a panel. ``spikes`` (:func:`spike_markers`): a red dashed line at each
+    spike's step on every panel; the ``spike/...`` series are no panels of their own, each
+    value is a red cross on its metric's panel instead (and in the table).
 
     Returns:
         ``(png, not drawn)``: the items of the text row (also listed on the HTML page).
@@ -295,7 +312,12 @@ def draw_report(series: dict[str, dict[int, float]], png: Path, title: str = "um
     from uma_callbacks.plots import save_figure
     from uma_callbacks.plots.panels import report_figure
 
-    built = report_figure(series, title)
+    checkpoints = {n: v for n, v in series.items() if not n.startswith(SPIKE_PREFIX)} or series
+    if spikes:
+        title += "\nred dashed: loss spikes at " + ", ".join(f"step {r.step} (z={_z_text(r)})" for r in spikes[:8])
+    built = report_figure(checkpoints, title)
+    if spikes:
+        _mark_spikes(built, series, [int(r.step) for r in spikes])
     png.parent.mkdir(parents=True, exist_ok=True)
     try:
         save_figure(built.figure, png, dpi=90)  # atomic: no empty report.png on a full disk
@@ -304,6 +326,38 @@ def draw_report(series: dict[str, dict[int, float]], png: Path, title: str = "um
 
         plt.close(built.figure)
     return png, built.not_drawn
+
+
+def _z_text(record: Any) -> str:
+    z = record.scalars.get("z") if isinstance(record.scalars, dict) else None
+    return format(z, ".3g") if isinstance(z, (int, float)) else "?"
+
+
+def _mark_spikes(built: Any, series: dict[str, dict[int, float]], steps: list[int]) -> None:
+    """A red dashed line at each spike step on every panel; the ``spike/<metric>/<scalar>`` values as red crosses on theirs."""
+    import math
+
+    from uma_callbacks.plots.panels import drawable, split_name
+
+    measured: dict[tuple[str, str], dict[int, float]] = {}
+    for name, points in series.items():
+        if name.startswith(SPIKE_PREFIX):
+            metric, _, scalar = split_name(name[len(SPIKE_PREFIX) :])
+            measured.setdefault((metric, scalar), {}).update({s: v for s, v in points.items() if drawable(v)})
+    for ax, panel in zip(built.figure.axes, built.panels):
+        low, high = ax.get_xlim()
+        pad = max(1.0, 0.02 * (max(steps + [high]) - min(steps + [low])))
+        ax.set_xlim(min([low] + [s - pad for s in steps]), max([high] + [s + pad for s in steps]))
+        for step in steps:
+            ax.axvline(step, color="tab:red", ls="--", lw=0.8, alpha=0.7, zorder=0)
+        points = measured.get((panel.metric, panel.scalar))
+        if points:
+            ax.plot(list(points), list(points.values()), "x", color="tab:red", ms=6, mew=1.5, label="at spike", clip_on=False)
+            bottom, top = ax.get_ylim()
+            values = [v for v in points.values() if math.isfinite(v)]
+            margin = 0.08 * (max(values + [top]) - min(values + [bottom]))
+            ax.set_ylim(min([bottom] + [v - margin for v in values]), max([top] + [v + margin for v in values]))
+            ax.legend(fontsize=6, loc="best")
 
 
 def step_figures(journal: Journal) -> list[tuple[str, Path]]:
@@ -382,7 +436,8 @@ def write_report(
     journal = journal if journal is not None else find_journal(source)
     series = collect_series(journal)
     out = Path(out_dir) if out_dir is not None else journal.root
-    png, not_drawn = draw_report(series, out / "report.png", title=f"uma report: {Path(source).resolve().name}")
+    spikes = spike_markers(journal)
+    png, not_drawn = draw_report(series, out / "report.png", title=f"uma report: {Path(source).resolve().name}", spikes=spikes)
     configs = ConfigSeries(_measured(journal))
     folders = configs.folders()
     left_out: list[str] = []
@@ -390,7 +445,9 @@ def write_report(
     captions = {folder: label for label, folder in folders.items() if folder}
     trend_items = [(_trend_caption(p, out, captions), p) for p in trends]
     left_out += [f"unreadable result file {Path(p).name}" for p in journal.unreadable_files]
-    page = _html(series, png, outcomes(journal), trend_items, step_figures(journal), left_out, not_drawn, configs.several())
+    page = _html(
+        series, png, outcomes(journal), trend_items, step_figures(journal), left_out, not_drawn, configs.several(), spikes
+    )
     html_path = out / "report.html"
     html_path.write_text(page, encoding="utf-8")
     return png, html_path
@@ -420,6 +477,25 @@ def _items(records: list[Any], with_status: bool = True) -> str:
     )
 
 
+def _spike_item(record: Any) -> str:
+    """One line of the "Spikes" list: the step, the logged value, its z-score, the window and what was measured."""
+    spike = record.meta.get("spike") if isinstance(record.meta, dict) else None
+    spike = spike if isinstance(spike, dict) else {}
+    metrics = record.meta.get("metrics") if isinstance(record.meta, dict) else None
+    scalars = record.scalars if isinstance(record.scalars, dict) else {}
+
+    def number(name: str) -> str:
+        value = scalars.get(name)
+        return format(value, ".6g") if isinstance(value, (int, float)) else "?"
+
+    measured = ", ".join(str(m) for m in metrics) if isinstance(metrics, list) else "?"
+    return (
+        f"<li>step {_e(record.step)}: {_e(spike.get('key', '?'))} = {_e(number('value'))}, z = {_e(number('z'))} "
+        f"(median {_e(number('median'))}, scale {_e(number('scale'))} over {_e(spike.get('window_values', '?'))} values); "
+        f"measured: {_e(measured)}</li>"
+    )
+
+
 def _png(path: Path) -> str:
     return base64.b64encode(path.read_bytes()).decode("ascii")
 
@@ -433,6 +509,7 @@ def _html(
     left_out: list[str] = (),
     not_drawn: list[str] = (),
     configs: dict[str, Any] | None = None,
+    spikes: Sequence[Any] = (),
 ) -> str:
     per_step = "".join(
         f"<figure><img alt='{_e(caption)}' src='data:image/png;base64,{_png(path)}'/><figcaption>{_e(caption)}</figcaption></figure>"
@@ -465,6 +542,7 @@ def _html(
             if not_drawn
             else ""
         )
+        + (f"<h2 id='spikes'>Spikes</h2><ul>{''.join(_spike_item(r) for r in spikes)}</ul>" if spikes else "")
         + (f"<h2>Configurations</h2><ul>{config_items}</ul>" if config_items else "")
         + extra
         + (f"<h2>Latest figures of each metric</h2>{per_step}" if per_step else "")

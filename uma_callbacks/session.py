@@ -83,11 +83,13 @@ UNSUPPORTED: dict[str, dict[str, str]] = {
             "attach: log_scalars copies values into a Trainer's state.log_history, which Accelerate has not; "
             "the values reach the accelerator's trackers (trackers=None) and handle.records"
         ),
+        "spike": "attach: spike is not supported (no training-log events); it is UMACallback's",
     },
     "lightning": {
         "every_n_steps": "UMALightningCallback: every_n_steps is not supported; measure at saves (ModelCheckpoint(every_n_train_steps=N))",
         "log_scalars": "UMALightningCallback: log_scalars copies values into a Trainer's state.log_history; the values reach trainer.logger",
         "measure": "UMALightningCallback: measure='async' is not supported (no watcher announcements); leave measure='inline'",
+        "spike": "UMALightningCallback: spike is not supported; it is UMACallback's (the Trainer's training logs)",
     },
     "offline": {
         "every_n_steps": "backfill: every_n_steps is not supported (it measures the checkpoints on disk)",
@@ -100,6 +102,7 @@ UNSUPPORTED: dict[str, dict[str, str]] = {
             "backfill: measure='async' is for a live training (its saves are announced to a watcher); a backfill "
             "measures the checkpoints itself: leave measure='inline'"
         ),
+        "spike": "backfill: spike measures the model in memory during a training; a backfill has checkpoints only",
     },
 }
 
@@ -464,6 +467,11 @@ class Session:
         if self.is_main and predicted:
             logger.warning("uma: %s", cost_line(predicted, self.config, self.probe.n_samples))
         return predicted
+
+    def not_training(self, seconds: float) -> None:
+        """Take ``seconds`` spent measuring between saves (a spike) off the training time the next budget counts."""
+        if self._clock is not None:
+            self._clock += seconds
 
     def train_seconds(self) -> float | None:
         """Seconds of training since the session opened or last measured (a live training).

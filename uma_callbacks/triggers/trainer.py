@@ -15,6 +15,10 @@ A thin adapter from ``TrainerCallback`` events onto a :class:`~uma_callbacks.ses
 - ``on_save``: the checkpoint folder is complete: mark it with the run's id
   (``uma_run.json``), then ``session.measure(model, global_step)``;
 - ``on_step_end``: with ``every_n_steps``, also measure between saves;
+- ``on_log``: with ``spike``, offer the logged ``loss`` (or ``grad_norm``) to the spike
+  detector; at a spike, measure ``spike_metrics`` on the model in memory, at that step
+  (:mod:`~uma_callbacks.triggers.spike`: the weights after that step's update, records
+  ``spike`` and ``spike/<metric>``);
 - ``on_train_end``: ``session.finish()`` (deliver what a tracker missed, close our runs).
 
 With ``measure="async"`` nothing is measured in the training process; the session starts
@@ -51,6 +55,7 @@ from uma_callbacks.integrations.registry import resolve_sinks, tracker_names
 from uma_callbacks.metrics.base import Metric
 from uma_callbacks.session import Session
 from uma_callbacks.triggers.announcing import Announcer, detach_held
+from uma_callbacks.triggers.spike import SpikeTrigger, SpikeWatch
 
 
 class UMACallback(TrainerCallback):
@@ -70,6 +75,11 @@ class UMACallback(TrainerCallback):
         measure: ``"inline"`` (measure at each save, in this process) or ``"async"``
             (announce each complete checkpoint for ``uma watch`` to measure beside the
             training; see the module doc).
+        spike: a :class:`~uma_callbacks.core.spike.SpikeTrigger`: also measure at a training
+            log whose ``loss`` (or ``grad_norm``) is a robust outlier of its window, on the
+            model in memory (:mod:`~uma_callbacks.triggers.spike`); None: no detection.
+        spike_metrics: the metric names measured at a spike; None: every configured one that
+            neither compares checkpoints nor reads the optimizer.
         config: a whole :class:`~uma_callbacks.config.UMAConfig` instead of the arguments.
         **kwargs: any other ``UMAConfig`` field (``probe_batch_size``, ``timeout_seconds``,
             ``loss_fn``, ``save_tensors``, ...).
@@ -95,6 +105,8 @@ class UMACallback(TrainerCallback):
         memory_budget: Any = None,
         seed: int = 42,
         measure: str = "inline",
+        spike: SpikeTrigger | None = None,
+        spike_metrics: Sequence[str] | None = None,
         config: UMAConfig | None = None,
         **kwargs: Any,
     ) -> None:
@@ -107,12 +119,19 @@ class UMACallback(TrainerCallback):
             memory_budget=memory_budget,
             seed=seed,
             measure=measure,
+            spike=spike,
+            spike_metrics=spike_metrics,
             **kwargs,
         )
         check_probe_source(probe, "UMACallback.probe")
         self._probe_source = probe
         self.session: Session | None = None
         self.announcer: Announcer | None = None
+        cfg = self.config
+        names = set(cfg.spike_metric_names)
+        self.spike: SpikeWatch | None = (
+            SpikeWatch(cfg.spike, [m for m in cfg.metric_objects if m.name in names]) if cfg.spike is not None else None
+        )
 
     @property
     def records(self) -> list[Any]:
@@ -204,6 +223,18 @@ class UMACallback(TrainerCallback):
         n = self.config.every_n_steps
         if n and state.global_step % n == 0 and not _is_save_step(args, state):
             self._measure(model, state.global_step, state, kwargs.get("optimizer"))
+
+    def on_log(
+        self, args: Any, state: Any, control: Any, logs: dict[str, Any] | None = None, model: torch.nn.Module | None = None, **kwargs: Any
+    ) -> None:
+        """With ``spike``: offer the log to the spike detector; at a spike, measure at ``global_step`` (every rank).
+
+        The cost of a log without a spike is stated in :mod:`uma_callbacks.core.spike`. The
+        logged values are the same on every rank (the Trainer gathers the loss), so every
+        rank decides alike.
+        """
+        if self.spike is not None:
+            self.spike.on_log(self.session, model, int(state.global_step), logs)
 
     def on_epoch_end(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
         """With ``measure="async"``: as :meth:`on_step_end`, for a save at the end of an epoch."""
