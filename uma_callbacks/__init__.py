@@ -9,6 +9,7 @@ from typing import TYPE_CHECKING, Any
 from uma_callbacks.checkpoints import load_weights as _load_checkpoint_weights
 from uma_callbacks.config import UMAConfig
 from uma_callbacks.core.records import Record
+from uma_callbacks.core.spike import SpikeTrigger
 from uma_callbacks.engine.budget import MemoryBudget
 from uma_callbacks.engine.probe import Probe
 from uma_callbacks.engine.suite import MetricSuite
@@ -63,6 +64,7 @@ __all__ = [
     "MetricSuite",
     "Probe",
     "Record",
+    "SpikeTrigger",
     "UMACallback",
     "UMAConfig",
     "__version__",
