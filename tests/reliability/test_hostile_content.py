@@ -158,7 +158,7 @@ def test_report_with_a_string_pruning_config_leaves_that_step_out_alone(tmp_path
     _journal(tmp_path, records)
     page = _report_ok(tmp_path)
     assert (tmp_path / "run" / "uma" / "pruning-trend.png").is_file()  # drawn from steps 2 and 3
-    assert "pruning at step 1" in page
+    assert "pruning (config unknown) at step 1" in page  # left out, and named
 
 
 def test_report_with_scalars_of_1e308(tmp_path):

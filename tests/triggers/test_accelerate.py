@@ -152,7 +152,7 @@ def test_logs_through_the_accelerators_trackers(tmp_path):
         ({"probe": None}, "probe"),
         ({"global_step": "ten"}, "global_step"),
         ({"every_n_steps": 5}, "every_n_steps"),
-        ({"trackers": ["tensorboard"]}, "trackers"),
+        ({"trackers": ["neptune"]}, "trackers"),
         ({"metrics": ["fishr"]}, "metrics"),
         ({"probe_size": 0}, "probe_size"),
         ({"model_index": -1}, "model_index"),

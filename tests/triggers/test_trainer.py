@@ -102,7 +102,7 @@ def test_report_to_mlflow_joins_the_trainers_run(tmp_path, monkeypatch):
         ({"probe_size": 0}, "probe_size"),
         ({"probe_size": -3}, "probe_size"),
         ({"every_n_steps": 0}, "every_n_steps"),
-        ({"trackers": ["tensorboard"]}, "trackers"),
+        ({"trackers": ["neptune"]}, "trackers"),
         ({"probe": []}, "probe"),
         ({"probe": 42}, "probe"),
         ({"seed": -1}, "seed"),
