@@ -62,6 +62,7 @@ from uma_callbacks.engine.snapshot import weights_fingerprint
 from uma_callbacks.engine.suite import MetricSuite
 from uma_callbacks.integrations.bounded import bounded_pair, rearm
 from uma_callbacks.integrations.registry import resolve_sinks
+from uma_callbacks.metrics.influence import observe_checkpoint
 
 logger = logging.getLogger(__name__)
 
@@ -367,6 +368,7 @@ class Session:
         seconds: float | None = None,
         only: Collection[str] | None = None,
         optimizer: Any = None,
+        log_history: Sequence[Mapping[str, Any]] | None = None,
     ) -> list[Record]:
         """Measure ``model`` at ``step`` (every rank calls it; a step is measured once).
 
@@ -386,6 +388,10 @@ class Session:
                 ``model``'s parameters by identity), an
                 :class:`~uma_callbacks.core.optimizer_state.OptimizerSnapshot` (a backfill's
                 ``optimizer.pt``), or ``None``.
+            log_history: the Trainer's ``log_history`` at this checkpoint (live:
+                ``state.log_history``; offline: the checkpoint's ``trainer_state.json``), for
+                the metrics that read the training's learning rate (``influence``); ``None``:
+                not known.
 
         Returns:
             One record per metric (empty when the step was measured already).
@@ -398,6 +404,8 @@ class Session:
         if (int(step), label) in self._measured:
             return []
         self._measured.add((int(step), label))
+        if log_history is not None:
+            observe_checkpoint(self.config.metric_objects, int(step), log_history)
         rearm(self.delivery.sinks)  # a new save: a stalled tracker is tried again
         zero3 = deepspeed_zero3_reason(model)
         if zero3:  # partitioned placeholders: measuring them would give wrong numbers

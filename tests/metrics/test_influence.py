@@ -16,7 +16,7 @@ import torch
 from tests.cases import TINY_CASES, split_samples
 from tests.trainer_cases import run_trainer, tiny_lm_dataset
 from uma_callbacks.metrics import METRICS, ProbeInfluence
-from uma_callbacks.metrics.influence import learning_rate_at, observe_checkpoint, read_trainer_state, spearman, top_share
+from uma_callbacks.metrics.influence import learning_rate_at, read_trainer_state, spearman, top_share
 
 
 def _brute_force(model, batches, loss_fn):
@@ -109,19 +109,6 @@ def test_learning_rate_and_trainer_state_readers_trust_nothing(tmp_path):
         ProbeInfluence(tokenizer=3)
 
 
-class _Announce:
-    """What the trigger's hook does: announce each checkpoint to the metrics before UMACallback measures it."""
-
-    def __init__(self, metrics):
-        from transformers import TrainerCallback
-
-        class _Cb(TrainerCallback):
-            def on_save(cb, args, state, control, **kwargs):  # noqa: N805
-                observe_checkpoint(metrics, state.global_step, state.log_history)
-
-        self.callback = _Cb()
-
-
 class _Tok:
     """A stand-in tokenizer: token ids as letters."""
 
@@ -143,7 +130,7 @@ def trained(tmp_path_factory):
     os.environ["MLFLOW_TRACKING_URI"] = uri
     try:
         cb = UMACallback(metrics=metrics, probe=tiny_lm_dataset(n=8, seed=1), probe_size=8, trackers=["mlflow"])
-        run_trainer(root / "run", callbacks=[_Announce(metrics).callback, cb])
+        run_trainer(root / "run", callbacks=[cb])  # the trigger hands the learning rates over itself
     finally:
         os.environ.pop("MLFLOW_TRACKING_URI", None)
     return {"run": root / "run", "uri": uri, "run_id": cb.sinks[0].run_id(), "cb": cb}
@@ -169,18 +156,10 @@ def test_trainer_run_logs_both_metrics_and_their_tables_to_mlflow(trained):
     assert all(r["text"] and set(r["text"]) <= set("abcdefghijklmnopqrstuvwxyz") for r in table)
 
 
-def test_backfill_gives_the_live_values(trained, tmp_path, monkeypatch):
-    from uma_callbacks.session import Session
+def test_backfill_gives_the_live_values(trained, tmp_path):
     from uma_callbacks.triggers.backfill import backfill
 
-    measure = Session.measure
-
-    def announced(self, model, step, **kwargs):  # the backfill's side of the hook: the checkpoint's trainer_state.json
-        state = read_trainer_state(kwargs.get("label", ""))
-        observe_checkpoint(self.config.metric_objects, step, state[1] if state else None)
-        return measure(self, model, step, **kwargs)
-
-    monkeypatch.setattr(Session, "measure", announced)
+    # the backfill reads each checkpoint's learning rates from its trainer_state.json itself
     summary = backfill(trained["run"], metrics=[ProbeInfluence(top_k=2)], trajectory=False, use_cache=False,
                        output_dir=tmp_path / "fresh", draw_figures=False, progress=False)
     assert summary.computed == 2, summary.describe()

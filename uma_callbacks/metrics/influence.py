@@ -393,6 +393,12 @@ def read_trainer_state(folder: str | os.PathLike[str]) -> tuple[int, list[Mappin
     return step, [e for e in history if isinstance(e, dict)]
 
 
+def saved_log_history(folder: str | os.PathLike[str]) -> list[Mapping[str, Any]] | None:
+    """The ``log_history`` of a checkpoint folder's ``trainer_state.json`` (:func:`read_trainer_state`); None when absent."""
+    state = read_trainer_state(folder)
+    return state[1] if state is not None else None
+
+
 def observe_checkpoint(metrics: Iterable[Any], global_step: int, log_history: Sequence[Mapping[str, Any]] | None) -> None:
     """Announce the next checkpoint to every metric that takes it (:meth:`ProbeInfluence.observe_trainer_state`).
 

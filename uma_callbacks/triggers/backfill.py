@@ -43,6 +43,7 @@ from uma_callbacks.engine.journal import Journal
 from uma_callbacks.engine.probe_source import load_tokenizer
 from uma_callbacks.engine.run_identity import read_run_marker
 from uma_callbacks.metrics.base import Metric
+from uma_callbacks.metrics.influence import saved_log_history
 from uma_callbacks.metrics.trajectory import Trajectory, trajectory_scalars  # noqa: F401 (public here too)
 from uma_callbacks.session import Session
 from uma_callbacks.triggers.history_seed import seed_history
@@ -272,7 +273,9 @@ def backfill(
             records = [session.record_error(ckpt.step, "checkpoint", err, {"path": str(ckpt.path)})]
         else:  # the checkpoint's optimizer.pt / optimizer.bin, read only for a metric that needs it
             optimizer = read_optimizer_state(ckpt.path, model) if reads_optimizer else None
-            records = session.measure(model, ckpt.step, label=str(ckpt.path), optimizer=optimizer)
+            records = session.measure(
+                model, ckpt.step, label=str(ckpt.path), optimizer=optimizer, log_history=saved_log_history(ckpt.path)
+            )
         compute = time.perf_counter() - t0
         summary.load_seconds += loaded.seconds
         summary.compute_seconds += compute

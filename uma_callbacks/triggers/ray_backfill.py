@@ -65,6 +65,7 @@ from uma_callbacks.engine.probe_source import load_tokenizer
 from uma_callbacks.engine.suite import _files_of_another_run, _variant_folder  # the suite's file-placement rules
 from uma_callbacks.engine.time_budget import HVP_OVER_BACKWARD
 from uma_callbacks.metrics.base import Metric, MetricResult
+from uma_callbacks.metrics.influence import saved_log_history
 from uma_callbacks.metrics.time_cost import UnitCosts
 from uma_callbacks.session import Session
 from uma_callbacks.triggers.backfill import (  # one discovery and one configuration for both executors
@@ -537,7 +538,7 @@ def uma_backfill_task(task: Mapping[str, Any], shared: Mapping[str, Any]) -> dic
         except Exception as err:  # this checkpoint is unusable: its error record, as in process
             records = [session.record_error(ckpt.step, "checkpoint", err, {"path": str(ckpt.path)})]
         else:
-            records = session.measure(model, ckpt.step, label=str(ckpt.path))
+            records = session.measure(model, ckpt.step, label=str(ckpt.path), log_history=saved_log_history(ckpt.path))
         compute_seconds = time.perf_counter() - t1
         out = []
         for record in records:

@@ -289,7 +289,8 @@ class UMACallback(TrainerCallback):
         if model is None or self.session is None:
             return
         # the session counts the training time since its last measurement; the optimizer is the Trainer's (its state now)
-        records = self.session.measure(model, step, optimizer=optimizer)
+        log_history = getattr(state, "log_history", None) if state is not None else None  # the learning rates so far
+        records = self.session.measure(model, step, optimizer=optimizer, log_history=log_history)
         if self.config.log_scalars and state is not None and records:
             values = {
                 f"uma/{r.metric}/{name}": value

@@ -55,6 +55,7 @@ from uma_callbacks.integrations.bounded import bounded_pair
 from uma_callbacks.integrations.registry import make_sink, resolve_sinks
 from uma_callbacks.metric_specs import build_metric
 from uma_callbacks.metrics.base import Metric
+from uma_callbacks.metrics.influence import saved_log_history
 from uma_callbacks.session import Session
 from uma_callbacks.triggers.history_seed import seed_history
 from uma_callbacks.triggers.prefetch import ModelLoader, prefetched
@@ -336,7 +337,8 @@ class _Watcher:
             else:
                 got = done.get(ann.step, set())
                 only = sorted(self.names - got) if got else None  # a step cut off mid-measure: the rest of it
-                records = self.session.measure(model, ann.step, label=str(ann.folder), only=only)
+                history = saved_log_history(loaded.checkpoint.path)  # the held copy keeps trainer_state.json
+                records = self.session.measure(model, ann.step, label=str(ann.folder), only=only, log_history=history)
                 self.summary.measured.append(ann.step)
             compute = time.perf_counter() - t0
             self.summary.per_checkpoint[ann.step] = {
