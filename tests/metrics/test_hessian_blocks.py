@@ -185,3 +185,13 @@ def test_the_drawer_draws_a_bar_per_module(tmp_path):
     assert {p.name for p in paths} == {"hessian-spectrum.png", "hessian-layers.png"}
     assert all(p.stat().st_size > 1000 for p in paths)
 
+
+
+def test_the_time_cost_prices_the_blocks():
+    from uma_callbacks.metrics.time_cost import UnitCosts
+
+    units = UnitCosts(forward=1.0, backward=2.0, hvp=5.0, n_batches=1)
+    plain = HessianSpectrum(top_k=1).time_cost(units)
+    layers = HessianSpectrum(top_k=1, blocks="layers").time_cost(units)
+    named = HessianSpectrum(top_k=1, blocks=["a", "b"]).time_cost(units)
+    assert layers == pytest.approx(2 * plain) and named == pytest.approx(plain + 24 * 5.0)

@@ -263,8 +263,18 @@ class HessianSpectrum(Metric):
         return max(5 * k, k + 45) if block == 1 else max(4 * k, k + 40)
 
     def time_cost(self, units: UnitCosts) -> float:
-        """One Hessian-vector product per Lanczos product and per Hutchinson probe."""
+        """One Hessian-vector product per Lanczos product and per Hutchinson probe, plus the blocks.
+
+        ``blocks="layers"``: about one top-1 run (``bench/spectra.py``: the 21 blocks of its
+        Qwen2 took 0.8-1.0 of ``HessianSpectrum(top_k=1)``; a model with more modules takes
+        more); a list of modules: 12 whole-model products per block (a restricted product costs
+        at most a whole one; a top-1 took about 11 on that Qwen2).
+        """
         products = self.max_iter or self.default_max_iter(int(self.top_k), 1)
+        if self.blocks == "layers":
+            products += self.default_max_iter(1, 1) + self.hutchinson_samples
+        elif self.blocks:
+            products += 12 * len(self.blocks)
         return (products + self.hutchinson_samples) * units.hvp
 
     def min_probes(self) -> int:
