@@ -84,7 +84,11 @@ def pytest_runtest_teardown(item, nextitem):
 #: worker is free: the two workers finish within a few seconds of each other. A module missing
 #: here counts as 20 s when it holds a slow-marked test (early rather than last), else as a short one.
 MODULE_SECONDS = {
-    "tests/triggers/test_minilm_budget.py": 86,
+    "tests/triggers/test_backfill_ray.py": 145,
+    "tests/triggers/test_minilm_budget.py": 97,
+    "tests/triggers/test_minilm_overhead.py": 41,
+    "tests/triggers/test_watch.py": 30,
+    "tests/triggers/test_backfill_shard.py": 28,
     "tests/reliability/test_run_identity.py": 46,
     "tests/reliability/test_held_attacks.py": 40,
     "tests/distributed/test_fsdp.py": 38,
