@@ -262,12 +262,12 @@ def test_cpu_allocation_failure_is_recognised():
 @pytest.mark.parametrize("name", sorted(METRICS))
 def test_results_identical_whatever_the_chunk(name):
     from tests.cases import qwen2_case
-    from tests.metrics.test_contract import _history
+    from tests.metrics.test_contract import _history, _optimizer
 
     model, batches, loss_fn = qwen2_case(dtype=torch.float64)
-    history = _history(model)
-    whole = _build(name, model).compute(model, batches, loss_fn, history=history)
-    chunked = _build(name, model).compute(model, batches, loss_fn, chunk_size=1, history=history)
+    history, optimizer = _history(model), _optimizer(name, model)
+    whole = _build(name, model).compute(model, batches, loss_fn, history=history, **optimizer)
+    chunked = _build(name, model).compute(model, batches, loss_fn, chunk_size=1, history=history, **optimizer)
     assert chunked.meta["chunk_size"] == 1
     # an iterative spectrum agrees to its solver's accuracy (the Hessian's Lanczos stops at a
     # relative residual of ~1e-4 here, so its eigenvalues move by ~1e-6 with the summation order)

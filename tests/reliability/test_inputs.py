@@ -12,6 +12,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from tests.cases import mlp_case, qwen2_case
+from tests.metrics.test_contract import _optimizer
 from tests.reliability.test_model_safety import _build
 from uma_callbacks import UMAConfig, UnifiedConfig
 from uma_callbacks.core.records import Record
@@ -89,6 +90,11 @@ def _compares(name: str) -> bool:
     return bool(METRICS[name].history_needed or METRICS[name].needs_first)
 
 
+def _optimizer_state(model):
+    """The AdamW state (taken on a copy of ``model``) that the suite hands to the metrics reading one."""
+    return _optimizer("optimizer_state", model)["optimizer_state"]
+
+
 def _suite(tmp_path, metrics, loss_fn):
     return MetricSuite(metrics, journal=Journal(tmp_path), loss_fn=loss_fn, draw_figures=False)
 
@@ -130,7 +136,9 @@ def test_empty_probe_is_a_clear_value_error():
 def test_one_sample_probe_gives_values_or_a_clear_error_record(tmp_path):
     model, batches, loss_fn = qwen2_case(dtype=torch.float32)
     one = [select_samples(batches[0], [0])]
-    records = _suite(tmp_path, [_build(n, model) for n in sorted(METRICS)], loss_fn).run(model, Probe(one), step=1)
+    records = _suite(tmp_path, [_build(n, model) for n in sorted(METRICS)], loss_fn).run(
+        model, Probe(one), step=1, optimizer=_optimizer_state(model)
+    )
     by_name = {r.metric: r for r in records}
     assert by_name["fisher"].status == "error" and "n_samples=1" in by_name["fisher"].error["message"]
     for record in records:
@@ -145,7 +153,9 @@ def test_one_sample_probe_gives_values_or_a_clear_error_record(tmp_path):
 def test_every_label_ignored_runs_without_crash_or_logged_nan(tmp_path):
     model, batches, loss_fn = qwen2_case(dtype=torch.float32)
     ignored = [dict(b, labels=torch.full_like(b["labels"], -100)) for b in batches]
-    records = _suite(tmp_path, [_build(n, model) for n in sorted(METRICS)], loss_fn).run(model, Probe(ignored), step=1)
+    records = _suite(tmp_path, [_build(n, model) for n in sorted(METRICS)], loss_fn).run(
+        model, Probe(ignored), step=1, optimizer=_optimizer_state(model)
+    )
     for record in records:
         if record.status == "skipped" and _compares(record.metric):
             continue  # nothing earlier to compare with

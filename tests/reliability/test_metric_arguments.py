@@ -110,6 +110,18 @@ CASES: dict[str, dict[str, tuple[object, list[object]]]] = {
         "seed": (MAX_SEED, [-1, *BAD_INT]),
         "n_init": (1, [0, 10**4, *BAD_INT]),
     },
+    "HessianDensity": {
+        "n_vectors": (2, [1, 0, 100_001, *BAD_INT]),
+        "n_steps": (3, [2, 10**6 + 1, *BAD_INT]),
+        "grid_points": (100_000, [15, 100_001, *BAD_INT]),
+        "bandwidth": (1.0, [0, -0.01, 1.5, *BAD_NUMBER]),
+        "edge_threshold": (1e-12, [0, 1.0, -0.1, *BAD_NUMBER]),
+        "min_gap": (0.999, [0, 1.0, -0.1, *BAD_NUMBER]),
+        "seed": (MAX_SEED, [-1, *BAD_INT]),
+    },
+    "ProbeInfluence": {
+        "top_k": (10_000, [0, 10_001, *BAD_INT]),
+    },
 }
 #: What every metric takes through ``Metric.__init__``.
 COMMON = {

@@ -90,7 +90,8 @@ def test_model_restored_after_success_with_user_hooks(name):
     model, batches, loss_fn = _prepared_model()
     metric = _build(name, model)
     before = _snapshot(model)
-    status = metric.compute(model, batches, loss_fn, history=test_contract._history(model)).status
+    optimizer = test_contract._optimizer(name, model)
+    status = metric.compute(model, batches, loss_fn, history=test_contract._history(model), **optimizer).status
     assert status in ("ok", "partial")  # partial: a Lanczos capped at a few products here
     _assert_same(model, before)
 
@@ -100,7 +101,8 @@ def test_model_restored_after_a_failure_midway(name):
     model, batches, loss_fn = _prepared_model()
     counting = CountingLoss(loss_fn)
     history = test_contract._history(model)
-    _build(name, model).compute(model, batches, counting, history=history)  # how many loss calls a full run takes
+    optimizer = test_contract._optimizer(name, model)
+    _build(name, model).compute(model, batches, counting, history=history, **optimizer)  # how many loss calls a full run takes
     total = counting.calls
     if total < 2:
         pytest.skip(f"{name} calls the loss {total} time(s): it reads weights (or one forward) only")
@@ -108,7 +110,7 @@ def test_model_restored_after_a_failure_midway(name):
     metric = _build(name, model)
     before = _snapshot(model)
     with pytest.raises(Boom):
-        metric.compute(model, batches, failing, history=history)
+        metric.compute(model, batches, failing, history=history, **optimizer)
     _assert_same(model, before)
 
 

@@ -29,14 +29,16 @@ KEEP_WHAT_THEY_FINISHED = ("interpolation", "landscape")
 def test_every_metric_stops_at_its_deadline_with_its_progress(name):
     model, batches, loss_fn = qwen2_case(dtype=torch.float32)
     metric = _build(name, model)
-    from tests.metrics.test_contract import _history
+    from tests.metrics.test_contract import _history, _optimizer
+
+    optimizer = _optimizer(name, model)
 
     if name in KEEP_WHAT_THEY_FINISHED:  # its first point is done before the first check
-        result = metric.compute(model, batches, loss_fn, chunk_size=1, timeout_seconds=1e-9, history=_history(model))
+        result = metric.compute(model, batches, loss_fn, chunk_size=1, timeout_seconds=1e-9, history=_history(model), **optimizer)
         assert result.status == "partial" and result.meta["progress"], "no progress recorded"
         return
     with pytest.raises(MetricTimeout) as info:
-        metric.compute(model, batches, loss_fn, chunk_size=1, timeout_seconds=1e-9, history=_history(model))
+        metric.compute(model, batches, loss_fn, chunk_size=1, timeout_seconds=1e-9, history=_history(model), **optimizer)
     assert info.value.progress, "no progress recorded"
 
 
