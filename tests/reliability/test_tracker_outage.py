@@ -133,9 +133,15 @@ def test_wandb_that_cannot_start_warns_once_and_training_goes_on(tmp_path, monke
     monkeypatch.setenv("WANDB_API_KEY", "a" * 40)
     monkeypatch.setenv("WANDB_INIT_TIMEOUT", "3")
     monkeypatch.setenv("WANDB_DIR", str(tmp_path / "wandb"))
+    import wandb
+
+    wandb.teardown()  # wandb keeps its settings per process: this test's server address must not outlive it
     cb = UMACallback(metrics=["gradient_flow"], probe_size=8, trackers=["wandb"], draw_figures=False)
-    with caplog.at_level(logging.WARNING, logger="uma_callbacks"):
-        trainer, losses = run_trainer(tmp_path / "run", callbacks=[cb], max_steps=4, save_steps=2)
+    try:
+        with caplog.at_level(logging.WARNING, logger="uma_callbacks"):
+            trainer, losses = run_trainer(tmp_path / "run", callbacks=[cb], max_steps=4, save_steps=2)
+    finally:
+        wandb.teardown()
     assert trainer.state.global_step == 4 and len(losses) == 4
     journal = Journal(tmp_path / "run" / "uma")
     assert sorted(r.step for r in journal.records()) == [2, 4]

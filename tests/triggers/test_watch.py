@@ -133,6 +133,9 @@ def test_watch_beside_training_logs_the_callbacks_values_once_into_its_tracker_r
     monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
     monkeypatch.setenv("WANDB_DIR", str(tmp_path / "wandb-train"))
     monkeypatch.setenv("WANDB_MODE", "offline")
+    import wandb
+
+    wandb.teardown()  # settings an earlier test of this process left (another server, online) go
     run_dir = tmp_path / "run"
     callback = _async_callback()  # trackers: report_to's, joined and announced
     watcher = StartWatcher(_cli(str(run_dir), "--until-done", "--poll", "0.2", "--no-figures"))
