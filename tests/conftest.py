@@ -40,6 +40,24 @@ def _seeded():
 
 
 @pytest.fixture(autouse=True)
+def _no_wandb_run_left_open():
+    """A W&B run a test leaves open (the Trainer's WandbCallback does not finish its run) keeps
+    its console hooks and service in this worker, and breaks the next test's wandb: finish it."""
+    yield
+    wandb = sys.modules.get("wandb")
+    if wandb is None or getattr(wandb, "run", None) is None:
+        return
+    try:
+        wandb.finish()
+    except Exception:  # its folder may be gone with the test's tmp_path
+        pass
+    try:
+        wandb.teardown()
+    except Exception:
+        pass
+
+
+@pytest.fixture(autouse=True)
 def _no_mlflow_run_left_open():
     """A test that leaves an MLflow run active in this worker would hand it to the next test's
     Trainer (``MLflowCallback`` logs into an active run), in another test's store: end it."""
