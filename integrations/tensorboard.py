@@ -341,7 +341,7 @@ def _held_points(folder: Path) -> tuple[set[tuple[str, int]], dict[str, str]]:
 
 
 def _read_events(path: Path, held: set[tuple[str, int]], params: dict[str, str]) -> None:
-    from tensorboard.backend.event_processing.event_file_loader import EventFileLoader  # noqa: PLC0415
+    from tensorboard.backend.event_processing.event_file_loader import EventFileLoader  # type: ignore[import-untyped]  # noqa: PLC0415
 
     for event in EventFileLoader(str(path)).Load():
         if not event.HasField("summary"):

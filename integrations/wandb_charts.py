@@ -150,7 +150,7 @@ def top_eigenvalues(arrays: dict[str, Any]) -> list[float | None] | None:
     for value in values[:MAX_SERIES]:
         if value is not None and not (isinstance(value, (int, float)) and not isinstance(value, bool)):
             return None
-        out.append(float(value) if _finite(value) else None)
+        out.append(float(value) if value is not None and _finite(value) else None)
     return out
 
 
@@ -176,7 +176,7 @@ def landscape_rows(arrays: dict[str, Any]) -> list[list[float]] | None:
         for beta, loss in zip(betas, line):
             if loss is not None and not isinstance(loss, (int, float)):
                 return None
-            if _finite(loss) and len(rows) < MAX_GRID_ROWS:
+            if loss is not None and _finite(loss) and len(rows) < MAX_GRID_ROWS:
                 rows.append([float(alpha), float(beta), float(loss)])
     return rows
 

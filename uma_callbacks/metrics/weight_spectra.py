@@ -175,7 +175,8 @@ def weight_matrices(model: torch.nn.Module) -> Iterator[tuple[str, torch.Tensor]
         layers = []
     for layer in layers:
         if layer.layout == "gpt2":
-            fused[id(layer.module.c_attn.weight)] = f"{layer.name}.c_attn"
+            c_attn: Any = layer.module.c_attn  # GPT-2's fused QKV projection (a Conv1D)
+            fused[id(c_attn.weight)] = f"{layer.name}.c_attn"
     seen: set[int] = set()
     for name, p in model.named_parameters():
         if p.ndim != 2 or id(p) in seen:
@@ -285,7 +286,7 @@ class WeightSpectra(Metric):
             lam = np.sort(s * s)
             fit = fit_power_law(lam, min_evals=self.min_evals)
             names.append(name)
-            rows.append(spectrum_values(s, tuple(matrix.shape), fit))
+            rows.append(spectrum_values(s, (int(matrix.shape[0]), int(matrix.shape[1])), fit))
             spectra.append(lam)
             ctx.check_time(matrices_done=len(names))
         if not names:
