@@ -43,6 +43,8 @@ from pathlib import Path
 from typing import Any
 
 from uma_callbacks.core.records import PREFIX, VALUED, Record, RecordSchemaError, artifact_path
+from uma_callbacks.core.records import config_identity as _identity
+from uma_callbacks.core.records import config_of as asked_config
 from uma_callbacks.core.safe_json import UnreadableJSON, loads_bounded, read_json
 from uma_callbacks.integrations.base import tracker_key
 
@@ -81,31 +83,6 @@ def chart_key(metric: str, name: str) -> str:
         'uma/hessian/charts/top_eigenvalues'
     """
     return tracker_key(f"{PREFIX}/{metric}/charts/{name}")
-
-
-def asked_config(record: Record) -> Any:
-    """``meta["config"]`` with the compute budget's scaling undone (``{knob: [asked, ran]}``).
-
-    A save run scaled down (fewer probes) stays in the series of its configured metric.
-    ``None`` when the record names no configuration.
-    """
-    meta = record.meta if isinstance(record.meta, dict) else {}
-    config = meta.get("config")
-    if not isinstance(config, dict):
-        return None
-    config = dict(config)
-    budget = meta.get("compute_budget")
-    scaled = budget.get("scaled") if isinstance(budget, dict) else None
-    for knob, change in scaled.items() if isinstance(scaled, dict) else ():
-        if knob in config and isinstance(change, (list, tuple)) and len(change) == 2:
-            config[knob] = change[0]
-    return config
-
-
-def _identity(config: Any) -> str:
-    if not config:
-        return ""
-    return hashlib.sha256(json.dumps(config, sort_keys=True, default=str).encode()).hexdigest()[:8]
 
 
 def _finite(value: Any) -> bool:

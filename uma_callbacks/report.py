@@ -17,7 +17,6 @@ numbers included.
 from __future__ import annotations
 
 import base64
-import hashlib
 import html
 import json
 import logging
@@ -27,40 +26,12 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from uma_callbacks.core.records import MEASURED
+from uma_callbacks.core.records import MEASURED, config_of
+from uma_callbacks.core.records import config_identity as _identity
 from uma_callbacks.core.spike import SPIKE_METRIC, SPIKE_PREFIX
 from uma_callbacks.engine.journal import JOURNAL_FILE, Journal
 
 logger = logging.getLogger(__name__)
-
-
-def config_of(record: Any) -> dict[str, Any] | None:
-    """The configuration a record was asked for: ``meta["config"]`` with the budget's scaling undone.
-
-    Under a compute budget a save may run a metric scaled down (fewer probes); its
-    ``meta["compute_budget"]["scaled"]`` holds ``{knob: [asked, ran]}``, and the asked value
-    is put back, so one configured metric stays one series across saves. None when the
-    record names no configuration (a record of an older version or of another tool).
-    """
-    meta = record.meta if isinstance(record.meta, dict) else {}
-    config = meta.get("config")
-    if not isinstance(config, dict):
-        return None
-    config = dict(config)
-    budget = meta.get("compute_budget")
-    scaled = budget.get("scaled") if isinstance(budget, dict) else None
-    if isinstance(scaled, dict):
-        for knob, change in scaled.items():
-            if knob in config and isinstance(change, (list, tuple)) and len(change) == 2:
-                config[knob] = change[0]
-    return config
-
-
-def _identity(config: dict[str, Any] | None) -> str:
-    """A short hash of a configuration (``""`` for none), as the suite names a variant folder."""
-    if not config:
-        return ""
-    return hashlib.sha256(json.dumps(config, sort_keys=True, default=str).encode()).hexdigest()[:8]
 
 
 def _in_variant_folder(record: Any) -> bool:

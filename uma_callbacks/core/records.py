@@ -234,3 +234,32 @@ class Record:
 
 def _finite(value: Any) -> bool:
     return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+
+
+def config_of(record: Any) -> dict[str, Any] | None:
+    """The configuration a record was asked for: ``meta["config"]`` with the budget's scaling undone.
+
+    Under a compute budget a save may run a metric scaled down (fewer probes); its
+    ``meta["compute_budget"]["scaled"]`` holds ``{knob: [asked, ran]}``, and the asked value
+    is put back, so one configured metric stays one series across saves. None when the
+    record names no configuration (a record of an older version or of another tool).
+    """
+    meta = record.meta if isinstance(record.meta, dict) else {}
+    config = meta.get("config")
+    if not isinstance(config, dict):
+        return None
+    config = dict(config)
+    budget = meta.get("compute_budget")
+    scaled = budget.get("scaled") if isinstance(budget, dict) else None
+    if isinstance(scaled, dict):
+        for knob, change in scaled.items():
+            if knob in config and isinstance(change, (list, tuple)) and len(change) == 2:
+                config[knob] = change[0]
+    return config
+
+
+def config_identity(config: Any) -> str:
+    """A short hash of a configuration (``""`` for none), as the suite names a variant folder."""
+    if not config:
+        return ""
+    return hashlib.sha256(json.dumps(config, sort_keys=True, default=str).encode()).hexdigest()[:8]
