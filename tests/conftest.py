@@ -95,6 +95,24 @@ def pytest_runtest_teardown(item, nextitem):
     gc.freeze()
 
 
+@pytest.fixture(scope="session")
+def mlflow_server(tmp_path_factory):
+    """A real ``mlflow server`` on its own SQLite store on 127.0.0.1, started once per test
+    worker (10 to 20 s each start) and shared by the modules that ``SHARED`` hands out together
+    under "mlflow server" (the reliability tests front it with a proxy or a gate; the watcher
+    logs through it). Its store holds every such test's runs: a test finds its own by run id,
+    or by the runs it added."""
+    pytest.importorskip("mlflow")
+    from tests.reliability.servers import MlflowServer
+
+    server = MlflowServer(tmp_path_factory.mktemp("mlflow-server"))
+    server.start()
+    try:
+        yield server
+    finally:
+        server.stop()
+
+
 # ---------------------------------------------------------------------- order: longest modules first
 #: Seconds of the slowest test modules in a full run on 2 cores (``--durations``, summed per
 #: module; refresh after a test grows or a slow module is added). ``make test`` hands out whole
