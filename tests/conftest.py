@@ -145,13 +145,14 @@ MODULE_SECONDS = {
 }
 UNLISTED_SLOW_SECONDS = 20.0
 #: Modules that share what a test process builds once, handed out together to one worker:
-#: the real ``mlflow server`` (tests/reliability/conftest.py) and the 2-process DCP run
+#: the real ``mlflow server`` (the ``mlflow_server`` fixture above) and the 2-process DCP run
 #: (tests/core/dcp_run.py).
 SHARED = {
     "tests/reliability/test_held_attacks.py": "mlflow server",
     "tests/reliability/test_tracker_down_at_start.py": "mlflow server",
     "tests/reliability/test_tracker_outage.py": "mlflow server",
     "tests/reliability/test_tracker_stall.py": "mlflow server",
+    "tests/triggers/test_watch.py": "mlflow server",
     "tests/core/test_dcp.py": "dcp run",
     "tests/triggers/test_dcp_backfill.py": "dcp run",
 }
