@@ -25,6 +25,10 @@ Ends with one ``name=value`` line per figure:
     async_callback_seconds_per_save=<time in its save handler, per save>
     busy_neighbour_train_overhead=<plain beside a busy loop on the watcher's core / plain - 1>
         (--control: what any process on the other core costs on this machine)
+    async_train_overhead_vs_busy_neighbour=<async train time / plain beside a busy loop - 1>
+        (--control: what the async callback and the watcher cost beyond what any process on
+        the other core costs; on a machine whose two cores share a physical core or its
+        caches, this is the figure that is ours)
     *_excluding_core_wait=<the same with each train time less the time the training
         thread waited for its core (/proc/thread-self/schedstat): on a shared machine,
         other processes crowd onto the training's core while the watcher holds the other>
@@ -403,6 +407,7 @@ def main() -> int:
     print(f"async_train_overhead_excluding_core_wait={ratio(asynchronous, plain_on_core) - 1:.4f}")
     if neighbour is not None:
         print(f"busy_neighbour_train_overhead={neighbour.wall / plain.wall - 1:.4f}")
+        print(f"async_train_overhead_vs_busy_neighbour={asynchronous.wall / neighbour.wall - 1:.4f}")
     print(f"async_callback_seconds={uma_seconds:.4f}")
     print(f"async_callback_seconds_per_save={uma_save_seconds / max(len(saves), 1):.4f}")
     print(f"inprocess_train_overhead={inprocess.wall / plain.wall - 1:.4f}")
