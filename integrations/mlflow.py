@@ -16,7 +16,8 @@ journal; nothing replaces the live run's files. Params are logged once per value
 the run holds is not sent again, and another config's params go under
 ``uma.<metric>-<config hash>.config`` (MLflow refuses a changed param). Status tags follow
 the latest outcome (:mod:`~uma_callbacks.integrations.status`): ``uma.<metric>.error`` only
-while a failure is shown, ``uma.<metric>.skipped`` for a skip's reason.
+while a failure is shown, ``uma.<metric>.skipped`` for a skip's reason; each record's outcome is
+also a metric at its step, ``uma/<metric>/status_code`` (:mod:`~uma_callbacks.integrations.status_codes`).
 
 Keys go through :func:`~uma_callbacks.integrations.base.tracker_key` (what MLflow
 accepts; ``heads.c++.weight`` gets a safe, unique form). A batch MLflow refuses as
@@ -58,6 +59,7 @@ from uma_callbacks.integrations.base import (
     uploadable_files,
 )
 from uma_callbacks.integrations.status import parse_step, skip_text, status_updates
+from uma_callbacks.integrations.status_codes import status_values
 from uma_callbacks.integrations.uris import no_stray_folders, sqlite_path, sqlite_uri
 
 logger = logging.getLogger(__name__)
@@ -263,7 +265,7 @@ class MLflowSink(Sink):
         self._flush_params()
         timestamp = _timestamp_ms(record.meta)
         metrics = []
-        for key, value in record.log_values().items():
+        for key, value in {**record.log_values(), **status_values(record)}.items():
             key = tracker_key(key)
             if not math.isfinite(value) or key in self.rejected:
                 continue

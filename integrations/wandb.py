@@ -15,6 +15,9 @@ each record as one committed row holding ``uma/step`` and the record's values.
 Per record, in that one row:
 
 - scalars ``uma/<metric>/<scalar>`` (and ``seconds``, ``peak_mb``);
+- the record's outcome as a number, ``uma/<metric>/status_code`` (0 ok, 1 partial, 2 skipped,
+  3 timeout, 4 interrupted, 5 error: :mod:`~uma_callbacks.integrations.status_codes`), in
+  every record's row, so a chart shows at which steps a metric failed;
 - figures: each PNG in ``record.files`` as ``uma/<metric>/figures/<name>`` (a
   ``wandb.Image``: landscape heatmap, spectrum, gradient flow per layer);
 - per-module values as a ``wandb.Table`` ``uma/<metric>/modules`` with columns
@@ -73,6 +76,7 @@ from uma_callbacks.integrations.base import (
     uploadable_files,
 )
 from uma_callbacks.integrations.status import parse_step, skip_text, status_updates
+from uma_callbacks.integrations.status_codes import status_values
 from uma_callbacks.integrations.wandb_charts import SeriesHistory, record_charts
 
 logger = logging.getLogger(__name__)
@@ -250,7 +254,7 @@ class WandbSink(Sink):
         wandb = self._wandb
         step = int(record.step)
         row: dict[str, Any] = {}
-        for key, value in record.log_values().items():
+        for key, value in {**record.log_values(), **status_values(record)}.items():
             key = tracker_key(key)
             if math.isfinite(value) and (step, key) not in self._logged:
                 row[key] = value

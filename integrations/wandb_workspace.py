@@ -4,9 +4,11 @@ Built with ``wandb-workspaces`` (the optional extra ``uma-callbacks[workspaces]`
 only inside the functions that need it). Every chart is on the ``uma/step`` axis the sink
 binds ``uma/*`` to (:data:`~uma_callbacks.integrations.wandb.STEP_KEY`). The workspace has:
 
-- a pinned ``uma status`` section: a line plot of each metric's ``seconds`` (a point at
-  every step with a value, ``ok`` or ``partial``; a gap where a step failed or was skipped),
-  a run comparer (each run's summary: ``uma/<metric>/status`` with ``status_step``,
+- a pinned ``uma status`` section: a line plot of each metric's outcome per step,
+  ``uma/<metric>/status_code`` (0 ok, 1 partial, 2 skipped, 3 timeout, 4 interrupted, 5 error:
+  :mod:`~uma_callbacks.integrations.status_codes`), a line plot of each metric's ``seconds``
+  (a point at every step with a value, ``ok`` or ``partial``; a gap where a step failed or was
+  skipped), a run comparer (each run's summary: ``uma/<metric>/status`` with ``status_step``,
   ``error`` while a failure is shown, ``skipped`` with its reason) and a note saying so;
   the runs table pins ``summary:uma/<metric>/status`` and ``status_step`` for each metric,
   so which metric is ``partial`` or ``error``, at which step, is one column per metric;
@@ -40,6 +42,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from uma_callbacks.core.records import PREFIX
+from uma_callbacks.integrations.status_codes import STATUS_CODE, status_legend
 from uma_callbacks.integrations.wandb import STEP_KEY
 
 _INSTALL = "the W&B workspace needs wandb-workspaces: pip install 'uma-callbacks[workspaces]'"
@@ -290,8 +293,23 @@ def _section(ws: Any, name: str, panels: list[Any], is_open: bool = False, pinne
 
 
 def _numbers(keys: LoggedKeys, metric: str) -> list[str]:
-    """The family's numeric history keys, sorted."""
-    return sorted(k for k, t in keys.history.items() if t == "number" and k.startswith(f"{PREFIX}/{metric}/"))
+    """The family's numeric history keys, sorted (the status codes left out: the status section plots them)."""
+    return sorted(
+        k
+        for k, t in keys.history.items()
+        if t == "number" and k.startswith(f"{PREFIX}/{metric}/") and not k.endswith(f"/{STATUS_CODE}")
+    )
+
+
+def _status_codes(keys: LoggedKeys | None) -> tuple[list[str], str | None]:
+    """The status-code keys to plot, and a regex when no run says which were logged.
+
+    With a run: every numeric ``.../status_code`` key it logged (``uma/spike/<metric>/status_code``
+    too). Without: a regex over every metric's (``uma/<metric>/status_code``).
+    """
+    if keys is None:
+        return [], f"^{re.escape(PREFIX)}/.+/{re.escape(STATUS_CODE)}$"
+    return sorted(k for k, t in keys.history.items() if t == "number" and k.endswith(f"/{STATUS_CODE}")), None
 
 
 def _status_section(ws: Any, wr: Any, families: list[str], keys: LoggedKeys | None, run_id: str | None) -> Any:
@@ -299,17 +317,22 @@ def _status_section(ws: Any, wr: Any, families: list[str], keys: LoggedKeys | No
     if keys is not None:
         seconds = [k for k in seconds if keys.history.get(k) == "number"]
     source = f"run {run_id}" if run_id else "the metric registry"
+    codes, codes_regex = _status_codes(keys)
     note = (
         "**Status of each metric** (keys from " + source + ").\n\n"
+        f"- `uma/<metric>/status_code` at each step: {status_legend()} (from 3 up: failed); "
+        "the first plot.\n"
         "- `uma/<metric>/status` in the run summary: the latest outcome shown (`ok`, `partial`: kept, "
         "but an iterative method did not reach its stated accuracy; `error`, `timeout`, `interrupted`; "
         "`skipped`), at step `uma/<metric>/status_step`; pinned as columns of the runs table.\n"
         "- `uma/<metric>/error`: the failure's message while a failure is shown; "
         "`uma/<metric>/skipped`: the latest skip's reason.\n"
-        "- The plot: a point at every step a metric has a value (`ok` or `partial`); "
+        "- The seconds plot: a point at every step a metric has a value (`ok` or `partial`); "
         "a gap is a step that failed or was skipped.\n"
     )
     panels = [wr.MarkdownPanel(markdown=note, layout=wr.Layout(w=8, h=6))]
+    if codes or codes_regex:
+        panels.append(_line(wr, f"status per step ({status_legend()})", codes, regex=codes_regex))
     if seconds:
         panels.append(_line(wr, "seconds per metric (gaps: failed or skipped steps)", seconds))
     panels.append(wr.RunComparer(layout=wr.Layout(w=8, h=6)))

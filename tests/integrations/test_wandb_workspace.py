@@ -132,6 +132,12 @@ def test_every_panel_shows_a_key_the_run_logged_and_every_family_has_a_section(d
     media = {k for kind, k in pairs if kind == "media"}
     assert {"uma/landscape/figures/landscape", "uma/fisher/figures/spectrum", "uma/interpolation/figures/interpolation"} <= media
     assert media == {k for k, t in types.items() if t == "image-file"}
+    # status per step: one plot of every metric's uma/<metric>/status_code, first in the status section
+    status = workspace.sections[0]
+    plot = next(p for p in status.panels if type(p).__name__ == "LinePlot")
+    assert plot.y == sorted(f"uma/{m}/status_code" for m in keys.families())
+    assert "0 ok, 1 partial, 2 skipped" in plot.title
+    assert not [k for kind, k in pairs if kind == "metric" and k.endswith("/status_code") and k not in plot.y]
     # status: the summary's status and step of each family, pinned in the runs table
     pinned = set(workspace.runset_settings.pinned_columns) - {"run:displayName"}
     assert pinned == {f"summary:uma/{m}/{t}" for m in keys.families() for t in ("status", "status_step")}
