@@ -4,8 +4,10 @@ One multi-panel figure (one panel per ``<metric>/<scalar>`` with a top-level sca
 i.e. no per-layer keys), written as PNG, and a self-contained HTML page embedding that
 PNG (base64) above a table of the values (rows: steps; columns: scalars) and a list of
 the errors the journal holds. Loss spikes (records ``spike``, :mod:`uma_callbacks.triggers.spike`)
-are a red dashed line at their step on every panel, the values measured at a spike
-(``spike/<metric>``) a red cross on their metric's panel, and the page lists them under "Spikes".
+are a red dashed line at their step on every panel (named in each panel's legend with its
+z-score), the values measured at a spike (``spike/<metric>``) a red cross on their metric's
+panel, and the page lists them under "Spikes", right below the figure, with what the line and
+the crosses mean.
 
 Everything on the page comes from the journal only, and the journal is data from disk:
 records are checked against the record schema on read (a foreign line is skipped, see
@@ -271,8 +273,9 @@ def draw_report(
     Panels share the run's x range; a y range is at least 5% of the value's magnitude; a
     quantity that is constant or has a single value is one item of a text row under the
     panels instead of a panel. ``spikes`` (:func:`spike_markers`): a red dashed line at each
-    spike's step on every panel; the ``spike/...`` series are no panels of their own, each
-    value is a red cross on its metric's panel instead (and in the table).
+    spike's step on every panel, named in the panel's legend (``loss spike, z=943``); the
+    ``spike/...`` series are no panels of their own, each value is a red cross on its metric's
+    panel instead ("measured at the spike", and in the table).
 
     Returns:
         ``(png, not drawn)``: the items of the text row (also listed on the HTML page).
@@ -288,7 +291,7 @@ def draw_report(
         title += "\nred dashed: loss spikes at " + ", ".join(f"step {r.step} (z={_z_text(r)})" for r in spikes[:8])
     built = report_figure(checkpoints, title)
     if spikes:
-        _mark_spikes(built, series, [int(r.step) for r in spikes])
+        _mark_spikes(built, series, spikes)
     png.parent.mkdir(parents=True, exist_ok=True)
     try:
         save_figure(built.figure, png, dpi=90)  # atomic: no empty report.png on a full disk
@@ -304,11 +307,33 @@ def _z_text(record: Any) -> str:
     return format(z, ".3g") if isinstance(z, (int, float)) else "?"
 
 
-def _mark_spikes(built: Any, series: dict[str, dict[int, float]], steps: list[int]) -> None:
-    """A red dashed line at each spike step on every panel; the ``spike/<metric>/<scalar>`` values as red crosses on theirs."""
+#: How many spikes a panel's legend names one by one (the rest: one entry).
+_LEGEND_SPIKES = 3
+
+
+def _spike_label(records: Sequence[Any]) -> list[str]:
+    """The legend entry of each spike line: ``loss spike, z=943`` for the first few, then one for the rest."""
+    labels = []
+    for n, record in enumerate(records):
+        spike = record.meta.get("spike") if isinstance(record.meta, dict) else None
+        key = spike.get("key") if isinstance(spike, dict) and isinstance(spike.get("key"), str) else "loss"
+        if n < _LEGEND_SPIKES:
+            labels.append(f"{key[:20]} spike, z={_z_text(record)}")
+        elif n == _LEGEND_SPIKES:
+            labels.append(f"{len(records) - _LEGEND_SPIKES} more spike(s)")
+        else:
+            labels.append("_nolegend_")
+    return labels
+
+
+def _mark_spikes(built: Any, series: dict[str, dict[int, float]], spikes: Sequence[Any]) -> None:
+    """A red dashed line at each spike step on every panel, in its legend; the ``spike/<metric>/<scalar>`` values as red crosses on theirs."""
     import math
 
     from uma_callbacks.plots.panels import drawable, split_name
+
+    steps = [int(r.step) for r in spikes]
+    labels = _spike_label(spikes)
 
     measured: dict[tuple[str, str], dict[int, float]] = {}
     for name, points in series.items():
@@ -319,16 +344,19 @@ def _mark_spikes(built: Any, series: dict[str, dict[int, float]], steps: list[in
         low, high = ax.get_xlim()
         pad = max(1.0, 0.02 * (max(steps + [high]) - min(steps + [low])))
         ax.set_xlim(min([low] + [s - pad for s in steps]), max([high] + [s + pad for s in steps]))
-        for step in steps:
-            ax.axvline(step, color="tab:red", ls="--", lw=0.8, alpha=0.7, zorder=0)
+        for step, label in zip(steps, labels):
+            ax.axvline(step, color="tab:red", ls="--", lw=1.0, alpha=0.8, zorder=0, label=label)
         points = measured.get((panel.metric, panel.scalar))
         if points:
-            ax.plot(list(points), list(points.values()), "x", color="tab:red", ms=6, mew=1.5, label="at spike", clip_on=False)
+            ax.plot(
+                list(points), list(points.values()), "x", color="tab:red", ms=6, mew=1.5,
+                label="measured at the spike", clip_on=False,
+            )  # fmt: skip
             bottom, top = ax.get_ylim()
             values = [v for v in points.values() if math.isfinite(v)]
             margin = 0.08 * (max(values + [top]) - min(values + [bottom]))
             ax.set_ylim(min([bottom] + [v - margin for v in values]), max([top] + [v + margin for v in values]))
-            ax.legend(fontsize=6, loc="best")
+        ax.legend(fontsize=6, loc="best")
 
 
 def step_figures(journal: Journal) -> list[tuple[str, Path]]:
@@ -467,6 +495,23 @@ def _spike_item(record: Any) -> str:
     )
 
 
+#: What the spike marks on the figure mean, above the list of spikes.
+SPIKE_NOTE = (
+    "A red dashed line on every panel marks a step whose logged value was a robust outlier of the "
+    "values logged before it: z = |value - median| / scale, scale = 1.4826 x their median absolute "
+    "deviation (1.2533 x the mean absolute deviation when that is 0). A red cross is a metric "
+    "measured at that step on the model in memory, with no checkpoint (the weights after that "
+    "step's update)."
+)
+
+
+def _spikes_html(spikes: Sequence[Any]) -> str:
+    """The "Spikes" section: what the marks mean, then one line per spike (empty without spikes)."""
+    if not spikes:
+        return ""
+    return f"<h2 id='spikes'>Spikes</h2><p>{_e(SPIKE_NOTE)}</p><ul>{''.join(_spike_item(r) for r in spikes)}</ul>"
+
+
 def _png(path: Path) -> str:
     return base64.b64encode(path.read_bytes()).decode("ascii")
 
@@ -508,12 +553,12 @@ def _html(
         "td,th{border:1px solid #ccc;padding:2px 6px;text-align:right}</style></head><body>"
         "<h1>uma report</h1>"
         f"<img alt='metrics across steps' src='data:image/png;base64,{_png(png)}'/>"
+        + _spikes_html(spikes)
         + (
             f"<h2>Not drawn (constant or a single value)</h2><ul>{''.join(f'<li>{_e(x)}</li>' for x in not_drawn)}</ul>"
             if not_drawn
             else ""
         )
-        + (f"<h2 id='spikes'>Spikes</h2><ul>{''.join(_spike_item(r) for r in spikes)}</ul>" if spikes else "")
         + (f"<h2>Configurations</h2><ul>{config_items}</ul>" if config_items else "")
         + extra
         + (f"<h2>Latest figures of each metric</h2>{per_step}" if per_step else "")

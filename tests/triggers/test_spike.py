@@ -128,6 +128,20 @@ def test_report_draws_the_spike_and_lists_it(runs, tmp_path):
     z = next(r for r in runs.cb.records if r.metric == "spike").scalars["z"]
     assert f"<li>step {SPIKE_STEP}: loss = " in text and f"z = {z:.6g}" in text and "measured: spike/gradient_flow" in text
     assert [r.step for r in spike_markers(Journal(runs.base / "measured" / "uma"))] == [SPIKE_STEP]
+    # right below the figure, with what its marks mean, before the rest of the page
+    assert text.index("metrics across steps") < text.index("<h2 id='spikes'>") < text.index("<h2>Values</h2>")
+    assert "A red dashed line on every panel marks a step" in text and "A red cross is a metric measured" in text
+
+
+def test_each_spike_line_is_named_in_the_panel_legend():
+    from uma_callbacks.report import _spike_label
+
+    def marker(step, z, key="loss"):
+        return SimpleNamespace(step=step, scalars={"z": z}, meta={"spike": {"key": key}})
+
+    assert _spike_label([marker(9, 12.345)]) == ["loss spike, z=12.3"]
+    labels = _spike_label([marker(s, 7.0, "grad_norm") for s in range(5)])
+    assert labels == ["grad_norm spike, z=7"] * 3 + ["2 more spike(s)", "_nolegend_"]
 
 
 @pytest.mark.slow
