@@ -6,22 +6,35 @@ Written with ``torch.utils.tensorboard.SummaryWriter`` (the ``tensorboard`` pack
 reads every event file of a folder as one run. Per record, at ``record.step`` (the
 checkpoint's global step):
 
-- scalars ``uma/<metric>/<scalar>`` (and ``seconds``, ``peak_mb``), keys through
-  :func:`~uma_callbacks.integrations.base.tracker_key` as for MLflow and W&B;
-- figures: each PNG in ``record.files`` as an image ``uma/<metric>/figures/<name>``;
+- scalars (and ``seconds``, ``peak_mb``), keys through
+  :func:`~uma_callbacks.integrations.base.tracker_key` as for MLflow and W&B, then named for
+  TensorBoard's groups (:func:`tensorboard_tag`);
+- the record's outcome as a number, ``uma.<metric>/status_code`` (0 ok, 1 partial, 2 skipped,
+  3 timeout, 4 interrupted, 5 error: :mod:`~uma_callbacks.integrations.status_codes`);
+- figures: each PNG in ``record.files`` as an image ``uma.<metric>/figures/<name>``;
 - per-module values (the ``layers/<module>/<scalar>`` scalars) as one histogram per
-  scalar, ``uma/<metric>/modules/<scalar>``: its values across the modules;
-- a record that is not ``ok``/``cached`` as text ``uma/<metric>/status`` (its status and
+  scalar, ``uma.<metric>/modules/<scalar>``: its values across the modules;
+- a record that is not ``ok``/``cached`` as text ``uma.<metric>/status`` (its status and
   message); params once per value as text ``uma.<key>`` at step 0 (another config's under
   ``uma.<metric>-<config hash>.config``).
 
+Tags: TensorBoard groups the cards of its Scalars, Time Series, Images and Histograms pages
+by the part of a tag before its first ``/``. W&B's and MLflow's ``uma/<metric>/<scalar>``
+would put every value of every metric into one group ``uma`` (hundreds of cards, paged, the
+headline values behind the per-layer ones), so this sink writes the key's metric into the
+group: ``uma/fisher/trace`` is ``uma.fisher/trace``, and a per-item value
+``uma/<metric>/<group>/<item>/<scalar>`` (``layers/<module>/...``, ``params/<name>/...``)
+goes to a group of its own, ``uma.fisher.layers/<module>/trace``. The groups sort beside the
+Trainer's ``train``/``eval``: ``uma.fisher``, ``uma.fisher.layers``, ``uma.gradient_flow``,
+..., ``uma.spike`` (the loss spike's z-score and value), ``uma.spike.fisher``, ...
+
 The folder (the run, :meth:`TensorBoardSink.run_id`) is, in this order: ``log_dir`` given;
-``run_id`` given (a log folder this run delivered to before, for a resume or ``uma sync``;
-an absolute path, not a file); when the sink is built inside a Trainer's callback event with
-``report_to=["tensorboard"]`` (``UMACallback.on_train_begin``), the Trainer's own log folder
-(:func:`trainer_log_dir`); ``TENSORBOARD_LOGGING_DIR``; ``<fallback_dir>/tensorboard`` (the
-journal folder's). The sink's event file is its own either way, so it is opened and closed by
-the session like a run it opened (:meth:`~TensorBoardSink.finish`).
+``run_id`` given (a log folder to join: the Trainer's own, which ``UMACallback`` passes with
+``report_to=["tensorboard"]``, :mod:`~uma_callbacks.triggers.trainer_tensorboard`; or one this
+run delivered to before, for a resume or ``uma sync``; an absolute path, not a file);
+``TENSORBOARD_LOGGING_DIR``; ``<fallback_dir>/tensorboard`` (the journal folder's). The sink's
+event file is its own either way, so it is opened and closed by the session like a run it
+opened (:meth:`~TensorBoardSink.finish`).
 
 Idempotent per (run, step, key): at :meth:`~TensorBoardSink.start` the sink reads back the
 points its earlier event files in the folder hold (bounded: :data:`SCAN_MAX_BYTES`, every
@@ -38,13 +51,12 @@ import logging
 import math
 import os
 import re
-import sys
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 from uma_callbacks.core.records import PREFIX, Record
 from uma_callbacks.integrations.base import Sink, keeps_rng, param_key, tracker_key, uploadable_files
+from uma_callbacks.integrations.status_codes import status_values
 
 logger = logging.getLogger(__name__)
 
@@ -55,8 +67,6 @@ EVENT_SUFFIX = ".uma"
 SCAN_MAX_BYTES = 512 * 2**20
 _TEXT_SUFFIX = "/text_summary"
 _LAYER_KEY = re.compile(r"^layers/(?P<module>.+)/(?P<scalar>[^/]+)$")
-#: How far up the call stack :func:`trainer_log_dir` looks for the Trainer's callbacks.
-_STACK_DEPTH = 40
 
 
 def _import_writer() -> Any:
@@ -85,8 +95,8 @@ class TensorBoardSink(Sink):
 
     Args:
         log_dir: the folder to write to.
-        run_id: a log folder this run delivered to before (absolute path), used when
-            ``log_dir`` is not given.
+        run_id: a log folder to join (absolute path: the Trainer's own log folder, or one this
+            run delivered to before), used when ``log_dir`` is not given.
         fallback_dir: the journal folder; ``<fallback_dir>/tensorboard`` when nothing else names a folder.
         flush_secs: seconds between the writer's own flushes (each record is flushed anyway).
 
@@ -105,9 +115,7 @@ class TensorBoardSink(Sink):
     ) -> None:
         super().__init__()
         self._writer_class = _import_writer()
-        # decided now: make_sink builds the sink inside UMACallback.on_train_begin, after the
-        # Trainer's TensorBoardCallback picked its folder
-        self._given = Path(log_dir) if log_dir is not None else (_rejoined(run_id) or trainer_log_dir())
+        self._given = Path(log_dir) if log_dir is not None else _rejoined(run_id)
         self._fallback_dir = Path(fallback_dir) if fallback_dir is not None else None
         self._flush_secs = int(flush_secs)
         self._log_dir: Path | None = None  # set by start
@@ -171,21 +179,26 @@ class TensorBoardSink(Sink):
         assert self._held is not None
         step = int(record.step)
         written: list[tuple[str, int]] = []
+        metric = record.metric
+
+        def tag_of(key: str) -> str:
+            return tensorboard_tag(metric, tracker_key(key))
+
         try:
-            for key, value in record.log_values().items():
-                tag = tracker_key(key)
+            for key, value in {**record.log_values(), **status_values(record)}.items():
+                tag = tag_of(key)
                 if math.isfinite(value) and (tag, step) not in self._held:
                     self._writer.add_scalar(tag, value, step)
                     written.append((tag, step))
             for scalar, values in _module_values(record).items():
-                tag = tracker_key(f"{PREFIX}/{record.metric}/modules/{scalar}")
+                tag = tag_of(f"{PREFIX}/{metric}/modules/{scalar}")
                 if (tag, step) not in self._held:
                     self._writer.add_histogram(tag, _array(values), step)
                     written.append((tag, step))
             for path in uploadable_files(Path(root), record, self._refused_files):
                 if path.suffix.lower() != ".png":
                     continue
-                tag = tracker_key(f"{PREFIX}/{record.metric}/figures/{_figure_name(record.metric, path)}")
+                tag = tag_of(f"{PREFIX}/{metric}/figures/{_figure_name(metric, path)}")
                 if (tag, step) in self._held:
                     continue
                 image = self._read_png(path)
@@ -193,7 +206,7 @@ class TensorBoardSink(Sink):
                     self._writer.add_image(tag, image, step, dataformats="HWC")
                     written.append((tag, step))
             if record.status not in ("ok", "cached"):
-                tag = tracker_key(f"{PREFIX}/{record.metric}/status")
+                tag = tag_of(f"{PREFIX}/{metric}/status")
                 if (tag, step) not in self._held:
                     self._writer.add_text(tag, _status_text(record), step)
                     written.append((tag, step))
@@ -268,41 +281,38 @@ def _rejoined(run_id: str | None) -> Path | None:
     return None
 
 
-def trainer_log_dir() -> Path | None:
-    """The log folder of the ``TensorBoardCallback`` of the Trainer whose callback event is running, if any.
+def tensorboard_tag(metric: str, key: str) -> str:
+    """The TensorBoard tag of a tracker key ``uma/<metric>/<rest>``: the metric named in the tag's group.
 
-    transformers' ``TensorBoardCallback`` picks its folder at ``on_train_begin``:
-    ``TENSORBOARD_LOGGING_DIR``, else ``<output_dir>/runs/<time>_<host>``, a name made then
-    (older versions: ``args.logging_dir``), and its writer's ``log_dir`` holds it. Report
-    callbacks run before user callbacks, so inside ``UMACallback.on_train_begin`` it is known;
-    it is read from the Trainer's ``CallbackHandler``, found up the call stack (no Trainer on
-    the stack, or no such callback: ``None``).
+    TensorBoard groups cards by the tag's part before its first ``/``. ``uma/<metric>/<name>``
+    becomes ``uma.<metric>/<name>`` (a ``/`` in the metric's own name, ``spike/fisher``, becomes
+    ``.``); a per-item key ``uma/<metric>/<group>/<item>/<scalar>`` (three parts or more after
+    the metric) becomes ``uma.<metric>.<group>/<item>/<scalar>``, a group of its own. A key
+    that does not start with ``uma/<metric>/`` is returned as it is.
+
+    Args:
+        metric: the record's metric (``fisher``, ``spike/fisher``).
+        key: the tracker key (:func:`~uma_callbacks.integrations.base.tracker_key`).
+
+    Returns:
+        The tag.
+
+    Example:
+        >>> tensorboard_tag("fisher", "uma/fisher/trace")
+        'uma.fisher/trace'
+        >>> tensorboard_tag("gradient_flow", "uma/gradient_flow/layers/model.layers.0.mlp/norm")
+        'uma.gradient_flow.layers/model.layers.0.mlp/norm'
+        >>> tensorboard_tag("spike/fisher", "uma/spike/fisher/figures/spectrum")
+        'uma.spike.fisher/figures/spectrum'
     """
-    handler_class = sys.modules.get("transformers.trainer_callback")
-    tb_module = sys.modules.get("transformers.integrations.integration_utils")
-    if handler_class is None or tb_module is None:  # no Trainer in this process
-        return None
-    handler_type = getattr(handler_class, "CallbackHandler", None)
-    callback_type = getattr(tb_module, "TensorBoardCallback", None)
-    if handler_type is None or callback_type is None:
-        return None
-    for frame in _frames(sys._getframe(1), _STACK_DEPTH):
-        owner = frame.f_locals.get("self")
-        if isinstance(owner, handler_type):
-            for callback in getattr(owner, "callbacks", []):
-                if isinstance(callback, callback_type):
-                    writer = getattr(callback, "tb_writer", None)
-                    folder = getattr(writer, "log_dir", None) or getattr(callback, "logging_dir", None)
-                    if isinstance(folder, (str, os.PathLike)) and str(folder):
-                        return Path(folder)
-            return None
-    return None
-
-
-def _frames(frame: Any, depth: int) -> Iterator[Any]:
-    while frame is not None and depth > 0:
-        yield frame
-        frame, depth = frame.f_back, depth - 1
+    head = f"{PREFIX}/{metric}/"
+    if not key.startswith(head) or len(key) == len(head):
+        return key
+    group, rest = f"{PREFIX}.{metric.replace('/', '.')}", key[len(head) :]
+    parts = rest.split("/")
+    if len(parts) >= 3:
+        group, rest = f"{group}.{parts[0]}", "/".join(parts[1:])
+    return f"{group}/{rest}"
 
 
 def _held_points(folder: Path) -> tuple[set[tuple[str, int]], dict[str, str]]:

@@ -77,9 +77,9 @@ def test_measures_each_checkpoint_into_the_loggers_runs_and_trains_as_without_it
     acc = ea.EventAccumulator(tb.log_dir, size_guidance={ea.SCALARS: 0, ea.HISTOGRAMS: 0})
     acc.Reload()
     assert "train_loss" in acc.Tags()["scalars"]
-    assert [e.step for e in acc.Scalars("uma/gradient_flow/total_norm")] == [2, 4]
-    assert [e.value for e in acc.Scalars("uma/gradient_flow/total_norm")] == pytest.approx([values[2], values[4]], rel=1e-6)
-    assert [h.step for h in acc.Histograms("uma/gradient_flow/modules/norm")] == [2, 4]
+    assert [e.step for e in acc.Scalars("uma.gradient_flow/total_norm")] == [2, 4]
+    assert [e.value for e in acc.Scalars("uma.gradient_flow/total_norm")] == pytest.approx([values[2], values[4]], rel=1e-6)
+    assert [h.step for h in acc.Histograms("uma.gradient_flow/modules/norm")] == [2, 4]
 
     # the same training without the callback ends with the same weights, bit for bit
     _, plain = fit(tmp_path / "plain")
