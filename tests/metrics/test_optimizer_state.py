@@ -243,3 +243,80 @@ def test_pieces_add_up_to_the_whole(monkeypatch):
     for key, value in whole.scalars.items():
         assert cut.scalars[key] == pytest.approx(value, rel=1e-12), key
     assert all(torch.equal(cut.tensors[n], whole.tensors[n]) for n in whole.tensors)
+
+
+def _spearman_case():
+    """The MLP after 3 AdamW steps on batches whose first input is 0: ties in both sqrt(v_hat) and the Fisher diagonal."""
+    from tests.oracles import oracle_per_sample_grads, param_slices
+
+    model, batches, loss_fn = mlp_case(dtype=torch.float64)
+    for batch in batches:
+        batch["x"][:, 0] = 0.0  # fc1.weight[:, 0] gets no gradient: zero moments and zero Fisher entries
+    opt, _, _, moments = _hand_adam(model, batches, loss_fn, 3, 0.0, False)
+    _, grads = oracle_per_sample_grads(model, batches, loss_fn)
+    diag = (grads**2).mean(0)
+    slices = param_slices(model)
+    root_vhat = {n: (v / (1 - BETAS[1] ** 3)).sqrt().reshape(-1) for n, (_, v) in moments.items()}
+    return model, batches, loss_fn, opt, root_vhat, {n: diag[sl] for n, sl in slices.items()}
+
+
+def test_fisher_spearman_matches_scipy_over_all_entries_and_per_module():
+    """With fisher at the same save: Spearman's rho of sqrt(v_hat) and the dense Fisher diagonal, as scipy computes it."""
+    stats = pytest.importorskip("scipy.stats")
+    from uma_callbacks.engine.probe import Probe
+    from uma_callbacks.engine.suite import MetricSuite
+    from uma_callbacks.metrics import FisherInformation
+
+    model, batches, loss_fn, opt, root_vhat, diag = _spearman_case()
+    suite = MetricSuite(metrics=[OptimizerState(), FisherInformation(top_k=None)], loss_fn=loss_fn, draw_figures=False)
+    records = suite.run(model, Probe(batches), step=3, optimizer=from_optimizer(opt, model))
+    assert [r.metric for r in records] == ["fisher", "optimizer_state"]
+    record = records[1]
+    assert record.status == "ok" and record.meta["skipped"] == {} and record.meta["fisher_spearman_sampled"] is False
+    x = torch.cat(list(root_vhat.values()))
+    y = torch.cat(list(diag.values()))
+    assert int((y == 0).sum()) == 5 and int((x == 0).sum()) == 5  # the ties are there
+    want = stats.spearmanr(x.numpy(), y.numpy()).statistic
+    assert record.scalars["fisher_spearman"] == pytest.approx(want, rel=1e-12)
+    assert record.meta["fisher_spearman_entries"] == x.numel()
+    for module in ("fc1", "fc2", "head"):
+        names = [n for n in root_vhat if module_of(n) == module]
+        rho = stats.spearmanr(torch.cat([root_vhat[n] for n in names]).numpy(), torch.cat([diag[n] for n in names]).numpy())
+        assert record.scalars[f"layers/{module}/fisher_spearman"] == pytest.approx(rho.statistic, rel=1e-12), module
+
+
+def test_fisher_spearman_above_the_entry_cap_is_taken_over_the_seeded_sample(monkeypatch):
+    stats = pytest.importorskip("scipy.stats")
+    import uma_callbacks.metrics.optimizer_state as module
+    from uma_callbacks.metrics.base import SaveResults
+
+    model, batches, loss_fn, opt, root_vhat, diag = _spearman_case()
+    monkeypatch.setattr(module, "SPEARMAN_ENTRIES", 20)  # fc1 (20 entries) exact, fc2 (24) and the whole (54) sampled
+    results = SaveResults(outputs={"fisher": {"diagonal": {n: d.view(p.shape) for (n, p), d in zip(model.named_parameters(), diag.values())}}})
+    result = OptimizerState().compute(model, batches, loss_fn, optimizer_state=from_optimizer(opt, model), results=results)
+    assert result.meta["fisher_spearman_sampled"] is True
+    x, y = torch.cat(list(root_vhat.values())), torch.cat(list(diag.values()))
+    index = torch.unique(torch.randint(x.numel(), (20,), generator=torch.Generator().manual_seed(module.SPEARMAN_SEED)))
+    assert result.meta["fisher_spearman_entries"] == index.numel() <= 20
+    want = stats.spearmanr(x[index].numpy(), y[index].numpy()).statistic
+    assert result.scalars["fisher_spearman"] == pytest.approx(want, rel=1e-12)
+    fc1 = [n for n in root_vhat if module_of(n) == "fc1"]
+    exact = stats.spearmanr(torch.cat([root_vhat[n] for n in fc1]).numpy(), torch.cat([diag[n] for n in fc1]).numpy())
+    assert result.scalars["layers/fc1/fisher_spearman"] == pytest.approx(exact.statistic, rel=1e-12)
+
+
+def test_without_fisher_at_the_save_the_spearman_key_is_skipped_with_the_reason():
+    from uma_callbacks.engine.probe import Probe
+    from uma_callbacks.engine.suite import MetricSuite
+    from uma_callbacks.metrics import FisherInformation
+
+    model, batches, loss_fn = mlp_case(dtype=torch.float64)
+    opt, _, _, _ = _hand_adam(model, batches, loss_fn, 2, 0.0, False)
+    one = [{k: v[:1] for k, v in batches[0].items()}]  # fisher needs two samples: it fails on this probe
+    for metrics, needle in (([OptimizerState()], "fisher is not among this save's metrics"),
+                            ([FisherInformation(), OptimizerState()], "fisher error at this save")):  # fmt: skip
+        suite = MetricSuite(metrics=metrics, loss_fn=loss_fn, draw_figures=False)
+        record = suite.run(model, Probe(one), step=2, optimizer=from_optimizer(opt, model))[-1]
+        assert record.status == "ok" and "update_norm" in record.scalars
+        assert not any("fisher_spearman" in k for k in record.scalars)
+        assert needle in record.meta["skipped"]["fisher_spearman"]

@@ -587,6 +587,7 @@ def compute_within_budget(
     timeout_seconds: float | None = None,
     device: torch.device | None = None,
     optimizer_state: Any = None,
+    results: Any = None,
 ) -> Any:
     """``metric.compute`` with the chunk the budget plans, halving it on allocation failures.
 
@@ -623,6 +624,8 @@ def compute_within_budget(
             ``None``: the metric's own.
         device: the model's device when the caller knows it.
         optimizer_state: the optimizer's state, for a metric that reads it.
+        results: what earlier metrics of the save hand this one and what later ones ask of
+            it (:class:`~uma_callbacks.metrics.base.SaveResults`), for a metric in such a pair.
 
     Returns:
         The ``MetricResult``, with ``chunk_size``, ``retries`` and the plan in ``meta``;
@@ -656,6 +659,7 @@ def compute_within_budget(
                     model, batches, loss, collective=collective, chunk_size=chunk, timeout_seconds=timeout_seconds,
                     history=history, device=where, state_held=True,
                     **({"optimizer_state": optimizer_state} if optimizer_state is not None else {}),
+                    **({"results": results} if results is not None else {}),
                 )  # fmt: skip
             except Exception as err:  # only allocation failures are handled here
                 if not is_out_of_memory(err):

@@ -1,6 +1,8 @@
 """Run the enabled metrics on one snapshot: cache, isolate failures, journal, deliver.
 
-For each metric, in order:
+The metrics run one after another, as configured except that a metric reading another
+one's results of the same save runs after it (:mod:`~uma_callbacks.engine.handoff`). For
+each metric, in that order:
 
 1. cache: a journalled ``ok`` record under (checkpoint fingerprint, metric config, probe
    fingerprint, loss function, dtype, attention implementation) is reused (status
@@ -39,6 +41,7 @@ from uma_callbacks.core.model_state import preserved_model_state
 from uma_callbacks.core.optimizer_state import OptimizerSnapshot
 from uma_callbacks.core.records import Record
 from uma_callbacks.engine.budget import MemoryBudget, compute_within_budget, release_memory
+from uma_callbacks.engine.handoff import Handoff, run_order
 from uma_callbacks.engine.history import CheckpointHistory
 from uma_callbacks.engine.journal import Journal, cache_key, safe_name
 from uma_callbacks.engine.probe import Probe, move_batch
@@ -53,7 +56,7 @@ from uma_callbacks.engine.time_budget import (
     plan_save,
     units_key,
 )
-from uma_callbacks.metrics.base import Metric, MetricResult, MetricTimeout
+from uma_callbacks.metrics.base import Metric, MetricResult, MetricTimeout, SaveResults
 from uma_callbacks.metrics.loss_choice import ResolvedLoss, resolve_loss
 
 logger = logging.getLogger(__name__)
@@ -66,7 +69,9 @@ class MetricSuite:
     """The enabled metrics, and where their results go.
 
     Attributes:
-        metrics: the metric objects, run in order.
+        metrics: the metric objects, run in order (a metric's providers first: see
+            :func:`~uma_callbacks.engine.handoff.run_order`; metrics that need each other's
+            results are refused at construction).
         journal: the durable record (rank 0 only); ``None`` keeps nothing on disk.
         on_record: called with each record once it is journalled (rank 0 only).
         collective: cross-rank sums; ``None`` for one process.
@@ -116,6 +121,14 @@ class MetricSuite:
     time_bank: TimeBank = field(default_factory=TimeBank)
     overhead: float | None = None
 
+    def __post_init__(self) -> None:
+        """Refuse metrics that need each other's results (no order runs them).
+
+        Raises:
+            ValueError: a cycle in the metrics' ``results_needed`` (named).
+        """  # noqa: DOC502 (from run_order)
+        run_order(self.metrics)
+
     @property
     def is_main(self) -> bool:
         """Whether this process logs (world rank 0)."""
@@ -153,7 +166,8 @@ class MetricSuite:
                 none (they record a skip).
 
         Returns:
-            The records, in metric order.
+            The records, in the order the metrics ran (as configured, each metric's
+            providers first).
         """
         collective = self.collective or LocalCollective()
         started = time.perf_counter()
@@ -166,16 +180,20 @@ class MetricSuite:
             seconds = _mean_over_ranks(collective, [seconds])[0]
         plans = self._plan_time(model, local_batches, collective, seconds, history, decided.loss, step, probe.fingerprint)
         records = []
-        for i, metric in enumerate(self.metrics):
+        decided.handoff = Handoff.for_save(self.metrics)
+        for i in run_order(self.metrics):
+            metric = self.metrics[i]
             planned, budget_meta = plans[i] if plans else (metric, None)
             if self.progress is not None:
                 self.progress("start", metric.name, step, None)
             record = self._run_one(
                 planned, model, local_batches, probe, step, checkpoint, collective, history, budget_meta, decided
             )
+            decided.handoff.consumed(metric)
             if self.progress is not None:
                 self.progress("end", metric.name, step, record)
             records.append(record)
+        decided.handoff = None  # what the metrics handed each other is this save's only
         if plans and seconds is not None:  # what this save left of its budget is banked; an overrun is owed
             spent = time.perf_counter() - started
             if collective.world_size > 1:
@@ -353,9 +371,13 @@ class MetricSuite:
         identity = "|".join([checkpoint, *view.fingerprints()]) if checkpoint and view is not None else checkpoint
         if metric.needs_optimizer and identity:  # the optimizer's state is part of what it measures
             identity = f"{identity}|optimizer={decided.optimizer_key or 'none'}"
+        handoff = decided.handoff
+        results = handoff.results_for(metric) if handoff is not None else None
         context = self._key_context(model) if checkpoint else ""
         config = self._key_config(metric) if context else None
         key = cache_key(f"{identity}|{context}", config, probe.fingerprint) if config is not None else ""
+        if key and handoff is not None and metric.results_needed():  # keyed by what its providers handed it too
+            key = self._handoff_key(metric, results, handoff, f"{identity}|{context}", config, probe, collective)
         claimed = self._claim(key, collective)
         try:
             cached = self._cached(key, collective)
@@ -363,14 +385,46 @@ class MetricSuite:
                 record = Record(**{**cached.to_dict(), "step": int(step), "status": "cached", "source": self.source})
                 record.cache_key = key
                 logger.info("uma: %s at step %d read from cache", metric.name, step)
+                if handoff is not None:
+                    handoff.handed(metric, None, record)
                 self._deliver(record)
                 return record
             return self._measure_one(
-                metric, model, batches, probe, step, checkpoint, collective, history, budget_meta, view, key, decided
+                metric, model, batches, probe, step, checkpoint, collective, history, budget_meta, view, key, decided,
+                results,
             )
         finally:
             if claimed and self.journal is not None:
                 self.journal.release(key)
+
+    def _handoff_key(
+        self,
+        metric: Metric,
+        results: SaveResults | None,
+        handoff: Handoff,
+        identity: str,
+        config: dict[str, Any] | None,
+        probe: Probe,
+        collective: Collective,
+    ) -> str:
+        """The cache key of a metric that reads other metrics' results: also keyed by them.
+
+        When some asked output did not reach it now, a journalled result computed with all
+        of them is still as good (the providers' results are the same), so that key is
+        tried first; else the key says what it went without. ``""``: not cacheable (a
+        provider's values that cannot be identified).
+        """
+        part = handoff.identity(metric, results)
+        if part is None:
+            return ""
+        key = cache_key(f"{identity}|{part}", config, probe.fingerprint)
+        if results is not None and results.missing:
+            full = handoff.identity(metric, results, as_if_handed=True)
+            if full is not None and full != part:
+                with_all = cache_key(f"{identity}|{full}", config, probe.fingerprint)
+                if self._cached(with_all, collective) is not None:
+                    return with_all
+        return key
 
     def _key_context(self, model: torch.nn.Module) -> str:
         """What besides the weights, the metric config and the probe changes a result.
@@ -438,6 +492,7 @@ class MetricSuite:
         view: Any,
         key: str,
         decided: _Decided,
+        results: SaveResults | None = None,
     ) -> Record:
         started = time.perf_counter()
         made_here = True  # a skip the suite decided: no failed frames to collect
@@ -452,7 +507,7 @@ class MetricSuite:
             made_here = False
             # a metric may overrun its share of the compute budget, within bounds: 3x, or 2 s more
             budget_limit = None if budget_meta is None else max(3.0 * budget_meta["seconds"], budget_meta["seconds"] + 2.0)
-            result = self._compute(metric, model, batches, collective, view, decided, budget_limit)
+            result = self._compute(metric, model, batches, collective, view, decided, budget_limit, results)
         result.meta.setdefault("seconds", time.perf_counter() - started)
         if budget_meta is not None:
             result.meta["compute_budget"] = budget_meta
@@ -474,6 +529,9 @@ class MetricSuite:
             probe=probe.fingerprint,
             source=self.source,
         )
+        if decided.handoff is not None:
+            decided.handoff.handed(metric, result, record)
+        _note_handoff(result, results, record)
         if self.is_main and self.journal is not None:
             self._write_files(result, step, record)
             self.journal.append(record)
@@ -554,6 +612,7 @@ class MetricSuite:
         history: Any,
         decided: _Decided,
         budget_limit: float | None = None,
+        results: SaveResults | None = None,
     ) -> MetricResult:
         failure: BaseException | None = None
         result: MetricResult | None = None
@@ -577,6 +636,7 @@ class MetricSuite:
                     timeout_seconds=metric.time_limit(self.timeout_seconds, budget_limit),  # an argument: the metric is not changed
                     device=decided.device,
                     optimizer_state=decided.optimizer if metric.needs_optimizer else None,
+                    results=results,
                 )
         except Exception as err:  # isolate: a broken metric never stops training
             failure = err
@@ -748,6 +808,19 @@ class _Decided:
     loss: ResolvedLoss | None
     optimizer: OptimizerSnapshot | None = None
     optimizer_key: str = ""
+    handoff: Handoff | None = None
+
+
+def _note_handoff(result: MetricResult, results: SaveResults | None, record: Record) -> None:
+    """Say in the result's meta what a metric that reads other metrics' results went without at this save.
+
+    ``meta["results_missing"]``: ``{provider (or provider/output): why}``; absent when
+    everything asked for reached the metric or it reads none.
+    """
+    if results is None or not results.missing:
+        return
+    result.meta["results_missing"] = dict(results.missing)
+    record.meta["results_missing"] = dict(results.missing)
 
 
 def _optimizer_fingerprint(state: OptimizerSnapshot) -> str:

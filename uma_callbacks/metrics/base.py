@@ -183,6 +183,10 @@ class MetricResult:
             CPU and written as ``.safetensors`` by the journal when asked.
         status: one of :data:`STATUSES`.
         error: for ``status != "ok"``: ``{"type", "message", "traceback"}``.
+        provided: what this metric hands to later metrics of the same save that asked for
+            it (:meth:`Metric.results_needed`; ``ctx.results.requested`` names the outputs
+            asked for), ``{output name: value}``. Kept in memory for that save only: never
+            journalled, never part of the JSON form or the cache.
     """
 
     name: str
@@ -192,6 +196,7 @@ class MetricResult:
     tensors: dict[str, torch.Tensor] = field(default_factory=dict)
     status: str = "ok"
     error: dict[str, str] | None = None
+    provided: dict[str, Any] = field(default_factory=dict, repr=False)
 
     @property
     def ok(self) -> bool:
@@ -290,6 +295,47 @@ class History:
         return [s.fingerprint for s in self.previous] + ([self.first.fingerprint] if self.first else [])
 
 
+@dataclass(frozen=True)
+class SaveResults:
+    """What the metrics of one save hand each other (:meth:`Metric.results_needed`).
+
+    The suite runs a save's metrics one after another, each metric's providers first. A
+    metric that asked for an earlier metric's outputs gets them here, and one whose outputs
+    a later metric asked for is told which (``requested``), so it forms them only then.
+
+    Attributes:
+        outputs: ``{provider metric name: {output name: value}}``, the providers whose asked
+            outputs reached this metric (they ran at this save and handed them on).
+        missing: ``{provider metric name: why its outputs did not reach this metric}``: not
+            in this save, failed, skipped, timed out, or read from the cache (what a metric
+            hands on is kept in memory only); ``{"<provider>/<output>": why}`` for one
+            output it did not form.
+        requested: the outputs later metrics of this save ask of this metric (to put in
+            ``result.provided``).
+
+    Example:
+        >>> r = SaveResults(outputs={"fisher": {"diagonal": 1}}, missing={"hessian": "not in this save"})
+        >>> r.get("fisher", "diagonal"), r.get("hessian", "top_eigenvector")
+        ((1, ''), (None, 'not in this save'))
+    """
+
+    outputs: Mapping[str, Mapping[str, Any]] = field(default_factory=dict)
+    missing: Mapping[str, str] = field(default_factory=dict)
+    requested: frozenset[str] = frozenset()
+
+    def get(self, metric: str, output: str) -> tuple[Any, str]:
+        """``(value, "")`` of ``metric``'s ``output`` at this save, or ``(None, why it is not here)``."""
+        got = self.outputs.get(metric)
+        if got is not None and output in got:
+            return got[output], ""
+        for key in (f"{metric}/{output}", metric):
+            if key in self.missing:
+                return None, self.missing[key]
+        if got is not None:
+            return None, f"{metric} ran at this save but did not hand on {output!r}"
+        return None, f"{metric} did not run before this metric at this save (add it to the metrics to get its {output})"
+
+
 @dataclass
 class ComputeContext:
     """Everything ``Metric._compute`` may use; built by :meth:`Metric.compute`.
@@ -306,6 +352,8 @@ class ComputeContext:
         optimizer_state: the optimizer's state at this checkpoint, by parameter name, when
             the trigger has one (:class:`~uma_callbacks.core.optimizer_state.OptimizerSnapshot`);
             passed to metrics that declare :attr:`Metric.needs_optimizer`.
+        results: what earlier metrics of the same save hand this one, and what later ones
+            ask of it (:class:`SaveResults`; see :meth:`Metric.results_needed`).
     """
 
     model: torch.nn.Module
@@ -318,6 +366,7 @@ class ComputeContext:
     progress: dict[str, Any] = field(default_factory=dict)
     history: History = field(default_factory=History)
     optimizer_state: OptimizerSnapshot | None = None
+    results: SaveResults = field(default_factory=SaveResults)
     _kept: Callable[[], MetricResult | None] | None = field(default=None, repr=False)
 
     def trainable_params(self) -> dict[str, torch.Tensor]:
@@ -425,6 +474,13 @@ class Metric(abc.ABC):
         needs_first: the metric also compares against the first checkpoint of the run.
         needs_optimizer: the metric reads the optimizer's state (``ctx.optimizer_state``); the
             engine passes it and keys the metric's cache by it.
+        uses_results: ``{metric name: (output, ...)}``: outputs of other metrics of the same
+            save this metric reads (``ctx.results``), e.g. ``{"fisher": ("diagonal",)}``; the
+            suite runs those metrics first, asks them for these outputs, and keys this
+            metric's cache by their results. A metric that does not run, fails or hands
+            nothing on leaves this one to run without it (its result says so). Read through
+            :meth:`results_needed`, which a metric overrides when the need depends on its
+            configuration.
         default_chunk_tokens: with no ``chunk_size`` (argument, constructor or budget plan),
             chunks of at most this many tokens (samples x sequence length of the batch's
             first 2-D tensor) instead of the whole probe batch; ``None``: the whole batch.
@@ -436,8 +492,8 @@ class Metric(abc.ABC):
     all at once with :meth:`reduce_states` (torchmetrics' ``add_state(dist_reduce_fx=...)``).
 
     What the engine reads besides :meth:`compute`: the memory cost (:attr:`cost`,
-    :meth:`memory_modes`), the history (:attr:`history_needed`, :attr:`needs_first`) and
-    the time cost (:meth:`time_cost`, :meth:`scaled_to`, :meth:`min_time_cost`), so a metric
+    :meth:`memory_modes`), the history (:attr:`history_needed`, :attr:`needs_first`), the
+    other metrics' results of the same save (:meth:`results_needed`) and the time cost (:meth:`time_cost`, :meth:`scaled_to`, :meth:`min_time_cost`), so a metric
     registered from outside the package is planned and scaled like a built-in one.
     """
 
@@ -448,6 +504,7 @@ class Metric(abc.ABC):
     history_needed: ClassVar[int] = 0
     needs_first: ClassVar[bool] = False
     needs_optimizer: ClassVar[bool] = False
+    uses_results: ClassVar[Mapping[str, tuple[str, ...]]] = {}
     #: computes right on a sharded model (FSDP2 DTensor parameters); the others are skipped there
     supports_sharded: ClassVar[bool] = False
     default_chunk_tokens: ClassVar[int | None] = None
@@ -479,6 +536,15 @@ class Metric(abc.ABC):
         allowed = [m for m, _ in self.memory_modes()]
         check_choice(f"{type(self).__name__} memory mode", mode, allowed)
         self._memory_mode = mode
+
+    # ------------------------------------------------------------------ other metrics' results
+    def results_needed(self) -> dict[str, tuple[str, ...]]:
+        """``{metric name: (output, ...)}`` this metric reads from earlier metrics of the same save.
+
+        The default is :attr:`uses_results`; a metric whose need depends on its
+        configuration (a direction asked for or not) overrides this.
+        """
+        return {name: tuple(outputs) for name, outputs in self.uses_results.items()}
 
     # ------------------------------------------------------------------ time
     def time_cost(self, units: UnitCosts) -> float:
@@ -588,6 +654,7 @@ class Metric(abc.ABC):
         device: torch.device | None = None,
         state_held: bool = False,
         optimizer_state: OptimizerSnapshot | None = None,
+        results: SaveResults | None = None,
     ) -> MetricResult:
         """Compute the metric on ``model`` over the probe ``batches``.
 
@@ -615,6 +682,8 @@ class Metric(abc.ABC):
                 around this call (the engine's one guard per metric); ``False``: taken here.
             optimizer_state: the optimizer's state at this checkpoint (``ctx.optimizer_state``);
                 ``None``: none.
+            results: what earlier metrics of the same save hand this one and what later ones
+                ask of it (``ctx.results``, :class:`SaveResults`); ``None``: nothing either way.
 
         Returns:
             The :class:`MetricResult`; exceptions propagate (``MetricSuite`` isolates them).
@@ -655,6 +724,7 @@ class Metric(abc.ABC):
                 deadline=None if limit is None else time.monotonic() + limit,
                 history=history or History(),
                 optimizer_state=optimizer_state,
+                results=results or SaveResults(),
             )
             model.eval()
             try:

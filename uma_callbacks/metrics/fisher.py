@@ -18,7 +18,9 @@ from uma_callbacks.core.sharding import (
     is_sharded,
     local_entries,
     sharded_start_vector,
+    unwrap,
 )
+from uma_callbacks.linalg.chunk_grads import chunk_gradients
 from uma_callbacks.linalg.fisher_products import (
     METHODS,
     FisherSums,
@@ -91,6 +93,17 @@ class FisherInformation(Metric):
     - with ``top_percent``: ``top_percent_mass`` (share of the trace held by the top-p%
       entries of the diagonal) and ``layers/<module>/top_percent_fraction`` (share of the
       module's entries in that mask; see :func:`top_percent_mask`).
+
+    Handed to later metrics of the same save that ask for them (``ctx.results.requested``;
+    in ``result.provided``, never journalled): ``"diagonal"`` (``{param name: diag}``, formed
+    then even without ``keep_diagonal``) and ``"top_eigenvector"`` (``{param name: v_1
+    [*shape]}``, the unit eigenvector of F's largest eigenvalue over all trainable
+    parameters, in the parameters' dtype, its sign fixed so that its largest entry is
+    positive). From the Gram spectrum v_1 = G^T u_1 / ||G^T u_1|| with u_1 the top
+    eigenvector of G G^T (one pass over the kept, or recomputed, chunks' gradients); from
+    Lanczos the first Ritz vector (Lanczos then forms its k Ritz vectors, k x P entries,
+    before the first is kept). Not formed on a sharded model or without a spectrum
+    (``top_k=None``): ``meta["not_provided"]`` says why.
 
     Per-sample gradients: ``method="hooks"`` (one ordinary backward with per-layer rules
     for Linear, GPT-2 Conv1D, Embedding, LayerNorm and HF RMSNorm, ``vmap`` for the other
@@ -309,16 +322,17 @@ class FisherInformation(Metric):
             self.accumulate_dtype,
             cache,
             groups=groups,
-            want_diag=self.keep_diagonal or self.top_percent is not None,
+            want_diag=self.keep_diagonal or self.top_percent is not None or "diagonal" in ctx.results.requested,
             want_gram=want_gram,
         )
         scalars = trace_scalars(stats)
         arrays: dict[str, np.ndarray] = {}
+        provided: dict[str, Any] = {}
         if self.top_k is not None:
             if stats.local.gram is not None:
-                eig = self._gram_spectrum(ctx, stats, arrays)
+                eig = self._gram_spectrum(ctx, stats, arrays, provided)
             else:
-                eig = self._spectrum(ctx, stats)
+                eig = self._spectrum(ctx, stats, provided)
             arrays["top_eigenvalues"] = eig
             scalars.update(spectrum_scalars(eig))
         diag = {n: d / stats.rows for n, d in stats.diag_sum.items()}
@@ -327,19 +341,48 @@ class FisherInformation(Metric):
                 raise NotImplementedError("FisherInformation.top_percent on a sharded (FSDP) model is not supported yet")
             scalars.update(mask_scalars(diag, top_percent_mask(diag, self.top_percent)))
         tensors = {n: d.detach().cpu() for n, d in diag.items()} if self.keep_diagonal else {}
-        result = MetricResult(name=self.name, scalars=scalars, arrays=arrays, tensors=tensors)
+        self._hand_on(ctx, diag, provided)
+        result = MetricResult(name=self.name, scalars=scalars, arrays=arrays, tensors=tensors, provided=provided)
         worst = max(ctx.meta.get("lanczos_relative_residuals") or [0.0])
         if worst > RESIDUAL_TOL:  # the Gram spectrum is exact; a Lanczos one may fall short
             result.status = "partial"
             ctx.meta["partial_reason"] = f"Lanczos relative residual {worst:.3g} > {RESIDUAL_TOL:g}"
         return result
 
-    def _gram_spectrum(self, ctx: ComputeContext, stats: GlobalFisher, arrays: dict[str, np.ndarray]) -> np.ndarray:
-        """The top-k of all R eigenvalues of G G^T / R (float64 ``eigvalsh``, exact)."""
+    def _hand_on(self, ctx: ComputeContext, diag: Mapping[str, torch.Tensor], provided: dict[str, Any]) -> None:
+        """Put the diagonal in ``provided`` when a later metric asked for it; say why an asked output is not there."""
+        requested = ctx.results.requested
+        missing: dict[str, str] = {}
+        if "diagonal" in requested:
+            if ctx.meta.get("sharded"):
+                missing["diagonal"] = "fisher on a sharded (FSDP) model holds each rank's shard of the diagonal only"
+            else:
+                provided["diagonal"] = dict(diag)
+        if "top_eigenvector" in requested and "top_eigenvector" not in provided:
+            missing["top_eigenvector"] = (
+                "fisher ran with top_k=None (no spectrum)" if self.top_k is None
+                else "fisher on a sharded (FSDP) model holds each rank's piece of the eigenvector only"
+                if ctx.meta.get("sharded") else "fisher's top eigenvalue is not positive (F = 0 on the probe)"
+            )  # fmt: skip
+        if missing:
+            ctx.meta["not_provided"] = missing
+
+    def _gram_spectrum(
+        self, ctx: ComputeContext, stats: GlobalFisher, arrays: dict[str, np.ndarray], provided: dict[str, Any]
+    ) -> np.ndarray:
+        """The top-k of all R eigenvalues of G G^T / R (float64 ``eigh``, exact); v_1 into ``provided`` when asked."""
         top_k = self.top_k
         assert top_k is not None and stats.local.gram is not None  # _compute calls this only then
         gram = stats.local.gram.double().cpu()
-        every = torch.linalg.eigvalsh((gram + gram.T) / (2 * stats.rows)).flip(0)
+        sym = (gram + gram.T) / (2 * stats.rows)
+        if "top_eigenvector" in ctx.results.requested:
+            values, vectors = torch.linalg.eigh(sym)
+            every = values.flip(0)
+            if float(every[0]) > 0:
+                rows = _rows_combination(ctx, stats.local, vectors[:, -1])
+                provided["top_eigenvector"] = _unit_with_sign(rows, ctx.trainable_params())
+        else:
+            every = torch.linalg.eigvalsh(sym).flip(0)
         k = min(top_k, stats.rows)
         if k < top_k:
             ctx.meta["top_k_capped"] = f"top_k={top_k} capped at {k}: F has rank <= {stats.rows} rows"
@@ -348,7 +391,7 @@ class FisherInformation(Metric):
         ctx.meta.update(spectrum_method="gram", matvecs=0, top_k=k)
         return every[:k].numpy()
 
-    def _spectrum(self, ctx: ComputeContext, stats: GlobalFisher) -> np.ndarray:
+    def _spectrum(self, ctx: ComputeContext, stats: GlobalFisher, provided: dict[str, Any]) -> np.ndarray:
         params = ctx.trainable_params()
         dim = sum(p.numel() for p in params.values())
         top_k = self.top_k
@@ -391,9 +434,17 @@ class FisherInformation(Metric):
 
         basis_device = "cpu" if getattr(self, "_memory_mode", "").endswith("cpu_basis") else None
         operator = MatvecOperator(timed_matvec, entries, dtype, torch.device(device))
+        vector = "top_eigenvector" in ctx.results.requested and not sharded
         result = top_eigenpairs(
-            operator, k, max_iter=max_iter, tol=self.lanczos_tol, seed=self.seed, basis_device=basis_device, **options
-        )
+            operator, k, max_iter=max_iter, tol=self.lanczos_tol, seed=self.seed, basis_device=basis_device,
+            return_vectors=vector, **options,
+        )  # fmt: skip
+        if vector and result.eigenvectors is not None and float(result.eigenvalues[0]) > 0:
+            first = result.eigenvectors[:, 0].clone()
+            result.eigenvectors = None  # the other k - 1 Ritz vectors are not kept
+            pieces = torch.split(first, [p.numel() for p in params.values()])
+            named = {n: piece.view(p.shape) for (n, p), piece in zip(params.items(), pieces)}
+            provided["top_eigenvector"] = _unit_with_sign(named, params)
         relative = relative_residuals(result)
         ctx.meta.update(
             spectrum_method="lanczos",
@@ -405,6 +456,48 @@ class FisherInformation(Metric):
             top_k=int(result.eigenvalues.numel()),
         )
         return result.eigenvalues.double().cpu().numpy()
+
+
+def _rows_combination(ctx: ComputeContext, local: FisherSums, u: torch.Tensor) -> dict[str, torch.Tensor]:
+    """G^T u = sum_i u_i g_i over this rank's rows, ``{param name: [*shape]}``.
+
+    From the chunks' kept gradients, else recomputed chunk by chunk (the same rows, in the
+    same order, as the Gram matrix: the chunks as drawn, MC labels included).
+
+    Args:
+        ctx: the computation's context (model, loss, trainable parameters).
+        local: this rank's sums (kept gradients or chunks, the per-sample plan).
+        u: ``[R_local]`` row weights.
+    """
+    params = ctx.trainable_params()
+    if local.cache is not None:
+        reps: Any = iter(local.cache)
+    else:
+        reps = (
+            chunk_gradients(ctx.model, ctx.loss_fn, unwrap(item)[0], params, local.param_map, plan=local.plan)
+            for item in local.chunks
+        )
+    out: dict[str, torch.Tensor] = {}
+    offset = 0
+    for rep in reps:
+        part = rep.weighted_sum(u[offset : offset + rep.n])
+        offset += rep.n
+        for name, t in part.items():
+            out[name] = t if name not in out else out[name].add_(t)
+    return {n: out[n] if n in out else torch.zeros_like(p) for n, p in params.items()}
+
+
+def _unit_with_sign(vector: Mapping[str, torch.Tensor], params: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """``vector / ||vector||`` in the parameters' dtypes, its sign chosen so that its entry of largest magnitude is positive."""
+    norm = math.sqrt(sum(float(t.double().square().sum()) for t in vector.values()))
+    peak, sign = -1.0, 1.0
+    for t in vector.values():
+        if t.numel():
+            i = int(t.abs().argmax())
+            value = float(t.reshape(-1)[i])
+            if abs(value) > peak:
+                peak, sign = abs(value), (1.0 if value >= 0 else -1.0)
+    return {n: (vector[n].double() * (sign / norm)).to(p.dtype).detach() for n, p in params.items()}
 
 
 def _summed(collective: object) -> Callable[[torch.Tensor], torch.Tensor]:

@@ -1,4 +1,8 @@
-r"""Adam's state per module: moment norms, the update it takes, update-to-weight ratios, effective learning rates."""
+r"""Adam's state per module: moment norms, the update it takes, update-to-weight ratios, effective learning rates.
+
+And, when ``fisher`` runs at the same save, how well sqrt(v_hat) ranks the entries as the
+Fisher diagonal does (Spearman's rank correlation).
+"""
 
 from __future__ import annotations
 
@@ -9,6 +13,7 @@ import numpy as np
 import torch
 
 from uma_callbacks.core.optimizer_state import OptimizerSnapshot
+from uma_callbacks.core.ranks import spearman
 from uma_callbacks.core.sharding import is_dtensor, local
 from uma_callbacks.metrics.base import ComputeContext, Cost, Metric, MetricResult, MetricSkipped, module_of
 from uma_callbacks.metrics.time_cost import UnitCosts
@@ -18,10 +23,13 @@ from uma_callbacks.metrics.time_cost import UnitCosts
 SUMS = ("m2", "v2", "u2", "w2", "mhat2", "vhat", "sqrt_vhat", "n")
 #: Entries processed at once (float64 pieces of 8 MiB).
 PIECE = 2**20
-#: Why the Spearman correlation with the Fisher diagonal is not logged.
-FISHER_SKIP = (
-    "the Fisher diagonal of the same save does not reach this metric: the results of a save are not passed between metrics"
-)
+#: What the Spearman correlation reads from the ``fisher`` metric of the same save.
+FISHER_OUTPUT = "diagonal"
+#: Entries ranked at most for one Spearman correlation: above it, a seeded uniform sample of
+#: about this many distinct entries (its standard error is about 1/sqrt of it).
+SPEARMAN_ENTRIES = 2**20
+#: Seeds that sample (the same entries at every save of a model of the same size).
+SPEARMAN_SEED = 0
 
 
 def adam_update(
@@ -101,9 +109,18 @@ class OptimizerState(Metric):
 
     Per group i: ``groups/<i>/lr``, ``beta1``, ``beta2``, ``eps``, ``weight_decay`` and
     ``step`` (the largest t of its parameters). Only parameters with state count; those
-    without (never stepped) are counted in ``meta["params_without_state"]``. The Spearman rank
-    correlation of sqrt(v_hat) with the Fisher diagonal is not logged (``meta["skipped"]``
-    says why: :data:`FISHER_SKIP`).
+    without (never stepped) are counted in ``meta["params_without_state"]``.
+
+    When the ``fisher`` metric runs at the same save (the suite runs it first and it hands
+    on its diagonal, diag F = (1/N) sum_i g_i^2 of its kind and probe):
+    ``fisher_spearman`` = Spearman's rank correlation (:func:`~uma_callbacks.core.ranks.spearman`:
+    ties at their mean rank, as ``scipy.stats.spearmanr``) between sqrt(v_hat) and diag F
+    over the entries of every parameter holding both, and ``layers/<module>/fisher_spearman``
+    over each module's entries. Above :data:`SPEARMAN_ENTRIES` entries the correlation is
+    taken over a seeded uniform sample of about that many distinct entries
+    (``meta["fisher_spearman_sampled"]``). Without ``fisher`` at this save (not in the
+    metrics, failed, read from the cache) or on a sharded state, ``meta["skipped"]
+    ["fisher_spearman"]`` says why and the rest is measured.
 
     The state comes with the measurement, not from the probe (``ctx.optimizer_state``: the
     Trainer's optimizer at ``on_save``, an accelerator's prepared optimizers, or a
@@ -135,6 +152,8 @@ class OptimizerState(Metric):
     #: reads ``ctx.optimizer_state`` (the engine passes it and keys its cache by it)
     needs_optimizer = True
     supports_sharded = True
+    #: the Fisher diagonal of the same save, for ``fisher_spearman``
+    uses_results = {"fisher": (FISHER_OUTPUT,)}
 
     def __init__(self, keep_update: bool = False, *, timeout_seconds: float | None = None) -> None:
         super().__init__(timeout_seconds=timeout_seconds)
@@ -143,9 +162,14 @@ class OptimizerState(Metric):
         self.keep_update = keep_update
 
     def memory_modes(self) -> list[tuple[str, Cost]]:
-        """One mode: six float64 pieces of :data:`PIECE` entries at a time; with ``keep_update``, u of every parameter in float64."""
+        """One mode: six float64 pieces of :data:`PIECE` entries at a time; with ``keep_update``, u of every parameter in float64.
+
+        The Spearman correlation adds six float64 vectors of :data:`SPEARMAN_ENTRIES` (the two
+        samples, their ranks, the sort's values and order).
+        """
         keep = self.keep_update
-        return [("default", Cost(fixed_bytes=6 * 8 * PIECE, extra_bytes=lambda n, _w, _s: 8 * n if keep else 0))]
+        fixed = 6 * 8 * PIECE + 6 * 8 * SPEARMAN_ENTRIES
+        return [("default", Cost(fixed_bytes=fixed, extra_bytes=lambda n, _w, _s: 8 * n if keep else 0))]
 
     def time_cost(self, units: UnitCosts) -> float:
         """A few elementwise passes over the state, no probe: a rough tenth of a forward (calibrated by the suite)."""
@@ -180,8 +204,13 @@ class OptimizerState(Metric):
         ctx.meta["params_without_state"] = len([n for n in params if n not in state.params])
         ctx.meta["optimizer"] = state.kind
         ctx.meta["optimizer_source"] = state.source
-        ctx.meta["skipped"] = {"fisher_spearman": FISHER_SKIP}
         result = self._result(state, names, sums, steps)
+        correlations = _fisher_spearman(ctx, state, names, params, steps)
+        if isinstance(correlations, str):
+            ctx.meta["skipped"] = {"fisher_spearman": correlations}
+        else:
+            result.scalars.update(correlations)
+            ctx.meta["skipped"] = {}
         result.tensors = kept
         return result
 
@@ -264,6 +293,82 @@ def _param_sums(
             pieces.append(u)
     u = torch.cat(pieces).reshape(shape) if keep else torch.empty(0)
     return row.cpu(), step, u
+
+
+def _fisher_spearman(
+    ctx: ComputeContext,
+    state: OptimizerSnapshot,
+    names: list[str],
+    params: Mapping[str, torch.Tensor],
+    steps: Mapping[str, float],
+) -> dict[str, float] | str:
+    """``fisher_spearman`` and ``layers/<module>/fisher_spearman`` with the Fisher diagonal of this save, or why not.
+
+    Args:
+        ctx: the context (``ctx.results`` holds the diagonal when ``fisher`` handed it on).
+        state: the optimizer state.
+        names: the parameters with state, in model order.
+        params: the model's parameters by name.
+        steps: each parameter's step t.
+    """
+    diagonal, why = ctx.results.get("fisher", FISHER_OUTPUT)
+    if diagonal is None:
+        return f"no Fisher diagonal at this save: {why}"
+    if any(is_dtensor(params[n]) for n in names):
+        return "the Spearman correlation over a sharded (FSDP) state is not computed: each rank holds a shard"
+    both = [n for n in names if n in diagonal and tuple(diagonal[n].shape) == tuple(params[n].shape)]
+    if not both:
+        return "the Fisher diagonal handed on holds none of the parameters with optimizer state"
+    modules: dict[str, list[str]] = {}
+    for name in both:
+        modules.setdefault(module_of(name), []).append(name)
+    sources = {n: _Pair(state, n, diagonal[n], steps[n]) for n in both}
+    out = {"fisher_spearman": _correlation([sources[n] for n in both], ctx.meta, "fisher_spearman")}
+    for module, members in modules.items():
+        out[f"layers/{module}/fisher_spearman"] = _correlation([sources[n] for n in members])
+    ctx.meta["fisher_spearman_params"] = len(both)
+    return out
+
+
+class _Pair:
+    """One parameter's sqrt(v_hat) and Fisher diagonal entries, flat, read a piece at a time in float64."""
+
+    def __init__(self, state: OptimizerSnapshot, name: str, fisher: torch.Tensor, step: float) -> None:
+        entry, group = state.params[name], state.group_of(name)
+        second = "max_exp_avg_sq" if bool(group.get("amsgrad", False)) else "exp_avg_sq"
+        self.v = local(entry[second]).detach().reshape(-1)
+        self.fisher = fisher.detach().reshape(-1)
+        self.bc2 = 1.0 - float(group["betas"][1]) ** step
+        self.n = self.v.numel()
+
+    def values(self, index: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(sqrt(v_hat), diag F)`` float64 on the CPU, at the flat ``index`` [k] (sorted) or all entries."""
+        v, f = (self.v, self.fisher) if index is None else (self.v[index.to(self.v.device)], self.fisher[index.to(self.fisher.device)])
+        return (v.to(torch.float64) / self.bc2).sqrt().cpu(), f.to(torch.float64).cpu()
+
+
+def _correlation(pairs: list[_Pair], meta: dict[str, object] | None = None, label: str = "") -> float:
+    """Spearman's rho over the entries of ``pairs``; a seeded sample of :data:`SPEARMAN_ENTRIES` distinct entries above it."""
+    total = sum(p.n for p in pairs)
+    index = None
+    if total > SPEARMAN_ENTRIES:
+        gen = torch.Generator().manual_seed(SPEARMAN_SEED)
+        index = torch.unique(torch.randint(total, (SPEARMAN_ENTRIES,), generator=gen))  # sorted, distinct
+    xs, ys = [], []
+    offset = 0
+    for pair in pairs:
+        if index is None:
+            x, y = pair.values()
+        else:
+            lo, hi = torch.searchsorted(index, torch.tensor([offset, offset + pair.n]))
+            x, y = pair.values(index[lo:hi] - offset)
+        xs.append(x)
+        ys.append(y)
+        offset += pair.n
+    if meta is not None:
+        meta[f"{label}_entries"] = int(sum(x.numel() for x in xs))
+        meta[f"{label}_sampled"] = index is not None
+    return spearman(torch.cat(xs), torch.cat(ys))
 
 
 def _summary(row: torch.Tensor) -> dict[str, float]:

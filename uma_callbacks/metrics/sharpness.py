@@ -1,4 +1,4 @@
-r"""Directional sharpness: the probe loss's curvature along the last update and the gradient, by finite differences."""
+r"""Directional sharpness: the probe loss's curvature along the last update, the gradient and the top Fisher eigenvector."""
 
 from __future__ import annotations
 
@@ -22,11 +22,8 @@ DIRECTIONS = ("update", "gradient", "fisher")
 #: Step sizes h, RATIO h, RATIO^2 h.
 RATIO = 2.0
 N_STEPS = 3
-#: Why ``"fisher"`` is skipped: no eigenvector reaches this metric.
-FISHER_SKIP = (
-    "the top Fisher eigenvector is not available to other metrics: the fisher metric keeps no "
-    "eigenvectors and the results of a save are not passed between metrics"
-)
+#: What direction (c) reads from the ``fisher`` metric of the same save.
+FISHER_OUTPUT = "top_eigenvector"
 
 
 def richardson(values: Sequence[float], ratio: float = RATIO) -> tuple[float, float, list[list[float]]]:
@@ -137,8 +134,13 @@ class DirectionalSharpness(Metric):
     - ``"update"`` (a): d = (theta_t - theta_{t-1}) / ||theta_t - theta_{t-1}||, the last
       update, from the session's history (the previous checkpoint; skipped at the first);
     - ``"gradient"`` (b): d = g / ||g||, g = grad L(theta) (one backward over the probe);
-    - ``"fisher"`` (c): the top Fisher eigenvector; skipped for now with its reason
-      (:data:`FISHER_SKIP`) in ``meta["skipped_directions"]``.
+    - ``"fisher"`` (c): v_1, the unit eigenvector of the largest eigenvalue of the Fisher F,
+      handed on by the ``fisher`` metric of the same save (:class:`~uma_callbacks.metrics.fisher.FisherInformation`,
+      its kind and probe; the suite runs it first). Without it (``fisher`` not in the
+      metrics, failed, or read from the cache) the direction is skipped with the reason.
+
+    A direction that cannot be measured is named with its reason in
+    ``meta["skipped_directions"]``; the others are measured.
 
     Per direction, with h_k = ``step`` x 2^k (k = 0, 1, 2), f is evaluated at t = 0 (once
     for all directions) and t = +-h_k: 6 forwards per direction plus one, and one backward
@@ -155,7 +157,8 @@ class DirectionalSharpness(Metric):
       else by Richardson on central first differences (with ``<d>/slope_error``);
     - ``<d>/critical_lr`` = 2 / f''(0), the step size past which gradient descent along d
       diverges on the local quadratic model (only for f''(0) > 0);
-    - ``<d>/norm``: the length of the direction before normalising (||theta_t - theta_{t-1}||, ||g||).
+    - ``<d>/norm``: the length of the direction before normalising (||theta_t - theta_{t-1}||,
+      ||g||; none for ``"fisher"``, a unit vector already, its sign fixed by the provider).
 
     Also ``loss`` = L(theta). Arrays: ``steps`` [3] = h_k; ``<d>/losses`` [7] = f at
     t = -4h, -2h, -h, 0, h, 2h, 4h; ``<d>/second_differences`` [3].
@@ -190,6 +193,8 @@ class DirectionalSharpness(Metric):
     name = "sharpness"
     needs_grad = True
     history_needed = 1
+    #: direction (c) reads the top Fisher eigenvector of the same save (only when asked for: :meth:`results_needed`)
+    uses_results = {"fisher": (FISHER_OUTPUT,)}
 
     def __init__(
         self,
@@ -214,6 +219,10 @@ class DirectionalSharpness(Metric):
         self.step = float(step)
         self.n_batches = n_batches
 
+    def results_needed(self) -> dict[str, tuple[str, ...]]:
+        """``{"fisher": ("top_eigenvector",)}`` when direction ``"fisher"`` is measured, else nothing."""
+        return super().results_needed() if "fisher" in self.directions else {}
+
     def memory_modes(self) -> list[tuple[str, Cost]]:
         """One mode: the saved theta, one copy per direction, the gradient accumulator (a backward for ``"gradient"``)."""
         gradient = "gradient" in self.directions
@@ -222,7 +231,7 @@ class DirectionalSharpness(Metric):
 
     def time_cost(self, units: UnitCosts) -> float:
         """One forward at theta, six per direction, and a backward for ``"gradient"``, on the batches used."""
-        measured = [d for d in self.directions if d != "fisher"]
+        measured = self.directions
         seconds = (1 + 2 * N_STEPS * len(measured)) * units.forward
         if "gradient" in measured:
             seconds += units.backward
@@ -260,7 +269,11 @@ class DirectionalSharpness(Metric):
             else:
                 skipped["gradient"] = "the probe gradient is zero"
         if "fisher" in self.directions:
-            skipped["fisher"] = FISHER_SKIP
+            fisher = _fisher_direction(params, ctx)
+            if isinstance(fisher, str):
+                skipped["fisher"] = fisher
+            else:
+                directions["fisher"] = fisher
         ctx.meta["skipped_directions"] = skipped
         if not directions:
             raise MetricSkipped("no direction to measure: " + "; ".join(f"{k}: {v}" for k, v in skipped.items()))
@@ -317,7 +330,8 @@ class DirectionalSharpness(Metric):
                 scalars[f"{name}/slope_error"] = fd["slope_error"]
             if curvature > 0:
                 scalars[f"{name}/critical_lr"] = 2.0 / curvature
-            scalars[f"{name}/norm"] = norms[name]
+            if name in norms:
+                scalars[f"{name}/norm"] = norms[name]
             arrays[f"{name}/losses"] = np.asarray(row, dtype=np.float64)
             arrays[f"{name}/second_differences"] = np.asarray(fd["second_differences"], dtype=np.float64)
         result = MetricResult(name=self.name, scalars=scalars, arrays=arrays, meta={"rounding_noise": noise})
@@ -354,6 +368,22 @@ def _update(params: Mapping[str, torch.Tensor], ctx: ComputeContext) -> tuple[li
     if norm == 0.0:
         return "the last update is zero (the weights did not move since the previous checkpoint)"
     return [x / norm for x in delta], norm
+
+
+def _fisher_direction(params: Mapping[str, torch.Tensor], ctx: ComputeContext) -> list[torch.Tensor] | str:
+    """The top Fisher eigenvector handed on by ``fisher`` at this save, on the parameters' devices; or why there is none.
+
+    It is used as handed on (unit length over the trainable parameters); one that misses a
+    trainable parameter or holds it in another shape is not used.
+    """
+    vector, why = ctx.results.get("fisher", FISHER_OUTPUT)
+    if vector is None:
+        return f"no top Fisher eigenvector at this save: {why}"
+    missing = [n for n in params if n not in vector]
+    bad = [n for n, p in params.items() if n in vector and tuple(vector[n].shape) != tuple(p.shape)]
+    if missing or bad:
+        return f"the top Fisher eigenvector handed on does not fit the trainable parameters: missing {missing[:5]}, mis-shaped {bad[:5]}"
+    return [vector[n].detach().to(device=p.device, dtype=p.dtype) for n, p in params.items()]
 
 
 def _mean_gradient(
