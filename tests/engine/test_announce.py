@@ -5,12 +5,15 @@ from __future__ import annotations
 import os
 
 from uma_callbacks.engine.announce import (
+    HELD_PATTERNS,
+    OPTIMIZER_PATTERNS,
     WATCH_FILE,
     announce_checkpoint,
     announce_finished,
     announce_run,
     read_announcements,
     release_held,
+    write_checkpoint_line,
 )
 from uma_callbacks.engine.journal import append_line
 
@@ -59,6 +62,7 @@ def test_hostile_and_damaged_lines_are_counted_and_never_followed(tmp_path):
         {"kind": "checkpoint", "step": 9, "folder": "checkpoint-9", "held": "held/checkpoint-9", "time": 1.0},
         {"kind": "checkpoint", "step": -1, "folder": "checkpoint-1", "held": "", "time": 1.0},
         {"kind": "checkpoint", "step": True, "folder": "checkpoint-1", "held": "", "time": 1.0},
+        {"kind": "checkpoint", "step": 8, "folder": "checkpoint-8", "held": "", "time": 1.0, "unheld": 5},
         {"kind": "run", "run": "../../" + "a" * 26, "trackers": {}, "metrics": [], "time": 1.0},
         {"kind": "run", "run": RUN, "trackers": {}, "metrics": [{"name": 1}], "time": 1.0},
         {"kind": "surprise"},
@@ -76,3 +80,33 @@ def test_hostile_and_damaged_lines_are_counted_and_never_followed(tmp_path):
     assert got.bad_lines == len(hostile) + 3
     release_held(root, outside)  # outside the held folder: refused
     assert outside.is_dir()
+
+
+def test_the_optimizer_file_is_held_when_asked(tmp_path):
+    root = tmp_path / "uma"
+    root.mkdir()
+    folder = _checkpoint(tmp_path, 2)
+    held = announce_checkpoint(root, tmp_path, 2, folder, patterns=(*HELD_PATTERNS, *OPTIMIZER_PATTERNS))
+    assert os.path.samefile(held / "optimizer.pt", folder / "optimizer.pt")
+    assert read_announcements(root, tmp_path).checkpoints[2].unheld == ""
+
+
+def test_a_copy_that_cannot_be_held_is_announced_with_why_and_leaves_nothing_half_made(tmp_path):
+    root = tmp_path / "uma"
+    root.mkdir()
+    (root / "held").write_text("a file where the held folder belongs")  # every hold fails
+    folder = _checkpoint(tmp_path, 2)
+    assert announce_checkpoint(root, tmp_path, 2, folder) is None
+    got = read_announcements(root, tmp_path).checkpoints[2]
+    assert got.held is None and got.folder == folder.resolve()
+    assert got.unheld.startswith(("FileExistsError", "NotADirectoryError")), got.unheld
+    assert (root / "held").is_file()
+
+
+def test_a_line_written_late_keeps_the_time_of_its_save(tmp_path):
+    root = tmp_path / "uma"
+    root.mkdir()
+    folder = _checkpoint(tmp_path, 4)
+    write_checkpoint_line(root, tmp_path, 4, folder, None, unheld="OSError: [Errno 28] No space left on device", saved=123.5)
+    got = read_announcements(root, tmp_path).checkpoints[4]
+    assert (got.time, got.held, got.unheld) == (123.5, None, "OSError: [Errno 28] No space left on device")

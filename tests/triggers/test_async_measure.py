@@ -255,12 +255,12 @@ def test_attach_announces_after_save_state_returns(tmp_path, no_measuring, appen
 
     model, batches, loss_fn = mlp_case()
     accelerator = Accelerator(cpu=True)
-    optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+    optimizer = torch.optim.Adam(model.parameters(), lr=0.1)  # a state that changes at each step
     model, optimizer = accelerator.prepare(model, optimizer)
     state = {"step": 0}
     handle = attach(
         accelerator,
-        ["gradient_flow"],
+        ["gradient_flow", "optimizer_state"],  # a metric reads the optimizer: optimizer.bin is held too
         batches,
         global_step=lambda: state["step"],
         trackers=[],
@@ -270,7 +270,7 @@ def test_attach_announces_after_save_state_returns(tmp_path, no_measuring, appen
     )
     assert not accelerator._save_model_state_pre_hook  # nothing runs before the state is written
     weights_file = "model.safetensors" if safe else "pytorch_model.bin"
-    kept = {}
+    kept, moments = {}, {}
     for step in (10, 20):
         loss = loss_fn(model, batches[0]).mean()
         accelerator.backward(loss)
@@ -279,6 +279,7 @@ def test_attach_announces_after_save_state_returns(tmp_path, no_measuring, appen
         state["step"] = step
         accelerator.save_state(str(tmp_path / "ckpt"), safe_serialization=safe)  # the same folder both times
         kept[step] = {k: v.detach().clone() for k, v in accelerator.unwrap_model(model).state_dict().items()}
+        moments[step] = [s["exp_avg"].clone() for s in optimizer.state_dict()["state"].values()]
     handle.remove()
     assert "save_state" not in vars(accelerator)  # the wrapper is gone
     accelerator.save_state(str(tmp_path / "after"))
@@ -300,6 +301,12 @@ def test_attach_announces_after_save_state_returns(tmp_path, no_measuring, appen
         weights = load_file(str(held)) if safe else torch.load(held, weights_only=True)
         assert weights and all(torch.equal(t, kept[step][k]) for k, t in weights.items())
     assert any(not torch.equal(kept[10][k], kept[20][k]) for k in kept[10])  # the steps differ
+    # the optimizer state as saved at each step: the second save (in place, torch.save) did not rewrite the first's
+    for step in (10, 20):
+        saved = torch.load(ann.checkpoints[step].held / "optimizer.bin", weights_only=True)
+        got = [s["exp_avg"] for s in saved["state"].values()]
+        assert len(got) == len(moments[step]) and all(torch.equal(a, b) for a, b in zip(got, moments[step]))
+    assert not all(torch.equal(a, b) for a, b in zip(moments[10], moments[20]))
     assert os.path.samefile(tmp_path / "ckpt" / weights_file, ann.checkpoints[20].held / weights_file)
     assert json.loads((tmp_path / "ckpt" / "uma_state.json").read_text())["step"] == 20
     assert handle.records == [] and Journal(tmp_path / "uma").records() == []

@@ -1,10 +1,16 @@
 """``uma watch`` beside a training with ``measure="async"``: the in-process values, once each.
 
-A tiny Qwen2 is trained twice from the same seed: once with the in-process callback (the
-reference values), once announcing its checkpoints for a watcher (``watch.jsonl``, held
-copies). The watcher, a separate process following the run, must log the reference's
-values (pair metrics included) at each checkpoint's step into the training's own tracker
-runs, once per (key, step), whatever the Trainer's rotation deleted, across a ``kill -9``.
+A tiny Qwen2 is trained from the same seed with the in-process callback (the reference
+values) and announcing its checkpoints for a watcher (``watch.jsonl``, held copies,
+``save_total_limit=1``). The watcher, a separate process following the run, must log the
+reference's values (pair metrics and the optimizer state read from ``optimizer.pt``
+included) at each checkpoint's step into the training's own tracker runs, once per
+(key, step), whatever the Trainer's rotation deleted, across a ``kill -9``.
+
+MLflow is the test worker's real ``mlflow server`` on 127.0.0.1 (the ``mlflow_server``
+fixture), reached directly, through a :class:`~tests.reliability.servers.PortGate` that is
+down for a while, or through a :class:`~tests.reliability.servers.FaultProxy` that stalls
+every request; W&B runs offline.
 """
 
 from __future__ import annotations
@@ -17,21 +23,24 @@ import subprocess
 import sys
 import threading
 import time
+import uuid
 from pathlib import Path
 
 import pytest
 from transformers import TrainerCallback
 
+from tests.reliability.servers import FaultProxy, PortGate
 from tests.trainer_cases import run_trainer, tiny_lm_dataset
-from uma_callbacks.engine.announce import HELD_DIR, WATCH_FILE, announce_finished, read_announcements
+from uma_callbacks.core.records import log_key
+from uma_callbacks.engine.announce import HELD_DIR, WATCH_FILE, announce_finished, announce_run, read_announcements
 from uma_callbacks.engine.journal import Journal
 from uma_callbacks.engine.probe import Probe
 from uma_callbacks.integrations.base import tracker_key
 
 pytestmark = pytest.mark.slow
 
-METRICS = ["gradient_flow", "interpolation:n_points=5", "trajectory"]
-NAMES = ["gradient_flow", "interpolation", "trajectory"]
+METRICS = ["gradient_flow", "interpolation:n_points=5", "trajectory", "optimizer_state"]
+NAMES = ["gradient_flow", "interpolation", "optimizer_state", "trajectory"]
 STEPS = (3, 6, 9)
 TRAIN = dict(max_steps=9, save_steps=3)
 REPO = Path(__file__).resolve().parents[2]
@@ -97,6 +106,7 @@ def reference(tmp_path_factory):
     values = _values(callback.records)
     assert {step for step, _ in values} == set(STEPS)
     assert (3, "interpolation") not in values and (6, "interpolation") in values and (9, "trajectory") in values
+    assert all(len(values[(s, "optimizer_state")]) > 20 for s in STEPS)  # the live optimizer's state at each save
     return values
 
 
@@ -108,7 +118,10 @@ def announced(tmp_path_factory):
     run_trainer(run, callbacks=[callback], save_total_limit=1, **TRAIN)
     assert not callback.records  # nothing measured in the training process
     assert sorted(p.name for p in run.glob("checkpoint-*")) == ["checkpoint-9"]
-    assert sorted(p.name for p in (run / "uma" / HELD_DIR).iterdir()) == [f"checkpoint-{s}" for s in STEPS]
+    held = run / "uma" / HELD_DIR
+    assert sorted(p.name for p in held.iterdir()) == [f"checkpoint-{s}" for s in STEPS]
+    # a metric reads the optimizer: its state is held with the weights
+    assert all((held / f"checkpoint-{s}" / "optimizer.pt").is_file() for s in STEPS)
     return run, callback.session.run
 
 
@@ -120,17 +133,19 @@ def _copy(announced, tmp_path) -> tuple[Path, str]:
 
 
 # ---------------------------------------------------------------------- beside a live training
-def test_watch_beside_training_logs_the_callbacks_values_once_into_its_tracker_runs(tmp_path, reference, monkeypatch):
+def test_watch_beside_training_logs_the_callbacks_values_once_into_its_tracker_runs(
+    tmp_path, reference, mlflow_server, monkeypatch
+):
     """A watcher started at train begin (a subprocess) follows the training while it runs
-    and logs with it into its MLflow run (a SQLite store both processes write to) and its
-    W&B run (offline: the watcher's own run file of the training's run id)."""
+    and logs with it into its MLflow run (through the real ``mlflow server``, at the URI the
+    journal recorded) and its W&B run (offline: the watcher's own run file of the training's
+    run id)."""
     from mlflow.tracking import MlflowClient
 
     from tests.integrations.wandb_runfile import history_rows, settled_records
-    from uma_callbacks.integrations.uris import sqlite_uri
 
-    uri = sqlite_uri(tmp_path / "mlflow.db")
-    monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", mlflow_server.uri)  # the training's; the watcher's env has none
+    monkeypatch.setenv("MLFLOW_EXPERIMENT_NAME", f"watch-beside-{uuid.uuid4().hex[:8]}")  # the worker's store is shared
     monkeypatch.setenv("WANDB_DIR", str(tmp_path / "wandb-train"))
     monkeypatch.setenv("WANDB_MODE", "offline")
     import wandb
@@ -144,26 +159,20 @@ def test_watch_beside_training_logs_the_callbacks_values_once_into_its_tracker_r
     assert watcher.proc.returncode == 0, output
 
     records = _run_records(run_dir, callback.session.run)
-    assert sorted({(r.step, r.metric) for r in records}) == [(s, m) for s in STEPS for m in sorted(NAMES)]
+    assert sorted({(r.step, r.metric) for r in records}) == [(s, m) for s in STEPS for m in NAMES]
     _assert_same(_values(records), reference)
     assert not list((run_dir / "uma" / HELD_DIR).iterdir()), "held copies released once all was measured"
     trackers = read_announcements(run_dir / "uma", run_dir).run.trackers
+    assert trackers["mlflow"]["uri"] == mlflow_server.uri
 
-    # MLflow: the training's run holds the watcher's keys, each once, at the checkpoints' steps
-    client = MlflowClient(tracking_uri=uri)
-    ml_run = trackers["mlflow"]["run"]
-    assert "loss" in client.get_run(ml_run).data.metrics  # the training logged into it too
-    assert len(client.search_runs([client.get_run(ml_run).info.experiment_id])) == 1  # no run of the watcher's own
-    expected: dict[str, dict[int, float]] = {}
-    for r in records:
-        for key, value in r.log_values().items():
-            expected.setdefault(tracker_key(key), {})[r.step] = value
-    for key, by_step in expected.items():
-        history = client.get_metric_history(ml_run, key)
-        assert sorted(m.step for m in history) == sorted(by_step), key
-        if not key.endswith(("/seconds", "/peak_mb")):
-            for m in history:
-                assert m.value == pytest.approx(by_step[m.step], rel=1e-6, abs=1e-9), key
+    # MLflow: the training's run holds the watcher's keys, each once, at the checkpoints' steps,
+    # with the in-process callback's values
+    client = MlflowClient(tracking_uri=mlflow_server.uri)
+    ml_run = client.get_run(trackers["mlflow"]["run"])
+    assert "loss" in ml_run.data.metrics  # the training logged into it too
+    assert len(client.search_runs([ml_run.info.experiment_id])) == 1  # no run of the watcher's own
+    expected = _expected_points(records)
+    _assert_mlflow_holds(client, ml_run.info.run_id, expected, reference)
 
     # W&B: the watcher's offline run file of the training's run id, each key once per step
     wb_run = trackers["wandb"]["run"]
@@ -179,6 +188,33 @@ def test_watch_beside_training_logs_the_callbacks_values_once_into_its_tracker_r
     assert set(seen) == {(k, s) for k in wanted for s in expected[k]}
     for (key, step), value in seen.items():
         assert value == pytest.approx(expected[key][step], rel=1e-6, abs=1e-9)
+    for (step, metric), scalars in reference.items():
+        for name, value in scalars.items():
+            assert seen[(tracker_key(log_key(metric, name)), step)] == pytest.approx(value, rel=1e-6, abs=1e-9)
+
+
+def _assert_mlflow_holds(client, run_id: str, expected: dict[str, dict[int, float]], reference=None) -> None:
+    """The MLflow run holds each expected key once per step, at those steps; with ``reference``,
+    every value of it there (the in-process callback's) to 1e-6."""
+    assert len(expected) > 30
+    logged: dict[str, dict[int, float]] = {}
+    for key, by_step in expected.items():
+        history = client.get_metric_history(run_id, key)
+        assert sorted(m.step for m in history) == sorted(by_step), key
+        logged[key] = {m.step: m.value for m in history}
+    for (step, metric), scalars in (reference or {}).items():
+        for name, value in scalars.items():
+            got = logged[tracker_key(log_key(metric, name))][step]
+            assert got == pytest.approx(value, rel=1e-6, abs=1e-9), (step, metric, name)
+
+
+def _expected_points(records) -> dict[str, dict[int, float]]:
+    """``{tracker key: {step: value}}`` of the records (with each metric's seconds and peak_mb)."""
+    expected: dict[str, dict[int, float]] = {}
+    for r in records:
+        for key, value in r.log_values().items():
+            expected.setdefault(tracker_key(key), {})[r.step] = value
+    return expected
 
 
 # ---------------------------------------------------------------------- rotation, gone, stale
@@ -192,6 +228,8 @@ def test_rotation_loses_nothing_every_checkpoint_is_measured_from_its_held_copy(
     records = _run_records(run_dir, run)
     _assert_same(_values(records), reference)
     assert {r.run for r in records} == {run} and {r.source for r in records} == {"watch"}
+    optimizer = {r.step: r.meta["optimizer_source"] for r in records if r.metric == "optimizer_state"}
+    assert optimizer == {s: f"checkpoint-{s}/optimizer.pt" for s in STEPS}  # each held copy's own optimizer.pt
     assert not list((run_dir / "uma" / HELD_DIR).iterdir())
 
     again = watch(run_dir, until_done=True, poll=0.1, device="cpu", draw_figures=False)  # a rerun measures nothing
@@ -240,31 +278,148 @@ def test_a_checkpoint_that_never_completes_is_an_error_record_once_not_a_hang(an
     assert "never completed" in errors[0].error["message"]
 
 
-def test_a_tracker_run_announced_after_the_watcher_started_gets_every_record(announced, tmp_path):
+def test_a_tracker_run_announced_after_the_watcher_started_gets_every_record(announced, mlflow_server, tmp_path):
     """The training's MLflow was down at its start; its run line names the run once it is up."""
-    from mlflow.tracking import MlflowClient
-
-    from uma_callbacks.engine.announce import announce_run
-    from uma_callbacks.integrations.uris import sqlite_uri
     from uma_callbacks.triggers.watch import watch
 
     run_dir, run = _copy(announced, tmp_path)
     _drop_finished(run_dir)
     result = {}
-    thread = threading.Thread(target=lambda: result.update(s=watch(run_dir, until_done=True, poll=0.1, draw_figures=False)))
+    pairs = ["gradient_flow", "interpolation:n_points=5", "trajectory"]
+    thread = threading.Thread(
+        target=lambda: result.update(s=watch(run_dir, pairs, until_done=True, poll=0.1, draw_figures=False))
+    )
     thread.start()
-    _wait_for(lambda: len(_run_records(run_dir, run)) == len(STEPS) * len(NAMES))
-    uri = sqlite_uri(tmp_path / "mlflow.db")
-    client = MlflowClient(tracking_uri=uri)
-    ml_run = client.create_run(client.create_experiment("late")).info.run_id
-    first = read_announcements(run_dir / "uma", run_dir).run
-    announce_run(run_dir / "uma", run, {"mlflow": {"run": ml_run, "uri": uri}}, first.metrics)
-    announce_finished(run_dir / "uma", STEPS[-1])
+    _wait_for(lambda: len(_run_records(run_dir, run)) == len(STEPS) * len(pairs))
+    client, ml_run = _mlflow_run(mlflow_server.uri, "late")
+    _name_tracker_run(run_dir, run, {"mlflow": {"run": ml_run, "uri": mlflow_server.uri}})
     thread.join(timeout=120)
     assert not thread.is_alive() and result["s"].ok, result["s"].describe()
     for key in ("uma/gradient_flow/total_norm", "uma/interpolation/distance", "uma/trajectory/update_norm"):
         steps = sorted(m.step for m in client.get_metric_history(ml_run, key))
         assert steps == (list(STEPS) if "gradient_flow" in key else list(STEPS[1:])), key
+
+
+# ---------------------------------------------------------------------- a tracker down or stalled under watch
+def test_a_tracker_down_while_the_watcher_logs_is_retried_as_the_live_sinks_are(
+    announced, reference, mlflow_server, tmp_path, monkeypatch, caplog
+):
+    """The MLflow server is unreachable (its port refuses connections) until step 3 is
+    measured: the watcher warns once, keeps going, and once the server is back delivers what
+    it missed at the next checkpoint, each point once, with the in-process values."""
+    import logging
+
+    from uma_callbacks.triggers.watch import watch
+
+    monkeypatch.setenv("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "0")  # refused at once: no MLflow backoff in this test
+    gate = PortGate(mlflow_server.uri)  # down: nothing listens on its port yet
+    run_dir, run = _copy(announced, tmp_path)
+    client, ml_run = _mlflow_run(mlflow_server.uri, "down")
+    _name_tracker_run(run_dir, run, {"mlflow": {"run": ml_run, "uri": gate.uri}})
+    delivered_at: dict[int, list[int]] = {}
+
+    def progress(step, records):
+        delivered_at[step] = sorted(m.step for m in client.get_metric_history(ml_run, "uma/gradient_flow/total_norm"))
+        if step == STEPS[0]:
+            gate.start()  # the server is back after the first checkpoint
+
+    try:
+        with caplog.at_level(logging.WARNING, logger="uma_callbacks"):
+            summary = watch(run_dir, ["gradient_flow"], until_done=True, poll=0.1, device="cpu", draw_figures=False,
+                            on_checkpoint=progress)  # fmt: skip
+    finally:
+        gate.stop()
+    assert summary.ok and summary.measured == list(STEPS), summary.describe()
+    assert delivered_at == {3: [], 6: [3, 6], 9: [3, 6, 9]}  # step 3 went with step 6, once the server was back
+    messages = [r.getMessage() for r in caplog.records]
+    assert len([m for m in messages if "sink mlflow failed" in m]) == 1, messages  # once per outage
+    assert any("sink mlflow is back" in m for m in messages)
+    flow = {key: scalars for key, scalars in reference.items() if key[1] == "gradient_flow"}
+    _assert_mlflow_holds(client, ml_run, _expected_points(_run_records(run_dir, run)), flow)
+
+
+def test_a_stalling_tracker_does_not_hang_the_watcher_and_uma_sync_delivers_later(announced, mlflow_server, tmp_path):
+    """Every request to MLflow is held unanswered (a server that accepts but never replies):
+    each tracker call is abandoned after ``tracker_timeout_seconds``, the watcher measures
+    every checkpoint and returns, naming the sink; ``uma sync`` delivers it all later, once."""
+    from uma_callbacks.cli import main
+    from uma_callbacks.triggers.watch import watch
+
+    proxy = FaultProxy(mlflow_server.uri, stall_max=60)
+    run_dir, run = _copy(announced, tmp_path)
+    client, ml_run = _mlflow_run(mlflow_server.uri, "stall")
+    _name_tracker_run(run_dir, run, {"mlflow": {"run": ml_run, "uri": proxy.uri}})
+    try:
+        proxy.set("stall")
+        started = time.monotonic()
+        summary = watch(run_dir, ["gradient_flow"], until_done=True, poll=0.1, device="cpu", draw_figures=False,
+                        tracker_timeout_seconds=1)  # fmt: skip
+        seconds = time.monotonic() - started
+        assert seconds < 30, seconds  # one abandoned call, not MLflow's minutes of retries per record
+        assert summary.measured == list(STEPS) and summary.sink_failures == ["mlflow"], summary.describe()
+        assert "sink mlflow failed: its records stay in the journal (`uma sync` replays them)" in summary.describe()
+        assert proxy.hits >= 1 and client.get_metric_history(ml_run, "uma/gradient_flow/total_norm") == []
+        proxy.release()
+        assert main(["sync", str(run_dir), "--mlflow-run", ml_run, "--tracking-uri", proxy.uri]) == 0
+    finally:
+        proxy.stop()
+    _assert_mlflow_holds(client, ml_run, _expected_points(_run_records(run_dir, run)))
+
+
+def _mlflow_run(uri: str, label: str):
+    """``(client, run id)``: a new run in an experiment of its own on the shared server."""
+    from mlflow.tracking import MlflowClient
+
+    client = MlflowClient(tracking_uri=uri)
+    experiment = client.create_experiment(f"watch-{label}-{uuid.uuid4().hex[:8]}")
+    return client, client.create_run(experiment).info.run_id
+
+
+def _name_tracker_run(run_dir: Path, run: str, trackers: dict) -> None:
+    """The training's run line again, naming ``trackers`` (as a training whose tracker came up late writes it); finished."""
+    first = read_announcements(run_dir / "uma", run_dir).run
+    announce_run(run_dir / "uma", run, trackers, first.metrics)
+    announce_finished(run_dir / "uma", STEPS[-1])
+
+
+# ---------------------------------------------------------------------- the optimizer state
+def test_optimizer_state_falls_back_to_the_folder_while_it_holds_that_step_else_says_why(announced, reference, tmp_path):
+    """Held copies without ``optimizer.pt`` (a training whose own metrics did not read the
+    optimizer): checkpoint-9's folder is still there and still step 9, so it is read from
+    there; steps 3 and 6 were rotated away, and their skip records say why."""
+    from uma_callbacks.triggers.watch import watch
+
+    run_dir, run = _copy(announced, tmp_path)
+    for step in STEPS:
+        (run_dir / "uma" / HELD_DIR / f"checkpoint-{step}" / "optimizer.pt").unlink()
+    summary = watch(run_dir, ["optimizer_state"], until_done=True, poll=0.1, device="cpu", draw_figures=False)
+    records = {r.step: r for r in _run_records(run_dir, run)}
+    assert sorted(records) == list(STEPS), summary.describe()
+    assert records[9].status == "ok" and records[9].meta["optimizer_source"] == "checkpoint-9/optimizer.pt"
+    _assert_same({(9, "optimizer_state"): records[9].scalars}, reference, keys=[(9, "optimizer_state")])
+    for step in (3, 6):
+        assert records[step].status == "skipped", records[step]
+        reason = records[step].error["message"]
+        assert f"the held copy of checkpoint-{step} (step {step}) has no optimizer.pt" in reason, reason
+        assert "the checkpoint folder is gone" in reason, reason
+        assert "add optimizer_state to the training's metrics" in reason, reason
+
+
+def test_stale_after_on_the_command_line_turns_a_never_completed_folder_into_an_error(announced, tmp_path, capsys):
+    from uma_callbacks.cli import main
+    from uma_callbacks.triggers.watch import CHECKPOINT_ERROR
+
+    run_dir, run = _copy(announced, tmp_path)
+    (run_dir / "checkpoint-12").mkdir()  # the training finished without announcing it complete
+    args = ["watch", str(run_dir), "--until-done", "--poll", "0.1", "--no-figures", "--device", "cpu"]
+    assert main([*args, "--metrics", "gradient_flow", "--stale-after", "600"]) == 1
+    out = capsys.readouterr().out
+    assert "3 checkpoint(s) measured" in out and "1 error(s)" in out, out
+    assert f"error at step 12 ({run_dir / 'checkpoint-12'}): checkpoint folder" in out and "never completed" in out, out
+    errors = [r for r in _run_records(run_dir, run) if r.metric == CHECKPOINT_ERROR]
+    assert [(r.step, r.status, r.meta["path"]) for r in errors] == [(12, "error", str(run_dir / "checkpoint-12"))]
+    assert main([*args, "--metrics", "gradient_flow", "--stale-after", "0"]) == 2  # refused, naming the option
+    assert "stale_after must be a positive number of seconds" in capsys.readouterr().err
 
 
 def test_watch_without_an_announced_run_says_so_and_exits_2(tmp_path, capsys):
@@ -286,10 +441,11 @@ def test_watch_without_an_announced_run_says_so_and_exits_2(tmp_path, capsys):
 # ---------------------------------------------------------------------- kill -9 and restart
 def test_watcher_killed_mid_measure_resumes_without_duplicates_or_loss(announced, reference, tmp_path):
     """SIGKILL while step 6's slow metric runs; the restart measures the rest of step 6
-    (its pair metrics compare with step 3, refilled from the held copy) and step 9."""
+    (its pair metrics compare with step 3, refilled from the held copy; its optimizer state
+    from the held optimizer.pt) and step 9."""
     run_dir, run = _copy(announced, tmp_path)
     metrics = ["--metrics", "gradient_flow", "--metric", "landscape:n_points=21", "--metric", "interpolation:n_points=5",
-               "--metric", "trajectory"]  # fmt: skip
+               "--metric", "trajectory", "--metric", "optimizer_state"]  # fmt: skip
     cmd = _cli(str(run_dir), "--until-done", "--poll", "0.1", "--no-figures", "--seed", "0", "--device", "cpu", *metrics)
     first = subprocess.Popen(cmd, env=_env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
     journal = run_dir / "uma" / "journal.jsonl"
@@ -312,7 +468,7 @@ def test_watcher_killed_mid_measure_resumes_without_duplicates_or_loss(announced
     assert "2 checkpoint(s) measured, 1 already measured" in second.stdout  # 3 skipped; 6 completed; 9
     records = _run_records(run_dir, run)
     assert sorted({(r.step, r.metric) for r in records}) == sorted(
-        (s, m) for s in STEPS for m in ["gradient_flow", "interpolation", "landscape", "trajectory"]
+        (s, m) for s in STEPS for m in ["gradient_flow", "interpolation", "landscape", "optimizer_state", "trajectory"]
     )
     _assert_same(_values(records), reference, keys=list(reference))
 

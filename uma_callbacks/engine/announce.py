@@ -10,11 +10,13 @@ last line, which it skips):
   runs the watcher logs into (``{"mlflow": {"run", "uri"}, "wandb": {"run", "entity",
   "project", "dir"}}``), and the metrics the trigger was configured with (``[{"name", **config}]``,
   the watcher's default);
-- ``{"kind": "checkpoint", "step", "folder", "held", "time"}`` after a save has finished
-  (the Trainer's ``on_save`` comes after ``trainer_state.json``, the last file it writes):
-  ``folder`` is the checkpoint folder relative to the run folder; ``held`` is the copy of its
-  weight files kept in the journal folder (hard links, :func:`hold_checkpoint`), relative to
-  the journal folder, or ``""`` where none could be made;
+- ``{"kind": "checkpoint", "step", "folder", "held", "time"[, "unheld"]}`` after a save has
+  finished (the Trainer's ``on_save`` comes after ``trainer_state.json``, the last file it
+  writes): ``folder`` is the checkpoint folder relative to the run folder; ``held`` is the
+  copy of its weight files (and its optimizer file when a configured metric reads it) kept in
+  the journal folder (hard links, :func:`hold_checkpoint`), relative to the journal folder,
+  or ``""`` where none was made; ``unheld`` is why one could not be made (another
+  filesystem, no space left), so that a watcher that finds the folder gone says why;
 - ``{"kind": "finished", "step", "time"}`` at train end.
 
 The probe is the journal's ``probe.safetensors`` (written at train begin, as for a backfill).
@@ -56,6 +58,9 @@ HELD_PATTERNS = (
     "trainer_state.json",
     "uma_run.json",
 )
+#: Optimizer files a checkpoint may hold (the Trainer's, Accelerate's first optimizer), held
+#: too when a configured metric reads the optimizer (``Metric.needs_optimizer``).
+OPTIMIZER_PATTERNS = ("optimizer.pt", "optimizer.bin")
 #: Tracker names and the string fields each may carry in a ``run`` line.
 TRACKER_FIELDS = {"mlflow": ("run", "uri"), "wandb": ("run", "entity", "project", "dir")}
 #: Bounds on what a line may hold.
@@ -82,12 +87,14 @@ class CheckpointAnnouncement:
         folder: the checkpoint folder (absolute, inside the run folder).
         held: the held copy of its weight files (absolute, inside the journal folder), or None.
         time: when the save finished (seconds since the epoch).
+        unheld: why no held copy could be made (the error), or ``""``.
     """
 
     step: int
     folder: Path
     held: Path | None
     time: float = 0.0
+    unheld: str = ""
 
 
 @dataclass
@@ -135,32 +142,65 @@ def announce_checkpoint(
     step: int,
     folder: str | os.PathLike[str],
     held_name: str | None = None,
+    patterns: Sequence[str] = HELD_PATTERNS,
 ) -> Path | None:
     """Hold ``folder``'s weight files and append its ``checkpoint`` line (after the save finished).
 
     ``held_name``: the held copy's folder name in ``held/`` (default ``folder``'s name); a
     folder saved into again at another step (``accelerator.save_state("ckpt")``) needs one
-    per step.
+    per step. ``patterns``: the files held (:data:`HELD_PATTERNS`, plus
+    :data:`OPTIMIZER_PATTERNS` for a metric that reads the optimizer).
 
     Returns:
-        The held copy, or None where it could not be made (another filesystem, no space):
-        the watcher then reads the checkpoint folder itself, while it exists.
-    """
+        The held copy, or None where it could not be made (another filesystem, no space: the
+        line says why) or there was nothing to hold: the watcher then reads the checkpoint
+        folder itself, while it exists.
+
+    Raises:
+        OSError: the line could not be written (full disk); the held copy, if made, stays.
+    """  # noqa: DOC502 (from append_line)
+    root, folder = Path(root), Path(folder)
+    try:
+        held, unheld = hold_checkpoint(folder, root / HELD_DIR / (held_name or folder.name), patterns), ""
+    except OSError as err:
+        held, unheld = None, f"{type(err).__name__}: {err}"
+        logger.warning("uma: checkpoint %s not held (%s); the watcher reads it while it exists", folder, unheld)
+    write_checkpoint_line(root, run_dir, step, folder, held, unheld)
+    return held
+
+
+def write_checkpoint_line(
+    root: str | os.PathLike[str],
+    run_dir: str | os.PathLike[str],
+    step: int,
+    folder: str | os.PathLike[str],
+    held: Path | None,
+    unheld: str = "",
+    saved: float | None = None,
+) -> None:
+    """Append the ``checkpoint`` line of ``folder`` at ``step``, whose held copy is ``held``.
+
+    ``unheld``: why no copy could be held (written only when ``held`` is None);
+    ``saved``: when the save finished (default: now), kept when the line is written late.
+
+    Raises:
+        OSError: the line could not be written (full disk).
+    """  # noqa: DOC502 (from append_line)
     root, run_dir, folder = Path(root), Path(run_dir), Path(folder)
-    held = hold_checkpoint(folder, root / HELD_DIR / (held_name or folder.name))
     try:
         rel_folder = str(folder.resolve().relative_to(run_dir.resolve()))
     except ValueError:
         rel_folder = str(folder.resolve())  # outside the run folder: the reader refuses it
-    payload = {
+    payload: dict[str, Any] = {
         "kind": "checkpoint",
         "step": int(step),
         "folder": rel_folder,
         "held": str(held.relative_to(root)) if held is not None else "",
-        "time": time.time(),
+        "time": time.time() if saved is None else float(saved),
     }
+    if held is None and unheld:
+        payload["unheld"] = unheld[:_MAX_FIELD_CHARS]
     append_line(root / WATCH_FILE, payload)
-    return held
 
 
 def announce_finished(root: str | os.PathLike[str], step: int) -> None:
@@ -168,17 +208,20 @@ def announce_finished(root: str | os.PathLike[str], step: int) -> None:
     append_line(Path(root) / WATCH_FILE, {"kind": "finished", "step": int(step), "time": time.time()})
 
 
-def hold_checkpoint(folder: Path, target: Path) -> Path | None:
-    """Hard-link ``folder``'s weight files (:data:`HELD_PATTERNS`) into ``target``.
+def hold_checkpoint(folder: Path, target: Path, patterns: Sequence[str] = HELD_PATTERNS) -> Path | None:
+    """Hard-link ``folder``'s files matching ``patterns`` (default: its weight files) into ``target``.
 
     A hard link costs no space and survives the Trainer deleting the checkpoint
-    (``save_total_limit``). Where a link cannot be made (another filesystem), nothing is
-    held and the partial copy is removed.
+    (``save_total_limit``).
 
     Returns:
-        ``target``, or None when nothing was held.
+        ``target``, or None when ``folder`` holds nothing to hold (gone, or no weight files).
+
+    Raises:
+        OSError: a link could not be made (another filesystem, no space left); the partial
+            copy is removed.
     """
-    names = sorted({p.name for pattern in HELD_PATTERNS for p in folder.glob(pattern) if p.is_file() and not p.is_symlink()})
+    names = sorted({p.name for pattern in patterns for p in folder.glob(pattern) if p.is_file() and not p.is_symlink()})
     if not names:
         return None
     try:
@@ -188,10 +231,9 @@ def hold_checkpoint(folder: Path, target: Path) -> Path | None:
             if dest.exists():
                 dest.unlink()
             os.link(folder / name, dest)
-    except OSError as err:
-        logger.warning("uma: checkpoint %s not held (%s); the watcher reads it while it exists", folder, err)
+    except OSError:
         shutil.rmtree(target, ignore_errors=True)
-        return None
+        raise
     return target
 
 
@@ -256,7 +298,8 @@ def _take(out: Announcements, payload: Any, root: Path, run_dir: Path) -> None:
         folder = _inside(run_dir, _text(payload.get("folder")))
         held_rel = _text(payload.get("held", ""))
         held = _inside(root / HELD_DIR, held_rel, base=root) if held_rel else None
-        out.checkpoints[step] = CheckpointAnnouncement(step, folder, held, _number(payload.get("time", 0.0)))
+        unheld = _text(payload["unheld"]) if "unheld" in payload else ""
+        out.checkpoints[step] = CheckpointAnnouncement(step, folder, held, _number(payload.get("time", 0.0)), unheld)
     elif kind == "finished":
         step = payload.get("step")
         if not isinstance(step, int) or isinstance(step, bool):
@@ -293,6 +336,8 @@ def _inside(folder: Path, rel: str, base: Path | None = None) -> Path:
 
 __all__ = [
     "HELD_DIR",
+    "HELD_PATTERNS",
+    "OPTIMIZER_PATTERNS",
     "WATCH_FILE",
     "Announcements",
     "CheckpointAnnouncement",
@@ -303,4 +348,5 @@ __all__ = [
     "hold_checkpoint",
     "read_announcements",
     "release_held",
+    "write_checkpoint_line",
 ]

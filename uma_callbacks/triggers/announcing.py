@@ -8,28 +8,44 @@
   written again whenever one of these changed (a resume continuing another run id, a
   tracker that was down at the start and came back at a later save);
 - :meth:`Announcer.checkpoint`: a complete checkpoint folder, after the save finished (its
-  weight files hard-linked into the journal folder, then the line);
+  weight files, and its optimizer file when a configured metric reads the optimizer,
+  hard-linked into the journal folder, then the line);
 - :meth:`Announcer.finished`: the end of training.
 
-An announcement that cannot be written (full disk) is warned about and written at the next
-save or at the end, never raised into the training loop. The probe is the session's
-``probe.safetensors``, saved when it opened.
+A full disk never reaches the training loop, and costs as little as it can:
+
+- the held copy is made at the save itself, before the Trainer's rotation can delete the
+  folder; a line that cannot be written is warned about (naming the checkpoint and the
+  error) and written at the next save or at the end, with the held copy made at the save
+  and the time of the save;
+- a copy that could not be held (no space for the links) is tried again at the next save
+  while the folder exists; once it is gone, the line says why it was not held
+  (``unheld``), and the watcher's error record for that checkpoint names the reason;
+- at the end, what still could not be written is named in one warning, with the way to
+  measure it later (``uma backfill``).
+
+The probe is the session's ``probe.safetensors``, saved when it opened.
 """
 
 from __future__ import annotations
 
 import logging
 import os
+import time
 from collections.abc import Iterable
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from uma_callbacks.config import UMAConfig, metric_spec
 from uma_callbacks.engine.announce import (
+    HELD_DIR,
     HELD_PATTERNS,
-    announce_checkpoint,
+    OPTIMIZER_PATTERNS,
     announce_finished,
     announce_run,
+    hold_checkpoint,
+    write_checkpoint_line,
 )
 from uma_callbacks.integrations.bounded import rearm
 from uma_callbacks.session import Session
@@ -85,18 +101,30 @@ def detach_held(folder: str | os.PathLike[str]) -> None:
 
     A save rewrites a file in place (same inode), which would change the hard-linked copy a
     watcher is to measure; unlinked first, the copy keeps the old contents and the save
-    writes a new file. Only files with another link are touched.
+    writes a new file. Only files with another link are touched (weights and optimizer files).
     """
     folder = Path(folder)
     if not folder.is_dir():
         return
-    for pattern in HELD_PATTERNS:
+    for pattern in (*HELD_PATTERNS, *OPTIMIZER_PATTERNS):
         for path in folder.glob(pattern):
             try:
                 if path.is_file() and not path.is_symlink() and path.stat().st_nlink > 1:
                     path.unlink()
             except OSError as err:
                 logger.warning("uma: %s not detached from its held copy (%s)", path, err)
+
+
+@dataclass
+class _Pending:
+    """A checkpoint whose line is not written yet: its held copy (made at the save) or why none was."""
+
+    step: int
+    folder: Path
+    held_name: str
+    saved: float
+    held: Path | None = None
+    unheld: str = ""
 
 
 class Announcer:
@@ -111,24 +139,39 @@ class Announcer:
         self.session = session
         self.run_dir = Path(run_dir)
         self._announced: tuple[str, Any, Any] | None = None
-        #: ``(step, folder, held name)`` not yet announced (a write failed)
-        self._pending: list[tuple[int, Path, str | None]] = []
+        #: checkpoints not announced yet (a write failed), oldest first
+        self._pending: list[_Pending] = []
         self._outside_warned = False
+        self._warned: set[tuple[str, int]] = set()
 
     @property
     def root(self) -> Path:
         """The journal folder."""
         return self.session.root
 
-    def run(self) -> None:
+    @property
+    def pending(self) -> list[int]:
+        """The steps of the checkpoints not announced yet (a write failed), oldest first."""
+        return [p.step for p in self._pending]
+
+    @property
+    def patterns(self) -> tuple[str, ...]:
+        """The files held of each checkpoint: its weights, and its optimizer file when a metric reads it."""
+        reads_optimizer = any(m.needs_optimizer for m in self.session.config.metric_objects)
+        return (*HELD_PATTERNS, *OPTIMIZER_PATTERNS) if reads_optimizer else HELD_PATTERNS
+
+    def run(self) -> bool:
         """Write the ``run`` line when the run, its tracker runs or its metrics differ from the last written.
 
         A sink that failed to start (tracker down) is tried again first, as a measuring
         session does at each save (each call bounded by ``tracker_timeout_seconds``): the
         tracker run it then opens is announced.
+
+        Returns:
+            Whether the ``run`` line on disk is current.
         """
         if not self.session.is_main:
-            return
+            return True
         if self.session.delivery.failing:
             rearm(self.session.sinks)
             self.session.delivery.send_pending()  # starts the sinks; this run has no records to replay
@@ -136,19 +179,21 @@ class Announcer:
         metrics = metric_specs(self.session.config)
         current = (self.session.run, trackers, metrics)
         if current == self._announced:
-            return
+            return True
         try:
             announce_run(self.root, self.session.run, trackers, metrics)
         except OSError as err:
             logger.warning("uma: the run announcement was not written (%s); tried again at the next save", err)
-            return
+            return False
         self._announced = current
+        return True
 
     def checkpoint(self, step: int, folder: str | os.PathLike[str], held_name: str | None = None) -> None:
         """Announce the complete checkpoint ``folder`` at ``step`` (after the save finished).
 
-        Also writes what an earlier failure left unwritten, and the ``run`` line first when
-        it changed.
+        Its files are held now (before a rotation can delete the folder); then its line,
+        what an earlier failure left unwritten and the ``run`` line first when it changed
+        are written (:meth:`flush`).
         """
         if not self.session.is_main:
             return
@@ -160,21 +205,36 @@ class Announcer:
                 folder,
                 self.run_dir,
             )
-        self._pending.append((int(step), folder, held_name))
+        entry = _Pending(int(step), folder, held_name or folder.name, time.time())
+        self._hold(entry)
+        self._pending.append(entry)
         self.flush()
 
     def flush(self) -> bool:
-        """Write the pending announcements, oldest first; returns whether none is left."""
+        """Write the pending announcements, oldest first; returns whether none is left.
+
+        A checkpoint not held yet (no space for the links at its save) is tried again first,
+        while its folder exists.
+        """
         if not self.session.is_main:
             return True
         self.run()
         while self._pending:
-            step, folder, held_name = self._pending[0]
+            entry = self._pending[0]
+            if entry.held is None and entry.unheld:
+                self._hold(entry)
             try:
-                announce_checkpoint(self.root, self.run_dir, step, folder, **({"held_name": held_name} if held_name else {}))
+                write_checkpoint_line(self.root, self.run_dir, entry.step, entry.folder, entry.held, entry.unheld, entry.saved)
             except OSError as err:
-                logger.warning("uma: checkpoint %s not announced yet (%s); tried again at the next save", folder, err)
+                self._warn_once("line", entry, f"uma: checkpoint {entry.folder} (step {entry.step}) not announced yet "
+                                f"({type(err).__name__}: {err}); its line is written at the next save"
+                                + ("; its files are held meanwhile" if entry.held is not None else ""))  # fmt: skip
                 return False
+            if entry.held is None and entry.unheld:
+                logger.warning(
+                    "uma: checkpoint %s (step %d) announced without a held copy (%s): a watcher measures it only while "
+                    "the folder exists", entry.folder, entry.step, entry.unheld,
+                )  # fmt: skip
             self._pending.pop(0)
         return True
 
@@ -183,11 +243,36 @@ class Announcer:
         if not self.session.is_main:
             return
         if not self.flush():
-            logger.warning("uma: %d checkpoint(s) could not be announced (disk full?)", len(self._pending))
+            logger.warning(
+                "uma: %d checkpoint(s) could not be announced (disk full?): %s; a watcher does not measure them: "
+                "free space and measure them with `uma backfill %s`",
+                len(self._pending), ", ".join(f"{p.folder} (step {p.step})" for p in self._pending), self.run_dir,
+            )  # fmt: skip
         try:
             announce_finished(self.root, int(step))
         except OSError as err:
-            logger.warning("uma: the end of training was not announced (%s)", err)
+            logger.warning(
+                "uma: the end of training was not announced (%s); a watcher started with --until-done does not stop "
+                "by itself: stop it with Ctrl-C once it has measured step %d", err, int(step),
+            )  # fmt: skip
+
+    def _hold(self, entry: _Pending) -> None:
+        """Hard-link ``entry``'s files into ``held/`` (its folder still there); a failure is kept as ``unheld``."""
+        try:
+            held = hold_checkpoint(entry.folder, self.root / HELD_DIR / entry.held_name, self.patterns)
+        except OSError as err:
+            entry.unheld = f"{type(err).__name__}: {err}"
+            self._warn_once("hold", entry, f"uma: checkpoint {entry.folder} (step {entry.step}) not held ({entry.unheld}); "
+                            "tried again at the next save while the folder exists; a watcher reads the folder while it exists")  # fmt: skip
+            return
+        if held is not None:
+            entry.held, entry.unheld = held, ""
+
+    def _warn_once(self, what: str, entry: _Pending, message: str) -> None:
+        """One warning per checkpoint and kind of failure (a full disk fails again at every retry)."""
+        if (what, entry.step) not in self._warned:
+            self._warned.add((what, entry.step))
+            logger.warning("%s", message)
 
 
 def _inside(folder: Path, base: Path) -> bool:

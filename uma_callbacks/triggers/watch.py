@@ -21,7 +21,14 @@ exactly as the in-process callback would have measured it:
   rotation loses nothing), else from its folder; held copies are released once measured
   and no longer needed as history (the last measured ones a pair metric compares with, the
   first one when a metric needs it; everything at the end of a finished training). One
-  already gone becomes an ``error`` record naming it (metric ``checkpoint``);
+  already gone becomes an ``error`` record naming it (metric ``checkpoint``), with why the
+  training could not hold it when it said so (a full disk);
+- a metric that reads the optimizer (``needs_optimizer``: ``optimizer_state``) gets the
+  checkpoint's saved optimizer state (``optimizer.pt``, ``optimizer.bin``), as a backfill
+  does (:func:`~uma_callbacks.triggers.optimizer_file.read_optimizer_state`): from the held
+  copy (the training holds it when one of its metrics reads the optimizer), else from the
+  checkpoint folder while its run marker still names that step (a folder saved into again
+  at a later step is not read);
 - killed (even ``kill -9``) and started again, it resumes: a step whose metrics the run
   already holds finished records of is skipped, a partly measured one completes, and the
   history is refilled from the held copies without measuring
@@ -47,10 +54,11 @@ import torch
 
 from uma_callbacks.checkpoints import Checkpoint
 from uma_callbacks.config import UMAConfig
+from uma_callbacks.core.optimizer_state import OptimizerSnapshot
 from uma_callbacks.core.records import Record
 from uma_callbacks.engine.announce import Announcements, CheckpointAnnouncement, read_announcements, release_held
 from uma_callbacks.engine.budget import as_budget
-from uma_callbacks.engine.run_identity import UNFINISHED
+from uma_callbacks.engine.run_identity import RUN_FILE, UNFINISHED, read_run_marker
 from uma_callbacks.integrations.bounded import bounded_pair
 from uma_callbacks.integrations.registry import make_sink, resolve_sinks
 from uma_callbacks.metric_specs import build_metric
@@ -58,6 +66,7 @@ from uma_callbacks.metrics.base import Metric
 from uma_callbacks.metrics.influence import saved_log_history
 from uma_callbacks.session import Session
 from uma_callbacks.triggers.history_seed import seed_history
+from uma_callbacks.triggers.optimizer_file import OPTIMIZER_FILES, read_optimizer_state
 from uma_callbacks.triggers.prefetch import ModelLoader, prefetched
 
 logger = logging.getLogger(__name__)
@@ -264,6 +273,7 @@ class _Watcher:
         self.session, self.journal, self.run_dir = session, session.journal, run_dir
         self.loader, self.stale_after, self.prefetch, self.on_checkpoint = loader, stale_after, prefetch, on_checkpoint
         self.names = set(session.config.metric_names)
+        self.reads_optimizer = any(m.needs_optimizer for m in session.config.metric_objects)
         self.summary = WatchSummary(run=session.run)
         self.handled: set[int] = set()  # steps this process measured or reported (a cache hit is not journalled as the run's)
         self.seeded = False
@@ -317,9 +327,13 @@ class _Watcher:
         for ann in todo:
             source = _source(ann)
             if source is None:
+                why = (
+                    f"the training could not hold it: {ann.unheld}" if ann.unheld
+                    else "save_total_limit rotation, or the held copy was removed"
+                )  # fmt: skip
                 err = FileNotFoundError(
                     f"checkpoint {ann.folder} (step {ann.step}) is gone before it was measured: its folder was deleted "
-                    "and no held copy of it exists (save_total_limit rotation, or the held copy was removed)"
+                    f"and no held copy of it exists ({why})"
                 )
                 self._finish_step(ann, [self.session.record_error(ann.step, CHECKPOINT_ERROR, err, {"path": str(ann.folder)})])
                 continue
@@ -338,7 +352,10 @@ class _Watcher:
                 got = done.get(ann.step, set())
                 only = sorted(self.names - got) if got else None  # a step cut off mid-measure: the rest of it
                 history = saved_log_history(loaded.checkpoint.path)  # the held copy keeps trainer_state.json
-                records = self.session.measure(model, ann.step, label=str(ann.folder), only=only, log_history=history)
+                optimizer = self._optimizer(ann, loaded.checkpoint.path, model) if self.reads_optimizer else None
+                records = self.session.measure(
+                    model, ann.step, label=str(ann.folder), only=only, log_history=history, optimizer=optimizer
+                )
                 self.summary.measured.append(ann.step)
             compute = time.perf_counter() - t0
             self.summary.per_checkpoint[ann.step] = {
@@ -347,6 +364,38 @@ class _Watcher:
             self._finish_step(ann, records)
             self._release_measured(announced)
         return True
+
+    def _optimizer(self, ann: CheckpointAnnouncement, source: Path, model: torch.nn.Module) -> OptimizerSnapshot:
+        """The optimizer state saved with ``ann``'s checkpoint, read from ``source`` (where its weights came from).
+
+        A held copy without an optimizer file (the training held only its weights: none of
+        its metrics read the optimizer) falls back to the checkpoint folder while its run
+        marker names this step, checked before and after the read (a folder saved into again
+        at a later step, as ``accelerator.save_state("ckpt")`` does, is not read).
+        """
+        files = " or ".join(OPTIMIZER_FILES)
+        if source == ann.folder or any((source / name).is_file() for name in OPTIMIZER_FILES):
+            return read_optimizer_state(source, model)
+        if not ann.folder.is_dir():
+            folder = "is gone"
+        elif not any((ann.folder / name).is_file() for name in OPTIMIZER_FILES):
+            folder = f"holds no {files}"
+        elif not self._names_step(ann):
+            folder = f"no longer holds step {ann.step} (its {RUN_FILE} names another step or run)"
+        else:
+            state = read_optimizer_state(ann.folder, model)
+            if self._names_step(ann):
+                return state
+            folder = f"was saved into again while its {files} was read"
+        return OptimizerSnapshot.unavailable(
+            f"the held copy of {ann.folder.name} (step {ann.step}) has no {files}, and the checkpoint folder {folder}: "
+            "the training holds the optimizer state only when one of its own metrics reads it (add optimizer_state "
+            "to the training's metrics)", str(ann.folder),
+        )  # fmt: skip
+
+    def _names_step(self, ann: CheckpointAnnouncement) -> bool:
+        """Whether ``ann``'s folder is still the checkpoint of its step (its run marker names this run and step)."""
+        return read_run_marker(ann.folder, ann.step) == self.session.run
 
     def _finish_step(self, ann: CheckpointAnnouncement, records: list[Record]) -> None:
         self.handled.add(ann.step)
