@@ -13,9 +13,11 @@ HF Trainer:
   ``TensorBoardLogger`` by its ``log_dir``); a training resumed from a ``.ckpt``
   (``ckpt_path=``) continues the run id this callback saved in it (Lightning keeps a
   callback's ``state_dict`` in the checkpoint);
-- ``on_save_checkpoint``: ``session.measure(model, trainer.global_step)``, on every rank
-  (Lightning calls it on every rank while it builds the checkpoint); the session shards the
-  probe across ranks and sums, rank 0 journals and logs, as under the HF Trainer;
+- ``on_save_checkpoint``: ``session.measure(model, trainer.global_step, optimizer=trainer.optimizers)``,
+  on every rank (Lightning calls it on every rank while it builds the checkpoint); the
+  session shards the probe across ranks and sums, rank 0 journals and logs, as under the HF
+  Trainer. The trainer's live optimizers (their state now, named after the measured
+  model's parameters by identity) reach the metrics that read them (``optimizer_state``);
 - ``on_train_end`` (and ``on_exception``): ``session.finish()``.
 
 The model measured is ``model=`` (a module, an attribute name of the LightningModule or a
@@ -37,6 +39,7 @@ from typing import Any
 import torch
 
 from uma_callbacks.config import UMAConfig
+from uma_callbacks.core.optimizer_state import OptimizerSnapshot
 from uma_callbacks.engine.probe_source import check_probe_source
 from uma_callbacks.metrics.base import Metric
 from uma_callbacks.session import Session, check_trigger_settings
@@ -174,10 +177,12 @@ class UMALightningCallback(Callback):
         session.predict_costs(self._the_model(pl_module))
 
     def on_save_checkpoint(self, trainer: Any, pl_module: Any, checkpoint: dict[str, Any]) -> None:
-        """Measure the model at ``trainer.global_step`` (every rank; a step is measured once)."""
+        """Measure the model at ``trainer.global_step`` (every rank; a step is measured once), with the trainer's optimizers."""
         if self.session is None:  # a save outside fit (trainer.save_checkpoint before training)
             return
-        self.session.measure(self._the_model(pl_module), int(trainer.global_step))
+        optimizers = list(getattr(trainer, "optimizers", None) or [])
+        optimizer = optimizers or OptimizerSnapshot.unavailable("the Lightning trainer holds no optimizer")
+        self.session.measure(self._the_model(pl_module), int(trainer.global_step), optimizer=optimizer)
 
     def on_train_end(self, trainer: Any, pl_module: Any) -> None:
         """Finish the session: deliver what a tracker missed, close the runs it opened."""

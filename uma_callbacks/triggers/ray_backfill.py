@@ -13,7 +13,11 @@ seeds, ``trajectory`` added the same way, the same probe), but runs the work as 
   little beside it (by default ``hessian`` and ``landscape``; ``gradient_flow``, ``fisher``,
   ``interpolation`` and ``trajectory`` share their checkpoint's task). Under a compute
   budget (``seconds_per_save``) nothing is split: the budget is shared among a save's
-  metrics, and splitting them would change each one's share.
+  metrics, and splitting them would change each one's share. A metric that reads another
+  one's results of the same save (:meth:`Metric.results_needed
+  <uma_callbacks.metrics.base.Metric.results_needed>`: ``sharpness``'s Fisher direction,
+  ``optimizer_state``'s Spearman correlation with the Fisher diagonal) shares a task with
+  that metric, as it must: the results are handed over in memory, within one save.
 - A **worker** gets the checkpoint, its step, the metrics of its task (the driver's metric
   objects, so configs and seeds are the driver's), the probe as its saved files' bytes, the
   journal's measured records of those metrics (so a result already journalled is a cache
@@ -21,8 +25,10 @@ seeds, ``trajectory`` added the same way, the same probe), but runs the work as 
   a :class:`~uma_callbacks.session.Session` whose journal is a temporary folder, with no
   trackers; loads the earlier checkpoints into ``session.history`` without measuring them
   (:func:`~uma_callbacks.triggers.history_seed.seed_history`: the first one when a metric
-  ``needs_first``, the last ``history_needed`` ones), measures its checkpoint, and returns
-  the records with their result files as bytes.
+  ``needs_first``, the last ``history_needed`` ones), measures its checkpoint (with the
+  checkpoint's ``optimizer.pt``/``optimizer.bin`` when a metric of the task reads the
+  optimizer, read as the one-process backfill reads it), and returns the records with
+  their result files as bytes.
 - The **driver** writes each record's files into the run's journal under the same relative
   paths the in-process backfill would use (``step-<N>/<metric>.json``, or the variant folder
   the suite picks when another configuration or run holds that name), appends the record
@@ -77,6 +83,7 @@ from uma_callbacks.triggers.backfill import (  # one discovery and one configura
     _tally,
 )
 from uma_callbacks.triggers.history_seed import seed_history
+from uma_callbacks.triggers.optimizer_file import read_optimizer_state
 from uma_callbacks.triggers.prefetch import ModelLoader, read_checkpoint
 from uma_callbacks.triggers.run_sinks import journal_runs
 
@@ -169,8 +176,28 @@ def plan_tasks(
     else:
         expensive = [m.name for m in config.metric_objects if is_expensive(m, n_batches, threshold)]
         cheap = tuple(n for n in names if n not in expensive)
-        groups = ([cheap] if cheap else []) + [(n,) for n in expensive]
+        groups = _handing_together(config.metric_objects, ([cheap] if cheap else []) + [(n,) for n in expensive])
     return [Task(i, group) for i in range(n_checkpoints) for group in groups]
+
+
+def _handing_together(metrics: Sequence[Metric], groups: list[tuple[str, ...]]) -> list[tuple[str, ...]]:
+    """``groups`` with the groups of a metric and the metrics whose results it reads merged (in configured order).
+
+    A metric reads another's results of the same save in memory (``results_needed``), so
+    both must be measured in one task.
+    """
+    names = [m.name for m in metrics]
+    merged = [set(g) for g in groups]
+    for metric in metrics:
+        for provider in metric.results_needed():
+            if provider not in names or provider == metric.name:
+                continue
+            a = next(i for i, g in enumerate(merged) if metric.name in g)
+            b = next(i for i, g in enumerate(merged) if provider in g)
+            if a != b:
+                merged[min(a, b)] |= merged[max(a, b)]
+                del merged[max(a, b)]
+    return [tuple(n for n in names if n in g) for g in merged]
 
 
 # ---------------------------------------------------------------------- summary
@@ -537,8 +564,11 @@ def uma_backfill_task(task: Mapping[str, Any], shared: Mapping[str, Any]) -> dic
             model = loader.load(loaded)
         except Exception as err:  # this checkpoint is unusable: its error record, as in process
             records = [session.record_error(ckpt.step, "checkpoint", err, {"path": str(ckpt.path)})]
-        else:
-            records = session.measure(model, ckpt.step, label=str(ckpt.path), log_history=saved_log_history(ckpt.path))
+        else:  # the checkpoint's optimizer.pt / optimizer.bin, read only for a metric that needs it (as in process)
+            optimizer = read_optimizer_state(ckpt.path, model) if any(m.needs_optimizer for m in cfg.metric_objects) else None
+            records = session.measure(
+                model, ckpt.step, label=str(ckpt.path), optimizer=optimizer, log_history=saved_log_history(ckpt.path)
+            )
         compute_seconds = time.perf_counter() - t1
         out = []
         for record in records:
