@@ -51,6 +51,12 @@ class Consumer(Metric):
         return MetricResult(self.name, scalars={"twice": 2.0 * float(value)})
 
 
+class ReadsNothing(Consumer):
+    """The consumer as it would be without a declaration: never handed anything."""
+
+    uses_results = {}  # noqa: RUF012
+
+
 class Cyclic(Metric):
     name = "cyclic"
     uses_results = {"consumer": ("x",)}  # noqa: RUF012
@@ -101,6 +107,8 @@ def test_the_cache_key_holds_what_the_providers_handed_on(tmp_path):
     journal = Journal(tmp_path)
     without = _suite([Consumer()], journal, loss_fn).run(model, Probe(batches), step=1, checkpoint="weights-A")
     assert without[0].scalars == {"without": 1.0}
+    plain = _suite([ReadsNothing()], Journal(tmp_path / "other"), loss_fn).run(model, Probe(batches), step=1, checkpoint="weights-A")
+    assert plain[0].cache_key == without[0].cache_key  # nothing handed on: the key a metric had before hand-offs
     both = _suite([Consumer(), Provider()], journal, loss_fn).run(model, Probe(batches), step=2, checkpoint="weights-A")
     assert [(r.metric, r.status) for r in both] == [("provider", "ok"), ("consumer", "ok")]
     assert "twice" in both[1].scalars and both[1].cache_key != without[0].cache_key

@@ -128,29 +128,27 @@ class Handoff:
     def identity(self, metric: Metric, results: SaveResults | None, *, as_if_handed: bool = False) -> str | None:
         """The part of ``metric``'s cache key that its providers' results make; ``None``: not cacheable.
 
-        ``""`` for a metric that reads no other metric. Each provider adds ``<name>=<its cache
-        key>[<outputs that reached the metric>]``, or ``<name>=none`` when nothing reached it.
+        Each provider whose outputs reached the metric adds ``<name>=<its cache key>[<those
+        outputs>]``; ``""`` when none did (or the metric reads no other metric), so a result
+        computed without them keeps the key it had before metrics handed results on.
         ``as_if_handed``: the identity a result computed with every asked output has (a cached
         one of those is as good as computing now with them).
         """
         needed = metric.results_needed()
-        if not needed:
-            return ""
         parts = []
         for provider in sorted(needed):
             key = self.keys.get(provider, "")
             if as_if_handed:
                 reached = sorted(needed[provider]) if key else []
             else:
-                got = (results.outputs.get(provider, {}) if results is not None else {})
+                got = results.outputs.get(provider, {}) if results is not None else {}
                 reached = sorted(got)
             if not reached:
-                parts.append(f"{provider}=none")
-            elif not key:  # values from a provider that cannot be identified: the result cannot be either
+                continue
+            if not key:  # values from a provider that cannot be identified: the result cannot be either
                 return None
-            else:
-                parts.append(f"{provider}={key}[{','.join(reached)}]")
-        return "results=" + ";".join(parts)
+            parts.append(f"{provider}={key}[{','.join(reached)}]")
+        return "results=" + ";".join(parts) if parts else ""
 
     def handed(self, metric: Metric, result: MetricResult | None, record: Record) -> None:
         """Keep what ``metric`` hands on at this save (``result``: ``None`` for a cache hit), or why it hands nothing."""

@@ -417,7 +417,7 @@ class MetricSuite:
         part = handoff.identity(metric, results)
         if part is None:
             return ""
-        key = cache_key(f"{identity}|{part}", config, probe.fingerprint)
+        key = cache_key(f"{identity}|{part}" if part else identity, config, probe.fingerprint)
         if results is not None and results.missing:
             full = handoff.identity(metric, results, as_if_handed=True)
             if full is not None and full != part:
