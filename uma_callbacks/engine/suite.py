@@ -376,7 +376,7 @@ class MetricSuite:
         context = self._key_context(model) if checkpoint else ""
         config = self._key_config(metric) if context else None
         key = cache_key(f"{identity}|{context}", config, probe.fingerprint) if config is not None else ""
-        if key and handoff is not None and metric.results_needed():  # keyed by what its providers handed it too
+        if key and config is not None and handoff is not None and metric.results_needed():  # keyed by what its providers handed it too
             key = self._handoff_key(metric, results, handoff, f"{identity}|{context}", config, probe, collective)
         claimed = self._claim(key, collective)
         try:
@@ -403,7 +403,7 @@ class MetricSuite:
         results: SaveResults | None,
         handoff: Handoff,
         identity: str,
-        config: dict[str, Any] | None,
+        config: dict[str, Any],
         probe: Probe,
         collective: Collective,
     ) -> str:
