@@ -470,6 +470,7 @@ def _rows_combination(ctx: ComputeContext, local: FisherSums, u: torch.Tensor) -
         u: ``[R_local]`` row weights.
     """
     params = ctx.trainable_params()
+    u = u.to(next(iter(params.values())).device)  # the Gram's eigenvector is on the host
     if local.cache is not None:
         reps: Any = iter(local.cache)
     else:
