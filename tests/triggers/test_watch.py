@@ -33,7 +33,7 @@ from tests.reliability.servers import FaultProxy, PortGate
 from tests.trainer_cases import run_trainer, tiny_lm_dataset
 from uma_callbacks.core.records import log_key
 from uma_callbacks.engine.announce import HELD_DIR, WATCH_FILE, announce_finished, announce_run, read_announcements
-from uma_callbacks.engine.journal import Journal
+from uma_callbacks.engine.journal import Journal, append_line, read_lines
 from uma_callbacks.engine.probe import Probe
 from uma_callbacks.integrations.base import tracker_key
 
@@ -276,6 +276,31 @@ def test_a_checkpoint_that_never_completes_is_an_error_record_once_not_a_hang(an
     errors = [r for r in _run_records(run_dir, run) if r.metric == CHECKPOINT_ERROR]
     assert [(r.step, r.meta.get("path")) for r in errors] == [(12, str(crashed))]
     assert "never completed" in errors[0].error["message"]
+
+
+def test_until_done_stops_when_the_training_died_without_its_finished_line(announced, tmp_path):
+    """The training (here a process that has ended: its pid is free) never wrote its finished
+    line: the watcher measures what it announced, reports its unannounced checkpoint folder,
+    says the training died and stops, rather than waiting for ever."""
+    from uma_callbacks.triggers.watch import CHECKPOINT_ERROR, watch
+
+    run_dir, run = _copy(announced, tmp_path)
+    _drop_finished(run_dir)
+    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True, check=True)
+    pid = int(dead.stdout)
+    watch_file = run_dir / "uma" / WATCH_FILE
+    lines, bad = read_lines(watch_file)
+    assert not bad
+    watch_file.unlink()
+    for line in lines:  # the run line names the ended process
+        append_line(watch_file, dict(line, process=dict(line["process"], pid=pid)) if line["kind"] == "run" else line)
+    (run_dir / "checkpoint-12").mkdir()  # its save never finished: fresh, younger than stale_after
+    summary = watch(run_dir, ["gradient_flow"], until_done=True, poll=0.1, stale_after=3600, device="cpu", draw_figures=False)
+    assert summary.measured == list(STEPS) and not summary.ok
+    assert f"process {pid} on" in summary.died and "training died" in summary.describe()
+    errors = [r for r in _run_records(run_dir, run) if r.metric == CHECKPOINT_ERROR]
+    assert [r.step for r in errors] == [12] and "died" in errors[0].error["message"]
+    assert not list((run_dir / "uma" / HELD_DIR).glob("*/*")), "held copies released"
 
 
 def test_a_tracker_run_announced_after_the_watcher_started_gets_every_record(announced, mlflow_server, tmp_path):

@@ -37,6 +37,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from uma_callbacks.core.process_identity import ProcessIdentity, this_process
 from uma_callbacks.engine.journal import append_line, read_lines
 from uma_callbacks.engine.run_identity import is_run_id
 
@@ -76,6 +77,9 @@ class RunAnnouncement:
     trackers: dict[str, dict[str, str]] = field(default_factory=dict)
     metrics: list[dict[str, Any]] = field(default_factory=list)
     time: float = 0.0
+    #: the training process (host, pid, start time), or None (an older line, or a field that
+    #: did not validate): a watcher on the same host sees a training that died unfinished.
+    process: ProcessIdentity | None = None
 
 
 @dataclass
@@ -132,7 +136,14 @@ def announce_run(
         for name, entry in trackers.items()
         if name in TRACKER_FIELDS
     }
-    payload = {"kind": "run", "run": run, "trackers": clean, "metrics": [dict(m) for m in metrics], "time": time.time()}
+    payload = {
+        "kind": "run",
+        "run": run,
+        "trackers": clean,
+        "metrics": [dict(m) for m in metrics],
+        "time": time.time(),
+        "process": this_process().as_dict(),
+    }
     append_line(Path(root) / WATCH_FILE, payload)
 
 
@@ -289,7 +300,14 @@ def _take(out: Announcements, payload: Any, root: Path, run_dir: Path) -> None:
             isinstance(m, dict) and isinstance(m.get("name"), str) for m in metrics
         ):
             raise ValueError("metrics")
-        out.run = RunAnnouncement(run=run, trackers=trackers, metrics=metrics, time=_number(payload.get("time", 0.0)))
+        try:
+            process = ProcessIdentity.from_dict(payload["process"]) if "process" in payload else None
+        except ValueError as err:
+            logger.debug("uma: %s run line: %s; its training process is not followed", WATCH_FILE, err)
+            process = None
+        out.run = RunAnnouncement(
+            run=run, trackers=trackers, metrics=metrics, time=_number(payload.get("time", 0.0)), process=process
+        )
         out.finished = None
     elif kind == "checkpoint":
         step = payload.get("step")

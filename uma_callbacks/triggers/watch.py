@@ -55,6 +55,7 @@ import torch
 from uma_callbacks.checkpoints import Checkpoint
 from uma_callbacks.config import UMAConfig
 from uma_callbacks.core.optimizer_state import OptimizerSnapshot
+from uma_callbacks.core.process_identity import process_gone
 from uma_callbacks.core.records import Record
 from uma_callbacks.engine.announce import Announcements, CheckpointAnnouncement, read_announcements, release_held
 from uma_callbacks.engine.budget import as_budget
@@ -107,6 +108,8 @@ class WatchSummary:
         sink_failures: sinks still failing at the end (their records stay in the journal).
         bad_lines: lines of ``watch.jsonl`` skipped (torn, of another shape, or naming a
             path outside the run or journal folder).
+        died: with ``until_done``, the training process that ended without its finished line
+            (it ran on this host; its pid is gone), or ``""``.
     """
 
     run: str = ""
@@ -125,15 +128,25 @@ class WatchSummary:
     journal: str = ""
     sink_failures: list[str] = field(default_factory=list)
     bad_lines: int = 0
+    died: str = ""
 
     @property
     def ok(self) -> bool:
-        """True when every checkpoint and metric succeeded and every sink took its records."""
-        return not self.errors and not self.sink_failures
+        """Whether everything went well.
+
+        True when every checkpoint and metric succeeded, every sink took its records and the
+        training did not end without its finished line.
+        """
+        return not self.errors and not self.sink_failures and not self.died
 
     def describe(self) -> str:
         """A few human lines: counts, errors with reasons, where the journal is."""
-        state = "training finished" if self.finished else ("interrupted" if self.interrupted else "training still running")
+        state = (
+            "training finished" if self.finished
+            else f"training died: {self.died}" if self.died
+            else "interrupted" if self.interrupted
+            else "training still running"
+        )  # fmt: skip
         lines = [
             f"watch: run {self.run}: {len(self.measured)} checkpoint(s) measured, {len(self.skipped)} already measured, "
             f"{self.computed} record(s) computed, {self.cached} from cache, {len(self.errors)} error(s) in "
@@ -244,6 +257,12 @@ def watch(
             if until_done and announced.finished is not None and not watcher.pending(announced):
                 watcher.release_all(announced)
                 break
+            if until_done and announced.finished is None and _training_died(announced) and not watcher.pending(announced):
+                again = read_announcements(root, run_dir)  # a finished line written just before it exited
+                if again.finished is None and not watcher.pending(again):
+                    watcher.training_died(again)
+                    break
+                continue
             if not worked:
                 time.sleep(poll)
     except KeyboardInterrupt:
@@ -450,9 +469,26 @@ class _Watcher:
                 release_held(self.journal.root, ann.held)
                 self.summary.released += 1
 
+    def training_died(self, announced: Announcements) -> None:
+        """The training process ended without its finished line, and everything it announced is measured.
+
+        Report it, report its unannounced checkpoint folders (with ``stale_after``), release the
+        held copies.
+        """
+        process = announced.run.process if announced.run is not None else None
+        where = f"process {process.pid} on {process.host}" if process is not None else "the training process"
+        self.summary.died = f"{where} ended without writing its finished line (killed, crashed or out of memory?)"
+        logger.warning("uma: %s; every checkpoint it announced is measured, and the watcher stops", self.summary.died)
+        if self.stale_after is not None:
+            self._report_stale(announced, set(self._done()[1]), ended="the training died without announcing it complete")
+        self.release_all(announced)
+
     # ------------------------------------------------------------------ stale folders
-    def _report_stale(self, announced: Announcements, reported: set[str]) -> bool:
-        """An error record for each ``checkpoint-*`` folder that never got its complete-checkpoint line."""
+    def _report_stale(self, announced: Announcements, reported: set[str], ended: str = "") -> bool:
+        """An error record for each ``checkpoint-*`` folder that never got its complete-checkpoint line.
+
+        ``ended``: why none will come, when the training ended without a finished line.
+        """
         if self.stale_after is None:
             return False
         known = {a.folder for a in announced.checkpoints.values()}
@@ -472,10 +508,11 @@ class _Watcher:
                 age = time.time() - child.stat().st_mtime
             except OSError:  # removed meanwhile
                 continue
-            if age < self.stale_after and announced.finished is None:
+            if age < self.stale_after and announced.finished is None and not ended:
                 continue
             why = (
-                "the training finished without announcing it complete" if announced.finished is not None
+                ended if ended
+                else "the training finished without announcing it complete" if announced.finished is not None
                 else f"it has gone {age:.0f} s without a complete-checkpoint line (stale_after={self.stale_after:g} s)"
             )  # fmt: skip
             stale = TimeoutError(f"checkpoint folder {child} never completed: {why}; not measured")
@@ -489,6 +526,11 @@ class _Watcher:
 
 
 # ---------------------------------------------------------------------- helpers
+def _training_died(announced: Announcements) -> bool:
+    """The announced training ran on this host and its process has ended."""
+    return announced.run is not None and announced.run.process is not None and process_gone(announced.run.process)
+
+
 def _source(ann: CheckpointAnnouncement) -> Path | None:
     """Where to read a checkpoint: its held copy when there is one, else its folder while it exists."""
     if ann.held is not None and ann.held.is_dir():
