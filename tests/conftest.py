@@ -145,8 +145,8 @@ MODULE_SECONDS = {
 }
 UNLISTED_SLOW_SECONDS = 20.0
 #: Modules that share what a test process builds once, handed out together to one worker:
-#: the real ``mlflow server`` (the ``mlflow_server`` fixture above) and the 2-process DCP run
-#: (tests/core/dcp_run.py).
+#: the real ``mlflow server`` (the ``mlflow_server`` fixture above), the 2-process DCP run
+#: (tests/core/dcp_run.py) and the FSDP2 torchrun (``fsdp_runs``, tests/distributed/conftest.py).
 SHARED = {
     "tests/reliability/test_held_attacks.py": "mlflow server",
     "tests/reliability/test_tracker_down_at_start.py": "mlflow server",
@@ -155,6 +155,8 @@ SHARED = {
     "tests/triggers/test_watch.py": "mlflow server",
     "tests/core/test_dcp.py": "dcp run",
     "tests/triggers/test_dcp_backfill.py": "dcp run",
+    "tests/distributed/test_fsdp.py": "fsdp run",
+    "tests/distributed/test_fsdp_attach.py": "fsdp run",
 }
 
 

@@ -1,34 +1,23 @@
 """Metrics on an FSDP2 (``fully_shard``) model under ``torchrun --nproc_per_node 2`` (gloo, CPU).
 
-Slow: one torchrun of ``tests/scripts/fsdp_metrics.py`` (a float64 tiny Qwen2 sharded per
+Slow: ``tests/scripts/fsdp_metrics.py`` under torchrun (a float64 tiny Qwen2 sharded per
 decoder layer, two training steps, a :class:`~uma_callbacks.session.Session` measuring after
-each), checked against the same metrics in one process on the gathered weights.
+each), checked against the same metrics in one process on the gathered weights. Its ranks
+also run test_fsdp_attach.py's script (one torchrun: the ``fsdp_runs`` fixture).
 """
 
 from __future__ import annotations
 
 import json
 import math
-import os
-import subprocess
-import sys
-from pathlib import Path
 
 import pytest
 
-REPO = Path(__file__).resolve().parents[2]
-
 
 @pytest.fixture(scope="module")
-def summary(tmp_path_factory):
-    pytest.importorskip("torch.distributed.fsdp")
-    out = tmp_path_factory.mktemp("fsdp")
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO)}
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
-           str(REPO / "tests/scripts/fsdp_metrics.py"), "--out", str(out)]  # fmt: skip
-    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300, cwd=REPO, check=False)
-    assert proc.returncode == 0, proc.stderr[-4000:]
-    return json.loads((out / "fsdp_result.json").read_text())
+def summary(fsdp_runs):
+    """The bare loop's summary (tests/distributed/conftest.py runs the script under torchrun)."""
+    return json.loads((fsdp_runs["metrics"] / "fsdp_result.json").read_text())
 
 
 def _rel(a: float, b: float) -> float:

@@ -1,39 +1,27 @@
 """``attach()`` on an FSDP2 (``fully_shard``) model in an Accelerate loop under ``torchrun --nproc_per_node 2``.
 
-Slow: one torchrun of ``tests/scripts/fsdp_attach.py`` (a float64 tiny Qwen2 sharded per
+Slow: ``tests/scripts/fsdp_attach.py`` under torchrun (a float64 tiny Qwen2 sharded per
 decoder layer, ``Accelerator(cpu=True)`` with the optimizer and dataloader prepared and the
 model given to ``attach(model=)``, ``save_state`` at steps 2 and 4, the cache on), checked
-against the same metrics in one process on the gathered weights.
+against the same metrics in one process on the gathered weights. Its ranks also run
+test_fsdp.py's script (one torchrun: the ``fsdp_runs`` fixture).
 """
 
 from __future__ import annotations
 
 import json
 import math
-import os
-import subprocess
-import sys
-from pathlib import Path
 
 import pytest
 
-REPO = Path(__file__).resolve().parents[2]
 NAMES = ("gradient_flow", "fisher", "landscape", "interpolation")
 
 
 @pytest.fixture(scope="module")
-def run(tmp_path_factory):
-    pytest.importorskip("torch.distributed.fsdp")
-    pytest.importorskip("accelerate")
-    pytest.importorskip("mlflow")
-    out = tmp_path_factory.mktemp("fsdp_attach")
-    uri = f"sqlite:///{out / 'mlflow.db'}"
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO), "MLFLOW_TRACKING_URI": uri}
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
-           str(REPO / "tests/scripts/fsdp_attach.py"), "--out", str(out)]  # fmt: skip
-    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300, cwd=REPO, check=False)
-    assert proc.returncode == 0, proc.stderr[-4000:]
-    return json.loads((out / "fsdp_attach.json").read_text()), uri, out
+def run(fsdp_runs):
+    """``(summary, MLflow store, folder)`` of the Accelerate loop (tests/distributed/conftest.py runs it under torchrun)."""
+    out = fsdp_runs["attach"]
+    return json.loads((out / "fsdp_attach.json").read_text()), fsdp_runs["uri"], out
 
 
 def _rel(a: float, b: float) -> float:
