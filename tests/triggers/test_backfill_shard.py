@@ -1,8 +1,8 @@
 """``uma backfill --shard K/N``: job-array shards of a backfill, then one ``uma sync``.
 
-Real parts: tiny Qwen2 checkpoint folders as the Trainer writes them, shard processes
-started at once as ``python -m uma_callbacks.cli``, a SQLite MLflow store read back with
-MlflowClient.
+Real parts: tiny Qwen2 checkpoint folders as the Trainer writes them, two shards at once
+(one a process of its own, ``python -m uma_callbacks.cli``, the other in the test's process,
+which has imported everything already), a SQLite MLflow store read back with MlflowClient.
 """
 
 from __future__ import annotations
@@ -26,8 +26,9 @@ from uma_callbacks.config import UMAConfig
 from uma_callbacks.engine.journal import Journal
 from uma_callbacks.engine.probe import Probe, save_probe
 from uma_callbacks.integrations.base import tracker_key
+from uma_callbacks.metrics import GradientFlow
 from uma_callbacks.session import Session
-from uma_callbacks.triggers.backfill import parse_shard, shard_block
+from uma_callbacks.triggers.backfill import backfill, parse_shard, shard_block
 from uma_callbacks.triggers.history_seed import seed_history
 from uma_callbacks.triggers.prefetch import ModelLoader
 
@@ -57,6 +58,13 @@ def _finish(proc: subprocess.Popen) -> str:
     return out
 
 
+def _wait_for(path: Path, proc: subprocess.Popen) -> None:
+    """Until ``path`` exists (the process got that far), or the process has ended."""
+    deadline = time.time() + 120
+    while not path.exists() and proc.poll() is None and time.time() < deadline:
+        time.sleep(0.02)
+
+
 def _measured(journal: Journal) -> dict[tuple[str, int], dict[str, float]]:
     """``{(metric, step): scalars}`` of the measured records; each (metric, step) journalled once."""
     records = [r for r in journal.records() if r.metric and r.status in ("ok", "partial")]
@@ -65,11 +73,12 @@ def _measured(journal: Journal) -> dict[tuple[str, int], dict[str, float]]:
     return {(r.metric, r.step): r.scalars for r in records}
 
 
-def test_two_shards_at_once_then_sync_equal_one_backfill(tmp_path):
+def test_two_shards_at_once_then_sync_equal_one_backfill(tmp_path, capsys):
     from mlflow.tracking import MlflowClient
 
     run = _run_folder(tmp_path)
     assert main(["backfill", str(run), *METRICS, "--output-dir", str(tmp_path / "ref")]) == 0
+    capsys.readouterr()
     reference = _measured(Journal(tmp_path / "ref"))
     assert {m for m, _ in reference} == {"gradient_flow", "interpolation", "trajectory"}
     assert sorted(s for m, s in reference if m == "trajectory") == [4, 6, 8, 10]
@@ -78,8 +87,12 @@ def test_two_shards_at_once_then_sync_equal_one_backfill(tmp_path):
     client = MlflowClient(uri)
     run_id = client.create_run(client.create_experiment("shards")).info.run_id
     trackers = ["--mlflow-run", run_id, "--tracking-uri", uri]
-    procs = [_start("backfill", str(run), *METRICS, *trackers, "--shard", f"{k}/2") for k in (0, 1)]
-    first, second = (_finish(p) for p in procs)
+    # shard 0 in a process of its own, shard 1 here while shard 0 measures (a job array of two)
+    proc = _start("backfill", str(run), *METRICS, *trackers, "--shard", "0/2")
+    _wait_for(run / "uma" / "claims", proc)  # shard 0 claimed its first result
+    assert main(["backfill", str(run), *METRICS, *trackers, "--shard", "1/2"]) == 0
+    second = capsys.readouterr().out
+    first = _finish(proc)
     assert "shard 0/2: 3 of 5 checkpoint(s), steps 2..6" in first
     # block 1 starts at step 8: trajectory needs the first checkpoint and the two before, interpolation one
     assert "shard 1/2: 2 of 5 checkpoint(s), steps 8..10; history seeded with step(s) [2, 4, 6]" in second
@@ -111,6 +124,15 @@ def test_two_shards_at_once_then_sync_equal_one_backfill(tmp_path):
     assert all(len(client.get_metric_history(run_id, key)) == len(STEPS) for key in logged if "gradient_flow" in key)
 
 
+class SlowGradientFlow(GradientFlow):
+    """gradient_flow that sleeps first: the other backfill asks for the same key meanwhile."""
+
+    def _compute(self, ctx):
+        time.sleep(0.5)
+        return super()._compute(ctx)
+
+
+#: The other backfill: the same metric (its class's name and settings give the same cache keys)
 _SLOW_SHARD = """
 import sys, time
 from pathlib import Path
@@ -139,24 +161,17 @@ def test_overlapping_shards_at_once_compute_each_key_once_for_the_training_run(t
         (run / f"checkpoint-{step}" / "uma_run.json").write_text(json.dumps({"format": "uma-run/1", "run": training, "step": step}))
     script = tmp_path / "slow_shard.py"
     script.write_text(textwrap.dedent(_SLOW_SHARD))
-    go = tmp_path / "go"
+    go, ready = tmp_path / "go", tmp_path / "ready"
     env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"}
-    readies = [tmp_path / f"ready-{i}" for i in range(2)]
-    procs = [
-        subprocess.Popen([sys.executable, str(script), str(run), str(go), str(r)], env=env, stdout=subprocess.PIPE,
-                         stderr=subprocess.STDOUT, text=True)
-        for r in readies
-    ]
-    deadline = time.time() + 120
-    while not all(r.exists() for r in readies) and time.time() < deadline:
-        time.sleep(0.05)
-    go.write_text("go")  # both start their shard 0/2 (steps 2 and 4) at the same moment
-    results = []
-    for proc in procs:
-        out, _ = proc.communicate(timeout=300)
-        assert proc.returncode == 0, out
-        line = next(x for x in out.splitlines() if x.startswith("RESULT"))
-        results.append(line.split()[1:])
+    proc = subprocess.Popen([sys.executable, str(script), str(run), str(go), str(ready)], env=env,
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)  # fmt: skip
+    _wait_for(ready, proc)
+    go.write_text("go")  # the other process and this one start their shard 0/2 (steps 2 and 4) at the same moment
+    here = backfill(run, metrics=[SlowGradientFlow()], trajectory=False, draw_figures=False, progress=False, shard=(0, 2))
+    out, _ = proc.communicate(timeout=300)
+    assert proc.returncode == 0, out
+    line = next(x for x in out.splitlines() if x.startswith("RESULT"))
+    results = [line.split()[1:], [str(here.computed), str(here.cached), str(here.ok)]]
     assert sum(int(computed) for computed, _, _ in results) == 2, results  # steps 2 and 4, once each
     assert sum(int(cached) for _, cached, _ in results) == 2, results  # the other process's results
     assert all(ok == "True" for _, _, ok in results)
@@ -173,8 +188,6 @@ def test_bad_shard_values_exit_2_naming_the_option(tmp_path, capsys):
         assert "--shard must be K/N with integers 0 <= K < N" in err, (bad, err)
     assert not (run / "uma" / "journal.jsonl").exists()
     with pytest.raises(ValueError, match=r"shard must be \(K, N\)"):
-        from uma_callbacks.triggers.backfill import backfill
-
         backfill(run, shard=(3, 2), progress=False)
     assert parse_shard(" 3/4 ") == (3, 4)
 
