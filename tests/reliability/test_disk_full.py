@@ -7,14 +7,13 @@ otherwise) and filled up with a filler file. Nothing is monkeypatched.
 from __future__ import annotations
 
 import logging
-import os
-import subprocess
 from pathlib import Path
 
 import numpy as np
 import pytest
 from transformers import TrainerCallback
 
+from tests.tmpfs import mounted_tmpfs
 from tests.trainer_cases import run_trainer
 from uma_callbacks import UMACallback
 from uma_callbacks.core.records import Record
@@ -50,17 +49,8 @@ class Disk:
 
 @pytest.fixture
 def disk(tmp_path):
-    folder = tmp_path / "disk"
-    folder.mkdir()
-    if os.geteuid() != 0:
-        pytest.skip("mounting a tmpfs needs root")
-    done = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=1m", "tmpfs", str(folder)], capture_output=True)
-    if done.returncode != 0:
-        pytest.skip(f"cannot mount a tmpfs: {done.stderr.decode()[-200:]}")
-    try:
+    with mounted_tmpfs(tmp_path / "disk", "size=1m") as folder:
         yield Disk(folder)
-    finally:
-        subprocess.run(["umount", "-l", str(folder)], check=False)
 
 
 def _big(step: int) -> Record:

@@ -14,13 +14,12 @@ from __future__ import annotations
 
 import logging
 import math
-import os
-import subprocess
 from pathlib import Path
 
 import pytest
 from transformers import TrainerCallback
 
+from tests.tmpfs import mounted_tmpfs
 from tests.trainer_cases import run_trainer, tiny_lm_dataset
 from uma_callbacks.engine.announce import HELD_DIR, WATCH_FILE, read_announcements
 
@@ -67,19 +66,8 @@ class Disk:
 
 @pytest.fixture
 def disk(tmp_path):
-    folder = tmp_path / "disk"
-    folder.mkdir()
-    if os.geteuid() != 0:
-        pytest.skip("mounting a tmpfs needs root")
-    done = subprocess.run(
-        ["mount", "-t", "tmpfs", "-o", "size=4m,nr_inodes=400", "tmpfs", str(folder)], capture_output=True
-    )
-    if done.returncode != 0:
-        pytest.skip(f"cannot mount a tmpfs: {done.stderr.decode()[-200:]}")
-    try:
+    with mounted_tmpfs(tmp_path / "disk", "size=4m,nr_inodes=400") as folder:
         yield Disk(folder)
-    finally:
-        subprocess.run(["umount", "-l", str(folder)], check=False)
 
 
 class FullAfterSave(TrainerCallback):
