@@ -19,7 +19,7 @@ CASES = ["mlp_custom_loss", "qwen2_ragged"]
 
 @pytest.fixture(scope="module")
 def measured():
-    """Per case: the exact eigenvalues and the SLQ result with n_vectors=16 (default n_steps=32)."""
+    """Per case: the exact eigenvalues and the SLQ result with n_vectors=16 (default n_steps=16)."""
     out = {}
     for case in CASES:
         model, batches, loss_fn = _build(case)
@@ -38,8 +38,9 @@ def test_wasserstein_distance_to_the_exact_spectrum_is_within_5_percent_of_its_w
     w1 = wasserstein_1(nodes[kept], weights[kept], eigenvalues, np.ones_like(eigenvalues))
     width = eigenvalues.max() - eigenvalues.min()
     assert w1 <= 0.05 * width, (w1 / width, case)
-    assert result.scalars["lambda_max"] == pytest.approx(eigenvalues.max(), rel=1e-6)  # the extreme Ritz value converged
-    assert result.meta["matvecs"] == 16 * min(32, eigenvalues.size)
+    # the extreme Ritz value converges first: to 2e-4 relative in 16 steps on the Qwen2 (1e-6 in 32)
+    assert result.scalars["lambda_max"] == pytest.approx(eigenvalues.max(), rel=1e-3)
+    assert result.meta["matvecs"] == 16 * min(16, eigenvalues.size)
 
 
 @pytest.mark.parametrize("case", CASES)
@@ -100,7 +101,13 @@ def test_gauss_quadrature_of_a_tridiagonal_is_exact_for_low_degrees():
 
 @pytest.mark.parametrize(
     "kwargs, field",
-    [({"n_vectors": 1}, "n_vectors"), ({"n_steps": 2}, "n_steps"), ({"bandwidth": 0.0}, "bandwidth"), ({"edge_threshold": 1.0}, "edge_threshold")],
+    [
+        ({"n_vectors": 1}, "n_vectors"),
+        ({"n_steps": 2}, "n_steps"),
+        ({"bandwidth": 0.0}, "bandwidth"),
+        ({"edge_threshold": 1.0}, "edge_threshold"),
+        ({"reorthogonalise": "some"}, "reorthogonalise"),
+    ],
 )
 def test_bad_settings_name_the_field(kwargs, field):
     with pytest.raises(ValueError, match=f"HessianDensity.{field}"):
@@ -126,3 +133,17 @@ def test_model_left_as_found_and_float32_runs():
     result = HessianDensity(n_vectors=2, n_steps=8).compute(model, batches, loss_fn)
     assert all(torch.equal(before[n], p) for n, p in model.named_parameters())
     assert np.isfinite(result.arrays["density"]).all() and result.meta["matvecs"] == 16
+
+
+@pytest.mark.parametrize("case", CASES)
+def test_reorthogonalised_and_plain_recurrences_give_the_same_density(case, measured):
+    """SLQ needs no orthogonal basis: partial reorthogonalisation moves nothing the oracle sees."""
+    eigenvalues, plain = measured[case]
+    model, batches, loss_fn = _build(case)
+    kept = HessianDensity(n_vectors=4, reorthogonalise="partial").compute(model, batches, loss_fn)
+    four = {k: v[:4] for k, v in plain.arrays.items() if k in ("nodes", "weights")}  # the same 4 seeds
+    width = eigenvalues.max() - eigenvalues.min()
+    a, b = ~np.isnan(four["nodes"]), ~np.isnan(kept.arrays["nodes"])
+    w1 = wasserstein_1(four["nodes"][a], four["weights"][a], kept.arrays["nodes"][b], kept.arrays["weights"][b])
+    assert w1 <= 1e-3 * width
+    assert kept.meta["reorthogonalise"] == "partial" and plain.meta["reorthogonalise"] == "none"

@@ -39,6 +39,7 @@ from uma_callbacks.metrics.base import (
     check_choice,
     module_of,
 )
+from uma_callbacks.metrics.hessian_setup import hessian_setup
 from uma_callbacks.metrics.time_cost import Scaling, UnitCosts
 
 
@@ -316,9 +317,6 @@ class HessianSpectrum(Metric):
         return scaling.done()
 
     def _compute(self, ctx: ComputeContext) -> MetricResult:
-        params = ctx.trainable_params()
-        if not params:
-            raise ValueError("HessianSpectrum: the model has no trainable parameters")
         planned = hasattr(self, "_memory_mode")
         mode = getattr(self, "_memory_mode", "device")
         cache_graph = False if mode == "uncached_graph" else self._cache_graph
@@ -326,25 +324,18 @@ class HessianSpectrum(Metric):
             cache_graph = mode == "device"  # the plan priced every chunk's graph in this mode only
         basis_device = "cpu" if mode == "cpu_basis" else self._basis_device
         ctx.meta["memory_mode"] = mode
-        first = next(iter(params.values()))
-        device = first.device
-        dtype = torch.float64 if any(p.dtype == torch.float64 for p in params.values()) else torch.float32
         n = ctx.n_total()
         hut = None
-        op = HessianOperator(
-            ctx.model,
-            ctx.loss_fn,
-            list(ctx.chunks()),
-            params,
-            n,
-            collective=ctx.collective,
+        setup = hessian_setup(
+            ctx,
+            "HessianSpectrum",
             cache_graph=cache_graph,
-            on_matvec=lambda m: ctx.check_time(matvecs=m),
             # unplanned: every chunk's graph is kept when, measured on the first, it adds at
             # most a quarter of the Lanczos basis (re-running each chunk per product triples
             # the products' cost)
-            graph_bytes_limit=self._basis_bytes(sum(p.numel() for p in params.values()), 4.0, n) // 4,
+            graph_bytes_limit=lambda dim: self._basis_bytes(dim, 4.0, n) // 4,
         )
+        op, params, dtype, device = setup.op, setup.params, setup.dtype, setup.device
         block = self._block(min(self.top_k, op.dim), device)
         history: list[list[float]] = []  # [matvecs, max absolute Ritz residual] per block step
         progress = LanczosProgress()  # the Ritz values so far, should the time limit stop Lanczos
@@ -369,6 +360,7 @@ class HessianSpectrum(Metric):
                     return_vectors=self.return_eigenvectors,
                     start=sketch[0] if sketch is not None else None,
                     on_step=lambda m, res: history.append([m, float(res.max()) if res.numel() else math.nan]),
+                    check_every=1,  # the Ritz values of an m x m tridiagonal cost nothing next to a product
                     product_is_scratch=True,  # the product's reused buffer becomes the work vector
                     progress=progress,
                 )
