@@ -113,6 +113,32 @@ def mlflow_server(tmp_path_factory):
         server.stop()
 
 
+@pytest.fixture(scope="session")
+def two_rank_runs(tmp_path_factory) -> dict[str, object]:
+    """One ``torchrun --nproc_per_node 2`` (gloo, CPU) of tests/scripts/two_rank_runs.py, read by
+    the modules ``SHARED`` hands out together under "two-rank run": the bare FSDP2 loop's folder
+    (``"fsdp"``: tests/distributed/test_fsdp.py), the DDP Trainer run's (``"ddp"``, its MLflow
+    store ``"ddp_uri"``: tests/test_distributed.py) and the FSDP2 Accelerate loop's (``"attach"``,
+    ``"attach_uri"``: tests/distributed/test_fsdp_attach.py). The ranks start once for the three
+    (a rank's imports cost as much as any one of the runs)."""
+    import subprocess
+
+    pytest.importorskip("torch.distributed.fsdp")
+    pytest.importorskip("accelerate")
+    pytest.importorskip("mlflow")
+    repo = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    out = {name: tmp_path_factory.mktemp(name) for name in ("fsdp", "ddp", "attach")}
+    uris = {f"{name}_uri": f"sqlite:///{out[name] / 'mlflow.db'}" for name in ("ddp", "attach")}
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": repo}
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+           os.path.join(repo, "tests", "scripts", "two_rank_runs.py"), "--fsdp-out", str(out["fsdp"]),
+           "--ddp-out", str(out["ddp"]), "--ddp-tracking-uri", uris["ddp_uri"],
+           "--attach-out", str(out["attach"]), "--attach-tracking-uri", uris["attach_uri"]]  # fmt: skip
+    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=540, cwd=repo, check=False)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    return {**out, **uris}
+
+
 # ---------------------------------------------------------------------- order: longest modules first
 #: Seconds of the slowest test modules in a full run on 2 cores (``--durations``, summed per
 #: module; refresh after a test grows or a slow module is added). ``make test`` hands out whole
@@ -146,7 +172,7 @@ MODULE_SECONDS = {
 UNLISTED_SLOW_SECONDS = 20.0
 #: Modules that share what a test process builds once, handed out together to one worker:
 #: the real ``mlflow server`` (the ``mlflow_server`` fixture above), the 2-process DCP run
-#: (tests/core/dcp_run.py) and the FSDP2 torchrun (``fsdp_runs``, tests/distributed/conftest.py).
+#: (tests/core/dcp_run.py) and the 2-rank torchrun (the ``two_rank_runs`` fixture above).
 SHARED = {
     "tests/reliability/test_held_attacks.py": "mlflow server",
     "tests/reliability/test_tracker_down_at_start.py": "mlflow server",
@@ -155,8 +181,9 @@ SHARED = {
     "tests/triggers/test_watch.py": "mlflow server",
     "tests/core/test_dcp.py": "dcp run",
     "tests/triggers/test_dcp_backfill.py": "dcp run",
-    "tests/distributed/test_fsdp.py": "fsdp run",
-    "tests/distributed/test_fsdp_attach.py": "fsdp run",
+    "tests/distributed/test_fsdp.py": "two-rank run",
+    "tests/distributed/test_fsdp_attach.py": "two-rank run",
+    "tests/test_distributed.py": "two-rank run",
 }
 
 

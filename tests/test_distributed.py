@@ -2,17 +2,15 @@
 
 Fast: the :class:`AgreeingCollective` protocol on threads that all-reduce through a
 ``threading.Barrier`` (a hang shows up as a broken barrier, not a stuck test).
-Slow: one ``torchrun --nproc_per_node 2`` (gloo, CPU, float64) Trainer run, checked against
-one process on the saved checkpoints.
+Slow: a ``torchrun --nproc_per_node 2`` (gloo, CPU, float64) Trainer run, checked against
+one process on the saved checkpoints (its ranks also run the FSDP2 scripts of
+tests/distributed/: the ``two_rank_runs`` fixture).
 """
 
 from __future__ import annotations
 
 import copy
 import json
-import os
-import subprocess
-import sys
 import threading
 import time
 from pathlib import Path
@@ -26,8 +24,6 @@ from uma_callbacks.engine.probe import Probe
 from uma_callbacks.engine.suite import MetricSuite
 from uma_callbacks.metrics import GradientFlow
 from uma_callbacks.metrics.base import ComputeContext, Metric, MetricResult
-
-REPO = Path(__file__).resolve().parents[1]
 
 
 class _ThreadGroup:
@@ -162,19 +158,14 @@ def _single_process(out: Path, step: int, names: list[str]):
 
 
 @pytest.mark.slow
-def test_torchrun_two_ranks_equal_one_process_and_log_once(tmp_path, monkeypatch):
-    pytest.importorskip("mlflow")
+def test_torchrun_two_ranks_equal_one_process_and_log_once(two_rank_runs):
+    """tests/scripts/ddp_trainer.py under torchrun (the ``two_rank_runs`` fixture, whose ranks
+    also run the FSDP2 scripts), into its own MLflow store."""
     from mlflow.tracking import MlflowClient
 
     from tests.scripts.ddp_trainer import measured_metrics
 
-    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
-    env = {**os.environ, "MLFLOW_TRACKING_URI": uri, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO)}
-    out = tmp_path / "out"
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
-           str(REPO / "tests/scripts/ddp_trainer.py"), "--out", str(out)]  # fmt: skip
-    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=420, cwd=REPO)
-    assert proc.returncode == 0, proc.stderr[-4000:]
+    uri, out = two_rank_runs["ddp_uri"], two_rank_runs["ddp"]
     summary = json.loads((out / "ddp_result.json").read_text())
     assert summary["world_size"] == 2
     names = measured_metrics()

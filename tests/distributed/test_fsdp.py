@@ -3,7 +3,8 @@
 Slow: ``tests/scripts/fsdp_metrics.py`` under torchrun (a float64 tiny Qwen2 sharded per
 decoder layer, two training steps, a :class:`~uma_callbacks.session.Session` measuring after
 each), checked against the same metrics in one process on the gathered weights. Its ranks
-also run test_fsdp_attach.py's script (one torchrun: the ``fsdp_runs`` fixture).
+also run test_fsdp_attach.py's and test_distributed.py's scripts (one torchrun: the
+``two_rank_runs`` fixture).
 """
 
 from __future__ import annotations
@@ -15,9 +16,9 @@ import pytest
 
 
 @pytest.fixture(scope="module")
-def summary(fsdp_runs):
-    """The bare loop's summary (tests/distributed/conftest.py runs the script under torchrun)."""
-    return json.loads((fsdp_runs["metrics"] / "fsdp_result.json").read_text())
+def summary(two_rank_runs):
+    """The bare loop's summary (the ``two_rank_runs`` fixture runs the script under torchrun)."""
+    return json.loads((two_rank_runs["fsdp"] / "fsdp_result.json").read_text())
 
 
 def _rel(a: float, b: float) -> float:

@@ -4,7 +4,8 @@ Slow: ``tests/scripts/fsdp_attach.py`` under torchrun (a float64 tiny Qwen2 shar
 decoder layer, ``Accelerator(cpu=True)`` with the optimizer and dataloader prepared and the
 model given to ``attach(model=)``, ``save_state`` at steps 2 and 4, the cache on), checked
 against the same metrics in one process on the gathered weights. Its ranks also run
-test_fsdp.py's script (one torchrun: the ``fsdp_runs`` fixture).
+test_fsdp.py's and test_distributed.py's scripts (one torchrun: the ``two_rank_runs``
+fixture).
 """
 
 from __future__ import annotations
@@ -18,10 +19,10 @@ NAMES = ("gradient_flow", "fisher", "landscape", "interpolation")
 
 
 @pytest.fixture(scope="module")
-def run(fsdp_runs):
-    """``(summary, MLflow store, folder)`` of the Accelerate loop (tests/distributed/conftest.py runs it under torchrun)."""
-    out = fsdp_runs["attach"]
-    return json.loads((out / "fsdp_attach.json").read_text()), fsdp_runs["uri"], out
+def run(two_rank_runs):
+    """``(summary, MLflow store, folder)`` of the Accelerate loop (the ``two_rank_runs`` fixture runs it under torchrun)."""
+    out = two_rank_runs["attach"]
+    return json.loads((out / "fsdp_attach.json").read_text()), two_rank_runs["attach_uri"], out
 
 
 def _rel(a: float, b: float) -> float:

@@ -1,6 +1,7 @@
 """A Trainer run with UMACallback under ``torchrun --nproc_per_node 2`` (gloo, CPU, float64).
 
-Launched by ``tests/test_distributed.py``. The callback measures, besides the real
+For ``tests/test_distributed.py``, whose fixture runs it on the ranks of the FSDP2 scripts
+(one torchrun: ``tests/scripts/two_rank_runs.py``), or alone. The callback measures, besides the real
 metrics, two that fail on rank 1 only: ``fails_early`` raises *before* a reduction that
 rank 0 makes (without agreement, rank 0 would wait in that all-reduce forever) and
 ``fails_late`` raises after it. The metrics after them must still be right.
@@ -71,6 +72,14 @@ def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--out", required=True)
     args = parser.parse_args()
+    run(Path(args.out))
+    if torch.distributed.is_initialized():
+        torch.distributed.barrier()
+        torch.distributed.destroy_process_group()  # gloo may abort at exit otherwise
+
+
+def run(out: Path) -> None:
+    """The body of :func:`main`: the Trainer starts the process group, or joins the one already up."""
     from transformers import Trainer
 
     from uma_callbacks import UMACallback
@@ -78,7 +87,6 @@ def main() -> None:
     names = measured_metrics()
     metrics = [FailsEarly(), *[METRICS[n]() for n in names[:1]], FailsLate(), *[METRICS[n]() for n in names[1:]]]
     cb = UMACallback(metrics=metrics, probe=shared_probe(), trackers=["mlflow"], draw_figures=False, use_cache=False)
-    out = Path(args.out)
     trainer = Trainer(
         model=tiny_lm().double(),
         args=training_args(out, max_steps=4, save_steps=2, ddp_backend="gloo", ddp_timeout=120, save_only_model=True),
@@ -99,9 +107,6 @@ def main() -> None:
     else:
         assert cb.journal is None and cb.sinks == []  # only world rank 0 logs
         (out / f"rank{rank}_records.json").write_text(json.dumps([r.to_dict() for r in cb.records]))
-    if torch.distributed.is_initialized():
-        torch.distributed.barrier()
-        torch.distributed.destroy_process_group()  # gloo may abort at exit otherwise
 
 
 if __name__ == "__main__":

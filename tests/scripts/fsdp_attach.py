@@ -1,7 +1,7 @@
 """``attach()`` on an FSDP2 (``fully_shard``) tiny Qwen2 in an Accelerate training loop under torchrun.
 
-For ``tests/distributed/test_fsdp_attach.py`` (whose fixture runs it with fsdp_metrics.py, one
-torchrun: ``tests/scripts/fsdp_both.py``), or alone::
+For ``tests/distributed/test_fsdp_attach.py`` (whose fixture runs it with the other 2-rank scripts,
+one torchrun: ``tests/scripts/two_rank_runs.py``), or alone::
 
     MLFLOW_TRACKING_URI=sqlite:///DIR/mlflow.db \
         torchrun --standalone --nproc_per_node 2 tests/scripts/fsdp_attach.py --out DIR

@@ -1,7 +1,7 @@
 """Metrics on an FSDP2 (``fully_shard``) tiny Qwen2 under torchrun, against one process.
 
-For ``tests/distributed/test_fsdp.py`` (whose fixture runs it with fsdp_attach.py, one torchrun:
-``tests/scripts/fsdp_both.py``), or alone::
+For ``tests/distributed/test_fsdp.py`` (whose fixture runs it with the other 2-rank scripts, one
+torchrun: ``tests/scripts/two_rank_runs.py``), or alone::
 
     torchrun --standalone --nproc_per_node 2 tests/scripts/fsdp_metrics.py --out DIR
 
