@@ -5,7 +5,6 @@ from __future__ import annotations
 import math
 import os
 import signal
-import subprocess
 import sys
 import threading
 import time
@@ -27,7 +26,6 @@ pytest.importorskip("mlflow")
 
 from uma_callbacks.triggers.ray_backfill import plan_tasks, ray_backfill  # noqa: E402
 
-REPO = Path(__file__).resolve().parents[2]
 STEPS = (1, 2, 3, 4, 5, 6, 7, 8)
 #: gradient_flow (cheap), interpolation (a pair metric), landscape 5x5 (expensive: its own task), trajectory (added)
 METRICS = ["gradient_flow", "interpolation:n_points=5", "landscape:n_points=5"]
@@ -94,6 +92,54 @@ def _check_journal(folder, ref, metrics):
     return records
 
 
+def _kill_first_task(found):
+    """SIGKILL the first worker process seen running a backfill task (titled ``ray::uma_backfill_task``).
+
+    Only this process's descendants are looked at (Ray's raylet and its workers are): a few
+    processes a poll, never another Ray on the machine.
+    """
+    deadline = time.time() + 120
+    me = psutil.Process()
+    while time.time() < deadline and not found.get("done"):
+        for proc in me.children(recursive=True):
+            try:
+                cmdline = " ".join(proc.cmdline())
+            except psutil.Error:  # ended meanwhile
+                continue
+            if cmdline.startswith(TASK):
+                time.sleep(0.2)  # inside the task
+                os.kill(proc.pid, signal.SIGKILL)
+                found["killed"] = proc.pid
+                return
+        time.sleep(0.05)
+
+
+def test_a_worker_killed_mid_task_is_retried_and_its_result_counted_once(ray_local, run8, tmp_path):
+    """The module's first Ray tasks: the worker killed is one of the two Ray started with, still
+    loading its first checkpoint, and the worker that takes the retry serves the later tests
+    (a killed worker is always replaced by a new process, which imports torch and transformers)."""
+    steps = (1, 2, 3)
+    checkpoints = [run8["run"] / f"checkpoint-{s}" for s in steps]
+    found: dict = {}
+    killer = threading.Thread(target=_kill_first_task, args=(found,))
+    killer.start()
+    try:
+        summary = ray_backfill(checkpoints, metrics=[SlowGradientFlow()], output_dir=tmp_path / "uma",
+                               draw_figures=False, progress=False)
+    finally:
+        found["done"] = True
+        killer.join()
+    assert "killed" in found, "no task process was seen"
+    assert not psutil.pid_exists(found["killed"]) or psutil.Process(found["killed"]).status() == psutil.STATUS_ZOMBIE
+    assert summary.ok and summary.failed_tasks == 0, summary.describe()
+    assert len(summary.task_seconds) == summary.tasks == len(steps)  # each task's result once
+    # the killed process was running its first task: no result came from it, that task's came from a retry
+    assert found["killed"] not in summary.workers
+    ref = {k: v for k, v in run8["ref"].items() if k[0] in steps}
+    records = _check_journal(tmp_path / "uma", ref, {"gradient_flow", "trajectory"})
+    assert len(records) == 2 * len(steps)
+
+
 def test_ray_backfill_of_8_checkpoints_equals_the_one_process_backfill_once_per_step(ray_local, run8, tmp_path):
     from mlflow.tracking import MlflowClient
 
@@ -135,43 +181,6 @@ def test_ray_backfill_of_8_checkpoints_equals_the_one_process_backfill_once_per_
     assert sorted(m.step for m in client.get_metric_history(run_id, grad_key)) == list(STEPS)
 
 
-def _kill_first_task(found):
-    """SIGKILL the first worker process seen running a backfill task (titled ``ray::uma_backfill_task``)."""
-    deadline = time.time() + 120
-    while time.time() < deadline and not found.get("done"):
-        for proc in psutil.process_iter(["pid", "cmdline"]):
-            cmdline = " ".join(proc.info["cmdline"] or [])
-            if cmdline.startswith(TASK):
-                time.sleep(0.2)  # inside the task (the metric sleeps 1 s)
-                os.kill(proc.info["pid"], signal.SIGKILL)
-                found["killed"] = proc.info["pid"]
-                return
-        time.sleep(0.02)
-
-
-def test_a_worker_killed_mid_task_is_retried_and_its_result_counted_once(ray_local, run8, tmp_path):
-    steps = (1, 2, 3)
-    checkpoints = [run8["run"] / f"checkpoint-{s}" for s in steps]
-    found: dict = {}
-    killer = threading.Thread(target=_kill_first_task, args=(found,))
-    killer.start()
-    try:
-        summary = ray_backfill(checkpoints, metrics=[SlowGradientFlow()], output_dir=tmp_path / "uma",
-                               draw_figures=False, progress=False)
-    finally:
-        found["done"] = True
-        killer.join()
-    assert "killed" in found, "no task process was seen"
-    assert not psutil.pid_exists(found["killed"]) or psutil.Process(found["killed"]).status() == psutil.STATUS_ZOMBIE
-    assert summary.ok and summary.failed_tasks == 0, summary.describe()
-    assert len(summary.task_seconds) == summary.tasks == len(steps)  # each task's result once
-    # the killed process was running its first task: no result came from it, that task's came from a retry
-    assert found["killed"] not in summary.workers
-    ref = {k: v for k, v in run8["ref"].items() if k[0] in steps}
-    records = _check_journal(tmp_path / "uma", ref, {"gradient_flow", "trajectory"})
-    assert len(records) == 2 * len(steps)
-
-
 def test_cli_routes_to_ray_with_task_options(ray_local, run8, tmp_path, capsys):
     from uma_callbacks.cli import main
 
@@ -203,18 +212,22 @@ def test_bad_executor_options_exit_2_naming_the_option(argv, needle, tmp_path, c
     assert needle in capsys.readouterr().err
 
 
-def test_without_ray_the_command_names_the_extra_and_exits_2(tmp_path):
-    script = (
-        "import sys; sys.modules['ray'] = None\n"  # import ray raises ImportError
-        "from uma_callbacks.cli import main\n"
-        "raise SystemExit(main(sys.argv[1:]))\n"
-    )
+def test_without_ray_the_command_names_the_extra_and_exits_2(tmp_path, capsys, monkeypatch):
+    """Ray absent (``import ray`` raises ImportError): the command and the Ray backfill's module
+    are imported again with Ray blocked, as a fresh process would import them, then run."""
+    import importlib
+
+    import uma_callbacks
+
+    monkeypatch.setitem(sys.modules, "ray", None)  # import ray raises ImportError
+    for name in ("uma_callbacks.cli", "uma_callbacks.triggers.ray_backfill"):
+        monkeypatch.delitem(sys.modules, name)
+    monkeypatch.delattr(uma_callbacks, "cli", raising=False)
+    monkeypatch.delattr(uma_callbacks.triggers, "ray_backfill", raising=False)
+    cli = importlib.import_module("uma_callbacks.cli")  # no Ray needed to import the command
     run = fake_trainer_run(tmp_path / "run", steps=(1,))
-    proc = subprocess.run([sys.executable, "-c", script, "backfill", str(run), "--executor", "ray"],
-                          capture_output=True, text=True, timeout=120, cwd=REPO,
-                          env={**os.environ, "PYTHONPATH": str(REPO)})
-    assert proc.returncode == 2, proc.stderr
-    assert 'pip install "uma-callbacks[ray]"' in proc.stderr
+    assert cli.main(["backfill", str(run), "--executor", "ray"]) == 2
+    assert 'pip install "uma-callbacks[ray]"' in capsys.readouterr().err
 
 
 def test_the_plan_gives_expensive_metrics_their_own_task_unless_a_compute_budget_is_shared():
