@@ -34,8 +34,8 @@ native failure is recorded), then the MiniLM above (float32):
   where a missed eigenvalue shows (a residual of 1e-2 on every returned pair does not prove that
   the top 10 were found). MiniLM's top-10 peers only without ``--quick``;
 - on the Qwen2, the next checkpoint (one AdamW step at lr 1e-4, on a copy): the top-10 from the
-  metric's default start against Lanczos started from the sum of this checkpoint's top-10 Ritz
-  vectors (a warm start from the previous checkpoint), products and eigenvalue errors;
+  metric's default start against ``HessianSpectrum(start="previous")`` (started from the sum of
+  this checkpoint's top-10 Ritz vectors), products and eigenvalue errors;
 - on the Qwen2, ``HessianSpectrum(top_k=1, blocks="layers")`` against ``top_k=1`` (defaults,
   interleaved): the blocks' seconds over the top-1 run's.
 
@@ -441,14 +441,14 @@ def top10_side_by_side(model, batches, label: str, power_cap: int, ours_max_iter
 
 
 def previous_checkpoint_start(model, batches, lr: float = 1e-4, steps: int = 1) -> dict[str, float]:
-    """A warm start measured, not kept: the top-10 at the next checkpoint (``steps`` AdamW steps at ``lr``
-    on random-token batches, on a copy) from the sum of this checkpoint's top-10 Ritz vectors, against
-    the metric's default start there; eigenvalues against a converged reference at that checkpoint."""
+    """``HessianSpectrum(start="previous")`` at the next checkpoint (``steps`` AdamW steps at ``lr`` on
+    random-token batches, on a copy): started from the sum of this checkpoint's top-10 Ritz vectors,
+    against the default start there; eigenvalues against a converged reference at that checkpoint."""
     import copy
 
-    params = [n for n, p in model.named_parameters() if p.requires_grad]
-    hr = HessianSpectrum(top_k=10, hutchinson_samples=0, max_iter=150, return_eigenvectors=True).compute(model, batches)
-    previous = sum(torch.cat([hr.tensors[f"eigvec_{j}/{n}"].reshape(-1) for n in params]) for j in range(10))
+    settings = {"top_k": 10, "hutchinson_samples": 0, "max_iter": 150}
+    warm_metric = HessianSpectrum(start="previous", **settings)
+    warm_metric.compute(model, batches)  # this checkpoint: from the gradients, its Ritz vectors kept
     moved = copy.deepcopy(model).train()
     opt = torch.optim.AdamW([p for p in moved.parameters() if p.requires_grad], lr=lr)
     gen = torch.Generator().manual_seed(5)
@@ -459,21 +459,21 @@ def previous_checkpoint_start(model, batches, lr: float = 1e-4, steps: int = 1) 
         opt.step()
         opt.zero_grad(set_to_none=True)
     moved.eval()
-    cold = HessianSpectrum(top_k=10, hutchinson_samples=0, max_iter=150).compute(moved, batches)
+    warm = warm_metric.compute(moved, batches)
+    cold = HessianSpectrum(**settings).compute(moved, batches)
     named = {n: p for n, p in moved.named_parameters() if p.requires_grad}
     with eager_attention(moved):
         op = HessianOperator(moved, hf_per_sample_loss, batches, named, batches[0]["input_ids"].shape[0], cache_graph=True)
         reference = reference_top(op, 10)
-        products, res, values = lanczos_products(op, 10, previous, 150)
         op.close()
     out = {"next_checkpoint_default_start_products": cold.meta["lanczos_matvecs"],
            "next_checkpoint_default_start_eigenvalue_err": eigenvalue_error(cold.arrays["top_eigenvalues"], reference),
-           "next_checkpoint_previous_start_products": products,
-           "next_checkpoint_previous_start_eigenvalue_err": eigenvalue_error(values, reference)}
+           "next_checkpoint_previous_start_products": warm.meta["lanczos_matvecs"],
+           "next_checkpoint_previous_start_eigenvalue_err": eigenvalue_error(warm.arrays["top_eigenvalues"], reference)}
     print(f"  next checkpoint ({steps} AdamW step(s) at lr {lr:g}): default start {out['next_checkpoint_default_start_products']} "
-          f"products (eigenvalue err {out['next_checkpoint_default_start_eigenvalue_err']:.1e}); from the sum of the previous "
-          f"checkpoint's top-10 Ritz vectors {products} products, residual {res:.1e} (eigenvalue err "
-          f"{out['next_checkpoint_previous_start_eigenvalue_err']:.1e})")
+          f"products (eigenvalue err {out['next_checkpoint_default_start_eigenvalue_err']:.1e}); start=\"previous\" "
+          f"({warm.meta['lanczos_start']}) {out['next_checkpoint_previous_start_products']} products, relative residual "
+          f"{max(warm.meta['lanczos_relative_residuals']):.1e} (eigenvalue err {out['next_checkpoint_previous_start_eigenvalue_err']:.1e})")
     return out
 
 

@@ -93,6 +93,29 @@ def test_top_k_matches_eigvalsh(case, dense):
     assert r.meta["matvecs"] == r.meta["lanczos_matvecs"]
 
 
+def test_previous_checkpoint_start_gives_the_eigvalsh_values_in_fewer_products():
+    """start="previous": the first checkpoint starts from the gradients, the next from the sum of
+    the first's top-k Ritz vectors; both match eigvalsh of their own dense Hessian."""
+    model, batches, loss_fn = _build("mlp_custom_loss")
+    metric = HessianSpectrum(top_k=5, hutchinson_samples=0, tol=1e-8, max_iter=150, start="previous")
+    first = metric.compute(model, batches, loss_fn)
+    assert first.meta["lanczos_start"] == "gradients" and not first.tensors
+    gen = torch.Generator().manual_seed(3)
+    with torch.no_grad():  # the next checkpoint: a small step away
+        for p in model.parameters():
+            p.add_(1e-2 * p.abs().mean() * torch.randn(p.shape, generator=gen, dtype=p.dtype))
+    want = torch.linalg.eigvalsh(oracle_hessian(model, batches, loss_fn)).flip(0)[:5].numpy()
+    warm = metric.compute(model, batches, loss_fn)
+    cold = HessianSpectrum(top_k=5, hutchinson_samples=0, tol=1e-8, max_iter=150).compute(model, batches, loss_fn)
+    assert warm.meta["lanczos_start"] == "previous" and not warm.tensors
+    np.testing.assert_allclose(warm.arrays["top_eigenvalues"], want, rtol=1e-6)
+    np.testing.assert_allclose(cold.arrays["top_eigenvalues"], want, rtol=1e-6)
+    assert warm.meta["lanczos_matvecs"] < cold.meta["lanczos_matvecs"], (warm.meta["lanczos_matvecs"], cold.meta["lanczos_matvecs"])
+    # other parameters (a frozen layer): no previous vector of that shape, the gradients again
+    next(model.parameters()).requires_grad_(False)
+    assert metric.compute(model, batches, loss_fn).meta["lanczos_start"] == "gradients"
+
+
 @pytest.mark.parametrize("case", CASES)
 def test_hutchinson_trace_within_three_stderr(case, dense):
     model, batches, loss_fn = _build(case)

@@ -147,3 +147,15 @@ def test_reorthogonalised_and_plain_recurrences_give_the_same_density(case, meas
     w1 = wasserstein_1(four["nodes"][a], four["weights"][a], kept.arrays["nodes"][b], kept.arrays["weights"][b])
     assert w1 <= 1e-3 * width
     assert kept.meta["reorthogonalise"] == "partial" and plain.meta["reorthogonalise"] == "none"
+
+
+def test_a_tail_of_many_eigenvalues_is_bulk_and_one_isolated_eigenvalue_an_outlier():
+    """P = 1e7: 200 eigenvalues in a tail at 1e-5 of the peak are not a gap (a level relative to the
+    peak alone called them outliers on the MiniLM); the one eigenvalue beyond a true gap is."""
+    p = 10_000_000
+    tail = np.array([0.6, 1.0, 1.4, 1.8, 2.2])
+    nodes = [np.concatenate([[0.0], tail, [5.0]])] * 2
+    weights = [np.concatenate([[1.0 - 200 / p - 1 / p], np.full(5, 40 / p), [1 / p]])] * 2
+    result = density_result(nodes, weights, p, 512, 0.02, 1e-3)
+    assert 2.2 < result.scalars["bulk_edge"] < 5.0
+    assert result.scalars["n_outliers"] == 1.0

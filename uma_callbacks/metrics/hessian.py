@@ -123,7 +123,17 @@ class HessianSpectrum(Metric):
         start: the Lanczos start vector (block): ``"gradients"`` (b random combinations of
             the per-sample gradients, one batched backward: they span the Gauss-Newton
             part's range for a 2-class softmax and hold most of the top eigenvectors, so
-            fewer products are needed) or ``"random"`` (Gaussian from ``seed``).
+            fewer products are needed), ``"random"`` (Gaussian from ``seed``) or
+            ``"previous"``: the sum of the top-k Ritz vectors this metric found at the
+            previous checkpoint it measured (a warm start; ``"gradients"`` at the first, or
+            when the parameters changed; ``meta["lanczos_start"]`` says which ran). It keeps
+            one vector [P] in host memory between checkpoints (91 MB on the MiniLM) and forms
+            the Ritz vectors at each run. ``bench/spectra.py``: on its Qwen2 one AdamW step
+            (lr 1e-4) after a checkpoint, 46 products instead of 63 for the top-10 at a
+            relative residual of 1e-2, the same eigenvalues (3.9e-4 against 2.7e-4 of
+            |lambda_1| from a converged reference); the nearer the checkpoints, the larger
+            the saving, and a top-10 eigenvalue the previous checkpoint missed is found no
+            sooner than from ``"gradients"``.
         seed: seeds the Lanczos start vector; the Hutchinson probes use ``seed + 1``.
         max_iter: the most Lanczos products (default above, at most P).
         cache_graph: keep the first-backward graph across products (see
@@ -200,7 +210,7 @@ class HessianSpectrum(Metric):
         validate.check_int("HessianSpectrum.max_iter", max_iter, 1, validate.MAX_ITERATIONS, allow_none=True)
         validate.check_seed("HessianSpectrum.seed", seed)
         validate.check_int("HessianSpectrum.block_size", block_size, 1, validate.MAX_TOP_K, allow_none=True)
-        check_choice("HessianSpectrum.start", start, ("gradients", "random"))
+        check_choice("HessianSpectrum.start", start, ("gradients", "random", "previous"))
         self.blocks = check_blocks(blocks)
         self.top_k = top_k
         self.hutchinson_samples = hutchinson_samples
@@ -216,6 +226,9 @@ class HessianSpectrum(Metric):
         # std(t_j) / |trace| of the latest run, shared with the budget's scaled copies (a
         # shallow copy keeps this dict), read by scaled_to: not configuration
         self._measured: dict[str, float] = {}
+        # start="previous": {"names": parameter names, "vector": the sum of the last top-k Ritz
+        # vectors [P] on the host}, shared by the budget's scaled copies: not configuration
+        self._previous: dict[str, Any] = {}
 
     def memory_modes(self) -> list[tuple[str, Cost]]:
         """``[(mode, cost)]`` this metric can run in, fastest first.
@@ -344,7 +357,11 @@ class HessianSpectrum(Metric):
         ctx.keep_partial(lambda: self._kept(ctx, params, progress.result(), probes, op, block, history))
         lanczos_started = time.perf_counter()
         try:
-            sketch = op.gradient_sketch(block, self.seed) if self.start == "gradients" else None
+            warm = self._previous_start(params, block, dtype, device)
+            ctx.meta["lanczos_start"] = self.start if warm is not None or self.start != "previous" else "gradients"
+            gradients = self.start == "gradients" or (self.start == "previous" and warm is None)
+            sketch = op.gradient_sketch(block, self.seed) if gradients else warm
+            vectors = self.return_eigenvectors or self.start == "previous"
             if block == 1:
                 product = _rows_product(op, 1, dtype, device)
                 lz = lanczos_top_k(
@@ -357,7 +374,7 @@ class HessianSpectrum(Metric):
                     dtype=dtype,
                     device=device,
                     basis_device=basis_device,
-                    return_vectors=self.return_eigenvectors,
+                    return_vectors=vectors,
                     start=sketch[0] if sketch is not None else None,
                     on_step=lambda m, res: history.append([m, float(res.max()) if res.numel() else math.nan]),
                     check_every=1,  # the Ritz values of an m x m tridiagonal cost nothing next to a product
@@ -376,7 +393,7 @@ class HessianSpectrum(Metric):
                     dtype=dtype,
                     device=device,
                     basis_device=basis_device,
-                    return_vectors=self.return_eigenvectors,
+                    return_vectors=vectors,
                     rows=True,
                     start=sketch,
                     on_step=lambda m, res: history.append([m, float(res.max()) if res.numel() else math.nan]),
@@ -384,6 +401,7 @@ class HessianSpectrum(Metric):
                 )
             lanczos_matvecs = op.matvecs
             ctx.meta["lanczos_seconds"] = time.perf_counter() - lanczos_started
+            lz = self._remember(lz, params)
             done = lz  # Lanczos finished: a stop during Hutchinson keeps all of it
             keep = lambda: self._kept(ctx, params, done, probes, op, block, history, lanczos_matvecs, blocks)  # noqa: E731
             ctx.keep_partial(keep)
@@ -435,6 +453,36 @@ class HessianSpectrum(Metric):
                 raise ValueError(f"HessianSpectrum.blocks: the module {module!r} has no trainable parameters")
             out[module] = names
         return out
+
+    def _previous_start(
+        self, params: dict[str, torch.Tensor], block: int, dtype: torch.dtype, device: torch.device
+    ) -> torch.Tensor | None:
+        """``[block, P]`` start rows from the previous checkpoint (``start="previous"``); ``None`` without one.
+
+        Row 0 is the sum of the previous top-k Ritz vectors; further rows (block Lanczos)
+        are Gaussian from ``seed``.
+        """
+        kept = self._previous
+        if self.start != "previous" or kept.get("names") != tuple(params):
+            return None
+        first = kept["vector"].to(device=device, dtype=dtype)
+        if block == 1:
+            return first[None]
+        gen = torch.Generator(device="cpu").manual_seed(int(self.seed))
+        rest = torch.randn(block - 1, first.numel(), generator=gen, dtype=dtype).to(device)
+        return torch.cat([first[None], rest])
+
+    def _remember(self, lz: LanczosResult, params: dict[str, torch.Tensor]) -> LanczosResult:
+        """Keep the sum of the Ritz vectors for the next checkpoint (``start="previous"``); drop vectors not asked for."""
+        if self.start != "previous" or lz.eigenvectors is None:
+            return lz
+        total = lz.eigenvectors.sum(dim=1)
+        if bool(torch.isfinite(total).all()) and float(total.norm()) > 0:
+            self._previous.clear()
+            self._previous.update(names=tuple(params), vector=total.detach().to("cpu").clone())
+        if not self.return_eigenvectors:
+            lz.eigenvectors = None
+        return lz
 
     def _block_spectra(
         self,
@@ -547,7 +595,7 @@ class HessianSpectrum(Metric):
             lanczos_reorthogonalised=lz.reorthogonalised,
             lanczos_basis_rows_read=lz.basis_rows_read,
             lanczos_product_seconds=op.product_seconds,
-            lanczos_start=self.start,
+            lanczos_start=ctx.meta.get("lanczos_start", self.start),
             lanczos_history=[
                 [int(m), r / max(float(eigenvalues.abs().max()), 1e-300) if eigenvalues.numel() else math.nan]
                 for m, r in history

@@ -22,9 +22,14 @@ Outputs (``HessianDensity``):
   z_j^T H z_j, so this is Hutchinson's estimator on the same n_v probes;
 - ``bulk_edge``, ``n_outliers`` (and ``outlier_mass``): scanning the smoothed density
   upwards from its peak, the bulk edge is the start of the first gap: the first grid
-  point from which the density stays below ``edge_threshold`` x its peak over at least
-  ``min_gap`` x the width (a dip between two quadrature nodes is narrower and is not an
-  edge); the top Ritz value when there is no such gap (then no outliers).
+  point from which the density stays below the gap level over at least ``min_gap`` x the
+  width (a dip between two quadrature nodes is narrower and is not an edge); the top
+  Ritz value when there is no such gap (then no outliers). The gap level is the lower of
+  ``edge_threshold`` x the peak and half the height one eigenvalue alone gives the
+  smoothed density, 1 / (P sigma sqrt(2 pi)): on a 22.7M-parameter model the tail
+  between the bulk and the outliers holds hundreds of eigenvalues at 1e-6 of the peak,
+  which is bulk, not a gap (a level relative to the peak alone called it ~700 outliers
+  on the MiniLM, where one isolated eigenvalue stood above a true gap).
   ``n_outliers`` = round(P x mass of the SLQ distribution above the edge), the estimated
   number of eigenvalues above the bulk (an isolated eigenvalue weighs about 1/P in each
   vector's quadrature, so the count is as noisy as the weights: a few vectors give it to
@@ -75,8 +80,8 @@ class HessianDensity(Metric):
         grid_points: points of the density's grid, spanning the Ritz values plus 5% of
             the width on each side.
         bandwidth: the Gaussian's standard deviation as a fraction of the width.
-        edge_threshold: the bulk edge is where the density falls below this fraction of
-            its peak (for a whole gap, see ``min_gap``).
+        edge_threshold: a gap's density is below this fraction of the peak (and below half
+            of one eigenvalue's height; for a whole gap, see ``min_gap``).
         min_gap: the shortest gap below ``edge_threshold`` that ends the bulk, as a
             fraction of the width.
         seed: seeds the start vectors (vector j from ``seed + j``).
@@ -234,7 +239,7 @@ def density_result(
         dim: P.
         grid_points: G.
         bandwidth: sigma over the width.
-        edge_threshold: the bulk edge's density over the peak.
+        edge_threshold: a gap's density over the peak (see the module docstring).
         min_gap: the shortest gap that ends the bulk, over the width.
 
     Returns:
@@ -254,7 +259,8 @@ def density_result(
     per_vector = np.stack([[float((tau * theta**k).sum()) for k in range(1, MOMENTS + 1)] for theta, tau in zip(nodes, weights)])
     moments = per_vector.mean(axis=0)
     moments_stderr = per_vector.std(axis=0, ddof=1) / math.sqrt(n_v) if n_v > 1 else np.full(MOMENTS, math.nan)
-    edge = bulk_edge(grid, density, edge_threshold, min_gap * width, top=hi)
+    one = 1.0 / (dim * sigma * math.sqrt(2 * math.pi))  # one eigenvalue's height in the smoothed density
+    edge = bulk_edge(grid, density, edge_threshold, min_gap * width, top=hi, level=0.5 * one)
     above = float(all_weights[all_nodes > edge].sum())
     negative = float(all_weights[all_nodes < -1e-6 * scale].sum())
     scalars = {
@@ -275,7 +281,7 @@ def density_result(
         "nodes": _padded(nodes),
         "weights": _padded(weights),
     }
-    return MetricResult(name=HessianDensity.name, scalars=scalars, arrays=arrays, meta={"sigma": sigma, "n_vectors": n_v})
+    return MetricResult(name=HessianDensity.name, scalars=scalars, arrays=arrays, meta={"sigma": sigma, "n_vectors": n_v, "n_params": int(dim)})
 
 
 def gaussian_density(grid: np.ndarray, nodes: np.ndarray, weights: np.ndarray, sigma: float) -> np.ndarray:
@@ -290,8 +296,10 @@ def gaussian_density(grid: np.ndarray, nodes: np.ndarray, weights: np.ndarray, s
     return (np.exp(-0.5 * z**2) * weights[None, :]).sum(axis=1) / (sigma * math.sqrt(2 * math.pi))
 
 
-def bulk_edge(grid: np.ndarray, density: np.ndarray, threshold: float, min_gap: float, top: float) -> float:
-    """The start of the first gap above the density's peak: below ``threshold`` x the peak over ``min_gap`` at least.
+def bulk_edge(
+    grid: np.ndarray, density: np.ndarray, threshold: float, min_gap: float, top: float, level: float = math.inf
+) -> float:
+    """The start of the first gap above the density's peak: below min(``threshold`` x peak, ``level``) over ``min_gap`` at least.
 
     Args:
         grid: the ascending grid [G].
@@ -299,6 +307,7 @@ def bulk_edge(grid: np.ndarray, density: np.ndarray, threshold: float, min_gap: 
         threshold: the gap's density over the peak.
         min_gap: the gap's shortest length (in eigenvalue units).
         top: what is returned when there is no gap before the top of the spectrum.
+        level: the gap's density at most, in absolute terms (default: no bound but ``threshold``).
 
     Returns:
         The gap's first grid point, or ``top``.
@@ -310,7 +319,7 @@ def bulk_edge(grid: np.ndarray, density: np.ndarray, threshold: float, min_gap: 
         2.7
     """
     peak = int(np.argmax(density))
-    low = density < threshold * density[peak]
+    low = density < min(threshold * density[peak], level)
     start = None
     for i in range(peak, grid.size):
         if not low[i]:
