@@ -10,7 +10,11 @@ A session owns, for one run:
 - the **checkpoint history** that metrics comparing checkpoints declared they need;
 - the **run id**: every record it makes carries the id of the training run it belongs to
   (drawn here; a resumed training gives its run's id to :meth:`Session.open`), and its
-  delivery replays only that run's records (:mod:`~uma_callbacks.engine.run_identity`).
+  delivery replays only that run's records (:mod:`~uma_callbacks.engine.run_identity`);
+- in a live training, the **late figures**: drawn in a worker thread, off the training
+  path, and filed (written, noted, delivered with the record's files) at
+  :meth:`Session.collect_figures`, at :meth:`Session.finish` and at :meth:`Session.close`
+  (:mod:`~uma_callbacks.engine.late_figures`).
 
 The triggers only adapt their events onto it: ``UMACallback`` (Trainer events),
 ``attach`` (Accelerate's save-state pre-hook), ``backfill`` (checkpoints on disk). Each
@@ -23,6 +27,7 @@ settings (:data:`UNSUPPORTED`)::
     session = Session(config, root, source="callback")
     session.start(probe_source, default_trackers)   # once, before the first measurement
     session.measure(model, step)                    # at every checkpoint (every rank)
+    session.collect_figures()                       # a live training, between saves: file what is drawn
     session.finish()                                # deliver what is pending, close our runs
 
 (:meth:`Session.open` takes a built probe and resolved sinks instead of :meth:`~Session.start`.)
@@ -48,13 +53,14 @@ from safetensors import SafetensorError
 from uma_callbacks.config import UMAConfig
 from uma_callbacks.core.distributed import Collective, current_collective
 from uma_callbacks.core.optimizer_state import OptimizerSnapshot, from_optimizer
-from uma_callbacks.core.records import Record
+from uma_callbacks.core.records import MEASURED, Record
 from uma_callbacks.core.rng import rng_preserved
 from uma_callbacks.core.sharding import deepspeed_zero3_reason
 from uma_callbacks.engine.budget import as_budget
 from uma_callbacks.engine.delivery import Delivery
 from uma_callbacks.engine.history import CheckpointHistory
 from uma_callbacks.engine.journal import Journal
+from uma_callbacks.engine.late_figures import LateFigures, hold_open, release
 from uma_callbacks.engine.probe import Probe, count_samples, save_probe
 from uma_callbacks.engine.probe_source import build_probe, check_probe_matches
 from uma_callbacks.engine.run_identity import RunJournal, is_run_id, new_run_id, tracker_run
@@ -162,6 +168,10 @@ class Session:
         )
         self.delivery = Delivery(self.journal, run=self.run, follow_tracker=source not in LIVE_SOURCES)
         self.history = CheckpointHistory(config.metric_objects)
+        #: a live training's figures, drawn off the training path (rank 0); ``None``: the suite draws them.
+        self.figures: LateFigures | None = (
+            LateFigures() if source in LIVE_SOURCES and config.draw_figures and self.is_main else None
+        )
         self.suite = MetricSuite(
             metrics=config.metric_objects,
             journal=self.journal,
@@ -169,7 +179,7 @@ class Session:
             collective=self.collective,
             loss_fn=config.loss_fn,
             use_cache=config.use_cache,
-            draw_figures=config.draw_figures,
+            draw_figures=config.draw_figures and self.figures is None,
             source=source,
             chunk_sizes=dict(config.chunk_sizes or {}),
             budget=as_budget(config.memory_budget),
@@ -403,6 +413,7 @@ class Session:
             raise RuntimeError("Session.measure before Session.open: the probe is not frozen yet")
         if (int(step), label) in self._measured:
             return []
+        self.collect_figures()  # what the worker drew since the last save
         self._measured.add((int(step), label))
         if log_history is not None:
             observe_checkpoint(self.config.metric_objects, int(step), log_history)
@@ -433,12 +444,36 @@ class Session:
             if self._owns(record):
                 record.run = self.run  # the journal stamped rank 0's; the other ranks' too
         self._progress.close()
+        if self.figures is not None and self.figures.pending:
+            hold_open(self, self.close)  # filed at exit if the training stops without finish()
         if self.journal is not None:
             self.journal.flush()  # writes that failed earlier (full disk) are retried at every save
         self.records.extend(records)
         if self._clock is not None:
             self._clock = time.monotonic()  # the next budget counts training time only
         return records
+
+    def collect_figures(self, wait: bool = False) -> int:
+        """File the figures the worker has drawn: write them, note them, deliver their records whole.
+
+        Rank 0 of a live training (elsewhere nothing is queued). Without ``wait`` it takes
+        what is drawn and returns at once (called at each training step); with ``wait``
+        it waits for every queued figure. Returns how many records were filed.
+        """
+        figures = self.figures
+        if figures is None or not figures.pending:
+            return 0
+        drawn = figures.collect(wait)
+        if not drawn:
+            return 0
+        with all_rngs_preserved():
+            for item in drawn:
+                if self.journal is not None:
+                    self.journal.add_figures(item.record, item.figures, item.subfolder)
+                self.delivery.send_files([item.record])
+        if not figures.pending:
+            release(self)
+        return len(drawn)
 
     def _optimizer_state(self, optimizer: Any, model: torch.nn.Module) -> OptimizerSnapshot | None:
         """The state a metric reading the optimizer gets (``None`` when none of this save's metrics reads it)."""
@@ -545,16 +580,35 @@ class Session:
             and all(r.record_id != record.record_id for r in self.journal.records())
         ):
             self.journal.append(record)
-        self.delivery.send([record])
+        if self.figures is not None and self.journal is not None and record.status in MEASURED:
+            self.figures.submit(record, self.journal.root)  # drawn in the worker thread, from its files
+            self.delivery.send_values([record])  # its files with its figures once they are drawn
+        else:
+            self.delivery.send([record])
 
     def finish(self) -> None:
-        """Deliver everything a sink missed, then finish the runs this session opened."""
+        """File the figures still drawing, deliver everything a sink missed, then finish the runs this session opened."""
+        if self.figures is not None:
+            if self.journal is not None:
+                self.journal.flush()  # result files a full disk held back: their figures are drawn from them
+            self.collect_figures(wait=True)
+            self.figures.shutdown()
+            release(self)
         if self.is_main:
             with all_rngs_preserved():
                 if self.journal is not None and not self.journal.flush():
                     logger.warning("uma: %d journal record(s) could not be written (disk full?)", len(self.journal.pending))
                 rearm(self.delivery.sinks)
                 self.delivery.finish()
+
+    def close(self) -> None:
+        """:meth:`finish`, for a training that stopped without its end event (an exception after a save).
+
+        Run at interpreter exit for a session with figures still queued
+        (:func:`~uma_callbacks.engine.late_figures.hold_open`); calling it after
+        :meth:`finish` only delivers what is still pending.
+        """
+        self.finish()
 
 
 def cost_line(predicted: Mapping[str, tuple[float, float]], config: UMAConfig, probe_size: int) -> str:

@@ -11,6 +11,14 @@ another training in the same folder. Without ``run`` (``uma sync``), a sink's tr
 the records of the training runs it already holds records of; a tracker run that holds none
 gets the journal's newest run. ``follow_tracker`` (a backfill) replays both: its own run's
 records and those of the runs the tracker run holds.
+
+Values now, files later (a live training, whose figures are drawn off the training path):
+:meth:`Delivery.send_values` gives the sinks a record's values at once (the record without
+its files, not noted as delivered), and :meth:`Delivery.send_files` the whole record once its
+figures are written (noted then). Sinks take a record twice by their contract (idempotent per
+(run, step, key)): the values are not logged again, the files arrive. Until then no replay
+sends that record; a process that stops in between leaves it undelivered in the delivery
+log, and ``uma sync`` sends it whole.
 """
 
 from __future__ import annotations
@@ -65,6 +73,8 @@ class Delivery:
         self.refused: dict[tuple[str, str], str] = {}
         self._params_sent: set[str] = set()
         self._configs: dict[tuple[str, str], dict[tuple[str, int], str]] = {}
+        #: ids of the records whose values went out and whose files wait (:meth:`send_values`).
+        self._awaiting: set[str] = set()
 
     @property
     def failing(self) -> set[str]:
@@ -86,6 +96,27 @@ class Delivery:
             failed = sink.name in self._failed
             sent += self._deliver(sink, [] if failed else list(records), replay=failed)
         return sent
+
+    def send_values(self, records: Sequence[Record]) -> int:
+        """Deliver ``records``' values now, and their files later with :meth:`send_files`.
+
+        Each sink gets the records without their files; they are not noted as delivered,
+        and no replay sends them until :meth:`send_files`.
+        """
+        if self.journal is None:
+            return 0
+        self._awaiting.update(r.record_id for r in records)
+        bare = [dataclasses.replace(r, files=[], file_ids={}, missing_files={}) for r in records]
+        sent = 0
+        for sink in self.sinks:
+            failed = sink.name in self._failed
+            sent += self._deliver(sink, [] if failed else bare, replay=failed, note=False)
+        return sent
+
+    def send_files(self, records: Sequence[Record]) -> int:
+        """Deliver ``records`` whole (their files with their figures), after :meth:`send_values`."""
+        self._awaiting.difference_update(r.record_id for r in records)
+        return self.send(records)
 
     def send_pending(self) -> int:
         """Replay every journalled record a sink has not received yet; returns how many went.
@@ -118,8 +149,11 @@ class Delivery:
             return False
         return True
 
-    def _deliver(self, sink: Any, records: Sequence[Record], replay: bool = False) -> int:
-        """Send ``records`` (``replay``: the journal's records of the served runs) not yet in the sink's run."""
+    def _deliver(self, sink: Any, records: Sequence[Record], replay: bool = False, note: bool = True) -> int:
+        """Send ``records`` (``replay``: the journal's records of the served runs) not yet in the sink's run.
+
+        ``note``: note each one as delivered (not for :meth:`send_values`' records without their files).
+        """
         assert self.journal is not None
         if not self._ensure_started(sink):
             return 0
@@ -147,8 +181,9 @@ class Delivery:
             except Exception as err:  # the record stays pending; retried at the next delivery
                 self._report(sink, err)
                 return sent
-            self.journal.mark_delivered(sink.name, run, record.record_id, uri=_uri_of(sink))
-            done.add(record.record_id)
+            if note:
+                self.journal.mark_delivered(sink.name, run, record.record_id, uri=_uri_of(sink))
+                done.add(record.record_id)
             delivered_configs.setdefault((outgoing.metric, int(record.step)), config_identity(record))
             sent += 1
         if sink.name in self._failed:
@@ -183,7 +218,7 @@ class Delivery:
                 runs.add(self.run)
             elif not runs and records:
                 runs = {records[-1].run}  # a tracker run that holds nothing: the newest training run
-        return [r for r in records if r.run in runs]
+        return [r for r in records if r.run in runs and r.record_id not in self._awaiting]
 
     def _delivered_configs(self, done: set[str]) -> dict[tuple[str, int], str]:
         assert self.journal is not None

@@ -4,6 +4,8 @@ Layout under ``<output_dir>/uma/``::
 
     journal.jsonl                 one self-checking line per record
     deliveries.jsonl              one line per (sink, run, record id) delivered
+    figures.jsonl                 figures written after their record (a live training's;
+                                  :mod:`~uma_callbacks.engine.figure_notes`)
     claims/<cache key>.lock       held (``flock``) while a process computes that key
     step-<N>/<metric>.json        the full result (scalars, arrays, meta)
     step-<N>/<metric>.npz         its arrays (numpy, ``allow_pickle=False`` on read)
@@ -83,6 +85,7 @@ import numpy as np
 from uma_callbacks.core.records import MEASURED, Record, RecordSchemaError, artifact_path, check_record_dict
 from uma_callbacks.core.safe_json import MAX_LINE_BYTES, loads_bounded, read_json
 from uma_callbacks.core.safe_write import RefusedPath, open_folder, put_file, write_atomically
+from uma_callbacks.engine.figure_notes import FIGURES_FILE, apply_note, check_note, make_note
 from uma_callbacks.metrics.base import MetricResult
 
 logger = logging.getLogger(__name__)
@@ -285,6 +288,11 @@ class Journal:
         self._pending_deliveries: list[dict[str, str]] = []
         self._write_error: str | None = None
         self._claims: dict[str, int] = {}
+        self._notes = _LineLog(self.root / FIGURES_FILE)
+        self._figure_notes: dict[str, list[dict[str, Any]]] = {}
+        self._by_id: dict[str, list[Record]] = {}
+        self._pending_notes: list[dict[str, Any]] = []
+        self._pending_figures: list[_PendingFiles] = []
 
     @property
     def path(self) -> Path:
@@ -317,6 +325,33 @@ class Journal:
         """
         contents = self._contents(result, figures or {}, record)
         self._write_into(record, self._folder_of(record.step, subfolder), contents, retry=True)
+
+    def add_figures(self, record: Record, figures: dict[str, bytes], subfolder: str = "") -> None:
+        """Write ``figures`` (``{file name: PNG bytes}``) of a record journalled already, and note them.
+
+        Into ``step-<record.step>/[subfolder/]`` as :meth:`write_result` writes; ``record``'s
+        ``files``, ``file_ids`` and ``missing_files`` are updated, and a line in
+        ``figures.jsonl`` names them (:mod:`~uma_callbacks.engine.figure_notes`), so the
+        record reads back with its figures. A figure that failed to write (disk full) is
+        written again at each :meth:`flush` until it is; a refused one (a link) is not.
+        Never raises ``OSError``.
+        """
+        if not figures:
+            return
+        folder = self._folder_of(record.step, subfolder)
+        self._file_figures(record, folder, {safe_name(name): data for name, data in figures.items()})
+        self.flush()
+
+    def _file_figures(self, record: Record, folder: str, contents: dict[str, bytes]) -> None:
+        """Write ``contents`` into ``folder`` for ``record``; note what was written, keep what failed."""
+        self._write_into(record, folder, contents, retry=False)
+        paths = {name: f"{folder}/{name}" for name in contents}
+        written = [rel for rel in paths.values() if rel in record.files and rel in record.file_ids]
+        missing = {rel: record.missing_files[rel] for rel in paths.values() if rel in record.missing_files}
+        failed = {name: contents[name] for name, rel in paths.items() if not missing.get(rel, "refused").startswith("refused")}
+        if failed:
+            self._pending_figures.append(_PendingFiles(record, folder, failed))
+        self._pending_notes.append(make_note(record, written, missing))
 
     @staticmethod
     def _folder_of(step: int, subfolder: str) -> str:
@@ -449,6 +484,10 @@ class Journal:
         """
         if self._pending_files:
             self._retry_files()
+        if self._pending_figures:
+            entries, self._pending_figures = self._pending_figures, []
+            for entry in entries:
+                self._file_figures(entry.record, entry.folder, entry.contents)
         try:
             if self.pending:
                 _write_lines(self.path, [r.to_dict() for r in self.pending])
@@ -456,8 +495,15 @@ class Journal:
             if self._pending_deliveries:
                 _write_lines(self.root / DELIVERIES_FILE, self._pending_deliveries)
                 self._pending_deliveries = []
+            if self._pending_notes:
+                _write_lines(self.root / FIGURES_FILE, self._pending_notes)
+                self._pending_notes = []
         except OSError as err:
-            self._write_failed(err, f"{len(self.pending)} record(s), {len(self._pending_deliveries)} delivery note(s)")
+            self._write_failed(
+                err,
+                f"{len(self.pending)} record(s), {len(self._pending_deliveries)} delivery note(s), "
+                f"{len(self._pending_notes)} figure note(s)",
+            )
             return False
         if self._write_error is not None:
             logger.warning("uma: the journal %s is writable again; what was pending is written", self.path)
@@ -478,8 +524,21 @@ class Journal:
     # ------------------------------------------------------------------ reads
     def _refresh(self) -> None:
         restarted, payloads = self._log.read_new()
+        notes_restarted, notes = self._notes.read_new()
+        if notes_restarted:  # the notes were replaced: read the records again, with the notes as they are now
+            self._figure_notes = {}
+            if not restarted:
+                self._log._reset()
+                restarted, payloads = True, self._log.read_new()[1]
         if restarted:
-            self._records, self._ok, self.foreign_lines, self._warned_bad = [], {}, 0, 0
+            self._records, self._ok, self._by_id, self.foreign_lines, self._warned_bad = [], {}, {}, 0, 0
+        for payload in notes:
+            note = check_note(payload)
+            if note is None:
+                continue
+            self._figure_notes.setdefault(note["id"], []).append(note)
+            for record in self._by_id.get(note["id"], []):
+                apply_note(record, note)
         for payload in payloads:
             try:
                 record = Record.from_dict(payload)
@@ -487,6 +546,9 @@ class Journal:
                 self.foreign_lines += 1
                 logger.debug("uma: journal line skipped: %s", err)
                 continue
+            for note in self._figure_notes.get(record.record_id, []):
+                apply_note(record, note)
+            self._by_id.setdefault(record.record_id, []).append(record)
             self._records.append(record)
             if record.status in MEASURED and record.cache_key:
                 self._ok[record.cache_key] = record

@@ -8,7 +8,11 @@
 - any metric with no drawer of its own (one registered from outside the package): a bar
   chart of its scalars (:func:`draw_scalars`).
 
-matplotlib is imported here only (the ``[plots]`` extra), with the Agg backend.
+matplotlib is imported here only (the ``[plots]`` extra). The drawers never touch pyplot:
+:func:`_pyplot` gives them an object-oriented stand-in (:class:`_Figures`: each figure a
+``matplotlib.figure.Figure`` on its own Agg canvas, no global figure manager), so a figure
+may be drawn in any thread: the live triggers draw theirs in a worker thread, off the
+training path (:mod:`~uma_callbacks.engine.late_figures`).
 
 Every figure goes through :func:`save_figure`: rendered to PNG bytes in memory first, then
 either handed to the caller (:func:`render_result`: the journal writes them, refusing
@@ -35,13 +39,39 @@ from uma_callbacks.metrics.base import MetricResult
 _CAPTURED: contextvars.ContextVar[dict[str, bytes] | None] = contextvars.ContextVar("uma_captured_figures", default=None)
 
 
-def _pyplot() -> Any:
-    import matplotlib
+class _Figures:
+    """The three pyplot calls the drawers make, without pyplot: safe in any thread.
 
-    matplotlib.use("Agg", force=False)
-    import matplotlib.pyplot as plt
+    ``subplots`` makes a ``matplotlib.figure.Figure`` on its own ``FigureCanvasAgg`` (never
+    registered with pyplot's figure manager), ``close`` lets it go, ``get_cmap`` reads the
+    colormap registry.
+    """
 
-    return plt
+    def subplots(self, nrows: int = 1, ncols: int = 1, *, figsize: Any = None, **kwargs: Any) -> tuple[Any, Any]:
+        """``(figure, axes)`` as ``pyplot.subplots`` returns them."""
+        from matplotlib.backends.backend_agg import FigureCanvasAgg
+        from matplotlib.figure import Figure
+
+        fig = Figure(figsize=figsize)
+        FigureCanvasAgg(fig)
+        return fig, fig.subplots(nrows, ncols, **kwargs)
+
+    def close(self, fig: Any) -> None:
+        """Nothing to release: the figure is no one's but its drawer's (kept for the drawers' pyplot-like code)."""
+
+    def get_cmap(self, name: str) -> Any:
+        """The registered colormap ``name``."""
+        import matplotlib
+
+        return matplotlib.colormaps[name]
+
+
+_FIGURES = _Figures()
+
+
+def _pyplot() -> _Figures:
+    """What the drawers call ``plt``: :class:`_Figures`, thread-safe (no pyplot)."""
+    return _FIGURES
 
 
 #: ``{metric name: drawer(result, folder) -> [png paths]}``; a family's module adds its own
