@@ -123,10 +123,11 @@ def test_kill_9_halfway_then_rerun_completes_without_duplicates(tmp_path):
     os.kill(proc.pid, signal.SIGKILL)
     proc.wait()
     assert journal.read_text().count("\n") < 3  # killed halfway
-    # the rerun, in this process (same metric config, so the same cache keys)
-    namespace: dict = {}
-    exec(compile(_SLOW_SCRIPT.split("s = backfill")[0], "slow", "exec"), namespace)
-    again = backfill(run, metrics=[namespace["SlowFisher"](top_k=2)], mlflow_run_id=run_id, tracking_uri=uri,
+    # the rerun, in this process: the same metric config (name and settings; SlowFisher only
+    # sleeps), so the same cache keys
+    from uma_callbacks.metrics import FisherInformation
+
+    again = backfill(run, metrics=[FisherInformation(top_k=2)], mlflow_run_id=run_id, tracking_uri=uri,
                      trajectory=False, draw_figures=False, progress=False)
     assert again.ok and again.cached >= 1 and again.computed + again.cached == 3
     records = [r for r in Journal(run / "uma").records() if r.metric == "fisher" and r.status == "ok"]

@@ -25,8 +25,13 @@ class Exploding(Metric):
         raise RuntimeError("boom inside a metric")
 
 
-def test_training_losses_bit_identical_with_and_without_callback(tmp_path):
-    _, plain = run_trainer(tmp_path / "plain")
+@pytest.fixture(scope="module")
+def plain(tmp_path_factory):
+    """The per-step losses of the tiny Trainer run without the callback (the reference)."""
+    return run_trainer(tmp_path_factory.mktemp("plain"))[1]
+
+
+def test_training_losses_bit_identical_with_and_without_callback(tmp_path, plain):
     cb = UMACallback(metrics=["gradient_flow"], probe=tiny_lm_dataset(n=16, seed=1), probe_size=8, every_n_steps=2)
     _, measured = run_trainer(tmp_path / "measured", callbacks=[cb])
     assert len(plain) == 6
@@ -34,8 +39,7 @@ def test_training_losses_bit_identical_with_and_without_callback(tmp_path):
     assert sorted({r.step for r in cb.records}) == [2, 3, 4, 6]
 
 
-def test_default_probe_is_drawn_from_train_data_without_touching_training(tmp_path):
-    _, plain = run_trainer(tmp_path / "plain")
+def test_default_probe_is_drawn_from_train_data_without_touching_training(tmp_path, plain):
     cb = UMACallback(metrics=["gradient_flow"], probe_size=8)
     _, measured = run_trainer(tmp_path / "measured", callbacks=[cb])
     assert plain == measured
