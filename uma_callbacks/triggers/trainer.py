@@ -14,12 +14,16 @@ A thin adapter from ``TrainerCallback`` events onto a :class:`~uma_callbacks.ses
   unmeasured (a ``kill -9`` mid-save), logged at the checkpoint's step;
 - ``on_save``: the checkpoint folder is complete: mark it with the run's id
   (``uma_run.json``), then ``session.measure(model, global_step)``;
-- ``on_step_end``: with ``every_n_steps``, also measure between saves;
+- ``on_step_end``: file the figures drawn since the last save (a worker thread draws them,
+  off the training path: :mod:`~uma_callbacks.engine.late_figures`); with
+  ``every_n_steps``, also measure between saves;
 - ``on_log``: with ``spike``, offer the logged ``loss`` (or ``grad_norm``) to the spike
   detector; at a spike, measure ``spike_metrics`` on the model in memory, at that step
   (:mod:`~uma_callbacks.triggers.spike`: the weights after that step's update, records
   ``spike`` and ``spike/<metric>``);
-- ``on_train_end``: ``session.finish()`` (deliver what a tracker missed, close our runs).
+- ``on_train_end``: ``session.finish()`` (file the figures still drawing, deliver what a
+  tracker missed, close our runs); a training that ends by an exception has its figures
+  filed at interpreter exit, or at ``callback.session.close()``.
 
 With ``measure="async"`` nothing is measured in the training process; the session starts
 as above (probe saved, tracker runs joined, params logged) and a watcher (``uma watch``)
@@ -56,6 +60,7 @@ from uma_callbacks.metrics.base import Metric
 from uma_callbacks.session import Session
 from uma_callbacks.triggers.announcing import Announcer, detach_held
 from uma_callbacks.triggers.spike import SpikeTrigger, SpikeWatch
+from uma_callbacks.triggers.trainer_tensorboard import tensorboard_run
 
 
 class UMACallback(TrainerCallback):
@@ -179,6 +184,7 @@ class UMACallback(TrainerCallback):
                 "field": "UMACallback.probe",
             },
             run=run,
+            tracker_runs=tensorboard_run(args),  # report_to=["tensorboard"]: the Trainer's own log folder
         )
         self.session = session
         if cfg.measure == "async":
@@ -220,6 +226,8 @@ class UMACallback(TrainerCallback):
         if self.announcer is not None:
             self._before_save(args, state, control)
             return
+        if self.session is not None:  # file the figures drawn off the training path since the last save
+            self.session.collect_figures()
         n = self.config.every_n_steps
         if n and state.global_step % n == 0 and not _is_save_step(args, state):
             self._measure(model, state.global_step, state, kwargs.get("optimizer"))
