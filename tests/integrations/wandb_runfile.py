@@ -84,22 +84,31 @@ def artifacts(records: list[Any]) -> list[Any]:
     return [r.artifact for r in records if r.WhichOneof("record_type") == "artifact"]
 
 
-def settled_records(folder, complete, seconds: float = 15.0):
-    """The run file's records once ``complete(history rows)`` holds: W&B's service process may
-    still be writing the file's tail for a moment after ``finish()`` returns (seen in offline
-    mode on a loaded machine)."""
+def settled_records(folder, complete, seconds: float = 15.0, quiet: float = 0.5):
+    """The run file's records once ``complete(history rows)`` holds and the file has not grown
+    for ``quiet`` seconds: W&B's service process may still be writing the file's tail for a
+    moment after ``finish()`` returns (seen in offline mode on a loaded machine), and rows a
+    condition counts may come before the rest of a record's delivery (a live training's
+    values go out at the save, its figures and files once they are drawn)."""
     import time
 
     from google.protobuf.message import DecodeError
 
     deadline = time.monotonic() + seconds
     while True:
+        path = run_file(folder)
+        size = path.stat().st_size
         try:
-            records = read_records(run_file(folder))
+            records = read_records(path)
         except DecodeError:  # the tail is being written right now: read again
             if time.monotonic() > deadline:
                 raise
             records = None
-        if records is not None and (complete(history_rows(records)) or time.monotonic() > deadline):
+        if records is not None and time.monotonic() > deadline:
             return records
+        if records is not None and complete(history_rows(records)):
+            time.sleep(quiet)
+            if path.stat().st_size == size:
+                return records
+            continue
         time.sleep(0.2)
