@@ -195,34 +195,42 @@ def two_rank_runs(tmp_path_factory) -> dict[str, object]:
 
 
 # ---------------------------------------------------------------------- order: longest modules first
-#: Seconds of the slowest test modules in a full run on 2 cores (``--durations``, summed per
-#: module; refresh after a test grows or a slow module is added). ``make test`` hands out whole
-#: modules (``--dist loadscope``: a module's fixtures are built once), longest first, to whichever
-#: worker is free: the two workers finish within a few seconds of each other. A module missing
-#: here counts as 20 s when it holds a slow-marked test (early rather than last), else as a short one.
+#: Seconds of the slowest test modules in a full run on 2 cores (about their CPU seconds in a
+#: warm test process, or their wall time where they mostly wait: a server's start, a retry's
+#: back-off, Ray; refresh after a test grows or a slow module is added). ``make test`` hands out
+#: whole modules (``--dist loadscope``: a module's fixtures are built once; the modules of a
+#: ``SHARED`` unit together, their seconds summed), longest first, to whichever worker is free:
+#: the two workers finish within a few seconds of each other. A module missing here counts as
+#: 20 s when it holds a slow-marked test (early rather than last), else as a short one: list any
+#: module of more than about 5 s without a slow mark, or it may come last.
 MODULE_SECONDS = {
-    "tests/triggers/test_backfill_ray.py": 145,
     "tests/triggers/test_minilm_budget.py": 97,
     "tests/triggers/test_minilm_overhead.py": 41,
     "tests/triggers/test_watch.py": 30,
-    "tests/triggers/test_backfill_shard.py": 28,
-    "tests/reliability/test_run_identity.py": 46,
-    "tests/reliability/test_held_attacks.py": 40,
-    "tests/distributed/test_fsdp.py": 38,
-    "tests/reliability/test_fuzz_run_folder.py": 36,
-    "tests/test_distributed.py": 29,
+    "tests/reliability/test_held_attacks.py": 30,
     "tests/reliability/test_tracker_outage.py": 28,
-    "tests/triggers/test_backfill.py": 27,
-    "tests/distributed/test_fsdp_attach.py": 23,
-    "tests/triggers/test_trainer.py": 22,
-    "tests/triggers/test_three_triggers.py": 19,
-    "tests/engine/test_budget.py": 19,
-    "tests/triggers/test_dcp_backfill.py": 17,
     "tests/reliability/test_tracker_stall.py": 15,
-    "tests/reliability/test_budget_holds.py": 15,
-    "tests/core/test_dcp.py": 14,
-    "tests/triggers/test_accelerate.py": 13,
     "tests/reliability/test_tracker_down_at_start.py": 12,
+    "tests/distributed/test_fsdp.py": 42,  # with test_fsdp_attach.py and test_distributed.py: one torchrun
+    "tests/distributed/test_fsdp_attach.py": 1,
+    "tests/test_distributed.py": 1,
+    "tests/triggers/test_backfill_ray.py": 30,
+    "tests/reliability/test_fuzz_run_folder.py": 20,
+    "tests/engine/test_budget.py": 19,
+    "tests/triggers/test_backfill_shard.py": 18,
+    "tests/triggers/test_dcp_backfill.py": 17,
+    "tests/core/test_dcp.py": 14,
+    "tests/reliability/test_budget_holds.py": 13,
+    "tests/triggers/test_backfill.py": 13,
+    "tests/triggers/test_accelerate.py": 13,
+    "tests/metrics/test_hessian_blocks.py": 12,
+    "tests/reliability/test_step_identity.py": 12,
+    "tests/triggers/test_accelerate_heads.py": 11,
+    "tests/reliability/test_run_identity.py": 10,
+    "tests/metrics/test_hessian_density.py": 10,
+    "tests/triggers/test_trainer.py": 7,
+    "tests/metrics/test_contract.py": 7,
+    "tests/triggers/test_three_triggers.py": 3,
 }
 UNLISTED_SLOW_SECONDS = 20.0
 #: Modules that share what a test process builds once, handed out together to one worker:
