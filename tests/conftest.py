@@ -205,7 +205,6 @@ def two_rank_runs(tmp_path_factory) -> dict[str, object]:
 #: module of more than about 5 s without a slow mark, or it may come last.
 MODULE_SECONDS = {
     "tests/triggers/test_minilm_budget.py": 97,
-    "tests/triggers/test_minilm_overhead.py": 41,
     "tests/triggers/test_watch.py": 30,
     "tests/reliability/test_held_attacks.py": 30,
     "tests/reliability/test_tracker_outage.py": 28,
