@@ -41,12 +41,17 @@ def test_non_editable_install_imports_integrations(tmp_path):
     assert entry and "uma = uma_callbacks.cli:main" in zipfile.ZipFile(wheel).read(entry[0]).decode()
 
 
-def test_import_without_trackers_or_matplotlib():
+def test_import_without_trackers_matplotlib_or_the_optional_engines():
+    """The package, its command and its triggers import with no tracker, no matplotlib and no
+    optional engine (Ray, Lightning, TensorBoard, wandb-workspaces); a sink asked for says
+    which extra to install."""
     code = (
         "import sys\n"
-        "for m in ('wandb', 'mlflow', 'matplotlib'): sys.modules[m] = None\n"
+        "for m in ('wandb', 'mlflow', 'matplotlib', 'ray', 'lightning', 'tensorboard', 'wandb_workspaces'):\n"
+        "    sys.modules[m] = None\n"
         "import uma_callbacks\n"
         "from uma_callbacks import UMACallback, MetricSuite\n"
+        "import uma_callbacks.cli, uma_callbacks.triggers.backfill, uma_callbacks.triggers.watch\n"
         "from uma_callbacks.metrics import METRICS\n"
         "assert 'wandb' not in [k for k, v in sys.modules.items() if v is not None]\n"
         "from uma_callbacks.integrations import make_sink\n"
