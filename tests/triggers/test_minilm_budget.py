@@ -102,7 +102,7 @@ def minilm() -> MiniLM:
 
 
 class _Clock:
-    """Sums the wall seconds inside a callback's events, and the CPU seconds of the process's other threads."""
+    """Sums the wall seconds spent inside a callback's events."""
 
     def __init__(self, callback: Any) -> None:
         self.events = 0.0
