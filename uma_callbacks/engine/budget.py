@@ -37,6 +37,34 @@ def param_bytes(model: torch.nn.Module, trainable_only: bool = True) -> int:
     return sum(p.numel() * p.element_size() for p in model.parameters() if p.requires_grad or not trainable_only)
 
 
+def largest_param_bytes(model: torch.nn.Module) -> int:
+    """Bytes of the largest trainable parameter tensor (its full size on a sharded model); 0 without one.
+
+    Example:
+        >>> largest_param_bytes(torch.nn.Linear(3, 2))
+        24
+    """
+    return max((p.numel() * p.element_size() for p in model.parameters() if p.requires_grad), default=0)
+
+
+def gradient_bytes(model: torch.nn.Module) -> int:
+    """Bytes of the parameter gradients one backward forms: each trainable parameter once per module holding it.
+
+    A parameter tied across modules (GPT-2's word embedding and LM head) gets a gradient
+    from each use, which autograd holds together before it sums them: on GPT-2 124M one
+    more [V, d] (154 MB) than :func:`param_bytes`, none of it growing with the samples.
+
+    Example:
+        >>> emb, head = torch.nn.Embedding(10, 4), torch.nn.Linear(4, 10, bias=False)
+        >>> head.weight = emb.weight
+        >>> tied = torch.nn.ModuleDict({"emb": emb, "head": head})
+        >>> param_bytes(tied), gradient_bytes(tied)
+        (160, 320)
+    """
+    uses = model.named_parameters(remove_duplicate=False)
+    return sum(p.numel() * p.element_size() for _, p in uses if p.requires_grad)
+
+
 @dataclass(frozen=True)
 class RankParamBytes:
     """What the planner counts for the trainable parameters on this rank.
@@ -273,6 +301,8 @@ class MemoryBudget:
         sharding: RankParamBytes | None = None,
         calibration: float = 1.0,
         calibration_chunk: int = 1,
+        backward_sample_bytes: int | None = None,
+        largest_param_bytes: int | None = None,
     ) -> Plan:
         """Pick the memory mode and chunk for ``metric`` (see the class docstring).
 
@@ -292,6 +322,11 @@ class MemoryBudget:
                 planned peak, at least 1): the overrun is added to both terms (see
                 :func:`calibrated`).
             calibration_chunk: the chunk that earlier run ran.
+            backward_sample_bytes: what one sample's backward holds beyond its forward and
+                the parameter gradients (:class:`SampleBytes`); ``None``: unknown
+                (``sample_bytes`` counted again for a backward).
+            largest_param_bytes: bytes of the largest trainable tensor, for a per-sample
+                gradient held a tensor at a time (``Cost.per_sample_grad_by_tensor``).
 
         Returns:
             The :class:`Plan`; ``chunk_size`` is None when no mode fits ``min_batch_size``.
@@ -303,6 +338,8 @@ class MemoryBudget:
             "n_params": n_params,
             "n_samples": largest_chunk if n_samples is None else n_samples,
             "on_host": where.type == "cpu",
+            "backward_sample_bytes": backward_sample_bytes,
+            "largest_param_bytes": largest_param_bytes,
         }
         best: Plan | None = None
         scale = max(1.0, float(calibration)) if math.isfinite(calibration) else 1.0
@@ -417,16 +454,39 @@ def planned_bytes(
     return fixed, per_sample
 
 
-def measure_sample_bytes(
+@dataclass(frozen=True)
+class SampleBytes:
+    """One sample's activation bytes, as :func:`measure_sample` measures them.
+
+    Attributes:
+        forward: A_f, what the forward holds: its peak, at least the tensors it saved for
+            the backward.
+        backward: A_b, what the backward holds beyond the forward's end and the parameter
+            gradients (a tied parameter's once per use: :func:`gradient_bytes`); 0 when a
+            backward frees activations as fast as it forms their gradients.
+    """
+
+    forward: int
+    backward: int
+
+    @property
+    def activations(self) -> int:
+        """A = max(A_f, A_b): what the cost model counts for a forward (and for a backward when A_b is not used)."""
+        return max(self.forward, self.backward)
+
+
+def measure_sample(
     model: torch.nn.Module, loss_fn: Any, batch: Any, *, eager: bool = False, state_held: bool = False
-) -> int:
-    """A: bytes of one sample's activations, as the forward keeps them for the backward.
+) -> SampleBytes:
+    """:class:`SampleBytes` of one sample: its forward's and its backward's activation bytes.
 
     The first sample of ``batch`` is run once: the forward (graph kept) under
-    :class:`PeakMemory` gives A; a backward by ``torch.autograd.grad`` follows (no
+    :class:`PeakMemory` gives A_f; a backward by ``torch.autograd.grad`` follows (no
     ``.grad`` is written) and its peak above the forward's end, less the parameter
-    gradients (the cost model counts those apart), raises A if it is larger. The cost
-    model counts A once for a forward-only metric and twice with a backward.
+    gradients (the cost model counts per-sample gradients apart), gives A_b. A metric that
+    back-propagates holds A_f + A_b per sample: on GPT-2 124M at 128 tokens A_f is 213 MiB
+    (the logits and their softmax are most of it) and A_b 0, so counting A twice planned
+    about twice the activations measured.
 
     Args:
         model: the model, left as found.
@@ -458,7 +518,27 @@ def measure_sample_bytes(
             del loss, grads
     # the tensors the forward saved for the backward are a floor the measured peaks may miss
     # (the process's peak counters are never reset, so a peak below an earlier mark is sampled)
-    return max(forward.peak_bytes, backward.peak_bytes - param_bytes(model), saved.total, 0)
+    return SampleBytes(
+        forward=max(forward.peak_bytes, saved.total, 0), backward=max(backward.peak_bytes - gradient_bytes(model), 0)
+    )
+
+
+def measure_sample_bytes(
+    model: torch.nn.Module, loss_fn: Any, batch: Any, *, eager: bool = False, state_held: bool = False
+) -> int:
+    """A: bytes of one sample's activations, the larger of :func:`measure_sample`'s two.
+
+    The cost model counts A once for a forward-only metric, and A + A_b with a backward
+    (twice A when A_b is not given).
+
+    Args:
+        model: the model, left as found.
+        loss_fn: the resolved per-sample loss.
+        batch: the batch whose first sample is run (see :func:`measure_sample`).
+        eager: run in eager attention (see :func:`measure_sample`).
+        state_held: the caller holds ``preserved_model_state(model)``.
+    """
+    return measure_sample(model, loss_fn, batch, eager=eager, state_held=state_held).activations
 
 
 @contextlib.contextmanager
@@ -707,16 +787,17 @@ def _plan_chunk(
     from uma_callbacks.engine.probe import count_samples
 
     largest = max(count_samples(b) for b in batches)
-    sample_bytes = 0
+    sample_bytes, backward_bytes = 0, 0
     if getattr(metric, "needs_grad", True) or any(c.forward_only for _, c in metric.memory_modes()):
         eager = bool(getattr(metric, "needs_eager_attention", False))
         longest = longest_batch(batches)
         key = _sample_key(model, longest, eager)
-        if sample_cache is not None and key in sample_cache:
-            sample_bytes = sample_cache[key]  # the same model and batch shapes: measured at an earlier checkpoint
+        if sample_cache is not None and key in sample_cache and (key, "backward") in sample_cache:
+            # the same model and batch shapes: measured at an earlier checkpoint
+            sample_bytes, backward_bytes = sample_cache[key], sample_cache[(key, "backward")]
         else:
             try:
-                sample_bytes = measure_sample_bytes(model, loss, longest, eager=eager, state_held=True)
+                sample = measure_sample(model, loss, longest, eager=eager, state_held=True)
             except Exception as err:
                 if not is_out_of_memory(err):
                     raise
@@ -726,11 +807,13 @@ def _plan_chunk(
                     f"{' in eager attention' if eager else ''}: {err}",
                     {"budget_bytes": budget.limit_bytes(device)},
                 ) from err
+            sample_bytes, backward_bytes = sample.activations, sample.backward
             if sample_cache is not None:
-                sample_cache[key] = sample_bytes
+                sample_cache[key], sample_cache[(key, "backward")] = sample_bytes, backward_bytes
     if collective is not None and getattr(collective, "world_size", 1) > 1:
         # every rank must plan the same chunk: use the mean measurement
         sample_bytes = int(collective.sum_scalar(float(sample_bytes)) / collective.world_size)
+        backward_bytes = int(collective.sum_scalar(float(backward_bytes)) / collective.world_size)
     sizes = rank_param_bytes(model)  # sharded (FSDP): the shard and the largest gathered block
     n_samples = sum(count_samples(b) for b in batches)
     plan = budget.plan(
@@ -744,11 +827,14 @@ def _plan_chunk(
         sharding=sizes if sizes.sharded else None,
         calibration=calibration,
         calibration_chunk=calibration_chunk,
+        backward_sample_bytes=backward_bytes,
+        largest_param_bytes=largest_param_bytes(model),
     )
     plan_meta = plan.as_meta()
     if sizes.sharded:
         plan_meta.update(planned_shard_bytes=sizes.held, planned_gathered_bytes=sizes.gathered)
     plan_meta["measured_sample_bytes"] = sample_bytes
+    plan_meta["measured_backward_sample_bytes"] = backward_bytes
     if plan.chunk_size is None:
         raise BudgetExceeded(plan.reason, plan_meta)
     metric.use_memory_mode(plan.mode)

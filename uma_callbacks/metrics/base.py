@@ -76,14 +76,17 @@ class Cost:
       (``w`` = max(``vector_itemsize``, the parameters' bytes per entry): flat vectors such
       as a Lanczos basis or float32 accumulators of bf16 weights), plus the same terms
       with ``host_`` when the budget's device is the host itself;
-    - ``per_sample = per_sample_grads * P + A * (1 + backward + hvp + activation_copies)``,
-      where a metric that back-propagates counts A twice (activations and their gradients),
-      ``hvp`` adds one for the kept double-backward graph, and ``activation_copies`` counts
-      what the metric derives from the activations while they are alive (the attention
-      metric's entropy of each layer's [H, T, T] probabilities).
+    - ``per_sample = per_sample_grads * P + A * (1 + hvp + activation_copies) + backward * A_b``,
+      where a metric that back-propagates adds A_b, what one sample's backward holds beyond
+      its forward's activations and the parameter gradients (A itself when A_b is not
+      known: activations and their gradients), ``hvp`` adds one A for the kept
+      double-backward graph, and ``activation_copies`` counts what the metric derives from
+      the activations while they are alive (the attention metric's entropy of each layer's
+      [H, T, T] probabilities). A per-sample gradient held one parameter tensor at a time
+      (``per_sample_grad_by_tensor``) counts the largest trainable tensor's bytes instead of P.
 
-    A is measured by the planner on one sample of the probe's longest batch, in the
-    attention implementation the metric runs (eager when ``needs_eager_attention``).
+    A and A_b are measured by the planner on one sample of the probe's longest batch, in
+    the attention implementation the metric runs (eager when ``needs_eager_attention``).
 
     Attributes:
         per_sample_grads: holds one gradient per sample of a chunk ([B, P]).
@@ -106,6 +109,10 @@ class Cost:
         host_extra_bytes: the same, for host memory (counted only on a CPU budget).
         per_sample_grad_fraction: the share of P a per-sample gradient holds at once
             (per-parameter-group accumulation holds one group at a time).
+        per_sample_grad_by_tensor: the per-sample gradient is held one parameter tensor at
+            a time (the per-layer hooks: one layer's [B, *shape], a tied embedding's dense
+            [B, V, d]), so a sample costs the largest trainable tensor's bytes, where the
+            planner gives them; else ``per_sample_grad_fraction * P``.
         activation_copies: further copies of A per sample (temporaries computed from the
             activations while they are held).
     """
@@ -124,6 +131,7 @@ class Cost:
     extra_bytes: Callable[[int, float, int], int] | None = None
     host_extra_bytes: Callable[[int, float, int], int] | None = None
     per_sample_grad_fraction: float = 1.0
+    per_sample_grad_by_tensor: bool = False
     activation_copies: float = 0.0
 
     def bytes_needed(
@@ -135,6 +143,8 @@ class Cost:
         n_params: int | None = None,
         n_samples: int = 0,
         on_host: bool = True,
+        backward_sample_bytes: int | None = None,
+        largest_param_bytes: int | None = None,
     ) -> int:
         """Estimated peak bytes of one chunk of ``chunk`` samples (see class docstring).
 
@@ -145,6 +155,13 @@ class Cost:
             n_params: n (default: P / 4, float32 parameters).
             n_samples: N, the local probe samples (for ``probe_*`` terms).
             on_host: the budget's device is the host, so ``host_*`` terms count.
+            backward_sample_bytes: A_b (``None``: unknown, A counted again for a backward).
+            largest_param_bytes: bytes of the largest trainable tensor (``None``: unknown).
+
+        Example:
+            >>> cost = Cost(per_sample_grads=True, per_sample_grad_fraction=0.5, per_sample_grad_by_tensor=True)
+            >>> cost.bytes_needed(1000, 100, 1), cost.bytes_needed(1000, 100, 1, backward_sample_bytes=30, largest_param_bytes=200)
+            (700, 330)
         """
         n = n_params if n_params else max(1, param_bytes // 4)
         itemsize = max(self.vector_itemsize, param_bytes / n if n else 4.0)
@@ -163,8 +180,14 @@ class Cost:
             + (n_samples * sample_activation_bytes * (2 + backward) if self.probe_graph_samples else 0)
             + self.fixed_bytes
         )
-        per_sample = (param_bytes * self.per_sample_grad_fraction if self.per_sample_grads else 0) + sample_activation_bytes * (
-            1 + backward + (1 if self.hvp else 0) + self.activation_copies
+        grad = param_bytes * self.per_sample_grad_fraction
+        if self.per_sample_grad_by_tensor and largest_param_bytes:
+            grad = largest_param_bytes
+        backward_bytes = sample_activation_bytes if backward_sample_bytes is None else backward_sample_bytes
+        per_sample = (
+            (grad if self.per_sample_grads else 0)
+            + sample_activation_bytes * (1 + (1 if self.hvp else 0) + self.activation_copies)
+            + backward * backward_bytes
         )
         return int(fixed + per_sample * chunk)
 

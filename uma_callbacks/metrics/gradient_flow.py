@@ -108,12 +108,17 @@ class GradientFlow(Metric):
         """One mode: ``grad_sum``, one chunk's per-sample gradients and its per-tensor sums.
 
         ``grad_sum`` is one vector in the accumulation dtype, the per-tensor sums of a chunk
-        one copy. The hooks path holds one layer's [B, *shape] at a time, counted as half of
-        [B, P] (the largest layer of a model is rarely more; vmap holds all of [B, P]).
+        one copy. The hooks path holds one layer's [B, *shape] at a time: the largest
+        trainable tensor per sample (``per_sample_grad_by_tensor``; a tied embedding's dense
+        [B, V, d] on GPT-2), half of [B, P] where the planner does not say; vmap holds all
+        of [B, P].
         """
         acc = 8 if self.accumulate_dtype == "float64" else 4
-        fraction = 1.0 if self.method == "vmap" else 0.5
-        cost = Cost(per_sample_grads=True, param_copies=1.0, vectors=1.0, vector_itemsize=acc, per_sample_grad_fraction=fraction)
+        hooks = self.method != "vmap"
+        cost = Cost(
+            per_sample_grads=True, param_copies=1.0, vectors=1.0, vector_itemsize=acc,
+            per_sample_grad_fraction=0.5 if hooks else 1.0, per_sample_grad_by_tensor=hooks,
+        )  # fmt: skip
         return [("default", cost)]
 
     def _compute(self, ctx: ComputeContext) -> MetricResult:
