@@ -429,6 +429,8 @@ class Session:
             logger.info("uma: measuring %s at step %d", ", ".join(self.config.metric_names), step)
             if seconds is None:
                 seconds = self.compute_budget(self.train_seconds())
+            if seconds is not None:  # the figures drawn since the last save are paid from this budget
+                self._charge_figures()
             every = self.suite.metrics
             if only is not None:
                 self.suite.metrics = [m for m in every if m.name in set(only)]
@@ -474,6 +476,17 @@ class Session:
         if not figures.pending:
             release(self)
         return len(drawn)
+
+    def _charge_figures(self) -> None:
+        """Owe the figure worker's CPU seconds since the last save to the time bank (every rank calls it).
+
+        Rank 0 draws; the other ranks owe the same seconds (a sum over ranks), so every rank
+        plans its save alike.
+        """
+        seconds = self.figures.take_seconds() if self.figures is not None else 0.0
+        if self.collective.world_size > 1:
+            seconds = self.collective.sum_scalar(seconds)
+        self.suite.time_bank.charge(seconds)
 
     def _optimizer_state(self, optimizer: Any, model: torch.nn.Module) -> OptimizerSnapshot | None:
         """The state a metric reading the optimizer gets (``None`` when none of this save's metrics reads it)."""

@@ -25,6 +25,13 @@ That happens
   that stopped without either (an exception after a save): :func:`hold_open` registers the
   session's ``close`` while it has figures queued, and :func:`close_all` runs them (it is
   registered with :mod:`atexit`, after the trackers' own exit hooks, so it runs before them).
+
+Drawing is not free for the training: where no core is idle the worker's CPU seconds are
+taken from it. So the worker counts the CPU seconds of each drawing
+(:func:`time.thread_time` in the worker thread), and a session with a compute budget takes
+them (:meth:`LateFigures.take_seconds`) before it plans its next save and owes them to the
+time bank (:meth:`~uma_callbacks.engine.time_budget.TimeBank.charge`): the figures are
+paid from the metrics' share of training time.
 """
 
 from __future__ import annotations
@@ -33,6 +40,7 @@ import atexit
 import dataclasses
 import logging
 import threading
+import time
 from collections.abc import Callable
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
@@ -142,6 +150,7 @@ class LateFigures:
         self._queued: list[_Queued] = []
         self._pool: ThreadPoolExecutor | None = None
         self._lock = threading.Lock()
+        self._seconds = 0.0  # CPU seconds the worker spent drawing, not taken yet
 
     @property
     def pending(self) -> int:
@@ -174,8 +183,25 @@ class LateFigures:
             queued.future = self._pool.submit(self._draw, frozen, queued.root)
 
     def _draw(self, record: Record, root: Path) -> dict[str, bytes]:
-        """In the worker: read the result back from its files and draw it."""
-        return self._renderer(read_result(root, record))
+        """In the worker: read the result back from its files and draw it, counting its CPU seconds."""
+        started = time.thread_time()
+        try:
+            return self._renderer(read_result(root, record))
+        finally:
+            spent = time.thread_time() - started
+            with self._lock:
+                self._seconds += spent
+
+    def take_seconds(self) -> float:
+        """The worker's CPU seconds of drawing since the last call (drawings still under way count when done).
+
+        What the worker spends reading and drawing a result, measured with
+        :func:`time.thread_time` in its thread: the CPU it took from the training where no
+        core is idle. Each second is returned once.
+        """
+        with self._lock:
+            seconds, self._seconds = self._seconds, 0.0
+        return seconds
 
     def collect(self, wait: bool = False) -> list[Drawn]:
         """The records drawn so far, in the order queued (``wait``: every queued one, waiting for the worker).

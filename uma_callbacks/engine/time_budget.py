@@ -160,6 +160,19 @@ class TimeBank:
     units_step: int = -1
     units_seconds: float = 0.0
 
+    def charge(self, seconds: float) -> None:
+        """Owe ``seconds`` spent for the metrics outside a save (the figure worker's drawing): the next save pays them.
+
+        The debt lowers the next save's own budget (:func:`plan_save`: ``seconds`` less the
+        debt), so that save scales its metrics down or makes them wait, saying why;
+        :meth:`settle` then keeps at most one save's budget of it.
+        """
+        if seconds <= 0.0:
+            return
+        self.seconds -= seconds
+        if self.seconds <= 0.0:
+            self.steps = []
+
     def settle(self, step: int, own_seconds: float, spent: float) -> None:
         """Bank what a save left of its own budget, up to :data:`BANK_SAVES` saves' worth, or owe what it overran, up to one save's."""
         cap = BANK_SAVES * max(own_seconds, 0.0)
