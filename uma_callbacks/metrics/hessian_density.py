@@ -71,8 +71,8 @@ class HessianDensity(Metric):
     Args:
         n_vectors: Rademacher start vectors n_v (at least 2, for the standard errors).
         n_steps: Lanczos steps m per vector (at most P; fewer when the Krylov space ends).
-            The default 4 x 16 = 64 products (about 45 s per save on the MiniLM probe of
-            the README's cost table, on 2 CPU cores) gives, on the oracle tests' tiny
+            The default 4 x 16 = 64 products (about 350 training steps on the MiniLM probe
+            of the README's cost table, ~5 per product; 128 before) gives, on the oracle tests' tiny
             Qwen2 (P = 1984), a density within 0.6% of the spectrum's width of the exact
             one in Wasserstein-1 (0.3% with 32 steps, at twice the products) and
             lambda_max to 2e-4 relative (1e-6 with 32); the moments are exact for every
