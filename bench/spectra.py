@@ -312,7 +312,7 @@ def eigenvalue_error(values, reference: torch.Tensor) -> float:
     return float((got[: reference.numel()] - reference[: got.numel()]).abs().max() / reference.abs().max())
 
 
-def eigsh_products(curv, op: HessianOperator, k: int, scale: float, tols=(1e-1, 5e-2, 2e-2, 1e-2, 5e-3, 1e-3, 1e-4)):
+def eigsh_products(curv, op: HessianOperator, k: int, scale: float, tols=(1e-1, 5e-2, 2e-2, 1e-2, 5e-3, 1e-3, 1e-4), v0=None):
     """curvlinops + scipy eigsh(which="LA"): the products of the first tol whose top-k all reach
     RESIDUAL (an oracle stop, the peer's best case). Returns (products, residual, values, tol)."""
     import numpy as np
@@ -326,7 +326,7 @@ def eigsh_products(curv, op: HessianOperator, k: int, scale: float, tols=(1e-1, 
         return sc @ x
 
     lo = LinearOperator(sc.shape, matvec=matvec, dtype=sc.dtype)
-    v0 = np.random.default_rng(0).standard_normal(sc.shape[0]).astype(sc.dtype)
+    v0 = np.random.default_rng(0).standard_normal(sc.shape[0]).astype(sc.dtype) if v0 is None else np.asarray(v0, dtype=sc.dtype)
     out = None
     for tol in tols:
         count[0] = 0
@@ -459,17 +459,28 @@ def previous_checkpoint_start(model, batches, lr: float = 1e-4, steps: int = 1) 
         opt.step()
         opt.zero_grad(set_to_none=True)
     moved.eval()
+    previous = warm_metric._previous["vector"].double().numpy().copy()  # what the warm start starts from
     warm = warm_metric.compute(moved, batches)
     cold = HessianSpectrum(**settings).compute(moved, batches)
     named = {n: p for n, p in moved.named_parameters() if p.requires_grad}
+    lam1 = float(abs(cold.arrays["top_eigenvalues"][0]))
     with eager_attention(moved):
         op = HessianOperator(moved, hf_per_sample_loss, batches, named, batches[0]["input_ids"].shape[0], cache_graph=True)
         reference = reference_top(op, 10)
+        curv = curvlinops_operator(moved, batches[0])
+        peer = {"random": eigsh_products(curv, op, 10, lam1), "previous": eigsh_products(curv, op, 10, lam1, v0=previous)}
         op.close()
     out = {"next_checkpoint_default_start_products": cold.meta["lanczos_matvecs"],
            "next_checkpoint_default_start_eigenvalue_err": eigenvalue_error(cold.arrays["top_eigenvalues"], reference),
            "next_checkpoint_previous_start_products": warm.meta["lanczos_matvecs"],
            "next_checkpoint_previous_start_eigenvalue_err": eigenvalue_error(warm.arrays["top_eigenvalues"], reference)}
+    for start, (products, res, values, tol) in peer.items():  # the peer at the same checkpoint, cold and warm alike
+        out[f"next_checkpoint_eigsh_{start}_v0_products"] = products if res <= RESIDUAL else math.inf
+        out[f"next_checkpoint_eigsh_{start}_v0_eigenvalue_err"] = eigenvalue_error(values.copy(), reference)
+        print(f"    curvlinops + eigsh (v0 {start}, tol={tol:g}) there: {products} products, residual {res:.1e}, "
+              f"eigenvalue err {out[f'next_checkpoint_eigsh_{start}_v0_eigenvalue_err']:.1e}")
+    out["next_checkpoint_previous_over_eigsh"] = out["next_checkpoint_previous_start_products"] / min(
+        out["next_checkpoint_eigsh_random_v0_products"], out["next_checkpoint_eigsh_previous_v0_products"])
     print(f"  next checkpoint ({steps} AdamW step(s) at lr {lr:g}): default start {out['next_checkpoint_default_start_products']} "
           f"products (eigenvalue err {out['next_checkpoint_default_start_eigenvalue_err']:.1e}); start=\"previous\" "
           f"({warm.meta['lanczos_start']}) {out['next_checkpoint_previous_start_products']} products, relative residual "
