@@ -121,6 +121,13 @@ def _copying_initialize_tables(migrate):
             if template is not None:
                 raw = engine.raw_connection()
                 try:
+                    # a backup replaces the whole file: never into a store another engine of this
+                    # process has set up meanwhile (its experiments and runs would be lost)
+                    done = raw.driver_connection.execute(
+                        "SELECT 1 FROM sqlite_master WHERE type = 'table' AND name = 'alembic_version'"
+                    ).fetchone()
+                    if done is not None:
+                        return None
                     template.backup(raw.driver_connection)
                     return None
                 except Exception:  # noqa: BLE001 (MLflow's own initialisation decides)
