@@ -266,6 +266,12 @@ class WandbSink(Sink):
                     row[key] = wandb.Image(str(path), caption=f"{record.metric} at step {step}")
                 except Exception as err:  # noqa: BLE001 (a damaged PNG on disk: left out, the record goes on)
                     logger.warning("uma: figure %s not logged to W&B: unreadable (%s: %.200s)", path, type(err).__name__, err)
+        for path in (p for p in files if p.suffix == ".csv"):
+            key = tracker_key(f"{PREFIX}/{record.metric}/tables/{_figure_name(record.metric, path)}")
+            if (step, key) not in self._logged:
+                table = _csv_table(wandb, path)
+                if table is not None:
+                    row[key] = table
         table_key = tracker_key(f"{PREFIX}/{record.metric}/modules")
         rows = _module_rows(record)
         if rows and (step, table_key) not in self._logged:
@@ -399,6 +405,49 @@ def _figure_name(metric: str, path: Path) -> str:
         if stem.startswith(prefix):
             return stem[len(prefix) :]
     return stem
+
+
+_CSV_MAX_BYTES = 4 * 2**20
+_CSV_MAX_ROWS = 10_000
+_CSV_MAX_COLUMNS = 256
+
+
+def _csv_table(wandb: Any, path: Path) -> Any:
+    """A record's CSV file as a ``wandb.Table`` (numbers as floats, empty cells as None), or None.
+
+    Bounded: at most 4 MiB, 10,000 rows and 256 columns; a ragged, unreadable or larger file
+    is left out with a warning (it still travels in the record's artifact).
+    """  # noqa: DOC501 (raised and caught inside: the file is left out)
+    import csv
+
+    try:
+        if path.stat().st_size > _CSV_MAX_BYTES:
+            raise ValueError(f"over {_CSV_MAX_BYTES} bytes")
+        with open(path, encoding="utf-8", newline="") as handle:
+            reader = csv.reader(handle)
+            header = next(reader, None)
+            if not header or len(header) > _CSV_MAX_COLUMNS:
+                raise ValueError("no header, or too many columns")
+            data: list[list[Any]] = []
+            for cells in reader:
+                if len(data) >= _CSV_MAX_ROWS:
+                    raise ValueError(f"over {_CSV_MAX_ROWS} rows")
+                if len(cells) != len(header):
+                    raise ValueError(f"row {len(data) + 2} has {len(cells)} cells, the header {len(header)}")
+                data.append([_csv_cell(cell) for cell in cells])
+        return wandb.Table(columns=header, data=data)
+    except (OSError, ValueError, UnicodeDecodeError, csv.Error) as err:
+        logger.warning("uma: table %s not logged to W&B (%s: %.200s); it is in the record's artifact", path, type(err).__name__, err)
+        return None
+
+
+def _csv_cell(cell: str) -> Any:
+    if cell == "":
+        return None
+    try:
+        return float(cell)
+    except ValueError:
+        return cell
 
 
 def _module_rows(record: Record) -> list[list[Any]]:

@@ -133,7 +133,6 @@ def _wandb_tables(run) -> dict[tuple[int, str], dict]:
     return out
 
 
-@pytest.mark.xfail(strict=True, reason="the W&B sink logs record CSVs only inside the artifact, not as a wandb.Table")
 def test_wandb_holds_each_csv_as_a_table(run):
     tables = _wandb_tables(run)
     for step in STEPS:

@@ -201,3 +201,24 @@ def test_wandb_init_failure_warns_once_and_keeps_the_journal(tmp_path, offline_w
     assert len(warnings) == 1, [w.getMessage() for w in warnings]
     assert "no route" in warnings[0].getMessage()
     assert [(r.step, r.status) for r in Journal(tmp_path / "out" / "uma").records()] == [(3, "ok"), (6, "ok")]
+
+
+def test_a_record_csv_becomes_a_bounded_table_and_a_hostile_one_is_left_out(tmp_path, caplog):
+    """Numbers as floats, empty cells as None; a ragged file or one over the size bound is left
+    out with a warning (it still travels in the artifact), never raised."""
+    wandb = pytest.importorskip("wandb")
+    from uma_callbacks.integrations import wandb as sink_module
+
+    good = tmp_path / "influence.csv"
+    good.write_text("sample,self_influence,text\n0,1.5,to be\n1,,or not\n")
+    table = sink_module._csv_table(wandb, good)
+    assert table.columns == ["sample", "self_influence", "text"]
+    assert table.data == [[0.0, 1.5, "to be"], [1.0, None, "or not"]]
+    ragged = tmp_path / "ragged.csv"
+    ragged.write_text("a,b\n1,2,3\n")
+    huge = tmp_path / "huge.csv"
+    huge.write_text("a\n" + "1\n" * (sink_module._CSV_MAX_ROWS + 1))
+    with caplog.at_level("WARNING"):
+        assert sink_module._csv_table(wandb, ragged) is None
+        assert sink_module._csv_table(wandb, huge) is None
+    assert "ragged.csv" in caplog.text and "huge.csv" in caplog.text
