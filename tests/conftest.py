@@ -95,68 +95,6 @@ def pytest_runtest_teardown(item, nextitem):
     gc.freeze()
 
 
-# A new MLflow SQLite store runs MLflow's schema migrations (alembic, several dozen): 0.7 to 1 s
-# of CPU each time, and the tests make many stores. The first new store a test process makes is
-# migrated by MLflow itself and kept (in memory) as the template; every later new SQLite store
-# of this process starts as a copy of it (sqlite3's backup API: the tables and rows MLflow's own
-# migrations left, in milliseconds), and MLflow then opens it as usual (its schema check
-# included). A store the copy cannot go into (a read-only folder, a full disk) is initialised by
-# MLflow itself, as before. Processes the tests start migrate their own stores.
-_MLFLOW_TEMPLATE: dict[str, object] = {}
-
-
-def _copying_initialize_tables(migrate):
-    """MLflow's ``_initialize_tables(engine)``, copying the process's first migrated store into later ones."""
-    import sqlite3
-    import threading
-
-    lock = threading.Lock()
-
-    def initialize(engine):
-        database = engine.url.database if engine.dialect.name == "sqlite" else None
-        if not database or database == ":memory:" or database.startswith("file:"):
-            return migrate(engine)
-        with lock:
-            template = _MLFLOW_TEMPLATE.get("db")
-            if template is not None:
-                raw = engine.raw_connection()
-                try:
-                    # a backup replaces the whole file: never into a store another engine of this
-                    # process has set up meanwhile (its experiments and runs would be lost)
-                    done = raw.driver_connection.execute(
-                        "SELECT 1 FROM sqlite_master WHERE type = 'table' AND name = 'alembic_version'"
-                    ).fetchone()
-                    if done is not None:
-                        return None
-                    template.backup(raw.driver_connection)
-                    return None
-                except Exception:  # noqa: BLE001 (MLflow's own initialisation decides)
-                    pass
-                finally:
-                    raw.close()
-            migrate(engine)
-            if template is None:
-                copy = sqlite3.connect(":memory:", check_same_thread=False)
-                raw = engine.raw_connection()
-                try:
-                    raw.driver_connection.backup(copy)
-                finally:
-                    raw.close()
-                _MLFLOW_TEMPLATE["db"] = copy
-        return None
-
-    initialize.copies_a_template = True
-    return initialize
-
-
-@pytest.hookimpl(tryfirst=True)
-def pytest_runtest_setup(item):
-    """Once MLflow's store code is imported in this process, new SQLite stores copy a migrated template."""
-    utils = sys.modules.get("mlflow.store.db.utils")
-    if utils is not None and not getattr(utils._initialize_tables, "copies_a_template", False):
-        utils._initialize_tables = _copying_initialize_tables(utils._initialize_tables)
-
-
 @pytest.fixture(scope="session")
 def mlflow_server(tmp_path_factory):
     """A real ``mlflow server`` on its own SQLite store on 127.0.0.1, started once per test

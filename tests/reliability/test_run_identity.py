@@ -192,7 +192,7 @@ def test_kill_9_mid_save_then_resume_measures_what_the_save_left(tmp_path, store
            "MLFLOW_TRACKING_URI": store}
     script = tmp_path / "killed.py"
     script.write_text(textwrap.dedent(_KILLED_RUN))
-    MlflowClient(store).search_experiments()  # the store made here (tests/conftest.py copies a migrated one), not migrated there
+    MlflowClient(store).search_experiments()  # the store made (migrated) here, not in the killed process
     proc = subprocess.run([sys.executable, str(script), str(out)], env=env, capture_output=True, text=True,
                           timeout=300, cwd=REPO)
     assert proc.returncode == -signal.SIGKILL, proc.stderr[-3000:]
