@@ -3,7 +3,7 @@
 On a GPT-2 (tied word embedding and LM head) the old cost model counted a sample's
 activations twice for a backward, the tied gradients' second copy as activations, and half
 of P for a per-sample gradient the hooks hold one tensor at a time; at 124M it planned
-gradient_flow at 1.8 times its measured peak (bench/scale.py).
+gradient_flow at about twice its measured peak (bench/scale.py).
 """
 
 from __future__ import annotations
