@@ -60,11 +60,25 @@ def _no_wandb_run_left_open():
 @pytest.fixture(autouse=True)
 def _no_mlflow_run_left_open():
     """A test that leaves an MLflow run active in this worker would hand it to the next test's
-    Trainer (``MLflowCallback`` logs into an active run), in another test's store: end it."""
+    Trainer (``MLflowCallback`` logs into an active run), in another test's store: end it.
+
+    So would a global tracking URI: ``mlflow.set_tracking_uri`` (Lightning's ``MLFlowLogger``
+    calls it) sets MLflow's process-wide URI and ``MLFLOW_TRACKING_URI`` in ``os.environ``, and
+    the Trainer's ``MLflowCallback`` then ignores the next test's ``MLFLOW_TRACKING_URI`` and
+    logs into the earlier store: both are put back as they were before the test.
+    """
+    env_before = os.environ.get("MLFLOW_TRACKING_URI")
     yield
     mlflow = sys.modules.get("mlflow")
     if mlflow is None:
         return
+    utils = sys.modules.get("mlflow.tracking._tracking_service.utils")
+    if utils is not None and getattr(utils, "_tracking_uri", None) is not None:
+        utils._tracking_uri = None
+        if env_before is None:
+            os.environ.pop("MLFLOW_TRACKING_URI", None)
+        else:
+            os.environ["MLFLOW_TRACKING_URI"] = env_before
     for _ in range(8):  # nested runs
         try:
             if mlflow.active_run() is None:
