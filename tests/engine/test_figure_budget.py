@@ -12,35 +12,18 @@ import time
 import pytest
 
 from tests.cases import mlp_case
+from tests.engine.test_time_bank import UNITS, Costing
 from uma_callbacks.config import UMAConfig
 from uma_callbacks.engine import suite as suite_module
 from uma_callbacks.engine.journal import Journal
 from uma_callbacks.engine.late_figures import LateFigures
 from uma_callbacks.engine.probe import Probe
-from uma_callbacks.engine.time_budget import TimeBank, UnitCosts, plan_save
-from uma_callbacks.metrics.base import ComputeContext, Metric, MetricResult
+from uma_callbacks.engine.time_budget import TimeBank, plan_save
+from uma_callbacks.metrics.base import MetricResult
 from uma_callbacks.session import Session
 
-UNITS = UnitCosts(forward=0.1, backward=0.2, hvp=0.5, n_batches=2)
 PNG = b"\x89PNG\r\n\x1a\n" + b"0" * 32
 DRAWING_CPU = 0.2  # CPU seconds each fake drawing burns in the worker thread
-
-
-class Costing(Metric):
-    """A metric with no knob that costs ``backwards`` x one backward of the probe."""
-
-    name = "costing"
-
-    def __init__(self, name: str, backwards: float) -> None:
-        super().__init__()
-        self.name = name  # type: ignore[misc]
-        self.backwards = backwards
-
-    def time_cost(self, units: UnitCosts) -> float:
-        return self.backwards * units.backward
-
-    def _compute(self, ctx: ComputeContext) -> MetricResult:
-        return MetricResult(name=self.name, scalars={"x": 1.0})
 
 
 def _burning_drawer(result: MetricResult) -> dict[str, bytes]:
