@@ -18,6 +18,7 @@ from uma_callbacks.metrics.base import Metric, MetricResult
 
 pytestmark = pytest.mark.skipif(malloc_in_use_reader() is None, reason="needs glibc's mallinfo2")
 HELD = 16 * 2**20  # a large allocation: glibc mmaps it the first time only
+SLACK = 2**20  # what else the process may free or take meanwhile
 
 
 class _Meters:
@@ -45,7 +46,10 @@ class Holds(Metric):
         held = torch.ones(HELD // 4)
         meter = self._meters.made[-1]
         deadline = time.monotonic() + 60  # a bound, not an assertion: the loop ends at the event
-        while meter._sampler.maximum < meter._start + HELD and time.monotonic() < deadline:
+        # the event: the sample holds the tensor. Not ``start + HELD`` exactly: a few KiB that
+        # another thread of the worker frees meanwhile (a tracker's, a figure worker's) would
+        # keep the loop waiting for the whole bound (60 s in a full run)
+        while meter._sampler.maximum < meter._start + HELD - SLACK and time.monotonic() < deadline:
             time.sleep(0.001)
         return MetricResult(self.name, scalars={"sum": float(held.sum())})
 
@@ -57,5 +61,5 @@ def test_identical_work_reads_the_same_peak_at_three_steps():
     peaks = [metric.compute(model, batches, loss_fn, peak_meter=meters).meta["peak_bytes"] for _ in range(3)]
     assert [m.method for m in meters.made] == ["malloc_sampled"] * 3
     # within 1 MiB of what it held at every step (a few KiB freed elsewhere meanwhile may show as less)
-    assert all(HELD - 2**20 <= p <= HELD + 2**20 for p in peaks), peaks
-    assert max(peaks) - min(peaks) <= 2**20, peaks
+    assert all(HELD - SLACK <= p <= HELD + SLACK for p in peaks), peaks
+    assert max(peaks) - min(peaks) <= SLACK, peaks
