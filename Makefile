@@ -33,7 +33,7 @@ demo: $(STAMP) $(SDIST)
 	$(PY) examples/demo.py --data $(DATA) --out runs/demo
 
 test: $(STAMP) $(SDIST)
-	UMA_DATA_DIR=$(abspath $(DATA)) $(PY) -m pytest -q -n auto --dist loadscope --no-loadscope-reorder
+	UMA_DATA_DIR=$(abspath $(DATA)) $(PY) -m pytest -q -n auto --dist loadscope --no-loadscope-reorder --durations=25
 
 # Reference libraries for the benchmarks; torch stays pinned, torchvision goes.
 bench-deps: $(STAMP)
