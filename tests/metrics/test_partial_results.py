@@ -14,11 +14,11 @@ import numpy as np
 import pytest
 import torch
 
-from tests.cases import mlp_case, qwen2_case
+from tests.cases import TINY_CASES, mlp_case, qwen2_case
 from uma_callbacks.engine.journal import Journal
 from uma_callbacks.engine.probe import Probe
 from uma_callbacks.engine.suite import MetricSuite
-from uma_callbacks.metrics import CheckpointInterpolation, HessianSpectrum, LossLandscape
+from uma_callbacks.metrics import CheckpointInterpolation, GradientFlow, HessianSpectrum, LossLandscape
 from uma_callbacks.metrics.base import ComputeContext, MetricTimeout
 from uma_callbacks.metrics.landscape import grid_order
 
@@ -126,6 +126,22 @@ def test_a_hessian_stopped_in_its_first_product_is_a_timeout(stop_after):
     with pytest.raises(MetricTimeout) as info:
         HessianSpectrum(top_k=2, hutchinson_samples=0, block_size=1).compute(model, batches, loss_fn)
     assert info.value.progress["matvecs"] == 1
+
+
+@pytest.mark.parametrize("method", ["auto", "vmap"])
+@pytest.mark.parametrize("case", TINY_CASES, ids=str)
+def test_a_stopped_gradient_flow_is_the_metric_on_the_samples_it_finished(stop_after, case, method):
+    """Stopped after its first chunk (the probe's first batch): exactly GradientFlow on that batch alone."""
+    model, batches, loss_fn = case.build(torch.float64)
+    first = GradientFlow(method=method).compute(model, batches[:1], loss_fn)
+    stop_after("chunks_done", 0)
+    part = GradientFlow(method=method).compute(model, batches, loss_fn)
+    assert part.status == "partial" and part.meta["stopped_by"] == "timeout"
+    n_first = next(iter(batches[0].values())).shape[0]
+    assert part.meta["samples_done"] == n_first and part.meta["progress"]["samples_done"] == n_first
+    assert first.status == "ok" and set(part.scalars) == set(first.scalars)
+    for key, value in first.scalars.items():
+        assert part.scalars[key] == pytest.approx(value, rel=1e-10, abs=1e-14, nan_ok=True), key
 
 
 def test_on_several_ranks_a_stopped_landscape_is_still_a_timeout(stop_after):

@@ -9,6 +9,7 @@ import numpy as np
 import torch
 
 from uma_callbacks.core import validate
+from uma_callbacks.core.batches import count_samples
 from uma_callbacks.core.numerics import squared_norm64
 from uma_callbacks.core.sharding import aligned_chunks, is_sharded, local, unwrap
 from uma_callbacks.linalg.layer_grads import LayerGradients, LayerSums, hook_plan, layer_gradient_sums, layer_gradients
@@ -134,7 +135,9 @@ class GradientFlow(Metric):
         names = list(params)
         sq_norm_sum = torch.zeros(len(names), dtype=torch.float64, device=local(next(iter(params.values()))).device)
         loss_sum = torch.zeros(1, dtype=torch.float64, device=sq_norm_sum.device)
-        n_chunks = 0
+        n_chunks = n_done = 0
+        if not sharded:  # on several ranks a time limit still ends the metric (see ComputeContext.keep_partial)
+            ctx.keep_partial(lambda: self._partial(names, grad_sum, sq_norm_sum, loss_sum, n_done))
         plan = hook_plan(ctx.model, params) if self.method != "vmap" else None
         vmapped: set[str] = set()
         chunks = aligned_chunks(ctx.chunks(), ctx.collective) if sharded else ctx.chunks()
@@ -174,7 +177,8 @@ class GradientFlow(Metric):
                 loss_sum += psg.losses.to(torch.float64).sum()
                 del psg, sq
             n_chunks += int(real)
-            ctx.check_time(chunks_done=n_chunks)
+            n_done += count_samples(chunk) if real else 0
+            ctx.check_time(chunks_done=n_chunks, samples_done=n_done)
         if sharded:
             ctx.collective.sum_([sq_norm_sum, loss_sum])
         else:
@@ -194,6 +198,29 @@ class GradientFlow(Metric):
         return gradient_flow_from_sums(
             names, sum_sq, sq_norm_sum, n_total, self.vanishing_ratio, self.exploding_ratio, loss_sum.item() / n_total
         )
+
+
+    def _partial(
+        self,
+        names: list[str],
+        grad_sum: dict[str, torch.Tensor],
+        sq_norm_sum: torch.Tensor,
+        loss_sum: torch.Tensor,
+        n_done: int,
+    ) -> MetricResult | None:
+        """What the chunks finished before the time limit give: the metric on those samples alone.
+
+        The sums are over the first ``n_done`` samples of the probe (the chunks run in probe
+        order), so this is exactly :class:`GradientFlow` on a probe of those samples; ``None``
+        before the first chunk ends.
+        """
+        if n_done == 0:
+            return None
+        result = gradient_flow_from_sums(
+            names, grad_sum, sq_norm_sum, n_done, self.vanishing_ratio, self.exploding_ratio, loss_sum.item() / n_done
+        )
+        result.meta["samples_done"] = n_done
+        return result
 
 
 def _acc_dtype(param_dtype: torch.dtype, accumulate_dtype: str) -> torch.dtype:
