@@ -1,4 +1,4 @@
-"""DirectionalSharpness against the exact double-backward curvature; its skips, partial results and cost; a Trainer run."""
+"""DirectionalSharpness against the exact double-backward curvature (every scheme, every direction); its cost in counted passes; skips, partial results; a Trainer run."""
 
 from __future__ import annotations
 
@@ -13,8 +13,8 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 from tests.cases import bert_case, mlp_case, ragged_lm_batches
 from uma_callbacks.core.losses import hf_per_sample_loss
 from uma_callbacks.metrics import METRICS, DirectionalSharpness
-from uma_callbacks.metrics.base import CheckpointState, History, MetricSkipped
-from uma_callbacks.metrics.sharpness import central_differences, richardson
+from uma_callbacks.metrics.base import CheckpointState, History, MetricSkipped, SaveResults
+from uma_callbacks.metrics.sharpness import GRID, OFFSETS, SCHEMES
 
 
 def gpt2_case(dtype=torch.float64, seed=0):
@@ -51,43 +51,6 @@ def _unit(tensors):
     return [t / norm for t in tensors], norm
 
 
-@pytest.mark.parametrize(("build", "step"), [(mlp_case, 0.01), (bert_case, 0.01), (gpt2_case, 1e-3)], ids=["mlp", "bert", "gpt2"])
-def test_curvature_and_slope_match_double_backward_along_update_and_gradient(build, step):
-    model, batches, loss_fn = build(torch.float64)
-    model.eval()
-    previous = _previous(model)
-    before = {n: p.detach().clone() for n, p in model.named_parameters()}
-    history = History(previous=(CheckpointState(7, previous, "fp-prev"),))
-    with sdpa_kernel(SDPBackend.MATH):
-        result = DirectionalSharpness(step=step).compute(model, batches, loss_fn, history=history)
-    assert result.status == "ok", result.meta.get("partial_reason")
-    assert all(torch.equal(p, before[n]) for n, p in model.named_parameters())  # restored bit for bit
-    update, update_norm = _unit([p.detach() - previous[n] for n, p in model.named_parameters()])
-    lam_u, slope_u, grads = exact_directional(model, batches, loss_fn, update)
-    gradient, grad_norm = _unit(grads)
-    lam_g, slope_g, _ = exact_directional(model, batches, loss_fn, gradient)
-    s = result.scalars
-    assert s["update/curvature"] == pytest.approx(lam_u, rel=1e-4)
-    assert s["gradient/curvature"] == pytest.approx(lam_g, rel=1e-4)
-    assert abs(s["update/curvature"] - lam_u) <= s["update/curvature_error"] + 1e-12  # the error estimate holds
-    assert abs(s["gradient/curvature"] - lam_g) <= s["gradient/curvature_error"] + 1e-12
-    assert s["update/slope"] == pytest.approx(slope_u, rel=1e-9)
-    assert s["gradient/slope"] == pytest.approx(slope_g, rel=1e-9) and s["gradient/slope"] == pytest.approx(grad_norm, rel=1e-9)
-    assert s["update/norm"] == pytest.approx(update_norm, rel=1e-12)
-    for name, lam in (("update", lam_u), ("gradient", lam_g)):
-        if lam > 0:
-            assert s[f"{name}/critical_lr"] == pytest.approx(2.0 / lam, rel=1e-4)
-        else:
-            assert f"{name}/critical_lr" not in s
-    with torch.no_grad():
-        loss = torch.cat([loss_fn(model, b).reshape(-1).double() for b in batches]).mean().item()
-    assert s["loss"] == pytest.approx(loss, rel=1e-12)
-    np.testing.assert_allclose(result.arrays["steps"], [step, 2 * step, 4 * step])
-    assert result.arrays["update/losses"].shape == (7,) and result.arrays["update/losses"][3] == pytest.approx(loss, rel=1e-12)
-    n_chunks = len(batches)
-    assert result.meta["forward_passes"] == 13 * n_chunks and result.meta["backward_passes"] == n_chunks
-
-
 def _dense_top_fisher_vector(model, batches, loss_fn):
     """v_1 of the empirical Fisher F = G^T G / N, its largest entry positive, and F's top eigenvalue.
 
@@ -104,43 +67,174 @@ def _dense_top_fisher_vector(model, batches, loss_fn):
     return vector, float(singular[0]) ** 2 / grads.shape[0]
 
 
-@pytest.mark.parametrize("spectrum", ["gram", "lanczos"])
-@pytest.mark.parametrize(("build", "step"), [(mlp_case, 0.01), (gpt2_case, 1e-3)], ids=["mlp", "gpt2"])
-def test_fisher_direction_is_the_top_fisher_eigenvector_and_matches_double_backward(build, step, spectrum, monkeypatch):
+def _handed_fisher(model, vector):
+    """What ``fisher`` hands on at a save: ``{"fisher": {"top_eigenvector": {param name: tensor}}}``."""
+    names = [n for n, p in model.named_parameters() if p.requires_grad]
+    return SaveResults(outputs={"fisher": {"top_eigenvector": dict(zip(names, vector))}})
+
+
+#: (model, scheme, step): each scheme at a step inside its asymptotic regime on each model (the
+#: tiny GPT-2's gradient direction has |f''' / f''| ~ 140, so the schemes that see odd
+#: derivatives need smaller steps there: ``"one_sided"`` was 1.3e-4 off at 1e-3).
+ORACLE_CASES = [
+    (mlp_case, "two_sided", 0.01), (mlp_case, "one_sided", 0.01), (mlp_case, "central", 0.01),
+    (bert_case, "two_sided", 3e-3), (bert_case, "one_sided", 3e-3), (bert_case, "central", 0.01),
+    (gpt2_case, "two_sided", 1e-3), (gpt2_case, "one_sided", 3e-4), (gpt2_case, "central", 1e-3),
+]  # fmt: skip
+
+
+@pytest.mark.parametrize(("build", "scheme", "step"), ORACLE_CASES, ids=lambda v: getattr(v, "__name__", str(v)))
+def test_curvature_and_slope_match_double_backward_along_all_three_directions(build, scheme, step):
+    model, batches, loss_fn = build(torch.float64)
+    model.eval()
+    previous = _previous(model)
+    before = {n: p.detach().clone() for n, p in model.named_parameters()}
+    history = History(previous=(CheckpointState(7, previous, "fp-prev"),))
+    fisher, _ = _dense_top_fisher_vector(model, batches, loss_fn)
+    metric = DirectionalSharpness(directions=["update", "gradient", "fisher"], step=step, scheme=scheme)
+    with sdpa_kernel(SDPBackend.MATH):
+        result = metric.compute(model, batches, loss_fn, history=history, results=_handed_fisher(model, fisher))
+    assert result.status == "ok", result.meta.get("partial_reason")
+    assert result.meta["skipped_directions"] == {} and result.meta["scheme"] == scheme
+    assert all(torch.equal(p, before[n]) for n, p in model.named_parameters())  # restored bit for bit
+    update, update_norm = _unit([p.detach() - previous[n] for n, p in model.named_parameters()])
+    lam_u, slope_u, grads = exact_directional(model, batches, loss_fn, update)
+    gradient, grad_norm = _unit(grads)
+    lam_g, slope_g, _ = exact_directional(model, batches, loss_fn, gradient)
+    lam_f, slope_f, _ = exact_directional(model, batches, loss_fn, fisher)
+    s = result.scalars
+    for name, lam, slope in (("update", lam_u, slope_u), ("gradient", lam_g, slope_g), ("fisher", lam_f, slope_f)):
+        assert s[f"{name}/curvature"] == pytest.approx(lam, rel=1e-4), name
+        assert abs(s[f"{name}/curvature"] - lam) <= s[f"{name}/curvature_error"] + 1e-12, name  # the error estimate holds
+        assert s[f"{name}/slope"] == pytest.approx(slope, rel=1e-9, abs=1e-12), name  # exact: g . d from the backward
+        assert f"{name}/slope_error" not in s
+        if lam > 0:
+            assert s[f"{name}/critical_lr"] == pytest.approx(2.0 / lam, rel=1e-4), name
+        else:
+            assert f"{name}/critical_lr" not in s
+    assert s["gradient/slope"] == pytest.approx(grad_norm, rel=1e-9)
+    assert s["update/norm"] == pytest.approx(update_norm, rel=1e-12) and "fisher/norm" not in s
+    assert result.meta["slope_method"].startswith("exact")
+    with torch.no_grad():
+        loss = torch.cat([loss_fn(model, b).reshape(-1).double() for b in batches]).mean().item()
+    assert s["loss"] == pytest.approx(loss, rel=1e-12)
+    np.testing.assert_allclose(result.arrays["steps"], [step, 2 * step, 4 * step])
+    evaluated = list(GRID) if scheme == "central" else [0.0, *OFFSETS[scheme]]
+    for name in ("update", "gradient", "fisher"):
+        losses = result.arrays[f"{name}/losses"]
+        assert losses.shape == (7,) and losses[3] == pytest.approx(loss, rel=1e-12)
+        assert [t for t, v in zip(GRID, losses) if not np.isnan(v)] == sorted(evaluated)  # NaN where f is not evaluated
+        assert result.arrays[f"{name}/second_differences"].shape == (3,)
+    forwards = {"two_sided": 10, "one_sided": 10, "central": 20}[scheme]
+    assert result.meta["probe_forwards"] == forwards
+    n_chunks = len(batches)
+    assert result.meta["forward_passes"] == (forwards - 1) * n_chunks and result.meta["backward_passes"] == n_chunks
+
+
+class _PassCounter:
+    """Counts the probe passes a metric makes: forwards by a forward pre-hook (samples / probe samples), backwards by a gradient hook on one parameter."""
+
+    def __init__(self, model, n_samples, n_chunks):
+        self.samples = 0
+        self.backward_chunks = 0
+        self._n, self._chunks = n_samples, n_chunks
+        self._handles = [model.register_forward_pre_hook(self._forward, with_kwargs=True),
+                         next(model.parameters()).register_hook(self._backward)]  # fmt: skip
+
+    def _forward(self, _module, args, kwargs):
+        x = kwargs.get("input_ids", args[0] if args else None)
+        self.samples += int(x.shape[0])
+
+    def _backward(self, grad):
+        self.backward_chunks += 1
+
+    @property
+    def forwards(self):
+        return self.samples / self._n
+
+    @property
+    def backwards(self):
+        return self.backward_chunks / self._chunks
+
+    def remove(self):
+        for handle in self._handles:
+            handle.remove()
+
+
+@pytest.mark.parametrize(("scheme", "forwards", "backwards"), [("two_sided", 10, 1), ("one_sided", 10, 1), ("central", 20, 1)])
+def test_three_directions_cost_what_the_scheme_declares_counted_by_hooks(scheme, forwards, backwards):
+    """The default measures all three directions in 10 probe forwards (the backward's included) and 1 backward."""
+    from uma_callbacks.metrics.time_cost import UnitCosts
+
+    model, batches, loss_fn = gpt2_case()
+    history = History(previous=(CheckpointState(1, _previous(model), "p"),))
+    gen = torch.Generator().manual_seed(5)
+    fisher, _ = _unit([torch.randn(p.shape, generator=gen, dtype=p.dtype) for p in model.parameters()])  # any unit vector
+    metric = DirectionalSharpness(directions=["update", "gradient", "fisher"], step=1e-3, scheme=scheme)
+    counter = _PassCounter(model, n_samples=sum(len(b["input_ids"]) for b in batches), n_chunks=len(batches))
+    try:
+        result = metric.compute(model, batches, loss_fn, history=history, results=_handed_fisher(model, fisher))
+    finally:
+        counter.remove()
+    assert result.meta["skipped_directions"] == {}
+    assert (counter.forwards, counter.backwards) == (forwards, backwards)
+    assert metric.probe_passes() == (forwards, backwards) and result.meta["probe_forwards"] == forwards
+    units = UnitCosts(forward=1.0, backward=3.0, hvp=6.0, n_batches=1)  # the planner's view: a backward is a forward+backward
+    assert metric.time_cost(units) == (forwards - backwards) * 1.0 + backwards * 3.0
+    if scheme != "central":  # the issue's 12 probe forwards for optimizer_state + weight_spectra + sharpness (the others: none)
+        assert forwards <= 12
+
+
+def test_central_alone_along_the_update_needs_no_backward_and_the_default_does_one():
+    model, batches, loss_fn = mlp_case()
+    history = History(previous=(CheckpointState(1, _previous(model), "p"),))
+    n = sum(len(b["x"]) for b in batches)
+    for scheme, forwards, backwards in (("central", 7, 0), ("two_sided", 4, 1)):
+        metric = DirectionalSharpness(directions=["update"], scheme=scheme)
+        counter = _PassCounter(model, n_samples=n, n_chunks=len(batches))
+        try:
+            metric.compute(model, batches, loss_fn, history=history)
+        finally:
+            counter.remove()
+        assert (counter.forwards, counter.backwards) == (forwards, backwards) == metric.probe_passes()
+        assert dict(metric.memory_modes())["default"].forward_only is (backwards == 0)
+
+
+def test_fisher_direction_through_the_suite_is_the_top_fisher_eigenvector_and_matches_double_backward(monkeypatch):
     """Direction (c) through the suite: fisher runs first (listed after) and hands on v_1; f''(0) = v_1^T H v_1 to 1e-4."""
     from uma_callbacks.engine.probe import Probe
     from uma_callbacks.engine.suite import MetricSuite
     from uma_callbacks.metrics import FisherInformation
-    from uma_callbacks.metrics.base import SaveResults
 
-    if spectrum == "lanczos":  # the spectrum by Lanczos (the Gram path is for one process, up to GRAM_MAX_ROWS rows)
-        monkeypatch.setattr("uma_callbacks.metrics.fisher.GRAM_MAX_ROWS", 0)
-    model, batches, loss_fn = build(torch.float64)
-    model.eval()
-    dense, top = _dense_top_fisher_vector(model, batches, loss_fn)
-    fisher = FisherInformation(top_k=2, lanczos_tol=1e-10, max_matvecs=60)
-    handed = fisher.compute(model, batches, loss_fn, results=SaveResults(requested=frozenset({"top_eigenvector"})))
-    assert handed.meta["spectrum_method"] == spectrum
-    assert handed.arrays["top_eigenvalues"][0] == pytest.approx(top, rel=1e-9)
-    vector = handed.provided["top_eigenvector"]
-    assert list(vector) == [n for n, p in model.named_parameters() if p.requires_grad]
-    for got, want in zip(vector.values(), dense):
-        torch.testing.assert_close(got, want, rtol=0, atol=1e-7)  # the same unit vector, the same sign
-    with sdpa_kernel(SDPBackend.MATH):
-        suite = MetricSuite(metrics=[DirectionalSharpness(directions=["gradient", "fisher"], step=step), fisher],
-                            loss_fn=loss_fn, draw_figures=False)  # fmt: skip
-        records = suite.run(model, Probe(batches), step=1)
-    assert [r.metric for r in records] == ["fisher", "sharpness"]
-    sharp = records[1]
-    assert sharp.status == "ok", (sharp.error, sharp.meta.get("partial_reason"))
-    assert sharp.meta["skipped_directions"] == {} and "results_missing" not in sharp.meta
-    lam, slope, _ = exact_directional(model, batches, loss_fn, dense)
-    s = sharp.scalars
-    assert s["fisher/curvature"] == pytest.approx(lam, rel=1e-4)
-    assert abs(s["fisher/curvature"] - lam) <= s["fisher/curvature_error"] + 1e-12
-    assert s["fisher/slope"] == pytest.approx(slope, rel=1e-6, abs=1e-12)
-    assert s["fisher/critical_lr"] == pytest.approx(2.0 / lam, rel=1e-4) and "fisher/norm" not in s
-    assert sharp.meta["forward_passes"] == 13 * len(batches)
+    for build, step, spectrum in ((mlp_case, 0.01, "gram"), (gpt2_case, 1e-3, "lanczos")):
+        if spectrum == "lanczos":  # the spectrum by Lanczos (the Gram path is for one process, up to GRAM_MAX_ROWS rows)
+            monkeypatch.setattr("uma_callbacks.metrics.fisher.GRAM_MAX_ROWS", 0)
+        model, batches, loss_fn = build(torch.float64)
+        model.eval()
+        dense, top = _dense_top_fisher_vector(model, batches, loss_fn)
+        fisher = FisherInformation(top_k=2, lanczos_tol=1e-10, max_matvecs=60)
+        handed = fisher.compute(model, batches, loss_fn, results=SaveResults(requested=frozenset({"top_eigenvector"})))
+        assert handed.meta["spectrum_method"] == spectrum
+        assert handed.arrays["top_eigenvalues"][0] == pytest.approx(top, rel=1e-9)
+        vector = handed.provided["top_eigenvector"]
+        assert list(vector) == [n for n, p in model.named_parameters() if p.requires_grad]
+        for got, want in zip(vector.values(), dense):
+            torch.testing.assert_close(got, want, rtol=0, atol=1e-7)  # the same unit vector, the same sign
+        with sdpa_kernel(SDPBackend.MATH):
+            suite = MetricSuite(metrics=[DirectionalSharpness(directions=["gradient", "fisher"], step=step), fisher],
+                                loss_fn=loss_fn, draw_figures=False)  # fmt: skip
+            records = suite.run(model, Probe(batches), step=1)
+        assert [r.metric for r in records] == ["fisher", "sharpness"]
+        sharp = records[1]
+        assert sharp.status == "ok", (sharp.error, sharp.meta.get("partial_reason"))
+        assert sharp.meta["skipped_directions"] == {} and "results_missing" not in sharp.meta
+        lam, slope, _ = exact_directional(model, batches, loss_fn, dense)
+        s = sharp.scalars
+        assert s["fisher/curvature"] == pytest.approx(lam, rel=1e-4)
+        assert abs(s["fisher/curvature"] - lam) <= s["fisher/curvature_error"] + 1e-12
+        assert s["fisher/slope"] == pytest.approx(slope, rel=1e-6, abs=1e-12)
+        assert s["fisher/critical_lr"] == pytest.approx(2.0 / lam, rel=1e-4) and "fisher/norm" not in s
+        assert sharp.meta["probe_forwards"] == 7 and sharp.meta["forward_passes"] == 6 * len(batches)
 
 
 def test_fisher_direction_is_skipped_with_the_reason_when_fisher_fails_or_is_absent():
@@ -160,22 +254,39 @@ def test_fisher_direction_is_skipped_with_the_reason_when_fisher_fails_or_is_abs
         assert needle in sharp.meta["results_missing"]["fisher"]
 
 
-def test_float32_stays_within_its_error_estimate():
+@pytest.mark.parametrize("scheme", SCHEMES)
+def test_float32_stays_within_its_error_estimate(scheme):
     model, batches, loss_fn = mlp_case(torch.float32)
-    result = DirectionalSharpness(directions=["gradient"], step=0.05).compute(model, batches, loss_fn)
+    result = DirectionalSharpness(directions=["gradient"], step=0.05, scheme=scheme).compute(model, batches, loss_fn)
     _, _, grads = exact_directional(model, batches, loss_fn, [torch.zeros_like(p) for p in model.parameters()])
     lam, _, _ = exact_directional(model, batches, loss_fn, _unit(grads)[0])
     assert result.status == "ok"
     assert abs(result.scalars["gradient/curvature"] - lam) <= result.scalars["gradient/curvature_error"]
     assert result.scalars["gradient/curvature"] == pytest.approx(lam, rel=1e-3)
+    assert result.meta["rounding_noise"] > 0 and result.meta["slope_noise"] > 0
 
 
-def test_steps_too_large_for_the_curvature_give_a_partial_result_naming_the_direction():
+@pytest.mark.parametrize(("scheme", "step"), [("central", 0.1), ("one_sided", 0.03)])
+def test_steps_too_large_for_the_curvature_give_a_partial_result_naming_the_direction(scheme, step):
     model, batches, loss_fn = gpt2_case()
     with sdpa_kernel(SDPBackend.MATH):
-        result = DirectionalSharpness(directions=["gradient"], step=0.1).compute(model, batches, loss_fn)
+        result = DirectionalSharpness(directions=["gradient"], step=step, scheme=scheme).compute(model, batches, loss_fn)
     assert result.status == "partial" and "gradient" in result.meta["partial_reason"]
     assert "gradient/curvature" in result.scalars  # values kept
+
+
+def test_two_sided_has_no_partial_check_and_its_error_estimate_grows_with_the_step():
+    """Three values fit the extrapolation exactly, so no check on them; a step too large shows in the error estimate."""
+    model, batches, loss_fn = gpt2_case()
+    _, _, grads = exact_directional(model, batches, loss_fn, [torch.zeros_like(p) for p in model.parameters()])
+    lam, _, _ = exact_directional(model, batches, loss_fn, _unit(grads)[0])
+    errors = []
+    for step in (1e-3, 3e-2):
+        with sdpa_kernel(SDPBackend.MATH):
+            result = DirectionalSharpness(directions=["gradient"], step=step).compute(model, batches, loss_fn)
+        assert result.status == "ok" and "partial_reason" not in result.meta
+        errors.append(result.scalars["gradient/curvature_error"] / abs(lam))
+    assert errors[0] < 1e-3 and errors[1] > 0.1  # 5e-4 and 0.15 of f'' (the value itself is 0.47 off there)
 
 
 def test_first_checkpoint_skips_the_update_and_fisher_with_their_reasons():
@@ -185,41 +296,46 @@ def test_first_checkpoint_skips_the_update_and_fisher_with_their_reasons():
     assert set(skipped) == {"update", "fisher"} and "previous checkpoint" in skipped["update"]
     assert skipped["fisher"].startswith("no top Fisher eigenvector at this save: fisher did not run before this metric")
     assert "gradient/curvature" in result.scalars and not any(k.startswith("update/") for k in result.scalars)
-    assert result.meta["forward_passes"] == 7 * len(batches)
+    assert result.meta["probe_forwards"] == 4 and result.meta["forward_passes"] == 3 * len(batches)
     with pytest.raises(MetricSkipped, match="no direction"):
         DirectionalSharpness(directions=["update"]).compute(model, batches, loss_fn)
 
 
-def test_update_alone_needs_no_backward_and_takes_the_slope_from_differences():
+def test_central_update_alone_takes_the_slope_from_differences():
     model, batches, loss_fn = mlp_case()
     previous = _previous(model)
     history = History(previous=(CheckpointState(1, previous, "p"),))
-    result = DirectionalSharpness(directions=["update"], step=0.01).compute(model, batches, loss_fn, history=history)
+    metric = DirectionalSharpness(directions=["update"], step=0.01, scheme="central")
+    result = metric.compute(model, batches, loss_fn, history=history)
     update, _ = _unit([p.detach() - previous[n] for n, p in model.named_parameters()])
     _, slope, _ = exact_directional(model, batches, loss_fn, update)
     assert result.meta["backward_passes"] == 0 and result.meta["forward_passes"] == 7 * len(batches)
+    assert result.meta["slope_method"].startswith("central")
     assert result.scalars["update/slope"] == pytest.approx(slope, rel=1e-8)
     assert result.scalars["update/slope_error"] < 1e-8
-
-
-def test_richardson_and_central_differences_on_closed_forms():
-    est, err, table = richardson([1.0 + 0.3 * h**2 + 0.2 * h**4 for h in (0.1, 0.2, 0.4)])
-    assert est == pytest.approx(1.0, abs=1e-14) and len(table) == 3 and err > 0
-    f = np.cosh  # f'' (0) = 1, f'(0) = 0
-    hs = [0.05, 0.1, 0.2]
-    out = central_differences(f(0.0), [f(h) for h in hs], [f(-h) for h in hs], hs)
-    assert out["curvature"] == pytest.approx(1.0, rel=1e-9) and out["asymptotic"]
-    assert out["ratio"] == pytest.approx(0.25, rel=0.05)
 
 
 @pytest.mark.parametrize(
     ("kwargs", "field"),
     [({"directions": ["hessian"]}, "directions"), ({"directions": []}, "directions"), ({"directions": "update"}, "directions"),
-     ({"directions": ["update", "update"]}, "directions"), ({"step": 0.0}, "step"), ({"n_batches": 0}, "n_batches")],
+     ({"directions": ["update", "update"]}, "directions"), ({"step": 0.0}, "step"), ({"n_batches": 0}, "n_batches"),
+     ({"scheme": "forward"}, "scheme")],
 )  # fmt: skip
 def test_bad_arguments_name_the_field(kwargs, field):
     with pytest.raises(ValueError, match=field):
         DirectionalSharpness(**kwargs)
+
+
+def test_scheme_error_lists_the_schemes_and_the_scheme_is_in_the_cache_key():
+    from uma_callbacks.engine.suite import _key_config
+
+    expected = r"DirectionalSharpness\.scheme must be one of \('two_sided', 'one_sided', 'central'\); got 'forward'"
+    with pytest.raises(ValueError, match=expected):
+        DirectionalSharpness(scheme="forward")
+    keys = [_key_config(DirectionalSharpness(scheme=scheme))[0] for scheme in SCHEMES]
+    assert [k["scheme"] for k in keys] == list(SCHEMES)  # the keys differ in the scheme alone
+    assert all({**k, "scheme": None} == {**keys[0], "scheme": None} for k in keys)
+    assert DirectionalSharpness().scheme == "two_sided"
 
 
 def test_time_cost_counts_forwards_and_the_backward():
@@ -227,10 +343,12 @@ def test_time_cost_counts_forwards_and_the_backward():
 
     units = UnitCosts(forward=1.0, backward=3.0, hvp=6.0, n_batches=4)
     assert METRICS["sharpness"] is DirectionalSharpness
-    assert DirectionalSharpness().time_cost(units) == 13.0 + 3.0
-    assert DirectionalSharpness(directions=["update", "fisher"]).time_cost(units) == 13.0
-    scaled, changes = DirectionalSharpness().scaled_to(8.0, units)
-    assert changes == {"n_batches": [None, 2]} and scaled.time_cost(units) <= 8.0
+    assert DirectionalSharpness().time_cost(units) == 6.0 + 3.0  # 1 + 3 x 2 forwards, one of them with its backward
+    assert DirectionalSharpness(directions=["update", "fisher"]).time_cost(units) == 6.0 + 3.0
+    assert DirectionalSharpness(scheme="central").time_cost(units) == 13.0 + 3.0
+    assert DirectionalSharpness(directions=["update", "fisher"], scheme="central").time_cost(units) == 13.0
+    scaled, changes = DirectionalSharpness().scaled_to(5.0, units)
+    assert changes == {"n_batches": [None, 2]} and scaled.time_cost(units) <= 5.0
 
 
 def test_figure_is_drawn_from_the_result_alone(tmp_path):

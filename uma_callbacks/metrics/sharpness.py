@@ -1,4 +1,36 @@
-r"""Directional sharpness: the probe loss's curvature along the last update, the gradient and the top Fisher eigenvector."""
+r"""Directional sharpness: the probe loss's curvature along the last update, the gradient and the top Fisher eigenvector.
+
+For a unit direction d, f(t) = L(theta + t d), and the sharpness is f''(0) = d^T H d. It is
+measured by finite differences of f extrapolated to a zero step (Richardson, Neville), by
+one of :data:`SCHEMES`, h = ``step``:
+
+- ``"two_sided"`` (the default): one forward+backward at theta gives f(0) = L(theta) and
+  the gradient g, hence the exact slope s_d = g . d along every direction. Then three
+  forwards per direction, at t = -h, h, 2h, and D(u) = 2 (f(u) - f(0) - u s_d) / u^2
+  = f'' + f''' u / 3 + f'''' u^2 / 12 + f^(5) u^3 / 60 + ...; the quadratic through the three
+  D(u), at 0, is R = D(-h)/3 + D(h) - D(2h)/3 = f'' - f^(5) h^3 / 30 + ...
+  (:func:`~uma_callbacks.core.finite_differences.slope_corrected_differences`). Three
+  directions cost 1 + 3 x 3 = 10 probe forwards (one of them with its backward): the issue
+  allows the metrics ``optimizer_state``, ``weight_spectra`` and ``sharpness`` 12 probe
+  forwards together (the first two need none), where central differences at three steps
+  cost 1 + 6 x 3 + 1 = 20.
+- ``"one_sided"``: the same at t = h, 2h, 4h (Richardson in h, then h^2):
+  R = (8 D(h) - 6 D(2h) + D(4h)) / 3, truncation 4x and rounding gain 2x those of
+  ``"two_sided"`` (2 f^(5) h^3 / 15 and 10.75 delta / h^2 against f^(5) h^3 / 30 and
+  5.33 delta / h^2, delta the rounding of one f value).
+- ``"central"``: f at t = 0, +-h, +-2h, +-4h; the central second differences
+  (f(h) - 2 f(0) + f(-h)) / h^2 = f'' + f'''' h^2 / 12 + ... extrapolated in h^2
+  (:func:`~uma_callbacks.core.finite_differences.central_differences`): truncation O(h^6),
+  and no odd derivative in the way; 1 + 6 forwards per direction, and a backward only for
+  the ``"gradient"`` direction (the slope along the others from central first differences).
+
+Measured at h = 0.01 against float64 central differences on a random float32 GPT-2 (30M,
+``bench/scale.py --quick``'s) and the MiniLM, along the gradient, sign(g) (an Adam-like
+update) and a random direction: ``"two_sided"``'s error was 1.7x to 5x smaller than
+``"one_sided"``'s, and up to 4x larger than ``"central"``'s (along the GPT-2's gradient,
+where |f''' / f''| is about 500: 2.2% against 0.5%); every error estimate covered its error,
+and rounding made most of each.
+"""
 
 from __future__ import annotations
 
@@ -10,119 +42,44 @@ import numpy as np
 import torch
 
 from uma_callbacks.core import validate
+from uma_callbacks.core.finite_differences import (
+    RATIO,
+    central_differences,
+    richardson,
+    slope_corrected_differences,
+)
 from uma_callbacks.core.sharding import unwrap
 from uma_callbacks.linalg.weights import flat_dot, moved_weights
 from uma_callbacks.metrics.base import ComputeContext, Cost, Metric, MetricResult, MetricSkipped, check_choice
 from uma_callbacks.metrics.landscape import _local_chunks, probe_loss_sum
 from uma_callbacks.metrics.time_cost import Scaling, UnitCosts, batches_used, per_batch
 
+__all__ = ["DIRECTIONS", "SCHEMES", "DirectionalSharpness", "central_differences", "richardson", "slope_corrected_differences"]
+
 #: The directions, in the order they are measured: (a) the last update, (b) the probe
 #: gradient, (c) the top Fisher eigenvector.
 DIRECTIONS = ("update", "gradient", "fisher")
-#: Step sizes h, RATIO h, RATIO^2 h.
-RATIO = 2.0
+#: The finite-difference schemes, the default first.
+SCHEMES = ("two_sided", "one_sided", "central")
+#: Offsets t / h at which the slope-corrected schemes evaluate f along each direction, smallest |t| first.
+OFFSETS = {"two_sided": (-1.0, 1.0, 2.0), "one_sided": (1.0, RATIO, RATIO**2)}
+#: The central scheme's step sizes: h, RATIO h, RATIO^2 h.
 N_STEPS = 3
+#: The points of ``<d>/losses``: t / h = -4, -2, -1, 0, 1, 2, 4 (NaN where the scheme does not evaluate f).
+GRID = tuple([-(RATIO**k) for k in reversed(range(N_STEPS))] + [0.0] + [RATIO**k for k in range(N_STEPS)])
+#: In the asymptotic regime of D(u) = f'' + c_1 u + c_2 u^2 + ... on u = h, rh, r^2 h,
+#: q = (D(rh) - D(h)) / (D(r^2 h) - D(rh)) is 1/r where c_1 dominates and 1/r^2 where c_2
+#: does; ``"one_sided"`` is partial for q outside [1/(2 r^2), 1.5/r]. Below, higher terms
+#: dominate (steps too large for a sharp direction); above, the differences shrink more slowly
+#: than h, which steps near a pole do: f = 1/(1 + k t), h = 0.01 gave q = 0.85 to 1.25 for
+#: k = 30 to 100 and errors 1.2x to 4x the estimate (log1p(k t) alike), while exp(+-k t)
+#: kept q in the window and its error within the estimate up to k = 60.
+ONE_SIDED_WINDOW = (0.5 / RATIO**2, 1.5 / RATIO)
+#: The slope's rounding bound in units of eps x ||g||: a float32 backward's gradient was off
+#: the float64 one by 8 eps ||g|| (a random GPT-2 of 30M) and 9 eps ||g|| (the MiniLM).
+SLOPE_NOISE_ULPS = 32.0
 #: What direction (c) reads from the ``fisher`` metric of the same save.
 FISHER_OUTPUT = "top_eigenvector"
-
-
-def richardson(values: Sequence[float], ratio: float = RATIO) -> tuple[float, float, list[list[float]]]:
-    r"""Richardson extrapolation to h -> 0 of a central difference with an even error series.
-
-    ``values[k]`` = A(h_k) at h_k = ratio^k h with A(h) = a + c_1 h^2 + c_2 h^4 + ...; level
-    j removes the h^{2j} term: R_j[k] = (r^{2j} R_{j-1}[k] - R_{j-1}[k+1]) / (r^{2j} - 1), R_0 = values.
-
-    Args:
-        values: A(h_0), A(h_1), ... (at least 2).
-        ratio: h_{k+1} / h_k.
-
-    Returns:
-        ``(estimate, error, table)``: the last level's single value, its distance to the
-        level before's first value (the error estimate), and the table of levels.
-
-    Example:
-        >>> f = lambda h: 3.0 + 2.0 * h**2 + 5.0 * h**4  # A(h) with a = 3
-        >>> est, err, _ = richardson([f(0.1), f(0.2), f(0.4)])
-        >>> round(est, 12), err < 1e-2
-        (3.0, True)
-    """
-    table = [list(map(float, values))]
-    while len(table[-1]) > 1:
-        j = len(table)
-        w = ratio ** (2 * j)
-        prev = table[-1]
-        table.append([(w * prev[k] - prev[k + 1]) / (w - 1.0) for k in range(len(prev) - 1)])
-    estimate = table[-1][0]
-    error = abs(estimate - table[-2][0]) if len(table) > 1 else math.inf
-    return estimate, error, table
-
-
-#: Largest noise gain of the Richardson second derivative: with noise delta in each f, D(h_k)
-#: is off by at most 4 delta / h_k^2 and R_2 = (64 D(h) - 20 D(2h) + D(4h)) / 45 by
-#: (256 + 20 + 1/4) / 45 delta / h^2.
-NOISE_GAIN = 276.25 / 45.0
-#: In the asymptotic regime (D(h) = f'' + c h^2), (D(2h) - D(h)) / (D(4h) - D(2h)) = 1/4;
-#: outside this window the steps are too large (or rounding dominates) and the result is partial.
-RATIO_WINDOW = (0.125, 0.5)
-
-
-def central_differences(
-    f0: float, plus: Sequence[float], minus: Sequence[float], steps: Sequence[float], noise: float = 0.0
-) -> dict[str, Any]:
-    r"""First and second derivatives of f at 0 from f(0), f(+h_k), f(-h_k), with Richardson.
-
-    - second differences D(h) = (f(h) - 2 f(0) + f(-h)) / h^2 = f'' + f'''' h^2 / 12 + ...;
-    - first differences C(h) = (f(h) - f(-h)) / (2 h) = f' + f''' h^2 / 6 + ...;
-
-    each extrapolated by :func:`richardson` over the step sizes (ratio ``steps[1] / steps[0]``).
-
-    ``curvature_error`` = |R_2 - R_1| + :data:`NOISE_GAIN` x ``noise`` / h^2: the truncation
-    estimate plus a bound on what a rounding error of at most ``noise`` in each f does.
-    ``asymptotic``: the second differences shrink as h^2 (their ratio
-    (D(2h) - D(h)) / (D(4h) - D(2h)) within :data:`RATIO_WINDOW`), or differ by no more
-    than rounding; where not, no estimate from these steps is trustworthy.
-
-    Args:
-        f0: f(0).
-        plus: f(+h_k) for each step.
-        minus: f(-h_k) for each step.
-        steps: h_k, ascending, in a constant ratio.
-        noise: a bound on the rounding error of each f value.
-
-    Returns:
-        ``{"curvature", "curvature_error", "slope", "slope_error", "second_differences",
-        "first_differences", "ratio", "asymptotic"}``.
-
-    Example:
-        >>> f = lambda x: 1.0 + 0.5 * x + 2.0 * x**2 - x**3 + x**4
-        >>> hs = [0.01, 0.02, 0.04]
-        >>> out = central_differences(f(0.0), [f(h) for h in hs], [f(-h) for h in hs], hs)
-        >>> round(out["curvature"], 10), round(out["slope"], 10), out["asymptotic"]
-        (4.0, 0.5, True)
-    """
-    ratio = steps[1] / steps[0] if len(steps) > 1 else RATIO
-    second = [(p - 2.0 * f0 + m) / (h * h) for p, m, h in zip(plus, minus, steps)]
-    first = [(p - m) / (2.0 * h) for p, m, h in zip(plus, minus, steps)]
-    curvature, truncation, _ = richardson(second, ratio)
-    slope, slope_error, _ = richardson(first, ratio)
-    rounding = NOISE_GAIN * noise / (steps[0] * steps[0])
-    q = math.nan
-    asymptotic = True
-    if len(second) >= 3:
-        near, far = second[1] - second[0], second[2] - second[1]
-        q = near / far if far != 0.0 else math.nan
-        within_rounding = abs(second[2] - second[0]) <= 2.0 * rounding
-        asymptotic = within_rounding or (RATIO_WINDOW[0] <= q <= RATIO_WINDOW[1])
-    return {
-        "curvature": curvature,
-        "curvature_error": truncation + rounding,
-        "slope": slope,
-        "slope_error": slope_error,
-        "second_differences": second,
-        "first_differences": first,
-        "ratio": q,
-        "asymptotic": asymptotic,
-    }
 
 
 class DirectionalSharpness(Metric):
@@ -142,42 +99,68 @@ class DirectionalSharpness(Metric):
     A direction that cannot be measured is named with its reason in
     ``meta["skipped_directions"]``; the others are measured.
 
-    Per direction, with h_k = ``step`` x 2^k (k = 0, 1, 2), f is evaluated at t = 0 (once
-    for all directions) and t = +-h_k: 6 forwards per direction plus one, and one backward
-    for ``"gradient"``. Then (:func:`central_differences`):
+    Schemes (h = ``step``; the cost in probe forwards, n directions):
 
-    - ``<d>/curvature`` = f''(0) = d^T H d, H the Hessian of L, by Richardson extrapolation
-      of the central second differences; ``<d>/curvature_error`` = |R_2 - R_1| (the last
-      two Richardson levels: the truncation estimate) plus a bound on rounding
-      (``meta["rounding_noise"]`` = eps of the weights' dtype x the largest probe loss, in
-      each f; see :func:`central_differences`). When the second differences do not shrink as
-      h^2 along a direction (the steps are too large for its curvature) the values are kept
-      and the result is ``"partial"`` (``meta["partial_reason"]``);
-    - ``<d>/slope`` = f'(0) = g . d: exact from the gradient when ``"gradient"`` is measured,
-      else by Richardson on central first differences (with ``<d>/slope_error``);
+    - ``"two_sided"`` (default): one forward+backward at theta gives f(0) and g, so the
+      slope s_d = g . d is exact along every direction; f is then evaluated at t = -h, h, 2h,
+      D(u) = 2 (f(u) - f(0) - u s_d) / u^2 = f'' + f''' u / 3 + f'''' u^2 / 12 + ..., and
+      f''(0) ~ R = D(-h)/3 + D(h) - D(2h)/3 (the quadratic through the three D(u), at 0:
+      truncation f^(5) h^3 / 30). Cost 1 + 3n forwards, one of them with its backward:
+      10 for all three directions, within the 12 the issue allows ``optimizer_state``,
+      ``weight_spectra`` and ``sharpness`` together (the other two cost none). No
+      partial check: R fits the three values exactly, so they cannot tell whether h is in
+      the asymptotic regime; the error estimate is the signal, and it can understate a
+      step too large (a tiny float64 GPT-2 along its gradient, where |f''' / f''| ~ 140, at
+      h = 0.01: 3.5% off, 1.7% estimated; at h = 0.003: 0.09% off, 0.4% estimated);
+    - ``"one_sided"``: the same at t = h, 2h, 4h, R = (8 D(h) - 6 D(2h) + D(4h)) / 3
+      (Richardson in h, then h^2; truncation 4x and rounding gain 2x those of ``"two_sided"``);
+      partial when (D(2h) - D(h)) / (D(4h) - D(2h)) leaves :data:`ONE_SIDED_WINDOW`;
+    - ``"central"``: f at t = 0, +-h, +-2h, +-4h; central second differences
+      (f(h) - 2 f(0) + f(-h)) / h^2 = f'' + f'''' h^2 / 12 + ... extrapolated in h^2
+      (truncation O(h^6), rounding gain 6.1 / h^2): 1 + 6n forwards, and a backward only
+      for ``"gradient"`` (the slope along the others from central first differences);
+      partial when the second differences do not shrink as h^2.
+
+    Scalars, per measured direction ``<d>``:
+
+    - ``<d>/curvature`` = f''(0) = d^T H d, H the Hessian of L;
+      ``<d>/curvature_error`` = the extrapolation's truncation estimate (the distance
+      between its last two levels) plus a bound on what rounding does (``meta["rounding_noise"]``
+      = eps of the weights' dtype x the largest probe loss, in each f; and
+      ``meta["slope_noise"]`` = :data:`SLOPE_NOISE_ULPS` x eps x ||g|| in s_d; see
+      :func:`~uma_callbacks.core.finite_differences.slope_corrected_differences`). A
+      ``"partial"`` status (``meta["partial_reason"]``) says where the scheme's check finds
+      the steps too large for the curvature there, or rounding dominating; the values are kept;
+    - ``<d>/slope`` = f'(0) = g . d: exact from the gradient whenever a backward ran
+      (``meta["slope_method"]``), else by Richardson on central first differences (with
+      ``<d>/slope_error``);
     - ``<d>/critical_lr`` = 2 / f''(0), the step size past which gradient descent along d
       diverges on the local quadratic model (only for f''(0) > 0);
     - ``<d>/norm``: the length of the direction before normalising (||theta_t - theta_{t-1}||,
       ||g||; none for ``"fisher"``, a unit vector already, its sign fixed by the provider).
 
-    Also ``loss`` = L(theta). Arrays: ``steps`` [3] = h_k; ``<d>/losses`` [7] = f at
-    t = -4h, -2h, -h, 0, h, 2h, 4h; ``<d>/second_differences`` [3].
+    Also ``loss`` = L(theta). Arrays: ``steps`` [3] = h, 2h, 4h; ``<d>/losses`` [7] = f at
+    t = -4h, -2h, -h, 0, h, 2h, 4h (:data:`GRID`; NaN where the scheme does not evaluate f);
+    ``<d>/second_differences`` [3] (the scheme's D values, in the order of its offsets).
 
     The weights are moved in place from one saved copy (:mod:`~uma_callbacks.linalg.weights`)
     and restored bit for bit. Per-point sums over the probe are in float64; in float32 a
-    step much smaller than the default loses the second difference to rounding (the error
-    estimate shows it), and a step much larger leaves the quadratic regime along a sharp
-    direction (the ``"partial"`` check shows it). A sharded model (FSDP2) is skipped.
+    step much smaller than the default loses the differences to rounding (the error
+    estimate shows it), and a step much larger leaves the regime where the extrapolation
+    holds along a sharp direction (the error estimate grows; ``"one_sided"`` and
+    ``"central"`` also turn partial). A sharded model (FSDP2) is skipped.
 
     Args:
         directions: which of :data:`DIRECTIONS` to measure.
         step: h, the smallest step (a distance in parameter space; > 0).
         n_batches: use only the first ``n_batches`` local probe batches.
+        scheme: one of :data:`SCHEMES`.
         chunk_size: samples per forward pass.
         timeout_seconds: stop between forwards past this time.
 
     Raises:
-        ValueError: an unknown or repeated direction, none, a non-positive ``step``, ``n_batches < 1``.
+        ValueError: an unknown or repeated direction, none, a non-positive ``step``,
+            ``n_batches < 1``, an unknown ``scheme``.
 
     Example:
         >>> lin = torch.nn.Linear(2, 1, bias=False).double()
@@ -202,6 +185,7 @@ class DirectionalSharpness(Metric):
         step: float = 0.01,
         n_batches: int | None = None,
         *,
+        scheme: str = "two_sided",
         chunk_size: int | None = None,
         timeout_seconds: float | None = None,
     ) -> None:
@@ -215,30 +199,53 @@ class DirectionalSharpness(Metric):
             raise ValueError(f"DirectionalSharpness.directions must not repeat a direction; got {list(directions)!r}")
         validate.check_number("DirectionalSharpness.step", step, 0, 1e3, lo_open=True)
         validate.check_int("DirectionalSharpness.n_batches", n_batches, 1, validate.MAX_BATCHES, allow_none=True)
+        check_choice("DirectionalSharpness.scheme", scheme, SCHEMES)
         self.directions = [d for d in DIRECTIONS if d in directions]
         self.step = float(step)
         self.n_batches = n_batches
+        self.scheme = scheme
 
     def results_needed(self) -> dict[str, tuple[str, ...]]:
         """``{"fisher": ("top_eigenvector",)}`` when direction ``"fisher"`` is measured, else nothing."""
         return super().results_needed() if "fisher" in self.directions else {}
 
+    @property
+    def _backward(self) -> bool:
+        """Whether a forward+backward runs at theta: always but for ``"central"`` without ``"gradient"``."""
+        return self.scheme != "central" or "gradient" in self.directions
+
+    def probe_passes(self, n_directions: int | None = None) -> tuple[int, int]:
+        """``(forwards, backwards)`` over the probe for ``n_directions`` measured directions (default: all configured).
+
+        ``forwards`` counts every forward, the one a backward needs included; ``backwards``
+        the backward passes: ``"two_sided"``/``"one_sided"`` 1 + 3n and 1, ``"central"``
+        1 + 6n (+1 with ``"gradient"``) and 0 or 1.
+
+        Example:
+            >>> DirectionalSharpness(directions=["update", "gradient", "fisher"]).probe_passes()
+            (10, 1)
+            >>> DirectionalSharpness(directions=["update", "gradient", "fisher"], scheme="central").probe_passes()
+            (20, 1)
+        """
+        n = len(self.directions) if n_directions is None else n_directions
+        backward = 1 if self._backward else 0
+        if self.scheme == "central":
+            return 1 + 2 * N_STEPS * n + backward, backward
+        return 1 + len(OFFSETS[self.scheme]) * n, backward
+
     def memory_modes(self) -> list[tuple[str, Cost]]:
-        """One mode: the saved theta, one copy per direction, the gradient accumulator (a backward for ``"gradient"``)."""
-        gradient = "gradient" in self.directions
-        copies = 1.0 + len(self.directions) + (1.0 if gradient else 0.0)
-        return [("default", Cost(param_copies=copies, forward_only=not gradient))]
+        """One mode: the saved theta, one copy per direction, the gradient accumulator (when a backward runs)."""
+        copies = 1.0 + len(self.directions) + (1.0 if self._backward else 0.0)
+        return [("default", Cost(param_copies=copies, forward_only=not self._backward))]
 
     def time_cost(self, units: UnitCosts) -> float:
-        """One forward at theta, six per direction, and a backward for ``"gradient"``, on the batches used."""
-        measured = self.directions
-        seconds = (1 + 2 * N_STEPS * len(measured)) * units.forward
-        if "gradient" in measured:
-            seconds += units.backward
+        """The forwards without a graph and the forward+backward of :meth:`probe_passes`, on the batches used."""
+        forwards, backwards = self.probe_passes()
+        seconds = (forwards - backwards) * units.forward + backwards * units.backward
         return seconds * batches_used(self, units) * per_batch(units)
 
     def scaled_to(self, seconds: float, units: UnitCosts) -> tuple[DirectionalSharpness, dict[str, list[Any]]]:
-        """Fewer probe batches (``n_batches``); the directions and steps are kept."""
+        """Fewer probe batches (``n_batches``); the directions, scheme and steps are kept."""
         if self.time_cost(units) <= seconds:
             return self, {}
         scaling = Scaling(self)
@@ -255,14 +262,16 @@ class DirectionalSharpness(Metric):
         directions: dict[str, list[torch.Tensor]] = {}
         norms: dict[str, float] = {}
         gradient: list[torch.Tensor] | None = None
+        center: torch.Tensor | None = None
         if "update" in self.directions:
             update = _update(params, ctx)
             if isinstance(update, str):
                 skipped["update"] = update
             else:
                 directions["update"], norms["update"] = update
-        if "gradient" in self.directions:
-            gradient = _mean_gradient(ctx, params, chunks, n_total)
+        if self._backward:
+            gradient, center = _mean_gradient(ctx, params, chunks, n_total)
+        if gradient is not None and "gradient" in self.directions:  # every scheme runs the backward for it
             norm = math.sqrt(flat_dot(gradient, gradient))
             if norm > 0:
                 directions["gradient"], norms["gradient"] = [g / norm for g in gradient], norm
@@ -277,28 +286,36 @@ class DirectionalSharpness(Metric):
         ctx.meta["skipped_directions"] = skipped
         if not directions:
             raise MetricSkipped("no direction to measure: " + "; ".join(f"{k}: {v}" for k, v in skipped.items()))
-        steps = [self.step * RATIO**k for k in range(N_STEPS)]
-        offsets = [-h for h in reversed(steps)] + [0.0] + steps
-        sums = torch.zeros(len(directions), len(offsets), dtype=torch.float64)
+        offsets = [self.step * m for m in (GRID if self.scheme == "central" else OFFSETS[self.scheme])]
+        sums = torch.zeros(len(directions), len(offsets) + 1, dtype=torch.float64)  # the last column: f(0)
         targets = list(params.values())
+        done = 0
         with moved_weights(targets) as mover:
-            center = probe_loss_sum(ctx, chunks)
+            sums[:, -1] = probe_loss_sum(ctx, chunks) if center is None or self.scheme == "central" else center
             for i, d in enumerate(directions.values()):
                 for j, t in enumerate(offsets):
                     if t == 0.0:
-                        sums[i, j] = center
+                        sums[i, j] = sums[i, -1]
                         continue
                     mover.set_combination([t], [d])
                     sums[i, j] = probe_loss_sum(ctx, chunks)
-                    ctx.check_time(forwards_done=1 + i * 2 * N_STEPS + j)
+                    done += 1
+                    ctx.check_time(forwards_done=done)
         totals = self.reduce_states(ctx, loss_sums=sums)
         losses = (totals["loss_sums"] / n_total).numpy()
+        forwards, backwards = self.probe_passes(len(directions))
+        exact = gradient is not None
         ctx.meta.update(
-            forward_passes=(1 + 2 * N_STEPS * len(directions)) * len(chunks),
-            backward_passes=len(chunks) if gradient is not None else 0,
+            scheme=self.scheme,
+            forward_passes=(forwards - backwards) * len(chunks),
+            backward_passes=backwards * len(chunks),
+            probe_forwards=forwards,
+            slope_method="exact: g . d, g from the backward at theta" if exact else "central first differences, Richardson",
         )
         eps = max(torch.finfo(p.dtype).eps for p in params.values() if p.is_floating_point())
-        return self._result(directions, norms, gradient, losses, steps, eps * float(np.abs(losses).max()))
+        noise = eps * float(np.abs(losses).max())
+        slope_noise = SLOPE_NOISE_ULPS * eps * math.sqrt(flat_dot(gradient, gradient)) if gradient is not None else 0.0
+        return self._result(directions, norms, gradient, losses, noise, slope_noise)
 
     def _result(
         self,
@@ -306,44 +323,67 @@ class DirectionalSharpness(Metric):
         norms: Mapping[str, float],
         gradient: list[torch.Tensor] | None,
         losses: np.ndarray,
-        steps: list[float],
         noise: float,
+        slope_noise: float,
     ) -> MetricResult:
-        scalars: dict[str, float] = {"loss": float(losses[0, N_STEPS])}
+        """The scalars and arrays from ``losses`` [n directions, offsets + 1] (f at the scheme's offsets, then f(0))."""
+        h = self.step
+        steps = [h * RATIO**k for k in range(N_STEPS)]
+        scalars: dict[str, float] = {"loss": float(losses[0, -1])}
         arrays: dict[str, np.ndarray] = {"steps": np.asarray(steps, dtype=np.float64)}
         unsettled: list[str] = []
         for i, (name, d) in enumerate(directions.items()):
             row = losses[i]
-            f0 = float(row[N_STEPS])
-            plus = [float(v) for v in row[N_STEPS + 1 :]]
-            minus = [float(v) for v in row[:N_STEPS][::-1]]
-            fd = central_differences(f0, plus, minus, steps, noise)
-            curvature = fd["curvature"]
-            if not fd["asymptotic"]:
+            f0 = float(row[-1])
+            slope = flat_dot(gradient, d) if gradient is not None else None
+            grid = np.full(len(GRID), np.nan)
+            if self.scheme == "central":
+                grid[:] = row[:-1]
+                plus = [float(v) for v in grid[N_STEPS + 1 :]]
+                minus = [float(v) for v in grid[:N_STEPS][::-1]]
+                fd = central_differences(f0, plus, minus, steps, noise)
+            else:
+                multiples = OFFSETS[self.scheme]
+                grid[[GRID.index(m) for m in multiples]] = row[:-1]
+                grid[GRID.index(0.0)] = f0
+                window = ONE_SIDED_WINDOW if self.scheme == "one_sided" else None
+                fd = slope_corrected_differences(
+                    f0, float(slope), [h * m for m in multiples], [float(v) for v in row[:-1]], noise, slope_noise, window
+                )  # fmt: skip
+            if fd["asymptotic"] is False:
                 unsettled.append(f"{name} (ratio {fd['ratio']:.3g})")
-            scalars[f"{name}/curvature"] = curvature
+            scalars[f"{name}/curvature"] = fd["curvature"]
             scalars[f"{name}/curvature_error"] = fd["curvature_error"]
-            if gradient is not None:
-                scalars[f"{name}/slope"] = flat_dot(gradient, d)
+            if slope is not None:
+                scalars[f"{name}/slope"] = slope
             else:
                 scalars[f"{name}/slope"] = fd["slope"]
                 scalars[f"{name}/slope_error"] = fd["slope_error"]
-            if curvature > 0:
-                scalars[f"{name}/critical_lr"] = 2.0 / curvature
+            if fd["curvature"] > 0:
+                scalars[f"{name}/critical_lr"] = 2.0 / fd["curvature"]
             if name in norms:
                 scalars[f"{name}/norm"] = norms[name]
-            arrays[f"{name}/losses"] = np.asarray(row, dtype=np.float64)
+            arrays[f"{name}/losses"] = grid
             arrays[f"{name}/second_differences"] = np.asarray(fd["second_differences"], dtype=np.float64)
-        result = MetricResult(name=self.name, scalars=scalars, arrays=arrays, meta={"rounding_noise": noise})
+        meta = {"rounding_noise": noise, "slope_noise": slope_noise}
+        result = MetricResult(name=self.name, scalars=scalars, arrays=arrays, meta=meta)
         if unsettled:
             result.status = "partial"
-            result.meta["partial_reason"] = (
-                "the second differences do not shrink as h^2 along "
-                + ", ".join(unsettled)
-                + f" (1/4 expected): the steps {steps} are too large for the curvature there, or rounding "
-                "dominates; try another step="
-            )
+            result.meta["partial_reason"] = self._unsettled_reason(unsettled)
         return result
+
+    def _unsettled_reason(self, unsettled: list[str]) -> str:
+        if self.scheme == "central":
+            shape = "the second differences do not shrink as h^2 along"
+            expected = "1/4 expected"
+        else:
+            shape = "the slope-corrected differences D(h), D(2h), D(4h) do not shrink as h or h^2 along"
+            expected = f"{1 / RATIO**2:g} to {1 / RATIO:g} expected"
+        steps = [self.step * RATIO**k for k in range(N_STEPS)]
+        return (
+            f"{shape} " + ", ".join(unsettled) + f" ({expected}): the steps {steps} are too large for the curvature "
+            "there, or rounding dominates; try another step="
+        )
 
 
 def _update(params: Mapping[str, torch.Tensor], ctx: ComputeContext) -> tuple[list[torch.Tensor], float] | str:
@@ -388,19 +428,27 @@ def _fisher_direction(params: Mapping[str, torch.Tensor], ctx: ComputeContext) -
 
 def _mean_gradient(
     ctx: ComputeContext, params: Mapping[str, torch.Tensor], chunks: Sequence[Any], n_total: float
-) -> list[torch.Tensor]:
-    """The mean probe gradient g = (1/N) sum_i grad l_i (summed over ranks), one backward per chunk, in the parameters' dtype."""
+) -> tuple[list[torch.Tensor], torch.Tensor]:
+    """The mean probe gradient g = (1/N) sum_i grad l_i (summed over ranks), one backward per chunk, in the parameters' dtype.
+
+    Returns:
+        ``(g, loss sum)``: g as one tensor per parameter, and sum_i l_i over the local
+        chunks from the same forwards (a float64 scalar, summed as :func:`probe_loss_sum` does).
+    """
     tensors = list(params.values())
     total = [torch.zeros_like(p) for p in tensors]
+    losses = []
     for done, item in enumerate(chunks, start=1):
         chunk, real = unwrap(item)
         if not real:
             continue
-        loss = ctx.loss_fn(ctx.model, chunk).sum()
-        grads = torch.autograd.grad(loss, tensors, allow_unused=True)
+        per_sample = ctx.loss_fn(ctx.model, chunk)
+        grads = torch.autograd.grad(per_sample.sum(), tensors, allow_unused=True)
+        losses.append(per_sample.detach().reshape(-1).to(torch.float64))
         for acc, g in zip(total, grads):
             if g is not None:
                 acc.add_(g)
         ctx.check_time(backward_chunks_done=done)
     ctx.collective.sum_(total)
-    return [t / n_total for t in total]
+    loss_sum = torch.cat(losses).sum().cpu() if losses else torch.zeros((), dtype=torch.float64)
+    return [t / n_total for t in total], loss_sum
