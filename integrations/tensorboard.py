@@ -9,7 +9,7 @@ checkpoint's global step):
 - scalars (and ``seconds``, ``peak_mb``), keys through
   :func:`~uma_callbacks.integrations.base.tracker_key` as for MLflow and W&B, then named for
   TensorBoard's groups (:func:`tensorboard_tag`);
-- the record's outcome as a number, ``uma.<metric>/status_code`` (0 ok, 1 partial, 2 skipped,
+- the record's outcome as a number, ``uma.<metric>.cost/status_code`` (0 ok, 1 partial, 2 skipped,
   3 timeout, 4 interrupted, 5 error: :mod:`~uma_callbacks.integrations.status_codes`);
 - figures: each PNG in ``record.files`` as an image ``uma.<metric>/figures/<name>``;
 - per-module values (the ``layers/<module>/<scalar>`` scalars) as one histogram per
@@ -66,6 +66,9 @@ EVENT_SUFFIX = ".uma"
 #: Bytes of earlier event files read back at start, all files together (the rest: the journal's delivery log).
 SCAN_MAX_BYTES = 512 * 2**20
 _TEXT_SUFFIX = "/text_summary"
+#: Scalars about the measurement rather than the model (DESIGN's ``seconds``/``peak_mb``, the
+#: budget's overrun flag, the outcome code): their own group ``uma.<metric>.cost``.
+COST_SCALARS = ("seconds", "peak_mb", "over_budget", "status_code")
 _LAYER_KEY = re.compile(r"^layers/(?P<module>.+)/(?P<scalar>[^/]+)$")
 
 
@@ -287,7 +290,9 @@ def tensorboard_tag(metric: str, key: str) -> str:
     TensorBoard groups cards by the tag's part before its first ``/``. ``uma/<metric>/<name>``
     becomes ``uma.<metric>/<name>`` (a ``/`` in the metric's own name, ``spike/fisher``, becomes
     ``.``); a per-item key ``uma/<metric>/<group>/<item>/<scalar>`` (three parts or more after
-    the metric) becomes ``uma.<metric>.<group>/<item>/<scalar>``, a group of its own. A key
+    the metric) becomes ``uma.<metric>.<group>/<item>/<scalar>``, a group of its own; what the
+    measurement cost and how it ended (:data:`COST_SCALARS`) goes to ``uma.<metric>.cost``, so
+    the metric's own group shows its values only. A key
     that does not start with ``uma/<metric>/`` is returned as it is.
 
     Args:
@@ -304,6 +309,8 @@ def tensorboard_tag(metric: str, key: str) -> str:
         'uma.gradient_flow.layers/model.layers.0.mlp/norm'
         >>> tensorboard_tag("spike/fisher", "uma/spike/fisher/figures/spectrum")
         'uma.spike.fisher/figures/spectrum'
+        >>> tensorboard_tag("fisher", "uma/fisher/seconds")
+        'uma.fisher.cost/seconds'
     """
     head = f"{PREFIX}/{metric}/"
     if not key.startswith(head) or len(key) == len(head):
@@ -312,6 +319,8 @@ def tensorboard_tag(metric: str, key: str) -> str:
     parts = rest.split("/")
     if len(parts) >= 3:
         group, rest = f"{group}.{parts[0]}", "/".join(parts[1:])
+    elif rest in COST_SCALARS:
+        group = f"{group}.cost"
     return f"{group}/{rest}"
 
 

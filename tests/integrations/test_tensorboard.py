@@ -75,14 +75,17 @@ def test_scalars_images_histograms_once_each_at_the_checkpoint_step(tmp_path):
     for key, want in (
         ("uma.gradient_flow/total_norm", [(3, 4.0), (6, 7.0)]),
         ("uma.gradient_flow.layers/model.a/norm", [(3, 1.5), (6, 3.0)]),
-        ("uma.gradient_flow/seconds", [(3, 0.25), (6, 0.25)]),
-        ("uma.gradient_flow/status_code", [(3, 0.0), (6, 0.0)]),
+        ("uma.gradient_flow.cost/seconds", [(3, 0.25), (6, 0.25)]),
+        ("uma.gradient_flow.cost/status_code", [(3, 0.0), (6, 0.0)]),
     ):
         assert [(e.step, e.value) for e in acc.Scalars(key)] == want, key
     # the key mapping of the other trackers: an invalid character gets a safe, unique form
     assert any(t.startswith("uma.gradient_flow.params/heads.c__.weight/norm-") for t in tags["scalars"])
     # TensorBoard's groups (the part before the first /): the metric's values apart from its per-item ones
-    assert {t.split("/")[0] for t in tags["scalars"]} == {"uma.gradient_flow", "uma.gradient_flow.layers", "uma.gradient_flow.params"}
+    # and what the measurement cost (seconds, status code) apart from the values
+    groups = {"uma.gradient_flow", "uma.gradient_flow.layers", "uma.gradient_flow.params", "uma.gradient_flow.cost"}
+    assert {t.split("/")[0] for t in tags["scalars"]} == groups
+    assert not {"seconds", "status_code", "peak_mb"} & {t.split("/", 1)[1] for t in tags["scalars"] if t.startswith("uma.gradient_flow/")}
     # per-module values: one histogram per scalar, over the modules
     hist = acc.Histograms("uma.gradient_flow/modules/norm")
     assert [h.step for h in hist] == [3, 6]
@@ -121,8 +124,8 @@ def test_error_status_params_and_a_damaged_figure(tmp_path, caplog):
     assert [e.step for e in acc.Scalars("uma.gradient_flow/total_norm")] == [8]
     assert "uma.gradient_flow/figures/layers" not in acc.Tags()["images"]
     # the outcome at every step, as a number: the failed Fisher at step 4 (5: error), the figure's loss is no failure (0)
-    assert [(e.step, e.value) for e in acc.Scalars("uma.fisher/status_code")] == [(4, 5.0)]
-    assert [(e.step, e.value) for e in acc.Scalars("uma.gradient_flow/status_code")] == [(8, 0.0)]
+    assert [(e.step, e.value) for e in acc.Scalars("uma.fisher.cost/status_code")] == [(4, 5.0)]
+    assert [(e.step, e.value) for e in acc.Scalars("uma.gradient_flow.cost/status_code")] == [(8, 0.0)]
 
 
 def test_a_failed_write_is_retried_without_duplicates(tmp_path):
@@ -195,7 +198,7 @@ def test_trainer_report_to_tensorboard_writes_into_the_trainers_log_folder(tmp_p
     assert [h.step for h in acc.Histograms("uma.gradient_flow/modules/norm")] == [2, 4]
     assert any(t.startswith("uma.gradient_flow/figures/") for t in acc.Tags()["images"])
     assert sink._writer is None  # the session finished its own writer at the end of training
-    assert [e.value for e in acc.Scalars("uma.gradient_flow/status_code")] == [0.0, 0.0]
+    assert [e.value for e in acc.Scalars("uma.gradient_flow.cost/status_code")] == [0.0, 0.0]
 
 
 @pytest.mark.slow
