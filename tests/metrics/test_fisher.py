@@ -78,20 +78,22 @@ METHOD_NAMES = {"linear": "linear", "vmap": "vmap(grad)", "hooks": "hooks", "aut
 
 
 @pytest.mark.parametrize("method", ["linear", "vmap", "hooks"])
-@pytest.mark.parametrize("cache_bytes", [1 << 30, 0])
-def test_every_gradient_method_cached_or_recomputed_matches_oracle(method, cache_bytes):
-    """Several chunks: the Gram's off-diagonal blocks come from the cached chunks; without
-    the cache the spectrum falls back to Lanczos (recomputing the chunks per product)."""
+@pytest.mark.parametrize("cache_bytes, mode", [(1 << 30, "cached"), (0, "cached"), (1 << 30, "streamed")])
+def test_every_gradient_method_cached_or_recomputed_matches_oracle(method, cache_bytes, mode):
+    """Several chunks: the Gram's off-diagonal blocks come from the cached chunks, or without
+    the cache from chunks recomputed a block at a time; the streamed mode (nothing kept) and
+    the linear factors (no Gram blocks) take Lanczos, recomputing the chunks per product."""
     case = TINY_CASES[0]
     model, batches, loss_fn = case.build(dtype=torch.float64)
-    got = FisherInformation(top_k=TOP_K, method=method, cache_bytes=cache_bytes, chunk_size=3).compute(
-        model, batches, loss_fn
-    )
+    metric = FisherInformation(top_k=TOP_K, method=method, cache_bytes=cache_bytes, chunk_size=3)
+    metric.use_memory_mode(mode)
+    got = metric.compute(model, batches, loss_fn)
     want = _oracle(case)
     assert got.meta["per_sample_method"] == METHOD_NAMES[method]
-    assert got.meta["cached"] is (cache_bytes > 0)
-    gram = cache_bytes > 0 and method != "linear"
+    assert got.meta["cached"] is (cache_bytes > 0 and mode == "cached")
+    gram = mode == "cached" and method != "linear"
     assert got.meta["spectrum_method"] == ("gram" if gram else "lanczos")
+    assert ("gram_chunks_recomputed" in got.meta) is (gram and cache_bytes == 0)
     assert got.scalars["trace"] == pytest.approx(want["scalars"]["trace"], rel=1e-6)
     np.testing.assert_allclose(got.arrays["top_eigenvalues"], want["eig"][:TOP_K], rtol=1e-6)
 
@@ -333,8 +335,10 @@ def test_unconverged_lanczos_spectrum_is_partial_with_its_residuals():
     from tests.cases import qwen2_case
 
     model, batches, loss_fn = qwen2_case(dtype=torch.float64)
-    # no cached rows: the spectrum comes from Lanczos, here capped at 2 products for the top 3
-    result = FisherInformation(top_k=3, max_matvecs=2, cache_bytes=0).compute(model, batches, loss_fn, chunk_size=1)
+    # the streamed mode (no cached rows): the spectrum comes from Lanczos, here capped at 2 products for the top 3
+    metric = FisherInformation(top_k=3, max_matvecs=2, cache_bytes=0)
+    metric.use_memory_mode("streamed")
+    result = metric.compute(model, batches, loss_fn, chunk_size=1)
     assert result.status == "partial" and result.ok
     assert result.meta["spectrum_method"] == "lanczos"
     assert max(result.meta["lanczos_relative_residuals"]) > 1e-2 and "residual" in result.meta["partial_reason"]
@@ -343,12 +347,55 @@ def test_unconverged_lanczos_spectrum_is_partial_with_its_residuals():
 
 def test_the_gram_path_is_planned_without_a_lanczos_basis():
     """All N eigenvalues from the Gram matrix need no Lanczos basis: the cached mode counts
-    only the kept chunks (at most cache_bytes), so a 2 GiB budget is not refused on a 22.7M
-    model (it was: the planner counted 40 basis vectors, 3.6 GB)."""
-    from uma_callbacks.metrics.fisher import GRAM_MAX_ROWS
+    only the chunks it keeps between chunks (at most cache_bytes, none for one chunk), so a
+    2 GiB budget is not refused on a 22.7M model (it was: the planner counted 40 basis
+    vectors, 3.6 GB)."""
+    from uma_callbacks.metrics.fisher import GRAM_MAX_ROWS, WORKSPACE_BYTES
 
     metric = FisherInformation(top_k=10, cache_bytes=1 << 20)
-    cached = dict(metric.memory_modes())["cached"].extra_bytes
+    cached = dict(metric.memory_modes())["cached"]
     n = 22_700_000
-    assert cached(n, 4, 16) == 1 << 20  # the cache cap, no basis
-    assert cached(n, 4, GRAM_MAX_ROWS + 1) >= 40 * n * 4  # Lanczos: the basis counts
+    assert cached.extra_bytes(n, 4, 16) == 0  # no basis, no diagonal (nobody asked for it)
+    assert cached.kept_chunks(n, 4, 16) == 1 << 20  # the cache cap, when there are several chunks
+    assert cached.kept_chunks(n, 4, GRAM_MAX_ROWS + 1) is None  # Lanczos: its rows are in extra_bytes
+    assert cached.extra_bytes(n, 4, GRAM_MAX_ROWS + 1) >= 40 * n * 4  # Lanczos: the basis counts
+    sizes = {"n_params": n, "n_samples": 16, "factor_bytes": 1000, "backward_sample_bytes": 0}
+    P, W = 4 * n, WORKSPACE_BYTES
+    # one chunk: the factors' phase, F + the per-sample gradient (over A = 100)
+    assert cached.bytes_needed(P, 100, 16, one_chunk=True, **sizes) == W + 16 * (P + 1000)
+    # several chunks, all kept (16 x 1000 <= 1 MiB): a chunk's own factors are among the kept ones
+    assert cached.bytes_needed(P, 100, 8, **sizes) == W + 16 * 1000 + 8 * P
+    # several, not all kept: the cap, and one more chunk's factors held while the next is recomputed
+    big = {**sizes, "factor_bytes": 10**6}
+    assert cached.bytes_needed(P, 100, 8, **big) == W + (1 << 20) + 8 * (P + 10**6 + 10**6)
+    # the hooks' pass, when measured, stands for the forward/backward's bytes
+    assert cached.bytes_needed(P, 100, 16, one_chunk=True, factor_peak_bytes=P + 5000, **sizes) == W + 16 * (P + 5000)
+
+
+@pytest.mark.parametrize("method", ["vmap", "hooks"])
+@pytest.mark.parametrize("held", [0, 1, 2])
+def test_gram_blocks_past_the_cache_are_recomputed_not_left_to_lanczos(method, held):
+    """Several chunks whose gradients do not all fit ``cache_bytes``: the first ``held`` chunks
+    are kept, their blocks with every later chunk formed as it comes, the rest recomputed a block
+    at a time; the spectrum is still the exact Gram's (before, it fell back to a Lanczos with a
+    full basis: 22.3 GB on GPT-2 124M)."""
+    from uma_callbacks.core.batches import split_batch
+    from uma_callbacks.linalg.fisher_products import chunk_gradients
+    from uma_callbacks.linalg.layer_grads import hook_plan
+
+    case = TINY_CASES[0]
+    model, batches, loss_fn = case.build(dtype=torch.float64)
+    params = {n: p for n, p in model.named_parameters() if p.requires_grad}
+    chunk = split_batch(batches[0], 2)[0]
+    plan = hook_plan(model, params) if method == "hooks" else None
+    one = chunk_gradients(model, loss_fn, chunk, params, None, plan=plan).nbytes()  # one chunk of 2
+    got = FisherInformation(top_k=TOP_K, method=method, cache_bytes=held * one + 1, chunk_size=2).compute(
+        model, batches, loss_fn
+    )
+    want = _oracle(case)
+    n_chunks = sum(math.ceil(len(next(iter(b.values()))) / 2) for b in batches)
+    assert n_chunks > held + 1
+    assert got.meta["spectrum_method"] == "gram" and got.meta["cached"] is False
+    assert got.meta["gram_chunks_recomputed"] > 0
+    np.testing.assert_allclose(got.arrays["top_eigenvalues"], want["eig"][:TOP_K], rtol=1e-6)
+    np.testing.assert_allclose(got.arrays["gram_eigenvalues"], want["eig"], rtol=1e-6, atol=1e-12 * want["eig"][0])

@@ -2,10 +2,13 @@
 
 Peaks are measured, not guessed:
 
-- without resetting the process's own counters (``VmHWM``, CUDA peak stats): the new
-  high-water mark when the block raised it, else the highest level a sampling thread saw
-  (see :mod:`uma_callbacks.core.peak_memory`); the peak reported is that minus the level
-  at the start.
+- a metric's peak, without resetting the process's own counters (``VmHWM``, CUDA peak
+  stats): the new high-water mark when the block raised it, else the highest level a
+  sampling thread saw (see :mod:`uma_callbacks.core.peak_memory`); the peak reported is
+  that minus the level at the start;
+- one sample's activations, which the plan is made from, by counting the tensors its
+  forward and backward create (:class:`~uma_callbacks.core.peak_memory.TensorBytes`): the
+  same bytes at every save, where a sampled peak of a forward lasting milliseconds was not.
 """
 
 from __future__ import annotations
@@ -14,7 +17,7 @@ import contextlib
 import logging
 import math
 import os
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any, cast
 
@@ -24,6 +27,7 @@ from uma_callbacks.core.devices import model_device
 from uma_callbacks.core.model_state import eager_attention, preserved_model_state
 from uma_callbacks.core.peak_memory import (  # noqa: F401 (re-exported)
     PeakMemory,
+    TensorBytes,
     cpu_peak_rss_bytes,
     cpu_rss_bytes,
     release_memory,
@@ -303,8 +307,15 @@ class MemoryBudget:
         calibration_chunk: int = 1,
         backward_sample_bytes: int | None = None,
         largest_param_bytes: int | None = None,
+        factor_bytes: int | None = None,
+        factor_peak_bytes: int | None = None,
+        requested: frozenset[str] = frozenset(),
     ) -> Plan:
         """Pick the memory mode and chunk for ``metric`` (see the class docstring).
+
+        A mode whose cost keeps chunks across chunks (``Cost.kept_chunks``) is priced
+        first as one chunk of the whole probe (one batch of ``n_samples``), which keeps
+        nothing beyond its own; if that does not fit, as several chunks.
 
         Args:
             metric: a ``Metric`` (its ``memory_modes()`` are tried in order, fastest first).
@@ -327,9 +338,16 @@ class MemoryBudget:
                 (``sample_bytes`` counted again for a backward).
             largest_param_bytes: bytes of the largest trainable tensor, for a per-sample
                 gradient held a tensor at a time (``Cost.per_sample_grad_by_tensor``).
+            factor_bytes: one sample's per-layer factors (``Cost.layer_factors``;
+                :class:`FactorBytes`); ``None``: unknown (A taken for it).
+            factor_peak_bytes: what one sample's pass through the per-layer hooks peaks at
+                (:class:`FactorBytes`); ``None``: unknown (the forward/backward's bytes).
+            requested: the outputs later metrics of the save ask of this one
+                (``Cost.requested_bytes``).
 
         Returns:
             The :class:`Plan`; ``chunk_size`` is None when no mode fits ``min_batch_size``.
+            Its ``reason`` then names the leanest mode: the least bytes at ``min_batch_size``.
         """
         limit = self.limit_bytes(device)
         top = min(largest_chunk, self.max_batch_size or largest_chunk)
@@ -340,27 +358,39 @@ class MemoryBudget:
             "on_host": where.type == "cpu",
             "backward_sample_bytes": backward_sample_bytes,
             "largest_param_bytes": largest_param_bytes,
+            "factor_bytes": factor_bytes,
+            "factor_peak_bytes": factor_peak_bytes,
+            "requested": frozenset(requested),
         }
+        # one chunk of the whole probe: a batch of every local sample that the chunk may take whole
+        whole = sizes["n_samples"] if 0 < sizes["n_samples"] <= top else None
+        smallest = min(self.min_batch_size, top)  # a probe batch below min_batch_size runs whole
         best: Plan | None = None
         scale = max(1.0, float(calibration)) if math.isfinite(calibration) else 1.0
         for mode, cost in metric.memory_modes():
-            base = planned_bytes(cost, param_bytes_, sample_bytes, sizes, sharding)
-            fixed, per_sample = calibrated(*base, scale, calibration_chunk)
-            chunk = min(top, (limit - fixed) // per_sample) if limit > fixed else 0
-            smallest = min(self.min_batch_size, top)  # a probe batch below min_batch_size runs whole
-            plan = Plan(
-                int(chunk) if chunk >= smallest else None, mode, limit, fixed, per_sample,
-                calibration=scale, calibration_chunk=max(1, int(calibration_chunk)),
-                base_fixed_bytes=base[0], base_per_sample_bytes=base[1],
-            )  # fmt: skip
-            if plan.chunk_size is not None:
-                return plan
-            best = best or plan
+            for one_chunk in (True, False) if whole is not None and cost.kept_chunks is not None else (False,):
+                base = planned_bytes(cost, param_bytes_, sample_bytes, {**sizes, "one_chunk": one_chunk}, sharding)
+                fixed, per_sample = calibrated(*base, scale, calibration_chunk)
+                chunk = min(top, (limit - fixed) // per_sample) if limit > fixed else 0
+                if one_chunk and chunk != whole:
+                    continue  # priced as one chunk, it must run as one
+                plan = Plan(
+                    int(chunk) if chunk >= smallest else None, mode, limit, fixed, per_sample,
+                    calibration=scale, calibration_chunk=max(1, int(calibration_chunk)),
+                    base_fixed_bytes=base[0], base_per_sample_bytes=base[1],
+                )  # fmt: skip
+                if plan.chunk_size is not None:
+                    return plan
+                if best is None or plan.fixed_bytes + plan.per_sample_bytes * smallest < (
+                    best.fixed_bytes + best.per_sample_bytes * smallest
+                ):
+                    best = plan  # the leanest: the least bytes at the smallest chunk
         assert best is not None
         best.reason = (
             f"memory budget {limit / 2**20:.1f} MiB is too small for {metric.name}: its leanest plan "
             f"({best.mode}) needs {best.fixed_bytes / 2**20:.1f} MiB fixed + {best.per_sample_bytes / 2**20:.2f} MiB "
-            f"per sample, at least {self.min_batch_size} sample(s)"
+            f"per sample, {(best.fixed_bytes + best.per_sample_bytes * smallest) / 2**20:.1f} MiB at "
+            f"{smallest} sample(s)"
             + (f" (scaled by {scale:.2f}: its earlier run peaked over its plan)" if scale > 1.0 else "")
         )
         return best
@@ -459,8 +489,8 @@ class SampleBytes:
     """One sample's activation bytes, as :func:`measure_sample` measures them.
 
     Attributes:
-        forward: A_f, what the forward holds: its peak, at least the tensors it saved for
-            the backward.
+        forward: A_f, what the forward holds: the peak of the tensors it creates (those it
+            saves for the backward among them).
         backward: A_b, what the backward holds beyond the forward's end and the parameter
             gradients (a tied parameter's once per use: :func:`gradient_bytes`); 0 when a
             backward frees activations as fast as it forms their gradients.
@@ -480,13 +510,18 @@ def measure_sample(
 ) -> SampleBytes:
     """:class:`SampleBytes` of one sample: its forward's and its backward's activation bytes.
 
-    The first sample of ``batch`` is run once: the forward (graph kept) under
-    :class:`PeakMemory` gives A_f; a backward by ``torch.autograd.grad`` follows (no
-    ``.grad`` is written) and its peak above the forward's end, less the parameter
-    gradients (the cost model counts per-sample gradients apart), gives A_b. A metric that
-    back-propagates holds A_f + A_b per sample: on GPT-2 124M at 128 tokens A_f is 213 MiB
-    (the logits and their softmax are most of it) and A_b 0, so counting A twice planned
-    about twice the activations measured.
+    The first sample of ``batch`` is run once, its tensors counted by
+    :class:`~uma_callbacks.core.peak_memory.TensorBytes` (every tensor the forward and the
+    backward create, from its creation to its free): the forward (graph kept) peaks at A_f;
+    a backward by ``torch.autograd.grad`` follows (no ``.grad`` is written), and its peak
+    above the forward's end, less the parameter gradients (the cost model counts per-sample
+    gradients apart), is A_b. A metric that back-propagates holds A_f + A_b per sample: on
+    GPT-2 124M at 128 tokens A_f is 194 MiB (the logits and their softmax are most of it).
+
+    Counted, not sampled: the same in a fresh process and at a later save. A sampled peak
+    (:class:`PeakMemory`) of a forward that lasts milliseconds missed its transients in a
+    process that had computed before (a tied 2-layer GPT-2's sample read 7 MB there, 17 MB
+    fresh, 13.2 MB counted), and plans made from it fell to 0.65 of the metric's peak.
 
     Args:
         model: the model, left as found.
@@ -509,18 +544,14 @@ def measure_sample(
     guard = _measurement_undone(model) if state_held else preserved_model_state(model)
     with guard, (eager_attention(model) if eager else contextlib.nullcontext()):
         model.eval()
-        device = model_device(model)
-        saved = _SavedBytes(params)
-        with PeakMemory(device) as forward, torch.autograd.graph.saved_tensors_hooks(saved.pack, saved.unpack):
+        with TensorBytes() as counted:
             loss = loss_fn(model, one).sum()
-        with PeakMemory(device) as backward:
+            forward = counted.peak_bytes
+            forward_end = counted.mark()
             grads = torch.autograd.grad(loss, params, allow_unused=True)
             del loss, grads
-    # the tensors the forward saved for the backward are a floor the measured peaks may miss
-    # (the process's peak counters are never reset, so a peak below an earlier mark is sampled)
-    return SampleBytes(
-        forward=max(forward.peak_bytes, saved.total, 0), backward=max(backward.peak_bytes - gradient_bytes(model), 0)
-    )
+            backward = counted.peak_bytes - forward_end
+    return SampleBytes(forward=max(forward, 0), backward=max(backward - gradient_bytes(model), 0))
 
 
 def measure_sample_bytes(
@@ -541,6 +572,58 @@ def measure_sample_bytes(
     return measure_sample(model, loss_fn, batch, eager=eager, state_held=state_held).activations
 
 
+@dataclass(frozen=True)
+class FactorBytes:
+    """One sample through the per-layer hooks, as :func:`measure_factors` measures it.
+
+    Attributes:
+        held: F, what its factors hold once the hooks' backward is done (each layer's inputs
+            and output gradients, a tied embedding's dense [V, d] per-sample gradient,
+            ``vmap`` gradients of the leftovers).
+        peak: what its forward and backward to the layer outputs peak at (the factors
+            forming, the activations not yet freed).
+    """
+
+    held: int
+    peak: int
+
+
+def measure_factors(
+    model: torch.nn.Module, loss_fn: Any, batch: Any, *, eager: bool = False, state_held: bool = False
+) -> FactorBytes:
+    """:class:`FactorBytes` of one sample: the per-layer factors the hooks keep, and their pass's peak.
+
+    The first sample of ``batch`` is run through
+    :func:`~uma_callbacks.linalg.layer_grads.layer_gradients` (one forward, one backward to
+    the layer outputs, nothing written to ``.grad``), its tensors counted
+    (:class:`TensorBytes`): F is what is still alive when it returns, the factors (an
+    embedding's output gradients too, which its factor keeps without counting them in
+    ``nbytes()``); the peak is the pass's. On GPT-2 124M at 128 tokens F is about 221 MiB,
+    of which the tied embedding's [V, d] is 147, and the pass peaks at about 257 MiB.
+
+    Args:
+        model: the model, left as found.
+        loss_fn: the resolved per-sample loss.
+        batch: the batch whose first sample is run (see :func:`measure_sample`).
+        eager: run in eager attention (see :func:`measure_sample`).
+        state_held: the caller holds ``preserved_model_state(model)``.
+    """
+    from uma_callbacks.engine.probe import select_samples
+    from uma_callbacks.linalg.layer_grads import hook_plan, layer_gradients
+
+    one = select_samples(batch, [0])
+    params = {n: p for n, p in model.named_parameters() if p.requires_grad}
+    guard = _measurement_undone(model) if state_held else preserved_model_state(model)
+    with guard, (eager_attention(model) if eager else contextlib.nullcontext()):
+        model.eval()
+        plan = hook_plan(model, params)
+        with TensorBytes() as counted:
+            rep = layer_gradients(model, loss_fn, one, params, plan)
+            held = FactorBytes(held=counted.level, peak=counted.peak_bytes)
+        del rep
+    return held
+
+
 @contextlib.contextmanager
 def _measurement_undone(model: torch.nn.Module) -> Iterator[None]:
     """Put back the training flags and reshard the FSDP2 groups that were sharded on entry."""
@@ -554,35 +637,6 @@ def _measurement_undone(model: torch.nn.Module) -> Iterator[None]:
         fsdp_reshard(groups)
         for module, training in modes:
             module.training = training
-
-
-class _SavedBytes:
-    """Bytes of the distinct storages a forward saves for its backward, parameters left out."""
-
-    def __init__(self, params: Sequence[torch.Tensor]) -> None:
-        self._params = {_storage_key(p) for p in params}
-        self._seen: dict[Any, int] = {}
-
-    def pack(self, tensor: torch.Tensor) -> torch.Tensor:
-        key = _storage_key(tensor)
-        if key is not None and key not in self._params:
-            self._seen[key] = tensor.untyped_storage().nbytes()
-        return tensor
-
-    @staticmethod
-    def unpack(tensor: torch.Tensor) -> torch.Tensor:
-        return tensor
-
-    @property
-    def total(self) -> int:
-        return int(sum(self._seen.values()))
-
-
-def _storage_key(tensor: torch.Tensor) -> Any:
-    try:
-        return (tensor.untyped_storage().data_ptr(), tensor.device)
-    except (RuntimeError, NotImplementedError, TypeError):  # tensor subclasses without a plain storage
-        return None
 
 
 def _sample_key(model: torch.nn.Module, batch: Any, eager: bool = False) -> Any:
@@ -731,8 +785,9 @@ def compute_within_budget(
                 planned = None
                 if budget is not None and not (chunk_size or getattr(metric, "chunk_size", None)):
                     planned, plan_meta = _plan_chunk(
-                        metric, model, batches, loss, budget, where, collective, sample_cache, calibration, calibration_chunk
-                    )
+                        metric, model, batches, loss, budget, where, collective, sample_cache, calibration,
+                        calibration_chunk, results.requested if results is not None else frozenset(),
+                    )  # fmt: skip
                 chunk = metric.chunk_for(batches, chunk_size, planned)
             try:
                 result = metric.compute(
@@ -776,6 +831,7 @@ def _plan_chunk(
     sample_cache: dict[Any, int] | None,
     calibration: float,
     calibration_chunk: int,
+    requested: frozenset[str] = frozenset(),
 ) -> tuple[int, dict[str, Any]]:
     """``(chunk, plan meta)`` of the budget's plan for ``metric``, its memory mode switched on.
 
@@ -787,34 +843,37 @@ def _plan_chunk(
     from uma_callbacks.engine.probe import count_samples
 
     largest = max(count_samples(b) for b in batches)
-    sample_bytes, backward_bytes = 0, 0
-    if getattr(metric, "needs_grad", True) or any(c.forward_only for _, c in metric.memory_modes()):
+    sizes = rank_param_bytes(model)  # sharded (FSDP): the shard and the largest gathered block
+    modes = metric.memory_modes()
+    sample_bytes, backward_bytes, factor_bytes = 0, 0, None
+    if getattr(metric, "needs_grad", True) or any(c.forward_only for _, c in modes):
         eager = bool(getattr(metric, "needs_eager_attention", False))
         longest = longest_batch(batches)
         key = _sample_key(model, longest, eager)
+        # the factors are measured through the per-layer hooks on one model copy (not sharded)
+        factors = any(c.layer_factors for _, c in modes) and not sizes.sharded
         if sample_cache is not None and key in sample_cache and (key, "backward") in sample_cache:
             # the same model and batch shapes: measured at an earlier checkpoint
             sample_bytes, backward_bytes = sample_cache[key], sample_cache[(key, "backward")]
         else:
-            try:
-                sample = measure_sample(model, loss, longest, eager=eager, state_held=True)
-            except Exception as err:
-                if not is_out_of_memory(err):
-                    raise
-                release_memory(device, full=True)
-                raise BudgetExceeded(
-                    f"{metric.name}: one sample of the probe's longest batch ran out of memory when measured"
-                    f"{' in eager attention' if eager else ''}: {err}",
-                    {"budget_bytes": budget.limit_bytes(device)},
-                ) from err
+            sample = _measured(metric, device, budget, eager, measure_sample, model, loss, longest)
             sample_bytes, backward_bytes = sample.activations, sample.backward
             if sample_cache is not None:
                 sample_cache[key], sample_cache[(key, "backward")] = sample_bytes, backward_bytes
+        if factors and sample_cache is not None and (key, "factors") in sample_cache:
+            factor_bytes = FactorBytes(sample_cache[(key, "factors")], sample_cache[(key, "factors_peak")])
+        elif factors:
+            factor_bytes = _measured(metric, device, budget, eager, measure_factors, model, loss, longest)
+            if sample_cache is not None:
+                sample_cache[(key, "factors")], sample_cache[(key, "factors_peak")] = factor_bytes.held, factor_bytes.peak
     if collective is not None and getattr(collective, "world_size", 1) > 1:
         # every rank must plan the same chunk: use the mean measurement
-        sample_bytes = int(collective.sum_scalar(float(sample_bytes)) / collective.world_size)
-        backward_bytes = int(collective.sum_scalar(float(backward_bytes)) / collective.world_size)
-    sizes = rank_param_bytes(model)  # sharded (FSDP): the shard and the largest gathered block
+        def mean(value: int) -> int:
+            return int(collective.sum_scalar(float(value)) / collective.world_size)
+
+        sample_bytes, backward_bytes = mean(sample_bytes), mean(backward_bytes)
+        if factor_bytes is not None:
+            factor_bytes = FactorBytes(mean(factor_bytes.held), mean(factor_bytes.peak))
     n_samples = sum(count_samples(b) for b in batches)
     plan = budget.plan(
         metric,
@@ -829,16 +888,43 @@ def _plan_chunk(
         calibration_chunk=calibration_chunk,
         backward_sample_bytes=backward_bytes,
         largest_param_bytes=largest_param_bytes(model),
+        factor_bytes=factor_bytes.held if factor_bytes is not None else None,
+        factor_peak_bytes=factor_bytes.peak if factor_bytes is not None else None,
+        requested=requested,
     )
     plan_meta = plan.as_meta()
     if sizes.sharded:
         plan_meta.update(planned_shard_bytes=sizes.held, planned_gathered_bytes=sizes.gathered)
     plan_meta["measured_sample_bytes"] = sample_bytes
     plan_meta["measured_backward_sample_bytes"] = backward_bytes
+    if factor_bytes is not None:
+        plan_meta["measured_factor_bytes"] = factor_bytes.held
+        plan_meta["measured_factor_peak_bytes"] = factor_bytes.peak
+    if requested:
+        plan_meta["planned_for_requests"] = sorted(requested)
     if plan.chunk_size is None:
         raise BudgetExceeded(plan.reason, plan_meta)
     metric.use_memory_mode(plan.mode)
     return plan.chunk_size, plan_meta
+
+
+def _measured(metric: Any, device: torch.device, budget: MemoryBudget, eager: bool, measure: Any, *args: Any) -> Any:
+    """``measure(*args, eager=eager, state_held=True)``; one sample running out of memory skips the metric.
+
+    Raises:
+        BudgetExceeded: the sample ran out of memory when measured.
+    """
+    try:
+        return measure(*args, eager=eager, state_held=True)
+    except Exception as err:
+        if not is_out_of_memory(err):
+            raise
+        release_memory(device, full=True)
+        raise BudgetExceeded(
+            f"{metric.name}: one sample of the probe's longest batch ran out of memory when measured"
+            f"{' in eager attention' if eager else ''}: {err}",
+            {"budget_bytes": budget.limit_bytes(device)},
+        ) from err
 
 
 def as_budget(value: Any) -> MemoryBudget:

@@ -85,8 +85,27 @@ class Cost:
       [H, T, T] probabilities). A per-sample gradient held one parameter tensor at a time
       (``per_sample_grad_by_tensor``) counts the largest trainable tensor's bytes instead of P.
 
-    A and A_b are measured by the planner on one sample of the probe's longest batch, in
-    the attention implementation the metric runs (eager when ``needs_eager_attention``).
+    Three terms follow what a run will hold, which the planner knows and the metric does not:
+
+    - ``layer_factors``: the per-sample gradients are kept as per-layer factors (each
+      layer's inputs and output gradients, F bytes a sample, measured by the planner) past
+      the backward, and each tensor's per-sample gradient is formed from them (then
+      squared, a copy for a dense one): a sample costs the larger of that phase,
+      ``F + per-sample gradient``, and the hooks' forward and backward (their measured
+      peak, else the ``per_sample`` above);
+    - ``kept_chunks``: the chunks' per-sample gradients are kept across chunks, up to
+      ``K = kept_chunks(n, itemsize, N)`` bytes (the Fisher's Gram blocks between chunks),
+      ``row`` bytes a sample (F with ``layer_factors``, else the per-sample gradient). A run
+      of one chunk keeps nothing beyond its own. With more, when all fit (``N * row <= K``)
+      ``N * row`` is fixed and a chunk's own rows are among them (``per_sample - row``);
+      else K is fixed and one more chunk's rows are per sample (a block held while the next
+      chunk is recomputed);
+    - ``requested_bytes``: fixed bytes held only when a later metric of the same save asks
+      for that output (:attr:`SaveResults.requested`: the Fisher's diagonal, its top
+      eigenvector).
+
+    A and A_b (and F) are measured by the planner on one sample of the probe's longest
+    batch, in the attention implementation the metric runs (eager when ``needs_eager_attention``).
 
     Attributes:
         per_sample_grads: holds one gradient per sample of a chunk ([B, P]).
@@ -115,6 +134,13 @@ class Cost:
             planner gives them; else ``per_sample_grad_fraction * P``.
         activation_copies: further copies of A per sample (temporaries computed from the
             activations while they are held).
+        layer_factors: the per-sample gradients are kept as per-layer factors past the
+            backward (see above).
+        kept_chunks: ``f(n, bytes per parameter entry, N) -> bytes or None``: the most bytes
+            of the chunks' per-sample gradients kept across chunks (``None``: none kept for
+            this probe); counted only when the probe runs in more than one chunk (see above).
+        requested_bytes: ``((output name, f(n, bytes per parameter entry, N) -> bytes), ...)``:
+            fixed bytes held only when a later metric of the save asks for that output.
     """
 
     per_sample_grads: bool = False
@@ -133,6 +159,9 @@ class Cost:
     per_sample_grad_fraction: float = 1.0
     per_sample_grad_by_tensor: bool = False
     activation_copies: float = 0.0
+    layer_factors: bool = False
+    kept_chunks: Callable[[int, float, int], int | None] | None = None
+    requested_bytes: tuple[tuple[str, Callable[[int, float, int], int]], ...] = ()
 
     def bytes_needed(
         self,
@@ -145,6 +174,10 @@ class Cost:
         on_host: bool = True,
         backward_sample_bytes: int | None = None,
         largest_param_bytes: int | None = None,
+        factor_bytes: int | None = None,
+        factor_peak_bytes: int | None = None,
+        one_chunk: bool = False,
+        requested: frozenset[str] | Sequence[str] = (),
     ) -> int:
         """Estimated peak bytes of one chunk of ``chunk`` samples (see class docstring).
 
@@ -157,11 +190,24 @@ class Cost:
             on_host: the budget's device is the host, so ``host_*`` terms count.
             backward_sample_bytes: A_b (``None``: unknown, A counted again for a backward).
             largest_param_bytes: bytes of the largest trainable tensor (``None``: unknown).
+            factor_bytes: F, one sample's per-layer factors (``None``: unknown, A taken for it).
+            factor_peak_bytes: what one sample's pass through the per-layer hooks peaks at
+                (``None``: unknown, the forward/backward's per-sample bytes taken for it).
+            one_chunk: the probe runs in one chunk (``kept_chunks`` does not count).
+            requested: the outputs later metrics of the save ask of this one.
 
         Example:
             >>> cost = Cost(per_sample_grads=True, per_sample_grad_fraction=0.5, per_sample_grad_by_tensor=True)
             >>> cost.bytes_needed(1000, 100, 1), cost.bytes_needed(1000, 100, 1, backward_sample_bytes=30, largest_param_bytes=200)
             (700, 330)
+            >>> kept = Cost(per_sample_grads=True, layer_factors=True, kept_chunks=lambda n, itemsize, N: 500)
+            >>> sizes = {"n_samples": 8, "backward_sample_bytes": 0, "factor_bytes": 150}
+            >>> kept.bytes_needed(1000, 100, 8, one_chunk=True, **sizes)  # 8 x max(1000 + 100, 150 + 1000)
+            9200
+            >>> kept.bytes_needed(1000, 100, 4, **sizes)  # 8 x 150 > 500 kept: 500 + 4 x (1150 + 150)
+            5700
+            >>> kept.bytes_needed(1000, 100, 4, **{**sizes, "factor_bytes": 50})  # all kept: 8 x 50 + 4 x (1100 - 50)
+            4600
         """
         n = n_params if n_params else max(1, param_bytes // 4)
         itemsize = max(self.vector_itemsize, param_bytes / n if n else 4.0)
@@ -172,6 +218,8 @@ class Cost:
         extra = self.extra_bytes(n, param_itemsize, n_samples) if self.extra_bytes else 0
         if on_host and self.host_extra_bytes:
             extra += self.host_extra_bytes(n, param_itemsize, n_samples)
+        asked = set(requested)
+        extra += sum(f(n, param_itemsize, n_samples) for output, f in self.requested_bytes if output in asked)
         fixed = (
             extra
             + copies * param_bytes
@@ -183,12 +231,25 @@ class Cost:
         grad = param_bytes * self.per_sample_grad_fraction
         if self.per_sample_grad_by_tensor and largest_param_bytes:
             grad = largest_param_bytes
+        grad = grad if self.per_sample_grads else 0
         backward_bytes = sample_activation_bytes if backward_sample_bytes is None else backward_sample_bytes
         per_sample = (
-            (grad if self.per_sample_grads else 0)
+            grad
             + sample_activation_bytes * (1 + (1 if self.hvp else 0) + self.activation_copies)
             + backward * backward_bytes
         )
+        factors = sample_activation_bytes if factor_bytes is None else factor_bytes
+        if self.layer_factors:  # the hooks' pass (measured when known), then F and one tensor's gradients
+            per_sample = max(per_sample if factor_peak_bytes is None else factor_peak_bytes, factors + grad)
+        cap = self.kept_chunks(n, param_itemsize, n_samples) if self.kept_chunks is not None and not one_chunk else None
+        if cap is not None:
+            row = factors if self.layer_factors else grad
+            if n_samples * row <= cap:  # every chunk kept: the chunk's own rows are among them
+                fixed += n_samples * row
+                per_sample = max(per_sample - row, 0)
+            else:  # at most cap kept, and one more chunk's rows held while the next is recomputed
+                fixed += cap
+                per_sample += row
         return int(fixed + per_sample * chunk)
 
 

@@ -51,6 +51,10 @@ PARAMETER_GROUPS = 4
 #: The spectrum comes from the exact Gram matrix G G^T / R up to this many rows R (float64
 #: [R, R]: 128 MiB at 4096), from Lanczos above it.
 GRAM_MAX_ROWS = 4096
+#: What a run holds outside its tensors, planned as fixed bytes: the math libraries' buffers
+#: and the allocator's own (the measured peak was 0 to 5.5 MiB over the tensors' peak on
+#: GPT-2 2-layer, 30M and 124M, whose tensors the plan counts to within 0.1%).
+WORKSPACE_BYTES = 8 << 20
 
 
 class FisherInformation(Metric):
@@ -77,9 +81,11 @@ class FisherInformation(Metric):
     - ``top_eigenvalues`` [k] (descending): F = G^T G / R has rank <= R and its non-zero
       eigenvalues are exactly those of the R x R Gram matrix G G^T / R, formed in the same
       pass (``meta["spectrum_method"] = "gram"``; all R eigenvalues in
-      ``arrays["gram_eigenvalues"]``); on several ranks, above :data:`GRAM_MAX_ROWS` rows,
-      or when the chunks' gradients do not fit ``cache_bytes``, by Lanczos with full
-      reorthogonalisation on the matrix-free F v = (1/R) sum_i g_i (g_i^T v) (each product
+      ``arrays["gram_eigenvalues"]``; the blocks between chunks from the chunks kept within
+      ``cache_bytes``, the others recomputed a block at a time,
+      ``meta["gram_chunks_recomputed"]``); on several ranks, above :data:`GRAM_MAX_ROWS`
+      rows, with the linear factors, or in the ``"streamed"`` memory modes with several
+      chunks, by Lanczos with full reorthogonalisation on the matrix-free F v = (1/R) sum_i g_i (g_i^T v) (each product
       all-reduced over ranks; ``"lanczos"``). On a sharded (FSDP2) model each Lanczos
       vector is the rank's piece (its shards' entries, ``meta["lanczos_vector_entries"]``),
       inner products are summed over ranks and the product gathers one parameter's v at a
@@ -201,16 +207,25 @@ class FisherInformation(Metric):
         ``"cached"`` (every row's gradient kept for the Lanczos products,
         when they fit ``cache_bytes``), ``"streamed"`` (recomputed chunk by chunk per
         product), ``"streamed_cpu_basis"`` (the Lanczos basis in host memory; helps on an
-        accelerator only). Each counts the accumulators (3 vectors in the accumulation
-        dtype, 1 copy in the parameters'), one chunk's per-sample gradients (on the hooks
-        path one layer's [B, *shape] at a time: the largest trainable tensor per sample,
-        which on GPT-2 124M, a tied embedding's dense [B, V, d], is within 3% of the
-        measured per-sample peak with the activations; vmap and linear factors: P) and the
-        Lanczos basis: ``max_iter`` vectors in the Lanczos dtype plus 4 of work (and 2 in
-        the parameters' dtype).
+        accelerator only). Each counts one chunk's per-sample gradients (on the hooks path
+        one layer's [B, *shape] at a time: the largest trainable tensor per sample; vmap
+        and linear factors: P) and, with a spectrum on the hooks or linear path, the
+        factors' phase (``Cost.layer_factors``: the per-layer factors F kept past the
+        backward, measured by the planner, and the largest tensor's per-sample gradient
+        formed from them; on GPT-2 124M F is 221 MiB a sample, and F + 147 MiB is the
+        measured per-sample peak), and the Lanczos basis: ``max_iter`` vectors in the
+        Lanczos dtype plus 4 of work (and 2 in the parameters' dtype).
         When the spectrum comes from the Gram matrix (one process, N x mc_samples <=
-        :data:`GRAM_MAX_ROWS`), ``"cached"`` counts no Lanczos basis, only the kept chunks
-        (at most ``cache_bytes``).
+        :data:`GRAM_MAX_ROWS`), ``"cached"`` counts no Lanczos basis: a run of one chunk
+        holds nothing more, and one of several keeps the chunks' factors for the blocks
+        between chunks, at most ``cache_bytes`` of them, plus one chunk's while the next
+        is recomputed (``Cost.kept_chunks``; see
+        :func:`~uma_callbacks.linalg.fisher_products.accumulate_fisher`).
+        Each counts :data:`WORKSPACE_BYTES` for what is held outside tensors.
+        The diagonal's accumulators (:meth:`_diagonal_bytes`) count when ``keep_diagonal``
+        or ``top_percent`` asks for it, else only when a later metric of the save asks for
+        ``"diagonal"``; the top eigenvector's vectors (:meth:`_eigenvector_bytes`) only
+        when one asks for ``"top_eigenvector"`` (``Cost.requested_bytes``).
         Last, ``"grouped"``: per-sample gradients of one parameter group at a time
         (:data:`PARAMETER_GROUPS` groups of about equal size, so about P / 4 per sample;
         a tensor larger than that stays whole), the same sums; each Lanczos product then
@@ -223,10 +238,20 @@ class FisherInformation(Metric):
         work vectors on the ``n_held`` local entries and the cached per-sample gradients
         (the rank's own samples, full-size) on ``n``.
         """
-        acc = 8 if self.accumulate_dtype == "float64" else 4
+        diagonal = self.keep_diagonal or self.top_percent is not None
+        requested: tuple[tuple[str, Any], ...] = (("top_eigenvector", self._eigenvector_bytes),)
+        if not diagonal:
+            requested = (("diagonal", self._diagonal_bytes), *requested)
         base: dict[str, Any] = {
-            "per_sample_grads": True, "param_copies": 1.0, "vectors": 3.0, "vector_itemsize": acc,
+            "per_sample_grads": True,
+            "fixed_bytes": WORKSPACE_BYTES,
             "per_sample_grad_by_tensor": self.method in ("auto", "hooks"),
+            # the chunks' gradients are kept as factors past the backward (kept for the products
+            # or the Gram, or recomputed for each product); without a spectrum they are reduced
+            # during the backward
+            "layer_factors": self.method in ("auto", "hooks", "linear") and self.top_k is not None,
+            "extra_bytes": self._diagonal_bytes if diagonal else None,
+            "requested_bytes": requested,
         }  # fmt: skip
 
         def rows(n: int, itemsize: float, n_samples: int) -> int:
@@ -254,11 +279,13 @@ class FisherInformation(Metric):
 
         def cached(n: int, itemsize: float, n_samples: int) -> int:
             if self._gram_path(n_samples):
-                # all N eigenvalues from the Gram matrix: no Lanczos basis; the chunks kept for
-                # the blocks between chunks are capped by cache_bytes (the hooks path keeps
-                # activation-sized factors, far below [N, P])
-                return int(min(n_samples * self.mc_samples * n * itemsize, self._cache_bytes))
+                return 0  # all N eigenvalues from the Gram matrix: no Lanczos basis (kept chunks: gram_chunks)
             return rows(n, itemsize, n_samples) + basis(n, itemsize, n_samples) + work(n, itemsize, n_samples)
+
+        def gram_chunks(n: int, itemsize: float, n_samples: int) -> int | None:
+            # the Gram's blocks between chunks: the chunks' gradients kept, at most cache_bytes
+            # (and a block of one chunk at least); Lanczos keeps its rows in extra_bytes
+            return self._cache_bytes if self._gram_path(n_samples) else None
 
         def streamed(n: int, itemsize: float, n_samples: int) -> int:
             return basis(n, itemsize, n_samples) + work(n, itemsize, n_samples)
@@ -266,19 +293,57 @@ class FisherInformation(Metric):
         pairs = ((basis, basis_on_shard), (work, work_on_shard), (cached, cached_on_shard), (streamed, streamed_on_shard))
         for fn, on_shard in pairs:
             fn.on_shard = on_shard  # type: ignore[attr-defined]
-        modes = [("cached", Cost(**base, extra_bytes=cached)), ("streamed", Cost(**base, extra_bytes=streamed))]
+        modes = [
+            ("cached", Cost(**{**base, "extra_bytes": _summed_bytes(base["extra_bytes"], cached)}, kept_chunks=gram_chunks)),
+            ("streamed", Cost(**{**base, "extra_bytes": _summed_bytes(base["extra_bytes"], streamed)})),
+        ]
         if self.top_k is not None:
-            modes.append(("streamed_cpu_basis", Cost(**base, extra_bytes=work, host_extra_bytes=basis)))
-        grouped: dict[str, Any] = {**base, "per_sample_grad_fraction": 1.0 / PARAMETER_GROUPS, "per_sample_grad_by_tensor": False}
-        modes.append(("grouped", Cost(**grouped, extra_bytes=streamed)))
+            cpu_basis = {**base, "extra_bytes": _summed_bytes(base["extra_bytes"], work), "host_extra_bytes": basis}
+            modes.append(("streamed_cpu_basis", Cost(**cpu_basis)))
+        grouped: dict[str, Any] = {
+            **base, "per_sample_grad_fraction": 1.0 / PARAMETER_GROUPS, "per_sample_grad_by_tensor": False,
+            "layer_factors": False, "extra_bytes": _summed_bytes(base["extra_bytes"], streamed),
+        }  # fmt: skip
+        modes.append(("grouped", Cost(**grouped)))
         return modes
+
+    def _diagonal_bytes(self, n: int, itemsize: float, n_samples: int) -> int:
+        """Bytes of the diagonal, the larger of what the pass and what follows it hold.
+
+        During the pass its float64 running sums (8 bytes an entry, as a float32 sum and its
+        Kahan compensation on a device without float64); after it, the summed and the
+        divided diagonal in the accumulation dtype, and with ``top_percent`` the mask's
+        float64 copy of the diagonal, its [n] bool mask and the top-k values and indices.
+        """
+        acc = max(8 if self.accumulate_dtype == "float64" else 4, int(itemsize))
+        after = 2 * acc * n
+        if self.top_percent is not None:
+            k = math.ceil(n * self.top_percent / 100)
+            after += 9 * n + 16 * k
+        return int(max(8 * n, after))
+
+    def _eigenvector_bytes(self, n: int, itemsize: float, n_samples: int) -> int:
+        """Bytes of the top eigenvector handed on (``"top_eigenvector"`` asked).
+
+        From the Gram, G^T u_1 summed a chunk at a time (the sum and one chunk's term) and
+        its unit copy: 3 vectors in the parameters' dtype. From Lanczos, its k Ritz vectors
+        and the first one's copy in the Lanczos dtype, and the unit copy (see :meth:`_spectrum`).
+        """
+        if self.top_k is None:
+            return 0
+        if self._gram_path(n_samples):
+            return int(3 * n * itemsize)
+        max_iter, size = self._lanczos_shape(n, itemsize, n_samples)
+        k = min(self.top_k, max(1, n_samples * self.mc_samples), n, max_iter)
+        return int((k + 1) * n * size + n * itemsize)
 
     def _gram_path(self, n_samples: int) -> bool:
         """Whether the spectrum comes from the Gram matrix, as :meth:`_compute` decides.
 
-        It does for a spectrum asked, one process, at most :data:`GRAM_MAX_ROWS` rows.
+        It does for a spectrum asked, one process, at most :data:`GRAM_MAX_ROWS` rows, on a
+        path whose chunks give their Gram blocks (not the linear factors: Lanczos there).
         """
-        if self.top_k is None or n_samples * self.mc_samples > GRAM_MAX_ROWS:
+        if self.top_k is None or n_samples * self.mc_samples > GRAM_MAX_ROWS or self.method == "linear":
             return False
         dist = torch.distributed
         return not (dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1)
@@ -330,6 +395,9 @@ class FisherInformation(Metric):
             groups=groups,
             want_diag=self.keep_diagonal or self.top_percent is not None or "diagonal" in ctx.results.requested,
             want_gram=want_gram,
+            # the cached mode's plan counts the Gram's kept chunks (Cost.kept_chunks), never a
+            # Lanczos basis: the blocks the cache cannot keep are recomputed instead
+            fill_gram=mode.startswith("cached"),
         )
         scalars = trace_scalars(stats)
         arrays: dict[str, np.ndarray] = {}
@@ -464,6 +532,24 @@ class FisherInformation(Metric):
         return result.eigenvalues.double().cpu().numpy()
 
 
+def _summed_bytes(*fns: Callable[[int, float, int], int] | None) -> Callable[[int, float, int], int]:
+    """``(n, itemsize, N) -> the sum of fns' bytes`` (``None`` ones left out); keeps the last one's ``on_shard``."""
+    parts = [f for f in fns if f is not None]
+
+    def total(n: int, itemsize: float, n_samples: int) -> int:
+        return sum(f(n, itemsize, n_samples) for f in parts)
+
+    on_shard = getattr(parts[-1], "on_shard", None) if parts else None
+    if on_shard is not None:
+        first = parts[:-1]
+
+        def total_on_shard(n: int, held: int, itemsize: float, n_samples: int) -> int:
+            return sum(f(n, itemsize, n_samples) for f in first) + on_shard(n, held, itemsize, n_samples)
+
+        total.on_shard = total_on_shard  # type: ignore[attr-defined]
+    return total
+
+
 def _rows_combination(ctx: ComputeContext, local: FisherSums, u: torch.Tensor) -> dict[str, torch.Tensor]:
     """G^T u = sum_i u_i g_i over this rank's rows, ``{param name: [*shape]}``.
 
@@ -553,11 +639,13 @@ def gather_fisher(
     *,
     want_diag: bool = True,
     want_gram: bool = False,
+    fill_gram: bool = False,
 ) -> GlobalFisher:
     """Accumulate the Fisher statistics of ``ctx``'s probe and all-reduce them.
 
     ``want_diag=False`` leaves ``diag_sum`` empty (traces only); ``want_gram`` forms this
-    rank's Gram matrix G G^T in ``local.gram`` when it can (see ``accumulate_fisher``).
+    rank's Gram matrix G G^T in ``local.gram`` when it can, and ``fill_gram`` also when the
+    chunks do not all fit ``cache_bytes`` (see ``accumulate_fisher``).
 
     Raises:
         ValueError: fewer than 2 samples in the probe, no trainable parameters,
@@ -605,11 +693,14 @@ def gather_fisher(
         want_diag=want_diag,
         want_gram=want_gram,
         collective=ctx.collective if sharded else None,
+        fill_gram=fill_gram,
     )
     if groups:
         ctx.meta["parameter_groups"] = len(local.groups or [])
     if local.fallback:
         ctx.meta["linear_fallback"] = local.fallback
+    if local.gram_recomputed:
+        ctx.meta["gram_chunks_recomputed"] = local.gram_recomputed
     col = local.sq_norms.sum(0)
     head = torch.tensor([float(local.rows), local.loss_sum], dtype=torch.float64, device=col.device)
     diag = dict(local.diag_sum)
