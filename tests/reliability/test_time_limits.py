@@ -10,7 +10,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from tests.cases import qwen2_case
+from tests.cases import mlp_case, qwen2_case
 from tests.reliability.test_model_safety import _build
 from tests.trainer_cases import run_trainer
 from uma_callbacks import UMACallback
@@ -45,7 +45,7 @@ def test_every_metric_stops_at_its_deadline_with_its_progress(name):
 def test_fisher_lanczos_products_are_timed_too():
     from uma_callbacks.metrics import FisherInformation
 
-    model, batches, loss_fn = qwen2_case(dtype=torch.float32)
+    model, batches, loss_fn = mlp_case(dtype=torch.float32)  # every parameter in an nn.Linear
     calls = []
     original = FisherInformation._spectrum
 
@@ -57,8 +57,8 @@ def test_fisher_lanczos_products_are_timed_too():
     FisherInformation._spectrum = spectrum
     try:
         with pytest.raises(MetricTimeout) as info:
-            # no cached rows: the spectrum comes from Lanczos products (not the Gram matrix)
-            FisherInformation(top_k=2, cache_bytes=0).compute(model, batches, loss_fn, chunk_size=1)
+            # method="linear" forms no Gram matrix: the spectrum comes from Lanczos products
+            FisherInformation(top_k=2, method="linear").compute(model, batches, loss_fn, chunk_size=1)
     finally:
         FisherInformation._spectrum = original
     assert calls and info.value.progress.get("matvecs") == 1
