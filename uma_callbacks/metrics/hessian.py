@@ -132,8 +132,8 @@ class HessianSpectrum(Metric):
             when the parameters changed; ``meta["lanczos_start"]`` says which ran). It keeps
             one vector [P] in host memory between checkpoints (91 MB on the MiniLM) and forms
             the Ritz vectors at each run. ``bench/spectra.py``: on its Qwen2 one AdamW step
-            (lr 1e-4) after a checkpoint, 46 products instead of 63 for the top-10 at a
-            relative residual of 1e-2, the same eigenvalues (3.9e-4 against 2.7e-4 of
+            (lr 1e-4) after a checkpoint, 48 products instead of 63 for the top-10 at a
+            relative residual of 1e-2, the same eigenvalues (2.3e-4 against 2.7e-4 of
             |lambda_1| from a converged reference); the nearer the checkpoints, the larger
             the saving, and a top-10 eigenvalue the previous checkpoint missed is found no
             sooner than from ``"gradients"``.
