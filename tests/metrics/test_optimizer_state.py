@@ -1,7 +1,8 @@
-"""OptimizerState against hand-computed Adam steps in float64; the state from a live Trainer, MLflow and optimizer.pt."""
+"""OptimizerState against hand-computed Adam steps in float64; the state from a live Trainer, MLflow and optimizer.pt; the pending step it hands on."""
 
 from __future__ import annotations
 
+import copy
 import math
 import os
 
@@ -320,3 +321,111 @@ def test_without_fisher_at_the_save_the_spearman_key_is_skipped_with_the_reason(
         assert record.status == "ok" and "update_norm" in record.scalars
         assert not any("fisher_spearman" in k for k in record.scalars)
         assert needle in record.meta["skipped"]["fisher_spearman"]
+
+
+# ---------------------------------------------------------------------- the pending step handed on
+def _rewound_step(model, opt):
+    """``{name: theta_after - theta_before}`` of one real ``opt.step()`` on a copy whose state is rewound one step, with a zero gradient.
+
+    The copy's state is m / beta1, v / beta2, t - 1 (``max_exp_avg_sq`` kept): the zero-gradient
+    step brings it back to m, v, t, so the step it takes is the one from the moments as they are.
+    """
+    model, opt = copy.deepcopy((model, opt))  # one memo: the copy's optimizer steps the copy's parameters
+    for group in opt.param_groups:
+        beta1, beta2 = group["betas"]
+        for p in group["params"]:
+            state = opt.state[p]
+            state["exp_avg"].div_(beta1)
+            state["exp_avg_sq"].div_(beta2)
+            state["step"].sub_(1)
+            p.grad = torch.zeros_like(p)
+    before = {n: p.detach().clone() for n, p in model.named_parameters()}
+    opt.step()
+    return {n: p.detach() - before[n] for n, p in model.named_parameters()}
+
+
+def _asked_pending():
+    from uma_callbacks.metrics.base import SaveResults
+
+    return SaveResults(requested=frozenset({"pending_update"}))
+
+
+@pytest.mark.parametrize(("weight_decay", "amsgrad"), [(0.0, False), (0.1, False), (0.1, True)])
+def test_pending_update_is_the_step_adamw_takes_from_its_moments_by_hand_and_by_torch(weight_decay, amsgrad):
+    """Delta theta = -lr m_hat / (sqrt(v_hat) + eps) - lr wd theta: by hand, and opt.step() on a rewound copy, to 1e-10."""
+    model, batches, loss_fn = mlp_case(dtype=torch.float64)
+    opt, moved, _, moments = _hand_adam(model, batches, loss_fn, 3, weight_decay, amsgrad)
+    result = OptimizerState().compute(model, batches, loss_fn, optimizer_state=from_optimizer(opt, model), results=_asked_pending())
+    pending = result.provided["pending_update"]
+    assert list(pending) == [n for n, _ in model.named_parameters()] and result.tensors == {}
+    torch_step = _rewound_step(model, opt)
+    for name, p in model.named_parameters():
+        m, v = moments[name]
+        hand = -LR * (m / (1 - BETAS[0] ** 3)) / ((v / (1 - BETAS[1] ** 3)).sqrt() + EPS) - LR * weight_decay * p.detach()
+        assert pending[name].dtype == p.dtype and pending[name].shape == p.shape
+        torch.testing.assert_close(pending[name], hand, rtol=0, atol=1e-12)
+        torch.testing.assert_close(pending[name], torch_step[name], rtol=0, atol=1e-10)
+        if weight_decay == 0.0:  # right after a step, the pending step is the step just taken
+            before, after = moved[name]
+            torch.testing.assert_close(pending[name], after - before, rtol=0, atol=1e-10)
+    assert "not_provided" not in result.meta
+
+
+def test_pending_update_leaves_adams_coupled_decay_to_the_gradient_and_is_formed_only_when_asked():
+    """Adam's L2 decay enters through the next gradient: its pending step is -u alone; nothing is formed unless asked."""
+    from uma_callbacks.metrics.optimizer_state import adam_update, decoupled_decay
+
+    model, batches, loss_fn = mlp_case(dtype=torch.float64)
+    opt = torch.optim.Adam(model.parameters(), lr=LR, betas=BETAS, eps=EPS, weight_decay=0.1)
+    for batch in batches:
+        opt.zero_grad()
+        loss_fn(model, batch).mean().backward()
+        opt.step()
+    opt.zero_grad(set_to_none=True)
+    state = from_optimizer(opt, model)
+    assert state.kind == "Adam" and decoupled_decay(state.kind, state.groups[0]) == 0.0
+    pending = OptimizerState().compute(model, batches, loss_fn, optimizer_state=state, results=_asked_pending())
+    for name, p in model.named_parameters():
+        s = opt.state[p]
+        u = adam_update(s["exp_avg"], s["exp_avg_sq"], float(s["step"]), LR, BETAS, EPS)
+        torch.testing.assert_close(pending.provided["pending_update"][name], -u, rtol=0, atol=1e-15)
+    plain = OptimizerState().compute(model, batches, loss_fn, optimizer_state=state)
+    assert plain.provided == {} and plain.scalars == pending.scalars
+
+
+def test_pending_update_is_planned_as_one_parameter_copy_when_asked():
+    from uma_callbacks.metrics.optimizer_state import PIECE
+
+    cost = dict(OptimizerState().memory_modes())["default"]
+    plain = cost.bytes_needed(4000, 0, 1, n_params=1000)
+    asked = cost.bytes_needed(4000, 0, 1, n_params=1000, requested=frozenset({"pending_update"}))
+    assert asked - plain == 4000 + 8 * PIECE  # the parameters' size in their dtype, and one float64 piece forming it
+
+
+def test_backfill_of_one_checkpoint_hands_the_pending_step_of_its_optimizer_pt_to_sharpness(trained, tmp_path):
+    """No earlier checkpoint in the backfill: sharpness's last update is the step the saved AdamW state would take."""
+    from transformers import AutoModelForCausalLM
+
+    from uma_callbacks.metrics import DirectionalSharpness
+    from uma_callbacks.triggers.backfill import backfill
+
+    folder = trained["run"] / "checkpoint-2"
+    summary = backfill([folder], metrics=["optimizer_state", DirectionalSharpness(directions=["update"])],
+                       probe=tiny_lm_dataset(n=4, seed=1), probe_size=4, trajectory=False, use_cache=False,
+                       output_dir=tmp_path / "one", draw_figures=False, progress=False, trackers=[])  # fmt: skip
+    records = {r.metric: r for r in summary.records}
+    assert summary.computed == 2 and list(records) == ["optimizer_state", "sharpness"], summary.describe()
+    sharp = records["sharpness"]
+    assert sharp.status == "ok" and sharp.meta["update_source"] == "optimizer_pending_step", (sharp.error, sharp.meta)
+    assert math.isfinite(sharp.scalars["update/curvature"]) and sharp.meta["skipped_directions"] == {}
+    model = AutoModelForCausalLM.from_pretrained(folder)
+    state = read_optimizer_state(folder, model)
+    assert [g["weight_decay"] for g in state.groups] == [0.1, 0.0]  # the Trainer's decay group, then the rest
+    square = 0.0
+    for name, p in model.named_parameters():
+        s, group = state.params[name], state.group_of(name)
+        t, (b1, b2), lr = float(s["step"]), group["betas"], group["lr"]
+        m_hat, v_hat = s["exp_avg"].double() / (1 - b1**t), s["exp_avg_sq"].double() / (1 - b2**t)
+        step = -lr * m_hat / (v_hat.sqrt() + group["eps"]) - lr * group["weight_decay"] * p.detach().double()
+        square += float((step**2).sum())
+    assert sharp.scalars["update/norm"] == pytest.approx(math.sqrt(square), rel=1e-5)

@@ -1,4 +1,4 @@
-"""DirectionalSharpness against the exact double-backward curvature (every scheme, every direction); its cost in counted passes; skips, partial results; a Trainer run."""
+"""DirectionalSharpness against the exact double-backward curvature (every scheme, every direction, the update from the history or the pending optimizer step); its cost in counted passes; skips, partial results, cache keys; a Trainer run."""
 
 from __future__ import annotations
 
@@ -254,6 +254,156 @@ def test_fisher_direction_is_skipped_with_the_reason_when_fisher_fails_or_is_abs
         assert needle in sharp.meta["results_missing"]["fisher"]
 
 
+def _adamw_trained(build, steps=3, weight_decay=0.1):
+    """``build``'s float64 case after ``steps`` AdamW steps (decoupled weight decay); ``(model, batches, loss_fn, optimizer)``."""
+    model, batches, loss_fn = build(torch.float64)
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-2, betas=(0.8, 0.95), eps=1e-6, weight_decay=weight_decay)
+    for t in range(steps):
+        opt.zero_grad()
+        loss_fn(model, batches[t % len(batches)]).mean().backward()
+        opt.step()
+    opt.zero_grad(set_to_none=True)
+    return model.eval(), batches, loss_fn, opt
+
+
+def _hand_pending(model, opt):
+    """``{name: -lr m_hat / (sqrt(v_hat) + eps) - lr wd theta}``, the step AdamW takes from its moments as they are."""
+    out = {}
+    for name, p in model.named_parameters():
+        group = next(g for g in opt.param_groups if any(q is p for q in g["params"]))
+        state, (b1, b2), lr = opt.state[p], group["betas"], group["lr"]
+        t = float(state["step"])
+        m_hat, v_hat = state["exp_avg"] / (1 - b1**t), state["exp_avg_sq"] / (1 - b2**t)
+        out[name] = -lr * m_hat / (v_hat.sqrt() + group["eps"]) - lr * group["weight_decay"] * p.detach()
+    return out
+
+
+def _suite_sharpness(model, batches, loss_fn, metrics, **run):
+    from uma_callbacks.engine.probe import Probe
+    from uma_callbacks.engine.suite import MetricSuite
+
+    journal = run.pop("journal", None)
+    with sdpa_kernel(SDPBackend.MATH):
+        records = MetricSuite(metrics=metrics, journal=journal, loss_fn=loss_fn, draw_figures=False).run(
+            model, Probe(batches), **{"step": 3, **run}
+        )
+    return records
+
+
+@pytest.mark.parametrize(("build", "step"), [(mlp_case, 0.01), (gpt2_case, 1e-3)], ids=["mlp", "gpt2"])
+def test_first_save_measures_the_update_along_the_pending_adamw_step_and_matches_double_backward(build, step):
+    """No previous checkpoint: direction (a) is the step optimizer_state hands on; f''(0) = d^T H d along it to 1e-4."""
+    from uma_callbacks.core.optimizer_state import from_optimizer
+    from uma_callbacks.metrics import OptimizerState
+
+    model, batches, loss_fn, opt = _adamw_trained(build)
+    direction, norm = _unit(list(_hand_pending(model, opt).values()))
+    metrics = [DirectionalSharpness(step=step), OptimizerState()]  # listed first, run after its provider
+    records = _suite_sharpness(model, batches, loss_fn, metrics, optimizer=from_optimizer(opt, model))
+    assert [r.metric for r in records] == ["optimizer_state", "sharpness"]
+    sharp = records[1]
+    assert sharp.status == "ok", (sharp.error, sharp.meta.get("partial_reason"))
+    assert sharp.meta["skipped_directions"] == {} and "results_missing" not in sharp.meta
+    assert sharp.meta["update_source"] == "optimizer_pending_step"
+    lam, slope, _ = exact_directional(model, batches, loss_fn, direction)
+    s = sharp.scalars
+    assert s["update/curvature"] == pytest.approx(lam, rel=1e-4)
+    assert abs(s["update/curvature"] - lam) <= s["update/curvature_error"] + 1e-12
+    assert s["update/slope"] == pytest.approx(slope, rel=1e-9, abs=1e-12)
+    assert s["update/norm"] == pytest.approx(norm, rel=1e-12)
+    assert s["update/slope"] < 0  # a step of Adam goes downhill on this probe
+
+
+def test_first_save_without_a_pending_step_skips_the_update_with_both_reasons():
+    from uma_callbacks.core.optimizer_state import from_optimizer
+    from uma_callbacks.metrics import OptimizerState
+
+    model, batches, loss_fn, opt = _adamw_trained(mlp_case)
+    sgd = torch.optim.SGD(model.parameters(), lr=0.1)
+    cases = (
+        ([DirectionalSharpness()], from_optimizer(opt, model), "optimizer_state is not among this save's metrics"),
+        ([DirectionalSharpness(), OptimizerState()], None, "optimizer_state skipped at this save: no optimizer state was given"),
+        ([DirectionalSharpness(), OptimizerState()], from_optimizer(sgd, model), "the optimizer is SGD, not Adam"),
+    )
+    for metrics, optimizer, needle in cases:
+        sharp = _suite_sharpness(model, batches, loss_fn, metrics, optimizer=optimizer)[-1]
+        reason = sharp.meta["skipped_directions"]["update"]
+        assert reason.startswith("no previous checkpoint yet, and no pending optimizer step at this save: "), reason
+        assert needle in reason and needle in sharp.meta["results_missing"]["optimizer_state"]
+        assert "update_source" not in sharp.meta and "gradient/curvature" in sharp.scalars
+        assert not any(k.startswith("update/") for k in sharp.scalars)
+
+
+def test_with_a_previous_checkpoint_the_history_wins_over_the_pending_step():
+    model, batches, loss_fn, opt = _adamw_trained(mlp_case)
+    pending = _hand_pending(model, opt)
+    handed = SaveResults(outputs={"optimizer_state": {"pending_update": pending}})
+    previous = _previous(model)
+    history = History(previous=(CheckpointState(2, previous, "fp-prev"),))
+    metric = DirectionalSharpness(directions=["update"])
+    with_history = metric.compute(model, batches, loss_fn, history=history, results=handed)
+    alone = metric.compute(model, batches, loss_fn, results=handed)
+    assert with_history.meta["update_source"] == "history" and alone.meta["update_source"] == "optimizer_pending_step"
+    _, delta_norm = _unit([p.detach() - previous[n] for n, p in model.named_parameters()])
+    assert with_history.scalars["update/norm"] == pytest.approx(delta_norm, rel=1e-12)
+    assert alone.scalars["update/norm"] == pytest.approx(_unit(list(pending.values()))[1], rel=1e-12)
+
+
+def test_a_pending_step_without_a_parameter_moves_it_not_and_one_of_another_shape_is_not_used():
+    model, batches, loss_fn, opt = _adamw_trained(mlp_case)
+    pending = _hand_pending(model, opt)
+    names = list(pending)
+    metric = DirectionalSharpness(directions=["update"])
+    partial = {n: t for n, t in pending.items() if n != names[0]}  # a parameter the optimizer holds no state for
+    got = metric.compute(model, batches, loss_fn, results=SaveResults(outputs={"optimizer_state": {"pending_update": partial}}))
+    direction, norm = _unit([torch.zeros_like(pending[n]) if n == names[0] else pending[n] for n in names])
+    lam, _, _ = exact_directional(model, batches, loss_fn, direction)
+    assert got.scalars["update/norm"] == pytest.approx(norm, rel=1e-12)
+    assert got.scalars["update/curvature"] == pytest.approx(lam, rel=1e-4)
+    bad = {**pending, names[0]: pending[names[0]].reshape(-1)}
+    with pytest.raises(MetricSkipped, match=rf"pending optimizer step handed on does not fit.*mis-shaped \['{names[0]}'\]"):
+        metric.compute(model, batches, loss_fn, results=SaveResults(outputs={"optimizer_state": {"pending_update": bad}}))
+    zero = {n: torch.zeros_like(t) for n, t in pending.items()}
+    with pytest.raises(MetricSkipped, match="pending optimizer step is zero"):
+        metric.compute(model, batches, loss_fn, results=SaveResults(outputs={"optimizer_state": {"pending_update": zero}}))
+
+
+def test_cache_keys_tell_the_update_sources_apart(tmp_path):
+    """Same weights: with the pending step, without it, with another optimizer state, with a previous checkpoint: four keys."""
+    from uma_callbacks.core.optimizer_state import OptimizerSnapshot, from_optimizer
+    from uma_callbacks.engine.history import CheckpointHistory
+    from uma_callbacks.engine.journal import Journal
+    from uma_callbacks.metrics import OptimizerState
+
+    model, batches, loss_fn, opt = _adamw_trained(mlp_case)
+    journal = Journal(tmp_path)
+    metrics = [DirectionalSharpness(), OptimizerState()]
+    state = from_optimizer(opt, model)
+    doubled = OptimizerSnapshot(kind="AdamW", groups=state.groups, params={
+        n: {k: v * 2.0 if k == "exp_avg" else v.clone() for k, v in s.items()} for n, s in state.params.items()
+    })  # fmt: skip
+    history = CheckpointHistory(metrics)
+    earlier = copy.deepcopy(model)
+    with torch.no_grad():
+        for p in earlier.parameters():
+            p.add_(0.01)
+    history.push(earlier, 2, "weights-before")
+    runs = [{"optimizer": state}, {}, {"optimizer": state}, {"optimizer": doubled}, {"optimizer": state, "history": history}]
+    sharp = []
+    for i, run in enumerate(runs):
+        records = _suite_sharpness(model, batches, loss_fn, metrics, step=3 + i, checkpoint="weights-A", journal=journal, **run)
+        sharp.append(records[-1])
+    assert [r.metric for r in sharp] == ["sharpness"] * 5
+    assert [r.status for r in sharp] == ["ok", "ok", "cached", "ok", "ok"]  # the third: the first's key, optimizer_state cached
+    assert [r.meta.get("update_source") for r in sharp] == [
+        "optimizer_pending_step", None, "optimizer_pending_step", "optimizer_pending_step", "history",
+    ]  # fmt: skip
+    assert len({r.cache_key for r in sharp}) == 4 and sharp[2].cache_key == sharp[0].cache_key
+    norms = [r.scalars.get("update/norm") for r in sharp]
+    assert norms[1] is None and norms[2] == norms[0] and norms[3] != pytest.approx(norms[0])
+    assert norms[4] == pytest.approx(0.01 * math.sqrt(sum(p.numel() for p in model.parameters())), rel=1e-9)
+
+
 @pytest.mark.parametrize("scheme", SCHEMES)
 def test_float32_stays_within_its_error_estimate(scheme):
     model, batches, loss_fn = mlp_case(torch.float32)
@@ -293,7 +443,8 @@ def test_first_checkpoint_skips_the_update_and_fisher_with_their_reasons():
     model, batches, loss_fn = mlp_case()
     result = DirectionalSharpness(directions=["update", "gradient", "fisher"]).compute(model, batches, loss_fn)
     skipped = result.meta["skipped_directions"]
-    assert set(skipped) == {"update", "fisher"} and "previous checkpoint" in skipped["update"]
+    assert set(skipped) == {"update", "fisher"}
+    assert skipped["update"].startswith("no previous checkpoint yet, and no pending optimizer step at this save: optimizer_state did not run")
     assert skipped["fisher"].startswith("no top Fisher eigenvector at this save: fisher did not run before this metric")
     assert "gradient/curvature" in result.scalars and not any(k.startswith("update/") for k in result.scalars)
     assert result.meta["probe_forwards"] == 4 and result.meta["forward_passes"] == 3 * len(batches)
@@ -362,7 +513,7 @@ def test_figure_is_drawn_from_the_result_alone(tmp_path):
 
 
 @pytest.mark.slow
-def test_trainer_run_logs_sharpness_and_weight_spectra_to_mlflow(tmp_path, monkeypatch):
+def test_trainer_run_logs_sharpness_weight_spectra_and_optimizer_state_to_mlflow(tmp_path, monkeypatch):
     pytest.importorskip("mlflow")
     from mlflow.tracking import MlflowClient
 
@@ -371,14 +522,16 @@ def test_trainer_run_logs_sharpness_and_weight_spectra_to_mlflow(tmp_path, monke
 
     monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path / 'mlflow.db'}")
     cb = UMACallback(
-        metrics=["weight_spectra", DirectionalSharpness(step=0.01)], probe=tiny_lm_dataset(n=8, seed=1), probe_size=8,
-        trackers=["mlflow"], draw_figures=False,
+        metrics=["weight_spectra", DirectionalSharpness(step=0.01), "optimizer_state"], probe=tiny_lm_dataset(n=8, seed=1),
+        probe_size=8, trackers=["mlflow"], draw_figures=False,
     )  # fmt: skip
     run_trainer(tmp_path / "out", callbacks=[cb], max_steps=4, save_steps=2)
     assert [(r.step, r.metric) for r in cb.records] == [
         (2, "weight_spectra"),
+        (2, "optimizer_state"),  # sharpness's provider runs before it
         (2, "sharpness"),
         (4, "weight_spectra"),
+        (4, "optimizer_state"),
         (4, "sharpness"),
     ]
     assert all(r.status in ("ok", "partial") for r in cb.records), [(r.metric, r.status, r.error) for r in cb.records]
@@ -391,8 +544,14 @@ def test_trainer_run_logs_sharpness_and_weight_spectra_to_mlflow(tmp_path, monke
     )}  # fmt: skip
     assert [m.step for m in history["weight_spectra/stable_rank_mean"]] == [2, 4]
     assert [m.step for m in history["sharpness/gradient/curvature"]] == [2, 4]
-    assert [m.step for m in history["sharpness/update/curvature"]] == [4]  # the update starts at the second save
+    # the first save measures along the optimizer's pending step, the second along the update between the saves
+    assert [m.step for m in history["sharpness/update/curvature"]] == [2, 4]
+    sharp = {r.step: r for r in cb.records if r.metric == "sharpness"}
+    assert {s: r.meta["update_source"] for s, r in sharp.items()} == {2: "optimizer_pending_step", 4: "history"}
+    assert all(r.meta["skipped_directions"] == {} for r in sharp.values())
     live = {(r.step, r.metric): r.scalars for r in cb.records}
+    # no weight decay (the Trainer's default): the pending step is -u, whose norm optimizer_state logs
+    assert live[(2, "sharpness")]["update/norm"] == pytest.approx(live[(2, "optimizer_state")]["update_norm"], rel=1e-5)
     for key, points in history.items():
         metric, _, scalar = key.partition("/")
         for point in points:

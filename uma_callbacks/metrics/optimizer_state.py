@@ -1,13 +1,16 @@
 r"""Adam's state per module: moment norms, the update it takes, update-to-weight ratios, effective learning rates.
 
 And, when ``fisher`` runs at the same save, how well sqrt(v_hat) ranks the entries as the
-Fisher diagonal does (Spearman's rank correlation).
+Fisher diagonal does (Spearman's rank correlation); when a later metric of the save asks
+(``sharpness``'s last-update direction at a first save), the step AdamW would take now
+(:func:`pending_step`), handed on in memory.
 """
 
 from __future__ import annotations
 
 import math
 from collections.abc import Mapping
+from typing import Any
 
 import numpy as np
 import torch
@@ -30,6 +33,8 @@ FISHER_OUTPUT = "diagonal"
 SPEARMAN_ENTRIES = 2**20
 #: Seeds that sample (the same entries at every save of a model of the same size).
 SPEARMAN_SEED = 0
+#: What this metric hands on when a later metric of the save asks: ``{param name: pending step}``.
+PENDING_OUTPUT = "pending_update"
 
 
 def adam_update(
@@ -63,6 +68,50 @@ def adam_update(
         [0.001, -0.001]
     """
     return _adam_parts(exp_avg.detach().to(torch.float64), exp_avg_sq.detach().to(torch.float64), step, lr, betas, eps)[0]
+
+
+def pending_step(update: torch.Tensor, theta: torch.Tensor, lr: float, decay: float) -> torch.Tensor:
+    r"""The step AdamW takes next from its moments as they are: Delta theta = -u - lr lambda theta, in float64.
+
+    u = lr m_hat / (sqrt(v_hat) + eps) (:func:`adam_update`); lambda the decoupled weight decay
+    (:func:`decoupled_decay`: AdamW's, 0 for Adam's L2 decay, which reaches the step through
+    the gradient). The sign is the direction the parameters move: theta_next = theta + Delta theta
+    when the next step leaves m_hat and v_hat as they are (exactly: one step with a zero
+    gradient from the state one step earlier, m / beta1, v / beta2, t - 1).
+
+    Args:
+        update: u [*shape] (float64).
+        theta: the parameter [*shape].
+        lr: the group's learning rate now.
+        decay: lambda.
+
+    Returns:
+        Delta theta [*shape], float64.
+
+    Example:
+        >>> u = torch.tensor([0.001, -0.001], dtype=torch.float64)
+        >>> [round(float(x), 12) for x in pending_step(u, torch.tensor([2.0, 0.0]), 1e-3, 0.1)]  # -u - 1e-4 theta
+        [-0.0012, 0.001]
+    """
+    return torch.add(update, theta.detach().to(torch.float64), alpha=lr * decay).neg_()
+
+
+def decoupled_decay(kind: str, group: Mapping[str, Any]) -> float:
+    """The decoupled weight decay lambda of a group (a step does theta <- theta (1 - lr lambda)); 0 for coupled (L2) decay.
+
+    A group's ``decoupled_weight_decay`` says which (torch >= 2.5 keeps it in its groups);
+    without it, AdamW's decay is decoupled and Adam's coupled (the weight decay is added to
+    the gradient, so it is in the moments of the next step, not in the step from these).
+
+    Example:
+        >>> decoupled_decay("AdamW", {"weight_decay": 0.1}), decoupled_decay("Adam", {"weight_decay": 0.1})
+        (0.1, 0.0)
+        >>> decoupled_decay("Adam", {"weight_decay": 0.1, "decoupled_weight_decay": True})
+        0.1
+    """
+    flag = group.get("decoupled_weight_decay")
+    decoupled = bool(flag) if flag is not None else kind == "AdamW"
+    return float(group.get("weight_decay") or 0.0) if decoupled else 0.0
 
 
 def _adam_parts(
@@ -122,6 +171,18 @@ class OptimizerState(Metric):
     metrics, failed, read from the cache) or on a sharded state, ``meta["skipped"]
     ["fisher_spearman"]`` says why and the rest is measured.
 
+    Handed to later metrics of the same save that ask for it (``ctx.results.requested``; in
+    ``result.provided``, never journalled): ``"pending_update"``, ``{param name: Delta theta}``
+    in the parameter's dtype and on its device, Delta theta = -u - lr lambda theta
+    (:func:`pending_step`): the step the optimizer would take now if its moments stayed as
+    they are, signed as the parameters move. lambda is the group's weight decay when it is
+    decoupled (AdamW: theta <- theta (1 - lr lambda), part of the pending step) and 0 for
+    Adam's coupled L2 decay (:func:`decoupled_decay`). Parameters without state are absent
+    (the next step does not move them). Formed only when asked (one parameter-sized copy,
+    planned as ``Cost.requested_bytes``); on a sharded (FSDP2) state ``meta["not_provided"]``
+    says why it is not. ``sharpness`` measures its last-update direction along it at a save
+    with no previous checkpoint.
+
     The state comes with the measurement, not from the probe (``ctx.optimizer_state``: the
     Trainer's optimizer at ``on_save``, an accelerator's prepared optimizers, or a
     checkpoint's ``optimizer.pt``/``optimizer.bin`` in a backfill). No state: a skip record
@@ -165,11 +226,14 @@ class OptimizerState(Metric):
         """One mode: six float64 pieces of :data:`PIECE` entries at a time; with ``keep_update``, u of every parameter in float64.
 
         The Spearman correlation adds six float64 vectors of :data:`SPEARMAN_ENTRIES` (the two
-        samples, their ranks, the sort's values and order).
+        samples, their ranks, the sort's values and order). When a later metric asks for
+        ``"pending_update"``: one copy of the parameters in their dtype (n entries), held
+        until that metric has run, and one more float64 piece (``Cost.requested_bytes``).
         """
         keep = self.keep_update
         fixed = 6 * 8 * PIECE + 6 * 8 * SPEARMAN_ENTRIES
-        return [("default", Cost(fixed_bytes=fixed, extra_bytes=lambda n, _w, _s: 8 * n if keep else 0))]
+        pending = ((PENDING_OUTPUT, _pending_bytes),)
+        return [("default", Cost(fixed_bytes=fixed, extra_bytes=lambda n, _w, _s: 8 * n if keep else 0, requested_bytes=pending))]
 
     def time_cost(self, units: UnitCosts) -> float:
         """A few elementwise passes over the state, no probe: a rough tenth of a forward (calibrated by the suite)."""
@@ -193,13 +257,18 @@ class OptimizerState(Metric):
         sums = torch.zeros(len(names), len(SUMS), dtype=torch.float64)
         steps: dict[str, float] = {}
         kept: dict[str, torch.Tensor] = {}
+        sharded = any(is_dtensor(t) for n in names for t in (params[n], *state.params[n].values()))
+        form_pending = PENDING_OUTPUT in ctx.results.requested and not sharded
+        pending: dict[str, torch.Tensor] = {}
         with torch.no_grad():
             for i, name in enumerate(names):
-                sums[i], steps[name], update = _param_sums(state, name, params[name], self.keep_update)
+                sums[i], steps[name], update, moved = _param_sums(state, name, params[name], self.keep_update, form_pending)
                 if self.keep_update:
                     kept[name] = update.cpu()
+                if form_pending:
+                    pending[name] = moved
                 ctx.check_time(params_done=i + 1)
-        if any(is_dtensor(t) for n in names for t in (params[n], *state.params[n].values())):
+        if sharded:
             ctx.collective.sum_([sums])  # FSDP2: each rank summed its shard
         ctx.meta["params_without_state"] = len([n for n in params if n not in state.params])
         ctx.meta["optimizer"] = state.kind
@@ -212,6 +281,12 @@ class OptimizerState(Metric):
             result.scalars.update(correlations)
             ctx.meta["skipped"] = {}
         result.tensors = kept
+        if form_pending:
+            result.provided[PENDING_OUTPUT] = pending
+        elif PENDING_OUTPUT in ctx.results.requested:
+            ctx.meta["not_provided"] = {
+                PENDING_OUTPUT: "optimizer_state on a sharded (FSDP) state holds each rank's shard of the pending step only"
+            }
         return result
 
     def _result(self, state: OptimizerSnapshot, names: list[str], sums: torch.Tensor, steps: Mapping[str, float]) -> MetricResult:
@@ -260,10 +335,18 @@ def check_fits(state: OptimizerSnapshot, params: Mapping[str, torch.Tensor]) -> 
                 )
 
 
+def _pending_bytes(n: int, itemsize: float, _n_samples: int) -> int:
+    """Bytes of the pending step handed on: the parameters' size in their dtype, and one float64 piece forming it."""
+    return int(n * itemsize) + 8 * PIECE
+
+
 def _param_sums(
-    state: OptimizerSnapshot, name: str, param: torch.Tensor, keep: bool = False
-) -> tuple[torch.Tensor, float, torch.Tensor]:
-    """The row of :data:`SUMS` of one parameter (its local shard under FSDP2), its step t and its update u (``keep``; else empty).
+    state: OptimizerSnapshot, name: str, param: torch.Tensor, keep: bool = False, pending: bool = False
+) -> tuple[torch.Tensor, float, torch.Tensor, torch.Tensor]:
+    """One parameter's row of :data:`SUMS` (its local shard under FSDP2), its step t, its update u and its pending step.
+
+    u is float64 (``keep``; else empty); the pending step Delta theta (:func:`pending_step`)
+    is in the parameter's dtype and on its device (``pending``; else empty).
 
     Raises:
         ValueError: a state without Adam's moments or step, or a group without lr/betas/eps.
@@ -281,9 +364,14 @@ def _param_sums(
     flat = [local(t).detach().reshape(-1) for t in (entry["exp_avg"], entry[second], param)]
     row = torch.zeros(len(SUMS), dtype=torch.float64, device=flat[0].device)
     pieces = []
+    lr = float(group["lr"])
+    decay = decoupled_decay(state.kind, group)
+    moved = torch.empty(shape, dtype=param.dtype, device=param.device) if pending else torch.empty(0)
     for start in range(0, flat[0].numel(), PIECE):  # cache-sized float64 pieces: no model-sized temporaries
         m, v, w = (t[start : start + PIECE].to(torch.float64) for t in flat)
-        u, root_v, bc1, bc2 = _adam_parts(m, v, step, float(group["lr"]), tuple(group["betas"]), float(group["eps"]))
+        u, root_v, bc1, bc2 = _adam_parts(m, v, step, lr, tuple(group["betas"]), float(group["eps"]))
+        if pending:
+            moved.view(-1)[start : start + PIECE] = pending_step(u, w, lr, decay)
         m2 = torch.dot(m, m)
         row += torch.stack([
             m2, torch.dot(v, v), torch.dot(u, u), torch.dot(w, w), m2 / (bc1 * bc1),
@@ -292,7 +380,7 @@ def _param_sums(
         if keep:
             pieces.append(u)
     u = torch.cat(pieces).reshape(shape) if keep else torch.empty(0)
-    return row.cpu(), step, u
+    return row.cpu(), step, u, moved
 
 
 def _fisher_spearman(

@@ -84,6 +84,10 @@ ONE_SIDED_WINDOW = (0.5 / RATIO**2, 1.5 / RATIO)
 SLOPE_NOISE_ULPS = 32.0
 #: What direction (c) reads from the ``fisher`` metric of the same save.
 FISHER_OUTPUT = "top_eigenvector"
+#: What direction (a) reads from the ``optimizer_state`` metric of the same save when the history has no update.
+OPTIMIZER_OUTPUT = "pending_update"
+#: ``meta["update_source"]``: where direction (a) came from.
+UPDATE_SOURCES = ("history", "optimizer_pending_step")
 
 
 class DirectionalSharpness(Metric):
@@ -92,8 +96,17 @@ class DirectionalSharpness(Metric):
     L(theta) = (1/N) sum_i l_i(theta) over the probe, and for a unit direction d
     (||d|| = 1 over the trainable parameters) f(t) = L(theta + t d). Directions:
 
-    - ``"update"`` (a): d = (theta_t - theta_{t-1}) / ||theta_t - theta_{t-1}||, the last
-      update, from the session's history (the previous checkpoint; skipped at the first);
+    - ``"update"`` (a): d = Delta theta / ||Delta theta||, the last update. Delta theta =
+      theta_t - theta_{t-1} from the session's history (the previous checkpoint) when it
+      has one (``meta["update_source"] = "history"``); else (the first save, a backfill of
+      one checkpoint) the step the optimizer would take now, handed on by the
+      ``optimizer_state`` metric of the same save (:func:`~uma_callbacks.metrics.optimizer_state.pending_step`:
+      -lr m_hat / (sqrt(v_hat) + eps), minus lr lambda theta under AdamW's decoupled weight
+      decay; a trainable parameter it holds no state for does not move;
+      ``"optimizer_pending_step"``). The two differ in span: theta_t - theta_{t-1} sums the
+      steps between two saves, the pending step is one step. With neither (no previous
+      checkpoint, and ``optimizer_state`` not in the metrics, skipped for want of an optimizer
+      state, failed or read from the cache) the direction is skipped with both reasons;
     - ``"gradient"`` (b): d = g / ||g||, g = grad L(theta) (one backward over the probe);
     - ``"fisher"`` (c): v_1, the unit eigenvector of the largest eigenvalue of the Fisher F,
       handed on by the ``fisher`` metric of the same save (:class:`~uma_callbacks.metrics.fisher.FisherInformation`,
@@ -143,7 +156,7 @@ class DirectionalSharpness(Metric):
       ``<d>/slope_error``);
     - ``<d>/critical_lr`` = 2 / f''(0), the step size past which gradient descent along d
       diverges on the local quadratic model (only for f''(0) > 0);
-    - ``<d>/norm``: the length of the direction before normalising (||theta_t - theta_{t-1}||,
+    - ``<d>/norm``: the length of the direction before normalising (||Delta theta||,
       ||g||; none for ``"fisher"``, a unit vector already, its sign fixed by the provider).
 
     Also ``loss`` = L(theta). Arrays: ``steps`` [3] = h, 2h, 4h; ``<d>/losses`` [7] = f at
@@ -183,8 +196,9 @@ class DirectionalSharpness(Metric):
     name = "sharpness"
     needs_grad = True
     history_needed = 1
-    #: direction (c) reads the top Fisher eigenvector of the same save (only when asked for: :meth:`results_needed`)
-    uses_results = {"fisher": (FISHER_OUTPUT,)}
+    #: direction (c) reads the top Fisher eigenvector of the same save, direction (a) the optimizer's pending step
+    #: when the history has no update (each only when its direction is measured: :meth:`results_needed`)
+    uses_results = {"fisher": (FISHER_OUTPUT,), "optimizer_state": (OPTIMIZER_OUTPUT,)}
 
     def __init__(
         self,
@@ -213,8 +227,16 @@ class DirectionalSharpness(Metric):
         self.scheme = scheme
 
     def results_needed(self) -> dict[str, tuple[str, ...]]:
-        """``{"fisher": ("top_eigenvector",)}`` when direction ``"fisher"`` is measured, else nothing."""
-        return super().results_needed() if "fisher" in self.directions else {}
+        """``fisher``'s ``"top_eigenvector"`` when direction ``"fisher"`` is measured, ``optimizer_state``'s ``"pending_update"`` when ``"update"`` is.
+
+        Example:
+            >>> DirectionalSharpness(directions=["update", "fisher"]).results_needed()
+            {'fisher': ('top_eigenvector',), 'optimizer_state': ('pending_update',)}
+            >>> DirectionalSharpness(directions=["gradient"]).results_needed()
+            {}
+        """
+        reads = {"fisher": "fisher", "optimizer_state": "update"}
+        return {k: v for k, v in super().results_needed().items() if k not in reads or reads[k] in self.directions}
 
     @property
     def _backward(self) -> bool:
@@ -275,7 +297,7 @@ class DirectionalSharpness(Metric):
             if isinstance(update, str):
                 skipped["update"] = update
             else:
-                directions["update"], norms["update"] = update
+                directions["update"], norms["update"], ctx.meta["update_source"] = update
         if self._backward:
             gradient, center = _mean_gradient(ctx, params, chunks, n_total)
         if gradient is not None and "gradient" in self.directions:  # every scheme runs the backward for it
@@ -393,14 +415,17 @@ class DirectionalSharpness(Metric):
         )
 
 
-def _update(params: Mapping[str, torch.Tensor], ctx: ComputeContext) -> tuple[list[torch.Tensor], float] | str:
-    """The unit last update (theta_t - theta_{t-1}) / ||.|| and its norm, or why there is none.
+def _update(params: Mapping[str, torch.Tensor], ctx: ComputeContext) -> tuple[list[torch.Tensor], float, str] | str:
+    """The unit last update Delta theta / ||Delta theta||, its norm and its source (:data:`UPDATE_SOURCES`); or why there is none.
+
+    From the history when it holds a previous checkpoint, else from the pending step that
+    ``optimizer_state`` handed on (:func:`_pending_update`).
 
     Raises:
         ValueError: the previous checkpoint lacks a trainable parameter, or holds it in another shape.
     """
     if not ctx.history.previous:
-        return "no previous checkpoint yet: the last update starts at the second checkpoint"
+        return _pending_update(params, ctx)
     previous = ctx.history.previous[0].weights
     missing = [n for n in params if n not in previous]
     bad = [n for n, p in params.items() if n in previous and previous[n].shape != p.shape]
@@ -414,7 +439,30 @@ def _update(params: Mapping[str, torch.Tensor], ctx: ComputeContext) -> tuple[li
     norm = math.sqrt(flat_dot(delta, delta))
     if norm == 0.0:
         return "the last update is zero (the weights did not move since the previous checkpoint)"
-    return [x / norm for x in delta], norm
+    return [x / norm for x in delta], norm, UPDATE_SOURCES[0]
+
+
+def _pending_update(params: Mapping[str, torch.Tensor], ctx: ComputeContext) -> tuple[list[torch.Tensor], float, str] | str:
+    """The unit pending optimizer step handed on by ``optimizer_state`` at this save, its norm and source; or why there is none.
+
+    A trainable parameter it holds no entry for (no optimizer state: the next step does not
+    move it) counts as zero; one of another shape makes it unusable (the reason says which).
+    """
+    no_history = "no previous checkpoint yet"
+    step, why = ctx.results.get("optimizer_state", OPTIMIZER_OUTPUT)
+    if step is None:
+        return f"{no_history}, and no pending optimizer step at this save: {why}"
+    bad = [n for n, p in params.items() if n in step and tuple(step[n].shape) != tuple(p.shape)]
+    if bad:
+        return f"{no_history}, and the pending optimizer step handed on does not fit the trainable parameters: mis-shaped {bad[:5]}"
+    with torch.no_grad():
+        delta = [
+            step[n].detach().to(device=p.device, dtype=p.dtype) if n in step else torch.zeros_like(p) for n, p in params.items()
+        ]  # fmt: skip
+    norm = math.sqrt(flat_dot(delta, delta))
+    if norm == 0.0:
+        return f"{no_history}, and the pending optimizer step is zero on the trainable parameters"
+    return [x / norm for x in delta], norm, UPDATE_SOURCES[1]
 
 
 def _fisher_direction(params: Mapping[str, torch.Tensor], ctx: ComputeContext) -> list[torch.Tensor] | str:
