@@ -1,8 +1,11 @@
 """Figures of ``sharpness``, from results only: the probe loss along each direction, with its local quadratic.
 
-One panel per measured direction: f(t) = L(theta + t d) at the seven points
-t = -4h .. 4h, and the quadratic f(0) + slope t + curvature t^2 / 2 from the logged
-derivatives (they agree where the finite differences are trustworthy).
+One panel per measured direction: f(t) = L(theta + t d) at the points the scheme evaluated,
+and the quadratic f(0) + slope t + curvature t^2 / 2 from the logged derivatives (they agree
+where the finite differences are trustworthy). ``<d>/losses`` has seven slots, t = -4h, -2h,
+-h, 0, h, 2h, 4h (:data:`~uma_callbacks.metrics.sharpness.GRID`), NaN where f was not
+evaluated: the default ``"two_sided"`` scheme fills t = -h, 0, h, 2h, ``"one_sided"``
+t = 0, h, 2h, 4h, and ``"central"`` all seven; a NaN slot is not drawn.
 """
 
 from __future__ import annotations
