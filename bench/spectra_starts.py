@@ -281,9 +281,6 @@ def main() -> None:
         print(f"{key}={value:.4g}")
 
 
-if __name__ == "__main__":
-    main()
-
 
 def moved_copy(model, batches, steps: int, lr: float = 1e-4):
     """A copy after ``steps`` AdamW steps at ``lr`` on random-token batches (as bench/spectra.py's next checkpoint)."""
@@ -359,7 +356,7 @@ def warm_section(model, batches, steps_list=(1, 10, 30, 100)) -> dict[str, float
             row["block5_top"] = block_products(op, prev[:5], ref_vals)
             row["block2_halves"] = block_products(op, torch.stack([prev[:5].sum(0), prev[5:].sum(0)]), ref_vals)
             products, res, values, _tol = eigsh_products(curvlinops_operator(moved, batches[0]), op, K, lam1,
-                                                         v0=prev.sum(0).double().numpy().copy())
+                                                         v0=prev.sum(0).double().numpy().copy(), reference=ref_vals[:K])
             row["eigsh_previous_v0"] = (products, res, float((torch.as_tensor(values.copy()).sort(descending=True).values[:K]
                                                               - ref_vals[:K]).abs().max() / lam1))
             op.close()
@@ -377,3 +374,7 @@ def warm_main() -> None:
     model, batches = qwen2_setup()
     for key, value in warm_section(model, batches).items():
         print(f"qwen2_{key}={value:.4g}")
+
+
+if __name__ == "__main__":
+    main()
