@@ -200,7 +200,8 @@ MODULE_SECONDS = {
     "tests/metrics/test_hessian.py": 6,
     "tests/test_report_configs.py": 5,
     "tests/reliability/test_disk_full_files.py": 5,
-    "tests/engine/test_budget_per_sample.py": 20,
+    "tests/engine/test_budget_per_sample.py": 22,
+    "tests/metrics/test_optimizer_state.py": 11,
     "tests/engine/test_figure_budget.py": 8,
 }
 UNLISTED_SLOW_SECONDS = 20.0

@@ -148,9 +148,13 @@ def test_order_and_outputs_asked_from_the_declarations():
     from uma_callbacks.metrics import DirectionalSharpness, FisherInformation, GradientFlow, OptimizerState
 
     metrics = [DirectionalSharpness(directions=["update", "fisher"]), OptimizerState(), GradientFlow(), FisherInformation()]
-    assert [metrics[i].name for i in run_order(metrics)] == ["gradient_flow", "fisher", "sharpness", "optimizer_state"]
-    assert asked_outputs(metrics) == {"fisher": frozenset({"top_eigenvector", "diagonal"})}
-    assert DirectionalSharpness(directions=["update"]).results_needed() == {}  # no Fisher direction: nothing asked
+    assert [metrics[i].name for i in run_order(metrics)] == ["gradient_flow", "fisher", "optimizer_state", "sharpness"]
+    assert asked_outputs(metrics) == {
+        "fisher": frozenset({"top_eigenvector", "diagonal"}), "optimizer_state": frozenset({"pending_update"}),
+    }  # fmt: skip
+    # the update direction asks for the optimizer's pending step (used at a save with no previous checkpoint)
+    assert DirectionalSharpness(directions=["update"]).results_needed() == {"optimizer_state": ("pending_update",)}
+    assert DirectionalSharpness(directions=["gradient"]).results_needed() == {}  # neither (a) nor (c): nothing asked
     plain = [GradientFlow(), FisherInformation()]
     assert run_order(plain) == [0, 1] and asked_outputs(plain) == {}
 

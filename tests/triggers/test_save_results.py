@@ -18,7 +18,7 @@ from uma_callbacks.metrics import DirectionalSharpness, FisherInformation, Optim
 pytestmark = pytest.mark.slow
 pytest.importorskip("mlflow")
 
-KEYS = {"sharpness": ("fisher/curvature", "fisher/slope", "gradient/curvature"), "optimizer_state": ("fisher_spearman",)}
+KEYS = {"sharpness": ("fisher/curvature", "fisher/slope", "gradient/curvature", "update/curvature"), "optimizer_state": ("fisher_spearman",)}
 
 
 def _metrics():
@@ -48,7 +48,7 @@ def test_trainer_run_hands_fisher_to_sharpness_and_optimizer_state_and_logs_them
 
     records = trained["cb"].records
     assert [(r.step, r.metric) for r in records] == [
-        (s, m) for s in (2, 4) for m in ("fisher", "sharpness", "optimizer_state")
+        (s, m) for s in (2, 4) for m in ("fisher", "optimizer_state", "sharpness")
     ]  # fmt: skip
     assert all(r.status in ("ok", "partial") for r in records), [(r.metric, r.status, r.error) for r in records]
     for record in records:
@@ -56,7 +56,8 @@ def test_trainer_run_hands_fisher_to_sharpness_and_optimizer_state_and_logs_them
         for key in KEYS.get(record.metric, ()):
             assert math.isfinite(record.scalars[key]), (record.metric, key)
     sharp = {r.step: r for r in records if r.metric == "sharpness"}
-    assert sharp[2].meta["skipped_directions"].keys() == {"update"} and sharp[4].meta["skipped_directions"] == {}
+    assert sharp[2].meta["skipped_directions"] == {} and sharp[4].meta["skipped_directions"] == {}
+    assert sharp[2].meta["update_source"] == "optimizer_pending_step" and sharp[4].meta["update_source"] == "history"
     client = MlflowClient(trained["uri"])
     live = {(r.step, r.metric): r.scalars for r in records}
     for metric, keys in KEYS.items():
