@@ -292,7 +292,8 @@ def test_fisher_spearman_above_the_entry_cap_is_taken_over_the_seeded_sample(mon
     from uma_callbacks.metrics.base import SaveResults
 
     model, batches, loss_fn, opt, root_vhat, diag = _spearman_case()
-    monkeypatch.setattr(module, "SPEARMAN_ENTRIES", 20)  # fc1 (20 entries) exact, fc2 (24) and the whole (54) sampled
+    monkeypatch.setattr(module, "SPEARMAN_ENTRIES", 20)  # the whole (54) sampled
+    monkeypatch.setattr(module, "SPEARMAN_MODULE_ENTRIES", 20)  # fc1 (20 entries) exact, fc2 (24) sampled
     results = SaveResults(outputs={"fisher": {"diagonal": {n: d.view(p.shape) for (n, p), d in zip(model.named_parameters(), diag.values())}}})
     result = OptimizerState().compute(model, batches, loss_fn, optimizer_state=from_optimizer(opt, model), results=results)
     assert result.meta["fisher_spearman_sampled"] is True
@@ -304,6 +305,11 @@ def test_fisher_spearman_above_the_entry_cap_is_taken_over_the_seeded_sample(mon
     fc1 = [n for n in root_vhat if module_of(n) == "fc1"]
     exact = stats.spearmanr(torch.cat([root_vhat[n] for n in fc1]).numpy(), torch.cat([diag[n] for n in fc1]).numpy())
     assert result.scalars["layers/fc1/fisher_spearman"] == pytest.approx(exact.statistic, rel=1e-12)
+    fc2 = [n for n in root_vhat if module_of(n) == "fc2"]
+    x2, y2 = torch.cat([root_vhat[n] for n in fc2]), torch.cat([diag[n] for n in fc2])
+    index2 = torch.unique(torch.randint(x2.numel(), (20,), generator=torch.Generator().manual_seed(module.SPEARMAN_SEED)))
+    sampled = stats.spearmanr(x2[index2].numpy(), y2[index2].numpy()).statistic
+    assert result.scalars["layers/fc2/fisher_spearman"] == pytest.approx(sampled, rel=1e-12)
 
 
 def test_without_fisher_at_the_save_the_spearman_key_is_skipped_with_the_reason():
