@@ -12,8 +12,8 @@ UNITS = UnitCosts(forward=0.1, backward=0.3, hvp=0.75, n_batches=4)
 
 def test_hessian_scales_hutchinson_first_then_lanczos_then_top_k():
     full = HessianSpectrum(top_k=10, hutchinson_samples=50)
-    assert full.time_cost(UNITS) == pytest.approx((55 + 50) * 0.75)  # 55 products by default
-    _, changes = full.scaled_to(55 * 0.75 + 20 * 0.75, UNITS)
+    assert full.time_cost(UNITS) == pytest.approx((65 + 50) * 0.75)  # 65 products by default
+    _, changes = full.scaled_to(65 * 0.75 + 20 * 0.75, UNITS)
     assert list(changes) == ["hutchinson_samples"] and changes["hutchinson_samples"] == [50, 20]
     assert full.hutchinson_samples == 50  # the configured metric is never changed
     tight, changes = full.scaled_to(10 * 0.75, UNITS)
