@@ -461,15 +461,10 @@ def top10_side_by_side(model, batches, label: str, power_cap: int, ours_max_iter
     return out
 
 
-def previous_checkpoint_start(model, batches, lr: float = 1e-4, steps: int = 1) -> dict[str, float]:
-    """``HessianSpectrum(start="previous")`` at the next checkpoint (``steps`` AdamW steps at ``lr`` on
-    random-token batches, on a copy): started from the sum of this checkpoint's top-10 Ritz vectors,
-    against the default start there; eigenvalues against a converged reference at that checkpoint."""
+def moved_copy(model, batches, steps: int, lr: float = 1e-4):
+    """The next checkpoint: a copy after ``steps`` AdamW steps at ``lr`` on random-token batches (seeded)."""
     import copy
 
-    settings = {"top_k": 10, "hutchinson_samples": 0, "max_iter": 150}
-    warm_metric = HessianSpectrum(start="previous", **settings)
-    warm_metric.compute(model, batches)  # this checkpoint: from the gradients, its Ritz vectors kept
     moved = copy.deepcopy(model).train()
     opt = torch.optim.AdamW([p for p in moved.parameters() if p.requires_grad], lr=lr)
     gen = torch.Generator().manual_seed(5)
@@ -479,7 +474,17 @@ def previous_checkpoint_start(model, batches, lr: float = 1e-4, steps: int = 1) 
         moved(input_ids=x, labels=x).loss.backward()
         opt.step()
         opt.zero_grad(set_to_none=True)
-    moved.eval()
+    return moved.eval()
+
+
+def previous_checkpoint_start(model, batches, lr: float = 1e-4, steps: int = 1) -> dict[str, float]:
+    """``HessianSpectrum(start="previous")`` at the next checkpoint (``steps`` AdamW steps at ``lr`` on
+    random-token batches, on a copy): started from the sum of this checkpoint's top-10 Ritz vectors,
+    against the default start there; eigenvalues against a converged reference at that checkpoint."""
+    settings = {"top_k": 10, "hutchinson_samples": 0, "max_iter": 150}
+    warm_metric = HessianSpectrum(start="previous", **settings)
+    warm_metric.compute(model, batches)  # this checkpoint: from the gradients, its Ritz vectors kept
+    moved = moved_copy(model, batches, steps, lr)
     previous = warm_metric._previous["vector"].double().numpy().copy()  # what the warm start starts from
     warm = warm_metric.compute(moved, batches)
     cold = HessianSpectrum(**settings).compute(moved, batches)

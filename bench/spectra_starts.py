@@ -51,7 +51,7 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from bench.spectra import load_minilm  # noqa: E402
+from bench.spectra import load_minilm, moved_copy  # noqa: E402
 from uma_callbacks.core import seeds  # noqa: E402
 from uma_callbacks.core.losses import hf_per_sample_loss  # noqa: E402
 from uma_callbacks.core.model_state import eager_attention  # noqa: E402
@@ -284,23 +284,6 @@ def main() -> None:
         summary.update({f"minilm_{k}": v for k, v in section("MiniLM", model, batches, 72, names=args.starts).items()})
     for key, value in summary.items():
         print(f"{key}={value:.4g}")
-
-
-
-def moved_copy(model, batches, steps: int, lr: float = 1e-4):
-    """A copy after ``steps`` AdamW steps at ``lr`` on random-token batches (as bench/spectra.py's next checkpoint)."""
-    import copy
-
-    moved = copy.deepcopy(model).train()
-    opt = torch.optim.AdamW([p for p in moved.parameters() if p.requires_grad], lr=lr)
-    gen = torch.Generator().manual_seed(5)
-    ids = batches[0]["input_ids"]
-    for _ in range(steps):
-        x = torch.randint(0, int(ids.max()) + 1, ids.shape, generator=gen)
-        moved(input_ids=x, labels=x).loss.backward()
-        opt.step()
-        opt.zero_grad(set_to_none=True)
-    return moved.eval()
 
 
 def rayleigh_ritz(op: HessianOperator, rows: torch.Tensor):
