@@ -27,6 +27,7 @@ import torch  # noqa: E402
 
 from bench.spectra import SENTENCES, median_time  # noqa: E402
 from uma_callbacks.core.losses import resolve_loss_fn  # noqa: E402
+from uma_callbacks.core.optimizer_state import from_optimizer  # noqa: E402
 from uma_callbacks.metrics import METRICS  # noqa: E402
 from uma_callbacks.metrics.base import CheckpointState, History  # noqa: E402
 
@@ -93,6 +94,14 @@ def main() -> int:
         optimizer.zero_grad(set_to_none=True)
 
     step = median_time(train_step, 3)
+    # Adam's moments for the metrics that read the optimizer: one AdamW step at lr 0 (the
+    # weights stay those of the checkpoint; the moments are a real gradient's)
+    adam = torch.optim.AdamW(params, lr=0.0)
+    model.train()
+    loss_fn(model, batches[0]).mean().backward()
+    adam.step()
+    adam.zero_grad(set_to_none=True)
+    adam_state = from_optimizer(adam, model)
     model.eval()
     # earlier checkpoints for the metrics that compare (near this one, as in a run)
     gen = torch.Generator().manual_seed(1)
@@ -103,7 +112,8 @@ def main() -> int:
         metric = METRICS[name]()
         started = time.perf_counter()
         history = History(previous=(previous, previous), first=first)
-        result = metric.compute(model, batches, loss_fn, timeout_seconds=900, history=history)
+        extra = {"optimizer_state": adam_state} if metric.needs_optimizer else {}
+        result = metric.compute(model, batches, loss_fn, timeout_seconds=900, history=history, **extra)
         seconds = time.perf_counter() - started
         rows.append((name, seconds, result.status))
         print(f"# {name}: {seconds:.2f} s ({result.status})", file=sys.stderr, flush=True)
