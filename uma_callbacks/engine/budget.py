@@ -352,9 +352,10 @@ class MemoryBudget:
         limit = self.limit_bytes(device)
         top = min(largest_chunk, self.max_batch_size or largest_chunk)
         where = torch.device(device) if device is not None else (self.device or torch.device("cpu"))
-        sizes = {
+        local_samples = largest_chunk if n_samples is None else n_samples
+        sizes: dict[str, Any] = {
             "n_params": n_params,
-            "n_samples": largest_chunk if n_samples is None else n_samples,
+            "n_samples": local_samples,
             "on_host": where.type == "cpu",
             "backward_sample_bytes": backward_sample_bytes,
             "largest_param_bytes": largest_param_bytes,
@@ -363,7 +364,7 @@ class MemoryBudget:
             "requested": frozenset(requested),
         }
         # one chunk of the whole probe: a batch of every local sample that the chunk may take whole
-        whole = sizes["n_samples"] if 0 < sizes["n_samples"] <= top else None
+        whole = local_samples if 0 < local_samples <= top else None
         smallest = min(self.min_batch_size, top)  # a probe batch below min_batch_size runs whole
         best: Plan | None = None
         scale = max(1.0, float(calibration)) if math.isfinite(calibration) else 1.0

@@ -376,6 +376,7 @@ class DirectionalSharpness(Metric):
                 grid[[GRID.index(m) for m in multiples]] = row[:-1]
                 grid[GRID.index(0.0)] = f0
                 window = ONE_SIDED_WINDOW if self.scheme == "one_sided" else None
+                assert slope is not None  # these schemes always take the backward at theta
                 fd = slope_corrected_differences(
                     f0, float(slope), [h * m for m in multiples], [float(v) for v in row[:-1]], noise, slope_noise, window
                 )  # fmt: skip
