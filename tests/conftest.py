@@ -154,55 +154,62 @@ def two_rank_runs(tmp_path_factory) -> dict[str, object]:
 
 
 # ---------------------------------------------------------------------- order: longest modules first
-#: Seconds of the slowest test modules in a full run on 2 cores (about their CPU seconds in a
-#: warm test process, or their wall time where they mostly wait: a server's start, a retry's
-#: back-off, Ray; refresh after a test grows or a slow module is added). ``make test`` hands out
-#: whole modules (``--dist loadscope``: a module's fixtures are built once; the modules of a
-#: ``SHARED`` unit together, their seconds summed), longest first, to whichever worker is free:
-#: the two workers finish within a few seconds of each other. A module missing here counts as
+#: Seconds of the test modules of 5 s or more in a full run on 2 cores with 3 workers (the sum of
+#: their tests' setup, call and teardown, ``--durations=0``; refresh after a test grows or a
+#: slow module is added). ``make test`` hands out whole modules (``--dist loadscope``: a
+#: module's fixtures are built once; the modules of a ``SHARED`` unit together, their seconds
+#: summed), longest first, to whichever worker is free: the workers finish within a few seconds
+#: of each other. A module missing here counts as
 #: 20 s when it holds a slow-marked test (early rather than last), else as a short one: list any
 #: module of more than about 5 s without a slow mark, or it may come last.
 MODULE_SECONDS = {
-    "tests/triggers/test_minilm_budget.py": 181,
-    "tests/triggers/test_watch.py": 114,
-    "tests/reliability/test_held_attacks.py": 95,
-    "tests/distributed/test_fsdp.py": 92,
-    "tests/triggers/test_backfill_ray.py": 69,
-    "tests/reliability/test_fuzz_run_folder.py": 68,
-    "tests/core/test_peak_memory_steps.py": 60,
-    "tests/triggers/test_backfill_shard.py": 49,
-    "tests/engine/test_budget.py": 46,
-    "tests/reliability/test_budget_holds.py": 40,
-    "tests/triggers/test_accelerate.py": 36,
-    "tests/reliability/test_determinism.py": 33,
-    "tests/triggers/test_backfill.py": 30,
-    "tests/test_packaging.py": 29,
-    "tests/core/test_dcp.py": 27,
-    "tests/reliability/test_run_identity.py": 26,
-    "tests/triggers/test_accelerate_heads.py": 26,
-    "tests/reliability/test_tracker_outage.py": 22,
-    "tests/metrics/test_hessian_blocks.py": 20,
-    "tests/reliability/test_crash_safety.py": 19,
-    "tests/reliability/test_tracker_down_at_start.py": 18,
-    "tests/reliability/test_journal_concurrency.py": 17,
-    "tests/metrics/test_hessian_density.py": 16,
-    "tests/triggers/test_lightning.py": 14,
-    "tests/reliability/test_tracker_stall.py": 13,
-    "tests/triggers/test_spike.py": 12,
-    "tests/triggers/test_trainer_figures.py": 10,
-    "tests/triggers/test_trainer.py": 10,
-    "tests/integrations/test_wandb_charts.py": 9,
-    "tests/metrics/test_attention.py": 9,
+    "tests/triggers/test_minilm_budget.py": 75,
+    "tests/triggers/test_watch.py": 67,
+    "tests/distributed/test_fsdp.py": 49,
+    "tests/reliability/test_held_attacks.py": 48,
+    "tests/engine/test_budget_per_sample.py": 36,
+    "tests/reliability/test_fuzz_run_folder.py": 34,
+    "tests/triggers/test_backfill_ray.py": 29,
+    "tests/reliability/test_run_identity.py": 28,
+    "tests/engine/test_budget.py": 22,
+    "tests/reliability/test_determinism.py": 19,
+    "tests/reliability/test_budget_holds.py": 19,
+    "tests/triggers/test_backfill_shard.py": 18,
+    "tests/reliability/test_tracker_outage.py": 18,
+    "tests/metrics/test_hessian_blocks.py": 17,
+    "tests/triggers/test_accelerate.py": 17,
+    "tests/triggers/test_backfill.py": 16,
+    "tests/triggers/test_accelerate_heads.py": 14,
+    "tests/core/test_dcp.py": 13,
+    "tests/reliability/test_tracker_stall.py": 12,
+    "tests/triggers/test_trainer.py": 12,
+    "tests/metrics/test_hessian_density.py": 12,
+    "tests/triggers/test_trainer_figures.py": 12,
+    "tests/test_packaging.py": 11,
+    "tests/integrations/test_wandb.py": 11,
+    "tests/integrations/test_wandb_charts.py": 10,
+    "tests/reliability/test_journal_concurrency.py": 9,
+    "tests/reliability/test_tracker_down_at_start.py": 9,
+    "tests/triggers/test_spike.py": 8,
+    "tests/triggers/test_lightning.py": 8,
     "tests/integrations/test_curvature_tables.py": 8,
-    "tests/integrations/test_wandb.py": 7,
-    "tests/integrations/test_wandb_workspace.py": 6,
+    "tests/metrics/test_hessian.py": 7,
+    "tests/integrations/test_wandb_workspace.py": 7,
+    "tests/reliability/test_step_identity.py": 7,
+    "tests/reliability/test_hostile_content.py": 7,
+    "tests/metrics/test_contract.py": 7,
+    "tests/reliability/test_crash_safety.py": 6,
     "tests/linalg/test_lanczos.py": 6,
-    "tests/metrics/test_hessian.py": 6,
-    "tests/test_report_configs.py": 5,
-    "tests/reliability/test_disk_full_files.py": 5,
-    "tests/engine/test_budget_per_sample.py": 22,
-    "tests/metrics/test_optimizer_state.py": 11,
-    "tests/engine/test_figure_budget.py": 8,
+    "tests/metrics/test_attention.py": 6,
+    "tests/triggers/test_async_measure.py": 6,
+    "tests/reliability/test_link_attacks.py": 6,
+    "tests/metrics/test_sharpness.py": 5,
+    "tests/integrations/test_mlflow.py": 5,
+    "tests/integrations/test_status_tags.py": 5,
+    "tests/metrics/test_partial_results.py": 5,
+    "tests/reliability/test_model_safety.py": 5,
+    "tests/reliability/test_global_rng.py": 5,
+    "tests/reliability/test_inputs.py": 5,
 }
 UNLISTED_SLOW_SECONDS = 20.0
 #: Modules that share what a test process builds once, handed out together to one worker:
