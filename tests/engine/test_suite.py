@@ -111,3 +111,22 @@ def test_sink_without_name_is_refused():
 
     with pytest.raises(NotImplementedError, match="name"):
         Nameless()
+
+
+def test_a_metric_not_ready_is_skipped_before_any_planning(tmp_path, monkeypatch):
+    """Interpolation at a first checkpoint: a skip with its reason, and nothing planned or measured
+    (it cost 0.7 s of planning on MiniLM before it skipped on entry, counted against the save's budget)."""
+    import uma_callbacks.engine.suite as suite_module
+    from uma_callbacks.engine.budget import MemoryBudget
+    from uma_callbacks.engine.history import CheckpointHistory
+    from uma_callbacks.metrics import CheckpointInterpolation
+
+    calls = []
+    planned = suite_module.compute_within_budget
+    monkeypatch.setattr(suite_module, "compute_within_budget", lambda *a, **k: calls.append(a[0].name) or planned(*a, **k))
+    model, batches, loss_fn = mlp_case()
+    metrics = [CheckpointInterpolation(n_points=5), GradientFlow()]
+    suite = MetricSuite(metrics, journal=Journal(tmp_path), loss_fn=loss_fn, draw_figures=False, budget=MemoryBudget(max_gb=1))
+    skipped, measured = suite.run(model, Probe(batches), step=1, history=CheckpointHistory(metrics))
+    assert skipped.status == "skipped" and skipped.error["message"].startswith("no previous checkpoint yet"), skipped.error
+    assert measured.status == "ok" and calls == ["gradient_flow"]

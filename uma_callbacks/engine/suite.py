@@ -56,7 +56,7 @@ from uma_callbacks.engine.time_budget import (
     plan_save,
     units_key,
 )
-from uma_callbacks.metrics.base import Metric, MetricResult, MetricTimeout, SaveResults
+from uma_callbacks.metrics.base import History, Metric, MetricResult, MetricTimeout, SaveResults
 from uma_callbacks.metrics.loss_choice import ResolvedLoss, resolve_loss
 
 logger = logging.getLogger(__name__)
@@ -498,6 +498,8 @@ class MetricSuite:
         made_here = True  # a skip the suite decided: no failed frames to collect
         if history is not None and history.dropped and (metric.history_needed or metric.needs_first):
             result = _skipped(metric, history.dropped)
+        elif (not_ready := metric.not_ready(view if view is not None else History())) is not None:
+            result = _skipped(metric, not_ready)  # before any planning: it would skip on entry
         elif budget_meta is not None and not budget_meta["fits"]:
             result = _skipped(
                 metric,

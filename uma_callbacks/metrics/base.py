@@ -830,6 +830,14 @@ class Metric(abc.ABC):
         result.meta["config"] = self.config()
         return result
 
+    def not_ready(self, history: History) -> str | None:
+        """Why the metric cannot run at all with ``history`` (e.g. no previous checkpoint yet), or ``None``.
+
+        The suite asks before it plans memory or measures anything, and records the reason as
+        a skip: a metric that would only raise :class:`MetricSkipped` on entry costs nothing.
+        """
+        return None
+
     @abc.abstractmethod
     def _compute(self, ctx: ComputeContext) -> MetricResult:
         """Compute on the context; return a result with scalars/arrays/meta filled."""

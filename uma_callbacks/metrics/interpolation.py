@@ -15,12 +15,19 @@ from uma_callbacks.linalg.weights import moved_weights
 from uma_callbacks.metrics.base import (
     ComputeContext,
     Cost,
+    History,
     Metric,
     MetricResult,
     MetricSkipped,
 )
 from uma_callbacks.metrics.landscape import _local_chunks, probe_loss_sum
 from uma_callbacks.metrics.time_cost import Scaling, UnitCosts, batches_used, per_batch
+
+#: The skip of a first checkpoint, where nothing earlier exists to interpolate from.
+NO_PREVIOUS = (
+    "no previous checkpoint yet: CheckpointInterpolation needs its weights (every trigger passes "
+    "them from the second checkpoint on; or pass previous=/set_previous())"
+)
 
 
 class CheckpointInterpolation(Metric):
@@ -155,16 +162,17 @@ class CheckpointInterpolation(Metric):
         scaling.fewer_batches(seconds, units)
         return scaling.done()
 
+    def not_ready(self, history: History) -> str | None:
+        """No previous checkpoint yet (none given, none in the history): skipped before any planning."""
+        return NO_PREVIOUS if self._previous is None and not history.previous else None
+
     def _compute(self, ctx: ComputeContext) -> MetricResult:
         previous: Mapping[str, torch.Tensor] | None = self._previous
         label = self.previous_label
         if previous is None and ctx.history.previous:
             previous, label = ctx.history.previous[0].weights, ctx.history.previous[0].label
         if previous is None:
-            raise MetricSkipped(
-                "no previous checkpoint yet: CheckpointInterpolation needs its weights (every trigger passes "
-                "them from the second checkpoint on; or pass previous=/set_previous())"
-            )
+            raise MetricSkipped(NO_PREVIOUS)
         sharded = is_sharded(ctx.model)
         if sharded:
             reshard_fsdp(ctx.model)  # the shards are what is moved (a root may be left gathered)
