@@ -162,11 +162,9 @@ def central_differences(
     curvature, truncation, _ = richardson(second, ratio)
     slope, slope_error, _ = richardson(first, ratio)
     rounding = NOISE_GAIN * noise / (steps[0] * steps[0])
-    q = math.nan
+    q = _shrink_ratio(second)
     asymptotic = True
     if len(second) >= 3:
-        near, far = second[1] - second[0], second[2] - second[1]
-        q = near / far if far != 0.0 else math.nan
         within_rounding = abs(second[2] - second[0]) <= 2.0 * rounding
         asymptotic = within_rounding or (RATIO_WINDOW[0] <= q <= RATIO_WINDOW[1])
     return {
@@ -252,11 +250,9 @@ def slope_corrected_differences(
     second = [2.0 * (v - f0 - u * slope) / (u * u) for u, v in zip(nodes, values)]
     curvature, truncation, _ = neville(nodes, second)
     rounding = _rounding_bound(neville_weights(nodes)[-1][0], nodes, noise, slope_noise)
-    q = math.nan
+    q = _shrink_ratio(second)
     asymptotic: bool | None = None
     if len(second) >= 3:
-        near, far = second[1] - second[0], second[2] - second[1]
-        q = near / far if far != 0.0 else math.nan
         if window is not None:
             spread = [-1.0, 0.0, 1.0] + [0.0] * (len(nodes) - 3)  # D(u_2) - D(u_0)
             within_rounding = abs(second[2] - second[0]) <= _rounding_bound(spread, nodes, noise, slope_noise)
@@ -270,3 +266,11 @@ def slope_corrected_differences(
         "ratio": q,
         "asymptotic": asymptotic,
     }
+
+
+def _shrink_ratio(second: Sequence[float]) -> float:
+    """(D_1 - D_0) / (D_2 - D_1) of the first three differences: how fast they settle (NaN with fewer, or a zero step)."""
+    if len(second) < 3:
+        return math.nan
+    near, far = second[1] - second[0], second[2] - second[1]
+    return near / far if far != 0.0 else math.nan

@@ -535,16 +535,8 @@ def measure_sample(
         state_held: the caller holds ``preserved_model_state(model)`` (the engine's one
             guard per metric); ``False``: taken here.
     """
-    from uma_callbacks.engine.probe import select_samples
-
-    one = select_samples(batch, [0])
     params = [p for p in model.parameters() if p.requires_grad]
-    # under the caller's guard, the measurement still puts back what it changes itself before
-    # the metric runs: the training flags, and FSDP2 groups a forward left all-gathered (a
-    # root keeps its gathered parameters after a forward; the metric must find the shards)
-    guard = _measurement_undone(model) if state_held else preserved_model_state(model)
-    with guard, (eager_attention(model) if eager else contextlib.nullcontext()):
-        model.eval()
+    with _one_sample(model, batch, eager=eager, state_held=state_held) as one:
         with TensorBytes() as counted:
             loss = loss_fn(model, one).sum()
             forward = counted.peak_bytes
@@ -609,20 +601,33 @@ def measure_factors(
         eager: run in eager attention (see :func:`measure_sample`).
         state_held: the caller holds ``preserved_model_state(model)``.
     """
-    from uma_callbacks.engine.probe import select_samples
     from uma_callbacks.linalg.layer_grads import hook_plan, layer_gradients
 
-    one = select_samples(batch, [0])
     params = {n: p for n, p in model.named_parameters() if p.requires_grad}
-    guard = _measurement_undone(model) if state_held else preserved_model_state(model)
-    with guard, (eager_attention(model) if eager else contextlib.nullcontext()):
-        model.eval()
+    with _one_sample(model, batch, eager=eager, state_held=state_held) as one:
         plan = hook_plan(model, params)
         with TensorBytes() as counted:
             rep = layer_gradients(model, loss_fn, one, params, plan)
             held = FactorBytes(held=counted.level, peak=counted.peak_bytes)
         del rep
     return held
+
+
+@contextlib.contextmanager
+def _one_sample(model: torch.nn.Module, batch: Any, *, eager: bool, state_held: bool) -> Iterator[Any]:
+    """The first sample of ``batch``, the model in eval mode (eager attention with ``eager``), put back after.
+
+    Under the caller's guard (``state_held``), the measurement still puts back what it changes
+    itself before the metric runs: the training flags, and FSDP2 groups a forward left
+    all-gathered (a root keeps its gathered parameters after a forward; the metric must find
+    the shards); otherwise it takes the whole guard.
+    """
+    from uma_callbacks.engine.probe import select_samples
+
+    guard = _measurement_undone(model) if state_held else preserved_model_state(model)
+    with guard, (eager_attention(model) if eager else contextlib.nullcontext()):
+        model.eval()
+        yield select_samples(batch, [0])
 
 
 @contextlib.contextmanager
