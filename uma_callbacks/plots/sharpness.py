@@ -35,10 +35,13 @@ def _sharpness(result: MetricResult, folder: Path) -> list[Path]:
         curvature = result.scalars.get(f"{name}/curvature")
         slope = result.scalars.get(f"{name}/slope")
         if curvature is not None and slope is not None:
-            fine = np.linspace(ts[0], ts[-1], 101)
+            seen = ts[np.isfinite(losses)]  # the quadratic over the points evaluated, not beyond them
+            fine = np.linspace(seen.min(), seen.max(), 101) if seen.size else ts
             f0 = losses[ts.size // 2]
+            error = result.scalars.get(f"{name}/curvature_error")
+            spread = f" ± {error:.2g}" if error is not None and np.isfinite(error) else ""
             ax.plot(fine, f0 + slope * fine + 0.5 * curvature * fine**2, "r--", lw=1,
-                    label=f"curvature {curvature:.4g}")  # fmt: skip
+                    label=f"f(0) + slope t + f'' t²/2: f'' = {curvature:.4g}{spread}, slope {slope:.4g}")  # fmt: skip
         ax.set_xlabel(f"t along the unit {name} direction")
         ax.set_ylabel("probe loss")
         ax.set_title(f"sharpness along the {name}", fontsize=9)
