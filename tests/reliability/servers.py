@@ -44,6 +44,13 @@ class MlflowServer:
     def uri(self) -> str:
         return f"http://127.0.0.1:{self.port}"
 
+    @property
+    def store_uri(self) -> str:
+        """The server's own SQLite store, for reading back what reached it: the same rows the
+        server answers with, without one HTTP round trip per key (50 ms each here, 9 s for the
+        174 histories of one outage test)."""
+        return f"sqlite:///{self.folder / 'mlflow.db'}"
+
     def start(self, timeout: float = 90.0) -> None:
         cmd = [
             str(MLFLOW_BIN), "server",

@@ -73,7 +73,9 @@ def test_a_proxy_answering_503_or_500_after_apply_loses_nothing_and_duplicates_n
 
     server, proxy = tracked
     for var in HTTP_VARS:
-        monkeypatch.delenv(var, raising=False)  # the sink's own bounded retries
+        monkeypatch.delenv(var, raising=False)  # the sink's own bounded retries ...
+    monkeypatch.setenv("MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR", "0")  # ... at once: what is retried, not when
+    monkeypatch.setenv("MLFLOW_HTTP_REQUEST_BACKOFF_JITTER", "0")
     journal = Journal(tmp_path / "run" / "uma")
     sink = MLflowSink(tracking_uri=proxy.uri)
     sink.start()
@@ -92,13 +94,13 @@ def test_a_proxy_answering_503_or_500_after_apply_loses_nothing_and_duplicates_n
     finally:
         proxy.release()
     if fault == "500_after_apply":  # the server holds step 2 although the client was told 500
-        assert (2, records[1].scalars["total_norm"]) in _history(server.uri, run_id, "uma/gradient_flow/total_norm")
+        assert (2, records[1].scalars["total_norm"]) in _history(server.store_uri, run_id, "uma/gradient_flow/total_norm")
     delivery.send_pending()
     assert delivery.failing == set()
     assert len(journal.delivered("mlflow", run_id)) == 3
-    _check_once_each(server.uri, run_id, records)
+    _check_once_each(server.store_uri, run_id, records)
     assert main(["sync", str(tmp_path / "run"), "--mlflow-run", run_id, "--tracking-uri", server.uri]) == 0
-    _check_once_each(server.uri, run_id, records)
+    _check_once_each(server.store_uri, run_id, records)
 
 
 # ---------------------------------------------------------------------- hostile module names

@@ -31,7 +31,9 @@ KEY = "uma/gradient_flow/total_norm"
 def server(mlflow_server, monkeypatch):
     """The worker's real ``mlflow server``, reached through a gate that is down until started."""
     for var in ("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "MLFLOW_HTTP_REQUEST_TIMEOUT", "MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR"):
-        monkeypatch.delenv(var, raising=False)  # the sink's own bounds apply
+        monkeypatch.delenv(var, raising=False)  # the sink's own bounds apply ...
+    monkeypatch.setenv("MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR", "0")  # ... retried at once: whether the
+    monkeypatch.setenv("MLFLOW_HTTP_REQUEST_BACKOFF_JITTER", "0")  # records arrive, not when (test_tracker_outage)
     gate = PortGate(mlflow_server.uri)
     monkeypatch.setenv("MLFLOW_TRACKING_URI", gate.uri)
     try:

@@ -87,13 +87,13 @@ def test_mlflow_server_down_mid_run_loses_nothing_and_duplicates_nothing(mlflow_
         keys = list(journal.records()[0].log_values())
         assert len(keys) > 3
         for key in keys:
-            assert _steps(server.uri, run_id, key) == [3, 6, 9], key  # every point once
+            assert _steps(mlflow_server.store_uri, run_id, key) == [3, 6, 9], key  # every point once
         # `uma sync` afterwards finds nothing missing and adds no point
         from uma_callbacks.cli import main
 
         assert main(["sync", str(tmp_path / "run"), "--mlflow-run", run_id, "--tracking-uri", server.uri]) == 0
         for key in keys:
-            assert _steps(server.uri, run_id, key) == [3, 6, 9], key
+            assert _steps(mlflow_server.store_uri, run_id, key) == [3, 6, 9], key
     finally:
         server.stop()
 

@@ -193,7 +193,7 @@ def test_trainer_run_with_a_stalling_mlflow_server_finishes_and_loses_nothing(ml
         if getattr(sink, "stalled", False):  # a call at the end overran too (a loaded machine): let it land first
             sink._uma_stuck[1].join(60)
         run_id = getattr(sink, "wrapped", sink).run_id()
-        client = MlflowClient(server.uri)
+        client = MlflowClient(server.store_uri)  # what reached the server, read from its store
         journal = Journal(tmp_path / "run" / "uma")
         keys = list(journal.records()[0].log_values())
         for key in keys:  # the save at 6 (or the end) delivered what the stall held back: each point once

@@ -167,7 +167,7 @@ def test_watch_beside_training_logs_the_callbacks_values_once_into_its_tracker_r
 
     # MLflow: the training's run holds the watcher's keys, each once, at the checkpoints' steps,
     # with the in-process callback's values
-    client = MlflowClient(tracking_uri=mlflow_server.uri)
+    client = MlflowClient(tracking_uri=mlflow_server.store_uri)  # what reached the server, read from its store
     ml_run = client.get_run(trackers["mlflow"]["run"])
     assert "loss" in ml_run.data.metrics  # the training logged into it too
     assert len(client.search_runs([ml_run.info.experiment_id])) == 1  # no run of the watcher's own
@@ -316,7 +316,7 @@ def test_a_tracker_run_announced_after_the_watcher_started_gets_every_record(ann
     )
     thread.start()
     _wait_for(lambda: len(_run_records(run_dir, run)) == len(STEPS) * len(pairs))
-    client, ml_run = _mlflow_run(mlflow_server.uri, "late")
+    client, ml_run = _mlflow_run(mlflow_server, "late")
     _name_tracker_run(run_dir, run, {"mlflow": {"run": ml_run, "uri": mlflow_server.uri}})
     thread.join(timeout=120)
     assert not thread.is_alive() and result["s"].ok, result["s"].describe()
@@ -339,7 +339,7 @@ def test_a_tracker_down_while_the_watcher_logs_is_retried_as_the_live_sinks_are(
     monkeypatch.setenv("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "0")  # refused at once: no MLflow backoff in this test
     gate = PortGate(mlflow_server.uri)  # down: nothing listens on its port yet
     run_dir, run = _copy(announced, tmp_path)
-    client, ml_run = _mlflow_run(mlflow_server.uri, "down")
+    client, ml_run = _mlflow_run(mlflow_server, "down")
     _name_tracker_run(run_dir, run, {"mlflow": {"run": ml_run, "uri": gate.uri}})
     delivered_at: dict[int, list[int]] = {}
 
@@ -372,7 +372,7 @@ def test_a_stalling_tracker_does_not_hang_the_watcher_and_uma_sync_delivers_late
 
     proxy = FaultProxy(mlflow_server.uri, stall_max=60)
     run_dir, run = _copy(announced, tmp_path)
-    client, ml_run = _mlflow_run(mlflow_server.uri, "stall")
+    client, ml_run = _mlflow_run(mlflow_server, "stall")
     _name_tracker_run(run_dir, run, {"mlflow": {"run": ml_run, "uri": proxy.uri}})
     try:
         proxy.set("stall")
@@ -391,13 +391,14 @@ def test_a_stalling_tracker_does_not_hang_the_watcher_and_uma_sync_delivers_late
     _assert_mlflow_holds(client, ml_run, _expected_points(_run_records(run_dir, run)))
 
 
-def _mlflow_run(uri: str, label: str):
-    """``(client, run id)``: a new run in an experiment of its own on the shared server."""
+def _mlflow_run(server, label: str):
+    """``(client, run id)``: a new run in an experiment of its own, made through the shared
+    server; the client reads the server's store (what reached it), one history in milliseconds."""
     from mlflow.tracking import MlflowClient
 
-    client = MlflowClient(tracking_uri=uri)
+    client = MlflowClient(tracking_uri=server.uri)
     experiment = client.create_experiment(f"watch-{label}-{uuid.uuid4().hex[:8]}")
-    return client, client.create_run(experiment).info.run_id
+    return MlflowClient(tracking_uri=server.store_uri), client.create_run(experiment).info.run_id
 
 
 def _name_tracker_run(run_dir: Path, run: str, trackers: dict) -> None:
