@@ -14,6 +14,7 @@ measured), the chunks it keeps only when there are several, its diagonal only wh
 
 from __future__ import annotations
 
+import pytest
 import torch
 
 from uma_callbacks.core.losses import resolve_loss_fn
@@ -81,51 +82,72 @@ def test_plan_reads_the_backward_bytes_and_the_largest_tensor():
     assert plan.chunk_size == (10_000 - 2000) // 400
 
 
-_PLAN_RATIO = """
-import json, sys
+_PLAN_RATIOS = """
+import json, os, sys
 sys.path.insert(0, {repo!r})
-from tests.engine.test_budget_per_sample import tied_gpt2
+from tests.engine.test_budget_per_sample import tied_gpt2  # torch and transformers' GPT-2, imported once
 from uma_callbacks.engine.budget import MemoryBudget, compute_within_budget
 from uma_callbacks.metrics import METRICS
-model, batches = tied_gpt2()
-ratios = []
-for chunk in {chunks!r}:
-    metric = METRICS[{metric!r}]()
-    meta = compute_within_budget(metric, model, batches, None, MemoryBudget(max_gb=6, max_batch_size=chunk)).meta
-    ratios.append([meta["chunk_size"], meta["planned_peak_bytes"] / meta["peak_bytes"], meta["measured_sample_bytes"]])
+
+def saves(metric, chunks):
+    model, batches = tied_gpt2()
+    out = []
+    for chunk in chunks:
+        meta = compute_within_budget(METRICS[metric](), model, batches, None, MemoryBudget(max_gb=6, max_batch_size=chunk)).meta
+        out.append([meta["chunk_size"], meta["planned_peak_bytes"] / meta["peak_bytes"], meta["measured_sample_bytes"]])
+    return out
+
+ratios = {{}}
+for metric, chunks in {runs!r}.items():  # each in a child forked before anything was computed
+    read, write = os.pipe()
+    pid = os.fork()
+    if pid == 0:
+        os.close(read)
+        with os.fdopen(write, "w") as pipe:
+            pipe.write(json.dumps(saves(metric, chunks)))
+        os._exit(0)
+    os.close(write)
+    with os.fdopen(read) as pipe:
+        ratios[metric] = json.loads(pipe.read())
+    assert os.waitpid(pid, 0)[1] == 0, metric
 print(json.dumps(ratios))
 """
 
+#: The saves of each metric: the most samples a chunk may take at each.
+PLAN_RUNS = {"gradient_flow": [8, 8, 8, 2], "fisher": [8, 8, 2, 2, 1, 1]}
 
-def _plan_ratios(metric: str, chunks: list[int]) -> list[list[float]]:
-    """``[[chunk, planned / measured peak, measured sample bytes]]`` of one save at each of ``chunks``
-    (the most samples a chunk may take), one after the other in a fresh process: the first is the
-    first plan a training makes (no allocation of an earlier computation in this process to reuse),
-    the next ones are later saves."""
+
+@pytest.fixture(scope="module")
+def plan_ratios() -> dict[str, list[list[float]]]:
+    """``{metric: [[chunk, planned / measured peak, measured sample bytes]]}`` of one save at each
+    of :data:`PLAN_RUNS`'s chunks, one after the other in a process that had computed nothing
+    before: the first is the first plan a training makes (no allocation of an earlier
+    computation to reuse), the next ones are later saves. One interpreter imports torch and
+    transformers; each metric runs in a child forked from it before anything was computed."""
     import json
     import subprocess
     import sys
     from pathlib import Path
 
     repo = str(Path(__file__).resolve().parents[2])
-    code = _PLAN_RATIO.format(repo=repo, chunks=chunks, metric=metric)
+    code = _PLAN_RATIOS.format(repo=repo, runs=PLAN_RUNS)
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True, cwd=repo)
     return json.loads(done.stdout.strip().splitlines()[-1])
 
 
-def test_gradient_flow_plan_on_a_tied_gpt2_is_within_a_quarter_of_its_peak_at_every_save():
+def test_gradient_flow_plan_on_a_tied_gpt2_is_within_a_quarter_of_its_peak_at_every_save(plan_ratios):
     """The first save, and the saves after it, which plan from the same sample bytes (counted,
     not sampled: sampled, they fell to 0.65 of the peak at the second save)."""
-    saves = _plan_ratios("gradient_flow", [8, 8, 8, 2])
+    saves = plan_ratios["gradient_flow"]
     assert [chunk for chunk, _, _ in saves] == [8, 8, 8, 2]
     assert len({sample for _, _, sample in saves}) == 1, saves
     assert all(0.8 <= ratio <= 1.25 for _, ratio, _ in saves), saves
 
 
-def test_fisher_plan_on_a_tied_gpt2_is_within_a_quarter_and_never_under_its_peak():
+def test_fisher_plan_on_a_tied_gpt2_is_within_a_quarter_and_never_under_its_peak(plan_ratios):
     """One chunk of 8 (nothing kept but the chunk) and several (the factors of the chunks kept
     for the Gram's blocks between them), each at a first save and the next."""
-    saves = _plan_ratios("fisher", [8, 8, 2, 2, 1, 1])
+    saves = plan_ratios["fisher"]
     assert [chunk for chunk, _, _ in saves] == [8, 8, 2, 2, 1, 1]
     assert all(1.0 <= ratio <= 1.25 for _, ratio, _ in saves), saves
 

@@ -470,7 +470,7 @@ def test_watcher_killed_mid_measure_resumes_without_duplicates_or_loss(announced
     (its pair metrics compare with step 3, refilled from the held copy; its optimizer state
     from the held optimizer.pt) and step 9."""
     run_dir, run = _copy(announced, tmp_path)
-    metrics = ["--metrics", "gradient_flow", "--metric", "landscape:n_points=21", "--metric", "interpolation:n_points=5",
+    metrics = ["--metrics", "gradient_flow", "--metric", "landscape:n_points=15", "--metric", "interpolation:n_points=5",
                "--metric", "trajectory", "--metric", "optimizer_state"]  # fmt: skip
     cmd = _cli(str(run_dir), "--until-done", "--poll", "0.1", "--no-figures", "--seed", "0", "--device", "cpu", *metrics)
     first = subprocess.Popen(cmd, env=_env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
