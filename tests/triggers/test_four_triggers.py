@@ -10,6 +10,8 @@ probe from the same dataset itself). Values equal to 1e-6 across the four; pair 
 
 from __future__ import annotations
 
+import importlib.util
+
 import pytest
 import torch
 
@@ -17,34 +19,40 @@ from tests.trainer_cases import tiny_lm, tiny_lm_dataset
 from tests.triggers.test_three_triggers import NAMES, STEPS, _assert_same, _values, live, registered  # noqa: F401
 from uma_callbacks.checkpoints import load_into, load_weights
 
-L = pytest.importorskip("lightning")
+if importlib.util.find_spec("lightning") is None:  # imported by the test (2.6 s), not at collection
+    pytest.skip("needs lightning (the [lightning] extra)", allow_module_level=True)
 pytestmark = pytest.mark.slow
 
 
-class Replay(L.LightningModule):
+def _replay(run):
     """A LightningModule whose weights after optimizer step N are the Trainer's checkpoint-N (when there is one)."""
+    import lightning as L
 
-    def __init__(self, run):
-        super().__init__()
-        self.model = tiny_lm()
-        self.run = run
-        self.steps = 0
+    class Replay(L.LightningModule):
+        def __init__(self, run):
+            super().__init__()
+            self.model = tiny_lm()
+            self.run = run
+            self.steps = 0
 
-    def training_step(self, batch, batch_idx):
-        return self.model(**batch).loss
+        def training_step(self, batch, batch_idx):
+            return self.model(**batch).loss
 
-    def configure_optimizers(self):
-        return torch.optim.SGD(self.parameters(), lr=0.0)
+        def configure_optimizers(self):
+            return torch.optim.SGD(self.parameters(), lr=0.0)
 
-    def optimizer_step(self, epoch, batch_idx, optimizer, optimizer_closure=None):
-        optimizer.step(closure=optimizer_closure)
-        self.steps += 1
-        folder = self.run / f"checkpoint-{self.steps}"
-        if folder.is_dir():
-            load_into(self.model, load_weights(folder))
+        def optimizer_step(self, epoch, batch_idx, optimizer, optimizer_closure=None):
+            optimizer.step(closure=optimizer_closure)
+            self.steps += 1
+            folder = self.run / f"checkpoint-{self.steps}"
+            if folder.is_dir():
+                load_into(self.model, load_weights(folder))
+
+    return Replay(run)
 
 
 def _lightning_records(run, out):
+    import lightning as L
     from lightning.pytorch.callbacks import ModelCheckpoint
     from transformers import default_data_collator
 
@@ -58,7 +66,7 @@ def _lightning_records(run, out):
         callbacks=[ModelCheckpoint(dirpath=str(out / "ckpt"), every_n_train_steps=2, save_top_k=-1), callback],
         enable_progress_bar=False, enable_model_summary=False,
     )  # fmt: skip
-    trainer.fit(Replay(run), train_dataloaders=loader)
+    trainer.fit(_replay(run), train_dataloaders=loader)
     return callback
 
 

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import functools
+import importlib.util
 import subprocess
 import sys
 
@@ -10,24 +12,32 @@ import torch
 
 from tests.trainer_cases import tiny_lm, tiny_lm_dataset
 
-L = pytest.importorskip("lightning")
+# lightning is imported by the tests that run it, not at collection: every test worker collects
+# every module, and importing lightning costs 2.6 s
+if importlib.util.find_spec("lightning") is None:
+    pytest.skip("needs lightning (the [lightning] extra)", allow_module_level=True)
 pytestmark = pytest.mark.slow
 
 
-class TinyLM(L.LightningModule):
-    """A LightningModule wrapping the tiny Qwen2 (``self.model``: the module measured by default)."""
+@functools.cache
+def tiny_lm_module() -> type:
+    """``TinyLM``: a LightningModule wrapping the tiny Qwen2 (``self.model``: the module measured by default)."""
+    import lightning as L
 
-    def __init__(self):
-        super().__init__()
-        self.model = tiny_lm()
+    class TinyLM(L.LightningModule):
+        def __init__(self):
+            super().__init__()
+            self.model = tiny_lm()
 
-    def training_step(self, batch, batch_idx):
-        loss = self.model(**batch).loss
-        self.log("train_loss", loss)
-        return loss
+        def training_step(self, batch, batch_idx):
+            loss = self.model(**batch).loss
+            self.log("train_loss", loss)
+            return loss
 
-    def configure_optimizers(self):
-        return torch.optim.AdamW(self.parameters(), lr=1e-2)
+        def configure_optimizers(self):
+            return torch.optim.AdamW(self.parameters(), lr=1e-2)
+
+    return TinyLM
 
 
 def loader():
@@ -37,10 +47,11 @@ def loader():
 
 
 def fit(root, callbacks=(), loggers=False, max_steps=4, ckpt_path=None, module=None):
+    import lightning as L
     from lightning.pytorch.callbacks import ModelCheckpoint
 
     torch.manual_seed(0)
-    module = module or TinyLM()
+    module = module or tiny_lm_module()()
     trainer = L.Trainer(
         accelerator="cpu", devices=1, max_steps=max_steps, logger=loggers, default_root_dir=str(root),
         callbacks=[ModelCheckpoint(dirpath=str(root / "ckpt"), every_n_train_steps=2, save_top_k=-1), *callbacks],

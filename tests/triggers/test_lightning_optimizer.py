@@ -5,11 +5,10 @@ from __future__ import annotations
 import pytest
 import torch
 
-from tests.triggers.test_lightning import fit
+from tests.triggers.test_lightning import fit  # skips this module too where lightning is missing
 from uma_callbacks.core.optimizer_state import from_optimizer
 from uma_callbacks.metrics import OptimizerState
 
-pytest.importorskip("lightning")
 pytestmark = pytest.mark.slow
 
 
