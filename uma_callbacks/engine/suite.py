@@ -517,8 +517,11 @@ class MetricSuite:
         result.meta["world_size"] = collective.world_size
         result.meta["timestamp_ms"] = int(time.time() * 1000)
         self._learn_memory(metric, result)
-        # a full gc.collect (~0.3 s with transformers imported) only where a failure's traceback may hold tensors
-        release_memory(decided.device, full=self.aggressive_cleanup or not (result.status == "ok" or made_here))
+        # a full gc.collect (~0.3 s with transformers imported) only where a failure's traceback may
+        # hold tensors: not for a skip (the planner's refusal comes before the computation; after an
+        # out-of-memory retry the planner has collected already)
+        failed = not (result.status in ("ok", "skipped") or made_here)
+        release_memory(decided.device, full=self.aggressive_cleanup or failed)
         record = Record(
             step=int(step),
             metric=metric.name,
