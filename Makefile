@@ -24,9 +24,8 @@ venv: $(STAMP)
 # uv installs torch, then the rest (it downloads in parallel: a few seconds where pip took
 # minutes), with pip's find-links handed on: uv does not read pip's settings, and a local CPU
 # wheel of torch lies there on our machines (uv unpacks it in 3 s, pip took 13 s). The
-# constraints pin torch; installed first, it stays. torch's bytecode is compiled while uv
-# downloads the rest (5.6 s on 2 cores; else both test workers compiled it at once when they
-# collect); the rest is compiled on first import (PYTHONDONTWRITEBYTECODE above).
+# constraints pin torch; installed first, it stays. No bytecode is compiled at install: the
+# modules imported are compiled once, on first import (PYTHONDONTWRITEBYTECODE above).
 FIND_LINKS ?= $(or $(PIP_FIND_LINKS),$(shell $(PYTHON) -m pip config get global.find-links 2>/dev/null))
 UV_INSTALL  = $(VENV)/bin/uv pip install -q --python $(PY) -c constraints.txt
 
@@ -34,8 +33,7 @@ $(STAMP): pyproject.toml constraints.txt
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PIP) install -q --no-compile uv
 	$(UV_INSTALL) $(foreach links,$(FIND_LINKS),--find-links $(links)) "torch==2.13.0"
-	$(PY) -m compileall -q -j 0 "$$($(PY) -c 'import sysconfig; print(sysconfig.get_path("purelib"))')/torch" \
-		> /dev/null 2>&1 & $(UV_INSTALL) -e ".[dev]"; status=$$?; wait; exit $$status
+	$(UV_INSTALL) -e ".[dev]"
 	-$(VENV)/bin/uv pip uninstall -q --python $(PY) torchvision
 	touch $(STAMP)
 
