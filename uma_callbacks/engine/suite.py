@@ -495,7 +495,6 @@ class MetricSuite:
         results: SaveResults | None = None,
     ) -> Record:
         started = time.perf_counter()
-        made_here = True  # a skip the suite decided: no failed frames to collect
         if history is not None and history.dropped and (metric.history_needed or metric.needs_first):
             result = _skipped(metric, history.dropped)
         elif (not_ready := metric.not_ready(view if view is not None else History())) is not None:
@@ -506,7 +505,6 @@ class MetricSuite:
                 f"compute budget: {metric.name} {budget_meta.get('reason', '')} (raise overhead= or seconds_per_save=)",
             )
         else:
-            made_here = False
             # a metric may overrun its share of the compute budget, within bounds: 3x, or 2 s more
             budget_limit = None if budget_meta is None else max(3.0 * budget_meta["seconds"], budget_meta["seconds"] + 2.0)
             result = self._compute(metric, model, batches, collective, view, decided, budget_limit, results)
@@ -520,8 +518,7 @@ class MetricSuite:
         # a full gc.collect (~0.3 s with transformers imported) only where a failure's traceback may
         # hold tensors: not for a skip (the planner's refusal comes before the computation; after an
         # out-of-memory retry the planner has collected already)
-        failed = not (result.status in ("ok", "skipped") or made_here)
-        release_memory(decided.device, full=self.aggressive_cleanup or failed)
+        release_memory(decided.device, full=self.aggressive_cleanup or result.status not in ("ok", "skipped"))
         record = Record(
             step=int(step),
             metric=metric.name,
