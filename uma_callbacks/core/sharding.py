@@ -383,31 +383,6 @@ def local_entries(params: Mapping[str, torch.Tensor]) -> int:
     return sum(local(p).numel() for p in params.values())
 
 
-def full_from_piece(piece: torch.Tensor, param: torch.Tensor, collective: Any) -> torch.Tensor:
-    """The full tensor (``param``'s full shape) whose rank-``r`` piece is ``piece`` on rank r: an all-gather.
-
-    It is done as the all-reduce (``collective.sum_``) of the full tensor with this rank's
-    entries filled and zeros elsewhere (exact: each entry is one piece plus zeros). Every
-    rank must call it for the same parameter (a collective). Plain ``param``: ``piece``
-    reshaped, no communication.
-
-    Args:
-        piece: this rank's entries ``[lo, hi)`` of the flattened full tensor (any shape).
-        param: the (possibly DTensor) parameter giving the layout.
-        collective: sums over ranks.
-
-    Returns:
-        ``[*param.shape]`` in ``piece``'s dtype and device.
-    """
-    shape, lo, hi = local_range(param)
-    if not is_dtensor(param):
-        return piece.reshape(shape)
-    full = torch.zeros(math.prod(shape), dtype=piece.dtype, device=piece.device)
-    full[lo:hi] = piece.reshape(-1)
-    collective.sum_([full])
-    return full.view(shape)
-
-
 def sharded_start_vector(
     params: Mapping[str, torch.Tensor], seed: int, dtype: torch.dtype, device: torch.device | str
 ) -> torch.Tensor:

@@ -36,14 +36,15 @@ The MC Fisher's labels are drawn in :mod:`uma_callbacks.linalg.mc_labels`.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable, Mapping, Sequence
+from collections.abc import Callable, Hashable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
 import torch
 
+from uma_callbacks.core.buckets import ScatterQueue, bucket_cap, buckets, full_from_pieces
 from uma_callbacks.core.losses import LossFn
-from uma_callbacks.core.sharding import full_from_piece, local, unwrap
+from uma_callbacks.core.sharding import local, unwrap
 from uma_callbacks.linalg.chunk_grads import ChunkGradients, StackedGrads, chunk_gradients
 from uma_callbacks.linalg.layer_grads import HookPlan, LayerGradients, layer_gradient_sums, layer_gradients
 from uma_callbacks.linalg.mc_labels import group_draws, sample_mc_labels
@@ -432,7 +433,7 @@ def _sharded_chunks(
         chunk, real = unwrap(item)
         collective.agree()  # every rank healthy before FSDP's forward all-gathers
         rep = layer_gradients(model, loss_fn, chunk, params, plan, before_backward=collective.agree)
-        sums, sq, chunk_gsum = _scattered_stats(rep, want_diag, want_grad_sum, real, collective)
+        sums, sq, chunk_gsum = _scattered_stats(rep, params, want_diag, want_grad_sum, real, collective)
         out = _ChunkSums(
             item,
             real,
@@ -451,12 +452,18 @@ def _sharded_chunks(
 
 
 def _scattered_stats(
-    rep: LayerGradients, want_diag: bool, want_grad_sum: bool, real: bool, collective: Any
+    rep: LayerGradients,
+    params: Mapping[str, torch.Tensor],
+    want_diag: bool,
+    want_grad_sum: bool,
+    real: bool,
+    collective: Any,
 ) -> tuple[dict[str, torch.Tensor], torch.Tensor, dict[str, torch.Tensor]]:
-    """``rep.reduce`` one parameter at a time, each full-size sum reduce-scattered into this rank's shard.
+    """``rep.reduce`` one parameter at a time, the full-size sums reduce-scattered into this rank's shard.
 
-    Each sum is scattered at once: a rank holds one parameter's full-size sums [d0, ...] at
-    a time (not the whole model's, P entries, which would not shrink with the ranks).
+    The sums travel in buckets (:class:`~uma_callbacks.core.buckets.ScatterQueue`): a rank
+    holds at most the largest parameter's full-size sums [d0, ...] (or 1 MiB) queued at a
+    time, not the whole model's, P entries, which would not shrink with the ranks.
 
     Returns:
         ``({name: shard of sum_i g_i^2}`` (empty unless ``want_diag``), ``sq_norms [B, n_params]``
@@ -465,14 +472,21 @@ def _scattered_stats(
     diag: dict[str, torch.Tensor] = {}
     gsum: dict[str, torch.Tensor] = {}
     norms = []
+
+    def deliver(key: Hashable, piece: torch.Tensor) -> None:
+        kind, name = key  # type: ignore[misc]
+        (diag if kind == "diag" else gsum)[name] = piece
+
+    queue = ScatterQueue(collective, bucket_cap(params[n] for n in rep.names), deliver)
     for name in rep.names:
         d, sq, s, _ = rep.factors[name].stats(want_diag, want_grad_sum, False)
         if want_diag:
-            diag[name] = collective.sum_scatter_dim0(d if real else torch.zeros_like(d))
+            queue.put(("diag", name), d if real else torch.zeros_like(d))
         if want_grad_sum:
-            gsum[name] = collective.sum_scatter_dim0(s if real else torch.zeros_like(s))
+            queue.put(("gsum", name), s if real else torch.zeros_like(s))
         norms.append(sq.to(rep.losses.device))
         del d, s
+    queue.flush()
     return diag, torch.stack(norms, dim=1), gsum
 
 
@@ -749,29 +763,41 @@ def _sharded_matvec(
     Rank r holds the pieces v_r of v (its rows of each parameter) and the per-sample
     gradients g_i of its own samples S_r, full-size, one chunk's factors per layer (cached
     or recomputed). The probe is split over ranks, so u_i = g_i^T v needs the whole v for
-    i in S_r; per parameter p (one at a time)::
+    i in S_r; per parameter p::
 
         v_p   = all-gather of the pieces v_{p,q}          (full [d0, ...], transient)
         u_i  += g_{i,p}^T v_p                            (i in S_r, [B] per chunk)
         (F v)_{p,r} = rows_r( sum_q sum_{i in S_q} u_i g_{i,p} ) / N   (reduce-scatter)
 
-    so a rank holds one parameter's full-size v_p or sum at a time, never a full vector of
-    P entries, and the result is this rank's piece. Cached chunks: one gather and one
-    reduce-scatter per parameter and product; recomputed chunks (every rank runs the same
-    number, ghosts contributing zero): one of each per parameter and chunk.
+    The parameters travel in buckets (:mod:`uma_callbacks.core.buckets`): a rank holds at
+    most the largest parameter's full-size v_p or sums (or 1 MiB) at a time, never a full
+    vector of P entries, and the result is this rank's piece. Cached chunks: one gather and
+    one reduce-scatter per bucket and product; recomputed chunks (every rank runs the same
+    number, ghosts contributing zero): one of each per bucket and chunk.
     """
     names = list(sums.names)
     sizes = [local(params[n]).numel() for n in names]
+    cap = bucket_cap(params[n] for n in names)
+    gathered = buckets(params, names, cap)
 
     def product(reps: list[Any], pieces: dict[str, torch.Tensor], out: dict[str, torch.Tensor]) -> None:
         # reps: real LayerGradients or _Ghost (zero contributions, collectives still taken)
         real = [r for r in reps if not isinstance(r, _Ghost)]
         us = [torch.zeros(r.n, dtype=r.losses.dtype, device=r.losses.device) for r in real]
-        for n in names:
-            full = full_from_piece(pieces[n], params[n], collective).to(params[n].dtype)
-            for r, u in zip(real, us):
-                u += r.factors[n].dot(full).to(u.dtype)
-            del full
+        for bucket in gathered:
+            fulls = full_from_pieces([pieces[n] for n in bucket], [params[n] for n in bucket], collective)
+            for n, full in zip(bucket, fulls):
+                full = full.to(params[n].dtype)
+                for r, u in zip(real, us):
+                    u += r.factors[n].dot(full).to(u.dtype)
+            del fulls, full
+
+        def add(n: Hashable, piece: torch.Tensor) -> None:
+            assert isinstance(n, str)
+            piece = piece.reshape(-1)
+            out[n] = piece if n not in out else out[n].add_(piece)
+
+        queue = ScatterQueue(collective, cap, add)
         for n in names:
             total = None
             for r, u in zip(real, us):
@@ -779,9 +805,9 @@ def _sharded_matvec(
                 total = c if total is None else total.add_(c)
             if total is None:
                 total = torch.zeros(params[n].shape, dtype=params[n].dtype, device=pieces[n].device)
-            piece = collective.sum_scatter_dim0(total).reshape(-1)
+            queue.put(n, total)
             del total
-            out[n] = piece if n not in out else out[n].add_(piece)
+        queue.flush()
 
     def matvec(v: torch.Tensor) -> torch.Tensor:
         pieces = dict(zip(names, torch.split(v, sizes)))

@@ -4,12 +4,14 @@ from __future__ import annotations
 
 import math
 from collections import defaultdict
+from collections.abc import Hashable
 
 import numpy as np
 import torch
 
 from uma_callbacks.core import validate
 from uma_callbacks.core.batches import count_samples
+from uma_callbacks.core.buckets import ScatterQueue, bucket_cap
 from uma_callbacks.core.numerics import squared_norm64
 from uma_callbacks.core.sharding import aligned_chunks, is_sharded, local, unwrap
 from uma_callbacks.linalg.layer_grads import LayerGradients, LayerSums, hook_plan, layer_gradient_sums, layer_gradients
@@ -141,6 +143,13 @@ class GradientFlow(Metric):
         plan = hook_plan(ctx.model, params) if self.method != "vmap" else None
         vmapped: set[str] = set()
         chunks = aligned_chunks(ctx.chunks(), ctx.collective) if sharded else ctx.chunks()
+
+        def into_shard(n: Hashable, piece: torch.Tensor) -> None:
+            assert isinstance(n, str)
+            grad_sum[n] += piece.to(grad_sum[n].dtype)
+
+        # a chunk's sums over all ranks' samples, reduce-scattered into the shards in buckets
+        queue = ScatterQueue(ctx.collective, bucket_cap(params.values()), into_shard)
         for item in chunks:
             chunk, real = unwrap(item)
             if plan is not None:
@@ -149,15 +158,17 @@ class GradientFlow(Metric):
                     # one parameter's chunk sum at a time, straight into the accumulator
                     assert part is not None  # reduced with want_sum=True: every call carries the sum
                     part = part if real else torch.zeros_like(part)
-                    if sharded:  # this chunk's sum over all ranks' samples, straight into the shard
-                        part = ctx.collective.sum_scatter_dim0(part)
-                    grad_sum[n] += part.to(grad_sum[n].dtype)
+                    if sharded:
+                        queue.put(n, part)
+                    else:
+                        grad_sum[n] += part.to(grad_sum[n].dtype)
 
                 rep: LayerGradients | LayerSums
                 if sharded:  # FSDP runs its own collectives in the backward: the sums are scattered after it
                     ctx.collective.agree()  # every rank healthy before FSDP's forward all-gathers
                     rep = layer_gradients(ctx.model, ctx.loss_fn, chunk, params, plan, before_backward=ctx.collective.agree)
                     _, norms, _, _ = rep.reduce(want_diag=False, want_sum=True, consume=add)
+                    queue.flush()
                 else:  # reduced during the backward, one layer's output gradients at a time
                     rep = layer_gradient_sums(
                         ctx.model, ctx.loss_fn, chunk, params, plan, want_diag=False, want_sum=True, consume=add
