@@ -65,3 +65,42 @@ def test_y_limits_rule():
     (low, high), moved = y_limits([1.0, 2.0])
     assert (low, high) == pytest.approx((0.95, 2.05)) and moved is None
     assert y_limits([-1e-9, 1e-9])[1] is None  # around zero: the data's own range
+
+
+WIDE_TICKS = {
+    "fisher/trace": {100: 1.23456e-9, 200: 1.5e-9, 300: 2.1e-9},
+    "hessian/top_eigenvalue": {100: 123456789.0, 200: 123999999.0, 300: 130000000.0},
+    "landscape/roughness": {100: -0.000123, 200: -0.000223, 300: -0.000323},
+    "gradient_flow/total_norm": {100: 1e150, 200: -1e150, 300: 3e149},
+    "trajectory/distance_from_first": {100: 12345.678, 200: 12346.9, 300: 12400.1},
+    "fisher (top_k=5)/top_k_effective_rank": {100: 3.0, 200: 4.0, 300: 3.5},
+    "fisher (top_k=20)/top_k_effective_rank": {100: 13.0, 200: 14.0, 300: 13.5},
+}
+
+
+@pytest.mark.parametrize("series", [SERIES, WIDE_TICKS], ids=["narrow", "wide"])
+def test_no_label_overlaps_another_or_leaves_the_figure(series):
+    """The panels are laid out without drawing twice (no ``tight_layout``): drawn once, each
+    panel's y label stays left of its tick labels, inside the figure and clear of the panel
+    to its left; its title stays under the figure's title and over its axes."""
+    built = report_figure(series, "uma report: layout\nred dashed: loss spikes at step 200 (z=12)")
+    try:
+        fig = built.figure
+        renderer = fig.canvas.get_renderer()
+        fig.draw(renderer)
+        suptitle = fig._suptitle.get_window_extent(renderer)
+        axes = fig.axes
+        for i, ax in enumerate(axes):
+            box = ax.get_window_extent(renderer)
+            ylabel = ax.yaxis.label.get_window_extent(renderer)
+            ticks = [t.get_window_extent(renderer) for t in ax.yaxis.get_ticklabels() if t.get_visible() and t.get_text()]
+            assert ticks
+            assert ylabel.x0 >= 0 and all(ylabel.x1 <= t.x0 + 1 for t in ticks), (ax.get_ylabel(), ylabel, ticks)  # 1 pixel: rounding
+            assert all(t.x1 <= box.x0 for t in ticks)
+            title = ax.title.get_window_extent(renderer) if ax.get_title() else ax._left_title.get_window_extent(renderer)
+            assert box.y1 <= title.y0 and title.y1 <= suptitle.y0, ax.get_title(loc="left")
+            if i % 4:  # the panel to its left in the grid
+                assert axes[i - 1].get_window_extent(renderer).x1 < ylabel.x0
+        assert fig.bbox.x1 >= max(ax.get_window_extent(renderer).x1 for ax in axes)
+    finally:
+        plt.close(built.figure)

@@ -62,6 +62,12 @@ UNITS = {
 LEFT_OUT = ("seconds", "peak_mb", "over_budget")
 
 _PANEL_W, _PANEL_H, _LINE_H = 3.8, 2.9, 0.17  # inches: one panel, one line of the text row
+#: Inches around each panel's axes for its 7-point labels: right of the y tick labels (the
+#: y label and the ticks' pads), right, top (the title) and bottom (the x tick labels and
+#: label). Only the y tick labels' width changes from panel to panel: it is measured, the
+#: widest label of the figure. ``tight_layout`` measured everything by drawing the figure
+#: once more: 2.4 s of a 40-panel report's 6.2 s.
+_MARGIN_LEFT, _MARGIN_RIGHT, _MARGIN_TOP, _MARGIN_BOTTOM = 0.34, 0.12, 0.26, 0.42
 
 
 def split_name(name: str) -> tuple[str, str, str]:
@@ -158,7 +164,7 @@ def report_figure(series: dict[str, dict[int, float]], title: str = "uma report"
     text_h = (0.25 + _LINE_H * len(text)) if text else 0.0
     height = _PANEL_H * rows + text_h + 0.35
     fig = plt.figure(figsize=(width, height))
-    fig.suptitle(title, fontsize=10)
+    fig.suptitle(title, fontsize=10, y=1 - 0.08 / height)  # above the panels' titles (a spike line makes it two)
     top = 1 - 0.35 / height
     bottom = text_h / height
     if drawn:
@@ -167,10 +173,49 @@ def report_figure(series: dict[str, dict[int, float]], title: str = "uma report"
             _draw_panel(ax, panel, series, x_range, FuncFormatter, MaxNLocator)
         for ax in list(axes.flat)[len(drawn) :]:
             ax.remove()
-        fig.tight_layout(rect=(0, bottom, 1, top))
+        _place_panels(fig, rows, cols, bottom, top, _tick_label_width(fig, list(axes.flat)[: len(drawn)]))
     if text:
         fig.text(0.01, (text_h - 0.1) / height, "\n".join(text), fontsize=7, va="top", ha="left", family="monospace")
     return ReportFigure(fig, drawn, not_drawn, x_range)
+
+
+def _tick_label_width(fig: Any, axes: list[Any]) -> float:
+    """Inches of the widest y tick label of ``axes`` (measured as text, without drawing the figure)."""
+    from matplotlib.font_manager import FontProperties
+
+    renderer = fig.canvas.get_renderer()
+    widest = 0.0
+    for ax in axes:
+        low, high = sorted(ax.get_ylim())
+        locations = [t for t in ax.yaxis.get_majorticklocs() if low <= t <= high]
+        for label in ax.yaxis.get_ticklabels()[:1] or [None]:
+            size = label.get_fontsize() if label is not None else 7
+            prop = FontProperties(size=size)
+            for text in ax.yaxis.get_major_formatter().format_ticks(locations):
+                width, _, _ = renderer.get_text_width_height_descent(text, prop, ismath=False)
+                widest = max(widest, width)
+    return widest / fig.dpi
+
+
+def _place_panels(fig: Any, rows: int, cols: int, bottom: float, top: float, tick_labels: float) -> None:
+    """Lay the ``rows x cols`` grid out in cells of :data:`_PANEL_W` x :data:`_PANEL_H` inches between ``bottom`` and ``top``.
+
+    Each cell keeps the margins (``_MARGIN_*``) around its axes, and ``tick_labels``
+    inches more on the left for the widest y tick label; ``bottom`` and ``top`` are
+    fractions of the figure's height (the text row below, the title above).
+    """
+    width, height = fig.get_size_inches()
+    left = _MARGIN_LEFT + tick_labels
+    axes_w = _PANEL_W - left - _MARGIN_RIGHT
+    axes_h = _PANEL_H - _MARGIN_TOP - _MARGIN_BOTTOM
+    fig.subplots_adjust(
+        left=left / width,
+        right=1 - _MARGIN_RIGHT / width,
+        bottom=bottom + _MARGIN_BOTTOM / height,
+        top=top - _MARGIN_TOP / height,
+        wspace=(left + _MARGIN_RIGHT) / axes_w,
+        hspace=(_MARGIN_TOP + _MARGIN_BOTTOM) / axes_h,
+    )
 
 
 def _pyplot() -> Any:
