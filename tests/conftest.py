@@ -137,12 +137,14 @@ def two_rank_runs(tmp_path_factory) -> dict[str, object]:
     (a rank's imports cost as much as any one of the runs)."""
     import subprocess
 
+    from tests.mlflow_store import mlflow_store
+
     pytest.importorskip("torch.distributed.fsdp")
     pytest.importorskip("accelerate")
     pytest.importorskip("mlflow")
     repo = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
     out = {name: tmp_path_factory.mktemp(name) for name in ("fsdp", "ddp", "attach")}
-    uris = {f"{name}_uri": f"sqlite:///{out[name] / 'mlflow.db'}" for name in ("ddp", "attach")}
+    uris = {f"{name}_uri": mlflow_store(out[name]) for name in ("ddp", "attach")}
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": repo}
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
            os.path.join(repo, "tests", "scripts", "two_rank_runs.py"), "--fsdp-out", str(out["fsdp"]),

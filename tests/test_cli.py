@@ -7,6 +7,7 @@ import re
 
 import pytest
 
+from tests.mlflow_store import mlflow_store
 from tests.test_checkpoints import fake_trainer_run
 from tests.trainer_cases import tiny_lm_dataset
 from uma_callbacks.cli import build_parser, main
@@ -52,7 +53,7 @@ def test_backfill_with_a_corrupt_checkpoint_then_report_and_sync(tmp_path, capsy
     assert base64.b64encode(png).decode() in page
     assert "gradient_flow/total_norm" in page and "<table>" in page and "Errors" in page
 
-    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    uri = mlflow_store(tmp_path)
     client = MlflowClient(uri)
     run_id = client.create_run(client.create_experiment("sync")).info.run_id
     assert main(["sync", str(run), "--mlflow-run", run_id, "--tracking-uri", uri]) == 0
@@ -110,8 +111,7 @@ def test_backfill_finds_the_run_opened_through_the_env_uri_and_keeps_configs_apa
     from uma_callbacks import UMACallback
     from uma_callbacks.metrics import HessianSpectrum
 
-    uri = f"sqlite:///{tmp_path / 'elsewhere' / 'mlflow.db'}"
-    (tmp_path / "elsewhere").mkdir()
+    uri = mlflow_store(tmp_path / "elsewhere")
     monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
     run = tmp_path / "run"
     live = HessianSpectrum(top_k=2, hutchinson_samples=4)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import pytest
 
+from tests.mlflow_store import mlflow_store
 from uma_callbacks.cli import main
 from uma_callbacks.core.records import Record
 from uma_callbacks.engine.delivery import Delivery
@@ -22,7 +23,7 @@ def test_sync_with_no_options_replays_to_the_journals_mlflow_run(tmp_path, capsy
     from uma_callbacks.integrations.mlflow import MLflowSink
 
     run = tmp_path / "run"
-    uri = f"sqlite:///{tmp_path / 'store.db'}"  # not the run folder's: the delivery log names it
+    uri = mlflow_store(tmp_path, "store.db")  # not the run folder's: the delivery log names it
     client = MlflowClient(uri)
     run_id = client.create_run(client.create_experiment("train")).info.run_id
     journal = Journal(run / "uma")

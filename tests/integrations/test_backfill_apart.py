@@ -17,6 +17,7 @@ from pathlib import Path
 
 import pytest
 
+from tests.mlflow_store import mlflow_store
 from tests.trainer_cases import run_trainer, tiny_lm_dataset
 from uma_callbacks.engine.journal import Journal
 from uma_callbacks.integrations.base import value_hash
@@ -46,7 +47,7 @@ def test_backfill_with_another_config_leaves_the_live_run_as_it_was(tmp_path, ca
     from uma_callbacks.metrics.interpolation import CheckpointInterpolation
     from uma_callbacks.triggers.backfill import backfill
 
-    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    uri = mlflow_store(tmp_path)
     monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
     cb = UMACallback(
         metrics=["fisher", CheckpointInterpolation(n_points=3)],

@@ -10,6 +10,7 @@ import json
 import pytest
 
 from tests.integrations.wandb_runfile import artifacts, history_rows, run_file, settled_records
+from tests.mlflow_store import mlflow_store
 from tests.trainer_cases import run_trainer, tiny_lm_dataset
 from uma_callbacks.engine.journal import Journal
 
@@ -42,7 +43,7 @@ def run(tmp_path_factory):
 
     tmp = tmp_path_factory.mktemp("curvature_tables")
     (tmp / "wb").mkdir()
-    uri = f"sqlite:///{tmp / 'mlflow.db'}"
+    uri = mlflow_store(tmp)
     with pytest.MonkeyPatch.context() as mp:
         for key, value in {"WANDB_MODE": "offline", "WANDB_DIR": str(tmp / "wb"), "WANDB_SILENT": "true",
                            "WANDB_PROJECT": "uma-test", "MLFLOW_TRACKING_URI": uri,

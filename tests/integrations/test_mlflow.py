@@ -6,6 +6,7 @@ import sys
 
 import pytest
 
+from tests.mlflow_store import mlflow_store
 from uma_callbacks.core.records import Record
 from uma_callbacks.engine.delivery import deliver
 from uma_callbacks.engine.journal import Journal
@@ -31,9 +32,8 @@ def _record(root, step, metric="gradient_flow", status="ok", **scalars):
 
 @pytest.fixture
 def store(tmp_path):
-    from uma_callbacks.integrations.mlflow import default_tracking_uri
 
-    return default_tracking_uri(tmp_path)
+    return mlflow_store(tmp_path)
 
 
 def test_same_checkpoint_twice_adds_no_points(tmp_path, store):

@@ -5,6 +5,7 @@ from __future__ import annotations
 import pytest
 
 from tests.integrations.wandb_runfile import history_rows, settled_records
+from tests.mlflow_store import mlflow_store
 from uma_callbacks.core.records import Record
 from uma_callbacks.engine.delivery import deliver
 from uma_callbacks.engine.journal import Journal
@@ -92,11 +93,11 @@ def test_mlflow_holds_each_records_outcome_at_its_step(tmp_path, monkeypatch):
     pytest.importorskip("mlflow")
     from mlflow.tracking import MlflowClient
 
-    from uma_callbacks.integrations.mlflow import MLflowSink, default_tracking_uri
+    from uma_callbacks.integrations.mlflow import MLflowSink
 
     monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
     journal, records = _records(tmp_path / "uma")
-    sink = MLflowSink(tracking_uri=default_tracking_uri(tmp_path))
+    sink = MLflowSink(tracking_uri=mlflow_store(tmp_path))
     assert deliver(journal, sink, records) == len(records)
     again = MLflowSink(tracking_uri=sink.tracking_uri, run_id=sink.run_id())  # a second process: no point twice
     for record in records:

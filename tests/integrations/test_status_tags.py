@@ -12,6 +12,7 @@ import json
 import pytest
 
 from tests.integrations.wandb_runfile import read_records, run_file
+from tests.mlflow_store import mlflow_store
 from uma_callbacks.core.records import Record
 from uma_callbacks.engine.delivery import deliver
 from uma_callbacks.engine.journal import Journal
@@ -44,9 +45,9 @@ def test_mlflow_error_then_good_rerun_leaves_no_stale_error_and_a_skip_is_no_err
     pytest.importorskip("mlflow")
     from mlflow.tracking import MlflowClient
 
-    from uma_callbacks.integrations.mlflow import MLflowSink, default_tracking_uri
+    from uma_callbacks.integrations.mlflow import MLflowSink
 
-    store = default_tracking_uri(tmp_path)
+    store = mlflow_store(tmp_path)
     journal = Journal(tmp_path / "uma")
     failed, rerun, skips = _failed_then_rerun(journal.root)
     sink = MLflowSink(tracking_uri=store)
@@ -167,9 +168,9 @@ def test_mlflow_variant_folders_and_a_param_logged_meanwhile_by_another_process(
     from mlflow.tracking import MlflowClient
 
     from uma_callbacks.integrations.base import value_hash
-    from uma_callbacks.integrations.mlflow import MLflowSink, default_tracking_uri
+    from uma_callbacks.integrations.mlflow import MLflowSink
 
-    store = default_tracking_uri(tmp_path)
+    store = mlflow_store(tmp_path)
     journal = Journal(tmp_path / "uma")
     sink = MLflowSink(tracking_uri=store)
     sink.log_params({"probe_fingerprint": "abc"})  # the sink has read the run's params now

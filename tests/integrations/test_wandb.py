@@ -8,6 +8,7 @@ import sys
 import pytest
 
 from tests.integrations.wandb_runfile import artifacts, history_rows, metric_definitions, settled_records
+from tests.mlflow_store import mlflow_store
 from tests.trainer_cases import run_trainer, tiny_lm_dataset
 from uma_callbacks.core.records import Record
 from uma_callbacks.engine.journal import Journal
@@ -42,7 +43,7 @@ def test_trainer_report_to_wandb_and_mlflow_at_once(tmp_path, offline_wandb, mon
 
     from uma_callbacks import UMACallback
 
-    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    uri = mlflow_store(tmp_path)
     monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
     monkeypatch.setenv("MLFLOW_EXPERIMENT_NAME", "uma-both")
     cb = UMACallback(metrics=["gradient_flow", "fisher"], probe=tiny_lm_dataset(n=8), probe_size=8)

@@ -14,6 +14,7 @@ import pytest
 import torch
 
 from tests.cases import TINY_CASES, split_samples
+from tests.mlflow_store import mlflow_store
 from tests.trainer_cases import run_trainer, tiny_lm_dataset
 from uma_callbacks.metrics import METRICS, ProbeInfluence
 from uma_callbacks.metrics.influence import learning_rate_at, read_trainer_state, spearman, top_share
@@ -125,7 +126,7 @@ def trained(tmp_path_factory):
     from uma_callbacks.metrics import HessianDensity
 
     root = tmp_path_factory.mktemp("influence")
-    uri = f"sqlite:///{root / 'mlflow.db'}"
+    uri = mlflow_store(root)
     metrics = [HessianDensity(n_vectors=2, n_steps=8, grid_points=64), ProbeInfluence(top_k=2, tokenizer=_Tok())]
     os.environ["MLFLOW_TRACKING_URI"] = uri
     try:

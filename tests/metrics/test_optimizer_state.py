@@ -10,6 +10,7 @@ import pytest
 import torch
 
 from tests.cases import mlp_case
+from tests.mlflow_store import mlflow_store
 from tests.trainer_cases import run_trainer, tiny_lm, tiny_lm_dataset
 from uma_callbacks.core.optimizer_state import OptimizerSnapshot, from_optimizer, from_state_dict
 from uma_callbacks.metrics import METRICS, OptimizerState
@@ -185,7 +186,7 @@ def trained(tmp_path_factory):
     from uma_callbacks import UMACallback
 
     root = tmp_path_factory.mktemp("optimizer_state")
-    uri = f"sqlite:///{root / 'mlflow.db'}"
+    uri = mlflow_store(root)
     os.environ["MLFLOW_TRACKING_URI"] = uri
     try:
         cb = UMACallback(metrics=["optimizer_state"], probe=tiny_lm_dataset(n=4, seed=1), probe_size=4, trackers=["mlflow"])

@@ -15,6 +15,7 @@ import pytest
 import torch
 
 from tests.cases import TINY_CASES, mlp_case, qwen2_case
+from tests.mlflow_store import mlflow_store
 from uma_callbacks.engine.journal import Journal
 from uma_callbacks.engine.probe import Probe
 from uma_callbacks.engine.suite import MetricSuite
@@ -184,7 +185,7 @@ def test_a_trainer_landscape_past_its_time_limit_reaches_mlflow_as_partial(tmp_p
     from tests.trainer_cases import run_trainer, tiny_lm_dataset
     from uma_callbacks import UMACallback
 
-    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path / 'mlflow.db'}")
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", mlflow_store(tmp_path))
     cb = UMACallback(metrics=[LossLandscape(n_points=5, timeout_seconds=1e-9)], probe=tiny_lm_dataset(n=8, seed=1),
                      probe_size=8, trackers=["mlflow"], draw_figures=False)  # fmt: skip
     run_trainer(tmp_path / "out", callbacks=[cb], max_steps=2, save_steps=2)

@@ -12,6 +12,7 @@ import pytest
 import torch
 
 from tests.cases import qwen2_case
+from tests.mlflow_store import mlflow_store
 from uma_callbacks.metrics.base import CheckpointState, History
 from uma_callbacks.metrics.representations import (
     Representations,
@@ -247,7 +248,7 @@ def test_trainer_run_logs_both_families_to_mlflow(tmp_path, monkeypatch):
     from tests.trainer_cases import run_trainer, tiny_lm_dataset
     from uma_callbacks import UMACallback
 
-    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path / 'mlflow.db'}")
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", mlflow_store(tmp_path))
     cb = UMACallback(
         metrics=[Representations(max_tokens=64), "information"], probe=tiny_lm_dataset(n=8, seed=1), probe_size=8,
         trackers=["mlflow"],

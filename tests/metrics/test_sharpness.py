@@ -11,6 +11,7 @@ import torch
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from tests.cases import bert_case, mlp_case, ragged_lm_batches
+from tests.mlflow_store import mlflow_store
 from uma_callbacks.core.losses import hf_per_sample_loss
 from uma_callbacks.metrics import METRICS, DirectionalSharpness
 from uma_callbacks.metrics.base import CheckpointState, History, MetricSkipped, SaveResults
@@ -520,7 +521,7 @@ def test_trainer_run_logs_sharpness_weight_spectra_and_optimizer_state_to_mlflow
     from tests.trainer_cases import run_trainer, tiny_lm_dataset
     from uma_callbacks import UMACallback
 
-    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path / 'mlflow.db'}")
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", mlflow_store(tmp_path))
     cb = UMACallback(
         metrics=["weight_spectra", DirectionalSharpness(step=0.01), "optimizer_state"], probe=tiny_lm_dataset(n=8, seed=1),
         probe_size=8, trackers=["mlflow"], draw_figures=False,

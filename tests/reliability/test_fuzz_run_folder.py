@@ -31,6 +31,8 @@ from pathlib import Path
 
 import pytest
 
+from tests.mlflow_store import mlflow_store
+
 hypothesis = pytest.importorskip("hypothesis")
 pytest.importorskip("mlflow")
 from hypothesis import HealthCheck, Phase, example, given, settings
@@ -103,7 +105,7 @@ def run_folder(tmp_path_factory):
                  checkpoint_id=str(sharded / "pytorch_model_fsdp_0"))  # fmt: skip
     shutil.copy(run / "checkpoint-4" / "config.json", sharded / "config.json")
     (sharded / "trainer_state.json").write_text(json.dumps({"global_step": 6}))
-    uri = f"sqlite:///{base / 'mlflow.db'}"
+    uri = mlflow_store(base)
     client = MlflowClient(uri)
     experiment = client.create_experiment("fuzz")
     earlier, run_id = (client.create_run(experiment).info.run_id for _ in range(2))

@@ -24,6 +24,7 @@ from pathlib import Path
 import pytest
 import torch
 
+from tests.mlflow_store import mlflow_store
 from uma_callbacks.core.records import Record
 from uma_callbacks.engine.delivery import Delivery
 from uma_callbacks.engine.journal import Journal
@@ -127,7 +128,7 @@ def test_module_names_with_cpp_emoji_and_newline_reach_mlflow_valid_and_intact(t
 
     from uma_callbacks.engine.probe import Probe
     from uma_callbacks.engine.suite import MetricSuite
-    from uma_callbacks.integrations.mlflow import MLflowSink, default_tracking_uri
+    from uma_callbacks.integrations.mlflow import MLflowSink
     from uma_callbacks.metrics import GradientFlow
 
     monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
@@ -142,7 +143,7 @@ def test_module_names_with_cpp_emoji_and_newline_reach_mlflow_valid_and_intact(t
     values = record.log_values()
     for name in HOSTILE_MODULES:
         assert any(name in key for key in values), name  # the metric reports per layer, by name
-    sink = MLflowSink(tracking_uri=default_tracking_uri(tmp_path))
+    sink = MLflowSink(tracking_uri=mlflow_store(tmp_path))
     assert Delivery(journal, [sink]).send_pending() == 1
     mapped = {tracker_key(key): value for key, value in values.items()}
     assert len(mapped) == len(values)  # distinct keys stay distinct

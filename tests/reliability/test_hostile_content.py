@@ -22,6 +22,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from tests.mlflow_store import mlflow_store
 from uma_callbacks.cli import main
 from uma_callbacks.core.records import Record
 from uma_callbacks.core.safe_json import MAX_DEPTH, UnreadableJSON, loads_bounded, read_json
@@ -45,7 +46,7 @@ def _journal(tmp_path: Path, records: list[Record]) -> Journal:
 def _mlflow_run(tmp_path: Path) -> tuple[str, str]:
     from mlflow.tracking import MlflowClient
 
-    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    uri = mlflow_store(tmp_path)
     client = MlflowClient(uri)
     return uri, client.create_run(client.create_experiment("hostile")).info.run_id
 

@@ -13,6 +13,7 @@ from hypothesis import strategies as st
 
 from tests.cases import mlp_case, qwen2_case
 from tests.metrics.test_contract import _optimizer
+from tests.mlflow_store import mlflow_store
 from tests.reliability.test_model_safety import _build
 from uma_callbacks import UMAConfig, UnifiedConfig
 from uma_callbacks.core.records import Record
@@ -193,7 +194,7 @@ def test_hostile_metric_and_run_names_keep_mlflow_artifacts_under_uma(tmp_path):
     journal = Journal(tmp_path / "uma")
     result = MetricResult(name="evil name/x", scalars={"x": 1.0}, arrays={"a/../b": np.ones(2)})  # MLflow refuses keys with ..
     record = Record(step=3, metric=result.name, status="ok", scalars={"x": 1.0}, files=journal.write_files(result, 3))
-    sink = MLflowSink(tracking_uri=f"sqlite:///{tmp_path / 'mlflow.db'}", run_name="../../run with/slash")
+    sink = MLflowSink(tracking_uri=mlflow_store(tmp_path), run_name="../../run with/slash")
     sink.log_record(record, journal.root)
     client = sink.client
     listed = [a.path for a in client.list_artifacts(sink.run_id(), "uma/step-3")]

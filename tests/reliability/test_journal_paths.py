@@ -13,6 +13,7 @@ import os
 
 import pytest
 
+from tests.mlflow_store import mlflow_store
 from uma_callbacks.core.records import Record, artifact_path
 from uma_callbacks.engine.journal import Journal
 
@@ -52,10 +53,10 @@ def test_mlflow_uploads_only_the_runs_own_files(tmp_path, caplog):
     pytest.importorskip("mlflow")
     from mlflow.tracking import MlflowClient
 
-    from uma_callbacks.integrations.mlflow import MLflowSink, default_tracking_uri
+    from uma_callbacks.integrations.mlflow import MLflowSink
 
     journal, record = _journal(tmp_path)
-    sink = MLflowSink(tracking_uri=default_tracking_uri(tmp_path / "store"))
+    sink = MLflowSink(tracking_uri=mlflow_store(tmp_path / "store"))
     with caplog.at_level(logging.WARNING, logger="uma_callbacks"):
         sink.log_record(record, journal.root)
     client = MlflowClient(sink.tracking_uri)

@@ -19,6 +19,7 @@ import os
 import numpy as np
 import pytest
 
+from tests.mlflow_store import mlflow_store
 from tests.trainer_cases import run_trainer
 from uma_callbacks import UMACallback
 from uma_callbacks.cli import main
@@ -117,7 +118,7 @@ def _journal_with_a_hard_link(tmp_path, with_ids: bool):
 def _mlflow(tmp_path):
     from mlflow.tracking import MlflowClient
 
-    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    uri = mlflow_store(tmp_path)
     client = MlflowClient(uri)
     return uri, client, client.create_run(client.create_experiment("links")).info.run_id
 

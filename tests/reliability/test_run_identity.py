@@ -23,6 +23,7 @@ from pathlib import Path
 import pytest
 import torch
 
+from tests.mlflow_store import mlflow_store
 from tests.trainer_cases import tiny_lm, tiny_lm_dataset, training_args
 from uma_callbacks import UMACallback
 from uma_callbacks.core.records import Record
@@ -104,7 +105,7 @@ def _weights_of(folder: Path) -> dict[str, torch.Tensor]:
 
 @pytest.fixture
 def store(tmp_path, monkeypatch) -> str:
-    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    uri = mlflow_store(tmp_path)
     monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
     monkeypatch.delenv("UMA_TEST_KILL_AT", raising=False)
     return uri

@@ -13,6 +13,7 @@ from pathlib import Path
 
 import pytest
 
+from tests.mlflow_store import mlflow_store
 from tests.test_checkpoints import fake_trainer_run, tiny_model
 from tests.trainer_cases import run_trainer, tiny_lm_dataset
 from uma_callbacks.core.records import Record
@@ -25,7 +26,7 @@ from mlflow.tracking import MlflowClient
 
 
 def _store(tmp_path: Path) -> tuple[str, str]:
-    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    uri = mlflow_store(tmp_path)
     client = MlflowClient(uri)
     run_id = client.create_run(client.create_experiment("uma-steps")).info.run_id
     return uri, run_id
@@ -71,7 +72,7 @@ def test_the_status_tag_survives_a_backfill_that_can_only_skip(tmp_path, monkeyp
     checkpoint-8, where a backfill has no previous checkpoint and skips. The tag stays ok."""
     from uma_callbacks import UMACallback
 
-    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    uri = mlflow_store(tmp_path)
     monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
     cb = UMACallback(
         metrics=["interpolation"],

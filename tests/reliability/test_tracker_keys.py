@@ -12,6 +12,7 @@ import logging
 
 import pytest
 
+from tests.mlflow_store import mlflow_store
 from uma_callbacks.core.records import Record
 from uma_callbacks.engine.delivery import Delivery
 from uma_callbacks.engine.journal import Journal
@@ -60,12 +61,12 @@ def _records():
 def test_a_parameter_named_c_plus_plus_reaches_mlflow_and_the_rest_follows(tmp_path):
     from mlflow.tracking import MlflowClient
 
-    from uma_callbacks.integrations.mlflow import MLflowSink, default_tracking_uri
+    from uma_callbacks.integrations.mlflow import MLflowSink
 
     journal = Journal(tmp_path / "uma")
     for r in _records():
         journal.append(r)
-    sink = MLflowSink(tracking_uri=default_tracking_uri(tmp_path))
+    sink = MLflowSink(tracking_uri=mlflow_store(tmp_path))
     delivery = Delivery(journal, [sink])
     delivery.send_pending()
     client = MlflowClient(sink.tracking_uri)
@@ -84,7 +85,7 @@ def test_a_point_mlflow_refuses_is_skipped_alone_and_reported_once(tmp_path, mon
     journal = Journal(tmp_path / "uma")
     for r in _records():
         journal.append(r)
-    sink = sink_module.MLflowSink(tracking_uri=sink_module.default_tracking_uri(tmp_path))
+    sink = sink_module.MLflowSink(tracking_uri=mlflow_store(tmp_path))
     with caplog.at_level(logging.WARNING, logger="uma_callbacks"):
         Delivery(journal, [sink]).send_pending()
         journal.append(Record(step=3, metric="gradient_flow", status="ok", scalars=_records()[0].scalars, cache_key="k3"))

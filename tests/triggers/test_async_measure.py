@@ -17,6 +17,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
+from tests.mlflow_store import mlflow_store
 from tests.trainer_cases import run_trainer, tiny_lm, tiny_lm_dataset, training_args
 from uma_callbacks import UMACallback, attach
 from uma_callbacks.config import UMAConfig, metric_spec
@@ -170,7 +171,7 @@ def test_run_line_names_the_trainers_mlflow_run(tmp_path, monkeypatch, no_measur
     pytest.importorskip("mlflow")
     from mlflow.tracking import MlflowClient
 
-    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    uri = mlflow_store(tmp_path)
     monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
     monkeypatch.setenv("MLFLOW_EXPERIMENT_NAME", "uma-async")
     cb = UMACallback(metrics=["gradient_flow"], probe=_probe(), probe_size=8, measure="async")

@@ -13,6 +13,7 @@ from pathlib import Path
 
 import pytest
 
+from tests.mlflow_store import mlflow_store
 from tests.test_checkpoints import fake_trainer_run, tiny_model
 from tests.trainer_cases import run_trainer, tiny_lm_dataset
 from uma_callbacks.engine.journal import Journal
@@ -30,7 +31,7 @@ def trained(tmp_path_factory):
     from uma_callbacks import UMACallback
 
     root = tmp_path_factory.mktemp("trained")
-    uri = f"sqlite:///{root / 'mlflow.db'}"
+    uri = mlflow_store(root)
     os.environ["MLFLOW_TRACKING_URI"] = uri
     try:
         cb = UMACallback(metrics=["gradient_flow"], probe=tiny_lm_dataset(n=8, seed=1), probe_size=8,
@@ -108,7 +109,7 @@ def test_kill_9_halfway_then_rerun_completes_without_duplicates(tmp_path):
 
     run = fake_trainer_run(tmp_path / "run", steps=(2, 4, 6))
     save_probe(Probe.from_dataset(tiny_lm_dataset(n=6, seed=2), 6), run / "uma")
-    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    uri = mlflow_store(tmp_path)
     client = MlflowClient(uri)
     run_id = client.create_run(client.create_experiment("bf")).info.run_id
     script = tmp_path / "slow.py"

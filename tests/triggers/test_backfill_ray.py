@@ -13,6 +13,7 @@ from pathlib import Path
 import pytest
 import torch
 
+from tests.mlflow_store import mlflow_store
 from tests.test_checkpoints import fake_trainer_run
 from tests.trainer_cases import tiny_lm_dataset
 from uma_callbacks.engine.journal import Journal
@@ -145,7 +146,7 @@ def test_a_worker_killed_mid_task_is_retried_and_its_result_counted_once(ray_loc
 def test_ray_backfill_of_8_checkpoints_equals_the_one_process_backfill_once_per_step(ray_local, run8, tmp_path):
     from mlflow.tracking import MlflowClient
 
-    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    uri = mlflow_store(tmp_path)
     client = MlflowClient(uri)
     run_id = client.create_run(client.create_experiment("ray")).info.run_id
     started = time.perf_counter()

@@ -18,6 +18,7 @@ from pathlib import Path
 
 import pytest
 
+from tests.mlflow_store import mlflow_store
 from tests.test_checkpoints import fake_trainer_run
 from tests.trainer_cases import tiny_lm_dataset
 from uma_callbacks.checkpoints import discover_checkpoints
@@ -83,7 +84,7 @@ def test_two_shards_at_once_then_sync_equal_one_backfill(tmp_path, capsys):
     assert {m for m, _ in reference} == {"gradient_flow", "interpolation", "trajectory"}
     assert sorted(s for m, s in reference if m == "trajectory") == [4, 6, 8, 10]
 
-    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    uri = mlflow_store(tmp_path)
     client = MlflowClient(uri)
     run_id = client.create_run(client.create_experiment("shards")).info.run_id
     trackers = ["--mlflow-run", run_id, "--tracking-uri", uri]

@@ -10,6 +10,7 @@ import sys
 import pytest
 import torch
 
+from tests.mlflow_store import mlflow_store
 from tests.trainer_cases import tiny_lm, tiny_lm_dataset
 
 # lightning is imported by the tests that run it, not at collection: every test worker collects
@@ -66,10 +67,9 @@ def test_measures_each_checkpoint_into_the_loggers_runs_and_trains_as_without_it
     from mlflow.tracking import MlflowClient
     from tensorboard.backend.event_processing import event_accumulator as ea
 
-    from uma_callbacks.integrations.mlflow import default_tracking_uri
     from uma_callbacks.triggers.lightning import UMALightningCallback
 
-    uri = default_tracking_uri(tmp_path)
+    uri = mlflow_store(tmp_path)
     tb = TensorBoardLogger(save_dir=str(tmp_path / "tb"), name="lit")
     mlf = MLFlowLogger(experiment_name="lit", tracking_uri=uri)
     callback = UMALightningCallback(metrics=["gradient_flow"], probe_size=8, draw_figures=False, seed=0)

@@ -12,6 +12,7 @@ import os
 
 import pytest
 
+from tests.mlflow_store import mlflow_store
 from tests.trainer_cases import run_trainer, tiny_lm_dataset
 from uma_callbacks.metrics import DirectionalSharpness, FisherInformation, OptimizerState
 
@@ -32,7 +33,7 @@ def trained(tmp_path_factory):
     from uma_callbacks import UMACallback
 
     root = tmp_path_factory.mktemp("save_results")
-    uri = f"sqlite:///{root / 'mlflow.db'}"
+    uri = mlflow_store(root)
     os.environ["MLFLOW_TRACKING_URI"] = uri
     try:
         cb = UMACallback(metrics=_metrics(), probe=tiny_lm_dataset(n=4, seed=1), probe_size=4, trackers=["mlflow"],

@@ -15,6 +15,7 @@ import pytest
 import torch
 from transformers import TrainerCallback
 
+from tests.mlflow_store import mlflow_store
 from tests.trainer_cases import run_trainer, tiny_lm_dataset
 from uma_callbacks import UMACallback, UMAConfig
 from uma_callbacks.core.spike import SpikeDetector, SpikeTrigger, robust_stats
@@ -56,7 +57,7 @@ def runs(tmp_path_factory):
         spike_metrics=["gradient_flow"],
     )
     with pytest.MonkeyPatch.context() as mp:
-        mp.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{base / 'mlflow.db'}")
+        mp.setenv("MLFLOW_TRACKING_URI", mlflow_store(base))
         trainer, measured = run_trainer(base / "measured", callbacks=[LrKick(), cb], max_steps=12, save_steps=3)
     return SimpleNamespace(
         base=base, plain=plain, measured=measured, cb=cb, trainer=trainer,

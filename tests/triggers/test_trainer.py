@@ -7,6 +7,7 @@ import json
 import pytest
 import torch
 
+from tests.mlflow_store import mlflow_store
 from tests.trainer_cases import run_trainer, tiny_lm_dataset
 from uma_callbacks import UMACallback
 from uma_callbacks.engine.journal import Journal
@@ -76,7 +77,7 @@ def test_report_to_mlflow_joins_the_trainers_run(tmp_path, monkeypatch):
     pytest.importorskip("mlflow")
     from mlflow.tracking import MlflowClient
 
-    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    uri = mlflow_store(tmp_path)
     monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
     monkeypatch.setenv("MLFLOW_EXPERIMENT_NAME", "uma-test")
     cb = UMACallback(metrics=["gradient_flow"], probe=tiny_lm_dataset(n=8), probe_size=8)

@@ -15,6 +15,7 @@ from transformers import TrainerCallback
 
 import uma_callbacks.engine.late_figures as late_figures
 from tests.integrations.wandb_runfile import artifacts, history_rows, settled_records
+from tests.mlflow_store import mlflow_store
 from tests.trainer_cases import run_trainer, tiny_lm_dataset
 from uma_callbacks import UMACallback
 from uma_callbacks.engine.journal import Journal
@@ -43,7 +44,7 @@ def trackers(tmp_path, monkeypatch):
     """MLflow on a SQLite store and W&B offline, both under ``tmp_path``; the MLflow URI."""
     pytest.importorskip("mlflow")
     wandb = pytest.importorskip("wandb")
-    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    uri = mlflow_store(tmp_path)
     monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
     monkeypatch.setenv("WANDB_MODE", "offline")
     monkeypatch.setenv("WANDB_DIR", str(tmp_path / "wb"))
