@@ -178,6 +178,14 @@ def _train(minilm: MiniLM, tmp: Path, names: list[str], probe_size: int, overhea
     return Run(list(callback.records), tmp / "uma", total, clock.events, other, lines, drawn_in)
 
 
+def _show(run: Run) -> None:
+    """Print every record whole, with its budget: pytest shows it when a test fails (it cuts assertion messages)."""
+    for r in run.records:
+        print(r.step, r.metric, r.status, round(r.meta.get("seconds", 0.0), 3), (r.error or {}).get("message", ""),
+              r.meta.get("compute_budget"))  # fmt: skip
+    print(*run.warnings, sep="\n")
+
+
 def _detail(run: Run) -> list[tuple[Any, ...]]:
     return [
         (r.step, r.metric, r.status, round(r.meta.get("seconds", 0.0), 2), (r.error or {}).get("message", "")[:120])
@@ -219,6 +227,7 @@ def test_overhead_quarter_costs_at_most_030_of_the_training_wall_time(quarter):
 
 
 def test_overhead_quarter_gives_every_metric_values_at_two_or_more_saves(quarter):
+    _show(quarter)
     for name in QUARTER:
         steps = {r.step for r in quarter.records if r.metric == name and r.status in ("ok", "partial")}
         assert len(steps) >= 2, (name, _detail(quarter))
@@ -240,6 +249,7 @@ def five_percent(minilm, tmp_path_factory) -> Run:
 
 
 def test_overhead_5_percent_stays_within_budget_and_a_per_sample_metric_runs(five_percent):
+    _show(five_percent)
     ran = _within_budget(five_percent, (40, 80), FIVE_PERCENT)
     # a per-sample metric (about one backward a sample) runs: on one save's 5% where the
     # machine is slow, else on what the saves banked (the probe's timing paid from it first)
