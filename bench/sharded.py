@@ -3,8 +3,8 @@
 The same float32 Qwen2 (seed 0) and probe, ``fully_shard`` per decoder layer and on the
 root, under ``torchrun --nproc_per_node R`` (gloo, CPU) for R = 1 and 2. Each rank reports
 its peak: the bytes of its parameter shards plus the peak RSS rise while ``fisher``
-(diagonal, traces; per-sample sums reduce-scattered into the shard one parameter at a
-time) runs. After the model is built and sharded, one warm-up run (lazy initialisation),
+(diagonal, traces; per-sample sums reduce-scattered into the shard a bucket of parameters
+at a time) runs. After the model is built and sharded, one warm-up run (lazy initialisation),
 ``gc.collect()`` and glibc's ``malloc_trim(0)`` (the warm-up's freed heap pages go back to
 the OS), the high-water mark is reset in the worker (``/proc/self/clear_refs``), so the rise
 is what the run allocates (``method`` says if it fell back to sampling).
