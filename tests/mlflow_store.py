@@ -13,6 +13,8 @@ appears while a run goes on) keep MLflow's own creation.
 
 from __future__ import annotations
 
+import atexit
+import os
 import shutil
 import sqlite3
 import tempfile
@@ -21,13 +23,21 @@ from pathlib import Path
 _TEMPLATE: Path | None = None
 
 
+def _remove(folder: str, creator: int) -> None:
+    """Remove the template at the exit of the process that made it (not of a child forked from it)."""
+    if os.getpid() == creator:
+        shutil.rmtree(folder, ignore_errors=True)
+
+
 def _template() -> Path:
     """The empty store this process copies (created by MLflow on first use)."""
     global _TEMPLATE
     if _TEMPLATE is None or not _TEMPLATE.is_file():
         from mlflow.tracking import MlflowClient
 
-        path = Path(tempfile.mkdtemp(prefix="uma-mlflow-template-")) / "mlflow.db"
+        folder = tempfile.mkdtemp(prefix="uma-mlflow-template-")
+        atexit.register(_remove, folder, os.getpid())
+        path = Path(folder) / "mlflow.db"
         MlflowClient(tracking_uri=f"sqlite:///{path}").search_experiments()  # MLflow creates and migrates it
         with sqlite3.connect(path) as db:  # re-created at the copy's first open, where it is opened
             db.execute("DELETE FROM experiment_tags WHERE experiment_id = 0")
