@@ -17,11 +17,15 @@ and each run serves several checks:
   worker on the second core they crowd the training's core, and the extra time measured
   0.245 to 0.327 with them on depending on the load (0.185 without; on 16-token lines 0.19
   alone, 0.21 beside a process busy on the other core);
-- ``overhead=0.05`` (finding 1: "measures nothing"), 80 steps with the expensive families
+- ``overhead=0.05`` (finding 1: "measures nothing"), 120 steps with the expensive families
   too, on a 4-sample probe, figures on (the default): every save stays within its budget,
   what did not fit says so, a per-sample metric runs (on what the saves banked where one
   save's 5% is too little), and every measured record has its figures, drawn in the worker
-  thread and filed in the journal.
+  thread and filed in the journal. Three saves, not two: the unit costs are timed once, at
+  train begin, and a burst of load then (the suite's other worker starting a torchrun) made
+  them 2.4 times the quiet figure where the training between saves was 1.5 times slower, so
+  a per-sample metric's floor reached 0.8 of a save's 5%; once in a loaded suite neither
+  save ran one. The third save gives the bank, which the earlier saves fill, its turn.
 
 No check compares the wall clocks of two runs (a shared CI machine changes speed between
 them). The extra wall time is counted inside the one run: the seconds the training thread
@@ -245,12 +249,12 @@ def test_overhead_quarter_predicts_once_and_times_the_probe_once(quarter):
 # ---------------------------------------------------------------------- overhead=0.05
 @pytest.fixture(scope="module")
 def five_percent(minilm, tmp_path_factory) -> Run:
-    return _train(minilm, tmp_path_factory.mktemp("five"), FIVE_PERCENT, probe_size=4, overhead=0.05, max_steps=80, figures=True)
+    return _train(minilm, tmp_path_factory.mktemp("five"), FIVE_PERCENT, probe_size=4, overhead=0.05, max_steps=120, figures=True)
 
 
 def test_overhead_5_percent_stays_within_budget_and_a_per_sample_metric_runs(five_percent):
     _show(five_percent)
-    ran = _within_budget(five_percent, (40, 80), FIVE_PERCENT)
+    ran = _within_budget(five_percent, (40, 80, 120), FIVE_PERCENT)
     # a per-sample metric (about one backward a sample) runs: on one save's 5% where the
     # machine is slow, else on what the saves banked (the probe's timing paid from it first)
     assert {"gradient_flow", "fisher"} & ran, _detail(five_percent)
