@@ -8,13 +8,13 @@ process.
 
 from __future__ import annotations
 
-import threading
 from collections.abc import Callable
 from typing import Any
 
 import pytest
 import torch
 
+from tests.linalg.test_hvp import run_ranks as run_thread_ranks
 from uma_callbacks.core.buckets import BUCKET_FLOOR_ENTRIES, ScatterQueue, bucket_cap, buckets, full_from_pieces
 from uma_callbacks.core.distributed import Collective, scatter_dim0_many
 
@@ -47,25 +47,8 @@ class ThreadScatter(Collective):
 
 
 def run_ranks(world: int, fn: Callable[[ThreadDist], Any]) -> list[Any]:
-    shared = {"slots": [None] * world, "barrier": threading.Barrier(world, timeout=30)}
-    results: list[Any] = [None] * world
-    errors: list[BaseException] = []
-
-    def target(rank: int) -> None:
-        try:
-            results[rank] = fn(ThreadDist(rank, world, shared))
-        except BaseException as err:  # noqa: BLE001 - re-raised below
-            errors.append(err)
-            shared["barrier"].abort()
-
-    threads = [threading.Thread(target=target, args=(r,)) for r in range(world)]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join()
-    if errors:
-        raise errors[0]
-    return results
+    """``fn(dist)`` on ``world`` thread ranks (test_hvp's threads, their barrier and slots shared)."""
+    return run_thread_ranks(world, lambda rank, coll: fn(ThreadDist(rank, world, coll._shared)))
 
 
 def rank_tensors(rank: int) -> list[torch.Tensor]:

@@ -78,7 +78,7 @@ def full_from_pieces(pieces: Sequence[torch.Tensor], params: Sequence[torch.Tens
     """
     ranges = [local_range(param) for param in params]
     sharded = [i for i, param in enumerate(params) if is_dtensor(param)]
-    out = [piece if i in sharded else piece.reshape(shape) for i, (piece, (shape, _, _)) in enumerate(zip(pieces, ranges))]
+    out = [piece if is_dtensor(param) else piece.reshape(shape) for piece, param, (shape, _, _) in zip(pieces, params, ranges)]
     if not sharded:
         return out
     sizes = [math.prod(ranges[i][0]) for i in sharded]

@@ -62,6 +62,7 @@ UNITS = {
 LEFT_OUT = ("seconds", "peak_mb", "over_budget")
 
 _PANEL_W, _PANEL_H, _LINE_H = 3.8, 2.9, 0.17  # inches: one panel, one line of the text row
+_TICK_POINTS = 7  # the tick labels' font size
 #: Inches around each panel's axes for its 7-point labels: right of the y tick labels (the
 #: y label and the ticks' pads), right, top (the title) and bottom (the x tick labels and
 #: label). Only the y tick labels' width changes from panel to panel: it is measured, the
@@ -184,16 +185,13 @@ def _tick_label_width(fig: Any, axes: list[Any]) -> float:
     from matplotlib.font_manager import FontProperties
 
     renderer = fig.canvas.get_renderer()
+    prop = FontProperties(size=_TICK_POINTS)
     widest = 0.0
     for ax in axes:
         low, high = sorted(ax.get_ylim())
         locations = [t for t in ax.yaxis.get_majorticklocs() if low <= t <= high]
-        for label in ax.yaxis.get_ticklabels()[:1] or [None]:
-            size = label.get_fontsize() if label is not None else 7
-            prop = FontProperties(size=size)
-            for text in ax.yaxis.get_major_formatter().format_ticks(locations):
-                width, _, _ = renderer.get_text_width_height_descent(text, prop, ismath=False)
-                widest = max(widest, width)
+        for text in ax.yaxis.get_major_formatter().format_ticks(locations):
+            widest = max(widest, renderer.get_text_width_height_descent(text, prop, ismath=False)[0])
     return widest / fig.dpi
 
 
@@ -260,7 +258,7 @@ def _draw_panel(ax: Any, panel: Panel, series: dict[str, dict[int, float]], x_ra
     ax.set_xlabel("step", fontsize=7)
     ax.xaxis.set_major_locator(locator(integer=True))
     ax.yaxis.set_major_formatter(formatter(tick_format(ylim)))  # no offset text over the title
-    ax.tick_params(labelsize=7)
+    ax.tick_params(labelsize=_TICK_POINTS)
     ax.grid(True, alpha=0.3)
     if ax.get_legend_handles_labels()[0]:
         ax.legend(fontsize=6, loc="best")
